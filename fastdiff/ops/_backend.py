@@ -1,0 +1,45 @@
+"""Which implementation an op runs on a given tensor.
+
+Triton kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1``
+is set (that is how CI proves the kernels). Everything else falls back to the
+plain PyTorch reference. The decision is per call so one process can mix devices.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when triton can be imported (not necessarily usable on every device)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def force_reference() -> bool:
+    """``FASTDIFF_OPS=reference`` turns every fast path off (debugging, A/B checks)."""
+    return os.environ.get("FASTDIFF_OPS", "").lower() == "reference"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernel should handle tensor ``t``."""
+    if force_reference() or not triton_available():
+        return False
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and triton_interpret()
+
+
+@functools.lru_cache(maxsize=None)
+def notice_fallback(op: str, reason: str) -> None:
+    """One line, once per (op, reason): the reference path is running instead of a kernel."""
+    warnings.warn(f"fastdiff.ops.{op}: {reason}; using the PyTorch reference", stacklevel=3)

@@ -1,0 +1,52 @@
+"""Shared fixtures: the guided-diffusion reference vectors in ../shared/vectors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VECTORS = Path(os.environ.get("FASTDIFF_VECTORS", REPO.parent / "shared" / "vectors"))
+
+
+def vector_cases() -> list[Path]:
+    return sorted(VECTORS.glob("*.pt")) if VECTORS.is_dir() else []
+
+
+def load_case(path: Path) -> dict:
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+@pytest.fixture(scope="session")
+def vectors_dir() -> Path:
+    if not VECTORS.is_dir():
+        pytest.skip(f"reference vectors not found at {VECTORS} (set FASTDIFF_VECTORS or clone beside ../shared)")
+    return VECTORS
+
+
+@pytest.fixture(scope="session")
+def respacing_table(vectors_dir) -> dict:
+    import json
+
+    return json.loads((vectors_dir / "respacing.json").read_text())
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrize any test taking ``case_path`` over every vector case (one skip if none)."""
+    if "case_path" in metafunc.fixturenames:
+        cases = vector_cases()
+        if cases:
+            metafunc.parametrize("case_path", cases, ids=[p.stem for p in cases])
+        else:
+            metafunc.parametrize(
+                "case_path",
+                [pytest.param(None, marks=pytest.mark.skip(reason=f"no reference vectors at {VECTORS}"))],
+            )
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
