@@ -1,0 +1,1 @@
+"""The ``fastdiff`` command line (click)."""

@@ -1,0 +1,35 @@
+"""Entry point of the ``fastdiff`` console script: one click group, one module per command."""
+
+from __future__ import annotations
+
+import click
+
+from fastdiff import __version__
+
+
+class LazyGroup(click.Group):
+    """Imports a subcommand's module only when it runs (or for its --help), keeping startup fast."""
+
+    commands_by_name = {
+        "sample": ("fastdiff.cli.sample", "sample_command"),
+        "presets": ("fastdiff.cli.presets", "presets_command"),
+        "train": ("fastdiff.cli.train", "train"),
+        "train-classifier": ("fastdiff.cli.train", "train_classifier"),
+    }
+
+    def list_commands(self, ctx):
+        return sorted(self.commands_by_name)
+
+    def get_command(self, ctx, name):
+        if name not in self.commands_by_name:
+            return None
+        import importlib
+
+        module, attr = self.commands_by_name[name]
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fastdiff")
+def main():
+    """fastdiff: fast classifier-guided diffusion sampling (ADM / guided-diffusion compatible)."""

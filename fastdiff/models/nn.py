@@ -1,0 +1,94 @@
+"""Small building blocks shared by the ADM networks.
+
+They keep guided-diffusion's numerics (fp32 GroupNorm statistics, the sinusoidal embedding's
+exact frequencies) so released checkpoints reproduce their outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm whose statistics are always fp32, then cast back to the input dtype.
+
+    fp16/bf16 activations lose too much precision in the variance; ADM trains with this.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.group_norm(x.float(), self.num_groups, self._param(self.weight), self._param(self.bias), self.eps)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def _param(p: torch.Tensor | None) -> torch.Tensor | None:
+        # Affine params may have been cast with the rest of a half model; the math stays fp32.
+        return None if p is None else p.float()
+
+
+def normalization(channels: int) -> GroupNorm32:
+    """ADM's normalization layer: 32 groups everywhere."""
+    return GroupNorm32(32, channels)
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """A 1D/2D/3D convolution (attention uses 1D convs as per-position linears)."""
+    if dims not in (1, 2, 3):
+        raise ValueError(f"unsupported dimensions: {dims}")
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](*args, **kwargs)
+
+
+def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """A 1D/2D/3D average pool (the non-conv downsampler)."""
+    if dims not in (1, 2, 3):
+        raise ValueError(f"unsupported dimensions: {dims}")
+    return (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1](*args, **kwargs)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters so residual branches start as the identity."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [N, dim] of (possibly fractional) timesteps: cos half, then sin half."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = timesteps[:, None].float() * freqs.to(timesteps.device)[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def maybe_checkpoint(fn: Callable[..., torch.Tensor], *args: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """Run ``fn`` under non-reentrant gradient checkpointing when enabled and grads are recorded."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def convert_module_to_f16(module: nn.Module) -> None:
+    """Cast a conv's weights to fp16 (as guided-diffusion's fp16 torso; norms and linears stay fp32)."""
+    if isinstance(module, _CONVS):
+        module.weight.data = module.weight.data.half()
+        if module.bias is not None:
+            module.bias.data = module.bias.data.half()
+
+
+def convert_module_to_f32(module: nn.Module) -> None:
+    """Undo :func:`convert_module_to_f16`."""
+    if isinstance(module, _CONVS):
+        module.weight.data = module.weight.data.float()
+        if module.bias is not None:
+            module.bias.data = module.bias.data.float()
