@@ -22,7 +22,9 @@ class GroupNorm32(nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.group_norm(x.float(), self.num_groups, self._param(self.weight), self._param(self.bias), self.eps)
+        y = F.group_norm(
+            x.float(), self.num_groups, self._param(self.weight), self._param(self.bias), self.eps
+        )
         return y.to(x.dtype)
 
     @staticmethod

@@ -223,7 +223,9 @@ class AttentionBlock(nn.Module):
             self.num_heads = num_heads
         else:
             if channels % num_head_channels:
-                raise ValueError(f"channels {channels} not divisible by num_head_channels {num_head_channels}")
+                raise ValueError(
+                    f"channels {channels} not divisible by num_head_channels {num_head_channels}"
+                )
             self.num_heads = channels // num_head_channels
         self.use_checkpoint = use_checkpoint
         self.norm = normalization(channels)
@@ -245,7 +247,9 @@ class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling: the mean token attends to all positions (with learned
     positional embedding) and is projected to the output."""
 
-    def __init__(self, spacial_dim: int, embed_dim: int, num_heads_channels: int, output_dim: int | None = None):
+    def __init__(
+        self, spacial_dim: int, embed_dim: int, num_heads_channels: int, output_dim: int | None = None
+    ):
         super().__init__()
         self.positional_embedding = nn.Parameter(torch.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5)
         self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
@@ -290,18 +294,29 @@ def _build_down_half(
 
     def resblock(ch: int, out_ch: int | None = None, **kw) -> ResBlock:
         return ResBlock(
-            ch, emb_dim, dropout, out_channels=out_ch, dims=dims, use_checkpoint=use_checkpoint,
-            use_scale_shift_norm=use_scale_shift_norm, **kw,
+            ch,
+            emb_dim,
+            dropout,
+            out_channels=out_ch,
+            dims=dims,
+            use_checkpoint=use_checkpoint,
+            use_scale_shift_norm=use_scale_shift_norm,
+            **kw,
         )
 
     def attention(ch: int) -> AttentionBlock:
         return AttentionBlock(
-            ch, num_heads=num_heads, num_head_channels=num_head_channels, use_checkpoint=use_checkpoint,
+            ch,
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            use_checkpoint=use_checkpoint,
             use_new_attention_order=use_new_attention_order,
         )
 
     ch = int(channel_mult[0] * model_channels)
-    model.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))])
+    model.input_blocks = nn.ModuleList(
+        [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))]
+    )
     chans = [ch]
     ds = 1
     for level, mult in enumerate(channel_mult):
@@ -321,12 +336,43 @@ def _build_down_half(
     return chans, ch, ds, sum(chans) + ch
 
 
-def _time_embed(model_channels: int) -> nn.Sequential:
+def _make_time_embed(model_channels: int) -> nn.Sequential:
     emb_dim = model_channels * 4
     return nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
 
-class UNetModel(nn.Module):
+class _ADMNet(nn.Module):
+    """What the UNet and the classifier share: the timestep MLP and the fp16-torso switch."""
+
+    time_embed: nn.Sequential
+    input_blocks: nn.ModuleList
+    model_channels: int
+
+    def _torso(self) -> tuple[nn.Module, ...]:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the torso computes in: that of its convs (fp16 after convert_to_fp16)."""
+        return self.input_blocks[0][0].weight.dtype
+
+    def convert_to_fp16(self) -> None:
+        """Cast the torso's convs to fp16 (guided-diffusion's fp16 mode); norms, embeddings and
+        the output head stay fp32."""
+        for m in self._torso():
+            m.apply(convert_module_to_f16)
+
+    def convert_to_fp32(self) -> None:
+        """Undo :meth:`convert_to_fp16`."""
+        for m in self._torso():
+            m.apply(convert_module_to_f32)
+
+    def _time_emb(self, timesteps: torch.Tensor) -> torch.Tensor:
+        emb = timestep_embedding(timesteps, self.model_channels)
+        return self.time_embed(emb.to(self.time_embed[0].weight.dtype))
+
+
+class UNetModel(_ADMNet):
     """The ADM denoiser: a UNet with timestep (and optional class) embedding and attention.
 
     ``attention_resolutions`` are downsample factors (``image_size // res``), as the original.
@@ -370,22 +416,31 @@ class UNetModel(nn.Module):
         self.conv_resample = conv_resample
         self.num_classes = num_classes
         self.use_checkpoint = use_checkpoint
-        self.dtype = torch.float32
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
 
         emb_dim = model_channels * 4
-        self.time_embed = _time_embed(model_channels)
+        self.time_embed = _make_time_embed(model_channels)
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, emb_dim)
 
         chans, ch, ds, _ = _build_down_half(
-            self, in_channels=in_channels, model_channels=model_channels, num_res_blocks=num_res_blocks,
-            attention_resolutions=self.attention_resolutions, dropout=dropout, channel_mult=channel_mult,
-            conv_resample=conv_resample, dims=dims, use_checkpoint=use_checkpoint, num_heads=num_heads,
-            num_head_channels=num_head_channels, use_scale_shift_norm=use_scale_shift_norm,
-            resblock_updown=resblock_updown, use_new_attention_order=use_new_attention_order,
+            self,
+            in_channels=in_channels,
+            model_channels=model_channels,
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=self.attention_resolutions,
+            dropout=dropout,
+            channel_mult=channel_mult,
+            conv_resample=conv_resample,
+            dims=dims,
+            use_checkpoint=use_checkpoint,
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            use_scale_shift_norm=use_scale_shift_norm,
+            resblock_updown=resblock_updown,
+            use_new_attention_order=use_new_attention_order,
         )
 
         self.output_blocks = nn.ModuleList()
@@ -394,23 +449,37 @@ class UNetModel(nn.Module):
                 out_ch = int(model_channels * mult)
                 layers: list[nn.Module] = [
                     ResBlock(
-                        ch + chans.pop(), emb_dim, dropout, out_channels=out_ch, dims=dims,
-                        use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm,
+                        ch + chans.pop(),
+                        emb_dim,
+                        dropout,
+                        out_channels=out_ch,
+                        dims=dims,
+                        use_checkpoint=use_checkpoint,
+                        use_scale_shift_norm=use_scale_shift_norm,
                     )
                 ]
                 ch = out_ch
                 if ds in self.attention_resolutions:
                     layers.append(
                         AttentionBlock(
-                            ch, num_heads=num_heads_upsample, num_head_channels=num_head_channels,
-                            use_checkpoint=use_checkpoint, use_new_attention_order=use_new_attention_order,
+                            ch,
+                            num_heads=num_heads_upsample,
+                            num_head_channels=num_head_channels,
+                            use_checkpoint=use_checkpoint,
+                            use_new_attention_order=use_new_attention_order,
                         )
                     )
                 if level and i == num_res_blocks:
                     layers.append(
                         ResBlock(
-                            ch, emb_dim, dropout, out_channels=ch, dims=dims, use_checkpoint=use_checkpoint,
-                            use_scale_shift_norm=use_scale_shift_norm, up=True,
+                            ch,
+                            emb_dim,
+                            dropout,
+                            out_channels=ch,
+                            dims=dims,
+                            use_checkpoint=use_checkpoint,
+                            use_scale_shift_norm=use_scale_shift_norm,
+                            up=True,
                         )
                         if resblock_updown
                         else Upsample(ch, conv_resample, dims=dims, out_channels=ch)
@@ -430,30 +499,20 @@ class UNetModel(nn.Module):
     def _torso(self) -> tuple[nn.Module, ...]:
         return self.input_blocks, self.middle_block, self.output_blocks
 
-    def convert_to_fp16(self) -> None:
-        """Cast the torso's convs to fp16; activations there then run in fp16."""
-        for m in self._torso():
-            m.apply(convert_module_to_f16)
-        self.dtype = torch.float16
-
-    def convert_to_fp32(self) -> None:
-        """Undo :meth:`convert_to_fp16`."""
-        for m in self._torso():
-            m.apply(convert_module_to_f32)
-        self.dtype = torch.float32
-
     def embed(self, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The conditioning vector: time embedding plus the class embedding when conditional."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass y if and only if the model is class-conditional")
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        emb = self._time_emb(timesteps)
         if y is not None:
             if y.shape != (timesteps.shape[0],):
                 raise ValueError(f"y must have shape [N]={list(timesteps.shape)}, got {list(y.shape)}")
             emb = emb + self.label_emb(y)
         return emb
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         emb = self.embed(timesteps, y)
         hs = []
         h = x.to(self.dtype)
@@ -480,7 +539,7 @@ class SuperResModel(UNetModel):
         return super().forward(torch.cat([x, upsampled], dim=1), timesteps, y)
 
 
-class EncoderUNetModel(nn.Module):
+class EncoderUNetModel(_ADMNet):
     """The half UNet used as ADM's noisy-image classifier, with a choice of pooling head.
 
     ``num_classes`` is the number of logits (``out_channels``); there is no class input.
@@ -522,18 +581,27 @@ class EncoderUNetModel(nn.Module):
         self.channel_mult = tuple(channel_mult)
         self.conv_resample = conv_resample
         self.use_checkpoint = use_checkpoint
-        self.dtype = torch.float32
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
 
-        self.time_embed = _time_embed(model_channels)
+        self.time_embed = _make_time_embed(model_channels)
         _, ch, ds, feature_size = _build_down_half(
-            self, in_channels=in_channels, model_channels=model_channels, num_res_blocks=num_res_blocks,
-            attention_resolutions=self.attention_resolutions, dropout=dropout, channel_mult=channel_mult,
-            conv_resample=conv_resample, dims=dims, use_checkpoint=use_checkpoint, num_heads=num_heads,
-            num_head_channels=num_head_channels, use_scale_shift_norm=use_scale_shift_norm,
-            resblock_updown=resblock_updown, use_new_attention_order=use_new_attention_order,
+            self,
+            in_channels=in_channels,
+            model_channels=model_channels,
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=self.attention_resolutions,
+            dropout=dropout,
+            channel_mult=channel_mult,
+            conv_resample=conv_resample,
+            dims=dims,
+            use_checkpoint=use_checkpoint,
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            use_scale_shift_norm=use_scale_shift_norm,
+            resblock_updown=resblock_updown,
+            use_new_attention_order=use_new_attention_order,
         )
         self.pool = pool
         if pool == "adaptive":
@@ -573,11 +641,8 @@ class EncoderUNetModel(nn.Module):
     def _torso(self) -> tuple[nn.Module, ...]:
         return self.input_blocks, self.middle_block
 
-    convert_to_fp16 = UNetModel.convert_to_fp16
-    convert_to_fp32 = UNetModel.convert_to_fp32
-
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        emb = self._time_emb(timesteps)
         spatial = self.pool.startswith("spatial")
         pooled = []
         h = x.to(self.dtype)

@@ -1,0 +1,155 @@
+"""Checkpoint I/O: guided-diffusion ``.pt`` files and safetensors, with errors that say what
+does not fit and which preset would."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+StateDict = dict[str, torch.Tensor]
+_SHOWN = 5  # keys listed per category in an error message
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not fit the model."""
+
+
+def load_state_dict(path: str | os.PathLike) -> StateDict:
+    """Read a state dict on the CPU: ``.safetensors`` via safetensors, anything else via
+    ``torch.load(weights_only=True)`` (a top-level ``{"state_dict": ...}`` wrapper is unwrapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # corrupt files raise many types; report them uniformly
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return dict(sd)
+
+
+def _shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "[" + ",".join(map(str, shape)) + "]"
+
+
+def _listing(keys: list[str]) -> str:
+    more = f", ... ({len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
+    return f"({len(keys)}): " + ", ".join(keys[:_SHOWN]) + more
+
+
+@functools.cache
+def _preset_shapes(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """A preset's key -> shape signature, from a weightless (meta) build; cached per name."""
+    from .presets import build_preset
+
+    return tuple(_shapes(build_preset(name, device="meta").state_dict()).items())
+
+
+def fitting_presets(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the presets whose state dict has exactly these keys and shapes."""
+    from .presets import PRESETS
+
+    shapes = _shapes(sd)
+    return [name for name in PRESETS if dict(_preset_shapes(name)) == shapes]
+
+
+def _mismatch(sd: Mapping[str, torch.Tensor], model: nn.Module, preset: str | None) -> str | None:
+    """A readable description of why ``sd`` does not fit ``model``, or None if it fits."""
+    want = _shapes(model.state_dict())
+    have = _shapes(sd)
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    wrong = [
+        f"{k}: checkpoint {_fmt(have[k])} vs model {_fmt(want[k])}"
+        for k in want
+        if k in have and have[k] != want[k]
+    ]
+    if not (missing or unexpected or wrong):
+        return None
+    lines = ["checkpoint does not fit the model" + (f" (preset '{preset}')" if preset else "") + ":"]
+    if missing:
+        lines.append("  missing keys " + _listing(missing))
+    if unexpected:
+        lines.append("  unexpected keys " + _listing(unexpected))
+    if wrong:
+        more = f"\n    ... ({len(wrong) - _SHOWN} more)" if len(wrong) > _SHOWN else ""
+        lines.append(f"  wrong shapes ({len(wrong)}):\n    " + "\n    ".join(wrong[:_SHOWN]) + more)
+    fits = fitting_presets(sd)
+    if fits:
+        names = ", ".join(f"'{n}'" for n in fits)
+        lines.append(f"  the checkpoint fits preset{'s' if len(fits) > 1 else ''} {names}")
+    else:
+        lines.append("  no preset fits the checkpoint")
+    return "\n".join(lines)
+
+
+def load_weights(
+    model: nn.Module,
+    state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike,
+    preset: str | None = None,
+) -> nn.Module:
+    """Load weights strictly into ``model`` (cast to its dtypes, so fp32 weights fit a use_fp16
+    model); ``preset`` names the model's preset for the error message. Returns the model."""
+    if isinstance(state_dict_or_path, (str, os.PathLike)):
+        sd: Mapping[str, torch.Tensor] = load_state_dict(state_dict_or_path)
+    else:
+        sd = state_dict_or_path
+    problem = _mismatch(sd, model, preset)
+    if problem:
+        raise CheckpointError(problem)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def save_weights(
+    model: nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Write weights as safetensors; metadata values are JSON-encoded (safetensors stores strings)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_weights writes safetensors; use a .safetensors path, not {path.name}")
+    sd = model.state_dict() if isinstance(model, nn.Module) else model
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    meta = {str(k): json.dumps(v) for k, v in (metadata or {}).items()}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata :func:`save_weights` stored, JSON-decoded (non-JSON strings are returned raw)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out

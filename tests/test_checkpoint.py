@@ -1,0 +1,130 @@
+"""Checkpoint I/O: round trips, strict loading and the mismatch report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff.models import (
+    CheckpointError,
+    build_preset,
+    create_unet,
+    load_state_dict,
+    load_weights,
+    read_metadata,
+    save_weights,
+)
+
+FLAGS = dict(
+    image_size=32,
+    num_channels=32,
+    num_res_blocks=1,
+    attention_resolutions="16",
+    class_cond=True,
+    num_classes=10,
+    learn_sigma=True,
+    num_head_channels=32,
+    resblock_updown=True,
+)
+
+
+def random_model(**kw) -> torch.nn.Module:
+    model = create_unet(**{**FLAGS, **kw})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def forward(model):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        return model(x, torch.tensor([1, 999]), torch.tensor([0, 9]))
+
+
+def test_round_trip_pt(tmp_path):
+    src = random_model()
+    path = tmp_path / "model.pt"
+    torch.save(src.state_dict(), path)
+    dst = load_weights(create_unet(**FLAGS), path)
+    assert torch.equal(forward(dst), forward(src))
+    torch.save({"state_dict": src.state_dict(), "step": 3}, tmp_path / "wrapped.pth")
+    assert load_state_dict(tmp_path / "wrapped.pth").keys() == src.state_dict().keys()
+
+
+def test_round_trip_safetensors_with_metadata(tmp_path):
+    src = random_model()
+    path = tmp_path / "model.safetensors"
+    meta = {"preset": "tiny", "flags": FLAGS, "step": 12}
+    save_weights(src, path, metadata=meta)
+    assert read_metadata(path) == meta
+    dst = load_weights(create_unet(**FLAGS), str(path))
+    assert torch.equal(forward(dst), forward(src))
+    save_weights(src, tmp_path / "plain.safetensors")
+    assert read_metadata(tmp_path / "plain.safetensors") == {}
+    with pytest.raises(ValueError, match=".safetensors"):
+        save_weights(src, tmp_path / "model.pt")
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    assert issubclass(CheckpointError, ValueError)
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nothing.pt"):
+        load_state_dict(tmp_path / "nothing.pt")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_weights(create_unet(**FLAGS), tmp_path / "nothing.safetensors")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_state_dict(tmp_path / "junk.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="does not hold a state dict"):
+        load_state_dict(tmp_path / "list.pt")
+
+
+def test_mismatch_message():
+    sd = random_model(num_channels=64, num_head_channels=64).state_dict()
+    sd["extra.weight"] = torch.zeros(1)
+    del sd["label_emb.weight"]
+    with pytest.raises(CheckpointError) as info:
+        load_weights(create_unet(**FLAGS), sd, preset="tiny")
+    msg = str(info.value)
+    assert "(preset 'tiny')" in msg
+    assert "missing keys (1): label_emb.weight" in msg
+    assert "unexpected keys (1): extra.weight" in msg
+    assert "input_blocks.0.0.weight: checkpoint [64,3,3,3] vs model [32,3,3,3]" in msg
+    assert "wrong shapes (" in msg and "more)" in msg  # long lists are cut
+    assert "no preset fits" in msg
+
+
+def test_mismatch_suggests_fitting_preset():
+    sd = build_preset("classifier64", device="meta").state_dict()
+    with pytest.raises(CheckpointError, match="fits preset 'classifier64'"):
+        load_weights(create_unet(**FLAGS), sd)
+    sd = build_preset("lsun-cat", device="meta").state_dict()
+    fits = "fits presets 'imagenet256-uncond', 'lsun-bedroom', 'lsun-cat', 'lsun-horse'"
+    with pytest.raises(CheckpointError, match=fits):
+        load_weights(create_unet(**FLAGS), sd, preset="imagenet256")
+    with pytest.raises(CheckpointError) as info:
+        load_weights(create_unet(**FLAGS), {})
+    assert f"missing keys ({len(create_unet(**FLAGS).state_dict())})" in str(info.value)
+
+
+def test_fp32_weights_into_fp16_model(tmp_path):
+    src = random_model()
+    path = tmp_path / "fp32.safetensors"
+    save_weights(src, path)
+    dst = load_weights(create_unet(**FLAGS, use_fp16=True), path)
+    conv = dst.input_blocks[1][0].in_layers[2].weight
+    assert conv.dtype == torch.float16
+    assert torch.equal(conv, src.input_blocks[1][0].in_layers[2].weight.half())
+    assert dst.time_embed[0].weight.dtype == torch.float32
+    assert ((forward(dst) - forward(src)).abs().max() / forward(src).abs().max()) < 1e-2
+
+
+def test_vector_checkpoint_file(case_path):
+    """A vector case file holds a guided-diffusion state dict under "state_dict"."""
+    from conftest import load_case
+
+    flags = load_case(case_path)["flags"]
+    model = load_weights(create_unet(**flags), case_path)
+    assert model.input_blocks[0][0].weight.abs().sum() > 0

@@ -1,0 +1,338 @@
+"""ADM networks: reference vectors from guided-diffusion, every architecture option, fp16/autocast."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import load_case
+
+from fastdiff.models import EncoderUNetModel, SuperResModel, UNetModel, create_classifier, create_unet
+from fastdiff.models.nn import GroupNorm32, timestep_embedding
+from fastdiff.models.unet import QKVAttention, QKVAttentionLegacy
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def small_unet(**kw) -> UNetModel:
+    args = dict(
+        image_size=16,
+        in_channels=3,
+        model_channels=32,
+        out_channels=6,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        channel_mult=(1, 2),
+        num_classes=10,
+        num_head_channels=32,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        use_new_attention_order=True,
+    )
+    args.update(kw)
+    return UNetModel(**args)
+
+
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-zero weights everywhere (zero-initialised output convs would hide most of the network)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def run_unet(model: UNetModel, n: int = 2) -> torch.Tensor:
+    x = torch.randn(n, model.in_channels, model.image_size, model.image_size)
+    t = torch.randint(0, 1000, (n,))
+    y = torch.randint(0, model.num_classes, (n,)) if model.num_classes else None
+    return model(x, t, y)
+
+
+# --- reference vectors -------------------------------------------------------------------------
+
+
+def test_vector_forward(case_path):
+    case = load_case(case_path)
+    model = create_unet(**case["flags"])
+    assert list(model.state_dict()) == list(case["state_dict"])
+    model.load_state_dict(case["state_dict"], strict=True)
+    model.eval()
+    with torch.no_grad():
+        out = model(case["x"], case["t"], case.get("y"))
+    assert out.shape == case["out"].shape
+    assert rel_err(out, case["out"]) <= 1e-5
+
+
+def test_vector_classifier(case_path):
+    case = load_case(case_path)
+    if "classifier" not in case:
+        pytest.skip("case has no classifier")
+    c = case["classifier"]
+    model = create_classifier(**c["flags"])
+    assert list(model.state_dict()) == list(c["state_dict"])
+    model.load_state_dict(c["state_dict"], strict=True)
+    model.eval()
+    with torch.no_grad():
+        logits = model(c["x"], c["t"])
+    assert logits.shape == c["out"].shape == (c["x"].shape[0], 1000)
+    assert rel_err(logits, c["out"]) <= 1e-5
+
+
+# --- building blocks ---------------------------------------------------------------------------
+
+
+def test_timestep_embedding():
+    emb = timestep_embedding(torch.tensor([0.0, 3.5]), 7)
+    assert emb.shape == (2, 7)
+    assert torch.equal(emb[0], torch.tensor([1.0, 1, 1, 0, 0, 0, 0]))  # cos half, sin half, zero pad
+    freqs = torch.exp(-math.log(10000) * torch.arange(3) / 3)
+    assert torch.allclose(emb[1, :3], torch.cos(3.5 * freqs))
+    assert torch.allclose(emb[1, 3:6], torch.sin(3.5 * freqs))
+
+
+def _attention_by_hand(q, k, v):
+    """guided-diffusion's formulation: scale q and k by C^-1/4 each, fp32 softmax."""
+    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
+    w = torch.einsum("bct,bcs->bts", q * scale, k * scale).float().softmax(-1)
+    return torch.einsum("bts,bcs->bct", w, v)
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_qkv_attention_orders(heads):
+    b, c, t = 2, 8, 5
+    qkv = torch.randn(b, 3 * heads * c, t)
+    # new order: [q of all heads | k | v]
+    q, k, v = (z.reshape(b * heads, c, t) for z in qkv.chunk(3, dim=1))
+    expected = _attention_by_hand(q, k, v).reshape(b, heads * c, t)
+    assert torch.allclose(QKVAttention(heads)(qkv), expected, atol=1e-5)
+    # legacy order: per head [q | k | v]
+    q, k, v = qkv.reshape(b * heads, 3 * c, t).split(c, dim=1)
+    expected = _attention_by_hand(q, k, v).reshape(b, heads * c, t)
+    assert torch.allclose(QKVAttentionLegacy(heads)(qkv), expected, atol=1e-5)
+
+
+def test_groupnorm32_fp32_statistics():
+    gn = GroupNorm32(4, 8)
+    x = (torch.randn(2, 8, 4, 4) * 100 + 1000).bfloat16()
+    ref = F.group_norm(x.float(), 4, gn.weight, gn.bias, gn.eps).bfloat16()
+    assert torch.equal(gn(x), ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(gn(x), ref)
+
+
+# --- architecture options ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(use_new_attention_order=False),
+        dict(use_scale_shift_norm=False),
+        dict(num_classes=None),
+        dict(num_head_channels=-1, num_heads=4, num_heads_upsample=2),
+        dict(model_channels=64, channel_mult=(0.5, 1, 2)),
+        dict(resblock_updown=False),
+        dict(resblock_updown=False, conv_resample=False),
+        dict(dropout=0.1, out_channels=3),
+    ],
+    ids=[
+        "default",
+        "legacy",
+        "no-adagn",
+        "uncond",
+        "num-heads",
+        "mult-0.5",
+        "conv-resample",
+        "pool",
+        "dropout",
+    ],
+)
+def test_unet_variants(kw):
+    model = randomize(small_unet(**kw))
+    out = run_unet(model)
+    assert out.shape == (2, model.out_channels, 16, 16)
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_unet_structure():
+    half = small_unet(model_channels=64, channel_mult=(0.5, 1, 2))
+    assert half.input_blocks[0][0].out_channels == 32  # int(0.5 * 64)
+    assert half.out[2].in_channels == 32
+    heads = small_unet(num_head_channels=-1, num_heads=4, num_heads_upsample=2)
+    assert heads.middle_block[1].num_heads == 4
+    assert heads.output_blocks[0][1].num_heads == 2
+    assert small_unet(num_head_channels=16).middle_block[1].num_heads == 4
+    conv = dict(small_unet(resblock_updown=False).named_parameters())
+    assert "input_blocks.2.0.op.weight" in conv and "output_blocks.1.2.conv.weight" in conv
+    pool = dict(small_unet(resblock_updown=False, conv_resample=False).named_parameters())
+    assert not any(k.startswith(("input_blocks.2.", "output_blocks.1.2.")) for k in pool)
+    assert "label_emb.weight" not in small_unet(num_classes=None).state_dict()
+    assert small_unet().image_size == 16 and small_unet().num_classes == 10
+
+
+def test_label_required_iff_class_conditional():
+    cond, uncond = small_unet(), small_unet(num_classes=None)
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([5])
+    with pytest.raises(ValueError, match="class-conditional"):
+        cond(x, t)
+    with pytest.raises(ValueError, match="class-conditional"):
+        uncond(x, t, torch.tensor([1]))
+
+
+def test_superres_model():
+    model = randomize(
+        SuperResModel(
+            image_size=16,
+            in_channels=3,
+            model_channels=32,
+            out_channels=6,
+            num_res_blocks=1,
+            attention_resolutions=(2,),
+            channel_mult=(1, 2),
+            num_classes=10,
+            num_head_channels=32,
+            use_scale_shift_norm=True,
+            resblock_updown=True,
+        )
+    )
+    assert model.input_blocks[0][0].in_channels == 6
+    x, low = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 4, 4)
+    t, y = torch.tensor([1, 500]), torch.tensor([0, 9])
+    out = model(x, t, low_res=low, y=y)
+    assert out.shape == (2, 6, 16, 16)
+    up = F.interpolate(low, (16, 16), mode="bilinear")
+    assert torch.equal(out, UNetModel.forward(model, torch.cat([x, up], 1), t, y))
+
+
+@pytest.mark.parametrize("pool", ["adaptive", "attention", "spatial", "spatial_v2"])
+def test_encoder_pools(pool):
+    model = randomize(
+        EncoderUNetModel(
+            image_size=16,
+            in_channels=3,
+            model_channels=32,
+            out_channels=7,
+            num_res_blocks=1,
+            attention_resolutions=(2,),
+            channel_mult=(1, 2),
+            num_head_channels=32,
+            use_scale_shift_norm=True,
+            resblock_updown=True,
+            pool=pool,
+        )
+    )
+    x = torch.randn(2, 3, 16, 16)
+    logits = model(x, torch.tensor([3, 700]))
+    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert model.num_classes == 7 and model.image_size == 16
+
+
+def test_encoder_rejects_unknown_pool():
+    with pytest.raises(ValueError, match="unknown pool"):
+        EncoderUNetModel(16, 3, 32, 7, 1, (2,), channel_mult=(1, 2), pool="max")
+
+
+# --- precision and memory options --------------------------------------------------------------
+
+
+def test_use_fp16_structure_and_output():
+    ref = randomize(small_unet()).eval()
+    fp16 = small_unet(use_fp16=True).eval()
+    fp16.load_state_dict(ref.state_dict())  # fp32 weights cast into the fp16 torso
+    resblock = fp16.input_blocks[1][0]
+    assert resblock.in_layers[2].weight.dtype == torch.float16
+    assert fp16.middle_block[1].qkv.weight.dtype == torch.float16
+    assert resblock.in_layers[0].weight.dtype == torch.float32  # norms stay fp32
+    assert resblock.emb_layers[1].weight.dtype == torch.float32  # embedding path stays fp32
+    assert fp16.time_embed[0].weight.dtype == fp16.out[2].weight.dtype == torch.float32
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        expected, got = ref(x, t, y), fp16(x, t, y)
+    assert got.dtype == torch.float32
+    assert rel_err(got, expected) < 1e-2
+    fp16.convert_to_fp32()
+    assert fp16.input_blocks[1][0].in_layers[2].weight.dtype == torch.float32
+    with torch.no_grad():
+        assert rel_err(fp16(x, t, y), expected) < 1e-3  # fp16-rounded weights, fp32 math
+
+
+def test_classifier_fp16():
+    kw = dict(
+        image_size=16,
+        in_channels=3,
+        model_channels=32,
+        out_channels=5,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        channel_mult=(1, 2),
+        num_head_channels=32,
+        pool="attention",
+    )
+    ref = randomize(EncoderUNetModel(**kw)).eval()
+    fp16 = EncoderUNetModel(**kw, use_fp16=True).eval()
+    fp16.load_state_dict(ref.state_dict())
+    assert fp16.input_blocks[0][0].weight.dtype == torch.float16
+    assert fp16.out[2].qkv_proj.weight.dtype == torch.float32
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert rel_err(fp16(x, t), ref(x, t)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_use_fp16_cuda(case_path):
+    case = load_case(case_path)
+    model = create_unet(**{**case["flags"], "use_fp16": True}).cuda().eval()
+    model.load_state_dict(case["state_dict"])
+    with torch.no_grad():
+        out = model(case["x"].cuda(), case["t"].cuda(), None if case.get("y") is None else case["y"].cuda())
+    assert out.dtype == torch.float32
+    assert rel_err(out.cpu(), case["out"]) < 1e-2
+
+
+def test_autocast_bf16_close_to_fp32():
+    model = randomize(small_unet()).eval()
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        expected = model(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x, t, y)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, expected) < 5e-2
+
+
+def test_whole_model_bf16():
+    """model.to(bfloat16) runs end to end (the embedding follows the weights' dtype)."""
+    model = randomize(small_unet()).eval()
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        expected = model(x, t, y)
+        got = model.to(torch.bfloat16)(x.bfloat16(), t, y)
+    assert got.dtype == torch.bfloat16 and model.dtype == torch.bfloat16
+    assert rel_err(got, expected) < 5e-2
+
+
+def test_gradient_checkpointing_same_grads(monkeypatch):
+    import fastdiff.models.nn as mnn
+
+    calls = []
+    real = mnn.checkpoint
+    monkeypatch.setattr(mnn, "checkpoint", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    plain = randomize(small_unet())
+    ckpt = small_unet(use_checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 2])
+    plain(x, t, y).square().mean().backward()
+    assert not calls
+    ckpt(x, t, y).square().mean().backward()
+    assert calls and all(kw == {"use_reentrant": False} for kw in calls)
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6), name

@@ -1,0 +1,203 @@
+"""guided-diffusion flags, builders and the released-checkpoint presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff.models import (
+    PRESETS,
+    Preset,
+    build_preset,
+    classifier_defaults,
+    create_classifier,
+    create_superres,
+    create_unet,
+    diffusion_defaults,
+    get_preset,
+    model_defaults,
+    parse_flags,
+    preset_flags,
+    register_preset,
+    sr_defaults,
+)
+from fastdiff.models.presets import channel_mult_for
+
+README_256 = (
+    "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --image_size 256 "
+    "--learn_sigma True --noise_schedule linear --num_channels 256 --num_head_channels 64 "
+    "--num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True"
+)
+
+
+def test_defaults_are_guided_diffusions():
+    assert model_defaults() == dict(
+        image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
+        num_head_channels=-1, attention_resolutions="16,8", channel_mult="", dropout=0.0, class_cond=False,
+        use_checkpoint=False, use_scale_shift_norm=True, resblock_updown=False, use_fp16=False,
+        use_new_attention_order=False,
+    )  # fmt: skip
+    assert diffusion_defaults() == dict(
+        learn_sigma=False, diffusion_steps=1000, noise_schedule="linear", timestep_respacing="",
+        use_kl=False, predict_xstart=False, rescale_timesteps=False, rescale_learned_sigmas=False,
+    )  # fmt: skip
+    assert classifier_defaults() == dict(
+        image_size=64, classifier_use_fp16=False, classifier_width=128, classifier_depth=2,
+        classifier_attention_resolutions="32,16,8", classifier_use_scale_shift_norm=True,
+        classifier_resblock_updown=True, classifier_pool="attention",
+    )  # fmt: skip
+    sr = sr_defaults()
+    assert sr["large_size"] == 256 and sr["small_size"] == 64
+    assert not {"image_size", "channel_mult", "use_new_attention_order"} & set(sr)
+
+
+def test_parse_flags_readme_string():
+    flags = parse_flags(README_256)
+    assert flags == dict(
+        attention_resolutions="32,16,8", class_cond=True, diffusion_steps=1000, image_size=256,
+        learn_sigma=True, noise_schedule="linear", num_channels=256, num_head_channels=64,
+        num_res_blocks=2, resblock_updown=True, use_fp16=True, use_scale_shift_norm=True,
+    )  # fmt: skip
+    assert type(flags["num_channels"]) is int and type(flags["use_fp16"]) is bool
+
+
+def test_parse_flags_forms_and_types():
+    flags = parse_flags("--dropout=0 --class_cond=false --classifier_scale 10 --timestep_respacing ddim25")
+    assert flags == dict(dropout=0.0, class_cond=False, classifier_scale=10.0, timestep_respacing="ddim25")
+    assert type(flags["dropout"]) is float
+    assert parse_flags("") == {}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("--image_size 64 --no_such_flag 3", "no_such_flag"),
+        ("--class_cond maybe", "class_cond"),
+        ("--num_channels 1.5", "num_channels"),
+        ("--image_size", "no value"),
+        ("image_size 64", "expected a --flag"),
+    ],
+)
+def test_parse_flags_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_flags(text)
+
+
+def test_channel_mult_by_image_size():
+    assert channel_mult_for(512) == (0.5, 1, 1, 2, 2, 4, 4)
+    assert channel_mult_for(256) == (1, 1, 2, 2, 4, 4)
+    assert channel_mult_for(128) == (1, 1, 2, 3, 4)
+    assert channel_mult_for(64) == (1, 2, 3, 4)
+    assert channel_mult_for(32) == (1, 2, 2, 2)
+    assert channel_mult_for(48, "1,2") == (1, 2)
+    assert channel_mult_for(64, "0.5,1") == (0.5, 1)
+    with pytest.raises(ValueError, match="unsupported image size 48; pass channel_mult"):
+        channel_mult_for(48)
+    with pytest.raises(ValueError, match="unsupported image size 48"):
+        create_unet(image_size=48)
+
+
+def test_create_unet_from_flags():
+    model = create_unet(**{**parse_flags(README_256), "num_channels": 32, "num_head_channels": 32})
+    assert model.image_size == 256 and model.num_classes == 1000 and model.out_channels == 6
+    assert model.channel_mult == (1, 1, 2, 2, 4, 4)
+    assert model.attention_resolutions == (8, 16, 32)
+    assert model.dtype == torch.float16  # use_fp16 True
+    # a small MNIST-style model: 1 channel, 10 classes, 32x32
+    mnist = create_unet(image_size=32, in_channels=1, num_classes=10, class_cond=True, num_channels=32)
+    assert mnist.input_blocks[0][0].in_channels == 1 and mnist.label_emb.num_embeddings == 10
+    out = mnist(torch.randn(2, 1, 32, 32), torch.tensor([1, 2]), torch.tensor([3, 4]))
+    assert out.shape == (2, 1, 32, 32)
+    with pytest.raises(ValueError, match="num_chanels"):
+        create_unet(num_chanels=64)
+
+
+def test_create_classifier_and_superres_from_flags():
+    clf = create_classifier(image_size=64, classifier_width=64, classifier_depth=1, num_classes=10)
+    assert clf(torch.randn(1, 3, 64, 64), torch.tensor([5])).shape == (1, 10)
+    sr = create_superres(large_size=64, small_size=16, num_channels=32, learn_sigma=True, diffusion_steps=10)
+    out = sr(torch.randn(1, 3, 64, 64), torch.tensor([5]), low_res=torch.randn(1, 3, 16, 16))
+    assert out.shape == (1, 6, 64, 64)
+
+
+NAMES = [
+    "imagenet64", "imagenet128", "imagenet256", "imagenet256-uncond", "imagenet512",
+    "classifier64", "classifier128", "classifier256", "classifier512",
+    "upsampler64-256", "upsampler128-512", "lsun-bedroom", "lsun-cat", "lsun-horse",
+]  # fmt: skip
+
+
+def test_preset_names_and_lookup():
+    assert set(NAMES) <= set(PRESETS)
+    assert get_preset("imagenet256").kind == "diffusion"
+    assert get_preset("classifier128").kind == "classifier"
+    assert get_preset("upsampler64-256").kind == "superres"
+    with pytest.raises(ValueError, match="unknown preset 'nope'; choose one of: imagenet64"):
+        get_preset("nope")
+    flags = preset_flags("imagenet256")
+    assert flags == {**model_defaults(), **diffusion_defaults(), **parse_flags(README_256)}
+    flags["image_size"] = 1
+    assert get_preset("imagenet256").flags["image_size"] == 256
+
+
+def test_preset_flags_match_readme():
+    f = preset_flags("imagenet64")
+    assert (f["num_channels"], f["num_res_blocks"], f["dropout"]) == (192, 3, 0.1)
+    assert f["noise_schedule"] == "cosine"
+    assert f["use_new_attention_order"] and f["num_head_channels"] == 64
+    f = preset_flags("imagenet128")
+    assert (f["num_heads"], f["num_head_channels"]) == (4, -1)
+    assert not preset_flags("imagenet512")["use_fp16"]
+    assert not preset_flags("imagenet256-uncond")["class_cond"]
+    assert preset_flags("lsun-cat")["dropout"] == 0.1 and not preset_flags("lsun-cat")["class_cond"]
+    assert preset_flags("classifier64")["classifier_depth"] == 4
+    assert preset_flags("upsampler128-512")["attention_resolutions"] == "32,16"
+    assert preset_flags("upsampler128-512")["large_size"] == 512
+
+
+# Parameter counts stated in the ADM paper (Table 11 and the model card): diffusion models and
+# upsamplers, in millions.
+PAPER_PARAMS = {
+    "imagenet64": 296,
+    "imagenet128": 422,
+    "imagenet256": 554,
+    "imagenet512": 559,
+    "lsun-bedroom": 552,
+    "upsampler64-256": 312,
+    "upsampler128-512": 309,
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER_PARAMS))
+def test_preset_parameter_counts(name):
+    model = build_preset(name, device="meta")
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(count - PAPER_PARAMS[name]) / PAPER_PARAMS[name] < 0.01
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_preset_builds(name):
+    model = build_preset(name, device="meta")
+    preset = get_preset(name)
+    assert next(model.parameters()).device.type == "meta"
+    if preset.kind == "classifier":
+        assert model.out[2].c_proj.out_channels == 1000
+    elif preset.kind == "superres":
+        assert model.input_blocks[0][0].in_channels == 6 and model.image_size == preset.flags["large_size"]
+    else:
+        assert model.image_size == preset.flags["image_size"] and model.out_channels == 6
+    if name == "imagenet512":
+        assert model.input_blocks[0][0].out_channels == 128  # channel_mult 0.5 * 256
+
+
+def test_register_preset():
+    tiny = Preset("tiny-test", "diffusion", {"image_size": 32, "num_channels": 32}, "test only")
+    register_preset(tiny)
+    try:
+        assert build_preset("tiny-test", num_res_blocks=1).image_size == 32
+        with pytest.raises(ValueError, match="already exists"):
+            register_preset(tiny)
+    finally:
+        del PRESETS["tiny-test"]
+    with pytest.raises(ValueError, match="kind"):
+        register_preset(Preset("x", "vae", {}))
