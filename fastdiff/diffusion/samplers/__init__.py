@@ -1,0 +1,232 @@
+"""Sampling: one shared loop over step functions (DDPM, DDIM, DPM-Solver++(2M)).
+
+A sampler is only an update rule (``ddpm.py``, ``ddim.py``, ``dpm_solver.py``); ``SamplingStep``
+wraps it with the model call, x0 clipping and guidance into the one callable a step is (the unit
+a CUDA graph will capture), and ``sample_steps`` is the loop every entry point uses, including
+the guided-diffusion compat ``p_sample_loop`` / ``ddim_sample_loop``.
+
+Inside the loop there are no host->device copies (timesteps and tables live on the device) and
+no host syncs: non-finite values are tracked on the device and reported once at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import SamplingError
+from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
+from .ddim import DDIMStep
+from .ddpm import DDPMStep
+from .dpm_solver import DPMSolverPP2MStep
+
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+
+NoiseFn = Callable[[int, Tensor], Tensor]
+
+
+def make_rule(diffusion, sampler: str, eta: float = 0.0):
+    """The update rule of a sampler name."""
+    if sampler == "ddpm":
+        return DDPMStep(diffusion)
+    if sampler == "ddim":
+        return DDIMStep(diffusion, eta=eta)
+    if sampler == "dpm++2m":
+        return DPMSolverPP2MStep(diffusion)
+    raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+
+
+class SamplingStep:
+    """One sampling step: model -> p_mean_variance (clip/denoised_fn) -> guidance -> update.
+
+    ``cond_fn(x, t_model, **cond_kwargs)`` is any guidance gradient (``ClassifierGuidance`` or a
+    guided-diffusion style function); DDPM applies it to the mean, DDIM and DPM-Solver++ to the
+    score, as the rule declares.
+    """
+
+    def __init__(
+        self,
+        diffusion,
+        model,
+        rule,
+        *,
+        model_kwargs: dict | None = None,
+        cond_fn=None,
+        cond_kwargs: dict | None = None,
+        clip_denoised: bool = True,
+        denoised_fn: Callable[[Tensor], Tensor] | None = None,
+    ):
+        self.diffusion = diffusion
+        self.model = model
+        self.rule = rule
+        self.model_kwargs = model_kwargs or {}
+        self.cond_fn = cond_fn
+        self.cond_kwargs = self.model_kwargs if cond_kwargs is None else cond_kwargs
+        self.clip_denoised = clip_denoised
+        self.denoised_fn = denoised_fn
+
+    def prepare(self, x: Tensor) -> None:
+        """Put every table a step reads on x's device before the loop, so no step (or CUDA
+        graph capture of one) copies host->device."""
+        self.diffusion.tables(x.device, x.dtype)
+        self.diffusion.model_timesteps(torch.zeros(1, dtype=torch.long, device=x.device))
+        self.rule.prepare(x.device, x.dtype)
+
+    def __call__(self, x: Tensor, t: Tensor, noise: Tensor | None, state):
+        """-> (x_next, pred_xstart, state)."""
+        d = self.diffusion
+        out = d.p_mean_variance(self.model, x, t, self.clip_denoised, self.denoised_fn, self.model_kwargs)
+        if self.cond_fn is not None:
+            if self.rule.guidance == "mean":
+                out = {**out, "mean": d.condition_mean(self.cond_fn, out, x, t, self.cond_kwargs)}
+            else:
+                out = d.condition_score(self.cond_fn, out, x, t, self.cond_kwargs)
+        x_next, state = self.rule(out, x, t, noise, state)
+        return x_next, out["pred_xstart"], state
+
+
+def _model_device(model) -> torch.device:
+    params = getattr(model, "parameters", None)
+    if params is not None:
+        for p in params():
+            return p.device
+    return torch.device("cpu")
+
+
+def randn(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> Tensor:
+    """Normal noise; with a generator it is drawn on the generator's device (so a seed gives the
+    same numbers wherever the model runs) and then moved. Without one, the global RNG is used,
+    drawing exactly what guided-diffusion's loops draw."""
+    if generator is None:
+        return torch.randn(*shape, device=device, dtype=dtype)
+    return torch.randn(*shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def sample_steps(
+    diffusion,
+    model,
+    shape: Sequence[int],
+    *,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    model_kwargs: dict | None = None,
+    cond_fn=None,
+    cond_kwargs: dict | None = None,
+    clip_denoised: bool = True,
+    denoised_fn: Callable[[Tensor], Tensor] | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    noise_fn: NoiseFn | None = None,
+    device=None,
+    progress: bool = False,
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Yield ``(i, x, pred_xstart)`` after each of the diffusion's ``num_timesteps`` steps.
+
+    ``noise`` is x_T (else drawn from ``generator``); ``noise_fn(i, x)`` overrides the per-step
+    noise of stochastic samplers (e.g. to replay recorded noise). After the last step, raises
+    ``SamplingError`` naming the first step that produced NaN/Inf.
+    """
+    if device is None:
+        device = noise.device if noise is not None else _model_device(model)
+    x = randn(tuple(shape), generator, device) if noise is None else noise.to(device)
+    if noise_fn is None:
+        def noise_fn(i: int, x: Tensor) -> Tensor:
+            return randn(x.shape, generator, x.device, x.dtype)
+
+    rule = make_rule(diffusion, sampler, eta)
+    step = SamplingStep(
+        diffusion, model, rule, model_kwargs=model_kwargs, cond_fn=cond_fn, cond_kwargs=cond_kwargs,
+        clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+    )
+    n = diffusion.num_timesteps
+    # Respaced step indices n-1 .. 0, one row per step, built on the device.
+    timesteps = torch.arange(n - 1, -1, -1, device=x.device).view(n, 1).repeat(1, x.shape[0])
+    first_bad = torch.full((), n, dtype=torch.long, device=x.device)
+    step.prepare(x)
+    state = rule.init_state(x)
+    indices = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+
+        indices = tqdm(indices, desc=sampler)
+    for i in indices:
+        with torch.no_grad():
+            step_noise = noise_fn(i, x) if rule.needs_noise else None
+            x, pred_xstart, state = step(x, timesteps[i], step_noise, state)
+            first_bad = torch.where((first_bad == n) & ~torch.isfinite(x).all(), i, first_bad)
+        yield i, x, pred_xstart
+    bad = int(first_bad)  # the one host sync of the loop
+    if bad < n:
+        raise SamplingError(
+            f"non-finite values at sampling step {bad + 1}/{n} (t={int(diffusion.timestep_map[n - 1 - bad])})"
+        )
+
+
+def sample(
+    diffusion,
+    model,
+    shape: Sequence[int],
+    *,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    model_kwargs: dict | None = None,
+    classifier=None,
+    classifier_scale: float = 0.0,
+    cfg_scale: float | None = None,
+    null_label: int | None = None,
+    clip_denoised: bool = True,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device=None,
+    progress: bool = False,
+    callback: Callable[[int, Tensor, Tensor], None] | None = None,
+) -> Tensor:
+    """Draw samples of ``shape`` with ``sampler`` over the diffusion's (respaced) steps.
+
+    ``model_kwargs["y"]`` holds class labels: the model gets them only when it is
+    class-conditional (``model.num_classes`` not None), as classifier_sample.py does, while
+    classifier guidance (``classifier_scale != 0``) and classifier-free guidance (``cfg_scale``,
+    unconditional half labelled ``null_label``) use them. ``callback(i, x, pred_xstart)`` runs
+    after every step.
+    """
+    if device is None:
+        device = noise.device if noise is not None else _model_device(model)
+    guidance_kwargs = dict(model_kwargs or {})
+    model_kwargs = dict(guidance_kwargs)
+    if getattr(model, "num_classes", 0) is None:
+        model_kwargs.pop("y", None)
+    cond_fn = None
+    if classifier is not None and classifier_scale != 0:
+        cond_fn = ClassifierGuidance(classifier, classifier_scale)
+    if cfg_scale is not None:
+        if null_label is None:
+            raise ValueError("classifier-free guidance needs null_label (the unconditional class label)")
+        if "y" not in model_kwargs:
+            raise ValueError(
+                "classifier-free guidance needs a class-conditional model and labels in model_kwargs['y']"
+            )
+        model = ClassifierFreeGuidance(model, cfg_scale, null_label)
+    x = None
+    for i, x, pred_xstart in sample_steps(
+        diffusion, model, shape, sampler=sampler, eta=eta, model_kwargs=model_kwargs, cond_fn=cond_fn,
+        cond_kwargs=guidance_kwargs, clip_denoised=clip_denoised, noise=noise, generator=generator,
+        device=device, progress=progress,
+    ):
+        if callback is not None:
+            callback(i, x, pred_xstart)
+    return x
+
+
+__all__ = [
+    "SAMPLERS",
+    "DDIMStep",
+    "DDPMStep",
+    "DPMSolverPP2MStep",
+    "SamplingStep",
+    "make_rule",
+    "randn",
+    "sample",
+    "sample_steps",
+]
