@@ -1,0 +1,163 @@
+"""ada_group_norm as the custom op ``fastdiff::ada_group_norm`` with autograd.
+
+A torch.library custom op (with a fake implementation) is opaque to torch.compile, CUDA-graph
+capture and torch.export, which trace through it instead of into the Triton launch. The backward
+is a second custom op for the same reason. Dispatch happens inside the ops, per call.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import warnings
+
+import torch
+from torch import Tensor
+
+from .._backend import force_reference, notice_fallback, use_triton
+from .reference import ada_group_norm_backward_reference, ada_group_norm_reference, group_stats_reference
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def _cuda_kernel():
+    """The optional CUDA-extension kernel module (a separate layer), or None where it is absent."""
+    if importlib.util.find_spec(f"{__package__}.cuda_kernel") is None:
+        return None
+    try:
+        return importlib.import_module(f"{__package__}.cuda_kernel")
+    except ImportError as e:  # a broken optional layer must not take the Triton path down with it
+        warnings.warn(f"fastdiff.ops.ada_group_norm: cuda_kernel does not import ({e}); using Triton",
+                      stacklevel=2)
+        return None
+
+
+def _pick_kernel(x: Tensor, num_groups: int, has_scale: bool = False, activation: str | None = "silu"):
+    """Kernel module for x (cuda_kernel where it says it is faster, else triton_kernel), or None.
+
+    None means the reference. fp64 runs the kernels only in the interpreter (to gradcheck their
+    math); on CUDA it takes the reference, the kernels being built for fp16/bf16/fp32.
+    """
+    if force_reference() or x.numel() == 0:
+        return None
+    if x.dtype not in _KERNEL_DTYPES and not (x.dtype == torch.float64 and not x.is_cuda):
+        return None
+    if x.is_cuda:
+        ck = _cuda_kernel()
+        if ck is not None and ck.available() and ck.preferred(x, num_groups, has_scale, activation):
+            return ck
+    if use_triton(x):
+        from . import triton_kernel
+
+        return triton_kernel
+    if x.is_cuda:
+        notice_fallback("ada_group_norm", "triton is not installed")
+    return None
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+@torch.library.custom_op("fastdiff::ada_group_norm", mutates_args=())
+def ada_group_norm_op(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, scale: Tensor | None,
+    shift: Tensor | None, eps: float, activation: str | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (y, mean, rstd); mean/rstd [N, G] are saved for the backward."""
+    kernel = _pick_kernel(x, num_groups, scale is not None, activation)
+    if kernel is not None:
+        return kernel.forward(x, num_groups, weight, bias, scale, shift, eps, activation)
+    y = ada_group_norm_reference(x, num_groups, weight, bias, scale, shift, eps, activation)
+    return (y, *group_stats_reference(x, num_groups, eps))
+
+
+@ada_group_norm_op.register_fake
+def _(x, num_groups, weight, bias, scale, shift, eps, activation):
+    stats = (x.shape[0], num_groups)
+    sd = _stat_dtype(x)
+    return torch.empty_like(x), x.new_empty(stats, dtype=sd), x.new_empty(stats, dtype=sd)
+
+
+@torch.library.custom_op("fastdiff::ada_group_norm_backward", mutates_args=())
+def ada_group_norm_backward_op(
+    dy: Tensor, x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
+    scale: Tensor | None, shift: Tensor | None, mean: Tensor, rstd: Tensor, activation: str | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (dx, dweight, dbias, dscale, dshift); an empty tensor stands for the grad of a None input."""
+    kernel = _pick_kernel(x, num_groups, scale is not None, activation)
+    args = (dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activation)
+    grads = kernel.backward(*args) if kernel is not None else ada_group_norm_backward_reference(*args)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+@ada_group_norm_backward_op.register_fake
+def _(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activation):
+    return (torch.empty_like(x),) + tuple(
+        x.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+        for t in (weight, bias, scale, shift)
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, num_groups, weight, bias, scale, shift, _eps, activation = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.num_groups, ctx.activation = num_groups, activation
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    grads = torch.ops.fastdiff.ada_group_norm_backward(
+        dy, x, ctx.num_groups, weight, bias, scale, shift, mean, rstd, ctx.activation
+    )
+    inputs = (x, weight, bias, scale, shift)
+    dx, dw, db, dsc, dsh = (None if t is None else g for g, t in zip(grads, inputs))
+    return dx, None, dw, db, dsc, dsh, None, None
+
+
+torch.library.register_autograd("fastdiff::ada_group_norm", _backward, setup_context=_setup_context)
+
+
+def _flattenable(x: Tensor) -> bool:
+    dims = [(sz, st) for sz, st in zip(x.shape[2:], x.stride()[2:]) if sz != 1]
+    return all(dims[i][1] == dims[i + 1][1] * dims[i + 1][0] for i in range(len(dims) - 1))
+
+
+def _per_sample(t: Tensor | None, name: str, n: int, c: int) -> Tensor | None:
+    """scale/shift as [N, C]: accepts [N, C], [N, C, 1, ...] (ADM's emb_out chunks) and [1, C]."""
+    if t is None:
+        return None
+    if t.dim() < 2 or t.shape[1] != c or any(s != 1 for s in t.shape[2:]) or t.shape[0] not in (1, n):
+        raise ValueError(f"ada_group_norm: {name} must be [N, C] = [{n}, {c}], got {list(t.shape)}")
+    return t.reshape(t.shape[0], c).expand(n, c)
+
+
+def ada_group_norm(x, num_groups, weight=None, bias=None, scale=None, shift=None, eps=1e-5,
+                   activation="silu"):
+    """``act((GN(x) * weight + bias) * (1 + scale) + shift)`` fused, statistics in fp32.
+
+    x: [N, C, *] (NCHW, channels_last or any trailing dims; the output keeps x's memory format);
+    weight/bias: [C] or None; scale/shift: [N, C] (ADM's AdaGN, use_scale_shift_norm) or None;
+    activation: "silu" or None.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"ada_group_norm: x must be [N, C, *], got {list(x.shape)}")
+    n, c = x.shape[0], x.shape[1]
+    if num_groups <= 0 or c % num_groups:
+        raise ValueError(f"ada_group_norm: {c} channels are not divisible into {num_groups} groups")
+    if activation not in ("silu", None):
+        raise ValueError(f"ada_group_norm: activation must be 'silu' or None, got {activation!r}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (c,):
+            raise ValueError(f"ada_group_norm: {name} must be [{c}], got {list(t.shape)}")
+    scale, shift = _per_sample(scale, "scale", n, c), _per_sample(shift, "shift", n, c)
+    for t in (weight, bias, scale, shift):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"ada_group_norm: all tensors must be on {x.device}, got one on {t.device}")
+    if not _flattenable(x):  # a permuted layout the kernels cannot stride through
+        x = x.contiguous()
+    op = torch.ops.fastdiff.ada_group_norm
+    return op(x, num_groups, weight, bias, scale, shift, float(eps), activation)[0]
