@@ -163,7 +163,6 @@ def run_sampling(
         lo, hi = batches[b]
         n = hi - lo
         y = None if labels_all is None else torch.as_tensor(labels_all[lo:hi], device=device)
-        kwargs = {"y": y} if (y is not None and loaded.class_cond) else {}
         try:
             with _autocast(device, dtype):
                 x = sample(
@@ -172,10 +171,9 @@ def run_sampling(
                     (n, loaded.in_channels, size, size),
                     sampler=plan.sampler,
                     eta=plan.eta,
-                    model_kwargs=kwargs,
+                    model_kwargs=None if y is None else {"y": y},
                     classifier=None if classifier is None else classifier.model,
                     classifier_scale=plan.classifier_scale,
-                    classifier_labels=y,
                     cfg_scale=plan.cfg_scale,
                     null_label=loaded.null_label,
                     clip_denoised=plan.clip_denoised,

@@ -1,0 +1,107 @@
+"""Benchmark plumbing: machine info for the JSON, run order, the time budget, a fallback fixture.
+
+- ``pytest_benchmark_update_machine_info`` adds GPU name, driver, CUDA, torch and triton versions
+  and the measured copy bandwidth / matmul rates to the benchmark JSON.
+- Items run in priority order (fp16 first, see ``shapes.priority``) so a run cut short by the
+  budget still covers the main cases; ``FASTDIFF_BENCH_DEADLINE`` (unix time) skips what is left.
+- Without pytest-benchmark installed, a minimal ``benchmark`` fixture stands in (the GPU machine
+  may lack the plugin); results then come only from ``FASTDIFF_BENCH_RECORDS`` (run_gpu.py reads
+  those either way).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import statistics
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bench import shapes, timing
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["fastdiff"] = {
+        **timing.device_info(),
+        **timing.reference_rates(shapes.bench_device()),
+        "bench_size": shapes.bench_size(),
+    }
+
+
+def pytest_collection_modifyitems(config, items):
+    def key(indexed):
+        index, item = indexed
+        case = getattr(getattr(item, "callspec", None), "params", {}).get("case")
+        if case is None or item.path.parent.name != "bench":
+            return (-1, index)
+        return (shapes.priority(case), index)
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=key)]
+
+
+@pytest.fixture(autouse=True)
+def _time_budget():
+    deadline = os.environ.get("FASTDIFF_BENCH_DEADLINE")
+    if deadline and time.time() > float(deadline):
+        pytest.skip("time budget exhausted (FASTDIFF_BENCH_DEADLINE)")
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    dev = shapes.bench_device()
+    timing.reference_rates(dev)  # calibrate once, before any benchmark runs
+    return dev
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+class _FallbackBenchmark:
+    """The part of pytest-benchmark's fixture the benches use: pedantic(), extra_info, stats."""
+
+    def __init__(self, node):
+        self.name = node.name
+        self.fullname = node.nodeid
+        self.group = None
+        self.extra_info: dict = {}
+        self.stats = None
+
+    def pedantic(self, target, args=(), kwargs=None, setup=None, rounds=1, warmup_rounds=0, iterations=1):
+        times = []
+        for i in range(warmup_rounds + rounds):
+            call_args, call_kwargs = setup() if setup is not None else (args, kwargs or {})
+            t0 = time.perf_counter()
+            for _ in range(iterations):
+                result = target(*call_args, **call_kwargs)
+            if i >= warmup_rounds:
+                times.append((time.perf_counter() - t0) / iterations)
+        self.stats = SimpleNamespace(
+            min=min(times),
+            max=max(times),
+            mean=statistics.fmean(times),
+            median=statistics.median(times),
+            stddev=statistics.stdev(times) if len(times) > 1 else 0.0,
+            rounds=len(times),
+        )
+        return result
+
+
+def _plugin_missing() -> bool:
+    """No pytest-benchmark (``FASTDIFF_BENCH_FALLBACK=1`` with ``-p no:benchmark`` rehearses that)."""
+    return (
+        importlib.util.find_spec("pytest_benchmark") is None
+        or os.environ.get("FASTDIFF_BENCH_FALLBACK") == "1"
+    )
+
+
+if _plugin_missing():
+
+    @pytest.fixture
+    def benchmark(request):
+        return _FallbackBenchmark(request.node)

@@ -1,0 +1,71 @@
+"""QKV self-attention (AttentionBlock's core) at the ADM attention resolutions 32, 16 and 8.
+
+fastdiff's fused op against guided-diffusion's einsum attention, torch.compile of it, and
+PyTorch SDPA including the permutes/copies between the ``[B, 3*H*d, T]`` layout and SDPA's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import baselines, shapes, timing
+
+IMPLS = ("fastdiff", "eager", "compile", "sdpa")
+MODES = ("fwd", "bwd", "fwdbwd")
+
+
+def _impl(name: str, device: torch.device):
+    if name == "fastdiff":
+        return timing.fastdiff_op("fastdiff.ops.attention", "attention")
+    if name == "eager":
+        return baselines.attention_eager
+    if name == "sdpa":
+        return baselines.attention_sdpa
+    if not baselines.compile_enabled(device):
+        pytest.skip("torch.compile baselines run on CUDA only (building them on the CPU is too slow)")
+    return baselines.compiled(baselines.attention_eager)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", shapes.attn_cases(), ids=str)
+def test_attention(benchmark, device, case, mode, impl):
+    fn = _impl(impl, device)
+    qkv = torch.randn(case.batch, 3 * case.channels, case.length, device=device, dtype=case.dtype)
+    qkv.requires_grad_(mode != "fwd")
+
+    def call():
+        return fn(qkv, case.heads, case.order)
+
+    benchmark.group = f"attention {case} {mode}"
+    info = {
+        "op": "attention",
+        "impl": impl,
+        "case": str(case),
+        "channels": case.channels,
+        "heads": case.heads,
+        "head_dim": case.head_dim,
+        "length": case.length,
+        "resolution": case.resolution,
+        "order": case.order,
+        "batch": case.batch,
+        "dtype": shapes.DTYPE_NAMES[case.dtype],
+        "models": list(case.models),
+        "size": shapes.bench_size(),
+    }
+    if impl == "fastdiff":
+        from fastdiff.ops._backend import use_triton
+
+        info["fastdiff_path"] = "triton" if use_triton(qkv) else "reference"
+    timing.bench(
+        benchmark,
+        call,
+        mode=mode,
+        inputs=(qkv,),
+        device=device,
+        info=info,
+        nbytes=case.io_bytes(mode),
+        flops=case.flops(mode),
+        matmul_dtype=case.dtype,
+    )

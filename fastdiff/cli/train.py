@@ -1,0 +1,289 @@
+"""``fastdiff train`` and ``fastdiff train-classifier``: click front ends of fastdiff.training.
+
+Multi-GPU / multi-node: launch the same command under torchrun, e.g.
+``torchrun --nproc_per_node 8 -m fastdiff.cli.main train ...``; ``--batch-size`` is global.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from fastdiff.models.checkpoint import CheckpointError
+from fastdiff.models.presets import (
+    classifier_defaults,
+    diffusion_defaults,
+    get_preset,
+    model_defaults,
+    parse_flags,
+)
+from fastdiff.training import (
+    ClassifierTrainer,
+    DataError,
+    DiffusionTrainer,
+    TrainConfig,
+    get_mnist,
+    latest_checkpoint,
+    load_dataset,
+    parse_ema_rates,
+    resolve_classifier_flags,
+    resolve_flags,
+)
+from fastdiff.training.trainer import PRECISIONS
+
+USER_ERRORS = (ValueError, DataError, CheckpointError, FileNotFoundError)
+
+
+def _flags_and_data(base: dict, kind: str, o: dict):
+    """Flags (defaults < preset < --flags < --image-size) and the dataset they describe.
+
+    npz/mnist data keep their own size unless a size was asked for; folders are resized to it.
+    """
+    flags = dict(base)
+    sized = bool(o["image_size"])
+    if o["preset"]:
+        p = get_preset(o["preset"])
+        if p.kind != kind:
+            raise ValueError(f"preset {o['preset']!r} is a {p.kind} preset, not a {kind} one")
+        flags.update(p.flags)
+        sized = True
+    if o["flag_string"]:
+        given = parse_flags(o["flag_string"])
+        flags.update(given)
+        sized = sized or "image_size" in given
+    if o["image_size"]:
+        flags["image_size"] = o["image_size"]
+    size = flags["image_size"] if sized or Path(o["data"]).is_dir() else None
+    return flags, load_dataset(o["data"], size, channels=flags.get("in_channels", 3))
+
+
+def _check_out(out: str, resume: bool) -> None:
+    if not resume and latest_checkpoint(out) is not None:
+        raise ValueError(
+            f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out"
+        )
+
+
+def common_options(lr: float, ema: str, out: str):
+    """Options shared by both commands (defaults differ: ADM's diffusion vs classifier recipes)."""
+    options = [
+        click.option(
+            "--data",
+            required=True,
+            help="'mnist' (built-in 5k digits, 32x32), a folder of images (one subfolder per class, or "
+            "flat class_xxx.png names) or a .npz (arr_0 uint8 NHWC images, optional arr_1 labels).",
+        ),
+        click.option("--preset", help="Start from a named preset's flags (see `fastdiff presets`)."),
+        click.option(
+            "--flags",
+            "flag_string",
+            help='guided-diffusion flags over the preset/defaults, e.g. "--num_channels 64".',
+        ),
+        click.option(
+            "--image-size", type=int, help="Image size (folders are resized and center-cropped to it)."
+        ),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=64,
+            show_default=True,
+            help="Global batch size (split over torchrun processes).",
+        ),
+        click.option(
+            "--microbatch",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Split each process' batch into micro-batches of this size (gradient accumulation; 0: off).",
+        ),
+        click.option("--lr", type=float, default=lr, show_default=True, help="AdamW learning rate."),
+        click.option(
+            "--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay."
+        ),
+        click.option(
+            "--warmup-steps", type=int, default=0, show_default=True, help="Linear LR warm-up steps."
+        ),
+        click.option(
+            "--anneal", is_flag=True, help="Decay the LR linearly to 0 at --max-steps (ADM's lr_anneal)."
+        ),
+        click.option(
+            "--grad-clip",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="Clip the global gradient norm to this (0: no clipping).",
+        ),
+        click.option(
+            "--ema",
+            default=ema,
+            show_default=True,
+            help='EMA rates, comma separated, e.g. "0.9999,0.999" ("" for none).',
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(PRECISIONS),
+            default="fp32",
+            show_default=True,
+            help="fp32, bf16 autocast, or fp16 autocast with dynamic loss scaling.",
+        ),
+        click.option(
+            "--max-steps", type=int, default=10000, show_default=True, help="Training ends at this step."
+        ),
+        click.option(
+            "--save-every",
+            type=int,
+            default=1000,
+            show_default=True,
+            help="Write a checkpoint every this many steps (and at the end).",
+        ),
+        click.option(
+            "--log-every",
+            type=int,
+            default=100,
+            show_default=True,
+            help="Log averaged metrics every this many steps.",
+        ),
+        click.option(
+            "--out",
+            default=out,
+            show_default=True,
+            type=click.Path(file_okay=False),
+            help="Run folder: checkpoints, log.jsonl, loss.png, samples/.",
+        ),
+        click.option("--resume", is_flag=True, help="Continue exactly from the newest checkpoint in --out."),
+        click.option(
+            "--seed",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Seed of the weights, data order, timesteps and noise.",
+        ),
+        click.option(
+            "--device", help="cpu, cuda or cuda:N (default: cuda if available; torchrun: cuda:LOCAL_RANK)."
+        ),
+        click.option(
+            "--num-workers",
+            type=int,
+            default=0,
+            show_default=True,
+            help="DataLoader worker processes (useful for image folders).",
+        ),
+    ]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def _config(flags, o, **extra) -> TrainConfig:
+    if o["max_steps"] < 1:
+        raise ValueError("--max-steps must be at least 1")
+    if o["batch_size"] < 1 or o["microbatch"] < 0:
+        raise ValueError("--batch-size must be positive and --microbatch not negative")
+    return TrainConfig(
+        flags=flags,
+        out=o["out"],
+        batch_size=o["batch_size"],
+        microbatch=o["microbatch"],
+        lr=o["lr"],
+        weight_decay=o["weight_decay"],
+        warmup_steps=o["warmup_steps"],
+        lr_anneal_steps=o["max_steps"] if o["anneal"] else 0,
+        grad_clip=o["grad_clip"],
+        ema=parse_ema_rates(o["ema"]),
+        precision=o["precision"],
+        max_steps=o["max_steps"],
+        save_every=o["save_every"],
+        log_every=max(1, o["log_every"]),
+        seed=o["seed"],
+        device=o["device"],
+        num_workers=o["num_workers"],
+        resume=o["resume"],
+        **extra,
+    )
+
+
+@click.command("train")
+@common_options(lr=1e-4, ema="0.9999", out="runs/diffusion")
+@click.option(
+    "--schedule-sampler",
+    type=click.Choice(["uniform", "loss-second-moment"]),
+    default="uniform",
+    show_default=True,
+    help="Timestep sampling: uniform, or improved DDPM's loss-aware importance sampling.",
+)
+@click.option(
+    "--cfg-dropout",
+    type=float,
+    is_flag=False,
+    flag_value=0.1,
+    default=0.0,
+    help="Classifier-free guidance training: replace labels by the null class (index num_classes) "
+    "with this probability (0.1 if given without a value).",
+)
+@click.option("--random-flip", is_flag=True, help="Random horizontal flips (off: wrong for digits).")
+@click.option(
+    "--sample-every",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Save a DDIM sample grid (EMA weights) to OUT/samples every this many steps (0: never).",
+)
+@click.option(
+    "--sample-steps", type=int, default=25, show_default=True, help="DDIM steps of the sample grids."
+)
+def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps, **o):
+    """Train an ADM diffusion model (hybrid loss with learned sigma, EMA, AdamW)."""
+    try:
+        _check_out(o["out"], o["resume"])
+        flags, dataset = _flags_and_data({**model_defaults(), **diffusion_defaults()}, "diffusion", o)
+        if not 0 <= cfg_dropout < 1:
+            raise ValueError(f"--cfg-dropout must be in [0, 1), got {cfg_dropout}")
+        flags = resolve_flags(flags, dataset, cfg_dropout)
+        config = _config(
+            flags,
+            o,
+            schedule_sampler=schedule_sampler,
+            cfg_dropout=cfg_dropout,
+            random_flip=random_flip,
+            sample_every=sample_every,
+            sample_steps=sample_steps,
+        )
+        trainer = DiffusionTrainer(config, dataset)
+    except USER_ERRORS as e:
+        raise click.ClickException(str(e)) from e
+    trainer.run()
+    click.echo(f"done: {Path(o['out']) / 'latest.json'}")
+
+
+@click.command("train-classifier")
+@common_options(lr=3e-4, ema="", out="runs/classifier")
+@click.option("--val-data", help="Held-out data for --eval-every (default for mnist: its validation split).")
+@click.option(
+    "--eval-every",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Held-out loss/accuracy every this many steps (0: never).",
+)
+def train_classifier(val_data, eval_every, **o):
+    """Train ADM's noisy-image classifier (for classifier guidance)."""
+    try:
+        _check_out(o["out"], o["resume"])
+        flags, dataset = _flags_and_data({**classifier_defaults(), **diffusion_defaults()}, "classifier", o)
+        val = None
+        if val_data:
+            val = load_dataset(val_data, dataset.image_size, channels=dataset.channels)
+        elif o["data"] == "mnist":
+            val = get_mnist("val")
+        flags = resolve_classifier_flags(flags, dataset)
+        config = _config(flags, o, eval_every=eval_every)
+        trainer = ClassifierTrainer(config, dataset, val)
+    except USER_ERRORS as e:
+        raise click.ClickException(str(e)) from e
+    trainer.run()
+    click.echo(f"done: {Path(o['out']) / 'latest.json'}")

@@ -1,0 +1,65 @@
+"""Loads the optional CUDA extension (csrc/): prebuilt ``fastdiff._C`` or a JIT build.
+
+``pip install`` stays pure Python by default; ``FASTDIFF_BUILD_CUDA=1 pip install
+--no-build-isolation -e .`` prebuilds ``fastdiff._C``. Without it the sources are JIT-compiled
+on first use with ``torch.utils.cpp_extension.load`` (cached under ``TORCH_EXTENSIONS_DIR``),
+which needs a source checkout (csrc/ beside the package) and nvcc. Any failure returns None
+with one warning: the Triton/reference paths keep working.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+SOURCES = ("binding.cpp", "ada_group_norm.cu")
+
+# No --use_fast_math: it swaps expf for __expf and flushes denormals, which the SiLU and the
+# fp32 statistics should not get silently.
+CUDA_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]  # torch adds its -std (c++20)
+
+
+def csrc_dir() -> Path | None:
+    """The kernel sources, present only in a source checkout."""
+    return CSRC if all((CSRC / s).is_file() for s in SOURCES) else None
+
+
+@functools.cache
+def load_extension():
+    """The extension module with ``ada_group_norm_forward/backward``, or None (cached)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return importlib.import_module("fastdiff._C")
+    except ImportError:
+        pass
+    src = csrc_dir()
+    if src is None:
+        warnings.warn(
+            "fastdiff: CUDA kernels unavailable (no prebuilt fastdiff._C and no csrc/ to JIT-build)",
+            stacklevel=2,
+        )
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="fastdiff_cuda",
+            sources=[str(src / s) for s in SOURCES],
+            extra_include_paths=[str(src)],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=CUDA_FLAGS,
+            verbose=os.environ.get("FASTDIFF_CUDA_VERBOSE", "0") not in ("", "0"),
+        )
+    except Exception as exc:  # any build failure means "no CUDA kernels", never a crash
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"fastdiff: building the CUDA extension failed ({first})", stacklevel=2)
+        return None

@@ -1,0 +1,92 @@
+"""``attention`` as a torch.library custom op, so torch.compile, CUDA graphs and torch.export
+see one opaque node with a fake (meta) implementation and a registered backward.
+
+Dispatch per call: the Triton kernels for fp16/bf16/fp32 wherever ``use_triton`` says so
+(CUDA, or CPU under ``TRITON_INTERPRET=1``: no silent fallback there); otherwise the PyTorch
+reference (float64 always takes it: the kernels' softmax statistics are fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdiff.ops._backend import force_reference, notice_fallback, triton_available, use_triton
+from fastdiff.ops.attention.reference import ORDERS, backward_reference, forward_reference
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernel_for(qkv: torch.Tensor) -> bool:
+    if qkv.numel() == 0:
+        return False
+    if qkv.dtype in _KERNEL_DTYPES and use_triton(qkv):
+        return True
+    if qkv.is_cuda and not force_reference():
+        reason = "triton is not installed" if not triton_available() else f"no kernel for {qkv.dtype}"
+        notice_fallback("attention", reason)
+    return False
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+@torch.library.custom_op("fastdiff::attention", mutates_args=())
+def _attention(qkv: torch.Tensor, num_heads: int, order: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if _kernel_for(qkv):
+        from fastdiff.ops.attention import triton_kernel
+
+        return triton_kernel.forward(qkv, num_heads, order)
+    return forward_reference(qkv, num_heads, order)
+
+
+@_attention.register_fake
+def _(qkv, num_heads, order):
+    bs, width, length = qkv.shape
+    out = qkv.new_empty((bs, width // 3, length))
+    return out, qkv.new_empty((bs * num_heads, length), dtype=_lse_dtype(qkv.dtype))
+
+
+@torch.library.custom_op("fastdiff::attention_backward", mutates_args=())
+def _attention_backward(
+    dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int, order: str
+) -> torch.Tensor:
+    if _kernel_for(qkv):
+        from fastdiff.ops.attention import triton_kernel
+
+        return triton_kernel.backward(dout, qkv, out, lse, num_heads, order)
+    return backward_reference(dout, qkv, out, lse, num_heads, order)
+
+
+@_attention_backward.register_fake
+def _(dout, qkv, out, lse, num_heads, order):
+    return torch.empty_like(qkv)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, num_heads, order = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.num_heads, ctx.order = num_heads, order
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    qkv, out, lse = ctx.saved_tensors
+    return _attention_backward(dout, qkv, out, lse, ctx.num_heads, ctx.order), None, None
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(qkv: torch.Tensor, num_heads: int, order: str = "new") -> torch.Tensor:
+    """ADM attention: qkv [B, 3*H*d, T] -> [B, H*d, T], softmax(q.k / sqrt(d)) v per head.
+
+    ``order="new"`` splits q, k, v first, then heads (QKVAttention); ``"legacy"`` splits heads
+    first, each head's channels holding q, k, v (QKVAttentionLegacy).
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if qkv.dim() != 3 or qkv.shape[1] % (3 * num_heads):
+        raise ValueError(f"qkv must be [B, 3*{num_heads}*d, T], got shape {tuple(qkv.shape)}")
+    return _attention(qkv, num_heads, order)[0]

@@ -1,0 +1,425 @@
+"""Flash attention over ADM's qkv layout, read and written in place (the "kernel" layer).
+
+ADM's attention block feeds a [B, 3*H*d, T] conv output straight into attention and wants
+[B, H*d, T] back. Both head orders are plain channel offsets, so the kernels take q, k and v
+through strides from the qkv tensor itself and write heads straight into [B, H*d, T]: no
+permute/contiguous copies and no T x T matrix (online softmax, fp32 running max and sum).
+
+Channel of element i of head h:   q          k                 v
+    order "new"                   h*d + i    H*d + h*d + i     2*H*d + h*d + i
+    order "legacy"                3*h*d + i  3*h*d + d + i     3*h*d + 2*d + i
+
+Backward is FlashAttention-2's: delta = rowsum(dO * O), then one kernel per key block for
+dK/dV (loop over query blocks) and one per query block for dQ (loop over key blocks), so no
+atomics and deterministic gradients. Gradients land in a dqkv with qkv's layout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdiff.ops._backend import triton_interpret
+
+_LOG2E = 1.4426950408889634
+
+
+def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Output buffer; ``FASTDIFF_OPS_POISON=1`` fills it with NaN so tests catch unwritten elements."""
+    dtype = dtype or like.dtype
+    if os.environ.get("FASTDIFF_OPS_POISON", "0") not in ("", "0"):
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _layout(num_heads: int, head_dim: int, order: str):
+    """(head_step, k_offset, v_offset) in channels: head h's q starts at h*head_step."""
+    if order == "legacy":
+        return 3 * head_dim, head_dim, 2 * head_dim
+    return head_dim, num_heads * head_dim, 2 * num_heads * head_dim
+
+
+def _config(head_dim: int, itemsize: int, backward: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): one small fixed config in the interpreter
+    (speed there is per program), sizes by register/shared-memory budget on GPUs (fp32 tiles
+    cost what 16-bit tiles of twice the head dim do)."""
+    if triton_interpret():
+        return 32, 32, 1, 1
+    budget = head_dim * itemsize // 2
+    if backward:
+        if budget <= 64:
+            return 64, 64, 4, 2
+        if budget <= 128:
+            return 64, 32, 8, 2
+        if budget <= 256:
+            return 32, 32, 8, 1
+        return 16, 32, 4, 1
+    if budget <= 64:
+        return 128, 64, 4, 3
+    if budget <= 128:
+        return 128, 32, 8, 2
+    if budget <= 256:
+        return 64, 32, 8, 2
+    return 32, 32, 4, 1
+
+
+def _dot_meta(dtype: torch.dtype) -> dict:
+    """fp32 dots in full fp32 ("ieee", no TF32) so fp32 attention is exact-ish; 16-bit: the
+    default. In triton's interpreter bf16 dots give wrong numbers, so they run upcast to fp32."""
+    upcast = dtype == torch.bfloat16 and triton_interpret()
+    return dict(PRECISION="ieee" if dtype == torch.float32 or upcast else None, UPCAST=upcast)
+
+
+@triton.jit
+def _mm(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot, operands upcast to fp32 where asked: triton's interpreter gets bf16 dots wrong."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _fwd_kernel(
+    qkv,
+    out,
+    lse,
+    T,
+    D,
+    head_step,
+    k_off,
+    v_off,
+    H,
+    qk_scale,
+    s_b,
+    s_c,
+    s_t,
+    o_b,
+    o_c,
+    o_t,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    base = qkv + b * s_b + (h * head_step).to(tl.int64) * s_c
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    d_ok = offs_d < D
+
+    q = tl.load(
+        base + offs_d[None, :] * s_c + offs_m[:, None] * s_t, mask=m_ok[:, None] & d_ok[None, :], other=0.0
+    )
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, T, BLOCK_N):
+        n = start_n + offs_n
+        n_ok = n < T
+        kt = tl.load(
+            base + (k_off + offs_d[:, None]) * s_c + n[None, :] * s_t,
+            mask=d_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        s = _mm(q, kt, None, PRECISION, UPCAST) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            base + (v_off + offs_d[None, :]) * s_c + n[:, None] * s_t,
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    o_base = out + b * o_b + (h * D).to(tl.int64) * o_c
+    tl.store(
+        o_base + offs_d[None, :] * o_c + offs_m[:, None] * o_t,
+        acc.to(out.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
+    # natural-log logsumexp of the scaled scores (m_i and log2(l_i) are in log2 units)
+    tl.store(lse + bh.to(tl.int64) * T + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_ok)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    dout,
+    out,
+    delta,
+    T,
+    D,
+    H,
+    g_b,
+    g_c,
+    g_t,
+    o_b,
+    o_c,
+    o_t,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    ch = ((bh % H) * D).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
+    do = tl.load(dout + b * g_b + (ch + offs_d[None, :]) * g_c + offs_m[:, None] * g_t, mask=mask, other=0.0)
+    o = tl.load(out + b * o_b + (ch + offs_d[None, :]) * o_c + offs_m[:, None] * o_t, mask=mask, other=0.0)
+    tl.store(
+        delta + bh.to(tl.int64) * T + offs_m, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=offs_m < T
+    )
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    qkv,
+    dout,
+    lse,
+    delta,
+    dqkv,
+    T,
+    D,
+    head_step,
+    k_off,
+    v_off,
+    H,
+    qk_scale,
+    sm_scale,
+    s_b,
+    s_c,
+    s_t,
+    g_b,
+    g_c,
+    g_t,
+    r_b,
+    r_c,
+    r_t,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    ch = (h * head_step).to(tl.int64)
+    base = qkv + b * s_b + ch * s_c
+    g_base = dout + b * g_b + (h * D).to(tl.int64) * g_c
+    row = bh.to(tl.int64) * T
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < T
+    d_ok = offs_d < D
+    nd_mask = n_ok[:, None] & d_ok[None, :]
+
+    k = tl.load(base + (k_off + offs_d[None, :]) * s_c + offs_n[:, None] * s_t, mask=nd_mask, other=0.0)
+    v = tl.load(base + (v_off + offs_d[None, :]) * s_c + offs_n[:, None] * s_t, mask=nd_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, T, BLOCK_M):
+        m = start_m + offs_m
+        m_ok = m < T
+        dm_mask = d_ok[:, None] & m_ok[None, :]
+        qt = tl.load(base + offs_d[:, None] * s_c + m[None, :] * s_t, mask=dm_mask, other=0.0)
+        do_t = tl.load(g_base + offs_d[:, None] * g_c + m[None, :] * g_t, mask=dm_mask, other=0.0).to(v.dtype)
+        lse_m = tl.load(lse + row + m, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta_m = tl.load(delta + row + m, mask=m_ok, other=0.0)
+        # transposed scores: keys on rows, queries on columns
+        st = _mm(k, qt, None, PRECISION, UPCAST) * qk_scale
+        pt = tl.where(m_ok[None, :], tl.exp2(st - lse_m[None, :]), 0.0)
+        dv = _mm(pt.to(v.dtype), tl.trans(do_t), dv, PRECISION, UPCAST)
+        dpt = _mm(v, do_t, None, PRECISION, UPCAST)
+        dst = pt * (dpt - delta_m[None, :])
+        dk = _mm(dst.to(v.dtype), tl.trans(qt), dk, PRECISION, UPCAST)
+
+    r_base = dqkv + b * r_b + ch * r_c
+    out_ty = dqkv.dtype.element_ty
+    tl.store(
+        r_base + (k_off + offs_d[None, :]) * r_c + offs_n[:, None] * r_t,
+        (dk * sm_scale).to(out_ty),
+        mask=nd_mask,
+    )
+    tl.store(r_base + (v_off + offs_d[None, :]) * r_c + offs_n[:, None] * r_t, dv.to(out_ty), mask=nd_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    qkv,
+    dout,
+    lse,
+    delta,
+    dqkv,
+    T,
+    D,
+    head_step,
+    k_off,
+    v_off,
+    H,
+    qk_scale,
+    sm_scale,
+    s_b,
+    s_c,
+    s_t,
+    g_b,
+    g_c,
+    g_t,
+    r_b,
+    r_c,
+    r_t,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    ch = (h * head_step).to(tl.int64)
+    base = qkv + b * s_b + ch * s_c
+    row = bh.to(tl.int64) * T
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    d_ok = offs_d < D
+    md_mask = m_ok[:, None] & d_ok[None, :]
+
+    q = tl.load(base + offs_d[None, :] * s_c + offs_m[:, None] * s_t, mask=md_mask, other=0.0)
+    do = tl.load(
+        dout + b * g_b + (h * D + offs_d[None, :]) * g_c + offs_m[:, None] * g_t, mask=md_mask, other=0.0
+    ).to(q.dtype)
+    lse_m = tl.load(lse + row + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    delta_m = tl.load(delta + row + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, T, BLOCK_N):
+        n = start_n + offs_n
+        n_ok = n < T
+        dn_mask = d_ok[:, None] & n_ok[None, :]
+        kt = tl.load(base + (k_off + offs_d[:, None]) * s_c + n[None, :] * s_t, mask=dn_mask, other=0.0)
+        vt = tl.load(base + (v_off + offs_d[:, None]) * s_c + n[None, :] * s_t, mask=dn_mask, other=0.0)
+        s = _mm(q, kt, None, PRECISION, UPCAST) * qk_scale
+        p = tl.where(n_ok[None, :], tl.exp2(s - lse_m[:, None]), 0.0)
+        dp = _mm(do, vt, None, PRECISION, UPCAST)
+        ds = p * (dp - delta_m[:, None])
+        dq = _mm(ds.to(q.dtype), tl.trans(kt), dq, PRECISION, UPCAST)
+
+    tl.store(
+        dqkv + b * r_b + (ch + offs_d[None, :]) * r_c + offs_m[:, None] * r_t,
+        (dq * sm_scale).to(dqkv.dtype.element_ty),
+        mask=md_mask,
+    )
+
+
+def _dims(qkv: torch.Tensor, num_heads: int):
+    """(B, d, T, BLOCK_D): the head dim padded to a power of two (tl.dot needs >= 16)."""
+    bs, width, length = qkv.shape
+    head_dim = width // (3 * num_heads)
+    return bs, head_dim, length, max(16, triton.next_power_of_2(head_dim))
+
+
+def forward(qkv: torch.Tensor, num_heads: int, order: str):
+    """-> (out [B, H*d, T] in qkv's dtype, lse fp32 [B*H, T] natural-log logsumexp)."""
+    bs, head_dim, length, block_d = _dims(qkv, num_heads)
+    head_step, k_off, v_off = _layout(num_heads, head_dim, order)
+    out = _empty((bs, num_heads * head_dim, length), qkv)
+    lse = _empty((bs * num_heads, length), qkv, torch.float32)
+    block_m, block_n, warps, stages = _config(head_dim, qkv.element_size(), backward=False)
+    grid = (triton.cdiv(length, block_m), bs * num_heads)
+    _fwd_kernel[grid](
+        qkv,
+        out,
+        lse,
+        length,
+        head_dim,
+        head_step,
+        k_off,
+        v_off,
+        num_heads,
+        _LOG2E / math.sqrt(head_dim),
+        *qkv.stride(),
+        *out.stride(),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        **_dot_meta(qkv.dtype),
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out, lse
+
+
+def backward(
+    dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int, order: str
+) -> torch.Tensor:
+    """-> dqkv [B, 3*H*d, T] in qkv's dtype and layout."""
+    bs, head_dim, length, block_d = _dims(qkv, num_heads)
+    head_step, k_off, v_off = _layout(num_heads, head_dim, order)
+    block_m, block_n, warps, stages = _config(head_dim, qkv.element_size(), backward=True)
+    delta = _empty((bs * num_heads, length), qkv, torch.float32)
+    _bwd_delta_kernel[(triton.cdiv(length, block_m), bs * num_heads)](
+        dout,
+        out,
+        delta,
+        length,
+        head_dim,
+        num_heads,
+        *dout.stride(),
+        *out.stride(),
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        num_warps=warps,
+    )
+    dqkv = _empty(qkv.shape, qkv)
+    sm_scale = 1 / math.sqrt(head_dim)
+    args = (
+        qkv,
+        dout,
+        lse,
+        delta,
+        dqkv,
+        length,
+        head_dim,
+        head_step,
+        k_off,
+        v_off,
+        num_heads,
+        sm_scale * _LOG2E,
+        sm_scale,
+        *qkv.stride(),
+        *dout.stride(),
+        *dqkv.stride(),
+    )
+    meta = dict(
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        **_dot_meta(qkv.dtype),
+        num_warps=warps,
+        num_stages=stages,
+    )
+    _bwd_dkdv_kernel[(triton.cdiv(length, block_n), bs * num_heads)](*args, **meta)
+    _bwd_dq_kernel[(triton.cdiv(length, block_m), bs * num_heads)](*args, **meta)
+    return dqkv

@@ -1,0 +1,222 @@
+"""fastdiff.ops.attention against guided-diffusion's QKVAttention(Legacy) math.
+
+Kernel tests run the Triton kernels on CUDA, or on the CPU under ``TRITON_INTERPRET=1`` (set
+before triton is imported; CI exports it for the whole suite). Outputs are poisoned with NaN
+(``FASTDIFF_OPS_POISON=1``) so an element the kernels forget to write fails. Tolerances scale with
+the reference's own error in the same low precision: tol = max(factor * |ref_lp - ref64|, floor).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastdiff.ops._backend import triton_available, triton_interpret
+from fastdiff.ops.attention import QKVAttention, QKVAttentionLegacy, attention, attention_reference
+from fastdiff.ops.attention import function as attn_function
+from fastdiff.ops.attention.reference import backward_reference, forward_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _kernels_runnable() -> bool:
+    """CUDA, or the interpreter, which triton picks when a kernel is decorated (module import)."""
+    if not triton_available() or not (CUDA or triton_interpret()):
+        return False
+    from fastdiff.ops.attention import triton_kernel
+
+    return CUDA or type(triton_kernel._fwd_kernel).__name__ == "InterpretedFunction"
+
+
+KERNEL = _kernels_runnable()
+needs_kernel = pytest.mark.skipif(
+    not KERNEL,
+    reason="Triton kernels need triton and CUDA, or TRITON_INTERPRET=1 exported before triton is imported",
+)
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not (CUDA and triton_available()), reason="needs CUDA and triton")
+# (factor, floor) on max|kernel - ref64| relative to max|ref_lp - ref64|
+TOL = {torch.float32: (4.0, 2e-6), torch.float16: (2.0, 2e-3), torch.bfloat16: (2.0, 2e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_OPS_POISON", "1")
+
+
+def _assert_close(actual, ref64, ref_lp, dtype, what):
+    factor, floor = TOL[dtype]
+    assert actual.dtype == dtype
+    assert torch.isfinite(actual).all(), f"{what}: non-finite (unwritten?) elements"
+    tol = max(factor * (ref_lp.double() - ref64).abs().max().item(), floor)
+    err = (actual.double() - ref64).abs().max().item()
+    assert err <= tol, f"{what}: max error {err:.3g} > tol {tol:.3g}"
+
+
+def _check_fwd_bwd(batch, heads, head_dim, length, order, dtype, device=DEVICE):
+    x = torch.randn(batch, 3 * heads * head_dim, length, device=device).to(dtype)
+    dout = torch.randn(batch, heads * head_dim, length, device=device).to(dtype)
+    assert attn_function._kernel_for(x), "the kernel should handle this input"
+    xs = {
+        "kernel": x.clone().requires_grad_(),
+        "lp": x.clone().requires_grad_(),
+        "64": x.double().requires_grad_(),
+    }
+    out = attention(xs["kernel"], heads, order)
+    ref_lp = attention_reference(xs["lp"], heads, order)
+    ref64 = attention_reference(xs["64"], heads, order)
+    _assert_close(out, ref64.detach(), ref_lp.detach(), dtype, "out")
+    out.backward(dout)
+    ref_lp.backward(dout)
+    ref64.backward(dout.double())
+    _assert_close(xs["kernel"].grad, xs["64"].grad, xs["lp"].grad, dtype, "dqkv")
+
+
+SHAPES = [  # (B, H, d, T)
+    (1, 1, 32, 1),
+    (2, 2, 48, 49),
+    (1, 4, 32, 64),
+    (2, 1, 64, 33),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("order", ["new", "legacy"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}d{}T{}".format(*s))
+def test_kernel_matches_reference(shape, order, dtype):
+    _check_fwd_bwd(*shape, order, dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 1, 96, 40), (1, 2, 32, 300)], ids=["d96", "T300"])
+def test_kernel_odd_head_dim_and_long_sequence(shape):
+    _check_fwd_bwd(*shape, "legacy" if shape[2] == 96 else "new", torch.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("order", ["new", "legacy"])
+def test_kernel_bf16(order):
+    """In the interpreter the kernels' bf16 dots run upcast (its bf16 tl.dot is wrong); the
+    GPU tests below cover native bf16 dots."""
+    _check_fwd_bwd(2, 2, 64, 77, order, torch.bfloat16)
+
+
+@needs_kernel
+def test_kernel_strided_input_and_saved_lse():
+    """qkv that is a transposed view (channel stride 1) is read in place; lse matches the reference."""
+    heads, head_dim, length = 2, 32, 40
+    base = torch.randn(2, length, 3 * heads * head_dim, device=DEVICE)
+    x = base.transpose(1, 2)
+    out, lse = torch.ops.fastdiff.attention(x, heads, "new")
+    ref, ref_lse = forward_reference(x.double(), heads, "new")
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-6, rtol=0)
+    assert lse.dtype == torch.float32 and lse.shape == (2 * heads, length)
+
+
+@needs_kernel
+def test_kernel_expanded_grad():
+    """``out.sum().backward()`` hands the backward a zero-stride gradient."""
+    x = torch.randn(1, 3 * 2 * 32, 20, device=DEVICE, requires_grad=True)
+    attention(x, 2, "legacy").sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    attention_reference(x64, 2, "legacy").sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=0)
+
+
+def test_gradcheck_float64():
+    """float64 runs the reference path of the op, checking its backward formula and autograd wiring
+    (the kernel grads are compared with float64 reference grads above)."""
+    x = torch.randn(1, 3 * 2 * 4, 5, dtype=torch.float64, requires_grad=True)
+    for order in ("new", "legacy"):
+        assert torch.autograd.gradcheck(lambda t, o=order: attention(t, 2, o), (x,))
+
+
+def test_backward_reference_matches_autograd():
+    x = torch.randn(1, 3 * 3 * 8, 11, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(1, 3 * 8, 11, dtype=torch.float64)
+    out, lse = forward_reference(x.detach(), 3, "legacy")
+    attention_reference(x, 3, "legacy").backward(dout)
+    torch.testing.assert_close(backward_reference(dout, x.detach(), out, lse, 3, "legacy"), x.grad)
+
+
+def test_opcheck():
+    x = torch.randn(1, 3 * 2 * 16, 9, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastdiff.attention.default, (x, 2, "new"))
+
+
+def test_compile_traces_through():
+    x = torch.randn(1, 3 * 2 * 16, 9, device=DEVICE)
+    fn = torch.compile(lambda t: attention(t, 2, "legacy") * 2, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(fn(x), attention(x, 2, "legacy") * 2)
+
+
+def test_reference_path_without_kernel(monkeypatch):
+    """FASTDIFF_OPS=reference (and CPU without the interpreter) gives guided-diffusion's numbers exactly."""
+    monkeypatch.setenv("FASTDIFF_OPS", "reference")
+    x = torch.randn(2, 3 * 4 * 8, 10)
+    for order in ("new", "legacy"):
+        assert not attn_function._kernel_for(x)
+        torch.testing.assert_close(attention(x, 4, order), attention_reference(x, 4, order), atol=0, rtol=0)
+
+
+def _guided_diffusion_qkv(qkv, n_heads, order):
+    """guided-diffusion's QKVAttention / QKVAttentionLegacy forward, written out independently."""
+    bs, width, length = qkv.shape
+    ch = width // (3 * n_heads)
+    scale = 1 / math.sqrt(math.sqrt(ch))
+    if order == "legacy":
+        q, k, v = qkv.reshape(bs * n_heads, ch * 3, length).split(ch, dim=1)
+        weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+    else:
+        q, k, v = qkv.chunk(3, dim=1)
+        weight = torch.einsum(
+            "bct,bcs->bts",
+            (q * scale).view(bs * n_heads, ch, length),
+            (k * scale).view(bs * n_heads, ch, length),
+        )
+        v = v.reshape(bs * n_heads, ch, length)
+    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+    return torch.einsum("bts,bcs->bct", weight, v).reshape(bs, -1, length)
+
+
+@pytest.mark.parametrize("order", ["new", "legacy"])
+def test_reference_is_guided_diffusion(order):
+    x = torch.randn(2, 3 * 2 * 8, 6).half()
+    torch.testing.assert_close(
+        attention_reference(x, 2, order), _guided_diffusion_qkv(x, 2, order), atol=0, rtol=0
+    )
+
+
+@pytest.mark.parametrize("cls,order", [(QKVAttention, "new"), (QKVAttentionLegacy, "legacy")])
+def test_modules(cls, order):
+    m = cls(4)
+    assert m.n_heads == 4 and not list(m.parameters()) and not m.state_dict()
+    x = torch.randn(1, 3 * 4 * 16, 12, device=DEVICE)
+    torch.testing.assert_close(m(x), _guided_diffusion_qkv(x, 4, order), atol=2e-6, rtol=1e-5)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="order"):
+        attention(torch.randn(1, 6, 4), 1, "old")
+    with pytest.raises(ValueError, match="qkv must be"):
+        attention(torch.randn(1, 7, 4), 1)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"]
+)
+@pytest.mark.parametrize("order", ["new", "legacy"])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 4, 64, 1024), (1, 2, 128, 4096), (2, 2, 192, 1024), (1, 1, 256, 1024), (3, 3, 160, 257)],
+    ids=lambda s: "B{}H{}d{}T{}".format(*s),
+)
+def test_kernel_gpu_large(shape, order, dtype):
+    _check_fwd_bwd(*shape, order, dtype, device="cuda")

@@ -1,0 +1,172 @@
+"""`fastdiff sample` end to end on tiny random models: outputs, resume, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fastdiff.cli.main import main
+from fastdiff.models.checkpoint import save_weights
+from fastdiff.models.presets import create_classifier, create_unet
+
+UNET_FLAGS = dict(
+    image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
+    num_head_channels=8, class_cond=True, num_classes=4, learn_sigma=True, diffusion_steps=40,
+    noise_schedule="cosine", use_scale_shift_norm=True, resblock_updown=True,
+)
+CLASSIFIER_FLAGS = dict(
+    image_size=8, classifier_width=32, classifier_depth=1, channel_mult="1,2",
+    classifier_attention_resolutions="4", num_classes=4,
+)
+
+
+def _randomize(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    save_weights(_randomize(create_unet(**UNET_FLAGS)), d / "unet.safetensors", {"flags": UNET_FLAGS})
+    save_weights(_randomize(create_classifier(**CLASSIFIER_FLAGS)), d / "clf.safetensors",
+                 {"flags": CLASSIFIER_FLAGS})
+    torch.save(_randomize(create_unet(**UNET_FLAGS)).state_dict(), d / "unet.pt")
+    return d
+
+
+def run(*args):
+    result = CliRunner().invoke(main, ["sample", "--no-progress", *map(str, args)])
+    return result
+
+
+def base_args(models, out, *extra):
+    return ["--checkpoint", models / "unet.safetensors", "--classifier", models / "clf.safetensors",
+            "--classifier-scale", 1.5, "--steps", 4, "--out", out, *extra]
+
+
+def test_help_for_every_command():
+    runner = CliRunner()
+    assert runner.invoke(main, ["--help"]).exit_code == 0
+    for cmd in ("sample", "presets", "train", "train-classifier"):
+        r = runner.invoke(main, [cmd, "--help"])
+        assert r.exit_code == 0, r.output
+        assert "--help" in r.output
+
+
+def test_sample_writes_pngs_grid_and_npz(models, tmp_path):
+    out = tmp_path / "out"
+    r = run(*base_args(models, out, "--classes", "1,3", "--num-samples", 5, "--batch-size", 2))
+    assert r.exit_code == 0, r.output
+    assert "5 images" in r.output and "images/s" in r.output and "engine eager" in r.output
+    pngs = sorted((out / "images").glob("*.png"))
+    assert [p.name for p in pngs][:2] == ["000000_class1.png", "000001_class3.png"] and len(pngs) == 5
+    assert (out / "grid.png").exists()
+    data = np.load(out / "samples_5x8x8x3.npz")
+    assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (5, 8, 8, 3)
+    assert data["arr_1"].tolist() == [1, 3, 1, 3, 1]
+    assert not list(out.rglob(".*"))  # no temporary files left behind
+
+
+def test_same_seed_same_images_and_resume_matches(models, tmp_path):
+    full = tmp_path / "full"
+    assert run(*base_args(models, full, "--num-samples", 6, "--batch-size", 2, "--seed", 3)).exit_code == 0
+    # A run killed after its first two batches: its files are what remains, and --resume finishes it.
+    part = tmp_path / "part"
+    assert run(*base_args(models, part, "--num-samples", 4, "--batch-size", 2, "--seed", 3)).exit_code == 0
+    (part / "batches" / "batch_00001.npz").unlink()  # the batch in flight at the kill never landed
+    r = run(*base_args(models, part, "--num-samples", 6, "--batch-size", 2, "--seed", 3, "--resume"))
+    assert r.exit_code == 0, r.output
+    assert "4 images (2 already there)" in r.output
+    a, b = np.load(full / "samples_6x8x8x3.npz"), np.load(part / "samples_6x8x8x3.npz")
+    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_existing_run_needs_resume_and_same_settings(models, tmp_path):
+    out = tmp_path / "out"
+    assert run(*base_args(models, out, "--num-samples", 2)).exit_code == 0
+    r = run(*base_args(models, out, "--num-samples", 2))
+    assert r.exit_code != 0 and "--resume" in r.output
+    r = run(*base_args(models, out, "--num-samples", 2, "--seed", 9, "--resume"))
+    assert r.exit_code != 0 and "seed" in r.output
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm++2m"])
+def test_other_samplers_and_cfg_errors(models, tmp_path, sampler):
+    r = run(*base_args(models, tmp_path / sampler, "--sampler", sampler, "--num-samples", 2))
+    assert r.exit_code == 0, r.output
+    r = run(*base_args(models, tmp_path / "cfg", "--cfg-scale", 2.0, "--num-samples", 2))
+    assert r.exit_code != 0 and "null label" in r.output
+
+
+def test_pt_checkpoint_with_flag_string(models, tmp_path):
+    flags = " ".join(f"--{k} {v}" for k, v in UNET_FLAGS.items())
+    r = run("--checkpoint", models / "unet.pt", "--flags", flags, "--steps", 2, "--num-samples", 1,
+            "--classes", "2", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--checkpoint", "missing.pt", "--preset", "imagenet64"], "not found"),
+        (["--classes", "7"], "out of range"),
+        (["--preset", "nope"], "unknown preset"),
+        (["--engine", "warp"], "unknown engine"),
+        (["--engine", "trt"], "trt"),
+        (["--classifier", None], "needs a classifier"),
+        (["--sampler", "ddim", "--steps", 0], "--steps"),
+    ],
+)
+def test_bad_input_is_one_clear_line(models, tmp_path, args, message):
+    argv = ["--checkpoint", models / "unet.safetensors", "--classifier", models / "clf.safetensors",
+            "--classifier-scale", 1.0, "--steps", 2, "--num-samples", 1, "--out", tmp_path / "o"]
+    for i in range(0, len(args), 2):
+        if args[i] in argv:
+            j = argv.index(args[i])
+            del argv[j:j + 2]
+        if args[i + 1] is not None:
+            argv += [args[i], args[i + 1]]
+    r = run(*argv)
+    assert r.exit_code != 0
+    assert message in r.output, r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "o" / "batches").exists() or not list((tmp_path / "o" / "batches").iterdir())
+
+
+def test_checkpoint_that_does_not_fit_the_preset(models, tmp_path):
+    r = run("--preset", "imagenet64", "--checkpoint", models / "unet.pt", "--out", tmp_path / "o")
+    assert r.exit_code != 0
+    assert "missing" in r.output or "shape" in r.output
+
+
+def test_unsupported_image_size(models, tmp_path):
+    flags = " ".join(f"--{k} {v}" for k, v in UNET_FLAGS.items() if k != "channel_mult")
+    flags = flags.replace("--image_size 8", "--image_size 48")
+    r = run("--checkpoint", models / "unet.pt", "--flags", flags, "--out", tmp_path / "o")
+    assert r.exit_code != 0 and "image size 48" in r.output
+
+
+def test_nan_names_the_step_and_writes_nothing(models, tmp_path):
+    model = create_unet(**UNET_FLAGS)
+    sd = {k: torch.full_like(v, float("nan")) if k == "out.2.bias" else v for k, v in model.state_dict().items()}
+    save_weights(sd, tmp_path / "nan.safetensors", {"flags": UNET_FLAGS})
+    r = run("--checkpoint", tmp_path / "nan.safetensors", "--steps", 3, "--num-samples", 2, "--out", tmp_path / "o")
+    assert r.exit_code != 0
+    assert "sampling step 1/3" in r.output and "nothing of this batch was written" in r.output
+    assert not list((tmp_path / "o").glob("batches/*.npz"))
+
+
+def test_presets_command():
+    r = CliRunner().invoke(main, ["presets"])
+    assert r.exit_code == 0 and "imagenet256" in r.output
+    r = CliRunner().invoke(main, ["presets", "imagenet64"])
+    assert "--image_size 64" in r.output
+    r = CliRunner().invoke(main, ["presets", "bogus"])
+    assert r.exit_code != 0 and "unknown preset" in r.output

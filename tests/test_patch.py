@@ -1,0 +1,181 @@
+"""fastdiff.ops.patch on a network that is not fastdiff's: a hand-written guided-diffusion-style
+model (GroupNorm32, GN+SiLU Sequentials, a scale-shift ResBlock, both attention orders)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastdiff.ops.ada_group_norm.module import GroupNorm, GroupNormSiLU
+from fastdiff.ops.attention import module as fast_attention
+from fastdiff.ops.patch import patch
+
+
+class GroupNorm32(nn.GroupNorm):
+    """guided-diffusion's: fp32 statistics, output cast back to the input dtype."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+class QKVAttention(nn.Module):
+    def __init__(self, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv):
+        bs, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.chunk(3, dim=1)
+        scale = 1 / math.sqrt(math.sqrt(ch))
+        q = (q * scale).reshape(bs * self.n_heads, ch, length)
+        k = (k * scale).reshape(bs * self.n_heads, ch, length)
+        w = torch.softmax(torch.einsum("bct,bcs->bts", q, k).float(), dim=-1).type(q.dtype)
+        return torch.einsum("bts,bcs->bct", w, v.reshape(bs * self.n_heads, ch, length)).reshape(
+            bs, -1, length
+        )
+
+
+class QKVAttentionLegacy(nn.Module):
+    def __init__(self, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv):
+        bs, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+        scale = 1 / math.sqrt(math.sqrt(ch))
+        w = torch.softmax(torch.einsum("bct,bcs->bts", q * scale, k * scale).float(), dim=-1).type(q.dtype)
+        return torch.einsum("bts,bcs->bct", w, v).reshape(bs, -1, length)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, channels, num_heads, new_order):
+        super().__init__()
+        self.norm = GroupNorm32(4, channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.attention = (QKVAttention if new_order else QKVAttentionLegacy)(num_heads)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
+        return (x + h).reshape(b, c, *spatial)
+
+
+class ResBlock(nn.Module):
+    """guided-diffusion's shape: with use_scale_shift_norm, forward slices out_layers."""
+
+    def __init__(self, channels, emb_channels, use_scale_shift_norm):
+        super().__init__()
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(
+            GroupNorm32(4, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * channels if use_scale_shift_norm else channels)
+        )
+        self.out_layers = nn.Sequential(
+            GroupNorm32(4, channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(channels, channels, 3, padding=1)
+        )
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)
+        emb_out = self.emb_layers(emb)[..., None, None]
+        if self.use_scale_shift_norm:
+            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = out_rest(out_norm(h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + emb_out)
+        return x + h
+
+
+class Net(nn.Module):
+    def __init__(self, ch=64, emb=16):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        self.res = nn.ModuleList([ResBlock(ch, emb, False), ResBlock(ch, emb, True)])
+        self.attn = nn.ModuleList([AttentionBlock(ch, 2, True), AttentionBlock(ch, 2, False)])
+        self.plain = nn.GroupNorm(4, ch, affine=False)
+        self.out = nn.Sequential(nn.GroupNorm(4, ch), nn.SiLU(), nn.Conv2d(ch, 3, 3, padding=1))
+
+    def forward(self, x, emb):
+        h = self.conv_in(x)
+        for res, attn in zip(self.res, self.attn):
+            h = attn(res(h, emb))
+        return self.out(self.plain(h))
+
+
+def _inputs():
+    return torch.randn(1, 3, 8, 8), torch.randn(1, 16)
+
+
+def test_patch_keeps_outputs_grads_and_state_dict():
+    model = Net()
+    patched = copy.deepcopy(model)
+    assert patch(patched) is patched
+    assert list(patched.state_dict()) == list(model.state_dict())
+    for (k, a), b in zip(model.state_dict().items(), patched.state_dict().values()):
+        assert torch.equal(a, b), k
+
+    x, emb = _inputs()
+    ref, out = model(x, emb), patched(x, emb)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    ref.square().sum().backward()
+    out.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-3, rtol=1e-3, msg=name)
+
+
+def test_patch_swaps_the_right_modules():
+    model = patch(Net())
+    res0, res1 = model.res
+    assert type(res0.in_layers[0]) is GroupNormSiLU and isinstance(res0.in_layers[1], nn.Identity)
+    assert type(res0.out_layers[0]) is GroupNormSiLU and isinstance(res0.out_layers[1], nn.Identity)
+    # the scale-shift ResBlock applies out_layers[0] alone: norm only, SiLU kept after it
+    assert type(res1.out_layers[0]) is GroupNorm and isinstance(res1.out_layers[1], nn.SiLU)
+    assert type(res1.in_layers[0]) is GroupNormSiLU
+    assert type(model.attn[0].norm) is GroupNorm
+    assert type(model.attn[0].attention) is fast_attention.QKVAttention
+    assert type(model.attn[1].attention) is fast_attention.QKVAttentionLegacy
+    assert model.attn[1].attention.n_heads == 2
+    assert type(model.plain) is GroupNorm and model.plain.weight is None
+    assert type(model.out[0]) is GroupNormSiLU
+    # shared Parameters: optimizers built before patching keep working
+    before = Net()
+    weight = before.out[0].weight
+    assert patch(before).out[0].weight is weight
+
+
+def test_patch_is_idempotent_and_selective():
+    model = patch(Net())
+    modules = [type(m) for m in model.modules()]
+    patch(model)
+    assert [type(m) for m in model.modules()] == modules
+
+    only_attn = patch(Net(), group_norm=False)
+    assert type(only_attn.out[0]) is nn.GroupNorm and type(only_attn.attn[0].norm) is GroupNorm32
+    assert type(only_attn.attn[0].attention) is fast_attention.QKVAttention
+    only_gn = patch(Net(), attention=False)
+    assert type(only_gn.attn[0].attention) is QKVAttention and type(only_gn.out[0]) is GroupNormSiLU
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_patched_group_norm32_keeps_dtype(dtype):
+    """GroupNorm32 computes in fp32 and returns the input dtype; the replacement must too."""
+    seq = nn.Sequential(GroupNorm32(4, 32), nn.SiLU())
+    with torch.no_grad():
+        seq[0].weight.normal_()
+        seq[0].bias.normal_()
+    x = torch.randn(2, 32, 5, 5).to(dtype)
+    ref = seq(x)
+    out = patch(seq)(x)
+    assert out.dtype == ref.dtype == dtype
+    torch.testing.assert_close(out, ref, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
