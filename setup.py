@@ -1,0 +1,34 @@
+"""Only the optional CUDA extension lives here; all other metadata is in pyproject.toml.
+
+``pip install -e .`` is pure Python (torch is not imported). ``FASTDIFF_BUILD_CUDA=1 pip install
+--no-build-isolation -e .`` also compiles csrc/ into ``fastdiff._C`` against the installed
+torch (no build isolation, so the build sees that torch and its CUDA). Without the prebuilt
+module the kernels are JIT-built on first use from a source checkout (fastdiff/ops/_cuda_build.py).
+"""
+
+import os
+
+from setuptools import setup
+
+
+def cuda_extension_kwargs() -> dict:
+    """ext_modules/cmdclass for fastdiff._C; torch is imported only when asked to build it."""
+    if os.environ.get("FASTDIFF_BUILD_CUDA", "0") in ("", "0"):
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    ext = CUDAExtension(
+        "fastdiff._C",
+        sources=["csrc/binding.cpp", "csrc/ada_group_norm.cu"],
+        include_dirs=[os.path.join(here, "csrc")],
+        extra_compile_args={
+            "cxx": ["-O3"],  # torch supplies -std (c++20 for torch 2.13)
+            # No --use_fast_math: keep expf and fp32 statistics exact (see _cuda_build.py).
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
+
+
+setup(**cuda_extension_kwargs())
