@@ -23,7 +23,9 @@ def load_case(path: Path) -> dict:
 @pytest.fixture(scope="session")
 def vectors_dir() -> Path:
     if not VECTORS.is_dir():
-        pytest.skip(f"reference vectors not found at {VECTORS} (set FASTDIFF_VECTORS or clone beside ../shared)")
+        pytest.skip(
+            f"reference vectors not found at {VECTORS} (set FASTDIFF_VECTORS or clone beside ../shared)"
+        )
     return VECTORS
 
 

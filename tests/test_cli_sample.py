@@ -12,13 +12,27 @@ from fastdiff.models.checkpoint import save_weights
 from fastdiff.models.presets import create_classifier, create_unet
 
 UNET_FLAGS = dict(
-    image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
-    num_head_channels=8, class_cond=True, num_classes=4, learn_sigma=True, diffusion_steps=40,
-    noise_schedule="cosine", use_scale_shift_norm=True, resblock_updown=True,
+    image_size=8,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="4",
+    num_head_channels=8,
+    class_cond=True,
+    num_classes=4,
+    learn_sigma=True,
+    diffusion_steps=40,
+    noise_schedule="cosine",
+    use_scale_shift_norm=True,
+    resblock_updown=True,
 )
 CLASSIFIER_FLAGS = dict(
-    image_size=8, classifier_width=32, classifier_depth=1, channel_mult="1,2",
-    classifier_attention_resolutions="4", num_classes=4,
+    image_size=8,
+    classifier_width=32,
+    classifier_depth=1,
+    channel_mult="1,2",
+    classifier_attention_resolutions="4",
+    num_classes=4,
 )
 
 
@@ -34,8 +48,9 @@ def _randomize(model):
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("models")
     save_weights(_randomize(create_unet(**UNET_FLAGS)), d / "unet.safetensors", {"flags": UNET_FLAGS})
-    save_weights(_randomize(create_classifier(**CLASSIFIER_FLAGS)), d / "clf.safetensors",
-                 {"flags": CLASSIFIER_FLAGS})
+    save_weights(
+        _randomize(create_classifier(**CLASSIFIER_FLAGS)), d / "clf.safetensors", {"flags": CLASSIFIER_FLAGS}
+    )
     torch.save(_randomize(create_unet(**UNET_FLAGS)).state_dict(), d / "unet.pt")
     return d
 
@@ -46,8 +61,19 @@ def run(*args):
 
 
 def base_args(models, out, *extra):
-    return ["--checkpoint", models / "unet.safetensors", "--classifier", models / "clf.safetensors",
-            "--classifier-scale", 1.5, "--steps", 4, "--out", out, *extra]
+    return [
+        "--checkpoint",
+        models / "unet.safetensors",
+        "--classifier",
+        models / "clf.safetensors",
+        "--classifier-scale",
+        1.5,
+        "--steps",
+        4,
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 def test_help_for_every_command():
@@ -107,8 +133,20 @@ def test_other_samplers_and_cfg_errors(models, tmp_path, sampler):
 
 def test_pt_checkpoint_with_flag_string(models, tmp_path):
     flags = " ".join(f"--{k} {v}" for k, v in UNET_FLAGS.items())
-    r = run("--checkpoint", models / "unet.pt", "--flags", flags, "--steps", 2, "--num-samples", 1,
-            "--classes", "2", "--out", tmp_path / "o")
+    r = run(
+        "--checkpoint",
+        models / "unet.pt",
+        "--flags",
+        flags,
+        "--steps",
+        2,
+        "--num-samples",
+        1,
+        "--classes",
+        "2",
+        "--out",
+        tmp_path / "o",
+    )
     assert r.exit_code == 0, r.output
 
 
@@ -125,12 +163,24 @@ def test_pt_checkpoint_with_flag_string(models, tmp_path):
     ],
 )
 def test_bad_input_is_one_clear_line(models, tmp_path, args, message):
-    argv = ["--checkpoint", models / "unet.safetensors", "--classifier", models / "clf.safetensors",
-            "--classifier-scale", 1.0, "--steps", 2, "--num-samples", 1, "--out", tmp_path / "o"]
+    argv = [
+        "--checkpoint",
+        models / "unet.safetensors",
+        "--classifier",
+        models / "clf.safetensors",
+        "--classifier-scale",
+        1.0,
+        "--steps",
+        2,
+        "--num-samples",
+        1,
+        "--out",
+        tmp_path / "o",
+    ]
     for i in range(0, len(args), 2):
         if args[i] in argv:
             j = argv.index(args[i])
-            del argv[j:j + 2]
+            del argv[j : j + 2]
         if args[i + 1] is not None:
             argv += [args[i], args[i + 1]]
     r = run(*argv)
@@ -155,9 +205,20 @@ def test_unsupported_image_size(models, tmp_path):
 
 def test_nan_names_the_step_and_writes_nothing(models, tmp_path):
     model = create_unet(**UNET_FLAGS)
-    sd = {k: torch.full_like(v, float("nan")) if k == "out.2.bias" else v for k, v in model.state_dict().items()}
+    sd = {
+        k: torch.full_like(v, float("nan")) if k == "out.2.bias" else v for k, v in model.state_dict().items()
+    }
     save_weights(sd, tmp_path / "nan.safetensors", {"flags": UNET_FLAGS})
-    r = run("--checkpoint", tmp_path / "nan.safetensors", "--steps", 3, "--num-samples", 2, "--out", tmp_path / "o")
+    r = run(
+        "--checkpoint",
+        tmp_path / "nan.safetensors",
+        "--steps",
+        3,
+        "--num-samples",
+        2,
+        "--out",
+        tmp_path / "o",
+    )
     assert r.exit_code != 0
     assert "sampling step 1/3" in r.output and "nothing of this batch was written" in r.output
     assert not list((tmp_path / "o").glob("batches/*.npz"))

@@ -52,7 +52,9 @@ def save_grid(images: np.ndarray, path: Path, ncol: int | None = None, pad: int 
     grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i, img in enumerate(images):
         r, col = divmod(i, ncol)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
+        grid[
+            pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w
+        ] = img
     save_png(grid, path)
 
 

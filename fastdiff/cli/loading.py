@@ -73,8 +73,9 @@ class LoadedModel:
     def bundled_classifier(self, device: torch.device) -> LoadedModel | None:
         if not BUNDLED_CLASSIFIER.exists():
             return None
-        return load_classifier(BUNDLED_CLASSIFIER, preset=None, flag_string=None, image_size=self.image_size,
-                               device=device)
+        return load_classifier(
+            BUNDLED_CLASSIFIER, preset=None, flag_string=None, image_size=self.image_size, device=device
+        )
 
 
 def _check_file(path: Path, what: str) -> None:
@@ -82,7 +83,9 @@ def _check_file(path: Path, what: str) -> None:
         raise click.ClickException(f"{what} not found: {path}")
 
 
-def _flags_from(preset: str | None, flag_string: str | None, checkpoint: Path | None, kind: str) -> tuple[dict, dict]:
+def _flags_from(
+    preset: str | None, flag_string: str | None, checkpoint: Path | None, kind: str
+) -> tuple[dict, dict]:
     """(flags, metadata) from a preset, a flag string over it, or the checkpoint's own metadata."""
     metadata = {}
     if checkpoint is not None and checkpoint.suffix == ".safetensors":
@@ -99,7 +102,9 @@ def _flags_from(preset: str | None, flag_string: str | None, checkpoint: Path | 
     elif "flags" in metadata:
         flags = dict(metadata["flags"])
     elif flag_string is None:
-        raise click.ClickException(f"say which {kind} model this is: pass a preset or a guided-diffusion flag string")
+        raise click.ClickException(
+            f"say which {kind} model this is: pass a preset or a guided-diffusion flag string"
+        )
     if flag_string is not None:
         try:
             flags.update(parse_flags(flag_string))
@@ -124,7 +129,9 @@ def load_diffusion_model(*, preset, flag_string, checkpoint, device) -> LoadedMo
     """The diffusion network: from options, or the bundled MNIST model when none are given."""
     if preset is None and flag_string is None and checkpoint is None:
         if not BUNDLED_MODEL.exists():
-            raise click.ClickException("this fastdiff build has no bundled model; pass --preset and --checkpoint")
+            raise click.ClickException(
+                "this fastdiff build has no bundled model; pass --preset and --checkpoint"
+            )
         checkpoint = BUNDLED_MODEL
     if checkpoint is None:
         raise click.ClickException("--checkpoint is required with --preset/--flags (the model's weights)")
@@ -143,7 +150,7 @@ def load_classifier(path: Path, *, preset, flag_string, image_size: int, device)
     flags, metadata = _flags_from(preset, flag_string, path, "classifier")
     if int(flags.get("image_size", image_size)) != image_size:
         raise click.ClickException(
-            f"classifier is for {flags['image_size']}x{flags['image_size']} images, the model makes {image_size}"
+            f"classifier is for {flags['image_size']}px images, the model makes {image_size}px"
         )
     model = _build(create_classifier, flags, path, preset, device)
     return LoadedModel(model, flags, {"checkpoint": str(path.resolve()), "flags": flags}, metadata)

@@ -56,7 +56,9 @@ def parse_classes(spec: str | None, num_classes: int | None, n: int, seed: int) 
     """Labels for ``n`` samples: a list cycled, ``uniform`` (equal counts) or ``random``."""
     if num_classes is None:
         if spec is not None:
-            raise click.ClickException("--classes given, but neither the model nor a classifier is class-aware")
+            raise click.ClickException(
+                "--classes given, but neither the model nor a classifier is class-aware"
+            )
         return None
     spec = spec or "uniform"
     if spec == "uniform":
@@ -66,10 +68,14 @@ def parse_classes(spec: str | None, num_classes: int | None, n: int, seed: int) 
     try:
         ids = [int(s) for s in spec.split(",") if s.strip()]
     except ValueError:
-        raise click.ClickException(f"--classes must be ids like 1,207,360 or 'uniform' or 'random', got '{spec}'") from None
+        raise click.ClickException(
+            f"--classes must be ids like 1,207,360 or 'uniform' or 'random', got '{spec}'"
+        ) from None
     bad = [i for i in ids if not 0 <= i < num_classes]
     if not ids or bad:
-        raise click.ClickException(f"class id {bad[0] if bad else spec} out of range: the model has {num_classes} classes")
+        raise click.ClickException(
+            f"class id {bad[0] if bad else spec} out of range: the model has {num_classes} classes"
+        )
     return np.resize(np.asarray(ids, dtype=np.int64), n)
 
 
@@ -101,7 +107,9 @@ def prepare_out_dir(out: Path, plan: Plan, num_samples: int, resume: bool) -> se
     record = {**plan.__dict__, "num_samples": num_samples}
     if run_file.exists():
         if not resume:
-            raise click.ClickException(f"{out} already holds a sampling run; pass --resume or choose another --out")
+            raise click.ClickException(
+                f"{out} already holds a sampling run; pass --resume or choose another --out"
+            )
         old = json.loads(run_file.read_text())
         old_labels, new_labels = old.pop("labels"), record["labels"]
         old.pop("num_samples", None)
@@ -110,7 +118,9 @@ def prepare_out_dir(out: Path, plan: Plan, num_samples: int, resume: bool) -> se
         if old_labels is not None and new_labels is not None and old_labels[:shared] != new_labels[:shared]:
             diff.append("classes")
         if diff:
-            raise click.ClickException(f"--resume: this run differs from the one in {out} in: {', '.join(diff)}")
+            raise click.ClickException(
+                f"--resume: this run differs from the one in {out} in: {', '.join(diff)}"
+            )
     elif done:
         raise click.ClickException(f"{out}/batches has samples but no run.json; choose another --out")
     atomic_write(run_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
@@ -182,7 +192,9 @@ def run_sampling(
                     callback=lambda *_: bar.update(1),
                 )
         except SamplingError as e:
-            raise click.ClickException(f"batch {b} (samples {lo}-{hi - 1}): {e}; nothing of this batch was written") from None
+            raise click.ClickException(
+                f"batch {b} (samples {lo}-{hi - 1}): {e}; nothing of this batch was written"
+            ) from None
         images = to_uint8(x)
         for i, img in enumerate(images):
             suffix = "" if labels_all is None else f"_class{labels_all[lo + i]}"
@@ -215,32 +227,102 @@ def run_sampling(
 
 
 @click.command("sample")
-@click.option("--preset", help="Named model preset (see `fastdiff presets`); with --checkpoint for its weights.")
-@click.option("--flags", "flag_string", help='guided-diffusion model flags, e.g. "--image_size 64 --class_cond True ...".')
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="Diffusion model weights (.pt or .safetensors).")
-@click.option("--classifier", type=click.Path(path_type=Path), help="Noisy-image classifier weights for guidance.")
-@click.option("--classifier-preset", help="Classifier preset (default: the one matching the model's image size).")
+@click.option(
+    "--preset", help="Named model preset (see `fastdiff presets`); with --checkpoint for its weights."
+)
+@click.option(
+    "--flags",
+    "flag_string",
+    help='guided-diffusion model flags, e.g. "--image_size 64 --class_cond True ...".',
+)
+@click.option(
+    "--checkpoint", type=click.Path(path_type=Path), help="Diffusion model weights (.pt or .safetensors)."
+)
+@click.option(
+    "--classifier", type=click.Path(path_type=Path), help="Noisy-image classifier weights for guidance."
+)
+@click.option(
+    "--classifier-preset", help="Classifier preset (default: the one matching the model's image size)."
+)
 @click.option("--classifier-flags", help="guided-diffusion classifier flags, instead of --classifier-preset.")
 @click.option("--classifier-scale", type=float, default=None, help="Classifier guidance scale s (0: none).")
-@click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance weight w (model needs a null label).")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim", show_default=True, help="Sampling method.")
+@click.option(
+    "--cfg-scale",
+    type=float,
+    default=None,
+    help="Classifier-free guidance weight w (model needs a null label).",
+)
+@click.option(
+    "--sampler", type=click.Choice(SAMPLERS), default="ddim", show_default=True, help="Sampling method."
+)
 @click.option("--steps", type=int, default=None, help="Sampling steps (ddim: 25, ddpm: 250, dpm++2m: 20).")
-@click.option("--respacing", default=None, help='guided-diffusion respacing string instead of --steps ("ddim25", "250").')
+@click.option(
+    "--respacing",
+    default=None,
+    help='guided-diffusion respacing string instead of --steps ("ddim25", "250").',
+)
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0: deterministic).")
-@click.option("--classes", default=None, help="Class ids like 1,207,360 (cycled), 'uniform' (equal counts) or 'random'.")
-@click.option("--num-samples", type=click.IntRange(min=1), default=16, show_default=True, help="Images to make.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per batch.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed gives the same images.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True, help="Output folder.")
+@click.option(
+    "--classes", default=None, help="Class ids like 1,207,360 (cycled), 'uniform' (equal counts) or 'random'."
+)
+@click.option(
+    "--num-samples", type=click.IntRange(min=1), default=16, show_default=True, help="Images to make."
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per batch."
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed; the same seed gives the same images."
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("samples"),
+    show_default=True,
+    help="Output folder.",
+)
 @click.option("--resume", is_flag=True, help="Continue a killed run in --out from its last complete batch.")
 @click.option("--engine", default="eager", show_default=True, help="eager | compile | cuda-graph | trt.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True, help="Compute dtype (autocast).")
+@click.option(
+    "--dtype",
+    type=click.Choice(list(DTYPES)),
+    default="fp32",
+    show_default=True,
+    help="Compute dtype (autocast).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
-@click.option("--clip-denoised/--no-clip-denoised", default=True, show_default=True, help="Clip x0 predictions to [-1, 1].")
+@click.option(
+    "--clip-denoised/--no-clip-denoised",
+    default=True,
+    show_default=True,
+    help="Clip x0 predictions to [-1, 1].",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def sample_command(preset, flag_string, checkpoint, classifier, classifier_preset, classifier_flags, classifier_scale,
-                   cfg_scale, sampler, steps, respacing, eta, classes, num_samples, batch_size, seed, out, resume,
-                   engine, dtype, device, clip_denoised, progress):
+def sample_command(
+    preset,
+    flag_string,
+    checkpoint,
+    classifier,
+    classifier_preset,
+    classifier_flags,
+    classifier_scale,
+    cfg_scale,
+    sampler,
+    steps,
+    respacing,
+    eta,
+    classes,
+    num_samples,
+    batch_size,
+    seed,
+    out,
+    resume,
+    engine,
+    dtype,
+    device,
+    clip_denoised,
+    progress,
+):
     """Sample images with classifier or classifier-free guidance.
 
     With no model options, the bundled MNIST model and its classifier are used.
@@ -255,16 +337,25 @@ def sample_command(preset, flag_string, checkpoint, classifier, classifier_prese
         if classifier_scale is None and cfg_scale is None and clf is not None:
             classifier_scale = loaded.default_classifier_scale
     elif classifier is not None:
-        clf = load_classifier(classifier, preset=classifier_preset, flag_string=classifier_flags,
-                              image_size=loaded.image_size, device=dev)
+        clf = load_classifier(
+            classifier,
+            preset=classifier_preset,
+            flag_string=classifier_flags,
+            image_size=loaded.image_size,
+            device=dev,
+        )
     else:
         if classifier_preset or classifier_flags:
-            raise click.ClickException("--classifier-preset/--classifier-flags need --classifier (the weights)")
+            raise click.ClickException(
+                "--classifier-preset/--classifier-flags need --classifier (the weights)"
+            )
         clf = None
     if classifier_scale and clf is None:
         raise click.ClickException("--classifier-scale needs a classifier (--classifier PATH)")
     if cfg_scale is not None and loaded.null_label is None:
-        raise click.ClickException("--cfg-scale needs a model trained with a null label (classifier-free guidance)")
+        raise click.ClickException(
+            "--cfg-scale needs a model trained with a null label (classifier-free guidance)"
+        )
     num_classes = loaded.num_classes if loaded.class_cond else (clf.num_classes if clf is not None else None)
     labels = parse_classes(classes, num_classes, num_samples, seed)
     plan = Plan(
@@ -281,10 +372,20 @@ def sample_command(preset, flag_string, checkpoint, classifier, classifier_prese
         clip_denoised=clip_denoised,
         labels=None if labels is None else labels.tolist(),
     )
-    summary = run_sampling(loaded, clf if plan.classifier_scale else None, plan, num_samples=num_samples, out=out,
-                           resume=resume, engine=engine, device=dev, progress=progress)
+    summary = run_sampling(
+        loaded,
+        clf if plan.classifier_scale else None,
+        plan,
+        num_samples=num_samples,
+        out=out,
+        resume=resume,
+        engine=engine,
+        device=dev,
+        progress=progress,
+    )
+    s = summary
     click.echo(
-        f"{summary['images']} images ({summary['skipped']} already there) in {summary['seconds']:.1f} s: "
-        f"{summary['images_per_s']:.2f} images/s, {summary['s_per_step']:.4f} s/step ({summary['steps']} steps), "
-        f"device {summary['device']}, dtype {summary['dtype']}, engine {summary['engine']} -> {summary['out']}"
+        f"{s['images']} images ({s['skipped']} already there) in {s['seconds']:.1f} s: "
+        f"{s['images_per_s']:.2f} images/s, {s['s_per_step']:.4f} s/step ({s['steps']} steps), "
+        f"device {s['device']}, dtype {s['dtype']}, engine {s['engine']} -> {s['out']}"
     )

@@ -36,7 +36,9 @@ def _not_yet(name: str) -> Callable:
 
 def _trt(model: nn.Module, device: torch.device) -> Callable:
     if importlib.util.find_spec("tensorrt") is None:
-        raise EngineError("engine 'trt': TensorRT not installed (pip install 'fastdiff[trt]' on a CUDA machine)")
+        raise EngineError(
+            "engine 'trt': TensorRT not installed (pip install 'fastdiff[trt]' on a CUDA machine)"
+        )
     return _not_yet("trt")(model, device)
 
 

@@ -15,7 +15,7 @@ import warnings
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when triton can be imported (not necessarily usable on every device)."""
     return importlib.util.find_spec("triton") is not None
@@ -39,7 +39,7 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and triton_interpret()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def notice_fallback(op: str, reason: str) -> None:
     """One line, once per (op, reason): the reference path is running instead of a kernel."""
     warnings.warn(f"fastdiff.ops.{op}: {reason}; using the PyTorch reference", stacklevel=3)
