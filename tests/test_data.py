@@ -1,0 +1,108 @@
+"""Data: image folders (class subfolders / name prefixes), npz, the built-in MNIST split, sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdiff.training.data import (
+    DataError,
+    ImageFolderDataset,
+    ShardedSampler,
+    get_mnist,
+    load_dataset,
+    load_npz,
+)
+
+
+def _png(path, size=(20, 12), value=128):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(path)
+
+
+def test_folder_with_class_subfolders(tmp_path):
+    _png(tmp_path / "cat" / "a.png")
+    _png(tmp_path / "cat" / "b.jpg", value=255)
+    _png(tmp_path / "dog" / "deep" / "c.png", value=0)
+    ds = ImageFolderDataset(tmp_path, image_size=8)
+    assert len(ds) == 3 and ds.num_classes == 2 and ds.class_names == ["cat", "dog"]
+    x, y = ds[2]
+    assert x.shape == (3, 8, 8) and y == 1
+    assert torch.allclose(x, torch.full_like(x, -1.0))
+    assert ds[1][0].max() == 1.0
+
+
+def test_flat_folder_labels_from_prefix(tmp_path):
+    for name in ("b_1.png", "a_2.png", "b_3.png"):
+        _png(tmp_path / name)
+    ds = load_dataset(str(tmp_path), image_size=4, channels=1)
+    assert ds.class_names == ["a", "b"]
+    assert [ds[i][1] for i in range(3)] == [0, 1, 1]  # sorted files: a_2, b_1, b_3
+    assert ds[0][0].shape == (1, 4, 4)
+
+
+def test_flat_folder_without_prefixes_is_unlabeled(tmp_path):
+    _png(tmp_path / "one.png")
+    ds = ImageFolderDataset(tmp_path, 4)
+    assert ds.num_classes == 0 and ds[0][1] == -1
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="no images"):
+        ImageFolderDataset(tmp_path, 8)
+    _png(tmp_path / "loose.png")
+    _png(tmp_path / "cls" / "x.png")
+    with pytest.raises(DataError, match="mixes"):
+        ImageFolderDataset(tmp_path, 8)
+    with pytest.raises(DataError, match="none of these"):
+        load_dataset(str(tmp_path / "missing"), 8)
+
+
+def test_npz(tmp_path):
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", imgs, np.arange(5) % 2)
+    ds = load_npz(tmp_path / "a.npz")
+    assert len(ds) == 5 and ds.num_classes == 2 and ds.image_size == 6 and ds.channels == 3
+    x, y = ds[3]
+    assert y == 1 and torch.allclose(x, torch.from_numpy(imgs[3]).permute(2, 0, 1).float() / 127.5 - 1)
+    np.savez(tmp_path / "b.npz", imgs[..., 0])
+    ds = load_npz(tmp_path / "b.npz")
+    assert ds.channels == 1 and ds.num_classes == 0 and ds[0][1] == -1
+    with pytest.raises(DataError, match="not 8x8"):
+        load_dataset(str(tmp_path / "a.npz"), image_size=8)
+    np.savez(tmp_path / "c.npz", imgs.astype(np.float32))
+    with pytest.raises(DataError, match="uint8"):
+        load_npz(tmp_path / "c.npz")
+
+
+def test_mnist_split_is_fixed_and_disjoint():
+    train, val = get_mnist("train"), get_mnist("val")
+    assert len(train) == 4500 and len(val) == 500
+    assert np.bincount(train.labels).tolist() == [450] * 10
+    assert np.bincount(val.labels).tolist() == [50] * 10
+    assert train.image_size == 32 and train.channels == 1 and train.num_classes == 10
+    x, _ = train[0]
+    assert x.shape == (1, 32, 32) and x.min() == -1 and x.max() <= 1
+    assert torch.all(x[:, :2] == -1) and torch.all(x[:, :, -2:] == -1)  # 2-px padding
+    flat_train = {a.tobytes() for a in train.images}
+    assert not any(a.tobytes() in flat_train for a in val.images)
+    assert np.array_equal(get_mnist("val").images, val.images)
+    with pytest.raises(DataError):
+        get_mnist("test")
+
+
+def test_sharded_sampler_shards_partition_the_global_batch():
+    full = ShardedSampler(10, 4, seed=3)
+    ranks = [ShardedSampler(10, 4, rank=r, world=2, seed=3) for r in range(2)]
+    it_full, its = iter(full), [iter(s) for s in ranks]
+    seen = []
+    for _ in range(5):  # crosses two epoch boundaries
+        batch = next(it_full)
+        assert batch == next(its[0]) + next(its[1])
+        seen += batch
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert next(iter(ShardedSampler(10, 4, seed=3, start_step=3))) == seen[12:16]
+    with pytest.raises(ValueError):
+        ShardedSampler(10, 3, world=2)

@@ -1,0 +1,371 @@
+"""Trainer pieces on tiny models: learning, EMA, loss-aware sampling, fp16 scaling, checkpoints, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fastdiff.cli.train import train, train_classifier
+from fastdiff.models.presets import classifier_defaults, diffusion_defaults, model_defaults, parse_flags
+from fastdiff.training import checkpoint as ckpt
+from fastdiff.training import evaluate
+from fastdiff.training.data import ArrayDataset
+from fastdiff.training.resample import LossSecondMomentResampler, UniformSampler
+from fastdiff.training.trainer import (
+    EMA,
+    ClassifierTrainer,
+    DiffusionTrainer,
+    LossScaler,
+    TrainConfig,
+    parse_ema_rates,
+    resolve_classifier_flags,
+    resolve_flags,
+)
+
+TINY = (
+    "--num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 4 "
+    "--num_head_channels 16 "
+    "--learn_sigma True --class_cond True --diffusion_steps 50"
+)
+
+
+def tiny_data(n=16, size=8, channels=1, classes=3) -> ArrayDataset:
+    rng = np.random.default_rng(0)
+    images = np.zeros((n, size, size, channels), np.uint8)
+    labels = np.arange(n) % classes
+    for i, c in enumerate(labels):  # a class-dependent bright square
+        images[i, c : c + 4, 2:6] = 255
+    images += rng.integers(0, 20, images.shape, dtype=np.uint8)
+    return ArrayDataset(images, labels)
+
+
+def tiny_config(tmp_path, ds, cfg_dropout=0.0, **kw) -> TrainConfig:
+    flags = resolve_flags({**model_defaults(), **diffusion_defaults(), **parse_flags(TINY)}, ds, cfg_dropout)
+    kw = {"batch_size": 4, "max_steps": 2, "log_every": 1, "save_every": 0, "progress": False, **kw}
+    return TrainConfig(flags=flags, out=str(tmp_path / "run"), cfg_dropout=cfg_dropout, **kw)
+
+
+def fixed_loss(trainer, x, y) -> float:
+    gen = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        loss, _ = trainer.compute_loss(x, y, gen, gen)
+    return float(loss)
+
+
+def test_steps_reduce_loss_on_a_fixed_batch(tmp_path):
+    ds = tiny_data()
+    trainer = DiffusionTrainer(tiny_config(tmp_path, ds, lr=2e-3, ema=()), ds)
+    x = torch.stack([ds[i][0] for i in range(4)])
+    y = torch.tensor([ds[i][1] for i in range(4)])
+    before = fixed_loss(trainer, x, y)
+    for _ in range(15):
+        trainer.run_step(x, y)
+        trainer.step += 1
+    assert fixed_loss(trainer, x, y) < 0.8 * before
+    row = trainer.meter.flush()
+    assert {"loss", "mse", "vb", "grad_norm", "lr"} <= set(row)
+    assert any(k.startswith("loss_q") for k in row)
+
+
+def test_ema_math():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, parse_ema_rates("0.9,0.5"))
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for rate in (0.9, 0.5):
+        sd = ema.state_dict(model, rate)
+        for (name, p), p0 in zip(model.named_parameters(), start):
+            assert torch.allclose(sd[name], rate * p0 + (1 - rate) * p.detach())
+    with pytest.raises(ValueError):
+        parse_ema_rates("1.5")
+    assert parse_ema_rates("") == ()
+
+
+def test_loss_second_moment_sampler():
+    s = LossSecondMomentResampler(4, history_per_term=2, uniform_prob=0.1)
+    s.update_with_losses(torch.tensor([0, 1, 2, 3, 0, 1, 2]), torch.ones(7))
+    assert not s.warmed_up() and torch.equal(s.weights(), torch.ones(4, dtype=torch.float64))
+    s.update_with_losses(torch.tensor([3, 3]), torch.tensor([3.0, 5.0]))  # history of 3 is now [3, 5]
+    assert s.warmed_up() and s.history[3].tolist() == [3.0, 5.0]
+    rms = torch.tensor([1.0, 1.0, 1.0, math.sqrt(17.0)], dtype=torch.float64)
+    expected = rms / rms.sum() * 0.9 + 0.1 / 4
+    assert torch.allclose(s.weights(), expected)
+    t, w = s.sample(1000, torch.Generator().manual_seed(0))
+    p = expected / expected.sum()
+    assert torch.allclose(w, (1 / (4 * p[t])).float())
+    assert (t == 3).float().mean() > 0.4
+    state = s.state_dict()
+    s2 = LossSecondMomentResampler(4, history_per_term=2)
+    s2.load_state_dict(state)
+    assert torch.equal(s2.history, s.history)
+    t, w = UniformSampler(10).sample(5, torch.Generator().manual_seed(0))
+    assert t.shape == (5,) and torch.all(w == 1)
+
+
+def test_loss_scaler_unscales_skips_and_grows():
+    model = torch.nn.Linear(2, 1)
+    scaler = LossScaler(init_scale=8.0, growth_interval=2)
+    scaler.scale_loss(model(torch.ones(1, 2)).sum()).backward()
+    assert torch.allclose(model.weight.grad, torch.full((1, 2), 8.0))
+    assert scaler.unscale_(list(model.parameters())) is False
+    assert torch.allclose(model.weight.grad, torch.ones(1, 2))  # every grad unscaled before clipping
+    scaler.update(False)
+    scaler.update(False)
+    assert scaler.scale == 16.0
+    model.bias.grad = torch.tensor([float("inf")])
+    assert scaler.unscale_(list(model.parameters())) is True
+    scaler.update(True)
+    assert scaler.scale == 8.0 and scaler.good_steps == 0
+    assert LossScaler(enabled=False).scale_loss(torch.tensor(2.0)) == 2.0
+
+
+def test_overflow_skips_the_optimizer_step(tmp_path):
+    ds = tiny_data()
+    trainer = DiffusionTrainer(tiny_config(tmp_path, ds, precision="fp16"), ds)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.scaler.scale = 1e38  # overflows fp32 grads
+    x = torch.stack([ds[i][0] for i in range(4)])
+    assert trainer.run_step(x, torch.tensor([ds[i][1] for i in range(4)])) is False
+    assert trainer.scaler.scale == 5e37
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(tmp_path, precision):
+    ds = tiny_data()
+    trainer = DiffusionTrainer(tiny_config(tmp_path, ds, precision=precision, max_steps=1), ds)
+    trainer.run()
+    row = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(row["loss"])
+
+
+def test_cfg_dropout_uses_the_null_label(tmp_path):
+    ds = tiny_data()
+    cfg = tiny_config(tmp_path, ds, cfg_dropout=0.5)
+    assert cfg.flags["num_classes"] == ds.num_classes + 1
+    trainer = DiffusionTrainer(cfg, ds)
+    assert trainer.null_label == 3
+    seen = []
+    trainer._forward = lambda x, t, y: (seen.append(y), torch.zeros(len(x), 2, *x.shape[2:]))[1]
+    gen = torch.Generator().manual_seed(0)
+    trainer.compute_loss(torch.zeros(64, 1, 8, 8), torch.zeros(64, dtype=torch.long), gen, gen)
+    frac = (seen[0] == 3).float().mean()
+    assert 0.3 < frac < 0.7 and set(seen[0].tolist()) == {0, 3}
+    with pytest.raises(ValueError):
+        resolve_flags({**model_defaults(), "class_cond": False}, ds, 0.1)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {0.9: {"w": torch.zeros(2)}}, {"step": 1})
+
+    def failing_save(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(tmp_path, 2, {"w": torch.ones(2)}, {}, {"step": 2})
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert not any(n.endswith(".tmp") for n in names) and "state_0000002.pt" not in names
+    step, model, emas, state = ckpt.load_checkpoint(tmp_path)  # still the complete step-1 checkpoint
+    assert (
+        step == 1 and torch.equal(model["w"], torch.ones(2)) and torch.equal(emas["0.9"]["w"], torch.zeros(2))
+    )
+    assert state == {"step": 1}
+
+
+def test_rng_state_round_trip():
+    state = ckpt.capture_rng()
+    a = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    ckpt.restore_rng(state)
+    b = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_classifier_trainer(tmp_path):
+    ds = tiny_data()
+    flags = {
+        **classifier_defaults(),
+        **diffusion_defaults(),
+        **parse_flags(
+            "--classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions 4 "
+            "--channel_mult 1,2 --diffusion_steps 50"
+        ),
+    }
+    flags = resolve_classifier_flags(flags, ds)
+    cfg = TrainConfig(
+        flags=flags,
+        out=str(tmp_path / "clf"),
+        batch_size=4,
+        max_steps=2,
+        log_every=1,
+        eval_every=2,
+        ema=(),
+        lr=3e-4,
+        progress=False,
+    )
+    trainer = ClassifierTrainer(cfg, ds, val_dataset=ds)
+    trainer.run()
+    rows = [json.loads(r) for r in (tmp_path / "clf" / "log.jsonl").read_text().splitlines()]
+    assert "acc@1" in rows[0] and "val_acc@1" in rows[-1] and "val_loss" in rows[-1]
+    assert (tmp_path / "clf" / "latest.json").is_file()
+
+
+def test_frechet_distance_matches_scipy():
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 6, generator=gen, dtype=torch.float64)
+    b = (
+        torch.randn(200, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, 6, generator=gen).double()
+        + 0.5
+    )
+    s_a, s_b = np.cov(a.numpy().T), np.cov(b.numpy().T)
+    covmean = scipy_linalg.sqrtm(s_a @ s_b).real
+    ref = ((a.mean(0) - b.mean(0)) ** 2).sum().item() + np.trace(s_a + s_b - 2 * covmean)
+    assert evaluate.frechet_distance(a, b) == pytest.approx(ref, rel=1e-6)
+    assert abs(evaluate.frechet_distance(a, a)) < 1e-8
+
+
+def test_cnn_features_and_class_match_shapes():
+    cnn = evaluate.MnistCNN()
+    x = torch.rand(5, 1, 32, 32) * 2 - 1
+    assert evaluate.cnn_features(x, cnn).shape == (5, 128)
+    assert 0 <= evaluate.class_match(x, torch.zeros(5, dtype=torch.long), cnn) <= 1
+    uint8 = np.zeros((3, 32, 32, 1), np.uint8)
+    assert evaluate.cnn_features(uint8, cnn).shape == (3, 128)
+    with pytest.raises(ValueError):
+        evaluate.cnn_features(torch.zeros(2, 3, 32, 32), cnn)
+
+
+@pytest.mark.slow
+def test_mnist_cnn_reaches_97_percent(tmp_path):
+    cnn, acc = evaluate.train_mnist_cnn(out_path=tmp_path / "cnn.safetensors")
+    assert acc >= 0.97
+    loaded = evaluate.load_mnist_cnn(tmp_path / "cnn.safetensors")
+    val = evaluate.get_mnist("val")
+    assert evaluate.class_match(val.images, val.labels, loaded) == pytest.approx(acc)
+
+
+def _npz(tmp_path):
+    ds = tiny_data()
+    path = tmp_path / "tiny.npz"
+    np.savez(path, ds.images, ds.labels)
+    return str(path)
+
+
+def test_cli_train_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "--data",
+        _npz(tmp_path),
+        "--flags",
+        TINY,
+        "--batch-size",
+        "4",
+        "--microbatch",
+        "2",
+        "--max-steps",
+        "2",
+        "--log-every",
+        "1",
+        "--save-every",
+        "1",
+        "--ema",
+        "0.9999,0.99",
+        "--cfg-dropout",
+        "--sample-every",
+        "2",
+        "--sample-steps",
+        "2",
+        "--out",
+        str(out),
+    ]
+    result = CliRunner().invoke(train, args)
+    assert result.exit_code == 0, result.output
+    latest = json.loads((out / "latest.json").read_text())
+    assert latest["step"] == 2 and set(latest["ema"]) == {"0.9999", "0.99"}
+    meta = __import__("fastdiff.models.checkpoint", fromlist=["x"]).read_metadata(out / latest["model"])
+    assert meta["null_label"] == 3 and meta["flags"]["num_classes"] == 4
+    assert (out / "samples" / "step_0000002.png").is_file()
+    assert (out / "loss.png").is_file()
+    _, _, _, state = ckpt.load_checkpoint(out)
+    assert state["config"]["cfg_dropout"] == 0.1 and state["data"]["step"] == 2
+    again = CliRunner().invoke(train, args)  # refuses to overwrite a run without --resume
+    assert again.exit_code != 0 and "--resume" in again.output
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--flags", "--bogus_flag 1"], "bogus"),
+        (["--ema", "2"], "EMA"),
+        (["--flags", TINY, "--batch-size", "4", "--microbatch", "3"], "divisible"),
+        (["--preset", "classifier64"], "classifier preset"),
+    ],
+)
+def test_cli_bad_input_is_one_line(tmp_path, extra, message):
+    result = CliRunner().invoke(train, ["--data", _npz(tmp_path), "--out", str(tmp_path / "o"), *extra])
+    assert result.exit_code != 0 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_cli_train_classifier(tmp_path):
+    out = tmp_path / "clf"
+    result = CliRunner().invoke(
+        train_classifier,
+        [
+            "--data",
+            _npz(tmp_path),
+            "--flags",
+            "--classifier_width 32 --classifier_depth 1 "
+            "--classifier_attention_resolutions 4 --channel_mult 1,2 --diffusion_steps 50",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "1",
+            "--val-data",
+            _npz(tmp_path),
+            "--eval-every",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "latest.json").read_text())["step"] == 1
+    bad = CliRunner().invoke(
+        train_classifier, ["--data", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "x")]
+    )
+    assert bad.exit_code != 0 and "not found" in bad.output
+
+
+def test_lr_warmup_and_anneal(tmp_path):
+    ds = tiny_data()
+    trainer = DiffusionTrainer(tiny_config(tmp_path, ds, lr=1.0, warmup_steps=4, lr_anneal_steps=10), ds)
+    assert [round(trainer.lr_at(s), 6) for s in (0, 3, 5, 10)] == [0.25, 0.7, 0.5, 0.0]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    ds = tiny_data()
+    x = torch.stack([ds[i][0] for i in range(4)])
+    y = torch.tensor([ds[i][1] for i in range(4)])
+    grads = []
+    for use_checkpoint in (False, True):
+        cfg = tiny_config(tmp_path, ds)
+        cfg.flags["use_checkpoint"] = use_checkpoint
+        trainer = DiffusionTrainer(cfg, ds)
+        gen = torch.Generator().manual_seed(5)
+        loss, _ = trainer.compute_loss(x, y, gen, gen)
+        loss.backward()
+        grads.append([p.grad.clone() for p in trainer.model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
