@@ -307,6 +307,18 @@ _CLASSIFIER = (
     " --learn_sigma True --noise_schedule linear"
 )
 _LSUN = _IMAGENET256 + " --class_cond False --dropout 0.1"
+# The bundled MNIST pair (training/README.md): 10 digits plus the classifier-free null label 10.
+_MNIST = (
+    "--image_size 32 --in_channels 1 --num_channels 32 --num_res_blocks 2 --channel_mult 1,2,2"
+    " --attention_resolutions 16,8 --num_head_channels 32 --use_scale_shift_norm True --resblock_updown False"
+    " --dropout 0.0 --class_cond True --num_classes 11 --learn_sigma True --diffusion_steps 1000"
+    " --noise_schedule cosine"
+)
+_MNIST_CLASSIFIER = (
+    "--image_size 32 --in_channels 1 --num_classes 10 --classifier_width 32 --classifier_depth 1"
+    " --channel_mult 1,2,2 --classifier_attention_resolutions 8 --classifier_pool attention"
+    " --diffusion_steps 1000 --noise_schedule cosine"
+)
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -396,6 +408,8 @@ PRESETS: dict[str, Preset] = {
         ),
         _preset("lsun-cat", "diffusion", _LSUN, "LSUN cat 256x256 unconditional ADM (lsun_cat.pt)"),
         _preset("lsun-horse", "diffusion", _LSUN, "LSUN horse 256x256 unconditional ADM (lsun_horse.pt)"),
+        _preset("mnist", "diffusion", _MNIST, "bundled MNIST 32x32 conditional ADM (CFG null label 10)"),
+        _preset("mnist-classifier", "classifier", _MNIST_CLASSIFIER, "bundled MNIST 32x32 noisy classifier"),
     ]
 }
 

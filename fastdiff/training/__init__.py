@@ -5,7 +5,6 @@ from .data import DataError, ImageFolderDataset, ShardedSampler, get_mnist, load
 from .resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
 from .trainer import (
     EMA,
-    MNIST_FLAGS,
     ClassifierTrainer,
     DiffusionTrainer,
     LossScaler,
@@ -15,30 +14,8 @@ from .trainer import (
     resolve_flags,
 )
 
-
-def _register_mnist_preset() -> None:
-    """The ``mnist`` preset (the bundled model's flags), once per process."""
-    from fastdiff.models.presets import (
-        PRESETS,
-        Preset,
-        diffusion_defaults,
-        model_defaults,
-        parse_flags,
-        register_preset,
-    )
-
-    if "mnist" not in PRESETS:
-        flags = {**model_defaults(), **diffusion_defaults(), **parse_flags(MNIST_FLAGS)}
-        register_preset(
-            Preset("mnist", "diffusion", flags, "class-conditional MNIST 32x32 (CFG null label 10)")
-        )
-
-
-_register_mnist_preset()
-
 __all__ = [
     "EMA",
-    "MNIST_FLAGS",
     "ClassifierTrainer",
     "DataError",
     "DiffusionTrainer",

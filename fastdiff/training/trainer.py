@@ -45,12 +45,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # The bundled MNIST model's network: small enough for ~40 minutes on 2 CPU cores. AdaGN
 # (use_scale_shift_norm), attention at 16x16 and 8x8, learned sigma, cosine schedule; 11 classes
 # = 10 digits + the classifier-free guidance null label 10.
-MNIST_FLAGS = (
-    "--image_size 32 --in_channels 1 --num_channels 32 --num_res_blocks 2 --channel_mult 1,2,2 "
-    "--attention_resolutions 16,8 --num_head_channels 32 --use_scale_shift_norm True --resblock_updown False "
-    "--dropout 0.0 --class_cond True --num_classes 11 --learn_sigma True --diffusion_steps 1000 "
-    "--noise_schedule cosine"
-)
 
 
 def parse_ema_rates(text) -> tuple[float, ...]:
