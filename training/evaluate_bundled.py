@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff.cli.images import to_uint8
 from fastdiff.cli.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL, load_classifier, load_diffusion_model
 from fastdiff.cli.sample import respacing_for
 from fastdiff.diffusion import sample
+from fastdiff.imageio import to_uint8
 from fastdiff.training.evaluate import evaluate_samples, load_mnist_cnn
 
 HERE = Path(__file__).resolve().parent

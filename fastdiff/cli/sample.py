@@ -18,10 +18,10 @@ import click
 import numpy as np
 import torch
 
-from fastdiff.cli.images import atomic_write, save_grid, save_npz, save_png, to_uint8
 from fastdiff.cli.loading import LoadedModel, load_classifier, load_diffusion_model
 from fastdiff.diffusion import SamplingError, sample
 from fastdiff.engines import EngineError, build_engine
+from fastdiff.imageio import atomic_write, save_grid, save_npz, save_png, to_uint8
 
 SAMPLERS = ("ddim", "ddpm", "dpm++2m")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

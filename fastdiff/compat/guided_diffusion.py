@@ -67,29 +67,8 @@ def _last_sample(steps: Iterator[dict]):
     return deque(steps, maxlen=1)[0]["sample"]
 
 
-def create_gaussian_diffusion(
-    *,
-    steps=1000,
-    learn_sigma=False,
-    sigma_small=False,
-    noise_schedule="linear",
-    use_kl=False,
-    predict_xstart=False,
-    rescale_timesteps=False,
-    rescale_learned_sigmas=False,
-    timestep_respacing="",
-) -> SpacedDiffusion:
-    return SpacedDiffusion.from_flags(
-        steps=steps,
-        learn_sigma=learn_sigma,
-        sigma_small=sigma_small,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
+# script_util's keyword builder (steps, learn_sigma, ..., timestep_respacing).
+create_gaussian_diffusion = SpacedDiffusion.from_flags
 
 
 def diffusion_defaults() -> dict:

@@ -388,30 +388,8 @@ class GaussianDiffusion:
         return terms
 
 
-def create_diffusion(
-    *,
-    steps: int = 1000,
-    learn_sigma: bool = False,
-    sigma_small: bool = False,
-    noise_schedule: str = "linear",
-    use_kl: bool = False,
-    predict_xstart: bool = False,
-    rescale_timesteps: bool = False,
-    rescale_learned_sigmas: bool = False,
-    timestep_respacing="",
-) -> GaussianDiffusion:
-    """A GaussianDiffusion from guided-diffusion's diffusion flags (see ``from_flags``)."""
-    return GaussianDiffusion.from_flags(
-        steps=steps,
-        learn_sigma=learn_sigma,
-        sigma_small=sigma_small,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
+# guided-diffusion's keyword builder; ``from_flags`` holds the one implementation.
+create_diffusion = GaussianDiffusion.from_flags
 
 
 _DIFFUSION_FLAGS = (

@@ -203,11 +203,9 @@ def _merge(defaults: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, "num_classes": extras["num_classes"], "in_channels": extras["in_channels"], **flags}
 
 
-def create_unet(**flags: Any) -> UNetModel:
-    """The ADM diffusion UNet from guided-diffusion flags (create_model's semantics)."""
-    f = _merge(model_defaults(), flags)
-    size = f["image_size"]
-    return UNetModel(
+def _unet_kwargs(f: dict[str, Any], size: int, mult_table=None) -> dict[str, Any]:
+    """UNetModel arguments from merged flags (shared by the diffusion UNet and the upsampler)."""
+    return dict(
         image_size=size,
         in_channels=f["in_channels"],
         model_channels=f["num_channels"],
@@ -215,7 +213,7 @@ def create_unet(**flags: Any) -> UNetModel:
         num_res_blocks=f["num_res_blocks"],
         attention_resolutions=attention_ds(size, f["attention_resolutions"]),
         dropout=f["dropout"],
-        channel_mult=channel_mult_for(size, f["channel_mult"]),
+        channel_mult=channel_mult_for(size, f["channel_mult"], mult_table),
         num_classes=f["num_classes"] if f["class_cond"] else None,
         use_checkpoint=f["use_checkpoint"],
         use_fp16=f["use_fp16"],
@@ -226,31 +224,18 @@ def create_unet(**flags: Any) -> UNetModel:
         resblock_updown=f["resblock_updown"],
         use_new_attention_order=f["use_new_attention_order"],
     )
+
+
+def create_unet(**flags: Any) -> UNetModel:
+    """The ADM diffusion UNet from guided-diffusion flags (create_model's semantics)."""
+    f = _merge(model_defaults(), flags)
+    return UNetModel(**_unet_kwargs(f, f["image_size"]))
 
 
 def create_superres(**flags: Any) -> SuperResModel:
     """The ADM-U upsampler from guided-diffusion's super-resolution flags (sr_create_model)."""
     f = _merge({**sr_defaults(), "channel_mult": "", "use_new_attention_order": False}, flags)
-    size = f["large_size"]
-    return SuperResModel(
-        image_size=size,
-        in_channels=f["in_channels"],
-        model_channels=f["num_channels"],
-        out_channels=f["in_channels"] * (2 if f.get("learn_sigma", False) else 1),
-        num_res_blocks=f["num_res_blocks"],
-        attention_resolutions=attention_ds(size, f["attention_resolutions"]),
-        dropout=f["dropout"],
-        channel_mult=channel_mult_for(size, f["channel_mult"], _SR_CHANNEL_MULT_BY_SIZE),
-        num_classes=f["num_classes"] if f["class_cond"] else None,
-        use_checkpoint=f["use_checkpoint"],
-        use_fp16=f["use_fp16"],
-        num_heads=f["num_heads"],
-        num_head_channels=f["num_head_channels"],
-        num_heads_upsample=f["num_heads_upsample"],
-        use_scale_shift_norm=f["use_scale_shift_norm"],
-        resblock_updown=f["resblock_updown"],
-        use_new_attention_order=f["use_new_attention_order"],
-    )
+    return SuperResModel(**_unet_kwargs(f, f["large_size"], _SR_CHANNEL_MULT_BY_SIZE))
 
 
 def create_classifier(**flags: Any) -> EncoderUNetModel:

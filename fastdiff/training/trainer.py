@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from fastdiff.diffusion import create_diffusion_from_flags
+from fastdiff.imageio import atomic_write, save_grid, to_uint8
 from fastdiff.models.presets import create_classifier, create_unet
 
 from . import checkpoint as ckpt
@@ -495,7 +496,7 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop log rows past the resumed step (they are about to be redone)."""
     if path.is_file():
         rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
-        ckpt.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
 
 
 def plot_losses(log_path: Path, png_path: Path) -> bool:
@@ -527,28 +528,9 @@ def plot_losses(log_path: Path, png_path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    ckpt.atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return True
-
-
-def save_grid(x: torch.Tensor, path: Path, ncol: int | None = None, pad: int = 2) -> None:
-    """[-1, 1] NCHW images -> one PNG grid."""
-    from PIL import Image
-
-    imgs = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
-    n, c, h, w = imgs.shape
-    ncol = ncol or math.ceil(math.sqrt(n))
-    nrow = math.ceil(n / ncol)
-    grid = torch.zeros(c, nrow * (h + pad) + pad, ncol * (w + pad) + pad, dtype=torch.uint8)
-    for i in range(n):
-        r, k = divmod(i, ncol)
-        grid[
-            :, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w
-        ] = imgs[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[..., 0] if c == 1 else arr)
-    ckpt.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 class DiffusionTrainer(TrainLoop):
@@ -644,7 +626,7 @@ class DiffusionTrainer(TrainLoop):
                 generator=gen,
                 device=self.device,
             )
-        save_grid(x, path, ncol=math.ceil(math.sqrt(n)))
+        save_grid(to_uint8(x), path, ncol=math.ceil(math.sqrt(n)))
 
 
 class ClassifierTrainer(TrainLoop):

@@ -1,4 +1,4 @@
-"""Writing samples to disk so that a killed run loses nothing and never leaves a half file.
+"""Writing images and run files so that a killed process loses nothing and never leaves a half file.
 
 Every file is written to a temporary name in the same folder and renamed into place; a
 batch counts as done only when its ``.npz`` exists, and that file is written last.
@@ -22,8 +22,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp_path)`` then rename it over ``path`` (same folder, so the rename is atomic)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
