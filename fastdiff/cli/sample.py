@@ -113,7 +113,7 @@ def prepare_out_dir(out: Path, plan: Plan, num_samples: int, resume: bool) -> se
         old = json.loads(run_file.read_text())
         old_labels, new_labels = old.pop("labels"), record["labels"]
         old.pop("num_samples", None)
-        diff = [k for k, v in old.items() if k not in ("labels", "num_samples") and record.get(k) != v]
+        diff = [k for k, v in old.items() if record.get(k) != v]
         shared = min(len(old_labels or []), len(new_labels or []))
         if old_labels is not None and new_labels is not None and old_labels[:shared] != new_labels[:shared]:
             diff.append("classes")
