@@ -1,0 +1,55 @@
+"""The bundled MNIST model: `fastdiff sample` with no model options works on a fresh install."""
+
+from __future__ import annotations
+
+import numpy as np
+from click.testing import CliRunner
+
+from fastdiff.cli.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL
+from fastdiff.cli.main import main
+from fastdiff.models.checkpoint import read_metadata
+
+
+def test_bundled_files_carry_their_flags():
+    meta = read_metadata(BUNDLED_MODEL)
+    assert meta["null_label"] == 10 and meta["flags"]["num_classes"] == 11
+    assert meta["default_classifier_scale"] > 0
+    assert read_metadata(BUNDLED_CLASSIFIER)["flags"]["num_classes"] == 10
+
+
+def test_sample_with_no_model_options(tmp_path):
+    r = CliRunner().invoke(
+        main,
+        [
+            "sample",
+            "--no-progress",
+            "--steps",
+            "3",
+            "--num-samples",
+            "4",
+            "--classes",
+            "3,7",
+            "--out",
+            tmp_path,
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "4 images" in r.output
+    data = np.load(tmp_path / "samples_4x32x32x1.npz")
+    assert data["arr_0"].shape == (4, 32, 32, 1) and data["arr_1"].tolist() == [3, 7, 3, 7]
+    assert (tmp_path / "grid.png").exists()
+
+
+def test_bundled_cfg_and_unguided(tmp_path):
+    runner = CliRunner()
+    for args in (["--cfg-scale", "2"], ["--classifier-scale", "0"]):
+        out = tmp_path / args[0].strip("-")
+        r = runner.invoke(
+            main, ["sample", "--no-progress", "--steps", "2", "--num-samples", "2", "--out", out, *args]
+        )
+        assert r.exit_code == 0, r.output
+
+
+def test_bundled_class_out_of_range(tmp_path):
+    r = CliRunner().invoke(main, ["sample", "--classes", "10", "--out", tmp_path])
+    assert r.exit_code != 0 and "out of range" in r.output
