@@ -344,9 +344,41 @@ def _make_time_embed(model_channels: int) -> nn.Sequential:
 class _ADMNet(nn.Module):
     """What the UNet and the classifier share: the timestep MLP and the fp16-torso switch."""
 
-    time_embed: nn.Sequential
     input_blocks: nn.ModuleList
-    model_channels: int
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: Iterable[int],
+        dropout: float,
+        channel_mult: Sequence[float],
+        conv_resample: bool,
+        use_checkpoint: bool,
+        num_heads: int,
+        num_head_channels: int,
+        num_heads_upsample: int,
+    ):
+        """Record the configuration (as the original's attributes) and build the timestep MLP."""
+        super().__init__()
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = tuple(attention_resolutions)
+        self.dropout = dropout
+        self.channel_mult = tuple(channel_mult)
+        self.conv_resample = conv_resample
+        self.use_checkpoint = use_checkpoint
+        self.num_heads = num_heads
+        self.num_head_channels = num_head_channels
+        self.num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
+        self.time_embed = _make_time_embed(model_channels)
 
     def _torso(self) -> tuple[nn.Module, ...]:
         raise NotImplementedError
@@ -402,26 +434,24 @@ class UNetModel(_ADMNet):
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
     ):
-        super().__init__()
-        if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = tuple(attention_resolutions)
-        self.dropout = dropout
-        self.channel_mult = tuple(channel_mult)
-        self.conv_resample = conv_resample
+        super().__init__(
+            image_size=image_size,
+            in_channels=in_channels,
+            model_channels=model_channels,
+            out_channels=out_channels,
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_resolutions,
+            dropout=dropout,
+            channel_mult=channel_mult,
+            conv_resample=conv_resample,
+            use_checkpoint=use_checkpoint,
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            num_heads_upsample=num_heads_upsample,
+        )
         self.num_classes = num_classes
-        self.use_checkpoint = use_checkpoint
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
-        self.num_heads_upsample = num_heads_upsample
 
         emb_dim = model_channels * 4
-        self.time_embed = _make_time_embed(model_channels)
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, emb_dim)
 
@@ -463,7 +493,7 @@ class UNetModel(_ADMNet):
                     layers.append(
                         AttentionBlock(
                             ch,
-                            num_heads=num_heads_upsample,
+                            num_heads=self.num_heads_upsample,
                             num_head_channels=num_head_channels,
                             use_checkpoint=use_checkpoint,
                             use_new_attention_order=use_new_attention_order,
@@ -567,25 +597,23 @@ class EncoderUNetModel(_ADMNet):
         use_new_attention_order: bool = False,
         pool: str = "adaptive",
     ):
-        super().__init__()
-        if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
+        super().__init__(
+            image_size=image_size,
+            in_channels=in_channels,
+            model_channels=model_channels,
+            out_channels=out_channels,
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_resolutions,
+            dropout=dropout,
+            channel_mult=channel_mult,
+            conv_resample=conv_resample,
+            use_checkpoint=use_checkpoint,
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            num_heads_upsample=num_heads_upsample,
+        )
         self.num_classes = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = tuple(attention_resolutions)
-        self.dropout = dropout
-        self.channel_mult = tuple(channel_mult)
-        self.conv_resample = conv_resample
-        self.use_checkpoint = use_checkpoint
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
-        self.num_heads_upsample = num_heads_upsample
 
-        self.time_embed = _make_time_embed(model_channels)
         _, ch, ds, feature_size = _build_down_half(
             self,
             in_channels=in_channels,
