@@ -89,6 +89,23 @@ def test_ema_math():
     assert parse_ema_rates("") == ()
 
 
+def test_ema_warmup_forgets_init():
+    """With warm-up the first update keeps only 10% of the init and the rate grows to the cap."""
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, (0.999,), warmup=True)
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, step=0)
+    sd = ema.state_dict(model, 0.999)
+    for (name, p), p0 in zip(model.named_parameters(), start):
+        assert torch.allclose(sd[name], 0.1 * p0 + 0.9 * p.detach())
+    assert ema.rate_at(0.999, 50) == pytest.approx(51 / 60)
+    assert ema.rate_at(0.999, 10**6) == 0.999
+    assert EMA(model, (0.999,)).rate_at(0.999, 0) == 0.999
+
+
 def test_loss_second_moment_sampler():
     s = LossSecondMomentResampler(4, history_per_term=2, uniform_prob=0.1)
     s.update_with_losses(torch.tensor([0, 1, 2, 3, 0, 1, 2]), torch.ones(7))

@@ -122,6 +122,11 @@ def common_options(lr: float, ema: str, out: str):
             help='EMA rates, comma separated, e.g. "0.9999,0.999" ("" for none).',
         ),
         click.option(
+            "--ema-warmup",
+            is_flag=True,
+            help="Use min(rate, (1+step)/(10+step)) so the averages of short runs forget the random init.",
+        ),
+        click.option(
             "--precision",
             type=click.Choice(PRECISIONS),
             default="fp32",
@@ -196,6 +201,7 @@ def _config(flags, o, **extra) -> TrainConfig:
         lr_anneal_steps=o["max_steps"] if o["anneal"] else 0,
         grad_clip=o["grad_clip"],
         ema=parse_ema_rates(o["ema"]),
+        ema_warmup=o["ema_warmup"],
         precision=o["precision"],
         max_steps=o["max_steps"],
         save_every=o["save_every"],
