@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from fastdiff.cli.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL
 from fastdiff.cli.main import main
 from fastdiff.models.checkpoint import read_metadata
+from fastdiff.training.evaluate import evaluate_samples, load_mnist_cnn
 
 
 def test_bundled_files_carry_their_flags():
@@ -53,3 +57,19 @@ def test_bundled_cfg_and_unguided(tmp_path):
 def test_bundled_class_out_of_range(tmp_path):
     r = CliRunner().invoke(main, ["sample", "--classes", "10", "--out", tmp_path])
     assert r.exit_code != 0 and "out of range" in r.output
+
+
+def test_bundled_samples_show_the_requested_digits(tmp_path):
+    """Guards the shipped weights: the independent CNN reads most guided samples as asked."""
+    cnn_path = Path(__file__).resolve().parents[1] / "training" / "mnist_cnn.safetensors"
+    if not cnn_path.is_file():
+        pytest.skip(f"evaluation CNN not found at {cnn_path}")
+    r = CliRunner().invoke(
+        main,
+        ["sample", "--no-progress", "--steps", "25", "--num-samples", "20", "--classes", "uniform",
+         "--seed", "0", "--out", tmp_path],
+    )
+    assert r.exit_code == 0, r.output
+    data = np.load(tmp_path / "samples_20x32x32x1.npz")
+    scores = evaluate_samples(data["arr_0"], data["arr_1"], load_mnist_cnn(cnn_path), reference="val")
+    assert scores["class_match"] >= 0.8, scores

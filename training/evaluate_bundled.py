@@ -5,6 +5,9 @@ digit (class match) and the Frechet distance between the CNN's features of the s
 the held-out digits. Samples are quantised to uint8 exactly as `fastdiff sample` saves them.
 
     python training/evaluate_bundled.py --num-samples 500 --out training/eval.json
+    python training/evaluate_bundled.py --table     # the README's markdown table from eval.json
+
+Settings already in --out are skipped, so a killed run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -38,6 +41,24 @@ def guidance_settings(scales, cfg_scales):
     ]
 
 
+def markdown_table(results: list[dict]) -> str:
+    """One row per sampler, one column per guidance setting: class match / Frechet distance."""
+    columns = list(dict.fromkeys(r["guidance"] for r in results))
+    rows = list(dict.fromkeys(r["sampler"] for r in results))
+    cell = {(r["sampler"], r["guidance"]): r for r in results}
+    lines = ["| sampler | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name in rows:
+        sizes = sorted({r["num_samples"] for (s, _), r in cell.items() if s == name})
+        texts = [
+            f"{cell[name, g]['class_match']:.1%} / {cell[name, g]['frechet_distance']:.0f}"
+            if (name, g) in cell
+            else "–"
+            for g in columns
+        ]
+        lines.append(f"| {name} (n={'/'.join(map(str, sizes))}) | " + " | ".join(texts) + " |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=BUNDLED_MODEL)
@@ -50,7 +71,11 @@ def main():
     ap.add_argument("--cfg-scales", default="2")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "eval.json")
+    ap.add_argument("--table", action="store_true", help="print --out as a markdown table and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text())))
+        return
 
     device = torch.device("cpu")
     loaded = load_diffusion_model(preset=None, flag_string=None, checkpoint=args.model, device=device)
