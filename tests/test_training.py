@@ -79,7 +79,7 @@ def test_ema_math():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    ema.update(model)
+    ema.update(model, step=0)
     for rate in (0.9, 0.5):
         sd = ema.state_dict(model, rate)
         for (name, p), p0 in zip(model.named_parameters(), start):

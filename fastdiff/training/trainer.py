@@ -167,7 +167,7 @@ class EMA:
         return min(rate, (1 + step) / (10 + step)) if self.warmup else rate
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int = 0) -> None:
+    def update(self, model: torch.nn.Module, step: int) -> None:
         src = [p.detach().float() for p in model.parameters()]
         for rate, ema in self.params.items():
             rate = self.rate_at(rate, step)
