@@ -124,11 +124,15 @@ def test_preferred_measures_once_and_persists(monkeypatch, fresh_choices):
     monkeypatch.setattr(ck, "available", lambda: True)
     monkeypatch.setattr(ck, "_measure", lambda *a: calls.append(a) or True)
     x = torch.randn(2, 64, 4, 4)
-    assert ck.preferred(x, 32) is True
-    assert ck.preferred(x, 32) is True
-    assert len(calls) == 1
-    ck.preferred(x.to(memory_format=torch.channels_last), 32)
-    assert len(calls) == 2  # the memory format is part of the key
+    assert ck.preferred(x, 32) is False  # outside autotuning: never measured, Triton
+    assert not calls
+    with ck.autotuning():
+        assert ck.preferred(x, 32) is True
+        assert ck.preferred(x, 32) is True
+        assert len(calls) == 1
+        ck.preferred(x.to(memory_format=torch.channels_last), 32)
+        assert len(calls) == 2  # the memory format is part of the key
+    assert ck.preferred(x, 32) is True  # the recorded choice holds outside the block
     saved = json.loads(fresh_choices.read_text())["ada_group_norm"]
     assert len(saved) == 2 and set(saved.values()) == {"cuda"}
     # A new process (simulated) reads the file instead of measuring again.
@@ -320,5 +324,6 @@ def test_preferred_caches_measured_choice(monkeypatch, fresh_choices):
     measure = ck._measure
     monkeypatch.setattr(ck, "_measure", lambda *a: calls.append(1) or measure(*a))
     x = torch.randn(2, 128, 16, 16, device="cuda", dtype=torch.float16)
-    first = ck.preferred(x, 32)
+    with ck.autotuning():
+        first = ck.preferred(x, 32)
     assert ck.preferred(x, 32) is first and len(calls) == 1

@@ -8,8 +8,8 @@ every batch draws its noise from its own generator seeded by (seed, batch index)
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +19,26 @@ import numpy as np
 import torch
 
 from fastdiff.cli.loading import LoadedModel, load_classifier, load_diffusion_model
-from fastdiff.diffusion import SamplingError, sample
-from fastdiff.engines import EngineError, build_engine
+from fastdiff.diffusion import SAMPLERS, SamplingError
+from fastdiff.engines import ENGINES, EngineError, check_engine, default_engine
+from fastdiff.engines.sampler import DTYPES, Sampler
 from fastdiff.imageio import atomic_write, save_grid, save_npz, save_png, to_uint8
 
-SAMPLERS = ("ddim", "ddpm", "dpm++2m")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+def choose_threads(threads: int | None) -> int:
+    """Intra-op threads: ``--threads``, else OMP_NUM_THREADS, else the cores not already busy.
+
+    torch's default (every core) oversubscribes a loaded machine: on a busy 2-core machine the
+    same job took 12x the CPU time of one thread.
+    """
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads = int(os.environ["OMP_NUM_THREADS"])
+    if threads is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
+        threads = max(1, cores - busy)
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,11 +59,11 @@ def respacing_for(sampler: str, steps: int | None, respacing: str | None, total:
         raise click.ClickException("give --steps or --respacing, not both")
     if respacing is not None:
         return respacing
-    if steps is None:
-        steps = {"ddim": 25, "ddpm": 250, "dpm++2m": 20}[sampler]
+    spec = SAMPLERS[sampler]
+    steps = spec.default_steps if steps is None else steps
     if not 1 <= steps <= total:
         raise click.ClickException(f"--steps must be between 1 and {total}, got {steps}")
-    return f"{steps}" if sampler == "ddpm" else f"ddim{steps}"
+    return spec.respacing(steps)
 
 
 def parse_classes(spec: str | None, num_classes: int | None, n: int, seed: int) -> np.ndarray | None:
@@ -127,12 +141,6 @@ def prepare_out_dir(out: Path, plan: Plan, num_samples: int, resume: bool) -> se
     return done
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def _batch_generator(device: torch.device, seed: int, index: int) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + index) % (2**63))
@@ -156,72 +164,79 @@ def run_sampling(
 
     diffusion = loaded.diffusion(plan.respacing)
     try:
-        model_fn = build_engine(engine, loaded.model, device)
-    except EngineError as e:
+        sampler = Sampler(
+            loaded.model,
+            diffusion,
+            sampler=plan.sampler,
+            eta=plan.eta,
+            classifier=None if classifier is None else classifier.model,
+            classifier_scale=plan.classifier_scale,
+            cfg_scale=plan.cfg_scale,
+            null_label=loaded.null_label,
+            engine=engine,
+            dtype=plan.dtype,
+            device=device,
+            clip_denoised=plan.clip_denoised,
+            image_shape=(loaded.in_channels, loaded.image_size, loaded.image_size),
+        )
+    except (EngineError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     done = prepare_out_dir(out, plan, num_samples, resume)
     batches = plan.batches(num_samples)
     todo = [i for i in range(len(batches)) if i not in done]
     steps = diffusion.num_timesteps
-    size = loaded.image_size
     labels_all = None if plan.labels is None else np.asarray(plan.labels, dtype=np.int64)
-    dtype = DTYPES[plan.dtype]
 
     bar = tqdm(total=len(todo) * steps, unit="step", disable=not progress, desc="sampling")
-    start = time.perf_counter()
+    sampling = writing = 0.0
     for b in todo:
         lo, hi = batches[b]
-        n = hi - lo
         y = None if labels_all is None else torch.as_tensor(labels_all[lo:hi], device=device)
+        warm = sampler.warmup_seconds
+        start = time.perf_counter()
         try:
-            with _autocast(device, dtype):
-                x = sample(
-                    diffusion,
-                    model_fn,
-                    (n, loaded.in_channels, size, size),
-                    sampler=plan.sampler,
-                    eta=plan.eta,
-                    model_kwargs=None if y is None else {"y": y},
-                    classifier=None if classifier is None else classifier.model,
-                    classifier_scale=plan.classifier_scale,
-                    cfg_scale=plan.cfg_scale,
-                    null_label=loaded.null_label,
-                    clip_denoised=plan.clip_denoised,
-                    generator=_batch_generator(device, plan.seed, b),
-                    device=device,
-                    callback=lambda *_: bar.update(1),
-                )
+            x = sampler(
+                y,
+                num_samples=hi - lo,
+                generator=_batch_generator(device, plan.seed, b),
+                callback=lambda *_: bar.update(1),
+            )
+            images = to_uint8(x)  # the device->host copy: the batch's one sync
         except SamplingError as e:
             raise click.ClickException(
                 f"batch {b} (samples {lo}-{hi - 1}): {e}; nothing of this batch was written"
             ) from None
-        images = to_uint8(x)
+        written = time.perf_counter()
+        sampling += written - start - (sampler.warmup_seconds - warm)
         for i, img in enumerate(images):
             suffix = "" if labels_all is None else f"_class{labels_all[lo + i]}"
             save_png(img, out / "images" / f"{lo + i:06d}{suffix}.png")
         save_npz(out / "batches" / f"batch_{b:05d}.npz", images, None if y is None else labels_all[lo:hi])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+        writing += time.perf_counter() - written
     bar.close()
 
+    start = time.perf_counter()
     parts = [np.load(out / "batches" / f"batch_{b:05d}.npz") for b in range(len(batches))]
     images = np.concatenate([p["arr_0"] for p in parts])
     labels = None if labels_all is None else np.concatenate([p["arr_1"] for p in parts])
     n, h, w, c = images.shape
     save_npz(out / f"samples_{n}x{h}x{w}x{c}.npz", images, labels)
     save_grid(images[:100], out / "grid.png", ncol=10 if n >= 10 else None)
+    writing += time.perf_counter() - start
     made = sum(batches[b][1] - batches[b][0] for b in todo)
     return {
         "images": made,
         "skipped": num_samples - made,
-        "seconds": seconds,
-        "images_per_s": made / seconds if made and seconds > 0 else 0.0,
-        "s_per_step": seconds / (len(todo) * steps) if todo else 0.0,
+        "warmup_s": sampler.warmup_seconds,
+        "seconds": sampling,
+        "writing_s": writing,
+        "images_per_s": made / sampling if made and sampling > 0 else 0.0,
+        "s_per_step": sampling / (len(todo) * steps) if todo else 0.0,
         "steps": steps,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "dtype": plan.dtype,
-        "engine": engine,
+        "engine": sampler.engine,
+        "threads": torch.get_num_threads(),
         "out": str(out),
     }
 
@@ -253,7 +268,7 @@ def run_sampling(
     help="Classifier-free guidance weight w (model needs a null label).",
 )
 @click.option(
-    "--sampler", type=click.Choice(SAMPLERS), default="ddim", show_default=True, help="Sampling method."
+    "--sampler", type=click.Choice(list(SAMPLERS)), default="ddim", show_default=True, help="Sampling method."
 )
 @click.option("--steps", type=int, default=None, help="Sampling steps (ddim: 25, ddpm: 250, dpm++2m: 20).")
 @click.option(
@@ -282,7 +297,18 @@ def run_sampling(
     help="Output folder.",
 )
 @click.option("--resume", is_flag=True, help="Continue a killed run in --out from its last complete batch.")
-@click.option("--engine", default="eager", show_default=True, help="eager | compile | cuda-graph | trt.")
+@click.option(
+    "--engine",
+    type=click.Choice(list(ENGINES)),
+    default=None,
+    help="How the guided step runs (default: graph on CUDA, eager on the CPU).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads (default: OMP_NUM_THREADS, else the cores not already busy).",
+)
 @click.option(
     "--dtype",
     type=click.Choice(list(DTYPES)),
@@ -318,6 +344,7 @@ def sample_command(
     out,
     resume,
     engine,
+    threads,
     dtype,
     device,
     clip_denoised,
@@ -330,6 +357,16 @@ def sample_command(
     dev = resolve_device(device)
     if dtype == "fp16" and dev.type == "cpu":
         raise click.ClickException("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    engine = engine or default_engine(dev)
+    try:
+        check_engine(engine, dev)
+    except EngineError as e:
+        raise click.ClickException(str(e)) from None
+    if eta and not SAMPLERS[sampler].uses_eta:
+        raise click.ClickException(f"--eta is a DDIM parameter; --sampler {sampler} does not use it")
+    if eta < 0:
+        raise click.ClickException(f"--eta must be >= 0, got {eta}")
+    choose_threads(threads)
     bundled = preset is None and flag_string is None and checkpoint is None
     loaded = load_diffusion_model(preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=dev)
     if bundled and classifier is None and classifier_preset is None and classifier_flags is None:
@@ -385,7 +422,8 @@ def sample_command(
     )
     s = summary
     click.echo(
-        f"{s['images']} images ({s['skipped']} already there) in {s['seconds']:.1f} s: "
+        f"{s['images']} images ({s['skipped']} already there) in {s['seconds']:.1f} s sampling "
+        f"(+{s['warmup_s']:.1f} s warm-up/capture, {s['writing_s']:.1f} s writing): "
         f"{s['images_per_s']:.2f} images/s, {s['s_per_step']:.4f} s/step ({s['steps']} steps), "
-        f"device {s['device']}, dtype {s['dtype']}, engine {s['engine']} -> {s['out']}"
+        f"device {s['device']}, dtype {s['dtype']}, engine {s['engine']}, {s['threads']} threads -> {s['out']}"
     )

@@ -159,24 +159,17 @@ class GaussianDiffusion:
 
     # ---------------------------------------------------------------- device tables
 
-    def cached_tables(
-        self, key, device, dtype: torch.dtype, arrays: Callable[[], dict[str, np.ndarray]]
-    ) -> dict[str, Tensor]:
-        """Device copies of float64 tables (built by ``arrays`` on first use), cached per
-        (key, device, dtype): one host->device copy per process, none inside a sampling loop."""
-        full_key = (key, torch.device(device), dtype)
-        tables = self._cache.get(full_key)
+    def tables(self, device, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """Device copies of the process tables (names in ``_TABLES``) in ``dtype``, cached per
+        (device, dtype): one host->device copy per process, none inside a sampling loop."""
+        key = ("process", torch.device(device), dtype)
+        tables = self._cache.get(key)
         if tables is None:
             tables = {
-                name: torch.from_numpy(np.asarray(value, dtype=np.float64)).to(device=device, dtype=dtype)
-                for name, value in arrays().items()
+                name: torch.from_numpy(getattr(self, name)).to(device=device, dtype=dtype) for name in _TABLES
             }
-            self._cache[full_key] = tables
+            self._cache[key] = tables
         return tables
-
-    def tables(self, device, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-        """The process tables (names in ``_TABLES``) on ``device`` in ``dtype``."""
-        return self.cached_tables("process", device, dtype, lambda: {n: getattr(self, n) for n in _TABLES})
 
     def _extract(self, name: str, t: Tensor, x: Tensor) -> Tensor:
         """Per-sample values of a table at steps ``t``, shaped to broadcast against ``x``."""

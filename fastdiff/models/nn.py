@@ -1,7 +1,7 @@
 """Small building blocks shared by the ADM networks.
 
-They keep guided-diffusion's numerics (fp32 GroupNorm statistics, the sinusoidal embedding's
-exact frequencies) so released checkpoints reproduce their outputs.
+They keep guided-diffusion's numerics (fp32 GroupNorm statistics, through ``fastdiff.ops``; the
+sinusoidal embedding's exact frequencies) so released checkpoints reproduce their outputs.
 """
 
 from __future__ import annotations
@@ -10,32 +10,17 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm whose statistics are always fp32, then cast back to the input dtype.
-
-    fp16/bf16 activations lose too much precision in the variance; ADM trains with this.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.group_norm(
-            x.float(), self.num_groups, self._param(self.weight), self._param(self.bias), self.eps
-        )
-        return y.to(x.dtype)
-
-    @staticmethod
-    def _param(p: torch.Tensor | None) -> torch.Tensor | None:
-        # Affine params may have been cast with the rest of a half model; the math stays fp32.
-        return None if p is None else p.float()
+from fastdiff.ops import GroupNorm, GroupNormSiLU
 
 
-def normalization(channels: int) -> GroupNorm32:
-    """ADM's normalization layer: 32 groups everywhere."""
-    return GroupNorm32(32, channels)
+def normalization(channels: int, silu: bool = False) -> GroupNorm:
+    """ADM's normalization layer (32 groups, fp32 statistics), fused with the SiLU after it when
+    ``silu``: the slot of that SiLU then holds ``nn.Identity`` so module indices (and state_dict
+    keys) stay guided-diffusion's."""
+    return (GroupNormSiLU if silu else GroupNorm)(32, channels)
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
@@ -62,8 +47,10 @@ def zero_module(module: nn.Module) -> nn.Module:
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding [N, dim] of (possibly fractional) timesteps: cos half, then sin half."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    args = timesteps[:, None].float() * freqs.to(timesteps.device)[None]
+    # Built on the timesteps' device: no host->device copy per step (and nothing to break capture).
+    steps = torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(-math.log(max_period) * steps / half)
+    args = timesteps[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)

@@ -1,7 +1,9 @@
 """ADM networks (Dhariwal & Nichol 2021) with guided-diffusion's module layout.
 
 Attribute names and nesting follow guided-diffusion exactly so its released checkpoints load with
-``strict=True``; the forward math matches it to float32 rounding.
+``strict=True``; the forward math matches it to float32 rounding. Every GroupNorm, AdaGN and
+attention runs on ``fastdiff.ops`` (fused kernels where they run, PyTorch's fastest exact path
+elsewhere); a SiLU fused into the norm before it leaves ``nn.Identity`` in its Sequential slot.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastdiff.ops import AdaGroupNormSiLU, QKVAttention, QKVAttentionLegacy
+from fastdiff.ops.patch import adm_resblock_forward
 
 from .nn import (
     avg_pool_nd,
@@ -108,8 +113,8 @@ class ResBlock(TimestepBlock):
         self.use_scale_shift_norm = use_scale_shift_norm
 
         self.in_layers = nn.Sequential(
-            normalization(channels),
-            nn.SiLU(),
+            normalization(channels, silu=True),
+            nn.Identity(),
             conv_nd(dims, channels, self.out_channels, 3, padding=1),
         )
         self.updown = up or down
@@ -125,9 +130,15 @@ class ResBlock(TimestepBlock):
             nn.SiLU(),
             nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels),
         )
+        # With scale-shift, GN * (1 + scale) + shift and the SiLU are one fused op.
+        out_norm = (
+            AdaGroupNormSiLU(32, self.out_channels)
+            if use_scale_shift_norm
+            else normalization(self.out_channels, silu=True)
+        )
         self.out_layers = nn.Sequential(
-            normalization(self.out_channels),
-            nn.SiLU(),
+            out_norm,
+            nn.Identity(),
             nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
         )
@@ -142,68 +153,7 @@ class ResBlock(TimestepBlock):
         return maybe_checkpoint(self._forward, x, emb, enabled=self.use_checkpoint)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.updown:
-            norm, act, conv = self.in_layers
-            h = self.h_upd(act(norm(x)))
-            x = self.x_upd(x)
-            h = conv(h)
-        else:
-            h = self.in_layers(x)
-        emb_out = self.emb_layers(emb).to(h.dtype)
-        emb_out = emb_out[(...,) + (None,) * (h.dim() - 2)]
-        if self.use_scale_shift_norm:
-            norm, act, drop, conv = self.out_layers
-            scale, shift = emb_out.chunk(2, dim=1)
-            h = conv(drop(act(norm(h) * (1 + scale) + shift)))
-        else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
-
-
-def _split_heads_legacy(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, ...]:
-    """[N, H*3*C, T] (heads outermost) -> q, k, v each [N*H, C, T]."""
-    bs, width, length = qkv.shape
-    ch = width // (3 * n_heads)
-    return qkv.reshape(bs * n_heads, 3 * ch, length).split(ch, dim=1)
-
-
-def _split_heads_new(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, ...]:
-    """[N, 3*H*C, T] (q/k/v outermost) -> q, k, v each [N*H, C, T]."""
-    bs, width, length = qkv.shape
-    ch = width // (3 * n_heads)
-    return tuple(t.reshape(bs * n_heads, ch, length) for t in qkv.chunk(3, dim=1))
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bs: int) -> torch.Tensor:
-    """softmax(q^T k / sqrt(C)) over [N*H, C, T] heads, via SDPA (fused where available)."""
-    a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return a.transpose(1, 2).reshape(bs, -1, q.shape[-1])
-
-
-class QKVAttentionLegacy(nn.Module):
-    """Multi-head attention over a packed qkv whose channels are ordered (head, q/k/v, C)."""
-
-    def __init__(self, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
-        if qkv.shape[1] % (3 * self.n_heads):
-            raise ValueError(f"qkv width {qkv.shape[1]} is not divisible by 3*{self.n_heads} heads")
-        return _attend(*_split_heads_legacy(qkv, self.n_heads), bs=qkv.shape[0])
-
-
-class QKVAttention(nn.Module):
-    """Multi-head attention over a packed qkv whose channels are ordered (q/k/v, head, C)."""
-
-    def __init__(self, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
-        if qkv.shape[1] % (3 * self.n_heads):
-            raise ValueError(f"qkv width {qkv.shape[1]} is not divisible by 3*{self.n_heads} heads")
-        return _attend(*_split_heads_new(qkv, self.n_heads), bs=qkv.shape[0])
+        return adm_resblock_forward(self, x, emb)
 
 
 class AttentionBlock(nn.Module):
@@ -519,8 +469,8 @@ class UNetModel(_ADMNet):
 
         input_ch = int(channel_mult[0] * model_channels)
         self.out = nn.Sequential(
-            normalization(ch),
-            nn.SiLU(),
+            normalization(ch, silu=True),
+            nn.Identity(),
             zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
         )
         if use_fp16:
@@ -634,8 +584,8 @@ class EncoderUNetModel(_ADMNet):
         self.pool = pool
         if pool == "adaptive":
             self.out = nn.Sequential(
-                normalization(ch),
-                nn.SiLU(),
+                normalization(ch, silu=True),
+                nn.Identity(),
                 nn.AdaptiveAvgPool2d((1, 1)),
                 zero_module(conv_nd(dims, ch, out_channels, 1)),
                 nn.Flatten(),
@@ -644,8 +594,8 @@ class EncoderUNetModel(_ADMNet):
             if num_head_channels == -1:
                 raise ValueError("pool='attention' needs num_head_channels")
             self.out = nn.Sequential(
-                normalization(ch),
-                nn.SiLU(),
+                normalization(ch, silu=True),
+                nn.Identity(),
                 AttentionPool2d(image_size // ds, ch, num_head_channels, out_channels),
             )
         elif pool == "spatial":
@@ -657,8 +607,8 @@ class EncoderUNetModel(_ADMNet):
         elif pool == "spatial_v2":
             self.out = nn.Sequential(
                 nn.Linear(feature_size, 2048),
-                normalization(2048),
-                nn.SiLU(),
+                normalization(2048, silu=True),
+                nn.Identity(),
                 nn.Linear(2048, out_channels),
             )
         else:

@@ -40,6 +40,6 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 @functools.cache
-def notice_fallback(op: str, reason: str) -> None:
-    """One line, once per (op, reason): the reference path is running instead of a kernel."""
-    warnings.warn(f"fastdiff.ops.{op}: {reason}; using the PyTorch reference", stacklevel=3)
+def notice_fallback(op: str, reason: str, instead: str = "the PyTorch reference") -> None:
+    """One line, once per (op, reason): a PyTorch path is running instead of a kernel."""
+    warnings.warn(f"fastdiff.ops.{op}: {reason}; using {instead}", stacklevel=3)

@@ -3,12 +3,68 @@ model with the same building blocks) without touching its weights or state_dict 
 
 from __future__ import annotations
 
+import itertools
+import types
+
+import torch
 from torch import nn
 
-from fastdiff.ops.ada_group_norm.module import GroupNorm, GroupNormSiLU
+from fastdiff.ops.ada_group_norm.module import AdaGroupNormSiLU, GroupNorm, GroupNormSiLU
 from fastdiff.ops.attention.module import QKVAttention, QKVAttentionLegacy
 
 _ATTENTION = {"QKVAttention": QKVAttention, "QKVAttentionLegacy": QKVAttentionLegacy}
+
+
+_RESBLOCK_ATTRS = ("in_layers", "emb_layers", "out_layers", "skip_connection", "updown", "h_upd", "x_upd")
+
+
+def adm_resblock_forward(block: nn.Module, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """ADM's ResBlock forward for any module with guided-diffusion's ResBlock attributes, on the
+    fused ops: ``in_layers`` / ``out_layers`` hold a GroupNormSiLU (or, with scale-shift, an
+    AdaGroupNormSiLU taking scale and shift) with ``nn.Identity`` in the SiLU's slot."""
+    if block.updown:  # BigGAN up/down block: resample between the norm+SiLU and the conv
+        *norm_act, conv = block.in_layers
+        h = x
+        for layer in norm_act:
+            h = layer(h)
+        h = conv(block.h_upd(h))
+        x = block.x_upd(x)
+    else:
+        h = block.in_layers(x)
+    emb_out = block.emb_layers(emb).to(h.dtype)
+    if block.use_scale_shift_norm:
+        scale, shift = emb_out.chunk(2, dim=1)
+        h = block.out_layers[0](h, scale, shift)
+        for layer in itertools.islice(block.out_layers, 2, None):
+            h = layer(h)
+    else:
+        h = block.out_layers(h + emb_out[(...,) + (None,) * (h.dim() - 2)])
+    return block.skip_connection(x) + h
+
+
+def _is_scale_shift_resblock(m: nn.Module) -> bool:
+    """guided-diffusion's ResBlock with use_scale_shift_norm, not yet on the fused AdaGN."""
+    return (
+        type(m).__name__ == "ResBlock"
+        and bool(getattr(m, "use_scale_shift_norm", False))
+        and callable(getattr(m, "_forward", None))
+        and all(hasattr(m, a) for a in _RESBLOCK_ATTRS)
+        and isinstance(m.out_layers, nn.Sequential)
+        and len(m.out_layers) >= 2
+        and isinstance(m.out_layers[0], nn.GroupNorm)
+        and not isinstance(m.out_layers[0], AdaGroupNormSiLU)
+        and _is_silu(m.out_layers[1])
+    )
+
+
+def _fuse_resblock(block: nn.Module) -> None:
+    """The model-specific part of ``patch``: guided-diffusion's ResBlock applies its out norm
+    alone, then ``* (1 + scale) + shift``, then SiLU; that chain becomes one AdaGroupNormSiLU and
+    the block's ``_forward`` (which its ``forward`` calls, under checkpointing or not) becomes
+    :func:`adm_resblock_forward`."""
+    block.out_layers[0] = _group_norm(block.out_layers[0], AdaGroupNormSiLU)
+    block.out_layers[1] = nn.Identity()
+    block._forward = types.MethodType(adm_resblock_forward, block)
 
 
 def _is_foreign_group_norm(m: nn.Module) -> bool:
@@ -38,6 +94,8 @@ def _group_norm(old: nn.GroupNorm, cls: type[GroupNorm]) -> GroupNorm:
 
 
 def _patch_children(module: nn.Module, group_norm: bool, attention: bool, fuse: bool) -> None:
+    if group_norm and _is_scale_shift_resblock(module):
+        _fuse_resblock(module)
     children = list(module.named_children())
     fuse = fuse and isinstance(module, nn.Sequential)
     for i, (name, child) in enumerate(children):
@@ -51,8 +109,8 @@ def _patch_children(module: nn.Module, group_norm: bool, attention: bool, fuse: 
                 # Identity keeps the Sequential's indices, hence its state_dict keys
                 setattr(module, children[i + 1][0], nn.Identity())
         else:
-            # ADM's ResBlock with use_scale_shift_norm runs out_layers[0] (the norm) alone and
-            # out_layers[1:] after scale/shift: fusing SiLU into out_layers[0] would be wrong there
+            # A scale-shift ResBlock not rewritten above (no guided-diffusion _forward) runs
+            # out_layers[0] alone and out_layers[1:] after scale/shift: fusing SiLU there is wrong
             sliced = name == "out_layers" and bool(getattr(module, "use_scale_shift_norm", False))
             _patch_children(child, group_norm, attention, not sliced)
 
@@ -60,7 +118,8 @@ def _patch_children(module: nn.Module, group_norm: bool, attention: bool, fuse: 
 def patch(model: nn.Module, *, group_norm: bool = True, attention: bool = True) -> nn.Module:
     """Replace, in place, every nn.GroupNorm (subclasses such as GroupNorm32 included) by
     fastdiff's GroupNorm, a GroupNorm directly followed by SiLU in an nn.Sequential by one fused
-    GroupNormSiLU (nn.Identity where the SiLU was), and every ADM attention module (class named
+    GroupNormSiLU (nn.Identity where the SiLU was), guided-diffusion's scale-shift ResBlock's
+    norm + scale-shift + SiLU by one AdaGroupNormSiLU, and every ADM attention module (class named
     QKVAttention / QKVAttentionLegacy with ``n_heads``) by fastdiff's. Returns ``model``.
 
     Only children are swapped: a bare GroupNorm/attention passed as ``model`` is returned as is.

@@ -12,6 +12,7 @@ no host syncs: non-finite values are tracked on the device and reported once at 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -21,21 +22,45 @@ from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
 from .ddim import DDIMStep
 from .ddpm import DDPMStep
 from .dpm_solver import DPMSolverPP2MStep
-
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+from .rule import UpdateRule
 
 NoiseFn = Callable[[int, Tensor], Tensor]
 
 
-def make_rule(diffusion, sampler: str, eta: float = 0.0):
-    """The update rule of a sampler name."""
-    if sampler == "ddpm":
-        return DDPMStep(diffusion)
-    if sampler == "ddim":
-        return DDIMStep(diffusion, eta=eta)
-    if sampler == "dpm++2m":
-        return DPMSolverPP2MStep(diffusion)
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler name's rule and how its steps are chosen by default."""
+
+    rule: Callable[..., UpdateRule]  # (diffusion, *, eta, device, dtype) -> rule
+    default_steps: int
+    ddim_spacing: bool  # "--steps N" means guided-diffusion's "ddimN" (else N evenly spaced)
+    uses_eta: bool
+
+    def respacing(self, steps: int | None = None) -> str:
+        """guided-diffusion's respacing string for ``steps`` (the default when None)."""
+        steps = self.default_steps if steps is None else steps
+        return f"ddim{steps}" if self.ddim_spacing else str(steps)
+
+
+# The one registry of sampler names: the CLI's choices, default step counts, the trainer's preview
+# grids and the evaluation scripts all read it.
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddim": SamplerSpec(DDIMStep, default_steps=25, ddim_spacing=True, uses_eta=True),
+    "ddpm": SamplerSpec(DDPMStep, default_steps=250, ddim_spacing=False, uses_eta=False),
+    "dpm++2m": SamplerSpec(DPMSolverPP2MStep, default_steps=20, ddim_spacing=True, uses_eta=False),
+}
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}") from None
+
+
+def make_rule(diffusion, sampler: str, eta: float = 0.0, device="cpu", dtype=torch.float32) -> UpdateRule:
+    """The update rule of a sampler name, with its tables on ``device``."""
+    return get_sampler(sampler).rule(diffusion, eta=eta, device=device, dtype=dtype)
 
 
 class SamplingStep:
@@ -68,21 +93,35 @@ class SamplingStep:
         self.denoised_fn = denoised_fn
 
     def prepare(self, x: Tensor) -> None:
-        """Put every table a step reads on x's device before the loop, so no step (or CUDA
-        graph capture of one) copies host->device."""
+        """Put the process tables a step reads on x's device before the loop, so no step (or
+        CUDA graph capture of one) copies host->device; the rule has its own already."""
         self.diffusion.tables(x.device, x.dtype)
         self.diffusion.model_timesteps(torch.zeros(1, dtype=torch.long, device=x.device))
-        self.rule.prepare(x.device, x.dtype)
+
+    # Set by the CUDA-graph engine: the guidance gradient then runs on this stream beside the
+    # model (it reads x_t, not the model's output) and the step joins both before guiding.
+    guidance_stream = None
 
     def __call__(self, x: Tensor, t: Tensor, noise: Tensor | None, state):
         """-> (x_next, pred_xstart, state)."""
         d = self.diffusion
+        cond_fn, stream = self.cond_fn, self.guidance_stream
+        if cond_fn is not None and stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                gradient = cond_fn(x, d.model_timesteps(t), **self.cond_kwargs)
+
+            def cond_fn(*_args, **_kwargs):
+                return gradient
+
         out = d.p_mean_variance(self.model, x, t, self.clip_denoised, self.denoised_fn, self.model_kwargs)
-        if self.cond_fn is not None:
+        if cond_fn is not None:
+            if stream is not None:
+                torch.cuda.current_stream().wait_stream(stream)
             if self.rule.guidance == "mean":
-                out = {**out, "mean": d.condition_mean(self.cond_fn, out, x, t, self.cond_kwargs)}
+                out = {**out, "mean": d.condition_mean(cond_fn, out, x, t, self.cond_kwargs)}
             else:
-                out = d.condition_score(self.cond_fn, out, x, t, self.cond_kwargs)
+                out = d.condition_score(cond_fn, out, x, t, self.cond_kwargs)
         x_next, state = self.rule(out, x, t, noise, state)
         return x_next, out["pred_xstart"], state
 
@@ -132,25 +171,55 @@ def sample_steps(
         device = noise.device if noise is not None else _model_device(model)
     x = randn(tuple(shape), generator, device) if noise is None else noise.to(device)
     if noise_fn is None:
+
         def noise_fn(i: int, x: Tensor) -> Tensor:
             return randn(x.shape, generator, x.device, x.dtype)
 
-    rule = make_rule(diffusion, sampler, eta)
+    rule = make_rule(diffusion, sampler, eta, x.device, x.dtype)
     step = SamplingStep(
-        diffusion, model, rule, model_kwargs=model_kwargs, cond_fn=cond_fn, cond_kwargs=cond_kwargs,
-        clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+        diffusion,
+        model,
+        rule,
+        model_kwargs=model_kwargs,
+        cond_fn=cond_fn,
+        cond_kwargs=cond_kwargs,
+        clip_denoised=clip_denoised,
+        denoised_fn=denoised_fn,
     )
+    step.prepare(x)
+    yield from run_steps(diffusion, step, rule, x, noise_fn, progress=progress, desc=sampler)
+
+
+StepFn = Callable[[Tensor, Tensor, "Tensor | None", object], tuple[Tensor, Tensor, object]]
+
+
+def run_steps(
+    diffusion,
+    step: StepFn,
+    rule: UpdateRule,
+    x: Tensor,
+    noise_fn: NoiseFn,
+    *,
+    progress: bool = False,
+    desc: str = "sampling",
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """The one sampling loop: ``step(x, t, noise, state)`` (a SamplingStep, or an engine's compiled
+    or captured form of one) over respaced steps n-1 .. 0 from x_T = ``x``.
+
+    Yields ``(i, x, pred_xstart)`` after each step; an engine may reuse those buffers at the next
+    step, so a caller that keeps them clones. Raises ``SamplingError`` after the last step, naming
+    the first step that produced NaN/Inf (tracked on the device: no host sync inside the loop).
+    """
     n = diffusion.num_timesteps
     # Respaced step indices n-1 .. 0, one row per step, built on the device.
     timesteps = torch.arange(n - 1, -1, -1, device=x.device).view(n, 1).repeat(1, x.shape[0])
     first_bad = torch.full((), n, dtype=torch.long, device=x.device)
-    step.prepare(x)
     state = rule.init_state(x)
     indices = range(n)
     if progress:
         from tqdm.auto import tqdm
 
-        indices = tqdm(indices, desc=sampler)
+        indices = tqdm(indices, desc=desc)
     for i in indices:
         with torch.no_grad():
             step_noise = noise_fn(i, x) if rule.needs_noise else None
@@ -210,9 +279,19 @@ def sample(
         model = ClassifierFreeGuidance(model, cfg_scale, null_label)
     x = None
     for i, x, pred_xstart in sample_steps(
-        diffusion, model, shape, sampler=sampler, eta=eta, model_kwargs=model_kwargs, cond_fn=cond_fn,
-        cond_kwargs=guidance_kwargs, clip_denoised=clip_denoised, noise=noise, generator=generator,
-        device=device, progress=progress,
+        diffusion,
+        model,
+        shape,
+        sampler=sampler,
+        eta=eta,
+        model_kwargs=model_kwargs,
+        cond_fn=cond_fn,
+        cond_kwargs=guidance_kwargs,
+        clip_denoised=clip_denoised,
+        noise=noise,
+        generator=generator,
+        device=device,
+        progress=progress,
     ):
         if callback is not None:
             callback(i, x, pred_xstart)
@@ -224,9 +303,13 @@ __all__ = [
     "DDIMStep",
     "DDPMStep",
     "DPMSolverPP2MStep",
+    "SamplerSpec",
     "SamplingStep",
+    "UpdateRule",
+    "get_sampler",
     "make_rule",
     "randn",
+    "run_steps",
     "sample",
     "sample_steps",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
+from .rule import device_tables, per_sample
+
 
 class DDIMStep:
     """x_prev = sqrt(abar_prev) * x0 + sqrt(1 - abar_prev - sigma^2) * eps + sigma * noise.
@@ -15,30 +17,21 @@ class DDIMStep:
 
     guidance = "score"
 
-    def __init__(self, diffusion, eta: float = 0.0):
-        self.diffusion = diffusion
+    def __init__(self, diffusion, *, eta: float = 0.0, device="cpu", dtype=None):
         self.eta = float(eta)
         self.needs_noise = self.eta > 0
-
-    def _arrays(self) -> dict[str, np.ndarray]:
-        abar = self.diffusion.alphas_cumprod
-        abar_prev = self.diffusion.alphas_cumprod_prev
+        abar, abar_prev = diffusion.alphas_cumprod, diffusion.alphas_cumprod_prev
         sigma = self.eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev)
-        return {"c_x0": np.sqrt(abar_prev), "c_eps": np.sqrt(1 - abar_prev - sigma**2), "sigma": sigma}
-
-    def prepare(self, device, dtype) -> dict[str, Tensor]:
-        return self.diffusion.cached_tables(("ddim", self.eta), device, dtype, self._arrays)
+        self.c_x0, self.c_eps, self.sigma = device_tables(
+            device, dtype, np.sqrt(abar_prev), np.sqrt(1 - abar_prev - sigma**2), sigma
+        )
 
     def init_state(self, x: Tensor):
         return None
 
     def __call__(self, out: dict, x: Tensor, t: Tensor, noise: Tensor | None, state):
-        tables = self.prepare(x.device, x.dtype)
-        shape = (-1, *([1] * (x.ndim - 1)))
-        x_prev = (
-            tables["c_x0"][t].view(shape) * out["pred_xstart"] + tables["c_eps"][t].view(shape) * out["eps"]
-        )
+        x_prev = per_sample(self.c_x0, t, x) * out["pred_xstart"] + per_sample(self.c_eps, t, x) * out["eps"]
         if self.needs_noise:
             # sigma is 0 at the last step, so no mask is needed.
-            x_prev = x_prev + tables["sigma"][t].view(shape) * noise
+            x_prev = x_prev + per_sample(self.sigma, t, x) * noise
         return x_prev, state

@@ -12,11 +12,8 @@ class DDPMStep:
     guidance = "mean"
     needs_noise = True
 
-    def __init__(self, diffusion):
-        self.diffusion = diffusion
-
-    def prepare(self, device, dtype) -> None:
-        """Uses only the process tables."""
+    def __init__(self, diffusion, *, eta: float = 0.0, device="cpu", dtype=None):
+        """Uses only the process's own mean and variance (``eta`` has no meaning here)."""
 
     def init_state(self, x: Tensor):
         return None

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .rule import device_tables, per_sample
+
 
 class DPMSolverPP2MStep:
     """The update rule; the state carries the previous step's x0 prediction."""
@@ -25,12 +27,9 @@ class DPMSolverPP2MStep:
     guidance = "score"
     needs_noise = False
 
-    def __init__(self, diffusion):
-        self.diffusion = diffusion
-
-    def _arrays(self) -> dict[str, np.ndarray]:
-        abar = self.diffusion.alphas_cumprod
-        abar_next = self.diffusion.alphas_cumprod_prev  # sampling goes k -> k - 1
+    def __init__(self, diffusion, *, eta: float = 0.0, device="cpu", dtype=None):
+        abar = diffusion.alphas_cumprod
+        abar_next = diffusion.alphas_cumprod_prev  # sampling goes k -> k - 1
         n = len(abar)
         lam = 0.5 * (np.log(abar) - np.log1p(-abar))
         with np.errstate(divide="ignore"):
@@ -43,17 +42,12 @@ class DPMSolverPP2MStep:
         inner = np.arange(1, n - 1)
         h_prev = lam[inner] - lam[inner + 1]
         corr[inner] = h[inner] / (2 * h_prev)
-        return {"ratio": ratio, "coef": coef, "corr": corr}
-
-    def prepare(self, device, dtype) -> dict[str, Tensor]:
-        return self.diffusion.cached_tables("dpm++2m", device, dtype, self._arrays)
+        self.ratio, self.coef, self.corr = device_tables(device, dtype, ratio, coef, corr)
 
     def init_state(self, x: Tensor) -> Tensor:
         return torch.zeros_like(x)
 
     def __call__(self, out: dict, x: Tensor, t: Tensor, noise, x0_prev: Tensor):
-        tables = self.prepare(x.device, x.dtype)
-        shape = (-1, *([1] * (x.ndim - 1)))
         x0 = out["pred_xstart"]
-        d = x0 + tables["corr"][t].view(shape) * (x0 - x0_prev)
-        return tables["ratio"][t].view(shape) * x + tables["coef"][t].view(shape) * d, x0
+        d = x0 + per_sample(self.corr, t, x) * (x0 - x0_prev)
+        return per_sample(self.ratio, t, x) * x + per_sample(self.coef, t, x) * d, x0

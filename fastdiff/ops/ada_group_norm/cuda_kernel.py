@@ -1,16 +1,20 @@
 """ada_group_norm kernel layer backed by the CUDA C++ extension in csrc/ (same API as triton_kernel).
 
-Neither backend wins everywhere, so on a GPU the backend for a shape is chosen by measurement
-and the choice cached (in memory and in a JSON file); ``FASTDIFF_GN_BACKEND=cuda|triton``
-forces one.
+Neither backend wins everywhere, so on a GPU the backend for a shape is chosen by measurement,
+but only ahead of time, inside :func:`autotuning` (the Sampler's warm-up step, before any CUDA
+graph capture): an op's forward never times anything, so an eager run and a captured graph make
+the same choice. Choices are cached in memory and in a JSON file; outside ``autotuning`` an
+unmeasured shape runs Triton. ``FASTDIFF_GN_BACKEND=cuda|triton`` forces one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +24,18 @@ from .._cuda_build import load_extension
 _ACTIVATIONS = {None: False, "silu": True}
 _choices: dict[str, bool] = {}  # key -> True when CUDA is faster
 _loaded_file = False
+_tuning = False
+
+
+@contextlib.contextmanager
+def autotuning() -> Iterator[None]:
+    """Within this block, a shape without a recorded choice is measured (both backends) once."""
+    global _tuning
+    previous, _tuning = _tuning, True
+    try:
+        yield
+    finally:
+        _tuning = previous
 
 
 @functools.cache
@@ -144,7 +160,8 @@ def _measure(x: torch.Tensor, num_groups: int, has_scale: bool, activation: str 
 def preferred(
     x: torch.Tensor, num_groups: int, has_scale: bool = False, activation: str | None = "silu"
 ) -> bool:
-    """Whether the CUDA kernel should run x's shape: forced by env, else measured once per key."""
+    """Whether the CUDA kernel should run x's shape: forced by env, else the recorded choice
+    (measured once per key inside :func:`autotuning`; Triton where none is recorded)."""
     forced = os.environ.get("FASTDIFF_GN_BACKEND", "").lower()
     if forced in ("cuda", "triton"):
         return forced == "cuda"
@@ -154,8 +171,8 @@ def preferred(
     key = _key(x, num_groups, has_scale, activation)
     choice = _choices.get(key)
     if choice is None:
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return True  # no timing inside graph capture; the CUDA kernel is capture-safe
+        if not _tuning or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return False
         choice = _choices[key] = _measure(x, num_groups, has_scale, activation)
         _write_file()
     return choice

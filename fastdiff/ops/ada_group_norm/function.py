@@ -2,7 +2,8 @@
 
 A torch.library custom op (with a fake implementation) is opaque to torch.compile, CUDA-graph
 capture and torch.export, which trace through it instead of into the Triton launch. The backward
-is a second custom op for the same reason. Dispatch happens inside the ops, per call.
+is a second custom op for the same reason. Dispatch happens per call: where no kernel runs,
+``ada_group_norm`` is the reference's native-op chain (no custom op at all).
 """
 
 from __future__ import annotations
@@ -157,6 +158,10 @@ def ada_group_norm(x, num_groups, weight=None, bias=None, scale=None, shift=None
     for t in (weight, bias, scale, shift):
         if t is not None and t.device != x.device:
             raise ValueError(f"ada_group_norm: all tensors must be on {x.device}, got one on {t.device}")
+    if _pick_kernel(x, num_groups, scale is not None, activation) is None:
+        # No kernel here (the CPU, float64, FASTDIFF_OPS=reference): PyTorch's native group_norm
+        # chain with its own autograd is the fastest exact path, and traces like any torch code.
+        return ada_group_norm_reference(x, num_groups, weight, bias, scale, shift, float(eps), activation)
     if not _flattenable(x):  # a permuted layout the kernels cannot stride through
         x = x.contiguous()
     op = torch.ops.fastdiff.ada_group_norm

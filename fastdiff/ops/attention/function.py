@@ -2,8 +2,9 @@
 see one opaque node with a fake (meta) implementation and a registered backward.
 
 Dispatch per call: the Triton kernels for fp16/bf16/fp32 wherever ``use_triton`` says so
-(CUDA, or CPU under ``TRITON_INTERPRET=1``: no silent fallback there); otherwise the PyTorch
-reference (float64 always takes it: the kernels' softmax statistics are fp32).
+(CUDA, or CPU under ``TRITON_INTERPRET=1``: no silent fallback there); otherwise PyTorch's fused
+SDPA kernels (``sdpa.py``, plain autograd, no custom op); ``FASTDIFF_OPS=reference`` and float64
+take the reference (the kernels' softmax statistics are fp32).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from fastdiff.ops._backend import force_reference, notice_fallback, triton_available, use_triton
 from fastdiff.ops.attention.reference import ORDERS, backward_reference, forward_reference
+from fastdiff.ops.attention.sdpa import sdpa_attention
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -21,9 +23,6 @@ def _kernel_for(qkv: torch.Tensor) -> bool:
         return False
     if qkv.dtype in _KERNEL_DTYPES and use_triton(qkv):
         return True
-    if qkv.is_cuda and not force_reference():
-        reason = "triton is not installed" if not triton_available() else f"no kernel for {qkv.dtype}"
-        notice_fallback("attention", reason)
     return False
 
 
@@ -89,4 +88,8 @@ def attention(qkv: torch.Tensor, num_heads: int, order: str = "new") -> torch.Te
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if qkv.dim() != 3 or qkv.shape[1] % (3 * num_heads):
         raise ValueError(f"qkv must be [B, 3*{num_heads}*d, T], got shape {tuple(qkv.shape)}")
-    return _attention(qkv, num_heads, order)[0]
+    if _kernel_for(qkv) or force_reference() or qkv.dtype == torch.float64:
+        return _attention(qkv, num_heads, order)[0]
+    if qkv.is_cuda and not triton_available():
+        notice_fallback("attention", "triton is not installed", "PyTorch's SDPA")
+    return sdpa_attention(qkv, num_heads, order)

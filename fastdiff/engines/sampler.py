@@ -1,0 +1,206 @@
+"""``fastdiff.Sampler``: a model, a process, a sampler rule, guidance and an engine, prepared once.
+
+What the CLI, the trainer's preview grids and evaluation scripts sample with. Building it puts
+the networks in their inference form once (eval mode, no parameter gradients, the compute dtype,
+channels_last where it measured faster); each call runs the one sampling loop through the
+chosen engine, whose compiled or captured step is cached per batch shape.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fastdiff.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
+from fastdiff.diffusion.samplers import SamplingStep, get_sampler, make_rule, randn, run_steps
+from fastdiff.ops.ada_group_norm import cuda_kernel
+
+from . import build_engine, check_engine, default_engine
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class _InDtype(nn.Module):
+    """Runs a network cast to a low-precision dtype on fp32 inputs and returns fp32, so the
+    sampler's arithmetic (and the classifier gradient w.r.t. x) stays in fp32."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.net, self.dtype = net, dtype
+        self.num_classes = getattr(net, "num_classes", None)
+
+    def forward(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        return self.net(x.to(self.dtype), t, **kwargs).float()
+
+
+def inference_form(
+    net: nn.Module, dtype: torch.dtype, device: torch.device, channels_last: bool
+) -> nn.Module:
+    """``net`` in place: on ``device``, eval (dropout off), no parameter gradients, weights in
+    ``dtype`` (GroupNorm statistics stay fp32 inside fastdiff.ops), optionally channels_last."""
+    net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net if dtype == torch.float32 else _InDtype(net, dtype)
+
+
+def _device_of(net: nn.Module) -> torch.device:
+    for p in net.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class Sampler:
+    """Draw guided samples: ``Sampler(model, diffusion, ...)(labels, generator=g) -> images``.
+
+    ``model(x, t, y=...)`` is an ADM UNet (or anything with that call); ``diffusion`` a (respaced)
+    process; ``sampler`` a name of ``fastdiff.diffusion.SAMPLERS``. Guidance: ``classifier`` with
+    ``classifier_scale`` (gradient of log p(y | x_t)), or ``cfg_scale`` with the model's
+    ``null_label``. ``engine``: eager | compile | graph (CUDA) | trt; None picks the device's
+    default. The networks are converted in place (see :func:`inference_form`).
+    Images come back in [-1, 1], fp32, NCHW.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        diffusion,
+        *,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        classifier: nn.Module | None = None,
+        classifier_scale: float = 0.0,
+        cfg_scale: float | None = None,
+        null_label: int | None = None,
+        engine: str | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        device: torch.device | str | None = None,
+        clip_denoised: bool = True,
+        channels_last: bool | None = None,
+        image_shape: Sequence[int] | None = None,
+    ):
+        spec = get_sampler(sampler)
+        if eta and not spec.uses_eta:
+            raise ValueError(f"eta is a DDIM parameter; sampler {sampler!r} does not use it")
+        if eta < 0 or classifier_scale < 0:
+            raise ValueError("eta and classifier_scale must be >= 0")
+        if classifier_scale and classifier is None:
+            raise ValueError("classifier_scale needs a classifier")
+        if cfg_scale is not None and null_label is None:
+            raise ValueError("classifier-free guidance needs null_label (the unconditional class label)")
+        self.device = torch.device(device) if device is not None else _device_of(model)
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.engine = engine or default_engine(self.device)
+        check_engine(self.engine, self.device)
+        if channels_last is None:
+            # Measured on the CPU (bench/results): NCHW is as fast for the UNet and faster for the
+            # classifier's backward; tensor-core convolutions on CUDA want NHWC in fp16/bf16.
+            channels_last = self.device.type == "cuda" and self.dtype != torch.float32
+        self.class_cond = getattr(model, "num_classes", None) is not None
+        if image_shape is None:
+            image_shape = (int(model.in_channels), int(model.image_size), int(model.image_size))
+        self.image_shape = tuple(image_shape)
+        self.diffusion, self.sampler, self.eta, self.clip_denoised = (
+            diffusion,
+            sampler,
+            float(eta),
+            clip_denoised,
+        )
+        self.model = inference_form(model, self.dtype, self.device, channels_last)
+        self.cond_fn = None
+        if classifier is not None and classifier_scale:
+            self.classifier = inference_form(classifier, self.dtype, self.device, channels_last)
+            self.cond_fn = ClassifierGuidance(self.classifier, classifier_scale)
+        self.denoiser = (
+            self.model if cfg_scale is None else ClassifierFreeGuidance(self.model, cfg_scale, null_label)
+        )
+        self.needs_labels = self.class_cond or self.cond_fn is not None or cfg_scale is not None
+        self.rule = make_rule(diffusion, sampler, eta, self.device, torch.float32)
+        self._steps: dict[int, tuple[Tensor | None, Callable]] = {}
+        self.warmup_seconds = 0.0  # engine preparation (compile, capture, autotuning) so far
+
+    def _step_for(self, n: int) -> tuple[Tensor | None, Callable]:
+        """The engine's step for batch size n, built once; labels live in a static buffer."""
+        if n not in self._steps:
+            labels = torch.zeros(n, dtype=torch.long, device=self.device) if self.needs_labels else None
+            guidance_kwargs = {} if labels is None else {"y": labels}
+            model_kwargs = guidance_kwargs if self.class_cond else {}
+            step = SamplingStep(
+                self.diffusion,
+                self.denoiser,
+                self.rule,
+                model_kwargs=model_kwargs,
+                cond_fn=self.cond_fn,
+                cond_kwargs=guidance_kwargs,
+                clip_denoised=self.clip_denoised,
+            )
+            step.prepare(torch.zeros(1, device=self.device))
+            self._steps[n] = (labels, build_engine(self.engine, step, self.device), step)
+        return self._steps[n][:2]
+
+    def warmup(self, labels: Tensor | None = None, n: int | None = None) -> float:
+        """Prepare the engine for a batch (compile, capture, choose kernel backends by measuring
+        them) with one throw-away step, timed apart from sampling; returns its seconds."""
+        n = len(labels) if labels is not None else n
+        labels_buf, run = self._step_for(n)
+        if labels_buf is not None and labels is not None:
+            labels_buf.copy_(labels)
+        start = time.perf_counter()
+        x = torch.zeros(n, *self.image_shape, device=self.device)
+        t = torch.full((n,), self.diffusion.num_timesteps - 1, device=self.device, dtype=torch.long)
+        noise = torch.zeros_like(x) if self.rule.needs_noise else None
+        with torch.no_grad(), cuda_kernel.autotuning():
+            run(x, t, noise, self.rule.init_state(x))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        self.warmup_seconds += seconds
+        return seconds
+
+    def __call__(
+        self,
+        labels: Tensor | Sequence[int] | None = None,
+        *,
+        num_samples: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        callback: Callable[[int, Tensor, Tensor], None] | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Samples for ``labels`` (one per image; required when the model or the guidance is
+        class-aware), else ``num_samples`` images. x_T is ``noise`` or drawn from ``generator``
+        (on the generator's device, so a seed gives the same images on any device and engine).
+        ``callback(i, x, pred_xstart)`` runs after each step (its tensors are reused next step)."""
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.long, device=self.device).reshape(-1)
+            n = len(labels)
+        elif self.needs_labels:
+            raise ValueError("this model or its guidance is class-conditional: pass labels")
+        else:
+            n = num_samples if num_samples is not None else (len(noise) if noise is not None else None)
+            if n is None:
+                raise ValueError("pass labels, num_samples or noise")
+        if n < 1:
+            raise ValueError("nothing to sample: the batch is empty")
+        if n not in self._steps and (self.engine != "eager" or self.device.type == "cuda"):
+            self.warmup(labels, n)  # compile / capture / backend choice, timed apart
+        labels_buf, run = self._step_for(n)
+        if labels_buf is not None:
+            labels_buf.copy_(labels)
+        shape = (n, *self.image_shape)
+        x_T = randn(shape, generator, self.device) if noise is None else noise.to(self.device, torch.float32)
+        if tuple(x_T.shape) != shape:
+            raise ValueError(f"noise must have shape {list(shape)}, got {list(x_T.shape)}")
+
+        def noise_fn(i: int, x: Tensor) -> Tensor:
+            return randn(x.shape, generator, x.device, x.dtype)
+
+        x = x_T
+        steps = run_steps(self.diffusion, run, self.rule, x_T, noise_fn, progress=progress, desc=self.sampler)
+        for i, x, pred_xstart in steps:
+            if callback is not None:
+                callback(i, x, pred_xstart)
+        return x.clone()
