@@ -45,6 +45,7 @@ TOL = {torch.float32: (4.0, 2e-6), torch.float16: (2.0, 2e-3), torch.bfloat16: (
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setenv("FASTDIFF_OPS_POISON", "1")
+    monkeypatch.setenv("FASTDIFF_OPS", "triton")  # the kernels, also on the CPU (interpreter)
 
 
 def _assert_close(actual, ref64, ref_lp, dtype, what):
@@ -56,10 +57,10 @@ def _assert_close(actual, ref64, ref_lp, dtype, what):
     assert err <= tol, f"{what}: max error {err:.3g} > tol {tol:.3g}"
 
 
-def _check_fwd_bwd(batch, heads, head_dim, length, order, dtype, device=DEVICE):
+def _check_fwd_bwd(batch, heads, head_dim, length, order, dtype, device=DEVICE, kernel=True):
     x = torch.randn(batch, 3 * heads * head_dim, length, device=device).to(dtype)
     dout = torch.randn(batch, heads * head_dim, length, device=device).to(dtype)
-    assert attn_function._kernel_for(x), "the kernel should handle this input"
+    assert attn_function._kernel_for(x) == kernel, "the kernel should (not) handle this input"
     xs = {
         "kernel": x.clone().requires_grad_(),
         "lp": x.clone().requires_grad_(),
@@ -89,6 +90,18 @@ SHAPES = [  # (B, H, d, T)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}d{}T{}".format(*s))
 def test_kernel_matches_reference(shape, order, dtype):
     _check_fwd_bwd(*shape, order, dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
+@pytest.mark.parametrize("order", ["new", "legacy"])
+@pytest.mark.parametrize("shape", SHAPES + [(2, 2, 32, 65)], ids=lambda s: "B{}H{}d{}T{}".format(*s))
+def test_sdpa_path_matches_reference(monkeypatch, shape, order, dtype):
+    """Where no Triton kernel runs (here: the CPU), attention is PyTorch's fused SDPA on 4-D inputs:
+    held to the same tolerances as a kernel, forward and backward."""
+    monkeypatch.setenv("FASTDIFF_OPS", "auto")
+    _check_fwd_bwd(*shape, order, dtype, device="cpu", kernel=False)
 
 
 @needs_kernel

@@ -3,11 +3,17 @@
 Each case (../shared/vectors/*.pt) is built from its own flags through
 ``fastdiff.compat.guided_diffusion``; everything is branched on the keys a case has (class
 conditioning, classifier, sampling method, recorded noise), not on this repository's cases.
+
+Every test runs once per ops mode: ``reference`` (plain PyTorch everywhere), ``auto`` (what the
+product runs: the kernels on CUDA, PyTorch's fastest exact paths on the CPU) and ``triton`` (the
+Triton kernels; on the CPU that is the interpreter, ~3 minutes per ImageNet-64 forward, so it
+runs there only with FASTDIFF_KERNEL_VECTORS=1).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +24,23 @@ from conftest import load_case
 from fastdiff.compat import guided_diffusion as gd
 from fastdiff.diffusion import sample
 from fastdiff.diffusion.samplers import sample_steps
+
+
+@pytest.fixture(autouse=True, params=["reference", "auto", "triton"])
+def ops_mode(request, monkeypatch):
+    mode = request.param
+    if mode == "triton":
+        from fastdiff.ops._backend import triton_available, triton_interpret
+
+        if not triton_available():
+            pytest.skip("triton is not installed")
+        if not torch.cuda.is_available():
+            if not triton_interpret():
+                pytest.skip("no CUDA, and TRITON_INTERPRET=1 is not set")
+            if os.environ.get("FASTDIFF_KERNEL_VECTORS", "0") in ("", "0"):
+                pytest.skip("interpreted kernels take minutes per case: set FASTDIFF_KERNEL_VECTORS=1")
+    monkeypatch.setenv("FASTDIFF_OPS", mode)
+    return mode
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,8 +102,9 @@ def test_training_losses(case_path):
     case, model, diffusion, _ = _built(case_path)
     train = case["train"]
     with torch.no_grad():
-        terms = diffusion.training_losses(model, train["x_start"], train["t"],
-                                          model_kwargs=_model_kwargs(case, train), noise=train["noise"])
+        terms = diffusion.training_losses(
+            model, train["x_start"], train["t"], model_kwargs=_model_kwargs(case, train), noise=train["noise"]
+        )
     expected = {k for k in ("mse", "vb", "loss") if k in train}
     assert expected <= set(terms)
     for key in expected:
@@ -94,10 +118,17 @@ def _sampling_setup(case_path):
     if method not in ("ddim", "ddpm"):
         pytest.fail(f"unknown sampling method {method!r} in case")
     # The respaced process from the case's own diffusion flags, as script_util builds it.
-    names = ("learn_sigma", "noise_schedule", "use_kl", "predict_xstart", "rescale_timesteps",
-             "rescale_learned_sigmas")
+    names = (
+        "learn_sigma",
+        "noise_schedule",
+        "use_kl",
+        "predict_xstart",
+        "rescale_timesteps",
+        "rescale_learned_sigmas",
+    )
     diffusion = gd.create_gaussian_diffusion(
-        steps=case["flags"].get("diffusion_steps", 1000), timestep_respacing=spec["respacing"],
+        steps=case["flags"].get("diffusion_steps", 1000),
+        timestep_respacing=spec["respacing"],
         **{k: case["flags"][k] for k in names if k in case["flags"]},
     )
     assert list(diffusion.timestep_map) == list(spec["use_timesteps"])
@@ -135,7 +166,8 @@ def test_guided_sampling_compat(case_path):
             return torch.autograd.grad(selected.sum(), x_in)[0] * scale
 
     kwargs = dict(
-        noise=spec["x_T"], clip_denoised=spec.get("clip_denoised", True),
+        noise=spec["x_T"],
+        clip_denoised=spec.get("clip_denoised", True),
         cond_fn=cond_fn if scale != 0 else None,
         model_kwargs=_sample_kwargs(spec),
     )
@@ -145,8 +177,15 @@ def test_guided_sampling_compat(case_path):
         # The loop p_sample_loop / ddim_sample_loop run, replaying the recorded per-step noise
         # (``noise[i]``: the noise drawn at step i).
         recorded = spec["noise"]
-        steps = sample_steps(diffusion, model_fn, shape, sampler=method, eta=eta,
-                             noise_fn=lambda i, x: recorded[i].to(x), **kwargs)
+        steps = sample_steps(
+            diffusion,
+            model_fn,
+            shape,
+            sampler=method,
+            eta=eta,
+            noise_fn=lambda i, x: recorded[i].to(x),
+            **kwargs,
+        )
         xs = [x for _, x, _ in steps]
     else:
         if _stochastic(spec, method):
@@ -170,10 +209,16 @@ def test_guided_sampling_fastdiff(case_path):
         torch.manual_seed(int(spec["seed"]))
     xs = []
     sample(
-        diffusion, model, tuple(spec["x_T"].shape), sampler=method, eta=spec.get("eta", 0.0),
+        diffusion,
+        model,
+        tuple(spec["x_T"].shape),
+        sampler=method,
+        eta=spec.get("eta", 0.0),
         model_kwargs=_sample_kwargs(spec),
-        classifier=classifier if scale != 0 else None, classifier_scale=scale,
-        clip_denoised=spec.get("clip_denoised", True), noise=spec["x_T"],
+        classifier=classifier if scale != 0 else None,
+        classifier_scale=scale,
+        clip_denoised=spec.get("clip_denoised", True),
+        noise=spec["x_T"],
         callback=lambda i, x, pred_xstart: xs.append(x),
     )
     _check_trajectory(xs, spec)

@@ -425,5 +425,6 @@ def sample_command(
         f"{s['images']} images ({s['skipped']} already there) in {s['seconds']:.1f} s sampling "
         f"(+{s['warmup_s']:.1f} s warm-up/capture, {s['writing_s']:.1f} s writing): "
         f"{s['images_per_s']:.2f} images/s, {s['s_per_step']:.4f} s/step ({s['steps']} steps), "
-        f"device {s['device']}, dtype {s['dtype']}, engine {s['engine']}, {s['threads']} threads -> {s['out']}"
+        f"device {s['device']}, dtype {s['dtype']}, engine {s['engine']}, {s['threads']} threads "
+        f"-> {s['out']}"
     )

@@ -1,8 +1,10 @@
 """Which implementation an op runs on a given tensor.
 
-Triton kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1``
-is set (that is how CI proves the kernels). Everything else falls back to the
-plain PyTorch reference. The decision is per call so one process can mix devices.
+Triton kernels run on CUDA tensors. On CPU tensors each op takes PyTorch's fastest exact path;
+``FASTDIFF_OPS=triton`` together with ``TRITON_INTERPRET=1`` runs the kernels there instead, in
+Triton's interpreter (how CI proves the kernels: slow, so only where asked for), and
+``FASTDIFF_OPS=reference`` turns every fast path off. The decision is per call, so one process
+can mix devices.
 """
 
 from __future__ import annotations
@@ -25,18 +27,29 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+OPS_MODES = ("auto", "reference", "triton")
+
+
+def ops_mode() -> str:
+    """``FASTDIFF_OPS``: auto (default), reference (debugging, A/B checks) or triton."""
+    mode = os.environ.get("FASTDIFF_OPS", "").lower() or "auto"
+    if mode not in OPS_MODES:
+        raise ValueError(f"FASTDIFF_OPS must be one of {', '.join(OPS_MODES)}, got {mode!r}")
+    return mode
+
+
 def force_reference() -> bool:
-    """``FASTDIFF_OPS=reference`` turns every fast path off (debugging, A/B checks)."""
-    return os.environ.get("FASTDIFF_OPS", "").lower() == "reference"
+    return ops_mode() == "reference"
 
 
 def use_triton(t: torch.Tensor) -> bool:
     """Whether the Triton kernel should handle tensor ``t``."""
-    if force_reference() or not triton_available():
+    mode = ops_mode()
+    if mode == "reference" or not triton_available():
         return False
     if t.is_cuda:
         return True
-    return t.device.type == "cpu" and triton_interpret()
+    return t.device.type == "cpu" and mode == "triton" and triton_interpret()
 
 
 @functools.cache
