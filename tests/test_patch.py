@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from fastdiff.ops.ada_group_norm import module as fast_ada
 from fastdiff.ops.ada_group_norm.module import GroupNorm, GroupNormSiLU
 from fastdiff.ops.attention import module as fast_attention
 from fastdiff.ops.patch import patch
@@ -179,3 +180,121 @@ def test_patched_group_norm32_keeps_dtype(dtype):
     out = patch(seq)(x)
     assert out.dtype == ref.dtype == dtype
     torch.testing.assert_close(out, ref, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
+
+
+class GDResBlock(nn.Module):
+    """guided-diffusion's ResBlock as its code is laid out: forward calls _forward (under its
+    checkpoint helper), in_layers / h_upd / x_upd for BigGAN up/down, scale-shift out norm."""
+
+    def __init__(self, channels, emb_channels, out_channels, use_scale_shift_norm=True, down=False):
+        super().__init__()
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.updown = down
+        self.in_layers = nn.Sequential(
+            GroupNorm32(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.h_upd = nn.AvgPool2d(2) if down else nn.Identity()
+        self.x_upd = nn.AvgPool2d(2) if down else nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
+        )
+        self.out_layers = nn.Sequential(
+            GroupNorm32(32, out_channels),
+            nn.SiLU(),
+            nn.Dropout(0.0),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = (
+            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def forward(self, x, emb):
+        return self._forward(x, emb)
+
+    def _forward(self, x, emb):
+        if self.updown:
+            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
+            h = in_rest(x)
+            h = self.h_upd(h)
+            x = self.x_upd(x)
+            h = in_conv(h)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        while len(emb_out.shape) < len(h.shape):
+            emb_out = emb_out[..., None]
+        if self.use_scale_shift_norm:
+            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = torch.chunk(emb_out, 2, dim=1)
+            h = out_norm(h) * (1 + scale) + shift
+            h = out_rest(h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+GDResBlock.__name__ = "ResBlock"  # patch() recognises guided-diffusion's class by name and layout
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(down=True), dict(use_scale_shift_norm=False)])
+def test_patch_fuses_guided_diffusion_resblock(kw):
+    torch.manual_seed(0)
+    block = GDResBlock(32, 16, 64, **kw)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    patched = patch(copy.deepcopy(block))
+    assert list(patched.state_dict()) == list(block.state_dict())
+    if block.use_scale_shift_norm:
+        # the norm, the scale-shift and the SiLU are one AdaGN op; the SiLU's slot keeps the index
+        assert type(patched.out_layers[0]) is fast_ada.AdaGroupNormSiLU
+        assert isinstance(patched.out_layers[1], nn.Identity)
+    else:
+        assert type(patched.out_layers[0]) is GroupNormSiLU
+    assert type(patched.in_layers[0]) is GroupNormSiLU
+    x, emb = torch.randn(2, 32, 8, 8, requires_grad=True), torch.randn(2, 16)
+    ref, out = block(x, emb), patched(x, emb)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    (gx,) = torch.autograd.grad(patched(x, emb).square().sum(), x)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
+    assert [type(m) for m in patch(patched).modules()] == [type(m) for m in patched.modules()]  # idempotent
+
+
+def test_patch_real_guided_diffusion_unet(monkeypatch):
+    """With FASTDIFF_GUIDED_DIFFUSION pointing at a guided-diffusion checkout: its own UNet,
+    patched, gives its unpatched output (every ResBlock on the fused AdaGN)."""
+    import os
+    import sys
+
+    root = os.environ.get("FASTDIFF_GUIDED_DIFFUSION")
+    if not root:
+        pytest.skip("set FASTDIFF_GUIDED_DIFFUSION to a guided-diffusion checkout")
+    monkeypatch.syspath_prepend(root)
+    unet_module = pytest.importorskip("guided_diffusion.unet")
+    torch.manual_seed(0)
+    model = unet_module.UNetModel(
+        image_size=16,
+        in_channels=3,
+        model_channels=32,
+        out_channels=6,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        channel_mult=(1, 2),
+        num_classes=4,
+        num_head_channels=32,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+    ).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.tensor([0, 3])
+    with torch.no_grad():
+        ref = model(x, t, y)
+        patched = patch(copy.deepcopy(model))
+        out = patched(x, t, y)
+    fused = [m for m in patched.modules() if type(m) is fast_ada.AdaGroupNormSiLU]
+    assert len(fused) == sum(type(m).__name__ == "ResBlock" for m in model.modules())
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    sys.modules.pop("guided_diffusion.unet", None)

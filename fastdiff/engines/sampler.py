@@ -122,8 +122,9 @@ class Sampler:
         self._steps: dict[int, tuple[Tensor | None, Callable]] = {}
         self.warmup_seconds = 0.0  # engine preparation (compile, capture, autotuning) so far
 
-    def _step_for(self, n: int) -> tuple[Tensor | None, Callable]:
-        """The engine's step for batch size n, built once; labels live in a static buffer."""
+    def step_for(self, n: int) -> tuple[Tensor | None, Callable]:
+        """(label buffer, the engine's step) for batch size n, built once: a call copies its
+        labels into the buffer, so a compiled or captured step is reused across batches."""
         if n not in self._steps:
             labels = torch.zeros(n, dtype=torch.long, device=self.device) if self.needs_labels else None
             guidance_kwargs = {} if labels is None else {"y": labels}
@@ -145,7 +146,7 @@ class Sampler:
         """Prepare the engine for a batch (compile, capture, choose kernel backends by measuring
         them) with one throw-away step, timed apart from sampling; returns its seconds."""
         n = len(labels) if labels is not None else n
-        labels_buf, run = self._step_for(n)
+        labels_buf, run = self.step_for(n)
         if labels_buf is not None and labels is not None:
             labels_buf.copy_(labels)
         start = time.perf_counter()
@@ -187,7 +188,7 @@ class Sampler:
             raise ValueError("nothing to sample: the batch is empty")
         if n not in self._steps and (self.engine != "eager" or self.device.type == "cuda"):
             self.warmup(labels, n)  # compile / capture / backend choice, timed apart
-        labels_buf, run = self._step_for(n)
+        labels_buf, run = self.step_for(n)
         if labels_buf is not None:
             labels_buf.copy_(labels)
         shape = (n, *self.image_shape)

@@ -609,7 +609,8 @@ class DiffusionTrainer(TrainLoop):
     @torch.no_grad()
     def save_samples(self, path: Path) -> None:
         """A grid from the first EMA (or the raw weights) with a short DDIM schedule, fixed noise."""
-        from fastdiff.diffusion import sample
+        from fastdiff.diffusion import SAMPLERS
+        from fastdiff.engines.sampler import Sampler
 
         cfg, flags = self.config, self.config.flags
         if self._sample_model is None:
@@ -618,24 +619,17 @@ class DiffusionTrainer(TrainLoop):
         self._sample_model.load_state_dict(
             self.ema.state_dict(self.model, rates[0]) if rates else self.model.state_dict()
         )
-        diffusion = create_diffusion_from_flags(flags, timestep_respacing=str(cfg.sample_steps))
+        respacing = SAMPLERS["ddim"].respacing(cfg.sample_steps)  # what `fastdiff sample --steps N` runs
+        diffusion = create_diffusion_from_flags(flags, timestep_respacing=respacing)
         n = cfg.num_samples
-        kwargs = {}
+        labels = None
         if self.class_cond:
             classes = flags["num_classes"] - (1 if self.null_label is not None else 0)
-            kwargs["y"] = torch.arange(n, device=self.device) % classes
-        shape = (n, flags["in_channels"], flags["image_size"], flags["image_size"])
+            labels = torch.arange(n, device=self.device) % classes
         gen = torch.Generator(self.device).manual_seed(cfg.seed)
+        sampler = Sampler(self._sample_model, diffusion, sampler="ddim", engine="eager", device=self.device)
         with self.autocast():
-            x = sample(
-                diffusion,
-                self._sample_model,
-                shape,
-                sampler="ddim",
-                model_kwargs=kwargs,
-                generator=gen,
-                device=self.device,
-            )
+            x = sampler(labels, num_samples=n, generator=gen)
         save_grid(to_uint8(x), path, ncol=math.ceil(math.sqrt(n)))
 
 

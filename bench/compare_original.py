@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""End to end on the CPU, as a user runs it: the default ``fastdiff sample`` (bundled model,
+guided DDIM-25, 16 digits) against the same job on the original guided-diffusion code
+(bench/original_sample.py), from process start to files written, same threads, same images.
+
+    python bench/compare_original.py --guided-diffusion /path/to/guided-diffusion [--threads 1 2]
+
+Each side runs ``--rounds`` times in alternation (so machine noise hits both); the report
+(bench/results/<date>-cpu-e2e.{json,md}) gives the median wall and CPU seconds, the ratio
+original / fastdiff, and the largest difference between the two sets of uint8 images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _timed(cmd: list[str], threads: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of one child process."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env.pop("TRITON_INTERPRET", None)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--guided-diffusion", required=True, type=Path)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--engine", default="eager")
+    ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+    if not (args.guided_diffusion / "guided_diffusion" / "unet.py").is_file():
+        sys.exit(f"error: {args.guided_diffusion} is not a guided-diffusion checkout")
+    fastdiff = shutil.which("fastdiff") or sys.exit("error: the fastdiff command is not installed")
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for threads in args.threads:
+            times: dict[str, list[tuple[float, float]]] = {"fastdiff": [], "original": []}
+            for r in range(args.rounds):
+                out = Path(tmp) / f"fd-{threads}-{r}"
+                times["fastdiff"].append(
+                    _timed(
+                        [
+                            fastdiff,
+                            "sample",
+                            "--out",
+                            str(out),
+                            "--no-progress",
+                            "--engine",
+                            args.engine,
+                            "--threads",
+                            str(threads),
+                        ],
+                        threads,
+                    )
+                )
+                times["original"].append(
+                    _timed(
+                        [
+                            sys.executable,
+                            str(REPO / "bench" / "original_sample.py"),
+                            "--guided-diffusion",
+                            str(args.guided_diffusion),
+                            "--out",
+                            str(Path(tmp) / "orig.npz"),
+                        ],
+                        threads,
+                    )
+                )
+            ours = np.load(out / "samples_16x32x32x1.npz")["arr_0"].astype(int)
+            theirs = np.load(Path(tmp) / "orig.npz")["arr_0"].astype(int)
+            diff = np.abs(ours - theirs)
+            row = {
+                "threads": threads,
+                "engine": args.engine,
+                "rounds": args.rounds,
+                "max_level_diff": int(diff.max()),
+                "mean_level_diff": float(diff.mean()),
+            }
+            for side, ts in times.items():
+                row[f"{side}_wall_s"] = statistics.median(t[0] for t in ts)
+                row[f"{side}_cpu_s"] = statistics.median(t[1] for t in ts)
+            row["speedup_wall"] = row["original_wall_s"] / row["fastdiff_wall_s"]
+            row["speedup_cpu"] = row["original_cpu_s"] / row["fastdiff_cpu_s"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    import torch
+
+    info = {
+        "date": dt.date.today().isoformat(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_1min": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"{info['date']}-cpu-e2e"
+    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
+    lines = [
+        f"# End to end on the CPU: `fastdiff sample` vs guided-diffusion ({info['date']})",
+        "",
+        f"Machine: {info['cores']} cores ({info['cpu']}), torch {info['torch']}, 1-min load at the end "
+        f"{info['load_1min']:.2f}. Command: `python bench/compare_original.py --guided-diffusion PATH "
+        f"--threads {' '.join(map(str, args.threads))} --rounds {args.rounds}`. Job: the bundled model, "
+        "guided DDIM-25 (classifier scale 2), 16 images, process start to files written; medians.",
+        "",
+        "| threads | engine | fastdiff wall s | original wall s | x wall | fastdiff CPU s | original CPU s "
+        "| x CPU | max / mean image diff (of 255) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['threads']} | {r['engine']} | {r['fastdiff_wall_s']:.2f} | {r['original_wall_s']:.2f} | "
+            f"{r['speedup_wall']:.2f} | {r['fastdiff_cpu_s']:.2f} | {r['original_cpu_s']:.2f} | "
+            f"{r['speedup_cpu']:.2f} | {r['max_level_diff']} / {r['mean_level_diff']:.4f} |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(stem.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

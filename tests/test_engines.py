@@ -1,0 +1,201 @@
+"""fastdiff.Sampler and the engines: every engine gives the eager samples.
+
+Oracles: the functional ``fastdiff.diffusion.sample`` (the reference loop, itself checked against
+guided-diffusion's trajectories in test_compat_vectors), and the fp32 samples for low precision
+(PSNR >= 40 dB). The graph engine needs CUDA; torch.compile's cold compile takes minutes on this
+CPU, so its CPU check is marked slow.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.diffusion import SAMPLERS, create_diffusion, sample
+from fastdiff.engines import EngineError, default_engine
+from fastdiff.models import create_classifier, create_unet
+
+CUDA = torch.cuda.is_available()
+
+
+def _nets(device="cpu"):
+    torch.manual_seed(0)
+    unet = create_unet(
+        image_size=8,
+        num_channels=32,
+        num_res_blocks=1,
+        attention_resolutions="4",
+        channel_mult="1,2",
+        class_cond=True,
+        num_classes=6,
+        learn_sigma=True,
+        num_head_channels=32,
+        use_scale_shift_norm=True,
+        in_channels=1,
+    )
+    clf = create_classifier(
+        image_size=8,
+        classifier_width=32,
+        classifier_depth=1,
+        in_channels=1,
+        classifier_attention_resolutions="4",
+        channel_mult="1,2",
+        num_classes=5,
+    )
+    for net in (unet, clf):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn_like(p) * 0.1)
+    return unet.to(device).eval(), clf.to(device).eval()
+
+
+def _diffusion(respacing="ddim6"):
+    return create_diffusion(
+        steps=1000, learn_sigma=True, noise_schedule="cosine", timestep_respacing=respacing
+    )
+
+
+GUIDANCE = {"classifier": dict(classifier_scale=2.0), "cfg": dict(cfg_scale=1.5, null_label=5)}
+
+
+def _reference(unet, clf, diffusion, sampler, guidance, labels, seed, device="cpu"):
+    kw = GUIDANCE[guidance]
+    return sample(
+        diffusion,
+        copy.deepcopy(unet),
+        (len(labels), 1, 8, 8),
+        sampler=sampler,
+        model_kwargs={"y": labels},
+        classifier=clf if "classifier_scale" in kw else None,
+        generator=torch.Generator(device).manual_seed(seed),
+        device=device,
+        **kw,
+    )
+
+
+def _sampler(unet, clf, diffusion, sampler, guidance, **kw):
+    g = GUIDANCE[guidance]
+    return fastdiff.Sampler(
+        copy.deepcopy(unet),
+        diffusion,
+        sampler=sampler,
+        classifier=copy.deepcopy(clf) if "classifier_scale" in g else None,
+        **g,
+        **kw,
+    )
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("guidance", list(GUIDANCE))
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_eager_sampler_is_the_reference_loop(sampler, guidance):
+    unet, clf = _nets()
+    diffusion = _diffusion("6" if sampler == "ddpm" else "ddim6")
+    s = _sampler(unet, clf, diffusion, sampler, guidance, engine="eager")
+    for labels, seed in ((torch.tensor([0, 3, 4]), 1), (torch.tensor([2, 2, 1]), 2), (torch.tensor([4]), 3)):
+        got = s(labels, generator=torch.Generator().manual_seed(seed))
+        want = _reference(unet, clf, diffusion, sampler, guidance, labels, seed)
+        # the second batch reuses the cached step with new labels in its buffer
+        assert torch.equal(got, want), (sampler, guidance, labels)
+
+
+def test_bf16_close_to_fp32():
+    unet, clf = _nets()
+    diffusion = _diffusion()
+    labels = torch.tensor([0, 1, 2, 3])
+    ref = _sampler(unet, clf, diffusion, "ddim", "classifier")(
+        labels, generator=torch.Generator().manual_seed(0)
+    )
+    low = _sampler(unet, clf, diffusion, "ddim", "classifier", dtype="bf16")
+    got = low(labels, generator=torch.Generator().manual_seed(0))
+    assert got.dtype == torch.float32
+    assert next(low.model.parameters()).dtype == torch.bfloat16
+    mse = ((got - ref) ** 2).mean().item()
+    psnr = 10 * math.log10(4.0 / max(mse, 1e-20))  # images span [-1, 1]: peak-to-peak 2
+    assert psnr >= 40, psnr
+
+
+def test_sampler_bad_arguments():
+    unet, clf = _nets()
+    diffusion = _diffusion()
+    with pytest.raises(ValueError, match="does not use it"):
+        fastdiff.Sampler(unet, diffusion, sampler="ddpm", eta=0.5)
+    with pytest.raises(ValueError, match="needs a classifier"):
+        fastdiff.Sampler(unet, diffusion, classifier_scale=1.0)
+    with pytest.raises(ValueError, match="null_label"):
+        fastdiff.Sampler(unet, diffusion, cfg_scale=2.0)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        fastdiff.Sampler(unet, diffusion, sampler="euler")
+    if not CUDA:
+        with pytest.raises(EngineError, match="needs a CUDA device"):
+            fastdiff.Sampler(unet, diffusion, engine="graph")
+    with pytest.raises(EngineError, match="TensorRT not installed"):
+        fastdiff.Sampler(unet, diffusion, engine="trt")
+    s = fastdiff.Sampler(unet, diffusion)
+    with pytest.raises(ValueError, match="pass labels"):
+        s(num_samples=2)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        s(torch.tensor([1]), noise=torch.randn(1, 3, 8, 8))
+    assert default_engine(torch.device("cpu")) == "eager"
+
+
+def _engine_matches_eager(engine, device, samplers=tuple(SAMPLERS), dtype="fp32"):
+    unet, clf = _nets(device)
+    for sampler in samplers:
+        diffusion = _diffusion("6" if sampler == "ddpm" else "ddim6")
+        for guidance in GUIDANCE:
+            labels = torch.tensor([0, 3, 4], device=device)
+            eager = _sampler(
+                unet, clf, diffusion, sampler, guidance, engine="eager", device=device, dtype=dtype
+            )
+            fast = _sampler(
+                unet, clf, diffusion, sampler, guidance, engine=engine, device=device, dtype=dtype
+            )
+            steps_eager, steps_fast = [], []
+            for s, steps in ((eager, steps_eager), (fast, steps_fast)):
+                for seed in (0, 1):  # the second call replays the compiled / captured step
+                    steps.clear()
+                    s(
+                        labels,
+                        generator=torch.Generator(device).manual_seed(seed),
+                        callback=lambda i, x, x0, steps=steps: steps.append(x.clone()),
+                    )
+            for a, b in zip(steps_fast, steps_eager):
+                assert _rel(a, b) <= 1e-4, (engine, sampler, guidance)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("engine", ["graph", "compile"])
+def test_gpu_engines_match_eager(engine):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    _engine_matches_eager(engine, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_graph_fp16_psnr():
+    unet, clf = _nets("cuda")
+    diffusion = _diffusion()
+    labels = torch.tensor([0, 1, 2, 3], device="cuda")
+    ref = _sampler(unet, clf, diffusion, "ddim", "classifier", engine="eager", device="cuda")(
+        labels, generator=torch.Generator("cuda").manual_seed(0)
+    )
+    got = _sampler(unet, clf, diffusion, "ddim", "classifier", engine="graph", device="cuda", dtype="fp16")(
+        labels, generator=torch.Generator("cuda").manual_seed(0)
+    )
+    mse = ((got - ref) ** 2).mean().item()
+    assert 10 * math.log10(4.0 / max(mse, 1e-20)) >= 40
+
+
+@pytest.mark.slow
+def test_compile_engine_matches_eager_cpu():
+    _engine_matches_eager("compile", "cpu", samplers=("ddim",))
