@@ -39,7 +39,7 @@ GPU_CASES = [
     ("imagenet64", "imagenet64", "classifier64", 64),
     ("imagenet256", "imagenet256", "classifier256", 8),
 ]
-IMPLS = ["gd", "gd-compile", "eager", "compile", "graph"]
+IMPLS = ["gd", "eager", "graph", "compile", "gd-compile"]  # cheapest to prepare first
 MODES = ["unet", "step", "loop"]
 
 
@@ -126,7 +126,7 @@ def test_sampling(benchmark, device, monkeypatch, case, impl, mode):
     t_model = torch.full((batch,), 500, device=device, dtype=torch.long)
     t_index = torch.full((batch,), diffusion.num_timesteps - 1, device=device, dtype=torch.long)
     scale = 1.0
-    extra = {"case": name, "batch": batch, "impl": impl, "mode": mode, "respacing": steps}
+    extra = {"op": "sampling", "case": name, "batch": batch, "impl": impl, "mode": mode, "respacing": steps}
 
     if impl.startswith("gd"):
         monkeypatch.setenv("FASTDIFF_OPS", "reference")
@@ -191,7 +191,7 @@ def test_sampling(benchmark, device, monkeypatch, case, impl, mode):
     median = timing._median_of(benchmark)
     if median:
         extra["images_per_s"] = batch / median
-        if mode == "unet":
+        if mode == "unet" and device.type == "cuda":
             flops = _model_flops(unet, x, t_model, labels)
             rate = timing.reference_rates(device).get("matmul_tflops_bfloat16") or 0
             extra["model_tflops"] = flops / median / 1e12

@@ -16,11 +16,12 @@ import warnings
 
 import torch
 
+_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: dynamo traces these calls
 
-@functools.cache
+
 def triton_available() -> bool:
     """True when triton can be imported (not necessarily usable on every device)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def triton_interpret() -> bool:
