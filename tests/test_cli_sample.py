@@ -233,3 +233,18 @@ def test_presets_command():
     assert "--image_size 64" in r.output
     r = CliRunner().invoke(main, ["presets", "bogus"])
     assert r.exit_code != 0 and "unknown preset" in r.output
+
+
+def test_threads_are_chosen_deliberately(monkeypatch):
+    from fastdiff.cli.sample import choose_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert choose_threads(1) == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert choose_threads(None) == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr("os.getloadavg", lambda: (99.0, 0.0, 0.0))  # every core busy
+        assert choose_threads(None) == 1
+    finally:
+        torch.set_num_threads(before)
