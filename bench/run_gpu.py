@@ -573,7 +573,7 @@ def main(argv=None) -> int:
         help="rehearsal: tiny sizes (unless FASTDIFF_BENCH_SIZE says "
         "otherwise), results to a temp dir, never into bench/results",
     )
-    p.add_argument("--budget", type=float, default=540, help="seconds for the whole run (default 540)")
+    p.add_argument("--budget", type=float, default=480, help="seconds for the whole run (default 480)")
     p.add_argument(
         "--tests-timeout", type=float, default=180, help="cap for the GPU test stage (default 180)"
     )
