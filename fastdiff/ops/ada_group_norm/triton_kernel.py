@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 _MIN_CHUNK_ELEMS = 16384  # below this a chunk costs more in launches/merges than it saves
-_MAX_CHUNKS = 512
+_MAX_CHUNKS = 512  # a power of two: the normalize pass reads all chunk moments as one block of this size
 _TILE_ELEMS = 2048  # elements per tile; tests shrink it to run the multi-tile merges on small shapes
 
 
@@ -69,6 +69,13 @@ def _tiles(cg: int, s: int):
     return tc, ts
 
 
+def _cg_align(cg: int, tc: int, stride_c: int) -> int:
+    """Channels per group's largest power-of-two factor (at most the tile's width and 8, a 16-byte
+    vector), shown to the compiler so loads along contiguous channels (channels_last) vectorise;
+    1 where channels are not contiguous (no use there, and no extra compiled variant)."""
+    return min(cg & -cg, tc, 8) if stride_c == 1 else 1
+
+
 def _warps(tile: int, per_warp: int) -> int:
     """Warps for a tile; the backward keeps fewer elements per thread (it holds x, dy and z live:
     ~100 registers at 4 per thread on sm_90 vs ~170 at 8)."""
@@ -102,6 +109,12 @@ def _chunks(sms: int, groups: int, cg: int, s: int, ts: int, num_chunks: int | N
 
 
 @triton.jit
+def _aligned(cg, ALIGN: tl.constexpr):
+    """cg itself, as a multiple of ALIGN the compiler can see (group bases and channel masks)."""
+    return cg // ALIGN * ALIGN
+
+
+@triton.jit
 def _moments(x_ptr, sxc, sxs, Cg, s_start, s_end, ACC: tl.constexpr, TC: tl.constexpr, TS: tl.constexpr):
     """(count, mean, M2) over channels [0, Cg) and positions [s_start, s_end) of one group."""
     offs_c = tl.arange(0, TC)
@@ -128,10 +141,25 @@ def _moments(x_ptr, sxc, sxs, Cg, s_start, s_end, ACC: tl.constexpr, TC: tl.cons
     return cnt, mean, m2
 
 
-@triton.jit
-def _stats_kernel(x_ptr, part_ptr, G, Cg, S, CHUNK_S, K, sxn, sxc, sxs,
-                  ACC: tl.constexpr, TC: tl.constexpr, TS: tl.constexpr):
+@triton.jit(do_not_specialize=["K"])
+def _stats_kernel(
+    x_ptr,
+    part_ptr,
+    G,
+    Cg,
+    S,
+    CHUNK_S,
+    K,
+    sxn,
+    sxc,
+    sxs,
+    ACC: tl.constexpr,
+    TC: tl.constexpr,
+    TS: tl.constexpr,
+    CG_ALIGN: tl.constexpr,
+):
     """Split path, pass 1: moments of chunk k of group pid -> part[pid, k, (count, mean, M2)]."""
+    Cg = _aligned(Cg, CG_ALIGN)
     pid = tl.program_id(0)
     k = tl.program_id(1)
     n = pid // G
@@ -153,14 +181,47 @@ def _load_chan(ptr, idx, mask, HAS: tl.constexpr, default: tl.constexpr, ACC: tl
         return tl.full((TC,), default, ACC)
 
 
-@triton.jit
-def _fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, part_ptr, mean_ptr, rstd_ptr,
-                G, Cg, S, CHUNK_S, K, eps,
-                sxn, sxc, sxs, syn, syc, sys, sscn, sscc, sshn, sshc,
-                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                SILU: tl.constexpr, FROM_PARTS: tl.constexpr, BLOCK_K: tl.constexpr,
-                ACC: tl.constexpr, TC: tl.constexpr, TS: tl.constexpr):
+@triton.jit(do_not_specialize=["K"])
+def _fwd_kernel(
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    b_ptr,
+    sc_ptr,
+    sh_ptr,
+    part_ptr,
+    mean_ptr,
+    rstd_ptr,
+    G,
+    Cg,
+    S,
+    CHUNK_S,
+    K,
+    eps,
+    sxn,
+    sxc,
+    sxs,
+    syn,
+    syc,
+    sys,
+    sscn,
+    sscc,
+    sshn,
+    sshc,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    FROM_PARTS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+    TC: tl.constexpr,
+    TS: tl.constexpr,
+    CG_ALIGN: tl.constexpr,
+):
     """Normalize chunk k of group pid; statistics from the chunk partials or (unsplit) computed here."""
+    Cg = _aligned(Cg, CG_ALIGN)
     pid = tl.program_id(0)
     k = tl.program_id(1)
     n = pid // G
@@ -219,8 +280,28 @@ def _dz(xv, dyv, mean, rstd, w, b, s1, sh, SILU: tl.constexpr):
 
 
 @triton.jit
-def _chan_sums(xb, dyb, sxc, sxs, sdc, sds, cc, mc, s_start, s_end, mean, rstd, w, b, s1, sh,
-               SILU: tl.constexpr, ACC: tl.constexpr, TC: tl.constexpr, TS: tl.constexpr):
+def _chan_sums(
+    xb,
+    dyb,
+    sxc,
+    sxs,
+    sdc,
+    sds,
+    cc,
+    mc,
+    s_start,
+    s_end,
+    mean,
+    rstd,
+    w,
+    b,
+    s1,
+    sh,
+    SILU: tl.constexpr,
+    ACC: tl.constexpr,
+    TC: tl.constexpr,
+    TS: tl.constexpr,
+):
     """Per channel of the tile: (sum dz, sum dz * xhat) over positions [s_start, s_end)."""
     offs_s = tl.arange(0, TS)
     sa = tl.zeros((TC,), ACC)
@@ -238,12 +319,43 @@ def _chan_sums(xb, dyb, sxc, sxs, sdc, sds, cc, mc, s_start, s_end, mean, rstd, 
 
 
 @triton.jit
-def _bwd_sums_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, mean_ptr, rstd_ptr, sums_ptr,
-                     G, Cg, S, NC, CHUNK_S, sxn, sxc, sxs, sdn, sdc, sds, sscn, sscc, sshn, sshc,
-                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                     ACC: tl.constexpr, TC: tl.constexpr, TS: tl.constexpr):
+def _bwd_sums_kernel(
+    x_ptr,
+    dy_ptr,
+    w_ptr,
+    b_ptr,
+    sc_ptr,
+    sh_ptr,
+    mean_ptr,
+    rstd_ptr,
+    sums_ptr,
+    G,
+    Cg,
+    S,
+    NC,
+    CHUNK_S,
+    sxn,
+    sxc,
+    sxs,
+    sdn,
+    sdc,
+    sds,
+    sscn,
+    sscc,
+    sshn,
+    sshc,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    ACC: tl.constexpr,
+    TC: tl.constexpr,
+    TS: tl.constexpr,
+    CG_ALIGN: tl.constexpr,
+):
     """Split backward, pass 1: per-(n, c) sums over chunk k -> sums[k, 0 | 1, n, c]."""
+    Cg = _aligned(Cg, CG_ALIGN)
     pid = tl.program_id(0)
     k = tl.program_id(1)
     n = pid // G
@@ -264,24 +376,60 @@ def _bwd_sums_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, mean_ptr, rstd
         b = _load_chan(b_ptr, ch, mc, HAS_B, 0.0, ACC, TC)
         s1 = 1.0 + _load_chan(sc_ptr + n.to(tl.int64) * sscn, ch * sscc, mc, HAS_SCALE, 0.0, ACC, TC)
         sh = _load_chan(sh_ptr + n.to(tl.int64) * sshn, ch * sshc, mc, HAS_SHIFT, 0.0, ACC, TC)
-        sa, sb = _chan_sums(xb, dyb, sxc, sxs, sdc, sds, cc, mc, s_start, s_end, mean, rstd,
-                            w, b, s1, sh, SILU, ACC, TC, TS)
+        sa, sb = _chan_sums(
+            xb, dyb, sxc, sxs, sdc, sds, cc, mc, s_start, s_end, mean, rstd, w, b, s1, sh, SILU, ACC, TC, TS
+        )
         tl.store(out + ch, sa, mask=mc)
         tl.store(out + NC + ch, sb, mask=mc)
 
 
 @triton.jit
-def _bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, mean_ptr, rstd_ptr, sums_ptr,
-                   G, Cg, S, NC, CHUNK_S, sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs,
-                   sscn, sscc, sshn, sshc,
-                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-                   HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, FUSED: tl.constexpr,
-                   ACC: tl.constexpr, TC: tl.constexpr, TS: tl.constexpr):
+def _bwd_dx_kernel(
+    x_ptr,
+    dy_ptr,
+    dx_ptr,
+    w_ptr,
+    b_ptr,
+    sc_ptr,
+    sh_ptr,
+    mean_ptr,
+    rstd_ptr,
+    sums_ptr,
+    G,
+    Cg,
+    S,
+    NC,
+    CHUNK_S,
+    sxn,
+    sxc,
+    sxs,
+    sdn,
+    sdc,
+    sds,
+    sgn,
+    sgc,
+    sgs,
+    sscn,
+    sscc,
+    sshn,
+    sshc,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    FUSED: tl.constexpr,
+    ACC: tl.constexpr,
+    TC: tl.constexpr,
+    TS: tl.constexpr,
+    CG_ALIGN: tl.constexpr,
+):
     """dx for chunk k of group pid: dx = rstd * (dz*g - mean(dz*g) - xhat * mean(dz*g*xhat)), g = (1+s)w.
 
     FUSED (one chunk): the per-channel sums are computed here first (and stored for the parameter
     grads); otherwise they come reduced over chunks in sums[0 | 1, n, c].
     """
+    Cg = _aligned(Cg, CG_ALIGN)
     pid = tl.program_id(0)
     k = tl.program_id(1)
     n = pid // G
@@ -306,8 +454,9 @@ def _bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, mean_ptr
         if FUSED:
             b = _load_chan(b_ptr, ch, mc, HAS_B, 0.0, ACC, TC)
             sh = _load_chan(sh_ptr + n.to(tl.int64) * sshn, ch * sshc, mc, HAS_SHIFT, 0.0, ACC, TC)
-            sa, sb = _chan_sums(xb, dyb, sxc, sxs, sdc, sds, cc, mc, 0, S, mean, rstd,
-                                w, b, s1, sh, SILU, ACC, TC, TS)
+            sa, sb = _chan_sums(
+                xb, dyb, sxc, sxs, sdc, sds, cc, mc, 0, S, mean, rstd, w, b, s1, sh, SILU, ACC, TC, TS
+            )
             tl.store(sums + ch, sa, mask=mc)
             tl.store(sums + NC + ch, sb, mask=mc)
         else:
@@ -355,7 +504,7 @@ def _setup(x, num_groups):
     if c * s >= 2**31:
         raise ValueError(f"ada_group_norm: {c * s} elements per sample is over the int32 kernel limit")
     tc, ts = _tiles(cg, s)
-    return xf, (sxn, sxc, sxs), n, c, cg, s, tc, ts
+    return xf, (sxn, sxc, sxs), n, c, cg, s, tc, ts, _cg_align(cg, tc, sxc)
 
 
 def forward(x, num_groups, weight, bias, scale, shift, eps, activation, *, num_chunks=None):
@@ -363,7 +512,7 @@ def forward(x, num_groups, weight, bias, scale, shift, eps, activation, *, num_c
 
     ``num_chunks`` overrides the split heuristic (tests force the split path with it).
     """
-    xf, (sxn, sxc, sxs), n, c, cg, s, tc, ts = _setup(x, num_groups)
+    xf, (sxn, sxc, sxs), n, c, cg, s, tc, ts, align = _setup(x, num_groups)
     warps = _warps(tc * ts, 256)
     acc, acc_t = _acc_dtype(x)
     y = _new(x)  # x's memory format
@@ -378,17 +527,65 @@ def forward(x, num_groups, weight, bias, scale, shift, eps, activation, *, num_c
     k, chunk_s = _chunks(_sms(x), groups, cg, s, ts, num_chunks)
     part = _new((groups, k, 3), dtype=acc_t, device=x.device) if k > 1 else mean
     if k > 1:
-        _stats_kernel[(groups, k)](xf, part, num_groups, cg, s, chunk_s, k, sxn, sxc, sxs,
-                                   ACC=acc, TC=tc, TS=ts, num_warps=warps)
+        _stats_kernel[(groups, k)](
+            xf,
+            part,
+            num_groups,
+            cg,
+            s,
+            chunk_s,
+            k,
+            sxn,
+            sxc,
+            sxs,
+            ACC=acc,
+            TC=tc,
+            TS=ts,
+            CG_ALIGN=align,
+            num_warps=warps,
+        )
     w, has_w, _, _ = _chan_arg(weight, x)
     b, has_b, _, _ = _chan_arg(bias, x)
     sc, has_sc, sscn, sscc = _chan_arg(scale, x)
     sh, has_sh, sshn, sshc = _chan_arg(shift, x)
     _fwd_kernel[(groups, k)](
-        xf, y, w, b, sc, sh, part, mean, rstd, num_groups, cg, s, chunk_s, k, float(eps),
-        sxn, sxc, sxs, syn, syc, sys, sscn, sscc, sshn, sshc,
-        HAS_W=has_w, HAS_B=has_b, HAS_SCALE=has_sc, HAS_SHIFT=has_sh, SILU=activation == "silu",
-        FROM_PARTS=k > 1, BLOCK_K=triton.next_power_of_2(k), ACC=acc, TC=tc, TS=ts, num_warps=warps,
+        xf,
+        y,
+        w,
+        b,
+        sc,
+        sh,
+        part,
+        mean,
+        rstd,
+        num_groups,
+        cg,
+        s,
+        chunk_s,
+        k,
+        float(eps),
+        sxn,
+        sxc,
+        sxs,
+        syn,
+        syc,
+        sys,
+        sscn,
+        sscc,
+        sshn,
+        sshc,
+        HAS_W=has_w,
+        HAS_B=has_b,
+        HAS_SCALE=has_sc,
+        HAS_SHIFT=has_sh,
+        SILU=activation == "silu",
+        FROM_PARTS=k > 1,
+        BLOCK_K=_MAX_CHUNKS,
+        ACC=acc,
+        TC=tc,
+        TS=ts,
+        CG_ALIGN=align,
+        num_warps=warps,
     )
     return y, mean, rstd
 
@@ -399,7 +596,7 @@ def backward(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activati
     The kernels produce per-(n, c) sums A = sum dz, B = sum dz * xhat (z: pre-activation); the
     parameter grads are tiny [N, C] reductions of those, done in torch.
     """
-    xf, (sxn, sxc, sxs), n, c, cg, s, tc, ts = _setup(x, num_groups)
+    xf, (sxn, sxc, sxs), n, c, cg, s, tc, ts, align = _setup(x, num_groups)
     warps = _warps(tc * ts, 128)
     acc, acc_t = _acc_dtype(x)
     dyf, sdn, sdc, sds, _ = _flat(dy)
@@ -413,21 +610,84 @@ def backward(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activati
     b, has_b, _, _ = _chan_arg(bias, x)
     sc, has_sc, sscn, sscc = _chan_arg(scale, x)
     sh, has_sh, sshn, sshc = _chan_arg(shift, x)
-    flags = dict(HAS_W=has_w, HAS_B=has_b, HAS_SCALE=has_sc, HAS_SHIFT=has_sh, SILU=activation == "silu",
-                 ACC=acc, TC=tc, TS=ts, num_warps=warps)
+    flags = dict(
+        HAS_W=has_w,
+        HAS_B=has_b,
+        HAS_SCALE=has_sc,
+        HAS_SHIFT=has_sh,
+        SILU=activation == "silu",
+        ACC=acc,
+        TC=tc,
+        TS=ts,
+        CG_ALIGN=align,
+        num_warps=warps,
+    )
     sums = _new((k, 2, n, c), dtype=acc_t, device=x.device)
     if x.numel() == 0:
         sums.zero_()
     elif k > 1:
         _bwd_sums_kernel[(groups, k)](
-            xf, dyf, w, b, sc, sh, mean, rstd, sums, num_groups, cg, s, n * c, chunk_s,
-            sxn, sxc, sxs, sdn, sdc, sds, sscn, sscc, sshn, sshc, **flags)
+            xf,
+            dyf,
+            w,
+            b,
+            sc,
+            sh,
+            mean,
+            rstd,
+            sums,
+            num_groups,
+            cg,
+            s,
+            n * c,
+            chunk_s,
+            sxn,
+            sxc,
+            sxs,
+            sdn,
+            sdc,
+            sds,
+            sscn,
+            sscc,
+            sshn,
+            sshc,
+            **flags,
+        )
     if k > 1:
         sums = sums.sum(0, keepdim=True)
     if x.numel():
         _bwd_dx_kernel[(groups, k)](
-            xf, dyf, dx, w, b, sc, sh, mean, rstd, sums, num_groups, cg, s, n * c, chunk_s,
-            sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs, sscn, sscc, sshn, sshc, FUSED=k == 1, **flags)
+            xf,
+            dyf,
+            dx,
+            w,
+            b,
+            sc,
+            sh,
+            mean,
+            rstd,
+            sums,
+            num_groups,
+            cg,
+            s,
+            n * c,
+            chunk_s,
+            sxn,
+            sxc,
+            sxs,
+            sdn,
+            sdc,
+            sds,
+            sgn,
+            sgc,
+            sgs,
+            sscn,
+            sscc,
+            sshn,
+            sshc,
+            FUSED=k == 1,
+            **flags,
+        )
     sa, sb = sums[0, 0], sums[0, 1]
     s1 = 1 + scale.to(acc_t) if scale is not None else 1
     wv = weight.to(acc_t) if weight is not None else 1

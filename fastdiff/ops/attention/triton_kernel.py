@@ -43,35 +43,59 @@ def _layout(num_heads: int, head_dim: int, order: str):
     return head_dim, num_heads * head_dim, 2 * num_heads * head_dim
 
 
-def _config(head_dim: int, itemsize: int, backward: bool):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): one small fixed config in the interpreter
-    (speed there is per program), sizes by register/shared-memory budget on GPUs (fp32 tiles
-    cost what 16-bit tiles of twice the head dim do)."""
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by (kernel, fp32?, BLOCK_D); BLOCK_N is dkdv's key block
+# and dq's loop step. Each fits sm_80 and sm_90 without spilling (.ci/check_triton_compile.py measures),
+# except fp32 at BLOCK_D 256, the least-spilling config found (its tf32x3 operand halves need more).
+_CONFIGS = {
+    ("fwd", False, 32): (128, 64, 4, 3),
+    ("fwd", False, 64): (128, 64, 8, 3),
+    ("fwd", False, 128): (128, 32, 8, 2),
+    ("fwd", False, 256): (64, 32, 8, 2),
+    ("fwd", True, 32): (64, 32, 4, 2),
+    ("fwd", True, 64): (64, 16, 4, 2),
+    ("fwd", True, 128): (16, 32, 4, 2),
+    ("fwd", True, 256): (16, 16, 8, 1),
+    ("dkdv", False, 32): (64, 64, 4, 2),
+    ("dkdv", False, 64): (64, 64, 8, 2),
+    ("dkdv", False, 128): (32, 64, 8, 2),
+    ("dkdv", False, 256): (32, 32, 8, 1),
+    ("dkdv", True, 32): (32, 64, 4, 2),
+    ("dkdv", True, 64): (32, 32, 8, 2),
+    ("dkdv", True, 128): (16, 16, 8, 1),
+    ("dkdv", True, 256): (16, 16, 8, 1),
+    ("dq", False, 32): (64, 64, 4, 2),
+    ("dq", False, 64): (64, 64, 8, 2),
+    ("dq", False, 128): (32, 64, 8, 2),
+    ("dq", False, 256): (32, 32, 8, 1),
+    ("dq", True, 32): (64, 32, 8, 2),
+    ("dq", True, 64): (32, 32, 8, 2),
+    ("dq", True, 128): (16, 32, 4, 1),
+    ("dq", True, 256): (16, 16, 8, 1),
+}
+# T not a multiple of 16 (the classifier's attention pool, T = 8*8 + 1) leaves rows unaligned: no async
+# copies, loads go through registers, so smaller tiles there
+_UNALIGNED = {
+    ("dkdv", False, 64): (32, 32, 4, 2),
+    ("dq", False, 64): (32, 32, 4, 2),
+    ("dq", True, 64): (32, 32, 4, 2),
+}
+
+
+def _config(kernel: str, head_dim: int, length: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd" | "dkdv" | "dq": one small fixed
+    config in the interpreter (speed there is per program), else by padded head dim, dtype and T."""
     if triton_interpret():
         return 32, 32, 1, 1
-    budget = head_dim * itemsize // 2
-    if backward:
-        if budget <= 64:
-            return 64, 64, 4, 2
-        if budget <= 128:
-            return 64, 32, 8, 2
-        if budget <= 256:
-            return 32, 32, 8, 1
-        return 16, 32, 4, 1
-    if budget <= 64:
-        return 128, 64, 4, 3
-    if budget <= 128:
-        return 128, 32, 8, 2
-    if budget <= 256:
-        return 64, 32, 8, 2
-    return 32, 32, 4, 1
+    key = (kernel, dtype == torch.float32, min(256, max(32, triton.next_power_of_2(head_dim))))
+    return (_UNALIGNED.get(key) if length % 16 else None) or _CONFIGS[key]
 
 
 def _dot_meta(dtype: torch.dtype) -> dict:
-    """fp32 dots in full fp32 ("ieee", no TF32) so fp32 attention is exact-ish; 16-bit: the
-    default. In triton's interpreter bf16 dots give wrong numbers, so they run upcast to fp32."""
+    """fp32 dots as three TF32 tensor-core products ("tf32x3": about fp32's accuracy; "ieee" runs
+    on FMA units and spills); 16-bit: the default. In triton's interpreter bf16 dots give wrong
+    numbers, so they run upcast to fp32 there."""
     upcast = dtype == torch.bfloat16 and triton_interpret()
-    return dict(PRECISION="ieee" if dtype == torch.float32 or upcast else None, UPCAST=upcast)
+    return dict(PRECISION="ieee" if upcast else "tf32x3" if dtype == torch.float32 else None, UPCAST=upcast)
 
 
 @triton.jit
@@ -83,7 +107,7 @@ def _mm(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])
 def _fwd_kernel(
     qkv,
     out,
@@ -157,7 +181,7 @@ def _fwd_kernel(
     tl.store(lse + bh.to(tl.int64) * T + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])
 def _bwd_delta_kernel(
     dout,
     out,
@@ -188,7 +212,7 @@ def _bwd_delta_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])
 def _bwd_dkdv_kernel(
     qkv,
     dout,
@@ -263,7 +287,7 @@ def _bwd_dkdv_kernel(
     tl.store(r_base + (v_off + offs_d[None, :]) * r_c + offs_n[:, None] * r_t, dv.to(out_ty), mask=nd_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])
 def _bwd_dq_kernel(
     qkv,
     dout,
@@ -346,7 +370,7 @@ def forward(qkv: torch.Tensor, num_heads: int, order: str):
     head_step, k_off, v_off = _layout(num_heads, head_dim, order)
     out = _empty((bs, num_heads * head_dim, length), qkv)
     lse = _empty((bs * num_heads, length), qkv, torch.float32)
-    block_m, block_n, warps, stages = _config(head_dim, qkv.element_size(), backward=False)
+    block_m, block_n, warps, stages = _config("fwd", head_dim, length, qkv.dtype)
     grid = (triton.cdiv(length, block_m), bs * num_heads)
     _fwd_kernel[grid](
         qkv,
@@ -377,9 +401,12 @@ def backward(
     """-> dqkv [B, 3*H*d, T] in qkv's dtype and layout."""
     bs, head_dim, length, block_d = _dims(qkv, num_heads)
     head_step, k_off, v_off = _layout(num_heads, head_dim, order)
-    block_m, block_n, warps, stages = _config(head_dim, qkv.element_size(), backward=True)
+    dq_cfg, dkdv_cfg = (
+        _config("dq", head_dim, length, qkv.dtype),
+        _config("dkdv", head_dim, length, qkv.dtype),
+    )
     delta = _empty((bs * num_heads, length), qkv, torch.float32)
-    _bwd_delta_kernel[(triton.cdiv(length, block_m), bs * num_heads)](
+    _bwd_delta_kernel[(triton.cdiv(length, dq_cfg[0]), bs * num_heads)](
         dout,
         out,
         delta,
@@ -388,9 +415,9 @@ def backward(
         num_heads,
         *dout.stride(),
         *out.stride(),
-        BLOCK_M=block_m,
+        BLOCK_M=dq_cfg[0],
         BLOCK_D=block_d,
-        num_warps=warps,
+        num_warps=dq_cfg[2],
     )
     dqkv = _empty(qkv.shape, qkv)
     sm_scale = 1 / math.sqrt(head_dim)
@@ -412,14 +439,17 @@ def backward(
         *dout.stride(),
         *dqkv.stride(),
     )
-    meta = dict(
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        **_dot_meta(qkv.dtype),
-        num_warps=warps,
-        num_stages=stages,
-    )
-    _bwd_dkdv_kernel[(triton.cdiv(length, block_n), bs * num_heads)](*args, **meta)
-    _bwd_dq_kernel[(triton.cdiv(length, block_m), bs * num_heads)](*args, **meta)
+    for kernel, (block_m, block_n, warps, stages), rows in (
+        (_bwd_dkdv_kernel, dkdv_cfg, dkdv_cfg[1]),
+        (_bwd_dq_kernel, dq_cfg, dq_cfg[0]),
+    ):
+        kernel[(triton.cdiv(length, rows), bs * num_heads)](
+            *args,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            **_dot_meta(qkv.dtype),
+            num_warps=warps,
+            num_stages=stages,
+        )
     return dqkv

@@ -1,0 +1,390 @@
+"""CI: compile every Triton kernel at the launch configurations ADM uses, for sm_80 and sm_90, on the CPU.
+
+A kernel that spills registers or wants more shared memory than the GPU has shows up only on that
+GPU, so this compiles each variant ahead of time with the ptxas inside triton's wheel (no CUDA, no
+GPU) and fails on a compile error, a spill or too much shared memory.
+
+Shapes: a meta-device forward of every preset (fastdiff.ops.patch'd, so the fused ops run where the
+models run them), at batch 1, 8 and 64, in fp16/bf16/fp32, NCHW and channels_last. Launch
+configurations: the real launchers, run on meta tensors with ``JITFunction.run`` recording instead
+of launching, so the check cannot drift from their choices.
+
+Attention compiles every distinct specialization. GroupNorm has about a thousand (flags x tile
+shapes x dtypes x layouts x archs); its tiles keep the same elements per thread, so by default one
+variant per (kernel, flags, dtype, layout, arch) is compiled, the one with the most elements per
+thread and the widest channel tile; ``--all`` compiles them all. Triton's cache keeps compiled
+variants, so reruns only compile what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from unittest import mock
+
+# the interpreter would turn the kernels into InterpretedFunctions, which do not compile
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton's current default, said out loud
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ARCHS = {80: (108, 163 * 1024), 90: (132, 227 * 1024)}  # SMs (A100, H100) and shared memory per block
+BATCHES = (1, 8, 64)
+# Spills no tile removes, reported but not failing: fp32 attention at head dim 192/256 (ImageNet-128's
+# 8x8/16x16 heads; its preset runs fp16) keeps tf32x3's hi/lo operand halves of a 256-wide row per warp.
+KNOWN_SPILLS = {
+    ("attention._fwd_kernel", "fp32", 256): "fp32 tf32x3 at head dim > 128",
+    ("attention._bwd_dkdv_kernel", "fp32", 256): "fp32 tf32x3 at head dim > 128",
+    ("attention._bwd_dq_kernel", "fp32", 256): "fp32 tf32x3 at head dim > 128",
+}
+
+
+def _dtypes():
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def adm_calls() -> dict[tuple, set[str]]:
+    """{call: presets} for each distinct GroupNorm / attention call of a meta forward of every preset:
+    ("gn", per-sample shape, groups, activation, scale-shift?) or ("attn", (3*H*d, T), heads, order)."""
+    import torch
+
+    from fastdiff.models.presets import PRESETS, build_preset
+    from fastdiff.ops.ada_group_norm.module import GroupNorm
+    from fastdiff.ops.attention.module import QKVAttention, QKVAttentionLegacy
+    from fastdiff.ops.patch import patch
+
+    calls: dict[tuple, set[str]] = {}
+    for name, preset in PRESETS.items():
+        model = patch(build_preset(name, device="meta"))
+        seen: set[tuple] = set()
+
+        def gn_hook(m, args, seen=seen):
+            assert m.affine, "the check builds affine GroupNorm calls only"
+            seen.add(("gn", tuple(args[0].shape[1:]), m.num_groups, m.activation, len(args) > 1))
+
+        def attn_hook(m, args, seen=seen):
+            seen.add(("attn", tuple(args[0].shape[1:]), m.n_heads, m.order))
+
+        for m in model.modules():
+            if isinstance(m, GroupNorm):
+                m.register_forward_pre_hook(gn_hook)
+            elif isinstance(m, (QKVAttention, QKVAttentionLegacy)):
+                m.register_forward_pre_hook(attn_hook)
+        f = preset.flags
+        size, chans = f.get("image_size", f.get("large_size")), f.get("in_channels", 3)
+        meta = dict(device="meta")
+        kwargs = {}
+        if preset.kind == "superres":
+            kwargs["low_res"] = torch.empty(1, chans, f["small_size"], f["small_size"], **meta)
+        if preset.kind != "classifier" and f.get("class_cond"):
+            kwargs["y"] = torch.zeros(1, dtype=torch.long, **meta)
+        with torch.no_grad():
+            model(torch.empty(1, chans, size, size, **meta), torch.zeros(1, **meta), **kwargs)
+        for call in seen:
+            calls.setdefault(call, set()).add(name)
+    return calls
+
+
+@contextlib.contextmanager
+def recording(launches: list):
+    """Kernel launches append (kernel, args, kwargs) to ``launches`` instead of running."""
+    from triton.runtime.jit import JITFunction
+
+    def run(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    with mock.patch.object(JITFunction, "run", run):
+        yield
+
+
+def _meta(shape, dtype, channels_last=False):
+    """A meta tensor; channels_last puts the channel dim (1) innermost, for 3-d inputs too."""
+    import torch
+
+    if not channels_last:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    inner = torch.empty([shape[0], *shape[2:], shape[1]], dtype=dtype, device="meta")
+    return inner.permute(0, len(shape) - 1, *range(1, len(shape) - 1))
+
+
+def gn_launches(call, batch, dtype, sms):
+    """ada_group_norm's forward and backward launches for one call, NCHW and channels_last."""
+    import torch
+
+    from fastdiff.ops.ada_group_norm import triton_kernel as gn
+
+    _, shape, groups, activation, scale_shift = call
+    c = shape[0]
+    out: list = []
+    for channels_last in (False, True):
+        x = _meta((batch, *shape), dtype, channels_last)
+        w = b = torch.empty(c, device="meta")  # ADM keeps norm parameters in fp32
+        sc = sh = None
+        if scale_shift:  # ADM's emb_out.chunk(2, 1) of an [N, 2C] projection, as [N, C] views
+            emb = torch.empty(batch, 2 * c, dtype=dtype, device="meta")
+            sc, sh = emb[:, :c], emb[:, c:]
+        with mock.patch.object(gn, "_sms", lambda _x: sms), recording(out):
+            _, mean, rstd = gn.forward(x, groups, w, b, sc, sh, 1e-5, activation)
+            gn.backward(torch.empty_like(x), x, groups, w, b, sc, sh, mean, rstd, activation)
+    return out
+
+
+def attn_launches(call, batch, dtype):
+    import torch
+
+    from fastdiff.ops.attention import triton_kernel as attn
+
+    _, (width, length), heads, order = call
+    out: list = []
+    qkv = torch.empty(batch, width, length, dtype=dtype, device="meta")
+    with recording(out):
+        o, lse = attn.forward(qkv, heads, order)
+        attn.backward(torch.empty_like(o), qkv, o, lse, heads, order)
+    return out
+
+
+def describe(call, batch, dtype_name):
+    if call[0] == "gn":
+        _, shape, groups, act, ss = call
+        kind = (act or "none") + ("+scale-shift" if ss else "")
+        return f"GN {'x'.join(map(str, shape))}/{groups} {kind} b{batch} {dtype_name}"
+    _, (width, length), heads, order = call
+    return f"attn T={length} d={width // (3 * heads)} H={heads} {order} b{batch} {dtype_name}"
+
+
+_GN_TILE = ("TC", "TS", "CG_ALIGN", "BLOCK_K")  # GroupNorm constexprs a class merges over
+
+
+class Variant:
+    """One (kernel, specialization, options, arch): what triton would compile for a launch."""
+
+    def __init__(self, fn, arch, signature, constexprs, attrs, options):
+        self.fn, self.arch = fn, arch
+        self.signature, self.constexprs, self.attrs, self.options = signature, constexprs, attrs, options
+        names = list(fn.signature.parameters)
+        declared = {p.name for p in fn.params if p.is_constexpr}
+        self.kernel = f"{fn.fn.__module__.split('.')[-2]}.{fn.__name__}"
+        self.dtype = next(t for t in signature.values() if t.startswith("*"))[1:]
+        self.consts = {names[k[0]]: v for k, v in constexprs.items() if names[k[0]] in declared}
+        self.ones = ones = [names[k[0]] for k in constexprs if names[k[0]] not in declared]
+        odd = [names[k[0]] for k, a in attrs.items() if signature[names[k[0]]] == "i32" and not a]
+        self.label = " ".join(
+            [self.dtype]
+            + [f"{k}={v}" for k, v in self.consts.items() if k not in ("ACC", "UPCAST")]
+            + [f"w{options.num_warps}", f"s{options.num_stages}"]
+            + ([f"=1:{','.join(ones)}"] if ones else [])
+            + ([f"%16!:{','.join(odd)}"] if odd else [])
+        )
+        self.uses: list[str] = []
+        self.merged = 1
+
+    def key(self):
+        return (
+            self.kernel,
+            self.arch,
+            repr(self.signature),
+            repr(sorted(self.constexprs.items())),
+            repr(sorted(self.attrs.items())),
+            repr(self.options),
+        )
+
+    def gn_class(self):
+        """GroupNorm variants that differ only in tile shape (and so warps, ints' alignment)."""
+        flags = tuple((k, v) for k, v in self.consts.items() if k not in _GN_TILE)
+        ones = tuple(n for n in self.ones if n != "Cg")
+        return (self.kernel, self.arch, repr(self.signature), flags, ones, self.options.num_stages)
+
+    def per_thread(self):
+        return (self.consts["TC"] * self.consts["TS"] // (32 * self.options.num_warps), self.consts["TC"])
+
+    def job(self):
+        return (
+            self.fn.fn.__module__,
+            self.fn.__name__,
+            self.arch,
+            self.signature,
+            self.constexprs,
+            self.attrs,
+            self.options.__dict__,
+        )
+
+
+_binders: dict = {}
+_specialized: dict = {}
+
+
+def specialize(fn, args, kwargs, arch) -> Variant:
+    """What ``JITFunction.run`` computes before compiling, for a target instead of the current GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    if (fn, arch) not in _binders:
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        _binders[fn, arch] = backend, create_function_from_signature(fn.signature, fn.params, backend)
+    backend, binder = _binders[fn, arch]
+    kwargs = dict(kwargs, debug=kwargs.get("debug", fn.debug) or False)
+    bound, spec, options = binder(*args, **kwargs)
+    key = (fn, arch, repr(spec), repr(sorted(options.items())))  # what triton's own kernel cache keys on
+    if key not in _specialized:
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+        _specialized[key] = Variant(fn, arch, signature, constexprs, attrs, options)
+    return _specialized[key]
+
+
+def resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, local bytes per thread) of a cubin, from cuobjdump in triton's wheel. Triton
+    kernels keep no local arrays, so local memory is register spill (triton's ``n_spills`` is it / 4)."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run(
+            [str(tool), "--dump-resource-usage", f.name], check=True, capture_output=True, text=True
+        ).stdout
+    line = next(ln for ln in text.splitlines() if "REG:" in ln)
+    fields = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
+    return int(fields["REG"]), int(fields["LOCAL"]) + int(fields["STACK"])
+
+
+def compile_variant(job):
+    """Variant.job() -> (registers, spill bytes, shared bytes, error or None); plain data in and out,
+    so it runs in worker processes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, name, arch, signature, constexprs, attrs, options = job
+    try:
+        fn = getattr(importlib.import_module(module), name)
+        src = ASTSource(fn, signature, constexprs, attrs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        regs, spill = resources(kernel.asm["cubin"])
+        return regs, spill, kernel.metadata.shared, None
+    except Exception as e:  # a failed compile is a result to report, not a crash
+        lines = str(e).strip().splitlines()
+        return 0, 0, 0, f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def collect(calls, only):
+    """{key: Variant} over every call x batch x dtype x arch, uses recorded."""
+    variants: dict[tuple, Variant] = {}
+    for call, presets in sorted(calls.items(), key=str):
+        if only and call[0] != only:
+            continue
+        for batch in BATCHES:
+            for dname, dtype in _dtypes().items():
+                use = f"{describe(call, batch, dname)} ({','.join(sorted(presets))})"
+                for arch, (sms, _) in ARCHS.items():
+                    if call[0] == "gn":
+                        launches = gn_launches(call, batch, dtype, sms)
+                    else:
+                        launches = attn_launches(call, batch, dtype)
+                    for fn, args, kwargs in launches:
+                        v = specialize(fn, args, kwargs, arch)
+                        v = variants.setdefault(v.key(), v)
+                        if use not in v.uses:
+                            v.uses.append(use)
+    return variants
+
+
+def select(variants, everything):
+    """The variants to compile: all of attention's; one per GroupNorm class unless ``everything``."""
+    picked: dict[tuple, Variant] = {}
+    for key, v in variants.items():
+        if everything or v.kernel.startswith("attention."):
+            picked[key] = v
+            continue
+        cls = v.gn_class()
+        best = picked.get(cls)
+        if best is None or v.per_thread() > best.per_thread():
+            if best is not None:
+                v.merged += best.merged
+                v.uses = best.uses + v.uses
+            picked[cls] = v
+        else:
+            best.merged += 1
+            best.uses += v.uses
+    return sorted(picked.values(), key=lambda v: (v.kernel, v.label, v.arch))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    ap.add_argument("--all", action="store_true", help="every GroupNorm tile variant too (slow)")
+    ap.add_argument("--only", choices=("gn", "attn"), help="one op's kernels")
+    ap.add_argument("--uses", action="store_true", help="list every call that launches each variant")
+    ap.add_argument("--strict", action="store_true", help="known spills fail too")
+    opts = ap.parse_args()
+    if importlib.util.find_spec("triton") is None:
+        print("check_triton_compile: triton is not installed; skipping (nothing to compile)")
+        return 0
+    t0 = time.time()
+    calls = adm_calls()
+    variants = collect(calls, opts.only)
+    todo = select(variants, opts.all)
+    t1 = time.time()
+    presets = set().union(*calls.values())
+    print(
+        f"{len(calls)} GroupNorm/attention calls in {len(presets)} presets x batch {BATCHES} x fp16/bf16/fp32"
+        f" x sm_80/sm_90: {len(variants)} kernel variants, {len(todo)} to compile ({t1 - t0:.0f}s)"
+    )
+    jobs = [v.job() for v in todo]
+    if opts.jobs > 1:
+        with ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(compile_variant, jobs))
+    else:
+        results = [compile_variant(job) for job in jobs]
+    rows, bad, known = [], 0, 0
+    for v, (regs, spill, shared, err) in zip(todo, results):
+        limit = ARCHS[v.arch][1]
+        problems = [err] if err else []
+        reason = KNOWN_SPILLS.get((v.kernel, v.dtype, v.consts.get("BLOCK_D")))
+        if spill and not err:
+            problems.append(f"spills {spill} B" + (f" (known: {reason})" if reason else ""))
+        if shared > limit and not err:
+            problems.append(f"shared {shared / 1024:.1f} KB > {limit // 1024} KB")
+        tolerated = problems and not err and shared <= limit and reason and not opts.strict
+        bad += bool(problems) and not tolerated
+        known += bool(tolerated)
+        fits = "yes" if not problems else ("known" if tolerated else "NO") + ": " + "; ".join(problems)
+        rows.append(
+            (v.kernel, v.label, f"sm_{v.arch}", str(regs), str(spill), f"{shared / 1024:.1f}", fits, v)
+        )
+    head = ("kernel", "variant", "arch", "regs", "spill B", "smem KB", "fits")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
+    fmt = "  ".join(f"{{:{'<' if i < 3 else '>'}{w}}}" for i, w in enumerate(widths)) + "  {}"
+    print(fmt.format(*head))
+    for r in rows:
+        print(fmt.format(*r[:7]))
+        v = r[7]
+        merged = f" [{v.merged} tile variants, this one the largest per thread]" if v.merged > 1 else ""
+        if opts.uses or not r[6].startswith("yes"):
+            print("\n".join(f"      used by {u}" for u in v.uses) + merged)
+        else:
+            more = f" (+{len(v.uses) - 1} more)" if len(v.uses) > 1 else ""
+            print(f"      e.g. {v.uses[0]}{more}{merged}")
+    print(
+        f"{len(rows)} compiled in {time.time() - t1:.0f}s, max {max(int(r[3]) for r in rows)} registers:"
+        f" {bad} failing, {known} known spills"
+        + ("" if bad else "; everything else compiles, fits and does not spill")
+    )
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
