@@ -128,3 +128,80 @@ def test_vector_checkpoint_file(case_path):
     flags = load_case(case_path)["flags"]
     model = load_weights(create_unet(**flags), case_path)
     assert model.input_blocks[0][0].weight.abs().sum() > 0
+
+
+def _hostile(tmp_path, kind: str):
+    """A .safetensors file damaged the way disks, downloads and attackers damage them."""
+    import json
+    import struct
+
+    good = tmp_path / "good.safetensors"
+    save_weights({"w": torch.zeros(4, 4), "b": torch.zeros(4)}, good, {"flags": {"image_size": 8}})
+    raw = good.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+
+    def with_header(h):
+        text = json.dumps(h).encode()
+        return struct.pack("<Q", len(text)) + text + raw[8 + n :]
+
+    w = header["w"]
+    return {
+        "empty": b"",
+        "text": b"this is not a checkpoint at all, just some text\n",
+        "truncated": raw[: len(raw) - 10],
+        "header-8GB": struct.pack("<Q", 8 * 2**30) + raw[8:],
+        "header-not-json": struct.pack("<Q", 4) + b"\xff\xfe{]" + raw[12:],
+        "header-a-list": with_header([1, 2]),
+        "offsets-lie": with_header({**header, "w": {**w, "data_offsets": [0, 10**9]}}),
+        "shape-lies": with_header({**header, "w": {**w, "shape": [4096, 4096]}}),
+        "negative-shape": with_header({**header, "w": {**w, "shape": [-4, -4]}}),
+        "bad-dtype": with_header({**header, "w": {**w, "dtype": "Q99"}}),
+        "bad-metadata": with_header({**header, "__metadata__": {"flags": 3}}),
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "empty",
+        "text",
+        "truncated",
+        "header-8GB",
+        "header-not-json",
+        "header-a-list",
+        "offsets-lie",
+        "shape-lies",
+        "negative-shape",
+        "bad-dtype",
+        "bad-metadata",
+    ],
+)
+def test_unreadable_safetensors_is_one_line(tmp_path, kind):
+    path = tmp_path / f"{kind}.safetensors"
+    path.write_bytes(_hostile(tmp_path, kind))
+    for read in (read_metadata, load_state_dict):
+        with pytest.raises(CheckpointError) as info:
+            read(path)
+        msg = str(info.value)
+        assert "cannot read checkpoint" in msg and str(path) in msg and "\n" not in msg, msg
+
+
+def test_header_shapes_without_reading_data_and_hash(tmp_path):
+    import hashlib
+
+    from fastdiff.models.checkpoint import check_fits, file_sha256, read_header
+
+    model = random_model()
+    path = tmp_path / "m.safetensors"
+    save_weights(model, path, {"step": 1})
+    shapes, meta = read_header(path)
+    assert meta == {"step": "1"} and shapes == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with torch.device("meta"):
+        skeleton = create_unet(**FLAGS)
+    check_fits(shapes, skeleton)
+    with torch.device("meta"):
+        wide = create_unet(**{**FLAGS, "num_channels": 64})
+    with pytest.raises(CheckpointError, match="wrong shapes"):
+        check_fits(shapes, wide)
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()

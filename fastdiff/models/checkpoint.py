@@ -4,7 +4,9 @@ does not fit and which preset would."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +17,11 @@ from torch import nn
 
 StateDict = dict[str, torch.Tensor]
 _SHOWN = 5  # keys listed per category in an error message
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}  # fmt: skip
 
 
 class CheckpointError(ValueError):
@@ -27,6 +34,8 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        read_header(path)  # a lying header must not reach the native reader
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -43,8 +52,68 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     return dict(sd)
 
 
-def _shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in sd.items()}
+def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(tensor shapes, raw metadata) of a safetensors file, checked against the file's size.
+
+    Reads only the header, so a hostile file is refused before anything is allocated for it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    size = path.stat().st_size
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"cannot read checkpoint {path}: not a valid safetensors file ({why})")
+
+    if size < 8:
+        raise bad(f"only {size} bytes")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(_MAX_HEADER, size - 8):
+            raise bad(f"its header claims {n} bytes, the file has {size}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except ValueError:  # JSON and UTF-8 errors
+        raise bad("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("metadata is not a map of strings")
+    data = size - 8 - n
+    shapes = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            ok = (
+                dtype in _DTYPE_BYTES
+                and all(type(d) is int and d >= 0 for d in shape)
+                and type(start) is int
+                and type(end) is int
+                and 0 <= start <= end <= data
+                and end - start == math.prod(shape) * _DTYPE_BYTES[dtype]
+            )
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise bad(f"tensor {name!r} has a bad entry or lies past the end of the file (truncated?)")
+        shapes[name] = tuple(shape)
+    return shapes, meta
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in chunks (checkpoints can be gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _shapes(sd: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Shapes of a state dict, or of a name -> shape mapping (as :func:`read_header` gives)."""
+    return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in sd.items()}
 
 
 def _fmt(shape: tuple[int, ...]) -> str:
@@ -64,7 +133,7 @@ def _preset_shapes(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     return tuple(_shapes(build_preset(name, device="meta").state_dict()).items())
 
 
-def fitting_presets(sd: Mapping[str, torch.Tensor]) -> list[str]:
+def fitting_presets(sd: Mapping[str, Any]) -> list[str]:
     """Names of the presets whose state dict has exactly these keys and shapes."""
     from .presets import PRESETS
 
@@ -72,7 +141,7 @@ def fitting_presets(sd: Mapping[str, torch.Tensor]) -> list[str]:
     return [name for name in PRESETS if dict(_preset_shapes(name)) == shapes]
 
 
-def _mismatch(sd: Mapping[str, torch.Tensor], model: nn.Module, preset: str | None) -> str | None:
+def _mismatch(sd: Mapping[str, Any], model: nn.Module, preset: str | None) -> str | None:
     """A readable description of why ``sd`` does not fit ``model``, or None if it fits."""
     want = _shapes(model.state_dict())
     have = _shapes(sd)
@@ -113,11 +182,16 @@ def load_weights(
         sd: Mapping[str, torch.Tensor] = load_state_dict(state_dict_or_path)
     else:
         sd = state_dict_or_path
+    check_fits(sd, model, preset)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def check_fits(sd: Mapping[str, Any], model: nn.Module, preset: str | None = None) -> None:
+    """Raise CheckpointError unless ``sd`` (tensors or shapes) fits ``model``, which may be on meta."""
     problem = _mismatch(sd, model, preset)
     if problem:
         raise CheckpointError(problem)
-    model.load_state_dict(sd, strict=True)
-    return model
 
 
 def save_weights(
@@ -139,13 +213,7 @@ def save_weights(
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata :func:`save_weights` stored, JSON-decoded (non-JSON strings are returned raw)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
+    _, raw = read_header(path)
     out: dict[str, Any] = {}
     for k, v in raw.items():
         try:
