@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -22,19 +23,56 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+# mkstemp's names: "." + the file's name + "." + 8 random characters + the file's suffix.
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>\.[^.]*)?")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename it over ``path`` (same folder, so the rename is atomic)."""
+    """Call ``write(tmp_path)`` then rename it over ``path`` (same folder, so the rename is atomic).
+
+    The file gets the mode a plain open() would give (mkstemp's 0600 would hide results from others).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def is_temp_file(path: Path) -> bool:
+    """Whether ``path`` is a temporary file of :func:`atomic_write` (left behind by a kill)."""
+    m = _TEMP_NAME.fullmatch(path.name)
+    return m is not None and Path(m["name"]).suffix == (m["suffix"] or "")
+
+
+def remove_temp_files(folder: Path) -> int:
+    """Delete killed writes' temporary files in ``folder``; only safe while no writer runs there."""
+    removed = 0
+    for p in folder.iterdir() if folder.is_dir() else ():
+        if p.is_file() and is_temp_file(p):
+            p.unlink()
+            removed += 1
+    return removed
 
 
 def _pil(img: np.ndarray) -> Image.Image:

@@ -2,7 +2,9 @@
 
 A fastdiff safetensors checkpoint carries its guided-diffusion flags in its metadata, so it
 needs no preset; a guided-diffusion ``.pt`` needs ``--preset`` or ``--flags`` to say what
-it is. All problems surface as one-line ``click.ClickException`` messages before sampling.
+it is. Problems with the user's files and flags surface as one-line ``click.ClickException``
+messages before sampling; anything else is a bug and keeps its traceback. Networks are built on
+the meta device first, so flags that do not fit the weights cost no memory.
 """
 
 from __future__ import annotations
@@ -15,8 +17,24 @@ import torch
 from torch import nn
 
 from fastdiff.diffusion import create_diffusion_from_flags
-from fastdiff.models.checkpoint import CheckpointError, load_weights, read_metadata
-from fastdiff.models.presets import create_classifier, create_unet, get_preset, parse_flags
+from fastdiff.diffusion.schedule import get_named_beta_schedule
+from fastdiff.models.checkpoint import (
+    CheckpointError,
+    check_fits,
+    file_sha256,
+    load_state_dict,
+    load_weights,
+    read_header,
+    read_metadata,
+)
+from fastdiff.models.presets import (
+    channel_mult_for,
+    create_classifier,
+    create_unet,
+    get_preset,
+    known_flags,
+    parse_flags,
+)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_MODEL = ASSETS / "mnist" / "diffusion.safetensors"
@@ -65,10 +83,8 @@ class LoadedModel:
         return float(self.metadata.get("default_classifier_scale", 1.0))
 
     def diffusion(self, respacing: str):
-        try:
-            return create_diffusion_from_flags({**self.flags, "timestep_respacing": respacing})
-        except ValueError as e:
-            raise click.ClickException(f"respacing '{respacing}': {e}") from None
+        """The process for a respacing that respacing_for() has checked."""
+        return create_diffusion_from_flags({**self.flags, "timestep_respacing": respacing})
 
     def bundled_classifier(self, device: torch.device) -> LoadedModel | None:
         if not BUNDLED_CLASSIFIER.exists():
@@ -83,13 +99,69 @@ def _check_file(path: Path, what: str) -> None:
         raise click.ClickException(f"{what} not found: {path}")
 
 
+def _one_line(e: Exception) -> click.ClickException:
+    return click.ClickException(" ".join(str(e).split()))
+
+
+_POSITIVE = (
+    "image_size",
+    "num_channels",
+    "num_res_blocks",
+    "num_classes",
+    "in_channels",
+    "diffusion_steps",
+    "classifier_width",
+    "classifier_depth",
+    "num_heads",
+)
+
+
+def _type_ok(value, default) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)) and isinstance(value, bool):
+        return False
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def _check_flags(flags: dict, kind: str) -> None:
+    """The flags' names, types and ranges: what a user or a checkpoint's metadata can get wrong."""
+    known = known_flags()
+    for name, value in flags.items():
+        if name not in known:
+            raise click.ClickException(f"unknown {kind} flag --{name}")
+        if not _type_ok(value, known[name]):
+            raise click.ClickException(
+                f"{kind} flag --{name} {value!r}: expected a {type(known[name]).__name__}"
+            )
+        if name in _POSITIVE and value < 1:
+            raise click.ClickException(f"{kind} flag --{name} must be at least 1, got {value}")
+    width = flags.get("classifier_width" if kind == "classifier" else "num_channels")
+    try:
+        mult = channel_mult_for(int(flags.get("image_size", 64)), flags.get("channel_mult", ""))
+        for key in ("attention_resolutions", "classifier_attention_resolutions"):
+            [int(r) for r in flags.get(key, "").split(",") if r.strip()]
+        get_named_beta_schedule(flags.get("noise_schedule", "linear"), 2)
+    except ValueError as e:  # the presets' and schedules' own validators
+        raise click.ClickException(f"{kind} flags: {e}") from None
+    if width is not None and any(int(m * width) % 32 for m in mult):
+        raise click.ClickException(
+            f"{kind} flags: every level's width (channel_mult x {width}) must be a multiple of 32 (GroupNorm)"
+        )
+
+
 def _flags_from(
     preset: str | None, flag_string: str | None, checkpoint: Path | None, kind: str
 ) -> tuple[dict, dict]:
     """(flags, metadata) from a preset, a flag string over it, or the checkpoint's own metadata."""
     metadata = {}
     if checkpoint is not None and checkpoint.suffix == ".safetensors":
-        metadata = read_metadata(checkpoint)
+        try:
+            metadata = read_metadata(checkpoint)
+        except CheckpointError as e:
+            raise _one_line(e) from None
     flags: dict = {}
     if preset is not None:
         try:
@@ -100,6 +172,8 @@ def _flags_from(
             raise click.ClickException(f"preset '{preset}' is a {p.kind} model, not a {kind} model")
         flags = dict(p.flags)
     elif "flags" in metadata:
+        if not isinstance(metadata["flags"], dict):
+            raise click.ClickException(f"{checkpoint}: its metadata 'flags' is not a map of flags")
         flags = dict(metadata["flags"])
     elif flag_string is None:
         raise click.ClickException(
@@ -110,19 +184,44 @@ def _flags_from(
             flags.update(parse_flags(flag_string))
         except ValueError as e:
             raise click.ClickException(str(e)) from None
+    _check_flags(flags, kind)
     return flags, metadata
 
 
 def _build(create, flags: dict, checkpoint: Path, preset: str | None, device: torch.device) -> nn.Module:
+    """Check the weights' shapes against a weightless build, then build and load for real."""
+    with torch.device("meta"):
+        skeleton = create(**flags)
     try:
+        if checkpoint.suffix == ".safetensors":
+            check_fits(read_header(checkpoint)[0], skeleton, preset)
+            state = None
+        else:
+            state = load_state_dict(checkpoint)
+            check_fits(state, skeleton, preset)
         model = create(**flags)
-    except (ValueError, TypeError) as e:
-        raise click.ClickException(str(e)) from None
-    try:
-        load_weights(model, checkpoint, preset=preset)
+        load_weights(model, checkpoint if state is None else state, preset=preset)
     except CheckpointError as e:
-        raise click.ClickException(" ".join(str(e).split())) from None
+        raise _one_line(e) from None
     return model.to(device).eval().requires_grad_(False)
+
+
+def _identity(path: Path, flags: dict) -> dict:
+    """What run.json records of a network: the weights by content, not only by path."""
+    return {"checkpoint": str(path.resolve()), "sha256": file_sha256(path), "flags": flags}
+
+
+def check_classifier(model: LoadedModel, clf: LoadedModel) -> None:
+    """The classifier must see the model's images and name the model's classes (its size is checked
+    before it is built)."""
+    if clf.in_channels != model.in_channels:
+        raise click.ClickException(
+            f"the classifier takes {clf.in_channels}-channel images, the model makes {model.in_channels}"
+        )
+    if model.class_cond and clf.num_classes != model.num_classes:
+        raise click.ClickException(
+            f"the classifier has {clf.num_classes} classes, the model {model.num_classes}"
+        )
 
 
 def load_diffusion_model(*, preset, flag_string, checkpoint, device) -> LoadedModel:
@@ -138,8 +237,7 @@ def load_diffusion_model(*, preset, flag_string, checkpoint, device) -> LoadedMo
     _check_file(checkpoint, "checkpoint")
     flags, metadata = _flags_from(preset, flag_string, checkpoint, "diffusion")
     model = _build(create_unet, flags, checkpoint, preset, device)
-    identity = {"checkpoint": str(checkpoint.resolve()), "flags": flags}
-    return LoadedModel(model, flags, identity, metadata)
+    return LoadedModel(model, flags, _identity(checkpoint, flags), metadata)
 
 
 def load_classifier(path: Path, *, preset, flag_string, image_size: int, device) -> LoadedModel:
@@ -148,9 +246,10 @@ def load_classifier(path: Path, *, preset, flag_string, image_size: int, device)
     if preset is None and flag_string is None and path.suffix != ".safetensors":
         preset = f"classifier{image_size}"
     flags, metadata = _flags_from(preset, flag_string, path, "classifier")
-    if int(flags.get("image_size", image_size)) != image_size:
+    flags.setdefault("image_size", image_size)
+    if flags["image_size"] != image_size:
         raise click.ClickException(
             f"classifier is for {flags['image_size']}px images, the model makes {image_size}px"
         )
     model = _build(create_classifier, flags, path, preset, device)
-    return LoadedModel(model, flags, {"checkpoint": str(path.resolve()), "flags": flags}, metadata)
+    return LoadedModel(model, flags, _identity(path, flags), metadata)

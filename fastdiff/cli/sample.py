@@ -3,14 +3,19 @@
 Everything that can be wrong with the inputs is checked before the first step runs, and
 results are written batch by batch (each batch's npz last), so ``--resume`` after a kill
 continues from the last complete batch and reproduces what an uninterrupted run writes:
-every batch draws its noise from its own generator seeded by (seed, batch index).
+every batch draws its noise from its own generator seeded by (seed, batch index). The run
+folder is locked for the whole run, and run.json records the weights by content, so a resume
+never mixes two processes, two models or two sample counts in one npz.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +23,22 @@ import click
 import numpy as np
 import torch
 
-from fastdiff.cli.loading import LoadedModel, load_classifier, load_diffusion_model
+from fastdiff.cli.loading import LoadedModel, check_classifier, load_classifier, load_diffusion_model
 from fastdiff.diffusion import SAMPLERS, SamplingError
+from fastdiff.diffusion.schedule import space_timesteps
 from fastdiff.engines import ENGINES, EngineError, check_engine, default_engine
 from fastdiff.engines.sampler import DTYPES, Sampler
-from fastdiff.imageio import atomic_write, save_grid, save_npz, save_png, to_uint8
+from fastdiff.imageio import (
+    atomic_write,
+    is_temp_file,
+    remove_temp_files,
+    save_grid,
+    save_npz,
+    save_png,
+    to_uint8,
+)
+
+LOCK = ".lock"
 
 
 def choose_threads(threads: int | None) -> int:
@@ -48,6 +64,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise click.ClickException(f"unknown device '{name}'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise click.ClickException(f"device '{name}' is not supported: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise click.ClickException(f"device '{name}' requested but CUDA is not available")
     return device
@@ -57,13 +75,19 @@ def respacing_for(sampler: str, steps: int | None, respacing: str | None, total:
     """``--steps N`` as guided-diffusion users write it: "ddimN" strides for DDIM-style samplers."""
     if respacing is not None and steps is not None:
         raise click.ClickException("give --steps or --respacing, not both")
-    if respacing is not None:
-        return respacing
-    spec = SAMPLERS[sampler]
-    steps = spec.default_steps if steps is None else steps
-    if not 1 <= steps <= total:
-        raise click.ClickException(f"--steps must be between 1 and {total}, got {steps}")
-    return spec.respacing(steps)
+    if respacing is None:
+        spec = SAMPLERS[sampler]
+        steps = spec.default_steps if steps is None else steps
+        if not 2 <= steps <= total:
+            raise click.ClickException(f"--steps must be between 2 and {total}, got {steps}")
+        respacing = spec.respacing(steps)
+    try:
+        kept = space_timesteps(total, respacing)
+    except ValueError as e:  # the respacing parser's own checks
+        raise click.ClickException(f"respacing '{respacing}': {e}") from None
+    if len(kept) < 2:
+        raise click.ClickException(f"respacing '{respacing}' keeps {len(kept)} step(s); sampling needs 2")
+    return respacing
 
 
 def parse_classes(spec: str | None, num_classes: int | None, n: int, seed: int) -> np.ndarray | None:
@@ -85,11 +109,11 @@ def parse_classes(spec: str | None, num_classes: int | None, n: int, seed: int) 
         raise click.ClickException(
             f"--classes must be ids like 1,207,360 or 'uniform' or 'random', got '{spec}'"
         ) from None
+    if not ids:
+        raise click.ClickException(f"--classes '{spec}' names no class id")
     bad = [i for i in ids if not 0 <= i < num_classes]
-    if not ids or bad:
-        raise click.ClickException(
-            f"class id {bad[0] if bad else spec} out of range: the model has {num_classes} classes"
-        )
+    if bad:
+        raise click.ClickException(f"class id {bad[0]} out of range: the model has {num_classes} classes")
     return np.resize(np.asarray(ids, dtype=np.int64), n)
 
 
@@ -107,6 +131,7 @@ class Plan:
     seed: int
     batch_size: int
     dtype: str
+    engine: str
     clip_denoised: bool
     labels: list[int] | None
 
@@ -114,31 +139,161 @@ class Plan:
         return [(s, min(s + self.batch_size, num_samples)) for s in range(0, num_samples, self.batch_size)]
 
 
-def prepare_out_dir(out: Path, plan: Plan, num_samples: int, resume: bool) -> set[int]:
-    """Check ``out`` against the plan; returns the batch indices already complete."""
-    run_file = out / "run.json"
-    done = {int(p.stem.split("_")[1]) for p in (out / "batches").glob("batch_*.npz")}
-    record = {**plan.__dict__, "num_samples": num_samples}
-    if run_file.exists():
-        if not resume:
+@contextmanager
+def locked_run_folder(out: Path, resume: bool):
+    """Hold ``out`` under an exclusive lock for the whole run; refuse a folder that is not ours.
+
+    A folder this call created is removed again if the run fails before writing anything.
+    """
+    if out.exists() and not out.is_dir():
+        raise click.ClickException(f"--out {out} is not a folder")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise click.ClickException(f"cannot write to --out {out}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise click.ClickException(
+                f"{out} is in use by another fastdiff sample; wait for it or choose another --out"
+            ) from None
+        if not (out / "run.json").is_file():
+            if any(p.name != LOCK and not is_temp_file(p) for p in out.iterdir()):
+                raise click.ClickException(
+                    f"--out {out} is not empty and holds no sampling run (no run.json); "
+                    "choose a new or empty folder"
+                )
+        elif not resume:
             raise click.ClickException(
                 f"{out} already holds a sampling run; pass --resume or choose another --out"
             )
+        for folder in (out, out / "images", out / "batches"):
+            remove_temp_files(folder)  # the lock guarantees no writer of ours is running
+        yield
+    except BaseException:
+        if created and [p.name for p in out.iterdir()] == [LOCK]:
+            (out / LOCK).unlink()
+            out.rmdir()
+        raise
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _writing(out: Path):
+    """A failed write (full disk, read-only mount) is the machine's state, not a bug: one line."""
+    try:
+        yield
+    except OSError as e:
+        raise click.ClickException(f"cannot write to {out}: {e.strerror or e}") from None
+
+
+def _read_run(run_file: Path) -> dict:
+    try:
         old = json.loads(run_file.read_text())
-        old_labels, new_labels = old.pop("labels"), record["labels"]
-        old.pop("num_samples", None)
-        diff = [k for k, v in old.items() if record.get(k) != v]
-        shared = min(len(old_labels or []), len(new_labels or []))
-        if old_labels is not None and new_labels is not None and old_labels[:shared] != new_labels[:shared]:
-            diff.append("classes")
+    except (OSError, ValueError) as e:
+        raise click.ClickException(
+            f"--resume: {run_file} is unreadable ({e}); choose another --out"
+        ) from None
+    if not isinstance(old, dict) or not isinstance(old.get("num_samples"), int):
+        raise click.ClickException(
+            f"--resume: {run_file} is not a fastdiff sampling run; choose another --out"
+        )
+    return old
+
+
+def _differences(old: dict, record: dict) -> list[str]:
+    """Names of what differs between two run records; networks are compared by content and flags."""
+    diff = []
+    for key in ("model", "classifier"):
+        a, b = old.get(key), record[key]
+        if (a is None) != (b is None):
+            diff.append(key)
+        elif b is not None:
+            if a.get("sha256") != b["sha256"]:
+                diff.append(f"{key} weights (sha256 {str(a.get('sha256'))[:12]} vs {b['sha256'][:12]})")
+            if a.get("flags") != b["flags"]:
+                diff.append(f"{key} flags")
+    skip = {"model", "classifier", "labels", "num_samples"}
+    diff += [k for k, v in record.items() if k not in skip and old.get(k) != v]
+    old_labels, new_labels = old.get("labels"), record["labels"]
+    shared = min(len(old_labels or []), len(new_labels or []))
+    if (old_labels is None) != (new_labels is None) or (old_labels or [])[:shared] != (new_labels or [])[
+        :shared
+    ]:
+        diff.append("classes")
+    return diff
+
+
+def _complete_batches(out: Path, batches: list[tuple[int, int]], plan: Plan, image: tuple) -> set[int]:
+    """Batches on disk that are exactly what this plan makes there; a partial last batch of a
+    smaller run has another size and is made again."""
+    done = set()
+    for b, (lo, hi) in enumerate(batches):
+        path = out / "batches" / f"batch_{b:05d}.npz"
+        if not path.exists():
+            continue
+        try:
+            with np.load(path) as z:
+                images = z["arr_0"]
+                labels = z["arr_1"].tolist() if "arr_1" in z.files else None
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            raise click.ClickException(
+                f"--resume: {path} is unreadable ({e}); delete it to sample that batch again"
+            ) from None
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != image:
+            raise click.ClickException(
+                f"--resume: {path} holds {images.dtype} images of shape {images.shape[1:]}, "
+                f"this run makes uint8 {image}; delete it to sample that batch again"
+            )
+        if len(images) != hi - lo:
+            continue
+        if labels != (None if plan.labels is None else plan.labels[lo:hi]):
+            raise click.ClickException(
+                f"--resume: the labels in {path} are not this run's; delete it to sample that batch again"
+            )
+        done.add(b)
+    return done
+
+
+def prepare_out_dir(out: Path, plan: Plan, num_samples: int, resume: bool, image: tuple) -> set[int]:
+    """Check the (locked) ``out`` against the plan and record the plan; returns the complete batches.
+
+    A resume may ask for more samples than before (the complete batches are kept), never fewer;
+    a final npz of another count is removed before anything else is written.
+    """
+    run_file = out / "run.json"
+    record = {**plan.__dict__, "num_samples": num_samples}
+    done: set[int] = set()
+    if run_file.exists():
+        old = _read_run(run_file)
+        diff = _differences(old, record)
         if diff:
             raise click.ClickException(
                 f"--resume: this run differs from the one in {out} in: {', '.join(diff)}"
             )
-    elif done:
-        raise click.ClickException(f"{out}/batches has samples but no run.json; choose another --out")
-    atomic_write(run_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+        if num_samples < old["num_samples"]:
+            raise click.ClickException(
+                f"--resume: the run in {out} is for {old['num_samples']} samples; --num-samples "
+                f"{num_samples} would drop samples it made; pass at least {old['num_samples']} "
+                "or choose another --out"
+            )
+        done = _complete_batches(out, plan.batches(num_samples), plan, image)
+    final = final_npz_name(num_samples, image)
+    with _writing(out):
+        for stale in out.glob("samples_*.npz"):
+            if stale.name != final:
+                stale.unlink()
+        atomic_write(run_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     return done
+
+
+def final_npz_name(num_samples: int, image: tuple) -> str:
+    h, w, c = image
+    return f"samples_{num_samples}x{h}x{w}x{c}.npz"
 
 
 def _batch_generator(device: torch.device, seed: int, index: int) -> torch.Generator:
@@ -179,9 +334,10 @@ def run_sampling(
             clip_denoised=plan.clip_denoised,
             image_shape=(loaded.in_channels, loaded.image_size, loaded.image_size),
         )
-    except (EngineError, ValueError) as e:
+    except EngineError as e:
         raise click.ClickException(str(e)) from None
-    done = prepare_out_dir(out, plan, num_samples, resume)
+    image = (loaded.image_size, loaded.image_size, loaded.in_channels)
+    done = prepare_out_dir(out, plan, num_samples, resume, image)
     batches = plan.batches(num_samples)
     todo = [i for i in range(len(batches)) if i not in done]
     steps = diffusion.num_timesteps
@@ -208,10 +364,12 @@ def run_sampling(
             ) from None
         written = time.perf_counter()
         sampling += written - start - (sampler.warmup_seconds - warm)
-        for i, img in enumerate(images):
-            suffix = "" if labels_all is None else f"_class{labels_all[lo + i]}"
-            save_png(img, out / "images" / f"{lo + i:06d}{suffix}.png")
-        save_npz(out / "batches" / f"batch_{b:05d}.npz", images, None if y is None else labels_all[lo:hi])
+        with _writing(out):
+            for i, img in enumerate(images):
+                suffix = "" if labels_all is None else f"_class{labels_all[lo + i]}"
+                save_png(img, out / "images" / f"{lo + i:06d}{suffix}.png")
+            batch_labels = None if y is None else labels_all[lo:hi]
+            save_npz(out / "batches" / f"batch_{b:05d}.npz", images, batch_labels)
         writing += time.perf_counter() - written
     bar.close()
 
@@ -219,9 +377,10 @@ def run_sampling(
     parts = [np.load(out / "batches" / f"batch_{b:05d}.npz") for b in range(len(batches))]
     images = np.concatenate([p["arr_0"] for p in parts])
     labels = None if labels_all is None else np.concatenate([p["arr_1"] for p in parts])
-    n, h, w, c = images.shape
-    save_npz(out / f"samples_{n}x{h}x{w}x{c}.npz", images, labels)
-    save_grid(images[:100], out / "grid.png", ncol=10 if n >= 10 else None)
+    n = len(images)
+    with _writing(out):
+        save_npz(out / final_npz_name(n, image), images, labels)
+        save_grid(images[:100], out / "grid.png", ncol=10 if n >= 10 else None)
     writing += time.perf_counter() - start
     made = sum(batches[b][1] - batches[b][0] for b in todo)
     return {
@@ -366,65 +525,79 @@ def sample_command(
         raise click.ClickException(f"--eta is a DDIM parameter; --sampler {sampler} does not use it")
     if eta < 0:
         raise click.ClickException(f"--eta must be >= 0, got {eta}")
-    choose_threads(threads)
-    bundled = preset is None and flag_string is None and checkpoint is None
-    loaded = load_diffusion_model(preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=dev)
-    if bundled and classifier is None and classifier_preset is None and classifier_flags is None:
-        clf = loaded.bundled_classifier(dev)
-        if classifier_scale is None and cfg_scale is None and clf is not None:
-            classifier_scale = loaded.default_classifier_scale
-    elif classifier is not None:
-        clf = load_classifier(
-            classifier,
-            preset=classifier_preset,
-            flag_string=classifier_flags,
-            image_size=loaded.image_size,
-            device=dev,
-        )
-    else:
-        if classifier_preset or classifier_flags:
-            raise click.ClickException(
-                "--classifier-preset/--classifier-flags need --classifier (the weights)"
-            )
-        clf = None
-    if classifier_scale and clf is None:
-        raise click.ClickException("--classifier-scale needs a classifier (--classifier PATH)")
-    if cfg_scale is not None and loaded.null_label is None:
+    if classifier_scale is not None and classifier_scale < 0:
+        raise click.ClickException(f"--classifier-scale must be >= 0, got {classifier_scale}")
+    if classifier is not None and classifier_scale is None:
         raise click.ClickException(
-            "--cfg-scale needs a model trained with a null label (classifier-free guidance)"
+            "--classifier needs --classifier-scale S (the guidance strength, e.g. 1.0; 0 for none)"
         )
-    num_classes = loaded.num_classes if loaded.class_cond else (clf.num_classes if clf is not None else None)
-    labels = parse_classes(classes, num_classes, num_samples, seed)
-    plan = Plan(
-        model=loaded.identity,
-        classifier=None if clf is None else clf.identity,
-        classifier_scale=float(classifier_scale or 0.0),
-        cfg_scale=cfg_scale,
-        sampler=sampler,
-        respacing=respacing_for(sampler, steps, respacing, loaded.num_timesteps),
-        eta=eta,
-        seed=seed,
-        batch_size=batch_size,
-        dtype=dtype,
-        clip_denoised=clip_denoised,
-        labels=None if labels is None else labels.tolist(),
-    )
-    summary = run_sampling(
-        loaded,
-        clf if plan.classifier_scale else None,
-        plan,
-        num_samples=num_samples,
-        out=out,
-        resume=resume,
-        engine=engine,
-        device=dev,
-        progress=progress,
-    )
-    s = summary
-    click.echo(
-        f"{s['images']} images ({s['skipped']} already there) in {s['seconds']:.1f} s sampling "
-        f"(+{s['warmup_s']:.1f} s warm-up/capture, {s['writing_s']:.1f} s writing): "
-        f"{s['images_per_s']:.2f} images/s, {s['s_per_step']:.4f} s/step ({s['steps']} steps), "
-        f"device {s['device']}, dtype {s['dtype']}, engine {s['engine']}, {s['threads']} threads "
-        f"-> {s['out']}"
-    )
+    choose_threads(threads)
+    with locked_run_folder(out, resume):
+        bundled = preset is None and flag_string is None and checkpoint is None
+        loaded = load_diffusion_model(
+            preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=dev
+        )
+        if bundled and classifier is None and classifier_preset is None and classifier_flags is None:
+            clf = loaded.bundled_classifier(dev)
+            if classifier_scale is None and cfg_scale is None and clf is not None:
+                classifier_scale = loaded.default_classifier_scale
+        elif classifier is not None:
+            clf = load_classifier(
+                classifier,
+                preset=classifier_preset,
+                flag_string=classifier_flags,
+                image_size=loaded.image_size,
+                device=dev,
+            )
+        else:
+            if classifier_preset or classifier_flags:
+                raise click.ClickException(
+                    "--classifier-preset/--classifier-flags need --classifier (the weights)"
+                )
+            clf = None
+        if clf is not None:
+            check_classifier(loaded, clf)
+        if classifier_scale and clf is None:
+            raise click.ClickException("--classifier-scale needs a classifier (--classifier PATH)")
+        if cfg_scale is not None and loaded.null_label is None:
+            raise click.ClickException(
+                "--cfg-scale needs a model trained with a null label (classifier-free guidance)"
+            )
+        num_classes = (
+            loaded.num_classes if loaded.class_cond else (clf.num_classes if clf is not None else None)
+        )
+        labels = parse_classes(classes, num_classes, num_samples, seed)
+        plan = Plan(
+            model=loaded.identity,
+            classifier=None if clf is None else clf.identity,
+            classifier_scale=float(classifier_scale or 0.0),
+            cfg_scale=cfg_scale,
+            sampler=sampler,
+            respacing=respacing_for(sampler, steps, respacing, loaded.num_timesteps),
+            eta=eta,
+            seed=seed,
+            batch_size=batch_size,
+            dtype=dtype,
+            engine=engine,
+            clip_denoised=clip_denoised,
+            labels=None if labels is None else labels.tolist(),
+        )
+        summary = run_sampling(
+            loaded,
+            clf if plan.classifier_scale else None,
+            plan,
+            num_samples=num_samples,
+            out=out,
+            resume=resume,
+            engine=engine,
+            device=dev,
+            progress=progress,
+        )
+        s = summary
+        click.echo(
+            f"{s['images']} images ({s['skipped']} already there) in {s['seconds']:.1f} s sampling "
+            f"(+{s['warmup_s']:.1f} s warm-up/capture, {s['writing_s']:.1f} s writing): "
+            f"{s['images_per_s']:.2f} images/s, {s['s_per_step']:.4f} s/step ({s['steps']} steps), "
+            f"device {s['device']}, dtype {s['dtype']}, engine {s['engine']}, {s['threads']} threads "
+            f"-> {s['out']}"
+        )
