@@ -22,6 +22,9 @@ import torch
 
 from bench import shapes, timing
 
+# CPU benchmarks run on a deliberate thread count (default 1: comparable across loaded machines).
+torch.set_num_threads(int(os.environ.get("FASTDIFF_BENCH_THREADS", "1")))
+
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config, machine_info):
