@@ -210,20 +210,22 @@ def _differences(old: dict, record: dict) -> list[str]:
     diff = []
     for key in ("model", "classifier"):
         a, b = old.get(key), record[key]
-        if (a is None) != (b is None):
-            diff.append(key)
-        elif b is not None:
-            if a.get("sha256") != b["sha256"]:
-                diff.append(f"{key} weights (sha256 {str(a.get('sha256'))[:12]} vs {b['sha256'][:12]})")
-            if a.get("flags") != b["flags"]:
-                diff.append(f"{key} flags")
+        if b is None or not isinstance(a, dict):
+            diff += [key] if a != b else []
+            continue
+        if a.get("sha256") != b["sha256"]:
+            diff.append(f"{key} weights (sha256 {str(a.get('sha256'))[:12]} vs {b['sha256'][:12]})")
+        if a.get("flags") != b["flags"]:
+            diff.append(f"{key} flags")
     skip = {"model", "classifier", "labels", "num_samples"}
     diff += [k for k, v in record.items() if k not in skip and old.get(k) != v]
     old_labels, new_labels = old.get("labels"), record["labels"]
-    shared = min(len(old_labels or []), len(new_labels or []))
-    if (old_labels is None) != (new_labels is None) or (old_labels or [])[:shared] != (new_labels or [])[
-        :shared
-    ]:
+    if old_labels is None or new_labels is None:
+        same = old_labels is new_labels
+    else:
+        shared = min(len(old_labels), len(new_labels))
+        same = old_labels[:shared] == new_labels[:shared]
+    if not same:
         diff.append("classes")
     return diff
 
