@@ -201,7 +201,10 @@ class AttentionPool2d(nn.Module):
         self, spacial_dim: int, embed_dim: int, num_heads_channels: int, output_dim: int | None = None
     ):
         super().__init__()
-        self.positional_embedding = nn.Parameter(torch.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5)
+        init = torch.empty(embed_dim, spacial_dim**2 + 1)
+        if not init.is_meta:  # random ops and arithmetic on meta import torch._dynamo (seconds)
+            init = torch.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5
+        self.positional_embedding = nn.Parameter(init)
         self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
         self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
         self.num_heads = embed_dim // num_heads_channels
@@ -403,7 +406,11 @@ class UNetModel(_ADMNet):
 
         emb_dim = model_channels * 4
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, emb_dim)
+            # Built around an empty weight, then initialised as nn.Embedding does (same RNG draw),
+            # except on the meta device: there normal_ would import torch._dynamo (~4 s of start-up).
+            self.label_emb = nn.Embedding(num_classes, emb_dim, _weight=torch.empty(num_classes, emb_dim))
+            if not self.label_emb.weight.is_meta:
+                nn.init.normal_(self.label_emb.weight)
 
         chans, ch, ds, _ = _build_down_half(
             self,
