@@ -56,8 +56,9 @@ def tk():
         yield triton_kernel
 
 
-def make_inputs(shape, groups, dtype, *, affine=True, ada=True, channels_last=False, device="cpu",
-                pdtype=None, mean=0.0):
+def make_inputs(
+    shape, groups, dtype, *, affine=True, ada=True, channels_last=False, device="cpu", pdtype=None, mean=0.0
+):
     """Random x, weight, bias, scale, shift (never zeros); params in pdtype (default: dtype)."""
     pdtype = pdtype or dtype
     n, c = shape[0], shape[1]
@@ -82,8 +83,10 @@ def check(out, ref64, ref_lp, factor=3.0, floor_ulps=1.0, what=""):
     assert out.shape == ref64.shape, what
     assert torch.isfinite(out).all(), f"{what}: non-finite (unwritten?) elements"
     scale = max(1.0, ref64.abs().max().item())
-    tol = max(factor * (ref_lp.double() - ref64).abs().max().item(),
-              floor_ulps * torch.finfo(ref_lp.dtype).eps * scale)
+    tol = max(
+        factor * (ref_lp.double() - ref64).abs().max().item(),
+        floor_ulps * torch.finfo(ref_lp.dtype).eps * scale,
+    )
     err = (out.double() - ref64).abs().max().item()
     assert err <= tol, f"{what}: max err {err:.3g} > tol {tol:.3g}"
 
@@ -196,7 +199,8 @@ def test_public_op_runs_kernel_gradcheck(tk):
     op = lambda *a: ada_group_norm(a[0], 3, *a[1:])  # noqa: E731
     assert torch.autograd.gradcheck(op, (x, w, b, sc, sh), fast_mode=True)
     assert torch.autograd.gradcheck(
-        lambda x_, b_: ada_group_norm(x_, 3, None, b_, activation=None), (x, b), fast_mode=True)
+        lambda x_, b_: ada_group_norm(x_, 3, None, b_, activation=None), (x, b), fast_mode=True
+    )
 
 
 def test_public_op_layouts(tk):
@@ -207,8 +211,12 @@ def test_public_op_layouts(tk):
     ref = ada_group_norm_reference(x, 4, w, b, sc, sh)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     xp = x.contiguous().transpose(2, 3)  # W/H swapped in memory: the op copies it
-    torch.testing.assert_close(ada_group_norm(xp, 4, w, b, sc, sh),
-                               ada_group_norm_reference(xp, 4, w, b, sc, sh), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ada_group_norm(xp, 4, w, b, sc, sh),
+        ada_group_norm_reference(xp, 4, w, b, sc, sh),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     y4 = ada_group_norm(x, 4, w, b, sc[:, :, None, None], sh[:, :, None, None])
     torch.testing.assert_close(y4, y)
     y1 = ada_group_norm(x, 4, w, b, sc[:1], sh[:1])
@@ -332,8 +340,10 @@ def test_validation_errors():
 
 # --- CUDA ------------------------------------------------------------------------------------
 
-needs_gpu = pytest.mark.skipif(not HAS_CUDA or not HAS_TRITON or triton_interpret(),
-                               reason="needs CUDA and triton, with TRITON_INTERPRET unset")
+needs_gpu = pytest.mark.skipif(
+    not HAS_CUDA or not HAS_TRITON or triton_interpret(),
+    reason="needs CUDA and triton, with TRITON_INTERPRET unset",
+)
 
 
 @pytest.fixture

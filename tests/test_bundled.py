@@ -66,8 +66,20 @@ def test_bundled_samples_show_the_requested_digits(tmp_path):
         pytest.skip(f"evaluation CNN not found at {cnn_path}")
     r = CliRunner().invoke(
         main,
-        ["sample", "--no-progress", "--steps", "25", "--num-samples", "20", "--classes", "uniform",
-         "--seed", "0", "--out", tmp_path],
+        [
+            "sample",
+            "--no-progress",
+            "--steps",
+            "25",
+            "--num-samples",
+            "20",
+            "--classes",
+            "uniform",
+            "--seed",
+            "0",
+            "--out",
+            tmp_path,
+        ],
     )
     assert r.exit_code == 0, r.output
     data = np.load(tmp_path / "samples_20x32x32x1.npz")

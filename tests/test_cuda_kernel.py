@@ -36,9 +36,21 @@ def test_kernel_sources_compile_without_torch(tmp_path):
     PTX only, to stay quick; .ci/check_cuda_compile.sh (the slow test below) runs ptxas too.
     """
     cmd = [
-        NVCC, "-std=c++17", "-O3", "-c", str(REPO / "csrc" / "ada_group_norm.cu"),
-        "-o", str(tmp_path / "k.o"), "-I", str(REPO / "csrc"), "-gencode", "arch=compute_80,code=compute_80",
-        "-Xcompiler", "-Wall,-Wextra,-Werror", "-Werror", "all-warnings",
+        NVCC,
+        "-std=c++17",
+        "-O3",
+        "-c",
+        str(REPO / "csrc" / "ada_group_norm.cu"),
+        "-o",
+        str(tmp_path / "k.o"),
+        "-I",
+        str(REPO / "csrc"),
+        "-gencode",
+        "arch=compute_80,code=compute_80",
+        "-Xcompiler",
+        "-Wall,-Wextra,-Werror",
+        "-Werror",
+        "all-warnings",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -56,7 +68,8 @@ def test_ci_compile_script():
 
 def _run_setup(tmp_path, build_cuda: str):
     """``python setup.py --name`` with torch made unimportable (a sitecustomize import hook)."""
-    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
+    (tmp_path / "sitecustomize.py").write_text(
+        textwrap.dedent("""
         import sys
 
         class _NoTorch:
@@ -66,7 +79,8 @@ def _run_setup(tmp_path, build_cuda: str):
                 return None
 
         sys.meta_path.insert(0, _NoTorch())
-    """))
+    """)
+    )
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "FASTDIFF_BUILD_CUDA": build_cuda}
     return subprocess.run(
         [sys.executable, "setup.py", "--name"], cwd=REPO, env=env, capture_output=True, text=True
@@ -193,8 +207,19 @@ def _err(a, b):
     return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1)).item()
 
 
-def _check(shape, dtype, channels_last, groups, adaptive, activation="silu", affine=True, splits=0,
-           misalign=False, eps=1e-5, dev="cuda"):
+def _check(
+    shape,
+    dtype,
+    channels_last,
+    groups,
+    adaptive,
+    activation="silu",
+    affine=True,
+    splits=0,
+    misalign=False,
+    eps=1e-5,
+    dev="cuda",
+):
     n, c = shape[:2]
     numel = torch.Size(shape).numel()
     if misalign:  # contiguous but off the 16-byte boundary: the scalar (non-vector) path

@@ -70,9 +70,11 @@ def test_eps_and_xstart_roundtrip():
 
 def _oracle(d, x0, noise, extra=None, x0_pred=False):
     """A "model" returning the true eps (or x0), optionally with variance channels."""
+
     def model(x, t_model, **_):
         out = x0 if x0_pred else noise
         return out if extra is None else torch.cat([out, extra], dim=1)
+
     return model
 
 
@@ -120,8 +122,9 @@ def test_x0_prediction_clip_and_denoised_fn():
     out = d.p_mean_variance(_oracle(d, 3 * x0, noise, x0_pred=True), xt, t, clip_denoised=True)
     torch.testing.assert_close(out["pred_xstart"], (3 * x0).clamp(-1, 1))
     # denoised_fn runs before clipping.
-    out = d.p_mean_variance(_oracle(d, x0, noise, x0_pred=True), xt, t, clip_denoised=True,
-                            denoised_fn=lambda v: v * 10)
+    out = d.p_mean_variance(
+        _oracle(d, x0, noise, x0_pred=True), xt, t, clip_denoised=True, denoised_fn=lambda v: v * 10
+    )
     torch.testing.assert_close(out["pred_xstart"], (10 * x0).clamp(-1, 1))
     torch.testing.assert_close(out["eps"], d.predict_eps_from_xstart(xt, t, out["pred_xstart"]))
 
@@ -192,8 +195,9 @@ def test_normal_kl_and_likelihood():
     expected = 0.5 * (-1.0 + 0.0 - 0.2 + math.exp(0.2) + 0.3**2)  # vs N(0, 1), scalars broadcast
     torch.testing.assert_close(normal_kl(m, lv, 0.0, 0.0), torch.tensor([expected]))
     x = torch.linspace(-4, 4, 101, dtype=torch.float64)
-    torch.testing.assert_close(approx_standard_normal_cdf(x), 0.5 * (1 + torch.erf(x / math.sqrt(2))),
-                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        approx_standard_normal_cdf(x), 0.5 * (1 + torch.erf(x / math.sqrt(2))), atol=1e-3, rtol=0
+    )
     # Over all 256 bins the discretized likelihood sums to one.
     bins = torch.linspace(-1, 1, 256, dtype=torch.float64)
     for mean, log_scale in ((0.1, -2.0), (-0.7, -4.0), (0.0, 0.5)):
@@ -224,11 +228,23 @@ def test_invalid_types_rejected():
 
 
 def test_create_diffusion_from_flags():
-    flags = {"diffusion_steps": 500, "learn_sigma": True, "noise_schedule": "cosine", "num_channels": 64,
-             "rescale_learned_sigmas": True, "predict_xstart": True}
+    flags = {
+        "diffusion_steps": 500,
+        "learn_sigma": True,
+        "noise_schedule": "cosine",
+        "num_channels": 64,
+        "rescale_learned_sigmas": True,
+        "predict_xstart": True,
+    }
     d = create_diffusion_from_flags(flags, timestep_respacing="50")
     assert d.num_timesteps == 50 and d.original_num_steps == 500
     assert (d.model_mean_type, d.model_var_type, d.loss_type) == ("x0", "learned_range", "rescaled_mse")
-    ref = create_diffusion(steps=500, learn_sigma=True, noise_schedule="cosine", predict_xstart=True,
-                           rescale_learned_sigmas=True, timestep_respacing="50")
+    ref = create_diffusion(
+        steps=500,
+        learn_sigma=True,
+        noise_schedule="cosine",
+        predict_xstart=True,
+        rescale_learned_sigmas=True,
+        timestep_respacing="50",
+    )
     np.testing.assert_array_equal(d.betas, ref.betas)

@@ -57,8 +57,15 @@ def _gen(seed):
 def test_runs_and_seed_reproduces(setup, sampler):
     diffusion, model, _, kw = setup
     steps = []
-    a = sample(diffusion, model, SHAPE, sampler=sampler, model_kwargs=kw, generator=_gen(3),
-               callback=lambda i, x, x0: steps.append(i))
+    a = sample(
+        diffusion,
+        model,
+        SHAPE,
+        sampler=sampler,
+        model_kwargs=kw,
+        generator=_gen(3),
+        callback=lambda i, x, x0: steps.append(i),
+    )
     assert a.shape == SHAPE and torch.isfinite(a).all()
     assert steps == list(range(diffusion.num_timesteps))
     b = sample(diffusion, model, SHAPE, sampler=sampler, model_kwargs=kw, generator=_gen(3))
@@ -82,10 +89,26 @@ def test_ddim_eta0_is_deterministic_given_x_T(setup):
 def test_classifier_scale_zero_is_unguided(setup, sampler):
     diffusion, model, classifier, kw = setup
     plain = sample(diffusion, model, SHAPE, sampler=sampler, model_kwargs=kw, generator=_gen(5))
-    zero = sample(diffusion, model, SHAPE, sampler=sampler, model_kwargs=kw, generator=_gen(5),
-                  classifier=classifier, classifier_scale=0.0)
-    guided = sample(diffusion, model, SHAPE, sampler=sampler, model_kwargs=kw, generator=_gen(5),
-                    classifier=classifier, classifier_scale=3.0)
+    zero = sample(
+        diffusion,
+        model,
+        SHAPE,
+        sampler=sampler,
+        model_kwargs=kw,
+        generator=_gen(5),
+        classifier=classifier,
+        classifier_scale=0.0,
+    )
+    guided = sample(
+        diffusion,
+        model,
+        SHAPE,
+        sampler=sampler,
+        model_kwargs=kw,
+        generator=_gen(5),
+        classifier=classifier,
+        classifier_scale=3.0,
+    )
     assert torch.equal(plain, zero)
     assert not torch.allclose(plain, guided)
 
@@ -102,12 +125,14 @@ def test_guidance_gets_original_timesteps_and_generic_cond_fn(setup):
             lp = torch.log_softmax(classifier(x_in, t), dim=-1)[range(len(x)), y]
             return torch.autograd.grad(lp.sum(), x_in)[0] * 2.0
 
-    compat = create_gaussian_diffusion(steps=1000, learn_sigma=True, noise_schedule="cosine",
-                                       timestep_respacing="ddim8")
+    compat = create_gaussian_diffusion(
+        steps=1000, learn_sigma=True, noise_schedule="cosine", timestep_respacing="ddim8"
+    )
     x_T = torch.randn(SHAPE)
     a = compat.ddim_sample_loop(model, SHAPE, noise=x_T, cond_fn=cond_fn, model_kwargs=kw)
-    b = sample(diffusion, model, SHAPE, noise=x_T, model_kwargs=kw, classifier=classifier,
-               classifier_scale=2.0)
+    b = sample(
+        diffusion, model, SHAPE, noise=x_T, model_kwargs=kw, classifier=classifier, classifier_scale=2.0
+    )
     assert torch.equal(a, b)
     assert [s[0] for s in seen] == [875, 750, 625, 500, 375, 250, 125, 0]
 
@@ -211,8 +236,9 @@ def _ode_error(sampler, steps, mu, s):
     ab = diffusion.alphas_cumprod[-1]
     # The probability-flow ODE keeps the standardized coordinate of a Gaussian fixed.
     exact = mu + s * (x_T - ab**0.5 * mu) / (ab * s**2 + 1 - ab) ** 0.5
-    out = sample(diffusion, _gaussian_data_model(mu, s), x_T.shape, sampler=sampler, noise=x_T,
-                 clip_denoised=False)
+    out = sample(
+        diffusion, _gaussian_data_model(mu, s), x_T.shape, sampler=sampler, noise=x_T, clip_denoised=False
+    )
     return (out - exact).abs().max().item()
 
 
@@ -245,8 +271,14 @@ def test_nan_reports_first_bad_step(sampler):
 def test_float64_and_unknown_sampler(setup):
     diffusion, model, _, kw = setup
     model = model.double()
-    out = sample(diffusion, model, SHAPE, sampler="dpm++2m", model_kwargs=kw,
-                 noise=torch.randn(SHAPE, dtype=torch.float64))
+    out = sample(
+        diffusion,
+        model,
+        SHAPE,
+        sampler="dpm++2m",
+        model_kwargs=kw,
+        noise=torch.randn(SHAPE, dtype=torch.float64),
+    )
     assert out.dtype == torch.float64
     with pytest.raises(ValueError, match="unknown sampler"):
         sample(diffusion, model, SHAPE, sampler="euler")
@@ -254,8 +286,9 @@ def test_float64_and_unknown_sampler(setup):
 
 def test_compat_loops_progressive(setup):
     diffusion, model, _, kw = setup
-    compat = create_gaussian_diffusion(steps=1000, learn_sigma=True, noise_schedule="cosine",
-                                       timestep_respacing="ddim8")
+    compat = create_gaussian_diffusion(
+        steps=1000, learn_sigma=True, noise_schedule="cosine", timestep_respacing="ddim8"
+    )
     x_T = torch.randn(SHAPE)
     outs = list(compat.ddim_sample_loop_progressive(model, SHAPE, noise=x_T, model_kwargs=kw))
     assert len(outs) == 8 and set(outs[0]) == {"sample", "pred_xstart"}
@@ -274,6 +307,7 @@ def test_noise_fn_replays_generator_draw_order(setup):
     x_T = torch.randn(SHAPE, generator=g)
     recorded = [torch.randn(SHAPE, generator=g) for _ in range(diffusion.num_timesteps)]
     seeded = sample(diffusion, model, SHAPE, sampler="ddpm", model_kwargs=kw, generator=_gen(3))
-    *_, (_, replayed, _) = sample_steps(diffusion, model, SHAPE, sampler="ddpm", model_kwargs=kw, noise=x_T,
-                                        noise_fn=lambda i, x: recorded[i])
+    *_, (_, replayed, _) = sample_steps(
+        diffusion, model, SHAPE, sampler="ddpm", model_kwargs=kw, noise=x_T, noise_fn=lambda i, x: recorded[i]
+    )
     assert torch.equal(seeded, replayed)

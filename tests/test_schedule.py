@@ -34,8 +34,9 @@ def test_cosine_schedule_values_and_clip():
     assert betas[-1] == 0.999  # clipped: alpha_bar(1) is ~0
     assert betas.max() <= 0.999 and (betas > 0).all()
     # alpha_bar follows the continuous curve (up to the clip at the very end).
-    np.testing.assert_allclose(np.cumprod(1 - betas)[:-1], [f((i + 1) / T) / f(0) for i in range(T - 1)],
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        np.cumprod(1 - betas)[:-1], [f((i + 1) / T) / f(0) for i in range(T - 1)], rtol=1e-9
+    )
 
 
 def test_unknown_schedule():

@@ -27,40 +27,119 @@ class SpacedDiffusion(GaussianDiffusion):
     original, a loop that produced NaN/Inf raises ``SamplingError`` after its last step.
     """
 
-    def _progressive(self, sampler, model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs,
-                     device, progress, eta=0.0) -> Iterator[dict]:
+    def _progressive(
+        self,
+        sampler,
+        model,
+        shape,
+        noise,
+        clip_denoised,
+        denoised_fn,
+        cond_fn,
+        model_kwargs,
+        device,
+        progress,
+        eta=0.0,
+    ) -> Iterator[dict]:
         for _, x, pred_xstart in sample_steps(
-            self, model, shape, sampler=sampler, eta=eta, model_kwargs=model_kwargs, cond_fn=cond_fn,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, noise=noise, device=device,
+            self,
+            model,
+            shape,
+            sampler=sampler,
+            eta=eta,
+            model_kwargs=model_kwargs,
+            cond_fn=cond_fn,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            noise=noise,
+            device=device,
             progress=progress,
         ):
             yield {"sample": x, "pred_xstart": pred_xstart}
 
-    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                  cond_fn=None, model_kwargs=None, device=None, progress=False):
+    def p_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+    ):
         """Yield {"sample", "pred_xstart"} after each ancestral step."""
-        return self._progressive("ddpm", model, shape, noise, clip_denoised, denoised_fn, cond_fn,
-                                 model_kwargs, device, progress)
+        return self._progressive(
+            "ddpm", model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress
+        )
 
-    def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                      model_kwargs=None, device=None, progress=False):
+    def p_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+    ):
         """The final sample of ancestral sampling."""
-        return _last_sample(self.p_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress
-        ))
+        return _last_sample(
+            self.p_sample_loop_progressive(
+                model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress
+            )
+        )
 
-    def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                     cond_fn=None, model_kwargs=None, device=None, progress=False, eta=0.0):
+    def ddim_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+    ):
         """Yield {"sample", "pred_xstart"} after each DDIM step."""
-        return self._progressive("ddim", model, shape, noise, clip_denoised, denoised_fn, cond_fn,
-                                 model_kwargs, device, progress, eta)
+        return self._progressive(
+            "ddim",
+            model,
+            shape,
+            noise,
+            clip_denoised,
+            denoised_fn,
+            cond_fn,
+            model_kwargs,
+            device,
+            progress,
+            eta,
+        )
 
-    def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                         model_kwargs=None, device=None, progress=False, eta=0.0):
+    def ddim_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+    ):
         """The final sample of DDIM sampling."""
-        return _last_sample(self.ddim_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta
-        ))
+        return _last_sample(
+            self.ddim_sample_loop_progressive(
+                model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta
+            )
+        )
 
 
 def _last_sample(steps: Iterator[dict]):

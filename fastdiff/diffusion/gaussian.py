@@ -228,9 +228,9 @@ class GaussianDiffusion:
         )
 
     def predict_eps_from_xstart(self, x_t: Tensor, t: Tensor, pred_xstart: Tensor) -> Tensor:
-        return (
-            self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart
-        ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t)
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) / self._extract(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
+        )
 
     # ---------------------------------------------------------------- reverse process
 

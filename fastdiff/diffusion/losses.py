@@ -28,8 +28,10 @@ def discretized_gaussian_log_likelihood(x: Tensor, *, means: Tensor, log_scales:
     """Log-probability (nats) of 8-bit images scaled to [-1, 1] under a Gaussian binned to 1/255,
     with the outermost bins extended to +-infinity."""
     if not x.shape == means.shape == log_scales.shape:
-        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, means {tuple(means.shape)}, "
-                         f"log_scales {tuple(log_scales.shape)}")
+        raise ValueError(
+            f"shape mismatch: x {tuple(x.shape)}, means {tuple(means.shape)}, "
+            f"log_scales {tuple(log_scales.shape)}"
+        )
     centered = x - means
     inv_stdv = torch.exp(-log_scales)
     cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))

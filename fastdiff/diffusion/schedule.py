@@ -18,9 +18,7 @@ def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
         scale = 1000 / num_timesteps
         return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
     if name == "cosine":
-        return betas_for_alpha_bar(
-            num_timesteps, lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-        )
+        return betas_for_alpha_bar(num_timesteps, lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2)
     raise ValueError(f"unknown beta schedule {name!r}; choose 'linear' or 'cosine'")
 
 
@@ -45,7 +43,7 @@ def space_timesteps(num_timesteps: int, spec: str | Iterable[int]) -> list[int]:
     """
     if isinstance(spec, str):
         if spec.startswith("ddim"):
-            count = int(spec[len("ddim"):])
+            count = int(spec[len("ddim") :])
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == count:
                     return list(range(0, num_timesteps, stride))

@@ -29,8 +29,9 @@ def _cuda_kernel():
     try:
         return importlib.import_module(f"{__package__}.cuda_kernel")
     except ImportError as e:  # a broken optional layer must not take the Triton path down with it
-        warnings.warn(f"fastdiff.ops.ada_group_norm: cuda_kernel does not import ({e}); using Triton",
-                      stacklevel=2)
+        warnings.warn(
+            f"fastdiff.ops.ada_group_norm: cuda_kernel does not import ({e}); using Triton", stacklevel=2
+        )
         return None
 
 
@@ -63,8 +64,14 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("fastdiff::ada_group_norm", mutates_args=())
 def ada_group_norm_op(
-    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, scale: Tensor | None,
-    shift: Tensor | None, eps: float, activation: str | None,
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    eps: float,
+    activation: str | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (y, mean, rstd); mean/rstd [N, G] are saved for the backward."""
     kernel = _pick_kernel(x, num_groups, scale is not None, activation)
@@ -83,8 +90,16 @@ def _(x, num_groups, weight, bias, scale, shift, eps, activation):
 
 @torch.library.custom_op("fastdiff::ada_group_norm_backward", mutates_args=())
 def ada_group_norm_backward_op(
-    dy: Tensor, x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
-    scale: Tensor | None, shift: Tensor | None, mean: Tensor, rstd: Tensor, activation: str | None,
+    dy: Tensor,
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    activation: str | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dweight, dbias, dscale, dshift); an empty tensor stands for the grad of a None input."""
     kernel = _pick_kernel(x, num_groups, scale is not None, activation)
@@ -136,8 +151,9 @@ def _per_sample(t: Tensor | None, name: str, n: int, c: int) -> Tensor | None:
     return t.reshape(t.shape[0], c).expand(n, c)
 
 
-def ada_group_norm(x, num_groups, weight=None, bias=None, scale=None, shift=None, eps=1e-5,
-                   activation="silu"):
+def ada_group_norm(
+    x, num_groups, weight=None, bias=None, scale=None, shift=None, eps=1e-5, activation="silu"
+):
     """``act((GN(x) * weight + bias) * (1 + scale) + shift)`` fused, statistics in fp32.
 
     x: [N, C, *] (NCHW, channels_last or any trailing dims; the output keeps x's memory format);

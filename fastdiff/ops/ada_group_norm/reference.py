@@ -21,12 +21,14 @@ def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], *([1] * (x.dim() - 2)))
 
 
-def ada_group_norm_reference(x, num_groups, weight=None, bias=None, scale=None, shift=None, eps=1e-5,
-                             activation="silu"):
+def ada_group_norm_reference(
+    x, num_groups, weight=None, bias=None, scale=None, shift=None, eps=1e-5, activation="silu"
+):
     """``act((GN(x) * weight + bias) * (1 + scale) + shift)``, GN in fp32 like GroupNorm32."""
     sd = _stat_dtype(x)
     h = F.group_norm(
-        x.to(sd), num_groups,
+        x.to(sd),
+        num_groups,
         None if weight is None else weight.to(sd),
         None if bias is None else bias.to(sd),
         eps,
