@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 import torch
 
-from .graph import GraphStep
+from fastdiff.diffusion.samplers import StepFn
 
-StepFn = Callable
+from .graph import GraphStep
 
 
 class EngineError(RuntimeError):

@@ -139,8 +139,8 @@ class Sampler:
                 clip_denoised=self.clip_denoised,
             )
             step.prepare(torch.zeros(1, device=self.device))
-            self._steps[n] = (labels, build_engine(self.engine, step, self.device), step)
-        return self._steps[n][:2]
+            self._steps[n] = (labels, build_engine(self.engine, step, self.device))
+        return self._steps[n]
 
     def warmup(self, labels: Tensor | None = None, n: int | None = None) -> float:
         """Prepare the engine for a batch (compile, capture, choose kernel backends by measuring

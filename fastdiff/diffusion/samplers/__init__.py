@@ -305,6 +305,7 @@ __all__ = [
     "DPMSolverPP2MStep",
     "SamplerSpec",
     "SamplingStep",
+    "StepFn",
     "UpdateRule",
     "get_sampler",
     "make_rule",
