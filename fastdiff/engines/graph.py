@@ -9,6 +9,8 @@ The classifier's forward and input gradient run on a second stream beside the UN
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 
@@ -32,8 +34,6 @@ class GraphStep:
         self.capture_seconds = 0.0
 
     def _capture(self, x: Tensor, t: Tensor, noise: Tensor | None, state) -> None:
-        import time
-
         start = time.perf_counter()
         self.inputs = (
             _static(x),
