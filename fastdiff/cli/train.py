@@ -6,10 +6,15 @@ Multi-GPU / multi-node: launch the same command under torchrun, e.g.
 
 from __future__ import annotations
 
+import fcntl
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
+import torch
 
+from fastdiff.imageio import remove_temp_files
 from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.presets import (
     classifier_defaults,
@@ -31,9 +36,10 @@ from fastdiff.training import (
     resolve_classifier_flags,
     resolve_flags,
 )
-from fastdiff.training.trainer import PRECISIONS
+from fastdiff.training.trainer import PRECISIONS, TrainingError
 
-USER_ERRORS = (ValueError, DataError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ValueError, DataError, CheckpointError, FileNotFoundError, TrainingError)
+LOCK = ".lock"
 
 
 def _flags_and_data(base: dict, kind: str, o: dict):
@@ -56,7 +62,56 @@ def _flags_and_data(base: dict, kind: str, o: dict):
     if o["image_size"]:
         flags["image_size"] = o["image_size"]
     size = flags["image_size"] if sized or Path(o["data"]).is_dir() else None
-    return flags, load_dataset(o["data"], size, channels=flags.get("in_channels", 3))
+    dataset = load_dataset(
+        o["data"], size, channels=flags.get("in_channels", 3), skip_bad_images=o["skip_bad_images"]
+    )
+    _report_skipped(dataset)
+    return flags, dataset
+
+
+def _report_skipped(dataset) -> None:
+    skipped = getattr(dataset, "skipped", ())
+    if skipped:
+        click.echo(f"skipping {len(skipped)} corrupt image(s), e.g. {skipped[0]}", err=True)
+
+
+def _check_options(o: dict) -> None:
+    """Cheap checks of the environment and options, before any data is read or model built."""
+    device = o["device"] or ""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if o["num_workers"] < 0:
+        raise ValueError(f"--num-workers must not be negative, got {o['num_workers']}")
+    if o["keep_last"] < 0:
+        raise ValueError(f"--keep-last must not be negative, got {o['keep_last']}")
+
+
+@contextmanager
+def locked_out(out: str):
+    """Hold ``out`` under an exclusive lock for the run (rank 0 only: the ranks share it)."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise click.ClickException(f"--out {out} is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise click.ClickException(f"cannot write to --out {out}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise click.ClickException(
+                f"{out} is in use by another fastdiff training run; wait for it or choose another --out"
+            ) from None
+        for sub in (folder, folder / "samples"):
+            remove_temp_files(sub)  # killed writes' leftovers; the lock says no writer of ours runs
+        yield
+    finally:
+        os.close(fd)
 
 
 def _check_out(out: str, resume: bool) -> None:
@@ -169,6 +224,18 @@ def common_options(lr: float, ema: str, out: str):
             "--device", help="cpu, cuda or cuda:N (default: cuda if available; torchrun: cuda:LOCAL_RANK)."
         ),
         click.option(
+            "--skip-bad-images",
+            is_flag=True,
+            help="Skip corrupt or truncated images of an image folder (default: stop and name the first).",
+        ),
+        click.option(
+            "--keep-last",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Keep only the newest N checkpoints (0: keep all).",
+        ),
+        click.option(
             "--num-workers",
             type=int,
             default=0,
@@ -210,6 +277,7 @@ def _config(flags, o, **extra) -> TrainConfig:
         device=o["device"],
         num_workers=o["num_workers"],
         resume=o["resume"],
+        keep_last=o["keep_last"],
         **extra,
     )
 
@@ -247,6 +315,7 @@ def _config(flags, o, **extra) -> TrainConfig:
 def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps, **o):
     """Train an ADM diffusion model (hybrid loss with learned sigma, EMA, AdamW)."""
     try:
+        _check_options(o)
         _check_out(o["out"], o["resume"])
         flags, dataset = _flags_and_data({**model_defaults(), **diffusion_defaults()}, "diffusion", o)
         if not 0 <= cfg_dropout < 1:
@@ -264,10 +333,7 @@ def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps
         trainer = DiffusionTrainer(config, dataset)
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from e
-    try:
-        trainer.run()
-    finally:
-        dist.cleanup()
+    _run(trainer, o["out"])
     click.echo(f"done: {Path(o['out']) / 'latest.json'}")
 
 
@@ -284,11 +350,15 @@ def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps
 def train_classifier(val_data, eval_every, **o):
     """Train ADM's noisy-image classifier (for classifier guidance)."""
     try:
+        _check_options(o)
         _check_out(o["out"], o["resume"])
         flags, dataset = _flags_and_data({**classifier_defaults(), **diffusion_defaults()}, "classifier", o)
         val = None
         if val_data:
-            val = load_dataset(val_data, dataset.image_size, channels=dataset.channels)
+            val = load_dataset(
+                val_data, dataset.image_size, channels=dataset.channels, skip_bad_images=o["skip_bad_images"]
+            )
+            _report_skipped(val)
         elif o["data"] == "mnist":
             val = get_mnist("val")
         flags = resolve_classifier_flags(flags, dataset)
@@ -296,8 +366,15 @@ def train_classifier(val_data, eval_every, **o):
         trainer = ClassifierTrainer(config, dataset, val)
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from e
+    _run(trainer, o["out"])
+    click.echo(f"done: {Path(o['out']) / 'latest.json'}")
+
+
+def _run(trainer, out: str) -> None:
     try:
-        trainer.run()
+        with locked_out(out):
+            trainer.run()
+    except (TrainingError, DataError) as e:
+        raise click.ClickException(str(e)) from None
     finally:
         dist.cleanup()
-    click.echo(f"done: {Path(o['out']) / 'latest.json'}")

@@ -9,6 +9,7 @@ resumed or multi-process run sees exactly the batches of an uninterrupted single
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from pathlib import Path
 
@@ -32,8 +33,16 @@ class ArrayDataset(torch.utils.data.Dataset):
             images = images[..., None]
         if images.ndim != 4 or images.dtype != np.uint8:
             raise DataError(f"images must be uint8 NHWC, got {images.dtype} {images.shape}")
+        if not len(images):
+            raise DataError("the dataset holds no images")
         if labels is not None and len(labels) != len(images):
             raise DataError(f"{len(images)} images but {len(labels)} labels")
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.ndim != 1 or labels.dtype.kind not in "iu":
+                raise DataError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+            if labels.min() < 0:
+                raise DataError(f"labels must not be negative (found {int(labels.min())})")
         self.images = images
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.num_classes = 0 if self.labels is None else int(self.labels.max()) + 1
@@ -68,7 +77,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     when every name has one; otherwise the data is unlabeled.
     """
 
-    def __init__(self, root: str | os.PathLike, image_size: int, channels: int = 3):
+    def __init__(
+        self, root: str | os.PathLike, image_size: int, channels: int = 3, skip_bad_images: bool = False
+    ):
         root = Path(root)
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
@@ -82,6 +93,20 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             keys = None
         if keys is not None and None in keys:
             raise DataError(f"{root} mixes class subfolders with loose images")
+        bad = [i for i, p in enumerate(files) if not image_looks_whole(p)]
+        if bad and not skip_bad_images:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise DataError(
+                f"corrupt or truncated image {files[bad[0]]}{more}; remove it or pass --skip-bad-images"
+            )
+        self.skipped = [files[i] for i in bad]
+        if bad:  # class names come from all files, so skipping never renumbers the classes
+            good = sorted(set(range(len(files))) - set(bad))
+            files = [files[i] for i in good]
+            keys = None if keys is None else [keys[i] for i in good]
+            if not files:
+                raise DataError(f"every image under {root} is corrupt")
+        self.root = root
         self.files = files
         self.image_size = image_size
         self.channels = channels
@@ -94,13 +119,59 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        with Image.open(self.files[i]) as img:
-            img = img.convert("L" if self.channels == 1 else "RGB")
-            arr = center_crop_arr(img, self.image_size)
+        try:
+            with Image.open(self.files[i]) as img:
+                img = img.convert("L" if self.channels == 1 else "RGB")
+                arr = center_crop_arr(img, self.image_size)
+        except (OSError, ValueError, SyntaxError) as e:  # what the start-up scan cannot see
+            raise DataError(f"cannot read image {self.files[i]}: {e}") from None
         if arr.ndim == 2:
             arr = arr[..., None]
         x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1
         return x, -1 if self.labels is None else int(self.labels[i])
+
+
+# How each format's file must end: PNG's IEND chunk, JPEG's end-of-image marker, GIF's trailer.
+_ENDINGS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9", "GIF": b";"}
+
+
+def image_looks_whole(path: Path) -> bool:
+    """A cheap check (header and last bytes, no decoding) that catches truncated files."""
+    try:
+        with Image.open(path) as img:
+            fmt = img.format
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64))
+            tail = f.read()
+    except (OSError, ValueError, SyntaxError):
+        return False
+    end = _ENDINGS.get(fmt)
+    if end is None:
+        return True
+    return tail.rstrip(b"\x00").endswith(end) if fmt == "JPEG" else tail.endswith(end)
+
+
+def fingerprint(dataset, samples: int = 32) -> dict:
+    """Item count plus a hash of evenly spaced items, so a resume notices changed data cheaply."""
+    n = len(dataset)
+    h = hashlib.sha256()
+    picks = sorted({i * n // samples for i in range(samples)}) if n else []
+    if isinstance(dataset, ImageFolderDataset):
+        h.update("\n".join(str(p.relative_to(dataset.root)) for p in dataset.files).encode())
+        for i in picks:
+            h.update(dataset.files[i].read_bytes())
+    elif isinstance(dataset, ArrayDataset):
+        for i in picks:
+            h.update(np.ascontiguousarray(dataset.images[i]).tobytes())
+    else:
+        for i in picks:
+            x, _ = dataset[i]
+            h.update(torch.as_tensor(x).numpy().tobytes())
+    labels = getattr(dataset, "labels", None)
+    if labels is not None:
+        h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return {"count": n, "sha256": h.hexdigest()}
 
 
 def load_npz(path: str | os.PathLike) -> ArrayDataset:
@@ -151,7 +222,13 @@ def get_mnist(split: str = "train") -> ArrayDataset:
     return ArrayDataset(images[idx], labels[idx], class_names=[str(i) for i in range(10)])
 
 
-def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, split: str = "train"):
+def load_dataset(
+    spec: str,
+    image_size: int | None = None,
+    channels: int = 3,
+    split: str = "train",
+    skip_bad_images: bool = False,
+):
     """``mnist`` | a ``.npz`` file | an image folder -> dataset with ``image_size``/``num_classes``."""
     if spec == "mnist":
         ds = get_mnist(split)
@@ -162,7 +239,7 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, sp
     elif Path(spec).is_dir():
         if image_size is None:
             raise DataError("an image folder needs an image size")
-        return ImageFolderDataset(spec, image_size, channels)
+        return ImageFolderDataset(spec, image_size, channels, skip_bad_images)
     else:
         raise DataError(f"--data must be 'mnist', a .npz file or an image folder; {spec!r} is none of these")
     if image_size is not None and ds.image_size != image_size:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,15 +35,34 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from fastdiff.diffusion import create_diffusion_from_flags
-from fastdiff.imageio import atomic_write, save_grid, to_uint8
+from fastdiff.imageio import atomic_write, is_temp_file, save_grid, to_uint8
 from fastdiff.models.presets import create_classifier, create_unet
 
 from . import checkpoint as ckpt
 from . import dist
-from .data import DataError, ShardedSampler
+from .data import DataError, ShardedSampler, fingerprint
 from .resample import UniformSampler, create_named_schedule_sampler
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# fp16: this many skipped steps in a row means the scaler cannot rescue the run (scale / 2**25).
+MAX_SKIPPED_STEPS = 25
+# Settings a bit-exact resume depends on, besides the flags and the data.
+RESUME_KEYS = ("seed", "batch_size", "precision", "ema")
+
+
+class TrainingError(Exception):
+    """A run that cannot go on for a reason the user can act on; the CLI shows it as one line."""
+
+
+def _write_error(e: OSError, fallback: Path) -> TrainingError:
+    """One line for a failed write, naming the real file rather than its temporary twin."""
+    path = Path(e.filename) if e.filename else fallback
+    if is_temp_file(path):  # ".model_0000002.safetensors.k3j2h1g0.safetensors" -> the real name
+        path = path.with_name(path.name[1 : -len(path.suffix) - 9] if path.suffix else path.name[1:-9])
+    if e.errno == errno.ENOSPC:
+        return TrainingError(f"no space left on device writing {path}")
+    return TrainingError(f"cannot write {path}: {e.strerror or e}")
+
 
 # The bundled MNIST model's network: small enough for ~40 minutes on 2 CPU cores. AdaGN
 # (use_scale_shift_norm), attention at 16x16 and 8x8, learned sigma, cosine schedule; 11 classes
@@ -81,6 +102,8 @@ def resolve_classifier_flags(flags: dict, dataset) -> dict:
         raise DataError(
             "classifier training needs labelled data (class subfolders, class_ prefixes or arr_1)"
         )
+    if dataset.num_classes < 2:
+        raise DataError("classifier training needs at least 2 classes; the data has 1")
     return dict(
         flags,
         image_size=dataset.image_size,
@@ -261,6 +284,7 @@ class TrainConfig:
     num_workers: int = 0
     resume: bool = False
     progress: bool = True
+    keep_last: int = 0
 
 
 class TrainLoop:
@@ -295,6 +319,7 @@ class TrainLoop:
         self.ema = EMA(self.model, parse_ema_rates(cfg.ema), warmup=cfg.ema_warmup)
         self.meter = Meter()
         self.step = 0
+        self.skipped = 0  # fp16 steps skipped in a row
         self.out = Path(cfg.out)
         self._last_log = (time.time(), 0)
 
@@ -351,7 +376,7 @@ class TrainLoop:
             group["lr"] = self.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
         n_micro = self.local_batch // self.micro
-        records = []
+        records, losses = [], []
         for i in range(n_micro):
             gen, dev_gen = self._generators(self.rank * n_micro + i)
             xs, ys = x[i * self.micro : (i + 1) * self.micro], y[i * self.micro : (i + 1) * self.micro]
@@ -363,7 +388,11 @@ class TrainLoop:
                 loss, rec = self.compute_loss(xs, ys, gen, dev_gen)
                 self.scaler.scale_loss(loss * (len(xs) / self.local_batch)).backward()
             records.append(rec)
-        took = self._optimize()
+            losses.append(loss.detach().float().reshape(1))
+        loss_sum = torch.cat(losses).sum()
+        if self.world > 1:
+            loss_sum = dist.all_gather_cat(loss_sum.reshape(1)).sum()
+        took = self._optimize(loss_sum)
         t = torch.cat([r.pop("t") for r in records])
         terms = {k: torch.cat([r[k] for r in records]).float() for k in records[0]}
         if self.world > 1:
@@ -373,11 +402,34 @@ class TrainLoop:
         self.record(t, terms)
         return took
 
-    def _optimize(self) -> bool:
+    def _diverged(self, what: str) -> TrainingError:
+        record = ckpt.latest_checkpoint(self.out)
+        kept = (
+            f"the last good checkpoint (step {record['step']}) is kept in {self.out}"
+            if record
+            else "no checkpoint was written yet"
+        )
+        return TrainingError(f"training diverged at step {self.step + 1}: {what}; {kept}; try a lower --lr")
+
+    def _optimize(self, loss_sum: torch.Tensor | None = None) -> bool:
+        """Clip and step; stop the run (before touching the weights) at a non-finite loss or gradient."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         found_inf = self.scaler.unscale_(params)
         clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        loss_ok, norm_ok = (
+            torch.isfinite(torch.stack([loss_sum.to(norm), norm])).tolist()
+            if loss_sum is not None
+            else (True, bool(torch.isfinite(norm)))
+        )
+        if not loss_ok:
+            raise self._diverged("the loss is not finite")
+        if self.scaler.enabled:  # an overflow is the scaler's to handle, unless it keeps happening
+            self.skipped = self.skipped + 1 if found_inf else 0
+            if self.skipped >= MAX_SKIPPED_STEPS:
+                raise self._diverged(f"the fp16 loss scaler skipped {self.skipped} steps in a row")
+        elif not norm_ok:
+            raise self._diverged("the gradient is not finite")
         if found_inf:
             self.opt.zero_grad(set_to_none=True)
         else:
@@ -416,18 +468,20 @@ class TrainLoop:
             disable=not (cfg.progress and main),
         )
         self._last_log = (time.time(), self.step)
-        while self.step < cfg.max_steps:
-            x, y = next(batches)
-            self.run_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-            self.step += 1
-            bar.update(1)
-            done = self.step == cfg.max_steps
-            if self.step % cfg.log_every == 0 or done:
-                self.log(bar)
-            if (cfg.save_every and self.step % cfg.save_every == 0) or done:
-                self.save()
-            self.after_step()
-        bar.close()
+        try:
+            while self.step < cfg.max_steps:
+                x, y = next(batches)
+                self.run_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                self.step += 1
+                bar.update(1)
+                done = self.step == cfg.max_steps
+                if self.step % cfg.log_every == 0 or done:
+                    self.log(bar)
+                if (cfg.save_every and self.step % cfg.save_every == 0) or done:
+                    self.save()
+                self.after_step()
+        finally:
+            bar.close()
         if main:
             plot_losses(self.out / "log.jsonl", self.out / "loss.png")
         dist.barrier()
@@ -445,24 +499,46 @@ class TrainLoop:
             "samples_per_sec": (self.step - step0) * self.config.batch_size / max(now - then, 1e-9),
             **row,
         }
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        brief = {k: row[k] for k in ("loss", "mse", "vb", "acc@1") if k in row}
+        self.append_log(row)
+        brief = {k: row[k] for k in ("loss", "mse", "vb", "acc@1") if isinstance(row.get(k), float)}
         bar.set_postfix({k: f"{v:.4g}" for k, v in brief.items()})
         text = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
         bar.write(text)
 
+    def append_log(self, row: dict) -> None:
+        """One JSON line; non-finite numbers become null (bare NaN is not JSON)."""
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        path = self.out / "log.jsonl"
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+        except OSError as e:
+            raise _write_error(e, path) from None
+
     def save(self) -> None:
         if not dist.is_main():
             return
+        try:
+            self._save()
+        except OSError as e:
+            raise _write_error(e, self.out) from None
+        if self.config.keep_last > 0:
+            prune_checkpoints(self.out, self.config.keep_last)
+
+    def _save(self) -> None:
         cfg = self.config
         state = {
             "step": self.step,
             "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": ckpt.capture_rng(),
-            "data": {"seed": cfg.seed, "step": self.step, "global_batch": cfg.batch_size},
+            "data": {
+                "seed": cfg.seed,
+                "step": self.step,
+                "global_batch": cfg.batch_size,
+                "fingerprint": self.data_fingerprint(),
+            },
             "config": asdict(cfg),
             **self.extra_state(),
         }
@@ -477,36 +553,85 @@ class TrainLoop:
                 tqdm.write(f"no checkpoint in {self.out}; starting from step 0")
             return
         step, model_sd, emas, state = ckpt.load_checkpoint(self.out, record)
-        old = state["config"]["flags"]
-        diff = sorted(k for k in set(old) | set(self.config.flags) if old.get(k) != self.config.flags.get(k))
-        if diff:
-            raise ValueError(
-                "the checkpoint in {} was trained with other flags: {}".format(
-                    self.out, ", ".join(f"{k} {old.get(k)!r} vs {self.config.flags.get(k)!r}" for k in diff)
-                )
-            )
+        self.check_resume(state)
         self.model.load_state_dict(model_sd)
         for rate in self.ema.rates:
-            name = ckpt.ema_name(rate)
-            if name not in emas:
-                raise ValueError(
-                    f"the checkpoint has no EMA of rate {name} (has: {', '.join(emas) or 'none'})"
-                )
-            self.ema.load(rate, emas[name])
+            self.ema.load(rate, emas[ckpt.ema_name(rate)])
         self.opt.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.load_extra_state(state)
         ckpt.restore_rng(state["rng"])
         self.step = step
         if dist.is_main():
-            _truncate_log(self.out / "log.jsonl", step)
+            try:
+                _truncate_log(self.out / "log.jsonl", step)
+            except OSError as e:
+                raise _write_error(e, self.out / "log.jsonl") from None
+
+    def data_fingerprint(self) -> dict:
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = fingerprint(self.dataset)
+        return self._fingerprint
+
+    def check_resume(self, state: dict) -> None:
+        """Refuse, naming each difference, what would break the promised bit-exact continuation."""
+        old, new = state["config"], asdict(self.config)
+        old["ema"], new["ema"] = tuple(old.get("ema", ())), tuple(new["ema"])
+        diffs = [
+            f"flag {k} {old['flags'].get(k)!r} vs {new['flags'].get(k)!r}"
+            for k in sorted(set(old["flags"]) | set(new["flags"]))
+            if old["flags"].get(k) != new["flags"].get(k)
+        ]
+        names = {"batch_size": "batch size", "ema": "EMA rates"}
+        diffs += [
+            f"{names.get(k, k)} {old.get(k)!r} vs {new[k]!r}"
+            for k in RESUME_KEYS
+            if old.get(k, new[k]) != new[k]
+        ]
+        was = state.get("data", {}).get("fingerprint")
+        if was is not None and was != self.data_fingerprint():
+            now = self.data_fingerprint()
+            diffs.append(
+                f"data ({was['count']} items vs {now['count']})"
+                if was["count"] != now["count"]
+                else "data (same count, other content)"
+            )
+        if diffs:
+            raise TrainingError(
+                f"cannot resume {self.out}: it was trained with other settings: {'; '.join(diffs)}"
+            )
+
+
+def _log_rows(path: Path) -> list[dict]:
+    """The rows of log.jsonl; a torn line (kill, full disk) is dropped."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows past the resumed step (they are about to be redone)."""
+    """Drop log rows past the resumed step (they are about to be redone), and torn lines."""
     if path.is_file():
-        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
+        rows = [json.dumps(r) for r in _log_rows(path) if r["step"] <= step]
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+
+
+CHECKPOINT_FILE = re.compile(r"(model|state|ema_.+)_(\d{7})\.(safetensors|pt)")
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (called after latest.json names the newest)."""
+    files = [(p, m) for p in out.iterdir() if (m := CHECKPOINT_FILE.fullmatch(p.name))]
+    steps = sorted({int(m[2]) for _, m in files}, reverse=True)
+    for p, m in files:
+        if int(m[2]) not in steps[:keep]:
+            p.unlink(missing_ok=True)
 
 
 def plot_losses(log_path: Path, png_path: Path) -> bool:
@@ -520,7 +645,7 @@ def plot_losses(log_path: Path, png_path: Path) -> bool:
         return False
     if not Path(log_path).is_file():
         return False
-    rows = [json.loads(r) for r in Path(log_path).read_text().splitlines() if r.strip()]
+    rows = _log_rows(Path(log_path))
     keys = [
         k
         for k in ("loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "val_loss")
@@ -530,7 +655,7 @@ def plot_losses(log_path: Path, png_path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     for k in keys:
-        pts = [(r["step"], r[k]) for r in rows if k in r]
+        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
         ax.plot(*zip(*pts), label=k, lw=2 if k == "loss" else 1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -678,8 +803,7 @@ class ClassifierTrainer(TrainLoop):
             metrics = self.evaluate()
             if dist.is_main():
                 row = {"step": self.step, **metrics}
-                with open(self.out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                self.append_log(row)
                 tqdm.write(" | ".join(f"{k} {v:.4g}" for k, v in row.items()))
 
     @torch.no_grad()
