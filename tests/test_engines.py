@@ -199,3 +199,73 @@ def test_gpu_graph_fp16_psnr():
 @pytest.mark.slow
 def test_compile_engine_matches_eager_cpu():
     _engine_matches_eager("compile", "cpu", samplers=("ddim",))
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on the CPU: capture runs the step once (recording it),
+    replay runs it again on the same static inputs and writes into the captured outputs, which is
+    what a real replay does to its memory. Checks GraphStep's buffer plumbing without a GPU."""
+
+    def __init__(self):
+        self.fn = None
+
+    def replay(self):
+        fresh = self.fn()
+        for dst, src in zip(self.outputs, fresh):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+
+
+def test_graph_step_buffers_on_cpu(monkeypatch):
+    from contextlib import contextmanager
+
+    from fastdiff.engines import graph as graph_module
+    from fastdiff.engines.graph import GraphStep
+
+    class _Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    @contextmanager
+    def _noop(*_args, **_kwargs):
+        yield
+
+    fake = _FakeGraph()
+
+    @contextmanager
+    def _capture(g):
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "stream", _noop)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "graph", _capture)
+
+    original_capture = GraphStep._capture
+
+    def capture(self, *args):
+        original_capture(self, *args)
+        fake.fn = lambda: self.step(*self.inputs)
+        fake.outputs = self.outputs
+
+    monkeypatch.setattr(graph_module.GraphStep, "_capture", capture)
+    from fastdiff import engines
+
+    monkeypatch.setitem(engines.ENGINES, "graph", lambda step, device: GraphStep(step))
+    monkeypatch.setattr("fastdiff.engines.check_engine", lambda name, device: None)
+    monkeypatch.setattr("fastdiff.engines.sampler.check_engine", lambda name, device: None)
+    unet, clf = _nets()
+    for sampler in SAMPLERS:  # dpm++2m carries state across steps; ddpm draws noise each step
+        diffusion = _diffusion("6" if sampler == "ddpm" else "ddim6")
+        labels = torch.tensor([0, 3, 4])
+        want = _reference(unet, clf, diffusion, sampler, "classifier", labels, 5)
+        s = _sampler(unet, clf, diffusion, sampler, "classifier", engine="graph")
+        s(torch.tensor([1, 1, 1]), generator=torch.Generator().manual_seed(9))  # capture with other labels
+        got = s(labels, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(got, want), sampler
+        assert isinstance(s.step_for(3)[1], GraphStep) and fake.fn is not None  # it replayed
