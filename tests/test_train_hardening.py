@@ -1,0 +1,223 @@
+"""Training against what users and machines do: divergence, resume mismatches, bad data, full disks."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from fastdiff.cli.train import train, train_classifier
+from fastdiff.training import checkpoint as ckpt
+from fastdiff.training.data import ArrayDataset, DataError, ImageFolderDataset, fingerprint, load_npz
+from fastdiff.training.trainer import DiffusionTrainer, TrainingError, _truncate_log, prune_checkpoints
+from tests.test_training import TINY, tiny_config, tiny_data
+
+
+def _npz(tmp_path, n=16, name="d.npz", **kw):
+    ds = tiny_data(n=n, **kw)
+    path = tmp_path / name
+    np.savez(path, ds.images, ds.labels)
+    return str(path)
+
+
+def _args(npz, out, *extra):
+    return [
+        "--data",
+        npz,
+        "--flags",
+        TINY,
+        "--batch-size",
+        "4",
+        "--log-every",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def _one_line(result, text):
+    assert result.exit_code != 0, result.output
+    assert text in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and text in errors[0] and "Traceback" not in result.output, result.output
+
+
+def test_divergence_stops_at_the_step_keeps_the_checkpoint_and_valid_json(tmp_path):
+    out = tmp_path / "run"
+    args = _args(
+        _npz(tmp_path), out, "--max-steps", "6", "--save-every", "1", "--lr", "1e30", "--grad-clip", "0"
+    )
+    result = CliRunner().invoke(train, args)
+    _one_line(
+        result, "training diverged at step 2: the loss is not finite; the last good checkpoint (step 1)"
+    )
+    for line in (out / "log.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in log.jsonl"))
+    latest = ckpt.latest_checkpoint(out)
+    if latest is not None:  # whatever was saved holds finite weights
+        _, model, _, _ = ckpt.load_checkpoint(out)
+        assert all(torch.isfinite(t).all() for t in model.values())
+
+
+def test_nan_loss_stops_before_touching_weights(tmp_path):
+    ds = tiny_data()
+    trainer = DiffusionTrainer(tiny_config(tmp_path, ds, ema=()), ds)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    x = torch.stack([ds[i][0] for i in range(4)])
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(TrainingError, match="step 1: the loss is not finite"):
+        trainer.run_step(x, torch.zeros(4, dtype=torch.long))
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_fp16_overflow_is_skipped_then_stops_when_it_persists(tmp_path):
+    ds = tiny_data()
+    trainer = DiffusionTrainer(tiny_config(tmp_path, ds, ema=(), precision="fp16"), ds)
+    for p in trainer.model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    assert trainer._optimize(torch.tensor(1.0)) is False  # the scaler's first chance
+    with pytest.raises(TrainingError, match="skipped 25 steps in a row"):
+        for _ in range(30):
+            for p in trainer.model.parameters():
+                p.grad = torch.full_like(p, float("inf"))
+            trainer._optimize(torch.tensor(1.0))
+    with pytest.raises(TrainingError, match="loss is not finite"):
+        trainer._optimize(torch.tensor(float("nan")))
+
+
+@pytest.mark.parametrize(
+    "change, text",
+    [
+        (["--seed", "1"], "seed 0 vs 1"),
+        (["--batch-size", "2"], "batch size 4 vs 2"),
+        (["--precision", "bf16"], "precision"),
+        (["--ema", "0.9"], "EMA rates"),
+        (["--flags", TINY + " --dropout 0.1"], "flag dropout"),
+        (["--data"], "data (16 items vs 12)"),
+    ],
+)
+def test_resume_refuses_other_settings_in_one_line(tmp_path, change, text):
+    out = tmp_path / "run"
+    npz = _npz(tmp_path)
+    base = [*_args(npz, out, "--max-steps", "1"), "--ema", "0.99"]
+    assert CliRunner().invoke(train, base).exit_code == 0
+    if change == ["--data"]:
+        change = ["--data", _npz(tmp_path, n=12, name="other.npz")]
+    result = CliRunner().invoke(train, [*base, "--max-steps", "2", "--resume", *change])
+    _one_line(result, text)
+
+
+def test_fingerprint_sees_changed_content():
+    a, b = tiny_data(), tiny_data()
+    b.images[0, 0, 0, 0] ^= 1
+    assert fingerprint(a) == fingerprint(tiny_data()) and fingerprint(a) != fingerprint(b)
+
+
+def _folder(tmp_path, n=4):
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "a" / "x.jpg")
+    return root
+
+
+def test_truncated_images_are_named_or_skipped(tmp_path):
+    root = _folder(tmp_path)
+    assert len(ImageFolderDataset(root, 8)) == 9
+    png = root / "b" / "1.png"
+    png.write_bytes(png.read_bytes()[:-20])
+    jpg = root / "a" / "x.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:-30])
+    with pytest.raises(DataError, match=r"x\.jpg \(and 1 more\).*--skip-bad-images"):
+        ImageFolderDataset(root, 8)
+    ds = ImageFolderDataset(root, 8, skip_bad_images=True)
+    assert len(ds) == 7 and set(ds.skipped) == {png, jpg} and ds.num_classes == 2
+    out = tmp_path / "run"
+    args = ["--data", str(root), "--image-size", "8", "--flags", TINY, "--batch-size", "4", "--out", str(out)]
+    _one_line(CliRunner().invoke(train, [*args, "--max-steps", "1"]), "x.jpg (and 1 more)")
+    ok = CliRunner().invoke(train, [*args, "--max-steps", "1", "--skip-bad-images"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_torn_log_line_is_tolerated_on_resume(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
+    _truncate_log(log, 2)
+    assert [json.loads(r)["step"] for r in log.read_text().splitlines()] == [1, 2]
+
+
+def test_full_disk_is_one_line(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / ".state_0000001.pt.abcd1234.pt"))
+
+    monkeypatch.setattr(ckpt, "save_torch", full)
+    result = CliRunner().invoke(train, _args(_npz(tmp_path), out, "--max-steps", "1"))
+    _one_line(result, f"no space left on device writing {out / 'state_0000001.pt'}")
+
+
+def test_keep_last_and_stale_temp_files(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / ".model_0000001.safetensors.abcd1234.safetensors"
+    stale.write_bytes(b"x" * 10)
+    result = CliRunner().invoke(
+        train, _args(_npz(tmp_path), out, "--max-steps", "4", "--save-every", "1", "--keep-last", "2")
+    )
+    assert result.exit_code == 0, result.output
+    assert not stale.exists()
+    steps = sorted({p.name.split("_")[-1].split(".")[0] for p in out.glob("model_*.safetensors")})
+    assert steps == ["0000003", "0000004"] and len(list(out.glob("state_*.pt"))) == 2
+    prune_checkpoints(out, 1)
+    assert [p.name for p in out.glob("model_*")] == ["model_0000004.safetensors"]
+
+
+def test_locked_run_folder_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        _one_line(CliRunner().invoke(train, _args(_npz(tmp_path), out, "--max-steps", "1")), "in use")
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "extra, text",
+    [(["--num-workers", "-1"], "--num-workers"), (["--keep-last", "-1"], "--keep-last")]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]),
+)
+def test_bad_options_are_one_line(tmp_path, extra, text):
+    _one_line(CliRunner().invoke(train, _args(_npz(tmp_path), tmp_path / "o", *extra)), text)
+
+
+@pytest.mark.parametrize(
+    "labels, text",
+    [(np.array([0, -1, 1, 0]), "negative"), (np.array([0.0, 1.5, 1, 0]), "integer"), (None, "no images")],
+)
+def test_bad_npz_data(tmp_path, labels, text):
+    images = np.zeros((0 if labels is None else 4, 8, 8, 1), np.uint8)
+    path = tmp_path / "bad.npz"
+    np.savez(path, images, *([] if labels is None else [labels]))
+    with pytest.raises(DataError, match=text):
+        load_npz(path)
+    _one_line(CliRunner().invoke(train, _args(str(path), tmp_path / "o")), text)
+
+
+def test_one_class_classifier_data_is_refused(tmp_path):
+    path = _npz(tmp_path, classes=1)
+    result = CliRunner().invoke(train_classifier, ["--data", path, "--out", str(tmp_path / "c")])
+    _one_line(result, "at least 2 classes")
+    assert ArrayDataset(np.zeros((2, 8, 8, 1), np.uint8), np.zeros(2, np.int64)).num_classes == 1
