@@ -127,7 +127,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DataError(f"cannot read image {self.files[i]}: {e}") from None
         if arr.ndim == 2:
             arr = arr[..., None]
-        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1
+        x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1  # a writable copy
         return x, -1 if self.labels is None else int(self.labels[i])
 
 
