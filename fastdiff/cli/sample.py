@@ -10,7 +10,6 @@ never mixes two processes, two models or two sample counts in one npz.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -23,6 +22,7 @@ import click
 import numpy as np
 import torch
 
+from fastdiff.cli.folders import LOCK, exclusive_folder
 from fastdiff.cli.loading import LoadedModel, check_classifier, load_classifier, load_diffusion_model
 from fastdiff.diffusion import SAMPLERS, SamplingError
 from fastdiff.diffusion.schedule import space_timesteps
@@ -37,8 +37,6 @@ from fastdiff.imageio import (
     save_png,
     to_uint8,
 )
-
-LOCK = ".lock"
 
 
 def choose_threads(threads: int | None) -> int:
@@ -145,41 +143,27 @@ def locked_run_folder(out: Path, resume: bool):
 
     A folder this call created is removed again if the run fails before writing anything.
     """
-    if out.exists() and not out.is_dir():
-        raise click.ClickException(f"--out {out} is not a folder")
     created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise click.ClickException(f"cannot write to --out {out}: {e.strerror or e}") from None
-    try:
+    with exclusive_folder(out, "fastdiff sample"):
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise click.ClickException(
-                f"{out} is in use by another fastdiff sample; wait for it or choose another --out"
-            ) from None
-        if not (out / "run.json").is_file():
-            if any(p.name != LOCK and not is_temp_file(p) for p in out.iterdir()):
+            if not (out / "run.json").is_file():
+                if any(p.name != LOCK and not is_temp_file(p) for p in out.iterdir()):
+                    raise click.ClickException(
+                        f"--out {out} is not empty and holds no sampling run (no run.json); "
+                        "choose a new or empty folder"
+                    )
+            elif not resume:
                 raise click.ClickException(
-                    f"--out {out} is not empty and holds no sampling run (no run.json); "
-                    "choose a new or empty folder"
+                    f"{out} already holds a sampling run; pass --resume or choose another --out"
                 )
-        elif not resume:
-            raise click.ClickException(
-                f"{out} already holds a sampling run; pass --resume or choose another --out"
-            )
-        for folder in (out, out / "images", out / "batches"):
-            remove_temp_files(folder)  # the lock guarantees no writer of ours is running
-        yield
-    except BaseException:
-        if created and [p.name for p in out.iterdir()] == [LOCK]:
-            (out / LOCK).unlink()
-            out.rmdir()
-        raise
-    finally:
-        os.close(fd)
+            for folder in (out, out / "images", out / "batches"):
+                remove_temp_files(folder)  # the lock guarantees no writer of ours is running
+            yield
+        except BaseException:
+            if created and [p.name for p in out.iterdir()] == [LOCK]:
+                (out / LOCK).unlink()
+                out.rmdir()
+            raise
 
 
 @contextmanager

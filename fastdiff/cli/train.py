@@ -6,7 +6,6 @@ Multi-GPU / multi-node: launch the same command under torchrun, e.g.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import click
 import torch
 
+from fastdiff.cli.folders import exclusive_folder
 from fastdiff.imageio import remove_temp_files
 from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.presets import (
@@ -39,7 +39,6 @@ from fastdiff.training import (
 from fastdiff.training.trainer import PRECISIONS, TrainingError
 
 USER_ERRORS = (ValueError, DataError, CheckpointError, FileNotFoundError, TrainingError)
-LOCK = ".lock"
 
 
 def _flags_and_data(base: dict, kind: str, o: dict):
@@ -93,25 +92,10 @@ def locked_out(out: str):
         yield
         return
     folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise click.ClickException(f"--out {out} is not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise click.ClickException(f"cannot write to --out {out}: {e.strerror or e}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise click.ClickException(
-                f"{out} is in use by another fastdiff training run; wait for it or choose another --out"
-            ) from None
+    with exclusive_folder(folder, "fastdiff training run"):
         for sub in (folder, folder / "samples"):
             remove_temp_files(sub)  # killed writes' leftovers; the lock says no writer of ours runs
         yield
-    finally:
-        os.close(fd)
 
 
 def _check_out(out: str, resume: bool) -> None:
