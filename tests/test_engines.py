@@ -171,6 +171,28 @@ def _engine_matches_eager(engine, device, samplers=tuple(SAMPLERS), dtype="fp32"
                 assert _rel(a, b) <= 1e-4, (engine, sampler, guidance)
 
 
+def test_parallel_engine_matches_eager(workers=2):
+    """The batch split over CPU threads: samplers with noise (ddpm) and state (dpm++), both
+    guidances, an odd batch, new labels in the cached slices' views, a batch smaller than the
+    workers; the caller's thread count untouched."""
+    unet, clf = _nets()
+    before = torch.get_num_threads()
+    for sampler, guidance in (("ddim", "classifier"), ("ddpm", "classifier"), ("dpm++2m", "cfg")):
+        diffusion = _diffusion("6" if sampler == "ddpm" else "ddim6")
+        s = _sampler(unet, clf, diffusion, sampler, guidance, engine="parallel")
+        for seed, labels in enumerate((torch.tensor([0, 3, 4]), torch.tensor([4, 2, 1]), torch.tensor([1]))):
+            torch.set_num_threads(workers)  # the engine takes its workers from the thread count
+            try:
+                got = s(labels, generator=torch.Generator().manual_seed(seed))
+                assert torch.get_num_threads() == workers
+            finally:
+                torch.set_num_threads(before)
+            want = _reference(unet, clf, diffusion, sampler, guidance, labels, seed)
+            assert _rel(got, want) <= 1e-4, (sampler, guidance, labels)
+    with pytest.raises(EngineError, match="CPU threads"):
+        fastdiff.Sampler(unet, _diffusion(), engine="parallel", device="meta")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("engine", ["graph", "compile"])

@@ -446,7 +446,8 @@ def run_sampling(
     "--engine",
     type=click.Choice(list(ENGINES)),
     default=None,
-    help="How the guided step runs (default: graph on CUDA, eager on the CPU).",
+    help="How the guided step runs (default: graph on CUDA; on the CPU parallel with more than one "
+    "thread, else eager).",
 )
 @click.option(
     "--threads",
@@ -502,6 +503,7 @@ def sample_command(
     dev = resolve_device(device)
     if dtype == "fp16" and dev.type == "cpu":
         raise click.ClickException("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    choose_threads(threads)
     engine = engine or default_engine(dev)
     try:
         check_engine(engine, dev)
@@ -517,7 +519,6 @@ def sample_command(
         raise click.ClickException(
             "--classifier needs --classifier-scale S (the guidance strength, e.g. 1.0; 0 for none)"
         )
-    choose_threads(threads)
     with locked_run_folder(out, resume):
         bundled = preset is None and flag_string is None and checkpoint is None
         loaded = load_diffusion_model(

@@ -8,6 +8,7 @@ which one runs:
 - ``eager``: the step as written (the reference semantics);
 - ``compile``: ``torch.compile`` of the whole step (not only the network);
 - ``graph``: the whole step captured once into a CUDA graph and replayed (CUDA only);
+- ``parallel``: the step's batch split over the CPU threads, one core per slice (CPU only);
 - ``trt``: TensorRT, behind one clear error where it is not installed.
 """
 
@@ -21,6 +22,7 @@ import torch
 from fastdiff.diffusion.samplers import StepFn
 
 from .graph import GraphStep
+from .parallel import BatchParallelStep
 
 
 class EngineError(RuntimeError):
@@ -43,6 +45,12 @@ def _graph(step, device: torch.device) -> StepFn:
     return GraphStep(step)
 
 
+def _parallel(step, device: torch.device) -> StepFn:
+    if device.type != "cpu":
+        raise EngineError("engine 'parallel' splits the batch over CPU threads; on CUDA use graph or eager")
+    return BatchParallelStep(step, torch.get_num_threads())
+
+
 def _trt(step, device: torch.device) -> StepFn:
     if importlib.util.find_spec("tensorrt") is None:
         raise EngineError(
@@ -55,15 +63,19 @@ ENGINES: dict[str, Callable[..., StepFn]] = {
     "eager": _eager,
     "compile": _compile,
     "graph": _graph,
+    "parallel": _parallel,
     "trt": _trt,
 }
 
 
 def default_engine(device: torch.device) -> str:
-    """``graph`` on CUDA (no launch overhead, no host sync); ``eager`` on the CPU, where it measured
-    fastest end to end (torch.compile's cold compile costs more than it saves on a short run:
-    bench/results)."""
-    return "graph" if torch.device(device).type == "cuda" else "eager"
+    """``graph`` on CUDA (no launch overhead, no host sync). On the CPU, measured end to end
+    (bench/results): ``parallel`` when torch has more than one thread (ADM's layers are too small
+    for intra-op threads to scale), else ``eager`` (torch.compile's cold compile costs more than
+    it saves on a short run)."""
+    if torch.device(device).type == "cuda":
+        return "graph"
+    return "parallel" if torch.get_num_threads() > 1 else "eager"
 
 
 def check_engine(name: str, device: torch.device) -> None:
@@ -72,6 +84,8 @@ def check_engine(name: str, device: torch.device) -> None:
         raise EngineError(f"unknown engine '{name}'; choose one of: {', '.join(ENGINES)}")
     if name == "graph" and torch.device(device).type != "cuda":
         _graph(None, torch.device(device))
+    if name == "parallel" and torch.device(device).type != "cpu":
+        _parallel(None, torch.device(device))
     if name == "trt":
         _trt(None, torch.device(device))
 
@@ -82,4 +96,12 @@ def build_engine(name: str, step, device: torch.device) -> StepFn:
     return ENGINES[name](step, torch.device(device))
 
 
-__all__ = ["ENGINES", "EngineError", "GraphStep", "build_engine", "check_engine", "default_engine"]
+__all__ = [
+    "ENGINES",
+    "BatchParallelStep",
+    "EngineError",
+    "GraphStep",
+    "build_engine",
+    "check_engine",
+    "default_engine",
+]

@@ -59,8 +59,8 @@ class Sampler:
     ``model(x, t, y=...)`` is an ADM UNet (or anything with that call); ``diffusion`` a (respaced)
     process; ``sampler`` a name of ``fastdiff.diffusion.SAMPLERS``. Guidance: ``classifier`` with
     ``classifier_scale`` (gradient of log p(y | x_t)), or ``cfg_scale`` with the model's
-    ``null_label``. ``engine``: eager | compile | graph (CUDA) | trt; None picks the device's
-    default. The networks are converted in place (see :func:`inference_form`).
+    ``null_label``. ``engine``: eager | compile | graph (CUDA) | parallel (CPU) | trt; None picks the
+    device's default. The networks are converted in place (see :func:`inference_form`).
     Images come back in [-1, 1], fp32, NCHW.
     """
 
@@ -186,7 +186,7 @@ class Sampler:
                 raise ValueError("pass labels, num_samples or noise")
         if n < 1:
             raise ValueError("nothing to sample: the batch is empty")
-        if n not in self._steps and (self.engine != "eager" or self.device.type == "cuda"):
+        if n not in self._steps and (self.engine not in ("eager", "parallel") or self.device.type == "cuda"):
             self.warmup(labels, n)  # compile / capture / backend choice, timed apart
         labels_buf, run = self.step_for(n)
         if labels_buf is not None:

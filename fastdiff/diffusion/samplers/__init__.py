@@ -11,6 +11,7 @@ no host syncs: non-finite values are tracked on the device and reported once at 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -63,6 +64,18 @@ def make_rule(diffusion, sampler: str, eta: float = 0.0, device="cpu", dtype=tor
     return get_sampler(sampler).rule(diffusion, eta=eta, device=device, dtype=dtype)
 
 
+def narrow_batch(value, start: int, length: int, n: int):
+    """``value``'s samples ``start .. start+length`` when it is a batch of n (a tensor, or a tuple
+    or list of them, as views); anything else unchanged."""
+    if isinstance(value, Tensor):
+        if value.dim() == 0 or value.shape[0] != n:
+            raise ValueError(f"cannot split a batch of {n}: a tensor has shape {list(value.shape)}")
+        return value.narrow(0, start, length)
+    if isinstance(value, tuple | list):
+        return type(value)(narrow_batch(v, start, length, n) for v in value)
+    return value
+
+
 class SamplingStep:
     """One sampling step: model -> p_mean_variance (clip/denoised_fn) -> guidance -> update.
 
@@ -97,6 +110,18 @@ class SamplingStep:
         CUDA graph capture of one) copies host->device; the rule has its own already."""
         self.diffusion.tables(x.device, x.dtype)
         self.diffusion.model_timesteps(torch.zeros(1, dtype=torch.long, device=x.device))
+
+    def narrow(self, start: int, length: int, n: int) -> SamplingStep:
+        """This step for samples ``start .. start+length`` of a batch of n: the per-sample keyword
+        tensors (labels) become views, so a caller refilling the full buffers feeds every slice."""
+
+        def cut(kwargs: dict) -> dict:
+            return {key: narrow_batch(value, start, length, n) for key, value in kwargs.items()}
+
+        sub = copy.copy(self)
+        sub.model_kwargs = cut(self.model_kwargs)
+        sub.cond_kwargs = sub.model_kwargs if self.cond_kwargs is self.model_kwargs else cut(self.cond_kwargs)
+        return sub
 
     # Set by the CUDA-graph engine: the guidance gradient then runs on this stream beside the
     # model (it reads x_t, not the model's output) and the step joins both before guiding.
@@ -309,6 +334,7 @@ __all__ = [
     "UpdateRule",
     "get_sampler",
     "make_rule",
+    "narrow_batch",
     "randn",
     "run_steps",
     "sample",
