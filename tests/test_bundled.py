@@ -61,7 +61,7 @@ def test_bundled_class_out_of_range(tmp_path):
 
 def test_bundled_samples_show_the_requested_digits(tmp_path):
     """Guards the shipped weights: the independent CNN reads most guided samples as asked."""
-    cnn_path = Path(__file__).resolve().parents[1] / "training" / "mnist_cnn.safetensors"
+    cnn_path = Path(__file__).resolve().parents[1] / "fastdiff" / "assets" / "mnist" / "cnn.safetensors"
     if not cnn_path.is_file():
         pytest.skip(f"evaluation CNN not found at {cnn_path}")
     r = CliRunner().invoke(

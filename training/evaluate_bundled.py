@@ -23,6 +23,7 @@ import torch
 from fastdiff.cli.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL, load_classifier, load_diffusion_model
 from fastdiff.cli.sample import respacing_for
 from fastdiff.diffusion import sample
+from fastdiff.evaluation.networks import BUNDLED_CNN
 from fastdiff.imageio import to_uint8
 from fastdiff.training.evaluate import evaluate_samples, load_mnist_cnn
 
@@ -63,7 +64,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=BUNDLED_MODEL)
     ap.add_argument("--classifier", type=Path, default=BUNDLED_CLASSIFIER)
-    ap.add_argument("--cnn", type=Path, default=HERE / "mnist_cnn.safetensors")
+    ap.add_argument("--cnn", type=Path, default=BUNDLED_CNN)
     ap.add_argument("--num-samples", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--samplers", default=",".join(SAMPLERS))

@@ -1,0 +1,163 @@
+"""Feature networks for the metrics: the FID Inception-v3 (weights from a file) and the bundled
+MNIST CNN (offline, for the 1-channel 28/32-px samples the bundled model makes).
+
+Each turns uint8 NHWC images into :class:`Activations`: ``pool`` (FID, IS's input, precision and
+recall), ``spatial`` (sFID) and ``logits`` (Inception Score).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .inception import FIDInceptionV3
+from .metrics import EvaluationError
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+BUNDLED_CNN = ASSETS / "mnist" / "cnn.safetensors"
+INCEPTION_FILES = (
+    "pt_inception-2015-12-05-6726825d.pth (pytorch-fid: "
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth)"
+    " or torch-fidelity's weights-inception-2015-12-05-6726825d.pth"
+)
+
+
+@dataclass
+class Activations:
+    """Per-image features, float32: pool N x D, spatial N x S, logits N x classes."""
+
+    pool: np.ndarray
+    spatial: np.ndarray
+    logits: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+
+class FeatureNetwork(nn.Module):
+    """A network the metrics read features from; subclasses say which images they take."""
+
+    name: str = ""
+
+    def check_images(self, shape: tuple[int, ...]) -> None:
+        """Raise :class:`EvaluationError` for images (N, H, W, C) this network cannot score."""
+
+    def activations(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """uint8 N x H x W x C -> (pool, spatial, logits)."""
+        raise NotImplementedError
+
+
+class InceptionFeatures(FeatureNetwork):
+    """ADM's evaluator network; 1-channel images are repeated to RGB."""
+
+    def __init__(self, net: FIDInceptionV3, source: str = "random weights"):
+        super().__init__()
+        self.net = net
+        self.name = f"inception-v3-fid ({source})"
+
+    def check_images(self, shape):
+        if shape[3] not in (1, 3):
+            raise EvaluationError(f"Inception features need 1 or 3 channels, got {shape[3]}")
+
+    def activations(self, images):
+        x = images.permute(0, 3, 1, 2).float()
+        return self.net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
+
+
+class MnistFeatures(FeatureNetwork):
+    """The bundled MNIST CNN: 128-d penultimate features, its 10 logits, and for sFID the first
+    7 channels of its second conv stage (8x8 after pooling, 448 values in NHWC order)."""
+
+    SPATIAL_LAYERS = 6  # conv, relu, pool, conv, relu, pool
+
+    def __init__(self, cnn: nn.Module, source: str):
+        super().__init__()
+        self.cnn = cnn.eval()
+        self.name = f"mnist-cnn ({source})"
+
+    def check_images(self, shape):
+        if shape[3] != 1 or shape[1] != shape[2] or shape[1] not in (28, 32):
+            raise EvaluationError(
+                "the MNIST CNN scores 1-channel 28x28 or 32x32 images, "
+                f"got {shape[1]}x{shape[2]}x{shape[3]}; use --features inception for other images"
+            )
+
+    def activations(self, images):
+        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+        if x.shape[-1] == 28:
+            x = nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)  # as the training data was padded
+        mid = self.cnn.features[: self.SPATIAL_LAYERS](x)
+        pool = self.cnn.features[self.SPATIAL_LAYERS :](mid)
+        spatial = mid[:, :7].permute(0, 2, 3, 1).flatten(1)
+        return pool, spatial, self.cnn.head(pool)
+
+
+def _read_state_dict(path: Path) -> dict:
+    from fastdiff.models.checkpoint import CheckpointError, load_state_dict
+
+    try:
+        return load_state_dict(path)
+    except CheckpointError as e:
+        raise EvaluationError(str(e).strip().splitlines()[0]) from None
+
+
+def load_inception(path: str | os.PathLike | None, device: str | torch.device = "cpu") -> InceptionFeatures:
+    """The FID Inception from pytorch-fid's or torch-fidelity's weight file (.pth or .safetensors)."""
+    if path is None:
+        raise EvaluationError(
+            f"these images need the FID Inception weights: get {INCEPTION_FILES}, pass --inception PATH"
+        )
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"Inception weights not found at {path}: get {INCEPTION_FILES}")
+    sd = {k: v for k, v in _read_state_dict(path).items() if not k.endswith("num_batches_tracked")}
+    fc = sd.get("fc.weight")
+    if fc is None or fc.ndim != 2 or fc.shape[1] != 2048:
+        raise EvaluationError(
+            f"{path} is not an Inception-v3 state dict (no 2048-input fc.weight); get {INCEPTION_FILES}"
+        )
+    net = FIDInceptionV3(num_logits=fc.shape[0])
+    expected = {k: v.shape for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    missing = sorted(set(expected) - set(sd))
+    wrong = sorted(k for k in expected if k in sd and sd[k].shape != expected[k])
+    if missing or wrong:
+        what = f"missing {missing[0]}" if missing else f"{wrong[0]} has shape {tuple(sd[wrong[0]].shape)}"
+        raise EvaluationError(f"{path} does not fit the FID Inception-v3 ({what}); get {INCEPTION_FILES}")
+    net.load_state_dict(sd, strict=False)  # extra keys (AuxLogits in ImageNet files) are unused
+    return InceptionFeatures(net.to(device).eval(), source=path.name)
+
+
+def load_mnist_features(
+    path: str | os.PathLike = BUNDLED_CNN, device: str | torch.device = "cpu"
+) -> MnistFeatures:
+    from fastdiff.training.evaluate import load_mnist_cnn
+
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"MNIST CNN weights not found at {path}")
+    return MnistFeatures(load_mnist_cnn(path, device), source=path.name)
+
+
+@torch.no_grad()
+def compute_activations(
+    net: FeatureNetwork,
+    images: np.ndarray,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress=None,
+) -> Activations:
+    """Features of uint8 NHWC ``images`` in batches; ``progress(n_done)`` after each batch."""
+    net.check_images(tuple(images.shape))
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for i in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device)
+        for out, t in zip(parts, net.activations(batch)):
+            out.append(t.float().cpu().numpy())
+        if progress is not None:
+            progress(min(i + batch_size, len(images)))
+    return Activations(*(np.concatenate(p) for p in parts))
