@@ -43,12 +43,52 @@ def _timed(cmd: list[str], threads: int) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def _compare(args, tmp: Path, fastdiff: str, threads: int, engine: str) -> dict:
+    """One row: ``--rounds`` alternating runs of each side at ``threads``."""
+    times: dict[str, list[tuple[float, float]]] = {"fastdiff": [], "original": []}
+    flags = [] if engine == "default" else ["--engine", engine]
+    for r in range(args.rounds):
+        out = tmp / f"fd-{threads}-{engine}-{r}"
+        cmd = [fastdiff, "sample", "--out", str(out), "--no-progress", "--threads", str(threads), *flags]
+        times["fastdiff"].append(_timed(cmd, threads))
+        original = [
+            sys.executable,
+            str(REPO / "bench" / "original_sample.py"),
+            "--guided-diffusion",
+            str(args.guided_diffusion),
+            "--out",
+            str(tmp / "orig.npz"),
+        ]
+        times["original"].append(_timed(original, threads))
+    ours = np.load(out / "samples_16x32x32x1.npz")["arr_0"].astype(int)
+    theirs = np.load(tmp / "orig.npz")["arr_0"].astype(int)
+    diff = np.abs(ours - theirs)
+    row = {
+        "threads": threads,
+        "engine": json.loads((out / "run.json").read_text())["engine"],
+        "rounds": args.rounds,
+        "max_level_diff": int(diff.max()),
+        "mean_level_diff": float(diff.mean()),
+    }
+    for side, ts in times.items():
+        row[f"{side}_wall_s"] = statistics.median(t[0] for t in ts)
+        row[f"{side}_cpu_s"] = statistics.median(t[1] for t in ts)
+    row["speedup_wall"] = row["original_wall_s"] / row["fastdiff_wall_s"]
+    row["speedup_cpu"] = row["original_cpu_s"] / row["fastdiff_cpu_s"]
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--guided-diffusion", required=True, type=Path)
     ap.add_argument("--threads", type=int, nargs="+", default=[1])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--engine", default="eager")
+    ap.add_argument(
+        "--engines",
+        nargs="+",
+        default=["default"],
+        help="fastdiff engines to time ('default': no --engine, what a user gets)",
+    )
     ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     if not (args.guided_diffusion / "guided_diffusion" / "unet.py").is_file():
@@ -58,55 +98,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for threads in args.threads:
-            times: dict[str, list[tuple[float, float]]] = {"fastdiff": [], "original": []}
-            for r in range(args.rounds):
-                out = Path(tmp) / f"fd-{threads}-{r}"
-                times["fastdiff"].append(
-                    _timed(
-                        [
-                            fastdiff,
-                            "sample",
-                            "--out",
-                            str(out),
-                            "--no-progress",
-                            "--engine",
-                            args.engine,
-                            "--threads",
-                            str(threads),
-                        ],
-                        threads,
-                    )
-                )
-                times["original"].append(
-                    _timed(
-                        [
-                            sys.executable,
-                            str(REPO / "bench" / "original_sample.py"),
-                            "--guided-diffusion",
-                            str(args.guided_diffusion),
-                            "--out",
-                            str(Path(tmp) / "orig.npz"),
-                        ],
-                        threads,
-                    )
-                )
-            ours = np.load(out / "samples_16x32x32x1.npz")["arr_0"].astype(int)
-            theirs = np.load(Path(tmp) / "orig.npz")["arr_0"].astype(int)
-            diff = np.abs(ours - theirs)
-            row = {
-                "threads": threads,
-                "engine": args.engine,
-                "rounds": args.rounds,
-                "max_level_diff": int(diff.max()),
-                "mean_level_diff": float(diff.mean()),
-            }
-            for side, ts in times.items():
-                row[f"{side}_wall_s"] = statistics.median(t[0] for t in ts)
-                row[f"{side}_cpu_s"] = statistics.median(t[1] for t in ts)
-            row["speedup_wall"] = row["original_wall_s"] / row["fastdiff_wall_s"]
-            row["speedup_cpu"] = row["original_cpu_s"] / row["fastdiff_cpu_s"]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for engine in args.engines:
+                rows.append(_compare(args, Path(tmp), fastdiff, threads, engine))
+                print(json.dumps(rows[-1]), flush=True)
 
     import torch
 
@@ -126,7 +120,8 @@ def main() -> None:
         "",
         f"Machine: {info['cores']} cores ({info['cpu']}), torch {info['torch']}, 1-min load at the end "
         f"{info['load_1min']:.2f}. Command: `python bench/compare_original.py --guided-diffusion PATH "
-        f"--threads {' '.join(map(str, args.threads))} --rounds {args.rounds}`. Job: the bundled model, "
+        f"--threads {' '.join(map(str, args.threads))} --engines {' '.join(args.engines)} "
+        f"--rounds {args.rounds}`. Job: the bundled model, "
         "guided DDIM-25 (classifier scale 2), 16 images, process start to files written; medians.",
         "",
         "| threads | engine | fastdiff wall s | original wall s | x wall | fastdiff CPU s | original CPU s "

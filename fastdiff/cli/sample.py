@@ -189,6 +189,11 @@ def _read_run(run_file: Path) -> dict:
     return old
 
 
+# The parallel engine runs the eager step on batch slices (the same samples), so a resume at
+# another thread count, which changes the CPU's default engine, continues the same run.
+_SAME_SAMPLES_AS = {"parallel": "eager"}
+
+
 def _differences(old: dict, record: dict) -> list[str]:
     """Names of what differs between two run records; networks are compared by content and flags."""
     diff = []
@@ -201,8 +206,11 @@ def _differences(old: dict, record: dict) -> list[str]:
             diff.append(f"{key} weights (sha256 {str(a.get('sha256'))[:12]} vs {b['sha256'][:12]})")
         if a.get("flags") != b["flags"]:
             diff.append(f"{key} flags")
-    skip = {"model", "classifier", "labels", "num_samples"}
+    skip = {"model", "classifier", "labels", "num_samples", "engine"}
     diff += [k for k, v in record.items() if k not in skip and old.get(k) != v]
+    engines = [_SAME_SAMPLES_AS.get(e, e) for e in (old.get("engine"), record["engine"])]
+    if engines[0] != engines[1]:
+        diff.append("engine")
     old_labels, new_labels = old.get("labels"), record["labels"]
     if old_labels is None or new_labels is None:
         same = old_labels is new_labels
