@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""How fast can the bundled model's guided step be on this CPU at all? A lower bound from FLOPs.
+
+    python bench/cpu_bound.py [--threads 1] [--rounds 20]
+
+Counts the FLOPs of one guided DDIM step of the default ``fastdiff sample`` (UNet forward,
+classifier forward and input gradient, batch 16) with torch's FlopCounterMode, measures the best
+fp32 rate this machine reaches on the step's own largest convolutions and on a 1024^3 matmul
+(best of ``--rounds``; run it on an idle machine, since load lowers that rate and so raises the
+bound; the report records the load), and reports the step time the FLOPs alone need at that
+rate, beside the measured step and the time to import torch. Written to bench/results/<date>-cpu-bound.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _best(fn, rounds: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from fastdiff.cli.loading import load_diffusion_model
+    from fastdiff.diffusion.guidance import ClassifierGuidance
+
+    cpu = torch.device("cpu")
+    loaded = load_diffusion_model(preset=None, flag_string=None, checkpoint=None, device=cpu)
+    unet = loaded.model.eval().requires_grad_(False)
+    clf = loaded.bundled_classifier(cpu).model.eval().requires_grad_(False)
+    n, size = 16, loaded.image_size
+    x = torch.randn(n, loaded.in_channels, size, size)
+    t = torch.full((n,), 500)
+    y = torch.arange(n) % 10
+    guidance = ClassifierGuidance(clf, loaded.default_classifier_scale)
+
+    def step():
+        with torch.no_grad():
+            unet(x, t, y=y)
+        guidance(x, t, y=y)
+
+    convs: Counter = Counter()
+
+    def record(mod, inputs, out):
+        w = mod.weight
+        convs[(tuple(inputs[0].shape), tuple(w.shape), mod.padding, mod.stride)] += 1
+
+    hooks = [
+        m.register_forward_hook(record)
+        for m in [*unet.modules(), *clf.modules()]
+        if isinstance(m, torch.nn.Conv2d)
+    ]
+
+    def counted_step():
+        # FlopCounterMode's module tracking cannot follow autograd.grad: the same gradient by backward().
+        with torch.no_grad():
+            unet(x, t, y=y)
+        x_in = x.clone().requires_grad_(True)
+        F.log_softmax(clf(x_in, t), dim=-1)[torch.arange(n), y].sum().backward()
+
+    with FlopCounterMode(display=False) as counter:
+        counted_step()
+    for h in hooks:
+        h.remove()
+    flops = counter.get_total_flops()
+    by_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+
+    # The best rate on the step's own convolutions (the three with the most FLOPs) and a big GEMM.
+    def conv_flops(key):
+        (b, c, h, w), (o, _, kh, kw), _, stride = key
+        return 2 * b * o * c * kh * kw * (h // stride[0]) * (w // stride[1])
+
+    rates = {}
+    for key in sorted(convs, key=conv_flops, reverse=True)[:3]:
+        inp, wshape, padding, stride = key
+        a, w = torch.randn(inp), torch.randn(wshape)
+        with torch.no_grad():
+            sec = _best(
+                lambda a=a, w=w, p=padding, s=stride: F.conv2d(a, w, padding=p, stride=s), args.rounds
+            )
+        rates[f"conv {list(inp)} * {list(wshape)}"] = conv_flops(key) / sec / 1e9
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    rates["matmul 1024^3"] = 2 * 1024**3 / _best(lambda: a @ b, args.rounds) / 1e9
+    peak = max(rates.values())
+
+    measured = _best(step, max(3, args.rounds // 4))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    import_s = time.perf_counter() - start
+
+    info = {
+        "date": dt.date.today().isoformat(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "load_1min": os.getloadavg()[0],
+    }
+    result = {
+        "machine": info,
+        "step_gflop": flops / 1e9,
+        "gflop_by_op": {k: v / 1e9 for k, v in by_op.items()},
+        "best_gflops": rates,
+        "bound_step_s": flops / (peak * 1e9),
+        "measured_step_s": measured,
+        "import_torch_s": import_s,
+        "bound_e2e_s": import_s + 25 * flops / (peak * 1e9),
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"{info['date']}-cpu-bound"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = [
+        f"# The bundled model's guided step on this CPU: a FLOP bound ({info['date']})",
+        "",
+        f"Machine: {info['cores']} cores ({info['cpu']}), {args.threads} thread(s), torch {info['torch']}, "
+        f"1-min load {info['load_1min']:.2f}. Command: `python bench/cpu_bound.py --threads {args.threads} "
+        f"--rounds {args.rounds}`. Step: UNet forward + classifier forward and input gradient, batch {n}.",
+        "",
+        f"- FLOPs per guided step: {flops / 1e9:.2f} GFLOP ("
+        + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in sorted(by_op.items(), key=lambda kv: -kv[1]))
+        + ")",
+        "- best fp32 rates measured here (GFLOP/s, best of rounds): "
+        + ", ".join(f"{k}: {v:.0f}" for k, v in rates.items()),
+        f"- FLOP bound per step at {peak:.0f} GFLOP/s: {result['bound_step_s']:.3f} s; "
+        f"measured fastdiff step: {measured:.3f} s "
+        f"(the bound is {result['bound_step_s'] / measured:.0%} of it)",
+        f"- import torch: {import_s:.2f} s; so guided DDIM-25 end to end takes at least "
+        f"{result['bound_e2e_s']:.2f} s on {args.threads} thread(s)",
+    ]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
