@@ -21,6 +21,12 @@ def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], *([1] * (x.dim() - 2)))
 
 
+def _update(h, other, inplace, outplace):
+    """``outplace(h, other)``, in h's storage when the result keeps h's dtype (type promotion
+    would make the in-place form round differently)."""
+    return inplace(h, other) if torch.result_type(h, other) == h.dtype else outplace(h, other)
+
+
 def ada_group_norm_reference(
     x, num_groups, weight=None, bias=None, scale=None, shift=None, eps=1e-5, activation="silu"
 ):
@@ -33,12 +39,14 @@ def ada_group_norm_reference(
         None if bias is None else bias.to(sd),
         eps,
     ).to(x.dtype)
+    # h is this function's own tensor (no autograd formula here needs it afterwards), so the
+    # chain updates it in place: the same values, without an allocation per step (the CPU path).
     if scale is not None:
-        h = h * (1 + _per_channel(scale, x))
+        h = _update(h, 1 + _per_channel(scale, x), torch.Tensor.mul_, torch.mul)
     if shift is not None:
-        h = h + _per_channel(shift, x)
+        h = _update(h, _per_channel(shift, x), torch.Tensor.add_, torch.add)
     if activation == "silu":
-        h = F.silu(h)
+        h = F.silu(h, inplace=True)
     elif activation is not None:
         raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
     return _like(h.to(x.dtype), x)
