@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """End to end on the CPU, as a user runs it: the default ``fastdiff sample`` (bundled model,
 guided DDIM-25, 16 digits) against the same job on the original guided-diffusion code
-(bench/original_sample.py), from process start to files written, same threads, same images.
+(bench/original_sample.py), from process start to files written, same threads (or each side's
+own default), same images.
 
-    python bench/compare_original.py --guided-diffusion /path/to/guided-diffusion [--threads 1 2]
+    python bench/compare_original.py --guided-diffusion /path/to/guided-diffusion [--threads 1 2 default]
 
 Each side runs ``--rounds`` times in alternation (so machine noise hits both); the report
 (bench/results/<date>-cpu-e2e.{json,md}) gives the median wall and CPU seconds, the ratio
@@ -31,9 +32,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _timed(cmd: list[str], threads: int) -> tuple[float, float]:
-    """(wall, CPU) seconds of one child process."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def _timed(cmd: list[str], threads: str) -> tuple[float, float]:
+    """(wall, CPU) seconds of one child process; ``threads`` "default" leaves each side to choose."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.pop(var, None)
+        if threads != "default":
+            env[var] = threads
     env.pop("TRITON_INTERPRET", None)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -43,13 +48,14 @@ def _timed(cmd: list[str], threads: int) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def _compare(args, tmp: Path, fastdiff: str, threads: int, engine: str) -> dict:
+def _compare(args, tmp: Path, fastdiff: str, threads: str, engine: str) -> dict:
     """One row: ``--rounds`` alternating runs of each side at ``threads``."""
     times: dict[str, list[tuple[float, float]]] = {"fastdiff": [], "original": []}
     flags = [] if engine == "default" else ["--engine", engine]
     for r in range(args.rounds):
         out = tmp / f"fd-{threads}-{engine}-{r}"
-        cmd = [fastdiff, "sample", "--out", str(out), "--no-progress", "--threads", str(threads), *flags]
+        cmd = [fastdiff, "sample", "--out", str(out), "--no-progress", *flags]
+        cmd += [] if threads == "default" else ["--threads", threads]
         times["fastdiff"].append(_timed(cmd, threads))
         original = [
             sys.executable,
@@ -81,7 +87,12 @@ def _compare(args, tmp: Path, fastdiff: str, threads: int, engine: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--guided-diffusion", required=True, type=Path)
-    ap.add_argument("--threads", type=int, nargs="+", default=[1])
+    ap.add_argument(
+        "--threads",
+        nargs="+",
+        default=["1"],
+        help="thread counts, both sides; 'default' runs each as a user would (no OMP_NUM_THREADS)",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
         "--engines",
