@@ -16,12 +16,14 @@ class LazyGroup(click.Group):
         "presets": ("fastdiff.cli.presets", "presets_command"),
         "train": ("fastdiff.cli.train", "train"),
         "train-classifier": ("fastdiff.cli.train", "train_classifier"),
+        "evaluate": ("fastdiff.cli.evaluate", "evaluate_command"),
     }
     summaries = {
         "sample": "Sample images with classifier or classifier-free guidance.",
         "presets": "List the model presets, or print one preset's flags as a guided-diffusion flag string.",
         "train": "Train an ADM diffusion model (hybrid loss with learned sigma, EMA, AdamW).",
         "train-classifier": "Train ADM's noisy-image classifier (for classifier guidance).",
+        "evaluate": "Score samples against a reference batch: FID, sFID, Inception Score, precision, recall.",
     }
 
     def format_commands(self, ctx, formatter):

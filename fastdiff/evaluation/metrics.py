@@ -2,9 +2,10 @@
 re-derived in numpy/torch so they need no TensorFlow.
 
 - FID / sFID: Frechet distance of Gaussians fitted to features (``mu``: mean, ``sigma``: the
-  unbiased covariance, as ``np.cov``). The trace of the matrix square root comes from a symmetric
-  eigendecomposition, which equals ``trace(sqrtm(sigma_1 sigma_2))`` for covariances and needs no
-  scipy; tiny negative eigenvalues from rounding count as zero (the original keeps the real part).
+  unbiased covariance, as ``np.cov``). The trace of the matrix square root comes from the
+  eigenvalues of a symmetric matrix similar to ``sigma_1 sigma_2``, which equals
+  ``trace(sqrtm(sigma_1 sigma_2))`` for covariances and needs no scipy; tiny negative eigenvalues
+  from rounding count as zero (the original keeps the real part of sqrtm).
 - Inception Score: ``exp(E_x KL(p(y|x) || p(y)))`` per split of 5000 samples, averaged over splits.
 - Improved precision / recall (Kynkaanniemi et al.): a sample is on the reference manifold when it
   lies within the k-th (k=3) nearest-neighbour distance of some reference feature, and vice versa.
@@ -51,10 +52,16 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
             f"statistics of different feature sizes: mu {mu_a.shape} vs {mu_b.shape}, "
             f"sigma {s_a.shape} vs {s_b.shape}"
         )
-    # eig(S_a S_b) = eig(R S_b R) with R = S_a^(1/2), and R S_b R is symmetric PSD.
-    w, v = np.linalg.eigh((s_a + s_a.T) / 2)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = root_a @ s_b @ root_a
+    # eig(S_a S_b) = eig(R^T S_b R) for any S_a = R R^T, and R^T S_b R is symmetric PSD. R is the
+    # Cholesky factor (5x cheaper than an eigendecomposition) unless S_a is singular (fewer
+    # samples than features), then the symmetric square root.
+    sym_a = (s_a + s_a.T) / 2
+    try:
+        root_a = np.linalg.cholesky(sym_a)
+    except np.linalg.LinAlgError:
+        w, v = np.linalg.eigh(sym_a)
+        root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root_a.T @ s_b @ root_a
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     diff = mu_a - mu_b
     return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * tr_sqrt)

@@ -8,6 +8,7 @@ recall), ``spatial`` (sFID) and ``logits`` (Inception Score).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from .inception import FIDInceptionV3
 from .metrics import EvaluationError
+from .npz import ImageBatch, from_array
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_CNN = ASSETS / "mnist" / "cnn.safetensors"
@@ -146,18 +148,19 @@ def load_mnist_features(
 @torch.no_grad()
 def compute_activations(
     net: FeatureNetwork,
-    images: np.ndarray,
+    images: ImageBatch | np.ndarray,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
-    progress=None,
+    progress: Callable[[int], None] | None = None,
 ) -> Activations:
-    """Features of uint8 NHWC ``images`` in batches; ``progress(n_done)`` after each batch."""
-    net.check_images(tuple(images.shape))
+    """Features of uint8 NHWC images, ``batch_size`` at a time; ``progress(n)`` after each batch."""
+    if isinstance(images, np.ndarray):
+        images = from_array(images, "images")
+    net.check_images(images.shape)
     parts: list[list[np.ndarray]] = [[], [], []]
-    for i in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device)
-        for out, t in zip(parts, net.activations(batch)):
+    for batch in images.batches(batch_size):
+        for out, t in zip(parts, net.activations(torch.from_numpy(np.array(batch)).to(device))):
             out.append(t.float().cpu().numpy())
         if progress is not None:
-            progress(min(i + batch_size, len(images)))
+            progress(len(batch))
     return Activations(*(np.concatenate(p) for p in parts))

@@ -1,0 +1,160 @@
+"""Reading reference batches and sample files: ``arr_0`` uint8 NHWC images (streamed batch by batch
+from the npz, so 50,000 ImageNet-256 images never sit in memory at once), ``arr_1`` labels, and
+a reference batch's precomputed Inception statistics ``mu``, ``sigma``, ``mu_s``, ``sigma_s``.
+Every problem with a file is an :class:`EvaluationError` of one line."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import EvaluationError, FeatureStats
+
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+@dataclass
+class ImageBatch:
+    """Images of one npz (or an in-memory array); ``stats`` = (pool, spatial) when precomputed."""
+
+    source: str
+    shape: tuple[int, int, int, int]  # N, H, W, C
+    labels: np.ndarray | None = None
+    stats: tuple[FeatureStats, FeatureStats] | None = None
+    _path: Path | None = None
+    _array: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.shape[1:]
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        if self._array is not None:
+            for i in range(0, len(self._array), batch_size):
+                yield self._array[i : i + batch_size]
+            return
+        with _member(self._path, "arr_0") as f:
+            shape, fortran, _ = _header(f, self._path)
+            if fortran:  # rare: not streamable, load it whole
+                images = _images(np.load(self._path)["arr_0"], self.source)
+                yield from ImageBatch(self.source, self.shape, _array=images).batches(batch_size)
+                return
+            row = int(np.prod(shape[1:]))
+            for i in range(0, shape[0], batch_size):
+                n = min(batch_size, shape[0] - i)
+                data = f.read(n * row)
+                if len(data) != n * row:
+                    raise EvaluationError(f"{self.source} is truncated (arr_0 ends after {i} images)")
+                yield np.frombuffer(data, dtype=np.uint8).reshape(n, *shape[1:]).reshape(n, *self.shape[1:])
+
+
+def from_array(images: np.ndarray, source: str, labels: np.ndarray | None = None) -> ImageBatch:
+    images = _images(images, source)
+    return ImageBatch(source, images.shape, labels=labels, _array=images)
+
+
+def _check_layout(shape: tuple[int, ...], dtype: np.dtype, source: str) -> tuple[int, int, int, int]:
+    if dtype != np.uint8:
+        raise EvaluationError(
+            f"{source}: arr_0 is {dtype}; expected uint8 images in [0, 255] (N x H x W x C, as fastdiff "
+            "sample and the reference batches store them)"
+        )
+    if len(shape) == 3:
+        shape = (*shape, 1)
+    if len(shape) != 4:
+        raise EvaluationError(f"{source}: arr_0 has shape {shape}; expected images N x H x W x C")
+    if shape[3] not in (1, 3) and shape[1] in (1, 3):
+        raise EvaluationError(
+            f"{source}: arr_0 has shape {shape}, which looks like N x C x H x W; store N x H x W x C"
+        )
+    if shape[3] not in (1, 3):
+        raise EvaluationError(f"{source}: arr_0 has {shape[3]} channels; expected 1 or 3 (N x H x W x C)")
+    if shape[1] != shape[2]:
+        raise EvaluationError(f"{source}: images are {shape[1]}x{shape[2]}; expected square images")
+    if shape[0] == 0:
+        raise EvaluationError(f"{source}: arr_0 holds no images")
+    return tuple(int(s) for s in shape)
+
+
+def _images(images: np.ndarray, source: str) -> np.ndarray:
+    shape = _check_layout(images.shape, images.dtype, source)
+    return images.reshape(shape)
+
+
+class _member:
+    """Context manager: the open ``name.npy`` member of an npz (zip) file."""
+
+    def __init__(self, path: Path, name: str):
+        self.path, self.name = path, name
+
+    def __enter__(self):
+        try:
+            self.zip = zipfile.ZipFile(self.path)
+            self.file = self.zip.open(f"{self.name}.npy")
+        except (OSError, zipfile.BadZipFile, KeyError) as e:
+            raise EvaluationError(f"cannot read {self.path}: {e}") from None
+        return self.file
+
+    def __exit__(self, *exc):
+        self.file.close()
+        self.zip.close()
+
+
+def _header(f, path) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype); a format version without a public reader counts as
+    Fortran order (loaded whole instead of streamed)."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(f)
+        if version == (2, 0):
+            return np.lib.format.read_array_header_2_0(f)
+        with np.load(path, mmap_mode=None) as z:
+            a = z["arr_0"]
+        return a.shape, True, a.dtype
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise EvaluationError(f"cannot read arr_0 of {path}: {e}") from None
+
+
+def read_npz(path: str | os.PathLike, role: str = "samples") -> ImageBatch:
+    """An npz's images (checked for layout, not read yet), labels and precomputed statistics."""
+    path = Path(path)
+    source = f"{role} {path}"
+    if not path.is_file():
+        raise EvaluationError(f"{source} not found")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {n.removesuffix(".npy") for n in z.namelist()}
+    except (OSError, zipfile.BadZipFile) as e:
+        raise EvaluationError(f"cannot read {source}: not an npz file ({e})") from None
+    if "arr_0" not in names:
+        raise EvaluationError(
+            f"{source} has no arr_0 images (found: {', '.join(sorted(names)) or 'nothing'})"
+        )
+    with _member(path, "arr_0") as f:
+        shape, _, dtype = _header(f, path)
+    shape = _check_layout(shape, dtype, source)
+    try:
+        with np.load(path) as z:
+            labels = z["arr_1"] if "arr_1" in names else None
+            stats = None
+            if "mu" in names:
+                missing = [k for k in STAT_KEYS if k not in names]
+                if missing:
+                    raise EvaluationError(f"{source} has mu but not {', '.join(missing)}")
+                stats = (FeatureStats(z["mu"], z["sigma"]), FeatureStats(z["mu_s"], z["sigma_s"]))
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        if isinstance(e, EvaluationError):
+            raise
+        raise EvaluationError(f"cannot read {source}: {e}") from None
+    if labels is not None and (labels.ndim != 1 or len(labels) != shape[0] or labels.dtype.kind not in "iu"):
+        labels = None  # not fastdiff's labels; the metrics do not need them
+    return ImageBatch(source, shape, labels=labels, stats=stats, _path=path)

