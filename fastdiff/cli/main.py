@@ -17,6 +17,8 @@ class LazyGroup(click.Group):
         "train": ("fastdiff.cli.train", "train"),
         "train-classifier": ("fastdiff.cli.train", "train_classifier"),
         "evaluate": ("fastdiff.cli.evaluate", "evaluate_command"),
+        "nearest": ("fastdiff.cli.nearest", "nearest_command"),
+        "gd-run": ("fastdiff.cli.gd_run", "gd_run_command"),
     }
     summaries = {
         "sample": "Sample images with classifier or classifier-free guidance.",
@@ -24,6 +26,8 @@ class LazyGroup(click.Group):
         "train": "Train an ADM diffusion model (hybrid loss with learned sigma, EMA, AdamW).",
         "train-classifier": "Train ADM's noisy-image classifier (for classifier guidance).",
         "evaluate": "Score samples against a reference batch: FID, sFID, Inception Score, precision, recall.",
+        "nearest": "Memorisation check: each sample's nearest training images, flagged near-copies.",
+        "gd-run": "Run a guided-diffusion SCRIPT with its own ARGS on fastdiff, unedited.",
     }
 
     def format_commands(self, ctx, formatter):

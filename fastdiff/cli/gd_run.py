@@ -1,0 +1,83 @@
+"""``fastdiff gd-run SCRIPT [ARGS...]``: run a guided-diffusion script, unedited, on fastdiff.
+
+The script's ``guided_diffusion`` imports get fastdiff's compat modules (this process only:
+``fastdiff.compat.package``), so image_sample.py, classifier_sample.py and super_res_sample.py
+run on checkpoints the original saved and write their npz to OPENAI_LOGDIR. No MPI: one process
+is a one-process group; under torchrun (``torchrun --nproc_per_node N -m fastdiff.cli.gd_run
+SCRIPT ...``) each process is one rank.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+import click
+
+_ENGINE_HELP = (
+    "fastdiff engine of the script's sampling loops (eager | compile | graph | parallel | auto: the "
+    "device's default); default: $FASTDIFF_GD_ENGINE, else eager."
+)
+
+
+def _check(engine: str | None) -> None:
+    """The choices, checked before the script starts (one-line errors)."""
+    import torch
+
+    from fastdiff.engines import EngineError, check_engine
+    from fastdiff.ops._backend import ops_mode
+
+    try:
+        ops_mode()  # FASTDIFF_OPS, set from --ops by now
+        if engine is not None and engine != "auto":
+            check_engine(engine, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    except (EngineError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.command(
+    "gd-run",
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_interspersed_args": False,
+        "help_option_names": ["-h", "--help"],
+    },
+)
+@click.option("--engine", default=None, help=_ENGINE_HELP)
+@click.option(
+    "--ops", default=None, help="Kernels: auto | reference | triton (sets FASTDIFF_OPS for the script)."
+)
+@click.argument("script", type=click.Path(exists=True, dir_okay=False))
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+def gd_run_command(engine, ops, script, script_args):
+    """Run a guided-diffusion SCRIPT with its own ARGS on fastdiff, unedited.
+
+    Options go before SCRIPT; everything after it is the script's (its own --help included).
+    """
+    from fastdiff.compat.guided_diffusion import ENGINE_ENV
+
+    if ops is not None:
+        os.environ["FASTDIFF_OPS"] = ops
+    engine = engine or os.environ.get(ENGINE_ENV) or None
+    _check(engine)
+    if engine is not None:
+        os.environ[ENGINE_ENV] = engine
+
+    from fastdiff.compat.package import install
+
+    install()
+    path = os.path.abspath(script)
+    sys.argv = [script, *script_args]
+    sys.path.insert(0, os.path.dirname(path))  # as `python SCRIPT` does
+    try:
+        runpy.run_path(path, run_name="__main__")
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    gd_run_command(prog_name="fastdiff gd-run")

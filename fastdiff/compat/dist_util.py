@@ -1,0 +1,67 @@
+"""guided-diffusion's ``dist_util`` on torch.distributed alone: no MPI, no mpi4py.
+
+Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set) each process is one rank of
+the group torchrun describes; without those variables ``setup_dist`` makes a one-process group,
+so scripts calling ``dist.all_gather``, ``dist.barrier`` or ``dist.get_rank`` run as they are.
+Checkpoints load with ``weights_only=True`` (or through safetensors), each rank reading the file
+itself instead of receiving it over MPI.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+# The original's cluster layout constants (it pins rank % GPUS_PER_NODE); kept for code that reads them.
+GPUS_PER_NODE = 8
+SETUP_RETRY_COUNT = 3
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def under_torchrun() -> bool:
+    """True when torchrun (or anything setting its variables) launched this process."""
+    return all(name in os.environ for name in _TORCHRUN_VARS)
+
+
+def setup_dist() -> None:
+    """Join torchrun's process group, or make a one-process group; nothing if one exists."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if under_torchrun():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        dist.init_process_group(backend=backend, init_method="env://")
+    else:
+        # An in-memory store: no port, no rendezvous, nothing another process could join.
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def dev() -> torch.device:
+    """This rank's device: its CUDA device when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def load_state_dict(path, **kwargs):
+    """``torch.load(path, **kwargs)`` with ``weights_only=True`` (a ``.safetensors`` file is read
+    by safetensors): what the original's checkpoints and optimizer states need, and no pickled code."""
+    if kwargs.pop("weights_only", True) is not True:
+        raise ValueError("fastdiff loads checkpoints with weights_only=True only")
+    if str(path).endswith(".safetensors"):
+        from ..models.checkpoint import load_state_dict as load_file
+
+        location = kwargs.get("map_location")
+        return {k: v.to(location) if location is not None else v for k, v in load_file(path).items()}
+    return torch.load(path, weights_only=True, **kwargs)
+
+
+def sync_params(params) -> None:
+    """Make every rank's tensors rank 0's (in place)."""
+    for p in params:
+        with torch.no_grad():
+            dist.broadcast(p, 0)
