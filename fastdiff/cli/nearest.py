@@ -1,0 +1,215 @@
+"""``fastdiff nearest SAMPLES.npz --data DATA``: the memorisation check (see fastdiff.evaluation.nearest).
+
+Writes to --out: ``nearest.json`` (thresholds, distance percentiles, flagged samples),
+``nearest.npz`` (every sample's neighbours and distances in both spaces), ``nearest.png``
+(the most suspicious samples, each followed by its nearest training images in feature space,
+then in pixels) and ``distances.png`` (sample-to-train against held-out-to-train distances).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .evaluate import FEATURES, choose_network, progress_bars
+
+
+def load_images(spec: str, image_shape: tuple[int, int, int], split: str = "train"):
+    """``mnist`` (its training or held-out split), an npz or an image folder -> uint8 NHWC array."""
+    from fastdiff.training.data import ArrayDataset, load_dataset
+
+    h, w, c = image_shape
+    ds = load_dataset(spec, image_size=h, channels=c, split=split)
+    if isinstance(ds, ArrayDataset):
+        images = ds.images
+    else:
+        images = np.stack([((ds[i][0].permute(1, 2, 0).numpy() + 1) * 127.5).round() for i in range(len(ds))])
+        images = images.clip(0, 255).astype(np.uint8)
+    if images.shape[1:] != (h, w, c):
+        raise click.ClickException(
+            f"{spec} holds {'x'.join(map(str, images.shape[1:]))} images but the samples are {h}x{w}x{c}"
+        )
+    return images
+
+
+def distance_plot(report, path: Path) -> bool:
+    """Histograms of nearest-training-image distances, samples against held-out; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    from fastdiff.imageio import atomic_write
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, (name, space) in zip(axes, [("features", report.features), ("pixels (RMS)", report.pixels)]):
+        both = np.concatenate([space.sample_distance[:, 0], space.heldout_distance])
+        bins = np.linspace(both.min(), both.max(), 40)
+        ax.hist(space.heldout_distance, bins, density=True, alpha=0.6, label="held-out -> train")
+        ax.hist(space.sample_distance[:, 0], bins, density=True, alpha=0.6, label="sample -> train")
+        ax.axvline(space.threshold, color="k", ls="--", label=f"flag below ({report.quantile:g} quantile)")
+        ax.set_xlabel(f"distance to the nearest training image, {name}")
+        ax.legend(fontsize=8)
+    axes[0].set_title(f"{report.feature_network}", fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return True
+
+
+@click.command("nearest")
+@click.argument("samples", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Training data: 'mnist', an npz or an image folder.")
+@click.option(
+    "--held-out",
+    "held_out",
+    default=None,
+    help="Images never trained on (default for --data mnist: its 500 held-out digits).",
+)
+@click.option(
+    "--features", type=click.Choice(FEATURES), default="auto", show_default=True, help="Feature network."
+)
+@click.option(
+    "--inception", type=click.Path(path_type=Path), envvar="FASTDIFF_INCEPTION", help="FID Inception weights."
+)
+@click.option(
+    "--k", type=click.IntRange(min=1), default=3, show_default=True, help="Neighbours shown per sample."
+)
+@click.option(
+    "--quantile",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="Flag samples nearer a training image than this fraction of held-out images are.",
+)
+@click.option(
+    "--show", type=click.IntRange(min=1), default=16, show_default=True, help="Samples in nearest.png."
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("nearest"),
+    show_default=True,
+    help="Output folder.",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch."
+)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+def nearest_command(
+    samples,
+    data,
+    held_out,
+    features,
+    inception,
+    k,
+    quantile,
+    show,
+    out,
+    batch_size,
+    device,
+    threads,
+    progress,
+):
+    """Memorisation check: each sample's nearest training images, flagged near-copies.
+
+    A sample nearer to a training image (in feature space or in pixels) than all but --quantile
+    of the held-out images are is flagged."""
+    from fastdiff.cli.sample import choose_threads, resolve_device
+    from fastdiff.evaluation.metrics import EvaluationError
+    from fastdiff.evaluation.nearest import (
+        MemorisationReport,
+        NearestConfig,
+        check_space,
+        neighbour_rows,
+        pixels,
+    )
+    from fastdiff.evaluation.networks import compute_activations
+    from fastdiff.evaluation.npz import read_npz
+    from fastdiff.imageio import atomic_write, save_grid
+    from fastdiff.training.data import DataError
+
+    if out.exists() and not out.is_dir():
+        raise click.ClickException(f"--out {out} is not a folder")
+    if held_out is None and data != "mnist":
+        raise click.ClickException(
+            "--held-out is needed with this --data: images of the same kind never trained on"
+        )
+    dev = resolve_device(device)
+    choose_threads(threads)
+    try:
+        config = NearestConfig(k=k, quantile=quantile, device=str(dev))
+        smp = read_npz(samples, role="samples")
+        train = load_images(data, smp.image_shape)
+        held = load_images(held_out or data, smp.image_shape, split="val")
+        if len(held) < 2:
+            raise EvaluationError(f"the held-out set holds {len(held)} image(s); the distribution needs more")
+        net = choose_network(features, smp.image_shape, inception, dev)
+        net.check_images(smp.shape)
+        bars = progress_bars(progress)
+        images = np.concatenate(list(smp.batches(4096)))
+
+        def feats(x, what):
+            return compute_activations(net, x, batch_size, dev, bars(what, len(x))).pool
+
+        report = MemorisationReport(
+            features=check_space(
+                feats(images, "samples"), feats(train, "train"), feats(held, "held-out"), config
+            ),
+            pixels=check_space(pixels(images), pixels(train), pixels(held), config),
+            feature_network=net.name,
+            quantile=quantile,
+        )
+    except (EvaluationError, DataError) as e:
+        raise click.ClickException(str(e)) from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        record = {
+            **report.to_dict(),
+            "samples": str(samples),
+            "data": data,
+            "held_out": held_out or f"{data} (val)",
+        }
+        atomic_write(
+            out / "nearest.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n")
+        )
+
+        def write_npz(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(
+                    f,
+                    feature_index=report.features.sample_index,
+                    feature_distance=report.features.sample_distance,
+                    pixel_index=report.pixels.sample_index,
+                    pixel_distance=report.pixels.sample_distance,
+                    heldout_feature_distance=report.features.heldout_distance,
+                    heldout_pixel_distance=report.pixels.heldout_distance,
+                )
+
+        atomic_write(out / "nearest.npz", write_npz)
+        order = report.suspicion_order()[:show]
+        save_grid(neighbour_rows(report, images, train, order), out / "nearest.png", ncol=1 + 2 * config.k)
+        plotted = distance_plot(report, out / "distances.png")
+    except OSError as e:
+        raise click.ClickException(f"cannot write to {out}: {e.strerror or e}") from None
+    flagged = report.flagged
+    click.echo(f"Features: {report.feature_network}; {len(train)} training, {len(held)} held-out images")
+    for name, space in (("features", report.features), ("pixels", report.pixels)):
+        smp_med, held_med = np.median(space.sample_distance[:, 0]), np.median(space.heldout_distance)
+        click.echo(
+            f"{name}: median distance to a nearest training image {smp_med:.4g} (held-out {held_med:.4g}); "
+            f"{int(space.flagged.sum())} below {space.threshold:.4g}"
+        )
+    click.echo(
+        f"Flagged: {int(flagged.sum())} of {len(flagged)} samples ({flagged.mean():.2%}; "
+        f"{quantile:.2%} expected by chance) -> {out / 'nearest.json'}"
+    )
+    if not plotted:
+        click.echo("(distances.png skipped: matplotlib is not installed)", err=True)
