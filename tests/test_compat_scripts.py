@@ -1,0 +1,494 @@
+"""guided-diffusion's scripts on fastdiff: the compat modules they import (script_util,
+dist_util, logger), ``fastdiff gd-run`` running scripts unedited, and the compat loops drawing
+the global random stream exactly as the original does.
+
+The scripts in tests/gd_scripts are fastdiff's own, written in the style of the original's
+image_sample.py and classifier_sample.py. With FASTDIFF_GUIDED_DIFFUSION pointing at a
+guided-diffusion checkout, the original code runs beside fastdiff's (same weights, same seed)
+and the original's own scripts run unedited through gd-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fastdiff.compat import dist_util, logger
+from fastdiff.compat import guided_diffusion as gd
+
+SCRIPTS = Path(__file__).parent / "gd_scripts"
+ORIGINAL = os.environ.get("FASTDIFF_GUIDED_DIFFUSION", "")
+needs_original = pytest.mark.skipif(
+    not ORIGINAL or not (Path(ORIGINAL) / "guided_diffusion").is_dir(),
+    reason="set FASTDIFF_GUIDED_DIFFUSION to a guided-diffusion checkout",
+)
+
+# A tiny class-conditional ADM (image_size 32 is a fastdiff size; the original needs channel_mult).
+TINY = dict(
+    image_size=32,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="16",
+    learn_sigma=True,
+    class_cond=True,
+    diffusion_steps=100,
+)
+TINY_CLASSIFIER = dict(
+    image_size=32, classifier_width=32, classifier_depth=1, classifier_attention_resolutions="8"
+)
+
+
+def flag_args(flags: dict) -> list[str]:
+    return [tok for k, v in flags.items() for tok in (f"--{k}", str(v))]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A model and a classifier saved as the original saves them: torch.save of a state_dict."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(0)
+    model, _ = gd.create_model_and_diffusion(**TINY)
+    torch.save(model.state_dict(), folder / "model.pt")
+    classifier = gd.create_classifier(**TINY_CLASSIFIER)
+    torch.save(classifier.state_dict(), folder / "classifier.pt")
+    return folder / "model.pt", folder / "classifier.pt"
+
+
+def gd_run(args: list[str], logdir: Path, **env) -> subprocess.CompletedProcess:
+    """``fastdiff gd-run ARGS`` in a fresh process (the one torchrun would start), logging to logdir."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    full_env.update(OPENAI_LOGDIR=str(logdir), **env)
+    return subprocess.run(
+        [sys.executable, "-m", "fastdiff.cli.gd_run", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+# ---------------------------------------------------------------- script_util
+
+
+# Every public name of the original's script_util (its module imports aside).
+SCRIPT_UTIL_NAMES = """NUM_CLASSES EncoderUNetModel SuperResModel UNetModel SpacedDiffusion
+add_dict_to_argparser args_to_dict classifier_and_diffusion_defaults classifier_defaults create_classifier
+create_classifier_and_diffusion create_gaussian_diffusion create_model create_model_and_diffusion
+diffusion_defaults model_and_diffusion_defaults space_timesteps sr_create_model
+sr_create_model_and_diffusion sr_model_and_diffusion_defaults str2bool""".split()
+DIST_UTIL_NAMES = "GPUS_PER_NODE SETUP_RETRY_COUNT setup_dist dev load_state_dict sync_params".split()
+LOGGER_NAMES = """DEBUG INFO WARN ERROR DISABLED KVWriter SeqWriter HumanOutputFormat JSONOutputFormat
+CSVOutputFormat make_output_format logkv logkv_mean logkvs dumpkvs getkvs log debug info warn error
+set_level set_comm get_dir record_tabular dump_tabular profile_kv profile get_current Logger
+get_rank_without_mpi_import mpi_weighted_mean configure reset scoped_configure""".split()
+
+
+@pytest.mark.parametrize(
+    "module, names", [(gd, SCRIPT_UTIL_NAMES), (dist_util, DIST_UTIL_NAMES), (logger, LOGGER_NAMES)]
+)
+def test_every_public_name_of_the_original(module, names):
+    assert [n for n in names if not hasattr(module, n)] == []
+
+
+def test_argparser_helpers_type_flags_by_their_defaults():
+    parser = argparse.ArgumentParser()
+    gd.add_dict_to_argparser(parser, {**gd.model_and_diffusion_defaults(), "model_path": "", "x": None})
+    args = parser.parse_args(
+        "--class_cond T --num_channels 64 --dropout 0.1 --timestep_respacing ddim25".split()
+    )
+    flags = gd.args_to_dict(args, gd.model_and_diffusion_defaults().keys())
+    assert flags["class_cond"] is True and flags["num_channels"] == 64 and flags["dropout"] == 0.1
+    assert flags["timestep_respacing"] == "ddim25" and flags["use_fp16"] is False
+    assert gd.str2bool("No") is False and gd.str2bool(True) is True
+    with pytest.raises(argparse.ArgumentTypeError):
+        gd.str2bool("maybe")
+
+
+def test_builders_take_the_original_signatures():
+    # Positional, by the original's order (create_classifier_and_diffusion calls it so).
+    a = gd.create_classifier(32, False, 32, 1, "8", True, True, "attention")
+    b = gd.create_classifier(**TINY_CLASSIFIER)
+    assert a.state_dict().keys() == b.state_dict().keys() and a.out_channels == 1000
+    # create_model's own defaults, not model_and_diffusion_defaults': one head, attention at 16.
+    model = gd.create_model(32, 32, 1, channel_mult="1,2")
+    blocks = list(model.modules())
+    assert not any(getattr(m, "use_scale_shift_norm", False) for m in blocks)
+    assert {m.num_heads for m in blocks if hasattr(m, "num_heads")} == {1}
+    with pytest.raises(TypeError, match="missing"):
+        gd.create_model(32)
+    with pytest.raises(TypeError, match="multiple values"):
+        gd.create_model(32, 32, 1, image_size=64)
+    with pytest.raises(TypeError, match="unexpected"):
+        gd.create_model_and_diffusion(image_sise=32)
+    classifier, diffusion = gd.create_classifier_and_diffusion(**TINY_CLASSIFIER, timestep_respacing="5")
+    assert diffusion.num_timesteps == 5 and isinstance(diffusion, gd.SpacedDiffusion)
+
+
+def test_num_classes_is_read_when_building(monkeypatch):
+    monkeypatch.setattr(gd, "NUM_CLASSES", 10)
+    model, _ = gd.create_model_and_diffusion(**TINY)
+    assert model.label_emb.num_embeddings == 10
+    sr, _ = gd.sr_create_model_and_diffusion(large_size=64, small_size=32, num_channels=32, class_cond=True)
+    assert sr.label_emb.num_embeddings == 10
+
+
+def test_spaced_process_attributes():
+    _, d = gd.create_model_and_diffusion(**{**TINY, "timestep_respacing": "ddim4"})
+    assert d.use_timesteps == {0, 25, 50, 75}
+    assert np.array_equal(d.alphas_cumprod_next, np.append(d.alphas_cumprod[1:], 0.0))
+
+
+# ---------------------------------------------------------------- the random stream
+
+
+def _draws_after(seed: int, shape, n: int) -> torch.Tensor:
+    """What torch.randn(1) gives after x_T and n per-step draws of ``shape`` from ``seed``."""
+    torch.manual_seed(seed)
+    for _ in range(n + 1):
+        torch.randn(shape)
+    return torch.randn(1)
+
+
+@pytest.mark.parametrize(
+    "loop, kwargs", [("ddim_sample_loop", {}), ("ddim_sample_loop", {"eta": 0.5}), ("p_sample_loop", {})]
+)
+def test_loops_draw_as_the_original(loop, kwargs):
+    """x_T, then one randn_like per step, even where DDIM at eta=0 uses none: a second batch after
+    one seed is the original's second batch."""
+    model, d = gd.create_model_and_diffusion(**{**TINY, "timestep_respacing": "3"})
+    model.eval()
+    shape, y = (2, 3, 32, 32), torch.tensor([1, 2])
+    torch.manual_seed(7)
+    getattr(d, loop)(model, shape, model_kwargs={"y": y}, **kwargs)
+    assert torch.equal(torch.randn(1), _draws_after(7, shape, 3))
+    # The single steps draw once each, too.
+    x, t = torch.randn(shape), torch.tensor([2, 1])
+    for step in ("p_sample", "ddim_sample"):
+        torch.manual_seed(3)
+        getattr(d, step)(model, x, t, model_kwargs={"y": y})
+        assert torch.equal(torch.randn(1), _draws_after(3, shape, 0))
+
+
+def test_calc_bpd_loop_terms():
+    model, d = gd.create_model_and_diffusion(**{**TINY, "timestep_respacing": "3"})
+    model.eval()
+    x0 = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = d.calc_bpd_loop(model, x0, model_kwargs={"y": torch.tensor([0, 1])})
+    assert out["vb"].shape == out["mse"].shape == out["xstart_mse"].shape == (2, 3)
+    assert torch.allclose(out["total_bpd"], out["vb"].sum(1) + out["prior_bpd"])
+    assert (out["prior_bpd"] >= 0).all() and torch.isfinite(out["total_bpd"]).all()
+
+
+# ---------------------------------------------------------------- dist_util and logger
+
+
+def test_load_state_dict_reads_weights_only(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    assert torch.equal(
+        dist_util.load_state_dict(str(tmp_path / "ok.pt"), map_location="cpu")["w"], torch.ones(2)
+    )
+    torch.save({"w": argparse.Namespace(a=1)}, tmp_path / "code.pt")  # a pickled object, not weights
+    with pytest.raises(Exception, match="Weights only load failed|weights_only"):
+        dist_util.load_state_dict(str(tmp_path / "code.pt"))
+    with pytest.raises(ValueError, match="weights_only=True"):
+        dist_util.load_state_dict(str(tmp_path / "ok.pt"), weights_only=False)
+
+
+def test_setup_dist_makes_a_one_process_group(monkeypatch):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group exists already in this process")
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    dist_util.setup_dist()
+    try:
+        assert dist.get_world_size() == 1 and dist.get_rank() == 0
+        out = [torch.zeros(2)]
+        dist.all_gather(out, torch.arange(2.0))
+        dist.barrier()
+        assert torch.equal(out[0], torch.arange(2.0)) and dist_util.dev() == torch.device("cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_logger_writes_where_the_original_does(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "run"))
+    monkeypatch.delenv("OPENAI_LOG_FORMAT", raising=False)
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    logger.configure()
+    try:
+        logger.log("hello", 1)
+        logger.logkv("loss", 0.5)
+        logger.logkv_mean("grad", 1.0)
+        logger.logkv_mean("grad", 2.0)
+        assert logger.dumpkvs() == {"loss": 0.5, "grad": 1.5}
+        logger.logkv("step", 3)
+        logger.dumpkvs()
+        assert logger.get_dir() == str(tmp_path / "run")
+    finally:
+        logger.get_current().close()
+    assert "hello 1" in (tmp_path / "run" / "log.txt").read_text()
+    assert "| loss | 0.5      |" in capsys.readouterr().out
+    # A key first seen later widens the header and pads the earlier rows.
+    assert (tmp_path / "run" / "progress.csv").read_text().splitlines() == [
+        "grad,loss,step",
+        "1.5,0.5,",
+        ",,3",
+    ]
+    monkeypatch.setenv("RANK", "1")  # another rank: log only, suffixed
+    logger.configure(dir=str(tmp_path / "r1"))
+    logger.get_current().close()
+    assert sorted(p.name for p in (tmp_path / "r1").iterdir()) == ["log-rank001.txt"]
+
+
+# ---------------------------------------------------------------- gd-run
+
+
+def _expected_images(model_path, flags, num_samples, batch_size, seed, use_ddim, classifier=None, scale=1.0):
+    """What the gd_scripts compute, computed here through the compat layer in-process."""
+    model, d = gd.create_model_and_diffusion(**flags)
+    model.load_state_dict(torch.load(model_path, weights_only=True))
+    model.eval()
+    cond_fn = None
+    if classifier is not None:
+        clf = gd.create_classifier(**TINY_CLASSIFIER)
+        clf.load_state_dict(torch.load(classifier, weights_only=True))
+        clf.eval()
+        from fastdiff.diffusion.guidance import ClassifierGuidance
+
+        cond_fn = ClassifierGuidance(clf, scale)
+    torch.manual_seed(seed)
+    images, labels = [], []
+    while len(images) * batch_size < num_samples:
+        y = torch.randint(0, gd.NUM_CLASSES, (batch_size,))
+        loop = d.ddim_sample_loop if use_ddim else d.p_sample_loop
+        x = loop(model, (batch_size, 3, 32, 32), model_kwargs={"y": y}, cond_fn=cond_fn)
+        images.append(((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        labels.append(y.numpy())
+    return np.concatenate(images)[:num_samples], np.concatenate(labels)[:num_samples]
+
+
+def test_gd_run_image_script(checkpoints, tmp_path):
+    model_path, _ = checkpoints
+    flags = {**TINY, "timestep_respacing": "4"}
+    args = [str(SCRIPTS / "sample_images.py"), "--model_path", str(model_path), *flag_args(flags)]
+    res = gd_run([*args, "--num_samples", "3", "--batch_size", "2", "--seed", "5"], tmp_path / "log")
+    assert res.returncode == 0, res.stderr
+    assert "sampling complete" in (tmp_path / "log" / "log.txt").read_text()
+    with np.load(tmp_path / "log" / "samples_3x32x32x3.npz") as npz:
+        images, labels = npz["arr_0"], npz["arr_1"]
+    want_images, want_labels = _expected_images(model_path, flags, 3, 2, 5, use_ddim=False)
+    assert np.array_equal(labels, want_labels) and np.array_equal(images, want_images)
+
+
+def test_gd_run_classifier_script_ddim(checkpoints, tmp_path):
+    model_path, classifier_path = checkpoints
+    flags = {**TINY, "timestep_respacing": "ddim3"}
+    args = [str(SCRIPTS / "sample_guided.py"), "--model_path", str(model_path), *flag_args(flags)]
+    args += ["--classifier_path", str(classifier_path), *flag_args(TINY_CLASSIFIER)[2:]]  # image_size once
+    args += ["--use_ddim", "True", "--classifier_scale", "4.0", "--num_samples", "4", "--batch_size", "2"]
+    res = gd_run(args, tmp_path / "log")
+    assert res.returncode == 0, res.stderr
+    with np.load(tmp_path / "log" / "samples_4x32x32x3.npz") as npz:
+        images, labels = npz["arr_0"], npz["arr_1"]
+    want = _expected_images(model_path, flags, 4, 2, 0, True, classifier=classifier_path, scale=4.0)
+    assert np.array_equal(labels, want[1]) and np.array_equal(images, want[0])
+
+
+def test_gd_run_passes_the_rest_to_the_script(tmp_path):
+    res = gd_run([str(SCRIPTS / "sample_images.py"), "--help"], tmp_path / "log")
+    assert res.returncode == 0 and "--timestep_respacing" in res.stdout and "--model_path" in res.stdout
+    res = gd_run([str(SCRIPTS / "sample_images.py"), "--no_such_flag", "1"], tmp_path / "log")
+    assert res.returncode == 2 and "unrecognized arguments" in res.stderr
+
+
+def test_gd_run_user_errors_are_one_line(tmp_path):
+    from fastdiff.cli.main import main
+
+    script = str(SCRIPTS / "sample_images.py")
+    for args, message in [
+        (["--engine", "warp", script], "unknown engine 'warp'"),
+        (["--ops", "fastest", script], "FASTDIFF_OPS must be one of"),
+        ([str(tmp_path / "missing.py")], "does not exist"),
+    ]:
+        res = CliRunner().invoke(main, ["gd-run", *args], env={"FASTDIFF_OPS": None})
+        assert res.exit_code != 0 and message in res.output, res.output
+        assert "Traceback" not in res.output
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(main, ["gd-run", "--engine", "graph", script])
+        assert res.exit_code == 1 and "needs a CUDA device" in res.output
+
+
+def test_the_alias_serves_fastdiffs_module_objects(tmp_path):
+    """In the gd-run process: guided_diffusion.script_util IS the compat module (NUM_CLASSES
+    assignments reach the builders); modules fastdiff lacks fail with a message naming those it has."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import guided_diffusion.script_util as su, fastdiff.compat.guided_diffusion as gd\n"
+        "from guided_diffusion import dist_util, logger\n"
+        "assert su is gd and dist_util.setup_dist.__module__ == 'fastdiff.compat.dist_util'\n"
+        "su.NUM_CLASSES = 7\n"
+        "m = su.create_model(32, 32, 1, channel_mult='1,2', class_cond=True)\n"
+        "assert m.label_emb.num_embeddings == 7\n"
+        "import blobfile\n"
+        "import guided_diffusion.train_util\n"
+    )
+    res = gd_run([str(probe)], tmp_path / "log")
+    assert res.returncode == 1 and "guided_diffusion.train_util is not among them" in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_gd_run_under_torchrun(checkpoints, tmp_path):
+    """Two ranks on gloo: each samples its own batch, all_gather joins them, rank 1 logs apart."""
+    model_path, _ = checkpoints
+    flags = {**TINY, "timestep_respacing": "2"}
+    args = [str(SCRIPTS / "sample_images.py"), "--model_path", str(model_path), *flag_args(flags)]
+    args += ["--num_samples", "4", "--batch_size", "2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["OPENAI_LOGDIR"] = str(tmp_path / "log")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    res = subprocess.run(
+        [*torchrun, "-m", "fastdiff.cli.gd_run", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    with np.load(tmp_path / "log" / "samples_4x32x32x3.npz") as npz:
+        images = npz["arr_0"]
+    assert not np.array_equal(images[:2], images[2:])  # ranks seed apart: two different batches
+    assert (tmp_path / "log" / "log-rank001.txt").is_file()
+
+
+# ---------------------------------------------------------------- beside the original code
+
+
+@pytest.fixture(scope="module")
+def original():
+    """The original script_util, imported from the checkout (its own name, not gd-run's alias)."""
+    if not ORIGINAL:
+        pytest.skip("set FASTDIFF_GUIDED_DIFFUSION to a guided-diffusion checkout")
+    sys.path.insert(0, ORIGINAL)
+    try:
+        return importlib.import_module("guided_diffusion.script_util")
+    finally:
+        sys.path.remove(ORIGINAL)
+
+
+def _pair(original, **flags):
+    flags = {**TINY, "image_size": 16, **flags}
+    torch.manual_seed(1)
+    om, od = original.create_model_and_diffusion(**{**original.model_and_diffusion_defaults(), **flags})
+    fm, fd = gd.create_model_and_diffusion(**flags)
+    fm.load_state_dict(om.state_dict())
+    return om.eval(), od, fm.eval(), fd
+
+
+def _cond_fn(x, t, y=None):
+    return 0.3 * torch.sin(x) + 1e-4 * t.float().view(-1, 1, 1, 1)
+
+
+@needs_original
+@pytest.mark.parametrize(
+    "loop, kwargs",
+    [
+        ("ddim_sample_loop", {}),
+        ("ddim_sample_loop", {"eta": 0.5}),
+        ("ddim_sample_loop", {"cond_fn": _cond_fn}),
+        ("p_sample_loop", {}),
+        ("p_sample_loop", {"cond_fn": _cond_fn}),
+    ],
+)
+def test_two_batches_after_one_seed_are_the_originals(original, loop, kwargs):
+    om, od, fm, fd = _pair(original, timestep_respacing="ddim4")
+    y = torch.tensor([3, 7])
+
+    def two_batches(model, diffusion):
+        torch.manual_seed(5)
+        run = getattr(diffusion, loop)
+        return [run(model, (2, 3, 16, 16), model_kwargs={"y": y}, **kwargs) for _ in range(2)]
+
+    for want, got in zip(two_batches(om, od), two_batches(fm, fd), strict=True):
+        # Bit-equal where the arithmetic is the same; DDIM's sigma is float64 here, float32 there.
+        assert (want - got).abs().max() < 1e-5
+
+
+@needs_original
+def test_steps_and_bpd_match_the_original(original):
+    om, od, fm, fd = _pair(original, timestep_respacing="ddim4")
+    assert np.array_equal(od.alphas_cumprod_next, fd.alphas_cumprod_next)
+    assert od.use_timesteps == fd.use_timesteps
+    y, x, t = torch.tensor([3, 7]), torch.randn(2, 3, 16, 16), torch.tensor([2, 1])
+    for name in ("p_sample", "ddim_sample", "ddim_reverse_sample"):
+        torch.manual_seed(3)
+        want = getattr(od, name)(om, x, t, model_kwargs={"y": y})
+        torch.manual_seed(3)
+        got = getattr(fd, name)(fm, x, t, model_kwargs={"y": y})
+        for key in want:
+            assert (want[key] - got[key]).abs().max() < 1e-4, (name, key)
+    x0 = torch.rand(2, 3, 16, 16) * 2 - 1
+    torch.manual_seed(4)
+    want = od.calc_bpd_loop(om, x0, model_kwargs={"y": y})
+    torch.manual_seed(4)
+    got = fd.calc_bpd_loop(fm, x0, model_kwargs={"y": y})
+    for key in want:
+        assert torch.allclose(want[key], got[key], rtol=1e-5, atol=1e-6), key
+
+
+@needs_original
+def test_names_and_defaults_are_the_originals(original):
+    ours = [n for n in dir(original) if not n.startswith("_") and n not in ("gd", "inspect", "argparse")]
+    assert [n for n in ours if not hasattr(gd, n)] == []
+    for name in [n for n in ours if n.endswith("defaults")]:
+        assert list(getattr(original, name)().items()) == list(getattr(gd, name)().items()), name
+
+
+@needs_original
+@pytest.mark.slow
+def test_the_original_scripts_run_unedited(original, tmp_path):
+    """image_sample.py, classifier_sample.py and super_res_sample.py from the checkout, through
+    gd-run, on checkpoints the original's own builders made and torch.save'd."""
+    scripts = Path(ORIGINAL) / "scripts"
+    flags = {**TINY, "image_size": 64, "timestep_respacing": "2"}
+    torch.manual_seed(0)
+    model, _ = original.create_model_and_diffusion(**{**original.model_and_diffusion_defaults(), **flags})
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    clf_flags = {**TINY_CLASSIFIER, "image_size": 64, "classifier_width": 64}
+    classifier = original.create_classifier(**{**original.classifier_defaults(), **clf_flags})
+    torch.save(classifier.state_dict(), tmp_path / "classifier.pt")
+    sr_flags = {k: v for k, v in flags.items() if k not in ("image_size", "channel_mult")}
+    sr_flags.update(large_size=64, small_size=32)
+    sr, _ = original.sr_create_model_and_diffusion(
+        **{**original.sr_model_and_diffusion_defaults(), **sr_flags}
+    )
+    torch.save(sr.state_dict(), tmp_path / "sr.pt")
+    common = ["--num_samples", "2", "--batch_size", "2"]
+
+    res = gd_run([str(scripts / "image_sample.py"), "--model_path", str(tmp_path / "model.pt"),
+                  *flag_args(flags), *common], tmp_path / "a")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    with np.load(tmp_path / "a" / "samples_2x64x64x3.npz") as npz:
+        assert npz["arr_0"].dtype == np.uint8 and npz["arr_1"].shape == (2,)
+
+    res = gd_run([str(scripts / "classifier_sample.py"), "--model_path", str(tmp_path / "model.pt"),
+                  "--classifier_path", str(tmp_path / "classifier.pt"), *flag_args(flags),
+                  *flag_args(clf_flags)[2:], "--use_ddim", "True", *common], tmp_path / "b")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "b" / "samples_2x64x64x3.npz").is_file()
+
+    low_res = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "base.npz", low_res, np.array([1, 2]))
+    res = gd_run([str(scripts / "super_res_sample.py"), "--model_path", str(tmp_path / "sr.pt"),
+                  "--base_samples", str(tmp_path / "base.npz"), *flag_args(sr_flags), *common],
+                 tmp_path / "c")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "c" / "samples_2x64x64x3.npz").is_file()
