@@ -1,0 +1,103 @@
+"""The memorisation check: neighbours against brute force, copies flagged and fresh digits not,
+its outputs, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fastdiff.cli.main import main
+from fastdiff.evaluation.metrics import EvaluationError
+from fastdiff.evaluation.nearest import NearestConfig, check_space, nearest, pixels
+
+pytest.importorskip("mlxtend")
+
+
+def test_nearest_matches_brute_force():
+    rng = np.random.default_rng(0)
+    q, bank = rng.standard_normal((37, 9)), rng.standard_normal((101, 9))
+    idx, dist = nearest(q, bank, 3, NearestConfig(batch_size=10))
+    full = np.sqrt(((q[:, None] - bank[None]) ** 2).sum(-1))
+    np.testing.assert_array_equal(idx, np.argsort(full, 1)[:, :3])
+    np.testing.assert_allclose(dist, np.sort(full, 1)[:, :3], rtol=1e-9, atol=1e-9)
+    img = rng.integers(0, 256, (2, 4, 4, 1), dtype=np.uint8)
+    rms = np.sqrt((((img[0].astype(float) - img[1]) / 255) ** 2).mean())
+    assert np.linalg.norm(pixels(img)[0] - pixels(img)[1]) == pytest.approx(rms, rel=1e-12)
+
+
+def test_threshold_is_the_heldout_quantile():
+    rng = np.random.default_rng(1)
+    train, held = rng.standard_normal((200, 4)), rng.standard_normal((100, 4))
+    samples = np.concatenate([train[:5] + 1e-6, rng.standard_normal((20, 4))])
+    res = check_space(samples, train, held, NearestConfig(quantile=0.05))
+    assert res.threshold == pytest.approx(np.quantile(res.heldout_distance, 0.05))
+    assert res.flagged[:5].all() and res.flagged[5:].mean() < 0.3
+    with pytest.raises(EvaluationError, match="quantile"):
+        NearestConfig(quantile=1.5)
+
+
+def one_line_error(r, *words):
+    assert r.exit_code != 0 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_cli_flags_copies_not_fresh_digits(tmp_path):
+    from fastdiff.training.data import get_mnist
+
+    train, val = get_mnist("train"), get_mnist("val")
+    rng = np.random.default_rng(0)
+    copies = train.images[rng.permutation(len(train.images))[:8]]
+    fresh = val.images[rng.permutation(len(val.images))[:40]]  # never trained on, like good samples
+    np.savez(tmp_path / "s.npz", np.concatenate([copies, fresh]))
+    out = tmp_path / "nn"
+    r = CliRunner().invoke(
+        main,
+        [
+            "nearest",
+            str(tmp_path / "s.npz"),
+            "--data",
+            "mnist",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--show",
+            "6",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    rec = json.loads((out / "nearest.json").read_text())
+    flagged = {f["sample"] for f in rec["flagged"]}
+    assert set(range(8)) <= flagged and len(flagged - set(range(8))) <= 4
+    assert rec["num_heldout"] == 500 and rec["features"]["threshold"] > 0
+    with np.load(out / "nearest.npz") as z:
+        assert z["feature_index"].shape == (48, 3) and (z["pixel_distance"][:8, 0] < 1e-6).all()
+    assert (out / "nearest.png").is_file() and "Flagged: " in r.output
+    from PIL import Image
+
+    with Image.open(out / "nearest.png") as im:  # 6 rows of sample + 3 + 3 neighbours
+        assert im.size == (7 * 34 + 2, 6 * 34 + 2)
+
+
+def test_cli_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s.npz", rng.integers(0, 256, (8, 32, 32, 1), dtype=np.uint8))
+    np.savez(tmp_path / "train.npz", rng.integers(0, 256, (8, 32, 32, 1), dtype=np.uint8))
+    np.savez(tmp_path / "train64.npz", rng.integers(0, 256, (8, 64, 64, 1), dtype=np.uint8))
+
+    def run(*args):
+        return CliRunner().invoke(
+            main, ["nearest", "--no-progress", "--out", tmp_path / "o", *map(str, args)]
+        )
+
+    one_line_error(run(tmp_path / "s.npz", "--data", tmp_path / "train.npz"), "--held-out")
+    one_line_error(
+        run(tmp_path / "s.npz", "--data", tmp_path / "train64.npz", "--held-out", tmp_path / "train.npz"),
+        "64x64",
+    )
+    one_line_error(run(tmp_path / "s.npz", "--data", "mnist", "--quantile", "0"), "quantile")
+    one_line_error(run(tmp_path / "missing.npz", "--data", "mnist"), "not found")
