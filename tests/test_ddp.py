@@ -17,7 +17,7 @@ import sys, numpy as np, torch
 from fastdiff.models.presets import diffusion_defaults, model_defaults, parse_flags
 from fastdiff.training import dist
 from fastdiff.training.data import load_npz
-from fastdiff.training.trainer import DiffusionTrainer, TrainConfig, resolve_flags
+from fastdiff.training import DiffusionTrainer, TrainConfig, resolve_flags
 
 npz, out = sys.argv[1], sys.argv[2]
 ds = load_npz(npz)

@@ -14,9 +14,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fastdiff.cli.train import train, train_classifier
+from fastdiff.training import DiffusionTrainer, TrainingError
 from fastdiff.training import checkpoint as ckpt
 from fastdiff.training.data import ArrayDataset, DataError, ImageFolderDataset, fingerprint, load_npz
-from fastdiff.training.trainer import DiffusionTrainer, TrainingError, _truncate_log, prune_checkpoints
+from fastdiff.training.runlog import truncate_log
 from tests.test_training import TINY, tiny_config, tiny_data
 
 
@@ -81,14 +82,18 @@ def test_nan_loss_stops_before_touching_weights(tmp_path):
 def test_fp16_overflow_is_skipped_then_stops_when_it_persists(tmp_path):
     ds = tiny_data()
     trainer = DiffusionTrainer(tiny_config(tmp_path, ds, ema=(), precision="fp16"), ds)
+    trainer.scaler.scale(torch.ones(()))  # what run_step's backward does first: start the scale
     for p in trainer.model.parameters():
         p.grad = torch.full_like(p, float("inf"))
     assert trainer._optimize(torch.tensor(1.0)) is False  # the scaler's first chance
     with pytest.raises(TrainingError, match="skipped 25 steps in a row"):
         for _ in range(30):
+            trainer.scaler.scale(torch.ones(()))
             for p in trainer.model.parameters():
                 p.grad = torch.full_like(p, float("inf"))
             trainer._optimize(torch.tensor(1.0))
+    trainer = DiffusionTrainer(tiny_config(tmp_path, ds, ema=(), precision="fp16"), ds)
+    trainer.scaler.scale(torch.ones(()))
     with pytest.raises(TrainingError, match="loss is not finite"):
         trainer._optimize(torch.tensor(float("nan")))
 
@@ -152,7 +157,7 @@ def test_truncated_images_are_named_or_skipped(tmp_path):
 def test_torn_log_line_is_tolerated_on_resume(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
-    _truncate_log(log, 2)
+    truncate_log(log, 2)
     assert [json.loads(r)["step"] for r in log.read_text().splitlines()] == [1, 2]
 
 
@@ -179,7 +184,7 @@ def test_keep_last_and_stale_temp_files(tmp_path):
     assert not stale.exists()
     steps = sorted({p.name.split("_")[-1].split(".")[0] for p in out.glob("model_*.safetensors")})
     assert steps == ["0000003", "0000004"] and len(list(out.glob("state_*.pt"))) == 2
-    prune_checkpoints(out, 1)
+    ckpt.prune_checkpoints(out, 1)
     assert [p.name for p in out.glob("model_*")] == ["model_0000004.safetensors"]
 
 

@@ -12,20 +12,20 @@ from click.testing import CliRunner
 
 from fastdiff.cli.train import train, train_classifier
 from fastdiff.models.presets import classifier_defaults, diffusion_defaults, model_defaults, parse_flags
-from fastdiff.training import checkpoint as ckpt
-from fastdiff.training import evaluate
-from fastdiff.training.data import ArrayDataset
-from fastdiff.training.resample import LossSecondMomentResampler, UniformSampler
-from fastdiff.training.trainer import (
+from fastdiff.training import (
     EMA,
     ClassifierTrainer,
     DiffusionTrainer,
-    LossScaler,
     TrainConfig,
+    evaluate,
     parse_ema_rates,
     resolve_classifier_flags,
     resolve_flags,
 )
+from fastdiff.training import checkpoint as ckpt
+from fastdiff.training.data import ArrayDataset
+from fastdiff.training.loop import _scaler_state
+from fastdiff.training.resample import LossSecondMomentResampler, UniformSampler
 
 TINY = (
     "--num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 4 "
@@ -127,31 +127,31 @@ def test_loss_second_moment_sampler():
     assert t.shape == (5,) and torch.all(w == 1)
 
 
-def test_loss_scaler_unscales_skips_and_grows():
-    model = torch.nn.Linear(2, 1)
-    scaler = LossScaler(init_scale=8.0, growth_interval=2)
-    scaler.scale_loss(model(torch.ones(1, 2)).sum()).backward()
-    assert torch.allclose(model.weight.grad, torch.full((1, 2), 8.0))
-    assert scaler.unscale_(list(model.parameters())) is False
-    assert torch.allclose(model.weight.grad, torch.ones(1, 2))  # every grad unscaled before clipping
-    scaler.update(False)
-    scaler.update(False)
-    assert scaler.scale == 16.0
-    model.bias.grad = torch.tensor([float("inf")])
-    assert scaler.unscale_(list(model.parameters())) is True
-    scaler.update(True)
-    assert scaler.scale == 8.0 and scaler.good_steps == 0
-    assert LossScaler(enabled=False).scale_loss(torch.tensor(2.0)) == 2.0
+def test_fp16_clips_the_unscaled_gradient_and_reads_old_scaler_state(tmp_path):
+    """GradScaler: the logged grad norm is the true (unscaled) one, and a checkpoint of the
+    hand-written scaler it replaced still resumes with its scale and growth count."""
+    ds = tiny_data()
+    x = torch.stack([ds[i][0] for i in range(4)])
+    y = torch.tensor([ds[i][1] for i in range(4)])
+    norms = []
+    for precision in ("fp32", "fp16"):
+        trainer = DiffusionTrainer(tiny_config(tmp_path / precision, ds, precision=precision), ds)
+        assert trainer.run_step(x, y) is True
+        norms.append(trainer.meter.flush()["grad_norm"])
+    assert norms[1] == pytest.approx(norms[0], rel=0.05), norms  # not 2**16 times larger
+    state = _scaler_state({"scale": 1024.0, "good_steps": 7})
+    trainer.scaler.load_state_dict(state)
+    assert trainer.scaler.get_scale() == 1024.0 and trainer.scaler.state_dict()["_growth_tracker"] == 7
 
 
 def test_overflow_skips_the_optimizer_step(tmp_path):
     ds = tiny_data()
     trainer = DiffusionTrainer(tiny_config(tmp_path, ds, precision="fp16"), ds)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.scaler.scale = 1e38  # overflows fp32 grads
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**125)  # overflows fp32 grads
     x = torch.stack([ds[i][0] for i in range(4)])
     assert trainer.run_step(x, torch.tensor([ds[i][1] for i in range(4)])) is False
-    assert trainer.scaler.scale == 5e37
+    assert trainer.scaler.get_scale() == 2.0**124
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 

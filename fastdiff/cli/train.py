@@ -24,10 +24,12 @@ from fastdiff.models.presets import (
     parse_flags,
 )
 from fastdiff.training import (
+    PRECISIONS,
     ClassifierTrainer,
     DataError,
     DiffusionTrainer,
     TrainConfig,
+    TrainingError,
     dist,
     get_mnist,
     latest_checkpoint,
@@ -36,7 +38,6 @@ from fastdiff.training import (
     resolve_classifier_flags,
     resolve_flags,
 )
-from fastdiff.training.trainer import PRECISIONS, TrainingError
 
 USER_ERRORS = (ValueError, DataError, CheckpointError, FileNotFoundError, TrainingError)
 

@@ -1,19 +1,12 @@
 """Training: ADM's diffusion and noisy-classifier trainers, data, checkpoints, DDP, evaluation."""
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import PRECISIONS, TrainConfig, parse_ema_rates, resolve_classifier_flags, resolve_flags
 from .data import DataError, ImageFolderDataset, ShardedSampler, get_mnist, load_dataset, load_npz
+from .ema import EMA
+from .loop import TrainingError, TrainLoop
 from .resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
-from .trainer import (
-    EMA,
-    ClassifierTrainer,
-    DiffusionTrainer,
-    LossScaler,
-    TrainConfig,
-    TrainingError,
-    parse_ema_rates,
-    resolve_classifier_flags,
-    resolve_flags,
-)
+from .trainer import ClassifierTrainer, DiffusionTrainer
 
 __all__ = [
     "EMA",
@@ -21,10 +14,11 @@ __all__ = [
     "DataError",
     "DiffusionTrainer",
     "ImageFolderDataset",
-    "LossScaler",
     "LossSecondMomentResampler",
+    "PRECISIONS",
     "ShardedSampler",
     "TrainConfig",
+    "TrainLoop",
     "TrainingError",
     "UniformSampler",
     "create_named_schedule_sampler",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,15 @@ def load_checkpoint(out_dir, record: dict | None = None):
     emas = {name: load_file(out_dir / f) for name, f in record["ema"].items()}
     state = torch.load(out_dir / record["state"], weights_only=True, map_location="cpu")
     return record["step"], model, emas, state
+
+
+CHECKPOINT_FILE = re.compile(r"(model|state|ema_.+)_(\d{7})\.(safetensors|pt)")
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (called after latest.json names the newest)."""
+    files = [(p, m) for p in out.iterdir() if (m := CHECKPOINT_FILE.fullmatch(p.name))]
+    steps = sorted({int(m[2]) for _, m in files}, reverse=True)
+    for p, m in files:
+        if int(m[2]) not in steps[:keep]:
+            p.unlink(missing_ok=True)

@@ -1,0 +1,87 @@
+"""What a training run is: its typed settings and the model flags fitted to the data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .data import DataError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def parse_ema_rates(text) -> tuple[float, ...]:
+    """ "0.9999,0.999" -> (0.9999, 0.999); empty -> no EMA."""
+    parts = text if isinstance(text, (tuple, list)) else [r for r in str(text).split(",") if r.strip()]
+    try:
+        rates = tuple(float(r) for r in parts)
+    except ValueError as e:
+        raise ValueError(f"EMA rates must be numbers like 0.9999,0.999, got {text!r}") from e
+    for r in rates:
+        if not 0 < r < 1:
+            raise ValueError(f"EMA rate {r} is not in (0, 1)")
+    return rates
+
+
+def resolve_flags(flags: dict, dataset, cfg_dropout: float = 0.0) -> dict:
+    """Fit diffusion-model flags to the data: size, channels, class count (+1 null class for CFG)."""
+    flags = dict(flags, image_size=dataset.image_size, in_channels=dataset.channels, use_fp16=False)
+    if flags.get("class_cond"):
+        if not dataset.num_classes:
+            raise DataError(
+                "class_cond True needs labelled data (class subfolders, class_ prefixes or arr_1)"
+            )
+        flags["num_classes"] = dataset.num_classes + (1 if cfg_dropout > 0 else 0)
+    elif cfg_dropout > 0:
+        raise ValueError("--cfg-dropout needs a class-conditional model (class_cond True)")
+    return flags
+
+
+def resolve_classifier_flags(flags: dict, dataset) -> dict:
+    """Fit classifier flags to the data: size, channels and one logit per class."""
+    if not dataset.num_classes:
+        raise DataError(
+            "classifier training needs labelled data (class subfolders, class_ prefixes or arr_1)"
+        )
+    if dataset.num_classes < 2:
+        raise DataError("classifier training needs at least 2 classes; the data has 1")
+    return dict(
+        flags,
+        image_size=dataset.image_size,
+        in_channels=dataset.channels,
+        num_classes=dataset.num_classes,
+        classifier_use_fp16=False,
+    )
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs besides the data; stored in every checkpoint."""
+
+    flags: dict
+    out: str = "runs/train"
+    batch_size: int = 16
+    microbatch: int = 0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_anneal_steps: int = 0
+    grad_clip: float = 1.0
+    ema: tuple[float, ...] = (0.9999,)
+    ema_warmup: bool = False
+    precision: str = "fp32"
+    schedule_sampler: str = "uniform"
+    cfg_dropout: float = 0.0
+    random_flip: bool = False
+    max_steps: int = 1000
+    save_every: int = 1000
+    sample_every: int = 0
+    sample_steps: int = 25
+    num_samples: int = 16
+    eval_every: int = 0
+    log_every: int = 100
+    seed: int = 0
+    device: str | None = None
+    num_workers: int = 0
+    resume: bool = False
+    progress: bool = True
+    keep_last: int = 0

@@ -1,0 +1,398 @@
+"""The training loop both trainers share (improved-diffusion's TrainLoop), exactly resumable and sharded.
+
+Every random draw of a step (timesteps, noise, label dropout, flips, dropout masks) comes from a
+stream keyed by ``(seed, step, global micro-batch index)`` and the data order is a function of
+``(seed, step)``. So a run resumed from a checkpoint repeats the uninterrupted run bit for bit,
+and N processes with the same global batch and micro-batch size see the same samples, noise
+and timesteps as one process.
+
+Deviations from guided-diffusion, on purpose:
+- micro-batch losses are weighted by their share of the batch, so splitting a batch into
+  micro-batches does not change the gradient (the original summed micro-batch means);
+- mixed precision is autocast over fp32 master weights (``use_fp16`` model flag is forced off),
+  fp16 with ``torch.amp.GradScaler``'s dynamic loss scale instead of the original's fixed-step
+  log-scale schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from fastdiff.imageio import is_temp_file
+
+from . import checkpoint as ckpt
+from . import dist
+from .config import PRECISIONS, TrainConfig, parse_ema_rates
+from .data import ShardedSampler, fingerprint
+from .ema import EMA
+from .runlog import Meter, plot_losses, truncate_log
+
+# fp16: this many skipped steps in a row means the scaler cannot rescue the run (scale / 2**25).
+MAX_SKIPPED_STEPS = 25
+# Settings a bit-exact resume depends on, besides the flags and the data.
+RESUME_KEYS = ("seed", "batch_size", "precision", "ema")
+
+
+def _scaler_state(state: dict) -> dict:
+    """GradScaler's state, also from checkpoints of the hand-written scaler it replaced."""
+    if "good_steps" in state:
+        return {
+            "scale": float(state["scale"]),
+            "growth_factor": 2.0,
+            "backoff_factor": 0.5,
+            "growth_interval": 2000,
+            "_growth_tracker": int(state["good_steps"]),
+        }
+    return state
+
+
+class TrainingError(Exception):
+    """A run that cannot go on for a reason the user can act on; the CLI shows it as one line."""
+
+
+def _write_error(e: OSError, fallback: Path) -> TrainingError:
+    """One line for a failed write, naming the real file rather than its temporary twin."""
+    path = Path(e.filename) if e.filename else fallback
+    if is_temp_file(path):  # ".model_0000002.safetensors.k3j2h1g0.safetensors" -> the real name
+        path = path.with_name(path.name[1 : -len(path.suffix) - 9] if path.suffix else path.name[1:-9])
+    if e.errno == errno.ENOSPC:
+        return TrainingError(f"no space left on device writing {path}")
+    return TrainingError(f"cannot write {path}: {e.strerror or e}")
+
+
+def stream_key(seed: int, step: int, index: int) -> int:
+    """Seed of the random stream of global micro-batch ``index`` at ``step`` (63-bit)."""
+    return int(np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class TrainLoop:
+    """Shared machinery: devices/DDP, AdamW with warm-up/anneal, loss scaling, clipping, EMA,
+    keyed randomness, logging, checkpoints and exact resume. Subclasses define ``compute_loss``."""
+
+    kind = ""
+
+    def __init__(self, config: TrainConfig, dataset, model: torch.nn.Module):
+        cfg = self.config = config
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+        self.device = dist.setup(cfg.device)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch size {cfg.batch_size} is not divisible by {self.world} processes")
+        self.local_batch = cfg.batch_size // self.world
+        self.micro = cfg.microbatch if 0 < cfg.microbatch < self.local_batch else self.local_batch
+        if self.local_batch % self.micro:
+            raise ValueError(
+                f"per-process batch {self.local_batch} is not divisible by microbatch {self.micro}"
+            )
+        self.dataset = dataset
+        self.model = model.to(self.device)
+        dist.broadcast_module(self.model)
+        self.ddp = None
+        if self.world > 1:
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.ema = EMA(self.model, parse_ema_rates(cfg.ema), warmup=cfg.ema_warmup)
+        self.meter = Meter()
+        self.step = 0
+        self.skipped = 0  # fp16 steps skipped in a row
+        self.out = Path(cfg.out)
+        self._last_log = (time.time(), 0)
+
+    # -- hooks -------------------------------------------------------------------------------
+    def compute_loss(self, x, y, gen: torch.Generator, dev_gen: torch.Generator):
+        """-> (scalar loss of this micro-batch, {"t": t, metric: per-example values})."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def record(self, t: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """Per-example metrics of the whole global batch, identical on every rank."""
+
+    def after_step(self) -> None:
+        pass
+
+    def metadata(self) -> dict:
+        return {"kind": self.kind, "flags": self.config.flags}
+
+    # -- pieces ------------------------------------------------------------------------------
+    def autocast(self):
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def net(self):
+        return self.ddp if self.ddp is not None else self.model
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.config
+        lr = cfg.lr
+        if cfg.warmup_steps:
+            lr *= min(1.0, (step + 1) / cfg.warmup_steps)
+        if cfg.lr_anneal_steps:
+            lr *= max(0.0, 1 - step / cfg.lr_anneal_steps)
+        return lr
+
+    def _generators(self, index: int):
+        key = stream_key(self.config.seed, self.step, index)
+        torch.manual_seed(key)  # dropout masks
+        gen = torch.Generator().manual_seed(key)
+        dev_gen = gen if self.device.type == "cpu" else torch.Generator(self.device).manual_seed(key)
+        return gen, dev_gen
+
+    def run_step(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """One optimizer step over the local batch, split in micro-batches; True if it stepped."""
+        cfg = self.config
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        n_micro = self.local_batch // self.micro
+        records, losses = [], []
+        for i in range(n_micro):
+            gen, dev_gen = self._generators(self.rank * n_micro + i)
+            xs, ys = x[i * self.micro : (i + 1) * self.micro], y[i * self.micro : (i + 1) * self.micro]
+            if cfg.random_flip:
+                flip = (torch.rand(len(xs), generator=gen) < 0.5).to(self.device)
+                xs = torch.where(flip[:, None, None, None], xs.flip(3), xs)
+            last = i == n_micro - 1
+            with contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync():
+                loss, rec = self.compute_loss(xs, ys, gen, dev_gen)
+                self.scaler.scale(loss * (len(xs) / self.local_batch)).backward()
+            records.append(rec)
+            losses.append(loss.detach().float().reshape(1))
+        loss_sum = torch.cat(losses).sum()
+        if self.world > 1:
+            loss_sum = dist.all_gather_cat(loss_sum.reshape(1)).sum()
+        took = self._optimize(loss_sum)
+        t = torch.cat([r.pop("t") for r in records])
+        terms = {k: torch.cat([r[k] for r in records]).float() for k in records[0]}
+        if self.world > 1:
+            stacked = dist.all_gather_cat(torch.stack([t.float(), *terms.values()], dim=1))
+            t = stacked[:, 0].long()
+            terms = dict(zip(terms, stacked[:, 1:].unbind(1)))
+        self.record(t, terms)
+        return took
+
+    def _diverged(self, what: str) -> TrainingError:
+        record = ckpt.latest_checkpoint(self.out)
+        kept = (
+            f"the last good checkpoint (step {record['step']}) is kept in {self.out}"
+            if record
+            else "no checkpoint was written yet"
+        )
+        return TrainingError(f"training diverged at step {self.step + 1}: {what}; {kept}; try a lower --lr")
+
+    def _optimize(self, loss_sum: torch.Tensor | None = None) -> bool:
+        """Clip and step; stop the run (before touching the weights) at a non-finite loss or
+        gradient. One host sync: the finiteness of the loss and of the unscaled gradient norm."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        fp16 = self.scaler.is_enabled()
+        if fp16:
+            self.scaler.unscale_(self.opt)
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        loss_ok, norm_ok = (
+            torch.isfinite(torch.stack([loss_sum.to(norm), norm])).tolist()
+            if loss_sum is not None
+            else (True, bool(torch.isfinite(norm)))
+        )
+        if not loss_ok:
+            raise self._diverged("the loss is not finite")
+        # A non-finite gradient is an fp16 overflow for the scaler to handle (skip the step, lower
+        # the scale), unless it keeps happening; in fp32/bf16 it ends the run.
+        found_inf = not norm_ok
+        if fp16:
+            self.skipped = self.skipped + 1 if found_inf else 0
+            if self.skipped >= MAX_SKIPPED_STEPS:
+                raise self._diverged(f"the fp16 loss scaler skipped {self.skipped} steps in a row")
+        elif found_inf:
+            raise self._diverged("the gradient is not finite")
+        if found_inf:
+            self.opt.zero_grad(set_to_none=True)
+        else:
+            self.opt.step()  # the gradients are unscaled already (GradScaler.step would sync again)
+            self.ema.update(self.model, self.step)
+            self.meter.add("grad_norm", norm)
+        if fp16:
+            self.scaler.update()  # backs off on the overflow unscale_ recorded, grows otherwise
+            self.meter.add("skipped", float(found_inf))
+        self.meter.add("lr", self.opt.param_groups[0]["lr"])
+        return not found_inf
+
+    # -- loop --------------------------------------------------------------------------------
+    def run(self) -> None:
+        cfg = self.config
+        main = dist.is_main()
+        if cfg.resume:
+            self.resume()
+        sampler = ShardedSampler(
+            len(self.dataset), cfg.batch_size, self.rank, self.world, cfg.seed, self.step
+        )
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=cfg.num_workers > 0,
+        )
+        batches = iter(loader)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc=f"train {self.kind}",
+            dynamic_ncols=True,
+            disable=not (cfg.progress and main),
+        )
+        self._last_log = (time.time(), self.step)
+        try:
+            while self.step < cfg.max_steps:
+                x, y = next(batches)
+                self.run_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                self.step += 1
+                bar.update(1)
+                done = self.step == cfg.max_steps
+                if self.step % cfg.log_every == 0 or done:
+                    self.log(bar)
+                if (cfg.save_every and self.step % cfg.save_every == 0) or done:
+                    self.save()
+                self.after_step()
+        finally:
+            bar.close()
+        if main:
+            plot_losses(self.out / "log.jsonl", self.out / "loss.png")
+        dist.barrier()
+
+    def log(self, bar) -> None:
+        row = self.meter.flush()
+        now = time.time()
+        then, step0 = self._last_log
+        self._last_log = (now, self.step)
+        if not dist.is_main():
+            return
+        row = {
+            "step": self.step,
+            "samples": self.step * self.config.batch_size,
+            "samples_per_sec": (self.step - step0) * self.config.batch_size / max(now - then, 1e-9),
+            **row,
+        }
+        if self.scaler.is_enabled():
+            row["loss_scale"] = self.scaler.get_scale()
+        self.append_log(row)
+        brief = {k: row[k] for k in ("loss", "mse", "vb", "acc@1") if isinstance(row.get(k), float)}
+        bar.set_postfix({k: f"{v:.4g}" for k, v in brief.items()})
+        text = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+        bar.write(text)
+
+    def append_log(self, row: dict) -> None:
+        """One JSON line; non-finite numbers become null (bare NaN is not JSON)."""
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        path = self.out / "log.jsonl"
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+        except OSError as e:
+            raise _write_error(e, path) from None
+
+    def save(self) -> None:
+        if not dist.is_main():
+            return
+        try:
+            self._save()
+        except OSError as e:
+            raise _write_error(e, self.out) from None
+        if self.config.keep_last > 0:
+            ckpt.prune_checkpoints(self.out, self.config.keep_last)
+
+    def _save(self) -> None:
+        cfg = self.config
+        state = {
+            "step": self.step,
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt.capture_rng(),
+            "data": {
+                "seed": cfg.seed,
+                "step": self.step,
+                "global_batch": cfg.batch_size,
+                "fingerprint": self.data_fingerprint(),
+            },
+            "config": asdict(cfg),
+            **self.extra_state(),
+        }
+        emas = {r: self.ema.state_dict(self.model, r) for r in self.ema.rates}
+        ckpt.save_checkpoint(self.out, self.step, self.model.state_dict(), emas, state, self.metadata())
+
+    def resume(self) -> None:
+        """Load the newest checkpoint in ``out`` (none: start fresh) with everything it holds."""
+        record = ckpt.latest_checkpoint(self.out)
+        if record is None:
+            if dist.is_main():
+                tqdm.write(f"no checkpoint in {self.out}; starting from step 0")
+            return
+        step, model_sd, emas, state = ckpt.load_checkpoint(self.out, record)
+        self.check_resume(state)
+        self.model.load_state_dict(model_sd)
+        for rate in self.ema.rates:
+            self.ema.load(rate, emas[ckpt.ema_name(rate)])
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(_scaler_state(state["scaler"]))
+        self.load_extra_state(state)
+        ckpt.restore_rng(state["rng"])
+        self.step = step
+        if dist.is_main():
+            try:
+                truncate_log(self.out / "log.jsonl", step)
+            except OSError as e:
+                raise _write_error(e, self.out / "log.jsonl") from None
+
+    def data_fingerprint(self) -> dict:
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = fingerprint(self.dataset)
+        return self._fingerprint
+
+    def check_resume(self, state: dict) -> None:
+        """Refuse, naming each difference, what would break the promised bit-exact continuation."""
+        old, new = state["config"], asdict(self.config)
+        old["ema"], new["ema"] = tuple(old.get("ema", ())), tuple(new["ema"])
+        diffs = [
+            f"flag {k} {old['flags'].get(k)!r} vs {new['flags'].get(k)!r}"
+            for k in sorted(set(old["flags"]) | set(new["flags"]))
+            if old["flags"].get(k) != new["flags"].get(k)
+        ]
+        names = {"batch_size": "batch size", "ema": "EMA rates"}
+        diffs += [
+            f"{names.get(k, k)} {old.get(k)!r} vs {new[k]!r}"
+            for k in RESUME_KEYS
+            if old.get(k, new[k]) != new[k]
+        ]
+        was = state.get("data", {}).get("fingerprint")
+        if was is not None and was != self.data_fingerprint():
+            now = self.data_fingerprint()
+            diffs.append(
+                f"data ({was['count']} items vs {now['count']})"
+                if was["count"] != now["count"]
+                else "data (same count, other content)"
+            )
+        if diffs:
+            raise TrainingError(
+                f"cannot resume {self.out}: it was trained with other settings: {'; '.join(diffs)}"
+            )
