@@ -1,8 +1,9 @@
 """Measure the bundled MNIST model's samples with the independent CNN (training/README.md).
 
 For each sampler and guidance setting: the fraction of samples the CNN reads as the requested
-digit (class match) and the Frechet distance between the CNN's features of the samples and of
-the held-out digits. Samples are quantised to uint8 exactly as `fastdiff sample` saves them.
+digit (class match) and what `fastdiff evaluate mnist SAMPLES.npz` reports against the held-out
+digits on the CNN's features (FID = the Frechet distance, sFID, IS, precision, recall). Samples
+are quantised to uint8 exactly as `fastdiff sample` saves them.
 
     python training/evaluate_bundled.py --num-samples 500 --out training/eval.json
     python training/evaluate_bundled.py --table     # the README's markdown table from eval.json
@@ -23,9 +24,11 @@ import torch
 from fastdiff.cli.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL, load_classifier, load_diffusion_model
 from fastdiff.cli.sample import respacing_for
 from fastdiff.diffusion import sample
-from fastdiff.evaluation.networks import BUNDLED_CNN
+from fastdiff.evaluation.networks import BUNDLED_CNN, load_mnist_features
+from fastdiff.evaluation.npz import from_array
+from fastdiff.evaluation.scores import evaluate
 from fastdiff.imageio import to_uint8
-from fastdiff.training.evaluate import evaluate_samples, load_mnist_cnn
+from fastdiff.training.data import get_mnist
 
 HERE = Path(__file__).resolve().parent
 SAMPLERS = {
@@ -81,7 +84,9 @@ def main():
     device = torch.device("cpu")
     loaded = load_diffusion_model(preset=None, flag_string=None, checkpoint=args.model, device=device)
     clf = load_classifier(args.classifier, preset=None, flag_string=None, image_size=32, device=device)
-    cnn = load_mnist_cnn(args.cnn)
+    net = load_mnist_features(args.cnn)
+    val = get_mnist("val")
+    reference = from_array(val.images, "held-out digits", val.labels)
     labels = torch.arange(args.num_samples) % 10
     scales = [float(s) for s in args.scales.split(",") if s]
     cfg = [float(s) for s in args.cfg_scales.split(",") if s]
@@ -111,10 +116,12 @@ def main():
                 )
                 images.append(to_uint8(x))
             images = np.concatenate(images)
+            scores = evaluate(reference, from_array(images, name, labels.numpy()), net).to_dict()
             row = {
                 "sampler": name,
                 "guidance": guidance,
-                **evaluate_samples(images, labels.numpy(), cnn, reference="val"),
+                "frechet_distance": scores["fid"],
+                **{k: scores[k] for k in ("class_match", "sfid", "inception_score", "precision", "recall")},
                 "num_samples": args.num_samples,
                 "seconds": time.perf_counter() - start,
             }
