@@ -226,3 +226,23 @@ def test_one_class_classifier_data_is_refused(tmp_path):
     result = CliRunner().invoke(train_classifier, ["--data", path, "--out", str(tmp_path / "c")])
     _one_line(result, "at least 2 classes")
     assert ArrayDataset(np.zeros((2, 8, 8, 1), np.uint8), np.zeros(2, np.int64)).num_classes == 1
+
+
+@pytest.mark.parametrize(
+    "extra, text",
+    [
+        (["--flags", "--num_channels=x"], "bad value 'x'"),
+        (["--ema", "2"], "EMA rate 2.0"),
+        (["--preset", "nope"], "unknown preset"),
+    ],
+)
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch, extra, text):
+    _one_line(CliRunner().invoke(train, [*_args(_npz(tmp_path), tmp_path / "o"), *extra]), text)
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr("fastdiff.cli.train.DiffusionTrainer", broken)
+    result = CliRunner().invoke(train, _args(_npz(tmp_path), tmp_path / "o2", "--max-steps", "1"))
+    assert isinstance(result.exception, ValueError) and "an internal bug" in str(result.exception)
+    assert "Error: an internal bug" not in result.output

@@ -17,6 +17,7 @@ from fastdiff.cli.folders import exclusive_folder
 from fastdiff.imageio import remove_temp_files
 from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.presets import (
+    FlagError,
     classifier_defaults,
     diffusion_defaults,
     get_preset,
@@ -26,6 +27,7 @@ from fastdiff.models.presets import (
 from fastdiff.training import (
     PRECISIONS,
     ClassifierTrainer,
+    ConfigError,
     DataError,
     DiffusionTrainer,
     TrainConfig,
@@ -39,7 +41,9 @@ from fastdiff.training import (
     resolve_flags,
 )
 
-USER_ERRORS = (ValueError, DataError, CheckpointError, FileNotFoundError, TrainingError)
+# What a user can fix, shown as one line; anything else (a bare ValueError included) is a bug and
+# keeps its traceback.
+USER_ERRORS = (ConfigError, FlagError, DataError, CheckpointError, FileNotFoundError, TrainingError)
 
 
 def _flags_and_data(base: dict, kind: str, o: dict):
@@ -52,7 +56,7 @@ def _flags_and_data(base: dict, kind: str, o: dict):
     if o["preset"]:
         p = get_preset(o["preset"])
         if p.kind != kind:
-            raise ValueError(f"preset {o['preset']!r} is a {p.kind} preset, not a {kind} one")
+            raise ConfigError(f"preset {o['preset']!r} is a {p.kind} preset, not a {kind} one")
         flags.update(p.flags)
         sized = True
     if o["flag_string"]:
@@ -79,11 +83,11 @@ def _check_options(o: dict) -> None:
     """Cheap checks of the environment and options, before any data is read or model built."""
     device = o["device"] or ""
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
     if o["num_workers"] < 0:
-        raise ValueError(f"--num-workers must not be negative, got {o['num_workers']}")
+        raise ConfigError(f"--num-workers must not be negative, got {o['num_workers']}")
     if o["keep_last"] < 0:
-        raise ValueError(f"--keep-last must not be negative, got {o['keep_last']}")
+        raise ConfigError(f"--keep-last must not be negative, got {o['keep_last']}")
 
 
 @contextmanager
@@ -101,7 +105,7 @@ def locked_out(out: str):
 
 def _check_out(out: str, resume: bool) -> None:
     if not resume and latest_checkpoint(out) is not None:
-        raise ValueError(
+        raise ConfigError(
             f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out"
         )
 
@@ -239,9 +243,9 @@ def common_options(lr: float, ema: str, out: str):
 
 def _config(flags, o, **extra) -> TrainConfig:
     if o["max_steps"] < 1:
-        raise ValueError("--max-steps must be at least 1")
+        raise ConfigError("--max-steps must be at least 1")
     if o["batch_size"] < 1 or o["microbatch"] < 0:
-        raise ValueError("--batch-size must be positive and --microbatch not negative")
+        raise ConfigError("--batch-size must be positive and --microbatch not negative")
     return TrainConfig(
         flags=flags,
         out=o["out"],
@@ -304,7 +308,7 @@ def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps
         _check_out(o["out"], o["resume"])
         flags, dataset = _flags_and_data({**model_defaults(), **diffusion_defaults()}, "diffusion", o)
         if not 0 <= cfg_dropout < 1:
-            raise ValueError(f"--cfg-dropout must be in [0, 1), got {cfg_dropout}")
+            raise ConfigError(f"--cfg-dropout must be in [0, 1), got {cfg_dropout}")
         flags = resolve_flags(flags, dataset, cfg_dropout)
         config = _config(
             flags,

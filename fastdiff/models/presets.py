@@ -18,6 +18,11 @@ from torch import nn
 
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
+
+class FlagError(ValueError):
+    """A flag string, flag value or preset name a user gave is not valid (one line at the CLI)."""
+
+
 NUM_CLASSES = 1000
 
 
@@ -129,14 +134,14 @@ def _convert(name: str, text: str, default: Any) -> Any:
         if isinstance(default, float):
             return float(text)
     except ValueError as e:
-        raise ValueError(f"bad value {text!r} for --{name}: {e}") from None
+        raise FlagError(f"bad value {text!r} for --{name}: {e}") from None
     return text
 
 
 def parse_flags(text: str) -> dict[str, Any]:
     """Parse guided-diffusion flags ("--image_size 256 --class_cond True", or "--x=v") to typed values.
 
-    Only the flags present are returned; unknown names raise ValueError naming them.
+    Only the flags present are returned; unknown names raise FlagError naming them.
     """
     known = known_flags()
     tokens = shlex.split(text)
@@ -145,15 +150,15 @@ def parse_flags(text: str) -> dict[str, Any]:
     while i < len(tokens):
         tok = tokens[i]
         if not tok.startswith("--"):
-            raise ValueError(f"expected a --flag, got {tok!r}")
+            raise FlagError(f"expected a --flag, got {tok!r}")
         name, eq, value = tok[2:].partition("=")
         if not eq:
             if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
-                raise ValueError(f"flag --{name} has no value")
+                raise FlagError(f"flag --{name} has no value")
             i += 1
             value = tokens[i]
         if name not in known:
-            raise ValueError(f"unknown flag --{name}")
+            raise FlagError(f"unknown flag --{name}")
         out[name] = _convert(name, value, known[name])
         i += 1
     return out
@@ -182,7 +187,7 @@ def channel_mult_for(image_size: int, channel_mult: str | Iterable[float] = "", 
             return tuple(_number(m) for m in channel_mult.split(","))
         table = table or _CHANNEL_MULT_BY_SIZE
         if image_size not in table:
-            raise ValueError(f"unsupported image size {image_size}; pass channel_mult")
+            raise FlagError(f"unsupported image size {image_size}; pass channel_mult")
         return table[image_size]
     return tuple(channel_mult)
 
@@ -198,7 +203,7 @@ def _merge(defaults: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
     """Defaults updated by flags; names no builder knows are an error (typos), others are ignored."""
     unknown = sorted(set(flags) - set(known_flags()))
     if unknown:
-        raise ValueError(f"unknown flag(s): {', '.join(unknown)}")
+        raise FlagError(f"unknown flag(s): {', '.join(unknown)}")
     extras = _extra_defaults()
     return {**defaults, "num_classes": extras["num_classes"], "in_channels": extras["in_channels"], **flags}
 
@@ -410,7 +415,7 @@ def register_preset(preset: Preset) -> None:
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise FlagError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 

@@ -1,7 +1,14 @@
 """Training: ADM's diffusion and noisy-classifier trainers, data, checkpoints, DDP, evaluation."""
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import PRECISIONS, TrainConfig, parse_ema_rates, resolve_classifier_flags, resolve_flags
+from .config import (
+    PRECISIONS,
+    ConfigError,
+    TrainConfig,
+    parse_ema_rates,
+    resolve_classifier_flags,
+    resolve_flags,
+)
 from .data import DataError, ImageFolderDataset, ShardedSampler, get_mnist, load_dataset, load_npz
 from .ema import EMA
 from .loop import TrainingError, TrainLoop
@@ -11,6 +18,7 @@ from .trainer import ClassifierTrainer, DiffusionTrainer
 __all__ = [
     "EMA",
     "ClassifierTrainer",
+    "ConfigError",
     "DataError",
     "DiffusionTrainer",
     "ImageFolderDataset",

@@ -9,16 +9,21 @@ from .data import DataError
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+class ConfigError(ValueError):
+    """A training setting that cannot work; the CLI shows it as one line (a bare ValueError is a
+    bug and keeps its traceback)."""
+
+
 def parse_ema_rates(text) -> tuple[float, ...]:
     """ "0.9999,0.999" -> (0.9999, 0.999); empty -> no EMA."""
     parts = text if isinstance(text, (tuple, list)) else [r for r in str(text).split(",") if r.strip()]
     try:
         rates = tuple(float(r) for r in parts)
     except ValueError as e:
-        raise ValueError(f"EMA rates must be numbers like 0.9999,0.999, got {text!r}") from e
+        raise ConfigError(f"EMA rates must be numbers like 0.9999,0.999, got {text!r}") from e
     for r in rates:
         if not 0 < r < 1:
-            raise ValueError(f"EMA rate {r} is not in (0, 1)")
+            raise ConfigError(f"EMA rate {r} is not in (0, 1)")
     return rates
 
 
@@ -32,7 +37,7 @@ def resolve_flags(flags: dict, dataset, cfg_dropout: float = 0.0) -> dict:
             )
         flags["num_classes"] = dataset.num_classes + (1 if cfg_dropout > 0 else 0)
     elif cfg_dropout > 0:
-        raise ValueError("--cfg-dropout needs a class-conditional model (class_cond True)")
+        raise ConfigError("--cfg-dropout needs a class-conditional model (class_cond True)")
     return flags
 
 

@@ -33,7 +33,7 @@ from fastdiff.imageio import is_temp_file
 
 from . import checkpoint as ckpt
 from . import dist
-from .config import PRECISIONS, TrainConfig, parse_ema_rates
+from .config import PRECISIONS, ConfigError, TrainConfig, parse_ema_rates
 from .data import ShardedSampler, fingerprint
 from .ema import EMA
 from .runlog import Meter, plot_losses, truncate_log
@@ -85,15 +85,15 @@ class TrainLoop:
     def __init__(self, config: TrainConfig, dataset, model: torch.nn.Module):
         cfg = self.config = config
         if cfg.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
         self.device = dist.setup(cfg.device)
         self.rank, self.world = dist.rank(), dist.world_size()
         if cfg.batch_size % self.world:
-            raise ValueError(f"batch size {cfg.batch_size} is not divisible by {self.world} processes")
+            raise ConfigError(f"batch size {cfg.batch_size} is not divisible by {self.world} processes")
         self.local_batch = cfg.batch_size // self.world
         self.micro = cfg.microbatch if 0 < cfg.microbatch < self.local_batch else self.local_batch
         if self.local_batch % self.micro:
-            raise ValueError(
+            raise ConfigError(
                 f"per-process batch {self.local_batch} is not divisible by microbatch {self.micro}"
             )
         self.dataset = dataset

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .config import ConfigError
+
 
 class ScheduleSampler:
     """Draws ``t`` with probabilities ``weights() / sum`` and returns ``1 / (T p_t)`` loss weights,
@@ -88,4 +90,4 @@ def create_named_schedule_sampler(name: str, num_timesteps: int) -> ScheduleSamp
         return UniformSampler(num_timesteps)
     if name == "loss-second-moment":
         return LossSecondMomentResampler(num_timesteps)
-    raise ValueError(f"unknown schedule sampler {name!r}; choose uniform or loss-second-moment")
+    raise ConfigError(f"unknown schedule sampler {name!r}; choose uniform or loss-second-moment")

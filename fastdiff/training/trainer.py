@@ -22,7 +22,7 @@ from fastdiff.imageio import save_grid, to_uint8
 from fastdiff.models.presets import create_classifier, create_unet
 
 from . import dist
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .loop import TrainLoop, stream_key
 from .resample import UniformSampler, create_named_schedule_sampler
 from .runlog import Meter
@@ -43,9 +43,9 @@ class DiffusionTrainer(TrainLoop):
         )
         self.class_cond = bool(flags.get("class_cond"))
         if config.cfg_dropout and not self.class_cond:
-            raise ValueError("--cfg-dropout needs a class-conditional model (class_cond True)")
+            raise ConfigError("--cfg-dropout needs a class-conditional model (class_cond True)")
         if not 0 <= config.cfg_dropout < 1:
-            raise ValueError(f"cfg dropout must be in [0, 1), got {config.cfg_dropout}")
+            raise ConfigError(f"cfg dropout must be in [0, 1), got {config.cfg_dropout}")
         self.null_label = flags["num_classes"] - 1 if config.cfg_dropout > 0 else None
         self._sample_model = None
 
