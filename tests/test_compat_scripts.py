@@ -179,6 +179,31 @@ def test_loops_draw_as_the_original(loop, kwargs):
         assert torch.equal(torch.randn(1), _draws_after(3, shape, 0))
 
 
+def test_an_engine_step_serves_every_batch(monkeypatch):
+    """FASTDIFF_GD_ENGINE: the engine's step is built once for a script's batches (labels copied
+    into its buffers), with the eager loop's samples and random stream."""
+    model, d = gd.create_model_and_diffusion(**{**TINY, "timestep_respacing": "ddim2"})
+    model.eval()
+
+    def cond_fn(x, t, y=None):
+        return 0.01 * torch.sin(x) * y.view(-1, 1, 1, 1)
+
+    def batches(engine):
+        monkeypatch.setenv(gd.ENGINE_ENV, engine)
+        torch.manual_seed(2)
+        out = []
+        for labels in ([1, 2], [3, 4]):
+            y = torch.tensor(labels)
+            out.append(d.ddim_sample_loop(model, (2, 3, 32, 32), model_kwargs={"y": y}, cond_fn=cond_fn))
+            out.append(d._cache.get("compat-engine", (None,) * 5)[4])
+        return out + [torch.randn(1)]
+
+    eager, parallel = batches("eager"), batches("parallel")
+    assert parallel[1] is not None and parallel[1] is parallel[3]  # one engine step for both batches
+    for a, b in zip(eager[::2], parallel[::2], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_calc_bpd_loop_terms():
     model, d = gd.create_model_and_diffusion(**{**TINY, "timestep_respacing": "3"})
     model.eval()

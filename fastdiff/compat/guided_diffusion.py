@@ -93,6 +93,37 @@ class SpacedDiffusion(GaussianDiffusion):
         )
         return step, rule
 
+    def _engine_step(self, engine, sampler, model, x, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta):
+        """The engine's step, reused by the next loop of the same model, guidance and batch shape:
+        the keyword tensors (labels, low_res) are copied into its buffers, so a script's batches
+        compile or capture once, as ``fastdiff.Sampler`` does per batch size."""
+        from ..engines import build_engine
+
+        def layout(kwargs):
+            # Other values are baked into the step: the same objects only (the buffers keep them alive).
+            return {
+                k: (v.shape, v.dtype, v.device) if torch.is_tensor(v) else id(v) for k, v in kwargs.items()
+            }
+
+        users = (model, cond_fn, denoised_fn)
+        setting = (engine, sampler, float(eta), bool(clip_denoised), x.shape, x.dtype, x.device)
+        cached = self._cache.get("compat-engine")
+        if cached is not None:
+            c_users, c_setting, c_layout, buffers, run, rule = cached
+            same_users = all(a is b for a, b in zip(c_users, users, strict=True))
+            if same_users and c_setting == setting and c_layout == layout(model_kwargs):
+                for k, buf in buffers.items():
+                    if torch.is_tensor(buf):
+                        buf.copy_(model_kwargs[k])
+                return run, rule
+        buffers = {k: v.clone() if torch.is_tensor(v) else v for k, v in model_kwargs.items()}
+        step, rule = self._step(sampler, model, x, clip_denoised, denoised_fn, cond_fn, buffers, eta)
+        step.prepare(x)
+        run = build_engine(engine, step, x.device)
+        # One entry: a diffusion object keeps at most one compiled or captured step alive.
+        self._cache["compat-engine"] = (users, setting, layout(model_kwargs), buffers, run, rule)
+        return run, rule
+
     def _one_step(self, sampler, model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta):
         step, rule = self._step(sampler, model, x, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta)
         noise = _draw_like(x)
@@ -139,17 +170,19 @@ class SpacedDiffusion(GaussianDiffusion):
         progress,
         eta=0.0,
     ) -> Iterator[dict]:
-        from ..engines import build_engine
-
         if not isinstance(shape, tuple | list):
             raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
         if device is None:
             device = _model_device(model)
         x = noise if noise is not None else torch.randn(*shape, device=device)
-        step, rule = self._step(sampler, model, x, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta)
-        step.prepare(x)
         engine = loop_engine(x.device)
-        run = build_engine(engine, step, x.device)
+        if engine == "eager":
+            run, rule = self._step(sampler, model, x, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta)
+            run.prepare(x)
+        else:
+            run, rule = self._engine_step(
+                engine, sampler, model, x, clip_denoised, denoised_fn, cond_fn, model_kwargs or {}, eta
+            )
 
         def every_step_draws(x, t, noise, state):
             if noise is None:
