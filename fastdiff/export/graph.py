@@ -1,0 +1,277 @@
+"""The guided denoiser as one autograd-free graph: the UNet and the classifier's input gradient.
+
+``GuidedDenoiser`` computes, for a batch, what every sampler needs from the networks: the raw
+model output (classifier-free guidance already mixed in) and ``scale * d/dx log p(y | x_t)``.
+DDPM shifts its mean by variance * gradient and DDIM / DPM-Solver++ shift eps by
+sqrt(1 - alpha_bar) * gradient (gaussian.py ``condition_mean`` / ``condition_score``), so that
+boundary serves all samplers and keeps the process tables out of the graph.
+
+The gradient is turned into ordinary ops by tracing the forward *and* autograd's backward with
+``make_fx`` (symbolic batch), with the backward ops the ONNX translator lacks decomposed here:
+a convolution's input gradient is a transposed convolution, an average pool's an upsample.
+The traced graph then exports like any forward-only module.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastdiff.diffusion.guidance import ClassifierFreeGuidance
+from fastdiff.engines.sampler import _InDtype
+from fastdiff.ops.ada_group_norm.module import AdaGroupNormSiLU, GroupNorm
+from fastdiff.ops.ada_group_norm.reference import ada_group_norm_reference
+from fastdiff.ops.attention.module import _HeadAttention
+from fastdiff.ops.attention.reference import split_heads
+
+aten = torch.ops.aten
+
+GUIDANCE_KINDS = ("none", "classifier", "cfg", "classifier+cfg")
+
+
+def guidance_kind(classifier: bool, cfg: bool) -> str:
+    return GUIDANCE_KINDS[int(classifier) + 2 * int(cfg)]
+
+
+# ------------------------------------------------------------------ export forms of the ops
+
+
+def matmul_attention(qkv: Tensor, num_heads: int, order: str) -> Tensor:
+    """ADM attention as matmul -> softmax -> matmul with d**-1/4 folded into q and k (the form
+    TensorRT fuses into one attention kernel); same numbers as ``attention_reference``."""
+    q, k, v = split_heads(qkv, num_heads, order)  # [B*H, d, T]
+    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
+    weight = torch.matmul((q * scale).transpose(1, 2), k * scale)  # [B*H, T, T]
+    weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
+    return torch.matmul(v, weight.transpose(1, 2)).reshape(qkv.shape[0], -1, qkv.shape[2])
+
+
+def _attention_forward(module: _HeadAttention):
+    return lambda qkv: matmul_attention(qkv, module.n_heads, module.order)
+
+
+def _group_norm_forward(module: GroupNorm):
+    # The plain PyTorch chain (F.group_norm: InstanceNormalization form in ONNX), never a kernel.
+    def forward(x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+        args = (module.weight, module.bias, scale, shift, module.eps, module.activation)
+        return ada_group_norm_reference(x, module.num_groups, *args)
+
+    return forward
+
+
+def export_form(net: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A copy of ``net`` on the CPU in ``dtype``, eval, without parameter gradients, whose fused
+    ops run as the plain tensor math an exporter translates (the original is left untouched)."""
+    net = copy.deepcopy(net).to(device="cpu", dtype=dtype).eval().requires_grad_(False)
+    for m in net.modules():
+        if isinstance(m, _HeadAttention):
+            m.forward = _attention_forward(m)
+        elif isinstance(m, (GroupNorm, AdaGroupNormSiLU)):
+            m.forward = _group_norm_forward(m)
+    return net
+
+
+# ------------------------------------------------------------------ backward decompositions
+
+
+def _convolution_backward(
+    grad_output, input, weight, _bias_sizes, stride, padding, dilation, transposed, _out_pad, groups, mask
+):
+    """Input gradient of a convolution: the transposed convolution with the same weight (the
+    weights are constants here, so their gradients are never asked for)."""
+    if transposed or mask[1] or mask[2]:
+        raise NotImplementedError("export traces input gradients of plain convolutions only")
+    nd = input.dim() - 2
+    k = weight.shape[2:]
+    # The rows a strided convolution skipped at the end come back as output padding.
+    extra = [
+        input.shape[2 + i]
+        - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1)
+        for i in range(nd)
+    ]
+    transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+    return transpose(grad_output, weight, None, stride, padding, extra, groups, dilation), None, None
+
+
+def _avg_pool2d_backward(
+    grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+):
+    """Average pooling with kernel == stride (ADM's downsampler): the gradient is a nearest
+    upsample divided by the window, zero where the floor mode dropped rows."""
+    kh, kw = kernel_size if len(kernel_size) == 2 else (kernel_size[0], kernel_size[0])
+    stride = tuple(stride) or (kh, kw)
+    if len(stride) == 1:
+        stride = (stride[0], stride[0])
+    if tuple(stride) != (kh, kw) or any(padding) or ceil_mode:
+        raise NotImplementedError("export traces average pools with kernel == stride and no padding")
+    grad = F.interpolate(grad_output, scale_factor=(kh, kw), mode="nearest") / (divisor_override or kh * kw)
+    h, w = input.shape[-2:]
+    if grad.shape[-2:] != (h, w):
+        grad = F.pad(grad, (0, w - grad.shape[-1], 0, h - grad.shape[-2]))
+    return grad
+
+
+def _adaptive_avg_pool2d_backward(grad_output, input):
+    """Global average pooling (output 1x1): the gradient spread evenly over the input."""
+    if tuple(grad_output.shape[-2:]) != (1, 1):
+        raise NotImplementedError("export traces adaptive average pools to 1x1 only")
+    h, w = input.shape[-2:]
+    return grad_output.expand(input.shape) / (h * w)
+
+
+def decompositions() -> dict:
+    """The table ``make_fx`` traces the gradient with: backward ops in ops the exporter knows."""
+    from torch._decomp import get_decompositions
+
+    table = get_decompositions(
+        [
+            aten.native_group_norm_backward,
+            aten.silu_backward,
+            aten.sigmoid_backward,
+            aten.threshold_backward,
+            aten._softmax_backward_data,
+            aten._log_softmax_backward_data,
+        ]
+    )
+    table[aten.convolution_backward.default] = _convolution_backward
+    table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
+    table[aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool2d_backward
+    return table
+
+
+# ------------------------------------------------------------------ the denoiser
+
+
+def classifier_gradient(classifier: nn.Module, x: Tensor, t: Tensor, y: Tensor, scale: Tensor) -> Tensor:
+    """scale * d/dx log_softmax(classifier(x, t))[y], as ClassifierGuidance, with the label picked
+    by a one-hot product: indexing by ``arange(len(x))`` would fix the traced batch size, and the
+    product's backward is a multiply where the index's is a scatter."""
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        log_probs = F.log_softmax(classifier(x_in, t), dim=-1)
+        classes = torch.arange(log_probs.shape[1], device=y.device)
+        one_hot = (y.view(-1, 1) == classes.view(1, -1)).to(log_probs.dtype)
+        gradient = torch.autograd.grad((log_probs * one_hot).sum(), x_in)[0]
+    return gradient * scale
+
+
+@dataclass(frozen=True)
+class DenoiserSignature:
+    """Which inputs and outputs a guided denoiser graph has, by name, in order."""
+
+    class_cond: bool
+    classifier: bool
+    cfg: bool
+
+    @property
+    def guidance(self) -> str:
+        return guidance_kind(self.classifier, self.cfg)
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.class_cond or self.classifier or self.cfg
+
+    @property
+    def inputs(self) -> list[str]:
+        names = ["x_t", "timestep"]
+        if self.needs_labels:
+            names.append("labels")
+        if self.classifier:
+            names.append("classifier_scale")
+        if self.cfg:
+            names.append("cfg_scale")
+        return names
+
+    @property
+    def outputs(self) -> list[str]:
+        return ["model_output", "gradient"] if self.classifier else ["model_output"]
+
+
+class GuidedDenoiser(nn.Module):
+    """(x_t, timestep[, labels][, classifier_scale][, cfg_scale]) -> (model_output[, gradient]).
+
+    ``timestep`` is the model timestep (the original step, float); ``labels`` int64; the scales
+    are scalars, so one graph serves every guidance strength. With ``null_label`` the model runs
+    classifier-free guidance (the conditional and unconditional halves as one batch).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        classifier: nn.Module | None = None,
+        null_label: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.model = export_form(model, dtype)
+        self.classifier = None if classifier is None else export_form(classifier, dtype)
+        if dtype != torch.float32:
+            self.model = _InDtype(self.model, dtype)
+            if self.classifier is not None:
+                self.classifier = _InDtype(self.classifier, dtype)
+        self.class_cond = getattr(model, "num_classes", None) is not None
+        if null_label is not None and not self.class_cond:
+            raise ValueError("classifier-free guidance needs a class-conditional model")
+        self.cfg = None if null_label is None else ClassifierFreeGuidance(self.model, 1.0, null_label)
+        self.signature = DenoiserSignature(self.class_cond, classifier is not None, null_label is not None)
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        named = dict(zip(self.signature.inputs, inputs))
+        x, t, y = named["x_t"], named["timestep"], named.get("labels")
+        if self.cfg is not None:
+            self.cfg.scale = named["cfg_scale"]  # a graph input, not a traced constant
+            out = self.cfg(x, t, y=y)
+        else:
+            out = self.model(x, t, y=y) if self.class_cond else self.model(x, t)
+        if self.classifier is None:
+            return (out,)
+        return out, classifier_gradient(self.classifier, x, t, y, named["classifier_scale"])
+
+
+def example_inputs(signature: DenoiserSignature, image_shape: Sequence[int], batch: int = 2, seed: int = 0):
+    """Inputs of a denoiser graph for a batch (tracing, validation): noise, spread timesteps,
+    labels 0..n-1, scales 1.5."""
+    g = torch.Generator().manual_seed(seed)
+    values = {
+        "x_t": torch.randn(batch, *image_shape, generator=g),
+        "timestep": torch.linspace(10.0, 900.0, batch).round(),
+        "labels": torch.arange(batch) % 2,
+        "classifier_scale": torch.tensor(1.5),
+        "cfg_scale": torch.tensor(1.5),
+    }
+    return tuple(values[name] for name in signature.inputs)
+
+
+def trace(denoiser: GuidedDenoiser, inputs: Sequence[Tensor]) -> torch.fx.GraphModule:
+    """The denoiser's forward and the classifier's backward as one graph of forward ops, with a
+    symbolic batch (so the exported graph takes any batch size)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    # The networks' weights enter as constants: only the inputs are symbolic.
+    with torch.no_grad():
+        tracer = make_fx(
+            denoiser,
+            decomposition_table=decompositions(),
+            tracing_mode="symbolic",
+            _allow_non_fake_inputs=True,
+        )
+        return tracer(*inputs)
+
+
+__all__ = [
+    "GUIDANCE_KINDS",
+    "DenoiserSignature",
+    "GuidedDenoiser",
+    "classifier_gradient",
+    "decompositions",
+    "example_inputs",
+    "export_form",
+    "matmul_attention",
+    "trace",
+]
