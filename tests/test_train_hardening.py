@@ -161,6 +161,33 @@ def test_torn_log_line_is_tolerated_on_resume(tmp_path):
     assert [json.loads(r)["step"] for r in log.read_text().splitlines()] == [1, 2]
 
 
+def test_fresh_start_drops_a_killed_runs_log(tmp_path):
+    """A run killed before its first checkpoint leaves log rows (and maybe a torn line); starting
+    again without --resume must not append to them."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')
+    assert CliRunner().invoke(train, _args(_npz(tmp_path), out, "--max-steps", "2")).exit_code == 0
+    rows = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] != 9.0
+
+
+def test_full_disk_writing_the_log_is_one_line(tmp_path, monkeypatch):
+    import builtins
+
+    from fastdiff.training import loop
+
+    def open_full(path, *args, **kwargs):
+        if str(path).endswith("log.jsonl") and args[:1] == ("a",):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "open", open_full, raising=False)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(train, _args(_npz(tmp_path), out, "--max-steps", "1"))
+    _one_line(result, f"no space left on device writing {out / 'log.jsonl'}")
+
+
 def test_full_disk_is_one_line(tmp_path, monkeypatch):
     out = tmp_path / "run"
 

@@ -243,6 +243,13 @@ class TrainLoop:
         main = dist.is_main()
         if cfg.resume:
             self.resume()
+        if main:
+            # Rows past the starting step are about to be redone (a resume), or are a killed run's
+            # that never saved a checkpoint (a fresh start): either way they go, with torn lines.
+            try:
+                truncate_log(self.out / "log.jsonl", self.step)
+            except OSError as e:
+                raise _write_error(e, self.out / "log.jsonl") from None
         sampler = ShardedSampler(
             len(self.dataset), cfg.batch_size, self.rank, self.world, cfg.seed, self.step
         )
@@ -358,11 +365,6 @@ class TrainLoop:
         self.load_extra_state(state)
         ckpt.restore_rng(state["rng"])
         self.step = step
-        if dist.is_main():
-            try:
-                truncate_log(self.out / "log.jsonl", step)
-            except OSError as e:
-                raise _write_error(e, self.out / "log.jsonl") from None
 
     def data_fingerprint(self) -> dict:
         if not hasattr(self, "_fingerprint"):
