@@ -7,7 +7,6 @@ import torch
 
 from fastdiff.models import (
     PRESETS,
-    Preset,
     build_preset,
     classifier_defaults,
     create_classifier,
@@ -18,7 +17,6 @@ from fastdiff.models import (
     model_defaults,
     parse_flags,
     preset_flags,
-    register_preset,
     sr_defaults,
 )
 from fastdiff.models.presets import channel_mult_for
@@ -190,14 +188,13 @@ def test_every_preset_builds(name):
         assert model.input_blocks[0][0].out_channels == 128  # channel_mult 0.5 * 256
 
 
-def test_register_preset():
-    tiny = Preset("tiny-test", "diffusion", {"image_size": 32, "num_channels": 32}, "test only")
-    register_preset(tiny)
-    try:
-        assert build_preset("tiny-test", num_res_blocks=1).image_size == 32
-        with pytest.raises(ValueError, match="already exists"):
-            register_preset(tiny)
-    finally:
-        del PRESETS["tiny-test"]
-    with pytest.raises(ValueError, match="kind"):
-        register_preset(Preset("x", "vae", {}))
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_printed_flags_read_back(name):
+    """`fastdiff presets NAME` prints what `--flags` (and guided-diffusion's argparse) reads back."""
+    from click.testing import CliRunner
+
+    from fastdiff.cli.presets import presets_command
+
+    result = CliRunner().invoke(presets_command, [name])
+    assert result.exit_code == 0, result.output
+    assert parse_flags(result.output) == get_preset(name).flags

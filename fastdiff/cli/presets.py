@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import click
 
 from fastdiff.models.presets import PRESETS, get_preset
@@ -20,4 +22,5 @@ def presets_command(name):
         p = get_preset(name)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(" ".join(f"--{k} {v}" for k, v in p.flags.items()))
+    # Quoted, so an empty value (channel_mult: the size's default) reads back through --flags.
+    click.echo(" ".join(f"--{k} {shlex.quote(str(v))}" for k, v in p.flags.items()))

@@ -14,7 +14,6 @@ from .presets import (
     model_defaults,
     parse_flags,
     preset_flags,
-    register_preset,
     sr_defaults,
 )
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
@@ -39,7 +38,6 @@ __all__ = [
     "parse_flags",
     "preset_flags",
     "read_metadata",
-    "register_preset",
     "save_weights",
     "sr_defaults",
 ]

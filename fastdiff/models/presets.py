@@ -404,15 +404,6 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def register_preset(preset: Preset) -> None:
-    """Add a preset (e.g. one a training recipe defines); names must be new."""
-    if preset.kind not in _BUILDERS:
-        raise ValueError(f"unknown preset kind {preset.kind!r}; choose one of: {', '.join(_BUILDERS)}")
-    if preset.name in PRESETS:
-        raise ValueError(f"preset {preset.name!r} already exists")
-    PRESETS[preset.name] = preset
-
-
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise FlagError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
