@@ -67,8 +67,8 @@ class LoadedModel:
         return self.metadata.get("null_label")
 
     @property
-    def num_classes(self) -> int | None:
-        """Real classes: a classifier-free-guidance model's null label is not one of them."""
+    def num_real_classes(self) -> int | None:
+        """Classes to sample: a classifier-free-guidance model's null label is not one of them."""
         if self.null_label is not None:
             return int(self.null_label)
         n = getattr(self.model, "num_classes", None)
@@ -218,9 +218,9 @@ def check_classifier(model: LoadedModel, clf: LoadedModel) -> None:
         raise click.ClickException(
             f"the classifier takes {clf.in_channels}-channel images, the model makes {model.in_channels}"
         )
-    if model.class_cond and clf.num_classes != model.num_classes:
+    if model.class_cond and clf.num_real_classes != model.num_real_classes:
         raise click.ClickException(
-            f"the classifier has {clf.num_classes} classes, the model {model.num_classes}"
+            f"the classifier has {clf.num_real_classes} classes, the model {model.num_real_classes}"
         )
 
 

@@ -559,7 +559,9 @@ def sample_command(
                 "--cfg-scale needs a model trained with a null label (classifier-free guidance)"
             )
         num_classes = (
-            loaded.num_classes if loaded.class_cond else (clf.num_classes if clf is not None else None)
+            loaded.num_real_classes
+            if loaded.class_cond
+            else (clf.num_real_classes if clf is not None else None)
         )
         labels = parse_classes(classes, num_classes, num_samples, seed)
         plan = Plan(
