@@ -17,6 +17,7 @@ class LazyGroup(click.Group):
         "train": ("fastdiff.cli.train", "train"),
         "train-classifier": ("fastdiff.cli.train", "train_classifier"),
         "evaluate": ("fastdiff.cli.evaluate", "evaluate_command"),
+        "export": ("fastdiff.cli.export", "export_command"),
         "nearest": ("fastdiff.cli.nearest", "nearest_command"),
         "gd-run": ("fastdiff.cli.gd_run", "gd_run_command"),
     }
@@ -25,6 +26,7 @@ class LazyGroup(click.Group):
         "presets": "List the model presets, or print one preset's flags as a guided-diffusion flag string.",
         "train": "Train an ADM diffusion model (hybrid loss with learned sigma, EMA, AdamW).",
         "train-classifier": "Train ADM's noisy-image classifier (for classifier guidance).",
+        "export": "Export the classifier-guided denoiser for inference runtimes (ONNX, TensorRT).",
         "evaluate": "Score samples against a reference batch: FID, sFID, Inception Score, precision, recall.",
         "nearest": "Memorisation check: each sample's nearest training images, flagged near-copies.",
         "gd-run": "Run a guided-diffusion SCRIPT with its own ARGS on fastdiff, unedited.",

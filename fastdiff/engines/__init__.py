@@ -9,7 +9,9 @@ which one runs:
 - ``compile``: ``torch.compile`` of the whole step (not only the network);
 - ``graph``: the whole step captured once into a CUDA graph and replayed (CUDA only);
 - ``parallel``: the step's batch split over the CPU threads, one core per slice (CPU only);
-- ``trt``: TensorRT, behind one clear error where it is not installed.
+- ``onnx``: the guided denoiser exported to ONNX (fastdiff.export) run by onnxruntime;
+- ``trt``: a TensorRT engine built from that ONNX graph, behind one clear error where TensorRT is
+  not installed.
 """
 
 from __future__ import annotations
@@ -51,12 +53,29 @@ def _parallel(step, device: torch.device) -> StepFn:
     return BatchParallelStep(step, torch.get_num_threads())
 
 
+def _onnx(step, device: torch.device) -> StepFn:
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EngineError(f"engine 'onnx': {', '.join(missing)} not installed (pip install 'fastdiff[onnx]')")
+    if step is None:
+        return None
+    from fastdiff.export import ExportError
+    from fastdiff.export.onnx_runtime import onnx_engine
+
+    try:
+        return onnx_engine(step, device)
+    except ExportError as e:
+        raise EngineError(str(e)) from None
+
+
 def _trt(step, device: torch.device) -> StepFn:
-    if importlib.util.find_spec("tensorrt") is None:
-        raise EngineError(
-            "engine 'trt': TensorRT not installed (pip install 'fastdiff[trt]' on a CUDA machine)"
-        )
-    raise EngineError("engine 'trt' needs an exported engine (fastdiff export trt), which this version lacks")
+    from fastdiff.export import ExportError
+    from fastdiff.export.tensorrt_engine import trt_engine
+
+    try:
+        return trt_engine(step, device)
+    except ExportError as e:
+        raise EngineError(str(e)) from None
 
 
 ENGINES: dict[str, Callable[..., StepFn]] = {
@@ -64,6 +83,7 @@ ENGINES: dict[str, Callable[..., StepFn]] = {
     "compile": _compile,
     "graph": _graph,
     "parallel": _parallel,
+    "onnx": _onnx,
     "trt": _trt,
 }
 
@@ -86,8 +106,8 @@ def check_engine(name: str, device: torch.device) -> None:
         _graph(None, torch.device(device))
     if name == "parallel" and torch.device(device).type != "cpu":
         _parallel(None, torch.device(device))
-    if name == "trt":
-        _trt(None, torch.device(device))
+    if name in ("onnx", "trt"):
+        ENGINES[name](None, torch.device(device))
 
 
 def build_engine(name: str, step, device: torch.device) -> StepFn:

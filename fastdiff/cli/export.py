@@ -1,0 +1,114 @@
+"""``fastdiff export onnx|trt``: the guided denoiser as an ONNX file, and a TensorRT engine from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.group("export")
+def export_command():
+    """Export the classifier-guided denoiser for inference runtimes (ONNX, TensorRT)."""
+
+
+def _fail(e: Exception) -> click.ClickException:
+    return click.ClickException(" ".join(str(e).split()))
+
+
+@export_command.command("onnx")
+@click.option("--preset", default=None, help="Model preset (a fastdiff .safetensors needs none).")
+@click.option("--flags", "flag_string", default=None, help="guided-diffusion flag string over the preset.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Model weights.")
+@click.option(
+    "--classifier",
+    default=None,
+    help="Classifier checkpoint whose input gradient goes into the graph ('bundled': the MNIST one).",
+)
+@click.option("--cfg", is_flag=True, help="Classifier-free guidance: both halves in one batch.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write into.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--max-batch", type=int, default=4096, show_default=True)
+@click.option("--validate/--no-validate", default=True, show_default=True, help="Compare with PyTorch.")
+def export_onnx_command(
+    preset, flag_string, checkpoint, classifier, cfg, out, dtype, opset, max_batch, validate
+):
+    """One ONNX graph: UNet output and the classifier's input gradient (no autograd inside)."""
+    import torch
+
+    from fastdiff.cli.loading import (
+        BUNDLED_CLASSIFIER,
+        check_classifier,
+        load_classifier,
+        load_diffusion_model,
+    )
+    from fastdiff.export import ExportError, OnnxExportConfig, export_onnx
+    from fastdiff.export.validate import validate_export
+
+    try:
+        config = OnnxExportConfig(dtype=dtype, opset=opset, max_batch=max_batch)
+    except ExportError as e:
+        raise _fail(e) from None
+    if out.exists() and not out.is_dir():
+        raise click.ClickException(f"--out {out} exists and is not a folder")
+    cpu = torch.device("cpu")
+    loaded = load_diffusion_model(preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=cpu)
+    clf = None
+    if classifier is not None:
+        path = BUNDLED_CLASSIFIER if classifier == "bundled" else Path(classifier)
+        clf = load_classifier(path, preset=None, flag_string=None, image_size=loaded.image_size, device=cpu)
+        check_classifier(loaded, clf)
+    if cfg and loaded.null_label is None:
+        raise click.ClickException("--cfg needs a model trained with a null label (classifier-free guidance)")
+    null_label = loaded.null_label if cfg else None
+    kind = ("classifier" if clf else "") + ("+cfg" if cfg else "")
+    name = f"denoiser-{kind.strip('+') or 'none'}-{dtype}.onnx"
+    meta = {"preset": preset or "", "checkpoint_sha256": loaded.identity["sha256"]}
+    try:
+        result = export_onnx(
+            loaded.model,
+            out / name,
+            classifier=None if clf is None else clf.model,
+            null_label=null_label,
+            config=config,
+            metadata=meta,
+        )
+    except ExportError as e:
+        raise _fail(e) from None
+    nodes = sum(result.node_counts.values())
+    click.echo(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, {nodes} nodes)")
+    if validate:
+        report = validate_export(result.path, loaded.model, None if clf is None else clf.model, null_label)
+        click.echo(report.summary())
+        if not report.ok:
+            raise click.ClickException(f"{result.path} does not match PyTorch: {report.summary()}")
+
+
+@export_command.command("trt")
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), required=True, help="Exported graph.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write into.")
+@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
+@click.option("--min-batch", type=int, default=1, show_default=True)
+@click.option("--opt-batch", type=int, default=8, show_default=True)
+@click.option("--max-batch", type=int, default=64, show_default=True)
+def export_trt_command(onnx_path, out, precision, min_batch, opt_batch, max_batch):
+    """A TensorRT engine from an exported ONNX graph (CUDA, TensorRT 10)."""
+    from fastdiff.export import ExportError, read_export
+    from fastdiff.export.tensorrt_engine import TrtBuildConfig, build_engine, engine_key, gpu_key, tensorrt
+
+    try:
+        config = TrtBuildConfig(precision, min_batch, opt_batch, max_batch)
+        graph = read_export(onnx_path)
+        if max_batch > graph.max_batch:
+            raise ExportError(f"--max-batch {max_batch} is above the graph's maximum {graph.max_batch}")
+        trt = tensorrt()
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ExportError("building a TensorRT engine needs a CUDA GPU")
+        key = engine_key(graph, config, trt.__version__, gpu_key())
+        path = build_engine(graph, out / f"denoiser-{key}.engine", config, out / "timing.cache")
+    except ExportError as e:
+        raise _fail(e) from None
+    click.echo(f"wrote {path}")

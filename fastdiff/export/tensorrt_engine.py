@@ -1,0 +1,186 @@
+"""TensorRT engines from the exported ONNX denoiser (TensorRT 10 Python API); every tensorrt
+import of fastdiff is in this module.
+
+An engine is built once per (graph hash, TensorRT version, GPU) with fp16 or bf16 layers, one
+optimisation profile for a batch range and a timing cache beside it, and cached under that key;
+``TrtDenoiser`` runs it on torch's CUDA stream with device buffers, its call captured in a CUDA
+graph per batch size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastdiff.imageio import atomic_write
+
+from .onnx_export import ExportedGraph, ExportError, OnnxExportConfig, check_export, read_export
+
+PRECISIONS = ("fp16", "bf16", "fp32")
+
+
+def tensorrt():
+    """The tensorrt module, or one ExportError line naming the missing package."""
+    if importlib.util.find_spec("tensorrt") is None:
+        raise ExportError("TensorRT not installed: pip install 'fastdiff[trt]' (tensorrt>=10, CUDA)")
+    return importlib.import_module("tensorrt")
+
+
+@dataclass(frozen=True)
+class TrtBuildConfig:
+    """How an engine is built: layer precision, the batch profile (min <= opt <= max), workspace."""
+
+    precision: str = "fp16"
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 64
+    workspace_gib: float = 4.0
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ExportError("the batch profile needs 1 <= min <= opt <= max")
+
+
+def gpu_key(device: torch.device | None = None) -> str:
+    """The GPU an engine is tied to: its name and compute capability."""
+    props = torch.cuda.get_device_properties(device or 0)
+    return f"{props.name} sm_{props.major}{props.minor}"
+
+
+def engine_key(graph: ExportedGraph, config: TrtBuildConfig, trt_version: str, gpu: str) -> str:
+    text = f"{graph.hash}|{config}|{trt_version}|{gpu}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def profile_shapes(graph: ExportedGraph, config: TrtBuildConfig) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """(min, opt, max) shape per batch-dynamic input (the scalar scales have none)."""
+    c, h, w = graph.image_shape
+    per_sample = {"x_t": (c, h, w), "timestep": (), "labels": ()}
+    return {
+        name: tuple((b, *per_sample[name]) for b in (config.min_batch, config.opt_batch, config.max_batch))
+        for name in graph.signature.inputs
+        if name in per_sample
+    }
+
+
+def build_engine(
+    graph: ExportedGraph, out: Path, config: TrtBuildConfig, timing_cache: Path | None = None
+) -> Path:
+    """Parse the ONNX file, build a serialized engine and write it (atomically) to ``out``; the
+    timing cache is read from and written back to ``timing_cache``."""
+    trt = tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is TensorRT 10's only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(graph.path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT cannot parse {graph.path}: {errors}")
+    cfg = builder.create_builder_config()
+    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * 2**30))
+    if config.precision == "fp16":
+        cfg.set_flag(trt.BuilderFlag.FP16)
+    elif config.precision == "bf16":
+        cfg.set_flag(trt.BuilderFlag.BF16)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile_shapes(graph, config).items():
+        profile.set_shape(name, lo, opt, hi)
+    cfg.add_optimization_profile(profile)
+    cached = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    cache = cfg.create_timing_cache(cached)
+    cfg.set_timing_cache(cache, ignore_mismatch=True)
+    serialized = builder.build_serialized_network(network, cfg)
+    if serialized is None:
+        raise ExportError(f"TensorRT could not build an engine from {graph.path} (see its log above)")
+    atomic_write(out, lambda tmp: Path(tmp).write_bytes(bytes(serialized)))
+    if timing_cache is not None:
+        data = bytes(cfg.get_timing_cache().serialize())
+        atomic_write(timing_cache, lambda tmp: Path(tmp).write_bytes(data))
+    return out
+
+
+class TrtDenoiser:
+    """A deserialized engine with the OrtDenoiser call: ``(x, t_model, labels, scales) ->
+    (model_output, gradient or None)``, on torch's current CUDA stream."""
+
+    def __init__(self, graph: ExportedGraph, engine_path: Path, device: torch.device):
+        trt = tensorrt()
+        self.graph, self.device = graph, device
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise ExportError(
+                f"{engine_path} was built for another GPU or TensorRT version; rebuild it with "
+                f"fastdiff export trt --onnx {graph.path}"
+            )
+        self.context = self.engine.create_execution_context()
+        lo, _, hi = self.engine.get_tensor_profile_shape("x_t", 0)
+        self.batch_range = (int(lo[0]), int(hi[0]))
+        shapes = [tuple(self.engine.get_tensor_shape(name)) for name in graph.signature.outputs]
+        self.output_shapes = [s[1:] for s in shapes]
+
+    def __call__(self, x, t_model, labels=None, classifier_scale=None, cfg_scale=None):
+        n = x.shape[0]
+        lo, hi = self.batch_range
+        if not lo <= n <= hi:
+            raise ExportError(f"batch {n} is outside the engine profile {lo}..{hi}: rebuild it")
+        dev = self.device
+        values = {
+            "x_t": x.to(dev, torch.float32).contiguous(),
+            "timestep": t_model.to(dev, torch.float32).contiguous(),
+            "labels": None if labels is None else labels.to(dev, torch.int64).contiguous(),
+            "classifier_scale": torch.tensor(float(classifier_scale or 0.0), device=dev),
+            "cfg_scale": torch.tensor(float(cfg_scale or 0.0), device=dev),
+        }
+        for name in self.graph.signature.inputs:
+            self.context.set_input_shape(name, tuple(values[name].shape))
+            self.context.set_tensor_address(name, values[name].data_ptr())
+        outs = [torch.empty((n, *shape), device=dev) for shape in self.output_shapes]
+        for name, t in zip(self.graph.signature.outputs, outs):
+            self.context.set_tensor_address(name, t.data_ptr())
+        if not self.context.execute_async_v3(torch.cuda.current_stream(dev).cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        return outs[0], (outs[1] if len(outs) > 1 else None)
+
+
+def trt_engine(step, device: torch.device):
+    """The engine function behind ``ENGINES['trt']`` (``step`` None: only check it can run)."""
+    trt = tensorrt()
+    if torch.device(device).type != "cuda":
+        raise ExportError("engine 'trt' runs TensorRT engines on a CUDA device")
+    if step is None:
+        return None
+    from .onnx_runtime import OnnxStep, _networks, _plain, cache_dir, cached_export
+
+    model, classifier, null_label, classifier_scale, cfg_scale = _networks(step)
+    model, _ = _plain(model)
+    if classifier is not None:
+        classifier, _ = _plain(classifier)
+    graph = read_export(cached_export(model, classifier, null_label, OnnxExportConfig()))
+    check_export(graph, want_classifier=classifier is not None, want_cfg=null_label is not None)
+    config = TrtBuildConfig()
+    key = engine_key(graph, config, trt.__version__, gpu_key(device))
+    path = cache_dir().parent / "trt" / f"{key}.engine"
+    if not path.is_file():
+        build_engine(graph, path, config, path.parent / "timing.cache")
+    return OnnxStep(step, TrtDenoiser(graph, path, torch.device(device)), classifier_scale, cfg_scale)
+
+
+__all__ = [
+    "PRECISIONS",
+    "TrtBuildConfig",
+    "TrtDenoiser",
+    "build_engine",
+    "engine_key",
+    "gpu_key",
+    "profile_shapes",
+    "tensorrt",
+    "trt_engine",
+]
