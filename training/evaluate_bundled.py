@@ -7,6 +7,7 @@ are quantised to uint8 exactly as `fastdiff sample` saves them.
 
     python training/evaluate_bundled.py --num-samples 500 --out training/eval.json
     python training/evaluate_bundled.py --table     # the README's markdown table from eval.json
+    python training/evaluate_bundled.py --metrics-table --out training/eval_metrics.json
 
 Settings already in --out are skipped, so a killed run continues where it stopped.
 """
@@ -63,6 +64,22 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def metrics_table(results: list[dict]) -> str:
+    """One row per (sampler, guidance): everything `fastdiff evaluate mnist` reports."""
+    lines = [
+        "| sampler, guidance | n | class match | FID | sFID | IS | precision | recall |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "precision" in r:
+            lines.append(
+                f"| {r['sampler']}, {r['guidance']} | {r['num_samples']} | {r['class_match']:.0%} | "
+                f"{r['frechet_distance']:.1f} | {r['sfid']:.1f} | {r['inception_score']:.2f} | "
+                f"{r['precision']:.2f} | {r['recall']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=BUNDLED_MODEL)
@@ -76,9 +93,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "eval.json")
     ap.add_argument("--table", action="store_true", help="print --out as a markdown table and exit")
+    ap.add_argument("--metrics-table", action="store_true", help="the same with all metrics, one row each")
     args = ap.parse_args()
-    if args.table:
-        print(markdown_table(json.loads(args.out.read_text())))
+    if args.table or args.metrics_table:
+        results = json.loads(args.out.read_text())
+        print(metrics_table(results) if args.metrics_table else markdown_table(results))
         return
 
     device = torch.device("cpu")
