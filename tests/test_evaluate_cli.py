@@ -87,7 +87,7 @@ def test_precomputed_reference_statistics_are_used(digits, tmp_path):
     assert rec["fid"] == pytest.approx(frechet_distance(FeatureStats.of(own.pool), pool), rel=1e-9)
     assert rec["sfid"] == pytest.approx(frechet_distance(FeatureStats.of(own.spatial), spatial), rel=1e-9)
     assert rec["precision"] == rec["recall"] == 1.0  # P/R use the reference images themselves
-    np.savez(tmp_path / "ref2048.npz", arr_0=images[:100], mu=np.zeros(2048), sigma=np.eye(2048),
+    np.savez(tmp_path / "ref2048.npz", arr_0=images[:100], mu=np.zeros(2048), sigma=np.eye(2),
              mu_s=np.zeros(3), sigma_s=np.eye(3))  # fmt: skip
     one_line_error(
         run(tmp_path / "ref2048.npz", tmp_path / "smp.npz"), "2048 features", "--features inception"

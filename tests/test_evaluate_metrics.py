@@ -111,7 +111,7 @@ def test_fid_refuses_mismatched_sizes():
         frechet_distance(FeatureStats.of(features(10, 4, 0)), FeatureStats.of(features(10, 5, 0)))
 
 
-@pytest.mark.parametrize("n", [700, 10001])  # one split, three uneven splits
+@pytest.mark.parametrize("n", [700, 5003])  # one split, two uneven splits
 def test_inception_score_matches_numpy(n):
     logits = np.random.default_rng(n).standard_normal((n, 1008)).astype(np.float32) * 3
     assert inception_score(logits) == pytest.approx(numpy_is(logits), rel=REL)
