@@ -6,9 +6,10 @@
 Counts the FLOPs of one guided DDIM step of the default ``fastdiff sample`` (UNet forward,
 classifier forward and input gradient, batch 16) with torch's FlopCounterMode, measures the best
 fp32 rate this machine reaches on the step's own largest convolutions and on a 1024^3 matmul
-(best of ``--rounds``; run it on an idle machine, since load lowers that rate and so raises the
-bound; the report records the load), and reports the step time the FLOPs alone need at that
-rate, beside the measured step and the time to import torch. Written to bench/results/<date>-cpu-bound.{json,md}.
+(best of ``--rounds``; run it on an idle machine, since load lowers that rate and so raises
+the bound; the report records the load), and reports the step time the FLOPs alone need at
+that rate, beside the measured step and the time to import torch. Written to
+bench/results/<date>-cpu-bound.{json,md}.
 """
 
 from __future__ import annotations
