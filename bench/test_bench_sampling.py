@@ -9,8 +9,8 @@ batch 16 on the CPU: what a user without a GPU runs). In one run, against:
   torso's convs in fp16 on CUDA (``use_fp16``), the classifier in fp32, the eager loop;
 - ``gd-compile``: ``torch.compile(mode="max-autotune")`` of those networks (CUDA, or
   ``FASTDIFF_BENCH_COMPILE=1``);
-- every fastdiff engine through ``fastdiff.Sampler`` (eager, compile, graph on CUDA), fp16 on
-  CUDA and fp32 on the CPU.
+- every fastdiff engine through ``fastdiff.Sampler`` (eager, compile, graph on CUDA, parallel
+  on the CPU with ``FASTDIFF_BENCH_THREADS`` >= 2), fp16 on CUDA and fp32 on the CPU.
 
 Compile/capture time is measured apart (``extra_info["warmup_s"]``: the Sampler's warm-up); the
 timed rounds end with a CUDA sync. ``extra_info`` also has images/s and, for the UNet forward,
@@ -39,7 +39,7 @@ GPU_CASES = [
     ("imagenet64", "imagenet64", "classifier64", 64),
     ("imagenet256", "imagenet256", "classifier256", 8),
 ]
-IMPLS = ["gd", "eager", "graph", "compile", "gd-compile"]  # cheapest to prepare first
+IMPLS = ["gd", "eager", "parallel", "graph", "compile", "gd-compile"]  # cheapest to prepare first
 MODES = ["unet", "step", "loop"]
 
 
@@ -114,6 +114,8 @@ def test_sampling(benchmark, device, monkeypatch, case, impl, mode):
         pytest.skip("torch.compile baselines run on CUDA (FASTDIFF_BENCH_COMPILE=1 for the CPU)")
     if impl == "graph" and device.type != "cuda":
         pytest.skip("CUDA graphs need CUDA")
+    if impl == "parallel" and (device.type != "cpu" or torch.get_num_threads() < 2):
+        pytest.skip("the parallel engine splits the batch over CPU threads (FASTDIFF_BENCH_THREADS >= 2)")
     if timing.interpreting(device):
         pytest.skip("sampling benchmarks time the product, not Triton's interpreter")
     unet, clf, flags = _setup(name, device)
