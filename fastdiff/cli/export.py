@@ -76,6 +76,10 @@ def export_onnx_command(
         )
     except ExportError as e:
         raise _fail(e) from None
+    from fastdiff.export.onnx_runtime import remember
+
+    if result.bytes < 2**31 and not (out / f"{name}.data").exists():
+        remember(result.path, result.hash)  # fastdiff sample --engine onnx then finds it
     nodes = sum(result.node_counts.values())
     click.echo(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, {nodes} nodes)")
     if validate:

@@ -162,6 +162,27 @@ def _plain(net):
 _SESSIONS: dict[tuple, OrtDenoiser] = {}
 
 
+def remember(path: Path, digest: str) -> Path | None:
+    """Put an exported file where ``--engine onnx`` looks for these networks (a hard link, else a
+    copy), so sampling after ``fastdiff export onnx`` does not export again; None if it cannot."""
+    import shutil
+
+    from fastdiff.imageio import atomic_write
+
+    target = cache_dir() / f"{digest}.onnx"
+    if target.is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            atomic_write(target, lambda tmp: shutil.copyfile(path, tmp))
+    except OSError:
+        return None
+    return target
+
+
 def cached_export(model, classifier=None, null_label=None, config: OnnxExportConfig | None = None) -> Path:
     """The exported graph of these networks in the cache folder, exported now if absent (or if
     the cached file does not read back as this export)."""
@@ -194,4 +215,4 @@ def onnx_engine(step: SamplingStep, device: torch.device):
     return OnnxStep(step, _SESSIONS[key], classifier_scale, cfg_scale)
 
 
-__all__ = ["OnnxStep", "OrtDenoiser", "cache_dir", "cached_export", "onnx_engine"]
+__all__ = ["OnnxStep", "OrtDenoiser", "cache_dir", "cached_export", "onnx_engine", "remember"]
