@@ -1,0 +1,157 @@
+"""Export and validate the bundled MNIST model (and, with --presets, each preset family with random
+weights), then write a report into export/results/: node counts by op type, file size,
+onnxruntime parity against PyTorch / torch.autograd.grad, the guided epsilon, the samples, and
+CPU timing of ``--engine onnx`` against eager (interleaved runs, medians, process CPU time).
+
+    python export/recipe.py [--presets] [--repeats 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from fastdiff.cli.loading import load_diffusion_model  # noqa: E402
+from fastdiff.diffusion.guidance import ClassifierGuidance  # noqa: E402
+from fastdiff.export import OnnxExportConfig, export_onnx, read_export  # noqa: E402
+from fastdiff.export.graph import example_inputs  # noqa: E402
+from fastdiff.export.onnx_runtime import OrtDenoiser, cache_dir  # noqa: E402
+from fastdiff.export.validate import validate_export  # noqa: E402
+from fastdiff.imageio import atomic_write, to_uint8  # noqa: E402
+
+
+def _guided_eps_error(path: Path, loaded, clf, scale: float) -> float:
+    """Relative max error of DDIM's guided epsilon (condition_score) from the graph vs eager."""
+    diffusion = loaded.diffusion("ddim25")
+    graph = read_export(path)
+    session = OrtDenoiser(graph)
+    x, t_model, y, _ = example_inputs(graph.signature, graph.image_shape, 4, seed=7)
+    t = torch.tensor([24, 16, 8, 2])
+    t_model = diffusion.model_timesteps(t)
+    guide = ClassifierGuidance(clf, scale)
+    with torch.no_grad():
+        out = diffusion.p_mean_variance(loaded.model, x, t, True, None, {"y": y})
+        ref = diffusion.condition_score(guide, out, x, t, {"y": y})["eps"]
+        model_out, grad = session(x, t_model, y, scale)
+        out2 = diffusion.p_mean_variance_from_output(model_out, x, t, True, None)
+        got = diffusion.condition_score(lambda *a, **k: grad, out2, x, t, {"y": y})["eps"]
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+def _time_engines(loaded, clf, scale: float, repeats: int, batch: int) -> dict:
+    """Interleaved eager / onnx sampling runs (DDIM 25): medians of wall and process CPU time,
+    and the uint8 difference of their images."""
+    import fastdiff
+
+    diffusion = loaded.diffusion("ddim25")
+    samplers = {
+        engine: fastdiff.Sampler(
+            loaded.model, diffusion, sampler="ddim", classifier=clf, classifier_scale=scale, engine=engine
+        )  # fmt: skip
+        for engine in ("eager", "onnx")
+    }
+    labels = list(range(batch))
+    for s in samplers.values():  # warm-up (the onnx engine's session; eager's first-call costs)
+        s(labels, generator=torch.Generator().manual_seed(0))
+    wall = {e: [] for e in samplers}
+    cpu = {e: [] for e in samplers}
+    images = {}
+    for _ in range(repeats):
+        for engine, s in samplers.items():
+            c0, w0 = time.process_time(), time.perf_counter()
+            images[engine] = s(labels, generator=torch.Generator().manual_seed(1))
+            cpu[engine].append(time.process_time() - c0)
+            wall[engine].append(time.perf_counter() - w0)
+    a, b = (torch.from_numpy(to_uint8(images[e])).int() for e in ("eager", "onnx"))
+    return {
+        "batch": batch,
+        "steps": 25,
+        "repeats": repeats,
+        "median_wall_s": {e: statistics.median(v) for e, v in wall.items()},
+        "median_cpu_s": {e: statistics.median(v) for e, v in cpu.items()},
+        "uint8_max_diff": int((a - b).abs().max()),
+        "uint8_mean_diff": float((a - b).abs().float().mean()),
+    }
+
+
+def bundled(repeats: int, batch: int) -> dict:
+    cpu = torch.device("cpu")
+    loaded = load_diffusion_model(preset=None, flag_string=None, checkpoint=None, device=cpu)
+    clf = loaded.bundled_classifier(cpu)
+    scale = loaded.default_classifier_scale
+    report: dict = {"model": "bundled MNIST (classifier guidance)", "threads": torch.get_num_threads()}
+    from fastdiff.export.onnx_runtime import cached_export
+
+    start = time.perf_counter()
+    path = cached_export(loaded.model, clf.model, None, OnnxExportConfig())
+    report["export_s_or_cached"] = time.perf_counter() - start
+    out = HERE / "results" / "bundled-classifier-fp32.onnx.json"
+    info = read_export(path)
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    from fastdiff.export.onnx_export import node_counts
+
+    report["file"] = {"bytes": path.stat().st_size, "nodes": node_counts(model), "guidance": info.guidance}
+    v = validate_export(path, loaded.model, clf.model, batches=(1, 4, 8))
+    report["parity"] = {"relative_max_errors": v.errors, "ok": v.ok}
+    report["ort_call_s"] = v.ort_seconds
+    report["eager_call_s"] = v.eager_seconds
+    report["guided_eps_relative_error"] = _guided_eps_error(path, loaded, clf.model, scale)
+    report["sampling"] = _time_engines(loaded, clf.model, scale, repeats, batch)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    return report
+
+
+def presets(batch: int) -> dict:
+    """Each preset family's smallest member with random weights: export, check, parity."""
+    from fastdiff.models.presets import PRESETS, create_classifier, create_unet
+
+    results = {}
+    for name, preset in PRESETS.items():
+        create = create_unet if preset.kind == "diffusion" else None
+        if create is None:
+            continue
+        torch.manual_seed(0)
+        model = create(**preset.flags).eval().requires_grad_(False)
+        clf_name = f"classifier{preset.flags['image_size']}"
+        clf = None
+        if clf_name in PRESETS:
+            clf = create_classifier(**PRESETS[clf_name].flags).eval().requires_grad_(False)
+        path = cache_dir() / f"preset-{name}.onnx"
+        start = time.perf_counter()
+        res = export_onnx(model, path, classifier=clf, config=OnnxExportConfig())
+        v = validate_export(path, model, clf, batches=(batch,))
+        results[name] = {"export_s": time.perf_counter() - start, "bytes": res.bytes,
+                         "nodes": sum(res.node_counts.values()), "errors": v.errors, "ok": v.ok}  # fmt: skip
+    atomic_write(
+        HERE / "results" / "presets.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2))
+    )
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", action="store_true", help="also every preset with random weights (long)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(json.dumps(bundled(args.repeats, args.batch), indent=2))
+    if args.presets:
+        print(json.dumps(presets(2), indent=2))
+
+
+if __name__ == "__main__":
+    main()
