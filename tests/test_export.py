@@ -177,3 +177,111 @@ def test_cli_export_refuses_bad_options_before_work(tmp_path):
     res = runner.invoke(main, ["export", "trt", "--onnx", str(tmp_path / "x.onnx"), "--out", str(tmp_path)])
     assert res.exit_code != 0 and "ONNX file not found" in res.output
     assert not list(tmp_path.iterdir())
+
+
+class _FakeTrt:
+    """A stand-in for the tensorrt module with the TensorRT 10 calls build_engine makes, recording
+    them (TensorRT cannot be installed here); ``parse_ok`` / ``build_ok`` steer the failure paths."""
+
+    __version__ = "10.0-fake"
+
+    def __init__(self, parse_ok=True, build_ok=True):
+        self.calls: list = []
+        fake = self
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, level):
+                pass
+
+        class Network:
+            pass
+
+        class Parser:
+            num_errors = 1
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                fake.calls.append(("parse", path))
+                return parse_ok
+
+            def get_error(self, i):
+                return "Unsupported op Foo"
+
+        class Cache:
+            def serialize(self):
+                return b"timing"
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls.append(("workspace", size))
+
+            def set_flag(self, flag):
+                fake.calls.append(("flag", flag))
+
+            def add_optimization_profile(self, profile):
+                fake.calls.append(("profile", profile.shapes))
+
+            def create_timing_cache(self, data):
+                fake.calls.append(("cache_in", data))
+                return Cache()
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                pass
+
+            def get_timing_cache(self):
+                return Cache()
+
+        class Profile:
+            def __init__(self):
+                self.shapes = {}
+
+            def set_shape(self, name, lo, opt, hi):
+                self.shapes[name] = (lo, opt, hi)
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return b"engine-bytes" if build_ok else None
+
+        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, Parser
+        self.MemoryPoolType = type("MemoryPoolType", (), {"WORKSPACE": "workspace"})
+        self.BuilderFlag = type("BuilderFlag", (), {"FP16": "fp16", "BF16": "bf16"})
+
+
+def test_tensorrt_build_path_with_a_stand_in_module(tmp_path, monkeypatch):
+    from fastdiff.export import tensorrt_engine
+    from fastdiff.export.tensorrt_engine import TrtBuildConfig, build_engine
+
+    graph = read_export(_fake_export(tmp_path / "a.onnx", DenoiserSignature(True, True, False)))
+    fake = _FakeTrt()
+    monkeypatch.setattr(tensorrt_engine, "tensorrt", lambda: fake)
+    out = build_engine(graph, tmp_path / "e.engine", TrtBuildConfig(max_batch=16), tmp_path / "timing.cache")
+    assert out.read_bytes() == b"engine-bytes" and (tmp_path / "timing.cache").read_bytes() == b"timing"
+    assert ("flag", "fp16") in fake.calls
+    profile = dict(fake.calls)["profile"]
+    assert profile["x_t"] == ((1, 1, 8, 8), (8, 1, 8, 8), (16, 1, 8, 8)) and "classifier_scale" not in profile
+    build_engine(graph, tmp_path / "e.engine", TrtBuildConfig(max_batch=16), tmp_path / "timing.cache")
+    assert ("cache_in", b"timing") in fake.calls  # the second build starts from the saved cache
+
+    monkeypatch.setattr(tensorrt_engine, "tensorrt", lambda: _FakeTrt(parse_ok=False))
+    with pytest.raises(ExportError, match="TensorRT cannot parse .*Unsupported op Foo"):
+        build_engine(graph, tmp_path / "f.engine", TrtBuildConfig())
+    monkeypatch.setattr(tensorrt_engine, "tensorrt", lambda: _FakeTrt(build_ok=False))
+    with pytest.raises(ExportError, match="could not build an engine"):
+        build_engine(graph, tmp_path / "f.engine", TrtBuildConfig())
+    assert not (tmp_path / "f.engine").exists()
