@@ -20,6 +20,7 @@ class LazyGroup(click.Group):
         "export": ("fastdiff.cli.export", "export_command"),
         "nearest": ("fastdiff.cli.nearest", "nearest_command"),
         "gd-run": ("fastdiff.cli.gd_run", "gd_run_command"),
+        "upsample": ("fastdiff.cli.upsample", "upsample_command"),
     }
     summaries = {
         "sample": "Sample images with classifier or classifier-free guidance.",
@@ -30,6 +31,7 @@ class LazyGroup(click.Group):
         "evaluate": "Score samples against a reference batch: FID, sFID, Inception Score, precision, recall.",
         "nearest": "Memorisation check: each sample's nearest training images, flagged near-copies.",
         "gd-run": "Run a guided-diffusion SCRIPT with its own ARGS on fastdiff, unedited.",
+        "upsample": "Super-resolve low-resolution samples with an ADM-U upsampler (64->256, 128->512).",
     }
 
     def format_commands(self, ctx, formatter):

@@ -14,6 +14,7 @@ import json
 import os
 import time
 import zipfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,8 +308,11 @@ def run_sampling(
     engine: str,
     device: torch.device,
     progress: bool,
+    conditioning: Callable[[int, int], dict] | None = None,
 ) -> dict:
-    """Sample every batch not yet on disk, then write the combined npz and the grid."""
+    """Sample every batch not yet on disk, then write the combined npz and the grid.
+
+    ``conditioning(lo, hi)`` gives samples lo..hi's further model inputs (an upsampler's low_res)."""
     from tqdm.auto import tqdm
 
     diffusion = loaded.diffusion(plan.respacing)
@@ -350,12 +354,15 @@ def run_sampling(
                 num_samples=hi - lo,
                 generator=_batch_generator(device, plan.seed, b),
                 callback=lambda *_: bar.update(1),
+                model_kwargs=None if conditioning is None else conditioning(lo, hi),
             )
             images = to_uint8(x)  # the device->host copy: the batch's one sync
         except SamplingError as e:
             raise click.ClickException(
                 f"batch {b} (samples {lo}-{hi - 1}): {e}; nothing of this batch was written"
             ) from None
+        except EngineError as e:  # an engine builds its step on the first batch of a size
+            raise click.ClickException(str(e)) from None
         written = time.perf_counter()
         sampling += written - start - (sampler.warmup_seconds - warm)
         with _writing(out):
@@ -392,6 +399,37 @@ def run_sampling(
         "threads": torch.get_num_threads(),
         "out": str(out),
     }
+
+
+def check_run_options(
+    device: str, dtype: str, threads: int | None, engine: str | None, sampler: str, eta: float
+) -> tuple[torch.device, str]:
+    """(device, engine) after the checks every sampling command makes before loading anything."""
+    dev = resolve_device(device)
+    if dtype == "fp16" and dev.type == "cpu":
+        raise click.ClickException("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    choose_threads(threads)
+    engine = engine or default_engine(dev)
+    try:
+        check_engine(engine, dev)
+    except EngineError as e:
+        raise click.ClickException(str(e)) from None
+    if eta and not SAMPLERS[sampler].uses_eta:
+        raise click.ClickException(f"--eta is a DDIM parameter; --sampler {sampler} does not use it")
+    if eta < 0:
+        raise click.ClickException(f"--eta must be >= 0, got {eta}")
+    return dev, engine
+
+
+def summary_line(s: dict) -> str:
+    """What a sampling command prints when it is done: counts, timings, where it ran."""
+    return (
+        f"{s['images']} images ({s['skipped']} already there) in {s['seconds']:.1f} s sampling "
+        f"(+{s['warmup_s']:.1f} s warm-up/capture, {s['writing_s']:.1f} s writing): "
+        f"{s['images_per_s']:.2f} images/s, {s['s_per_step']:.4f} s/step ({s['steps']} steps), "
+        f"device {s['device']}, dtype {s['dtype']}, engine {s['engine']}, {s['threads']} threads "
+        f"-> {s['out']}"
+    )
 
 
 @click.command("sample")
@@ -508,19 +546,7 @@ def sample_command(
 
     With no model options, the bundled MNIST model and its classifier are used.
     """
-    dev = resolve_device(device)
-    if dtype == "fp16" and dev.type == "cpu":
-        raise click.ClickException("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
-    choose_threads(threads)
-    engine = engine or default_engine(dev)
-    try:
-        check_engine(engine, dev)
-    except EngineError as e:
-        raise click.ClickException(str(e)) from None
-    if eta and not SAMPLERS[sampler].uses_eta:
-        raise click.ClickException(f"--eta is a DDIM parameter; --sampler {sampler} does not use it")
-    if eta < 0:
-        raise click.ClickException(f"--eta must be >= 0, got {eta}")
+    dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta)
     if classifier_scale is not None and classifier_scale < 0:
         raise click.ClickException(f"--classifier-scale must be >= 0, got {classifier_scale}")
     if classifier is not None and classifier_scale is None:
@@ -590,11 +616,4 @@ def sample_command(
             device=dev,
             progress=progress,
         )
-        s = summary
-        click.echo(
-            f"{s['images']} images ({s['skipped']} already there) in {s['seconds']:.1f} s sampling "
-            f"(+{s['warmup_s']:.1f} s warm-up/capture, {s['writing_s']:.1f} s writing): "
-            f"{s['images_per_s']:.2f} images/s, {s['s_per_step']:.4f} s/step ({s['steps']} steps), "
-            f"device {s['device']}, dtype {s['dtype']}, engine {s['engine']}, {s['threads']} threads "
-            f"-> {s['out']}"
-        )
+        click.echo(summary_line(summary))

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from fastdiff.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from fastdiff.diffusion.samplers import SamplingStep, get_sampler, make_rule, randn, run_steps
+from fastdiff.models.unet import SuperResModel
 from fastdiff.ops.ada_group_norm import cuda_kernel
 
 from . import build_engine, check_engine, default_engine
@@ -33,6 +34,8 @@ class _InDtype(nn.Module):
         self.num_classes = getattr(net, "num_classes", None)
 
     def forward(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        # Image-like conditioning (an upsampler's low_res) joins x in the network: the same dtype.
+        kwargs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in kwargs.items()}
         return self.net(x.to(self.dtype), t, **kwargs).float()
 
 
@@ -53,6 +56,11 @@ def _device_of(net: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _layout(n: int, model_kwargs: dict[str, Tensor] | None) -> tuple:
+    """The key of a cached step: the batch size and the conditioning tensors' names, shapes, dtypes."""
+    return (n, *sorted((k, tuple(v.shape), v.dtype) for k, v in (model_kwargs or {}).items()))
+
+
 class Sampler:
     """Draw guided samples: ``Sampler(model, diffusion, ...)(labels, generator=g) -> images``.
 
@@ -61,6 +69,7 @@ class Sampler:
     ``classifier_scale`` (gradient of log p(y | x_t)), or ``cfg_scale`` with the model's
     ``null_label``. ``engine``: eager | compile | graph (CUDA) | parallel (CPU) | trt; None picks the
     device's default. The networks are converted in place (see :func:`inference_form`).
+    An upsampler (ADM-U) takes its low-resolution images per call, ``model_kwargs={"low_res": ...}``.
     Images come back in [-1, 1], fp32, NCHW.
     """
 
@@ -101,7 +110,9 @@ class Sampler:
             channels_last = self.device.type == "cuda" and self.dtype != torch.float32
         self.class_cond = getattr(model, "num_classes", None) is not None
         if image_shape is None:
-            image_shape = (int(model.in_channels), int(model.image_size), int(model.image_size))
+            # An upsampler's first conv also takes the upsampled low-res image: half are x's channels.
+            channels = int(model.in_channels) // (2 if isinstance(model, SuperResModel) else 1)
+            image_shape = (channels, int(model.image_size), int(model.image_size))
         self.image_shape = tuple(image_shape)
         self.diffusion, self.sampler, self.eta, self.clip_denoised = (
             diffusion,
@@ -119,16 +130,22 @@ class Sampler:
         )
         self.needs_labels = self.class_cond or self.cond_fn is not None or cfg_scale is not None
         self.rule = make_rule(diffusion, sampler, eta, self.device, torch.float32)
-        self._steps: dict[int, tuple[Tensor | None, Callable]] = {}
+        self._steps: dict[tuple, tuple[Tensor | None, Callable]] = {}
+        self._extra: dict[tuple, dict[str, Tensor]] = {}
         self.warmup_seconds = 0.0  # engine preparation (compile, capture, autotuning) so far
 
-    def step_for(self, n: int) -> tuple[Tensor | None, Callable]:
-        """(label buffer, the engine's step) for batch size n, built once: a call copies its
-        labels into the buffer, so a compiled or captured step is reused across batches."""
-        if n not in self._steps:
+    def step_for(
+        self, n: int, model_kwargs: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor | None, Callable]:
+        """(label buffer, the engine's step) for batch size n (and the shapes of ``model_kwargs``),
+        built once: a call copies its labels and conditioning tensors into the step's buffers, so a
+        compiled or captured step is reused across batches."""
+        key = _layout(n, model_kwargs)
+        if key not in self._steps:
             labels = torch.zeros(n, dtype=torch.long, device=self.device) if self.needs_labels else None
             guidance_kwargs = {} if labels is None else {"y": labels}
-            model_kwargs = guidance_kwargs if self.class_cond else {}
+            extra = {k: torch.zeros_like(v, device=self.device) for k, v in (model_kwargs or {}).items()}
+            model_kwargs = {**extra, **(guidance_kwargs if self.class_cond else {})}
             step = SamplingStep(
                 self.diffusion,
                 self.denoiser,
@@ -139,16 +156,29 @@ class Sampler:
                 clip_denoised=self.clip_denoised,
             )
             step.prepare(torch.zeros(1, device=self.device))
-            self._steps[n] = (labels, build_engine(self.engine, step, self.device))
-        return self._steps[n]
+            self._steps[key] = (labels, build_engine(self.engine, step, self.device))
+            self._extra[key] = extra
+        return self._steps[key]
 
-    def warmup(self, labels: Tensor | None = None, n: int | None = None) -> float:
+    def _fill(self, n: int, labels: Tensor | None, model_kwargs: dict[str, Tensor] | None) -> Callable:
+        """The step for this batch with its labels and conditioning copied into the buffers."""
+        labels_buf, run = self.step_for(n, model_kwargs)
+        if labels_buf is not None and labels is not None:
+            labels_buf.copy_(labels)
+        for k, buf in self._extra[_layout(n, model_kwargs)].items():
+            buf.copy_(model_kwargs[k])
+        return run
+
+    def warmup(
+        self,
+        labels: Tensor | None = None,
+        n: int | None = None,
+        model_kwargs: dict[str, Tensor] | None = None,
+    ) -> float:
         """Prepare the engine for a batch (compile, capture, choose kernel backends by measuring
         them) with one throw-away step, timed apart from sampling; returns its seconds."""
         n = len(labels) if labels is not None else n
-        labels_buf, run = self.step_for(n)
-        if labels_buf is not None and labels is not None:
-            labels_buf.copy_(labels)
+        run = self._fill(n, labels, model_kwargs)
         start = time.perf_counter()
         x = torch.zeros(n, *self.image_shape, device=self.device)
         t = torch.full((n,), self.diffusion.num_timesteps - 1, device=self.device, dtype=torch.long)
@@ -170,11 +200,14 @@ class Sampler:
         noise: Tensor | None = None,
         callback: Callable[[int, Tensor, Tensor], None] | None = None,
         progress: bool = False,
+        model_kwargs: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """Samples for ``labels`` (one per image; required when the model or the guidance is
         class-aware), else ``num_samples`` images. x_T is ``noise`` or drawn from ``generator``
         (on the generator's device, so a seed gives the same images on any device and engine).
-        ``callback(i, x, pred_xstart)`` runs after each step (its tensors are reused next step)."""
+        ``callback(i, x, pred_xstart)`` runs after each step (its tensors are reused next step).
+        ``model_kwargs``: further per-sample conditioning the model takes (an upsampler's
+        ``low_res``), one row per image; labels stay in ``labels``."""
         if labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.long, device=self.device).reshape(-1)
             n = len(labels)
@@ -186,11 +219,18 @@ class Sampler:
                 raise ValueError("pass labels, num_samples or noise")
         if n < 1:
             raise ValueError("nothing to sample: the batch is empty")
-        if n not in self._steps and (self.engine not in ("eager", "parallel") or self.device.type == "cuda"):
-            self.warmup(labels, n)  # compile / capture / backend choice, timed apart
-        labels_buf, run = self.step_for(n)
-        if labels_buf is not None:
-            labels_buf.copy_(labels)
+        model_kwargs = {k: torch.as_tensor(v, device=self.device) for k, v in (model_kwargs or {}).items()}
+        if "y" in model_kwargs:
+            raise ValueError("pass class labels as labels, not in model_kwargs")
+        for k, v in model_kwargs.items():
+            if v.dim() == 0 or v.shape[0] != n:
+                raise ValueError(
+                    f"model_kwargs[{k!r}] must have one row per image ({n}), got {list(v.shape)}"
+                )
+        fresh = _layout(n, model_kwargs) not in self._steps
+        if fresh and (self.engine not in ("eager", "parallel") or self.device.type == "cuda"):
+            self.warmup(labels, n, model_kwargs)  # compile / capture / backend choice, timed apart
+        run = self._fill(n, labels, model_kwargs)
         shape = (n, *self.image_shape)
         x_T = randn(shape, generator, self.device) if noise is None else noise.to(self.device, torch.float32)
         if tuple(x_T.shape) != shape:

@@ -1,0 +1,256 @@
+"""``fastdiff upsample``: ADM-U super-resolution of a base run's samples (64->256, 128->512).
+
+guided-diffusion's super_res_sample.py semantics: each low-resolution image is scaled to [-1, 1]
+and given to the upsampler as ``low_res``, with its label from the npz's ``arr_1`` when the
+upsampler is class-conditional; image i of the output is the upsampling of low-res image
+i mod N. The run itself is ``fastdiff sample``'s: the same run folder, batch-by-batch npz,
+``--resume`` and engines, with the low-res file recorded by content in run.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from fastdiff.cli.loading import LoadedModel, _build, _check_file, _flags_from, _identity
+from fastdiff.cli.sample import (
+    Plan,
+    check_run_options,
+    locked_run_folder,
+    respacing_for,
+    run_sampling,
+    summary_line,
+)
+from fastdiff.diffusion import SAMPLERS
+from fastdiff.engines import ENGINES
+from fastdiff.engines.sampler import DTYPES
+from fastdiff.evaluation.metrics import EvaluationError
+from fastdiff.evaluation.npz import read_npz
+from fastdiff.models.checkpoint import file_sha256
+from fastdiff.models.presets import create_superres, sr_defaults
+
+
+class LoadedUpsampler(LoadedModel):
+    """An ADM-U network: it makes ``large_size`` images from ``small_size`` ones."""
+
+    @property
+    def image_size(self) -> int:
+        return int(self.flags.get("large_size", sr_defaults()["large_size"]))
+
+    @property
+    def small_size(self) -> int:
+        return int(self.flags.get("small_size", sr_defaults()["small_size"]))
+
+
+def load_upsampler(*, preset, flag_string, checkpoint: Path | None, device) -> LoadedUpsampler:
+    """The upsampler from a preset or flags (or a safetensors' own flags) and its weights."""
+    if checkpoint is None:
+        raise click.ClickException("--checkpoint is required (the upsampler's weights)")
+    _check_file(checkpoint, "checkpoint")
+    flags, metadata = _flags_from(preset, flag_string, checkpoint, "superres")
+    model = _build(create_superres, flags, checkpoint, preset, device)
+    return LoadedUpsampler(model, flags, _identity(checkpoint, flags), metadata)
+
+
+@dataclass
+class LowRes:
+    """The images to upsample (uint8 NHWC) and their labels, by content for run.json."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    sha256: str
+
+    def conditioning(self, lo: int, hi: int) -> dict:
+        """Samples lo..hi's ``low_res``, scaled as super_res_sample.py scales it."""
+        batch = self.images[np.arange(lo, hi) % len(self.images)]
+        return {"low_res": torch.from_numpy(batch).float().div(127.5).sub(1.0).permute(0, 3, 1, 2)}
+
+    def labels_for(self, n: int) -> list[int] | None:
+        return None if self.labels is None else self.labels[np.arange(n) % len(self.labels)].tolist()
+
+
+def read_low_res(path: Path, upsampler: LoadedUpsampler) -> LowRes:
+    """The low-res npz, checked against what the upsampler takes (size, channels, labels)."""
+    try:
+        batch = read_npz(path, role="--low-res")
+        images = np.concatenate(list(batch.batches(1024)))
+    except EvaluationError as e:
+        raise click.ClickException(str(e)) from None
+    h, _, c = batch.image_shape
+    want = (upsampler.small_size, upsampler.in_channels)
+    if (h, c) != want:
+        raise click.ClickException(
+            f"--low-res {path} holds {h}x{h}x{c} images; the upsampler takes {want[0]}x{want[0]}x{want[1]}"
+        )
+    labels = batch.labels
+    if upsampler.class_cond:
+        if labels is None:
+            raise click.ClickException(
+                f"the upsampler is class-conditional but --low-res {path} has no labels (arr_1)"
+            )
+        classes = upsampler.num_real_classes
+        if labels.min() < 0 or labels.max() >= classes:
+            raise click.ClickException(
+                f"--low-res {path} has labels outside the upsampler's {classes} classes"
+            )
+    return LowRes(images, None if labels is None else labels.astype(np.int64), file_sha256(path))
+
+
+@dataclass
+class UpsamplePlan(Plan):
+    """A sampling plan that also names its low-res input by content."""
+
+    low_res: str
+
+
+def upsample_run(
+    upsampler: LoadedUpsampler,
+    low_res: LowRes,
+    *,
+    sampler: str,
+    respacing: str,
+    eta: float,
+    seed: int,
+    batch_size: int,
+    dtype: str,
+    engine: str,
+    clip_denoised: bool,
+    num_samples: int,
+    out: Path,
+    resume: bool,
+    device: torch.device,
+    progress: bool,
+) -> dict:
+    """Upsample into the (locked) ``out`` through fastdiff sample's run machinery."""
+    plan = UpsamplePlan(
+        model=upsampler.identity,
+        classifier=None,
+        classifier_scale=0.0,
+        cfg_scale=None,
+        sampler=sampler,
+        respacing=respacing,
+        eta=eta,
+        seed=seed,
+        batch_size=batch_size,
+        dtype=dtype,
+        engine=engine,
+        clip_denoised=clip_denoised,
+        labels=low_res.labels_for(num_samples),
+        low_res=low_res.sha256,
+    )
+    return run_sampling(
+        upsampler,
+        None,
+        plan,
+        num_samples=num_samples,
+        out=out,
+        resume=resume,
+        engine=engine,
+        device=device,
+        progress=progress,
+        conditioning=low_res.conditioning,
+    )
+
+
+@click.command("upsample")
+@click.option("--preset", help="Upsampler preset (upsampler64-256, upsampler128-512); with --checkpoint.")
+@click.option("--flags", "flag_string", help="guided-diffusion super-resolution flags, instead of --preset.")
+@click.option(
+    "--checkpoint", type=click.Path(path_type=Path), help="Upsampler weights (.pt or .safetensors)."
+)
+@click.option(
+    "--low-res",
+    "low_res_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="npz of low-resolution samples (arr_0 uint8 NHWC, arr_1 labels), e.g. from fastdiff sample.",
+)
+@click.option(
+    "--num-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images to make (default: one per low-res image; more cycle through them).",
+)
+@click.option(
+    "--sampler",
+    type=click.Choice(list(SAMPLERS)),
+    default="ddpm",
+    show_default=True,
+    help="Sampling method (super_res_sample.py: ddpm).",
+)
+@click.option("--steps", type=int, default=None, help="Sampling steps (ddpm: 250, ddim: 25, dpm++2m: 20).")
+@click.option(
+    "--respacing", default=None, help='guided-diffusion respacing string instead of --steps ("250").'
+)
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0: deterministic).")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per batch."
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed; the same seed gives the same images."
+)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("upsampled"), show_default=True)
+@click.option("--resume", is_flag=True, help="Continue a killed run in --out from its last complete batch.")
+@click.option("--engine", type=click.Choice(list(ENGINES)), default=None, help="How the step runs.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--clip-denoised/--no-clip-denoised", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def upsample_command(
+    preset,
+    flag_string,
+    checkpoint,
+    low_res_path,
+    num_samples,
+    sampler,
+    steps,
+    respacing,
+    eta,
+    batch_size,
+    seed,
+    out,
+    resume,
+    engine,
+    threads,
+    dtype,
+    device,
+    clip_denoised,
+    progress,
+):
+    """Super-resolve low-resolution samples with an ADM-U upsampler (64->256, 128->512).
+
+    The second stage of the cascade (ADM-G + ADM-U), as guided-diffusion's super_res_sample.py.
+    """
+    dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta)
+    if engine in ("onnx", "trt"):
+        raise click.ClickException(
+            f"engine '{engine}': super-resolution models (a low-resolution image input) do not export "
+            "yet; use eager, compile, graph or parallel"
+        )
+    _check_file(low_res_path, "--low-res")
+    with locked_run_folder(out, resume):
+        upsampler = load_upsampler(preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=dev)
+        low_res = read_low_res(low_res_path, upsampler)
+        summary = upsample_run(
+            upsampler,
+            low_res,
+            sampler=sampler,
+            respacing=respacing_for(sampler, steps, respacing, upsampler.num_timesteps),
+            eta=eta,
+            seed=seed,
+            batch_size=batch_size,
+            dtype=dtype,
+            engine=engine,
+            clip_denoised=clip_denoised,
+            num_samples=num_samples or len(low_res.images),
+            out=out,
+            resume=resume,
+            device=dev,
+            progress=progress,
+        )
+        click.echo(summary_line(summary))

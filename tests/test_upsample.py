@@ -1,0 +1,201 @@
+"""Super-resolution: ADM-U through fastdiff.Sampler (every CPU engine) and `fastdiff upsample`.
+
+There are no super-resolution cases in ../shared/vectors, so the oracle is the reference loop
+``fastdiff.diffusion.sample`` with ``low_res`` in its model_kwargs (the semantics of
+super_res_sample.py's p_sample_loop call), on tiny random upsamplers.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import fastdiff
+from fastdiff.cli.main import main
+from fastdiff.cli.sample import _batch_generator
+from fastdiff.diffusion import create_diffusion_from_flags, sample
+from fastdiff.models.checkpoint import save_weights
+from fastdiff.models.presets import create_superres
+
+SR_FLAGS = dict(
+    large_size=16,
+    small_size=8,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="8",
+    num_head_channels=32,
+    class_cond=True,
+    num_classes=4,
+    learn_sigma=True,
+    diffusion_steps=100,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+)
+FLAG_STRING = " ".join(f"--{k} {v}" for k, v in SR_FLAGS.items())
+
+
+def _upsampler(seed=0):
+    torch.manual_seed(seed)
+    model = create_superres(**SR_FLAGS)
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised output convs would hide the conditioning
+            p.normal_(0, 0.05)
+    return model.eval()
+
+
+def _low_res(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+
+
+def _scaled(images: np.ndarray) -> torch.Tensor:
+    """super_res_sample.py's scaling, written out independently of fastdiff.cli.upsample."""
+    return torch.from_numpy(images).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def _reference(model, diffusion, sampler, low_res, labels, generator):
+    return sample(
+        diffusion,
+        copy.deepcopy(model),
+        (len(labels), 3, 16, 16),
+        sampler=sampler,
+        model_kwargs={"y": labels, "low_res": low_res},
+        generator=generator,
+    )
+
+
+@pytest.mark.parametrize("engine", ["eager", "parallel"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sampler_upsamples_as_the_reference_loop(engine, sampler):
+    """Two batches through one cached step: the second's low_res and labels refill its buffers."""
+    model = _upsampler()
+    flags = {**SR_FLAGS, "timestep_respacing": "5" if sampler == "ddpm" else "ddim5"}
+    diffusion = create_diffusion_from_flags(flags)
+    s = fastdiff.Sampler(copy.deepcopy(model), diffusion, sampler=sampler, engine=engine)
+    assert s.image_shape == (3, 16, 16)  # x's channels, not the first conv's 6
+    before = torch.get_num_threads()
+    for seed in (1, 2):
+        low, labels = _scaled(_low_res(3, seed)), torch.tensor([seed, 0, 3])
+        torch.set_num_threads(2 if engine == "parallel" else before)  # the engine's workers
+        try:
+            got = s(labels, generator=torch.Generator().manual_seed(seed), model_kwargs={"low_res": low})
+        finally:
+            torch.set_num_threads(before)
+        want = _reference(model, diffusion, sampler, low, labels, torch.Generator().manual_seed(seed))
+        if engine == "eager":
+            assert torch.equal(got, want)
+        else:  # other batch slices: convolution sums may round differently
+            assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-4
+    # the low-res image matters: another one gives another sample from the same noise
+    other = s(labels, generator=torch.Generator().manual_seed(2), model_kwargs={"low_res": -low})
+    assert not torch.allclose(other, got)
+
+
+def test_sampler_model_kwargs_errors():
+    s = fastdiff.Sampler(_upsampler(), create_diffusion_from_flags({**SR_FLAGS, "timestep_respacing": "2"}))
+    with pytest.raises(ValueError, match="one row per image"):
+        s(torch.tensor([0, 1]), model_kwargs={"low_res": torch.zeros(3, 3, 8, 8)})
+    with pytest.raises(ValueError, match="as labels"):
+        s(torch.tensor([0]), model_kwargs={"y": torch.tensor([0]), "low_res": torch.zeros(1, 3, 8, 8)})
+
+
+def test_bf16_casts_the_conditioning():
+    """A low-precision network gets low_res in its dtype (else the first conv sees mixed inputs)."""
+    model = _upsampler()
+    diffusion = create_diffusion_from_flags({**SR_FLAGS, "timestep_respacing": "ddim3"})
+    low, labels = _scaled(_low_res(2)), torch.tensor([1, 2])
+    ref = fastdiff.Sampler(copy.deepcopy(model), diffusion, engine="eager")
+    bf16 = fastdiff.Sampler(copy.deepcopy(model), diffusion, engine="eager", dtype="bf16")
+    want = ref(labels, generator=torch.Generator().manual_seed(0), model_kwargs={"low_res": low})
+    got = bf16(labels, generator=torch.Generator().manual_seed(0), model_kwargs={"low_res": low})
+    assert ((got - want) ** 2).mean().item() < 1e-2
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sr")
+    model = _upsampler()
+    torch.save(model.state_dict(), d / "sr.pt")
+    save_weights(model, d / "sr.safetensors", {"flags": SR_FLAGS})
+    np.savez(d / "low.npz", _low_res(5), np.array([0, 1, 2, 3, 1]))
+    np.savez(d / "unlabelled.npz", _low_res(5))
+    np.savez(d / "big.npz", np.zeros((2, 16, 16, 3), np.uint8), np.array([0, 1]))
+    return d
+
+
+def upsample(*args):
+    return CliRunner().invoke(main, ["upsample", "--no-progress", "--device", "cpu", *map(str, args)])
+
+
+def test_cli_upsample_writes_the_reference_samples_and_resumes(files, tmp_path):
+    out = tmp_path / "run"
+    common = ("--low-res", files / "low.npz", "--steps", 4, "--batch-size", 2, "--seed", 3, "--out", out)
+    r = upsample("--flags", FLAG_STRING, "--checkpoint", files / "sr.pt", "--engine", "eager", *common)
+    assert r.exit_code == 0, r.output
+    with np.load(out / "samples_5x16x16x3.npz") as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    assert labels.tolist() == [0, 1, 2, 3, 1]  # carried over from the low-res npz
+    assert sorted(p.name for p in (out / "images").iterdir())[0] == "000000_class0.png"
+    # the reference loop, batch by batch, with the command's per-batch generators
+    model = _upsampler()
+    diffusion = create_diffusion_from_flags({**SR_FLAGS, "timestep_respacing": "4"})
+    low = _scaled(_low_res(5))
+    for b, lo in enumerate(range(0, 5, 2)):
+        hi = min(lo + 2, 5)
+        g = _batch_generator(torch.device("cpu"), 3, b)
+        want = _reference(model, diffusion, "ddpm", low[lo:hi], torch.tensor(labels[lo:hi]), g)
+        want = ((want + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        assert np.array_equal(images[lo:hi], want), b
+
+    # a killed run that lost its last batch: --resume remakes only that batch, the same images
+    (out / "batches" / "batch_00002.npz").unlink()
+    (out / "samples_5x16x16x3.npz").unlink()
+    r = upsample("--flags", FLAG_STRING, "--checkpoint", files / "sr.pt", *common, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "1 images (4 already there)" in r.output  # the default (parallel/eager) engine resumes
+    with np.load(out / "samples_5x16x16x3.npz") as z:
+        assert np.array_equal(z["arr_0"], images)
+    # another low-res file is another run
+    np.savez(tmp_path / "other.npz", _low_res(5, seed=9), np.array([0, 1, 2, 3, 1]))
+    other = ("--low-res", tmp_path / "other.npz", *common[2:])
+    r = upsample("--flags", FLAG_STRING, "--checkpoint", files / "sr.pt", *other, "--resume")
+    assert r.exit_code == 1 and "differs from the one" in r.output and "low_res" in r.output
+
+
+def test_cli_upsample_cycles_and_reads_safetensors_flags(files, tmp_path):
+    out = tmp_path / "run"
+    r = upsample(
+        "--checkpoint", files / "sr.safetensors", "--low-res", files / "low.npz", "--num-samples", 7,
+        "--sampler", "ddim", "--steps", 2, "--out", out,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    with np.load(out / "samples_7x16x16x3.npz") as z:
+        assert z["arr_1"].tolist() == [0, 1, 2, 3, 1, 0, 1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--preset", "mnist", "--low-res", "low.npz"), "is a diffusion model, not a superres model"),
+        (("--low-res", "missing.npz"), "--low-res not found"),
+        (("--low-res", "big.npz"), "holds 16x16x3 images; the upsampler takes 8x8x3"),
+        (("--low-res", "unlabelled.npz"), "class-conditional but --low-res"),
+        (("--low-res", "low.npz", "--steps", 500), "--steps must be between 2 and 100"),
+        (("--low-res", "low.npz", "--engine", "graph"), "needs a CUDA device"),
+        (("--low-res", "low.npz", "--engine", "onnx"), "super-resolution models"),
+    ],
+)
+def test_cli_upsample_errors_are_one_line(files, tmp_path, args, message):
+    args = [files / a if str(a).endswith(".npz") else a for a in args]
+    if "--preset" not in args:
+        args = ["--checkpoint", files / "sr.safetensors", *args]
+    else:
+        args = ["--checkpoint", files / "sr.pt", *args]
+    r = upsample(*args, "--out", tmp_path / "run")
+    assert r.exit_code == 1, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "run").exists()  # nothing left behind
