@@ -285,18 +285,3 @@ def test_tensorrt_build_path_with_a_stand_in_module(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="could not build an engine"):
         build_engine(graph, tmp_path / "f.engine", TrtBuildConfig())
     assert not (tmp_path / "f.engine").exists()
-
-
-def test_engine_onnx_refuses_fp16_on_the_cpu_before_exporting(tmp_path, monkeypatch):
-    import fastdiff
-    from fastdiff.diffusion import create_diffusion_from_flags
-    from fastdiff.engines import EngineError
-    from fastdiff.models.unet import UNetModel
-
-    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path))
-    unet = UNetModel(8, 1, 32, 1, 1, (), channel_mult=(1,))
-    diffusion = create_diffusion_from_flags({"timestep_respacing": "ddim2"})
-    s = fastdiff.Sampler(unet, diffusion, engine="onnx", dtype="fp16", image_shape=(1, 8, 8))
-    with pytest.raises(EngineError, match="fp16 graphs on onnxruntime's CUDA provider"):
-        s(num_samples=2)
-    assert not list(tmp_path.rglob("*.onnx"))

@@ -200,20 +200,12 @@ def cached_export(model, classifier=None, null_label=None, config: OnnxExportCon
     return path
 
 
-def _cuda_provider(device: torch.device) -> bool:
-    import onnxruntime as ort
-
-    return torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
-
-
 def onnx_engine(step: SamplingStep, device: torch.device):
     """The engine function behind ``ENGINES['onnx']``."""
     model, classifier, null_label, classifier_scale, cfg_scale = _networks(step)
     model, dtype = _plain(model)
     if classifier is not None:
         classifier, _ = _plain(classifier)
-    if dtype != "fp32" and not _cuda_provider(device):
-        raise ExportError("engine 'onnx' runs fp16 graphs on onnxruntime's CUDA provider only (--dtype fp32)")
     path = cached_export(model, classifier, null_label, OnnxExportConfig(dtype=dtype))
     graph = read_export(path)
     check_export(graph, want_classifier=classifier is not None, want_cfg=null_label is not None)
