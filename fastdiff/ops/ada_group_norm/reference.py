@@ -24,7 +24,7 @@ def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _update(h, other, inplace, outplace):
     """``outplace(h, other)``, in h's storage when the result keeps h's dtype (type promotion
     would make the in-place form round differently)."""
-    return inplace(h, other) if torch.result_type(h, other) == h.dtype else outplace(h, other)
+    return inplace(h, other) if torch.promote_types(h.dtype, other.dtype) == h.dtype else outplace(h, other)
 
 
 def ada_group_norm_reference(
