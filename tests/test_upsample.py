@@ -2,7 +2,8 @@
 
 There are no super-resolution cases in ../shared/vectors, so the oracle is the reference loop
 ``fastdiff.diffusion.sample`` with ``low_res`` in its model_kwargs (the semantics of
-super_res_sample.py's p_sample_loop call), on tiny random upsamplers.
+super_res_sample.py's p_sample_loop call), on tiny random upsamplers. The compile engine's cold
+compile took 3 minutes on the CPU, so it and graph are checked on CUDA only (tests marked gpu).
 """
 
 from __future__ import annotations
@@ -95,6 +96,29 @@ def test_sampler_upsamples_as_the_reference_loop(engine, sampler):
     assert not torch.allclose(other, got)
 
 
+def _engine_upsamples_as_eager(engine, device):
+    model = _upsampler().to(device)
+    diffusion = create_diffusion_from_flags({**SR_FLAGS, "timestep_respacing": "ddim4"})
+    eager = fastdiff.Sampler(copy.deepcopy(model), diffusion, engine="eager", device=device)
+    fast = fastdiff.Sampler(copy.deepcopy(model), diffusion, engine=engine, device=device)
+    for seed in (1, 2):  # the second batch refills the compiled or captured step's buffers
+        low = _scaled(_low_res(3, seed)).to(device)
+        labels = torch.tensor([seed, 0, 3], device=device)
+        kw = {"model_kwargs": {"low_res": low}}
+        want = eager(labels, generator=torch.Generator(device).manual_seed(seed), **kw)
+        got = fast(labels, generator=torch.Generator(device).manual_seed(seed), **kw)
+        assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-4, (engine, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("engine", ["graph", "compile"])
+def test_gpu_engines_upsample_as_eager(engine):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    _engine_upsamples_as_eager(engine, "cuda")
+
+
 def test_sampler_model_kwargs_errors():
     s = fastdiff.Sampler(_upsampler(), create_diffusion_from_flags({**SR_FLAGS, "timestep_respacing": "2"}))
     with pytest.raises(ValueError, match="one row per image"):
@@ -182,7 +206,7 @@ def test_cli_upsample_cycles_and_reads_safetensors_flags(files, tmp_path):
     [
         (("--preset", "mnist", "--low-res", "low.npz"), "is a diffusion model, not a superres model"),
         (("--low-res", "missing.npz"), "--low-res not found"),
-        (("--low-res", "big.npz"), "holds 16x16x3 images; the upsampler takes 8x8x3"),
+        (("--low-res", "big.npz"), "big.npz: 16x16x3 images; the upsampler takes 8x8x3"),
         (("--low-res", "unlabelled.npz"), "class-conditional but --low-res"),
         (("--low-res", "low.npz", "--steps", 500), "--steps must be between 2 and 100"),
         (("--low-res", "low.npz", "--engine", "graph"), "needs a CUDA device"),
@@ -199,3 +223,69 @@ def test_cli_upsample_errors_are_one_line(files, tmp_path, args, message):
     assert r.exit_code == 1, r.output
     assert message in r.output and "Traceback" not in r.output
     assert not (tmp_path / "run").exists()  # nothing left behind
+
+
+MNIST_SR_FLAGS = dict(
+    large_size=64,
+    small_size=32,
+    in_channels=1,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1",
+    attention_resolutions="",
+    class_cond=True,
+    num_classes=10,
+    learn_sigma=True,
+    diffusion_steps=100,
+)
+
+
+def test_sample_upsample_with_runs_the_cascade(files, tmp_path):
+    """The bundled MNIST model then a tiny 32->64 upsampler: both resolutions, the upsampled run
+    the same as `fastdiff upsample` on the base run's npz; a resume of the finished cascade is a no-op."""
+    torch.manual_seed(0)
+    sr = create_superres(**MNIST_SR_FLAGS)
+    with torch.no_grad():
+        for p in sr.parameters():
+            p.normal_(0, 0.05)
+    save_weights(sr, tmp_path / "sr.safetensors", {"flags": MNIST_SR_FLAGS})
+    out = tmp_path / "run"
+    args = ["sample", "--no-progress", "--device", "cpu", "--num-samples", 3, "--batch-size", 2, "--steps", 2]
+    args += ["--classes", "4,7", "--out", out, "--upsample-with", tmp_path / "sr.safetensors"]
+    r = CliRunner().invoke(main, [*map(str, args), "--upsample-steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert "upsampled: 3 images" in r.output
+    with np.load(out / "samples_3x32x32x1.npz") as z:
+        assert z["arr_1"].tolist() == [4, 7, 4]
+    with np.load(out / "upsampled" / "samples_3x64x64x1.npz") as z:
+        cascade, labels = z["arr_0"], z["arr_1"]
+    assert labels.tolist() == [4, 7, 4]
+    alone = tmp_path / "alone"
+    r = upsample(
+        "--checkpoint", tmp_path / "sr.safetensors", "--low-res", out / "samples_3x32x32x1.npz",
+        "--steps", 2, "--batch-size", 2, "--out", alone,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    with np.load(alone / "samples_3x64x64x1.npz") as z:
+        assert np.array_equal(z["arr_0"], cascade)
+    r = CliRunner().invoke(main, [*map(str, args), "--upsample-steps", "2", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "0 images (3 already there)" in r.output and "upsampled: 0 images (3 already there)" in r.output
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--upsample-with", "{sr}"], "the base model's samples: 32x32x1 images; the upsampler takes 8x8x3"),
+        (["--upsample-with", "upsampler64-256:{pt}"], "does not fit the model (preset 'upsampler64-256')"),
+        (["--upsample-with", "{pt}"], "say which upsampler it is, PRESET:CHECKPOINT"),
+        (["--upsample-steps", "5"], "--upsample-steps needs --upsample-with"),
+    ],
+)
+def test_sample_upsample_with_errors_before_sampling(files, tmp_path, extra, message):
+    extra = [e.format(sr=files / "sr.safetensors", pt=files / "sr.pt") for e in extra]
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["sample", "--no-progress", "--out", str(out), *extra])
+    assert r.exit_code == 1, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert not out.exists()

@@ -516,6 +516,14 @@ def summary_line(s: dict) -> str:
     help="Clip x0 predictions to [-1, 1].",
 )
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.option(
+    "--upsample-with",
+    metavar="[PRESET:]CHECKPOINT",
+    default=None,
+    help="Then super-resolve the samples with this upsampler (e.g. upsampler64-256:64_256_upsampler.pt; "
+    "a safetensors with its own flags needs no preset) into OUT/upsampled, as fastdiff upsample does.",
+)
+@click.option("--upsample-steps", type=int, default=None, help="The upsampler's DDPM steps (default: 250).")
 def sample_command(
     preset,
     flag_string,
@@ -541,6 +549,8 @@ def sample_command(
     device,
     clip_denoised,
     progress,
+    upsample_with,
+    upsample_steps,
 ):
     """Sample images with classifier or classifier-free guidance.
 
@@ -590,6 +600,13 @@ def sample_command(
             else (clf.num_real_classes if clf is not None else None)
         )
         labels = parse_classes(classes, num_classes, num_samples, seed)
+        cascade = None
+        if upsample_with is not None:
+            from fastdiff.cli.upsample import prepare_cascade
+
+            cascade = prepare_cascade(upsample_with, loaded, labels, upsample_steps, engine, dev)
+        elif upsample_steps is not None:
+            raise click.ClickException("--upsample-steps needs --upsample-with (the upsampler)")
         plan = Plan(
             model=loaded.identity,
             classifier=None if clf is None else clf.identity,
@@ -617,3 +634,8 @@ def sample_command(
             progress=progress,
         )
         click.echo(summary_line(summary))
+        if cascade is not None:
+            image = (loaded.image_size, loaded.image_size, loaded.in_channels)
+            npz = out / final_npz_name(num_samples, image)
+            summary = cascade.run(out, npz, plan, resume=resume, device=dev, progress=progress)
+            click.echo(f"upsampled: {summary_line(summary)}")

@@ -9,6 +9,7 @@ i mod N. The run itself is ``fastdiff sample``'s: the same run folder, batch-by-
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,7 @@ from fastdiff.engines import ENGINES
 from fastdiff.engines.sampler import DTYPES
 from fastdiff.evaluation.metrics import EvaluationError
 from fastdiff.evaluation.npz import read_npz
-from fastdiff.models.checkpoint import file_sha256
-from fastdiff.models.presets import create_superres, sr_defaults
+from fastdiff.models.presets import PRESETS, create_superres, sr_defaults
 
 
 class LoadedUpsampler(LoadedModel):
@@ -58,11 +58,19 @@ def load_upsampler(*, preset, flag_string, checkpoint: Path | None, device) -> L
 
 @dataclass
 class LowRes:
-    """The images to upsample (uint8 NHWC) and their labels, by content for run.json."""
+    """The images to upsample (uint8 NHWC) and their labels."""
 
     images: np.ndarray
     labels: np.ndarray | None
-    sha256: str
+
+    @property
+    def sha256(self) -> str:
+        """The images and labels by content (an npz file's bytes change with each rewrite)."""
+        h = hashlib.sha256(str(self.images.shape).encode())
+        h.update(np.ascontiguousarray(self.images).tobytes())
+        if self.labels is not None:
+            h.update(self.labels.astype(np.int64).tobytes())
+        return h.hexdigest()
 
     def conditioning(self, lo: int, hi: int) -> dict:
         """Samples lo..hi's ``low_res``, scaled as super_res_sample.py scales it."""
@@ -73,31 +81,32 @@ class LowRes:
         return None if self.labels is None else self.labels[np.arange(n) % len(self.labels)].tolist()
 
 
+def check_low_res(upsampler: LoadedUpsampler, size: int, channels: int, labels, source: str) -> None:
+    """What the upsampler takes: its small size, its channels, labels of its classes if it is
+    class-conditional."""
+    want = (upsampler.small_size, upsampler.in_channels)
+    if (size, channels) != want:
+        raise click.ClickException(
+            f"{source}: {size}x{size}x{channels} images; the upsampler takes {want[0]}x{want[0]}x{want[1]}"
+        )
+    if upsampler.class_cond:
+        if labels is None:
+            raise click.ClickException(f"the upsampler is class-conditional but {source} has no labels")
+        classes = upsampler.num_real_classes
+        if np.min(labels) < 0 or np.max(labels) >= classes:
+            raise click.ClickException(f"{source} has labels outside the upsampler's {classes} classes")
+
+
 def read_low_res(path: Path, upsampler: LoadedUpsampler) -> LowRes:
-    """The low-res npz, checked against what the upsampler takes (size, channels, labels)."""
+    """The low-res npz, checked against what the upsampler takes."""
     try:
         batch = read_npz(path, role="--low-res")
         images = np.concatenate(list(batch.batches(1024)))
     except EvaluationError as e:
         raise click.ClickException(str(e)) from None
     h, _, c = batch.image_shape
-    want = (upsampler.small_size, upsampler.in_channels)
-    if (h, c) != want:
-        raise click.ClickException(
-            f"--low-res {path} holds {h}x{h}x{c} images; the upsampler takes {want[0]}x{want[0]}x{want[1]}"
-        )
-    labels = batch.labels
-    if upsampler.class_cond:
-        if labels is None:
-            raise click.ClickException(
-                f"the upsampler is class-conditional but --low-res {path} has no labels (arr_1)"
-            )
-        classes = upsampler.num_real_classes
-        if labels.min() < 0 or labels.max() >= classes:
-            raise click.ClickException(
-                f"--low-res {path} has labels outside the upsampler's {classes} classes"
-            )
-    return LowRes(images, None if labels is None else labels.astype(np.int64), file_sha256(path))
+    check_low_res(upsampler, h, c, batch.labels, f"--low-res {path}")
+    return LowRes(images, None if batch.labels is None else batch.labels.astype(np.int64))
 
 
 @dataclass
@@ -154,6 +163,72 @@ def upsample_run(
         progress=progress,
         conditioning=low_res.conditioning,
     )
+
+
+def check_upsampler_engine(engine: str) -> None:
+    if engine in ("onnx", "trt"):
+        raise click.ClickException(
+            f"engine '{engine}': super-resolution models (a low-resolution image input) do not export "
+            "yet; use eager, compile, graph or parallel"
+        )
+
+
+def parse_upsampler_spec(spec: str) -> tuple[str | None, Path]:
+    """``PRESET:CHECKPOINT``, or a safetensors ``CHECKPOINT`` that carries its own flags."""
+    name, sep, rest = spec.partition(":")
+    if sep and name in PRESETS:
+        return name, Path(rest)
+    return None, Path(spec)
+
+
+@dataclass
+class Cascade:
+    """The upsampler of ``fastdiff sample --upsample-with``, loaded and checked before the base
+    model samples; it then super-resolves the base run's samples into ``OUT/upsampled``."""
+
+    upsampler: LoadedUpsampler
+    respacing: str
+
+    def run(self, base_out: Path, npz: Path, plan: Plan, *, resume: bool, device, progress: bool) -> dict:
+        with np.load(npz) as z:
+            low_res = LowRes(z["arr_0"], z["arr_1"] if "arr_1" in z.files else None)
+        out = base_out / "upsampled"
+        with locked_run_folder(out, resume):
+            return upsample_run(
+                self.upsampler,
+                low_res,
+                sampler="ddpm",
+                respacing=self.respacing,
+                eta=0.0,
+                seed=plan.seed,
+                batch_size=plan.batch_size,
+                dtype=plan.dtype,
+                engine=plan.engine,
+                clip_denoised=plan.clip_denoised,
+                num_samples=len(low_res.images),
+                out=out,
+                resume=resume,
+                device=device,
+                progress=progress,
+            )
+
+
+def prepare_cascade(spec: str, base: LoadedModel, labels, steps: int | None, engine: str, device) -> Cascade:
+    """The upsampler for ``--upsample-with SPEC``, checked against the base model's samples."""
+    check_upsampler_engine(engine)
+    preset, path = parse_upsampler_spec(spec)
+    if preset is None and path.suffix != ".safetensors":
+        raise click.ClickException(
+            f"--upsample-with {spec}: say which upsampler it is, PRESET:CHECKPOINT (e.g. "
+            "upsampler64-256:64_256_upsampler.pt), or give a safetensors that carries its flags"
+        )
+    upsampler = load_upsampler(preset=preset, flag_string=None, checkpoint=path, device=device)
+    check_low_res(upsampler, base.image_size, base.in_channels, labels, "the base model's samples")
+    try:
+        respacing = respacing_for("ddpm", steps, None, upsampler.num_timesteps)
+    except click.ClickException as e:
+        raise click.ClickException(f"--upsample-steps: {e.message}") from None
+    return Cascade(upsampler, respacing)
 
 
 @click.command("upsample")
@@ -227,11 +302,7 @@ def upsample_command(
     The second stage of the cascade (ADM-G + ADM-U), as guided-diffusion's super_res_sample.py.
     """
     dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta)
-    if engine in ("onnx", "trt"):
-        raise click.ClickException(
-            f"engine '{engine}': super-resolution models (a low-resolution image input) do not export "
-            "yet; use eager, compile, graph or parallel"
-        )
+    check_upsampler_engine(engine)
     _check_file(low_res_path, "--low-res")
     with locked_run_folder(out, resume):
         upsampler = load_upsampler(preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=dev)
