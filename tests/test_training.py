@@ -66,7 +66,9 @@ def test_steps_reduce_loss_on_a_fixed_batch(tmp_path):
     for _ in range(15):
         trainer.run_step(x, y)
         trainer.step += 1
-    assert fixed_loss(trainer, x, y) < 0.8 * before
+    # Measured: 0.28-0.32 of the starting loss after 15 steps over seeds 0-3; 0.6 leaves 2x margin
+    # and still fails a trainer whose steps do not learn.
+    assert fixed_loss(trainer, x, y) < 0.6 * before
     row = trainer.meter.flush()
     assert {"loss", "mse", "vb", "grad_norm", "lr"} <= set(row)
     assert any(k.startswith("loss_q") for k in row)
