@@ -67,6 +67,25 @@ def test_round_trip_safetensors_with_metadata(tmp_path):
         save_weights(src, tmp_path / "model.pt")
 
 
+def test_save_weights_is_atomic(tmp_path, monkeypatch):
+    """A write that dies half-way leaves the previous file (or none), never a torn one."""
+    import safetensors.torch
+
+    path = tmp_path / "model.safetensors"
+    save_weights({"w": torch.ones(3)}, path)
+
+    def dies(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError("killed")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies)
+    with pytest.raises(OSError, match="killed"):
+        save_weights({"w": torch.zeros(3)}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    assert torch.equal(safetensors.torch.load_file(path)["w"], torch.ones(3))
+
+
 def test_missing_and_unreadable_files(tmp_path):
     assert issubclass(CheckpointError, ValueError)
     with pytest.raises(CheckpointError, match="checkpoint not found: .*nothing.pt"):

@@ -199,8 +199,11 @@ def save_weights(
     path: str | os.PathLike,
     metadata: dict[str, Any] | None = None,
 ) -> None:
-    """Write weights as safetensors; metadata values are JSON-encoded (safetensors stores strings)."""
+    """Write weights as safetensors, atomically (a killed write leaves no file under the real
+    name); metadata values are JSON-encoded (safetensors stores strings)."""
     from safetensors.torch import save_file
+
+    from fastdiff.imageio import atomic_write
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -208,7 +211,7 @@ def save_weights(
     sd = model.state_dict() if isinstance(model, nn.Module) else model
     tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     meta = {str(k): json.dumps(v) for k, v in (metadata or {}).items()}
-    save_file(tensors, str(path), metadata=meta)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

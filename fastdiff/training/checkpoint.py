@@ -16,17 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from fastdiff.imageio import atomic_write
+from fastdiff.models.checkpoint import save_weights
 
 LATEST = "latest.json"
-
-
-def save_safetensors(state: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    meta = {str(k): json.dumps(v) for k, v in (metadata or {}).items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def save_torch(obj, path) -> None:
@@ -86,10 +80,10 @@ def save_checkpoint(
         "ema": {},
         "state": f"state_{step:07d}.pt",
     }
-    save_safetensors(model_state, out_dir / record["model"], meta)
+    save_weights(model_state, out_dir / record["model"], meta)
     for rate, ema in ema_states.items():
         name = f"ema_{ema_name(rate)}_{step:07d}.safetensors"
-        save_safetensors(ema, out_dir / name, dict(meta, ema_rate=rate))
+        save_weights(ema, out_dir / name, dict(meta, ema_rate=rate))
         record["ema"][ema_name(rate)] = name
     save_torch(state, out_dir / record["state"])
     atomic_write(out_dir / LATEST, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fastdiff.evaluation import metrics
+from fastdiff.models.checkpoint import save_weights
 
-from .checkpoint import save_safetensors
 from .data import get_mnist
 
 
@@ -103,7 +103,7 @@ def train_mnist_cnn(
             sched.step()
     acc = accuracy(cnn, val.images, val.labels)
     if out_path is not None:
-        save_safetensors(cnn.state_dict(), out_path, {"val_accuracy": acc, "epochs": epochs, "seed": seed})
+        save_weights(cnn.state_dict(), out_path, {"val_accuracy": acc, "epochs": epochs, "seed": seed})
     return cnn, acc
 
 
