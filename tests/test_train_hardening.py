@@ -228,7 +228,12 @@ def test_locked_run_folder_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "extra, text",
-    [(["--num-workers", "-1"], "--num-workers"), (["--keep-last", "-1"], "--keep-last")]
+    [
+        (["--num-workers", "-1"], "--num-workers"),
+        (["--keep-last", "-1"], "--keep-last"),
+        (["--cfg-dropout", "1.5"], "--cfg-dropout must be in [0, 1)"),
+        (["--cfg-dropout", "0.1", "--flags", "--class_cond False"], "needs a class-conditional model"),
+    ]
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]),
 )
 def test_bad_options_are_one_line(tmp_path, extra, text):

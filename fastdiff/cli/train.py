@@ -32,6 +32,7 @@ from fastdiff.training import (
     DiffusionTrainer,
     TrainConfig,
     TrainingError,
+    check_cfg_dropout,
     dist,
     get_mnist,
     latest_checkpoint,
@@ -46,8 +47,9 @@ from fastdiff.training import (
 USER_ERRORS = (ConfigError, FlagError, DataError, CheckpointError, FileNotFoundError, TrainingError)
 
 
-def _flags_and_data(base: dict, kind: str, o: dict):
-    """Flags (defaults < preset < --flags < --image-size) and the dataset they describe.
+def _flags_and_data(base: dict, kind: str, o: dict, check=None):
+    """Flags (defaults < preset < --flags < --image-size) and the dataset they describe;
+    ``check(flags)`` runs before the data is read.
 
     npz/mnist data keep their own size unless a size was asked for; folders are resized to it.
     """
@@ -65,6 +67,8 @@ def _flags_and_data(base: dict, kind: str, o: dict):
         sized = sized or "image_size" in given
     if o["image_size"]:
         flags["image_size"] = o["image_size"]
+    if check is not None:
+        check(flags)
     size = flags["image_size"] if sized or Path(o["data"]).is_dir() else None
     dataset = load_dataset(
         o["data"], size, channels=flags.get("in_channels", 3), skip_bad_images=o["skip_bad_images"]
@@ -306,9 +310,12 @@ def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps
     try:
         _check_options(o)
         _check_out(o["out"], o["resume"])
-        flags, dataset = _flags_and_data({**model_defaults(), **diffusion_defaults()}, "diffusion", o)
-        if not 0 <= cfg_dropout < 1:
-            raise ConfigError(f"--cfg-dropout must be in [0, 1), got {cfg_dropout}")
+        flags, dataset = _flags_and_data(
+            {**model_defaults(), **diffusion_defaults()},
+            "diffusion",
+            o,
+            check=lambda f: check_cfg_dropout(cfg_dropout, bool(f.get("class_cond"))),
+        )
         flags = resolve_flags(flags, dataset, cfg_dropout)
         config = _config(
             flags,

@@ -27,8 +27,17 @@ def parse_ema_rates(text) -> tuple[float, ...]:
     return rates
 
 
+def check_cfg_dropout(cfg_dropout: float, class_cond: bool) -> None:
+    """Classifier-free guidance's label dropout: a probability below 1, for a class-conditional model."""
+    if not 0 <= cfg_dropout < 1:
+        raise ConfigError(f"--cfg-dropout must be in [0, 1), got {cfg_dropout}")
+    if cfg_dropout > 0 and not class_cond:
+        raise ConfigError("--cfg-dropout needs a class-conditional model (class_cond True)")
+
+
 def resolve_flags(flags: dict, dataset, cfg_dropout: float = 0.0) -> dict:
     """Fit diffusion-model flags to the data: size, channels, class count (+1 null class for CFG)."""
+    check_cfg_dropout(cfg_dropout, bool(flags.get("class_cond")))
     flags = dict(flags, image_size=dataset.image_size, in_channels=dataset.channels, use_fp16=False)
     if flags.get("class_cond"):
         if not dataset.num_classes:
@@ -36,8 +45,6 @@ def resolve_flags(flags: dict, dataset, cfg_dropout: float = 0.0) -> dict:
                 "class_cond True needs labelled data (class subfolders, class_ prefixes or arr_1)"
             )
         flags["num_classes"] = dataset.num_classes + (1 if cfg_dropout > 0 else 0)
-    elif cfg_dropout > 0:
-        raise ConfigError("--cfg-dropout needs a class-conditional model (class_cond True)")
     return flags
 
 

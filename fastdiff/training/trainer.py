@@ -22,7 +22,7 @@ from fastdiff.imageio import save_grid, to_uint8
 from fastdiff.models.presets import create_classifier, create_unet
 
 from . import dist
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig, check_cfg_dropout
 from .loop import TrainLoop, stream_key
 from .resample import UniformSampler, create_named_schedule_sampler
 from .runlog import Meter
@@ -35,6 +35,7 @@ class DiffusionTrainer(TrainLoop):
 
     def __init__(self, config: TrainConfig, dataset):
         flags = config.flags
+        check_cfg_dropout(config.cfg_dropout, bool(flags.get("class_cond")))
         torch.manual_seed(config.seed)
         super().__init__(config, dataset, create_unet(**flags))
         self.diffusion = create_diffusion_from_flags(flags)
@@ -42,10 +43,6 @@ class DiffusionTrainer(TrainLoop):
             config.schedule_sampler, self.diffusion.num_timesteps
         )
         self.class_cond = bool(flags.get("class_cond"))
-        if config.cfg_dropout and not self.class_cond:
-            raise ConfigError("--cfg-dropout needs a class-conditional model (class_cond True)")
-        if not 0 <= config.cfg_dropout < 1:
-            raise ConfigError(f"cfg dropout must be in [0, 1), got {config.cfg_dropout}")
         self.null_label = flags["num_classes"] - 1 if config.cfg_dropout > 0 else None
         self._sample_model = None
 
