@@ -21,6 +21,8 @@ class LazyGroup(click.Group):
         "nearest": ("fastdiff.cli.nearest", "nearest_command"),
         "gd-run": ("fastdiff.cli.gd_run", "gd_run_command"),
         "upsample": ("fastdiff.cli.upsample", "upsample_command"),
+        "invert": ("fastdiff.cli.invert", "invert_command"),
+        "interpolate": ("fastdiff.cli.invert", "interpolate_command"),
     }
     summaries = {
         "sample": "Sample images with classifier or classifier-free guidance.",
@@ -32,6 +34,8 @@ class LazyGroup(click.Group):
         "nearest": "Memorisation check: each sample's nearest training images, flagged near-copies.",
         "gd-run": "Run a guided-diffusion SCRIPT with its own ARGS on fastdiff, unedited.",
         "upsample": "Super-resolve low-resolution samples with an ADM-U upsampler (64->256, 128->512).",
+        "invert": "DDIM-invert IMAGES to latents x_T (reconstruction PSNR); --to-class edits their class.",
+        "interpolate": "Sample the spherical interpolation between two latents as one strip PNG.",
     }
 
     def format_commands(self, ctx, formatter):

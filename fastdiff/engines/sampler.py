@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdiff.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
+from fastdiff.diffusion.inversion import DDIMReverseStep, run_inversion
 from fastdiff.diffusion.samplers import SamplingStep, get_sampler, make_rule, randn, run_steps
 from fastdiff.models.unet import SuperResModel
 from fastdiff.ops.ada_group_norm import cuda_kernel
@@ -245,3 +246,30 @@ class Sampler:
             if callback is not None:
                 callback(i, x, pred_xstart)
         return x.clone()
+
+    def invert(self, images: Tensor, labels: Tensor | Sequence[int] | None = None) -> Tensor:
+        """x_T of ``images`` ([-1, 1], NCHW) by DDIM inversion (fastdiff.diffusion.inversion) with
+        this sampler's model, guidance and engine: sampling it back with ddim, eta 0 and the same
+        labels reproduces the images (up to the inversion's approximation)."""
+        images = images.to(self.device, torch.float32)
+        n = len(images)
+        if labels is None and self.needs_labels:
+            raise ValueError("this model or its guidance is class-conditional: pass labels")
+        if ("invert", n) not in self._steps:
+            buf = torch.zeros(n, dtype=torch.long, device=self.device) if self.needs_labels else None
+            guidance_kwargs = {} if buf is None else {"y": buf}
+            step = SamplingStep(
+                self.diffusion,
+                self.denoiser,
+                DDIMReverseStep(self.diffusion, device=self.device, dtype=torch.float32),
+                model_kwargs=guidance_kwargs if self.class_cond else {},
+                cond_fn=self.cond_fn,
+                cond_kwargs=guidance_kwargs,
+                clip_denoised=self.clip_denoised,
+            )
+            step.prepare(images)
+            self._steps["invert", n] = (buf, build_engine(self.engine, step, self.device))
+        buf, run = self._steps["invert", n]
+        if buf is not None:
+            buf.copy_(torch.as_tensor(labels, dtype=torch.long, device=self.device).reshape(-1))
+        return run_inversion(self.diffusion, run, images)
