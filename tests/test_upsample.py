@@ -9,6 +9,7 @@ compile took 3 minutes on the CPU, so it and graph are checked on CUDA only (tes
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from click.testing import CliRunner
 import fastdiff
 from fastdiff.cli.main import main
 from fastdiff.cli.sample import _batch_generator
+from fastdiff.cli.upsample import parse_upsampler_spec
 from fastdiff.diffusion import create_diffusion_from_flags, sample
 from fastdiff.models.checkpoint import save_weights
 from fastdiff.models.presets import create_superres
@@ -69,8 +71,7 @@ def _reference(model, diffusion, sampler, low_res, labels, generator):
     )
 
 
-@pytest.mark.parametrize("engine", ["eager", "parallel"])
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("engine, sampler", [("eager", "ddpm"), ("parallel", "ddim")])
 def test_sampler_upsamples_as_the_reference_loop(engine, sampler):
     """Two batches through one cached step: the second's low_res and labels refill its buffers."""
     model = _upsampler()
@@ -277,7 +278,6 @@ def test_sample_upsample_with_runs_the_cascade(files, tmp_path):
     "extra, message",
     [
         (["--upsample-with", "{sr}"], "the base model's samples: 32x32x1 images; the upsampler takes 8x8x3"),
-        (["--upsample-with", "upsampler64-256:{pt}"], "does not fit the model (preset 'upsampler64-256')"),
         (["--upsample-with", "{pt}"], "say which upsampler it is, PRESET:CHECKPOINT"),
         (["--upsample-steps", "5"], "--upsample-steps needs --upsample-with"),
     ],
@@ -289,3 +289,52 @@ def test_sample_upsample_with_errors_before_sampling(files, tmp_path, extra, mes
     assert r.exit_code == 1, r.output
     assert message in r.output and "Traceback" not in r.output
     assert not out.exists()
+
+
+def test_upsample_with_names_a_preset_or_a_file():
+    assert parse_upsampler_spec("upsampler64-256:/w/64_256_upsampler.pt") == (
+        "upsampler64-256",
+        Path("/w/64_256_upsampler.pt"),
+    )
+    assert parse_upsampler_spec("C:/w/sr.safetensors") == (None, Path("C:/w/sr.safetensors"))
+
+
+def test_against_the_original_super_res_sampling(monkeypatch):
+    """With FASTDIFF_GUIDED_DIFFUSION pointing at a guided-diffusion checkout: its own upsampler and
+    p_sample_loop (super_res_sample.py's call, global RNG) against fastdiff.Sampler on the same
+    weights, low-res images, labels and seed."""
+    import os
+    import sys
+
+    root = os.environ.get("FASTDIFF_GUIDED_DIFFUSION")
+    if not root:
+        pytest.skip("set FASTDIFF_GUIDED_DIFFUSION to a guided-diffusion checkout")
+    monkeypatch.syspath_prepend(root)
+    script_util = pytest.importorskip("guided_diffusion.script_util")
+    flags = script_util.sr_model_and_diffusion_defaults()
+    flags.update(
+        large_size=64, small_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="8",
+        num_head_channels=32, class_cond=True, learn_sigma=True, resblock_updown=True,
+        timestep_respacing="4",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    original, original_diffusion = script_util.sr_create_model_and_diffusion(**flags)
+    with torch.no_grad():
+        for p in original.parameters():
+            p.normal_(0, 0.05)
+    original.eval()
+    ours = create_superres(**{k: v for k, v in flags.items() if k != "timestep_respacing"})
+    ours.load_state_dict(original.state_dict())
+    low = _scaled(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    labels = torch.tensor([7, 981])
+    torch.manual_seed(5)
+    with torch.no_grad():
+        want = original_diffusion.p_sample_loop(
+            original, (2, 3, 64, 64), clip_denoised=True, model_kwargs={"low_res": low, "y": labels}
+        )
+    sampler = fastdiff.Sampler(ours, create_diffusion_from_flags(flags), sampler="ddpm", engine="eager")
+    torch.manual_seed(5)
+    got = sampler(labels, model_kwargs={"low_res": low})  # no generator: the global RNG, as the original
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-4
+    for name in [m for m in sys.modules if m.startswith("guided_diffusion")]:
+        sys.modules.pop(name)
