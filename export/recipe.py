@@ -135,6 +135,66 @@ def variants() -> dict:
     return results
 
 
+def vectors(folder: Path) -> dict:
+    """Each guided reference case of guided-diffusion (``../shared/vectors``): export its model
+    and classifier, then DDIM through ``--engine onnx`` against the case's x_0 and against eager."""
+    import fastdiff
+    from fastdiff.compat import guided_diffusion as gd
+
+    results = {}
+    for case_path in sorted(folder.glob("*.pt")):
+        case = torch.load(case_path, weights_only=True)
+        spec = case.get("sample", {})
+        if "classifier" not in case or float(spec.get("classifier_scale", 0)) == 0:
+            continue
+        model, _ = gd.create_model_and_diffusion(**case["flags"])
+        model.load_state_dict(case["state_dict"], strict=True)
+        clf = gd.create_classifier(**case["classifier"]["flags"])
+        clf.load_state_dict(case["classifier"]["state_dict"], strict=True)
+        for net in (model, clf):
+            net.eval().requires_grad_(False)
+        names = ("learn_sigma", "noise_schedule", "use_kl", "predict_xstart", "rescale_timesteps",
+                 "rescale_learned_sigmas")  # fmt: skip
+        diffusion = gd.create_gaussian_diffusion(
+            steps=case["flags"].get("diffusion_steps", 1000),
+            timestep_respacing=spec["respacing"],
+            **{k: case["flags"][k] for k in names if k in case["flags"]},
+        )
+        from fastdiff.export.onnx_runtime import cached_export
+
+        start = time.perf_counter()
+        path = cached_export(model, clf, None, OnnxExportConfig())
+        export_s = time.perf_counter() - start
+        scale = float(spec["classifier_scale"])
+        x0 = {}
+        for engine in ("eager", "onnx"):
+            s = fastdiff.Sampler(model, diffusion, sampler=spec.get("method", "ddim"), classifier=clf,
+                                 classifier_scale=scale, engine=engine, clip_denoised=True)  # fmt: skip
+            x0[engine] = s(spec["y"], noise=spec["x_T"])
+
+        def rel(a, b):
+            return float((a - b).abs().max() / b.abs().max())
+
+        results[case_path.name] = {
+            "export_s_or_cached": export_s,
+            "nodes": sum(node_counts_of(path).values()),
+            "x0_onnx_vs_reference": rel(x0["onnx"], spec["x_0"]),
+            "x0_eager_vs_reference": rel(x0["eager"], spec["x_0"]),
+            "x0_onnx_vs_eager": rel(x0["onnx"], x0["eager"]),
+        }
+    text = json.dumps(results, indent=2) + "\n"
+    atomic_write(HERE / "results" / "vectors.json", lambda tmp: Path(tmp).write_text(text))
+    return results
+
+
+def node_counts_of(path: Path) -> dict:
+    import onnx
+
+    from fastdiff.export.onnx_export import node_counts
+
+    return node_counts(onnx.load(str(path), load_external_data=False))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -142,12 +202,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", action="store_true", help="also a tiny model's cfg and fp16 exports")
     ap.add_argument("--no-bundled", action="store_true", help="skip the bundled model")
+    ap.add_argument("--vectors", type=Path, default=None, help="guided-diffusion reference cases folder")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not args.no_bundled:
         print(json.dumps(bundled(args.repeats, args.batch), indent=2))
     if args.variants:
         print(json.dumps(variants(), indent=2))
+    if args.vectors is not None:
+        print(json.dumps(vectors(args.vectors), indent=2))
 
 
 if __name__ == "__main__":
