@@ -145,11 +145,11 @@ def test_interpolation_ends_are_the_seeds_samples(inverted, tmp_path):
     d, _, _ = inverted
     ends = []
     for seed in (5, 6):  # image 0 of a batch of two: x_T is the batch generator's first draw
-        r = cli("sample", "--no-progress", "--num-samples", 2, "--classes", 7, "--steps", 10,
+        r = cli("sample", "--no-progress", "--num-samples", 2, "--classes", 7, "--steps", 4,
                 "--classifier-scale", 0, "--seed", seed, "--out", tmp_path / f"s{seed}")  # fmt: skip
         assert r.exit_code == 0, r.output
         ends.append(np.asarray(Image.open(tmp_path / f"s{seed}" / "images" / "000000_class7.png")))
-    r = cli("interpolate", "--from", 5, "--to", 6, "--class", 7, "--frames", 3, "--steps", 10,
+    r = cli("interpolate", "--from", 5, "--to", 6, "--class", 7, "--frames", 3, "--steps", 4,
             "--out", tmp_path / "strip.png")  # fmt: skip
     assert r.exit_code == 0, r.output
     tiles = _tiles(tmp_path / "strip.png", 3)
