@@ -24,8 +24,28 @@ def triton_available() -> bool:
     return _TRITON
 
 
+def env_flag(name: str) -> bool:
+    """An on/off environment switch: on when set to anything but "" or "0"."""
+    return os.environ.get(name, "0") not in ("", "0")
+
+
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return env_flag("TRITON_INTERPRET")
+
+
+def poison_outputs() -> bool:
+    """``FASTDIFF_OPS_POISON=1``: kernel outputs start as NaN, so tests catch unwritten elements."""
+    return env_flag("FASTDIFF_OPS_POISON")
+
+
+def new_output(shape_or_like, **kwargs):
+    """An output buffer for a kernel to fill (``torch.empty`` / ``empty_like`` arguments), NaN
+    first under :func:`poison_outputs`."""
+    if isinstance(shape_or_like, torch.Tensor):
+        t = torch.empty_like(shape_or_like, **kwargs)
+    else:
+        t = torch.empty(shape_or_like, **kwargs)
+    return t.fill_(float("nan")) if poison_outputs() and t.is_floating_point() else t
 
 
 OPS_MODES = ("auto", "reference", "triton")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import warnings
 from pathlib import Path
+
+from ._backend import env_flag
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("binding.cpp", "ada_group_norm.cu")
@@ -57,7 +58,7 @@ def load_extension():
             extra_include_paths=[str(src)],
             extra_cflags=["-O3"],
             extra_cuda_cflags=CUDA_FLAGS,
-            verbose=os.environ.get("FASTDIFF_CUDA_VERBOSE", "0") not in ("", "0"),
+            verbose=env_flag("FASTDIFF_CUDA_VERBOSE"),
         )
     except Exception as exc:  # any build failure means "no CUDA kernels", never a crash
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .._backend import poison_outputs
 from .._cuda_build import load_extension
 
 _ACTIVATIONS = {None: False, "silu": True}
@@ -50,16 +51,11 @@ def _silu(activation: str | None) -> bool:
     return _ACTIVATIONS[activation]
 
 
-def _poison() -> bool:
-    """``FASTDIFF_OPS_POISON=1`` fills outputs with NaN first, so tests catch unwritten elements."""
-    return os.environ.get("FASTDIFF_OPS_POISON", "0") not in ("", "0")
-
-
 def forward(x, num_groups, weight, bias, scale, shift, eps, activation):
     """-> (y, mean, rstd); mean/rstd fp32 [N, G]; y same dtype/memory format as x."""
     ext = load_extension()
     y, mean, rstd = ext.ada_group_norm_forward(
-        x, num_groups, weight, bias, scale, shift, float(eps), _silu(activation), poison=_poison()
+        x, num_groups, weight, bias, scale, shift, float(eps), _silu(activation), poison=poison_outputs()
     )
     return y, mean, rstd
 
@@ -69,7 +65,17 @@ def backward(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activati
     ext = load_extension()
     return tuple(
         ext.ada_group_norm_backward(
-            dy, x, num_groups, weight, bias, scale, shift, mean, rstd, _silu(activation), poison=_poison()
+            dy,
+            x,
+            num_groups,
+            weight,
+            bias,
+            scale,
+            shift,
+            mean,
+            rstd,
+            _silu(activation),
+            poison=poison_outputs(),
         )
     )
 

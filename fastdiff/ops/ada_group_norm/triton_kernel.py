@@ -18,28 +18,16 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .._backend import new_output
+
 _MIN_CHUNK_ELEMS = 16384  # below this a chunk costs more in launches/merges than it saves
 _MAX_CHUNKS = 512  # a power of two: the normalize pass reads all chunk moments as one block of this size
 _TILE_ELEMS = 2048  # elements per tile; tests shrink it to run the multi-tile merges on small shapes
-
-
-def _poison() -> bool:
-    """``FASTDIFF_OPS_POISON=1`` fills outputs with NaN first, so tests catch unwritten elements."""
-    return os.environ.get("FASTDIFF_OPS_POISON", "0") not in ("", "0")
-
-
-def _new(shape_or_like, **kw):
-    if isinstance(shape_or_like, torch.Tensor):
-        t = torch.empty_like(shape_or_like, **kw)
-    else:
-        t = torch.empty(shape_or_like, **kw)
-    return t.fill_(float("nan")) if _poison() and t.is_floating_point() else t
 
 
 def _flat(t: torch.Tensor):
@@ -515,17 +503,17 @@ def forward(x, num_groups, weight, bias, scale, shift, eps, activation, *, num_c
     xf, (sxn, sxc, sxs), n, c, cg, s, tc, ts, align = _setup(x, num_groups)
     warps = _warps(tc * ts, 256)
     acc, acc_t = _acc_dtype(x)
-    y = _new(x)  # x's memory format
+    y = new_output(x)  # x's memory format
     if _flat(y)[0] is not y:  # a permuted layout _flat cannot view: the output takes xf's
-        y = _new(xf)
+        y = new_output(xf)
     _, syn, syc, sys, _ = _flat(y)
-    mean = _new((n, num_groups), dtype=acc_t, device=x.device)
-    rstd = _new((n, num_groups), dtype=acc_t, device=x.device)
+    mean = new_output((n, num_groups), dtype=acc_t, device=x.device)
+    rstd = new_output((n, num_groups), dtype=acc_t, device=x.device)
     if x.numel() == 0:  # empty groups have no statistics, as in torch
         return y, mean.fill_(float("nan")), rstd.fill_(float("nan"))
     groups = n * num_groups
     k, chunk_s = _chunks(_sms(x), groups, cg, s, ts, num_chunks)
-    part = _new((groups, k, 3), dtype=acc_t, device=x.device) if k > 1 else mean
+    part = new_output((groups, k, 3), dtype=acc_t, device=x.device) if k > 1 else mean
     if k > 1:
         _stats_kernel[(groups, k)](
             xf,
@@ -601,9 +589,9 @@ def backward(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activati
     warps = _warps(tc * ts, 128 if align == 1 else 256)
     acc, acc_t = _acc_dtype(x)
     dyf, sdn, sdc, sds, _ = _flat(dy)
-    dx = _new(x)
+    dx = new_output(x)
     if _flat(dx)[0] is not dx:
-        dx = _new(xf)
+        dx = new_output(xf)
     _, sgn, sgc, sgs, _ = _flat(dx)
     groups = n * num_groups
     k, chunk_s = _chunks(_sms(x), groups, cg, s, ts, num_chunks) if x.numel() else (1, 1)
@@ -623,7 +611,7 @@ def backward(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activati
         CG_ALIGN=align,
         num_warps=warps,
     )
-    sums = _new((k, 2, n, c), dtype=acc_t, device=x.device)
+    sums = new_output((k, 2, n, c), dtype=acc_t, device=x.device)
     if x.numel() == 0:
         sums.zero_()
     elif k > 1:

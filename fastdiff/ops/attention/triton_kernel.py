@@ -17,23 +17,14 @@ atomics and deterministic gradients. Gradients land in a dqkv with qkv's layout.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from fastdiff.ops._backend import triton_interpret
+from fastdiff.ops._backend import new_output, triton_interpret
 
 _LOG2E = 1.4426950408889634
-
-
-def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Output buffer; ``FASTDIFF_OPS_POISON=1`` fills it with NaN so tests catch unwritten elements."""
-    dtype = dtype or like.dtype
-    if os.environ.get("FASTDIFF_OPS_POISON", "0") not in ("", "0"):
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
 
 
 def _layout(num_heads: int, head_dim: int, order: str):
@@ -368,8 +359,8 @@ def forward(qkv: torch.Tensor, num_heads: int, order: str):
     """-> (out [B, H*d, T] in qkv's dtype, lse fp32 [B*H, T] natural-log logsumexp)."""
     bs, head_dim, length, block_d = _dims(qkv, num_heads)
     head_step, k_off, v_off = _layout(num_heads, head_dim, order)
-    out = _empty((bs, num_heads * head_dim, length), qkv)
-    lse = _empty((bs * num_heads, length), qkv, torch.float32)
+    out = new_output((bs, num_heads * head_dim, length), dtype=qkv.dtype, device=qkv.device)
+    lse = new_output((bs * num_heads, length), dtype=torch.float32, device=qkv.device)
     block_m, block_n, warps, stages = _config("fwd", head_dim, length, qkv.dtype)
     grid = (triton.cdiv(length, block_m), bs * num_heads)
     _fwd_kernel[grid](
@@ -405,7 +396,7 @@ def backward(
         _config("dq", head_dim, length, qkv.dtype),
         _config("dkdv", head_dim, length, qkv.dtype),
     )
-    delta = _empty((bs * num_heads, length), qkv, torch.float32)
+    delta = new_output((bs * num_heads, length), dtype=torch.float32, device=qkv.device)
     _bwd_delta_kernel[(triton.cdiv(length, dq_cfg[0]), bs * num_heads)](
         dout,
         out,
@@ -419,7 +410,7 @@ def backward(
         BLOCK_D=block_d,
         num_warps=dq_cfg[2],
     )
-    dqkv = _empty(qkv.shape, qkv)
+    dqkv = new_output(qkv)
     sm_scale = 1 / math.sqrt(head_dim)
     args = (
         qkv,
