@@ -143,23 +143,26 @@ class Sampler:
         compiled or captured step is reused across batches."""
         key = _layout(n, model_kwargs)
         if key not in self._steps:
-            labels = torch.zeros(n, dtype=torch.long, device=self.device) if self.needs_labels else None
-            guidance_kwargs = {} if labels is None else {"y": labels}
-            extra = {k: torch.zeros_like(v, device=self.device) for k, v in (model_kwargs or {}).items()}
-            model_kwargs = {**extra, **(guidance_kwargs if self.class_cond else {})}
-            step = SamplingStep(
-                self.diffusion,
-                self.denoiser,
-                self.rule,
-                model_kwargs=model_kwargs,
-                cond_fn=self.cond_fn,
-                cond_kwargs=guidance_kwargs,
-                clip_denoised=self.clip_denoised,
-            )
-            step.prepare(torch.zeros(1, device=self.device))
-            self._steps[key] = (labels, build_engine(self.engine, step, self.device))
-            self._extra[key] = extra
+            labels, self._extra[key], run = self._new_step(n, self.rule, model_kwargs)
+            self._steps[key] = (labels, run)
         return self._steps[key]
+
+    def _new_step(self, n: int, rule, model_kwargs: dict[str, Tensor] | None):
+        """(label buffer, conditioning buffers, engine step) of ``rule`` for batch size n."""
+        labels = torch.zeros(n, dtype=torch.long, device=self.device) if self.needs_labels else None
+        guidance_kwargs = {} if labels is None else {"y": labels}
+        extra = {k: torch.zeros_like(v, device=self.device) for k, v in (model_kwargs or {}).items()}
+        step = SamplingStep(
+            self.diffusion,
+            self.denoiser,
+            rule,
+            model_kwargs={**extra, **(guidance_kwargs if self.class_cond else {})},
+            cond_fn=self.cond_fn,
+            cond_kwargs=guidance_kwargs,
+            clip_denoised=self.clip_denoised,
+        )
+        step.prepare(torch.zeros(1, device=self.device))
+        return labels, extra, build_engine(self.engine, step, self.device)
 
     def _fill(self, n: int, labels: Tensor | None, model_kwargs: dict[str, Tensor] | None) -> Callable:
         """The step for this batch with its labels and conditioning copied into the buffers."""
@@ -256,19 +259,9 @@ class Sampler:
         if labels is None and self.needs_labels:
             raise ValueError("this model or its guidance is class-conditional: pass labels")
         if ("invert", n) not in self._steps:
-            buf = torch.zeros(n, dtype=torch.long, device=self.device) if self.needs_labels else None
-            guidance_kwargs = {} if buf is None else {"y": buf}
-            step = SamplingStep(
-                self.diffusion,
-                self.denoiser,
-                DDIMReverseStep(self.diffusion, device=self.device, dtype=torch.float32),
-                model_kwargs=guidance_kwargs if self.class_cond else {},
-                cond_fn=self.cond_fn,
-                cond_kwargs=guidance_kwargs,
-                clip_denoised=self.clip_denoised,
-            )
-            step.prepare(images)
-            self._steps["invert", n] = (buf, build_engine(self.engine, step, self.device))
+            rule = DDIMReverseStep(self.diffusion, device=self.device, dtype=torch.float32)
+            buf, _, run = self._new_step(n, rule, None)
+            self._steps["invert", n] = (buf, run)
         buf, run = self._steps["invert", n]
         if buf is not None:
             buf.copy_(torch.as_tensor(labels, dtype=torch.long, device=self.device).reshape(-1))
