@@ -7,6 +7,7 @@ module the kernels are JIT-built on first use from a source checkout (fastdiff/o
 """
 
 import os
+import shlex
 
 from setuptools import setup
 
@@ -18,14 +19,15 @@ def cuda_extension_kwargs() -> dict:
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "csrc", "nvcc_flags.txt")) as f:
+        nvcc_flags = shlex.split(f.read(), comments=True)
     ext = CUDAExtension(
         "fastdiff._C",
         sources=["csrc/binding.cpp", "csrc/ada_group_norm.cu"],
         include_dirs=[os.path.join(here, "csrc")],
         extra_compile_args={
             "cxx": ["-O3"],  # torch supplies -std (c++20 for torch 2.13)
-            # No --use_fast_math: keep expf and fp32 statistics exact (see _cuda_build.py).
-            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
+            "nvcc": nvcc_flags,  # csrc/nvcc_flags.txt says why these
         },
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}

@@ -16,7 +16,8 @@ trap 'rm -rf "$out"' EXIT
 for src in csrc/*.cu; do
     obj="$out/$(basename "$src" .cu).o"
     echo "check_cuda_compile: $src"
-    "$NVCC" -std=c++17 -O3 -c "$src" -o "$obj" -Icsrc \
+    # shellcheck disable=SC2046
+    "$NVCC" -std=c++20 $(grep -v '^#' csrc/nvcc_flags.txt) -c "$src" -o "$obj" -Icsrc \
         -gencode arch=compute_80,code=sm_80 \
         -gencode arch=compute_90,code=sm_90 \
         -Xcompiler -Wall,-Wextra,-Werror -Werror all-warnings \

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import shlex
 import warnings
 from pathlib import Path
 
@@ -18,15 +19,17 @@ from ._backend import env_flag
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("binding.cpp", "ada_group_norm.cu")
+FILES = (*SOURCES, "nvcc_flags.txt")
 
-# No --use_fast_math: it swaps expf for __expf and flushes denormals, which the SiLU and the
-# fp32 statistics should not get silently.
-CUDA_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]  # torch adds its -std (c++20)
+
+def nvcc_flags(src: Path) -> list[str]:
+    """The kernels' nvcc flags, one list for every build (csrc/nvcc_flags.txt says why)."""
+    return shlex.split((src / "nvcc_flags.txt").read_text(), comments=True)
 
 
 def csrc_dir() -> Path | None:
     """The kernel sources, present only in a source checkout."""
-    return CSRC if all((CSRC / s).is_file() for s in SOURCES) else None
+    return CSRC if all((CSRC / s).is_file() for s in FILES) else None
 
 
 @functools.cache
@@ -57,7 +60,7 @@ def load_extension():
             sources=[str(src / s) for s in SOURCES],
             extra_include_paths=[str(src)],
             extra_cflags=["-O3"],
-            extra_cuda_cflags=CUDA_FLAGS,
+            extra_cuda_cflags=nvcc_flags(src),
             verbose=env_flag("FASTDIFF_CUDA_VERBOSE"),
         )
     except Exception as exc:  # any build failure means "no CUDA kernels", never a crash
