@@ -506,7 +506,7 @@ def summary_line(s: dict) -> str:
     type=click.Choice(list(DTYPES)),
     default="fp32",
     show_default=True,
-    help="Compute dtype (autocast).",
+    help="Compute dtype: the networks cast once (GroupNorm statistics stay fp32).",
 )
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option(
