@@ -232,6 +232,7 @@ def test_locked_run_folder_is_refused(tmp_path):
         (["--num-workers", "-1"], "--num-workers"),
         (["--keep-last", "-1"], "--keep-last"),
         (["--cfg-dropout", "1.5"], "--cfg-dropout must be in [0, 1)"),
+        (["--flags", "--num_channels -8"], "--num_channels must be at least 1"),
         (["--cfg-dropout", "0.1", "--flags", "--class_cond False"], "needs a class-conditional model"),
     ]
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]),

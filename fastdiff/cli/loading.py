@@ -126,7 +126,7 @@ def _type_ok(value, default) -> bool:
     return isinstance(value, type(default))
 
 
-def _check_flags(flags: dict, kind: str) -> None:
+def check_flags(flags: dict, kind: str) -> None:
     """The flags' names, types and ranges: what a user or a checkpoint's metadata can get wrong."""
     known = known_flags()
     for name, value in flags.items():
@@ -184,7 +184,7 @@ def _flags_from(
             flags.update(parse_flags(flag_string))
         except ValueError as e:
             raise click.ClickException(str(e)) from None
-    _check_flags(flags, kind)
+    check_flags(flags, kind)
     return flags, metadata
 
 

@@ -14,6 +14,7 @@ import click
 import torch
 
 from fastdiff.cli.folders import exclusive_folder
+from fastdiff.cli.loading import check_flags
 from fastdiff.imageio import remove_temp_files
 from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.presets import (
@@ -67,6 +68,7 @@ def _flags_and_data(base: dict, kind: str, o: dict, check=None):
         sized = sized or "image_size" in given
     if o["image_size"]:
         flags["image_size"] = o["image_size"]
+    check_flags(flags, kind)  # names, types and ranges, as `fastdiff sample` checks them
     if check is not None:
         check(flags)
     size = flags["image_size"] if sized or Path(o["data"]).is_dir() else None
