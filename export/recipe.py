@@ -26,7 +26,7 @@ from fastdiff.export import OnnxExportConfig, export_onnx, read_export  # noqa: 
 from fastdiff.export.graph import example_inputs  # noqa: E402
 from fastdiff.export.onnx_runtime import OrtDenoiser, cache_dir  # noqa: E402
 from fastdiff.export.validate import validate_export  # noqa: E402
-from fastdiff.imageio import atomic_write, to_uint8  # noqa: E402
+from fastdiff.files import atomic_write, to_uint8  # noqa: E402
 
 
 def _guided_eps_error(path: Path, loaded, clf, scale: float) -> float:

@@ -28,7 +28,7 @@ from fastdiff.diffusion import sample
 from fastdiff.evaluation.networks import BUNDLED_CNN, load_mnist_features
 from fastdiff.evaluation.npz import from_array
 from fastdiff.evaluation.scores import evaluate
-from fastdiff.imageio import to_uint8
+from fastdiff.files import to_uint8
 from fastdiff.training.data import get_mnist
 
 HERE = Path(__file__).resolve().parent

@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fastdiff.imageio import atomic_write  # noqa: E402
+from fastdiff.files import atomic_write  # noqa: E402
 
 
 def series(rows: list[dict], prefix: str) -> list[tuple[float, dict]]:

@@ -46,7 +46,7 @@ def check_json_path(path: Path | None) -> None:
 
 
 def write_json(path: Path, record: dict) -> None:
-    from fastdiff.imageio import atomic_write
+    from fastdiff.files import atomic_write
 
     text = json.dumps(record, indent=1) + "\n"
     try:

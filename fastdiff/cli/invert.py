@@ -28,7 +28,7 @@ from fastdiff.diffusion.inversion import slerp
 from fastdiff.diffusion.samplers import randn
 from fastdiff.engines import ENGINES, EngineError
 from fastdiff.engines.sampler import DTYPES, Sampler
-from fastdiff.imageio import atomic_write, save_grid, save_png, to_uint8
+from fastdiff.files import atomic_write, save_grid, save_png, to_uint8
 
 _CLASS_IN_NAME = re.compile(r"_class(\d+)$")
 

@@ -44,7 +44,7 @@ def distance_plot(report, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    from fastdiff.imageio import atomic_write
+    from fastdiff.files import atomic_write
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, (name, space) in zip(axes, [("features", report.features), ("pixels (RMS)", report.pixels)]):
@@ -133,7 +133,7 @@ def nearest_command(
     )
     from fastdiff.evaluation.networks import compute_activations
     from fastdiff.evaluation.npz import read_npz
-    from fastdiff.imageio import atomic_write, save_grid
+    from fastdiff.files import atomic_write, save_grid
     from fastdiff.training.data import DataError
 
     if out.exists() and not out.is_dir():

@@ -29,7 +29,7 @@ from fastdiff.diffusion import SAMPLERS, SamplingError
 from fastdiff.diffusion.schedule import space_timesteps
 from fastdiff.engines import ENGINES, EngineError, check_engine, default_engine
 from fastdiff.engines.sampler import DTYPES, Sampler
-from fastdiff.imageio import (
+from fastdiff.files import (
     atomic_write,
     is_temp_file,
     remove_temp_files,

@@ -15,7 +15,7 @@ import torch
 
 from fastdiff.cli.folders import exclusive_folder
 from fastdiff.cli.loading import check_flags
-from fastdiff.imageio import remove_temp_files
+from fastdiff.files import remove_temp_files
 from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.presets import (
     FlagError,

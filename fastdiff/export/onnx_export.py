@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import fastdiff
-from fastdiff.imageio import atomic_write
+from fastdiff.files import atomic_write
 
 from .graph import DenoiserSignature, GuidedDenoiser, example_inputs, trace
 

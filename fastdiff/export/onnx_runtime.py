@@ -167,7 +167,7 @@ def remember(path: Path, digest: str) -> Path | None:
     copy), so sampling after ``fastdiff export onnx`` does not export again; None if it cannot."""
     import shutil
 
-    from fastdiff.imageio import atomic_write
+    from fastdiff.files import atomic_write
 
     target = cache_dir() / f"{digest}.onnx"
     if target.is_file():

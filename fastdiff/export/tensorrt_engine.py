@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.imageio import atomic_write
+from fastdiff.files import atomic_write
 
 from .onnx_export import ExportedGraph, ExportError, OnnxExportConfig, check_export, read_export
 

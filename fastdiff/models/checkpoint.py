@@ -203,7 +203,7 @@ def save_weights(
     name); metadata values are JSON-encoded (safetensors stores strings)."""
     from safetensors.torch import save_file
 
-    from fastdiff.imageio import atomic_write
+    from fastdiff.files import atomic_write
 
     path = Path(path)
     if path.suffix != ".safetensors":

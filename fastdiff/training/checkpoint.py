@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff.imageio import atomic_write
+from fastdiff.files import atomic_write
 from fastdiff.models.checkpoint import save_weights
 
 LATEST = "latest.json"

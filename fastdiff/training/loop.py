@@ -29,7 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from fastdiff.imageio import is_temp_file
+from fastdiff.files import is_temp_file
 
 from . import checkpoint as ckpt
 from . import dist

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.imageio import atomic_write
+from fastdiff.files import atomic_write
 
 
 class Meter:

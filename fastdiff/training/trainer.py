@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastdiff.diffusion import create_diffusion_from_flags
-from fastdiff.imageio import save_grid, to_uint8
+from fastdiff.files import save_grid, to_uint8
 from fastdiff.models.presets import create_classifier, create_unet
 
 from . import dist
