@@ -297,7 +297,7 @@ _CLASSIFIER = (
     " --learn_sigma True --noise_schedule linear"
 )
 _LSUN = _IMAGENET256 + " --class_cond False --dropout 0.1"
-# The bundled MNIST pair (training/README.md): 10 digits plus the classifier-free null label 10.
+# The bundled MNIST pair (recipes/README.md): 10 digits plus the classifier-free null label 10.
 _MNIST = (
     "--image_size 32 --in_channels 1 --num_channels 32 --num_res_blocks 2 --channel_mult 1,2,2"
     " --attention_resolutions 16,8 --num_head_channels 32 --use_scale_shift_norm True --resblock_updown False"

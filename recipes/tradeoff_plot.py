@@ -2,9 +2,9 @@
 numbers: FID (on the MNIST CNN's features), precision and recall against the classifier scale s
 and the classifier-free weight w (one sampler, default DDIM-25).
 
-    python training/evaluate_bundled.py --samplers DDIM-25 --scales 0,1,2,4,8 --cfg-scales 1,2,4 \\
-        --num-samples 100 --batch-size 100 --out training/eval_metrics.json
-    python training/tradeoff_plot.py training/eval_metrics.json --out training/logs/guidance_tradeoff.png
+    python recipes/evaluate_bundled.py --samplers DDIM-25 --scales 0,1,2,4,8 --cfg-scales 1,2,4 \\
+        --num-samples 100 --batch-size 100 --out recipes/eval_metrics.json
+    python recipes/tradeoff_plot.py recipes/eval_metrics.json --out recipes/logs/guidance_tradeoff.png
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path)
     ap.add_argument("--sampler", default="DDIM-25")
-    ap.add_argument("--out", type=Path, default=Path("training/logs/guidance_tradeoff.png"))
+    ap.add_argument("--out", type=Path, default=Path("recipes/logs/guidance_tradeoff.png"))
     args = ap.parse_args()
     rows = [r for r in json.loads(args.results.read_text()) if r["sampler"] == args.sampler]
     panels = [("classifier s=", "classifier scale s"), ("CFG w=", "classifier-free weight w")]

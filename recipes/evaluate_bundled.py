@@ -1,13 +1,13 @@
-"""Measure the bundled MNIST model's samples with the independent CNN (training/README.md).
+"""Measure the bundled MNIST model's samples with the independent CNN (recipes/README.md).
 
 For each sampler and guidance setting: the fraction of samples the CNN reads as the requested
 digit (class match) and what `fastdiff evaluate mnist SAMPLES.npz` reports against the held-out
 digits on the CNN's features (FID = the Frechet distance, sFID, IS, precision, recall). Samples
 are quantised to uint8 exactly as `fastdiff sample` saves them.
 
-    python training/evaluate_bundled.py --num-samples 500 --out training/eval.json
-    python training/evaluate_bundled.py --table     # the README's markdown table from eval.json
-    python training/evaluate_bundled.py --metrics-table --out training/eval_metrics.json
+    python recipes/evaluate_bundled.py --num-samples 500 --out recipes/eval.json
+    python recipes/evaluate_bundled.py --table     # the README's markdown table from eval.json
+    python recipes/evaluate_bundled.py --metrics-table --out recipes/eval_metrics.json
 
 Settings already in --out are skipped, so a killed run continues where it stopped.
 """

@@ -3,7 +3,7 @@
 The diffusion checkpoint keeps its metadata (flags, null label) and gains the classifier scale
 that `fastdiff sample` uses by default; both files are checked to load into their presets.
 
-    python training/bundle.py runs/mnist/ema_0.999_0002000.safetensors \
+    python recipes/bundle.py runs/mnist/ema_0.999_0002000.safetensors \
         runs/mnist_classifier/model_0002000.safetensors --classifier-scale 2
 """
 
