@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -251,6 +253,10 @@ def test_threads_are_chosen_deliberately(monkeypatch):
         assert choose_threads(None) == 2
         monkeypatch.delenv("OMP_NUM_THREADS")
         monkeypatch.setattr("os.getloadavg", lambda: (99.0, 0.0, 0.0))  # every core busy
+        monkeypatch.setattr("fastdiff.cli.sample.runnable_others", lambda: 5)
         assert choose_threads(None) == 1
+        # a load average left by a job that has ended: nothing else runnable now, every core is free
+        monkeypatch.setattr("fastdiff.cli.sample.runnable_others", lambda: 0)
+        assert choose_threads(None) == len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(before)

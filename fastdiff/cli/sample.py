@@ -50,10 +50,29 @@ def choose_threads(threads: int | None) -> int:
         threads = int(os.environ["OMP_NUM_THREADS"])
     if threads is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
-        threads = max(1, cores - busy)
+        threads = max(1, cores - busy_cores())
     torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
+
+
+def busy_cores() -> int:
+    """Cores other work keeps busy: the 1-minute load average, but only as far as other tasks are
+    runnable right now. The average trails by a minute, so a job that has just ended (the previous
+    run of a script) would otherwise leave a core idle; a brief task now, on an unloaded
+    machine, does not count either."""
+    if not hasattr(os, "getloadavg"):
+        return 0
+    busy = int(os.getloadavg()[0] + 0.5)
+    others = runnable_others()
+    return busy if others is None else max(0, min(busy, others))
+
+
+def runnable_others() -> int | None:
+    """Runnable tasks besides this one (Linux /proc/loadavg), None where unknown."""
+    try:
+        return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def resolve_device(name: str) -> torch.device:
