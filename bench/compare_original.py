@@ -94,6 +94,7 @@ def main() -> None:
         help="thread counts, both sides; 'default' runs each as a user would (no OMP_NUM_THREADS)",
     )
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tag", default="", help="report name suffix: <date>-cpu-e2e-TAG")
     ap.add_argument(
         "--engines",
         nargs="+",
@@ -124,7 +125,7 @@ def main() -> None:
         "python": platform.python_version(),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"{info['date']}-cpu-e2e"
+    stem = args.out_dir / f"{info['date']}-cpu-e2e{'-' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
     lines = [
         f"# End to end on the CPU: `fastdiff sample` vs guided-diffusion ({info['date']})",
