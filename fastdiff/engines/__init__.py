@@ -93,9 +93,10 @@ ENGINES: dict[str, Callable[..., StepFn]] = {
 
 def default_engine(device: torch.device) -> str:
     """``graph`` on CUDA (no launch overhead, no host sync). On the CPU, measured end to end
-    (bench/results): ``parallel`` when torch has more than one thread (ADM's layers are too small
-    for intra-op threads to scale), else ``eager`` (torch.compile's cold compile costs more than
-    it saves on a short run)."""
+    (bench/results): ``parallel`` when torch has more than one thread (as fast as intra-op threads
+    on an idle machine, without their barrier stalls on a loaded one), else ``eager``
+    (torch.compile's cold compile, and the onnx engine's first export, cost more than they save
+    on a short run)."""
     if torch.device(device).type == "cuda":
         return "graph"
     return "parallel" if torch.get_num_threads() > 1 else "eager"
