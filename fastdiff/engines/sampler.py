@@ -68,8 +68,8 @@ class Sampler:
     ``model(x, t, y=...)`` is an ADM UNet (or anything with that call); ``diffusion`` a (respaced)
     process; ``sampler`` a name of ``fastdiff.diffusion.SAMPLERS``. Guidance: ``classifier`` with
     ``classifier_scale`` (gradient of log p(y | x_t)), or ``cfg_scale`` with the model's
-    ``null_label``. ``engine``: eager | compile | graph (CUDA) | parallel (CPU) | trt; None picks the
-    device's default. The networks are converted in place (see :func:`inference_form`).
+    ``null_label``. ``engine``: a name of ``fastdiff.engines.ENGINES``; None picks the device's
+    default. The networks are converted in place (see :func:`inference_form`).
     An upsampler (ADM-U) takes its low-resolution images per call, ``model_kwargs={"low_res": ...}``.
     Images come back in [-1, 1], fp32, NCHW.
     """
