@@ -84,4 +84,7 @@ def test_bundled_samples_show_the_requested_digits(tmp_path):
     assert r.exit_code == 0, r.output
     data = np.load(tmp_path / "samples_20x32x32x1.npz")
     scores = evaluate_samples(data["arr_0"], data["arr_1"], load_mnist_cnn(cnn_path), reference="val")
+    # Measured: 100% at n=100 for the default guidance (s=2, recipes/eval_metrics.json). Even a
+    # true rate of 95% gives fewer than 16 of 20 with probability 0.3%, so 0.8 fails only when the
+    # weights or the guidance regress (the unguided model alone measured 95%).
     assert scores["class_match"] >= 0.8, scores
