@@ -107,6 +107,11 @@ def test_run_records_weights_by_content_and_refuses_replaced_weights(models, tmp
     ckpt.write_bytes((models / "unet.safetensors").read_bytes())
     one_line_error(run(*args, "--resume", "--dtype", "bf16"), "in: dtype")
     one_line_error(run(*args, "--resume", "--engine", "compile"), "in: engine")
+    old = json.loads((out / "run.json").read_text())
+    del old["model"]["sha256"]  # a run.json from before weights were recorded by content
+    (out / "run.json").write_text(json.dumps(old))
+    one_line_error(run(*args, "--resume"), "model weights (an older fastdiff made this run")
+    (out / "run.json").write_text(json.dumps(record))
     # parallel runs the eager step on batch slices: the same run (its default depends on threads)
     assert run(*args, "--resume", "--engine", "parallel").exit_code == 0
     assert run(*args, "--resume").exit_code == 0

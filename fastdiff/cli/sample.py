@@ -222,8 +222,10 @@ def _differences(old: dict, record: dict) -> list[str]:
         if b is None or not isinstance(a, dict):
             diff += [key] if a != b else []
             continue
-        if a.get("sha256") != b["sha256"]:
-            diff.append(f"{key} weights (sha256 {str(a.get('sha256'))[:12]} vs {b['sha256'][:12]})")
+        if a.get("sha256") is None:
+            diff.append(f"{key} weights (an older fastdiff made this run and did not record them)")
+        elif a["sha256"] != b["sha256"]:
+            diff.append(f"{key} weights (sha256 {a['sha256'][:12]} vs {b['sha256'][:12]})")
         if a.get("flags") != b["flags"]:
             diff.append(f"{key} flags")
     skip = {"model", "classifier", "labels", "num_samples", "engine"}
