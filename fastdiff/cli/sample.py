@@ -453,6 +453,46 @@ def summary_line(s: dict) -> str:
     )
 
 
+def runtime_options(command):
+    """How and where a sampling command runs: --engine, --threads, --dtype, --device,
+    --clip-denoised, --progress (the same options for sample and upsample)."""
+    options = [
+        click.option(
+            "--engine",
+            type=click.Choice(list(ENGINES)),
+            default=None,
+            help="How the guided step runs (default: graph on CUDA; on the CPU parallel with more than "
+            "one thread, else eager).",
+        ),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            default=None,
+            help="CPU threads (default: OMP_NUM_THREADS, else the cores not already busy).",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(list(DTYPES)),
+            default="fp32",
+            show_default=True,
+            help="Compute dtype: the networks cast once (GroupNorm statistics stay fp32).",
+        ),
+        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
+        click.option(
+            "--clip-denoised/--no-clip-denoised",
+            default=True,
+            show_default=True,
+            help="Clip x0 predictions to [-1, 1].",
+        ),
+        click.option(
+            "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar."
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.command("sample")
 @click.option(
     "--preset", help="Named model preset (see `fastdiff presets`); with --checkpoint for its weights."
@@ -509,34 +549,7 @@ def summary_line(s: dict) -> str:
     help="Output folder.",
 )
 @click.option("--resume", is_flag=True, help="Continue a killed run in --out from its last complete batch.")
-@click.option(
-    "--engine",
-    type=click.Choice(list(ENGINES)),
-    default=None,
-    help="How the guided step runs (default: graph on CUDA; on the CPU parallel with more than one "
-    "thread, else eager).",
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="CPU threads (default: OMP_NUM_THREADS, else the cores not already busy).",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(list(DTYPES)),
-    default="fp32",
-    show_default=True,
-    help="Compute dtype: the networks cast once (GroupNorm statistics stay fp32).",
-)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
-@click.option(
-    "--clip-denoised/--no-clip-denoised",
-    default=True,
-    show_default=True,
-    help="Clip x0 predictions to [-1, 1].",
-)
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@runtime_options
 @click.option(
     "--upsample-with",
     metavar="[PRESET:]CHECKPOINT",

@@ -24,11 +24,10 @@ from fastdiff.cli.sample import (
     locked_run_folder,
     respacing_for,
     run_sampling,
+    runtime_options,
     summary_line,
 )
 from fastdiff.diffusion import SAMPLERS
-from fastdiff.engines import ENGINES
-from fastdiff.engines.sampler import DTYPES
 from fastdiff.evaluation.metrics import EvaluationError
 from fastdiff.evaluation.npz import read_npz
 from fastdiff.models.presets import PRESETS, create_superres, sr_defaults
@@ -270,12 +269,7 @@ def prepare_cascade(spec: str, base: LoadedModel, labels, steps: int | None, eng
 )
 @click.option("--out", type=click.Path(path_type=Path), default=Path("upsampled"), show_default=True)
 @click.option("--resume", is_flag=True, help="Continue a killed run in --out from its last complete batch.")
-@click.option("--engine", type=click.Choice(list(ENGINES)), default=None, help="How the step runs.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
-@click.option("--clip-denoised/--no-clip-denoised", default=True, show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@runtime_options
 def upsample_command(
     preset,
     flag_string,
