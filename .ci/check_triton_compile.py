@@ -83,13 +83,13 @@ def adm_calls() -> dict[tuple, set[str]]:
                 m.register_forward_pre_hook(gn_hook)
             elif isinstance(m, (QKVAttention, QKVAttentionLegacy)):
                 m.register_forward_pre_hook(attn_hook)
-        f = preset.flags
-        size, chans = f.get("image_size", f.get("large_size")), f.get("in_channels", 3)
+        net = preset.net
+        size, chans = net.image_size, net.in_channels
         meta = dict(device="meta")
         kwargs = {}
         if preset.kind == "superres":
-            kwargs["low_res"] = torch.empty(1, chans, f["small_size"], f["small_size"], **meta)
-        if preset.kind != "classifier" and f.get("class_cond"):
+            kwargs["low_res"] = torch.empty(1, chans, net.small_size, net.small_size, **meta)
+        if preset.kind != "classifier" and net.num_classes is not None:
             kwargs["y"] = torch.zeros(1, dtype=torch.long, **meta)
         with torch.no_grad():
             model(torch.empty(1, chans, size, size, **meta), torch.zeros(1, **meta), **kwargs)

@@ -29,8 +29,7 @@ import torch
 from bench import shapes, timing
 from bench.baselines import compile_enabled
 from fastdiff.cli.loading import load_diffusion_model
-from fastdiff.diffusion import sample
-from fastdiff.diffusion.gaussian import create_diffusion_from_flags
+from fastdiff.diffusion import GaussianDiffusion, sample
 from fastdiff.engines.sampler import Sampler
 from fastdiff.models.presets import build_preset, get_preset
 
@@ -57,15 +56,15 @@ def _randomize(net: torch.nn.Module) -> torch.nn.Module:
 
 
 def _networks(name: str, device: torch.device):
-    """(unet, classifier, diffusion flags, null label) on the device, fp32, eval."""
+    """(unet, classifier, the unet's process config) on the device, fp32, eval."""
     if name == "mnist":
         loaded = load_diffusion_model(preset=None, flag_string=None, checkpoint=None, device=device)
         clf = loaded.bundled_classifier(device)
-        return loaded.model, clf.model, loaded.flags
+        return loaded.model, clf.model, loaded.process
     _, unet_preset, clf_preset, _ = next(c for c in GPU_CASES if c[0] == name)
     unet = _randomize(build_preset(unet_preset, device=device)).eval().requires_grad_(False)
     clf = _randomize(build_preset(clf_preset, device=device)).eval().requires_grad_(False)
-    return unet, clf, dict(get_preset(unet_preset).flags)
+    return unet, clf, get_preset(unet_preset).process
 
 
 def _cases():
@@ -118,9 +117,9 @@ def test_sampling(benchmark, device, monkeypatch, case, impl, mode):
         pytest.skip("the parallel engine splits the batch over CPU threads (FASTDIFF_BENCH_THREADS >= 2)")
     if timing.interpreting(device):
         pytest.skip("sampling benchmarks time the product, not Triton's interpreter")
-    unet, clf, flags = _setup(name, device)
+    unet, clf, process = _setup(name, device)
     steps = _steps()
-    diffusion = create_diffusion_from_flags(flags, timestep_respacing=steps)
+    diffusion = GaussianDiffusion.from_config(process, steps)
     null = 10 if name == "mnist" else None
     classes = null if null is not None else 1000
     labels = torch.arange(batch, device=device) % classes

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from fastdiff.cli.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL
 from fastdiff.models.checkpoint import load_state_dict, load_weights, read_metadata, save_weights
-from fastdiff.models.presets import create_classifier, create_unet, preset_flags
+from fastdiff.models.presets import build_preset
 
 
-def bundle(src: Path, dst: Path, build, preset: str, extra: dict) -> None:
+def bundle(src: Path, dst: Path, preset: str, extra: dict) -> None:
     metadata = {**read_metadata(src), **extra}
     sd = load_state_dict(src)
-    load_weights(build(**preset_flags(preset)), sd, preset=preset)
+    load_weights(build_preset(preset), sd, preset=preset)
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_weights(sd, dst, metadata)
     print(f"{src} -> {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
@@ -33,8 +33,8 @@ def main():
     ap.add_argument("--classifier-scale", type=float, required=True)
     args = ap.parse_args()
     scale = {"default_classifier_scale": args.classifier_scale}
-    bundle(args.model, BUNDLED_MODEL, create_unet, "mnist", scale)
-    bundle(args.classifier, BUNDLED_CLASSIFIER, create_classifier, "mnist-classifier", {})
+    bundle(args.model, BUNDLED_MODEL, "mnist", scale)
+    bundle(args.classifier, BUNDLED_CLASSIFIER, "mnist-classifier", {})
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import build_unet
 
 from fastdiff.models import (
     CheckpointError,
     build_preset,
-    create_unet,
     load_state_dict,
     load_weights,
     read_metadata,
@@ -29,7 +29,7 @@ FLAGS = dict(
 
 
 def random_model(**kw) -> torch.nn.Module:
-    model = create_unet(**{**FLAGS, **kw})
+    model = build_unet(**{**FLAGS, **kw})
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
@@ -47,7 +47,7 @@ def test_round_trip_pt(tmp_path):
     src = random_model()
     path = tmp_path / "model.pt"
     torch.save(src.state_dict(), path)
-    dst = load_weights(create_unet(**FLAGS), path)
+    dst = load_weights(build_unet(**FLAGS), path)
     assert torch.equal(forward(dst), forward(src))
     torch.save({"state_dict": src.state_dict(), "step": 3}, tmp_path / "wrapped.pth")
     assert load_state_dict(tmp_path / "wrapped.pth").keys() == src.state_dict().keys()
@@ -59,7 +59,7 @@ def test_round_trip_safetensors_with_metadata(tmp_path):
     meta = {"preset": "tiny", "flags": FLAGS, "step": 12}
     save_weights(src, path, metadata=meta)
     assert read_metadata(path) == meta
-    dst = load_weights(create_unet(**FLAGS), str(path))
+    dst = load_weights(build_unet(**FLAGS), str(path))
     assert torch.equal(forward(dst), forward(src))
     save_weights(src, tmp_path / "plain.safetensors")
     assert read_metadata(tmp_path / "plain.safetensors") == {}
@@ -91,7 +91,7 @@ def test_missing_and_unreadable_files(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found: .*nothing.pt"):
         load_state_dict(tmp_path / "nothing.pt")
     with pytest.raises(CheckpointError, match="checkpoint not found"):
-        load_weights(create_unet(**FLAGS), tmp_path / "nothing.safetensors")
+        load_weights(build_unet(**FLAGS), tmp_path / "nothing.safetensors")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read"):
         load_state_dict(tmp_path / "junk.pt")
@@ -105,7 +105,7 @@ def test_mismatch_message():
     sd["extra.weight"] = torch.zeros(1)
     del sd["label_emb.weight"]
     with pytest.raises(CheckpointError) as info:
-        load_weights(create_unet(**FLAGS), sd, preset="tiny")
+        load_weights(build_unet(**FLAGS), sd, preset="tiny")
     msg = str(info.value)
     assert "(preset 'tiny')" in msg
     assert "missing keys (1): label_emb.weight" in msg
@@ -118,21 +118,21 @@ def test_mismatch_message():
 def test_mismatch_suggests_fitting_preset():
     sd = build_preset("classifier64", device="meta").state_dict()
     with pytest.raises(CheckpointError, match="fits preset 'classifier64'"):
-        load_weights(create_unet(**FLAGS), sd)
+        load_weights(build_unet(**FLAGS), sd)
     sd = build_preset("lsun-cat", device="meta").state_dict()
     fits = "fits presets 'imagenet256-uncond', 'lsun-bedroom', 'lsun-cat', 'lsun-horse'"
     with pytest.raises(CheckpointError, match=fits):
-        load_weights(create_unet(**FLAGS), sd, preset="imagenet256")
+        load_weights(build_unet(**FLAGS), sd, preset="imagenet256")
     with pytest.raises(CheckpointError) as info:
-        load_weights(create_unet(**FLAGS), {})
-    assert f"missing keys ({len(create_unet(**FLAGS).state_dict())})" in str(info.value)
+        load_weights(build_unet(**FLAGS), {})
+    assert f"missing keys ({len(build_unet(**FLAGS).state_dict())})" in str(info.value)
 
 
 def test_fp32_weights_into_fp16_model(tmp_path):
     src = random_model()
     path = tmp_path / "fp32.safetensors"
     save_weights(src, path)
-    dst = load_weights(create_unet(**FLAGS, use_fp16=True), path)
+    dst = load_weights(build_unet(**FLAGS, use_fp16=True), path)
     conv = dst.input_blocks[1][0].in_layers[2].weight
     assert conv.dtype == torch.float16
     assert torch.equal(conv, src.input_blocks[1][0].in_layers[2].weight.half())
@@ -145,7 +145,7 @@ def test_vector_checkpoint_file(case_path):
     from conftest import load_case
 
     flags = load_case(case_path)["flags"]
-    model = load_weights(create_unet(**flags), case_path)
+    model = load_weights(build_unet(**flags), case_path)
     assert model.input_blocks[0][0].weight.abs().sum() > 0
 
 
@@ -217,10 +217,10 @@ def test_header_shapes_without_reading_data_and_hash(tmp_path):
     shapes, meta = read_header(path)
     assert meta == {"step": "1"} and shapes == {k: tuple(v.shape) for k, v in model.state_dict().items()}
     with torch.device("meta"):
-        skeleton = create_unet(**FLAGS)
+        skeleton = build_unet(**FLAGS)
     check_fits(shapes, skeleton)
     with torch.device("meta"):
-        wide = create_unet(**{**FLAGS, "num_channels": 64})
+        wide = build_unet(**{**FLAGS, "num_channels": 64})
     with pytest.raises(CheckpointError, match="wrong shapes"):
         check_fits(shapes, wide)
     assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()

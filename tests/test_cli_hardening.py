@@ -15,10 +15,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from builders import build_classifier, build_unet
 from test_cli_sample import CLASSIFIER_FLAGS, UNET_FLAGS, _randomize, base_args, models, run  # noqa: F401
 
 from fastdiff.models.checkpoint import save_weights
-from fastdiff.models.presets import create_classifier, create_unet
 
 
 def one_line_error(r, *words):
@@ -101,7 +101,7 @@ def test_run_records_weights_by_content_and_refuses_replaced_weights(models, tmp
     )
     assert record["engine"] == "eager" and record["dtype"] == "fp32"
     torch.manual_seed(5)
-    model = create_unet(**UNET_FLAGS)
+    model = build_unet(**UNET_FLAGS)
     save_weights(model, ckpt, {"flags": UNET_FLAGS})  # same path, other weights
     one_line_error(run(*args, "--resume"), "model weights (sha256")
     ckpt.write_bytes((models / "unet.safetensors").read_bytes())
@@ -185,7 +185,7 @@ def bad_classifiers(tmp_path_factory):
         "1ch": dict(in_channels=1),
     }.items():
         flags = {**CLASSIFIER_FLAGS, **kw}
-        save_weights(create_classifier(**flags), d / f"{name}.safetensors", {"flags": flags})
+        save_weights(build_classifier(**flags), d / f"{name}.safetensors", {"flags": flags})
     return d
 
 
@@ -210,7 +210,7 @@ def test_classifier_counts_the_models_real_classes(models, tmp_path):
     """A classifier-free-guidance model has a null label on top of the classifier's classes."""
     flags = {**UNET_FLAGS, "num_classes": 5}
     save_weights(
-        _randomize(create_unet(**flags)), tmp_path / "cfg.safetensors", {"flags": flags, "null_label": 4}
+        _randomize(build_unet(**flags)), tmp_path / "cfg.safetensors", {"flags": flags, "null_label": 4}
     )
     r = run("--checkpoint", tmp_path / "cfg.safetensors", "--classifier", models / "clf.safetensors",
             "--classifier-scale", 1, "--steps", 2, "--num-samples", 2, "--out", tmp_path / "o")  # fmt: skip
@@ -304,7 +304,7 @@ def test_unreadable_checkpoint_is_one_line(models, tmp_path, data):
         ({"num_channels": -8}, ["--num_channels must be at least 1"]),
         ({"num_channels": 40}, ["multiple of 32"]),
         ({"num_channels": "wide"}, ["--num_channels 'wide'"]),
-        ({"bogus": 1}, ["unknown diffusion flag --bogus"]),
+        ({"bogus": 1}, ["diffusion flags: unknown flag --bogus"]),
         ({"image_size": 48, "channel_mult": ""}, ["unsupported image size 48"]),
         ({"num_channels": 4096}, ["does not fit", "wrong shapes"]),  # no 4096-channel network is built
     ],
@@ -318,9 +318,9 @@ def test_checkpoint_metadata_that_lies(models, tmp_path, flags, words):
 
 
 def test_a_bug_keeps_its_traceback(models, tmp_path, monkeypatch):
-    def broken(**flags):
+    def broken(config, device=None):
         raise ValueError("a bug deep inside the model code")
 
-    monkeypatch.setattr("fastdiff.cli.loading.create_unet", broken)
+    monkeypatch.setattr("fastdiff.cli.loading.build_network", broken)
     r = sample(models, tmp_path / "o", 1)
     assert isinstance(r.exception, ValueError) and "a bug deep inside" in str(r.exception)

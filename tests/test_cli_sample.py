@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from builders import build_classifier, build_unet
 from click.testing import CliRunner
 
 from fastdiff.cli.main import main
 from fastdiff.models.checkpoint import save_weights
-from fastdiff.models.presets import create_classifier, create_unet
 
 UNET_FLAGS = dict(
     image_size=8,
@@ -49,11 +49,11 @@ def _randomize(model):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("models")
-    save_weights(_randomize(create_unet(**UNET_FLAGS)), d / "unet.safetensors", {"flags": UNET_FLAGS})
+    save_weights(_randomize(build_unet(**UNET_FLAGS)), d / "unet.safetensors", {"flags": UNET_FLAGS})
     save_weights(
-        _randomize(create_classifier(**CLASSIFIER_FLAGS)), d / "clf.safetensors", {"flags": CLASSIFIER_FLAGS}
+        _randomize(build_classifier(**CLASSIFIER_FLAGS)), d / "clf.safetensors", {"flags": CLASSIFIER_FLAGS}
     )
-    torch.save(_randomize(create_unet(**UNET_FLAGS)).state_dict(), d / "unet.pt")
+    torch.save(_randomize(build_unet(**UNET_FLAGS)).state_dict(), d / "unet.pt")
     return d
 
 
@@ -214,7 +214,7 @@ def test_unsupported_image_size(models, tmp_path):
 
 
 def test_nan_names_the_step_and_writes_nothing(models, tmp_path):
-    model = create_unet(**UNET_FLAGS)
+    model = build_unet(**UNET_FLAGS)
     sd = {
         k: torch.full_like(v, float("nan")) if k == "out.2.bias" else v for k, v in model.state_dict().items()
     }

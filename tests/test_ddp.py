@@ -14,20 +14,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
 import sys, numpy as np, torch
-from fastdiff.models.presets import diffusion_defaults, model_defaults, parse_flags
+from fastdiff.models import configs_from_flags, parse_flags
 from fastdiff.training import dist
 from fastdiff.training.data import load_npz
-from fastdiff.training import DiffusionTrainer, TrainConfig, resolve_flags
+from fastdiff.training import DiffusionTrainer, TrainConfig, fit_unet
 
 npz, out = sys.argv[1], sys.argv[2]
 ds = load_npz(npz)
-flags = {**model_defaults(), **diffusion_defaults(), **parse_flags(
+net, process = configs_from_flags("diffusion", parse_flags(
     "--num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 4 "
     "--num_head_channels 16 "
-    "--learn_sigma True --class_cond True --diffusion_steps 50")}
-cfg = TrainConfig(flags=resolve_flags(flags, ds, 0.1), out=out, batch_size=8, microbatch=4, max_steps=4,
-                  log_every=2, save_every=0, ema=(0.9,), cfg_dropout=0.1, lr=1e-3, seed=3, device="cpu",
-                  schedule_sampler="loss-second-moment", progress=False)
+    "--learn_sigma True --class_cond True --diffusion_steps 50"))
+cfg = TrainConfig(net=fit_unet(net, ds, 0.1), process=process, out=out, batch_size=8, microbatch=4,
+                  max_steps=4, log_every=2, save_every=0, ema=(0.9,), cfg_dropout=0.1, lr=1e-3, seed=3,
+                  device="cpu", schedule_sampler="loss-second-moment", progress=False)
 trainer = DiffusionTrainer(cfg, ds)
 trainer.run()
 torch.save({"model": trainer.model.state_dict(), "history": trainer.schedule_sampler.history},

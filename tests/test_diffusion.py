@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from builders import diffusion_from_flags, make_diffusion
 
-from fastdiff.diffusion import GaussianDiffusion, create_diffusion, create_diffusion_from_flags
+from fastdiff.diffusion import GaussianDiffusion
 from fastdiff.diffusion.losses import (
     approx_standard_normal_cdf,
     discretized_gaussian_log_likelihood,
@@ -19,7 +20,7 @@ SHAPE = (3, 2, 4, 4)
 
 
 def _diffusion(**kw) -> GaussianDiffusion:
-    return create_diffusion(steps=50, **kw)
+    return make_diffusion(steps=50, **kw)
 
 
 def _data(dtype=torch.float64):
@@ -80,18 +81,25 @@ def _oracle(d, x0, noise, extra=None, x0_pred=False):
 
 @pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large"])
 def test_p_mean_variance_fixed(var_type):
-    d = GaussianDiffusion(create_diffusion(steps=50).betas, model_var_type=var_type)
+    d = GaussianDiffusion(make_diffusion(steps=50).betas, model_var_type=var_type)
     x0, noise, t = _data()
     xt = d.q_sample(x0, t, noise)
     out = d.p_mean_variance(_oracle(d, x0, noise), xt, t, clip_denoised=False)
     torch.testing.assert_close(out["pred_xstart"], x0)
     torch.testing.assert_close(out["eps"], noise)
     torch.testing.assert_close(out["mean"], d.q_posterior_mean_variance(x0, xt, t)[0])
+    # The variances from the betas alone (DDPM eq. 7: beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t),
+    # not from the process's own tables.
+    betas = np.linspace(1e-4, 0.02, 50) * 1000 / 50  # the linear schedule at 50 steps
+    np.testing.assert_allclose(d.betas, betas)
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    posterior = (1 - abar_prev) / (1 - abar) * betas  # 0 at t == 0
     if var_type == "fixed_small":  # the log is clipped at t == 0, where the variance is 0
-        expected = _col(d.posterior_variance, t)
-        expected_log = _col(np.log(np.append(d.posterior_variance[1], d.posterior_variance[1:])), t)
-    else:
-        expected = _col(np.append(d.posterior_variance[1], d.betas[1:]), t)
+        expected = _col(posterior, t)
+        expected_log = _col(np.log(np.concatenate([[posterior[1]], posterior[1:]])), t)
+    else:  # beta_t, with the posterior variance at t == 0 (a better decoder NLL)
+        expected = _col(np.concatenate([[posterior[1]], betas[1:]]), t)
         expected_log = expected.log()
     torch.testing.assert_close(out["variance"], expected.expand(SHAPE))
     torch.testing.assert_close(out["log_variance"], expected_log.expand(SHAPE))
@@ -130,7 +138,7 @@ def test_x0_prediction_clip_and_denoised_fn():
 
 
 def test_model_called_with_original_timesteps():
-    d = create_diffusion(steps=1000, timestep_respacing="ddim10", rescale_timesteps=True)
+    d = make_diffusion(steps=1000, timestep_respacing="ddim10", rescale_timesteps=True)
     seen = []
 
     def model(x, t_model):
@@ -144,17 +152,17 @@ def test_model_called_with_original_timesteps():
 
 def test_mse_losses_and_frozen_vb():
     x0, noise, t = _data(torch.float32)
-    d = create_diffusion(steps=50)
+    d = make_diffusion(steps=50)
     losses = d.training_losses(_oracle(d, x0, noise), x0, t, noise=noise)
     assert set(losses) == {"mse", "loss"}
     torch.testing.assert_close(losses["loss"], torch.zeros(3))
 
-    x0_model = create_diffusion(steps=50, predict_xstart=True)
+    x0_model = make_diffusion(steps=50, predict_xstart=True)
     x0_terms = x0_model.training_losses(_oracle(d, x0, noise, x0_pred=True), x0, t, noise=noise)
     torch.testing.assert_close(x0_terms["mse"], torch.zeros(3))
 
     out = torch.nn.Parameter(torch.randn(3, 4, 4, 4))
-    learned = create_diffusion(steps=50, learn_sigma=True)
+    learned = make_diffusion(steps=50, learn_sigma=True)
     terms = learned.training_losses(lambda x, t_model: out, x0, t, noise=noise)
     assert set(terms) == {"mse", "vb", "loss"}
     torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
@@ -162,7 +170,7 @@ def test_mse_losses_and_frozen_vb():
     terms["vb"].sum().backward()
     assert (out.grad[:, :2] == 0).all() and (out.grad[:, 2:] != 0).any()  # the mean is frozen in vb
 
-    rescaled = create_diffusion(steps=50, learn_sigma=True, rescale_learned_sigmas=True)
+    rescaled = make_diffusion(steps=50, learn_sigma=True, rescale_learned_sigmas=True)
     with torch.no_grad():
         rterms = rescaled.training_losses(lambda x, t_model: out, x0, t, noise=noise)
     torch.testing.assert_close(rterms["vb"], terms["vb"].detach() * 50 / 1000)
@@ -171,10 +179,10 @@ def test_mse_losses_and_frozen_vb():
 def test_kl_losses_and_decoder_nll():
     x0, noise, t = _data(torch.float32)
     out = torch.randn(3, 4, 4, 4)
-    kl = create_diffusion(steps=50, learn_sigma=True, use_kl=True)
+    kl = make_diffusion(steps=50, learn_sigma=True, use_kl=True)
     assert kl.loss_type == "rescaled_kl"
     plain = GaussianDiffusion(kl.betas, model_var_type="learned_range", loss_type="kl")
-    mse = create_diffusion(steps=50, learn_sigma=True)
+    mse = make_diffusion(steps=50, learn_sigma=True)
     ref = mse.training_losses(lambda x, t_model: out, x0, t, noise=noise)["vb"]
     loss = plain.training_losses(lambda x, t_model: out, x0, t, noise=noise)
     assert set(loss) == {"loss"}
@@ -218,7 +226,7 @@ def test_tables_cached_per_device_and_dtype():
 
 
 def test_invalid_types_rejected():
-    betas = create_diffusion(steps=50).betas
+    betas = make_diffusion(steps=50).betas
     with pytest.raises(ValueError, match="model_var_type"):
         GaussianDiffusion(betas, model_var_type="small")
     with pytest.raises(ValueError, match="loss_type"):
@@ -236,10 +244,10 @@ def test_create_diffusion_from_flags():
         "rescale_learned_sigmas": True,
         "predict_xstart": True,
     }
-    d = create_diffusion_from_flags(flags, timestep_respacing="50")
+    d = diffusion_from_flags(flags, timestep_respacing="50")
     assert d.num_timesteps == 50 and d.original_num_steps == 500
     assert (d.model_mean_type, d.model_var_type, d.loss_type) == ("x0", "learned_range", "rescaled_mse")
-    ref = create_diffusion(
+    ref = make_diffusion(
         steps=500,
         learn_sigma=True,
         noise_schedule="cosine",

@@ -13,18 +13,18 @@ import math
 
 import pytest
 import torch
+from builders import build_classifier, build_unet, make_diffusion
 
 import fastdiff
-from fastdiff.diffusion import SAMPLERS, create_diffusion, sample
+from fastdiff.diffusion import SAMPLERS, sample
 from fastdiff.engines import EngineError, default_engine
-from fastdiff.models import create_classifier, create_unet
 
 CUDA = torch.cuda.is_available()
 
 
 def _nets(device="cpu"):
     torch.manual_seed(0)
-    unet = create_unet(
+    unet = build_unet(
         image_size=8,
         num_channels=32,
         num_res_blocks=1,
@@ -37,7 +37,7 @@ def _nets(device="cpu"):
         use_scale_shift_norm=True,
         in_channels=1,
     )
-    clf = create_classifier(
+    clf = build_classifier(
         image_size=8,
         classifier_width=32,
         classifier_depth=1,
@@ -54,9 +54,7 @@ def _nets(device="cpu"):
 
 
 def _diffusion(respacing="ddim6"):
-    return create_diffusion(
-        steps=1000, learn_sigma=True, noise_schedule="cosine", timestep_respacing=respacing
-    )
+    return make_diffusion(steps=1000, learn_sigma=True, noise_schedule="cosine", timestep_respacing=respacing)
 
 
 GUIDANCE = {"classifier": dict(classifier_scale=2.0), "cfg": dict(cfg_scale=1.5, null_label=5)}

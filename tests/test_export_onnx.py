@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from fastdiff.diffusion import create_diffusion_from_flags  # noqa: E402
+from builders import diffusion_from_flags  # noqa: E402
+
 from fastdiff.export import ExportError, check_export, read_export  # noqa: E402
 from fastdiff.models.unet import EncoderUNetModel, UNetModel  # noqa: E402
 
@@ -75,7 +76,7 @@ def test_engine_onnx_matches_eager(exported, sampler, monkeypatch):
     monkeypatch.setenv("FASTDIFF_CACHE", str(path.parents[1]))
     flags = {"diffusion_steps": 1000, "noise_schedule": "cosine", "learn_sigma": True,
              "timestep_respacing": "ddim5" if sampler == "ddim" else "5"}  # fmt: skip
-    diffusion = create_diffusion_from_flags(flags)
+    diffusion = diffusion_from_flags(flags)
     images = {}
     for engine in ("eager", "onnx"):
         s = fastdiff.Sampler(unet, diffusion, sampler=sampler, classifier=clf, classifier_scale=2.0,

@@ -14,14 +14,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from builders import build_unet, make_diffusion
 from click.testing import CliRunner
 from PIL import Image
 
 import fastdiff
 from fastdiff.cli.main import main
-from fastdiff.diffusion import create_diffusion
 from fastdiff.diffusion.inversion import ddim_invert, slerp
-from fastdiff.models import create_unet
 
 
 class _XFreeEps(torch.nn.Module):
@@ -37,7 +36,7 @@ class _XFreeEps(torch.nn.Module):
 
 
 def test_inversion_undoes_ddim_exactly_when_eps_is_known():
-    diffusion = create_diffusion(steps=1000, noise_schedule="cosine", timestep_respacing="ddim10")
+    diffusion = make_diffusion(steps=1000, noise_schedule="cosine", timestep_respacing="ddim10")
     s = fastdiff.Sampler(_XFreeEps(), diffusion, engine="eager", clip_denoised=False)
     x0 = torch.rand(3, 1, 4, 4) * 2 - 1
     x_T = s.invert(x0)
@@ -47,7 +46,7 @@ def test_inversion_undoes_ddim_exactly_when_eps_is_known():
 
 def _tiny_unet():
     torch.manual_seed(0)
-    unet = create_unet(
+    unet = build_unet(
         image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1", attention_resolutions="",
         class_cond=True, num_classes=5, learn_sigma=True, in_channels=1,
     )  # fmt: skip
@@ -60,7 +59,7 @@ def _tiny_unet():
 @pytest.mark.parametrize("engine", ["eager", "parallel"])
 def test_sampler_invert_is_the_reference_loop(engine):
     unet = _tiny_unet()
-    diffusion = create_diffusion(steps=1000, learn_sigma=True, timestep_respacing="ddim5")
+    diffusion = make_diffusion(steps=1000, learn_sigma=True, timestep_respacing="ddim5")
     s = fastdiff.Sampler(copy.deepcopy(unet), diffusion, engine=engine)
     before = torch.get_num_threads()
     for labels in (torch.tensor([0, 3, 4]), torch.tensor([1, 1, 2])):  # new labels in the cached step

@@ -7,9 +7,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import build_classifier, build_unet
 from conftest import load_case
 
-from fastdiff.models import EncoderUNetModel, SuperResModel, UNetModel, create_classifier, create_unet
+from fastdiff.config import ConfigError
+from fastdiff.models import (
+    ClassifierConfig,
+    EncoderUNetModel,
+    SuperResConfig,
+    SuperResModel,
+    UNetConfig,
+    UNetModel,
+)
 from fastdiff.models.nn import normalization, timestep_embedding
 
 
@@ -17,23 +26,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
+SMALL = dict(
+    image_size=16,
+    model_channels=32,
+    num_res_blocks=1,
+    attention_resolutions=(8,),
+    channel_mult=(1, 2),
+    num_head_channels=32,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+)
+
+
 def small_unet(**kw) -> UNetModel:
-    args = dict(
-        image_size=16,
-        in_channels=3,
-        model_channels=32,
-        out_channels=6,
-        num_res_blocks=1,
-        attention_resolutions=(2,),
-        channel_mult=(1, 2),
-        num_classes=10,
-        num_head_channels=32,
-        use_scale_shift_norm=True,
-        resblock_updown=True,
-        use_new_attention_order=True,
-    )
+    args = dict(SMALL, learn_sigma=True, num_classes=10, use_new_attention_order=True)
     args.update(kw)
-    return UNetModel(**args)
+    return UNetModel(UNetConfig(**args))
 
 
 def randomize(model: torch.nn.Module) -> torch.nn.Module:
@@ -56,7 +64,7 @@ def run_unet(model: UNetModel, n: int = 2) -> torch.Tensor:
 
 def test_vector_forward(case_path):
     case = load_case(case_path)
-    model = create_unet(**case["flags"])
+    model = build_unet(**case["flags"])
     assert list(model.state_dict()) == list(case["state_dict"])
     model.load_state_dict(case["state_dict"], strict=True)
     model.eval()
@@ -71,7 +79,7 @@ def test_vector_classifier(case_path):
     if "classifier" not in case:
         pytest.skip("case has no classifier")
     c = case["classifier"]
-    model = create_classifier(**c["flags"])
+    model = build_classifier(**c["flags"])
     assert list(model.state_dict()) == list(c["state_dict"])
     model.load_state_dict(c["state_dict"], strict=True)
     model.eval()
@@ -117,7 +125,7 @@ def test_normalization_fp32_statistics():
         dict(model_channels=64, channel_mult=(0.5, 1, 2)),
         dict(resblock_updown=False),
         dict(resblock_updown=False, conv_resample=False),
-        dict(dropout=0.1, out_channels=3),
+        dict(dropout=0.1, learn_sigma=False),
     ],
     ids=[
         "default",
@@ -166,21 +174,7 @@ def test_label_required_iff_class_conditional():
 
 
 def test_superres_model():
-    model = randomize(
-        SuperResModel(
-            image_size=16,
-            in_channels=3,
-            model_channels=32,
-            out_channels=6,
-            num_res_blocks=1,
-            attention_resolutions=(2,),
-            channel_mult=(1, 2),
-            num_classes=10,
-            num_head_channels=32,
-            use_scale_shift_norm=True,
-            resblock_updown=True,
-        )
-    )
+    model = randomize(SuperResModel(SuperResConfig(**SMALL, small_size=4, learn_sigma=True, num_classes=10)))
     assert model.input_blocks[0][0].in_channels == 6
     x, low = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 4, 4)
     t, y = torch.tensor([1, 500]), torch.tensor([0, 9])
@@ -192,21 +186,7 @@ def test_superres_model():
 
 @pytest.mark.parametrize("pool", ["adaptive", "attention", "spatial", "spatial_v2"])
 def test_encoder_pools(pool):
-    model = randomize(
-        EncoderUNetModel(
-            image_size=16,
-            in_channels=3,
-            model_channels=32,
-            out_channels=7,
-            num_res_blocks=1,
-            attention_resolutions=(2,),
-            channel_mult=(1, 2),
-            num_head_channels=32,
-            use_scale_shift_norm=True,
-            resblock_updown=True,
-            pool=pool,
-        )
-    )
+    model = randomize(EncoderUNetModel(ClassifierConfig(**SMALL, num_classes=7, pool=pool)))
     x = torch.randn(2, 3, 16, 16)
     logits = model(x, torch.tensor([3, 700]))
     assert logits.shape == (2, 7) and torch.isfinite(logits).all()
@@ -215,8 +195,8 @@ def test_encoder_pools(pool):
 
 
 def test_encoder_rejects_unknown_pool():
-    with pytest.raises(ValueError, match="unknown pool"):
-        EncoderUNetModel(16, 3, 32, 7, 1, (2,), channel_mult=(1, 2), pool="max")
+    with pytest.raises(ConfigError, match="unknown pool"):
+        ClassifierConfig(**SMALL, num_classes=7, pool="max")
 
 
 # --- precision and memory options --------------------------------------------------------------
@@ -244,19 +224,9 @@ def test_use_fp16_structure_and_output():
 
 
 def test_classifier_fp16():
-    kw = dict(
-        image_size=16,
-        in_channels=3,
-        model_channels=32,
-        out_channels=5,
-        num_res_blocks=1,
-        attention_resolutions=(2,),
-        channel_mult=(1, 2),
-        num_head_channels=32,
-        pool="attention",
-    )
-    ref = randomize(EncoderUNetModel(**kw)).eval()
-    fp16 = EncoderUNetModel(**kw, use_fp16=True).eval()
+    kw = dict(SMALL, use_scale_shift_norm=False, resblock_updown=False, num_classes=5, pool="attention")
+    ref = randomize(EncoderUNetModel(ClassifierConfig(**kw))).eval()
+    fp16 = EncoderUNetModel(ClassifierConfig(**kw, use_fp16=True)).eval()
     fp16.load_state_dict(ref.state_dict())
     assert fp16.input_blocks[0][0].weight.dtype == torch.float16
     assert fp16.out[2].qkv_proj.weight.dtype == torch.float32
@@ -269,7 +239,7 @@ def test_classifier_fp16():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_use_fp16_cuda(case_path):
     case = load_case(case_path)
-    model = create_unet(**{**case["flags"], "use_fp16": True}).cuda().eval()
+    model = build_unet(**{**case["flags"], "use_fp16": True}).cuda().eval()
     model.load_state_dict(case["state_dict"])
     with torch.no_grad():
         out = model(case["x"].cuda(), case["t"].cuda(), None if case.get("y") is None else case["y"].cuda())
@@ -359,7 +329,7 @@ def test_ops_modes_agree(monkeypatch, mode, kw):
     torch.manual_seed(0)
     model = randomize(small_unet(image_size=8, **kw)).eval()
     clf = randomize(
-        create_classifier(
+        build_classifier(
             image_size=8,
             classifier_width=32,
             classifier_depth=1,

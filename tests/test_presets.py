@@ -1,25 +1,35 @@
-"""guided-diffusion flags, builders and the released-checkpoint presets."""
+"""guided-diffusion flags, the typed configs they become, and the released-checkpoint presets."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from builders import build_classifier, build_superres, build_unet
 
+from fastdiff.config import ConfigError
+from fastdiff.diffusion import DiffusionConfig
 from fastdiff.models import (
     PRESETS,
+    ClassifierConfig,
+    FlagError,
+    SuperResConfig,
+    UNetConfig,
+    build_network,
     build_preset,
-    classifier_defaults,
-    create_classifier,
-    create_superres,
-    create_unet,
-    diffusion_defaults,
+    configs_from_flags,
+    flags_of,
     get_preset,
-    model_defaults,
     parse_flags,
-    preset_flags,
-    sr_defaults,
 )
-from fastdiff.models.presets import channel_mult_for
+from fastdiff.models.flags import classifier_defaults, diffusion_defaults, model_defaults, sr_defaults
+
+
+def preset_flags(name: str) -> dict:
+    p = get_preset(name)
+    return flags_of(p.net, p.process)
+
 
 README_256 = (
     "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --image_size 256 "
@@ -82,38 +92,108 @@ def test_parse_flags_errors(text, message):
 
 
 def test_channel_mult_by_image_size():
-    assert channel_mult_for(512) == (0.5, 1, 1, 2, 2, 4, 4)
-    assert channel_mult_for(256) == (1, 1, 2, 2, 4, 4)
-    assert channel_mult_for(128) == (1, 1, 2, 3, 4)
-    assert channel_mult_for(64) == (1, 2, 3, 4)
-    assert channel_mult_for(32) == (1, 2, 2, 2)
-    assert channel_mult_for(48, "1,2") == (1, 2)
-    assert channel_mult_for(64, "0.5,1") == (0.5, 1)
-    with pytest.raises(ValueError, match="unsupported image size 48; pass channel_mult"):
-        channel_mult_for(48)
-    with pytest.raises(ValueError, match="unsupported image size 48"):
-        create_unet(image_size=48)
+    levels = {
+        size: UNetConfig(image_size=size, attention_resolutions=()).levels for size in (512, 256, 128, 64, 32)
+    }
+    assert levels == {
+        512: (0.5, 1, 1, 2, 2, 4, 4),
+        256: (1, 1, 2, 2, 4, 4),
+        128: (1, 1, 2, 3, 4),
+        64: (1, 2, 3, 4),
+        32: (1, 2, 2, 2),
+    }
+    assert UNetConfig(image_size=48, channel_mult=(1, 2), attention_resolutions=()).levels == (1, 2)
+    assert UNetConfig(channel_mult=(0.5, 1)).widths == (64, 128)
+    with pytest.raises(ConfigError, match="unsupported image size 48; pass channel_mult"):
+        UNetConfig(image_size=48, attention_resolutions=())
+    with pytest.raises(ConfigError, match="unsupported image size 48"):
+        build_unet(image_size=48)
+    # a copy at another size takes that size's multipliers unless they were given
+    assert dataclasses.replace(UNetConfig(), image_size=32).levels == (1, 2, 2, 2)
+    assert SuperResConfig(image_size=64).levels == (1, 2, 3, 4)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: UNetConfig(model_channels=48), r"multiple of 32 \(GroupNorm\)"),
+        (lambda: UNetConfig(num_head_channels=48), "not divisible by num_head_channels 48"),
+        (lambda: UNetConfig(num_heads=3), "not divisible into 3 attention heads"),
+        (lambda: UNetConfig(attention_resolutions=(0,)), "must be positive"),
+        (lambda: UNetConfig(dropout=1.0), r"dropout must be in \[0, 1\)"),
+        (lambda: UNetConfig(model_channels="128"), "model_channels '128': expected int"),
+        (lambda: UNetConfig(use_fp16=1), "use_fp16 1: expected bool"),
+        (lambda: UNetConfig(num_classes=0), "num_classes must be at least 1"),
+        (lambda: ClassifierConfig(pool="max"), "unknown pool 'max'"),
+        (lambda: ClassifierConfig(pool="attention", num_head_channels=-1), "needs num_head_channels"),
+        (lambda: SuperResConfig(small_size=512), "small_size must be in"),
+        (lambda: DiffusionConfig(noise_schedule="quadratic"), "unknown noise_schedule 'quadratic'"),
+        (lambda: DiffusionConfig(steps=1), "at least 2"),
+    ],
+)
+def test_configs_check_themselves(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_config_types_are_normalised():
+    c = UNetConfig(attention_resolutions=[16, 8], dropout=0, channel_mult=[1, 2, 3, 4])
+    assert c.attention_resolutions == (16, 8) and type(c.dropout) is float
+    assert c.channel_mult == (1.0, 2.0, 3.0, 4.0) and c == UNetConfig(channel_mult=(1, 2, 3, 4))
+    assert hash(c) == hash(UNetConfig(channel_mult=(1, 2, 3, 4)))  # frozen: usable as a key
+
+
+def test_flags_round_trip_through_configs():
+    for name, preset in PRESETS.items():
+        flags = flags_of(preset.net, preset.process)
+        assert configs_from_flags(preset.kind, flags) == (preset.net, preset.process), name
+    net, process = configs_from_flags("diffusion", parse_flags(README_256))
+    assert net.num_classes == 1000 and net.learn_sigma and process.learn_sigma
+    assert configs_from_flags("diffusion", {"class_cond": False, "num_classes": 10})[0].num_classes is None
+
+
+@pytest.mark.parametrize(
+    "kind, flags, message",
+    [
+        ("diffusion", {"classifier_width": 64}, "--classifier_width is not a diffusion model flag"),
+        ("classifier", {"num_channels": 64}, "--num_channels is not a classifier model flag"),
+        ("superres", {"image_size": 64}, "--image_size is not a superres model flag"),
+        ("diffusion", {"use_ddim": True}, "sampling-script flag; fastdiff takes --sampler ddim"),
+        ("diffusion", {"timestep_respacing": "250"}, "fastdiff takes --steps or --respacing"),
+        ("diffusion", {"num_channels": "wide"}, "flag --num_channels 'wide': expected a int"),
+        ("diffusion", {"attention_resolutions": "a,b"}, "expected numbers like 16,8"),
+        ("diffusion", {"nope": 1}, "unknown flag --nope"),
+        ("diffusion", {"num_channels": -8}, "--num_channels must be at least 1"),
+        ("superres", {"large_size": 48}, "unsupported image size 48"),
+        ("classifier", {"classifier_width": 40}, r"channel_mult x 40 .* multiple of 32"),
+    ],
+)
+def test_flags_nothing_silently_dropped(kind, flags, message):
+    with pytest.raises(FlagError, match=message):
+        configs_from_flags(kind, flags)
+    # the sampling scripts' flags at their defaults parse (a whole README command line)
+    configs_from_flags("diffusion", {"use_ddim": False, "timestep_respacing": "", "batch_size": 16})
 
 
 def test_create_unet_from_flags():
-    model = create_unet(**{**parse_flags(README_256), "num_channels": 32, "num_head_channels": 32})
+    model = build_unet(**{**parse_flags(README_256), "num_channels": 32, "num_head_channels": 32})
     assert model.image_size == 256 and model.num_classes == 1000 and model.out_channels == 6
     assert model.channel_mult == (1, 1, 2, 2, 4, 4)
     assert model.attention_resolutions == (8, 16, 32)
     assert model.dtype == torch.float16  # use_fp16 True
     # a small MNIST-style model: 1 channel, 10 classes, 32x32
-    mnist = create_unet(image_size=32, in_channels=1, num_classes=10, class_cond=True, num_channels=32)
+    mnist = build_unet(image_size=32, in_channels=1, num_classes=10, class_cond=True, num_channels=32)
     assert mnist.input_blocks[0][0].in_channels == 1 and mnist.label_emb.num_embeddings == 10
     out = mnist(torch.randn(2, 1, 32, 32), torch.tensor([1, 2]), torch.tensor([3, 4]))
     assert out.shape == (2, 1, 32, 32)
-    with pytest.raises(ValueError, match="num_chanels"):
-        create_unet(num_chanels=64)
+    with pytest.raises(FlagError, match="num_chanels"):
+        build_unet(num_chanels=64)
 
 
 def test_create_classifier_and_superres_from_flags():
-    clf = create_classifier(image_size=64, classifier_width=64, classifier_depth=1, num_classes=10)
+    clf = build_classifier(image_size=64, classifier_width=64, classifier_depth=1, num_classes=10)
     assert clf(torch.randn(1, 3, 64, 64), torch.tensor([5])).shape == (1, 10)
-    sr = create_superres(large_size=64, small_size=16, num_channels=32, learn_sigma=True, diffusion_steps=10)
+    sr = build_superres(large_size=64, small_size=16, num_channels=32, learn_sigma=True, diffusion_steps=10)
     out = sr(torch.randn(1, 3, 64, 64), torch.tensor([5]), low_res=torch.randn(1, 3, 16, 16))
     assert out.shape == (1, 6, 64, 64)
 
@@ -133,9 +213,10 @@ def test_preset_names_and_lookup():
     with pytest.raises(ValueError, match="unknown preset 'nope'; choose one of: imagenet64"):
         get_preset("nope")
     flags = preset_flags("imagenet256")
-    assert flags == {**model_defaults(), **diffusion_defaults(), **parse_flags(README_256)}
-    flags["image_size"] = 1
-    assert get_preset("imagenet256").flags["image_size"] == 256
+    expected = {**model_defaults(), **diffusion_defaults(), **parse_flags(README_256), "num_classes": 1000}
+    del expected["timestep_respacing"]
+    assert flags == {**expected, "in_channels": 3, "sigma_small": False}
+    assert build_network(get_preset("imagenet256").net, "meta").image_size == 256
 
 
 def test_preset_flags_match_readme():
@@ -181,9 +262,10 @@ def test_every_preset_builds(name):
     if preset.kind == "classifier":
         assert model.out[2].c_proj.out_channels == 1000
     elif preset.kind == "superres":
-        assert model.input_blocks[0][0].in_channels == 6 and model.image_size == preset.flags["large_size"]
+        assert model.input_blocks[0][0].in_channels == 6 and model.image_size == preset.net.image_size
     else:
-        assert model.image_size == preset.flags["image_size"] and model.out_channels == 6
+        assert model.image_size == preset.net.image_size and model.out_channels == 6
+    assert model.config == preset.net
     if name == "imagenet512":
         assert model.input_blocks[0][0].out_channels == 128  # channel_mult 0.5 * 256
 
@@ -197,4 +279,17 @@ def test_printed_flags_read_back(name):
 
     result = CliRunner().invoke(presets_command, [name])
     assert result.exit_code == 0, result.output
-    assert parse_flags(result.output) == get_preset(name).flags
+    preset = get_preset(name)
+    assert configs_from_flags(preset.kind, parse_flags(result.output)) == (preset.net, preset.process)
+
+
+def test_an_older_spelling_of_the_flags_is_the_same_network():
+    """Runs and checkpoints written before the typed configs recorded partial flag dicts; a
+    resume compares them as configs."""
+    from fastdiff.cli.loading import BUNDLED_MODEL, same_flags
+    from fastdiff.models import read_metadata
+
+    old = read_metadata(BUNDLED_MODEL)["flags"]  # has timestep_respacing, lacks sigma_small
+    new = flags_of(*configs_from_flags("diffusion", old))
+    assert old != new and same_flags(old, new)
+    assert not same_flags({**old, "num_channels": 64}, new) and not same_flags(None, new)

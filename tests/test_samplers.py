@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import make_diffusion
 from torch import nn
 
 from fastdiff.compat.guided_diffusion import create_gaussian_diffusion
-from fastdiff.diffusion import SAMPLERS, ClassifierFreeGuidance, SamplingError, create_diffusion, sample
+from fastdiff.diffusion import SAMPLERS, ClassifierFreeGuidance, SamplingError, sample
 from fastdiff.diffusion.samplers import DDPMStep, SamplingStep, make_rule, sample_steps
 
 SHAPE = (2, 3, 4, 4)
@@ -43,7 +44,7 @@ class ToyClassifier(nn.Module):
 @pytest.fixture
 def setup():
     torch.manual_seed(0)
-    diffusion = create_diffusion(
+    diffusion = make_diffusion(
         steps=1000, learn_sigma=True, noise_schedule="cosine", timestep_respacing="ddim8"
     )
     return diffusion, ToyModel(learn_sigma=True).eval(), ToyClassifier().eval(), {"y": torch.tensor([1, 3])}
@@ -220,7 +221,7 @@ def test_unconditional_model_does_not_get_labels(setup):
 
 def _gaussian_data_model(mu, s):
     """Exact eps for data ~ N(mu, s^2) (per element) under the 1000-step cosine process."""
-    abar = torch.from_numpy(create_diffusion(steps=1000, noise_schedule="cosine").alphas_cumprod)
+    abar = torch.from_numpy(make_diffusion(steps=1000, noise_schedule="cosine").alphas_cumprod)
 
     def model(x, t):
         ab = abar[t].view(-1, 1, 1, 1)
@@ -231,7 +232,7 @@ def _gaussian_data_model(mu, s):
 
 
 def _ode_error(sampler, steps, mu, s):
-    diffusion = create_diffusion(steps=1000, noise_schedule="cosine", timestep_respacing=str(steps))
+    diffusion = make_diffusion(steps=1000, noise_schedule="cosine", timestep_respacing=str(steps))
     x_T = torch.randn(4, 1, 4, 4, dtype=torch.float64, generator=_gen(0))
     ab = diffusion.alphas_cumprod[-1]
     # The probability-flow ODE keeps the standardized coordinate of a Gaussian fixed.
@@ -256,7 +257,7 @@ def test_dpm_solver_converges_to_point_and_is_second_order():
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_nan_reports_first_bad_step(sampler):
-    diffusion = create_diffusion(steps=1000, timestep_respacing="ddim10")
+    diffusion = make_diffusion(steps=1000, timestep_respacing="ddim10")
 
     def model(x, t):
         return torch.where((t == 500).view(-1, 1, 1, 1), torch.nan, 0.1 * x)

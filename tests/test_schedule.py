@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from builders import make_diffusion
 
-from fastdiff.diffusion import create_diffusion, get_named_beta_schedule, space_timesteps
+from fastdiff.diffusion import get_named_beta_schedule, space_timesteps
 from fastdiff.diffusion.schedule import respace_betas
 
 
@@ -62,8 +63,8 @@ def test_respacing_sections_and_errors():
 
 
 def test_respaced_process_keeps_alpha_bar():
-    base = create_diffusion(steps=1000, noise_schedule="cosine")
-    spaced = create_diffusion(steps=1000, noise_schedule="cosine", timestep_respacing="ddim25")
+    base = make_diffusion(steps=1000, noise_schedule="cosine")
+    spaced = make_diffusion(steps=1000, noise_schedule="cosine", timestep_respacing="ddim25")
     assert spaced.num_timesteps == 25
     assert list(spaced.timestep_map) == space_timesteps(1000, "ddim25")
     np.testing.assert_allclose(spaced.alphas_cumprod, base.alphas_cumprod[spaced.timestep_map], rtol=1e-12)
@@ -72,9 +73,9 @@ def test_respaced_process_keeps_alpha_bar():
 
 
 def test_model_timesteps_are_original_and_rescaled():
-    spaced = create_diffusion(steps=4000, timestep_respacing="ddim10")
+    spaced = make_diffusion(steps=4000, timestep_respacing="ddim10")
     t = torch.tensor([0, 1, 9])
     assert spaced.model_timesteps(t).tolist() == [0, 400, 3600]
-    rescaled = create_diffusion(steps=4000, timestep_respacing="ddim10", rescale_timesteps=True)
+    rescaled = make_diffusion(steps=4000, timestep_respacing="ddim10", rescale_timesteps=True)
     out = rescaled.model_timesteps(t)
     assert out.dtype == torch.float32 and out.tolist() == [0.0, 100.0, 900.0]

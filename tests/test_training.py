@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -11,16 +12,16 @@ import torch
 from click.testing import CliRunner
 
 from fastdiff.cli.train import train, train_classifier
-from fastdiff.models.presets import classifier_defaults, diffusion_defaults, model_defaults, parse_flags
+from fastdiff.models import UNetConfig, configs_from_flags, parse_flags
 from fastdiff.training import (
     EMA,
     ClassifierTrainer,
     DiffusionTrainer,
     TrainConfig,
     evaluate,
+    fit_classifier,
+    fit_unet,
     parse_ema_rates,
-    resolve_classifier_flags,
-    resolve_flags,
 )
 from fastdiff.training import checkpoint as ckpt
 from fastdiff.training.data import ArrayDataset
@@ -45,9 +46,15 @@ def tiny_data(n=16, size=8, channels=1, classes=3) -> ArrayDataset:
 
 
 def tiny_config(tmp_path, ds, cfg_dropout=0.0, **kw) -> TrainConfig:
-    flags = resolve_flags({**model_defaults(), **diffusion_defaults(), **parse_flags(TINY)}, ds, cfg_dropout)
+    net, process = configs_from_flags("diffusion", parse_flags(TINY))
     kw = {"batch_size": 4, "max_steps": 2, "log_every": 1, "save_every": 0, "progress": False, **kw}
-    return TrainConfig(flags=flags, out=str(tmp_path / "run"), cfg_dropout=cfg_dropout, **kw)
+    return TrainConfig(
+        net=fit_unet(net, ds, cfg_dropout),
+        process=process,
+        out=str(tmp_path / "run"),
+        cfg_dropout=cfg_dropout,
+        **kw,
+    )
 
 
 def fixed_loss(trainer, x, y) -> float:
@@ -169,7 +176,7 @@ def test_mixed_precision_runs(tmp_path, precision):
 def test_cfg_dropout_uses_the_null_label(tmp_path):
     ds = tiny_data()
     cfg = tiny_config(tmp_path, ds, cfg_dropout=0.5)
-    assert cfg.flags["num_classes"] == ds.num_classes + 1
+    assert cfg.net.num_classes == ds.num_classes + 1
     trainer = DiffusionTrainer(cfg, ds)
     assert trainer.null_label == 3
     seen = []
@@ -179,7 +186,7 @@ def test_cfg_dropout_uses_the_null_label(tmp_path):
     frac = (seen[0] == 3).float().mean()
     assert 0.3 < frac < 0.7 and set(seen[0].tolist()) == {0, 3}
     with pytest.raises(ValueError):
-        resolve_flags({**model_defaults(), "class_cond": False}, ds, 0.1)
+        fit_unet(UNetConfig(), ds, 0.1)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -212,17 +219,16 @@ def test_rng_state_round_trip():
 
 def test_classifier_trainer(tmp_path):
     ds = tiny_data()
-    flags = {
-        **classifier_defaults(),
-        **diffusion_defaults(),
-        **parse_flags(
+    net, process = configs_from_flags(
+        "classifier",
+        parse_flags(
             "--classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions 4 "
             "--channel_mult 1,2 --diffusion_steps 50"
         ),
-    }
-    flags = resolve_classifier_flags(flags, ds)
+    )
     cfg = TrainConfig(
-        flags=flags,
+        net=fit_classifier(net, ds),
+        process=process,
         out=str(tmp_path / "clf"),
         batch_size=4,
         max_steps=2,
@@ -254,11 +260,15 @@ def test_frechet_distance_matches_scipy():
     assert abs(evaluate.frechet_distance(a, a)) < 1e-8
 
 
-def test_cnn_features_and_class_match_shapes():
-    cnn = evaluate.MnistCNN()
+def test_cnn_features_and_class_match():
+    cnn = evaluate.MnistCNN().eval()
     x = torch.rand(5, 1, 32, 32) * 2 - 1
     assert evaluate.cnn_features(x, cnn).shape == (5, 128)
-    assert 0 <= evaluate.class_match(x, torch.zeros(5, dtype=torch.long), cnn) <= 1
+    with torch.no_grad():
+        pred = cnn(x).argmax(-1)
+    assert evaluate.accuracy(cnn, x, pred) == 1.0 and evaluate.accuracy(cnn, x, (pred + 1) % 10) == 0.0
+    two_right = torch.where(torch.arange(5) < 2, pred, (pred + 1) % 10)
+    assert evaluate.accuracy(cnn, x, two_right) == pytest.approx(0.4)
     uint8 = np.zeros((3, 32, 32, 1), np.uint8)
     assert evaluate.cnn_features(uint8, cnn).shape == (3, 128)
     with pytest.raises(ValueError):
@@ -271,7 +281,7 @@ def test_mnist_cnn_reaches_97_percent(tmp_path):
     assert acc >= 0.97
     loaded = evaluate.load_mnist_cnn(tmp_path / "cnn.safetensors")
     val = evaluate.get_mnist("val")
-    assert evaluate.class_match(val.images, val.labels, loaded) == pytest.approx(acc)
+    assert evaluate.accuracy(loaded, val.images, val.labels) == pytest.approx(acc)
 
 
 def _npz(tmp_path):
@@ -380,7 +390,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     grads = []
     for use_checkpoint in (False, True):
         cfg = tiny_config(tmp_path, ds)
-        cfg.flags["use_checkpoint"] = use_checkpoint
+        cfg.net = dataclasses.replace(cfg.net, use_checkpoint=use_checkpoint)
         trainer = DiffusionTrainer(cfg, ds)
         gen = torch.Generator().manual_seed(5)
         loss, _ = trainer.compute_loss(x, y, gen, gen)

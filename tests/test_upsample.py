@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import build_superres, diffusion_from_flags
 from click.testing import CliRunner
 
 import fastdiff
 from fastdiff.cli.main import main
 from fastdiff.cli.sample import _batch_generator
 from fastdiff.cli.upsample import parse_upsampler_spec
-from fastdiff.diffusion import create_diffusion_from_flags, sample
+from fastdiff.diffusion import sample
 from fastdiff.models.checkpoint import save_weights
-from fastdiff.models.presets import create_superres
 
 SR_FLAGS = dict(
     large_size=16,
@@ -44,7 +44,7 @@ FLAG_STRING = " ".join(f"--{k} {v}" for k, v in SR_FLAGS.items())
 
 def _upsampler(seed=0):
     torch.manual_seed(seed)
-    model = create_superres(**SR_FLAGS)
+    model = build_superres(**SR_FLAGS)
     with torch.no_grad():
         for p in model.parameters():  # zero-initialised output convs would hide the conditioning
             p.normal_(0, 0.05)
@@ -76,7 +76,7 @@ def test_sampler_upsamples_as_the_reference_loop(engine, sampler):
     """Two batches through one cached step: the second's low_res and labels refill its buffers."""
     model = _upsampler()
     flags = {**SR_FLAGS, "timestep_respacing": "5" if sampler == "ddpm" else "ddim5"}
-    diffusion = create_diffusion_from_flags(flags)
+    diffusion = diffusion_from_flags(flags)
     s = fastdiff.Sampler(copy.deepcopy(model), diffusion, sampler=sampler, engine=engine)
     assert s.image_shape == (3, 16, 16)  # x's channels, not the first conv's 6
     before = torch.get_num_threads()
@@ -99,7 +99,7 @@ def test_sampler_upsamples_as_the_reference_loop(engine, sampler):
 
 def _engine_upsamples_as_eager(engine, device):
     model = _upsampler().to(device)
-    diffusion = create_diffusion_from_flags({**SR_FLAGS, "timestep_respacing": "ddim4"})
+    diffusion = diffusion_from_flags({**SR_FLAGS, "timestep_respacing": "ddim4"})
     eager = fastdiff.Sampler(copy.deepcopy(model), diffusion, engine="eager", device=device)
     fast = fastdiff.Sampler(copy.deepcopy(model), diffusion, engine=engine, device=device)
     for seed in (1, 2):  # the second batch refills the compiled or captured step's buffers
@@ -121,7 +121,7 @@ def test_gpu_engines_upsample_as_eager(engine):
 
 
 def test_sampler_model_kwargs_errors():
-    s = fastdiff.Sampler(_upsampler(), create_diffusion_from_flags({**SR_FLAGS, "timestep_respacing": "2"}))
+    s = fastdiff.Sampler(_upsampler(), diffusion_from_flags({**SR_FLAGS, "timestep_respacing": "2"}))
     with pytest.raises(ValueError, match="one row per image"):
         s(torch.tensor([0, 1]), model_kwargs={"low_res": torch.zeros(3, 3, 8, 8)})
     with pytest.raises(ValueError, match="as labels"):
@@ -131,7 +131,7 @@ def test_sampler_model_kwargs_errors():
 def test_bf16_casts_the_conditioning():
     """A low-precision network gets low_res in its dtype (else the first conv sees mixed inputs)."""
     model = _upsampler()
-    diffusion = create_diffusion_from_flags({**SR_FLAGS, "timestep_respacing": "ddim3"})
+    diffusion = diffusion_from_flags({**SR_FLAGS, "timestep_respacing": "ddim3"})
     low, labels = _scaled(_low_res(2)), torch.tensor([1, 2])
     ref = fastdiff.Sampler(copy.deepcopy(model), diffusion, engine="eager")
     bf16 = fastdiff.Sampler(copy.deepcopy(model), diffusion, engine="eager", dtype="bf16")
@@ -167,7 +167,7 @@ def test_cli_upsample_writes_the_reference_samples_and_resumes(files, tmp_path):
     assert sorted(p.name for p in (out / "images").iterdir())[0] == "000000_class0.png"
     # the reference loop, batch by batch, with the command's per-batch generators
     model = _upsampler()
-    diffusion = create_diffusion_from_flags({**SR_FLAGS, "timestep_respacing": "4"})
+    diffusion = diffusion_from_flags({**SR_FLAGS, "timestep_respacing": "4"})
     low = _scaled(_low_res(5))
     for b, lo in enumerate(range(0, 5, 2)):
         hi = min(lo + 2, 5)
@@ -245,7 +245,7 @@ def test_sample_upsample_with_runs_the_cascade(files, tmp_path):
     """The bundled MNIST model then a tiny 32->64 upsampler: both resolutions, the upsampled run
     the same as `fastdiff upsample` on the base run's npz; a resume of the finished cascade is a no-op."""
     torch.manual_seed(0)
-    sr = create_superres(**MNIST_SR_FLAGS)
+    sr = build_superres(**MNIST_SR_FLAGS)
     with torch.no_grad():
         for p in sr.parameters():
             p.normal_(0, 0.05)
@@ -323,7 +323,7 @@ def test_against_the_original_super_res_sampling(monkeypatch):
         for p in original.parameters():
             p.normal_(0, 0.05)
     original.eval()
-    ours = create_superres(**{k: v for k, v in flags.items() if k != "timestep_respacing"})
+    ours = build_superres(**{k: v for k, v in flags.items() if k != "timestep_respacing"})
     ours.load_state_dict(original.state_dict())
     low = _scaled(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
     labels = torch.tensor([7, 981])
@@ -332,7 +332,7 @@ def test_against_the_original_super_res_sampling(monkeypatch):
         want = original_diffusion.p_sample_loop(
             original, (2, 3, 64, 64), clip_denoised=True, model_kwargs={"low_res": low, "y": labels}
         )
-    sampler = fastdiff.Sampler(ours, create_diffusion_from_flags(flags), sampler="ddpm", engine="eager")
+    sampler = fastdiff.Sampler(ours, diffusion_from_flags(flags), sampler="ddpm", engine="eager")
     torch.manual_seed(5)
     got = sampler(labels, model_kwargs={"low_res": low})  # no generator: the global RNG, as the original
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-4

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import shlex
-
 import click
 
+from fastdiff.models.flags import flags_of, format_flags
 from fastdiff.models.presets import PRESETS, get_preset
 
 
@@ -22,5 +21,4 @@ def presets_command(name):
         p = get_preset(name)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    # Quoted, so an empty value (channel_mult: the size's default) reads back through --flags.
-    click.echo(" ".join(f"--{k} {shlex.quote(str(v))}" for k, v in p.flags.items()))
+    click.echo(format_flags(flags_of(p.net, p.process)))

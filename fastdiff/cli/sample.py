@@ -24,7 +24,13 @@ import numpy as np
 import torch
 
 from fastdiff.cli.folders import LOCK, exclusive_folder
-from fastdiff.cli.loading import LoadedModel, check_classifier, load_classifier, load_diffusion_model
+from fastdiff.cli.loading import (
+    LoadedModel,
+    check_classifier,
+    load_classifier,
+    load_diffusion_model,
+    same_flags,
+)
 from fastdiff.diffusion import SAMPLERS, SamplingError
 from fastdiff.diffusion.schedule import space_timesteps
 from fastdiff.engines import ENGINES, EngineError, check_engine, default_engine
@@ -226,7 +232,7 @@ def _differences(old: dict, record: dict) -> list[str]:
             diff.append(f"{key} weights (an older fastdiff made this run and did not record them)")
         elif a["sha256"] != b["sha256"]:
             diff.append(f"{key} weights (sha256 {a['sha256'][:12]} vs {b['sha256'][:12]})")
-        if a.get("flags") != b["flags"]:
+        if not same_flags(a.get("flags"), b["flags"], "classifier" if key == "classifier" else None):
             diff.append(f"{key} flags")
     skip = {"model", "classifier", "labels", "num_samples", "engine"}
     diff += [k for k, v in record.items() if k not in skip and old.get(k) != v]

@@ -6,6 +6,7 @@ Multi-GPU / multi-node: launch the same command under torchrun, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,17 +15,10 @@ import click
 import torch
 
 from fastdiff.cli.folders import exclusive_folder
-from fastdiff.cli.loading import check_flags
 from fastdiff.files import remove_temp_files
 from fastdiff.models.checkpoint import CheckpointError
-from fastdiff.models.presets import (
-    FlagError,
-    classifier_defaults,
-    diffusion_defaults,
-    get_preset,
-    model_defaults,
-    parse_flags,
-)
+from fastdiff.models.flags import FlagError, configs_from_flags, flags_of, parse_flags
+from fastdiff.models.presets import get_preset
 from fastdiff.training import (
     PRECISIONS,
     ClassifierTrainer,
@@ -35,12 +29,12 @@ from fastdiff.training import (
     TrainingError,
     check_cfg_dropout,
     dist,
+    fit_classifier,
+    fit_unet,
     get_mnist,
     latest_checkpoint,
     load_dataset,
     parse_ema_rates,
-    resolve_classifier_flags,
-    resolve_flags,
 )
 
 # What a user can fix, shown as one line; anything else (a bare ValueError included) is a bug and
@@ -48,19 +42,19 @@ from fastdiff.training import (
 USER_ERRORS = (ConfigError, FlagError, DataError, CheckpointError, FileNotFoundError, TrainingError)
 
 
-def _flags_and_data(base: dict, kind: str, o: dict, check=None):
-    """Flags (defaults < preset < --flags < --image-size) and the dataset they describe;
-    ``check(flags)`` runs before the data is read.
+def _configs_and_data(kind: str, o: dict, check=None):
+    """The network and process (defaults < preset < --flags < --image-size) and the dataset they
+    describe; ``check(net)`` runs before the data is read.
 
     npz/mnist data keep their own size unless a size was asked for; folders are resized to it.
     """
-    flags = dict(base)
+    flags: dict = {}
     sized = bool(o["image_size"])
     if o["preset"]:
         p = get_preset(o["preset"])
         if p.kind != kind:
             raise ConfigError(f"preset {o['preset']!r} is a {p.kind} preset, not a {kind} one")
-        flags.update(p.flags)
+        flags.update(flags_of(p.net, p.process))
         sized = True
     if o["flag_string"]:
         given = parse_flags(o["flag_string"])
@@ -68,15 +62,13 @@ def _flags_and_data(base: dict, kind: str, o: dict, check=None):
         sized = sized or "image_size" in given
     if o["image_size"]:
         flags["image_size"] = o["image_size"]
-    check_flags(flags, kind)  # names, types and ranges, as `fastdiff sample` checks them
+    net, process = configs_from_flags(kind, flags)  # checked as `fastdiff sample` checks them
     if check is not None:
-        check(flags)
-    size = flags["image_size"] if sized or Path(o["data"]).is_dir() else None
-    dataset = load_dataset(
-        o["data"], size, channels=flags.get("in_channels", 3), skip_bad_images=o["skip_bad_images"]
-    )
+        check(net)
+    size = net.image_size if sized or Path(o["data"]).is_dir() else None
+    dataset = load_dataset(o["data"], size, channels=net.in_channels, skip_bad_images=o["skip_bad_images"])
     _report_skipped(dataset)
-    return flags, dataset
+    return net, process, dataset
 
 
 def _report_skipped(dataset) -> None:
@@ -94,6 +86,11 @@ def _check_options(o: dict) -> None:
         raise ConfigError(f"--num-workers must not be negative, got {o['num_workers']}")
     if o["keep_last"] < 0:
         raise ConfigError(f"--keep-last must not be negative, got {o['keep_last']}")
+    if o["max_steps"] < 1:
+        raise ConfigError("--max-steps must be at least 1")
+    if o["batch_size"] < 1 or o["microbatch"] < 0:
+        raise ConfigError("--batch-size must be positive and --microbatch not negative")
+    parse_ema_rates(o["ema"])
 
 
 @contextmanager
@@ -247,34 +244,15 @@ def common_options(lr: float, ema: str, out: str):
     return decorate
 
 
-def _config(flags, o, **extra) -> TrainConfig:
-    if o["max_steps"] < 1:
-        raise ConfigError("--max-steps must be at least 1")
-    if o["batch_size"] < 1 or o["microbatch"] < 0:
-        raise ConfigError("--batch-size must be positive and --microbatch not negative")
-    return TrainConfig(
-        flags=flags,
-        out=o["out"],
-        batch_size=o["batch_size"],
-        microbatch=o["microbatch"],
-        lr=o["lr"],
-        weight_decay=o["weight_decay"],
-        warmup_steps=o["warmup_steps"],
-        lr_anneal_steps=o["max_steps"] if o["anneal"] else 0,
-        grad_clip=o["grad_clip"],
+def _config(net, process, o, **extra) -> TrainConfig:
+    """The run's settings: the options named as TrainConfig's fields, and the three that differ."""
+    same = {f.name: o[f.name] for f in dataclasses.fields(TrainConfig) if f.name in o}
+    same.update(
         ema=parse_ema_rates(o["ema"]),
-        ema_warmup=o["ema_warmup"],
-        precision=o["precision"],
-        max_steps=o["max_steps"],
-        save_every=o["save_every"],
         log_every=max(1, o["log_every"]),
-        seed=o["seed"],
-        device=o["device"],
-        num_workers=o["num_workers"],
-        resume=o["resume"],
-        keep_last=o["keep_last"],
-        **extra,
+        lr_anneal_steps=o["max_steps"] if o["anneal"] else 0,
     )
+    return TrainConfig(net=net, process=process, **same, **extra)
 
 
 @click.command("train")
@@ -312,15 +290,12 @@ def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps
     try:
         _check_options(o)
         _check_out(o["out"], o["resume"])
-        flags, dataset = _flags_and_data(
-            {**model_defaults(), **diffusion_defaults()},
-            "diffusion",
-            o,
-            check=lambda f: check_cfg_dropout(cfg_dropout, bool(f.get("class_cond"))),
+        net, process, dataset = _configs_and_data(
+            "diffusion", o, check=lambda net: check_cfg_dropout(cfg_dropout, net.num_classes is not None)
         )
-        flags = resolve_flags(flags, dataset, cfg_dropout)
         config = _config(
-            flags,
+            fit_unet(net, dataset, cfg_dropout),
+            process,
             o,
             schedule_sampler=schedule_sampler,
             cfg_dropout=cfg_dropout,
@@ -350,7 +325,7 @@ def train_classifier(val_data, eval_every, **o):
     try:
         _check_options(o)
         _check_out(o["out"], o["resume"])
-        flags, dataset = _flags_and_data({**classifier_defaults(), **diffusion_defaults()}, "classifier", o)
+        net, process, dataset = _configs_and_data("classifier", o)
         val = None
         if val_data:
             val = load_dataset(
@@ -359,8 +334,7 @@ def train_classifier(val_data, eval_every, **o):
             _report_skipped(val)
         elif o["data"] == "mnist":
             val = get_mnist("val")
-        flags = resolve_classifier_flags(flags, dataset)
-        config = _config(flags, o, eval_every=eval_every)
+        config = _config(fit_classifier(net, dataset), process, o, eval_every=eval_every)
         trainer = ClassifierTrainer(config, dataset, val)
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from e

@@ -17,7 +17,7 @@ import click
 import numpy as np
 import torch
 
-from fastdiff.cli.loading import LoadedModel, _build, _check_file, _flags_from, _identity
+from fastdiff.cli.loading import LoadedModel, _check_file, load_network
 from fastdiff.cli.sample import (
     Plan,
     check_run_options,
@@ -30,29 +30,16 @@ from fastdiff.cli.sample import (
 from fastdiff.diffusion import SAMPLERS
 from fastdiff.evaluation.metrics import EvaluationError
 from fastdiff.evaluation.npz import read_npz
-from fastdiff.models.presets import PRESETS, create_superres, sr_defaults
+from fastdiff.models.presets import PRESETS
 
 
-class LoadedUpsampler(LoadedModel):
-    """An ADM-U network: it makes ``large_size`` images from ``small_size`` ones."""
-
-    @property
-    def image_size(self) -> int:
-        return int(self.flags.get("large_size", sr_defaults()["large_size"]))
-
-    @property
-    def small_size(self) -> int:
-        return int(self.flags.get("small_size", sr_defaults()["small_size"]))
-
-
-def load_upsampler(*, preset, flag_string, checkpoint: Path | None, device) -> LoadedUpsampler:
-    """The upsampler from a preset or flags (or a safetensors' own flags) and its weights."""
+def load_upsampler(*, preset, flag_string, checkpoint: Path | None, device) -> LoadedModel:
+    """The upsampler from a preset or flags (or a safetensors' own flags) and its weights; its
+    ``net`` is a SuperResConfig (``image_size`` is the large size, ``small_size`` its input's)."""
     if checkpoint is None:
         raise click.ClickException("--checkpoint is required (the upsampler's weights)")
     _check_file(checkpoint, "checkpoint")
-    flags, metadata = _flags_from(preset, flag_string, checkpoint, "superres")
-    model = _build(create_superres, flags, checkpoint, preset, device)
-    return LoadedUpsampler(model, flags, _identity(checkpoint, flags), metadata)
+    return load_network("superres", checkpoint, preset=preset, flag_string=flag_string, device=device)
 
 
 @dataclass
@@ -80,10 +67,10 @@ class LowRes:
         return None if self.labels is None else self.labels[np.arange(n) % len(self.labels)].tolist()
 
 
-def check_low_res(upsampler: LoadedUpsampler, size: int, channels: int, labels, source: str) -> None:
+def check_low_res(upsampler: LoadedModel, size: int, channels: int, labels, source: str) -> None:
     """What the upsampler takes: its small size, its channels, labels of its classes if it is
     class-conditional."""
-    want = (upsampler.small_size, upsampler.in_channels)
+    want = (upsampler.net.small_size, upsampler.in_channels)
     if (size, channels) != want:
         raise click.ClickException(
             f"{source}: {size}x{size}x{channels} images; the upsampler takes {want[0]}x{want[0]}x{want[1]}"
@@ -96,7 +83,7 @@ def check_low_res(upsampler: LoadedUpsampler, size: int, channels: int, labels, 
             raise click.ClickException(f"{source} has labels outside the upsampler's {classes} classes")
 
 
-def read_low_res(path: Path, upsampler: LoadedUpsampler) -> LowRes:
+def read_low_res(path: Path, upsampler: LoadedModel) -> LowRes:
     """The low-res npz, checked against what the upsampler takes."""
     try:
         batch = read_npz(path, role="--low-res")
@@ -116,7 +103,7 @@ class UpsamplePlan(Plan):
 
 
 def upsample_run(
-    upsampler: LoadedUpsampler,
+    upsampler: LoadedModel,
     low_res: LowRes,
     *,
     sampler: str,
@@ -185,7 +172,7 @@ class Cascade:
     """The upsampler of ``fastdiff sample --upsample-with``, loaded and checked before the base
     model samples; it then super-resolves the base run's samples into ``OUT/upsampled``."""
 
-    upsampler: LoadedUpsampler
+    upsampler: LoadedModel
     respacing: str
 
     def run(self, base_out: Path, npz: Path, plan: Plan, *, resume: bool, device, progress: bool) -> dict:

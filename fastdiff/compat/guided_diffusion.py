@@ -19,12 +19,14 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ..diffusion.gaussian import GaussianDiffusion, create_diffusion_from_flags, mean_flat
+from ..diffusion.config import DiffusionConfig
+from ..diffusion.gaussian import GaussianDiffusion, mean_flat
 from ..diffusion.losses import discretized_gaussian_log_likelihood, normal_kl
 from ..diffusion.samplers import SamplingStep, _model_device, make_rule, run_steps
 from ..diffusion.schedule import space_timesteps  # noqa: F401 (script_util re-exports it)
-from ..models import presets
-from ..models.unet import EncoderUNetModel, SuperResModel, UNetModel  # noqa: F401 (as script_util)
+from ..models import flags as gd_flags
+from ..models.presets import build_network
+from .unet import EncoderUNetModel, SuperResModel, UNetModel  # noqa: F401 (as script_util)
 
 # Read by create_model / sr_create_model at call time, as the original's builders read it:
 # ``script_util.NUM_CLASSES = 10`` before building gives a 10-class model.
@@ -328,30 +330,69 @@ def _last_sample(steps: Iterator[dict]):
     return deque(steps, maxlen=1)[0]["sample"]
 
 
-# script_util's keyword builder (steps, learn_sigma, ..., timestep_respacing).
-create_gaussian_diffusion = SpacedDiffusion.from_flags
+def create_gaussian_diffusion(
+    *,
+    steps=1000,
+    learn_sigma=False,
+    sigma_small=False,
+    noise_schedule="linear",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=False,
+    rescale_learned_sigmas=False,
+    timestep_respacing="",
+):
+    """script_util's keyword builder of the (respaced) process."""
+    config = DiffusionConfig(
+        steps=steps,
+        learn_sigma=learn_sigma,
+        sigma_small=sigma_small,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+    )
+    return SpacedDiffusion.from_config(config, timestep_respacing)
+
+
+def _diffusion(f: dict) -> SpacedDiffusion:
+    """The process of a bound flag dict (the builders' diffusion flags)."""
+    return create_gaussian_diffusion(
+        steps=f["diffusion_steps"],
+        timestep_respacing=f["timestep_respacing"],
+        **{
+            k: f[k]
+            for k in gd_flags.diffusion_defaults()
+            if k not in ("diffusion_steps", "timestep_respacing")
+        },
+    )
+
+
+def _network(kind: str, flags: dict):
+    return build_network(gd_flags.configs_from_flags(kind, flags)[0])
 
 
 def diffusion_defaults() -> dict:
-    return presets.diffusion_defaults()
+    return gd_flags.diffusion_defaults()
 
 
 def model_and_diffusion_defaults() -> dict:
-    return {**presets.model_defaults(), **presets.diffusion_defaults()}
+    return {**gd_flags.model_defaults(), **gd_flags.diffusion_defaults()}
 
 
 def classifier_defaults() -> dict:
-    return presets.classifier_defaults()
+    return gd_flags.classifier_defaults()
 
 
 def classifier_and_diffusion_defaults() -> dict:
-    return {**presets.classifier_defaults(), **presets.diffusion_defaults()}
+    return {**gd_flags.classifier_defaults(), **gd_flags.diffusion_defaults()}
 
 
 def sr_model_and_diffusion_defaults() -> dict:
     """In the original's order: model_and_diffusion_defaults() less the flags the super-resolution
     builder lacks, then large_size and small_size."""
-    values = {**presets.sr_defaults(), **presets.diffusion_defaults()}
+    values = {**gd_flags.sr_defaults(), **gd_flags.diffusion_defaults()}
     names = [k for k in model_and_diffusion_defaults() if k in _SR_MODEL_AND_DIFFUSION_ORDER]
     return {k: values[k] for k in [*names, "large_size", "small_size"]}
 
@@ -429,7 +470,7 @@ def _bind(name: str, order: list[str], defaults: dict, args: tuple, flags: dict)
 def create_model(*args, **flags):
     """The ADM UNet from the original create_model's arguments (NUM_CLASSES labels if class_cond)."""
     f = _bind("create_model", _CREATE_MODEL_ORDER, _CREATE_MODEL_DEFAULTS, args, flags)
-    return presets.create_unet(**f, num_classes=NUM_CLASSES)
+    return _network("diffusion", {**f, "num_classes": NUM_CLASSES})
 
 
 def create_model_and_diffusion(*args, **flags):
@@ -438,14 +479,14 @@ def create_model_and_diffusion(*args, **flags):
         "create_model_and_diffusion", _MODEL_AND_DIFFUSION_ORDER, model_and_diffusion_defaults(), args, flags
     )
     model = create_model(**{k: f[k] for k in _CREATE_MODEL_ORDER})
-    return model, create_diffusion_from_flags(f, SpacedDiffusion)
+    return model, _diffusion(f)
 
 
 def create_classifier(*args, **flags):
     """The noisy-image classifier (EncoderUNetModel); 1000 logits whatever NUM_CLASSES says, as in
     the original."""
     f = _bind("create_classifier", _CLASSIFIER_ORDER, classifier_defaults(), args, flags)
-    return presets.create_classifier(**f, num_classes=1000)
+    return _network("classifier", {**f, "num_classes": 1000})
 
 
 def create_classifier_and_diffusion(*args, **flags):
@@ -458,13 +499,13 @@ def create_classifier_and_diffusion(*args, **flags):
         flags,
     )
     classifier = create_classifier(**{k: f[k] for k in _CLASSIFIER_ORDER})
-    return classifier, create_diffusion_from_flags(f, SpacedDiffusion)
+    return classifier, _diffusion(f)
 
 
 def sr_create_model(*args, **flags):
     """The ADM-U upsampler from the original sr_create_model's (all required) arguments."""
     f = _bind("sr_create_model", _SR_MODEL_ORDER, {}, args, flags)
-    return presets.create_superres(**f, num_classes=NUM_CLASSES)
+    return _network("superres", {**f, "num_classes": NUM_CLASSES})
 
 
 def sr_create_model_and_diffusion(*args, **flags):
@@ -477,16 +518,16 @@ def sr_create_model_and_diffusion(*args, **flags):
         flags,
     )
     model = sr_create_model(**{k: f[k] for k in _SR_MODEL_ORDER})
-    return model, create_diffusion_from_flags(f, SpacedDiffusion)
+    return model, _diffusion(f)
 
 
 def str2bool(v) -> bool:
     """argparse type of boolean flags: yes/no, true/false, t/f, y/n, 1/0 (any case)."""
     if isinstance(v, bool):
         return v
-    if v.lower() in presets._TRUE:
+    if v.lower() in gd_flags.TRUE_WORDS:
         return True
-    if v.lower() in presets._FALSE:
+    if v.lower() in gd_flags.FALSE_WORDS:
         return False
     raise argparse.ArgumentTypeError("boolean value expected")
 

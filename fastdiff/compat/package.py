@@ -23,7 +23,7 @@ MODULES = {
     "script_util": "fastdiff.compat.guided_diffusion",
     "dist_util": "fastdiff.compat.dist_util",
     "logger": "fastdiff.compat.logger",
-    "unet": "fastdiff.models.unet",
+    "unet": "fastdiff.compat.unet",
 }
 
 

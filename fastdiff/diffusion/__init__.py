@@ -1,7 +1,8 @@
 """The diffusion layer: schedules, the Gaussian process and its losses, samplers and guidance."""
 
+from .config import DiffusionConfig
 from .errors import SamplingError
-from .gaussian import GaussianDiffusion, create_diffusion, create_diffusion_from_flags
+from .gaussian import GaussianDiffusion
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance
 from .samplers import SAMPLERS, sample, sample_steps
 from .schedule import get_named_beta_schedule, space_timesteps
@@ -10,10 +11,9 @@ __all__ = [
     "SAMPLERS",
     "ClassifierFreeGuidance",
     "ClassifierGuidance",
+    "DiffusionConfig",
     "GaussianDiffusion",
     "SamplingError",
-    "create_diffusion",
-    "create_diffusion_from_flags",
     "get_named_beta_schedule",
     "sample",
     "sample_steps",

@@ -8,12 +8,13 @@ tables, cached per (device, dtype), so a sampling loop never copies host->device
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .config import DiffusionConfig
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .schedule import get_named_beta_schedule, respace_betas, space_timesteps
 
@@ -118,41 +119,23 @@ class GaussianDiffusion:
         self._cache: dict = {}
 
     @classmethod
-    def from_flags(
-        cls,
-        *,
-        steps: int = 1000,
-        learn_sigma: bool = False,
-        sigma_small: bool = False,
-        noise_schedule: str = "linear",
-        use_kl: bool = False,
-        predict_xstart: bool = False,
-        rescale_timesteps: bool = False,
-        rescale_learned_sigmas: bool = False,
-        timestep_respacing="",
-    ) -> GaussianDiffusion:
-        """The process guided-diffusion's ``create_gaussian_diffusion`` builds from the same flags.
+    def from_config(cls, config: DiffusionConfig, respacing: str | Iterable[int] = "") -> GaussianDiffusion:
+        """The process guided-diffusion's ``create_gaussian_diffusion`` builds from the same
+        settings, respaced by ``respacing`` (``space_timesteps``; empty keeps every step).
 
         The process is always rebuilt from the kept alpha_bar (even with no respacing), exactly
         as the original's SpacedDiffusion does, so the tables match to the last bit.
         """
-        base_betas = get_named_beta_schedule(noise_schedule, steps)
-        if use_kl:
-            loss_type = "rescaled_kl"
-        elif rescale_learned_sigmas:
-            loss_type = "rescaled_mse"
-        else:
-            loss_type = "mse"
-        kept = space_timesteps(steps, timestep_respacing or [steps])
+        steps = config.steps
+        base_betas = get_named_beta_schedule(config.noise_schedule, steps)
+        kept = space_timesteps(steps, respacing or [steps])
         betas, timestep_map = respace_betas(np.cumprod(1.0 - base_betas, axis=0), kept)
         return cls(
             betas,
-            model_mean_type="x0" if predict_xstart else "eps",
-            model_var_type=(
-                "learned_range" if learn_sigma else ("fixed_small" if sigma_small else "fixed_large")
-            ),
-            loss_type=loss_type,
-            rescale_timesteps=rescale_timesteps,
+            model_mean_type="x0" if config.predict_xstart else "eps",
+            model_var_type=config.model_var_type,
+            loss_type=config.loss_type,
+            rescale_timesteps=config.rescale_timesteps,
             timestep_map=timestep_map,
             original_num_steps=steps,
         )
@@ -379,28 +362,3 @@ class GaussianDiffusion:
         terms["mse"] = mean_flat((target - model_output) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
-
-
-# guided-diffusion's keyword builder; ``from_flags`` holds the one implementation.
-create_diffusion = GaussianDiffusion.from_flags
-
-
-_DIFFUSION_FLAGS = (
-    "learn_sigma",
-    "sigma_small",
-    "noise_schedule",
-    "use_kl",
-    "predict_xstart",
-    "rescale_timesteps",
-    "rescale_learned_sigmas",
-    "timestep_respacing",
-)
-
-
-def create_diffusion_from_flags(flags: dict, cls: type[GaussianDiffusion] = GaussianDiffusion, **overrides):
-    """The process of a full guided-diffusion flag dict (``diffusion_steps`` is ``steps``; model
-    flags are ignored), so a checkpoint's flags alone rebuild its process."""
-    kwargs = {k: flags[k] for k in _DIFFUSION_FLAGS if k in flags}
-    kwargs["steps"] = flags.get("diffusion_steps", 1000)
-    kwargs.update(overrides)
-    return cls.from_flags(**kwargs)

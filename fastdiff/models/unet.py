@@ -8,8 +8,6 @@ elsewhere); a SiLU fused into the norm before it leaves ``nn.Identity`` in its S
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +15,7 @@ from torch import nn
 from fastdiff.ops import AdaGroupNormSiLU, QKVAttention, QKVAttentionLegacy
 from fastdiff.ops.patch import adm_resblock_forward
 
+from .config import ClassifierConfig, NetConfig, SuperResConfig, UNetConfig
 from .nn import (
     avg_pool_nd,
     conv_nd,
@@ -219,119 +218,92 @@ class AttentionPool2d(nn.Module):
         return x[:, :, 0]
 
 
-def _build_down_half(
-    model: nn.Module,
-    *,
-    in_channels: int,
-    model_channels: int,
-    num_res_blocks: int,
-    attention_resolutions: Iterable[int],
-    dropout: float,
-    channel_mult: Sequence[float],
-    conv_resample: bool,
-    dims: int,
-    use_checkpoint: bool,
-    num_heads: int,
-    num_head_channels: int,
-    use_scale_shift_norm: bool,
-    resblock_updown: bool,
-    use_new_attention_order: bool,
-) -> tuple[list[int], int, int, int]:
-    """Create ``model.input_blocks`` and ``model.middle_block``.
-
-    Returns (channels after each input block, final channels, final downsample factor, summed
-    channels of all blocks - the spatial pools' feature size).
-    """
-    emb_dim = model_channels * 4
-    attention_resolutions = tuple(attention_resolutions)
-
-    def resblock(ch: int, out_ch: int | None = None, **kw) -> ResBlock:
-        return ResBlock(
-            ch,
-            emb_dim,
-            dropout,
-            out_channels=out_ch,
-            dims=dims,
-            use_checkpoint=use_checkpoint,
-            use_scale_shift_norm=use_scale_shift_norm,
-            **kw,
-        )
-
-    def attention(ch: int) -> AttentionBlock:
-        return AttentionBlock(
-            ch,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            use_checkpoint=use_checkpoint,
-            use_new_attention_order=use_new_attention_order,
-        )
-
-    ch = int(channel_mult[0] * model_channels)
-    model.input_blocks = nn.ModuleList(
-        [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))]
-    )
-    chans = [ch]
-    ds = 1
-    for level, mult in enumerate(channel_mult):
-        for _ in range(num_res_blocks):
-            layers: list[nn.Module] = [resblock(ch, int(mult * model_channels))]
-            ch = int(mult * model_channels)
-            if ds in attention_resolutions:
-                layers.append(attention(ch))
-            model.input_blocks.append(TimestepEmbedSequential(*layers))
-            chans.append(ch)
-        if level != len(channel_mult) - 1:
-            down = resblock(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims, ch)
-            model.input_blocks.append(TimestepEmbedSequential(down))
-            chans.append(ch)
-            ds *= 2
-    model.middle_block = TimestepEmbedSequential(resblock(ch), attention(ch), resblock(ch))
-    return chans, ch, ds, sum(chans) + ch
-
-
 def _make_time_embed(model_channels: int) -> nn.Sequential:
     emb_dim = model_channels * 4
     return nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
 
+def _build_down_half(model: nn.Module, c: NetConfig, in_channels: int) -> tuple[list[int], int, int, int]:
+    """Create ``model.input_blocks`` and ``model.middle_block``.
+
+    Returns (channels after each input block, final channels, final downsample factor, summed
+    channels of all blocks - the spatial pools' feature size).
+    """
+    ch = c.widths[0]
+    model.input_blocks = nn.ModuleList(
+        [TimestepEmbedSequential(conv_nd(c.dims, in_channels, ch, 3, padding=1))]
+    )
+    chans = [ch]
+    ds = 1
+    for level, width in enumerate(c.widths):
+        for _ in range(c.num_res_blocks):
+            layers: list[nn.Module] = [_resblock(c, ch, width)]
+            ch = width
+            if ds in c.attention_ds:
+                layers.append(_attention(c, ch, c.num_heads))
+            model.input_blocks.append(TimestepEmbedSequential(*layers))
+            chans.append(ch)
+        if level != len(c.widths) - 1:
+            down = (
+                _resblock(c, ch, ch, down=True)
+                if c.resblock_updown
+                else Downsample(ch, c.conv_resample, c.dims, ch)
+            )
+            model.input_blocks.append(TimestepEmbedSequential(down))
+            chans.append(ch)
+            ds *= 2
+    model.middle_block = TimestepEmbedSequential(
+        _resblock(c, ch), _attention(c, ch, c.num_heads), _resblock(c, ch)
+    )
+    return chans, ch, ds, sum(chans) + ch
+
+
+def _resblock(c: NetConfig, ch: int, out_ch: int | None = None, **updown) -> ResBlock:
+    return ResBlock(
+        ch,
+        c.model_channels * 4,
+        c.dropout,
+        out_channels=out_ch,
+        dims=c.dims,
+        use_checkpoint=c.use_checkpoint,
+        use_scale_shift_norm=c.use_scale_shift_norm,
+        **updown,
+    )
+
+
+def _attention(c: NetConfig, ch: int, num_heads: int) -> AttentionBlock:
+    return AttentionBlock(
+        ch,
+        num_heads=num_heads,
+        num_head_channels=c.num_head_channels,
+        use_checkpoint=c.use_checkpoint,
+        use_new_attention_order=c.use_new_attention_order,
+    )
+
+
 class _ADMNet(nn.Module):
-    """What the UNet and the classifier share: the timestep MLP and the fp16-torso switch."""
+    """What the UNet and the classifier share: the config, the timestep MLP and the fp16-torso
+    switch. The original's configuration attributes stay readable (``model.image_size``...)."""
 
     input_blocks: nn.ModuleList
 
-    def __init__(
-        self,
-        *,
-        image_size: int,
-        in_channels: int,
-        model_channels: int,
-        out_channels: int,
-        num_res_blocks: int,
-        attention_resolutions: Iterable[int],
-        dropout: float,
-        channel_mult: Sequence[float],
-        conv_resample: bool,
-        use_checkpoint: bool,
-        num_heads: int,
-        num_head_channels: int,
-        num_heads_upsample: int,
-    ):
-        """Record the configuration (as the original's attributes) and build the timestep MLP."""
+    def __init__(self, config: NetConfig, out_channels: int):
         super().__init__()
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
+        self.config = config
+        self.image_size = config.image_size
+        self.in_channels = config.in_channels
+        self.model_channels = config.model_channels
         self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = tuple(attention_resolutions)
-        self.dropout = dropout
-        self.channel_mult = tuple(channel_mult)
-        self.conv_resample = conv_resample
-        self.use_checkpoint = use_checkpoint
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
-        self.num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
-        self.time_embed = _make_time_embed(model_channels)
+        self.num_res_blocks = config.num_res_blocks
+        self.attention_resolutions = config.attention_ds
+        self.dropout = config.dropout
+        self.channel_mult = config.levels
+        self.conv_resample = config.conv_resample
+        self.use_checkpoint = config.use_checkpoint
+        self.num_heads = config.num_heads
+        self.num_head_channels = config.num_head_channels
+        self.num_heads_upsample = config.heads_upsample
+        self.time_embed = _make_time_embed(config.model_channels)
 
     def _torso(self) -> tuple[nn.Module, ...]:
         raise NotImplementedError
@@ -360,127 +332,46 @@ class _ADMNet(nn.Module):
 class UNetModel(_ADMNet):
     """The ADM denoiser: a UNet with timestep (and optional class) embedding and attention.
 
-    ``attention_resolutions`` are downsample factors (``image_size // res``), as the original.
     ``use_fp16`` keeps the torso's convs in fp16 (guided-diffusion's fp16 mode); the modern
     alternative is an fp32 model under ``torch.autocast``.
     """
 
-    def __init__(
-        self,
-        image_size: int,
-        in_channels: int,
-        model_channels: int,
-        out_channels: int,
-        num_res_blocks: int,
-        attention_resolutions: Iterable[int],
-        dropout: float = 0,
-        channel_mult: Sequence[float] = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        dims: int = 2,
-        num_classes: int | None = None,
-        use_checkpoint: bool = False,
-        use_fp16: bool = False,
-        num_heads: int = 1,
-        num_head_channels: int = -1,
-        num_heads_upsample: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
-        use_new_attention_order: bool = False,
-    ):
-        super().__init__(
-            image_size=image_size,
-            in_channels=in_channels,
-            model_channels=model_channels,
-            out_channels=out_channels,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=attention_resolutions,
-            dropout=dropout,
-            channel_mult=channel_mult,
-            conv_resample=conv_resample,
-            use_checkpoint=use_checkpoint,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            num_heads_upsample=num_heads_upsample,
-        )
-        self.num_classes = num_classes
-
-        emb_dim = model_channels * 4
-        if num_classes is not None:
+    def __init__(self, config: UNetConfig, in_channels: int | None = None):
+        """``in_channels`` of the first conv when it differs from the image's (the upsampler)."""
+        super().__init__(config, config.out_channels)
+        c = config
+        self.num_classes = c.num_classes
+        emb_dim = c.model_channels * 4
+        if c.num_classes is not None:
             # Built around an empty weight, then initialised as nn.Embedding does (same RNG draw),
             # except on the meta device: there normal_ would import torch._dynamo (~4 s of start-up).
-            self.label_emb = nn.Embedding(num_classes, emb_dim, _weight=torch.empty(num_classes, emb_dim))
+            self.label_emb = nn.Embedding(c.num_classes, emb_dim, _weight=torch.empty(c.num_classes, emb_dim))
             if not self.label_emb.weight.is_meta:
                 nn.init.normal_(self.label_emb.weight)
 
-        chans, ch, ds, _ = _build_down_half(
-            self,
-            in_channels=in_channels,
-            model_channels=model_channels,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=self.attention_resolutions,
-            dropout=dropout,
-            channel_mult=channel_mult,
-            conv_resample=conv_resample,
-            dims=dims,
-            use_checkpoint=use_checkpoint,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            use_scale_shift_norm=use_scale_shift_norm,
-            resblock_updown=resblock_updown,
-            use_new_attention_order=use_new_attention_order,
-        )
-
+        chans, ch, ds, _ = _build_down_half(self, c, in_channels or c.in_channels)
         self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_res_blocks + 1):
-                out_ch = int(model_channels * mult)
-                layers: list[nn.Module] = [
-                    ResBlock(
-                        ch + chans.pop(),
-                        emb_dim,
-                        dropout,
-                        out_channels=out_ch,
-                        dims=dims,
-                        use_checkpoint=use_checkpoint,
-                        use_scale_shift_norm=use_scale_shift_norm,
-                    )
-                ]
-                ch = out_ch
-                if ds in self.attention_resolutions:
+        for level, width in reversed(list(enumerate(c.widths))):
+            for i in range(c.num_res_blocks + 1):
+                layers: list[nn.Module] = [_resblock(c, ch + chans.pop(), width)]
+                ch = width
+                if ds in c.attention_ds:
+                    layers.append(_attention(c, ch, c.heads_upsample))
+                if level and i == c.num_res_blocks:
                     layers.append(
-                        AttentionBlock(
-                            ch,
-                            num_heads=self.num_heads_upsample,
-                            num_head_channels=num_head_channels,
-                            use_checkpoint=use_checkpoint,
-                            use_new_attention_order=use_new_attention_order,
-                        )
-                    )
-                if level and i == num_res_blocks:
-                    layers.append(
-                        ResBlock(
-                            ch,
-                            emb_dim,
-                            dropout,
-                            out_channels=ch,
-                            dims=dims,
-                            use_checkpoint=use_checkpoint,
-                            use_scale_shift_norm=use_scale_shift_norm,
-                            up=True,
-                        )
-                        if resblock_updown
-                        else Upsample(ch, conv_resample, dims=dims, out_channels=ch)
+                        _resblock(c, ch, ch, up=True)
+                        if c.resblock_updown
+                        else Upsample(ch, c.conv_resample, dims=c.dims, out_channels=ch)
                     )
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        input_ch = int(channel_mult[0] * model_channels)
         self.out = nn.Sequential(
             normalization(ch, silu=True),
             nn.Identity(),
-            zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
+            zero_module(conv_nd(c.dims, c.widths[0], c.out_channels, 3, padding=1)),
         )
-        if use_fp16:
+        if c.use_fp16:
             self.convert_to_fp16()
 
     def _torso(self) -> tuple[nn.Module, ...]:
@@ -516,8 +407,9 @@ class SuperResModel(UNetModel):
     """ADM-U: a UNet conditioned on a low-resolution image, upsampled bilinearly and concatenated
     to the noisy input (so the first conv sees ``2 * in_channels`` channels)."""
 
-    def __init__(self, image_size: int, in_channels: int, *args, **kwargs):
-        super().__init__(image_size, in_channels * 2, *args, **kwargs)
+    def __init__(self, config: SuperResConfig):
+        super().__init__(config, in_channels=2 * config.in_channels)
+        self.in_channels = 2 * config.in_channels  # as the original records it
 
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, low_res: torch.Tensor, y: torch.Tensor | None = None
@@ -532,95 +424,40 @@ class EncoderUNetModel(_ADMNet):
     ``num_classes`` is the number of logits (``out_channels``); there is no class input.
     """
 
-    def __init__(
-        self,
-        image_size: int,
-        in_channels: int,
-        model_channels: int,
-        out_channels: int,
-        num_res_blocks: int,
-        attention_resolutions: Iterable[int],
-        dropout: float = 0,
-        channel_mult: Sequence[float] = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        dims: int = 2,
-        use_checkpoint: bool = False,
-        use_fp16: bool = False,
-        num_heads: int = 1,
-        num_head_channels: int = -1,
-        num_heads_upsample: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
-        use_new_attention_order: bool = False,
-        pool: str = "adaptive",
-    ):
-        super().__init__(
-            image_size=image_size,
-            in_channels=in_channels,
-            model_channels=model_channels,
-            out_channels=out_channels,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=attention_resolutions,
-            dropout=dropout,
-            channel_mult=channel_mult,
-            conv_resample=conv_resample,
-            use_checkpoint=use_checkpoint,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            num_heads_upsample=num_heads_upsample,
-        )
-        self.num_classes = out_channels
-
-        _, ch, ds, feature_size = _build_down_half(
-            self,
-            in_channels=in_channels,
-            model_channels=model_channels,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=self.attention_resolutions,
-            dropout=dropout,
-            channel_mult=channel_mult,
-            conv_resample=conv_resample,
-            dims=dims,
-            use_checkpoint=use_checkpoint,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            use_scale_shift_norm=use_scale_shift_norm,
-            resblock_updown=resblock_updown,
-            use_new_attention_order=use_new_attention_order,
-        )
-        self.pool = pool
-        if pool == "adaptive":
+    def __init__(self, config: ClassifierConfig):
+        super().__init__(config, config.num_classes)
+        c = config
+        self.num_classes = c.num_classes
+        _, ch, ds, feature_size = _build_down_half(self, c, c.in_channels)
+        self.pool = c.pool
+        if c.pool == "adaptive":
             self.out = nn.Sequential(
                 normalization(ch, silu=True),
                 nn.Identity(),
                 nn.AdaptiveAvgPool2d((1, 1)),
-                zero_module(conv_nd(dims, ch, out_channels, 1)),
+                zero_module(conv_nd(c.dims, ch, c.num_classes, 1)),
                 nn.Flatten(),
             )
-        elif pool == "attention":
-            if num_head_channels == -1:
-                raise ValueError("pool='attention' needs num_head_channels")
+        elif c.pool == "attention":
             self.out = nn.Sequential(
                 normalization(ch, silu=True),
                 nn.Identity(),
-                AttentionPool2d(image_size // ds, ch, num_head_channels, out_channels),
+                AttentionPool2d(c.image_size // ds, ch, c.num_head_channels, c.num_classes),
             )
-        elif pool == "spatial":
+        elif c.pool == "spatial":
             self.out = nn.Sequential(
                 nn.Linear(feature_size, 2048),
                 nn.ReLU(),
-                nn.Linear(2048, out_channels),
+                nn.Linear(2048, c.num_classes),
             )
-        elif pool == "spatial_v2":
+        else:  # "spatial_v2"
             self.out = nn.Sequential(
                 nn.Linear(feature_size, 2048),
                 normalization(2048, silu=True),
                 nn.Identity(),
-                nn.Linear(2048, out_channels),
+                nn.Linear(2048, c.num_classes),
             )
-        else:
-            raise ValueError(f"unknown pool {pool!r}; choose adaptive, attention, spatial or spatial_v2")
-        if use_fp16:
+        if c.use_fp16:
             self.convert_to_fp16()
 
     def _torso(self) -> tuple[nn.Module, ...]:

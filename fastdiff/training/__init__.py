@@ -6,9 +6,9 @@ from .config import (
     ConfigError,
     TrainConfig,
     check_cfg_dropout,
+    fit_classifier,
+    fit_unet,
     parse_ema_rates,
-    resolve_classifier_flags,
-    resolve_flags,
 )
 from .data import DataError, ImageFolderDataset, ShardedSampler, get_mnist, load_dataset, load_npz
 from .ema import EMA
@@ -32,13 +32,13 @@ __all__ = [
     "UniformSampler",
     "check_cfg_dropout",
     "create_named_schedule_sampler",
+    "fit_classifier",
+    "fit_unet",
     "get_mnist",
     "latest_checkpoint",
     "load_checkpoint",
     "load_dataset",
     "load_npz",
     "parse_ema_rates",
-    "resolve_classifier_flags",
-    "resolve_flags",
     "save_checkpoint",
 ]

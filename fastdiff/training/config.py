@@ -1,17 +1,19 @@
-"""What a training run is: its typed settings and the model flags fitted to the data."""
+"""What a training run is: its typed settings and the network config fitted to the data."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
+
+from fastdiff.config import ConfigError
+from fastdiff.diffusion.config import DiffusionConfig
+from fastdiff.models.config import ClassifierConfig, NetConfig, UNetConfig
+from fastdiff.models.flags import flags_of
 
 from .data import DataError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-class ConfigError(ValueError):
-    """A training setting that cannot work; the CLI shows it as one line (a bare ValueError is a
-    bug and keeps its traceback)."""
 
 
 def parse_ema_rates(text) -> tuple[float, ...]:
@@ -35,41 +37,48 @@ def check_cfg_dropout(cfg_dropout: float, class_cond: bool) -> None:
         raise ConfigError("--cfg-dropout needs a class-conditional model (class_cond True)")
 
 
-def resolve_flags(flags: dict, dataset, cfg_dropout: float = 0.0) -> dict:
-    """Fit diffusion-model flags to the data: size, channels, class count (+1 null class for CFG)."""
-    check_cfg_dropout(cfg_dropout, bool(flags.get("class_cond")))
-    flags = dict(flags, image_size=dataset.image_size, in_channels=dataset.channels, use_fp16=False)
-    if flags.get("class_cond"):
+def fit_unet(net: UNetConfig, dataset, cfg_dropout: float = 0.0) -> UNetConfig:
+    """Fit a diffusion UNet to the data: size, channels, class count (+1 null class for CFG)."""
+    check_cfg_dropout(cfg_dropout, net.num_classes is not None)
+    num_classes = None
+    if net.num_classes is not None:
         if not dataset.num_classes:
             raise DataError(
                 "class_cond True needs labelled data (class subfolders, class_ prefixes or arr_1)"
             )
-        flags["num_classes"] = dataset.num_classes + (1 if cfg_dropout > 0 else 0)
-    return flags
+        num_classes = dataset.num_classes + (1 if cfg_dropout > 0 else 0)
+    return dataclasses.replace(
+        net,
+        image_size=dataset.image_size,
+        in_channels=dataset.channels,
+        use_fp16=False,
+        num_classes=num_classes,
+    )
 
 
-def resolve_classifier_flags(flags: dict, dataset) -> dict:
-    """Fit classifier flags to the data: size, channels and one logit per class."""
+def fit_classifier(net: ClassifierConfig, dataset) -> ClassifierConfig:
+    """Fit a classifier to the data: size, channels and one logit per class."""
     if not dataset.num_classes:
         raise DataError(
             "classifier training needs labelled data (class subfolders, class_ prefixes or arr_1)"
         )
     if dataset.num_classes < 2:
         raise DataError("classifier training needs at least 2 classes; the data has 1")
-    return dict(
-        flags,
+    return dataclasses.replace(
+        net,
         image_size=dataset.image_size,
         in_channels=dataset.channels,
         num_classes=dataset.num_classes,
-        classifier_use_fp16=False,
+        use_fp16=False,
     )
 
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs besides the data; stored in every checkpoint."""
+    """Everything a run needs besides the data; stored in every checkpoint (:meth:`record`)."""
 
-    flags: dict
+    net: NetConfig
+    process: DiffusionConfig
     out: str = "runs/train"
     batch_size: int = 16
     microbatch: int = 0
@@ -97,3 +106,10 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     keep_last: int = 0
+
+    def record(self) -> dict[str, Any]:
+        """The checkpoint's form: the settings, with the network and process as guided-diffusion
+        flags (as every fastdiff checkpoint has stored them)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del values["net"], values["process"]
+        return {"flags": flags_of(self.net, self.process), **values}

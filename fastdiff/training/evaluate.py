@@ -9,7 +9,6 @@ FID-like score (lower is better) that needs no Inception network and works offli
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +68,7 @@ def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.T
 
 
 def accuracy(cnn: MnistCNN, images, labels) -> float:
+    """Fraction of images the CNN classifies as their label (for samples: the class match)."""
     pred = _batched(cnn, images, lambda b: cnn(b).argmax(-1))
     return float((pred == torch.as_tensor(labels)).float().mean())
 
@@ -113,18 +113,6 @@ def load_mnist_cnn(path: str | os.PathLike, device: str = "cpu") -> MnistCNN:
     return cnn.to(device).eval()
 
 
-def get_mnist_cnn(path: str | os.PathLike, device: str = "cpu") -> MnistCNN:
-    """The CNN saved at ``path``, training (and saving) it first if it is not there."""
-    if not Path(path).is_file():
-        train_mnist_cnn(out_path=path, device=device)
-    return load_mnist_cnn(path, device)
-
-
-def class_match(images, labels, cnn: MnistCNN) -> float:
-    """Fraction of images the CNN classifies as their requested label."""
-    return accuracy(cnn, images, labels)
-
-
 def cnn_features(images, cnn: MnistCNN) -> torch.Tensor:
     """Penultimate-layer (128-d) features, float64."""
     return _batched(cnn, images, cnn.features).double()
@@ -140,5 +128,5 @@ def evaluate_samples(images, labels, cnn: MnistCNN, reference: str = "train") ->
     ref = get_mnist(reference)
     out = {"frechet_distance": frechet_distance(cnn_features(images, cnn), cnn_features(ref.images, cnn))}
     if labels is not None:
-        out["class_match"] = class_match(images, labels, cnn)
+        out["class_match"] = accuracy(cnn, images, labels)
     return out

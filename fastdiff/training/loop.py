@@ -21,7 +21,6 @@ import errno
 import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from fastdiff.files import is_temp_file
+from fastdiff.models.flags import configs_from_flags, flags_of
 
 from . import checkpoint as ckpt
 from . import dist
@@ -130,7 +130,7 @@ class TrainLoop:
         pass
 
     def metadata(self) -> dict:
-        return {"kind": self.kind, "flags": self.config.flags}
+        return {"kind": self.kind, "flags": flags_of(self.config.net, self.config.process)}
 
     # -- pieces ------------------------------------------------------------------------------
     def autocast(self):
@@ -342,7 +342,7 @@ class TrainLoop:
                 "global_batch": cfg.batch_size,
                 "fingerprint": self.data_fingerprint(),
             },
-            "config": asdict(cfg),
+            "config": cfg.record(),
             **self.extra_state(),
         }
         emas = {r: self.ema.state_dict(self.model, r) for r in self.ema.rates}
@@ -373,12 +373,14 @@ class TrainLoop:
 
     def check_resume(self, state: dict) -> None:
         """Refuse, naming each difference, what would break the promised bit-exact continuation."""
-        old, new = state["config"], asdict(self.config)
+        old, new = state["config"], self.config.record()
         old["ema"], new["ema"] = tuple(old.get("ema", ())), tuple(new["ema"])
+        # Flags compared as configs, so an older fastdiff's spelling of the same network matches.
+        old_flags = flags_of(*configs_from_flags(self.kind, old["flags"]))
         diffs = [
-            f"flag {k} {old['flags'].get(k)!r} vs {new['flags'].get(k)!r}"
-            for k in sorted(set(old["flags"]) | set(new["flags"]))
-            if old["flags"].get(k) != new["flags"].get(k)
+            f"flag {k} {old_flags.get(k)!r} vs {new['flags'].get(k)!r}"
+            for k in sorted(set(old_flags) | set(new["flags"]))
+            if old_flags.get(k) != new["flags"].get(k)
         ]
         names = {"batch_size": "batch size", "ema": "EMA rates"}
         diffs += [

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastdiff.diffusion import create_diffusion_from_flags
+from fastdiff.diffusion import GaussianDiffusion
 from fastdiff.files import save_grid, to_uint8
-from fastdiff.models.presets import create_classifier, create_unet
+from fastdiff.models.presets import build_network
 
 from . import dist
 from .config import TrainConfig, check_cfg_dropout
@@ -34,16 +34,16 @@ class DiffusionTrainer(TrainLoop):
     kind = "diffusion"
 
     def __init__(self, config: TrainConfig, dataset):
-        flags = config.flags
-        check_cfg_dropout(config.cfg_dropout, bool(flags.get("class_cond")))
+        num_classes = config.net.num_classes
+        check_cfg_dropout(config.cfg_dropout, num_classes is not None)
         torch.manual_seed(config.seed)
-        super().__init__(config, dataset, create_unet(**flags))
-        self.diffusion = create_diffusion_from_flags(flags)
+        super().__init__(config, dataset, build_network(config.net))
+        self.diffusion = GaussianDiffusion.from_config(config.process)
         self.schedule_sampler = create_named_schedule_sampler(
             config.schedule_sampler, self.diffusion.num_timesteps
         )
-        self.class_cond = bool(flags.get("class_cond"))
-        self.null_label = flags["num_classes"] - 1 if config.cfg_dropout > 0 else None
+        self.class_cond = num_classes is not None
+        self.null_label = num_classes - 1 if config.cfg_dropout > 0 else None
         self._sample_model = None
 
     def metadata(self) -> dict:
@@ -94,7 +94,7 @@ class DiffusionTrainer(TrainLoop):
         from fastdiff.diffusion import SAMPLERS
         from fastdiff.engines.sampler import Sampler
 
-        cfg, flags = self.config, self.config.flags
+        cfg = self.config
         if self._sample_model is None:
             self._sample_model = copy.deepcopy(self.model).eval()
         rates = self.ema.rates
@@ -102,11 +102,11 @@ class DiffusionTrainer(TrainLoop):
             self.ema.state_dict(self.model, rates[0]) if rates else self.model.state_dict()
         )
         respacing = SAMPLERS["ddim"].respacing(cfg.sample_steps)  # what `fastdiff sample --steps N` runs
-        diffusion = create_diffusion_from_flags(flags, timestep_respacing=respacing)
+        diffusion = GaussianDiffusion.from_config(cfg.process, respacing)
         n = cfg.num_samples
         labels = None
         if self.class_cond:
-            classes = flags["num_classes"] - (1 if self.null_label is not None else 0)
+            classes = cfg.net.num_classes - (1 if self.null_label is not None else 0)
             labels = torch.arange(n, device=self.device) % classes
         gen = torch.Generator(self.device).manual_seed(cfg.seed)
         sampler = Sampler(self._sample_model, diffusion, sampler="ddim", engine="eager", device=self.device)
@@ -121,12 +121,11 @@ class ClassifierTrainer(TrainLoop):
     kind = "classifier"
 
     def __init__(self, config: TrainConfig, dataset, val_dataset=None):
-        flags = config.flags
         torch.manual_seed(config.seed)
-        super().__init__(config, dataset, create_classifier(**flags))
-        self.diffusion = create_diffusion_from_flags(flags)
+        super().__init__(config, dataset, build_network(config.net))
+        self.diffusion = GaussianDiffusion.from_config(config.process)
         self.schedule_sampler = UniformSampler(self.diffusion.num_timesteps)
-        self.num_classes = flags["num_classes"]
+        self.num_classes = config.net.num_classes
         self.val_dataset = val_dataset
 
     def _logits(self, net, x, y, gen, dev_gen):

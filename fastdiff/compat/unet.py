@@ -1,0 +1,157 @@
+"""guided-diffusion's ``unet`` module: its network classes with the original's constructor
+arguments, built as fastdiff networks.
+
+fastdiff's networks take a typed config; these subclasses translate the original keyword
+arguments (attention as downsample factors, ``out_channels`` given) into one, so code that builds
+``UNetModel(image_size=..., ...)`` by hand runs under ``fastdiff gd-run`` unchanged.
+"""
+
+from __future__ import annotations
+
+from fastdiff.config import ConfigError
+from fastdiff.models import unet as _unet
+from fastdiff.models.config import ClassifierConfig, SuperResConfig, UNetConfig
+from fastdiff.models.unet import (  # noqa: F401 (the original module's other public names)
+    AttentionBlock,
+    AttentionPool2d,
+    Downsample,
+    ResBlock,
+    TimestepBlock,
+    TimestepEmbedSequential,
+    Upsample,
+)
+
+
+def _torso(image_size, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult, **kw):
+    """Config fields from the original's arguments; attention is given as downsample factors."""
+    return dict(
+        image_size=image_size,
+        model_channels=model_channels,
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=tuple(image_size // int(ds) for ds in attention_resolutions),
+        dropout=float(dropout),
+        channel_mult=tuple(channel_mult),
+        **kw,
+    )
+
+
+def _learn_sigma(in_channels: int, out_channels: int) -> bool:
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise ConfigError(
+            f"out_channels {out_channels}: fastdiff's UNet outputs in_channels ({in_channels}) or, with"
+            " a learned variance, twice that"
+        )
+    return out_channels == 2 * in_channels
+
+
+class UNetModel(_unet.UNetModel):
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        dims=2,
+        num_classes=None,
+        use_checkpoint=False,
+        use_fp16=False,
+        num_heads=1,
+        num_head_channels=-1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        use_new_attention_order=False,
+    ):
+        config = UNetConfig(
+            **_torso(
+                image_size, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult
+            ),
+            in_channels=in_channels,
+            learn_sigma=_learn_sigma(in_channels, out_channels),
+            conv_resample=conv_resample,
+            dims=dims,
+            num_classes=num_classes,
+            use_checkpoint=use_checkpoint,
+            use_fp16=use_fp16,
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            num_heads_upsample=num_heads_upsample,
+            use_scale_shift_norm=use_scale_shift_norm,
+            resblock_updown=resblock_updown,
+            use_new_attention_order=use_new_attention_order,
+        )
+        super().__init__(config)
+
+
+class SuperResModel(_unet.SuperResModel):
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        **kw,
+    ):
+        dropout = kw.pop("dropout", 0)
+        channel_mult = kw.pop("channel_mult", (1, 2, 4, 8))
+        config = SuperResConfig(
+            **_torso(
+                image_size, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult
+            ),
+            in_channels=in_channels,
+            learn_sigma=_learn_sigma(in_channels, out_channels),
+            small_size=image_size,  # the original's model does not record it
+            **kw,
+        )
+        super().__init__(config)
+
+
+class EncoderUNetModel(_unet.EncoderUNetModel):
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        dims=2,
+        use_checkpoint=False,
+        use_fp16=False,
+        num_heads=1,
+        num_head_channels=-1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        use_new_attention_order=False,
+        pool="adaptive",
+    ):
+        config = ClassifierConfig(
+            **_torso(
+                image_size, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult
+            ),
+            in_channels=in_channels,
+            num_classes=out_channels,
+            conv_resample=conv_resample,
+            dims=dims,
+            use_checkpoint=use_checkpoint,
+            use_fp16=use_fp16,
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            num_heads_upsample=num_heads_upsample,
+            use_scale_shift_norm=use_scale_shift_norm,
+            resblock_updown=resblock_updown,
+            use_new_attention_order=use_new_attention_order,
+            pool=pool,
+        )
+        super().__init__(config)

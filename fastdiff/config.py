@@ -1,0 +1,66 @@
+"""What every typed config shares: the user-error type and a field type check.
+
+Configs are frozen dataclasses built from user input (flags, options, checkpoint metadata), so a
+wrong type or range is the user's to fix: it raises ConfigError, which the CLI shows as one line.
+A bare ValueError elsewhere is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A network, process or run setting that cannot work (one line at the CLI)."""
+
+
+def _fits(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(value has the hinted type, value normalised: lists to tuples, ints to floats)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            ok, normal = _fits(value, option)
+            if ok:
+                return True, normal
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if origin is tuple:
+        (item, _) = typing.get_args(hint)
+        if not isinstance(value, (tuple, list)):
+            return False, value
+        normal = []
+        for v in value:
+            ok, v = _fits(v, item)
+            if not ok:
+                return False, value
+            normal.append(v)
+        return True, tuple(normal)
+    if hint is bool:
+        return isinstance(value, bool), value
+    if isinstance(value, bool):
+        return False, value
+    if hint is float:
+        return isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value
+    return isinstance(value, hint), value
+
+
+def _type_name(hint: Any) -> str:
+    text = str(hint) if typing.get_origin(hint) else hint.__name__
+    return text.replace("typing.", "").replace("NoneType", "None")
+
+
+def check_types(config: Any) -> None:
+    """Raise ConfigError naming the first field whose value is not of its annotated type; lists
+    become tuples and ints become floats where a float is annotated (the config is frozen)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        ok, normal = _fits(value, hints[f.name])
+        if not ok:
+            raise ConfigError(f"{f.name} {value!r}: expected {_type_name(hints[f.name])}")
+        if normal is not value:
+            object.__setattr__(config, f.name, normal)

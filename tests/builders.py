@@ -1,0 +1,36 @@
+"""Networks and processes for tests, from guided-diffusion flags (the form the reference cases
+and most tests describe models in) or DiffusionConfig keywords."""
+
+from __future__ import annotations
+
+from fastdiff.diffusion import DiffusionConfig, GaussianDiffusion
+from fastdiff.models import build_network, configs_from_flags
+
+
+def build_unet(**flags):
+    return build_network(configs_from_flags("diffusion", flags)[0])
+
+
+def build_classifier(**flags):
+    return build_network(configs_from_flags("classifier", flags)[0])
+
+
+def build_superres(**flags):
+    return build_network(configs_from_flags("superres", flags)[0])
+
+
+def make_diffusion(timestep_respacing="", **config) -> GaussianDiffusion:
+    """A process from DiffusionConfig keywords and a respacing."""
+    return GaussianDiffusion.from_config(DiffusionConfig(**config), timestep_respacing)
+
+
+def diffusion_from_flags(flags: dict, timestep_respacing=None) -> GaussianDiffusion:
+    """The process of a flag dict (a network's flags may be among them), respaced by
+    ``timestep_respacing`` or the flags' own."""
+    flags = dict(flags)
+    respacing = flags.pop("timestep_respacing", "")
+    kind = "superres" if "large_size" in flags else "diffusion"
+    process = configs_from_flags(kind, flags)[1]
+    if timestep_respacing is not None:
+        respacing = timestep_respacing
+    return GaussianDiffusion.from_config(process, respacing)
