@@ -305,7 +305,10 @@ def configs_from_flags(kind: str, flags: dict[str, Any]) -> tuple[NetConfig, Dif
                 value = _tuple(name, value, _number)
             net[field] = value
         elif name not in _DIFFUSION_FLAGS:
-            raise FlagError(f"--{name} is not a {kind} model flag")
+            hint = (
+                " (a classifier's flags go in --classifier-flags)" if name in _NET_FLAGS["classifier"] else ""
+            )
+            raise FlagError(f"--{name} is not a {kind} model flag{hint}")
     if kind != "classifier":
         net["num_classes"] = num_classes if class_cond else None
     try:
