@@ -22,16 +22,14 @@ def setup(device: str | None = None) -> torch.device:
 
     NCCL on CUDA, gloo on the CPU. Each rank uses the GPU ``LOCAL_RANK``.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
+        dev = torch.device("cuda", local_rank())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    if launched() and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return dev
 
@@ -39,6 +37,11 @@ def setup(device: str | None = None) -> torch.device:
 def launched() -> bool:
     """True when torchrun started this process as one of several ranks (WORLD_SIZE > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local_rank() -> int:
+    """This rank's number on its machine (torchrun's LOCAL_RANK), 0 without torchrun."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def local_world_size() -> int:

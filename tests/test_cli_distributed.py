@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from fastdiff.cli.main import main
@@ -174,3 +175,37 @@ def test_an_error_one_rank_meets_is_every_ranks_line(tmp_path):
     assert "rank 1 bug: ValueError: boom" in output  # the bug keeps its own exception on its rank
     assert "rank 0 bug: ClickException: rank 1 stopped on a bug (ValueError: boom)" in output
     assert "rank 0 gone: ClickException: another rank stopped while testing (" in output  # no hang
+
+
+def test_ranks_on_one_machine_share_its_cores(monkeypatch):
+    from fastdiff.cli.sample import choose_threads
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what torchrun sets for every multi-process launch
+        monkeypatch.setattr("os.getloadavg", lambda: (1.0, 0.0, 0.0))  # the sibling rank, starting
+        monkeypatch.setattr("fastdiff.cli.sample.runnable_others", lambda: 1)
+        assert choose_threads(None) == max(1, cores // 2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a user's own choice stands
+        assert choose_threads(None) == 3
+        assert choose_threads(1) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "device, gpus, message",
+    [("cuda:0", 2, "each rank takes the GPU of its LOCAL_RANK"), ("cuda", 1, "--nproc_per_node 1 or fewer")],
+)
+def test_a_rank_without_its_own_gpu_is_one_line(monkeypatch, device, gpus, message):
+    import click
+
+    from fastdiff.cli import ranks
+
+    for name, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: gpus)
+    with pytest.raises(click.ClickException, match=message):
+        ranks.join(torch.device(device))

@@ -29,6 +29,18 @@ def join(device: torch.device) -> torch.device:
     ``cuda:LOCAL_RANK`` unless the device names its index), or ``device`` without torchrun."""
     if not distributed.launched():
         return device
+    if device.type == "cuda":
+        local, gpus = distributed.local_rank(), torch.cuda.device_count()
+        if device.index is not None and distributed.local_world_size() > 1:
+            raise click.ClickException(
+                f"--device {device}: under torchrun each rank takes the GPU of its LOCAL_RANK; "
+                "pass --device cuda (or auto)"
+            )
+        if device.index is None and local >= gpus:
+            raise click.ClickException(
+                f"torchrun started local rank {local} on a machine with {gpus} GPU(s); "
+                f"use --nproc_per_node {gpus} or fewer"
+            )
     dev = distributed.setup(str(device))
     atexit.register(distributed.cleanup)
     return dev
