@@ -9,6 +9,7 @@ degrades to a single process, so callers use these helpers unconditionally.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -17,10 +18,11 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 
-def setup(device: str | None = None) -> torch.device:
+def setup(device: str | None = None, timeout: timedelta | None = None) -> torch.device:
     """Join the process group named by torchrun's env vars; return this rank's device.
 
-    NCCL on CUDA, gloo on the CPU. Each rank uses the GPU ``LOCAL_RANK``.
+    NCCL on CUDA, gloo on the CPU. Each rank uses the GPU ``LOCAL_RANK``. ``timeout``: how long
+    a collective may wait for the slowest rank (torch's default without it).
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -30,7 +32,8 @@ def setup(device: str | None = None) -> torch.device:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if launched() and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timeout}))
     return dev
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import TypeVar
 
 import click
@@ -22,6 +23,11 @@ import torch
 from fastdiff import distributed
 
 T = TypeVar("T")
+
+# A rank done with its block waits at a barrier for the slowest one (a slower GPU, a longer
+# warm-up, a loaded machine); torch's default (10 minutes on nccl) would end a healthy run.
+# A rank that dies is reported by torchrun and ends the job long before this.
+SLOWEST_RANK = timedelta(hours=24)
 
 
 def join(device: torch.device) -> torch.device:
@@ -41,7 +47,7 @@ def join(device: torch.device) -> torch.device:
                 f"torchrun started local rank {local} on a machine with {gpus} GPU(s); "
                 f"use --nproc_per_node {gpus} or fewer"
             )
-    dev = distributed.setup(str(device))
+    dev = distributed.setup(str(device), timeout=SLOWEST_RANK)
     atexit.register(distributed.cleanup)
     return dev
 
@@ -72,7 +78,7 @@ def agreed(what: str) -> Iterator[None]:
     failure: Exception | None = None
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+    except Exception as e:  # re-raised below, once the other ranks have heard of it
         failure = e
     try:
         notes = distributed.all_gather_objects(_note(failure))
