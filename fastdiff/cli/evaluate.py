@@ -4,7 +4,8 @@ evaluator computes them, in PyTorch (no TensorFlow, no download).
 REF is a reference batch npz (guided-diffusion's ``VIRTUAL_*.npz`` unchanged, or any ``arr_0``
 npz) or ``mnist`` for the 500 held-out digits; SAMPLES is an npz as ``fastdiff sample`` writes.
 Features come from the FID Inception-v3 (``--inception PATH``) or, for 1-channel 28/32-px images,
-the bundled MNIST CNN, which needs no download.
+the bundled MNIST CNN, which needs no download. Under torchrun each rank computes the features
+of its block of batches and rank 0, having gathered them, scores and prints.
 """
 
 from __future__ import annotations
@@ -55,6 +56,41 @@ def write_json(path: Path, record: dict) -> None:
         raise click.ClickException(f"cannot write --json {path}: {e.strerror or e}") from None
 
 
+def features_over_ranks(net, config, progress):
+    """``evaluate``'s feature pass split over torchrun's ranks: each rank its block of batches
+    (cut where one process cuts them, so the features are the same), gathered in order on rank 0;
+    None on the other ranks. A user error on any rank is every rank's one line."""
+    import numpy as np
+
+    from fastdiff import distributed
+    from fastdiff.cli import ranks
+    from fastdiff.evaluation.metrics import EvaluationError
+    from fastdiff.evaluation.networks import Activations, compute_activations, num_batches
+
+    def features(batch, what: str) -> Activations | None:
+        mine = ranks.share(range(num_batches(batch, config.batch_size)))
+        done = None
+        with ranks.agreed(f"computing the {what} features"):
+            if len(mine):
+                images = min(len(batch), mine.stop * config.batch_size) - mine.start * config.batch_size
+                try:
+                    done = compute_activations(
+                        net, batch, config.batch_size, config.device, progress(what, images), mine
+                    )
+                except EvaluationError as e:
+                    raise click.ClickException(str(e)) from None
+        parts = [p for p in distributed.gather_objects(done) or [] if p is not None]
+        if not distributed.is_main():
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return Activations(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("pool", "spatial", "logits"))
+        )
+
+    return features
+
+
 def progress_bars(enabled: bool):
     from tqdm import tqdm
 
@@ -93,6 +129,8 @@ def evaluate_command(ref, samples, features, inception, json_path, batch_size, d
 
     REF is a reference batch npz (guided-diffusion's unchanged) or 'mnist' for the held-out
     digits; SAMPLES is an npz as fastdiff sample writes it."""
+    from fastdiff import distributed
+    from fastdiff.cli import ranks
     from fastdiff.cli.sample import choose_threads, resolve_device
     from fastdiff.evaluation.metrics import EvaluationError
     from fastdiff.evaluation.npz import read_npz
@@ -100,16 +138,19 @@ def evaluate_command(ref, samples, features, inception, json_path, batch_size, d
     from fastdiff.training.data import DataError
 
     check_json_path(json_path)
-    dev = resolve_device(device)
+    dev = ranks.join(resolve_device(device))
     choose_threads(threads)
     try:
         smp = read_npz(samples, role="samples")
         reference = resolve_reference(ref)
         net = choose_network(features, smp.image_shape, inception, dev)
         config = EvaluationConfig(batch_size=batch_size, device=str(dev))
-        scores = evaluate(reference, smp, net, config, progress=progress_bars(progress))
+        bars = progress_bars(progress and distributed.is_main())
+        scores = evaluate(reference, smp, net, config, activations=features_over_ranks(net, config, bars))
     except (EvaluationError, DataError) as e:
         raise click.ClickException(str(e)) from None
+    if scores is None:  # a rank that handed its features to rank 0
+        return
     for w in scores.warnings:
         click.echo(f"warning: {w}", err=True)
     click.echo(

@@ -58,3 +58,7 @@ class LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="fastdiff")
 def main():
     """fastdiff: fast classifier-guided diffusion sampling (ADM / guided-diffusion compatible)."""
+
+
+if __name__ == "__main__":  # `python -m fastdiff.cli.main` and `torchrun -m fastdiff.cli.main`
+    main()

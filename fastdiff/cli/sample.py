@@ -5,7 +5,8 @@ results are written batch by batch (each batch's npz last), so ``--resume`` afte
 continues from the last complete batch and reproduces what an uninterrupted run writes:
 every batch draws its noise from its own generator seeded by (seed, batch index). The run
 folder is locked for the whole run, and run.json records the weights by content, so a resume
-never mixes two processes, two models or two sample counts in one npz.
+never mixes two processes, two models or two sample counts in one npz. Under torchrun the
+missing batches are dealt over the ranks and rank 0 owns the folder (fastdiff.cli.ranks).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import time
 import zipfile
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import click
 import numpy as np
 import torch
 
+from fastdiff import distributed
+from fastdiff.cli import ranks
 from fastdiff.cli.folders import LOCK, exclusive_folder
 from fastdiff.cli.loading import (
     LoadedModel,
@@ -50,13 +53,18 @@ def choose_threads(threads: int | None) -> int:
     """Intra-op threads: ``--threads``, else OMP_NUM_THREADS, else the cores not already busy.
 
     torch's default (every core) oversubscribes a loaded machine: on a busy 2-core machine the
-    same job took 12x the CPU time of one thread.
+    same job took 12x the CPU time of one thread. Under torchrun the ranks on one machine share
+    its cores, each taking its part; the OMP_NUM_THREADS=1 torchrun sets for every multi-process
+    launch is its default, not the user's choice (--threads is).
     """
-    if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        threads = int(os.environ["OMP_NUM_THREADS"])
+    local = distributed.local_world_size()
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if threads is None and omp.isdigit() and not (local > 1 and omp == "1"):
+        threads = int(omp)
     if threads is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = max(1, cores - busy_cores())
+        others = max(0, busy_cores() - (local - 1))  # the sibling ranks starting now are no load
+        threads = max(1, (cores - others) // local)
     torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
 
@@ -167,8 +175,18 @@ class Plan:
 def locked_run_folder(out: Path, resume: bool):
     """Hold ``out`` under an exclusive lock for the whole run; refuse a folder that is not ours.
 
-    A folder this call created is removed again if the run fails before writing anything.
+    A folder this call created is removed again if the run fails before writing anything. Under
+    torchrun rank 0 holds the lock and the other ranks share its verdict.
     """
+    with ExitStack() as held:
+        with ranks.agreed("checking --out"):
+            if distributed.is_main():
+                held.enter_context(_own_run_folder(out, resume))
+        yield
+
+
+@contextmanager
+def _own_run_folder(out: Path, resume: bool):
     created = not out.exists()
     with exclusive_folder(out, "fastdiff sample"):
         try:
@@ -288,7 +306,7 @@ def prepare_out_dir(out: Path, plan: Plan, num_samples: int, resume: bool, image
     a final npz of another count is removed before anything else is written.
     """
     run_file = out / "run.json"
-    record = {**plan.__dict__, "num_samples": num_samples}
+    record = _record(plan, num_samples)
     done: set[int] = set()
     if run_file.exists():
         old = _read_run(run_file)
@@ -311,6 +329,28 @@ def prepare_out_dir(out: Path, plan: Plan, num_samples: int, resume: bool, image
                 stale.unlink()
         atomic_write(run_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     return done
+
+
+def _record(plan: Plan, num_samples: int) -> dict:
+    return {**plan.__dict__, "num_samples": num_samples}
+
+
+def check_same_run(out: Path, plan: Plan, num_samples: int) -> None:
+    """What a rank other than 0 checks once rank 0 has recorded the run: it sees the record (the
+    folder is one every rank shares) and the record is its own run (the same weights, flags)."""
+    run_file = out / "run.json"
+    if not run_file.is_file():
+        raise click.ClickException(
+            f"rank {distributed.rank()} does not see {run_file}, which rank 0 wrote: under torchrun "
+            "--out must be a folder every rank shares (a shared file system across machines)"
+        )
+    old = _read_run(run_file)
+    diff = _differences(old, _record(plan, num_samples))
+    diff += ["num_samples"] if old["num_samples"] != num_samples else []
+    if diff:
+        raise click.ClickException(
+            f"rank {distributed.rank()}'s run differs from rank 0's in: {', '.join(diff)}"
+        )
 
 
 def final_npz_name(num_samples: int, image: tuple) -> str:
@@ -362,13 +402,20 @@ def run_sampling(
     except EngineError as e:
         raise click.ClickException(str(e)) from None
     image = (loaded.image_size, loaded.image_size, loaded.in_channels)
-    done = prepare_out_dir(out, plan, num_samples, resume, image)
+    done = ranks.decided_by_main(
+        "checking --out", lambda: prepare_out_dir(out, plan, num_samples, resume, image)
+    )
+    with ranks.agreed("checking run.json"):
+        if not distributed.is_main():
+            check_same_run(out, plan, num_samples)
     batches = plan.batches(num_samples)
-    todo = [i for i in range(len(batches)) if i not in done]
+    missing = [i for i in range(len(batches)) if i not in done]
+    todo = ranks.share(missing)  # any split gives the same files: a batch's noise is its own
     steps = diffusion.num_timesteps
     labels_all = None if plan.labels is None else np.asarray(plan.labels, dtype=np.int64)
 
-    bar = tqdm(total=len(todo) * steps, unit="step", disable=not progress, desc="sampling")
+    shown = progress and distributed.is_main()
+    bar = tqdm(total=len(todo) * steps, unit="step", disable=not shown, desc="sampling")
     sampling = writing = 0.0
     for b in todo:
         lo, hi = batches[b]
@@ -401,19 +448,22 @@ def run_sampling(
         writing += time.perf_counter() - written
     bar.close()
 
+    ranks.wait_for_all("sampling")
     start = time.perf_counter()
-    parts = [np.load(out / "batches" / f"batch_{b:05d}.npz") for b in range(len(batches))]
-    images = np.concatenate([p["arr_0"] for p in parts])
-    labels = None if labels_all is None else np.concatenate([p["arr_1"] for p in parts])
-    n = len(images)
-    with _writing(out):
-        save_npz(out / final_npz_name(n, image), images, labels)
-        save_grid(images[:100], out / "grid.png", ncol=10 if n >= 10 else None)
+    if distributed.is_main():
+        parts = [np.load(out / "batches" / f"batch_{b:05d}.npz") for b in range(len(batches))]
+        images = np.concatenate([p["arr_0"] for p in parts])
+        labels = None if labels_all is None else np.concatenate([p["arr_1"] for p in parts])
+        n = len(images)
+        with _writing(out):
+            save_npz(out / final_npz_name(n, image), images, labels)
+            save_grid(images[:100], out / "grid.png", ncol=10 if n >= 10 else None)
+    ranks.wait_for_all("rank 0 merged the batches")  # what runs next (the cascade) reads the npz
     writing += time.perf_counter() - start
     made = sum(batches[b][1] - batches[b][0] for b in todo)
-    return {
+    summary = {
         "images": made,
-        "skipped": num_samples - made,
+        "skipped": num_samples - sum(batches[b][1] - batches[b][0] for b in missing),
         "warmup_s": sampler.warmup_seconds,
         "seconds": sampling,
         "writing_s": writing,
@@ -426,13 +476,15 @@ def run_sampling(
         "threads": torch.get_num_threads(),
         "out": str(out),
     }
+    return ranks.combined(summary)
 
 
 def check_run_options(
     device: str, dtype: str, threads: int | None, engine: str | None, sampler: str, eta: float
 ) -> tuple[torch.device, str]:
-    """(device, engine) after the checks every sampling command makes before loading anything."""
-    dev = resolve_device(device)
+    """(device, engine) after the checks every sampling command makes before loading anything;
+    under torchrun, this rank's device in the process group."""
+    dev = ranks.join(resolve_device(device))
     if dtype == "fp16" and dev.type == "cpu":
         raise click.ClickException("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
     choose_threads(threads)
@@ -450,12 +502,13 @@ def check_run_options(
 
 def summary_line(s: dict) -> str:
     """What a sampling command prints when it is done: counts, timings, where it ran."""
+    group = f" x {s['ranks']} ranks" if s.get("ranks", 1) > 1 else ""
     return (
         f"{s['images']} images ({s['skipped']} already there) in {s['seconds']:.1f} s sampling "
         f"(+{s['warmup_s']:.1f} s warm-up/capture, {s['writing_s']:.1f} s writing): "
         f"{s['images_per_s']:.2f} images/s, {s['s_per_step']:.4f} s/step ({s['steps']} steps), "
-        f"device {s['device']}, dtype {s['dtype']}, engine {s['engine']}, {s['threads']} threads "
-        f"-> {s['out']}"
+        f"device {s['device']}, dtype {s['dtype']}, engine {s['engine']}, {s['threads']} threads"
+        f"{group} -> {s['out']}"
     )
 
 
@@ -673,9 +726,9 @@ def sample_command(
             device=dev,
             progress=progress,
         )
-        click.echo(summary_line(summary))
+        ranks.echo(summary_line(summary))
         if cascade is not None:
             image = (loaded.image_size, loaded.image_size, loaded.in_channels)
             npz = out / final_npz_name(num_samples, image)
             summary = cascade.run(out, npz, plan, resume=resume, device=dev, progress=progress)
-            click.echo(f"upsampled: {summary_line(summary)}")
+            ranks.echo(f"upsampled: {summary_line(summary)}")

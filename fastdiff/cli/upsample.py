@@ -17,6 +17,7 @@ import click
 import numpy as np
 import torch
 
+from fastdiff.cli import ranks
 from fastdiff.cli.loading import LoadedModel, _check_file, load_network
 from fastdiff.cli.sample import (
     Plan,
@@ -305,4 +306,4 @@ def upsample_command(
             device=dev,
             progress=progress,
         )
-        click.echo(summary_line(summary))
+        ranks.echo(summary_line(summary))

@@ -153,19 +153,31 @@ def compute_activations(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     progress: Callable[[int], None] | None = None,
+    batches: range | None = None,
 ) -> Activations:
-    """Features of uint8 NHWC images, ``batch_size`` at a time; ``progress(n)`` after each batch."""
+    """Features of uint8 NHWC images, ``batch_size`` at a time; ``progress(n)`` after each batch.
+
+    ``batches`` (of ``num_batches(images, batch_size)``) computes those batches only: one rank's
+    share, cut on the batch boundaries one process uses, so the features are the same."""
     if isinstance(images, np.ndarray):
         images = from_array(images, "images")
     net.check_images(images.shape)
     parts: list[list[np.ndarray]] = [[], [], []]
     with _full_fp32():
-        for batch in images.batches(batch_size):
+        for i, batch in enumerate(images.batches(batch_size)):
+            if batches is not None and i not in batches:
+                if i >= batches.stop:
+                    break
+                continue
             for out, t in zip(parts, net.activations(torch.from_numpy(np.array(batch)).to(device))):
                 out.append(t.float().cpu().numpy())
             if progress is not None:
                 progress(len(batch))
     return Activations(*(np.concatenate(p) for p in parts))
+
+
+def num_batches(images: ImageBatch, batch_size: int) -> int:
+    return -(-len(images) // batch_size)
 
 
 @contextlib.contextmanager

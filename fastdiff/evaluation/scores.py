@@ -88,17 +88,27 @@ def evaluate(
     net: FeatureNetwork,
     config: EvaluationConfig = EvaluationConfig(),
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
-) -> Scores:
-    """``progress(what, total)`` returns the per-batch callback for one feature pass."""
+    activations: Callable[[ImageBatch, str], Activations | None] | None = None,
+) -> Scores | None:
+    """``progress(what, total)`` returns the per-batch callback for one feature pass.
+
+    ``activations(batch, what)``, when given, computes a set's features instead (the CLI's, split
+    over torchrun's ranks); where it returns None (a rank that handed its share to rank 0),
+    nothing is scored and evaluate returns None.
+    """
     check_pair(ref, samples, net, config)
     device = torch.device(config.device)
     net.to(device).eval()
 
-    def acts(batch: ImageBatch, what: str) -> Activations:
+    def acts(batch: ImageBatch, what: str) -> Activations | None:
+        if activations is not None:
+            return activations(batch, what)
         cb = progress(what, len(batch)) if progress else None
         return compute_activations(net, batch, config.batch_size, device, cb)
 
     ref_acts, smp_acts = acts(ref, "reference"), acts(samples, "samples")
+    if ref_acts is None or smp_acts is None:
+        return None
     warnings = []
     ref_stats = ref.stats
     if ref_stats is not None and ref_stats[0].mu.shape != (ref_acts.pool.shape[1],):

