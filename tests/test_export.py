@@ -371,7 +371,7 @@ def test_onnxruntime_binds_low_res_and_checks_its_shape(tmp_path):
     torch.testing.assert_close(out, x + F.interpolate(low, (8, 8), mode="bilinear"), rtol=1e-6, atol=1e-6)
     with pytest.raises(ExportError, match=r"^low_res of shape \[3, 1, 8, 8\]: .* takes \[3, 1, 4, 4\]"):
         session(x, t, low_res=torch.zeros(3, 1, 8, 8))
-    with pytest.raises(ExportError, match=r"takes low_res \(an upsampler's low-resolution images\)"):
+    with pytest.raises(ExportError, match=r"is an upsampler's graph \(it takes low_res\)"):
         session(x, t)
     with pytest.raises(ExportError, match=r"^x_t of shape \[3, 1, 16, 16\]"):
         session(torch.zeros(3, 1, 16, 16), t, low_res=low)

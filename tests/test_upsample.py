@@ -9,6 +9,7 @@ compile took 3 minutes on the CPU, so it and graph are checked on CUDA only (tes
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from click.testing import CliRunner
 import fastdiff
 from fastdiff.cli.main import main
 from fastdiff.cli.sample import _batch_generator
-from fastdiff.cli.upsample import parse_upsampler_spec
+from fastdiff.cli.upsample import names_upsampler, parse_upsampler_spec
 from fastdiff.diffusion import create_diffusion_from_flags, sample
 from fastdiff.models.checkpoint import save_weights
 from fastdiff.models.presets import create_superres
@@ -211,7 +212,11 @@ def test_cli_upsample_cycles_and_reads_safetensors_flags(files, tmp_path):
         (("--low-res", "unlabelled.npz"), "class-conditional but --low-res"),
         (("--low-res", "low.npz", "--steps", 500), "--steps must be between 2 and 100"),
         (("--low-res", "low.npz", "--engine", "graph"), "needs a CUDA device"),
-        (("--low-res", "low.npz", "--engine", "onnx"), "super-resolution models"),
+        pytest.param(
+            ("--low-res", "low.npz", "--engine", "trt"),
+            "TensorRT not installed",
+            marks=pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="has TensorRT"),
+        ),
     ],
 )
 def test_cli_upsample_errors_are_one_line(files, tmp_path, args, message):
@@ -297,6 +302,16 @@ def test_upsample_with_names_a_preset_or_a_file():
         Path("/w/64_256_upsampler.pt"),
     )
     assert parse_upsampler_spec("C:/w/sr.safetensors") == (None, Path("C:/w/sr.safetensors"))
+
+
+def test_export_tells_an_upsampler_from_its_options(files):
+    """fastdiff export onnx takes either kind: a superres preset, or flags with a small size."""
+    assert names_upsampler("upsampler64-256", None, None)
+    assert not names_upsampler("imagenet64", None, None) and not names_upsampler(None, None, None)
+    assert names_upsampler(None, None, files / "sr.safetensors")  # its own flags
+    assert names_upsampler(None, FLAG_STRING, files / "sr.pt")
+    assert not names_upsampler(None, "--image_size 32", files / "sr.pt")
+    assert not names_upsampler(None, "--not a flag", files / "sr.pt")  # the loader names the problem
 
 
 def test_against_the_original_super_res_sampling(monkeypatch):

@@ -2,10 +2,11 @@
 
 The session computes the model output and the classifier gradient in one call; the update rule,
 x0 clipping and the guidance shifts stay in the one ``SamplingStep`` every engine runs, so the
-samples match eager's. Inputs (an upsampler's ``low_res`` among them) and outputs are bound to the
-torch tensors' memory (I/O binding: no copies on the CPU, device buffers with the CUDA provider),
-after the checks ``ExportedDenoiser`` shares with the TensorRT runner. A graph is exported on first use into
-a cache folder named by the hash of weights and configuration, so later runs reuse it.
+samples match eager's. Inputs (an upsampler's ``low_res`` among them) and outputs are bound to
+the torch tensors' memory (I/O binding: no copies on the CPU, device buffers with the CUDA
+provider), after the checks ``ExportedDenoiser`` shares with the TensorRT runner. A graph is
+exported on first use into a cache folder named by the hash of weights and configuration, so
+later runs reuse it.
 """
 
 from __future__ import annotations
@@ -73,25 +74,20 @@ class ExportedDenoiser:
     ) -> dict[str, Tensor]:
         """The graph's inputs by name, checked and on the device."""
         graph, n, dev = self.graph, x.shape[0], self.device
-        if low_res is not None and not graph.signature.superres:
-            raise ExportError(
-                f"{graph.path} is a base model's graph (no low_res input); an upsampler needs its own export"
-            )
+        check_export(
+            graph, want_superres=low_res is not None
+        )  # a base graph for an upsampler, or the reverse
         given = {"x_t": x, "timestep": t_model, "labels": labels, "low_res": low_res}
+        values = {}
         for name, shape in graph.input_shapes().items():
             t = given[name]
             if t is None:
-                what = " (an upsampler's low-resolution images)" if name == "low_res" else ""
-                raise ExportError(f"{graph.path} takes {name}{what}; none was given")
+                raise ExportError(f"{graph.path} takes {name}; none was given")
             if tuple(t.shape) != (n, *shape):
                 raise ExportError(
                     f"{name} of shape {list(t.shape)}: {graph.path} takes {[n, *shape]} for a batch of {n}"
                 )
-        dtypes = {"labels": torch.int64}
-        values = {
-            name: given[name].to(dev, dtypes.get(name, torch.float32)).contiguous()
-            for name in graph.input_shapes()
-        }
+            values[name] = t.to(dev, torch.int64 if name == "labels" else torch.float32).contiguous()
         scales = {"classifier_scale": classifier_scale, "cfg_scale": cfg_scale}
         for name in graph.signature.inputs:
             if name in scales:
@@ -250,8 +246,9 @@ def cached_export(
         except ExportError:
             pass  # a damaged cache entry: export again over it
     print(f"fastdiff: exporting the guided denoiser to ONNX (once) into {path}", file=sys.stderr)
-    kw = {"classifier": classifier, "null_label": null_label, "low_res_shape": low_res_shape}
-    export_onnx(model, path, config=config, **kw)
+    export_onnx(
+        model, path, classifier=classifier, null_label=null_label, low_res_shape=low_res_shape, config=config
+    )
     return path
 
 
