@@ -1,8 +1,10 @@
 """The guided denoiser as one autograd-free graph: the UNet and the classifier's input gradient.
 
-An upsampler (ADM-U) takes its low-resolution image as one more input, ``low_res``; the model's
-own bilinear upsampling of it to x's size is part of the graph (an ONNX Resize), so a runtime
-feeds the small images as they are.
+An upsampler (ADM-U) takes its low-resolution image as one more input, ``low_res``, at the small
+size; the model's own bilinear upsampling of it to x's size is traced into the graph as PyTorch's
+decomposition of ``F.interpolate`` (index arithmetic and gathers, the same half-pixel sampling;
+the tracer's Python dispatcher decomposes it, so there is no ONNX Resize), so a runtime feeds
+the small images as they are.
 
 ``GuidedDenoiser`` computes, for a batch, what every sampler needs from the networks: the raw
 model output (classifier-free guidance already mixed in) and ``scale * d/dx log p(y | x_t)``.
