@@ -189,13 +189,17 @@ def test_cli_export_refuses_bad_options_before_work(tmp_path):
 
 
 class _FakeTrt:
-    """A stand-in for the tensorrt module with the TensorRT 10 calls build_engine makes, recording
-    them (TensorRT cannot be installed here); ``parse_ok`` / ``build_ok`` steer the failure paths."""
+    """A stand-in for the tensorrt module with the TensorRT 10 calls build_engine and TrtDenoiser
+    make, recording them (TensorRT cannot be installed here); ``parse_ok`` / ``build_ok`` steer the
+    failure paths. Its engine has ``profile`` ({input: (min, opt, max)}) and outputs of
+    ``output_shape`` after the batch; ``execute(addresses, shapes)`` runs in execute_async_v3."""
 
     __version__ = "10.0-fake"
 
-    def __init__(self, parse_ok=True, build_ok=True):
+    def __init__(self, parse_ok=True, build_ok=True, profile=None, output_shape=(), execute=None):
         self.calls: list = []
+        self.addresses: dict = {}
+        self.shapes: dict = {}
         fake = self
 
         class Logger:
@@ -267,7 +271,38 @@ class _FakeTrt:
             def build_serialized_network(self, network, config):
                 return b"engine-bytes" if build_ok else None
 
-        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, Parser
+        class Context:
+            def set_input_shape(self, name, shape):
+                fake.shapes[name] = shape
+
+            def set_tensor_address(self, name, ptr):
+                fake.addresses[name] = ptr
+
+            def execute_async_v3(self, stream):
+                fake.calls.append(("execute", stream))
+                if execute is not None:
+                    execute(fake.addresses, fake.shapes)
+                return True
+
+        class Engine:
+            def create_execution_context(self):
+                return Context()
+
+            def get_tensor_profile_shape(self, name, index):
+                return profile[name]
+
+            def get_tensor_shape(self, name):
+                return (-1, *output_shape)
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, data):
+                fake.calls.append(("deserialize", data))
+                return Engine()
+
+        self.Logger, self.Builder, self.OnnxParser, self.Runtime = Logger, Builder, Parser, Runtime
         self.MemoryPoolType = type("MemoryPoolType", (), {"WORKSPACE": "workspace"})
         self.BuilderFlag = type("BuilderFlag", (), {"FP16": "fp16", "BF16": "bf16"})
 
@@ -426,57 +461,37 @@ def test_an_upsampler_step_without_low_res_is_one_line():
 
 def test_tensorrt_runner_binds_low_res_with_a_stand_in_engine(tmp_path, monkeypatch):
     """TrtDenoiser's TensorRT 10 runtime calls (deserialize, profile, set_input_shape,
-    set_tensor_address, execute_async_v3) on a stand-in that reads the bound input memory."""
+    set_tensor_address, execute_async_v3) on the stand-in, which reads the bound input memory."""
     import ctypes
     from types import SimpleNamespace
 
     from fastdiff.export import tensorrt_engine
-    from fastdiff.export.tensorrt_engine import TrtBuildConfig, TrtDenoiser, profile_shapes
+    from fastdiff.export.tensorrt_engine import TrtBuildConfig, TrtDenoiser, build_engine, profile_shapes
 
     graph = read_export(_upsampler_graph(tmp_path / "sr.onnx"))
-    shapes = profile_shapes(graph, TrtBuildConfig(max_batch=16))
-    assert shapes["low_res"] == ((1, 1, 4, 4), (8, 1, 4, 4), (16, 1, 4, 4)) and "labels" not in shapes
-    seen: dict = {}
+    config = TrtBuildConfig(max_batch=16)
+    profile = profile_shapes(graph, config)
+    assert profile["low_res"] == ((1, 1, 4, 4), (8, 1, 4, 4), (16, 1, 4, 4)) and "labels" not in profile
+    seen = {}
 
-    class Context:
-        def set_input_shape(self, name, shape):
-            seen.setdefault("shapes", {})[name] = shape
+    def execute(addresses, shapes):
+        def read(name):
+            n = int(np.prod(shapes[name]))
+            return np.frombuffer(ctypes.string_at(addresses[name], 4 * n), np.float32).reshape(shapes[name])
 
-        def set_tensor_address(self, name, ptr):
-            seen.setdefault("ptrs", {})[name] = ptr
+        seen["low_res"] = read("low_res").copy()
+        ctypes.memmove(addresses["model_output"], addresses["x_t"], read("x_t").nbytes)
 
-        def execute_async_v3(self, stream):
-            def read(name):
-                shape = seen["shapes"][name]
-                n = int(np.prod(shape))
-                return np.frombuffer(ctypes.string_at(seen["ptrs"][name], 4 * n), np.float32).reshape(shape)
-
-            seen["low_res"] = read("low_res").copy()
-            ctypes.memmove(seen["ptrs"]["model_output"], seen["ptrs"]["x_t"], 4 * read("x_t").size)
-            return True
-
-    class Engine:
-        def create_execution_context(self):
-            return Context()
-
-        def get_tensor_profile_shape(self, name, profile):
-            return shapes[name]
-
-        def get_tensor_shape(self, name):
-            return (-1, 1, 8, 8)
-
-    fake = SimpleNamespace(
-        Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
-        Runtime=lambda logger: SimpleNamespace(deserialize_cuda_engine=lambda data: Engine()),
-    )
+    fake = _FakeTrt(profile=profile, output_shape=(1, 8, 8), execute=execute)
     monkeypatch.setattr(tensorrt_engine, "tensorrt", lambda: fake)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
-    (tmp_path / "e.engine").write_bytes(b"engine")
-    runner = TrtDenoiser(graph, tmp_path / "e.engine", torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=7))
+    engine = build_engine(graph, tmp_path / "e.engine", config)
+    assert dict(fake.calls)["profile"]["low_res"] == profile["low_res"]
+    runner = TrtDenoiser(graph, engine, torch.device("cpu"))
     x, t, low = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0]), torch.rand(2, 1, 4, 4)
     out, grad = runner(x, t, low_res=low)
-    assert seen["shapes"]["low_res"] == (2, 1, 4, 4) and np.array_equal(seen["low_res"], low.numpy())
-    assert torch.equal(out, x) and grad is None
+    assert ("execute", 7) in fake.calls and fake.shapes["low_res"] == (2, 1, 4, 4)
+    assert np.array_equal(seen["low_res"], low.numpy()) and torch.equal(out, x) and grad is None
     with pytest.raises(ExportError, match=r"^low_res of shape \[2, 1, 2, 2\]"):
         runner(x, t, low_res=torch.zeros(2, 1, 2, 2))
     with pytest.raises(ExportError, match="outside the engine profile 1..16"):

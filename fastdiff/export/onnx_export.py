@@ -1,9 +1,9 @@
 """Write the guided denoiser to an ONNX file, and read one back with its checks.
 
 The file carries its provenance in ONNX metadata (``fastdiff.*`` keys): a hash of the weights and
-configuration it was exported from, the guidance kind, its input and output names, the preset,
-the dtype and the fastdiff version; an upsampler's file also its kind (``superres``) and the
-shape of its ``low_res`` input (the small size). Loading refuses a file that is missing, not ONNX, not a
+configuration it was exported from, the guidance kind, the model kind (``base`` or ``superres``)
+with an upsampler's ``low_res`` shape (its small size), its input and output names, the preset,
+the dtype and the fastdiff version. Loading refuses a file that is missing, not ONNX, not a
 fastdiff export, or (given the networks) exported from other weights, with one line each.
 """
 
@@ -126,7 +126,7 @@ def graph_shapes(
     low = tuple(int(d) for d in low_res_shape)
     if len(low) != 3 or low[0] != channels or min(low) < 1:
         raise ExportError(f"low_res shape {list(low)}: the upsampler takes [C, H, W] with C = {channels}")
-    return (channels, size, size), low  # type: ignore[return-value]
+    return (channels, size, size), (low[0], low[1], low[2])
 
 
 @contextlib.contextmanager
