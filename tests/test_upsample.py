@@ -304,6 +304,15 @@ def test_upsample_with_names_a_preset_or_a_file():
     assert parse_upsampler_spec("C:/w/sr.safetensors") == (None, Path("C:/w/sr.safetensors"))
 
 
+def test_cli_upsample_engine_onnx_errors_are_one_line(files, tmp_path, monkeypatch):
+    """The onnx engine builds the upsampler's step (no export: the dtype is refused first)."""
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
+    r = upsample("--checkpoint", files / "sr.safetensors", "--low-res", files / "low.npz", "--steps", 2,
+                 "--engine", "onnx", "--dtype", "bf16", "--out", tmp_path / "run")  # fmt: skip
+    assert r.exit_code == 1 and "engine 'onnx' runs fp32 or fp16 graphs" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "cache").exists()
+
+
 def test_export_tells_an_upsampler_from_its_options(files):
     """fastdiff export onnx takes either kind: a superres preset, or flags with a small size."""
     assert names_upsampler("upsampler64-256", None, None)
