@@ -313,6 +313,29 @@ def test_cli_upsample_engine_onnx_errors_are_one_line(files, tmp_path, monkeypat
     assert "Traceback" not in r.output and not (tmp_path / "cache").exists()
 
 
+def test_cli_export_onnx_loads_a_preset_upsampler_with_its_low_res_shape(files, tmp_path, monkeypatch):
+    """`fastdiff export onnx --preset upsampler64-256` (tiny flags over it) hands export_onnx the
+    upsampler and its low_res shape (the real export is tests/test_export_onnx.py's, slow)."""
+    import fastdiff.export
+    from fastdiff.export import ExportError
+    from fastdiff.models.unet import SuperResModel
+
+    seen = {}
+
+    def export_onnx(model, path, **kwargs):
+        seen.update(model=model, path=path, **kwargs)
+        raise ExportError("stop here")
+
+    monkeypatch.setattr(fastdiff.export, "export_onnx", export_onnx)
+    args = ["export", "onnx", "--preset", "upsampler64-256", "--flags", FLAG_STRING,
+            "--checkpoint", files / "sr.pt", "--out", tmp_path]  # fmt: skip
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 1 and "stop here" in r.output, r.output
+    assert isinstance(seen["model"], SuperResModel) and seen["low_res_shape"] == (3, 8, 8)
+    assert seen["classifier"] is None and seen["null_label"] is None
+    assert seen["path"] == tmp_path / "denoiser-superres-fp32.onnx"
+
+
 def test_export_tells_an_upsampler_from_its_options(files):
     """fastdiff export onnx takes either kind: a superres preset, or flags with a small size."""
     assert names_upsampler("upsampler64-256", None, None)
