@@ -1,9 +1,10 @@
 """Export and validate the bundled MNIST model, then write a report into export/results/: node
 counts by op type, file size, onnxruntime parity against PyTorch / torch.autograd.grad, the
 guided epsilon, the samples, and CPU timing of ``--engine onnx`` against eager (interleaved runs,
-medians, process CPU time). ``--variants``: a tiny random model's cfg and fp16 exports.
+medians, process CPU time). ``--variants [NAME ...]``: a tiny random model's cfg and fp16
+exports and a tiny upsampler's (all, or the named ones, merged into the record).
 
-    python export/recipe.py [--repeats 3] [--threads 1] [--variants] [--no-bundled]
+    python export/recipe.py [--repeats 3] [--threads 1] [--variants [NAME ...]] [--no-bundled]
 """
 
 from __future__ import annotations
@@ -113,25 +114,39 @@ def bundled(repeats: int, batch: int) -> dict:
     return report
 
 
-def variants() -> dict:
-    """A tiny classifier-guided UNet (random weights) in the other export variants: classifier +
-    classifier-free guidance in one graph, and fp16 weights (run here on onnxruntime's CPU)."""
+VARIANTS = ("classifier+cfg-fp32", "classifier-fp16", "superres-fp32")
+
+
+def variants(names: list[str] | None = None) -> dict:
+    """Tiny random networks in the other export variants: a classifier-guided UNet with classifier
+    + classifier-free guidance in one graph and with fp16 weights (run here on onnxruntime's CPU),
+    and an upsampler (16x16 from 8x8, low_res as an input). ``names`` (default all) are re-run;
+    the record keeps the others' last results."""
     sys.path.insert(0, str(HERE.parent / "tests"))
     from test_export_onnx import _tiny
+    from test_upsample import _upsampler
 
     unet, clf = _tiny()
-    results = {}
-    for name, null_label, dtype in (("classifier+cfg-fp32", 2, "fp32"), ("classifier-fp16", None, "fp16")):
+    sr = _upsampler()
+    setups = {
+        "classifier+cfg-fp32": (unet, {"classifier": clf, "null_label": 2}, "fp32"),
+        "classifier-fp16": (unet, {"classifier": clf}, "fp16"),
+        "superres-fp32": (sr, {"low_res_shape": (3, 8, 8)}, "fp32"),
+    }
+    record = HERE / "results" / "tiny-variants.json"
+    results = json.loads(record.read_text()) if record.is_file() else {}
+    for name in names or VARIANTS:
+        model, kwargs, dtype = setups[name]
         path = cache_dir() / f"tiny-{name}.onnx"
         start = time.perf_counter()
-        config = OnnxExportConfig(dtype=dtype)
-        res = export_onnx(unet, path, classifier=clf, null_label=null_label, config=config)
-        v = validate_export(path, unet, clf, null_label=null_label, batches=(1, 3))
-        results[name] = {"export_s": time.perf_counter() - start, "bytes": res.bytes,
-                         "nodes": sum(res.node_counts.values()), "errors": v.errors, "ok": v.ok,
-                         "tolerance": v.tolerance}  # fmt: skip
+        res = export_onnx(model, path, config=OnnxExportConfig(dtype=dtype), **kwargs)
+        seconds = time.perf_counter() - start
+        guidance = {k: v for k, v in kwargs.items() if k != "low_res_shape"}
+        v = validate_export(path, model, **guidance, batches=(1, 3))
+        results[name] = {"export_s": seconds, "bytes": res.bytes, "nodes": sum(res.node_counts.values()),
+                         "errors": v.errors, "ok": v.ok, "tolerance": v.tolerance}  # fmt: skip
     text = json.dumps(results, indent=2) + "\n"
-    atomic_write(HERE / "results" / "tiny-variants.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(record, lambda tmp: Path(tmp).write_text(text))
     return results
 
 
@@ -200,15 +215,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--variants", action="store_true", help="also a tiny model's cfg and fp16 exports")
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        choices=VARIANTS,
+        default=None,
+        help="also tiny models' exports (all, or these)",
+    )
     ap.add_argument("--no-bundled", action="store_true", help="skip the bundled model")
     ap.add_argument("--vectors", type=Path, default=None, help="guided-diffusion reference cases folder")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not args.no_bundled:
         print(json.dumps(bundled(args.repeats, args.batch), indent=2))
-    if args.variants:
-        print(json.dumps(variants(), indent=2))
+    if args.variants is not None:
+        print(json.dumps(variants(args.variants), indent=2))
     if args.vectors is not None:
         print(json.dumps(vectors(args.vectors), indent=2))
 

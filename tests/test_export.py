@@ -1,11 +1,13 @@
 """fastdiff.export without a full export: the backward decompositions against autograd, the
-matmul attention, metadata checks and their one-line errors, the TensorRT module's checks."""
+matmul attention, metadata checks and their one-line errors, the TensorRT module's checks, and
+an upsampler's low_res through both runners (hand-built graphs and a TensorRT stand-in)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -75,6 +77,8 @@ def test_signature_names_inputs_by_guidance():
     sig = DenoiserSignature(True, True, True)
     assert sig.inputs == ["x_t", "timestep", "labels", "classifier_scale", "cfg_scale"]
     assert sig.outputs == ["model_output", "gradient"] and sig.guidance == "classifier+cfg"
+    sr = DenoiserSignature(True, False, False, superres=True)
+    assert sr.inputs == ["x_t", "timestep", "low_res", "labels"] and sr.kind == "superres"
 
 
 def test_config_refuses_old_opsets_and_unknown_dtypes():
@@ -84,14 +88,19 @@ def test_config_refuses_old_opsets_and_unknown_dtypes():
         OnnxExportConfig(dtype="int8")
 
 
-def _fake_export(path, sig: DenoiserSignature, digest="0" * 64, **meta):
-    """A tiny ONNX file with a denoiser's names and fastdiff metadata (no export needed)."""
+def _fake_export(path, sig: DenoiserSignature, digest="0" * 64, graph=None, **meta):
+    """A tiny ONNX file with a denoiser's names and fastdiff metadata (no export needed): an
+    untyped Identity graph, or ``graph`` (an onnx GraphProto)."""
     from onnx import TensorProto, helper
 
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in sig.inputs]
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in sig.outputs]
-    nodes = [helper.make_node("Identity", ["x_t"], [n]) for n in sig.outputs]
-    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs))
+    if graph is None:
+        inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in sig.inputs]
+        outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in sig.outputs]
+        nodes = [helper.make_node("Identity", ["x_t"], [n]) for n in sig.outputs]
+        graph = helper.make_graph(nodes, "g", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    if sig.superres:
+        meta = {"fastdiff.kind": "superres", "fastdiff.low_res_shape": "[1, 4, 4]", **meta}
     props = {
         "fastdiff.hash": digest,
         "fastdiff.inputs": json.dumps(sig.inputs),
@@ -180,13 +189,17 @@ def test_cli_export_refuses_bad_options_before_work(tmp_path):
 
 
 class _FakeTrt:
-    """A stand-in for the tensorrt module with the TensorRT 10 calls build_engine makes, recording
-    them (TensorRT cannot be installed here); ``parse_ok`` / ``build_ok`` steer the failure paths."""
+    """A stand-in for the tensorrt module with the TensorRT 10 calls build_engine and TrtDenoiser
+    make, recording them (TensorRT cannot be installed here); ``parse_ok`` / ``build_ok`` steer the
+    failure paths. Its engine has ``profile`` ({input: (min, opt, max)}) and outputs of
+    ``output_shape`` after the batch; ``execute(addresses, shapes)`` runs in execute_async_v3."""
 
     __version__ = "10.0-fake"
 
-    def __init__(self, parse_ok=True, build_ok=True):
+    def __init__(self, parse_ok=True, build_ok=True, profile=None, output_shape=(), execute=None):
         self.calls: list = []
+        self.addresses: dict = {}
+        self.shapes: dict = {}
         fake = self
 
         class Logger:
@@ -258,7 +271,38 @@ class _FakeTrt:
             def build_serialized_network(self, network, config):
                 return b"engine-bytes" if build_ok else None
 
-        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, Parser
+        class Context:
+            def set_input_shape(self, name, shape):
+                fake.shapes[name] = shape
+
+            def set_tensor_address(self, name, ptr):
+                fake.addresses[name] = ptr
+
+            def execute_async_v3(self, stream):
+                fake.calls.append(("execute", stream))
+                if execute is not None:
+                    execute(fake.addresses, fake.shapes)
+                return True
+
+        class Engine:
+            def create_execution_context(self):
+                return Context()
+
+            def get_tensor_profile_shape(self, name, index):
+                return profile[name]
+
+            def get_tensor_shape(self, name):
+                return (-1, *output_shape)
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, data):
+                fake.calls.append(("deserialize", data))
+                return Engine()
+
+        self.Logger, self.Builder, self.OnnxParser, self.Runtime = Logger, Builder, Parser, Runtime
         self.MemoryPoolType = type("MemoryPoolType", (), {"WORKSPACE": "workspace"})
         self.BuilderFlag = type("BuilderFlag", (), {"FP16": "fp16", "BF16": "bf16"})
 
@@ -285,3 +329,186 @@ def test_tensorrt_build_path_with_a_stand_in_module(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="could not build an engine"):
         build_engine(graph, tmp_path / "f.engine", TrtBuildConfig())
     assert not (tmp_path / "f.engine").exists()
+
+
+# ------------------------------------------------------------------ an upsampler's low_res
+
+
+def _upsampler_graph(path):
+    """A hand-built upsampler-like graph: model_output = x_t + bilinear Resize(low_res) 4x4 -> 8x8
+    (half-pixel, F.interpolate's align_corners=False), with an upsampler's fastdiff metadata."""
+    from onnx import TensorProto, helper
+
+    sig = DenoiserSignature(False, False, False, superres=True)
+    shapes = {"x_t": ["batch", 1, 8, 8], "timestep": ["batch"], "low_res": ["batch", 1, 4, 4]}
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in shapes.items()]
+    outputs = [helper.make_tensor_value_info("model_output", TensorProto.FLOAT, ["batch", 1, 8, 8])]
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1.0, 1.0, 2.0, 2.0])
+    nodes = [
+        helper.make_node(
+            "Resize", ["low_res", "", "scales"], ["up"], mode="linear",
+            coordinate_transformation_mode="half_pixel",
+        ),
+        helper.make_node("Add", ["x_t", "up"], ["model_output"]),
+    ]  # fmt: skip
+    graph = helper.make_graph(nodes, "sr", inputs, outputs, initializer=[scales])
+    return _fake_export(path, sig, graph=graph)
+
+
+def test_upsampler_metadata_reads_back_and_is_checked(tmp_path):
+    graph = read_export(_upsampler_graph(tmp_path / "sr.onnx"))
+    assert graph.kind == "superres" and graph.low_res_shape == (1, 4, 4)
+    assert graph.input_shapes() == {"x_t": (1, 8, 8), "timestep": (), "low_res": (1, 4, 4)}
+    with pytest.raises(ExportError, match=r"is an upsampler's graph \(it takes low_res\)"):
+        check_export(graph, want_superres=False)
+    base = read_export(_fake_export(tmp_path / "base.onnx", DenoiserSignature(True, False, False)))
+    assert base.kind == "base" and base.low_res_shape is None
+    with pytest.raises(ExportError, match="is a base model's graph .no low_res input."):
+        check_export(base, want_superres=True)
+    # the kind and the low-res shape must agree with the inputs
+    sig = DenoiserSignature(False, False, False, superres=True)
+    for meta in ({"fastdiff.low_res_shape": "null"}, {"fastdiff.kind": "base"}, {"fastdiff.kind": "x"}):
+        path = _fake_export(tmp_path / "bad.onnx", sig, **meta)
+        with pytest.raises(ExportError, match="incomplete or damaged|do not match"):
+            read_export(path)
+
+
+def test_graph_shapes_refuse_what_an_upsampler_graph_cannot_hold():
+    from builders import build_superres, build_unet
+
+    from fastdiff.export.onnx_export import graph_shapes
+
+    with torch.device("meta"):
+        sr = build_superres(large_size=16, small_size=8, num_channels=32, num_res_blocks=1, channel_mult="1")
+        base = build_unet(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1")
+    assert graph_shapes(sr, (3, 8, 8)) == ((3, 16, 16), (3, 8, 8))
+    assert graph_shapes(base) == ((3, 8, 8), None)
+    with pytest.raises(ExportError, match="exports with its low_res shape"):
+        graph_shapes(sr)
+    with pytest.raises(ExportError, match=r"takes \[C, H, W\] with C = 3"):
+        graph_shapes(sr, (1, 8, 8))
+    with pytest.raises(ExportError, match="export without guidance"):
+        graph_shapes(sr, (3, 8, 8), classifier=base)
+    with pytest.raises(ExportError, match="export without guidance"):
+        graph_shapes(sr, (3, 8, 8), null_label=4)
+    with pytest.raises(ExportError, match="not a super-resolution model"):
+        graph_shapes(base, (3, 8, 8))
+
+
+def test_onnxruntime_binds_low_res_and_checks_its_shape(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fastdiff.export.onnx_runtime import OrtDenoiser
+
+    graph = read_export(_upsampler_graph(tmp_path / "sr.onnx"))
+    session = OrtDenoiser(graph)
+    x, t, low = torch.randn(3, 1, 8, 8), torch.tensor([1.0, 5.0, 9.0]), torch.rand(3, 1, 4, 4) * 2 - 1
+    out, grad = session(x, t, low_res=low)
+    assert grad is None
+    torch.testing.assert_close(out, x + F.interpolate(low, (8, 8), mode="bilinear"), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ExportError, match=r"^low_res of shape \[3, 1, 8, 8\]: .* takes \[3, 1, 4, 4\]"):
+        session(x, t, low_res=torch.zeros(3, 1, 8, 8))
+    with pytest.raises(ExportError, match=r"is an upsampler's graph \(it takes low_res\)"):
+        session(x, t)
+    with pytest.raises(ExportError, match=r"^x_t of shape \[3, 1, 16, 16\]"):
+        session(torch.zeros(3, 1, 16, 16), t, low_res=low)
+    base = OrtDenoiser.__new__(OrtDenoiser)  # the checks run before any session call
+    base.graph = read_export(_fake_export(tmp_path / "base.onnx", DenoiserSignature(False, False, False)))
+    base.device = torch.device("cpu")
+    with pytest.raises(ExportError, match="is a base model's graph"):
+        base.inputs(x, t, low_res=low)
+
+
+def test_onnx_step_hands_low_res_to_the_graph():
+    """OnnxStep around a stand-in denoiser (the eager upsampler behind the runners' call) steps as
+    SamplingStep: low_res comes from the step's model_kwargs, the labels with it."""
+    from builders import diffusion_from_flags
+    from test_upsample import SR_FLAGS, _upsampler
+
+    from fastdiff.diffusion.samplers import SamplingStep, make_rule
+    from fastdiff.export.onnx_runtime import OnnxStep
+
+    model = _upsampler()
+    diffusion = diffusion_from_flags({**SR_FLAGS, "timestep_respacing": "ddim4"})
+    rule = make_rule(diffusion, "ddim", 0.0, torch.device("cpu"), torch.float32)
+    kwargs = {"low_res": torch.rand(2, 3, 8, 8) * 2 - 1, "y": torch.tensor([1, 3])}
+    step = SamplingStep(diffusion, model, rule, model_kwargs=kwargs)
+    calls = []
+
+    def denoiser(x, t_model, labels, classifier_scale, cfg_scale, *, low_res):
+        calls.append(low_res)
+        return model(x, t_model, low_res=low_res, y=labels), None
+
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 3])
+    with torch.no_grad():
+        want = step(x, t, None, rule.init_state(x))
+        got = OnnxStep(step, denoiser, None, None)(x, t, None, rule.init_state(x))
+    assert calls and calls[0] is kwargs["low_res"]
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+
+
+def test_an_upsampler_step_without_low_res_is_one_line():
+    from builders import diffusion_from_flags
+    from test_upsample import SR_FLAGS, _upsampler
+
+    from fastdiff.diffusion.samplers import SamplingStep, make_rule
+    from fastdiff.export.onnx_runtime import step_graph
+
+    diffusion = diffusion_from_flags({**SR_FLAGS, "timestep_respacing": "ddim4"})
+    rule = make_rule(diffusion, "ddim", 0.0, torch.device("cpu"), torch.float32)
+    step = SamplingStep(diffusion, _upsampler(), rule, model_kwargs={"y": torch.tensor([0])})
+    with pytest.raises(ExportError, match=r"pass model_kwargs=\{'low_res': \.\.\.\}"):
+        step_graph(step, "onnx")
+
+
+def test_tensorrt_runner_binds_low_res_with_a_stand_in_engine(tmp_path, monkeypatch):
+    """TrtDenoiser's TensorRT 10 runtime calls (deserialize, profile, set_input_shape,
+    set_tensor_address, execute_async_v3) on the stand-in, which reads the bound input memory."""
+    import ctypes
+    from types import SimpleNamespace
+
+    from fastdiff.export import tensorrt_engine
+    from fastdiff.export.tensorrt_engine import TrtBuildConfig, TrtDenoiser, build_engine, profile_shapes
+
+    graph = read_export(_upsampler_graph(tmp_path / "sr.onnx"))
+    config = TrtBuildConfig(max_batch=16)
+    profile = profile_shapes(graph, config)
+    assert profile["low_res"] == ((1, 1, 4, 4), (8, 1, 4, 4), (16, 1, 4, 4)) and "labels" not in profile
+    seen = {}
+
+    def execute(addresses, shapes):
+        def read(name):
+            n = int(np.prod(shapes[name]))
+            return np.frombuffer(ctypes.string_at(addresses[name], 4 * n), np.float32).reshape(shapes[name])
+
+        seen["low_res"] = read("low_res").copy()
+        ctypes.memmove(addresses["model_output"], addresses["x_t"], read("x_t").nbytes)
+
+    fake = _FakeTrt(profile=profile, output_shape=(1, 8, 8), execute=execute)
+    monkeypatch.setattr(tensorrt_engine, "tensorrt", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=7))
+    engine = build_engine(graph, tmp_path / "e.engine", config)
+    assert dict(fake.calls)["profile"]["low_res"] == profile["low_res"]
+    runner = TrtDenoiser(graph, engine, torch.device("cpu"))
+    x, t, low = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0]), torch.rand(2, 1, 4, 4)
+    out, grad = runner(x, t, low_res=low)
+    assert ("execute", 7) in fake.calls and fake.shapes["low_res"] == (2, 1, 4, 4)
+    assert np.array_equal(seen["low_res"], low.numpy()) and torch.equal(out, x) and grad is None
+    with pytest.raises(ExportError, match=r"^low_res of shape \[2, 1, 2, 2\]"):
+        runner(x, t, low_res=torch.zeros(2, 1, 2, 2))
+    with pytest.raises(ExportError, match="outside the engine profile 1..16"):
+        runner(torch.zeros(17, 1, 8, 8), torch.zeros(17), low_res=torch.zeros(17, 1, 4, 4))
+
+
+def test_cli_export_refuses_guidance_for_upsamplers_before_loading(tmp_path):
+    from click.testing import CliRunner
+
+    from fastdiff.cli.main import main
+
+    base = ["export", "onnx", "--preset", "upsampler64-256", "--checkpoint", str(tmp_path / "absent.pt")]
+    for extra, option in ((["--cfg"], "--cfg"), (["--classifier", "bundled"], "--classifier")):
+        res = CliRunner().invoke(main, [*base, *extra, "--out", str(tmp_path / "out")])
+        assert res.exit_code == 1 and f"{option}: upsamplers export without guidance" in res.output
+        assert "Traceback" not in res.output
+    res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "checkpoint not found" in res.output  # loaded as an upsampler
+    assert not (tmp_path / "out").exists()

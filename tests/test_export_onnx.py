@@ -1,9 +1,11 @@
 """A real export (slow: tracing and translating take minutes on a loaded 2-core machine): a tiny
 classifier-guided UNet to ONNX, onnxruntime against PyTorch and torch.autograd.grad, and
-``--engine onnx`` against eager sampling."""
+``--engine onnx`` against eager sampling; a tiny upsampler through ``fastdiff export onnx`` and
+``fastdiff upsample --engine onnx``."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,3 +87,70 @@ def test_engine_onnx_matches_eager(exported, sampler, monkeypatch):
     to8 = [((x + 1) * 127.5).clamp(0, 255).round() for x in (images["eager"], images["onnx"])]
     diff = (to8[0] - to8[1]).abs()
     assert diff.max() <= 3 and diff.mean() < 0.1
+
+
+# ------------------------------------------------------------------ an upsampler (ADM-U)
+
+
+@pytest.fixture(scope="module")
+def exported_upsampler(tmp_path_factory):
+    """A tiny random upsampler (16x16 from 8x8, class-conditional) exported once by
+    ``fastdiff export onnx`` from a safetensors carrying its flags."""
+    from click.testing import CliRunner
+    from test_upsample import SR_FLAGS, _low_res, _upsampler
+
+    from fastdiff.cli.main import main
+    from fastdiff.models.checkpoint import save_weights
+
+    d = tmp_path_factory.mktemp("sr")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FASTDIFF_CACHE", str(d / "cache"))
+    model = _upsampler()
+    save_weights(model, d / "sr.safetensors", {"flags": SR_FLAGS})
+    np.savez(d / "low.npz", _low_res(5), np.array([0, 1, 2, 3, 1]))
+    r = CliRunner().invoke(
+        main, ["export", "onnx", "--checkpoint", str(d / "sr.safetensors"), "--out", str(d)]
+    )
+    assert r.exit_code == 0, r.output
+    assert "ok" in r.output
+    yield model, d, d / "denoiser-superres-fp32.onnx"
+    mp.undo()
+
+
+def test_upsampler_graph_takes_low_res_and_matches_pytorch(exported_upsampler):
+    import onnx
+
+    from fastdiff.export.validate import validate_export
+
+    model, _, path = exported_upsampler
+    graph = read_export(path)
+    assert graph.kind == "superres" and graph.low_res_shape == (3, 8, 8) and graph.image_shape == (3, 16, 16)
+    onnx_model = onnx.load(str(path))
+    assert [i.name for i in onnx_model.graph.input] == ["x_t", "timestep", "low_res", "labels"]
+    dims = onnx_model.graph.input[2].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 8, 8]  # dynamic batch, small size
+    report = validate_export(path, model, batches=(1, 3))
+    assert max(report.errors.values()) <= 1e-5, report.errors
+
+
+def test_upsample_engine_onnx_matches_eager(exported_upsampler, tmp_path):
+    from click.testing import CliRunner
+
+    from fastdiff.cli.main import main
+
+    _, d, _ = exported_upsampler
+    cached = sorted((d / "cache" / "onnx").glob("*.onnx"))
+    images = {}
+    for engine in ("eager", "onnx"):
+        out = tmp_path / engine
+        args = ["upsample", "--no-progress", "--device", "cpu", "--checkpoint", d / "sr.safetensors",
+                "--low-res", d / "low.npz", "--steps", 4, "--batch-size", 3, "--engine", engine,
+                "--out", out]  # fmt: skip
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        with np.load(out / "samples_5x16x16x3.npz") as z:
+            images[engine] = z["arr_0"].astype(np.int64)
+            assert z["arr_1"].tolist() == [0, 1, 2, 3, 1]
+    assert sorted((d / "cache" / "onnx").glob("*.onnx")) == cached  # the export's file, not a second export
+    diff = np.abs(images["eager"] - images["onnx"])
+    assert diff.max() <= 3 and diff.mean() < 0.1, (diff.max(), diff.mean())

@@ -9,6 +9,7 @@ compile took 3 minutes on the CPU, so it and graph are checked on CUDA only (tes
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from click.testing import CliRunner
 import fastdiff
 from fastdiff.cli.main import main
 from fastdiff.cli.sample import _batch_generator
-from fastdiff.cli.upsample import parse_upsampler_spec
+from fastdiff.cli.upsample import names_upsampler, parse_upsampler_spec
 from fastdiff.diffusion import sample
 from fastdiff.models.checkpoint import save_weights
 
@@ -211,7 +212,11 @@ def test_cli_upsample_cycles_and_reads_safetensors_flags(files, tmp_path):
         (("--low-res", "unlabelled.npz"), "class-conditional but --low-res"),
         (("--low-res", "low.npz", "--steps", 500), "--steps must be between 2 and 100"),
         (("--low-res", "low.npz", "--engine", "graph"), "needs a CUDA device"),
-        (("--low-res", "low.npz", "--engine", "onnx"), "super-resolution models"),
+        pytest.param(
+            ("--low-res", "low.npz", "--engine", "trt"),
+            "TensorRT not installed",
+            marks=pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="has TensorRT"),
+        ),
     ],
 )
 def test_cli_upsample_errors_are_one_line(files, tmp_path, args, message):
@@ -297,6 +302,48 @@ def test_upsample_with_names_a_preset_or_a_file():
         Path("/w/64_256_upsampler.pt"),
     )
     assert parse_upsampler_spec("C:/w/sr.safetensors") == (None, Path("C:/w/sr.safetensors"))
+
+
+def test_cli_upsample_engine_onnx_errors_are_one_line(files, tmp_path, monkeypatch):
+    """The onnx engine builds the upsampler's step (no export: the dtype is refused first)."""
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
+    r = upsample("--checkpoint", files / "sr.safetensors", "--low-res", files / "low.npz", "--steps", 2,
+                 "--engine", "onnx", "--dtype", "bf16", "--out", tmp_path / "run")  # fmt: skip
+    assert r.exit_code == 1 and "engine 'onnx' runs fp32 or fp16 graphs" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "cache").exists()
+
+
+def test_cli_export_onnx_loads_a_preset_upsampler_with_its_low_res_shape(files, tmp_path, monkeypatch):
+    """`fastdiff export onnx --preset upsampler64-256` (tiny flags over it) hands export_onnx the
+    upsampler and its low_res shape (the real export is tests/test_export_onnx.py's, slow)."""
+    import fastdiff.export
+    from fastdiff.export import ExportError
+    from fastdiff.models.unet import SuperResModel
+
+    seen = {}
+
+    def export_onnx(model, path, **kwargs):
+        seen.update(model=model, path=path, **kwargs)
+        raise ExportError("stop here")
+
+    monkeypatch.setattr(fastdiff.export, "export_onnx", export_onnx)
+    args = ["export", "onnx", "--preset", "upsampler64-256", "--flags", FLAG_STRING,
+            "--checkpoint", files / "sr.pt", "--out", tmp_path]  # fmt: skip
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 1 and "stop here" in r.output, r.output
+    assert isinstance(seen["model"], SuperResModel) and seen["low_res_shape"] == (3, 8, 8)
+    assert seen["classifier"] is None and seen["null_label"] is None
+    assert seen["path"] == tmp_path / "denoiser-superres-fp32.onnx"
+
+
+def test_export_tells_an_upsampler_from_its_options(files):
+    """fastdiff export onnx takes either kind: a superres preset, or flags with a small size."""
+    assert names_upsampler("upsampler64-256", None, None)
+    assert not names_upsampler("imagenet64", None, None) and not names_upsampler(None, None, None)
+    assert names_upsampler(None, None, files / "sr.safetensors")  # its own flags
+    assert names_upsampler(None, FLAG_STRING, files / "sr.pt")
+    assert not names_upsampler(None, "--image_size 32", files / "sr.pt")
+    assert not names_upsampler(None, "--not a flag", files / "sr.pt")  # the loader names the problem
 
 
 def test_against_the_original_super_res_sampling(monkeypatch):

@@ -1,4 +1,7 @@
-"""``fastdiff export onnx|trt``: the guided denoiser as an ONNX file, and a TensorRT engine from it."""
+"""``fastdiff export onnx|trt``: the guided denoiser as an ONNX file, and a TensorRT engine from it.
+
+An upsampler (a superres preset, or flags with a small size) exports with its ``low_res`` input
+at its small size, without guidance (ADM-U has none)."""
 
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ def _fail(e: Exception) -> click.ClickException:
 
 
 @export_command.command("onnx")
-@click.option("--preset", default=None, help="Model preset (a fastdiff .safetensors needs none).")
+@click.option(
+    "--preset", default=None, help="Model or upsampler preset (a fastdiff .safetensors needs none)."
+)
 @click.option("--flags", "flag_string", default=None, help="guided-diffusion flag string over the preset.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Model weights.")
 @click.option(
@@ -43,6 +48,7 @@ def export_onnx_command(
         load_classifier,
         load_diffusion_model,
     )
+    from fastdiff.cli.upsample import load_upsampler, names_upsampler
     from fastdiff.export import ExportError, OnnxExportConfig, export_onnx
     from fastdiff.export.validate import validate_export
 
@@ -53,7 +59,20 @@ def export_onnx_command(
     if out.exists() and not out.is_dir():
         raise click.ClickException(f"--out {out} exists and is not a folder")
     cpu = torch.device("cpu")
-    loaded = load_diffusion_model(preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=cpu)
+    low_res_shape = None
+    if names_upsampler(preset, flag_string, checkpoint):
+        if classifier is not None or cfg:
+            option = "--classifier" if classifier is not None else "--cfg"
+            raise click.ClickException(
+                f"{option}: upsamplers export without guidance (ADM-U has no classifier or "
+                "classifier-free guidance; fastdiff upsample takes neither)"
+            )
+        loaded = load_upsampler(preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=cpu)
+        low_res_shape = (loaded.in_channels, loaded.net.small_size, loaded.net.small_size)
+    else:
+        loaded = load_diffusion_model(
+            preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=cpu
+        )
     clf = None
     if classifier is not None:
         path = BUNDLED_CLASSIFIER if classifier == "bundled" else Path(classifier)
@@ -63,7 +82,8 @@ def export_onnx_command(
         raise click.ClickException("--cfg needs a model trained with a null label (classifier-free guidance)")
     null_label = loaded.null_label if cfg else None
     kind = ("classifier" if clf else "") + ("+cfg" if cfg else "")
-    name = f"denoiser-{kind.strip('+') or 'none'}-{dtype}.onnx"
+    kind = "superres" if low_res_shape is not None else kind.strip("+") or "none"
+    name = f"denoiser-{kind}-{dtype}.onnx"
     meta = {"preset": preset or "", "checkpoint_sha256": loaded.identity["sha256"]}
     try:
         result = export_onnx(
@@ -71,6 +91,7 @@ def export_onnx_command(
             out / name,
             classifier=None if clf is None else clf.model,
             null_label=null_label,
+            low_res_shape=low_res_shape,
             config=config,
             metadata=meta,
         )

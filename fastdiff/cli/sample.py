@@ -697,7 +697,7 @@ def sample_command(
         if upsample_with is not None:
             from fastdiff.cli.upsample import prepare_cascade
 
-            cascade = prepare_cascade(upsample_with, loaded, labels, upsample_steps, engine, dev)
+            cascade = prepare_cascade(upsample_with, loaded, labels, upsample_steps, dev)
         elif upsample_steps is not None:
             raise click.ClickException("--upsample-steps needs --upsample-with (the upsampler)")
         plan = Plan(

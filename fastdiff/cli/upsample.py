@@ -4,7 +4,8 @@ guided-diffusion's super_res_sample.py semantics: each low-resolution image is s
 and given to the upsampler as ``low_res``, with its label from the npz's ``arr_1`` when the
 upsampler is class-conditional; image i of the output is the upsampling of low-res image
 i mod N. The run itself is ``fastdiff sample``'s: the same run folder, batch-by-batch npz,
-``--resume`` and engines, with the low-res file recorded by content in run.json.
+``--resume`` and engines (onnx and trt too: the exported upsampler takes ``low_res`` as an
+input), with the low-res file recorded by content in run.json.
 """
 
 from __future__ import annotations
@@ -31,7 +32,30 @@ from fastdiff.cli.sample import (
 from fastdiff.diffusion import SAMPLERS
 from fastdiff.evaluation.metrics import EvaluationError
 from fastdiff.evaluation.npz import read_npz
+from fastdiff.models.checkpoint import CheckpointError, read_metadata
+from fastdiff.models.flags import parse_flags
 from fastdiff.models.presets import PRESETS
+
+
+def names_upsampler(preset: str | None, flag_string: str | None, checkpoint: Path | None) -> bool:
+    """Whether model options name an upsampler (for commands that take either kind, as export):
+    a superres preset, else super-resolution flags (a small or large size) in the flag string or
+    a safetensors' own metadata. Unreadable options say no; the loader then names the problem."""
+    if preset is not None:
+        return preset in PRESETS and PRESETS[preset].kind == "superres"
+    flags: dict = {}
+    if checkpoint is not None and checkpoint.suffix == ".safetensors" and checkpoint.is_file():
+        try:
+            own = read_metadata(checkpoint).get("flags")
+        except CheckpointError:
+            own = None
+        flags = dict(own) if isinstance(own, dict) else {}
+    if flag_string is not None:
+        try:
+            flags.update(parse_flags(flag_string))
+        except ValueError:
+            pass
+    return bool({"small_size", "large_size"} & set(flags))
 
 
 def load_upsampler(*, preset, flag_string, checkpoint: Path | None, device) -> LoadedModel:
@@ -152,14 +176,6 @@ def upsample_run(
     )
 
 
-def check_upsampler_engine(engine: str) -> None:
-    if engine in ("onnx", "trt"):
-        raise click.ClickException(
-            f"engine '{engine}': super-resolution models (a low-resolution image input) do not export "
-            "yet; use eager, compile, graph or parallel"
-        )
-
-
 def parse_upsampler_spec(spec: str) -> tuple[str | None, Path]:
     """``PRESET:CHECKPOINT``, or a safetensors ``CHECKPOINT`` that carries its own flags."""
     name, sep, rest = spec.partition(":")
@@ -200,9 +216,8 @@ class Cascade:
             )
 
 
-def prepare_cascade(spec: str, base: LoadedModel, labels, steps: int | None, engine: str, device) -> Cascade:
+def prepare_cascade(spec: str, base: LoadedModel, labels, steps: int | None, device) -> Cascade:
     """The upsampler for ``--upsample-with SPEC``, checked against the base model's samples."""
-    check_upsampler_engine(engine)
     preset, path = parse_upsampler_spec(spec)
     if preset is None and path.suffix != ".safetensors":
         raise click.ClickException(
@@ -284,7 +299,6 @@ def upsample_command(
     The second stage of the cascade (ADM-G + ADM-U), as guided-diffusion's super_res_sample.py.
     """
     dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta)
-    check_upsampler_engine(engine)
     _check_file(low_res_path, "--low-res")
     with locked_run_folder(out, resume):
         upsampler = load_upsampler(preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=dev)

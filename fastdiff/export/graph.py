@@ -1,5 +1,11 @@
 """The guided denoiser as one autograd-free graph: the UNet and the classifier's input gradient.
 
+An upsampler (ADM-U) takes its low-resolution image as one more input, ``low_res``, at the small
+size; the model's own bilinear upsampling of it to x's size is traced into the graph as PyTorch's
+decomposition of ``F.interpolate`` (index arithmetic and gathers, the same half-pixel sampling;
+the tracer's Python dispatcher decomposes it, so there is no ONNX Resize), so a runtime feeds
+the small images as they are.
+
 ``GuidedDenoiser`` computes, for a batch, what every sampler needs from the networks: the raw
 model output (classifier-free guidance already mixed in) and ``scale * d/dx log p(y | x_t)``.
 DDPM shifts its mean by variance * gradient and DDIM / DPM-Solver++ shift eps by
@@ -25,6 +31,7 @@ from torch import Tensor, nn
 
 from fastdiff.diffusion.guidance import ClassifierFreeGuidance
 from fastdiff.engines.sampler import _InDtype
+from fastdiff.models.unet import SuperResModel
 from fastdiff.ops.ada_group_norm.module import AdaGroupNormSiLU, GroupNorm
 from fastdiff.ops.ada_group_norm.reference import ada_group_norm_reference
 from fastdiff.ops.attention.module import _HeadAttention
@@ -168,10 +175,15 @@ class DenoiserSignature:
     class_cond: bool
     classifier: bool
     cfg: bool
+    superres: bool = False  # an upsampler's graph: it takes low_res
 
     @property
     def guidance(self) -> str:
         return guidance_kind(self.classifier, self.cfg)
+
+    @property
+    def kind(self) -> str:
+        return "superres" if self.superres else "base"
 
     @property
     def needs_labels(self) -> bool:
@@ -180,6 +192,8 @@ class DenoiserSignature:
     @property
     def inputs(self) -> list[str]:
         names = ["x_t", "timestep"]
+        if self.superres:
+            names.append("low_res")
         if self.needs_labels:
             names.append("labels")
         if self.classifier:
@@ -193,12 +207,27 @@ class DenoiserSignature:
         return ["model_output", "gradient"] if self.classifier else ["model_output"]
 
 
-class GuidedDenoiser(nn.Module):
-    """(x_t, timestep[, labels][, classifier_scale][, cfg_scale]) -> (model_output[, gradient]).
+def input_shapes(
+    signature: DenoiserSignature, image_shape: Sequence[int], low_res_shape: Sequence[int] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Each batch-dynamic input's shape after the batch dimension (the scalar scales have none):
+    what tracing, the runtimes' checks and TensorRT's profile all go by."""
+    shapes = {"x_t": tuple(image_shape), "timestep": (), "labels": ()}
+    if signature.superres:
+        if low_res_shape is None:
+            raise ValueError("a super-resolution signature needs the low_res shape")
+        shapes["low_res"] = tuple(low_res_shape)
+    return {name: shapes[name] for name in signature.inputs if name in shapes}
 
-    ``timestep`` is the model timestep (the original step, float); ``labels`` int64; the scales
-    are scalars, so one graph serves every guidance strength. With ``null_label`` the model runs
-    classifier-free guidance (the conditional and unconditional halves as one batch).
+
+class GuidedDenoiser(nn.Module):
+    """(x_t, timestep[, low_res][, labels][, classifier_scale][, cfg_scale]) -> (model_output[,
+    gradient]).
+
+    ``timestep`` is the model timestep (the original step, float); ``low_res`` an upsampler's
+    small image in [-1, 1]; ``labels`` int64; the scales are scalars, so one graph serves every
+    guidance strength. With ``null_label`` the model runs classifier-free guidance (the
+    conditional and unconditional halves as one batch).
     """
 
     def __init__(
@@ -219,25 +248,36 @@ class GuidedDenoiser(nn.Module):
         if null_label is not None and not self.class_cond:
             raise ValueError("classifier-free guidance needs a class-conditional model")
         self.cfg = None if null_label is None else ClassifierFreeGuidance(self.model, 1.0, null_label)
-        self.signature = DenoiserSignature(self.class_cond, classifier is not None, null_label is not None)
+        superres = isinstance(model, SuperResModel)
+        self.signature = DenoiserSignature(
+            self.class_cond, classifier is not None, null_label is not None, superres
+        )
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         named = dict(zip(self.signature.inputs, inputs))
         x, t, y = named["x_t"], named["timestep"], named.get("labels")
+        kwargs = {"low_res": named["low_res"]} if self.signature.superres else {}
         if self.cfg is not None:
             self.cfg.scale = named["cfg_scale"]  # a graph input, not a traced constant
-            out = self.cfg(x, t, y=y)
+            out = self.cfg(x, t, y=y, **kwargs)
         else:
-            out = self.model(x, t, y=y) if self.class_cond else self.model(x, t)
+            out = self.model(x, t, y=y, **kwargs) if self.class_cond else self.model(x, t, **kwargs)
         if self.classifier is None:
             return (out,)
         return out, classifier_gradient(self.classifier, x, t, y, named["classifier_scale"])
 
 
-def example_inputs(signature: DenoiserSignature, image_shape: Sequence[int], batch: int = 2, seed: int = 0):
+def example_inputs(
+    signature: DenoiserSignature,
+    image_shape: Sequence[int],
+    batch: int = 2,
+    seed: int = 0,
+    low_res_shape: Sequence[int] | None = None,
+):
     """Inputs of a denoiser graph for a batch (tracing, validation): noise, spread timesteps,
-    labels 0..n-1, scales 1.5."""
+    uniform low-res images in [-1, 1], labels 0..n-1, scales 1.5."""
     g = torch.Generator().manual_seed(seed)
+    shapes = input_shapes(signature, image_shape, low_res_shape)
     values = {
         "x_t": torch.randn(batch, *image_shape, generator=g),
         "timestep": torch.linspace(10.0, 900.0, batch).round(),
@@ -245,6 +285,8 @@ def example_inputs(signature: DenoiserSignature, image_shape: Sequence[int], bat
         "classifier_scale": torch.tensor(1.5),
         "cfg_scale": torch.tensor(1.5),
     }
+    if "low_res" in shapes:
+        values["low_res"] = torch.rand(batch, *shapes["low_res"], generator=g) * 2 - 1
     return tuple(values[name] for name in signature.inputs)
 
 
@@ -272,6 +314,7 @@ __all__ = [
     "decompositions",
     "example_inputs",
     "export_form",
+    "input_shapes",
     "matmul_attention",
     "trace",
 ]

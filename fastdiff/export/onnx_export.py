@@ -1,7 +1,8 @@
 """Write the guided denoiser to an ONNX file, and read one back with its checks.
 
 The file carries its provenance in ONNX metadata (``fastdiff.*`` keys): a hash of the weights and
-configuration it was exported from, the guidance kind, its input and output names, the preset,
+configuration it was exported from, the guidance kind, the model kind (``base`` or ``superres``)
+with an upsampler's ``low_res`` shape (its small size), its input and output names, the preset,
 the dtype and the fastdiff version. Loading refuses a file that is missing, not ONNX, not a
 fastdiff export, or (given the networks) exported from other weights, with one line each.
 """
@@ -15,7 +16,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +25,9 @@ from torch import nn
 
 import fastdiff
 from fastdiff.files import atomic_write
+from fastdiff.models.unet import SuperResModel
 
-from .graph import DenoiserSignature, GuidedDenoiser, example_inputs, trace
+from .graph import DenoiserSignature, GuidedDenoiser, example_inputs, input_shapes, trace
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MIN_OPSET = 17
@@ -73,12 +75,20 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def denoiser_hash(
-    model: nn.Module, classifier: nn.Module | None, null_label: int | None, dtype: str, opset: int
+    model: nn.Module,
+    classifier: nn.Module | None,
+    null_label: int | None,
+    dtype: str,
+    opset: int,
+    low_res_shape: Sequence[int] | None = None,
 ) -> str:
     """sha256 of what decides the graph: each network's structure (its module tree, which holds
-    head counts and attention order) and weights, the guidance, dtype and opset."""
+    head counts and attention order) and weights, the guidance, dtype, opset and an upsampler's
+    low_res shape (absent for base models, so their hashes, and caches, stay as they were)."""
     h = hashlib.sha256()
     config = {"null_label": null_label, "dtype": dtype, "opset": opset, "format": 1}
+    if low_res_shape is not None:
+        config["low_res_shape"] = [int(d) for d in low_res_shape]
     h.update(json.dumps(config, sort_keys=True).encode())
     for net in (model, classifier):
         if net is None:
@@ -91,12 +101,32 @@ def denoiser_hash(
     return h.hexdigest()
 
 
-def _image_shape(model: nn.Module) -> tuple[int, int, int]:
-    in_channels = int(model.in_channels)
-    if type(model).__name__ == "SuperResModel":
-        raise ExportError("super-resolution models (a low-resolution image input) do not export yet")
+def graph_shapes(
+    model: nn.Module,
+    low_res_shape: Sequence[int] | None = None,
+    classifier: nn.Module | None = None,
+    null_label: int | None = None,
+) -> tuple[tuple[int, int, int], tuple[int, int, int] | None]:
+    """(x_t's shape, low_res's shape or None) per sample, or ExportError for what the graph cannot
+    hold: an upsampler without its low-res shape or with guidance (ADM-U has neither classifier
+    nor classifier-free guidance), a low-res shape for a base model."""
     size = int(model.image_size)
-    return in_channels, size, size
+    if not isinstance(model, SuperResModel):
+        if low_res_shape is not None:
+            raise ExportError("low_res is an upsampler's input; this model is not a super-resolution model")
+        return (int(model.in_channels), size, size), None
+    if classifier is not None or null_label is not None:
+        raise ExportError(
+            "super-resolution models export without guidance (ADM-U has no classifier or "
+            "classifier-free guidance)"
+        )
+    channels = int(model.in_channels) // 2  # the first conv also takes the upsampled low_res
+    if low_res_shape is None:
+        raise ExportError("a super-resolution model exports with its low_res shape (channels, small size)")
+    low = tuple(int(d) for d in low_res_shape)
+    if len(low) != 3 or low[0] != channels or min(low) < 1:
+        raise ExportError(f"low_res shape {list(low)}: the upsampler takes [C, H, W] with C = {channels}")
+    return (channels, size, size), (low[0], low[1], low[2])
 
 
 @contextlib.contextmanager
@@ -132,24 +162,26 @@ def export_onnx(
     *,
     classifier: nn.Module | None = None,
     null_label: int | None = None,
+    low_res_shape: Sequence[int] | None = None,
     config: OnnxExportConfig = OnnxExportConfig(),
     metadata: Mapping[str, str] | None = None,
 ) -> ExportResult:
     """Export the guided denoiser of ``model`` (+ ``classifier``'s input gradient, + classifier-free
     guidance with ``null_label``) to ``path``, written under a temporary name and renamed.
 
-    ``metadata`` adds provenance (preset, flags) to the file's ``fastdiff.*`` keys.
+    An upsampler needs ``low_res_shape`` ([C, H, W] of its small images): the graph takes them at
+    that size. ``metadata`` adds provenance (preset, flags) to the file's ``fastdiff.*`` keys.
     """
     import onnx
 
     start = time.perf_counter()
     path = Path(path)
     dtype = DTYPES[config.dtype]
-    image_shape = _image_shape(model)
+    image_shape, low_res_shape = graph_shapes(model, low_res_shape, classifier, null_label)
     denoiser = GuidedDenoiser(model, classifier, null_label, dtype)
     sig = denoiser.signature
-    digest = denoiser_hash(model, classifier, null_label, config.dtype, config.opset)
-    inputs = example_inputs(sig, image_shape, config.trace_batch)
+    digest = denoiser_hash(model, classifier, null_label, config.dtype, config.opset, low_res_shape)
+    inputs = example_inputs(sig, image_shape, config.trace_batch, low_res_shape=low_res_shape)
     with _quiet_tracing():
         graph = trace(denoiser, inputs)
     batch = torch.export.Dim("batch", min=1, max=config.max_batch)
@@ -170,6 +202,8 @@ def export_onnx(
         "fastdiff.version": fastdiff.__version__,
         "fastdiff.hash": digest,
         "fastdiff.guidance": sig.guidance,
+        "fastdiff.kind": sig.kind,
+        "fastdiff.low_res_shape": json.dumps(None if low_res_shape is None else list(low_res_shape)),
         "fastdiff.class_cond": json.dumps(sig.class_cond),
         "fastdiff.inputs": json.dumps(sig.inputs),
         "fastdiff.outputs": json.dumps(sig.outputs),
@@ -203,6 +237,7 @@ class ExportedGraph:
     hash: str
     signature: DenoiserSignature
     image_shape: tuple[int, ...]
+    low_res_shape: tuple[int, ...] | None
     null_label: int | None
     dtype: str
     max_batch: int
@@ -212,6 +247,14 @@ class ExportedGraph:
     @property
     def guidance(self) -> str:
         return self.signature.guidance
+
+    @property
+    def kind(self) -> str:
+        return self.signature.kind
+
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The batch-dynamic inputs' shapes after the batch dimension."""
+        return input_shapes(self.signature, self.image_shape, self.low_res_shape)
 
 
 def read_export(path: str | os.PathLike) -> ExportedGraph:
@@ -231,12 +274,21 @@ def read_export(path: str | os.PathLike) -> ExportedGraph:
     try:
         inputs = json.loads(meta["fastdiff.inputs"])
         class_cond = bool(json.loads(meta["fastdiff.class_cond"]))
-        signature = DenoiserSignature(class_cond, "classifier_scale" in inputs, "cfg_scale" in inputs)
+        kind = meta.get("fastdiff.kind", "base")  # files from before upsamplers exported have none
+        if kind not in ("base", "superres"):
+            raise ValueError(kind)
+        superres = kind == "superres"
+        guidance = ("classifier_scale" in inputs, "cfg_scale" in inputs)
+        signature = DenoiserSignature(class_cond, *guidance, superres)
+        low_res_shape = json.loads(meta.get("fastdiff.low_res_shape", "null"))
+        if superres != (low_res_shape is not None):
+            raise ValueError("low_res_shape")
         graph = ExportedGraph(
             path=path,
             hash=meta["fastdiff.hash"],
             signature=signature,
             image_shape=tuple(json.loads(meta["fastdiff.image_shape"])),
+            low_res_shape=None if low_res_shape is None else tuple(int(d) for d in low_res_shape),
             null_label=json.loads(meta["fastdiff.null_label"]),
             dtype=meta["fastdiff.dtype"],
             max_batch=int(meta["fastdiff.max_batch"]),
@@ -258,10 +310,19 @@ def check_export(
     null_label: int | None = None,
     want_classifier: bool | None = None,
     want_cfg: bool | None = None,
+    low_res_shape: Sequence[int] | None = None,
+    want_superres: bool | None = None,
 ) -> None:
-    """ExportError when the file cannot serve the run asked for: guidance it lacks (or has and
-    the run does not use), or weights other than ``model``'s / ``classifier``'s."""
+    """ExportError when the file cannot serve the run asked for: a base model's graph for an
+    upsampler or the reverse, guidance it lacks (or has and the run does not use), or weights
+    other than ``model``'s / ``classifier``'s (``low_res_shape``: the upsampler's, for the hash)."""
     sig = graph.signature
+    if want_superres is not None and want_superres != sig.superres:
+        if sig.superres:
+            raise ExportError(f"{graph.path} is an upsampler's graph (it takes low_res), not a base model's")
+        raise ExportError(
+            f"{graph.path} is a base model's graph (no low_res input); an upsampler needs its own export"
+        )
     if want_classifier and not sig.classifier:
         raise ExportError(
             f"{graph.path} was exported without a classifier: classifier guidance needs a graph "
@@ -273,7 +334,7 @@ def check_export(
         have = "with" if sig.cfg else "without"
         raise ExportError(f"{graph.path} was exported {have} classifier-free guidance (--cfg)")
     if model is not None:
-        digest = denoiser_hash(model, classifier, null_label, graph.dtype, graph.opset)
+        digest = denoiser_hash(model, classifier, null_label, graph.dtype, graph.opset, low_res_shape)
         if digest != graph.hash:
             raise ExportError(
                 f"{graph.path} was exported from another model or configuration (hash "
@@ -290,6 +351,7 @@ __all__ = [
     "check_export",
     "denoiser_hash",
     "export_onnx",
+    "graph_shapes",
     "node_counts",
     "read_export",
 ]

@@ -2,9 +2,11 @@
 
 The session computes the model output and the classifier gradient in one call; the update rule,
 x0 clipping and the guidance shifts stay in the one ``SamplingStep`` every engine runs, so the
-samples match eager's. Inputs and outputs are bound to the torch tensors' memory (I/O binding: no
-copies on the CPU, device buffers with the CUDA provider). A graph is exported on first use into
-a cache folder named by the hash of weights and configuration, so later runs reuse it.
+samples match eager's. Inputs (an upsampler's ``low_res`` among them) and outputs are bound to
+the torch tensors' memory (I/O binding: no copies on the CPU, device buffers with the CUDA
+provider), after the checks ``ExportedDenoiser`` shares with the TensorRT runner. A graph is
+exported on first use into a cache folder named by the hash of weights and configuration, so
+later runs reuse it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from fastdiff.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from fastdiff.diffusion.samplers import SamplingStep
+from fastdiff.models.unet import SuperResModel
 
 from .onnx_export import (
     ExportedGraph,
@@ -42,10 +45,81 @@ def cache_dir() -> Path:
     return Path(xdg) / "fastdiff" / "onnx"
 
 
-class OrtDenoiser:
-    """One onnxruntime session of an exported denoiser: ``(x, t_model, labels, scales) ->
-    (model_output, gradient or None)``, on the CUDA provider when the tensors are on CUDA and
-    onnxruntime has it, else on the CPU with ``torch.get_num_threads()`` threads."""
+class ExportedDenoiser:
+    """The call both runners of an exported graph (onnxruntime, TensorRT) share: ``(x, t_model,
+    labels, scales, low_res) -> (model_output, gradient or None)``. It checks the step's tensors
+    against the graph's metadata (one line for a wrong shape, a missing or unexpected low_res),
+    puts them on the runner's device in the graph's input dtypes, allocates the outputs; a runner
+    only binds and runs them (``_run``)."""
+
+    graph: ExportedGraph
+    device: torch.device
+    output_shapes: list[tuple[int, ...]]
+
+    def _check_batch(self, n: int) -> None:
+        if n > self.graph.max_batch:
+            raise ExportError(f"batch {n} is above the exported graph's maximum {self.graph.max_batch}")
+
+    def _run(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    def inputs(
+        self,
+        x: Tensor,
+        t_model: Tensor,
+        labels: Tensor | None = None,
+        classifier_scale: float | None = None,
+        cfg_scale: float | None = None,
+        low_res: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """The graph's inputs by name, checked and on the device."""
+        graph, n, dev = self.graph, x.shape[0], self.device
+        check_export(
+            graph, want_superres=low_res is not None
+        )  # a base graph for an upsampler, or the reverse
+        given = {"x_t": x, "timestep": t_model, "labels": labels, "low_res": low_res}
+        values = {}
+        for name, shape in graph.input_shapes().items():
+            t = given[name]
+            if t is None:
+                raise ExportError(f"{graph.path} takes {name}; none was given")
+            if tuple(t.shape) != (n, *shape):
+                raise ExportError(
+                    f"{name} of shape {list(t.shape)}: {graph.path} takes {[n, *shape]} for a batch of {n}"
+                )
+            values[name] = t.to(dev, torch.int64 if name == "labels" else torch.float32).contiguous()
+        scales = {"classifier_scale": classifier_scale, "cfg_scale": cfg_scale}
+        for name in graph.signature.inputs:
+            if name in scales:
+                values[name] = torch.tensor(float(scales[name] or 0.0), device=dev)
+        return values
+
+    def __call__(
+        self,
+        x: Tensor,
+        t_model: Tensor,
+        labels: Tensor | None = None,
+        classifier_scale: float | None = None,
+        cfg_scale: float | None = None,
+        *,
+        low_res: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        n = x.shape[0]
+        self._check_batch(n)
+        inputs = self.inputs(x, t_model, labels, classifier_scale, cfg_scale, low_res)
+        names = self.graph.signature.outputs
+        outputs = {
+            name: torch.empty((n, *shape), device=self.device)
+            for name, shape in zip(names, self.output_shapes)
+        }
+        self._run(inputs, outputs)
+        outs = [t.to(x.device) for t in outputs.values()]
+        return outs[0], (outs[1] if len(outs) > 1 else None)
+
+
+class OrtDenoiser(ExportedDenoiser):
+    """One onnxruntime session of an exported denoiser, on the CUDA provider when the tensors are
+    on CUDA and onnxruntime has it, else on the CPU with ``torch.get_num_threads()`` threads."""
 
     def __init__(self, graph: ExportedGraph, device: torch.device | str = "cpu", threads: int | None = None):
         import onnxruntime as ort
@@ -67,41 +141,13 @@ class OrtDenoiser:
         if not all(isinstance(d, int) for shape in self.output_shapes for d in shape):
             raise ExportError(f"{graph.path}: only the batch dimension may be dynamic")
 
-    def _bind(self, io, name: str, t: Tensor, output: bool = False) -> None:
-        kind = "cuda" if t.is_cuda else "cpu"
-        args = (name, kind, t.device.index or 0, _ELEMENT[t.dtype], list(t.shape), t.data_ptr())
-        (io.bind_output if output else io.bind_input)(*args)
-
-    def __call__(
-        self,
-        x: Tensor,
-        t_model: Tensor,
-        labels: Tensor | None = None,
-        classifier_scale: float | None = None,
-        cfg_scale: float | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        sig, n = self.graph.signature, x.shape[0]
-        if n > self.graph.max_batch:
-            raise ExportError(f"batch {n} is above the exported graph's maximum {self.graph.max_batch}")
-        dev = self.device
-        values = {
-            "x_t": x.to(dev, torch.float32).contiguous(),
-            "timestep": t_model.to(dev, torch.float32).contiguous(),
-            "labels": None if labels is None else labels.to(dev, torch.int64).contiguous(),
-            "classifier_scale": torch.tensor(float(classifier_scale or 0.0), device=dev),
-            "cfg_scale": torch.tensor(float(cfg_scale or 0.0), device=dev),
-        }
+    def _run(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> None:
         io = self.session.io_binding()
-        for name in sig.inputs:
-            if values[name] is None:
-                raise ValueError(f"the exported denoiser needs {name}")
-            self._bind(io, name, values[name])
-        outs = [torch.empty((n, *shape), device=dev) for shape in self.output_shapes]
-        for name, t in zip(sig.outputs, outs):
-            self._bind(io, name, t, output=True)
+        for bind, tensors in ((io.bind_input, inputs), (io.bind_output, outputs)):
+            for name, t in tensors.items():
+                kind = "cuda" if t.is_cuda else "cpu"
+                bind(name, kind, t.device.index or 0, _ELEMENT[t.dtype], list(t.shape), t.data_ptr())
         self.session.run_with_iobinding(io)
-        outs = [t.to(x.device) for t in outs]
-        return outs[0], (outs[1] if len(outs) > 1 else None)
 
 
 class OnnxStep:
@@ -123,9 +169,11 @@ class OnnxStep:
             denoised_fn=step.denoised_fn,
         )
 
-    def _model(self, x: Tensor, t_model: Tensor, **_kwargs) -> Tensor:
+    def _model(self, x: Tensor, t_model: Tensor, **kwargs) -> Tensor:
+        labels = self.labels_from.get("y")
+        low_res = kwargs.get("low_res")
         out, self._gradient = self.denoiser(
-            x, t_model, self.labels_from.get("y"), self.classifier_scale, self.cfg_scale
+            x, t_model, labels, self.classifier_scale, self.cfg_scale, low_res=low_res
         )
         return out
 
@@ -149,12 +197,12 @@ def _networks(step: SamplingStep):
     return model, classifier, null_label, classifier_scale, cfg_scale
 
 
-def _plain(net):
+def _plain(net, engine: str = "onnx"):
     """The network inside the Sampler's low-precision wrapper, and its dtype name."""
     inner = getattr(net, "net", None)
     if isinstance(inner, torch.nn.Module) and isinstance(getattr(net, "dtype", None), torch.dtype):
         if net.dtype != torch.float16:
-            raise ExportError("engine 'onnx' runs fp32 or fp16 graphs; use --dtype fp32")
+            raise ExportError(f"engine '{engine}' runs fp32 or fp16 graphs; use --dtype fp32")
         return inner, "fp16"
     return net, "fp32"
 
@@ -183,11 +231,13 @@ def remember(path: Path, digest: str) -> Path | None:
     return target
 
 
-def cached_export(model, classifier=None, null_label=None, config: OnnxExportConfig | None = None) -> Path:
+def cached_export(
+    model, classifier=None, null_label=None, config: OnnxExportConfig | None = None, low_res_shape=None
+) -> Path:
     """The exported graph of these networks in the cache folder, exported now if absent (or if
-    the cached file does not read back as this export)."""
+    the cached file does not read back as this export); ``low_res_shape``: an upsampler's."""
     config = config or OnnxExportConfig()
-    digest = denoiser_hash(model, classifier, null_label, config.dtype, config.opset)
+    digest = denoiser_hash(model, classifier, null_label, config.dtype, config.opset, low_res_shape)
     path = cache_dir() / f"{digest}.onnx"
     if path.is_file():
         try:
@@ -196,23 +246,56 @@ def cached_export(model, classifier=None, null_label=None, config: OnnxExportCon
         except ExportError:
             pass  # a damaged cache entry: export again over it
     print(f"fastdiff: exporting the guided denoiser to ONNX (once) into {path}", file=sys.stderr)
-    export_onnx(model, path, classifier=classifier, null_label=null_label, config=config)
+    export_onnx(
+        model, path, classifier=classifier, null_label=null_label, low_res_shape=low_res_shape, config=config
+    )
     return path
+
+
+def step_graph(step: SamplingStep, engine: str) -> tuple[ExportedGraph, float | None, float | None]:
+    """(graph, classifier scale, cfg scale) of a Sampler's step for engine ``engine``: the graph of
+    its networks from the cache (exported now if absent), checked against what the step runs.
+    An upsampler's graph takes low_res at the size of the step's low_res buffer. The onnx engine
+    runs the networks' own dtype (fp32 or fp16); TensorRT builds its layer precision from fp32."""
+    model, classifier, null_label, classifier_scale, cfg_scale = _networks(step)
+    model, dtype = _plain(model, engine)
+    if classifier is not None:
+        classifier, _ = _plain(classifier, engine)
+    low_res_shape = None
+    if isinstance(model, SuperResModel):
+        low_res = step.model_kwargs.get("low_res")
+        if low_res is None:
+            raise ExportError(
+                "an upsampler samples from low-resolution images: pass model_kwargs={'low_res': ...}"
+            )
+        low_res_shape = tuple(low_res.shape[1:])
+    config = OnnxExportConfig(dtype="fp32" if engine == "trt" else dtype)
+    graph = read_export(cached_export(model, classifier, null_label, config, low_res_shape))
+    check_export(
+        graph,
+        want_classifier=classifier is not None,
+        want_cfg=null_label is not None,
+        want_superres=low_res_shape is not None,
+    )
+    return graph, classifier_scale, cfg_scale
 
 
 def onnx_engine(step: SamplingStep, device: torch.device):
     """The engine function behind ``ENGINES['onnx']``."""
-    model, classifier, null_label, classifier_scale, cfg_scale = _networks(step)
-    model, dtype = _plain(model)
-    if classifier is not None:
-        classifier, _ = _plain(classifier)
-    path = cached_export(model, classifier, null_label, OnnxExportConfig(dtype=dtype))
-    graph = read_export(path)
-    check_export(graph, want_classifier=classifier is not None, want_cfg=null_label is not None)
-    key = (str(path), str(device), torch.get_num_threads())
+    graph, classifier_scale, cfg_scale = step_graph(step, "onnx")
+    key = (str(graph.path), str(device), torch.get_num_threads())
     if key not in _SESSIONS:
         _SESSIONS[key] = OrtDenoiser(graph, device)
     return OnnxStep(step, _SESSIONS[key], classifier_scale, cfg_scale)
 
 
-__all__ = ["OnnxStep", "OrtDenoiser", "cache_dir", "cached_export", "onnx_engine", "remember"]
+__all__ = [
+    "ExportedDenoiser",
+    "OnnxStep",
+    "OrtDenoiser",
+    "cache_dir",
+    "cached_export",
+    "onnx_engine",
+    "remember",
+    "step_graph",
+]

@@ -19,7 +19,8 @@ import torch
 
 from fastdiff.files import atomic_write
 
-from .onnx_export import ExportedGraph, ExportError, OnnxExportConfig, check_export, read_export
+from .onnx_export import ExportedGraph, ExportError
+from .onnx_runtime import ExportedDenoiser
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 
@@ -60,14 +61,10 @@ def engine_key(graph: ExportedGraph, config: TrtBuildConfig, trt_version: str, g
 
 
 def profile_shapes(graph: ExportedGraph, config: TrtBuildConfig) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """(min, opt, max) shape per batch-dynamic input (the scalar scales have none)."""
-    c, h, w = graph.image_shape
-    per_sample = {"x_t": (c, h, w), "timestep": (), "labels": ()}
-    return {
-        name: tuple((b, *per_sample[name]) for b in (config.min_batch, config.opt_batch, config.max_batch))
-        for name in graph.signature.inputs
-        if name in per_sample
-    }
+    """(min, opt, max) shape per batch-dynamic input (an upsampler's low_res among them; the
+    scalar scales have none)."""
+    batches = (config.min_batch, config.opt_batch, config.max_batch)
+    return {name: tuple((b, *shape) for b in batches) for name, shape in graph.input_shapes().items()}
 
 
 def build_engine(
@@ -106,9 +103,9 @@ def build_engine(
     return out
 
 
-class TrtDenoiser:
-    """A deserialized engine with the OrtDenoiser call: ``(x, t_model, labels, scales) ->
-    (model_output, gradient or None)``, on torch's current CUDA stream."""
+class TrtDenoiser(ExportedDenoiser):
+    """A deserialized engine behind the OrtDenoiser call (the same checked inputs, low_res among
+    them), run on torch's current CUDA stream with the tensors' device memory as its bindings."""
 
     def __init__(self, graph: ExportedGraph, engine_path: Path, device: torch.device):
         trt = tensorrt()
@@ -126,28 +123,19 @@ class TrtDenoiser:
         shapes = [tuple(self.engine.get_tensor_shape(name)) for name in graph.signature.outputs]
         self.output_shapes = [s[1:] for s in shapes]
 
-    def __call__(self, x, t_model, labels=None, classifier_scale=None, cfg_scale=None):
-        n = x.shape[0]
+    def _check_batch(self, n: int) -> None:
         lo, hi = self.batch_range
         if not lo <= n <= hi:
             raise ExportError(f"batch {n} is outside the engine profile {lo}..{hi}: rebuild it")
-        dev = self.device
-        values = {
-            "x_t": x.to(dev, torch.float32).contiguous(),
-            "timestep": t_model.to(dev, torch.float32).contiguous(),
-            "labels": None if labels is None else labels.to(dev, torch.int64).contiguous(),
-            "classifier_scale": torch.tensor(float(classifier_scale or 0.0), device=dev),
-            "cfg_scale": torch.tensor(float(cfg_scale or 0.0), device=dev),
-        }
-        for name in self.graph.signature.inputs:
-            self.context.set_input_shape(name, tuple(values[name].shape))
-            self.context.set_tensor_address(name, values[name].data_ptr())
-        outs = [torch.empty((n, *shape), device=dev) for shape in self.output_shapes]
-        for name, t in zip(self.graph.signature.outputs, outs):
+
+    def _run(self, inputs: dict, outputs: dict) -> None:
+        for name, t in inputs.items():
+            self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream(dev).cuda_stream):
+        for name, t in outputs.items():
+            self.context.set_tensor_address(name, t.data_ptr())
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
-        return outs[0], (outs[1] if len(outs) > 1 else None)
 
 
 def trt_engine(step, device: torch.device):
@@ -157,14 +145,9 @@ def trt_engine(step, device: torch.device):
         raise ExportError("engine 'trt' runs TensorRT engines on a CUDA device")
     if step is None:
         return None
-    from .onnx_runtime import OnnxStep, _networks, _plain, cache_dir, cached_export
+    from .onnx_runtime import OnnxStep, cache_dir, step_graph
 
-    model, classifier, null_label, classifier_scale, cfg_scale = _networks(step)
-    model, _ = _plain(model)
-    if classifier is not None:
-        classifier, _ = _plain(classifier)
-    graph = read_export(cached_export(model, classifier, null_label, OnnxExportConfig()))
-    check_export(graph, want_classifier=classifier is not None, want_cfg=null_label is not None)
+    graph, classifier_scale, cfg_scale = step_graph(step, "trt")
     config = TrtBuildConfig()
     key = engine_key(graph, config, trt.__version__, gpu_key(device))
     path = cache_dir().parent / "trt" / f"{key}.engine"

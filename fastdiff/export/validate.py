@@ -1,5 +1,6 @@
-"""An exported graph against PyTorch: the model output against the network's forward, the
-gradient against ``torch.autograd.grad`` (ClassifierGuidance), on onnxruntime (CPU)."""
+"""An exported graph against PyTorch: the model output against the network's forward (an
+upsampler's with the same low_res), the gradient against ``torch.autograd.grad``
+(ClassifierGuidance), on onnxruntime (CPU)."""
 
 from __future__ import annotations
 
@@ -43,23 +44,28 @@ def validate_export(path, model, classifier=None, null_label=None, batches=(1, 3
     from .onnx_runtime import OrtDenoiser
 
     graph = read_export(path)
-    check_export(graph, model=model, classifier=classifier, null_label=null_label)
+    check_export(
+        graph, model=model, classifier=classifier, null_label=null_label, low_res_shape=graph.low_res_shape
+    )
     session = OrtDenoiser(graph)
     report = ValidationReport(tolerance=TOLERANCE if graph.dtype == "fp32" else 2e-2)
     sig = graph.signature
     for n in batches:
-        named = dict(zip(sig.inputs, example_inputs(sig, graph.image_shape, n, seed=n)))
+        inputs = example_inputs(sig, graph.image_shape, n, seed=n, low_res_shape=graph.low_res_shape)
+        named = dict(zip(sig.inputs, inputs))
         x, t, y = named["x_t"], named["timestep"], named.get("labels")
         cs, gs = named.get("classifier_scale"), named.get("cfg_scale")
+        kwargs = {"low_res": named["low_res"]} if sig.superres else {}
         start = time.perf_counter()
-        out, grad = session(x, t, y, None if cs is None else float(cs), None if gs is None else float(gs))
+        scales = (None if cs is None else float(cs), None if gs is None else float(gs))
+        out, grad = session(x, t, y, *scales, **kwargs)
         report.ort_seconds[n] = time.perf_counter() - start
         start = time.perf_counter()
         with torch.no_grad():
             if sig.cfg:
-                ref = ClassifierFreeGuidance(model, float(gs), null_label)(x, t, y=y)
+                ref = ClassifierFreeGuidance(model, float(gs), null_label)(x, t, y=y, **kwargs)
             else:
-                ref = model(x, t, y=y) if sig.class_cond else model(x, t)
+                ref = model(x, t, y=y, **kwargs) if sig.class_cond else model(x, t, **kwargs)
         report.errors[f"model_output@{n}"] = _rel(out, ref)
         if sig.classifier:
             ref_grad = ClassifierGuidance(classifier, float(cs))(x, t, y=y)
