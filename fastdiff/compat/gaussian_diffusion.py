@@ -39,23 +39,30 @@ __all__ = [
 ]
 
 
-# The original's enums, valued by fastdiff's names of the same choices: a member equals (and
-# hashes as) its string, so ``diffusion.model_var_type == ModelVarType.LEARNED_RANGE`` and
-# fastdiff's ``model_var_type in ("learned", "learned_range")`` both hold.
-class ModelMeanType(enum.StrEnum):
+class _Choice(str, enum.Enum):
+    """A member equals, hashes and prints as its string (``enum.StrEnum`` before Python 3.11)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+# The original's enums, valued by fastdiff's names of the same choices, so
+# ``diffusion.model_var_type == ModelVarType.LEARNED_RANGE`` and fastdiff's own
+# ``model_var_type in ("learned", "learned_range")`` both hold.
+class ModelMeanType(_Choice):
     PREVIOUS_X = "previous_x"  # the original's, unused by its models; fastdiff refuses it
     START_X = "x0"
     EPSILON = "eps"
 
 
-class ModelVarType(enum.StrEnum):
+class ModelVarType(_Choice):
     LEARNED = "learned"
     FIXED_SMALL = "fixed_small"
     FIXED_LARGE = "fixed_large"
     LEARNED_RANGE = "learned_range"
 
 
-class LossType(enum.StrEnum):
+class LossType(_Choice):
     MSE = "mse"
     RESCALED_MSE = "rescaled_mse"
     KL = "kl"
