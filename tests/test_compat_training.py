@@ -320,6 +320,26 @@ def test_gd_run_scores_the_model(trained, images, tmp_path):
         assert npz["arr_0"].shape == (1,) and 0 < npz["arr_0"][0] < 100
 
 
+@pytest.mark.slow
+def test_gd_run_trains_a_noisy_classifier_in_fp16(images, tmp_path):
+    """classifier_train.py's use of the modules (MixedPrecisionTrainer, random crops, the
+    sampler's draws, log_loss_dict, resume by file name), in fp16 autocast on the CPU too."""
+    flags = dict(image_size=32, classifier_width=32, classifier_depth=1, classifier_attention_resolutions="8")
+    args = [str(SCRIPTS / "train_classifier.py"), "--data_dir", str(images), *flag_args(flags)]
+    args += ["--diffusion_steps", "25", "--classifier_use_fp16", "True"]
+    res = gd_run([*args, "--iterations", "2"], tmp_path / "a")
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = rows(tmp_path / "a" / "progress.csv")
+    assert [r["step"] for r in log] == ["0", "1"] and {float(r["lg_loss_scale"]) for r in log} == {16.0}
+    assert any(k.startswith("train_acc@1_q") for k in log[0]) and float(log[0]["grad_norm"]) > 0
+    resume = ["--iterations", "3", "--resume_checkpoint", str(tmp_path / "a" / "model000002.pt")]
+    res = gd_run([*args, *resume], tmp_path / "b")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["step"] for r in rows(tmp_path / "b" / "progress.csv")] == ["2"]
+    classifier = gd.create_classifier(**flags)
+    classifier.load_state_dict(torch.load(tmp_path / "b" / "model000003.pt", weights_only=True), strict=True)
+
+
 # ---------------------------------------------------------------- beside the original code
 
 
