@@ -1,19 +1,22 @@
 """guided-diffusion's ``nn`` helpers, from fastdiff's own building blocks.
 
-``normalization`` is fastdiff's GroupNorm (fp32 statistics, fused kernels); ``checkpoint`` is
-non-reentrant torch checkpointing (the original's hand-written autograd function is not needed).
+``normalization`` and ``GroupNorm32`` are fastdiff's GroupNorm (fp32 statistics, fused kernels);
+``checkpoint`` is non-reentrant torch checkpointing (so the original's hand-written autograd
+function, ``CheckpointFunction``, is not provided).
 """
 
 from __future__ import annotations
 
 from torch.nn import Linear as linear  # noqa: N813 (the original's name)
-from torch.nn import SiLU  # noqa: F401
+from torch.nn import SiLU
 
-from ..diffusion.gaussian import mean_flat  # noqa: F401
-from ..models.nn import avg_pool_nd, conv_nd, maybe_checkpoint, normalization, timestep_embedding, zero_module  # noqa: F401
+from ..diffusion.gaussian import mean_flat
+from ..models.nn import avg_pool_nd, conv_nd, maybe_checkpoint, normalization, timestep_embedding, zero_module
+from ..ops import GroupNorm as GroupNorm32
 from ..training.ema import update_ema as _update_ema
 
 __all__ = [
+    "GroupNorm32",
     "SiLU",
     "avg_pool_nd",
     "checkpoint",

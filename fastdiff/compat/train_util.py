@@ -34,6 +34,7 @@ from ..training.ema import EMA
 from ..training.loop import TrainingError
 from . import dist_util, logger
 from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer  # noqa: F401 (as train_util)
+from .nn import update_ema  # noqa: F401 (train_util's import, which scripts reach through it)
 from .resample import LossAwareSampler, UniformSampler
 
 __all__ = [
