@@ -283,6 +283,43 @@ def test_resume_step_names_and_loss_logging():
     assert torch.equal(targets[0], torch.full((2,), 0.75))
 
 
+def test_train_loop_in_fp16_resumes_its_weights_exactly(tmp_path):
+    """In-process, a model built with use_fp16 (fp16 convs): trained under autocast over fp32
+    weights, saved in fp32, and loaded back bit for bit on resume."""
+    from fastdiff.compat import logger
+
+    flags = {**TINY, "image_size": 16, "use_fp16": True}  # fp16 autocast is slow on the CPU
+
+    def loop(**kwargs):
+        model, diffusion = gd.create_model_and_diffusion(**flags)
+        batches = iter(lambda: (torch.rand(2, 3, 16, 16) * 2 - 1, {"y": torch.tensor([0, 1])}), None)
+        settings = dict(batch_size=2, microbatch=1, lr=1e-4, ema_rate="0.9,0.99", log_interval=1)
+        settings.update(save_interval=10, use_fp16=True, lr_anneal_steps=2, **kwargs)
+        return train_util.TrainLoop(model=model, diffusion=diffusion, data=batches, **settings)
+
+    logger.configure(dir=str(tmp_path), format_strs=["csv"])
+    try:
+        first = loop(resume_checkpoint="")
+        first.run_loop()
+        kinds = ("ema_0.99_", "ema_0.9_", "model", "opt")
+        assert sorted(p.name for p in tmp_path.glob("*.pt")) == [
+            f"{k}{s:06d}.pt" for k in kinds for s in (0, 2)
+        ]
+        saved = torch.load(tmp_path / "model000002.pt", weights_only=True)
+        assert {v.dtype for v in saved.values()} == {torch.float32}
+        resumed = loop(resume_checkpoint=str(tmp_path / "model000002.pt"))
+        assert resumed.resume_step == 2
+        for name, value in resumed.model.state_dict().items():
+            assert torch.equal(value, saved[name]), name
+        ema = torch.load(tmp_path / "ema_0.9_000002.pt", weights_only=True)
+        names = [n for n, _ in resumed.model.named_parameters()]
+        assert all(torch.equal(p, ema[n]) for n, p in zip(names, resumed.ema_params[0], strict=True))
+    finally:
+        logger.get_current().close()
+    log = rows(tmp_path / "progress.csv")
+    assert [r["step"] for r in log] == ["0", "1"] and float(log[0]["lg_loss_scale"]) == 20.0
+
+
 # ---------------------------------------------------------------- gd-run
 
 

@@ -52,7 +52,8 @@ class LossAwareSampler(ScheduleSampler):
     """A sampler that learns from the losses; every rank keeps the same history."""
 
     def update_with_local_losses(self, local_ts, local_losses) -> None:
-        """This rank's (t, loss) pairs, gathered over the ranks (rank order), then recorded."""
+        """This rank's (t, loss) pairs, gathered over the ranks (rank order; every rank's batch
+        the same size, as the training loop's are), then recorded."""
         ts = dist.all_gather_cat(local_ts)
         losses = dist.all_gather_cat(local_losses)
         self.update_with_all_losses(ts.tolist(), losses.tolist())

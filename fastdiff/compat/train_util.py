@@ -5,9 +5,10 @@ What a script sees is the original's: the same arguments, the same loop (``run_l
 the same log keys (loss terms and their timestep quartiles, ``grad_norm``, ``param_norm``,
 ``step``, ``samples``), and the same files in ``get_blob_logdir()``: ``modelNNNNNN.pt``,
 ``ema_RATE_NNNNNN.pt`` and ``optNNNNNN.pt``, torch.save'd state dicts the original loads, with
-the original's numbering (the file of step N holds N + 1 updates; a resume from it starts its
-log at step N). Randomness is the original's too: timesteps from numpy's global RNG, noise and
-data order from torch's, so a seeded script gives the original's losses.
+the original's numbering (a save in the loop at step N follows N + 1 updates, the final one N;
+a resume from either starts its log at step N). Randomness is the original's too: timesteps
+from numpy's global RNG, noise and data order from torch's, so a seeded script gives the
+original's losses.
 
 Built on fastdiff: the losses are ``GaussianDiffusion.training_losses``, the averages
 ``training.EMA``, the files written atomically (``training.checkpoint.save_torch``), and
@@ -90,10 +91,11 @@ class TrainLoop:
         self.global_batch = self.batch_size * dist.world_size()
         self.sync_cuda = torch.cuda.is_available()
 
-        self._load_and_sync_parameters()
+        # Before loading: in fp16 it puts the weights back in fp32, so a resume loads them exactly.
         self.mp_trainer = MixedPrecisionTrainer(
             model=self.model, use_fp16=self.use_fp16, fp16_scale_growth=fp16_scale_growth
         )
+        self._load_and_sync_parameters()
         self.opt = AdamW(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
         self.ema = EMA(self.model, tuple(self.ema_rate))  # the current weights, or the resumed ones
         if self.resume_step:
