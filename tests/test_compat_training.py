@@ -417,6 +417,20 @@ def test_gd_run_trains_a_noisy_classifier_in_fp16(images, tmp_path):
     classifier.load_state_dict(torch.load(tmp_path / "b" / "model000003.pt", weights_only=True), strict=True)
 
 
+@pytest.mark.slow
+def test_gd_run_trains_under_torchrun(images, tmp_path):
+    """Two CPU ranks (gloo): DDP, sharded data, the loss-aware sampler's gathered losses."""
+    args = train_args(images, "--lr_anneal_steps", "2", "--schedule_sampler", "loss-second-moment")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["OPENAI_LOGDIR"] = str(tmp_path)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*torchrun, "-m", "fastdiff.cli.gd_run", *args]
+    res = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["samples"] for r in rows(tmp_path / "progress.csv")] == ["4", "8"]  # 2 ranks x 2
+    assert (tmp_path / "model000002.pt").is_file() and (tmp_path / "log-rank001.txt").is_file()
+
+
 # ---------------------------------------------------------------- beside the original code
 
 
