@@ -464,33 +464,45 @@ def _run_original(args: list[str], logdir: Path, env: dict) -> subprocess.Comple
 @pytest.mark.slow
 def test_training_losses_are_the_originals(images, tmp_path):
     """The same script, seeded, from the same weights: on the original code (plain python) and on
-    fastdiff (gd-run), 4 steps then 2 resumed from the step-2 files; the logged losses match."""
+    fastdiff (gd-run), 4 steps, then 2 more resumed from the step-2 files, each codebase from its
+    own files and from the other's; the logged losses match."""
     torch.manual_seed(0)
     model, _ = gd.create_model_and_diffusion(**TINY)
     torch.save(model.state_dict(), tmp_path / "init.pt")
     env = _original_env(tmp_path)
     seeded = ["--seed", "0", "--init_path", str(tmp_path / "init.pt"), "--save_interval", "2"]
-    logs = {}
+
+    def run(who: str, logdir: Path, *extra: str) -> list[dict]:
+        args = train_args(images, *seeded, "--lr_anneal_steps", "4", *extra)
+        res = _run_original(args, logdir, env) if who == "original" else gd_run(args, logdir)
+        assert res.returncode == 0, (who, res.stderr[-3000:])
+        return rows(logdir / "progress.csv")
+
+    fresh = {who: run(who, tmp_path / who) for who in ("original", "fastdiff")}
+    resumed = {}
     for who in ("original", "fastdiff"):
-        fresh, resumed = tmp_path / who / "fresh", tmp_path / who / "resumed"
-        again = ["--resume_checkpoint", str(fresh / "model000002.pt")]
-        for logdir, extra in ((fresh, []), (resumed, again)):
-            args = train_args(images, *seeded, "--lr_anneal_steps", "4", *extra)
-            res = _run_original(args, logdir, env) if who == "original" else gd_run(args, logdir)
-            assert res.returncode == 0, (who, res.stderr[-3000:])
-        logs[who] = rows(fresh / "progress.csv") + rows(resumed / "progress.csv")
-    assert [r["step"] for r in logs["fastdiff"]] == [r["step"] for r in logs["original"]] == list("012323")
-    for want, got in zip(logs["original"], logs["fastdiff"], strict=True):
+        for files in ("original", "fastdiff"):
+            checkpoint = str(tmp_path / files / "model000002.pt")
+            resumed[who, files] = run(
+                who, tmp_path / f"{who}-from-{files}", "--resume_checkpoint", checkpoint
+            )
+    assert [r["step"] for r in fresh["fastdiff"]] == [r["step"] for r in fresh["original"]] == list("0123")
+    pairs = list(zip(fresh["original"], fresh["fastdiff"], strict=True))
+    for key, log in resumed.items():
+        assert [r["step"] for r in log] == ["2", "3"], key
+        pairs += list(zip(resumed["original", "original"], log, strict=True))
+    for want, got in pairs:
         for key in ("loss", "mse", "vb", "grad_norm"):
             # Same draws (timesteps, noise, data order, flips); only the kernels' rounding differs
             # (fastdiff's fused GroupNorm and attention), ~1e-7 relative per forward: measured
             # bit-equal losses and <1e-6 weight differences after 4 steps.
             assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-4), (want["step"], key)
-    for name in ("model000004.pt", "ema_0.9999_000004.pt"):
-        want = torch.load(tmp_path / "original" / "resumed" / name, weights_only=True)
-        got = torch.load(tmp_path / "fastdiff" / "resumed" / name, weights_only=True)
-        assert want.keys() == got.keys()
-        assert max((want[k] - got[k]).abs().max().item() for k in want) < 1e-4, name
+    for name in ("model000004.pt", "ema_0.9999_000004.pt", "model000002.pt"):
+        want = torch.load(tmp_path / "original-from-original" / name, weights_only=True)
+        for who, files in resumed:
+            got = torch.load(tmp_path / f"{who}-from-{files}" / name, weights_only=True)
+            assert want.keys() == got.keys()
+            assert max((want[k] - got[k]).abs().max().item() for k in want) < 1e-4, (name, who, files)
 
 
 @needs_original
