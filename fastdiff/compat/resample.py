@@ -72,11 +72,9 @@ class LossSecondMomentResampler(LossAwareSampler, fastdiff_resample.LossSecondMo
 
 
 def create_named_schedule_sampler(name, diffusion) -> ScheduleSampler:
-    """ "uniform" or "loss-second-moment" for ``diffusion``."""
-    if name == "uniform":
-        return UniformSampler(diffusion)
-    if name == "loss-second-moment":
-        return LossSecondMomentResampler(diffusion)
-    raise fastdiff_resample.ConfigError(
-        f"unknown schedule sampler {name!r}; choose uniform or loss-second-moment"
+    """The sampler fastdiff's ``create_named_schedule_sampler`` names ("uniform",
+    "loss-second-moment"; its one-line error otherwise), as this module's class for ``diffusion``."""
+    kind = type(fastdiff_resample.create_named_schedule_sampler(name, diffusion.num_timesteps))
+    return next(cls for cls in (UniformSampler, LossSecondMomentResampler) if issubclass(cls, kind))(
+        diffusion
     )
