@@ -74,7 +74,6 @@ class LossSecondMomentResampler(LossAwareSampler, fastdiff_resample.LossSecondMo
 def create_named_schedule_sampler(name, diffusion) -> ScheduleSampler:
     """The sampler fastdiff's ``create_named_schedule_sampler`` names ("uniform",
     "loss-second-moment"; its one-line error otherwise), as this module's class for ``diffusion``."""
-    kind = type(fastdiff_resample.create_named_schedule_sampler(name, diffusion.num_timesteps))
-    return next(cls for cls in (UniformSampler, LossSecondMomentResampler) if issubclass(cls, kind))(
-        diffusion
-    )
+    named = fastdiff_resample.create_named_schedule_sampler(name, diffusion.num_timesteps)
+    uniform = isinstance(named, fastdiff_resample.UniformSampler)
+    return (UniformSampler if uniform else LossSecondMomentResampler)(diffusion)
