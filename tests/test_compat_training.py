@@ -269,6 +269,36 @@ def gd_logger_kvs() -> dict:
     return kvs
 
 
+@needs_original
+def test_fp16_optimizer_files_load_into_the_original(monkeypatch):
+    """The original's fp16 MixedPrecisionTrainer (flat fp32 masters) loads fastdiff's optNNNNNN.pt."""
+    import importlib
+
+    monkeypatch.syspath_prepend(ORIGINAL)
+    original_util = importlib.import_module("guided_diffusion.script_util")
+    original_fp16 = importlib.import_module("guided_diffusion.fp16_util")
+    flags = {**TINY, "image_size": 16, "use_fp16": True}
+    model, _ = gd.create_model_and_diffusion(**flags)
+    trainer = fp16_util.MixedPrecisionTrainer(model=model, use_fp16=True)
+    opt = torch.optim.AdamW(trainer.master_params, lr=1e-4)
+    trainer.backward(model(torch.randn(1, 3, 16, 16), torch.tensor([3]), y=torch.tensor([1])).square().mean())
+    assert trainer.optimize(opt)
+    saved = trainer.opt_state_dict(opt)
+
+    theirs, _ = original_util.create_model_and_diffusion(
+        **{**original_util.model_and_diffusion_defaults(), **flags}
+    )
+    theirs.load_state_dict(model.state_dict())
+    their_trainer = original_fp16.MixedPrecisionTrainer(model=theirs, use_fp16=True)
+    their_opt = torch.optim.AdamW(their_trainer.master_params, lr=1e-4)
+    their_opt.load_state_dict(saved)
+    exp_avg = their_opt.state_dict()["state"][1]["exp_avg"]
+    matrices = [opt.state[p]["exp_avg"].reshape(-1) for p in trainer.master_params if p.ndim > 1]
+    assert exp_avg.shape == their_trainer.master_params[1].shape and torch.equal(
+        exp_avg[0], torch.cat(matrices)
+    )
+
+
 def test_resume_step_names_and_loss_logging():
     assert train_util.parse_resume_step_from_filename("/runs/a/model012345.pt") == 12345
     assert train_util.parse_resume_step_from_filename("/models/model.pt") == 0
@@ -285,7 +315,7 @@ def test_resume_step_names_and_loss_logging():
 
 def test_train_loop_in_fp16_resumes_its_weights_exactly(tmp_path):
     """In-process, a model built with use_fp16 (fp16 convs): trained under autocast over fp32
-    weights, saved in fp32, and loaded back bit for bit on resume."""
+    weights with the original's loss scale, saved in fp32, and loaded back bit for bit on resume."""
     from fastdiff.compat import logger
 
     flags = {**TINY, "image_size": 16, "use_fp16": True}  # fp16 autocast is slow on the CPU
@@ -294,7 +324,7 @@ def test_train_loop_in_fp16_resumes_its_weights_exactly(tmp_path):
         model, diffusion = gd.create_model_and_diffusion(**flags)
         batches = iter(lambda: (torch.rand(2, 3, 16, 16) * 2 - 1, {"y": torch.tensor([0, 1])}), None)
         settings = dict(batch_size=2, microbatch=1, lr=1e-4, ema_rate="0.9,0.99", log_interval=1)
-        settings.update(save_interval=10, use_fp16=True, lr_anneal_steps=2, **kwargs)
+        settings.update(save_interval=10, use_fp16=True, lr_anneal_steps=6, **kwargs)
         return train_util.TrainLoop(model=model, diffusion=diffusion, data=batches, **settings)
 
     logger.configure(dir=str(tmp_path), format_strs=["csv"])
@@ -303,21 +333,32 @@ def test_train_loop_in_fp16_resumes_its_weights_exactly(tmp_path):
         first.run_loop()
         kinds = ("ema_0.99_", "ema_0.9_", "model", "opt")
         assert sorted(p.name for p in tmp_path.glob("*.pt")) == [
-            f"{k}{s:06d}.pt" for k in kinds for s in (0, 2)
+            f"{k}{s:06d}.pt" for k in kinds for s in (0, 6)
         ]
-        saved = torch.load(tmp_path / "model000002.pt", weights_only=True)
+        saved = torch.load(tmp_path / "model000006.pt", weights_only=True)
         assert {v.dtype for v in saved.values()} == {torch.float32}
-        resumed = loop(resume_checkpoint=str(tmp_path / "model000002.pt"))
-        assert resumed.resume_step == 2
+        resumed = loop(resume_checkpoint=str(tmp_path / "model000006.pt"))
+        assert resumed.resume_step == 6
         for name, value in resumed.model.state_dict().items():
             assert torch.equal(value, saved[name]), name
-        ema = torch.load(tmp_path / "ema_0.9_000002.pt", weights_only=True)
+        ema = torch.load(tmp_path / "ema_0.9_000006.pt", weights_only=True)
         names = [n for n, _ in resumed.model.named_parameters()]
         assert all(torch.equal(p, ema[n]) for n, p in zip(names, resumed.ema_params[0], strict=True))
+        # The optimizer file has the original's fp16 layout (two flat masters) and loads back.
+        opt = torch.load(tmp_path / "opt000006.pt", weights_only=True)
+        assert opt["param_groups"][0]["params"] == [0, 1] and opt["state"][1]["exp_avg"].shape[0] == 1
+        want, got = first.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
+        assert want.keys() == got.keys()
+        for i in want:
+            assert all(torch.equal(want[i][k], got[i][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
     finally:
         logger.get_current().close()
     log = rows(tmp_path / "progress.csv")
-    assert [r["step"] for r in log] == ["0", "1"] and float(log[0]["lg_loss_scale"]) == 20.0
+    # fp16 overflows at 2**20 (this model's gradients are large): each skips its step and halves
+    # the scale, until the steps go through (the optimizer state above).
+    scales = [float(r["lg_loss_scale"]) for r in log]
+    assert [r["step"] for r in log] == list("012345") and scales[0] == 20 and scales[-1] < 20
+    assert all(a - b in (0, 1) for a, b in zip(scales, scales[1:]))
 
 
 # ---------------------------------------------------------------- gd-run

@@ -6,8 +6,10 @@ the weights stay fp32 (``master_params`` are the model's own parameters), the mo
 runs under fp16 autocast, and ``torch.amp.GradScaler`` scales the loss: it starts at
 ``2 ** initial_lg_loss_scale``, halves on an overflow (the step is skipped, as in the original)
 and doubles every ``1 / fp16_scale_growth`` good steps (the original's average growth).
-Checkpoints are the same fp32 state dicts either way. The flattening helpers
-(``make_master_params`` and the like) belong to the original's layout and are not provided.
+Model checkpoints are the same fp32 state dicts either way. The optimizer's state is per
+parameter here and over two flat master parameters there: ``opt_state_dict`` and
+``load_opt_state_dict`` convert, so fp16 runs' ``optNNNNNN.pt`` files go both ways too. The
+flattening helpers (``make_master_params`` and the like) are not provided.
 """
 
 from __future__ import annotations
@@ -136,3 +138,51 @@ class MixedPrecisionTrainer:
 
     def state_dict_to_master_params(self, state_dict) -> list:
         return [state_dict[name] for name, _ in self.model.named_parameters()]
+
+    # ---------------------------------------------------------------- the original's fp16 layout
+
+    def _flat_groups(self) -> list[list[int]]:
+        """Indices of the parameters in the original's two fp16 master parameters: scalars and
+        vectors flattened into one, matrices into one of shape (1, -1), each in model order."""
+        return [
+            [i for i, p in enumerate(self.model_params) if p.ndim <= 1],
+            [i for i, p in enumerate(self.model_params) if p.ndim > 1],
+        ]
+
+    def opt_state_dict(self, opt: torch.optim.Optimizer) -> dict:
+        """``opt``'s state dict as the original saves it: over the flat masters in fp16."""
+        state = opt.state_dict()
+        if not self.use_fp16:
+            return state
+        flat = {}
+        for g, (indices, shape) in enumerate(zip(self._flat_groups(), ((-1,), (1, -1)), strict=True)):
+            per_param = [(state["state"].get(i, {}), self.model_params[i]) for i in indices]
+            steps = [s["step"] for s, _ in per_param if "step" in s]
+            if not steps:  # no step taken yet (an fp16 overflow at the first one): no state
+                continue
+            flat[g] = {"step": steps[0].clone()}
+            for key in ("exp_avg", "exp_avg_sq"):
+                parts = [s[key] if key in s else torch.zeros_like(p) for s, p in per_param]
+                flat[g][key] = torch.cat([part.reshape(-1) for part in parts]).view(shape)
+        groups = [dict(state["param_groups"][0], params=[0, 1])]
+        return {"state": flat, "param_groups": groups}
+
+    def load_opt_state_dict(self, opt: torch.optim.Optimizer, state: dict) -> None:
+        """Load an optimizer state of either layout (the original's fp16 one is split up)."""
+        if len(state["param_groups"][0]["params"]) == 2 and len(self.model_params) != 2:
+            per_param = {}
+            for g, indices in enumerate(self._flat_groups()):
+                flat = state["state"].get(g)
+                if flat is None:
+                    continue
+                sizes = [self.model_params[i].numel() for i in indices]
+                split = {k: flat[k].reshape(-1).split(sizes) for k in ("exp_avg", "exp_avg_sq")}
+                for j, i in enumerate(indices):
+                    shape = self.model_params[i].shape
+                    per_param[i] = {
+                        "step": flat["step"].clone(),
+                        **{k: v[j].view(shape) for k, v in split.items()},
+                    }
+            params = list(range(len(self.model_params)))
+            state = {"state": per_param, "param_groups": [dict(state["param_groups"][0], params=params)]}
+        opt.load_state_dict(state)

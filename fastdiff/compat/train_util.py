@@ -148,7 +148,8 @@ class TrainLoop:
         path = os.path.join(os.path.dirname(self._main_checkpoint()), f"opt{self.resume_step:06}.pt")
         if os.path.exists(path):
             logger.log(f"loading optimizer state from checkpoint: {path}")
-            self.opt.load_state_dict(dist_util.load_state_dict(path, map_location=dist_util.dev()))
+            state = dist_util.load_state_dict(path, map_location=dist_util.dev())
+            self.mp_trainer.load_opt_state_dict(self.opt, state)
 
     # ---------------------------------------------------------------- the loop
 
@@ -226,7 +227,7 @@ class TrainLoop:
                 save_torch(
                     self.ema.state_dict(self.model, rate), os.path.join(folder, f"ema_{rate}_{step:06d}.pt")
                 )
-            save_torch(self.opt.state_dict(), os.path.join(folder, f"opt{step:06d}.pt"))
+            save_torch(self.mp_trainer.opt_state_dict(self.opt), os.path.join(folder, f"opt{step:06d}.pt"))
         dist.barrier()
 
 
