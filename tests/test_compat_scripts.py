@@ -358,7 +358,8 @@ def test_gd_run_user_errors_are_one_line(tmp_path):
 
 def test_the_alias_serves_fastdiffs_module_objects(tmp_path):
     """In the gd-run process: guided_diffusion.script_util IS the compat module (NUM_CLASSES
-    assignments reach the builders); modules fastdiff lacks fail with a message naming those it has."""
+    assignments reach the builders); any other guided_diffusion module fails with a message
+    naming those it has."""
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import guided_diffusion.script_util as su, fastdiff.compat.guided_diffusion as gd\n"
@@ -367,11 +368,12 @@ def test_the_alias_serves_fastdiffs_module_objects(tmp_path):
         "su.NUM_CLASSES = 7\n"
         "m = su.create_model(32, 32, 1, channel_mult='1,2', class_cond=True)\n"
         "assert m.label_emb.num_embeddings == 7\n"
-        "import blobfile\n"
-        "import guided_diffusion.train_util\n"
+        "import blobfile, guided_diffusion.train_util as tu, fastdiff.compat.train_util as ftu\n"
+        "assert tu is ftu\n"
+        "import guided_diffusion.my_helpers\n"
     )
     res = gd_run([str(probe)], tmp_path / "log")
-    assert res.returncode == 1 and "guided_diffusion.train_util is not among them" in res.stderr, res.stderr
+    assert res.returncode == 1 and "guided_diffusion.my_helpers is not among them" in res.stderr, res.stderr
 
 
 @pytest.mark.slow

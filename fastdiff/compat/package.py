@@ -1,8 +1,8 @@
 """fastdiff's compat modules under guided-diffusion's package names, for one process.
 
-``install()`` puts ``guided_diffusion`` and its ``script_util``, ``dist_util``, ``logger`` and
-``unet`` modules in ``sys.modules`` (aliases of fastdiff's own module objects, so assigning
-``script_util.NUM_CLASSES`` reaches the builders), and a finder ahead of every other that
+``install()`` puts ``guided_diffusion`` and its modules (``MODULES``: every module of the
+original) in ``sys.modules`` as aliases of fastdiff's own module objects, so assigning
+``script_util.NUM_CLASSES`` reaches the builders, and a finder ahead of every other that
 answers an import of any other ``guided_diffusion.*`` module with an ImportError naming what is
 provided, rather than reaching a real checkout on ``sys.path``. ``blobfile`` is served by a
 local-files stand-in when the real package is not installed.
@@ -24,11 +24,19 @@ MODULES = {
     "dist_util": "fastdiff.compat.dist_util",
     "logger": "fastdiff.compat.logger",
     "unet": "fastdiff.compat.unet",
+    "gaussian_diffusion": "fastdiff.compat.gaussian_diffusion",
+    "respace": "fastdiff.compat.respace",
+    "losses": "fastdiff.diffusion.losses",
+    "nn": "fastdiff.compat.nn",
+    "resample": "fastdiff.compat.resample",
+    "image_datasets": "fastdiff.compat.image_datasets",
+    "fp16_util": "fastdiff.compat.fp16_util",
+    "train_util": "fastdiff.compat.train_util",
 }
 
 
 class _OnlyProvided(importlib.abc.MetaPathFinder):
-    """Refuses the original's modules fastdiff does not provide (train_util, image_datasets...)."""
+    """Refuses any other ``guided_diffusion.*`` name (a user's module next to a real checkout)."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname == PACKAGE or fullname.startswith(PACKAGE + "."):

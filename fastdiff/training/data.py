@@ -58,13 +58,17 @@ class ArrayDataset(torch.utils.data.Dataset):
         return x, -1 if self.labels is None else int(self.labels[i])
 
 
-def center_crop_arr(img: Image.Image, image_size: int) -> np.ndarray:
-    """ADM's resize: halve with BOX while large, BICUBIC to the short side, center crop."""
-    while min(img.size) >= 2 * image_size:
+def resize_short_side(img: Image.Image, size: int) -> Image.Image:
+    """ADM's resize: halve with BOX while large, then BICUBIC to a short side of ``size``."""
+    while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
-    scale = image_size / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)
+    scale = size / min(img.size)
+    return img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+
+
+def center_crop_arr(img: Image.Image, image_size: int) -> np.ndarray:
+    """ADM's resize to a short side of ``image_size``, then the center square."""
+    arr = np.asarray(resize_short_side(img, image_size))
     top = (arr.shape[0] - image_size) // 2
     left = (arr.shape[1] - image_size) // 2
     return arr[top : top + image_size, left : left + image_size]

@@ -5,6 +5,14 @@ from __future__ import annotations
 import torch
 
 
+@torch.no_grad()
+def update_ema(targets, sources, rate: float) -> None:
+    """``target = rate * target + (1 - rate) * source``, in place, for each pair."""
+    targets = list(targets)
+    torch._foreach_mul_(targets, rate)
+    torch._foreach_add_(targets, [s.detach().to(t.dtype) for t, s in zip(targets, sources)], alpha=1 - rate)
+
+
 class EMA:
     """fp32 exponential moving averages of the parameters, one per rate:
     ``ema = rate * ema + (1 - rate) * param`` after every optimizer step (as ADM).
@@ -26,9 +34,7 @@ class EMA:
     def update(self, model: torch.nn.Module, step: int) -> None:
         src = [p.detach().float() for p in model.parameters()]
         for rate, ema in self.params.items():
-            rate = self.rate_at(rate, step)
-            torch._foreach_mul_(ema, rate)
-            torch._foreach_add_(ema, src, alpha=1 - rate)
+            update_ema(ema, src, self.rate_at(rate, step))
 
     def state_dict(self, model: torch.nn.Module, rate: float) -> dict[str, torch.Tensor]:
         """The model's full state dict with the parameters replaced by this rate's average."""
