@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,13 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compat_logger():
+    """guided-diffusion's logger is process-global and may hold a test's captured stdout: each test
+    starts from an unconfigured one (as a fresh script does)."""
+    yield
+    logger = sys.modules.get("fastdiff.compat.logger")
+    if logger is not None:
+        logger.Logger.CURRENT = logger.Logger.DEFAULT = None

@@ -15,7 +15,7 @@ pytest.importorskip("onnxscript")
 from builders import diffusion_from_flags  # noqa: E402
 
 from fastdiff.export import ExportError, check_export, read_export  # noqa: E402
-from fastdiff.models.unet import EncoderUNetModel, UNetModel  # noqa: E402
+from fastdiff.compat.unet import EncoderUNetModel, UNetModel  # noqa: E402 (the original arguments)
 
 pytestmark = pytest.mark.slow
 
