@@ -317,6 +317,16 @@ def test_checkpoint_metadata_that_lies(models, tmp_path, flags, words):
     one_line_error(run("--checkpoint", ckpt, "--steps", 2, "--out", tmp_path / "o"), *words)
 
 
+def test_sampling_flags_in_older_metadata_are_not_the_network(models, tmp_path):
+    """An older fastdiff stored whatever --flags its trainer got; the sampling flags among them
+    never described the network, so the file still loads."""
+    ckpt = tmp_path / "older.safetensors"
+    sd = __import__("safetensors.torch", fromlist=["x"]).load_file(models / "unet.safetensors")
+    save_weights(sd, ckpt, {"flags": {**UNET_FLAGS, "use_ddim": True, "classifier_scale": 4.0}})
+    r = run("--checkpoint", ckpt, "--steps", 2, "--num-samples", 1, "--out", tmp_path / "o", "--no-progress")
+    assert r.exit_code == 0, r.output
+
+
 def test_a_bug_keeps_its_traceback(models, tmp_path, monkeypatch):
     def broken(config, device=None):
         raise ValueError("a bug deep inside the model code")

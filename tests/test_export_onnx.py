@@ -14,8 +14,8 @@ pytest.importorskip("onnxscript")
 
 from builders import diffusion_from_flags  # noqa: E402
 
-from fastdiff.export import ExportError, check_export, read_export  # noqa: E402
 from fastdiff.compat.unet import EncoderUNetModel, UNetModel  # noqa: E402 (the original arguments)
+from fastdiff.export import ExportError, check_export, read_export  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

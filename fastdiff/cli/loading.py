@@ -29,7 +29,7 @@ from fastdiff.models.checkpoint import (
     read_metadata,
 )
 from fastdiff.models.config import NetConfig
-from fastdiff.models.flags import configs_from_flags, flags_of, parse_flags
+from fastdiff.models.flags import SAMPLING_FLAGS, configs_from_flags, flags_of, parse_flags
 from fastdiff.models.presets import build_network, get_preset
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -146,7 +146,8 @@ def _configs_from(
     elif "flags" in metadata:
         if not isinstance(metadata["flags"], dict):
             raise click.ClickException(f"{checkpoint}: its metadata 'flags' is not a map of flags")
-        flags.update(metadata["flags"])
+        # an older fastdiff stored what --flags gave it; sampling flags never described the network
+        flags.update({k: v for k, v in metadata["flags"].items() if k not in SAMPLING_FLAGS})
     elif flag_string is None:
         raise click.ClickException(
             f"say which {kind} model this is: pass a preset or a guided-diffusion flag string"
