@@ -84,7 +84,13 @@ def denoiser_hash(
 ) -> str:
     """sha256 of what decides the graph: each network's structure (its module tree, which holds
     head counts and attention order) and weights, the guidance, dtype, opset and an upsampler's
-    low_res shape (absent for base models, so their hashes, and caches, stay as they were)."""
+    low_res shape (absent for base models, so their hashes, and caches, stay as they were).
+
+    The weights are hashed in the graph's dtype, as the graph holds them: a network loaded with
+    an fp16 torso (guided-diffusion's use_fp16, as the ImageNet and upsampler presets) and the
+    same network cast by the Sampler to its compute dtype export the same graph, so ``fastdiff
+    export onnx`` and ``--engine onnx`` agree on the file (casting fp32 weights for an fp32 graph
+    changes nothing, so those hashes stay as they were)."""
     h = hashlib.sha256()
     config = {"null_label": null_label, "dtype": dtype, "opset": opset, "format": 1}
     if low_res_shape is not None:
@@ -96,6 +102,8 @@ def denoiser_hash(
             continue
         h.update(repr(net).encode())
         for name, t in net.state_dict().items():
+            if t.is_floating_point():
+                t = t.to(DTYPES[dtype])
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(_tensor_bytes(t))
     return h.hexdigest()
