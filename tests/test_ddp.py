@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +43,7 @@ def _run(cmd, tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
 
 
+@pytest.mark.slow  # two torchrun jobs: CI's slow stage runs it
 def test_two_gloo_ranks_match_single_process(tmp_path):
     np.savez(
         tmp_path / "d.npz",
