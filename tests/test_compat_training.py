@@ -384,6 +384,7 @@ def test_gd_run_trains_and_writes_the_originals_files(trained):
     assert {int(s["step"]) for s in opt.state.values()} == {3}  # steps 0, 1 and 2
 
 
+@pytest.mark.slow  # another gd-run process (seconds of start-up): CI's slow stage runs it
 def test_gd_run_resumes_from_the_checkpoint(trained, images, tmp_path):
     resume = ["--resume_checkpoint", str(trained / "model000002.pt"), "--lr_anneal_steps", "4"]
     res = gd_run(train_args(images, *resume, "--save_interval", "2"), tmp_path)
@@ -425,6 +426,7 @@ def test_bad_input_is_one_line(tmp_path):
     assert res.returncode == 1 and res.stderr.strip() == "Error: unspecified data directory (pass --data_dir)"
 
 
+@pytest.mark.slow  # another gd-run process (seconds of start-up): CI's slow stage runs it
 def test_gd_run_scores_the_model(trained, images, tmp_path):
     args = [str(SCRIPTS / "image_bpd.py"), "--data_dir", str(images), "--model_path"]
     args += [str(trained / "ema_0.9999_000002.pt"), *flag_args(TINY), "--num_samples", "2"]

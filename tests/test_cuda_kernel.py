@@ -30,6 +30,7 @@ NVCC = shutil.which("nvcc")
 # CPU: build plumbing
 
 
+@pytest.mark.slow  # CI's first stage (.ci/check_cuda_compile.sh) compiles them too
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 def test_kernel_sources_compile_without_torch(tmp_path):
     """The .cu must build with plain nvcc (no torch headers), warnings as errors.

@@ -120,12 +120,13 @@ def _fake_export(path, sig: DenoiserSignature, digest="0" * 64, graph=None, **me
 def test_hash_and_validation_see_the_weights_as_the_graph_holds_them():
     """A use_fp16 network (fp16 torso) and the Sampler's fp32 cast of it give one fp32 graph: one
     hash, and validation runs an fp32 copy (the network itself is left as it is)."""
+    from builders import build_unet
+
     from fastdiff.export import denoiser_hash
     from fastdiff.export.validate import _as_graph_computes
-    from fastdiff.models.presets import create_unet
 
-    half = create_unet(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1", use_fp16=True)
-    full = create_unet(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1")
+    half = build_unet(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1", use_fp16=True)
+    full = build_unet(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1")
     full.load_state_dict(half.state_dict())  # the fp16 values, cast up
     assert denoiser_hash(half, None, None, "fp32", 18) == denoiser_hash(full, None, None, "fp32", 18)
     full.out[2].bias.data += 1

@@ -317,10 +317,15 @@ def test_models_are_built_on_the_ops():
     assert ops.QKVAttentionLegacy in {type(m) for m in legacy.modules()}
 
 
+def _interpreted(mode: str) -> list:
+    # the interpreter takes ~35 s a network: it runs in the slow stage (CI runs both)
+    return [pytest.mark.slow] if mode == "triton" and not torch.cuda.is_available() else []
+
+
 @pytest.mark.parametrize(
     "mode, kw",
-    [(mode, dict()) for mode in _ops_modes()]
-    # the interpreter takes ~40 s a network: the other variant runs on the fast paths only
+    [pytest.param(mode, dict(), marks=_interpreted(mode)) for mode in _ops_modes()]
+    # the other variant runs on the fast paths only
     + [("auto", dict(use_scale_shift_norm=False, use_new_attention_order=False))],
 )
 def test_ops_modes_agree(monkeypatch, mode, kw):

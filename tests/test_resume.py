@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -44,6 +45,7 @@ def _weights(out):
     return [load_file(out / f) for f in files]
 
 
+@pytest.mark.slow  # three training processes: CI's slow stage runs it
 def test_kill9_and_resume_matches_uninterrupted(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", rng.integers(0, 256, (10, 8, 8, 1), dtype=np.uint8), np.arange(10) % 3)
