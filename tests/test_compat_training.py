@@ -451,10 +451,10 @@ def test_gd_run_trains_a_noisy_classifier_in_fp16(images, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     log = rows(tmp_path / "a" / "progress.csv")
     assert [r["step"] for r in log] == ["0", "1"]
-    # The scale starts at 2^16; a step whose fp16 gradients overflow at that scale (whether one
-    # does depends on the machine's rounding, e.g. its thread count) halves it, as the original.
+    # The scale starts at 2^16 and halves on a step whose fp16 gradients overflow, as the
+    # original's; whether one does depends on the unseeded draws (as in classifier_train.py).
     scales = [float(r["lg_loss_scale"]) for r in log]
-    assert scales[0] == 16.0 and scales[1] in (15.0, 16.0)
+    assert 16.0 >= scales[0] >= scales[1] >= 14.0 and all(s.is_integer() for s in scales)
     assert any(k.startswith("train_acc@1_q") for k in log[0]) and float(log[0]["grad_norm"]) > 0
     resume = ["--iterations", "3", "--resume_checkpoint", str(tmp_path / "a" / "model000002.pt")]
     res = gd_run([*args, *resume], tmp_path / "b")
