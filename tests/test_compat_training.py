@@ -455,7 +455,10 @@ def test_gd_run_trains_a_noisy_classifier_in_fp16(images, tmp_path):
     # original's; whether one does depends on the unseeded draws (as in classifier_train.py).
     scales = [float(r["lg_loss_scale"]) for r in log]
     assert 16.0 >= scales[0] >= scales[1] >= 14.0 and all(s.is_integer() for s in scales)
-    assert any(k.startswith("train_acc@1_q") for k in log[0]) and float(log[0]["grad_norm"]) > 0
+    assert any(k.startswith("train_acc@1_q") for k in log[0])
+    # a step that overflowed logs no grad_norm (it was skipped), as the original's
+    norms = [r.get("grad_norm") for r in log]
+    assert all(float(n) > 0 for n in norms if n) and (any(norms) or scales[-1] < 16.0)
     resume = ["--iterations", "3", "--resume_checkpoint", str(tmp_path / "a" / "model000002.pt")]
     res = gd_run([*args, *resume], tmp_path / "b")
     assert res.returncode == 0, res.stderr[-3000:]
