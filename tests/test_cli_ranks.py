@@ -155,6 +155,12 @@ from fastdiff.cli import ranks
 
 distributed.setup("cpu")
 me = distributed.rank()
+
+
+def say(line):  # one write per line: the two ranks share the pipe, and print() writes twice
+    os.write(1, (line + "\\n").encode())
+
+
 for case in ("user", "bug", "gone"):
     if case == "gone" and me == 1:
         os._exit(0)
@@ -162,9 +168,9 @@ for case in ("user", "bug", "gone"):
         with ranks.agreed("testing"):
             if me == 1:
                 raise click.ClickException("only rank 1 sees this") if case == "user" else ValueError("boom")
-        print(f"rank {me} {case}: ok", flush=True)
+        say(f"rank {me} {case}: ok")
     except Exception as e:
-        print(f"rank {me} {case}: {type(e).__name__}: {e}", flush=True)
+        say(f"rank {me} {case}: {type(e).__name__}: {e}")
 """
 
 
