@@ -51,8 +51,9 @@ def _model_options(command):
     return functools.reduce(lambda f, option: option(f), reversed(options), command)
 
 
-def _setup(preset, flag_string, checkpoint, steps, respacing, cfg_scale, engine, threads, dtype, device):
-    """(loaded model, Sampler: DDIM eta 0 with CFG if asked, device), every option checked."""
+def _setup(*, preset, flag_string, checkpoint, steps, respacing, cfg_scale, engine, threads, dtype, device):
+    """(loaded model, Sampler: DDIM eta 0 with CFG if asked, device), every option checked; the
+    keywords are `_model_options`' (but --batch-size, which the commands use themselves)."""
     dev, engine = check_run_options(device, dtype, threads, engine, "ddim", 0.0)
     loaded = load_diffusion_model(preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=dev)
     if cfg_scale is not None and loaded.null_label is None:
@@ -160,23 +161,7 @@ def _save_npz(path: Path, *arrays: np.ndarray) -> None:
 )
 @click.option("--to-class", type=int, default=None, help="Also regenerate the latents under this class.")
 @_model_options
-def invert_command(
-    images,
-    out,
-    classes,
-    to_class,
-    preset,
-    flag_string,
-    checkpoint,
-    steps,
-    respacing,
-    cfg_scale,
-    batch_size,
-    engine,
-    threads,
-    dtype,
-    device,
-):
+def invert_command(images, out, classes, to_class, batch_size, **model):
     """DDIM-invert IMAGES to latents x_T (reconstruction PSNR); --to-class edits their class.
 
     Writes latents.npz (arr_0 x_T float32 NCHW, arr_1 labels; `fastdiff interpolate` reads it),
@@ -187,9 +172,7 @@ def invert_command(
     for p in paths:
         if not p.is_file():
             raise click.ClickException(f"image not found: {p}")
-    loaded, sampler, dev = _setup(
-        preset, flag_string, checkpoint, steps, respacing, cfg_scale, engine, threads, dtype, device
-    )
+    loaded, sampler, dev = _setup(**model)
     labels = _labels(paths, classes, loaded)
     _check_class(loaded, to_class, "--to-class")
     inputs = np.stack([_read_image(p, loaded) for p in paths])
@@ -221,8 +204,8 @@ def invert_command(
             record = {
                 "images": [str(p) for p in paths],
                 "labels": labels,
-                "respacing": respacing_for("ddim", steps, respacing, loaded.num_timesteps),
-                "cfg_scale": cfg_scale,
+                "respacing": respacing_for("ddim", model["steps"], model["respacing"], loaded.num_timesteps),
+                "cfg_scale": model["cfg_scale"],
                 "model": loaded.identity,
                 "psnr": psnr,
                 "mean_psnr": float(np.mean(psnr)),
@@ -275,24 +258,7 @@ def _endpoint(spec: str, loaded: LoadedModel, device) -> tuple[torch.Tensor, int
 @click.option("--class", "label", type=int, default=None, help="Class of every frame (default: --from's).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("interpolation.png"), show_default=True)
 @_model_options
-def interpolate_command(
-    start,
-    end,
-    frames,
-    label,
-    out,
-    preset,
-    flag_string,
-    checkpoint,
-    steps,
-    respacing,
-    cfg_scale,
-    batch_size,
-    engine,
-    threads,
-    dtype,
-    device,
-):
+def interpolate_command(start, end, frames, label, out, batch_size, **model):
     """Sample the spherical interpolation between two latents as one strip PNG.
 
     A seed's latent is the x_T image 0 of `fastdiff sample --seed S` starts from, so with the same
@@ -300,9 +266,7 @@ def interpolate_command(
     """
     if out.suffix.lower() != ".png":
         raise click.ClickException(f"--out {out}: the strip is a PNG; name it .png")
-    loaded, sampler, dev = _setup(
-        preset, flag_string, checkpoint, steps, respacing, cfg_scale, engine, threads, dtype, device
-    )
+    loaded, sampler, dev = _setup(**model)
     a, label_a = _endpoint(start, loaded, dev)
     b, _ = _endpoint(end, loaded, dev)
     label = _check_class(loaded, label if label is not None else label_a, "--class")
