@@ -22,11 +22,13 @@ VECTORS = Path(os.environ.get("FASTDIFF_VECTORS", REPO.parent / "shared" / "vect
 # Tiny cases made with tests/vectors/make_vectors.py from the original code, committed so a fresh
 # clone checks fidelity even without ../shared/vectors.
 BUNDLED_VECTORS = REPO / "tests" / "vectors"
+# The architecture/process options at tiny sizes, without weights (tests/test_variant_vectors.py).
+VARIANTS_FILE = BUNDLED_VECTORS / "variants.pt"
 
 
 def vector_cases() -> list[Path]:
     shared = sorted(VECTORS.glob("*.pt")) if VECTORS.is_dir() else []
-    return sorted(BUNDLED_VECTORS.glob("*.pt")) + shared
+    return [p for p in sorted(BUNDLED_VECTORS.glob("*.pt")) if p != VARIANTS_FILE] + shared
 
 
 def load_case(path: Path) -> dict:

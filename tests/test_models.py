@@ -114,38 +114,19 @@ def test_normalization_fp32_statistics():
 # --- architecture options ----------------------------------------------------------------------
 
 
+# Every option's outputs are checked against guided-diffusion in test_variant_vectors.py; what
+# stays here are the options the original's flags cannot express, and properties.
+
+
 @pytest.mark.parametrize(
-    "kw",
-    [
-        dict(),
-        dict(use_new_attention_order=False),
-        dict(use_scale_shift_norm=False),
-        dict(num_classes=None),
-        dict(num_head_channels=-1, num_heads=4, num_heads_upsample=2),
-        dict(model_channels=64, channel_mult=(0.5, 1, 2)),
-        dict(resblock_updown=False),
-        dict(resblock_updown=False, conv_resample=False),
-        dict(dropout=0.1, learn_sigma=False),
-    ],
-    ids=[
-        "default",
-        "legacy",
-        "no-adagn",
-        "uncond",
-        "num-heads",
-        "mult-0.5",
-        "conv-resample",
-        "pool",
-        "dropout",
-    ],
+    "kw", [dict(model_channels=64, channel_mult=(0.5, 1, 2)), dict(dropout=0.1, learn_sigma=False)]
 )
-def test_unet_variants(kw):
-    model = randomize(small_unet(**kw))
+def test_every_parameter_gets_a_gradient(kw):
+    model = randomize(small_unet(**kw))  # train mode: dropout active
     out = run_unet(model)
     assert out.shape == (2, model.out_channels, 16, 16)
-    assert torch.isfinite(out).all()
     out.square().mean().backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
 def test_unet_structure():
@@ -182,16 +163,6 @@ def test_superres_model():
     assert out.shape == (2, 6, 16, 16)
     up = F.interpolate(low, (16, 16), mode="bilinear")
     assert torch.equal(out, UNetModel.forward(model, torch.cat([x, up], 1), t, y))
-
-
-@pytest.mark.parametrize("pool", ["adaptive", "attention", "spatial", "spatial_v2"])
-def test_encoder_pools(pool):
-    model = randomize(EncoderUNetModel(ClassifierConfig(**SMALL, num_classes=7, pool=pool)))
-    x = torch.randn(2, 3, 16, 16)
-    logits = model(x, torch.tensor([3, 700]))
-    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
-    logits.sum().backward()
-    assert model.num_classes == 7 and model.image_size == 16
 
 
 def test_encoder_rejects_unknown_pool():

@@ -7,6 +7,10 @@ fastdiff's fidelity (and CI can, from a fresh clone, with the tiny cases committ
 Each case is one ``.pt`` with the keys ../shared/vectors/README.md describes (flags, state_dict,
 x/t/y/out, train, sample): random non-zero weights, one forward pass, the training losses and a
 DDIM trajectory, all from the original code on the CPU in float32.
+
+``variants.pt`` (made by the same command) covers the architecture and process options at tiny
+sizes without storing weights: both sides draw them with :func:`seeded_weights`, so each case is
+only its flags, inputs and outputs (see :mod:`variants`).
 """
 
 from __future__ import annotations
@@ -125,6 +129,11 @@ def main() -> None:
         path = args.out / f"{name}.pt"
         th.save(make_case(script_util, th, overrides), path)
         print(f"{path}: {path.stat().st_size / 1e6:.2f} MB")
+    from variants import make_variants  # beside this file
+
+    path = args.out / "variants.pt"
+    th.save(make_variants(script_util, th), path)
+    print(f"{path}: {path.stat().st_size / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":
