@@ -1,7 +1,8 @@
 """Architecture and process options at tiny sizes, as guided-diffusion computes them.
 
 Each variant is a set of flags plus a fixed recipe of calls (a forward pass, a classifier's input
-gradient, training losses, guided DDPM and DDIM loops). :func:`run_variant` takes the module that
+gradient, training losses, a DDIM reverse step, the bits-per-dim loop, guided DDPM and DDIM
+loops; fp16 variants convert after loading fp32 weights, as the released scripts do). :func:`run_variant` takes the module that
 builds the networks (guided-diffusion's ``script_util``, or fastdiff's compat layer, which serves
 the same functions) and torch, so the generator and the tests run the very same calls on two
 implementations. Weights are not stored: :func:`seeded_weights` draws them from the state_dict
@@ -59,11 +60,13 @@ VARIANTS = {
         dict(image_size=32, channel_mult="1,1,2", num_res_blocks=2, attention_resolutions="16,8"),
     ),
     "unet_dropout_eval": ("unet", dict(dropout=0.3)),
+    "unet_fp16": ("unet", dict(use_fp16=True)),
     # --- the classifier's pools and blocks (its sizes start at 64)
     "classifier_attention": ("classifier", {}),
     "classifier_adaptive": ("classifier", dict(classifier_pool="adaptive")),
     "classifier_spatial": ("classifier", dict(classifier_pool="spatial")),
     "classifier_spatial_v2": ("classifier", dict(classifier_pool="spatial_v2")),
+    "classifier_fp16": ("classifier", dict(classifier_use_fp16=True)),
     "classifier_plain_blocks": (
         "classifier",
         dict(classifier_use_scale_shift_norm=False, classifier_resblock_updown=False, classifier_depth=2),
@@ -123,7 +126,7 @@ def _cond_fn(th):
     """A guidance gradient that depends on x, the label and the timestep the loop hands over (so a
     wrong timestep map or label would show)."""
 
-    def cond_fn(x, t, y=None):
+    def cond_fn(x, t, y=None, **_):  # an upsampler also hands over low_res
         scale = (1 + t.float() / 1000) * (1 + y.float() / 1000)
         return 0.05 * th.cos(x) * scale.view(-1, 1, 1, 1)
 
@@ -136,6 +139,8 @@ def run_variant(gd, th, kind: str, flags: dict) -> dict:
     if kind == "classifier":
         model = gd.create_classifier(**flags)
         seeded_weights(model, th)
+        if flags["classifier_use_fp16"]:
+            model.convert_to_fp16()  # after loading fp32 weights, as the released scripts do
         model.eval()
         size = flags["image_size"]
         x = th.randn(1, 3, size, size, generator=g)  # one sample: 64x64 gradients are the bulk of the file
@@ -150,6 +155,8 @@ def run_variant(gd, th, kind: str, flags: dict) -> dict:
     else:
         model, diffusion = gd.create_model_and_diffusion(**flags)
     seeded_weights(model, th)
+    if flags["use_fp16"]:
+        model.convert_to_fp16()
     model.eval()
     size = flags.get("large_size", flags.get("image_size"))
     n = 1 if kind == "superres" else 2
@@ -162,14 +169,20 @@ def run_variant(gd, th, kind: str, flags: dict) -> dict:
     with th.no_grad():
         out = model(x, t, **kw)
     result = {"out": out}
-    if kind != "process":
+    if kind == "unet":
         return result
     x_start = th.randn(n, 3, size, size, generator=g).clamp(-1, 1)
     noise = th.randn(n, 3, size, size, generator=g)
-    t_train = th.tensor([7, flags["diffusion_steps"] - 1])
+    t_train = th.tensor([7, flags["diffusion_steps"] - 1][:n])
     with th.no_grad():
         losses = diffusion.training_losses(model, x_start, t_train, model_kwargs=kw, noise=noise)
-    result["losses"] = {k: v for k, v in losses.items()}
+        result["losses"] = {k: v for k, v in losses.items()}
+        reverse = diffusion.ddim_reverse_sample(model, x_start, t_train, model_kwargs=kw)
+        result["ddim_reverse"] = reverse["sample"]
+        if flags["diffusion_steps"] <= 100:  # one forward pass per timestep
+            th.manual_seed(9)  # each timestep's q_sample noise: the global generator, as the original
+            bpd = diffusion.calc_bpd_loop(model, x_start, clip_denoised=True, model_kwargs=kw)
+            result["bpd"] = {k: bpd[k] for k in ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")}
     x_T = th.randn(n, 3, size, size, generator=g)
     cond_fn = _cond_fn(th)
     for name, respacing, loop, extra in (
@@ -197,17 +210,26 @@ _PROCESS_KEYS = (
 )
 
 
+FP16_FLAGS = ("use_fp16", "classifier_use_fp16")
+
+
+def _owned(outputs: dict) -> dict:
+    """Each tensor with its own storage: a view would save the whole tensor it was cut from."""
+    return {
+        k: {a: b.clone() for a, b in v.items()} if isinstance(v, dict) else v.clone()
+        for k, v in outputs.items()
+    }
+
+
 def make_variants(gd, th) -> dict:
-    """{name: {kind, flags, outputs}} for every variant, from ``gd``."""
+    """{name: {kind, flags, outputs}} for every variant, from ``gd``. An fp16 variant also holds
+    ``fp32_outputs`` (the same weights in float32): its own rounding error sets the tolerance."""
     th.set_num_threads(1)
     cases = {}
     for name, (kind, overrides) in VARIANTS.items():
         flags = _flags(gd, kind, overrides)
-        outputs = run_variant(gd, th, kind, flags)
-        # Own storage for each tensor: a view would save the whole tensor it was cut from.
-        outputs = {
-            k: {a: b.clone() for a, b in v.items()} if isinstance(v, dict) else v.clone()
-            for k, v in outputs.items()
-        }
-        cases[name] = {"kind": kind, "flags": flags, "outputs": outputs}
+        cases[name] = {"kind": kind, "flags": flags, "outputs": _owned(run_variant(gd, th, kind, flags))}
+        if any(flags.get(f) for f in FP16_FLAGS):
+            fp32 = {**flags, **{f: False for f in FP16_FLAGS if f in flags}}
+            cases[name]["fp32_outputs"] = _owned(run_variant(gd, th, kind, fp32))
     return {"weight_seed": WEIGHT_SEED, "cases": cases}
