@@ -63,9 +63,9 @@ def features_over_ranks(net, config, progress):
     import numpy as np
 
     from fastdiff import distributed
-    from fastdiff.cli import ranks
     from fastdiff.evaluation.metrics import EvaluationError
     from fastdiff.evaluation.networks import Activations, compute_activations, num_batches
+    from fastdiff.runs import RunError, ranks
 
     def features(batch, what: str) -> Activations | None:
         mine = ranks.share(range(num_batches(batch, config.batch_size)))
@@ -78,7 +78,7 @@ def features_over_ranks(net, config, progress):
                         net, batch, config.batch_size, config.device, progress(what, images), mine
                     )
                 except EvaluationError as e:
-                    raise click.ClickException(str(e)) from None
+                    raise RunError(str(e)) from None
         parts = [p for p in distributed.gather_objects(done) or [] if p is not None]
         if not distributed.is_main():
             return None
@@ -130,11 +130,11 @@ def evaluate_command(ref, samples, features, inception, json_path, batch_size, d
     REF is a reference batch npz (guided-diffusion's unchanged) or 'mnist' for the held-out
     digits; SAMPLES is an npz as fastdiff sample writes it."""
     from fastdiff import distributed
-    from fastdiff.cli import ranks
-    from fastdiff.cli.sample import choose_threads, resolve_device
     from fastdiff.evaluation.metrics import EvaluationError
     from fastdiff.evaluation.npz import read_npz
     from fastdiff.evaluation.scores import EvaluationConfig, evaluate
+    from fastdiff.runs import ranks
+    from fastdiff.runs.device import choose_threads, resolve_device
     from fastdiff.training.data import DataError
 
     check_json_path(json_path)
