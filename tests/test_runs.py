@@ -60,3 +60,10 @@ def test_a_folder_holding_a_run_needs_resume_and_resume_continues_it(tmp_path):
     summary = fastdiff.sample_run(out, **{**TINY, "num_samples": 4}, resume=True)
     assert (summary["images"], summary["skipped"]) == (2, 2)  # the partial last batch is made again
     assert (out / "samples_4x32x32x1.npz").is_file() and not (out / "samples_3x32x32x1.npz").exists()
+
+
+def test_an_upsampling_user_error_is_a_run_error(tmp_path):
+    from fastdiff.runs import upsample_file_run
+
+    with pytest.raises(RunError, match="--low-res not found"):
+        upsample_file_run(tmp_path / "missing.npz", tmp_path / "up", checkpoint=None, device="cpu")

@@ -12,11 +12,7 @@ import click
 
 from fastdiff.cli.sample import echo, runtime_options, summary_line
 from fastdiff.diffusion import SAMPLERS
-from fastdiff.runs.device import check_run_options
-from fastdiff.runs.folder import locked_run_folder
-from fastdiff.runs.loading import check_file
-from fastdiff.runs.plan import respacing_for
-from fastdiff.runs.upsample import load_upsampler, read_low_res, upsample_run
+from fastdiff.runs.upsample import upsample_file_run
 
 
 @click.command("upsample")
@@ -84,25 +80,25 @@ def upsample_command(
 
     The second stage of the cascade (ADM-G + ADM-U), as guided-diffusion's super_res_sample.py.
     """
-    dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta)
-    check_file(low_res_path, "--low-res")
-    with locked_run_folder(out, resume):
-        upsampler = load_upsampler(preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=dev)
-        low_res = read_low_res(low_res_path, upsampler)
-        summary = upsample_run(
-            upsampler,
-            low_res,
-            sampler=sampler,
-            respacing=respacing_for(sampler, steps, respacing, upsampler.num_timesteps),
-            eta=eta,
-            seed=seed,
-            batch_size=batch_size,
-            dtype=dtype,
-            engine=engine,
-            clip_denoised=clip_denoised,
-            num_samples=num_samples or len(low_res.images),
-            out=out,
-            device=dev,
-            progress=progress,
-        )
-        echo(summary_line(summary))
+    summary = upsample_file_run(
+        low_res_path,
+        out,
+        checkpoint=checkpoint,
+        preset=preset,
+        flag_string=flag_string,
+        num_samples=num_samples,
+        sampler=sampler,
+        steps=steps,
+        respacing=respacing,
+        eta=eta,
+        batch_size=batch_size,
+        seed=seed,
+        resume=resume,
+        engine=engine,
+        threads=threads,
+        dtype=dtype,
+        device=device,
+        clip_denoised=clip_denoised,
+        progress=progress,
+    )
+    echo(summary_line(summary))

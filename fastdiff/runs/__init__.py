@@ -24,6 +24,10 @@ _LAZY = {
     "run_sampling": "sampling",
     "make_sampler": "sampling",
     "sample_run": "sample",
+    "upsample_file_run": "upsample",
+    "invert_images": "invert",
+    "interpolate": "invert",
+    "DDIMOptions": "invert",
 }
 
 __all__ = ["RunError", *_LAZY]

@@ -22,6 +22,7 @@ from fastdiff.evaluation.npz import read_npz
 from fastdiff.models.checkpoint import CheckpointError, read_metadata
 from fastdiff.models.flags import parse_flags
 from fastdiff.models.presets import PRESETS
+from fastdiff.runs.device import check_run_options
 from fastdiff.runs.errors import RunError
 from fastdiff.runs.folder import locked_run_folder
 from fastdiff.runs.loading import LoadedModel, check_file, load_network
@@ -212,3 +213,53 @@ def prepare_cascade(spec: str, base: LoadedModel, labels, steps: int | None, dev
     except RunError as e:
         raise RunError(f"--upsample-steps: {e}") from None
     return Cascade(upsampler, respacing)
+
+
+def upsample_file_run(
+    low_res_path: str | Path,
+    out: str | Path,
+    *,
+    checkpoint: str | Path | None,
+    preset: str | None = None,
+    flag_string: str | None = None,
+    num_samples: int | None = None,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    respacing: str | None = None,
+    eta: float = 0.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    resume: bool = False,
+    engine: str | None = None,
+    threads: int | None = None,
+    dtype: str = "fp32",
+    device: str = "auto",
+    clip_denoised: bool = True,
+    progress: bool = False,
+) -> dict:
+    """Super-resolve the npz ``low_res_path`` into the run folder ``out`` (``fastdiff upsample``'s
+    options as keywords); returns the run's summary. ``num_samples`` defaults to one per low-res
+    image (more cycle through them)."""
+    low_res_path, out = Path(low_res_path), Path(out)
+    checkpoint = None if checkpoint is None else Path(checkpoint)
+    dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta)
+    check_file(low_res_path, "--low-res")
+    with locked_run_folder(out, resume):
+        upsampler = load_upsampler(preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=dev)
+        low_res = read_low_res(low_res_path, upsampler)
+        return upsample_run(
+            upsampler,
+            low_res,
+            sampler=sampler,
+            respacing=respacing_for(sampler, steps, respacing, upsampler.num_timesteps),
+            eta=eta,
+            seed=seed,
+            batch_size=batch_size,
+            dtype=dtype,
+            engine=engine,
+            clip_denoised=clip_denoised,
+            num_samples=num_samples or len(low_res.images),
+            out=out,
+            device=dev,
+            progress=progress,
+        )
