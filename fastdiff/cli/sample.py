@@ -141,34 +141,7 @@ def runtime_options(command):
     "a safetensors with its own flags needs no preset) into OUT/upsampled, as fastdiff upsample does.",
 )
 @click.option("--upsample-steps", type=int, default=None, help="The upsampler's DDPM steps (default: 250).")
-def sample_command(
-    preset,
-    flag_string,
-    checkpoint,
-    classifier,
-    classifier_preset,
-    classifier_flags,
-    classifier_scale,
-    cfg_scale,
-    sampler,
-    steps,
-    respacing,
-    eta,
-    classes,
-    num_samples,
-    batch_size,
-    seed,
-    out,
-    resume,
-    engine,
-    threads,
-    dtype,
-    device,
-    clip_denoised,
-    progress,
-    upsample_with,
-    upsample_steps,
-):
+def sample_command(out, **options):
     """Sample images with classifier or classifier-free guidance.
 
     With no model options, the bundled MNIST model and its classifier are used.
@@ -177,32 +150,4 @@ def sample_command(
     def report(stage: str, summary: dict) -> None:
         echo(summary_line(summary) if stage == "sample" else f"upsampled: {summary_line(summary)}")
 
-    sample_run(
-        out,
-        num_samples=num_samples,
-        batch_size=batch_size,
-        seed=seed,
-        resume=resume,
-        preset=preset,
-        flag_string=flag_string,
-        checkpoint=checkpoint,
-        classifier=classifier,
-        classifier_preset=classifier_preset,
-        classifier_flags=classifier_flags,
-        classifier_scale=classifier_scale,
-        cfg_scale=cfg_scale,
-        sampler=sampler,
-        steps=steps,
-        respacing=respacing,
-        eta=eta,
-        classes=classes,
-        engine=engine,
-        threads=threads,
-        dtype=dtype,
-        device=device,
-        clip_denoised=clip_denoised,
-        progress=progress,
-        upsample_with=upsample_with,
-        upsample_steps=upsample_steps,
-        report=report,
-    )
+    sample_run(out, report=report, **options)  # the options are sample_run's keywords

@@ -55,50 +55,9 @@ from fastdiff.runs.upsample import upsample_file_run
 @click.option("--out", type=click.Path(path_type=Path), default=Path("upsampled"), show_default=True)
 @click.option("--resume", is_flag=True, help="Continue a killed run in --out from its last complete batch.")
 @runtime_options
-def upsample_command(
-    preset,
-    flag_string,
-    checkpoint,
-    low_res_path,
-    num_samples,
-    sampler,
-    steps,
-    respacing,
-    eta,
-    batch_size,
-    seed,
-    out,
-    resume,
-    engine,
-    threads,
-    dtype,
-    device,
-    clip_denoised,
-    progress,
-):
+def upsample_command(low_res_path, out, **options):
     """Super-resolve low-resolution samples with an ADM-U upsampler (64->256, 128->512).
 
     The second stage of the cascade (ADM-G + ADM-U), as guided-diffusion's super_res_sample.py.
     """
-    summary = upsample_file_run(
-        low_res_path,
-        out,
-        checkpoint=checkpoint,
-        preset=preset,
-        flag_string=flag_string,
-        num_samples=num_samples,
-        sampler=sampler,
-        steps=steps,
-        respacing=respacing,
-        eta=eta,
-        batch_size=batch_size,
-        seed=seed,
-        resume=resume,
-        engine=engine,
-        threads=threads,
-        dtype=dtype,
-        device=device,
-        clip_denoised=clip_denoised,
-        progress=progress,
-    )
-    echo(summary_line(summary))
+    echo(summary_line(upsample_file_run(low_res_path, out, **options)))  # its keywords are the options
