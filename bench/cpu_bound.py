@@ -50,8 +50,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from fastdiff.cli.loading import load_diffusion_model
     from fastdiff.diffusion.guidance import ClassifierGuidance
+    from fastdiff.runs.loading import load_diffusion_model
 
     cpu = torch.device("cpu")
     loaded = load_diffusion_model(preset=None, flag_string=None, checkpoint=None, device=cpu)

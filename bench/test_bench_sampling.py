@@ -28,10 +28,10 @@ import torch
 
 from bench import shapes, timing
 from bench.baselines import compile_enabled
-from fastdiff.cli.loading import load_diffusion_model
 from fastdiff.diffusion import GaussianDiffusion, sample
 from fastdiff.engines.sampler import Sampler
 from fastdiff.models.presets import build_preset, get_preset
+from fastdiff.runs.loading import load_diffusion_model
 
 # (name, diffusion preset, classifier preset, batch) on CUDA
 GPU_CASES = [

@@ -21,13 +21,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from fastdiff.cli.loading import load_diffusion_model  # noqa: E402
 from fastdiff.diffusion.guidance import ClassifierGuidance  # noqa: E402
 from fastdiff.export import OnnxExportConfig, export_onnx, read_export  # noqa: E402
 from fastdiff.export.graph import example_inputs  # noqa: E402
 from fastdiff.export.onnx_runtime import OrtDenoiser, cache_dir  # noqa: E402
 from fastdiff.export.validate import validate_export  # noqa: E402
 from fastdiff.files import atomic_write, to_uint8  # noqa: E402
+from fastdiff.runs.loading import load_diffusion_model  # noqa: E402
 
 
 def _guided_eps_error(path: Path, loaded, clf, scale: float) -> float:

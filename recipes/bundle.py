@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fastdiff.cli.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL
 from fastdiff.models.checkpoint import load_state_dict, load_weights, read_metadata, save_weights
 from fastdiff.models.presets import build_preset
+from fastdiff.runs.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL
 
 
 def bundle(src: Path, dst: Path, preset: str, extra: dict) -> None:

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff.cli.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL, load_classifier, load_diffusion_model
-from fastdiff.cli.sample import respacing_for
 from fastdiff.diffusion import sample
 from fastdiff.evaluation.networks import BUNDLED_CNN, load_mnist_features
 from fastdiff.evaluation.npz import from_array
 from fastdiff.evaluation.scores import evaluate
 from fastdiff.files import to_uint8
+from fastdiff.runs.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL, load_classifier, load_diffusion_model
+from fastdiff.runs.plan import respacing_for
 from fastdiff.training.data import get_mnist
 
 HERE = Path(__file__).resolve().parent

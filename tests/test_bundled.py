@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fastdiff.cli.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL
 from fastdiff.cli.main import main
 from fastdiff.models.checkpoint import read_metadata
+from fastdiff.runs.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL
 from fastdiff.training.evaluate import evaluate_samples, load_mnist_cnn
 
 

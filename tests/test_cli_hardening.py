@@ -63,21 +63,21 @@ def test_shrinking_is_refused_and_changes_nothing(models, tmp_path):
 
 
 def test_kill_while_writing_the_grown_npz_leaves_no_stale_npz(models, tmp_path, monkeypatch):
-    from fastdiff.cli import sample as cli
+    from fastdiff.runs import writer
 
     out = tmp_path / "out"
     assert sample(models, out, 4).exit_code == 0
-    real = cli.save_npz
+    real = writer.save_npz
 
     def killed_at_final(path, *a):
         if path.name.startswith("samples_"):
             raise KeyboardInterrupt  # SIGINT/SIGKILL stand-in at the last write
         real(path, *a)
 
-    monkeypatch.setattr(cli, "save_npz", killed_at_final)
+    monkeypatch.setattr(writer, "save_npz", killed_at_final)
     assert sample(models, out, 8, "--resume").exit_code != 0
     assert final(out) == []  # the 4-sample npz no longer describes this run
-    monkeypatch.setattr(cli, "save_npz", real)
+    monkeypatch.setattr(writer, "save_npz", real)
     r = sample(models, out, 8, "--resume")
     assert r.exit_code == 0 and "0 images (8 already there)" in r.output
     assert final(out) == ["samples_8x8x8x3.npz"]
@@ -331,6 +331,6 @@ def test_a_bug_keeps_its_traceback(models, tmp_path, monkeypatch):
     def broken(config, device=None):
         raise ValueError("a bug deep inside the model code")
 
-    monkeypatch.setattr("fastdiff.cli.loading.build_network", broken)
+    monkeypatch.setattr("fastdiff.runs.loading.build_network", broken)
     r = sample(models, tmp_path / "o", 1)
     assert isinstance(r.exception, ValueError) and "a bug deep inside" in str(r.exception)

@@ -149,9 +149,8 @@ def test_evaluate_splits_features_over_ranks_and_scores_the_same(reference, tmp_
 
 AGREE = """
 import os
-import click
 from fastdiff import distributed
-from fastdiff.cli import ranks
+from fastdiff.runs import RunError, ranks
 
 distributed.setup("cpu")
 me = distributed.rank()
@@ -167,7 +166,7 @@ for case in ("user", "bug", "gone"):
     try:
         with ranks.agreed("testing"):
             if me == 1:
-                raise click.ClickException("only rank 1 sees this") if case == "user" else ValueError("boom")
+                raise RunError("only rank 1 sees this") if case == "user" else ValueError("boom")
         say(f"rank {me} {case}: ok")
     except Exception as e:
         say(f"rank {me} {case}: {type(e).__name__}: {e}")
@@ -179,15 +178,15 @@ def test_an_error_one_rank_meets_is_every_ranks_line(tmp_path):
     rc, output = torchrun(tmp_path, command=[str(tmp_path / "agree.py")])
     assert rc == 0, output[-3000:]
     lines = set(output.splitlines())
-    assert "rank 0 user: ClickException: only rank 1 sees this" in lines, output
-    assert "rank 1 user: ClickException: only rank 1 sees this" in lines, output
+    assert "rank 0 user: RunError: only rank 1 sees this" in lines, output
+    assert "rank 1 user: RunError: only rank 1 sees this" in lines, output
     assert "rank 1 bug: ValueError: boom" in output  # the bug keeps its own exception on its rank
-    assert "rank 0 bug: ClickException: rank 1 stopped on a bug (ValueError: boom)" in output
-    assert "rank 0 gone: ClickException: another rank stopped while testing (" in output  # no hang
+    assert "rank 0 bug: RunError: rank 1 stopped on a bug (ValueError: boom)" in output
+    assert "rank 0 gone: RunError: another rank stopped while testing (" in output  # no hang
 
 
 def test_ranks_on_one_machine_share_its_cores(monkeypatch):
-    from fastdiff.cli.sample import choose_threads
+    from fastdiff.runs.device import choose_threads
 
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0))
@@ -195,7 +194,7 @@ def test_ranks_on_one_machine_share_its_cores(monkeypatch):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
         monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what torchrun sets for every multi-process launch
         monkeypatch.setattr("os.getloadavg", lambda: (1.0, 0.0, 0.0))  # the sibling rank, starting
-        monkeypatch.setattr("fastdiff.cli.sample.runnable_others", lambda: 1)
+        monkeypatch.setattr("fastdiff.runs.device.runnable_others", lambda: 1)
         assert choose_threads(None) == max(1, cores // 2)
         monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a user's own choice stands
         assert choose_threads(None) == 3
@@ -209,12 +208,10 @@ def test_ranks_on_one_machine_share_its_cores(monkeypatch):
     [("cuda:0", 2, "each rank takes the GPU of its LOCAL_RANK"), ("cuda", 1, "--nproc_per_node 1 or fewer")],
 )
 def test_a_rank_without_its_own_gpu_is_one_line(monkeypatch, device, gpus, message):
-    import click
-
-    from fastdiff.cli import ranks
+    from fastdiff.runs import RunError, ranks
 
     for name, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr("torch.cuda.device_count", lambda: gpus)
-    with pytest.raises(click.ClickException, match=message):
+    with pytest.raises(RunError, match=message):
         ranks.join(torch.device(device))

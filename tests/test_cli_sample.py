@@ -244,7 +244,7 @@ def test_presets_command():
 
 
 def test_threads_are_chosen_deliberately(monkeypatch):
-    from fastdiff.cli.sample import choose_threads
+    from fastdiff.runs.device import choose_threads
 
     before = torch.get_num_threads()
     try:
@@ -253,10 +253,10 @@ def test_threads_are_chosen_deliberately(monkeypatch):
         assert choose_threads(None) == 2
         monkeypatch.delenv("OMP_NUM_THREADS")
         monkeypatch.setattr("os.getloadavg", lambda: (99.0, 0.0, 0.0))  # every core busy
-        monkeypatch.setattr("fastdiff.cli.sample.runnable_others", lambda: 5)
+        monkeypatch.setattr("fastdiff.runs.device.runnable_others", lambda: 5)
         assert choose_threads(None) == 1
         # a load average left by a job that has ended: nothing else runnable now, every core is free
-        monkeypatch.setattr("fastdiff.cli.sample.runnable_others", lambda: 0)
+        monkeypatch.setattr("fastdiff.runs.device.runnable_others", lambda: 0)
         assert choose_threads(None) == len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(before)

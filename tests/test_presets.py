@@ -286,8 +286,8 @@ def test_printed_flags_read_back(name):
 def test_an_older_spelling_of_the_flags_is_the_same_network():
     """Runs and checkpoints written before the typed configs recorded partial flag dicts; a
     resume compares them as configs."""
-    from fastdiff.cli.loading import BUNDLED_MODEL, same_flags
     from fastdiff.models import read_metadata
+    from fastdiff.runs.loading import BUNDLED_MODEL, same_flags
 
     old = read_metadata(BUNDLED_MODEL)["flags"]  # has timestep_respacing, lacks sigma_small
     new = flags_of(*configs_from_flags("diffusion", old))

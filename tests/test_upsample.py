@@ -20,10 +20,10 @@ from click.testing import CliRunner
 
 import fastdiff
 from fastdiff.cli.main import main
-from fastdiff.cli.sample import _batch_generator
-from fastdiff.cli.upsample import names_upsampler, parse_upsampler_spec
 from fastdiff.diffusion import sample
 from fastdiff.models.checkpoint import save_weights
+from fastdiff.runs.sampling import batch_generator
+from fastdiff.runs.upsample import names_upsampler, parse_upsampler_spec
 
 SR_FLAGS = dict(
     large_size=16,
@@ -57,7 +57,7 @@ def _low_res(n, seed=0):
 
 
 def _scaled(images: np.ndarray) -> torch.Tensor:
-    """super_res_sample.py's scaling, written out independently of fastdiff.cli.upsample."""
+    """super_res_sample.py's scaling, written out independently of fastdiff.runs.upsample."""
     return torch.from_numpy(images).float().permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
@@ -172,7 +172,7 @@ def test_cli_upsample_writes_the_reference_samples_and_resumes(files, tmp_path):
     low = _scaled(_low_res(5))
     for b, lo in enumerate(range(0, 5, 2)):
         hi = min(lo + 2, 5)
-        g = _batch_generator(torch.device("cpu"), 3, b)
+        g = batch_generator(torch.device("cpu"), 3, b)
         want = _reference(model, diffusion, "ddpm", low[lo:hi], torch.tensor(labels[lo:hi]), g)
         want = ((want + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         assert np.array_equal(images[lo:hi], want), b

@@ -56,41 +56,6 @@ def write_json(path: Path, record: dict) -> None:
         raise click.ClickException(f"cannot write --json {path}: {e.strerror or e}") from None
 
 
-def features_over_ranks(net, config, progress):
-    """``evaluate``'s feature pass split over torchrun's ranks: each rank its block of batches
-    (cut where one process cuts them, so the features are the same), gathered in order on rank 0;
-    None on the other ranks. A user error on any rank is every rank's one line."""
-    import numpy as np
-
-    from fastdiff import distributed
-    from fastdiff.cli import ranks
-    from fastdiff.evaluation.metrics import EvaluationError
-    from fastdiff.evaluation.networks import Activations, compute_activations, num_batches
-
-    def features(batch, what: str) -> Activations | None:
-        mine = ranks.share(range(num_batches(batch, config.batch_size)))
-        done = None
-        with ranks.agreed(f"computing the {what} features"):
-            if len(mine):
-                images = min(len(batch), mine.stop * config.batch_size) - mine.start * config.batch_size
-                try:
-                    done = compute_activations(
-                        net, batch, config.batch_size, config.device, progress(what, images), mine
-                    )
-                except EvaluationError as e:
-                    raise click.ClickException(str(e)) from None
-        parts = [p for p in distributed.gather_objects(done) or [] if p is not None]
-        if not distributed.is_main():
-            return None
-        if len(parts) == 1:
-            return parts[0]
-        return Activations(
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("pool", "spatial", "logits"))
-        )
-
-    return features
-
-
 def progress_bars(enabled: bool):
     from tqdm import tqdm
 
@@ -130,11 +95,12 @@ def evaluate_command(ref, samples, features, inception, json_path, batch_size, d
     REF is a reference batch npz (guided-diffusion's unchanged) or 'mnist' for the held-out
     digits; SAMPLES is an npz as fastdiff sample writes it."""
     from fastdiff import distributed
-    from fastdiff.cli import ranks
-    from fastdiff.cli.sample import choose_threads, resolve_device
     from fastdiff.evaluation.metrics import EvaluationError
     from fastdiff.evaluation.npz import read_npz
     from fastdiff.evaluation.scores import EvaluationConfig, evaluate
+    from fastdiff.runs import ranks
+    from fastdiff.runs.device import choose_threads, resolve_device
+    from fastdiff.runs.features import features_over_ranks
     from fastdiff.training.data import DataError
 
     check_json_path(json_path)

@@ -42,15 +42,15 @@ def export_onnx_command(
     """One ONNX graph: UNet output and the classifier's input gradient (no autograd inside)."""
     import torch
 
-    from fastdiff.cli.loading import (
+    from fastdiff.export import ExportError, OnnxExportConfig, export_onnx
+    from fastdiff.export.validate import validate_export
+    from fastdiff.runs.loading import (
         BUNDLED_CLASSIFIER,
         check_classifier,
         load_classifier,
         load_diffusion_model,
     )
-    from fastdiff.cli.upsample import load_upsampler, names_upsampler
-    from fastdiff.export import ExportError, OnnxExportConfig, export_onnx
-    from fastdiff.export.validate import validate_export
+    from fastdiff.runs.upsample import load_upsampler, names_upsampler
 
     try:
         config = OnnxExportConfig(dtype=dtype, opset=opset, max_batch=max_batch)

@@ -1,10 +1,16 @@
-"""Entry point of the ``fastdiff`` console script: one click group, one module per command."""
+"""Entry point of the ``fastdiff`` console script: one click group, one module per command.
+
+The library reports what the user got wrong as a RunError (fastdiff.runs); the group prints it as
+one line with a non-zero exit, as click does its own usage errors. Any other exception is a bug
+and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import click
 
 from fastdiff import __version__
+from fastdiff.runs.errors import RunError
 
 
 class LazyGroup(click.Group):
@@ -44,6 +50,12 @@ class LazyGroup(click.Group):
 
     def list_commands(self, ctx):
         return sorted(self.commands_by_name)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RunError as e:
+            raise click.ClickException(str(e)) from None
 
     def get_command(self, ctx, name):
         if name not in self.commands_by_name:

@@ -122,7 +122,6 @@ def nearest_command(
 
     A sample nearer to a training image (in feature space or in pixels) than all but --quantile
     of the held-out images are is flagged."""
-    from fastdiff.cli.sample import choose_threads, resolve_device
     from fastdiff.evaluation.metrics import EvaluationError
     from fastdiff.evaluation.nearest import (
         MemorisationReport,
@@ -134,6 +133,7 @@ def nearest_command(
     from fastdiff.evaluation.networks import compute_activations
     from fastdiff.evaluation.npz import read_npz
     from fastdiff.files import atomic_write, save_grid
+    from fastdiff.runs.device import choose_threads, resolve_device
     from fastdiff.training.data import DataError
 
     if out.exists() and not out.is_dir():

@@ -14,11 +14,12 @@ from pathlib import Path
 import click
 import torch
 
-from fastdiff.cli.folders import exclusive_folder
 from fastdiff.files import remove_temp_files
 from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.flags import FlagError, configs_from_flags, flags_of, parse_flags
 from fastdiff.models.presets import get_preset
+from fastdiff.runs.errors import RunError
+from fastdiff.runs.folder import exclusive_folder
 from fastdiff.training import (
     PRECISIONS,
     ClassifierTrainer,
@@ -346,7 +347,7 @@ def _run(trainer, out: str) -> None:
     try:
         with locked_out(out):
             trainer.run()
-    except (TrainingError, DataError) as e:
+    except (TrainingError, DataError, RunError) as e:  # RunError: the folder's lock
         raise click.ClickException(str(e)) from None
     finally:
         dist.cleanup()

@@ -1,10 +1,10 @@
-"""The sampling commands under torchrun: one process per rank, the work dealt out by batch.
+"""Sampling runs under torchrun: one process per rank, the work dealt out by batch.
 
 Rank 0 owns the run folder (its lock, run.json, the final npz and grid); the batches still
 missing are split over the ranks in contiguous blocks, and every batch's noise depends only on
 (seed, batch index), so any number of ranks, and any resume, writes the same files as one
 process. ``fastdiff evaluate`` splits its feature batches the same way and gathers them on rank 0.
-A user error that any rank meets before the work starts (a check only rank 0 makes, a file one
+A user error (RunError) that any rank meets before the work starts (a check only rank 0 makes, a file one
 node lacks) ends every rank with the same line instead of leaving the others waiting at the
 next collective. Without torchrun every helper here is a no-op.
 """
@@ -17,10 +17,10 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import TypeVar
 
-import click
 import torch
 
 from fastdiff import distributed
+from fastdiff.runs.errors import RunError
 
 T = TypeVar("T")
 
@@ -38,12 +38,12 @@ def join(device: torch.device) -> torch.device:
     if device.type == "cuda":
         local, gpus = distributed.local_rank(), torch.cuda.device_count()
         if device.index is not None and distributed.local_world_size() > 1:
-            raise click.ClickException(
+            raise RunError(
                 f"--device {device}: under torchrun each rank takes the GPU of its LOCAL_RANK; "
                 "pass --device cuda (or auto)"
             )
         if device.index is None and local >= gpus:
-            raise click.ClickException(
+            raise RunError(
                 f"torchrun started local rank {local} on a machine with {gpus} GPU(s); "
                 f"use --nproc_per_node {gpus} or fewer"
             )
@@ -55,16 +55,16 @@ def join(device: torch.device) -> torch.device:
 def _note(failure: Exception | None) -> str | None:
     if failure is None:
         return None
-    if isinstance(failure, click.ClickException):
-        return failure.format_message()
+    if isinstance(failure, RunError):
+        return str(failure)
     return (
         f"rank {distributed.rank()} stopped on a bug ({type(failure).__name__}: {failure}); see its traceback"
     )
 
 
-def _lost_rank(what: str, error: Exception) -> click.ClickException:
+def _lost_rank(what: str, error: Exception) -> RunError:
     detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return click.ClickException(f"another rank stopped while {what} ({detail}); its own error is above")
+    return RunError(f"another rank stopped while {what} ({detail}); its own error is above")
 
 
 @contextmanager
@@ -90,7 +90,7 @@ def agreed(what: str) -> Iterator[None]:
         raise failure
     first = next((note for note in notes if note is not None), None)
     if first is not None:
-        raise click.ClickException(first)
+        raise RunError(first)
 
 
 def decided_by_main(what: str, make: Callable[[], T]) -> T:
@@ -139,9 +139,3 @@ def combined(summary: dict) -> dict:
         "s_per_step": sum(per_step) / len(per_step) if per_step else 0.0,
         "ranks": len(parts),
     }
-
-
-def echo(line: str) -> None:
-    """Print on rank 0 only: a group's summary once, not once per rank."""
-    if distributed.is_main():
-        click.echo(line)

@@ -1,9 +1,9 @@
-"""Turn CLI model options (preset, flag string, checkpoint) into loaded, checked networks.
+"""Turn model options (preset, flag string, checkpoint) into loaded, checked networks.
 
 A fastdiff safetensors checkpoint carries its guided-diffusion flags in its metadata, so it
 needs no preset; a guided-diffusion ``.pt`` needs ``--preset`` or ``--flags`` to say what
-it is. Flags become typed configs here (the CLI is one of their edges). Problems with the user's
-files and flags surface as one-line ``click.ClickException`` messages before sampling; anything
+it is. Flags become typed configs here (the CLI and Python callers are their edges). Problems
+with the user's files and flags raise one-line RunError messages before sampling; anything
 else is a bug and keeps its traceback. Networks are built on the meta device first, so flags that
 do not fit the weights cost no memory.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 import torch
 from torch import nn
 
@@ -31,6 +30,7 @@ from fastdiff.models.checkpoint import (
 from fastdiff.models.config import NetConfig
 from fastdiff.models.flags import SAMPLING_FLAGS, configs_from_flags, flags_of, parse_flags
 from fastdiff.models.presets import build_network, get_preset
+from fastdiff.runs.errors import RunError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_MODEL = ASSETS / "mnist" / "diffusion.safetensors"
@@ -91,13 +91,13 @@ class LoadedModel:
         )
 
 
-def _check_file(path: Path, what: str) -> None:
+def check_file(path: Path, what: str) -> None:
     if not path.is_file():
-        raise click.ClickException(f"{what} not found: {path}")
+        raise RunError(f"{what} not found: {path}")
 
 
-def _one_line(e: Exception) -> click.ClickException:
-    return click.ClickException(" ".join(str(e).split()))
+def _one_line(e: Exception) -> RunError:
+    return RunError(" ".join(str(e).split()))
 
 
 def configs_of(flags: dict, kind: str) -> tuple[NetConfig, DiffusionConfig]:
@@ -105,7 +105,7 @@ def configs_of(flags: dict, kind: str) -> tuple[NetConfig, DiffusionConfig]:
     try:
         return configs_from_flags(kind, flags)
     except ConfigError as e:
-        raise click.ClickException(f"{kind} flags: {e}") from None
+        raise RunError(f"{kind} flags: {e}") from None
 
 
 def same_flags(old, new: dict, kind: str | None = None) -> bool:
@@ -139,24 +139,22 @@ def _configs_from(
         try:
             p = get_preset(preset)
         except ConfigError as e:
-            raise click.ClickException(str(e)) from None
+            raise RunError(str(e)) from None
         if p.kind != kind:
-            raise click.ClickException(f"preset '{preset}' is a {p.kind} model, not a {kind} model")
+            raise RunError(f"preset '{preset}' is a {p.kind} model, not a {kind} model")
         flags.update(flags_of(p.net, p.process))
     elif "flags" in metadata:
         if not isinstance(metadata["flags"], dict):
-            raise click.ClickException(f"{checkpoint}: its metadata 'flags' is not a map of flags")
+            raise RunError(f"{checkpoint}: its metadata 'flags' is not a map of flags")
         # an older fastdiff stored what --flags gave it; sampling flags never described the network
         flags.update({k: v for k, v in metadata["flags"].items() if k not in SAMPLING_FLAGS})
     elif flag_string is None:
-        raise click.ClickException(
-            f"say which {kind} model this is: pass a preset or a guided-diffusion flag string"
-        )
+        raise RunError(f"say which {kind} model this is: pass a preset or a guided-diffusion flag string")
     if flag_string is not None:
         try:
             flags.update(parse_flags(flag_string))
         except ConfigError as e:
-            raise click.ClickException(str(e)) from None
+            raise RunError(str(e)) from None
     return (*configs_of(flags, kind), metadata)
 
 
@@ -198,11 +196,11 @@ def check_classifier(model: LoadedModel, clf: LoadedModel) -> None:
     """The classifier must see the model's images and name the model's classes (its size is checked
     before it is built)."""
     if clf.in_channels != model.in_channels:
-        raise click.ClickException(
+        raise RunError(
             f"the classifier takes {clf.in_channels}-channel images, the model makes {model.in_channels}"
         )
     if model.class_cond and clf.num_real_classes != model.num_real_classes:
-        raise click.ClickException(
+        raise RunError(
             f"the classifier has {clf.num_real_classes} classes, the model {model.num_real_classes}"
         )
 
@@ -211,27 +209,23 @@ def load_diffusion_model(*, preset, flag_string, checkpoint, device) -> LoadedMo
     """The diffusion network: from options, or the bundled MNIST model when none are given."""
     if preset is None and flag_string is None and checkpoint is None:
         if not BUNDLED_MODEL.exists():
-            raise click.ClickException(
-                "this fastdiff build has no bundled model; pass --preset and --checkpoint"
-            )
+            raise RunError("this fastdiff build has no bundled model; pass --preset and --checkpoint")
         checkpoint = BUNDLED_MODEL
     if checkpoint is None:
-        raise click.ClickException("--checkpoint is required with --preset/--flags (the model's weights)")
-    _check_file(checkpoint, "checkpoint")
+        raise RunError("--checkpoint is required with --preset/--flags (the model's weights)")
+    check_file(checkpoint, "checkpoint")
     return load_network("diffusion", checkpoint, preset=preset, flag_string=flag_string, device=device)
 
 
 def load_classifier(path: Path, *, preset, flag_string, image_size: int, device) -> LoadedModel:
     """The noisy classifier; its preset defaults to the one for the model's image size."""
-    _check_file(path, "classifier checkpoint")
+    check_file(path, "classifier checkpoint")
     if preset is None and flag_string is None and path.suffix != ".safetensors":
         preset = f"classifier{image_size}"
 
     def same_size(net: NetConfig) -> None:
         if net.image_size != image_size:
-            raise click.ClickException(
-                f"classifier is for {net.image_size}px images, the model makes {image_size}px"
-            )
+            raise RunError(f"classifier is for {net.image_size}px images, the model makes {image_size}px")
 
     return load_network(
         "classifier",

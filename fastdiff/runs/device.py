@@ -1,0 +1,90 @@
+"""Where a run computes: its device (this rank's under torchrun), its CPU threads, its engine,
+all checked before any network loads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from fastdiff import distributed
+from fastdiff.diffusion import SAMPLERS
+from fastdiff.engines import EngineError, check_engine, default_engine
+from fastdiff.runs import ranks
+from fastdiff.runs.errors import RunError
+
+
+def choose_threads(threads: int | None) -> int:
+    """Intra-op threads: ``--threads``, else OMP_NUM_THREADS, else the cores not already busy.
+
+    torch's default (every core) oversubscribes a loaded machine: on a busy 2-core machine the
+    same job took 12x the CPU time of one thread. Under torchrun the ranks on one machine share
+    its cores, each taking its part; the OMP_NUM_THREADS=1 torchrun sets for every multi-process
+    launch is its default, not the user's choice (--threads is).
+    """
+    local = distributed.local_world_size()
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if threads is None and omp.isdigit() and not (local > 1 and omp == "1"):
+        threads = int(omp)
+    if threads is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        others = max(0, busy_cores() - (local - 1))  # the sibling ranks starting now are no load
+        threads = max(1, (cores - others) // local)
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
+
+
+def busy_cores() -> int:
+    """Cores other work keeps busy: the 1-minute load average, but only as far as other tasks are
+    runnable right now. The average trails by a minute, so a job that has just ended (the previous
+    run of a script) would otherwise leave a core idle; a brief task now, on an unloaded
+    machine, does not count either."""
+    if not hasattr(os, "getloadavg"):
+        return 0
+    busy = int(os.getloadavg()[0] + 0.5)
+    others = runnable_others()
+    return busy if others is None else max(0, min(busy, others))
+
+
+def runnable_others() -> int | None:
+    """Runnable tasks besides this one (Linux /proc/loadavg), None where unknown."""
+    try:
+        return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RunError(f"unknown device '{name}'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise RunError(f"device '{name}' is not supported: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"device '{name}' requested but CUDA is not available")
+    return device
+
+
+def check_run_options(
+    device: str, dtype: str, threads: int | None, engine: str | None, sampler: str, eta: float
+) -> tuple[torch.device, str]:
+    """(device, engine) after the checks every sampling run makes before loading anything;
+    under torchrun, this rank's device in the process group."""
+    dev = ranks.join(resolve_device(device))
+    if dtype == "fp16" and dev.type == "cpu":
+        raise RunError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    choose_threads(threads)
+    engine = engine or default_engine(dev)
+    try:
+        check_engine(engine, dev)
+    except EngineError as e:
+        raise RunError(str(e)) from None
+    if eta and not SAMPLERS[sampler].uses_eta:
+        raise RunError(f"--eta is a DDIM parameter; --sampler {sampler} does not use it")
+    if eta < 0:
+        raise RunError(f"--eta must be >= 0, got {eta}")
+    return dev, engine

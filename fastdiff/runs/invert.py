@@ -1,0 +1,277 @@
+"""DDIM inversion runs: images to latents x_T and back (reconstruction PSNR, class edits), and
+the spherical interpolation between two latents, all with deterministic DDIM (eta 0) so a
+latent always gives the same image.
+
+``invert_images`` maps images to x_T with the model (and each image's class) by DDIM inversion
+(fastdiff.diffusion.inversion), regenerates them to measure the reconstruction PSNR and, with
+``to_class``, regenerates the same latents under another class. ``interpolate`` samples the path
+between two x_T, each a seed (the x_T image 0 of a sampling run with that seed starts from) or a
+latent ``invert_images`` wrote, as one strip PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from fastdiff.diffusion.inversion import slerp
+from fastdiff.diffusion.samplers import randn
+from fastdiff.engines.sampler import Sampler
+from fastdiff.files import atomic_write, save_grid, save_png, to_uint8
+from fastdiff.runs.device import check_run_options
+from fastdiff.runs.errors import RunError
+from fastdiff.runs.folder import exclusive_folder
+from fastdiff.runs.loading import LoadedModel, load_diffusion_model
+from fastdiff.runs.plan import respacing_for
+from fastdiff.runs.sampling import batch_generator, make_sampler
+
+_CLASS_IN_NAME = re.compile(r"_class(\d+)$")
+
+
+@dataclass(frozen=True)
+class DDIMOptions:
+    """The model and how deterministic DDIM (eta 0) runs it, as invert and interpolate take them."""
+
+    preset: str | None = None
+    flag_string: str | None = None
+    checkpoint: Path | None = None
+    steps: int | None = None
+    respacing: str | None = None
+    cfg_scale: float | None = None
+    engine: str | None = None
+    threads: int | None = None
+    dtype: str = "fp32"
+    device: str = "auto"
+
+
+def setup(options: DDIMOptions) -> tuple[LoadedModel, Sampler, torch.device, str]:
+    """(loaded model, Sampler: DDIM eta 0 with CFG if asked, device, respacing), every option checked."""
+    o = options
+    dev, engine = check_run_options(o.device, o.dtype, o.threads, o.engine, "ddim", 0.0)
+    loaded = load_diffusion_model(
+        preset=o.preset, flag_string=o.flag_string, checkpoint=o.checkpoint, device=dev
+    )
+    if o.cfg_scale is not None and loaded.null_label is None:
+        raise RunError("--cfg-scale needs a model trained with a null label")
+    respacing = respacing_for("ddim", o.steps, o.respacing, loaded.num_timesteps)
+    sampler = make_sampler(
+        loaded, respacing, engine=engine, dtype=o.dtype, device=dev, cfg_scale=o.cfg_scale, clip_denoised=True
+    )
+    return loaded, sampler, dev, respacing
+
+
+def _check_class(loaded: LoadedModel, label: int | None, what: str) -> int | None:
+    if label is None:
+        return None
+    if not loaded.class_cond:
+        raise RunError(f"{what} given, but the model is not class-conditional")
+    if not 0 <= label < loaded.num_real_classes:
+        raise RunError(f"{what} {label} out of range: the model has {loaded.num_real_classes} classes")
+    return label
+
+
+def _read_image(path: Path, loaded: LoadedModel) -> np.ndarray:
+    """One image as uint8 HWC in the model's channels, at the model's size exactly."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if loaded.in_channels == 1 else "RGB")
+            array = np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as e:
+        raise RunError(f"cannot read image {path}: {e}") from None
+    if array.shape[:2] != (loaded.image_size, loaded.image_size):
+        raise RunError(
+            f"{path} is {array.shape[1]}x{array.shape[0]}; the model takes "
+            f"{loaded.image_size}x{loaded.image_size} images"
+        )
+    return array.reshape(loaded.image_size, loaded.image_size, loaded.in_channels)
+
+
+def _labels(paths: list[Path], classes: str | None, loaded: LoadedModel) -> list[int] | None:
+    """Each image's class: --classes (cycled), else a ``_classK`` at the end of its file name (as
+    fastdiff sample names its PNGs); required for a class-conditional model."""
+    if not loaded.class_cond:
+        if classes is not None:
+            raise RunError("--classes given, but the model is not class-conditional")
+        return None
+    if classes is not None:
+        try:
+            ids = [int(c) for c in classes.split(",") if c.strip()]
+        except ValueError:
+            raise RunError(f"--classes must be class ids like 3,5, got '{classes}'") from None
+        if not ids:
+            raise RunError(f"--classes '{classes}' names no class id")
+        labels = [ids[i % len(ids)] for i in range(len(paths))]
+    else:
+        labels = []
+        for p in paths:
+            m = _CLASS_IN_NAME.search(p.stem)
+            if m is None:
+                raise RunError(
+                    f"the model is class-conditional: pass --classes, or name {p.name} like 000003_class7.png"
+                )
+            labels.append(int(m[1]))
+    for label in labels:
+        _check_class(loaded, label, "class")
+    return labels
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def _batches(n: int, size: int):
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def _with_labels(labels: list[int] | None, lo: int, hi: int, device) -> torch.Tensor | None:
+    return None if labels is None else torch.tensor(labels[lo:hi], device=device)
+
+
+def _save_npz(path: Path, *arrays: np.ndarray) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, *arrays)
+
+    atomic_write(path, write)
+
+
+def _endpoint(spec: str, loaded: LoadedModel, device) -> tuple[torch.Tensor, int | None]:
+    """(x_T of shape 1xCxHxW, its label if stored) for a seed or LATENTS.npz[:INDEX]."""
+    shape = (1, loaded.in_channels, loaded.image_size, loaded.image_size)
+    if re.fullmatch(r"-?\d+", spec):
+        return randn(shape, batch_generator(device, int(spec), 0), device), None
+    path, _, index = spec.partition(":") if not Path(spec).is_file() else (spec, "", "")
+    try:
+        i = int(index or 0)
+    except ValueError:
+        raise RunError(f"'{spec}': expected a seed or LATENTS.npz[:INDEX]") from None
+    if not Path(path).is_file():
+        raise RunError(f"'{spec}' is neither a seed nor a latents file")
+    try:
+        with np.load(path) as z:
+            latents = z["arr_0"]
+            labels = z["arr_1"] if "arr_1" in z.files else None
+    except (OSError, ValueError, KeyError) as e:
+        raise RunError(f"cannot read latents {path}: {e}") from None
+    if latents.ndim != 4 or latents.shape[1:] != shape[1:] or latents.dtype != np.float32:
+        raise RunError(
+            f"{path} holds {latents.dtype} latents of shape {list(latents.shape[1:])}; "
+            f"this model's are float32 {list(shape[1:])}"
+        )
+    if not 0 <= i < len(latents):
+        raise RunError(f"{path} holds {len(latents)} latents; index {i} is out of range")
+    x_T = torch.from_numpy(latents[i : i + 1].copy()).to(device)
+    return x_T, None if labels is None else int(labels[i])
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """What invert_images wrote to invert.json, and the DDIM steps it took."""
+
+    record: dict
+    steps: int
+
+
+def invert_images(
+    paths: list[Path],
+    out: Path,
+    options: DDIMOptions,
+    *,
+    classes: str | None = None,
+    to_class: int | None = None,
+    batch_size: int = 16,
+) -> Inversion:
+    """Invert ``paths`` into the folder ``out``: latents.npz (arr_0 x_T float32 NCHW, arr_1 labels),
+    reconstructed/ and edited/ PNGs, comparison.png (inputs, reconstructions, edits as rows) and
+    invert.json with each image's PSNR."""
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        if not p.is_file():
+            raise RunError(f"image not found: {p}")
+    loaded, sampler, dev, respacing = setup(options)
+    labels = _labels(paths, classes, loaded)
+    _check_class(loaded, to_class, "--to-class")
+    inputs = np.stack([_read_image(p, loaded) for p in paths])
+    with exclusive_folder(out, "fastdiff invert"):
+        latents, recon, edited = [], [], []
+        for lo, hi in _batches(len(paths), batch_size):
+            x0 = torch.from_numpy(inputs[lo:hi]).to(dev).float().div(127.5).sub(1.0).permute(0, 3, 1, 2)
+            y = _with_labels(labels, lo, hi, dev)
+            x_T = sampler.invert(x0, y)
+            latents.append(x_T.cpu())
+            recon.append(to_uint8(sampler(y, noise=x_T)))
+            if to_class is not None:
+                edited.append(to_uint8(sampler(torch.full((hi - lo,), to_class, device=dev), noise=x_T)))
+        latents_np = torch.cat(latents).numpy()
+        recon_np = np.concatenate(recon)
+        psnr = [_psnr(a, b) for a, b in zip(inputs, recon_np, strict=True)]
+        try:
+            _save_npz(
+                out / "latents.npz", *([latents_np] if labels is None else [latents_np, np.array(labels)])
+            )
+            for i, img in enumerate(recon_np):
+                save_png(img, out / "reconstructed" / f"{i:06d}.png")
+            rows = [inputs, recon_np]
+            if to_class is not None:
+                rows.append(np.concatenate(edited))
+                for i, img in enumerate(rows[-1]):
+                    save_png(img, out / "edited" / f"{i:06d}_class{to_class}.png")
+            save_grid(np.concatenate(rows), out / "comparison.png", ncol=len(paths))
+            record = {
+                "images": [str(p) for p in paths],
+                "labels": labels,
+                "respacing": respacing,
+                "cfg_scale": options.cfg_scale,
+                "model": loaded.identity,
+                "psnr": psnr,
+                "mean_psnr": float(np.mean(psnr)),
+                "to_class": to_class,
+            }
+            atomic_write(out / "invert.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+        except OSError as e:
+            raise RunError(f"cannot write to {out}: {e.strerror or e}") from None
+    return Inversion(record, sampler.diffusion.num_timesteps)
+
+
+def interpolate(
+    start: str,
+    end: str,
+    out: Path,
+    options: DDIMOptions,
+    *,
+    frames: int = 8,
+    label: int | None = None,
+    batch_size: int = 16,
+) -> int:
+    """Sample ``frames`` images along the slerp from ``start`` to ``end`` (each a seed or
+    LATENTS.npz[:INDEX]) as one strip PNG ``out``; returns the DDIM steps taken. Every frame has
+    class ``label`` (default: ``start``'s stored label)."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise RunError(f"--out {out}: the strip is a PNG; name it .png")
+    if frames < 2:
+        raise RunError(f"--frames must be at least 2, got {frames}")
+    loaded, sampler, dev, _ = setup(options)
+    a, label_a = _endpoint(start, loaded, dev)
+    b, _ = _endpoint(end, loaded, dev)
+    label = _check_class(loaded, label if label is not None else label_a, "--class")
+    if loaded.class_cond and label is None:
+        raise RunError("the model is class-conditional: pass --class K")
+    path = torch.cat([slerp(a, b, k / (frames - 1)) for k in range(frames)])
+    images = []
+    for lo, hi in _batches(frames, batch_size):
+        y = None if label is None else torch.full((hi - lo,), label, device=dev)
+        images.append(to_uint8(sampler(y, noise=path[lo:hi])))
+    try:
+        save_grid(np.concatenate(images), out, ncol=frames)
+    except OSError as e:
+        raise RunError(f"cannot write {out}: {e.strerror or e}") from None
+    return sampler.diffusion.num_timesteps

@@ -1,0 +1,91 @@
+"""What a sampling run makes, as one typed record: the Plan, and the checks that turn a user's
+step count and class choice into its fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastdiff.diffusion import SAMPLERS
+from fastdiff.diffusion.schedule import space_timesteps
+from fastdiff.runs.errors import RunError
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run produces; stored as run.json so a resume can refuse a different run. The
+    networks are their identities (LoadedModel.identity: path, sha256, flags)."""
+
+    model: dict
+    classifier: dict | None
+    classifier_scale: float
+    cfg_scale: float | None
+    sampler: str
+    respacing: str
+    eta: float
+    seed: int
+    batch_size: int
+    dtype: str
+    engine: str
+    clip_denoised: bool
+    labels: list[int] | None
+
+    def batches(self, num_samples: int) -> list[tuple[int, int]]:
+        return [(s, min(s + self.batch_size, num_samples)) for s in range(0, num_samples, self.batch_size)]
+
+    def record(self, num_samples: int) -> dict:
+        """The run.json record of this plan for ``num_samples`` images."""
+        return {**dataclasses.asdict(self), "num_samples": num_samples}
+
+
+@dataclass(frozen=True)
+class UpsamplePlan(Plan):
+    """A sampling plan that also names its low-res input by content."""
+
+    low_res: str
+
+
+def respacing_for(sampler: str, steps: int | None, respacing: str | None, total: int) -> str:
+    """``--steps N`` as guided-diffusion users write it: "ddimN" strides for DDIM-style samplers."""
+    if respacing is not None and steps is not None:
+        raise RunError("give --steps or --respacing, not both")
+    if respacing is None:
+        spec = SAMPLERS[sampler]
+        steps = spec.default_steps if steps is None else steps
+        if not 2 <= steps <= total:
+            raise RunError(f"--steps must be between 2 and {total}, got {steps}")
+        respacing = spec.respacing(steps)
+    try:
+        kept = space_timesteps(total, respacing)
+    except ValueError as e:  # the respacing parser's own checks
+        raise RunError(f"respacing '{respacing}': {e}") from None
+    if len(kept) < 2:
+        raise RunError(f"respacing '{respacing}' keeps {len(kept)} step(s); sampling needs 2")
+    return respacing
+
+
+def parse_classes(spec: str | None, num_classes: int | None, n: int, seed: int) -> np.ndarray | None:
+    """Labels for ``n`` samples: a list cycled, ``uniform`` (equal counts) or ``random``."""
+    if num_classes is None:
+        if spec is not None:
+            raise RunError("--classes given, but neither the model nor a classifier is class-aware")
+        return None
+    spec = spec or "uniform"
+    if spec == "uniform":
+        return np.arange(n, dtype=np.int64) % num_classes
+    if spec == "random":
+        return np.random.default_rng(seed).integers(0, num_classes, size=n, dtype=np.int64)
+    try:
+        ids = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise RunError(
+            f"--classes must be ids like 1,207,360 or 'uniform' or 'random', got '{spec}'"
+        ) from None
+    if not ids:
+        raise RunError(f"--classes '{spec}' names no class id")
+    bad = [i for i in ids if not 0 <= i < num_classes]
+    if bad:
+        raise RunError(f"class id {bad[0]} out of range: the model has {num_classes} classes")
+    return np.resize(np.asarray(ids, dtype=np.int64), n)

@@ -1,0 +1,172 @@
+"""The batch loop of a sampling run: every batch not yet on disk, sampled and written in turn,
+then the batches merged into the final npz and grid.
+
+Every batch draws its noise from its own generator seeded by (seed, batch index), so a resume
+after a kill, and any split over torchrun's ranks, writes what one uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdiff import distributed
+from fastdiff.diffusion import SamplingError
+from fastdiff.engines import EngineError
+from fastdiff.engines.sampler import Sampler
+from fastdiff.files import to_uint8
+from fastdiff.runs import ranks
+from fastdiff.runs.errors import RunError
+from fastdiff.runs.loading import LoadedModel
+from fastdiff.runs.plan import Plan
+from fastdiff.runs.record import check_same_run, prepare_out_dir
+from fastdiff.runs.writer import merge_batches, write_batch
+
+
+def batch_generator(device: torch.device, seed: int, index: int) -> torch.Generator:
+    """Batch ``index``'s own noise: the same for any resume, split or batch order."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + index) % (2**63))
+    return g
+
+
+def make_sampler(
+    loaded: LoadedModel,
+    respacing: str,
+    *,
+    engine: str,
+    dtype: str,
+    device: torch.device,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    classifier: LoadedModel | None = None,
+    classifier_scale: float = 0.0,
+    cfg_scale: float | None = None,
+    clip_denoised: bool = True,
+) -> Sampler:
+    """The Sampler of a loaded model (and classifier); an engine that cannot run here is a RunError."""
+    try:
+        return Sampler(
+            loaded.model,
+            loaded.diffusion(respacing),
+            sampler=sampler,
+            eta=eta,
+            classifier=None if classifier is None else classifier.model,
+            classifier_scale=classifier_scale,
+            cfg_scale=cfg_scale,
+            null_label=loaded.null_label,
+            engine=engine,
+            dtype=dtype,
+            device=device,
+            clip_denoised=clip_denoised,
+            image_shape=(loaded.in_channels, loaded.image_size, loaded.image_size),
+        )
+    except EngineError as e:
+        raise RunError(str(e)) from None
+
+
+def plan_sampler(loaded: LoadedModel, classifier: LoadedModel | None, plan: Plan, device) -> Sampler:
+    """The Sampler a plan describes."""
+    return make_sampler(
+        loaded,
+        plan.respacing,
+        engine=plan.engine,
+        dtype=plan.dtype,
+        device=device,
+        sampler=plan.sampler,
+        eta=plan.eta,
+        classifier=classifier,
+        classifier_scale=plan.classifier_scale,
+        cfg_scale=plan.cfg_scale,
+        clip_denoised=plan.clip_denoised,
+    )
+
+
+def run_sampling(
+    loaded: LoadedModel,
+    classifier: LoadedModel | None,
+    plan: Plan,
+    *,
+    num_samples: int,
+    out: Path,
+    device: torch.device,
+    progress: bool = False,
+    conditioning: Callable[[int, int], dict] | None = None,
+    sampler: Sampler | None = None,
+) -> dict:
+    """Sample every batch not yet in the (locked, see folder.locked_run_folder) ``out``, then
+    write the combined npz and the grid; returns the run's summary (counts, timings, engine).
+
+    ``conditioning(lo, hi)`` gives samples lo..hi's further model inputs (an upsampler's low_res);
+    ``sampler`` is the plan's own Sampler when the caller has built it (else built here)."""
+    from tqdm.auto import tqdm
+
+    if sampler is None:
+        sampler = plan_sampler(loaded, classifier, plan, device)
+    image = (loaded.image_size, loaded.image_size, loaded.in_channels)
+    done = ranks.decided_by_main("checking --out", lambda: prepare_out_dir(out, plan, num_samples, image))
+    with ranks.agreed("checking run.json"):
+        if not distributed.is_main():
+            check_same_run(out, plan, num_samples)
+    batches = plan.batches(num_samples)
+    missing = [i for i in range(len(batches)) if i not in done]
+    todo = ranks.share(missing)  # any split gives the same files: a batch's noise is its own
+    steps = sampler.diffusion.num_timesteps
+    labels_all = None if plan.labels is None else np.asarray(plan.labels, dtype=np.int64)
+
+    shown = progress and distributed.is_main()
+    bar = tqdm(total=len(todo) * steps, unit="step", disable=not shown, desc="sampling")
+    sampling = writing = 0.0
+    for b in todo:
+        lo, hi = batches[b]
+        y = None if labels_all is None else torch.as_tensor(labels_all[lo:hi], device=device)
+        warm = sampler.warmup_seconds
+        start = time.perf_counter()
+        try:
+            x = sampler(
+                y,
+                num_samples=hi - lo,
+                generator=batch_generator(device, plan.seed, b),
+                callback=lambda *_: bar.update(1),
+                model_kwargs=None if conditioning is None else conditioning(lo, hi),
+            )
+            images = to_uint8(x)  # the device->host copy: the batch's one sync
+        except SamplingError as e:
+            raise RunError(
+                f"batch {b} (samples {lo}-{hi - 1}): {e}; nothing of this batch was written"
+            ) from None
+        except EngineError as e:  # an engine builds its step on the first batch of a size
+            raise RunError(str(e)) from None
+        written = time.perf_counter()
+        sampling += written - start - (sampler.warmup_seconds - warm)
+        write_batch(out, b, lo, images, None if labels_all is None else labels_all[lo:hi])
+        writing += time.perf_counter() - written
+    bar.close()
+
+    ranks.wait_for_all("sampling")
+    start = time.perf_counter()
+    if distributed.is_main():
+        merge_batches(out, len(batches), image, labelled=labels_all is not None)
+    ranks.wait_for_all("rank 0 merged the batches")  # what runs next (the cascade) reads the npz
+    writing += time.perf_counter() - start
+    made = sum(batches[b][1] - batches[b][0] for b in todo)
+    summary = {
+        "images": made,
+        "skipped": num_samples - sum(batches[b][1] - batches[b][0] for b in missing),
+        "warmup_s": sampler.warmup_seconds,
+        "seconds": sampling,
+        "writing_s": writing,
+        "images_per_s": made / sampling if made and sampling > 0 else 0.0,
+        "s_per_step": sampling / (len(todo) * steps) if todo else 0.0,
+        "steps": steps,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "dtype": plan.dtype,
+        "engine": sampler.engine,
+        "threads": torch.get_num_threads(),
+        "out": str(out),
+    }
+    return ranks.combined(summary)

@@ -1,0 +1,265 @@
+"""ADM-U super-resolution runs (64->256, 128->512): the upsampler, its low-res input, the cascade.
+
+guided-diffusion's super_res_sample.py semantics: each low-resolution image is scaled to [-1, 1]
+and given to the upsampler as ``low_res``, with its label from the npz's ``arr_1`` when the
+upsampler is class-conditional; image i of the output is the upsampling of low-res image
+i mod N. The run itself is a sampling run (fastdiff.runs.sampling): the same run folder,
+batch-by-batch npz, resume and engines (onnx and trt too: the exported upsampler takes
+``low_res`` as an input), with the low-res input recorded by content in run.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdiff.evaluation.metrics import EvaluationError
+from fastdiff.evaluation.npz import read_npz
+from fastdiff.models.checkpoint import CheckpointError, read_metadata
+from fastdiff.models.flags import parse_flags
+from fastdiff.models.presets import PRESETS
+from fastdiff.runs.device import check_run_options
+from fastdiff.runs.errors import RunError
+from fastdiff.runs.folder import locked_run_folder
+from fastdiff.runs.loading import LoadedModel, check_file, load_network
+from fastdiff.runs.plan import Plan, UpsamplePlan, respacing_for
+from fastdiff.runs.sampling import run_sampling
+
+
+def names_upsampler(preset: str | None, flag_string: str | None, checkpoint: Path | None) -> bool:
+    """Whether model options name an upsampler (for commands that take either kind, as export):
+    a superres preset, else super-resolution flags (a small or large size) in the flag string or
+    a safetensors' own metadata. Unreadable options say no; the loader then names the problem."""
+    if preset is not None:
+        return preset in PRESETS and PRESETS[preset].kind == "superres"
+    flags: dict = {}
+    if checkpoint is not None and checkpoint.suffix == ".safetensors" and checkpoint.is_file():
+        try:
+            own = read_metadata(checkpoint).get("flags")
+        except CheckpointError:
+            own = None
+        flags = dict(own) if isinstance(own, dict) else {}
+    if flag_string is not None:
+        try:
+            flags.update(parse_flags(flag_string))
+        except ValueError:
+            pass
+    return bool({"small_size", "large_size"} & set(flags))
+
+
+def load_upsampler(*, preset, flag_string, checkpoint: Path | None, device) -> LoadedModel:
+    """The upsampler from a preset or flags (or a safetensors' own flags) and its weights; its
+    ``net`` is a SuperResConfig (``image_size`` is the large size, ``small_size`` its input's)."""
+    if checkpoint is None:
+        raise RunError("--checkpoint is required (the upsampler's weights)")
+    check_file(checkpoint, "checkpoint")
+    return load_network("superres", checkpoint, preset=preset, flag_string=flag_string, device=device)
+
+
+@dataclass
+class LowRes:
+    """The images to upsample (uint8 NHWC) and their labels."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+
+    @property
+    def sha256(self) -> str:
+        """The images and labels by content (an npz file's bytes change with each rewrite)."""
+        h = hashlib.sha256(str(self.images.shape).encode())
+        h.update(np.ascontiguousarray(self.images).tobytes())
+        if self.labels is not None:
+            h.update(self.labels.astype(np.int64).tobytes())
+        return h.hexdigest()
+
+    def conditioning(self, lo: int, hi: int) -> dict:
+        """Samples lo..hi's ``low_res``, scaled as super_res_sample.py scales it."""
+        batch = self.images[np.arange(lo, hi) % len(self.images)]
+        return {"low_res": torch.from_numpy(batch).float().div(127.5).sub(1.0).permute(0, 3, 1, 2)}
+
+    def labels_for(self, n: int) -> list[int] | None:
+        return None if self.labels is None else self.labels[np.arange(n) % len(self.labels)].tolist()
+
+
+def check_low_res(upsampler: LoadedModel, size: int, channels: int, labels, source: str) -> None:
+    """What the upsampler takes: its small size, its channels, labels of its classes if it is
+    class-conditional."""
+    want = (upsampler.net.small_size, upsampler.in_channels)
+    if (size, channels) != want:
+        raise RunError(
+            f"{source}: {size}x{size}x{channels} images; the upsampler takes {want[0]}x{want[0]}x{want[1]}"
+        )
+    if upsampler.class_cond:
+        if labels is None:
+            raise RunError(f"the upsampler is class-conditional but {source} has no labels")
+        classes = upsampler.num_real_classes
+        if np.min(labels) < 0 or np.max(labels) >= classes:
+            raise RunError(f"{source} has labels outside the upsampler's {classes} classes")
+
+
+def read_low_res(path: Path, upsampler: LoadedModel) -> LowRes:
+    """The low-res npz, checked against what the upsampler takes."""
+    try:
+        batch = read_npz(path, role="--low-res")
+        images = np.concatenate(list(batch.batches(1024)))
+    except EvaluationError as e:
+        raise RunError(str(e)) from None
+    h, _, c = batch.image_shape
+    check_low_res(upsampler, h, c, batch.labels, f"--low-res {path}")
+    return LowRes(images, None if batch.labels is None else batch.labels.astype(np.int64))
+
+
+def upsample_run(
+    upsampler: LoadedModel,
+    low_res: LowRes,
+    *,
+    sampler: str,
+    respacing: str,
+    eta: float,
+    seed: int,
+    batch_size: int,
+    dtype: str,
+    engine: str,
+    clip_denoised: bool,
+    num_samples: int,
+    out: Path,
+    device: torch.device,
+    progress: bool,
+) -> dict:
+    """Upsample into the (locked) ``out`` through fastdiff sample's run machinery."""
+    plan = UpsamplePlan(
+        model=upsampler.identity,
+        classifier=None,
+        classifier_scale=0.0,
+        cfg_scale=None,
+        sampler=sampler,
+        respacing=respacing,
+        eta=eta,
+        seed=seed,
+        batch_size=batch_size,
+        dtype=dtype,
+        engine=engine,
+        clip_denoised=clip_denoised,
+        labels=low_res.labels_for(num_samples),
+        low_res=low_res.sha256,
+    )
+    return run_sampling(
+        upsampler,
+        None,
+        plan,
+        num_samples=num_samples,
+        out=out,
+        device=device,
+        progress=progress,
+        conditioning=low_res.conditioning,
+    )
+
+
+def parse_upsampler_spec(spec: str) -> tuple[str | None, Path]:
+    """``PRESET:CHECKPOINT``, or a safetensors ``CHECKPOINT`` that carries its own flags."""
+    name, sep, rest = spec.partition(":")
+    if sep and name in PRESETS:
+        return name, Path(rest)
+    return None, Path(spec)
+
+
+@dataclass
+class Cascade:
+    """The upsampler of ``fastdiff sample --upsample-with``, loaded and checked before the base
+    model samples; it then super-resolves the base run's samples into ``OUT/upsampled``."""
+
+    upsampler: LoadedModel
+    respacing: str
+
+    def run(self, base_out: Path, npz: Path, plan: Plan, *, resume: bool, device, progress: bool) -> dict:
+        with np.load(npz) as z:
+            low_res = LowRes(z["arr_0"], z["arr_1"] if "arr_1" in z.files else None)
+        out = base_out / "upsampled"
+        with locked_run_folder(out, resume):
+            return upsample_run(
+                self.upsampler,
+                low_res,
+                sampler="ddpm",
+                respacing=self.respacing,
+                eta=0.0,
+                seed=plan.seed,
+                batch_size=plan.batch_size,
+                dtype=plan.dtype,
+                engine=plan.engine,
+                clip_denoised=plan.clip_denoised,
+                num_samples=len(low_res.images),
+                out=out,
+                device=device,
+                progress=progress,
+            )
+
+
+def prepare_cascade(spec: str, base: LoadedModel, labels, steps: int | None, device) -> Cascade:
+    """The upsampler for ``--upsample-with SPEC``, checked against the base model's samples."""
+    preset, path = parse_upsampler_spec(spec)
+    if preset is None and path.suffix != ".safetensors":
+        raise RunError(
+            f"--upsample-with {spec}: say which upsampler it is, PRESET:CHECKPOINT (e.g. "
+            "upsampler64-256:64_256_upsampler.pt), or give a safetensors that carries its flags"
+        )
+    upsampler = load_upsampler(preset=preset, flag_string=None, checkpoint=path, device=device)
+    check_low_res(upsampler, base.image_size, base.in_channels, labels, "the base model's samples")
+    try:
+        respacing = respacing_for("ddpm", steps, None, upsampler.num_timesteps)
+    except RunError as e:
+        raise RunError(f"--upsample-steps: {e}") from None
+    return Cascade(upsampler, respacing)
+
+
+def upsample_file_run(
+    low_res_path: str | Path,
+    out: str | Path,
+    *,
+    checkpoint: str | Path | None,
+    preset: str | None = None,
+    flag_string: str | None = None,
+    num_samples: int | None = None,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    respacing: str | None = None,
+    eta: float = 0.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    resume: bool = False,
+    engine: str | None = None,
+    threads: int | None = None,
+    dtype: str = "fp32",
+    device: str = "auto",
+    clip_denoised: bool = True,
+    progress: bool = False,
+) -> dict:
+    """Super-resolve the npz ``low_res_path`` into the run folder ``out`` (``fastdiff upsample``'s
+    options as keywords); returns the run's summary. ``num_samples`` defaults to one per low-res
+    image (more cycle through them)."""
+    low_res_path, out = Path(low_res_path), Path(out)
+    checkpoint = None if checkpoint is None else Path(checkpoint)
+    dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta)
+    check_file(low_res_path, "--low-res")
+    with locked_run_folder(out, resume):
+        upsampler = load_upsampler(preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=dev)
+        low_res = read_low_res(low_res_path, upsampler)
+        return upsample_run(
+            upsampler,
+            low_res,
+            sampler=sampler,
+            respacing=respacing_for(sampler, steps, respacing, upsampler.num_timesteps),
+            eta=eta,
+            seed=seed,
+            batch_size=batch_size,
+            dtype=dtype,
+            engine=engine,
+            clip_denoised=clip_denoised,
+            num_samples=num_samples or len(low_res.images),
+            out=out,
+            device=dev,
+            progress=progress,
+        )
