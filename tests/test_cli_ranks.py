@@ -147,6 +147,29 @@ def test_evaluate_splits_features_over_ranks_and_scores_the_same(reference, tmp_
     assert (tmp_path / "one.json").read_bytes() == (tmp_path / "two.json").read_bytes()
 
 
+@pytest.mark.slow  # several torchrun jobs: CI's slow stage runs it
+def test_invert_and_interpolate_deal_their_batches_over_ranks(reference, tmp_path):
+    """Three batches of invert, and an interpolation strip of two, split over 2 ranks: rank 0 alone
+    writes, and the files are one process's."""
+    images = [str(p) for p in sorted((reference / "images").iterdir())[:5]]
+    common = ["--steps", "3", "--batch-size", "2"]
+    invert = ["invert", *images, *common, "--to-class", "4"]
+    strip = ["interpolate", "--from", "1", "--to", "2", "--frames", "3", "--class", "5", *common]
+    for name, args in (("inv", invert), ("strip.png", strip)):
+        one, two = tmp_path / f"one-{name}", tmp_path / f"two-{name}"
+        r = CliRunner().invoke(main, [*args, "--out", str(one)])
+        assert r.exit_code == 0, r.output
+        rc, output = torchrun(tmp_path, command=["-m", "fastdiff.cli.main", *args, "--out", str(two)])
+        assert rc == 0, output[-3000:]
+        assert output.count(" -> ") == 1, output[-3000:]  # rank 0 alone reports
+        if one.is_dir():
+            files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+            assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+            assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files), files
+        else:
+            assert one.read_bytes() == two.read_bytes()
+
+
 AGREE = """
 import os
 from fastdiff import distributed

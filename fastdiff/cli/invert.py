@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from fastdiff.cli.sample import echo
 from fastdiff.engines import ENGINES
 from fastdiff.engines.sampler import DTYPES
 from fastdiff.runs.invert import DDIMOptions, interpolate, invert_images
@@ -55,7 +56,7 @@ def invert_command(images, out, classes, to_class, batch_size, **model):
         list(images), out, DDIMOptions(**model), classes=classes, to_class=to_class, batch_size=batch_size
     )
     psnr = done.record["psnr"]
-    click.echo(
+    echo(
         f"inverted {len(images)} images over {done.steps} DDIM steps: reconstruction "
         f"PSNR mean {np.mean(psnr):.2f} dB (min {min(psnr):.2f}) -> {out}"
     )
@@ -79,4 +80,4 @@ def interpolate_command(start, end, frames, label, out, batch_size, **model):
     steps = interpolate(
         start, end, out, DDIMOptions(**model), frames=frames, label=label, batch_size=batch_size
     )
-    click.echo(f"{frames} frames from {start} to {end} ({steps} DDIM steps) -> {out}")
+    echo(f"{frames} frames from {start} to {end} ({steps} DDIM steps) -> {out}")

@@ -7,6 +7,9 @@ latent always gives the same image.
 ``to_class``, regenerates the same latents under another class. ``interpolate`` samples the path
 between two x_T, each a seed (the x_T image 0 of a sampling run with that seed starts from) or a
 latent ``invert_images`` wrote, as one strip PNG.
+
+Under torchrun both deal their batches over the ranks (fastdiff.runs.ranks) and rank 0 alone
+holds the folder and writes; every batch is deterministic, so the files are one process's.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +25,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fastdiff import distributed
 from fastdiff.diffusion.inversion import slerp
 from fastdiff.diffusion.samplers import randn
 from fastdiff.engines.sampler import Sampler
 from fastdiff.files import atomic_write, save_grid, save_png, to_uint8
+from fastdiff.runs import ranks
 from fastdiff.runs.device import check_run_options
 from fastdiff.runs.errors import RunError
 from fastdiff.runs.folder import exclusive_folder
@@ -131,6 +137,26 @@ def _batches(n: int, size: int):
     return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
+def _dealt(n: int, size: int, work) -> list | None:
+    """``work(lo, hi)`` for this rank's share of the batches of ``size``: every batch's result in
+    batch order on rank 0 (without torchrun: this process), None on the other ranks. A failure on
+    any rank ends every rank (ranks.agreed)."""
+    with ranks.agreed("sampling"):
+        mine = [work(lo, hi) for lo, hi in ranks.share(_batches(n, size))]
+    parts = distributed.gather_objects(mine)
+    return None if parts is None else [r for part in parts for r in part]
+
+
+@contextmanager
+def _main_holds(out: Path):
+    """Rank 0 holds ``out`` for the whole run (the other ranks share its verdict on it)."""
+    with ExitStack() as held:
+        with ranks.agreed("checking --out"):
+            if distributed.is_main():
+                held.enter_context(exclusive_folder(out, "fastdiff invert"))
+        yield
+
+
 def _with_labels(labels: list[int] | None, lo: int, hi: int, device) -> torch.Tensor | None:
     return None if labels is None else torch.tensor(labels[lo:hi], device=device)
 
@@ -172,6 +198,24 @@ def _endpoint(spec: str, loaded: LoadedModel, device) -> tuple[torch.Tensor, int
     return x_T, None if labels is None else int(labels[i])
 
 
+def _write_inversion(out: Path, inputs, latents, recon, edited, record: dict) -> None:
+    """latents.npz, the reconstructed/ (and edited/) PNGs, comparison.png and invert.json."""
+    labels = record["labels"]
+    try:
+        _save_npz(out / "latents.npz", *([latents] if labels is None else [latents, np.array(labels)]))
+        for i, img in enumerate(recon):
+            save_png(img, out / "reconstructed" / f"{i:06d}.png")
+        rows = [inputs, recon]
+        if edited is not None:
+            rows.append(edited)
+            for i, img in enumerate(edited):
+                save_png(img, out / "edited" / f"{i:06d}_class{record['to_class']}.png")
+        save_grid(np.concatenate(rows), out / "comparison.png", ncol=len(inputs))
+        atomic_write(out / "invert.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    except OSError as e:
+        raise RunError(f"cannot write to {out}: {e.strerror or e}") from None
+
+
 @dataclass(frozen=True)
 class Inversion:
     """What invert_images wrote to invert.json, and the DDIM steps it took."""
@@ -196,48 +240,42 @@ def invert_images(
     for p in paths:
         if not p.is_file():
             raise RunError(f"image not found: {p}")
-    loaded, sampler, dev, respacing = setup(options)
-    labels = _labels(paths, classes, loaded)
-    _check_class(loaded, to_class, "--to-class")
-    inputs = np.stack([_read_image(p, loaded) for p in paths])
-    with exclusive_folder(out, "fastdiff invert"):
-        latents, recon, edited = [], [], []
-        for lo, hi in _batches(len(paths), batch_size):
-            x0 = torch.from_numpy(inputs[lo:hi]).to(dev).float().div(127.5).sub(1.0).permute(0, 3, 1, 2)
-            y = _with_labels(labels, lo, hi, dev)
-            x_T = sampler.invert(x0, y)
-            latents.append(x_T.cpu())
-            recon.append(to_uint8(sampler(y, noise=x_T)))
-            if to_class is not None:
-                edited.append(to_uint8(sampler(torch.full((hi - lo,), to_class, device=dev), noise=x_T)))
-        latents_np = torch.cat(latents).numpy()
-        recon_np = np.concatenate(recon)
-        psnr = [_psnr(a, b) for a, b in zip(inputs, recon_np, strict=True)]
-        try:
-            _save_npz(
-                out / "latents.npz", *([latents_np] if labels is None else [latents_np, np.array(labels)])
-            )
-            for i, img in enumerate(recon_np):
-                save_png(img, out / "reconstructed" / f"{i:06d}.png")
-            rows = [inputs, recon_np]
-            if to_class is not None:
-                rows.append(np.concatenate(edited))
-                for i, img in enumerate(rows[-1]):
-                    save_png(img, out / "edited" / f"{i:06d}_class{to_class}.png")
-            save_grid(np.concatenate(rows), out / "comparison.png", ncol=len(paths))
-            record = {
-                "images": [str(p) for p in paths],
-                "labels": labels,
-                "respacing": respacing,
-                "cfg_scale": options.cfg_scale,
-                "model": loaded.identity,
-                "psnr": psnr,
-                "mean_psnr": float(np.mean(psnr)),
-                "to_class": to_class,
-            }
-            atomic_write(out / "invert.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
-        except OSError as e:
-            raise RunError(f"cannot write to {out}: {e.strerror or e}") from None
+    with ranks.agreed("checking the inputs"):  # a file one node lacks stops every rank
+        loaded, sampler, dev, respacing = setup(options)
+        labels = _labels(paths, classes, loaded)
+        _check_class(loaded, to_class, "--to-class")
+        inputs = np.stack([_read_image(p, loaded) for p in paths])
+
+    def work(lo: int, hi: int) -> tuple:
+        x0 = torch.from_numpy(inputs[lo:hi]).to(dev).float().div(127.5).sub(1.0).permute(0, 3, 1, 2)
+        y = _with_labels(labels, lo, hi, dev)
+        x_T = sampler.invert(x0, y)
+        edit = None
+        if to_class is not None:
+            edit = to_uint8(sampler(torch.full((hi - lo,), to_class, device=dev), noise=x_T))
+        return x_T.cpu().numpy(), to_uint8(sampler(y, noise=x_T)), edit
+
+    with _main_holds(out):
+        done = _dealt(len(paths), batch_size, work)
+        record = None
+        with ranks.agreed("writing the results"):  # rank 0 writes; a full disk stops every rank
+            if done is not None:
+                latents_np, recon_np, edits = zip(*done, strict=True)
+                recon_np = np.concatenate(recon_np)
+                psnr = [_psnr(a, b) for a, b in zip(inputs, recon_np, strict=True)]
+                record = {
+                    "images": [str(p) for p in paths],
+                    "labels": labels,
+                    "respacing": respacing,
+                    "cfg_scale": options.cfg_scale,
+                    "model": loaded.identity,
+                    "psnr": psnr,
+                    "mean_psnr": float(np.mean(psnr)),
+                    "to_class": to_class,
+                }
+                edited = None if to_class is None else np.concatenate(edits)
+                _write_inversion(out, inputs, np.concatenate(latents_np), recon_np, edited, record)
+        record = distributed.broadcast_object(record)
     return Inversion(record, sampler.diffusion.num_timesteps)
 
 
@@ -259,19 +297,24 @@ def interpolate(
         raise RunError(f"--out {out}: the strip is a PNG; name it .png")
     if frames < 2:
         raise RunError(f"--frames must be at least 2, got {frames}")
-    loaded, sampler, dev, _ = setup(options)
-    a, label_a = _endpoint(start, loaded, dev)
-    b, _ = _endpoint(end, loaded, dev)
-    label = _check_class(loaded, label if label is not None else label_a, "--class")
-    if loaded.class_cond and label is None:
-        raise RunError("the model is class-conditional: pass --class K")
+    with ranks.agreed("checking the inputs"):
+        loaded, sampler, dev, _ = setup(options)
+        a, label_a = _endpoint(start, loaded, dev)
+        b, _ = _endpoint(end, loaded, dev)
+        label = _check_class(loaded, label if label is not None else label_a, "--class")
+        if loaded.class_cond and label is None:
+            raise RunError("the model is class-conditional: pass --class K")
     path = torch.cat([slerp(a, b, k / (frames - 1)) for k in range(frames)])
-    images = []
-    for lo, hi in _batches(frames, batch_size):
+
+    def work(lo: int, hi: int) -> np.ndarray:
         y = None if label is None else torch.full((hi - lo,), label, device=dev)
-        images.append(to_uint8(sampler(y, noise=path[lo:hi])))
-    try:
-        save_grid(np.concatenate(images), out, ncol=frames)
-    except OSError as e:
-        raise RunError(f"cannot write {out}: {e.strerror or e}") from None
+        return to_uint8(sampler(y, noise=path[lo:hi]))
+
+    images = _dealt(frames, batch_size, work)
+    with ranks.agreed("writing the strip"):
+        if images is not None:
+            try:
+                save_grid(np.concatenate(images), out, ncol=frames)
+            except OSError as e:
+                raise RunError(f"cannot write {out}: {e.strerror or e}") from None
     return sampler.diffusion.num_timesteps

@@ -2,11 +2,11 @@
 
 Each variant is a set of flags plus a fixed recipe of calls (a forward pass, a classifier's input
 gradient, training losses, a DDIM reverse step, the bits-per-dim loop, guided DDPM and DDIM
-loops; fp16 variants convert after loading fp32 weights, as the released scripts do). :func:`run_variant` takes the module that
-builds the networks (guided-diffusion's ``script_util``, or fastdiff's compat layer, which serves
-the same functions) and torch, so the generator and the tests run the very same calls on two
-implementations. Weights are not stored: :func:`seeded_weights` draws them from the state_dict
-keys, which both implementations share.
+loops; fp16 variants convert after loading fp32 weights, as the released scripts do).
+:func:`run_variant` takes the module that builds the networks (guided-diffusion's
+``script_util``, or fastdiff's compat layer, which serves the same functions) and torch, so the
+generator and the tests run the very same calls on two implementations. Weights are not stored:
+:func:`seeded_weights` draws them from the state_dict keys, which both implementations share.
 """
 
 from __future__ import annotations
