@@ -8,6 +8,7 @@ A bare ValueError elsewhere is a bug and keeps its traceback.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any
@@ -53,10 +54,16 @@ def _type_name(hint: Any) -> str:
     return text.replace("typing.", "").replace("NoneType", "None")
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """A config class's resolved annotations: resolving them is most of a config's cost to build."""
+    return typing.get_type_hints(cls)
+
+
 def check_types(config: Any) -> None:
     """Raise ConfigError naming the first field whose value is not of its annotated type; lists
     become tuples and ints become floats where a float is annotated (the config is frozen)."""
-    hints = typing.get_type_hints(type(config))
+    hints = _hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         ok, normal = _fits(value, hints[f.name])
