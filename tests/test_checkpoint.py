@@ -206,6 +206,19 @@ def test_unreadable_safetensors_is_one_line(tmp_path, kind):
         assert "cannot read checkpoint" in msg and str(path) in msg and "\n" not in msg, msg
 
 
+@pytest.mark.parametrize(
+    "content", [b"junk\n", b"", b"PK\x03\x04 truncated zip", b"\x80\x02 truncated pickle"]
+)
+def test_unreadable_torch_file_is_one_line(tmp_path, content):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict(path)
+    msg = str(info.value)
+    assert msg.startswith(f"cannot read checkpoint {path}: ") and "\n" not in msg, msg
+    assert not msg.rstrip().endswith(": "), msg
+
+
 def test_header_shapes_without_reading_data_and_hash(tmp_path):
     import hashlib
 

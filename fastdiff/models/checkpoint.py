@@ -36,6 +36,15 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         read_header(path)  # a lying header must not reach the native reader
+    else:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        # torch.save writes a zip archive (older torch: a pickle); anything else makes torch.load
+        # fail with a bare number or opcode that names nothing the user can act on.
+        if head != b"PK" and head[:1] != b"\x80":
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: not a file torch.save wrote (nor .safetensors)"
+            )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -43,8 +52,14 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
             sd: Any = load_file(str(path), device="cpu")
         else:
             sd = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:  # corrupt files raise many types; report them uniformly
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    except Exception as e:  # corrupt files raise many types; report them uniformly, in one line
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in detail:  # torch's advice (weights_only=False) is not ours
+            detail = (
+                "it holds more than tensors, or is cut short (checkpoints are read with "
+                "weights_only=True: no code from a file runs)"
+            )
+        raise CheckpointError(f"cannot read checkpoint {path}: {detail}") from e
     if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
