@@ -242,9 +242,9 @@ def invert_images(
             raise RunError(f"image not found: {p}")
     with ranks.agreed("checking the inputs"):  # a file one node lacks stops every rank
         loaded, sampler, dev, respacing = setup(options)
+        inputs = np.stack([_read_image(p, loaded) for p in paths])
         labels = _labels(paths, classes, loaded)
         _check_class(loaded, to_class, "--to-class")
-        inputs = np.stack([_read_image(p, loaded) for p in paths])
 
     def work(lo: int, hi: int) -> tuple:
         x0 = torch.from_numpy(inputs[lo:hi]).to(dev).float().div(127.5).sub(1.0).permute(0, 3, 1, 2)
