@@ -60,16 +60,23 @@ class DDIMOptions:
 def setup(options: DDIMOptions) -> tuple[LoadedModel, Sampler, torch.device, str]:
     """(loaded model, Sampler: DDIM eta 0 with CFG if asked, device, respacing), every option checked."""
     o = options
-    dev, engine = check_run_options(o.device, o.dtype, o.threads, o.engine, "ddim", 0.0)
-    loaded = load_diffusion_model(
-        preset=o.preset, flag_string=o.flag_string, checkpoint=o.checkpoint, device=dev
-    )
-    if o.cfg_scale is not None and loaded.null_label is None:
-        raise RunError("--cfg-scale needs a model trained with a null label")
-    respacing = respacing_for("ddim", o.steps, o.respacing, loaded.num_timesteps)
-    sampler = make_sampler(
-        loaded, respacing, engine=engine, dtype=o.dtype, device=dev, cfg_scale=o.cfg_scale, clip_denoised=True
-    )
+    dev, engine = check_run_options(o.device, o.dtype, o.threads, o.engine, "ddim", 0.0)  # joins the ranks
+    with ranks.agreed("loading the model"):  # weights one node lacks stop every rank
+        loaded = load_diffusion_model(
+            preset=o.preset, flag_string=o.flag_string, checkpoint=o.checkpoint, device=dev
+        )
+        if o.cfg_scale is not None and loaded.null_label is None:
+            raise RunError("--cfg-scale needs a model trained with a null label")
+        respacing = respacing_for("ddim", o.steps, o.respacing, loaded.num_timesteps)
+        sampler = make_sampler(
+            loaded,
+            respacing,
+            engine=engine,
+            dtype=o.dtype,
+            device=dev,
+            cfg_scale=o.cfg_scale,
+            clip_denoised=True,
+        )
     return loaded, sampler, dev, respacing
 
 
@@ -240,8 +247,8 @@ def invert_images(
     for p in paths:
         if not p.is_file():
             raise RunError(f"image not found: {p}")
-    with ranks.agreed("checking the inputs"):  # a file one node lacks stops every rank
-        loaded, sampler, dev, respacing = setup(options)
+    loaded, sampler, dev, respacing = setup(options)
+    with ranks.agreed("checking the images"):  # an image one node lacks stops every rank
         inputs = np.stack([_read_image(p, loaded) for p in paths])
         labels = _labels(paths, classes, loaded)
         _check_class(loaded, to_class, "--to-class")
@@ -297,8 +304,8 @@ def interpolate(
         raise RunError(f"--out {out}: the strip is a PNG; name it .png")
     if frames < 2:
         raise RunError(f"--frames must be at least 2, got {frames}")
-    with ranks.agreed("checking the inputs"):
-        loaded, sampler, dev, _ = setup(options)
+    loaded, sampler, dev, _ = setup(options)
+    with ranks.agreed("checking the latents"):
         a, label_a = _endpoint(start, loaded, dev)
         b, _ = _endpoint(end, loaded, dev)
         label = _check_class(loaded, label if label is not None else label_a, "--class")
