@@ -60,6 +60,29 @@ def test_graph_matches_pytorch_and_autograd(exported):
     report = validate_export(path, unet, clf, batches=(1, 3))
     assert report.ok, report.errors
     assert set(report.errors) == {"model_output@1", "gradient@1", "model_output@3", "gradient@3"}
+    if report.inspection is not None:  # polygraphy installed: it reads the I/O as the metadata says
+        assert report.inspection.problems == []
+        assert report.inspection.outputs["gradient"] == {"dtype": "float32", "shape": ["batch", 1, 8, 8]}
+
+
+def test_polygraphy_onnxrt_runner_matches_pytorch(exported):
+    """polygraphy's own onnxruntime backend runs the file (feeds by name, numpy) as PyTorch
+    computes: a second runner path next to fastdiff's io-binding one."""
+    pytest.importorskip("polygraphy")
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    from fastdiff.export.graph import example_inputs
+    from fastdiff.export.validate import reference_outputs
+
+    unet, clf, path = exported
+    graph = read_export(path)
+    named = dict(zip(graph.signature.inputs, example_inputs(graph.signature, graph.image_shape, 2, seed=3)))
+    with OnnxrtRunner(SessionFromOnnx(str(path))) as runner:
+        got = runner.infer({k: v.numpy() for k, v in named.items()})
+    refs = reference_outputs(graph, unet, clf, None, named)
+    for name, ref in refs.items():
+        err = np.abs(got[name] - ref.numpy()).max() / np.abs(ref.numpy()).max()
+        assert err <= 1e-4, (name, err)
 
 
 def test_other_weights_are_refused(exported):
@@ -133,6 +156,12 @@ def test_upsampler_graph_takes_low_res_and_matches_pytorch(exported_upsampler):
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 8, 8]  # dynamic batch, small size
     report = validate_export(path, model, batches=(1, 3))
     assert max(report.errors.values()) <= 1e-5, report.errors
+    if report.inspection is not None:
+        assert report.inspection.problems == [] and report.inspection.inputs["low_res"]["shape"][1:] == [
+            3,
+            8,
+            8,
+        ]
 
 
 def test_upsample_engine_onnx_matches_eager(exported_upsampler, tmp_path):
