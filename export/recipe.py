@@ -309,7 +309,7 @@ def _write_presets_md(results: dict) -> None:
         mib = f"{f['bytes'] / 2**20:.1f} (+{f['external_data_bytes'] / 2**20:.0f})"
         rows.append(
             f"{head} {r['export_s']:.0f} | {mib} | {f['nodes']} | {errs} | "
-            f"{r['ort_first_call_s']:.1f} | {r['eager_call_s']:.1f} | {r['peak_rss_gib']:.1f} |"
+            f"{r['ort_first_call_s']:.3g} | {r['eager_call_s']:.3g} | {r['peak_rss_gib']:.1f} |"
         )
     _write(HERE / "results" / "presets.md", "# Full-size preset exports (random weights, fp32, batch 1)\n\n"
            + "\n".join(rows) + "\n")  # fmt: skip
