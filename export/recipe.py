@@ -2,9 +2,12 @@
 counts by op type, file size, onnxruntime parity against PyTorch / torch.autograd.grad, the
 guided epsilon, the samples, and CPU timing of ``--engine onnx`` against eager (interleaved runs,
 medians, process CPU time). ``--variants [NAME ...]``: a tiny random model's cfg and fp16
-exports and a tiny upsampler's (all, or the named ones, merged into the record).
+exports and a tiny upsampler's (all, or the named ones, merged into the record). ``--presets
+[NAME ...]``: each preset at full size with random weights (all, or the named ones, merged into
+results/presets.json).
 
-    python export/recipe.py [--repeats 3] [--threads 1] [--variants [NAME ...]] [--no-bundled]
+    python export/recipe.py [--repeats 3] [--threads 1] [--variants [NAME ...]] [--presets [NAME ...]]
+                            [--no-bundled]
 """
 
 from __future__ import annotations
@@ -230,12 +233,18 @@ def _params(name: str) -> int:
     return sum(p.numel() for n in nets for p in build_preset(n, "meta").parameters())
 
 
-def _preset_names() -> list[str]:
-    """The model presets (classifiers go with theirs), smallest first: weights, then image size."""
+def _model_presets() -> list[str]:
+    """The presets that export (a classifier goes into its model's graph)."""
     from fastdiff.models.presets import PRESETS
 
-    models = (n for n, p in PRESETS.items() if p.kind != "classifier")
-    return sorted(models, key=lambda n: (_params(n), PRESETS[n].net.image_size))
+    return [n for n, p in PRESETS.items() if p.kind != "classifier"]
+
+
+def _preset_names() -> list[str]:
+    """The model presets, smallest first: weights (with the classifier's), then image size."""
+    from fastdiff.models.presets import PRESETS
+
+    return sorted(_model_presets(), key=lambda n: (_params(n), PRESETS[n].net.image_size))
 
 
 def _random_network(name: str, seed: int):
@@ -297,7 +306,7 @@ def _preset_record(name: str, threads: int, seed: int) -> dict:
 
 def _write_presets_md(results: dict) -> None:
     rows = ["| preset | classifier | params (M) | export s | file MiB (+ext. data) | nodes | "
-            "output / gradient rel. err. | ORT s/call | eager s/call | peak RSS GiB |",
+            "output / gradient rel. err. | ORT s (1st call) | eager s/call | peak RSS GiB |",
             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in results.items():
         head = f"| {name} | {r['classifier'] or '-'} | {r['params'] / 1e6:.0f} |"
@@ -368,6 +377,7 @@ def main() -> None:
     ap.add_argument(
         "--presets",
         nargs="*",
+        choices=_model_presets(),
         default=None,
         help="also each preset at full size with random weights (all, or these; smallest first)",
     )
