@@ -79,7 +79,7 @@ def test_polygraphy_onnxrt_runner_matches_pytorch(exported):
     named = dict(zip(graph.signature.inputs, example_inputs(graph.signature, graph.image_shape, 2, seed=3)))
     with OnnxrtRunner(SessionFromOnnx(str(path))) as runner:
         got = runner.infer({k: v.numpy() for k, v in named.items()})
-    refs = reference_outputs(graph, unet, clf, None, named)
+    refs = reference_outputs(graph, named, unet, clf)
     for name, ref in refs.items():
         err = np.abs(got[name] - ref.numpy()).max() / np.abs(ref.numpy()).max()
         assert err <= 1e-4, (name, err)

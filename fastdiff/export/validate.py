@@ -145,7 +145,7 @@ def _as_graph_computes(net, dtype: str):
     return copy.deepcopy(net).float()
 
 
-def reference_outputs(graph: ExportedGraph, model, classifier=None, null_label=None, named=None) -> dict:
+def reference_outputs(graph: ExportedGraph, named: dict, model, classifier=None, null_label=None) -> dict:
     """What PyTorch computes for the graph's inputs ``named``: the model output (classifier-free
     guidance mixed in) and the classifier gradient of ClassifierGuidance (torch.autograd.grad)."""
     sig = graph.signature
@@ -186,7 +186,7 @@ def validate_export(path, model, classifier=None, null_label=None, batches=(1, 3
         got = session(named["x_t"], named["timestep"], named.get("labels"), *scales, **kwargs)
         report.ort_seconds[n] = time.perf_counter() - start
         start = time.perf_counter()
-        refs = reference_outputs(graph, model, classifier, null_label, named)
+        refs = reference_outputs(graph, named, model, classifier, null_label)
         report.eager_seconds[n] = time.perf_counter() - start
         for name, out in zip(sig.outputs, got):
             report.errors[f"{name}@{n}"] = _rel(out, refs[name])
