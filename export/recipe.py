@@ -2,9 +2,12 @@
 counts by op type, file size, onnxruntime parity against PyTorch / torch.autograd.grad, the
 guided epsilon, the samples, and CPU timing of ``--engine onnx`` against eager (interleaved runs,
 medians, process CPU time). ``--variants [NAME ...]``: a tiny random model's cfg and fp16
-exports and a tiny upsampler's (all, or the named ones, merged into the record).
+exports and a tiny upsampler's (all, or the named ones, merged into the record). ``--presets
+[NAME ...]``: each preset at full size with random weights (all, or the named ones, merged into
+results/presets.json).
 
-    python export/recipe.py [--repeats 3] [--threads 1] [--variants [NAME ...]] [--no-bundled]
+    python export/recipe.py [--repeats 3] [--threads 1] [--variants [NAME ...]] [--presets [NAME ...]]
+                            [--no-bundled]
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ from fastdiff.export.onnx_runtime import OrtDenoiser, cache_dir  # noqa: E402
 from fastdiff.export.validate import validate_export  # noqa: E402
 from fastdiff.files import atomic_write, to_uint8  # noqa: E402
 from fastdiff.runs.loading import load_diffusion_model  # noqa: E402
+
+
+def _write(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _write_json(path: Path, obj) -> None:
+    _write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _guided_eps_error(path: Path, loaded, clf, scale: float) -> float:
@@ -84,6 +95,11 @@ def _time_engines(loaded, clf, scale: float, repeats: int, batch: int) -> dict:
     }
 
 
+def _inspected(v) -> dict | None:
+    """polygraphy's reading of the file as the record keeps it (None: polygraphy not installed)."""
+    return None if v.inspection is None else v.inspection.as_dict()
+
+
 def bundled(repeats: int, batch: int) -> dict:
     cpu = torch.device("cpu")
     loaded = load_diffusion_model(preset=None, flag_string=None, checkpoint=None, device=cpu)
@@ -106,11 +122,12 @@ def bundled(repeats: int, batch: int) -> dict:
     report["file"] = {"bytes": path.stat().st_size, "nodes": node_counts(model), "guidance": info.guidance}
     v = validate_export(path, loaded.model, clf.model, batches=(1, 4, 8))
     report["parity"] = {"relative_max_errors": v.errors, "ok": v.ok}
+    report["polygraphy"] = _inspected(v)
     report["ort_call_s"] = v.ort_seconds
     report["eager_call_s"] = v.eager_seconds
     report["guided_eps_relative_error"] = _guided_eps_error(path, loaded, clf.model, scale)
     report["sampling"] = _time_engines(loaded, clf.model, scale, repeats, batch)
-    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    _write_json(out, report)
     return report
 
 
@@ -144,9 +161,9 @@ def variants(names: list[str] | None = None) -> dict:
         guidance = {k: v for k, v in kwargs.items() if k != "low_res_shape"}
         v = validate_export(path, model, **guidance, batches=(1, 3))
         results[name] = {"export_s": seconds, "bytes": res.bytes, "nodes": sum(res.node_counts.values()),
-                         "errors": v.errors, "ok": v.ok, "tolerance": v.tolerance}  # fmt: skip
-    text = json.dumps(results, indent=2) + "\n"
-    atomic_write(record, lambda tmp: Path(tmp).write_text(text))
+                         "errors": v.errors, "ok": v.ok, "tolerance": v.tolerance,
+                         "polygraphy": _inspected(v)}  # fmt: skip
+    _write_json(record, results)
     return results
 
 
@@ -197,8 +214,143 @@ def vectors(folder: Path) -> dict:
             "x0_eager_vs_reference": rel(x0["eager"], spec["x_0"]),
             "x0_onnx_vs_eager": rel(x0["onnx"], x0["eager"]),
         }
-    text = json.dumps(results, indent=2) + "\n"
-    atomic_write(HERE / "results" / "vectors.json", lambda tmp: Path(tmp).write_text(text))
+    _write_json(HERE / "results" / "vectors.json", results)
+    return results
+
+
+# Each base preset's classifier for guidance (guided-diffusion samples its unconditional 256x256
+# model with the 256x256 classifier); LSUN models and upsamplers have none.
+CLASSIFIERS = {"imagenet64": "classifier64", "imagenet128": "classifier128", "imagenet256": "classifier256",
+               "imagenet256-uncond": "classifier256", "imagenet512": "classifier512",
+               "mnist": "mnist-classifier"}  # fmt: skip
+
+
+def _params(name: str) -> int:
+    """Weights of a preset's network and its classifier (built on the meta device: no memory)."""
+    from fastdiff.models.presets import build_preset
+
+    nets = [name] + ([CLASSIFIERS[name]] if name in CLASSIFIERS else [])
+    return sum(p.numel() for n in nets for p in build_preset(n, "meta").parameters())
+
+
+def _model_presets() -> list[str]:
+    """The presets that export (a classifier goes into its model's graph)."""
+    from fastdiff.models.presets import PRESETS
+
+    return [n for n, p in PRESETS.items() if p.kind != "classifier"]
+
+
+def _preset_names() -> list[str]:
+    """The model presets, smallest first: weights (with the classifier's), then image size."""
+    from fastdiff.models.presets import PRESETS
+
+    return sorted(_model_presets(), key=lambda n: (_params(n), PRESETS[n].net.image_size))
+
+
+def _random_network(name: str, seed: int):
+    """A preset's network with seeded random weights in fp32 (as the graph holds them); the layers
+    ADM initialises to zero (each block's last conv, the output conv) get small random weights too,
+    so the model output and the classifier gradient are not trivially zero."""
+    from fastdiff.models.presets import build_preset
+
+    torch.manual_seed(seed)
+    net = build_preset(name).float().eval().requires_grad_(False)
+    for p in net.parameters():
+        if p.dim() > 1 and not p.any():
+            p.normal_(0, 0.5 / p[0].numel() ** 0.5)
+    return net
+
+
+def _preset_record(name: str, threads: int, seed: int) -> dict:
+    """Export ``name`` at full size (random weights, with its classifier) into a temporary folder,
+    check it (onnx.checker with full shape inference), validate it at batch 1 (with polygraphy's
+    inspection), then delete it."""
+    import resource
+    import shutil
+    import tempfile
+
+    import onnx
+
+    from fastdiff.models.presets import PRESETS
+
+    torch.set_num_threads(threads)
+    preset = PRESETS[name]
+    model = _random_network(name, seed)
+    clf = _random_network(CLASSIFIERS[name], seed + 1) if name in CLASSIFIERS else None
+    low_res = None
+    if preset.kind == "superres":
+        low_res = (model.in_channels // 2, preset.net.small_size, preset.net.small_size)
+    record = {"image_size": preset.net.image_size, "low_res_shape": low_res, "threads": threads, "seed": seed}
+    folder = Path(tempfile.mkdtemp(prefix=f"fastdiff-{name}-"))
+    try:
+        path = folder / f"{name}.onnx"
+        res = export_onnx(model, path, classifier=clf, low_res_shape=low_res, metadata={"preset": name})
+        data = folder / f"{path.name}.data"
+        external = data.stat().st_size if data.exists() else 0
+        record["export_s"] = res.seconds
+        record["file"] = {"bytes": res.bytes, "external_data_bytes": external,
+                          "nodes": sum(res.node_counts.values()), "nodes_by_op": res.node_counts}  # fmt: skip
+        start = time.perf_counter()
+        onnx.checker.check_model(str(path), full_check=True)  # by path: the weights may be a side file
+        record["checker_s"] = time.perf_counter() - start
+        v = validate_export(path, model, clf, batches=(1,))
+        record["parity"] = {"relative_max_errors": v.errors, "tolerance": v.tolerance, "ok": v.ok}
+        record["polygraphy"] = _inspected(v)
+        record["ort_first_call_s"] = v.ort_seconds[1]  # batch 1, the session's first run
+        record["eager_call_s"] = v.eager_seconds[1]
+    finally:
+        shutil.rmtree(folder)
+    record["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return record
+
+
+def _write_presets_md(results: dict) -> None:
+    rows = ["| preset | classifier | params (M) | export s | file MiB (+ext. data) | nodes | "
+            "output / gradient rel. err. | ORT s (1st call) | eager s/call | peak RSS GiB |",
+            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in results.items():
+        head = f"| {name} | {r['classifier'] or '-'} | {r['params'] / 1e6:.0f} |"
+        if "error" in r:
+            rows.append(f"{head} failed: {r['error']} | | | | | | |")
+            continue
+        f, e = r["file"], r["parity"]["relative_max_errors"]
+        errs = " / ".join(f"{e[k]:.1e}" for k in ("model_output@1", "gradient@1") if k in e)
+        mib = f"{f['bytes'] / 2**20:.1f} (+{f['external_data_bytes'] / 2**20:.0f})"
+        rows.append(
+            f"{head} {r['export_s']:.0f} | {mib} | {f['nodes']} | {errs} | "
+            f"{r['ort_first_call_s']:.3g} | {r['eager_call_s']:.3g} | {r['peak_rss_gib']:.1f} |"
+        )
+    _write(HERE / "results" / "presets.md", "# Full-size preset exports (random weights, fp32, batch 1)\n\n"
+           + "\n".join(rows) + "\n")  # fmt: skip
+
+
+def presets(names: list[str] | None, threads: int, seed: int = 0) -> dict:
+    """Each preset (all, or ``names``; smallest first) exported and validated in a process of its
+    own (its memory is returned, and one that dies is recorded as such), merged into
+    results/presets.json and .md after each, so a partial run keeps the others' results."""
+    import multiprocessing
+    import traceback
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    record = HERE / "results" / "presets.json"
+    results = json.loads(record.read_text()) if record.is_file() else {}
+    order = _preset_names()
+    for name in sorted(names, key=order.index) if names else order:
+        print(f"{name}: exporting", flush=True)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                result = pool.submit(_preset_record, name, threads, seed).result()
+            except BrokenProcessPool:
+                result = {"error": "the export process died (killed: out of memory?)"}
+            except Exception as e:  # the export's own failure, recorded for this preset
+                last = traceback.format_exception_only(type(e), e)[-1].strip()
+                result = {"error": " ".join(last.split())[:300]}
+        results[name] = {"classifier": CLASSIFIERS.get(name), "params": _params(name), **result}
+        print(f"{name}: {json.dumps(results[name])[:400]}", flush=True)
+        results = {n: results[n] for n in order if n in results}
+        _write_json(record, results)
+        _write_presets_md(results)
     return results
 
 
@@ -222,6 +374,13 @@ def main() -> None:
         default=None,
         help="also tiny models' exports (all, or these)",
     )
+    ap.add_argument(
+        "--presets",
+        nargs="*",
+        choices=_model_presets(),
+        default=None,
+        help="also each preset at full size with random weights (all, or these; smallest first)",
+    )
     ap.add_argument("--no-bundled", action="store_true", help="skip the bundled model")
     ap.add_argument("--vectors", type=Path, default=None, help="guided-diffusion reference cases folder")
     args = ap.parse_args()
@@ -230,6 +389,8 @@ def main() -> None:
         print(json.dumps(bundled(args.repeats, args.batch), indent=2))
     if args.variants is not None:
         print(json.dumps(variants(args.variants), indent=2))
+    if args.presets is not None:
+        presets(args.presets, args.threads)
     if args.vectors is not None:
         print(json.dumps(vectors(args.vectors), indent=2))
 

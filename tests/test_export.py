@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
@@ -531,3 +532,78 @@ def test_cli_export_refuses_guidance_for_upsamplers_before_loading(tmp_path):
     res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "out")])
     assert res.exit_code == 1 and "checkpoint not found" in res.output  # loaded as an upsampler
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ polygraphy's inspection
+
+
+def _typed_classifier_graph(path, labels=None, batch="batch", out_channels=2):
+    """A hand-built classifier-guided graph with typed inputs and outputs: model_output = x_t
+    repeated ``out_channels`` times, gradient = classifier_scale * x_t; ``labels`` its ONNX type
+    (int64 unless given), ``batch`` x_t's first dimension."""
+    from onnx import TensorProto, helper
+
+    sig = DenoiserSignature(True, True, False)
+    types = {
+        "x_t": (TensorProto.FLOAT, [batch, 1, 8, 8]),
+        "timestep": (TensorProto.FLOAT, ["batch"]),
+        "labels": (labels or TensorProto.INT64, ["batch"]),
+        "classifier_scale": (TensorProto.FLOAT, []),
+    }
+    inputs = [helper.make_tensor_value_info(n, *types[n]) for n in sig.inputs]
+    outputs = [
+        helper.make_tensor_value_info("model_output", TensorProto.FLOAT, ["batch", out_channels, 8, 8]),
+        helper.make_tensor_value_info("gradient", TensorProto.FLOAT, ["batch", 1, 8, 8]),
+    ]
+    nodes = [
+        helper.make_node("Concat", ["x_t"] * out_channels, ["model_output"], axis=1),
+        helper.make_node("Mul", ["x_t", "classifier_scale"], ["gradient"]),
+    ]
+    return _fake_export(path, sig, graph=helper.make_graph(nodes, "g", inputs, outputs))
+
+
+def test_polygraphy_reads_the_graph_as_its_metadata_says(tmp_path):
+    pytest.importorskip("polygraphy")
+    from fastdiff.export.validate import inspect_export
+
+    found = inspect_export(read_export(_typed_classifier_graph(tmp_path / "g.onnx")))
+    assert found.problems == [] and found.opset == 18 and found.nodes == 2
+    assert found.inputs["labels"] == {"dtype": "int64", "shape": ["batch"]}
+    assert found.inputs["classifier_scale"] == {"dtype": "float32", "shape": []}
+    assert found.outputs["model_output"]["shape"] == ["batch", 2, 8, 8]
+    sr = inspect_export(read_export(_upsampler_graph(tmp_path / "sr.onnx")))
+    assert sr.problems == [] and sr.inputs["low_res"]["shape"] == ["batch", 1, 4, 4]
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"labels": onnx.TensorProto.FLOAT}, "labels is float32, fastdiff feeds/reads int64"),
+        ({"batch": 4}, "x_t's batch dimension is 4, not dynamic"),
+        (
+            {"out_channels": 3},
+            r"model_output has shape \['batch', 3, 8, 8\], metadata \[batch, 1, 8, 8\] or \[batch, 2, 8, 8\]",
+        ),
+    ],
+)
+def test_polygraphy_finds_what_differs_from_the_metadata(tmp_path, change, problem):
+    pytest.importorskip("polygraphy")
+    from fastdiff.export.validate import ValidationReport, inspect_export
+
+    found = inspect_export(read_export(_typed_classifier_graph(tmp_path / "g.onnx", **change)))
+    assert any(re.fullmatch(problem, p) for p in found.problems), found.problems
+    report = ValidationReport(errors={"model_output@1": 0.0}, inspection=found)
+    assert not report.ok and "polygraphy: " in report.summary()
+
+
+def test_without_polygraphy_validation_says_so_in_one_line(tmp_path, monkeypatch):
+    import sys
+
+    from fastdiff.export.validate import ValidationReport, inspect_export, polygraphy_available
+
+    monkeypatch.setitem(sys.modules, "polygraphy", None)  # as if not installed
+    assert not polygraphy_available()
+    with pytest.raises(ExportError, match=r"^polygraphy is not installed \(pip install polygraphy"):
+        inspect_export(read_export(_typed_classifier_graph(tmp_path / "g.onnx")))
+    report = ValidationReport(errors={"model_output@1": 0.0})
+    assert report.ok and report.summary().endswith("polygraphy inspection skipped (not installed) (ok)")
