@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_case
+from vectors.variants import process_flags
 
 from fastdiff.compat import guided_diffusion as gd
 from fastdiff.diffusion import sample
@@ -118,18 +119,10 @@ def _sampling_setup(case_path):
     if method not in ("ddim", "ddpm"):
         pytest.fail(f"unknown sampling method {method!r} in case")
     # The respaced process from the case's own diffusion flags, as script_util builds it.
-    names = (
-        "learn_sigma",
-        "noise_schedule",
-        "use_kl",
-        "predict_xstart",
-        "rescale_timesteps",
-        "rescale_learned_sigmas",
-    )
     diffusion = gd.create_gaussian_diffusion(
         steps=case["flags"].get("diffusion_steps", 1000),
         timestep_respacing=spec["respacing"],
-        **{k: case["flags"][k] for k in names if k in case["flags"]},
+        **process_flags(gd, {**gd.diffusion_defaults(), **case["flags"]}),
     )
     assert list(diffusion.timestep_map) == list(spec["use_timesteps"])
     scale = float(spec.get("classifier_scale", 0.0))

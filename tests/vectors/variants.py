@@ -189,9 +189,8 @@ def run_variant(gd, th, kind: str, flags: dict) -> dict:
         ("ddpm", "5", "p_sample_loop", {}),
         ("ddim", "ddim4", "ddim_sample_loop", {"eta": 0.5}),
     ):
-        process = {k: flags[k] for k in _PROCESS_KEYS}
         spaced = gd.create_gaussian_diffusion(
-            **process, steps=flags["diffusion_steps"], timestep_respacing=respacing
+            **process_flags(gd, flags), steps=flags["diffusion_steps"], timestep_respacing=respacing
         )
         th.manual_seed(5)  # the loops' per-step noise: the global generator, as the original draws it
         result[name] = getattr(spaced, loop)(
@@ -200,14 +199,10 @@ def run_variant(gd, th, kind: str, flags: dict) -> dict:
     return result
 
 
-_PROCESS_KEYS = (
-    "learn_sigma",
-    "noise_schedule",
-    "use_kl",
-    "predict_xstart",
-    "rescale_timesteps",
-    "rescale_learned_sigmas",
-)
+def process_flags(gd, flags: dict) -> dict:
+    """The flags create_gaussian_diffusion takes besides steps and respacing, as ``flags`` set them."""
+    skip = ("diffusion_steps", "timestep_respacing")
+    return {k: flags[k] for k in gd.diffusion_defaults() if k not in skip}
 
 
 FP16_FLAGS = ("use_fp16", "classifier_use_fp16")
