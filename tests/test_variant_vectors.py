@@ -2,7 +2,8 @@
 
 The recipe of calls is ``tests/vectors/variants.py``; guided-diffusion ran it to make the file, and
 here fastdiff's compat layer runs the same calls from the same flags and seeded weights. Each
-variant runs on the product's CPU path (``auto``) and on the plain PyTorch references.
+variant runs on the product's CPU path (``auto``) and, in the slow stage, on the plain PyTorch
+references.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def test_the_file_covers_every_variant():
     assert set(CASES) == set(VARIANTS)
 
 
-@pytest.mark.parametrize("mode", ["auto", "reference"])
+# The product's path in the default suite; the references (a second run of every variant) in the
+# slow stage, which CI also runs.
+@pytest.mark.parametrize("mode", ["auto", pytest.param("reference", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_variant_matches_the_original(name, mode, monkeypatch):
     monkeypatch.setenv("FASTDIFF_OPS", mode)
