@@ -196,6 +196,7 @@ for case in ("user", "bug", "gone"):
 """
 
 
+@pytest.mark.slow  # a torchrun job, as the other multi-process checks
 def test_an_error_one_rank_meets_is_every_ranks_line(tmp_path):
     (tmp_path / "agree.py").write_text(AGREE)
     rc, output = torchrun(tmp_path, command=[str(tmp_path / "agree.py")])
