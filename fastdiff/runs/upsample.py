@@ -10,6 +10,7 @@ batch-by-batch npz, resume and engines (onnx and trt too: the exported upsampler
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,40 +114,37 @@ def read_low_res(path: Path, upsampler: LoadedModel) -> LowRes:
     return LowRes(images, None if batch.labels is None else batch.labels.astype(np.int64))
 
 
+def upsample_plan(
+    upsampler: LoadedModel, low_res: LowRes, num_samples: int, settings: Plan | None = None, **fields
+) -> UpsamplePlan:
+    """The run's plan: the upsampler and its low-res input by identity, unguided, with the run
+    options of ``settings`` (a cascade's base plan) replaced by ``fields`` (Plan field names)."""
+    own = {f.name: getattr(settings, f.name) for f in dataclasses.fields(Plan)} if settings else {}
+    return UpsamplePlan(
+        **{
+            **own,
+            **fields,
+            "model": upsampler.identity,
+            "classifier": None,
+            "classifier_scale": 0.0,
+            "cfg_scale": None,
+            "labels": low_res.labels_for(num_samples),
+            "low_res": low_res.sha256,
+        }
+    )
+
+
 def upsample_run(
     upsampler: LoadedModel,
     low_res: LowRes,
+    plan: UpsamplePlan,
     *,
-    sampler: str,
-    respacing: str,
-    eta: float,
-    seed: int,
-    batch_size: int,
-    dtype: str,
-    engine: str,
-    clip_denoised: bool,
     num_samples: int,
     out: Path,
     device: torch.device,
     progress: bool,
 ) -> dict:
     """Upsample into the (locked) ``out`` through fastdiff sample's run machinery."""
-    plan = UpsamplePlan(
-        model=upsampler.identity,
-        classifier=None,
-        classifier_scale=0.0,
-        cfg_scale=None,
-        sampler=sampler,
-        respacing=respacing,
-        eta=eta,
-        seed=seed,
-        batch_size=batch_size,
-        dtype=dtype,
-        engine=engine,
-        clip_denoised=clip_denoised,
-        labels=low_res.labels_for(num_samples),
-        low_res=low_res.sha256,
-    )
     return run_sampling(
         upsampler,
         None,
@@ -179,22 +177,13 @@ class Cascade:
         with np.load(npz) as z:
             low_res = LowRes(z["arr_0"], z["arr_1"] if "arr_1" in z.files else None)
         out = base_out / "upsampled"
+        n = len(low_res.images)
+        up = upsample_plan(
+            self.upsampler, low_res, n, plan, sampler="ddpm", respacing=self.respacing, eta=0.0
+        )
         with locked_run_folder(out, resume):
             return upsample_run(
-                self.upsampler,
-                low_res,
-                sampler="ddpm",
-                respacing=self.respacing,
-                eta=0.0,
-                seed=plan.seed,
-                batch_size=plan.batch_size,
-                dtype=plan.dtype,
-                engine=plan.engine,
-                clip_denoised=plan.clip_denoised,
-                num_samples=len(low_res.images),
-                out=out,
-                device=device,
-                progress=progress,
+                self.upsampler, low_res, up, num_samples=n, out=out, device=device, progress=progress
             )
 
 
@@ -247,9 +236,11 @@ def upsample_file_run(
     with locked_run_folder(out, resume):
         upsampler = load_upsampler(preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=dev)
         low_res = read_low_res(low_res_path, upsampler)
-        return upsample_run(
+        n = num_samples or len(low_res.images)
+        plan = upsample_plan(
             upsampler,
             low_res,
+            n,
             sampler=sampler,
             respacing=respacing_for(sampler, steps, respacing, upsampler.num_timesteps),
             eta=eta,
@@ -258,8 +249,5 @@ def upsample_file_run(
             dtype=dtype,
             engine=engine,
             clip_denoised=clip_denoised,
-            num_samples=num_samples or len(low_res.images),
-            out=out,
-            device=dev,
-            progress=progress,
         )
+        return upsample_run(upsampler, low_res, plan, num_samples=n, out=out, device=dev, progress=progress)
