@@ -131,6 +131,11 @@ def test_sampler_bad_arguments():
         fastdiff.Sampler(unet, diffusion, cfg_scale=2.0)
     with pytest.raises(ValueError, match="unknown sampler"):
         fastdiff.Sampler(unet, diffusion, sampler="euler")
+    for bad in ({"eta": math.inf}, {"eta": -0.1}, {"classifier": clf, "classifier_scale": math.nan}):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            fastdiff.Sampler(unet, diffusion, sampler="ddim", **bad)
+    with pytest.raises(ValueError, match="cfg_scale must be finite"):
+        fastdiff.Sampler(unet, diffusion, cfg_scale=math.nan, null_label=3)
     if not CUDA:
         with pytest.raises(EngineError, match="needs a CUDA device"):
             fastdiff.Sampler(unet, diffusion, engine="graph")

@@ -8,6 +8,7 @@ chosen engine, whose compiled or captured step is cached per batch shape.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -95,8 +96,12 @@ class Sampler:
         spec = get_sampler(sampler)
         if eta and not spec.uses_eta:
             raise ValueError(f"eta is a DDIM parameter; sampler {sampler!r} does not use it")
-        if eta < 0 or classifier_scale < 0:
-            raise ValueError("eta and classifier_scale must be >= 0")
+        if not (0 <= eta < math.inf and 0 <= classifier_scale < math.inf):
+            raise ValueError(
+                f"eta and classifier_scale must be finite and >= 0, got {eta}, {classifier_scale}"
+            )
+        if cfg_scale is not None and not math.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
         if classifier_scale and classifier is None:
             raise ValueError("classifier_scale needs a classifier")
         if cfg_scale is not None and null_label is None:

@@ -3,6 +3,7 @@ all checked before any network loads."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -70,10 +71,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_run_options(
-    device: str, dtype: str, threads: int | None, engine: str | None, sampler: str, eta: float
+    device: str, dtype: str, threads: int | None, engine: str | None, sampler: str, eta: float, seed: int = 0
 ) -> tuple[torch.device, str]:
     """(device, engine) after the checks every sampling run makes before loading anything;
     under torchrun, this rank's device in the process group."""
+    if seed < 0:  # torch would take it, numpy's generators (--classes random) would not
+        raise RunError(f"--seed must be >= 0, got {seed}")
+    if not math.isfinite(eta) or eta < 0:
+        raise RunError(f"--eta must be a finite number >= 0, got {eta}")
     dev = ranks.join(resolve_device(device))
     if dtype == "fp16" and dev.type == "cpu":
         raise RunError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
@@ -85,6 +90,4 @@ def check_run_options(
         raise RunError(str(e)) from None
     if eta and not SAMPLERS[sampler].uses_eta:
         raise RunError(f"--eta is a DDIM parameter; --sampler {sampler} does not use it")
-    if eta < 0:
-        raise RunError(f"--eta must be >= 0, got {eta}")
     return dev, engine

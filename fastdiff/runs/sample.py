@@ -10,6 +10,7 @@ ranks and rank 0 owns the folder (fastdiff.runs.ranks).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,9 +64,12 @@ def sample_run(
     out = Path(out)
     checkpoint = None if checkpoint is None else Path(checkpoint)
     classifier = None if classifier is None else Path(classifier)
-    dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta)
+    for name, scale in (("--classifier-scale", classifier_scale), ("--cfg-scale", cfg_scale)):
+        if scale is not None and not math.isfinite(scale):
+            raise RunError(f"{name} must be a finite number, got {scale}")
     if classifier_scale is not None and classifier_scale < 0:
         raise RunError(f"--classifier-scale must be >= 0, got {classifier_scale}")
+    dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta, seed)
     if classifier is not None and classifier_scale is None:
         raise RunError(
             "--classifier needs --classifier-scale S (the guidance strength, e.g. 1.0; 0 for none)"

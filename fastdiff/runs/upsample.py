@@ -231,7 +231,7 @@ def upsample_file_run(
     image (more cycle through them)."""
     low_res_path, out = Path(low_res_path), Path(out)
     checkpoint = None if checkpoint is None else Path(checkpoint)
-    dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta)
+    dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta, seed)
     check_file(low_res_path, "--low-res")
     with locked_run_folder(out, resume):
         upsampler = load_upsampler(preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=dev)
