@@ -4,10 +4,10 @@ guided epsilon, the samples, and CPU timing of ``--engine onnx`` against eager (
 medians, process CPU time). ``--variants [NAME ...]``: a tiny random model's cfg and fp16
 exports and a tiny upsampler's (all, or the named ones, merged into the record). ``--presets
 [NAME ...]``: each preset at full size with random weights (all, or the named ones, merged into
-results/presets.json).
+results/presets.json; with ``--dtype fp16``, into results/presets-fp16.json).
 
     python export/recipe.py [--repeats 3] [--threads 1] [--variants [NAME ...]] [--presets [NAME ...]]
-                            [--no-bundled]
+                            [--dtype fp32|fp16] [--no-bundled]
 """
 
 from __future__ import annotations
@@ -261,8 +261,9 @@ def _random_network(name: str, seed: int):
     return net
 
 
-def _preset_record(name: str, threads: int, seed: int) -> dict:
-    """Export ``name`` at full size (random weights, with its classifier) into a temporary folder,
+def _preset_record(name: str, threads: int, seed: int, dtype: str = "fp32") -> dict:
+    """Export ``name`` at full size (random weights, with its classifier; the graph in ``dtype``,
+    checked against the fp32 networks) into a temporary folder,
     check it (onnx.checker with full shape inference), validate it at batch 1 (with polygraphy's
     inspection), then delete it."""
     import resource
@@ -280,11 +281,13 @@ def _preset_record(name: str, threads: int, seed: int) -> dict:
     low_res = None
     if preset.kind == "superres":
         low_res = (model.in_channels // 2, preset.net.small_size, preset.net.small_size)
-    record = {"image_size": preset.net.image_size, "low_res_shape": low_res, "threads": threads, "seed": seed}
+    record = {"image_size": preset.net.image_size, "low_res_shape": low_res, "threads": threads, "seed": seed,
+              "dtype": dtype}  # fmt: skip
     folder = Path(tempfile.mkdtemp(prefix=f"fastdiff-{name}-"))
     try:
         path = folder / f"{name}.onnx"
-        res = export_onnx(model, path, classifier=clf, low_res_shape=low_res, metadata={"preset": name})
+        res = export_onnx(model, path, classifier=clf, low_res_shape=low_res,
+                          config=OnnxExportConfig(dtype=dtype), metadata={"preset": name})  # fmt: skip
         data = folder / f"{path.name}.data"
         external = data.stat().st_size if data.exists() else 0
         record["export_s"] = res.seconds
@@ -304,7 +307,12 @@ def _preset_record(name: str, threads: int, seed: int) -> dict:
     return record
 
 
-def _write_presets_md(results: dict) -> None:
+def _record_path(dtype: str, ext: str) -> Path:
+    """results/presets.EXT for fp32 graphs, results/presets-DTYPE.EXT for the others."""
+    return HERE / "results" / f"presets{'' if dtype == 'fp32' else '-' + dtype}.{ext}"
+
+
+def _write_presets_md(results: dict, dtype: str) -> None:
     rows = ["| preset | classifier | params (M) | export s | file MiB (+ext. data) | nodes | "
             "output / gradient rel. err. | ORT s (1st call) | eager s/call | peak RSS GiB |",
             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -320,27 +328,29 @@ def _write_presets_md(results: dict) -> None:
             f"{head} {r['export_s']:.0f} | {mib} | {f['nodes']} | {errs} | "
             f"{r['ort_first_call_s']:.3g} | {r['eager_call_s']:.3g} | {r['peak_rss_gib']:.1f} |"
         )
-    _write(HERE / "results" / "presets.md", "# Full-size preset exports (random weights, fp32, batch 1)\n\n"
-           + "\n".join(rows) + "\n")  # fmt: skip
+    against = "" if dtype == "fp32" else ", errors against the fp32 networks"
+    title = f"# Full-size preset exports (random weights, {dtype}, batch 1{against})"
+    _write(_record_path(dtype, "md"), title + "\n\n" + "\n".join(rows) + "\n")
 
 
-def presets(names: list[str] | None, threads: int, seed: int = 0) -> dict:
-    """Each preset (all, or ``names``; smallest first) exported and validated in a process of its
-    own (its memory is returned, and one that dies is recorded as such), merged into
-    results/presets.json and .md after each, so a partial run keeps the others' results."""
+def presets(names: list[str] | None, threads: int, seed: int = 0, dtype: str = "fp32") -> dict:
+    """Each preset (all, or ``names``; smallest first) exported in ``dtype`` and validated in a
+    process of its own (its memory is returned, and one that dies is recorded as such), merged
+    into results/presets[-DTYPE].json and .md after each, so a partial run keeps the others'
+    results."""
     import multiprocessing
     import traceback
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    record = HERE / "results" / "presets.json"
+    record = _record_path(dtype, "json")
     results = json.loads(record.read_text()) if record.is_file() else {}
     order = _preset_names()
     for name in sorted(names, key=order.index) if names else order:
         print(f"{name}: exporting", flush=True)
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             try:
-                result = pool.submit(_preset_record, name, threads, seed).result()
+                result = pool.submit(_preset_record, name, threads, seed, dtype).result()
             except BrokenProcessPool:
                 result = {"error": "the export process died (killed: out of memory?)"}
             except Exception as e:  # the export's own failure, recorded for this preset
@@ -350,7 +360,7 @@ def presets(names: list[str] | None, threads: int, seed: int = 0) -> dict:
         print(f"{name}: {json.dumps(results[name])[:400]}", flush=True)
         results = {n: results[n] for n in order if n in results}
         _write_json(record, results)
-        _write_presets_md(results)
+        _write_presets_md(results, dtype)
     return results
 
 
@@ -381,6 +391,7 @@ def main() -> None:
         default=None,
         help="also each preset at full size with random weights (all, or these; smallest first)",
     )
+    ap.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="the preset graphs' dtype")
     ap.add_argument("--no-bundled", action="store_true", help="skip the bundled model")
     ap.add_argument("--vectors", type=Path, default=None, help="guided-diffusion reference cases folder")
     args = ap.parse_args()
@@ -390,7 +401,7 @@ def main() -> None:
     if args.variants is not None:
         print(json.dumps(variants(args.variants), indent=2))
     if args.presets is not None:
-        presets(args.presets, args.threads)
+        presets(args.presets, args.threads, dtype=args.dtype)
     if args.vectors is not None:
         print(json.dumps(vectors(args.vectors), indent=2))
 

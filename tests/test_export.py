@@ -99,7 +99,9 @@ def _fake_export(path, sig: DenoiserSignature, digest="0" * 64, graph=None, **me
         outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in sig.outputs]
         nodes = [helper.make_node("Identity", ["x_t"], [n]) for n in sig.outputs]
         graph = helper.make_graph(nodes, "g", inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    # IR 10, as torch.onnx writes: newer onnx releases default to an IR newer than onnxruntime reads
+    # (onnx 1.23 writes 14; onnxruntime 1.30 reads up to 13)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     if sig.superres:
         meta = {"fastdiff.kind": "superres", "fastdiff.low_res_shape": "[1, 4, 4]", **meta}
     props = {

@@ -585,8 +585,9 @@ def backward(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activati
     parameter grads are tiny [N, C] reductions of those, done in torch.
     """
     xf, (sxn, sxc, sxs), n, c, cg, s, tc, ts, align = _setup(x, num_groups)
-    # vector loads along channels (align > 1) at 16 warps make ptxas spill on sm_80; 8 warps do not
-    warps = _warps(tc * ts, 128 if align == 1 else 256)
+    # vector loads along channels (align > 1), and fp32 (with triton 3.6's ptxas), at 16 warps make
+    # ptxas spill on sm_80; 8 warps do not
+    warps = _warps(tc * ts, 128 if align == 1 and x.dtype != torch.float32 else 256)
     acc, acc_t = _acc_dtype(x)
     dyf, sdn, sdc, sds, _ = _flat(dy)
     dx = new_output(x)
