@@ -14,7 +14,9 @@ dtypes x layouts x archs), too many to compile each run; its tiles keep about th
 thread, so by default one variant per (kernel, flags, vector width, dtype, layout, arch) is compiled,
 the one with the most elements per thread and the widest channel tile; ``--all`` compiles them all
 (run it when the GroupNorm kernels or their tiles change). Triton's cache keeps compiled variants, so
-reruns only compile what changed.
+reruns only compile what changed. CI runs it twice: with the venv's triton and with triton 3.6, the
+GPU image's (``PYTHONPATH`` to a ``pip install --target`` of it), whose ptxas spilled on three tiles
+that 3.9's did not.
 """
 
 from __future__ import annotations
@@ -340,7 +342,10 @@ def main() -> int:
     todo = select(variants, opts.all)
     t1 = time.time()
     presets = set().union(*calls.values())
+    import triton
+
     print(
+        f"triton {triton.__version__}: "
         f"{len(calls)} GroupNorm/attention calls in {len(presets)} presets x batch {BATCHES} x fp16/bf16/fp32"
         f" x sm_80/sm_90: {len(variants)} kernel variants, {len(todo)} to compile ({t1 - t0:.0f}s)"
     )
