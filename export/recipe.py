@@ -301,10 +301,33 @@ def _preset_record(name: str, threads: int, seed: int, dtype: str = "fp32") -> d
         record["polygraphy"] = _inspected(v)
         record["ort_first_call_s"] = v.ort_seconds[1]  # batch 1, the session's first run
         record["eager_call_s"] = v.eager_seconds[1]
+        if dtype != "fp32":
+            record["torch_relative_max_errors"] = _torch_errors(path, model, clf, dtype)
     finally:
         shutil.rmtree(folder)
     record["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return record
+
+
+def _torch_errors(path: Path, model, clf, dtype: str) -> dict:
+    """PyTorch's own error in ``dtype`` against the fp32 networks, on the inputs the validation
+    gave the graph at batch 1: the graph's denoiser run eagerly (the weights cast, GroupNorm
+    statistics in fp32), the floor the graph's own errors compare to."""
+    from fastdiff.export.graph import GuidedDenoiser
+    from fastdiff.export.onnx_export import DTYPES
+    from fastdiff.export.validate import reference_outputs
+
+    graph = read_export(path)
+    sig = graph.signature
+    named = dict(
+        zip(sig.inputs, example_inputs(sig, graph.image_shape, 1, seed=1, low_res_shape=graph.low_res_shape))
+    )
+    refs = reference_outputs(graph, named, model, clf)
+    got = GuidedDenoiser(model, clf, None, DTYPES[dtype])(*named.values())
+    return {
+        f"{name}@1": float((g - refs[name]).abs().max() / refs[name].abs().max())
+        for name, g in zip(sig.outputs, got)
+    }
 
 
 def _record_path(dtype: str, ext: str) -> Path:
@@ -323,6 +346,9 @@ def _write_presets_md(results: dict, dtype: str) -> None:
             continue
         f, e = r["file"], r["parity"]["relative_max_errors"]
         errs = " / ".join(f"{e[k]:.1e}" for k in ("model_output@1", "gradient@1") if k in e)
+        if "torch_relative_max_errors" in r:  # the same dtype in PyTorch: the floor to compare to
+            own = r["torch_relative_max_errors"]
+            errs += f" (PyTorch {dtype}: " + " / ".join(f"{own[k]:.1e}" for k in own) + ")"
         mib = f"{f['bytes'] / 2**20:.1f} (+{f['external_data_bytes'] / 2**20:.0f})"
         rows.append(
             f"{head} {r['export_s']:.0f} | {mib} | {f['nodes']} | {errs} | "
