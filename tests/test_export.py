@@ -139,6 +139,32 @@ def test_hash_and_validation_see_the_weights_as_the_graph_holds_them():
     assert _as_graph_computes(full, "fp32") is full and _as_graph_computes(half, "fp16") is half
 
 
+def test_trace_makes_only_the_batch_symbolic():
+    """The traced denoiser's inputs share one batch symbol and every other size is a number (a
+    symbol per size made the bundled model's export 121 s against 94 s); the graph computes the
+    denoiser at another batch size than the one it was traced at."""
+    from builders import build_classifier, build_unet
+
+    from fastdiff.export.graph import GuidedDenoiser, example_inputs, trace
+
+    unet = build_unet(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1", num_classes=4).eval()
+    clf = build_classifier(
+        image_size=8, classifier_width=32, classifier_depth=1, classifier_attention_resolutions="4",
+        channel_mult="1,2", num_classes=4,
+    ).eval()  # fmt: skip
+    denoiser = GuidedDenoiser(unet, clf)
+    sig = denoiser.signature
+    graph = trace(denoiser, example_inputs(sig, (3, 8, 8), 2))
+    shapes = [n.meta["val"].shape for n in graph.graph.nodes if n.op == "placeholder"]
+    assert [len(s) for s in shapes] == [4, 1, 1, 0]  # x_t, timestep, labels, classifier_scale
+    batch = {str(s[0]) for s in shapes if len(s)}
+    assert len(batch) == 1 and not batch.pop().isdigit()
+    assert all(isinstance(d, int) for d in shapes[0][1:])
+    inputs = example_inputs(sig, (3, 8, 8), 3, seed=1)
+    for got, want in zip(graph(*inputs), denoiser(*inputs)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_read_export_refuses_missing_corrupt_and_foreign_files(tmp_path):
     with pytest.raises(ExportError, match="not found"):
         read_export(tmp_path / "absent.onnx")
