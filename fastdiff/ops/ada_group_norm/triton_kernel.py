@@ -585,9 +585,11 @@ def backward(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activati
     parameter grads are tiny [N, C] reductions of those, done in torch.
     """
     xf, (sxn, sxc, sxs), n, c, cg, s, tc, ts, align = _setup(x, num_groups)
-    # vector loads along channels (align > 1), and fp32 (with triton 3.6's ptxas), at 16 warps make
-    # ptxas spill on sm_80; 8 warps do not
-    warps = _warps(tc * ts, 128 if align == 1 and x.dtype != torch.float32 else 256)
+    # vector loads along channels (align > 1) at 16 warps make ptxas spill on sm_80; 8 warps do not.
+    # With triton 3.6's ptxas, fp32's dx kernel spills at 16 warps and its sums kernel at 8 (a
+    # register at 48 in use): each gets its own count
+    sums_warps = _warps(tc * ts, 128 if align == 1 else 256)
+    dx_warps = _warps(tc * ts, 128 if align == 1 and x.dtype != torch.float32 else 256)
     acc, acc_t = _acc_dtype(x)
     dyf, sdn, sdc, sds, _ = _flat(dy)
     dx = new_output(x)
@@ -610,7 +612,6 @@ def backward(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activati
         TC=tc,
         TS=ts,
         CG_ALIGN=align,
-        num_warps=warps,
     )
     sums = new_output((k, 2, n, c), dtype=acc_t, device=x.device)
     if x.numel() == 0:
@@ -642,6 +643,7 @@ def backward(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activati
             sshn,
             sshc,
             **flags,
+            num_warps=sums_warps,
         )
     if k > 1:
         sums = sums.sum(0, keepdim=True)
@@ -677,6 +679,7 @@ def backward(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activati
             sshc,
             FUSED=k == 1,
             **flags,
+            num_warps=dx_warps,
         )
     sa, sb = sums[0, 0], sums[0, 1]
     s1 = 1 + scale.to(acc_t) if scale is not None else 1
