@@ -315,13 +315,11 @@ def _torch_errors(path: Path, model, clf, dtype: str) -> dict:
     statistics in fp32), the floor the graph's own errors compare to."""
     from fastdiff.export.graph import GuidedDenoiser
     from fastdiff.export.onnx_export import DTYPES
-    from fastdiff.export.validate import reference_outputs
+    from fastdiff.export.validate import reference_outputs, validation_inputs
 
     graph = read_export(path)
     sig = graph.signature
-    named = dict(
-        zip(sig.inputs, example_inputs(sig, graph.image_shape, 1, seed=1, low_res_shape=graph.low_res_shape))
-    )
+    named = validation_inputs(graph, 1)
     refs = reference_outputs(graph, named, model, clf)
     got = GuidedDenoiser(model, clf, None, DTYPES[dtype])(*named.values())
     return {

@@ -162,6 +162,15 @@ def reference_outputs(graph: ExportedGraph, named: dict, model, classifier=None,
     return refs
 
 
+def validation_inputs(graph: ExportedGraph, batch: int) -> dict:
+    """The graph's inputs by name that validation feeds it at ``batch`` (seeded by the batch size),
+    so other checks can compare on the same inputs."""
+    inputs = example_inputs(
+        graph.signature, graph.image_shape, batch, seed=batch, low_res_shape=graph.low_res_shape
+    )
+    return dict(zip(graph.signature.inputs, inputs))
+
+
 def validate_export(path, model, classifier=None, null_label=None, batches=(1, 3)) -> ValidationReport:
     """Run the file and the networks on the same inputs for each batch size in ``batches``, and
     inspect the file with polygraphy where it is installed."""
@@ -177,8 +186,7 @@ def validate_export(path, model, classifier=None, null_label=None, batches=(1, 3
     report.inspection = inspect_export(graph) if polygraphy_available() else None
     sig = graph.signature
     for n in batches:
-        inputs = example_inputs(sig, graph.image_shape, n, seed=n, low_res_shape=graph.low_res_shape)
-        named = dict(zip(sig.inputs, inputs))
+        named = validation_inputs(graph, n)
         cs, gs = named.get("classifier_scale"), named.get("cfg_scale")
         kwargs = {"low_res": named["low_res"]} if sig.superres else {}
         start = time.perf_counter()
@@ -201,4 +209,5 @@ __all__ = [
     "polygraphy_available",
     "reference_outputs",
     "validate_export",
+    "validation_inputs",
 ]
