@@ -5,12 +5,13 @@ casts back, then the ResBlock's ``h * (1 + scale) + shift`` and SiLU) and ``torc
 Attention: guided-diffusion's einsum ``QKVAttention`` / ``QKVAttentionLegacy``, ``torch.compile``
 of it, and ``F.scaled_dot_product_attention`` with the permutes and copies it needs to go from and
 back to the ``[B, C, T]`` layout (a fair comparison has to pay for them: the U-Net hands attention
-that layout).
+that layout), and xformers' ``memory_efficient_attention`` where xformers is installed (CUDA).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
 
@@ -51,6 +52,25 @@ def attention_sdpa(qkv, num_heads, order="new"):
     q, k, v = qkv.reshape(split).permute(perm).contiguous().unbind(0)
     a = F.scaled_dot_product_attention(q, k, v)  # [B, H, T, d]; default scale = d^-1/2
     return a.transpose(-1, -2).reshape(bs, width // 3, length)
+
+
+def xformers_available(device: torch.device) -> bool:
+    """xformers' fused attention: a CUDA baseline, present only where its wheel was installed."""
+    return device.type == "cuda" and importlib.util.find_spec("xformers") is not None
+
+
+def attention_xformers(qkv, num_heads, order="new"):
+    """``xformers.ops.memory_efficient_attention`` on ``[B, T, H, d]`` views, with the same layout
+    changes as :func:`attention_sdpa` (xformers wants the head dim innermost too)."""
+    import xformers.ops
+
+    bs, width, length = qkv.shape
+    ch = width // (3 * num_heads)
+    split = (bs, 3, num_heads, ch, length) if order == "new" else (bs, num_heads, 3, ch, length)
+    perm = (1, 0, 4, 2, 3) if order == "new" else (2, 0, 4, 1, 3)
+    q, k, v = qkv.reshape(split).permute(perm).contiguous().unbind(0)  # [B, T, H, d] each
+    a = xformers.ops.memory_efficient_attention(q, k, v)  # default scale = d^-1/2
+    return a.permute(0, 2, 3, 1).reshape(bs, width // 3, length)
 
 
 def compile_enabled(device: torch.device) -> bool:

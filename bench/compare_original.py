@@ -5,15 +5,19 @@ guided DDIM-25, 16 digits) against the same job on the original guided-diffusion
 own default), same images.
 
     python bench/compare_original.py --guided-diffusion /path/to/guided-diffusion [--threads 1 2 default]
+    python bench/compare_original.py --guided-diffusion PATH --threads default --busy 1 --tag busy1
 
 Each side runs ``--rounds`` times in alternation (so machine noise hits both); the report
 (bench/results/<date>-cpu-e2e.{json,md}) gives the median wall and CPU seconds, the ratio
 original / fastdiff, and the largest difference between the two sets of uint8 images.
+``--busy N`` keeps N other processes spinning for the whole measurement: the shared machine a
+user often samples on, where each side's own default thread count decides how it fares.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -46,6 +50,24 @@ def _timed(cmd: list[str], threads: str) -> tuple[float, float]:
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+@contextlib.contextmanager
+def _busy(n: int):
+    """n spinning processes (other users' work) for the duration, then ended. The runs start
+    once the 1-minute load average counts them (at most 90 s): a machine that has been busy for
+    a while, as fastdiff's default thread count reads it."""
+    spin = [sys.executable, "-c", "while True: pass"]
+    procs = [subprocess.Popen(spin) for _ in range(n)]
+    try:
+        deadline = time.monotonic() + 90
+        while procs and os.getloadavg()[0] < n - 0.5 and time.monotonic() < deadline:
+            time.sleep(1)
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def _compare(args, tmp: Path, fastdiff: str, threads: str, engine: str) -> dict:
@@ -101,6 +123,9 @@ def main() -> None:
         default=["default"],
         help="fastdiff engines to time ('default': no --engine, what a user gets)",
     )
+    ap.add_argument(
+        "--busy", type=int, default=0, help="other processes kept spinning during the runs (a loaded machine)"
+    )
     ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     if not (args.guided_diffusion / "guided_diffusion" / "unet.py").is_file():
@@ -108,7 +133,7 @@ def main() -> None:
     fastdiff = shutil.which("fastdiff") or sys.exit("error: the fastdiff command is not installed")
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _busy(args.busy):
         for threads in args.threads:
             for engine in args.engines:
                 rows.append(_compare(args, Path(tmp), fastdiff, threads, engine))
@@ -121,6 +146,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "load_1min": os.getloadavg()[0],
+        "busy_processes": args.busy,
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
@@ -133,7 +159,9 @@ def main() -> None:
         f"Machine: {info['cores']} cores ({info['cpu']}), torch {info['torch']}, 1-min load at the end "
         f"{info['load_1min']:.2f}. Command: `python bench/compare_original.py --guided-diffusion PATH "
         f"--threads {' '.join(map(str, args.threads))} --engines {' '.join(args.engines)} "
-        f"--rounds {args.rounds}`. Job: the bundled model, "
+        f"--rounds {args.rounds}{f' --busy {args.busy}' if args.busy else ''}`. "
+        + (f"{args.busy} other process(es) kept a core busy each throughout. " if args.busy else "")
+        + "Job: the bundled model, "
         "guided DDIM-25 (classifier scale 2), 16 images, process start to files written; medians.",
         "",
         "| threads | engine | fastdiff wall s | original wall s | x wall | fastdiff CPU s | original CPU s "

@@ -244,13 +244,14 @@ def markdown(report: dict) -> str:
     return "\n".join(md)
 
 
-SAMPLING_IMPLS = ("gd", "gd-compile", "eager", "compile", "graph")
+SAMPLING_IMPLS = ("gd", "gd-compile", "gd-sdpa", "gd-xformers", "eager", "compile", "graph")
 FASTDIFF_ENGINES = ("eager", "compile", "graph")
 
 
 def sampling_lines(records: list[dict]) -> list[str]:
     """bench/test_bench_sampling.py: seconds per implementation, the best fastdiff engine's speedup
-    over guided-diffusion's semantics and its torch.compile, and the issue's targets (guided loop at
+    over guided-diffusion's semantics, its torch.compile and its best fused-attention variant
+    (SDPA or xformers), and the issue's targets (guided loop at
     ImageNet-256 batch 8: >= 4x gd, >= 1.5x gd-compile; UNet forward there: >= 60% MFU)."""
     groups: dict[tuple, dict] = defaultdict(dict)
     for rec in records:
@@ -267,6 +268,7 @@ def sampling_lines(records: list[dict]) -> list[str]:
         "best engine",
         "x gd",
         "x gd-compile",
+        "x gd-sdpa/xformers",
         "images/s",
         "MFU %",
         "warm-up s (best)",
@@ -278,6 +280,8 @@ def sampling_lines(records: list[dict]) -> list[str]:
         best = min((k for k in FASTDIFF_ENGINES if k in times), key=times.get, default=None)
         fast = times.get(best)
         x_gd, x_gc = _ratio(times.get("gd"), fast), _ratio(times.get("gd-compile"), fast)
+        fused = [times[k] for k in ("gd-sdpa", "gd-xformers") if k in times]
+        x_fused = _ratio(min(fused), fast) if fused else None
         b = impls.get(best, {})
         target = "n/a"
         if case == "imagenet256" and mode == "loop" and x_gd is not None:
@@ -295,6 +299,7 @@ def sampling_lines(records: list[dict]) -> list[str]:
                     best or "-",
                     fmt(x_gd),
                     fmt(x_gc),
+                    fmt(x_fused),
                     fmt(b.get("images_per_s"), ".3g"),
                     fmt(b.get("mfu_pct"), ".1f"),
                     fmt(b.get("warmup_s"), ".1f"),

@@ -9,6 +9,9 @@ batch 16 on the CPU: what a user without a GPU runs). In one run, against:
   torso's convs in fp16 on CUDA (``use_fp16``), the classifier in fp32, the eager loop;
 - ``gd-compile``: ``torch.compile(mode="max-autotune")`` of those networks (CUDA, or
   ``FASTDIFF_BENCH_COMPILE=1``);
+- ``gd-sdpa`` and ``gd-xformers``: ``gd`` with its einsum attention replaced by PyTorch's fused
+  SDPA, or by xformers' ``memory_efficient_attention`` (CUDA, where xformers is installed), the
+  layout changes to and from ``[B, C, T]`` included: what a user patching the original gets;
 - every fastdiff engine through ``fastdiff.Sampler`` (eager, compile, graph on CUDA, parallel
   on the CPU with ``FASTDIFF_BENCH_THREADS`` >= 2), fp16 on CUDA and fp32 on the CPU.
 
@@ -26,11 +29,12 @@ import time
 import pytest
 import torch
 
-from bench import shapes, timing
+from bench import baselines, shapes, timing
 from bench.baselines import compile_enabled
 from fastdiff.diffusion import GaussianDiffusion, sample
 from fastdiff.engines.sampler import Sampler
 from fastdiff.models.presets import build_preset, get_preset
+from fastdiff.ops.attention.module import QKVAttention, QKVAttentionLegacy
 from fastdiff.runs.loading import load_diffusion_model
 
 # (name, diffusion preset, classifier preset, batch) on CUDA
@@ -38,7 +42,9 @@ GPU_CASES = [
     ("imagenet64", "imagenet64", "classifier64", 64),
     ("imagenet256", "imagenet256", "classifier256", 8),
 ]
-IMPLS = ["gd", "eager", "parallel", "graph", "compile", "gd-compile"]  # cheapest to prepare first
+# cheapest to prepare first, then the baselines no target depends on
+IMPLS = ["gd", "eager", "parallel", "graph", "compile", "gd-compile", "gd-sdpa", "gd-xformers"]
+GD_ATTENTION = {"gd-sdpa": baselines.attention_sdpa, "gd-xformers": baselines.attention_xformers}
 MODES = ["unet", "step", "loop"]
 
 
@@ -85,11 +91,22 @@ def _setup(name: str, device: torch.device):
     return _CACHE[name]
 
 
-def _gd_networks(unet, clf, device, compiled: bool):
-    """The original's configuration: fp16 torso on CUDA, fp32 classifier; optionally compiled."""
+def _with_attention(net: torch.nn.Module, attention) -> torch.nn.Module:
+    """``net`` with every QKV attention computed by ``attention(qkv, heads, order)`` instead."""
+    for m in net.modules():
+        if isinstance(m, (QKVAttention, QKVAttentionLegacy)):
+            m.forward = lambda qkv, m=m: attention(qkv, m.n_heads, m.order)
+    return net
+
+
+def _gd_networks(unet, clf, device, compiled: bool, attention=None):
+    """The original's configuration: fp16 torso on CUDA, fp32 classifier; optionally compiled, or
+    with another attention implementation."""
     unet, clf = copy.deepcopy(unet), copy.deepcopy(clf)
     if device.type == "cuda":
         unet.convert_to_fp16()
+    if attention is not None:
+        unet, clf = _with_attention(unet, attention), _with_attention(clf, attention)
     if compiled:
         unet = torch.compile(unet, mode="max-autotune")
         clf = torch.compile(clf, mode="max-autotune")
@@ -111,6 +128,8 @@ def test_sampling(benchmark, device, monkeypatch, case, impl, mode):
     name, batch = case
     if impl in ("gd-compile", "compile") and not compile_enabled(device):
         pytest.skip("torch.compile baselines run on CUDA (FASTDIFF_BENCH_COMPILE=1 for the CPU)")
+    if impl == "gd-xformers" and not baselines.xformers_available(device):
+        pytest.skip("xformers is a CUDA baseline and is not installed here (bench/README.md: carrying it)")
     if impl == "graph" and device.type != "cuda":
         pytest.skip("CUDA graphs need CUDA")
     if impl == "parallel" and (device.type != "cpu" or torch.get_num_threads() < 2):
@@ -131,7 +150,7 @@ def test_sampling(benchmark, device, monkeypatch, case, impl, mode):
 
     if impl.startswith("gd"):
         monkeypatch.setenv("FASTDIFF_OPS", "reference")
-        g_unet, g_clf = _gd_networks(unet, clf, device, impl == "gd-compile")
+        g_unet, g_clf = _gd_networks(unet, clf, device, impl == "gd-compile", GD_ATTENTION.get(impl))
         from fastdiff.diffusion.guidance import ClassifierGuidance
         from fastdiff.diffusion.samplers import SamplingStep, make_rule
 
