@@ -244,8 +244,8 @@ def markdown(report: dict) -> str:
     return "\n".join(md)
 
 
-SAMPLING_IMPLS = ("gd", "gd-compile", "gd-sdpa", "gd-xformers", "eager", "compile", "graph")
-FASTDIFF_ENGINES = ("eager", "compile", "graph")
+SAMPLING_IMPLS = ("gd", "gd-compile", "gd-sdpa", "gd-xformers", "eager", "compile", "graph", "graph-loop")
+FASTDIFF_ENGINES = ("eager", "compile", "graph", "graph-loop")
 
 
 def sampling_lines(records: list[dict]) -> list[str]:

@@ -12,8 +12,9 @@ batch 16 on the CPU: what a user without a GPU runs). In one run, against:
 - ``gd-sdpa`` and ``gd-xformers``: ``gd`` with its einsum attention replaced by PyTorch's fused
   SDPA, or by xformers' ``memory_efficient_attention`` (CUDA, where xformers is installed), the
   layout changes to and from ``[B, C, T]`` included: what a user patching the original gets;
-- every fastdiff engine through ``fastdiff.Sampler`` (eager, compile, graph on CUDA, parallel
-  on the CPU with ``FASTDIFF_BENCH_THREADS`` >= 2), fp16 on CUDA and fp32 on the CPU.
+- every fastdiff engine through ``fastdiff.Sampler`` (eager, compile, graph and graph-loop on
+  CUDA, parallel on the CPU with ``FASTDIFF_BENCH_THREADS`` >= 2), fp16 on CUDA and fp32 on the
+  CPU.
 
 Compile/capture time is measured apart (``extra_info["warmup_s"]``: the Sampler's warm-up); the
 timed rounds end with a CUDA sync. ``extra_info`` also has images/s and, for the UNet forward,
@@ -43,7 +44,7 @@ GPU_CASES = [
     ("imagenet256", "imagenet256", "classifier256", 8),
 ]
 # cheapest to prepare first, then the baselines no target depends on
-IMPLS = ["gd", "eager", "parallel", "graph", "compile", "gd-compile", "gd-sdpa", "gd-xformers"]
+IMPLS = ["gd", "eager", "parallel", "graph", "graph-loop", "compile", "gd-compile", "gd-sdpa", "gd-xformers"]
 GD_ATTENTION = {"gd-sdpa": baselines.attention_sdpa, "gd-xformers": baselines.attention_xformers}
 MODES = ["unet", "step", "loop"]
 
@@ -130,8 +131,10 @@ def test_sampling(benchmark, device, monkeypatch, case, impl, mode):
         pytest.skip("torch.compile baselines run on CUDA (FASTDIFF_BENCH_COMPILE=1 for the CPU)")
     if impl == "gd-xformers" and not baselines.xformers_available(device):
         pytest.skip("xformers is a CUDA baseline and is not installed here (bench/README.md: carrying it)")
-    if impl == "graph" and device.type != "cuda":
+    if impl in ("graph", "graph-loop") and device.type != "cuda":
         pytest.skip("CUDA graphs need CUDA")
+    if impl == "graph-loop" and mode != "loop":
+        pytest.skip("the whole-loop graph is timed as a loop (its network and step are graph's)")
     if impl == "parallel" and (device.type != "cpu" or torch.get_num_threads() < 2):
         pytest.skip("the parallel engine splits the batch over CPU threads (FASTDIFF_BENCH_THREADS >= 2)")
     if timing.interpreting(device):

@@ -9,6 +9,7 @@ CPU, so its CPU check is marked slow.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -161,17 +162,19 @@ def _engine_matches_eager(engine, device, samplers=tuple(SAMPLERS), dtype="fp32"
             fast = _sampler(
                 unet, clf, diffusion, sampler, guidance, engine=engine, device=device, dtype=dtype
             )
-            steps_eager, steps_fast = [], []
+            steps_eager, steps_fast = {}, {}
             for s, steps in ((eager, steps_eager), (fast, steps_fast)):
                 for seed in (0, 1):  # the second call replays the compiled / captured step
                     steps.clear()
                     s(
                         labels,
                         generator=torch.Generator(device).manual_seed(seed),
-                        callback=lambda i, x, x0, steps=steps: steps.append(x.clone()),
+                        callback=lambda i, x, x0, steps=steps: steps.__setitem__(i, x.clone()),
                     )
-            for a, b in zip(steps_fast, steps_eager):
-                assert _rel(a, b) <= 1e-4, (engine, sampler, guidance)
+            # along the trajectory; a whole-loop engine shows its last step only
+            assert max(steps_fast) == max(steps_eager)
+            for i, got in steps_fast.items():
+                assert _rel(got, steps_eager[i]) <= 1e-4, (engine, sampler, guidance, i)
 
 
 def test_parallel_engine_matches_eager(workers=2):
@@ -198,7 +201,7 @@ def test_parallel_engine_matches_eager(workers=2):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("engine", ["graph", "compile"])
+@pytest.mark.parametrize("engine", ["graph", "graph-loop", "compile"])
 def test_gpu_engines_match_eager(engine):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -229,25 +232,30 @@ def test_compile_engine_matches_eager_cpu():
 
 
 class _FakeGraph:
-    """Stands in for torch.cuda.CUDAGraph on the CPU: capture runs the step once (recording it),
-    replay runs it again on the same static inputs and writes into the captured outputs, which is
-    what a real replay does to its memory. Checks GraphStep's buffer plumbing without a GPU."""
+    """Stands in for torch.cuda.CUDAGraph on the CPU: capture runs the captured body once
+    (recording it), replay runs it again on the same static inputs and writes into the captured
+    outputs, which is what a real replay does to its memory. Checks the graph engines' buffer
+    plumbing without a GPU."""
 
     def __init__(self):
         self.fn = None
+        self.replays = 0
 
     def replay(self):
+        self.replays += 1
         fresh = self.fn()
         for dst, src in zip(self.outputs, fresh):
             if isinstance(dst, torch.Tensor):
                 dst.copy_(src)
 
 
-def test_graph_step_buffers_on_cpu(monkeypatch):
+@pytest.fixture
+def fake_cuda_graph(monkeypatch):
+    """The graph engines on the CPU: streams and syncs are no-ops, capture records the body."""
     from contextlib import contextmanager
 
-    from fastdiff.engines import graph as graph_module
-    from fastdiff.engines.graph import GraphStep
+    from fastdiff import engines
+    from fastdiff.engines.graph import GraphStep, LoopGraph
 
     class _Stream:
         def __init__(self, device=None):
@@ -261,38 +269,65 @@ def test_graph_step_buffers_on_cpu(monkeypatch):
         yield
 
     fake = _FakeGraph()
-
-    @contextmanager
-    def _capture(g):
-        yield
-
     monkeypatch.setattr(torch.cuda, "Stream", _Stream)
     monkeypatch.setattr(torch.cuda, "stream", _noop)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: fake)
-    monkeypatch.setattr(torch.cuda, "graph", _capture)
+    monkeypatch.setattr(torch.cuda, "graph", _noop)
 
-    original_capture = GraphStep._capture
+    original_record = GraphStep._record
 
-    def capture(self, *args):
-        original_capture(self, *args)
-        fake.fn = lambda: self.step(*self.inputs)
+    def record(self, body, *inputs):
+        original_record(self, body, *inputs)
+        fake.fn = lambda: body(*self.inputs)
         fake.outputs = self.outputs
 
-    monkeypatch.setattr(graph_module.GraphStep, "_capture", capture)
-    from fastdiff import engines
-
+    monkeypatch.setattr(GraphStep, "_record", record)
     monkeypatch.setitem(engines.ENGINES, "graph", lambda step, device: GraphStep(step))
+    monkeypatch.setitem(engines.ENGINES, "graph-loop", lambda step, device: LoopGraph(step))
     monkeypatch.setattr("fastdiff.engines.check_engine", lambda name, device: None)
     monkeypatch.setattr("fastdiff.engines.sampler.check_engine", lambda name, device: None)
+    return fake
+
+
+def _note(seen: list, i: int, *_) -> None:
+    seen.append(i)
+
+
+@pytest.mark.parametrize("engine", ["graph", "graph-loop"])
+def test_graph_engine_buffers_on_cpu(fake_cuda_graph, engine):
+    from fastdiff.engines.graph import GraphStep, LoopGraph
+
     unet, clf = _nets()
     for sampler in SAMPLERS:  # dpm++2m carries state across steps; ddpm draws noise each step
         diffusion = _diffusion("6" if sampler == "ddpm" else "ddim6")
         labels = torch.tensor([0, 3, 4])
         want = _reference(unet, clf, diffusion, sampler, "classifier", labels, 5)
-        s = _sampler(unet, clf, diffusion, sampler, "classifier", engine="graph")
+        s = _sampler(unet, clf, diffusion, sampler, "classifier", engine=engine)
         s(torch.tensor([1, 1, 1]), generator=torch.Generator().manual_seed(9))  # capture with other labels
-        got = s(labels, generator=torch.Generator().manual_seed(5))
+        replays = fake_cuda_graph.replays
+        seen = []
+        got = s(labels, generator=torch.Generator().manual_seed(5), callback=functools.partial(_note, seen))
         assert torch.equal(got, want), sampler
-        assert isinstance(s.step_for(3)[1], GraphStep) and fake.fn is not None  # it replayed
+        run = s.step_for(3)[1]
+        assert isinstance(run, LoopGraph if engine == "graph-loop" else GraphStep)
+        steps = diffusion.num_timesteps
+        # the loop graph replays once per batch and shows its last step; the step graph every step
+        assert fake_cuda_graph.replays - replays == (1 if engine == "graph-loop" else steps)
+        assert seen == ([steps - 1] if engine == "graph-loop" else list(range(steps)))
+
+
+def test_loop_graph_names_the_first_bad_step(fake_cuda_graph):
+    """The NaN check runs inside the captured loop: the error names the step, as eager's does."""
+    from fastdiff.diffusion.errors import SamplingError
+
+    unet, clf = _nets()
+    diffusion = _diffusion()
+    s = _sampler(unet, clf, diffusion, "ddim", "classifier", engine="graph-loop")
+    labels = torch.tensor([0, 3, 4])
+    s(labels, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        next(s.model.parameters()).fill_(float("nan"))  # every step from the first is bad
+    with pytest.raises(SamplingError, match="step 1/6"):
+        s(labels, generator=torch.Generator().manual_seed(0))

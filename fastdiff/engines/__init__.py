@@ -8,6 +8,8 @@ which one runs:
 - ``eager``: the step as written (the reference semantics);
 - ``compile``: ``torch.compile`` of the whole step (not only the network);
 - ``graph``: the whole step captured once into a CUDA graph and replayed (CUDA only);
+- ``graph-loop``: all the loop's steps captured as one CUDA graph, replayed once per batch
+  (CUDA only; callbacks and the progress bar see only the last step);
 - ``parallel``: the step's batch split over the CPU threads, one core per slice (CPU only);
 - ``onnx``: the guided denoiser exported to ONNX (fastdiff.export) run by onnxruntime;
 - ``trt``: a TensorRT engine built from that ONNX graph, behind one clear error where TensorRT is
@@ -24,7 +26,7 @@ import torch
 from fastdiff.diffusion.guidance import ClassifierGuidance
 from fastdiff.diffusion.samplers import StepFn
 
-from .graph import GraphStep
+from .graph import GraphStep, LoopGraph
 from .parallel import BatchParallelStep
 
 
@@ -48,6 +50,14 @@ def _graph(step, device: torch.device) -> StepFn:
     if device.type != "cuda":
         raise EngineError("engine 'graph' captures CUDA graphs and needs a CUDA device; use eager or compile")
     return GraphStep(step)
+
+
+def _graph_loop(step, device: torch.device) -> StepFn:
+    if device.type != "cuda":
+        raise EngineError(
+            "engine 'graph-loop' captures CUDA graphs and needs a CUDA device; use eager or compile"
+        )
+    return LoopGraph(step)
 
 
 def _parallel(step, device: torch.device) -> StepFn:
@@ -85,6 +95,7 @@ ENGINES: dict[str, Callable[..., StepFn]] = {
     "eager": _eager,
     "compile": _compile,
     "graph": _graph,
+    "graph-loop": _graph_loop,
     "parallel": _parallel,
     "onnx": _onnx,
     "trt": _trt,
@@ -106,8 +117,8 @@ def check_engine(name: str, device: torch.device) -> None:
     """Raise :class:`EngineError` now (before any work) when ``name`` cannot run on ``device``."""
     if name not in ENGINES:
         raise EngineError(f"unknown engine '{name}'; choose one of: {', '.join(ENGINES)}")
-    if name == "graph" and torch.device(device).type != "cuda":
-        _graph(None, torch.device(device))
+    if name in ("graph", "graph-loop") and torch.device(device).type != "cuda":
+        ENGINES[name](None, torch.device(device))
     if name == "parallel" and torch.device(device).type != "cpu":
         _parallel(None, torch.device(device))
     if name in ("onnx", "trt"):
@@ -125,6 +136,7 @@ __all__ = [
     "BatchParallelStep",
     "EngineError",
     "GraphStep",
+    "LoopGraph",
     "build_engine",
     "check_engine",
     "default_engine",

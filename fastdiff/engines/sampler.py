@@ -17,7 +17,14 @@ from torch import Tensor, nn
 
 from fastdiff.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from fastdiff.diffusion.inversion import DDIMReverseStep, run_inversion
-from fastdiff.diffusion.samplers import SamplingStep, get_sampler, make_rule, randn, run_steps
+from fastdiff.diffusion.samplers import (
+    SamplingStep,
+    get_sampler,
+    loop_timesteps,
+    make_rule,
+    randn,
+    run_steps,
+)
 from fastdiff.models.unet import SuperResModel
 from fastdiff.ops.ada_group_norm import cuda_kernel
 
@@ -194,6 +201,10 @@ class Sampler:
         noise = torch.zeros_like(x) if self.rule.needs_noise else None
         with torch.no_grad(), cuda_kernel.autotuning():
             run(x, t, noise, self.rule.init_state(x))
+            if hasattr(run, "run_loop"):  # a whole-loop engine captures its loop here, timed apart
+                steps = loop_timesteps(self.diffusion.num_timesteps, x)
+                noises = None if noise is None else noise.expand(len(steps), *noise.shape)
+                run.capture(x, steps, noises, self.rule.init_state(x))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -214,7 +225,8 @@ class Sampler:
         """Samples for ``labels`` (one per image; required when the model or the guidance is
         class-aware), else ``num_samples`` images. x_T is ``noise`` or drawn from ``generator``
         (on the generator's device, so a seed gives the same images on any device and engine).
-        ``callback(i, x, pred_xstart)`` runs after each step (its tensors are reused next step).
+        ``callback(i, x, pred_xstart)`` runs after each step (its tensors are reused next step;
+        under the ``graph-loop`` engine, after the last step only).
         ``model_kwargs``: further per-sample conditioning the model takes (an upsampler's
         ``low_res``), one row per image; labels stay in ``labels``."""
         if labels is not None:

@@ -32,8 +32,9 @@ def read_run(run_file: Path) -> dict:
 
 
 # The parallel engine runs the eager step on batch slices (the same samples), so a resume at
-# another thread count, which changes the CPU's default engine, continues the same run.
-_SAME_SAMPLES_AS = {"parallel": "eager"}
+# another thread count, which changes the CPU's default engine, continues the same run; the loop
+# graph replays the graph engine's captured step n times over.
+_SAME_SAMPLES_AS = {"parallel": "eager", "graph-loop": "graph"}
 
 
 def differences(old: dict, record: dict) -> list[str]:

@@ -25,6 +25,8 @@ from .ddpm import DDPMStep
 from .dpm_solver import DPMSolverPP2MStep
 from .rule import UpdateRule
 
+# noise_fn(i, x): step i's noise, shaped like x. It may read x's shape, dtype and device, not its
+# values: an engine that runs the whole loop at once draws every step's noise before the first.
 NoiseFn = Callable[[int, Tensor], Tensor]
 
 
@@ -218,6 +220,18 @@ def sample_steps(
 StepFn = Callable[[Tensor, Tensor, "Tensor | None", object], tuple[Tensor, Tensor, object]]
 
 
+def loop_timesteps(n: int, x: Tensor) -> Tensor:
+    """The respaced step indices n-1 .. 0 the loop feeds its steps, one row of x's batch size per
+    step, built on x's device."""
+    return torch.arange(n - 1, -1, -1, device=x.device).view(n, 1).repeat(1, x.shape[0])
+
+
+def track_first_bad(first_bad: Tensor, i: int, x: Tensor, n: int) -> Tensor:
+    """``first_bad`` (n, the step count, while every step was finite) becomes i at the first step
+    whose x is not all finite: tracked on the device, so the loop needs no host sync until it ends."""
+    return torch.where((first_bad == n) & ~torch.isfinite(x).all(), i, first_bad)
+
+
 def run_steps(
     diffusion,
     step: StepFn,
@@ -236,21 +250,34 @@ def run_steps(
     the first step that produced NaN/Inf (tracked on the device: no host sync inside the loop).
     """
     n = diffusion.num_timesteps
-    # Respaced step indices n-1 .. 0, one row per step, built on the device.
-    timesteps = torch.arange(n - 1, -1, -1, device=x.device).view(n, 1).repeat(1, x.shape[0])
-    first_bad = torch.full((), n, dtype=torch.long, device=x.device)
+    timesteps = loop_timesteps(n, x)
     state = rule.init_state(x)
-    indices = range(n)
-    if progress:
-        from tqdm.auto import tqdm
-
-        indices = tqdm(indices, desc=desc)
-    for i in indices:
+    run_loop = getattr(step, "run_loop", None)
+    if run_loop is not None:
+        # An engine that runs all n steps at once (the whole loop as one CUDA graph): the noise is
+        # drawn first, in the loop's order (so a seed gives the same samples), and only the last
+        # step is seen.
         with torch.no_grad():
-            step_noise = noise_fn(i, x) if rule.needs_noise else None
-            x, pred_xstart, state = step(x, timesteps[i], step_noise, state)
-            first_bad = torch.where((first_bad == n) & ~torch.isfinite(x).all(), i, first_bad)
-        yield i, x, pred_xstart
+            noises = torch.stack([noise_fn(i, x) for i in range(n)]) if rule.needs_noise else None
+            x, pred_xstart, first_bad = run_loop(x, timesteps, noises, state)
+        if progress:
+            from tqdm.auto import tqdm
+
+            tqdm(range(n), desc=desc, initial=n, total=n).close()
+        yield n - 1, x, pred_xstart
+    else:
+        first_bad = torch.full((), n, dtype=torch.long, device=x.device)
+        indices = range(n)
+        if progress:
+            from tqdm.auto import tqdm
+
+            indices = tqdm(indices, desc=desc)
+        for i in indices:
+            with torch.no_grad():
+                step_noise = noise_fn(i, x) if rule.needs_noise else None
+                x, pred_xstart, state = step(x, timesteps[i], step_noise, state)
+                first_bad = track_first_bad(first_bad, i, x, n)
+            yield i, x, pred_xstart
     bad = int(first_bad)  # the one host sync of the loop
     if bad < n:
         raise SamplingError(
@@ -333,10 +360,12 @@ __all__ = [
     "StepFn",
     "UpdateRule",
     "get_sampler",
+    "loop_timesteps",
     "make_rule",
     "narrow_batch",
     "randn",
     "run_steps",
     "sample",
     "sample_steps",
+    "track_first_bad",
 ]
