@@ -331,3 +331,17 @@ def test_loop_graph_names_the_first_bad_step(fake_cuda_graph):
         next(s.model.parameters()).fill_(float("nan"))  # every step from the first is bad
     with pytest.raises(SamplingError, match="step 1/6"):
         s(labels, generator=torch.Generator().manual_seed(0))
+
+
+def test_loop_graph_inverts_as_eager(fake_cuda_graph):
+    """Sampler.invert through the whole-loop graph: one replay, the eager engine's x_T."""
+    unet, clf = _nets()
+    diffusion = _diffusion()
+    labels = torch.tensor([0, 3, 4])
+    x0 = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    want = _sampler(unet, clf, diffusion, "ddim", "classifier", engine="eager").invert(x0, labels)
+    looped = _sampler(unet, clf, diffusion, "ddim", "classifier", engine="graph-loop")
+    looped.invert(x0 * 0.5, labels)  # captured on other images
+    replays = fake_cuda_graph.replays
+    assert torch.equal(looped.invert(x0, labels), want)
+    assert fake_cuda_graph.replays == replays + 1

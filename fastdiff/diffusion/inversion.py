@@ -52,7 +52,10 @@ def run_inversion(diffusion, step: StepFn, x0: Tensor) -> Tensor:
     n = diffusion.num_timesteps
     timesteps = torch.arange(n, device=x0.device).view(n, 1).repeat(1, x0.shape[0])
     x = x0
+    run_loop = getattr(step, "run_loop", None)  # an engine running the whole loop as one graph
     with torch.no_grad():
+        if run_loop is not None:
+            return run_loop(x0, timesteps, None, None)[0].clone()
         for i in range(n):
             x, _, _ = step(x, timesteps[i], None, None)
     return x.clone()
