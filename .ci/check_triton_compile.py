@@ -7,7 +7,8 @@ GPU) and fails on a compile error, a spill or too much shared memory.
 Shapes: a meta-device forward of every preset (fastdiff.ops.patch'd, so the fused ops run where the
 models run them), at batch 1, 8 and 64, in fp16/bf16/fp32, NCHW and channels_last. Launch
 configurations: the real launchers, run on meta tensors with ``JITFunction.run`` recording instead
-of launching, so the check cannot drift from their choices.
+of launching, so the check cannot drift from their choices; for attention, once per tile candidate
+its autotuning may pick.
 
 Attention compiles every distinct specialization. GroupNorm has about 1800 (flags x tile shapes x
 dtypes x layouts x archs), too many to compile each run; its tiles keep about the same elements per
@@ -145,6 +146,8 @@ def gn_launches(call, batch, dtype, sms):
 
 
 def attn_launches(call, batch, dtype):
+    """attention's forward and backward launches for one call, once per tile candidate that
+    autotuning may pick (the default first)."""
     import torch
 
     from fastdiff.ops.attention import triton_kernel as attn
@@ -152,9 +155,17 @@ def attn_launches(call, batch, dtype):
     _, (width, length), heads, order = call
     out: list = []
     qkv = torch.empty(batch, width, length, dtype=dtype, device="meta")
-    with recording(out):
-        o, lse = attn.forward(qkv, heads, order)
-        attn.backward(torch.empty_like(o), qkv, o, lse, heads, order)
+    head_dim = width // (3 * heads)
+    count = max(len(attn.candidates(k, head_dim, length, dtype)) for k in ("fwd", "dkdv", "dq"))
+    for i in range(count):
+
+        def tiles(kernel, x, d, t, launch, i=i):
+            options = attn.candidates(kernel, d, t, x.dtype)
+            return options[min(i, len(options) - 1)]
+
+        with mock.patch.object(attn, "_tiles", tiles), recording(out):
+            o, lse = attn.forward(qkv, heads, order)
+            attn.backward(torch.empty_like(o), qkv, o, lse, heads, order)
     return out
 
 

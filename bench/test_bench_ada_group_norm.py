@@ -73,6 +73,7 @@ def test_ada_group_norm(benchmark, device, case, mode, impl):
         "size": shapes.bench_size(),
     }
     if impl == "fastdiff":
+        timing.tune(call, (x, weight, bias, scale, shift), mode)
         info["fastdiff_path"] = _fastdiff_path(x, case.groups)
     timing.bench(
         benchmark,

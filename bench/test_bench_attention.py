@@ -55,6 +55,7 @@ def test_attention(benchmark, device, case, mode, impl):
         "size": shapes.bench_size(),
     }
     if impl == "fastdiff":
+        timing.tune(call, (qkv,), mode)
         from fastdiff.ops._backend import use_triton
 
         info["fastdiff_path"] = "triton" if use_triton(qkv) else "reference"

@@ -177,6 +177,18 @@ def fastdiff_op(module: str, name: str):
     return fn
 
 
+def tune(call: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor], mode: str) -> None:
+    """One call of a fastdiff op inside ``fastdiff.ops.autotuning`` (its backward too where
+    ``mode`` has one), as the Sampler's warm-up makes it: the GPU-dependent choices (GroupNorm's
+    backend, attention tiles) are measured there, untimed, and the timed rounds use them."""
+    from fastdiff.ops import autotuning
+
+    with autotuning(), torch.enable_grad():
+        out = call()
+        if mode != "fwd":
+            _grad(out, inputs, torch.ones_like(out))
+
+
 def interpreting(device: torch.device) -> bool:
     """Triton's CPU interpreter runs kernels ~1e5x slower: time one round, nothing more."""
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

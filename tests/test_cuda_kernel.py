@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastdiff.ops import autotuning
 from fastdiff.ops.ada_group_norm import cuda_kernel as ck
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,9 +132,9 @@ def fresh_choices(monkeypatch, tmp_path):
     path = tmp_path / "backend_choice.json"
     monkeypatch.setenv("FASTDIFF_BACKEND_CACHE", str(path))
     monkeypatch.delenv("FASTDIFF_GN_BACKEND", raising=False)
-    monkeypatch.setattr(ck, "_choices", {})
-    monkeypatch.setattr(ck, "_loaded_file", False)
-    return path
+    ck._CHOICES.clear()
+    yield path
+    ck._CHOICES.clear()
 
 
 def test_preferred_measures_once_and_persists(monkeypatch, fresh_choices):
@@ -143,7 +144,7 @@ def test_preferred_measures_once_and_persists(monkeypatch, fresh_choices):
     x = torch.randn(2, 64, 4, 4)
     assert ck.preferred(x, 32) is False  # outside autotuning: never measured, Triton
     assert not calls
-    with ck.autotuning():
+    with autotuning():
         assert ck.preferred(x, 32) is True
         assert ck.preferred(x, 32) is True
         assert len(calls) == 1
@@ -153,8 +154,7 @@ def test_preferred_measures_once_and_persists(monkeypatch, fresh_choices):
     saved = json.loads(fresh_choices.read_text())["ada_group_norm"]
     assert len(saved) == 2 and set(saved.values()) == {"cuda"}
     # A new process (simulated) reads the file instead of measuring again.
-    monkeypatch.setattr(ck, "_choices", {})
-    monkeypatch.setattr(ck, "_loaded_file", False)
+    ck._CHOICES.clear()
     assert ck.preferred(x, 32) is True
     assert len(calls) == 2
 
@@ -352,6 +352,6 @@ def test_preferred_caches_measured_choice(monkeypatch, fresh_choices):
     measure = ck._measure
     monkeypatch.setattr(ck, "_measure", lambda *a: calls.append(1) or measure(*a))
     x = torch.randn(2, 128, 16, 16, device="cuda", dtype=torch.float16)
-    with ck.autotuning():
+    with autotuning():
         first = ck.preferred(x, 32)
     assert ck.preferred(x, 32) is first and len(calls) == 1

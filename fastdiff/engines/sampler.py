@@ -26,7 +26,7 @@ from fastdiff.diffusion.samplers import (
     run_steps,
 )
 from fastdiff.models.unet import SuperResModel
-from fastdiff.ops.ada_group_norm import cuda_kernel
+from fastdiff.ops import autotuning
 
 from . import build_engine, check_engine, default_engine
 
@@ -199,7 +199,7 @@ class Sampler:
         x = torch.zeros(n, *self.image_shape, device=self.device)
         t = torch.full((n,), self.diffusion.num_timesteps - 1, device=self.device, dtype=torch.long)
         noise = torch.zeros_like(x) if self.rule.needs_noise else None
-        with torch.no_grad(), cuda_kernel.autotuning():
+        with torch.no_grad(), autotuning():
             run(x, t, noise, self.rule.init_state(x))
             if hasattr(run, "run_loop"):  # a whole-loop engine captures its loop here, timed apart
                 steps = loop_timesteps(self.diffusion.num_timesteps, x)

@@ -1,42 +1,25 @@
 """ada_group_norm kernel layer backed by the CUDA C++ extension in csrc/ (same API as triton_kernel).
 
 Neither backend wins everywhere, so on a GPU the backend for a shape is chosen by measurement,
-but only ahead of time, inside :func:`autotuning` (the Sampler's warm-up step, before any CUDA
-graph capture): an op's forward never times anything, so an eager run and a captured graph make
-the same choice. Choices are cached in memory and in a JSON file; outside ``autotuning`` an
-unmeasured shape runs Triton. ``FASTDIFF_GN_BACKEND=cuda|triton`` forces one.
+ahead of time (``fastdiff.ops.autotuning``, the Sampler's warm-up, before any CUDA graph
+capture; see ``fastdiff/ops/_tuning.py``); outside it an unmeasured shape runs Triton.
+``FASTDIFF_GN_BACKEND=cuda|triton`` forces one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
-import json
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
 from .._backend import poison_outputs
 from .._cuda_build import load_extension
+from .._tuning import Choices, measuring, time_ms
 
 _ACTIVATIONS = {None: False, "silu": True}
-_choices: dict[str, bool] = {}  # key -> True when CUDA is faster
-_loaded_file = False
-_tuning = False
-
-
-@contextlib.contextmanager
-def autotuning() -> Iterator[None]:
-    """Within this block, a shape without a recorded choice is measured (both backends) once."""
-    global _tuning
-    previous, _tuning = _tuning, True
-    try:
-        yield
-    finally:
-        _tuning = previous
+_CHOICES = Choices("ada_group_norm")  # key -> "cuda" | "triton"
 
 
 @functools.cache
@@ -80,42 +63,6 @@ def backward(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activati
     )
 
 
-def _cache_path() -> Path | None:
-    """``FASTDIFF_BACKEND_CACHE`` overrides the file; empty or "0" keeps choices in memory only."""
-    value = os.environ.get("FASTDIFF_BACKEND_CACHE")
-    if value is None:
-        return Path.home() / ".cache" / "fastdiff" / "backend_choice.json"
-    return Path(value) if value not in ("", "0") else None
-
-
-def _read_file() -> None:
-    global _loaded_file
-    if _loaded_file:
-        return
-    _loaded_file = True
-    path = _cache_path()
-    try:
-        if path is not None and path.is_file():
-            data = json.loads(path.read_text())
-            _choices.update({k: v == "cuda" for k, v in data.get("ada_group_norm", {}).items()})
-    except (OSError, ValueError, AttributeError):
-        pass  # a corrupt or unreadable cache only costs a re-measurement
-
-
-def _write_file() -> None:
-    path = _cache_path()
-    if path is None:
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        entries = {k: "cuda" if v else "triton" for k, v in sorted(_choices.items())}
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"ada_group_norm": entries}, indent=1))
-        tmp.replace(path)
-    except OSError:
-        pass
-
-
 def _key(x: torch.Tensor, num_groups: int, has_scale: bool, activation: str | None) -> str:
     cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     fmt = "cl" if cl else "c"
@@ -123,18 +70,6 @@ def _key(x: torch.Tensor, num_groups: int, has_scale: bool, activation: str | No
     shape = "x".join(map(str, x.shape))
     dtype = str(x.dtype).removeprefix("torch.")
     return f"{device}|{shape}|g{num_groups}|{dtype}|{fmt}|scale={int(has_scale)}|{activation}"
-
-
-def _time_ms(fn, iters: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def _measure(x: torch.Tensor, num_groups: int, has_scale: bool, activation: str | None) -> bool:
@@ -153,11 +88,11 @@ def _measure(x: torch.Tensor, num_groups: int, has_scale: bool, activation: str 
         shift = torch.zeros_like(scale)
     args = (x, num_groups, weight, bias, scale, shift, 1e-5, activation)
     try:
-        t_cuda = _time_ms(lambda: forward(*args))
+        t_cuda = time_ms(lambda: forward(*args))
     except RuntimeError:
         return False
     try:
-        t_triton = _time_ms(lambda: triton_kernel.forward(*args))
+        t_triton = time_ms(lambda: triton_kernel.forward(*args))
     except Exception:  # a Triton compile/launch problem means CUDA wins by default
         return True
     return t_cuda <= t_triton
@@ -167,18 +102,17 @@ def preferred(
     x: torch.Tensor, num_groups: int, has_scale: bool = False, activation: str | None = "silu"
 ) -> bool:
     """Whether the CUDA kernel should run x's shape: forced by env, else the recorded choice
-    (measured once per key inside :func:`autotuning`; Triton where none is recorded)."""
+    (measured once per key inside ``autotuning``; Triton where none is recorded)."""
     forced = os.environ.get("FASTDIFF_GN_BACKEND", "").lower()
     if forced in ("cuda", "triton"):
         return forced == "cuda"
     if not available():
         return False
-    _read_file()
     key = _key(x, num_groups, has_scale, activation)
-    choice = _choices.get(key)
+    choice = _CHOICES.get(key)
     if choice is None:
-        if not _tuning or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if not measuring(x):
             return False
-        choice = _choices[key] = _measure(x, num_groups, has_scale, activation)
-        _write_file()
-    return choice
+        choice = "cuda" if _measure(x, num_groups, has_scale, activation) else "triton"
+        _CHOICES.put(key, choice)
+    return choice == "cuda"

@@ -12,6 +12,11 @@ Channel of element i of head h:   q          k                 v
 Backward is FlashAttention-2's: delta = rowsum(dO * O), then one kernel per key block for
 dK/dV (loop over query blocks) and one per query block for dQ (loop over key blocks), so no
 atomics and deterministic gradients. Gradients land in a dqkv with qkv's layout.
+
+Tiles: each kernel has a default per (fp32?, head dim) that compiles without spills on sm_80 and
+sm_90, shrunk to T; inside ``fastdiff.ops.autotuning`` a few alternatives (half the rows per
+program, the other warp count) are timed on the real launch and the fastest is kept per (GPU,
+kernel, dtype, d, T) (``fastdiff/ops/_tuning.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import triton
 import triton.language as tl
 
 from fastdiff.ops._backend import new_output, triton_interpret
+from fastdiff.ops._tuning import Choices, fastest, measuring
 
 _LOG2E = 1.4426950408889634
 
@@ -73,13 +79,55 @@ _UNALIGNED = {
 }
 
 
+_CHOICES = Choices("attention")  # "gpu|kernel|dtype|d|T" -> [BLOCK_M, BLOCK_N, num_warps, num_stages]
+
+
 def _config(kernel: str, head_dim: int, length: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd" | "dkdv" | "dq": one small fixed
-    config in the interpreter (speed there is per program), else by padded head dim, dtype and T."""
+    """The default (BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd" | "dkdv" | "dq": one
+    small fixed config in the interpreter (speed there is per program), else by padded head dim,
+    dtype and T, its blocks no longer than T needs (T=64 does not run half-masked 128-row tiles)."""
     if triton_interpret():
         return 32, 32, 1, 1
     key = (kernel, dtype == torch.float32, min(256, max(32, triton.next_power_of_2(head_dim))))
-    return (_UNALIGNED.get(key) if length % 16 else None) or _CONFIGS[key]
+    block_m, block_n, warps, stages = (_UNALIGNED.get(key) if length % 16 else None) or _CONFIGS[key]
+    fit = max(16, triton.next_power_of_2(length))
+    return min(block_m, fit), min(block_n, fit), warps, stages
+
+
+def candidates(kernel: str, head_dim: int, length: int, dtype: torch.dtype) -> list[tuple]:
+    """The tiles autotuning may pick, the default first: 8 warps where the default has 4 (never
+    fewer: the defaults' warp counts keep their registers from spilling) and, for the 16-bit
+    forward and dQ up to head dim 128, half the query rows per program (twice the programs for
+    small grids; dK/dV, fp32 and d=256 tiles spill when halved, with triton 3.9's ptxas or 3.6's).
+    fp32 at head dim > 128 keeps its one tile (the least-spilling found).
+    .ci/check_triton_compile.py compiles every one of them."""
+    default = _config(kernel, head_dim, length, dtype)
+    if triton_interpret() or (dtype == torch.float32 and head_dim > 128):
+        return [default]
+    block_m, block_n, warps, stages = default
+    options = [default, (block_m, block_n, 8, stages)]
+    if kernel != "dkdv" and dtype != torch.float32 and head_dim <= 128 and block_m >= 32:
+        options.insert(1, (block_m // 2, block_n, warps, stages))
+    return list(dict.fromkeys(options))
+
+
+def _tiles(kernel: str, x: torch.Tensor, head_dim: int, length: int, launch) -> tuple:
+    """The tiles for this launch: the recorded choice for (GPU, kernel, dtype, d, T), else, inside
+    ``autotuning``, the fastest candidate of ``launch(tiles)`` (each launch writes the same full
+    outputs, so timing them is harmless), else the default."""
+    options = candidates(kernel, head_dim, length, x.dtype)
+    if len(options) == 1 or not x.is_cuda:
+        return options[0]
+    dtype = str(x.dtype).removeprefix("torch.")
+    key = f"{torch.cuda.get_device_name(x.device)}|{kernel}|{dtype}|d{head_dim}|T{length}"
+    chosen = _CHOICES.get(key)
+    if isinstance(chosen, list) and tuple(chosen) in options:
+        return tuple(chosen)
+    if not measuring(x):
+        return options[0]
+    best = fastest(options, launch) or options[0]
+    _CHOICES.put(key, list(best))
+    return best
 
 
 def _dot_meta(dtype: torch.dtype) -> dict:
@@ -362,28 +410,31 @@ def forward(qkv: torch.Tensor, num_heads: int, order: str):
     head_step, k_off, v_off = _layout(num_heads, head_dim, order)
     out = new_output((bs, num_heads * head_dim, length), dtype=qkv.dtype, device=qkv.device)
     lse = new_output((bs * num_heads, length), dtype=torch.float32, device=qkv.device)
-    block_m, block_n, warps, stages = _config("fwd", head_dim, length, qkv.dtype)
-    grid = (triton.cdiv(length, block_m), bs * num_heads)
-    _fwd_kernel[grid](
-        qkv,
-        out,
-        lse,
-        length,
-        head_dim,
-        head_step,
-        k_off,
-        v_off,
-        num_heads,
-        _LOG2E / math.sqrt(head_dim),
-        *qkv.stride(),
-        *out.stride(),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        **_dot_meta(qkv.dtype),
-        num_warps=warps,
-        num_stages=stages,
-    )
+
+    def launch(tiles):
+        block_m, block_n, warps, stages = tiles
+        _fwd_kernel[(triton.cdiv(length, block_m), bs * num_heads)](
+            qkv,
+            out,
+            lse,
+            length,
+            head_dim,
+            head_step,
+            k_off,
+            v_off,
+            num_heads,
+            _LOG2E / math.sqrt(head_dim),
+            *qkv.stride(),
+            *out.stride(),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            **_dot_meta(qkv.dtype),
+            num_warps=warps,
+            num_stages=stages,
+        )
+
+    launch(_tiles("fwd", qkv, head_dim, length, launch))
     return out, lse
 
 
@@ -393,12 +444,9 @@ def backward(
     """-> dqkv [B, 3*H*d, T] in qkv's dtype and layout."""
     bs, head_dim, length, block_d = _dims(qkv, num_heads)
     head_step, k_off, v_off = _layout(num_heads, head_dim, order)
-    dq_cfg, dkdv_cfg = (
-        _config("dq", head_dim, length, qkv.dtype),
-        _config("dkdv", head_dim, length, qkv.dtype),
-    )
     delta = new_output((bs * num_heads, length), dtype=torch.float32, device=qkv.device)
-    _bwd_delta_kernel[(triton.cdiv(length, dq_cfg[0]), bs * num_heads)](
+    block_m, _, warps, _ = _config("dq", head_dim, length, qkv.dtype)  # any rows per program will do
+    _bwd_delta_kernel[(triton.cdiv(length, block_m), bs * num_heads)](
         dout,
         out,
         delta,
@@ -407,9 +455,9 @@ def backward(
         num_heads,
         *dout.stride(),
         *out.stride(),
-        BLOCK_M=dq_cfg[0],
+        BLOCK_M=block_m,
         BLOCK_D=block_d,
-        num_warps=dq_cfg[2],
+        num_warps=warps,
     )
     dqkv = new_output(qkv)
     sm_scale = 1 / math.sqrt(head_dim)
@@ -431,17 +479,20 @@ def backward(
         *dout.stride(),
         *dqkv.stride(),
     )
-    for kernel, (block_m, block_n, warps, stages), rows in (
-        (_bwd_dkdv_kernel, dkdv_cfg, dkdv_cfg[1]),
-        (_bwd_dq_kernel, dq_cfg, dq_cfg[0]),
-    ):
-        kernel[(triton.cdiv(length, rows), bs * num_heads)](
-            *args,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_D=block_d,
-            **_dot_meta(qkv.dtype),
-            num_warps=warps,
-            num_stages=stages,
-        )
+    for name, kernel in (("dkdv", _bwd_dkdv_kernel), ("dq", _bwd_dq_kernel)):
+
+        def launch(tiles, kernel=kernel, name=name):
+            block_m, block_n, warps, stages = tiles
+            rows = block_n if name == "dkdv" else block_m  # dK/dV per key block, dQ per query block
+            kernel[(triton.cdiv(length, rows), bs * num_heads)](
+                *args,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                BLOCK_D=block_d,
+                **_dot_meta(qkv.dtype),
+                num_warps=warps,
+                num_stages=stages,
+            )
+
+        launch(_tiles(name, qkv, head_dim, length, launch))
     return dqkv
