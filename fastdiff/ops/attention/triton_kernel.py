@@ -14,9 +14,9 @@ dK/dV (loop over query blocks) and one per query block for dQ (loop over key blo
 atomics and deterministic gradients. Gradients land in a dqkv with qkv's layout.
 
 Tiles: each kernel has a default per (fp32?, head dim) that compiles without spills on sm_80 and
-sm_90, shrunk to T; inside ``fastdiff.ops.autotuning`` a few alternatives (half the rows per
-program, the other warp count) are timed on the real launch and the fastest is kept per (GPU,
-kernel, dtype, d, T) (``fastdiff/ops/_tuning.py``).
+sm_90, shrunk to T; inside ``fastdiff.ops.autotuning`` up to two alternatives (8 warps, half the
+query rows per program; :func:`candidates`) are timed on the real launch and the fastest is kept
+per (GPU, kernel, dtype, d, T) (``fastdiff/ops/_tuning.py``).
 """
 
 from __future__ import annotations
