@@ -54,9 +54,17 @@ def attention_sdpa(qkv, num_heads, order="new"):
     return a.transpose(-1, -2).reshape(bs, width // 3, length)
 
 
+@functools.cache
 def xformers_available(device: torch.device) -> bool:
-    """xformers' fused attention: a CUDA baseline, present only where its wheel was installed."""
-    return device.type == "cuda" and importlib.util.find_spec("xformers") is not None
+    """xformers' fused attention: a CUDA baseline, present only where its wheel was installed and
+    imports against this torch (a wheel built for another torch is a skipped row, not a failure)."""
+    if device.type != "cuda" or importlib.util.find_spec("xformers") is None:
+        return False
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # ImportError, or the extension failing to load against this torch
+        return False
+    return True
 
 
 def attention_xformers(qkv, num_heads, order="new"):

@@ -110,6 +110,25 @@ print("removed", lock)
 """
 
 
+def install_wheels(folder: Path | None, workdir: Path) -> list[str]:
+    """Wheels the GPU image lacks (xformers for the gd-xformers baseline), carried in ``folder``:
+    installed into the work dir, no index, no dependencies, and put first on the path of every
+    stage. A wheel that does not install is logged, not fatal: only its rows go missing."""
+    wheels = sorted(folder.glob("*.whl")) if folder is not None and folder.is_dir() else []
+    if not wheels:
+        return []
+    target = workdir / "site"
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
+    rc, text = run_logged([*cmd, "--target", str(target), *map(str, wheels)], workdir / "wheels.log", 120)
+    if rc != 0:
+        log(f"wheels from {folder} did not install (see wheels.log): {text.strip().splitlines()[-1:]}")
+        return []
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
+    sys.path.insert(0, str(target))
+    log(f"installed {', '.join(w.name for w in wheels)}")
+    return [w.name for w in wheels]
+
+
 def stage_build(args, workdir: Path, deadline: float) -> dict:
     """Load (JIT-building if needed) the optional CUDA extension once, so its build time shows
     up here and not inside the first test or benchmark that happens to touch it."""
@@ -228,6 +247,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--skip-tests", action="store_true", help="skip `pytest tests -m gpu`")
     p.add_argument(
+        "--wheels",
+        type=Path,
+        default=REPO / ".whl",
+        help="a folder of wheels to install first, e.g. xformers (default .whl, where it exists)",
+    )
+    p.add_argument(
         "--out-dir", type=Path, help="where to write the report (default bench/results, or a temp dir)"
     )
     p.add_argument(
@@ -261,6 +286,7 @@ def main(argv=None) -> int:
         f"size {size}; budget {args.budget:.0f}s; work dir {workdir}"
     )
 
+    wheels = install_wheels(args.wheels, workdir)
     build = stage_build(args, workdir, deadline)
     tests = stage_tests(args, workdir, deadline)
     bench_result, records, machine = stage_bench(args, workdir, deadline, size)
@@ -283,6 +309,7 @@ def main(argv=None) -> int:
         "budget_s": args.budget,
         "elapsed_s": round(time.time() - t_start, 1),
         "device": info,
+        "wheels": wheels,
         "cuda_extension": build,
         "rates": {k: v for k, v in rates.items() if k.startswith(("copy", "matmul"))},
         "tests": tests,
