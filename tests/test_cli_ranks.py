@@ -1,7 +1,7 @@
-"""The CLI under torchrun (gloo, 2 CPU processes): `fastdiff sample` on the bundled MNIST model
-writes the same files as one process, survives a rank killed mid-run (resumed with 2 ranks or 1
-process); `fastdiff evaluate` splits its features and scores the same; an error one rank meets
-is every rank's one line."""
+"""The CLI under torchrun (gloo, 2 CPU processes; nccl, one rank per GPU, where CUDA is):
+`fastdiff sample` on the bundled MNIST model writes the same files as one process, survives a
+rank killed mid-run (resumed with 2 ranks or 1 process); `fastdiff evaluate` splits its features
+and scores the same; an error one rank meets is every rank's one line."""
 
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def one_process(out: Path, *extra: str):
     return CliRunner().invoke(main, ["sample", *ARGS, "--out", str(out), *extra])
 
 
-def torchrun(out: Path, *extra: str, wait: bool = True, command: list[str] | None = None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+def torchrun(out: Path, *extra: str, wait: bool = True, command: list[str] | None = None, ranks: int = 2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
     cmd += command or ["-m", "fastdiff.cli.main", "sample", *ARGS, "--out", str(out), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # numpy's BLAS as one process
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -99,6 +99,19 @@ def test_two_ranks_write_what_one_process_writes(reference, tmp_path):
     assert rc != 0
     assert output.count("Error: --resume: this run differs from the one in") == 2, output[-3000:]
     assert "fastdiff/cli" not in output  # no traceback of ours
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nccl_ranks_write_what_one_process_writes(tmp_path):
+    """The nccl process group end to end, one rank per GPU (one GPU is enough for that much):
+    the same files as one process on the first GPU."""
+    extra = ("--device", "cuda", "--engine", "eager")
+    r = one_process(tmp_path / "one", *extra)
+    assert r.exit_code == 0, r.output
+    rc, output = torchrun(tmp_path / "run", *extra, ranks=torch.cuda.device_count())
+    assert rc == 0, output[-3000:]
+    assert_same_run(tmp_path / "one", tmp_path / "run")
 
 
 @pytest.mark.slow  # several torchrun jobs: CI's slow stage runs it
