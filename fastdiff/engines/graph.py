@@ -36,9 +36,6 @@ class GraphStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.capture_seconds = 0.0
 
-    def _capture(self, x: Tensor, t: Tensor, noise: Tensor | None, state) -> None:
-        self._record(self.step, x, t, noise, state)
-
     def _record(self, body, *inputs) -> None:
         """Copy ``inputs`` into static buffers, warm the step up on a side stream, then capture
         ``body(*buffers)`` (the step, or the whole loop) with the guidance on its own stream."""
@@ -74,7 +71,7 @@ class GraphStep:
 
     def __call__(self, x: Tensor, t: Tensor, noise: Tensor | None, state):
         if self.graph is None:
-            self._capture(x, t, noise, state)
+            self._record(self.step, x, t, noise, state)
         return self._replay(x, t, noise, state)
 
 
