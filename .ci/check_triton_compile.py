@@ -141,7 +141,9 @@ def gn_launches(call, batch, dtype, sms):
             sc, sh = emb[:, :c], emb[:, c:]
         with mock.patch.object(gn, "_sms", lambda _x: sms), recording(out):
             _, mean, rstd = gn.forward(x, groups, w, b, sc, sh, 1e-5, activation)
-            gn.backward(torch.empty_like(x), x, groups, w, b, sc, sh, mean, rstd, activation)
+            for param_grads in (True, False):  # training; a gradient by x alone (guidance)
+                args = (torch.empty_like(x), x, groups, w, b, sc, sh, mean, rstd, activation)
+                gn.backward(*args, param_grads=param_grads)
     return out
 
 

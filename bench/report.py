@@ -24,7 +24,7 @@ TARGETS = {
     ">=1.2x SDPA": ("attention", "sdpa", 1.2),
 }
 BASELINES = {"ada_group_norm": ("eager", "compile"), "attention": ("eager", "compile", "sdpa")}
-MODES = ("fwd", "bwd", "fwdbwd")
+MODES = ("fwd", "bwd", "dx", "fwdbwd")  # dx: the input gradient alone (guidance)
 DTYPES = ("fp16", "bf16", "fp32")
 
 

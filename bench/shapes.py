@@ -66,7 +66,7 @@ class GNCase:
         """Minimum traffic: every tensor read once and written once.
 
         fwd reads x, writes y; bwd reads dy and x, writes dx; the [N, C] / [C] side tensors and
-        the fp32 [N, G] statistics are counted too (they are small).
+        the fp32 [N, G] statistics are counted too (they are small); dx writes no parameter grads.
         """
         elem = torch.finfo(self.dtype).bits // 8
         big = self.numel * elem
@@ -74,7 +74,7 @@ class GNCase:
         stats = 2 * self.batch * self.groups * 4
         fwd = 2 * big + side
         bwd = 3 * big + 2 * side + stats
-        return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd}[mode]
+        return {"fwd": fwd, "bwd": bwd, "dx": bwd - side, "fwdbwd": fwd + bwd}[mode]
 
     def __str__(self) -> str:
         return f"{self.channels}x{self.height}x{self.width}-b{self.batch}-{DTYPE_NAMES[self.dtype]}"

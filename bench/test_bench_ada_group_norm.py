@@ -1,8 +1,9 @@
 """AdaGN + SiLU (ResBlock ``out_layers`` with use_scale_shift_norm) at the ADM shapes.
 
 fastdiff's fused op against guided-diffusion's eager chain and torch.compile of that chain, in
-forward (no_grad), backward and forward+backward, with the same fp32 weight/bias (GroupNorm32
-parameters stay fp32 under use_fp16) and scale/shift in the activation dtype.
+forward (no_grad), backward, backward by x alone (dx: the classifier's input gradient under
+guidance, weights and scale/shift frozen) and forward+backward, with the same fp32 weight/bias
+(GroupNorm32 parameters stay fp32 under use_fp16) and scale/shift in the activation dtype.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from bench import baselines, shapes, timing
 
 IMPLS = ("fastdiff", "eager", "compile")
-MODES = ("fwd", "bwd", "fwdbwd")
+MODES = ("fwd", "bwd", "dx", "fwdbwd")
 
 
 def _fastdiff_path(x: torch.Tensor, num_groups: int) -> str:
@@ -44,16 +45,17 @@ def _impl(name: str, device: torch.device):
 @pytest.mark.parametrize("case", shapes.gn_cases(), ids=str)
 def test_ada_group_norm(benchmark, device, case, mode, impl):
     fn = _impl(impl, device)
-    grad = mode != "fwd"
 
-    def make(*shape, dtype):  # on the device: host randn of the batch-64 tensors takes seconds
+    # made on the device: a host randn of the batch-64 tensors takes seconds
+    def make(*shape, dtype, grad=mode in ("bwd", "fwdbwd")):
         return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
 
-    x = make(case.batch, case.channels, case.height, case.width, dtype=case.dtype)
+    x = make(case.batch, case.channels, case.height, case.width, dtype=case.dtype, grad=mode != "fwd")
     weight = make(case.channels, dtype=torch.float32)
     bias = make(case.channels, dtype=torch.float32)
     scale = make(case.batch, case.channels, dtype=case.dtype)
     shift = make(case.batch, case.channels, dtype=case.dtype)
+    grads = (x,) if mode == "dx" else (x, weight, bias, scale, shift)
 
     def call():
         return fn(x, case.groups, weight, bias, scale, shift, shapes.EPS)
@@ -73,13 +75,13 @@ def test_ada_group_norm(benchmark, device, case, mode, impl):
         "size": shapes.bench_size(),
     }
     if impl == "fastdiff":
-        timing.tune(call, (x, weight, bias, scale, shift), mode)
+        timing.tune(call, grads, mode)
         info["fastdiff_path"] = _fastdiff_path(x, case.groups)
     timing.bench(
         benchmark,
         call,
         mode=mode,
-        inputs=(x, weight, bias, scale, shift),
+        inputs=grads,
         device=device,
         info=info,
         nbytes=case.io_bytes(mode),

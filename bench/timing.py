@@ -85,10 +85,13 @@ def kernel_ms_with_setup(
     return statistics.median(s.elapsed_time(e) for s, e in times)
 
 
+BACKWARD_ONLY = ("bwd", "dx")  # modes that time a backward alone, its forward made untimed
+
+
 def kernel_timer_name(device: torch.device, mode: str = "fwd") -> str:
     if device.type != "cuda":
         return "perf_counter"
-    return "cuda events, setup forward untimed" if mode == "bwd" else "triton.testing.do_bench"
+    return "cuda events, setup forward untimed" if mode in BACKWARD_ONLY else "triton.testing.do_bench"
 
 
 @functools.cache
@@ -218,11 +221,11 @@ def bench(
     flops: int | None = None,
     matmul_dtype: torch.dtype | None = None,
 ) -> None:
-    """Time ``call`` in ``mode`` (fwd, bwd or fwdbwd) and fill ``benchmark.extra_info``.
+    """Time ``call`` in ``mode`` (fwd, bwd, dx or fwdbwd) and fill ``benchmark.extra_info``.
 
     fwd runs under ``no_grad`` (the sampling path). bwd times ``autograd.grad`` of a forward made
-    in the (untimed) setup of every round; fwdbwd times both. ``inputs`` are the tensors that get
-    gradients.
+    in the (untimed) setup of every round; dx is bwd by the input alone (classifier guidance's
+    gradient); fwdbwd times both. ``inputs`` are the tensors that get gradients.
     """
     warmup_calls = 1 if interpreting(device) else 3
     if mode == "fwd":
@@ -237,7 +240,7 @@ def bench(
         with torch.enable_grad():
             dout = torch.randn_like(call())
 
-        if mode == "bwd":
+        if mode in BACKWARD_ONLY:
 
             def setup():
                 with torch.enable_grad():
@@ -313,7 +316,7 @@ def _kernel_ms_for_mode(call, mode: str, inputs, device: torch.device) -> float:
             return kernel_ms(call, device)
     with torch.enable_grad():
         dout = torch.randn_like(call())
-        if mode == "bwd":
+        if mode in BACKWARD_ONLY:
             return kernel_ms_with_setup(lambda: (call(),), lambda out: _grad(out, inputs, dout), device)
         return kernel_ms(lambda: _grad(call(), inputs, dout), device)
 

@@ -124,6 +124,11 @@ def check_kernel(mod, inputs, groups, act, what, num_chunks=None, grads=True, fa
         assert g.dtype == t.dtype and g.shape == t.shape, name
         # fp32 sums over many elements: allow a floor relative to the summed magnitudes
         check(g, r64_, rlp, factor, floor_ulps=8.0, what=f"{what} {name}")
+    # by x alone (classifier guidance): the same dx, no parameter grads
+    alone = mod.backward(
+        dy, x, groups, *inputs[1:], mean, rstd, act, param_grads=False, num_chunks=num_chunks
+    )
+    assert torch.equal(alone[0], got[0]) and alone[1:] == (None,) * 4, what
 
 
 # (shape, groups, options): 96 channels/32 groups (3 per group), 1x1, odd HxW, 3D, batch 1 and 3,
@@ -154,12 +159,25 @@ def test_kernel_mixed_dtypes(tk):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_split_path(tk, monkeypatch, channels_last):
-    """Chunks (not tile-aligned) with several tiles each, and their merges, vs the unsplit path."""
+@pytest.mark.parametrize("resident", [0, 8192], ids=["tiled", "resident"])
+def test_split_path(tk, monkeypatch, channels_last, resident):
+    """Chunks (not tile-aligned) with several tiles each, and their merges, vs the unsplit path,
+    both tiled (per-element Welford across tiles) and resident (the group is one tile)."""
     monkeypatch.setattr(tk, "_TILE_ELEMS", 32)
+    monkeypatch.setattr(tk, "_RESIDENT_ELEMS", resident)
     inputs = make_inputs((1, 16, 9, 11), 4, torch.float32, channels_last=channels_last)
+    assert tk._plan(inputs[0], 4, 4, 99, 1)[-1] == bool(resident)
     for k in (1, 3):
         check_kernel(tk, inputs, 4, "silu", f"chunks={k}", num_chunks=k)
+
+
+def test_tiled_channel_tail(tk, monkeypatch):
+    """Groups wider than a channel tile (80 = 64 + a 16-row tail) with a partial last position tile."""
+    monkeypatch.setattr(tk, "_TILE_ELEMS", 128)
+    monkeypatch.setattr(tk, "_RESIDENT_ELEMS", 0)
+    assert tk._tiles(80, 15) == (64, 2)
+    inputs = make_inputs((2, 80, 3, 5), 1, torch.float32, mean=50.0)
+    check_kernel(tk, inputs, 1, "silu", "channel tail")
 
 
 def test_split_heuristic(tk):
@@ -172,10 +190,13 @@ def test_split_heuristic(tk):
     assert tk._chunks(1, 1, 4, 10, 4, 50) == (10, 1)  # forced, clamped to one position per chunk
 
 
-@pytest.mark.parametrize("num_chunks", [1, 4])
-def test_large_mean_statistics(tk, monkeypatch, num_chunks):
+@pytest.mark.parametrize(
+    "num_chunks,resident", [(1, 0), (1, 8192), (4, 0)], ids=["tiled", "resident", "split"]
+)
+def test_large_mean_statistics(tk, monkeypatch, num_chunks, resident):
     """x = 1000 + noise: E[x^2] - E[x]^2 in fp32 would lose the variance; Welford/Chan keep it."""
     monkeypatch.setattr(tk, "_TILE_ELEMS", 64)
+    monkeypatch.setattr(tk, "_RESIDENT_ELEMS", resident)
     x = 1000 + torch.randn(2, 8, 16, 16)
     y, mean, rstd = tk.forward(x, 2, None, None, None, None, 1e-5, None, num_chunks=num_chunks)
     m64, r64 = group_stats_reference(x.double(), 2)
@@ -203,6 +224,73 @@ def test_public_op_runs_kernel_gradcheck(tk):
     assert torch.autograd.gradcheck(
         lambda x_, b_: ada_group_norm(x_, 3, None, b_, activation=None), (x, b), fast_mode=True
     )
+
+
+def test_public_op_asks_for_parameter_grads_only_when_needed(tk, monkeypatch):
+    """Guidance differentiates by x alone (frozen weights, emb-derived scale/shift): the backward
+    then skips the parameter grads; training still gets all of them."""
+    asked = []
+    backward = tk.backward
+
+    def spy(*args, param_grads, **kw):
+        asked.append(param_grads)
+        return backward(*args, param_grads=param_grads, **kw)
+
+    monkeypatch.setattr(tk, "backward", spy)
+    x, w, b, sc, sh = make_inputs((2, 8, 4, 4), 2, torch.float32)
+    x.requires_grad_()
+    (dx,) = torch.autograd.grad(ada_group_norm(x, 2, w, b, sc, sh).square().sum(), x)
+    assert asked == [False]
+    w.requires_grad_()
+    dx2, dw = torch.autograd.grad(ada_group_norm(x, 2, w, b, sc, sh).square().sum(), (x, w))
+    assert asked == [False, True]
+    lx, lw = x.detach().requires_grad_(), w.detach().requires_grad_()
+    ref = torch.autograd.grad(ada_group_norm_reference(lx, 2, lw, b, sc, sh).square().sum(), (lx, lw))
+    for got, expect in zip((dx, dx2, dw), (ref[0], ref[0], ref[1])):
+        torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+
+
+KERNELS = ("_stats_kernel", "_fwd_kernel", "_bwd_sums_kernel", "_bwd_dx_kernel", "_param_grads_kernel")
+
+
+@pytest.mark.parametrize("shape", [(8, 1024, 16, 16), (8, 256, 128, 128)], ids=["unsplit", "split"])
+def test_backward_launches(tk, monkeypatch, shape):
+    """ImageNet-256's AdaGN at batch 8 on an H100 (meta tensors, launches recorded): the gradient by x
+    alone is the dx kernel (after the chunk sums when split) and no torch op; the parameter grads
+    add one launch, not a chain of small torch ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    log = []
+
+    class Launch:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: log.append(self.name)
+
+    class TorchOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            copies = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+            if torch.Tag.pointwise in func.tags or torch.Tag.reduction in func.tags or func in copies:
+                log.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for name in KERNELS:
+        monkeypatch.setattr(tk, name, Launch(name))
+    monkeypatch.setattr(tk, "_sms", lambda _x: 132)
+    monkeypatch.setenv("FASTDIFF_OPS_POISON", "0")
+    c = shape[1]
+    x = torch.empty(shape, dtype=torch.float16, device="meta")
+    w = b = torch.empty(c, device="meta")
+    sc, sh = torch.empty(shape[0], 2 * c, dtype=torch.float16, device="meta").chunk(2, 1)
+    _, mean, rstd = tk.forward(x, 32, w, b, sc, sh, 1e-5, "silu")
+    split = ["_bwd_sums_kernel"] if shape[2] == 128 else []
+    for param_grads, extra in ((False, []), (True, ["_param_grads_kernel"])):
+        log.clear()
+        with TorchOps():
+            tk.backward(torch.empty_like(x), x, 32, w, b, sc, sh, mean, rstd, "silu", param_grads=param_grads)
+        assert log == [*split, "_bwd_dx_kernel", *extra], param_grads
 
 
 def test_public_op_layouts(tk):
@@ -361,6 +449,8 @@ GPU_CASES = CASES + [
     ((1, 256, 256, 256), 32, dict(channels_last=True)),
     ((16, 512, 16, 16), 32, dict()),
     ((4, 384, 31, 33), 32, dict(channels_last=True)),
+    ((8, 1024, 16, 16), 32, dict()),  # ImageNet-256 batch 8 at 16x16: a resident group of 8192
+    ((8, 576, 16, 16), 32, dict(channels_last=True)),  # ImageNet-64: 18 channels padded to 32
 ]
 
 

@@ -43,10 +43,11 @@ def forward(x, num_groups, weight, bias, scale, shift, eps, activation):
     return y, mean, rstd
 
 
-def backward(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activation):
-    """-> (dx, dweight, dbias, dscale, dshift), None where the input was None."""
+def backward(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activation, *, param_grads=True):
+    """-> (dx, dweight, dbias, dscale, dshift), None where the input was None or ``param_grads``
+    is False (the kernel computes them with dx; they are dropped)."""
     ext = load_extension()
-    return tuple(
+    grads = tuple(
         ext.ada_group_norm_backward(
             dy,
             x,
@@ -61,6 +62,7 @@ def backward(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activati
             poison=poison_outputs(),
         )
     )
+    return grads if param_grads else (grads[0], None, None, None, None)
 
 
 def _key(x: torch.Tensor, num_groups: int, has_scale: bool, activation: str | None) -> str:

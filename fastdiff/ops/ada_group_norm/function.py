@@ -100,18 +100,26 @@ def ada_group_norm_backward_op(
     mean: Tensor,
     rstd: Tensor,
     activation: str | None,
+    param_grads: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (dx, dweight, dbias, dscale, dshift); an empty tensor stands for the grad of a None input."""
+    """-> (dx, dweight, dbias, dscale, dshift); an empty tensor stands for the grad of a None input,
+    and for every parameter grad when ``param_grads`` is False (a gradient by x alone)."""
     kernel = _pick_kernel(x, num_groups, scale is not None, activation)
     args = (dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activation)
-    grads = kernel.backward(*args) if kernel is not None else ada_group_norm_backward_reference(*args)
+    if kernel is not None:
+        grads = kernel.backward(*args, param_grads=param_grads)
+    else:
+        grads = ada_group_norm_backward_reference(*args)
+        grads = grads if param_grads else (grads[0], None, None, None, None)
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
 @ada_group_norm_backward_op.register_fake
-def _(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activation):
+def _(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activation, param_grads):
     return (torch.empty_like(x),) + tuple(
-        x.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+        x.new_empty(0)
+        if t is None or not param_grads
+        else torch.empty_like(t, memory_format=torch.contiguous_format)
         for t in (weight, bias, scale, shift)
     )
 
@@ -126,11 +134,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    needed = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:6])  # x, weight, bias, scale, shift
     grads = torch.ops.fastdiff.ada_group_norm_backward(
-        dy, x, ctx.num_groups, weight, bias, scale, shift, mean, rstd, ctx.activation
+        dy, x, ctx.num_groups, weight, bias, scale, shift, mean, rstd, ctx.activation, any(needed[1:])
     )
     inputs = (x, weight, bias, scale, shift)
-    dx, dw, db, dsc, dsh = (None if t is None else g for g, t in zip(grads, inputs))
+    dx, dw, db, dsc, dsh = (
+        g if t is not None and need else None for g, t, need in zip(grads, inputs, needed)
+    )
     return dx, None, dw, db, dsc, dsh, None, None
 
 
