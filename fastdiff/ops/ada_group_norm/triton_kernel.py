@@ -515,6 +515,7 @@ def _bwd_dx_kernel(
     FUSED: tl.constexpr,
     RESIDENT: tl.constexpr,
     STORE_SUMS: tl.constexpr,
+    ONE_C: tl.constexpr,
     ACC: tl.constexpr,
     TC: tl.constexpr,
     TS: tl.constexpr,
@@ -563,7 +564,7 @@ def _bwd_dx_kernel(
     else:
         c1 = tl.zeros((), ACC)
         c2 = tl.zeros((), ACC)
-        for c0 in range(0, Cg, TC):
+        for c0 in range(0, TC if ONE_C else Cg, TC):  # ONE_C: a single pass, no loop for ptxas
             cc = c0 + offs_c
             mc = cc < Cg
             ch = g * Cg + cc
@@ -891,7 +892,8 @@ def backward(
             sshc,
             FUSED=k == 1,
             RESIDENT=resident,
-            STORE_SUMS=param_grads,
+            STORE_SUMS=param_grads and k == 1,  # split: the sums kernel stored them
+            ONE_C=cg <= tc,
             **flags,
             num_warps=dx_warps,
         )
