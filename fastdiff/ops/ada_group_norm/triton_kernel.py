@@ -34,7 +34,9 @@ from .._backend import new_output
 _MIN_CHUNK_ELEMS = 16384  # below this a chunk costs more in launches/merges than it saves
 _MAX_CHUNKS = 512  # a power of two: the normalize pass reads all chunk moments as one block of this size
 _TILE_ELEMS = 2048  # elements per tile; tests shrink it to run the multi-tile merges on small shapes
-_RESIDENT_ELEMS = 8192  # an unsplit group up to this size (padded to powers of two) is one tile
+# an unsplit group up to this size (padded to powers of two) is one tile; at 4096 and 8192, ptxas
+# (triton 3.6 or 3.9) spilled on some resident variants at every warp count tried
+_RESIDENT_ELEMS = 2048
 _PARAM_BLOCK = 128  # channels per program of the parameter-gradient launch
 
 
@@ -72,11 +74,10 @@ def _cg_align(cg: int, tc: int, stride_c: int) -> int:
     return min(cg & -cg, tc, 8) if stride_c == 1 else 1
 
 
-def _warps(tile: int, per_warp: int, most: int = 16) -> int:
+def _warps(tile: int, per_warp: int) -> int:
     """Warps for a tile; the backward keeps fewer elements per thread (it holds x, dy and z live:
-    ~100 registers at 4 per thread on sm_90 vs ~170 at 8). A resident tile takes at most 8: at 16,
-    ptxas spills a pointer at 40 registers (it aims at three 512-thread blocks per SM)."""
-    return max(1, min(most, tile // per_warp))
+    ~100 registers at 4 per thread on sm_90 vs ~170 at 8)."""
+    return max(1, min(16, tile // per_warp))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -699,7 +700,7 @@ def forward(x, num_groups, weight, bias, scale, shift, eps, activation, *, num_c
     groups = n * num_groups
     k, chunk_s, tc, ts, resident = _plan(x, groups, cg, s, num_chunks)
     align = _cg_align(cg, tc, sxc)
-    warps = _warps(tc * ts, 256, 8 if resident else 16)
+    warps = _warps(tc * ts, 256)
     acc, acc_t = _acc_dtype(x)
     y = new_output(x)  # x's memory format
     if _flat(y)[0] is not y:  # a permuted layout _flat cannot view: the output takes xf's
@@ -806,7 +807,7 @@ def backward(
     # With triton 3.6's ptxas, fp32's dx kernel spills at 16 warps and its sums kernel at 8 (a
     # register at 48 in use): each gets its own count
     sums_warps = _warps(tc * ts, 128 if align == 1 else 256)
-    dx_warps = _warps(tc * ts, 128 if align == 1 and x.dtype != torch.float32 else 256, 8 if resident else 16)
+    dx_warps = _warps(tc * ts, 128 if align == 1 and x.dtype != torch.float32 else 256)
     acc, acc_t = _acc_dtype(x)
     dyf, sdn, sdc, sds, _ = _flat(dy)
     dx = new_output(x)
