@@ -353,7 +353,7 @@ def _fwd_kernel(
             tl.store(rstd_ptr + pid, rstd)
         s_start = k * CHUNK_S
         s_end = tl.minimum(s_start + CHUNK_S, S)
-        for c0 in range(0, Cg, TC):
+        for c0 in range(0, TC if ONE_C else Cg, TC):  # ONE_C: a single pass, no loop for ptxas
             cc = c0 + offs_c
             mc = cc < Cg
             w, b, s1, sh = _coefs(chan, n, g * Cg + cc, mc, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACC, TC)
