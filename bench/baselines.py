@@ -6,6 +6,7 @@ Attention: guided-diffusion's einsum ``QKVAttention`` / ``QKVAttentionLegacy``, 
 of it, and ``F.scaled_dot_product_attention`` with the permutes and copies it needs to go from and
 back to the ``[B, C, T]`` layout (a fair comparison has to pay for them: the U-Net hands attention
 that layout), and xformers' ``memory_efficient_attention`` where xformers is installed (CUDA).
+Upsampler: guided-diffusion's ``F.interpolate`` then conv, which is the op's reference itself.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from fastdiff.ops.upsample_conv.reference import upsample_conv_reference as upsample_eager  # noqa: F401
 
 
 def gn_eager(x, num_groups, weight, bias, scale, shift, eps=1e-5):

@@ -39,7 +39,8 @@ def pytest_collection_modifyitems(config, items):
     def key(indexed):
         index, item = indexed
         case = getattr(getattr(item, "callspec", None), "params", {}).get("case")
-        if not isinstance(case, (shapes.GNCase, shapes.AttnCase)) or item.path.parent.name != "bench":
+        known = isinstance(case, (shapes.GNCase, shapes.AttnCase, shapes.UpCase))
+        if not known or item.path.parent.name != "bench":
             return (-1, index)
         return (shapes.priority(case), index)
 

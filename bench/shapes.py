@@ -118,6 +118,36 @@ class AttnCase:
         )
 
 
+@dataclass(frozen=True)
+class UpCase:
+    """ADM's upsampler at one level: x [B, C, H, H] -> nearest 2x -> 3x3 conv C -> C."""
+
+    channels: int
+    resolution: int  # of the input; the output is twice that
+    batch: int
+    dtype: torch.dtype
+    models: tuple[str, ...] = field(default=(), compare=False)
+
+    def io_bytes(self, mode: str) -> int:
+        """fwd reads x and writes y (4x x's size); the backward reads dy and writes dx; the
+        3x3 weight is counted once per pass."""
+        elem = torch.finfo(self.dtype).bits // 8
+        x = self.batch * self.channels * self.resolution**2 * elem
+        w = 9 * self.channels**2 * elem
+        fwd = 5 * x + w
+        bwd = 5 * x + 2 * w + x  # dy, x (for dweight) -> dx, dweight
+        return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd}[mode]
+
+    def flops(self, mode: str) -> int:
+        """The layer's FLOPs as guided-diffusion computes it (a 3x3 conv at the output size);
+        the same count for every implementation, so the fold's fewer multiply-adds show as speed."""
+        fwd = 2 * self.batch * self.channels**2 * 9 * (2 * self.resolution) ** 2
+        return {"fwd": fwd, "bwd": 2 * fwd, "fwdbwd": 3 * fwd}[mode]
+
+    def __str__(self) -> str:
+        return f"{self.channels}x{self.resolution}x{self.resolution}-b{self.batch}-{DTYPE_NAMES[self.dtype]}"
+
+
 def bench_size() -> str:
     size = os.environ.get("FASTDIFF_BENCH_SIZE", "").strip().lower()
     if size in ("tiny", "full"):
@@ -131,7 +161,7 @@ def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def priority(case: GNCase | AttnCase) -> int:
+def priority(case: GNCase | AttnCase | UpCase) -> int:
     """Run order when the time budget is short: fp16 first (batch 8, 64, 1), then batch 8 of the rest."""
     if case.dtype == torch.float16:
         return {8: 0, 64: 1}.get(case.batch, 2)
@@ -179,4 +209,24 @@ def attn_cases(size: str | None = None) -> list[AttnCase]:
                 weights = 2 * b * heads * res**4 * (elem + 4)
                 if case.io_bytes("fwdbwd") + weights <= MEMORY_LIMIT_BYTES:
                     cases.append(case)
+    return cases
+
+
+def up_cases(size: str | None = None) -> list[UpCase]:
+    """Every level that upsamples into the one above (an up ResBlock with resblock_updown, as all
+    three presets use), deduplicated; fp16 only, the dtype the released sampling commands run."""
+    size = size or bench_size()
+    if size == "tiny":
+        return [UpCase(32, 4, 2, torch.bfloat16, ("tiny",)), UpCase(64, 8, 2, torch.float16, ("tiny",))]
+    shapes: dict[tuple[int, int], list[str]] = {}
+    for preset in PRESETS:
+        for level, ch, res in preset.levels():
+            if level > 0:
+                shapes.setdefault((ch, res), []).append(f"{preset.name}-L{level}")
+    cases = []
+    for b in (8, 64):
+        for (ch, res), models in shapes.items():
+            case = UpCase(ch, res, b, torch.float16, tuple(models))
+            if case.io_bytes("fwdbwd") <= MEMORY_LIMIT_BYTES:
+                cases.append(case)
     return cases

@@ -175,6 +175,10 @@ def test_upsampler_graph_takes_low_res_and_matches_pytorch(exported_upsampler):
     assert [i.name for i in onnx_model.graph.input] == ["x_t", "timestep", "low_res", "labels"]
     dims = onnx_model.graph.input[2].type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 8, 8]  # dynamic batch, small size
+    initializers = {i.name for i in onnx_model.graph.initializer}
+    convs = [n for n in onnx_model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    assert "ConvTranspose" in {n.op_type for n in convs}  # the up ResBlock's upsample_conv
+    assert all(n.input[1] in initializers for n in convs)  # constant kernels, as TensorRT wants
     report = validate_export(path, model, batches=(1, 3))
     assert max(report.errors.values()) <= 1e-5, report.errors
     if report.inspection is not None:

@@ -4,6 +4,7 @@ model (GroupNorm32, GN+SiLU Sequentials, a scale-shift ResBlock, both attention 
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import pytest
@@ -14,6 +15,8 @@ from fastdiff.ops.ada_group_norm import module as fast_ada
 from fastdiff.ops.ada_group_norm.module import GroupNorm, GroupNormSiLU
 from fastdiff.ops.attention import module as fast_attention
 from fastdiff.ops.patch import patch
+
+patch_module = importlib.import_module("fastdiff.ops.patch")  # the package exports patch() under that name
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -261,9 +264,11 @@ def test_patch_fuses_guided_diffusion_resblock(kw):
     assert [type(m) for m in patch(patched).modules()] == [type(m) for m in patched.modules()]  # idempotent
 
 
-def test_patch_real_guided_diffusion_unet(monkeypatch):
+@pytest.mark.parametrize("resblock_updown", [True, False])
+def test_patch_real_guided_diffusion_unet(monkeypatch, resblock_updown):
     """With FASTDIFF_GUIDED_DIFFUSION pointing at a guided-diffusion checkout: its own UNet,
-    patched, gives its unpatched output (every ResBlock on the fused AdaGN)."""
+    patched, gives its unpatched output (every ResBlock on the fused AdaGN, its upsampler, an
+    up ResBlock or an Upsample with a conv, one upsample_conv)."""
     import os
     import sys
 
@@ -284,16 +289,21 @@ def test_patch_real_guided_diffusion_unet(monkeypatch):
         num_classes=4,
         num_head_channels=32,
         use_scale_shift_norm=True,
-        resblock_updown=True,
+        resblock_updown=resblock_updown,
     ).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.tensor([0, 3])
+    calls = []
+    fused_upsample = patch_module.upsample_conv
+    monkeypatch.setattr(patch_module, "upsample_conv", lambda *a: calls.append(1) or fused_upsample(*a))
     with torch.no_grad():
         ref = model(x, t, y)
+        assert not calls
         patched = patch(copy.deepcopy(model))
         out = patched(x, t, y)
+    assert len(calls) == 1
     fused = [m for m in patched.modules() if type(m) is fast_ada.AdaGroupNormSiLU]
     assert len(fused) == sum(type(m).__name__ == "ResBlock" for m in model.modules())
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)

@@ -168,6 +168,17 @@ def node_counts(onnx_model) -> dict[str, int]:
     return dict(counts.most_common())
 
 
+def _fold_weight_sized_constants(model, denoiser: nn.Module) -> None:
+    """Fold what is computed from weights alone, up to the size of weights: the upsamplers'
+    transposed-conv kernels (fastdiff.ops.upsample_conv folds each 3x3 kernel into a 4x4 one)
+    become initializers, as TensorRT's deconvolution wants its kernel. torch.onnx's own pass
+    stops at 8192-element inputs, below any conv weight of ADM."""
+    from onnxscript import optimizer
+
+    largest = max((int(p.numel()) for p in denoiser.parameters()), default=0)
+    optimizer.optimize(model, input_size_limit=largest, output_size_limit=2 * largest)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -226,6 +237,8 @@ def export_onnx(
         "fastdiff.opset": str(config.opset),
         **{f"fastdiff.{k}": str(v) for k, v in (metadata or {}).items()},
     }
+    if config.optimize:
+        _fold_weight_sized_constants(program.model, denoiser)
     program.model.metadata_props.update(props)
     size = sum(int(p.numel()) * p.element_size() for p in denoiser.parameters())
     size += sum(int(b.numel()) * b.element_size() for b in denoiser.buffers())

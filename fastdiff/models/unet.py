@@ -1,9 +1,10 @@
 """ADM networks (Dhariwal & Nichol 2021) with guided-diffusion's module layout.
 
 Attribute names and nesting follow guided-diffusion exactly so its released checkpoints load with
-``strict=True``; the forward math matches it to float32 rounding. Every GroupNorm, AdaGN and
-attention runs on ``fastdiff.ops`` (fused kernels where they run, PyTorch's fastest exact path
-elsewhere); a SiLU fused into the norm before it leaves ``nn.Identity`` in its Sequential slot.
+``strict=True``; the forward math matches it to float32 rounding. Every GroupNorm, AdaGN,
+attention and upsampler (nearest 2x + 3x3 conv) runs on ``fastdiff.ops`` (fused kernels where they
+run, PyTorch's fastest exact path elsewhere); a SiLU fused into the norm before it leaves
+``nn.Identity`` in its Sequential slot.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.ops import AdaGroupNormSiLU, QKVAttention, QKVAttentionLegacy
-from fastdiff.ops.patch import adm_resblock_forward
+from fastdiff.ops.patch import adm_resblock_forward, adm_upsample_forward
 
 from .config import ClassifierConfig, NetConfig, SuperResConfig, UNetConfig
 from .nn import (
@@ -54,11 +55,7 @@ class Upsample(nn.Module):
             self.conv = conv_nd(dims, channels, self.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dims == 3:
-            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
-        else:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
-        return self.conv(x) if self.use_conv else x
+        return adm_upsample_forward(self, x)
 
 
 class Downsample(nn.Module):

@@ -7,15 +7,35 @@ import itertools
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.ops.ada_group_norm.module import AdaGroupNormSiLU, GroupNorm, GroupNormSiLU
 from fastdiff.ops.attention.module import QKVAttention, QKVAttentionLegacy
+from fastdiff.ops.upsample_conv import fusable, upsample_conv
 
 _ATTENTION = {"QKVAttention": QKVAttention, "QKVAttentionLegacy": QKVAttentionLegacy}
 
 
 _RESBLOCK_ATTRS = ("in_layers", "emb_layers", "out_layers", "skip_connection", "updown", "h_upd", "x_upd")
+
+
+def _is_nearest_upsample(m: nn.Module) -> bool:
+    """guided-diffusion's (or fastdiff's) Upsample without its own conv, on 2-D images."""
+    named = type(m).__name__ == "Upsample"
+    return named and getattr(m, "use_conv", None) is False and getattr(m, "dims", None) == 2
+
+
+def adm_upsample_forward(up: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ADM's Upsample forward for any module with guided-diffusion's Upsample attributes: with
+    its 3x3 conv on 2-D images, one :func:`upsample_conv` (no upsampled tensor is made)."""
+    if up.use_conv and up.dims == 2 and fusable(up.conv):
+        return upsample_conv(x, up.conv.weight, up.conv.bias)
+    if up.dims == 3:
+        x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+    else:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+    return up.conv(x) if up.use_conv else x
 
 
 def adm_resblock_forward(block: nn.Module, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -27,7 +47,10 @@ def adm_resblock_forward(block: nn.Module, x: torch.Tensor, emb: torch.Tensor) -
         h = x
         for layer in norm_act:
             h = layer(h)
-        h = conv(block.h_upd(h))
+        if _is_nearest_upsample(block.h_upd) and fusable(conv):
+            h = upsample_conv(h, conv.weight, conv.bias)
+        else:
+            h = conv(block.h_upd(h))
         x = block.x_upd(x)
     else:
         h = block.in_layers(x)
@@ -93,9 +116,23 @@ def _group_norm(old: nn.GroupNorm, cls: type[GroupNorm]) -> GroupNorm:
     return new.train(old.training)
 
 
-def _patch_children(module: nn.Module, group_norm: bool, attention: bool, fuse: bool) -> None:
+def _is_foreign_upsample_conv(m: nn.Module) -> bool:
+    """guided-diffusion's Upsample with a conv on 2-D images, its forward not yet rewritten
+    (fastdiff's own Upsample passes too; rewriting it changes nothing)."""
+    return (
+        type(m).__name__ == "Upsample"
+        and getattr(m, "use_conv", None) is True
+        and getattr(m, "dims", None) == 2
+        and fusable(getattr(m, "conv", None))
+        and "forward" not in vars(m)
+    )
+
+
+def _patch_children(module: nn.Module, group_norm: bool, attention: bool, upsample: bool, fuse: bool) -> None:
     if group_norm and _is_scale_shift_resblock(module):
         _fuse_resblock(module)
+    if upsample and _is_foreign_upsample_conv(module):
+        module.forward = types.MethodType(adm_upsample_forward, module)
     children = list(module.named_children())
     fuse = fuse and isinstance(module, nn.Sequential)
     for i, (name, child) in enumerate(children):
@@ -112,17 +149,21 @@ def _patch_children(module: nn.Module, group_norm: bool, attention: bool, fuse: 
             # A scale-shift ResBlock not rewritten above (no guided-diffusion _forward) runs
             # out_layers[0] alone and out_layers[1:] after scale/shift: fusing SiLU there is wrong
             sliced = name == "out_layers" and bool(getattr(module, "use_scale_shift_norm", False))
-            _patch_children(child, group_norm, attention, not sliced)
+            _patch_children(child, group_norm, attention, upsample, not sliced)
 
 
-def patch(model: nn.Module, *, group_norm: bool = True, attention: bool = True) -> nn.Module:
+def patch(
+    model: nn.Module, *, group_norm: bool = True, attention: bool = True, upsample: bool = True
+) -> nn.Module:
     """Replace, in place, every nn.GroupNorm (subclasses such as GroupNorm32 included) by
     fastdiff's GroupNorm, a GroupNorm directly followed by SiLU in an nn.Sequential by one fused
     GroupNormSiLU (nn.Identity where the SiLU was), guided-diffusion's scale-shift ResBlock's
     norm + scale-shift + SiLU by one AdaGroupNormSiLU, and every ADM attention module (class named
-    QKVAttention / QKVAttentionLegacy with ``n_heads``) by fastdiff's. Returns ``model``.
+    QKVAttention / QKVAttentionLegacy with ``n_heads``) by fastdiff's, and guided-diffusion's
+    Upsample with its 3x3 conv (and the up ResBlocks rewritten above) by one ``upsample_conv``.
+    Returns ``model``.
 
     Only children are swapped: a bare GroupNorm/attention passed as ``model`` is returned as is.
     """
-    _patch_children(model, group_norm, attention, fuse=True)
+    _patch_children(model, group_norm, attention, upsample, fuse=True)
     return model

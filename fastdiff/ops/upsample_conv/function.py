@@ -1,0 +1,116 @@
+"""``upsample_conv``: nearest 2x upsampling and a 3x3 conv as one stride-2 transposed conv.
+
+Each output pixel of the upsampled conv reads a 3x3 window of the upsampled image, which holds
+only 2x2 distinct input pixels; summing the taps that land on the same input pixel gives, per
+output phase, a 2x2 kernel on the input, and the four phases together are one 4x4 kernel
+applied with stride 2 as a transposed conv. That is 16 multiply-adds per input pixel and channel
+pair instead of 36, and no upsampled tensor is made. The sums change only the rounding.
+
+Where it runs: the CPU takes it for every dtype but fp16 (measured 1.5-2.4x faster at ADM shapes
+in fp32 and bf16; PyTorch's CPU fp16 transposed conv is slower than its conv). On a GPU cuDNN's
+transposed-conv kernels are a different family from its convs, so the choice per shape is
+measured inside ``fastdiff.ops.autotuning`` (the Sampler's warm-up); an unmeasured shape takes
+the transposed conv. ``FASTDIFF_OPS=reference`` runs the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from fastdiff.ops._backend import force_reference
+from fastdiff.ops._tuning import Choices, fastest, measuring
+from fastdiff.ops.upsample_conv.reference import upsample_conv_reference
+
+_CHOICES = Choices("upsample_conv")  # key -> "fold" | "reference"
+
+
+# frozen weights on the CPU -> (data_ptr, version, folded): sampling folds each weight once
+_FOLDED = WeakIdKeyDictionary()
+
+
+def fold_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[O, C, 3, 3] -> the transposed conv's [C, O, 4, 4] kernel; the sums of 1-4 taps are
+    taken in fp32 at least (one GEMM against the 9x16 0/1 matrix) and rounded once."""
+    o, c = weight.shape[:2]
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    # kernel row k = output row - 2 * input row + 1 sums the 3x3 rows landing on that input row:
+    # output phase 0 reads input rows (i-1, i) with taps (0 | 1+2), phase 1 (i, i+1) with (0+1 | 2).
+    # Built on the device from eye (no host data: a CUDA graph can capture it)
+    e = torch.eye(3, dtype=dtype, device=weight.device)
+    rows = torch.stack([e[2], e[1] + e[2], e[0] + e[1], e[0]])
+    taps = torch.kron(rows, rows).T  # [9, 16]
+    folded = weight.transpose(0, 1).reshape(c * o, 9).to(dtype) @ taps
+    return folded.to(weight.dtype).reshape(c, o, 4, 4)
+
+
+def _folded_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The folded kernel, kept per weight where nothing can invalidate it unseen: on the CPU
+    (no CUDA graph holds it), outside compilation and autograd, re-folded after any in-place
+    change (version counter) or new storage."""
+    if weight.is_cuda or torch.compiler.is_compiling() or (weight.requires_grad and torch.is_grad_enabled()):
+        return fold_weight(weight)
+    stamp = (weight.data_ptr(), weight._version)
+    hit = _FOLDED.get(weight)
+    if hit is None or hit[0] != stamp:
+        hit = (stamp, fold_weight(weight))
+        _FOLDED[weight] = hit
+    return hit[1]
+
+
+def _folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.conv_transpose2d(x, _folded_weight(weight), bias, stride=2, padding=1)
+
+
+def _key(x: torch.Tensor, weight: torch.Tensor) -> str:
+    layout = "cl" if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else "c"
+    name = torch.cuda.get_device_name(x.device).replace(" ", "_")
+    return f"{name}|{tuple(x.shape)}|{weight.shape[0]}|{str(x.dtype).removeprefix('torch.')}|{layout}"
+
+
+def _use_fold(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if force_reference():
+        return False
+    if not x.is_cuda:
+        return x.dtype != torch.float16
+    if torch.compiler.is_compiling():
+        return True
+    key = _key(x, weight)
+    choice = _CHOICES.get(key)
+    if choice is None and measuring(x):
+        paths = {"fold": _folded, "reference": upsample_conv_reference}
+        with torch.no_grad():
+            choice = fastest(list(paths), lambda name: paths[name](x, weight, bias))
+        if choice is not None:
+            _CHOICES.put(key, choice)
+    return choice != "reference"
+
+
+def fusable(conv: nn.Module) -> bool:
+    """Whether ``conv`` is a plain same-padded 3x3 ``nn.Conv2d`` (no subclass forward, groups,
+    dilation or padding mode), so ``upsample_conv`` with its weight computes what it computes."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and type(conv).forward is nn.Conv2d.forward
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
+def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv3x3(nearest_upsample_2x(x))`` with padding 1: x [N, C, H, W], weight [O, C, 3, 3],
+    bias [O] or None -> [N, O, 2H, 2W]. Differentiable in all three."""
+    if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
+        raise ValueError(
+            f"upsample_conv: x must be [N, C, H, W] and weight [O, C, 3, 3], got "
+            f"{tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    if _use_fold(x, weight, bias):
+        return _folded(x, weight, bias)
+    return upsample_conv_reference(x, weight, bias)

@@ -1,0 +1,251 @@
+"""fastdiff.ops.upsample_conv (nearest 2x upsampling + 3x3 conv as one transposed conv) against
+its reference, and the networks that run it.
+
+Tolerances scale with the reference's own error in the same precision, as in the other ops'
+tests: tol = max(factor * |ref_lp - ref64|, floor).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastdiff.ops.upsample_conv import function as up_function
+from fastdiff.ops.upsample_conv import fusable, upsample_conv, upsample_conv_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: (4.0, 2e-6), torch.float16: (2.0, 2e-3), torch.bfloat16: (2.0, 2e-2)}
+# (N, C, O, H, W): odd sizes, one pixel, C != O, non-square
+SHAPES = [(1, 3, 5, 1, 1), (2, 4, 6, 7, 5), (3, 8, 8, 8, 8), (2, 16, 4, 3, 9), (2, 32, 32, 16, 16)]
+
+
+def _inputs(shape, dtype, channels_last=False, device=DEVICE, seed=0):
+    n, c, o, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g)
+    weight = torch.randn(o, c, 3, 3, generator=g) / (3 * c**0.5)
+    bias = torch.randn(o, generator=g)
+    x, weight, bias = (t.to(device, dtype) for t in (x, weight, bias))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, weight, bias
+
+
+def _assert_close(actual, ref64, ref_lp, dtype, what):
+    factor, floor = TOL[dtype]
+    assert actual.dtype == dtype and actual.shape == ref64.shape
+    tol = max(factor * (ref_lp.double() - ref64).abs().max().item(), floor)
+    err = (actual.double() - ref64).abs().max().item()
+    assert err <= tol, f"{what}: max error {err:.3g} > tol {tol:.3g}"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_matches_reference(shape, dtype, channels_last):
+    """The transposed conv (the fast path itself, whatever the dispatch picks for this dtype),
+    forward and the gradients of x, weight and bias."""
+    if dtype == torch.float16 and DEVICE == "cpu" and shape[1] * shape[2] > 256:
+        pytest.skip("PyTorch's CPU fp16 convs are too slow for the larger shapes")
+    x, weight, bias = (t.requires_grad_() for t in _inputs(shape, dtype, channels_last))
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    out = up_function._folded(x, weight, bias)
+    ref_lp = upsample_conv_reference(x, weight, bias)
+    ref64 = upsample_conv_reference(*leaves64)
+    _assert_close(out, ref64, ref_lp, dtype, "forward")
+    cl = torch.channels_last
+    assert out.is_contiguous(memory_format=cl) == ref_lp.is_contiguous(memory_format=cl)  # same layout
+
+    dy = torch.randn(ref64.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    grads = torch.autograd.grad(out, (x, weight, bias), dy.to(dtype))
+    grads_lp = torch.autograd.grad(ref_lp, (x, weight, bias), dy.to(dtype))
+    grads64 = torch.autograd.grad(ref64, leaves64, dy.double())
+    for name, g, g_lp, g64 in zip(("dx", "dweight", "dbias"), grads, grads_lp, grads64, strict=True):
+        _assert_close(g, g64, g_lp, dtype, name)
+
+
+def test_gradcheck():
+    """float64, through the public op (the CPU runs the transposed conv for it): first and second
+    derivatives, so training through it and gradient penalties are exact too."""
+    x, weight, bias = (t.requires_grad_() for t in _inputs((2, 3, 2, 3, 4), torch.float64, device="cpu"))
+    assert up_function._use_fold(x, weight, bias)
+    assert torch.autograd.gradcheck(upsample_conv, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(upsample_conv, (x, weight, bias))
+
+
+def test_without_bias():
+    x, weight, _ = _inputs((2, 4, 6, 5, 5), torch.float64, device="cpu")
+    torch.testing.assert_close(upsample_conv(x, weight), upsample_conv_reference(x, weight))
+
+
+def test_fold_weight_layout():
+    """Kernel index k = output row - 2 * input row + 1: phase 0 sums taps (1, 2) at k = 1."""
+    w = torch.arange(9.0).reshape(1, 1, 3, 3)
+    folded = up_function.fold_weight(w)
+    assert folded.shape == (1, 1, 4, 4)
+    rows = torch.tensor([[0.0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]])
+    torch.testing.assert_close(folded[0, 0], rows @ w[0, 0] @ rows.T)
+
+
+def test_frozen_weight_is_folded_once_and_again_after_a_change(monkeypatch):
+    """Sampling on the CPU folds each frozen weight once; an in-place update (load_state_dict,
+    an optimizer step) or new storage folds it again, and a weight that needs a gradient is
+    never served from the cache."""
+    folds = []
+    fold = up_function.fold_weight
+    monkeypatch.setattr(up_function, "fold_weight", lambda w: folds.append(1) or fold(w))
+    conv = nn.Conv2d(4, 6, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, 4, 5, 5)
+
+    def check():
+        out = upsample_conv(x, conv.weight, conv.bias)
+        torch.testing.assert_close(out, upsample_conv_reference(x, conv.weight, conv.bias))
+
+    check()
+    check()
+    assert len(folds) == 1
+    conv.load_state_dict({"weight": torch.randn(6, 4, 3, 3), "bias": torch.zeros(6)})
+    check()
+    assert len(folds) == 2
+    conv.weight.data = torch.randn(6, 4, 3, 3)
+    check()
+    assert len(folds) == 3
+    conv.requires_grad_(True)
+    check()
+    check()
+    assert len(folds) == 5
+
+
+def test_dispatch(monkeypatch):
+    """CPU: the transposed conv for fp32/bf16/fp64, the reference for fp16 (PyTorch's CPU fp16
+    transposed conv measured slower than its conv); FASTDIFF_OPS=reference: always the reference."""
+    calls = []
+    reference = upsample_conv_reference
+    monkeypatch.setattr(up_function, "_folded", lambda *a: calls.append("fold") or reference(*a))
+    for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
+        upsample_conv(*_inputs((1, 2, 2, 3, 3), dtype, device="cpu"))
+    assert calls == ["fold"] * 3
+    monkeypatch.setenv("FASTDIFF_OPS", "reference")
+    upsample_conv(*_inputs((1, 2, 2, 3, 3), torch.float32, device="cpu"))
+    assert calls == ["fold"] * 3
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape",
+    [
+        ((2, 4, 5), (4, 4, 3, 3)),
+        ((1, 4, 5, 5), (4, 3, 3, 3)),
+        ((1, 4, 5, 5), (4, 4, 1, 1)),
+        ((1, 4, 5, 5), (4, 4, 3)),
+    ],
+)
+def test_bad_shapes(x_shape, w_shape):
+    with pytest.raises(ValueError, match="upsample_conv: x must be"):
+        upsample_conv(torch.zeros(x_shape), torch.zeros(w_shape))
+
+
+class _LoraConv(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize(
+    "conv, expected",
+    [
+        (nn.Conv2d(4, 4, 3, padding=1), True),
+        (nn.Conv2d(4, 8, 3, padding=1, bias=False), True),
+        (nn.Conv2d(4, 4, 3, padding=1, stride=2), False),
+        (nn.Conv2d(4, 4, 1), False),
+        (nn.Conv2d(4, 4, 3, padding=2, dilation=2), False),
+        (nn.Conv2d(4, 4, 3, padding=1, groups=2), False),
+        (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), False),
+        (_LoraConv(4, 4, 3, padding=1), False),
+        (nn.Conv1d(4, 4, 3, padding=1), False),
+        (nn.Identity(), False),
+    ],
+)
+def test_fusable(conv, expected):
+    assert fusable(conv) is expected
+
+
+@pytest.mark.parametrize("resblock_updown", [False, True])
+def test_unet_runs_it(monkeypatch, resblock_updown):
+    """Both of ADM's upsamplers (Upsample's conv, the BigGAN up ResBlock's first conv) run one
+    upsample_conv each, and the network's output and input gradient match the reference path."""
+    from builders import build_unet
+
+    torch.manual_seed(0)
+    net = build_unet(
+        image_size=16,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult="1,2,2",
+        attention_resolutions="8",
+        num_head_channels=32,
+        learn_sigma=True,
+        class_cond=True,
+        num_classes=4,
+        use_scale_shift_norm=True,
+        resblock_updown=resblock_updown,
+    ).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    t, y = torch.tensor([3, 700]), torch.tensor([1, 2])
+    calls = []
+    folded = up_function._folded
+    monkeypatch.setattr(up_function, "_folded", lambda *a: calls.append(1) or folded(*a))
+    out = net(x, t, y=y)
+    (gx,) = torch.autograd.grad(out.square().sum(), x)
+    assert len(calls) == 2
+    monkeypatch.setenv("FASTDIFF_OPS", "reference")
+    ref = net(x, t, y=y)
+    (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_choice_is_measured_ahead_of_time(monkeypatch):
+    """On a GPU the path per shape is measured only inside autotuning(), then reused."""
+    from fastdiff.ops import autotuning
+
+    monkeypatch.setenv("FASTDIFF_BACKEND_CACHE", "0")
+    monkeypatch.setattr(up_function, "_CHOICES", up_function.Choices("upsample_conv"))
+    x, weight, bias = _inputs((4, 64, 64, 16, 16), torch.float16, channels_last=True)
+    upsample_conv(x, weight, bias)
+    assert up_function._CHOICES.values == {}
+    with autotuning():
+        out = upsample_conv(x, weight, bias)
+    (choice,) = up_function._CHOICES.values.values()
+    assert choice in ("fold", "reference")
+    ref64 = upsample_conv_reference(*(t.double() for t in (x, weight, bias)))
+    _assert_close(out, ref64, upsample_conv_reference(x, weight, bias), torch.float16, "forward")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graph_capture(monkeypatch):
+    """The fold builds its matrix on the device (no host copy), so a CUDA graph captures the
+    whole op, and a replay reads the weight as it is then (nothing is cached on CUDA)."""
+    monkeypatch.setenv("FASTDIFF_BACKEND_CACHE", "0")
+    monkeypatch.setattr(up_function, "_CHOICES", up_function.Choices("upsample_conv"))
+    x, weight, bias = _inputs((2, 32, 32, 8, 8), torch.float16, channels_last=True)
+    assert up_function._use_fold(x, weight, bias)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        upsample_conv(x, weight, bias)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = upsample_conv(x, weight, bias)
+    weight.mul_(-1)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref64 = upsample_conv_reference(*(t.double() for t in (x, weight, bias)))
+    _assert_close(out, ref64, upsample_conv_reference(x, weight, bias), torch.float16, "replay")
