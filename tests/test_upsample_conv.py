@@ -118,6 +118,15 @@ def test_frozen_weight_is_folded_once_and_again_after_a_change(monkeypatch):
     assert len(folds) == 5
 
 
+def test_weights_made_in_inference_mode():
+    """Inference tensors have no version counter: they are folded on every call instead."""
+    with torch.inference_mode():
+        x, weight, bias = _inputs((2, 4, 6, 5, 5), torch.float32, device="cpu")
+        torch.testing.assert_close(upsample_conv(x, weight, bias), upsample_conv_reference(x, weight, bias))
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(upsample_conv(x, weight, bias), upsample_conv_reference(x, weight, bias))
+
+
 def test_dispatch(monkeypatch):
     """CPU: the transposed conv for fp32/bf16/fp64, the reference for fp16 (PyTorch's CPU fp16
     transposed conv measured slower than its conv); FASTDIFF_OPS=reference: always the reference."""

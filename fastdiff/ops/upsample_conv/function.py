@@ -49,8 +49,13 @@ def fold_weight(weight: torch.Tensor) -> torch.Tensor:
 def _folded_weight(weight: torch.Tensor) -> torch.Tensor:
     """The folded kernel, kept per weight where nothing can invalidate it unseen: on the CPU
     (no CUDA graph holds it), outside compilation and autograd, re-folded after any in-place
-    change (version counter) or new storage."""
-    if weight.is_cuda or torch.compiler.is_compiling() or (weight.requires_grad and torch.is_grad_enabled()):
+    change (version counter) or new storage. Inference tensors have no version counter."""
+    if (
+        weight.device.type != "cpu"
+        or weight.is_inference()
+        or torch.compiler.is_compiling()
+        or (weight.requires_grad and torch.is_grad_enabled())
+    ):
         return fold_weight(weight)
     stamp = (weight.data_ptr(), weight._version)
     hit = _FOLDED.get(weight)
