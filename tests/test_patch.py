@@ -264,8 +264,9 @@ def test_patch_fuses_guided_diffusion_resblock(kw):
     assert [type(m) for m in patch(patched).modules()] == [type(m) for m in patched.modules()]  # idempotent
 
 
+@pytest.mark.parametrize("scale_shift", [True, False])
 @pytest.mark.parametrize("resblock_updown", [True, False])
-def test_patch_real_guided_diffusion_unet(monkeypatch, resblock_updown):
+def test_patch_real_guided_diffusion_unet(monkeypatch, resblock_updown, scale_shift):
     """With FASTDIFF_GUIDED_DIFFUSION pointing at a guided-diffusion checkout: its own UNet,
     patched, gives its unpatched output (every ResBlock on the fused AdaGN, its upsampler, an
     up ResBlock or an Upsample with a conv, one upsample_conv)."""
@@ -288,7 +289,7 @@ def test_patch_real_guided_diffusion_unet(monkeypatch, resblock_updown):
         channel_mult=(1, 2),
         num_classes=4,
         num_head_channels=32,
-        use_scale_shift_norm=True,
+        use_scale_shift_norm=scale_shift,
         resblock_updown=resblock_updown,
     ).eval()
     with torch.no_grad():
@@ -305,6 +306,10 @@ def test_patch_real_guided_diffusion_unet(monkeypatch, resblock_updown):
         out = patched(x, t, y)
     assert len(calls) == 1
     fused = [m for m in patched.modules() if type(m) is fast_ada.AdaGroupNormSiLU]
-    assert len(fused) == sum(type(m).__name__ == "ResBlock" for m in model.modules())
+    resblocks = sum(type(m).__name__ == "ResBlock" for m in model.modules())
+    assert len(fused) == (resblocks if scale_shift else 0)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    again = patch(copy.deepcopy(patched))  # idempotent
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, t, y), out)
     sys.modules.pop("guided_diffusion.unet", None)

@@ -128,9 +128,26 @@ def _is_foreign_upsample_conv(m: nn.Module) -> bool:
     )
 
 
+def _is_foreign_up_resblock(m: nn.Module) -> bool:
+    """guided-diffusion's BigGAN up ResBlock (nearest upsampling, then its 3x3 conv), its
+    ``_forward`` not yet rewritten (by the scale-shift fusion above or an earlier patch)."""
+    return (
+        type(m).__name__ == "ResBlock"
+        and callable(getattr(m, "_forward", None))
+        and "_forward" not in vars(m)
+        and all(hasattr(m, a) for a in _RESBLOCK_ATTRS)
+        and bool(m.updown)
+        and _is_nearest_upsample(m.h_upd)
+        and isinstance(m.in_layers, nn.Sequential)
+        and fusable(m.in_layers[-1])
+    )
+
+
 def _patch_children(module: nn.Module, group_norm: bool, attention: bool, upsample: bool, fuse: bool) -> None:
     if group_norm and _is_scale_shift_resblock(module):
         _fuse_resblock(module)
+    if upsample and _is_foreign_up_resblock(module):
+        module._forward = types.MethodType(adm_resblock_forward, module)
     if upsample and _is_foreign_upsample_conv(module):
         module.forward = types.MethodType(adm_upsample_forward, module)
     children = list(module.named_children())
@@ -160,8 +177,8 @@ def patch(
     GroupNormSiLU (nn.Identity where the SiLU was), guided-diffusion's scale-shift ResBlock's
     norm + scale-shift + SiLU by one AdaGroupNormSiLU, and every ADM attention module (class named
     QKVAttention / QKVAttentionLegacy with ``n_heads``) by fastdiff's, and guided-diffusion's
-    Upsample with its 3x3 conv (and the up ResBlocks rewritten above) by one ``upsample_conv``.
-    Returns ``model``.
+    upsamplers (an Upsample with its 3x3 conv, a BigGAN up ResBlock's upsampling and first conv)
+    by one ``upsample_conv``. Returns ``model``.
 
     Only children are swapped: a bare GroupNorm/attention passed as ``model`` is returned as is.
     """
