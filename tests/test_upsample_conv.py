@@ -258,3 +258,19 @@ def test_cuda_graph_capture(monkeypatch):
     torch.cuda.synchronize()
     ref64 = upsample_conv_reference(*(t.double() for t in (x, weight, bias)))
     _assert_close(out, ref64, upsample_conv_reference(x, weight, bias), torch.float16, "replay")
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_other_dims_keep_interpolate_then_conv(monkeypatch, dims):
+    """ADM's 1-D and 3-D Upsample (3-D doubles the inner two dims only) are left as they were."""
+    import torch.nn.functional as F
+
+    from fastdiff.models.unet import Upsample
+
+    monkeypatch.setattr(up_function, "_folded", lambda *a: pytest.fail("the fold is 2-D only"))
+    torch.manual_seed(0)
+    up = Upsample(4, True, dims=dims, out_channels=6)
+    x = torch.randn((2, 4) + (5,) * dims)
+    size = (x.shape[2], 10, 10) if dims == 3 else (10,)
+    with torch.no_grad():
+        torch.testing.assert_close(up(x), up.conv(F.interpolate(x, size, mode="nearest")))
