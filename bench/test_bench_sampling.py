@@ -18,8 +18,8 @@ batch 16 on the CPU: what a user without a GPU runs). In one run, against:
 
 Compile/capture time is measured apart (``extra_info["warmup_s"]``: the Sampler's warm-up); the
 timed rounds end with a CUDA sync. ``extra_info`` also has images/s and, for the UNet forward,
-model FLOP utilisation: the network's FLOPs (counted by torch's FlopCounterMode) over the
-measured bf16 matmul rate.
+model FLOP utilisation: the network's FLOPs (counted by torch's FlopCounterMode on the reference
+path, the same count for every row) over the measured bf16 matmul rate.
 """
 
 from __future__ import annotations
@@ -114,10 +114,14 @@ def _gd_networks(unet, clf, device, compiled: bool, attention=None):
     return unet, clf
 
 
-def _model_flops(unet, x, t, y) -> float:
+def _model_flops(unet, x, t, y, monkeypatch) -> float:
+    """The network's FLOPs as guided-diffusion computes it, the same count for every row: on the
+    reference path (FlopCounterMode sees no FLOPs in a custom op such as the Triton attention,
+    and the transposed-conv upsampler's fewer multiply-adds are speed, not less model)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with monkeypatch.context() as m, torch.no_grad(), FlopCounterMode(display=False) as counter:
+        m.setenv("FASTDIFF_OPS", "reference")
         unet(x, t, y)
     return float(counter.get_total_flops())
 
@@ -215,7 +219,7 @@ def test_sampling(benchmark, device, monkeypatch, case, impl, mode):
     if median:
         extra["images_per_s"] = batch / median
         if mode == "unet" and device.type == "cuda":
-            flops = _model_flops(unet, x, t_model, labels)
+            flops = _model_flops(unet, x, t_model, labels, monkeypatch)
             rate = timing.reference_rates(device).get("matmul_tflops_bfloat16") or 0
             extra["model_tflops"] = flops / median / 1e12
             if rate:

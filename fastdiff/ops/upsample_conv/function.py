@@ -50,9 +50,9 @@ def _folded_weight(weight: torch.Tensor) -> torch.Tensor:
     (no CUDA graph holds it), outside compilation and autograd, re-folded after any in-place
     change (version counter) or new storage. Inference tensors have no version counter."""
     if (
-        weight.device.type != "cpu"
+        torch.compiler.is_compiling()  # first: dynamo cannot trace is_inference()
+        or weight.device.type != "cpu"
         or weight.is_inference()
-        or torch.compiler.is_compiling()
         or (weight.requires_grad and torch.is_grad_enabled())
     ):
         return fold_weight(weight)
