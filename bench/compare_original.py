@@ -6,10 +6,13 @@ own default), same images.
 
     python bench/compare_original.py --guided-diffusion /path/to/guided-diffusion [--threads 1 2 default]
     python bench/compare_original.py --guided-diffusion PATH --threads default --busy 1 --tag busy1
+    python bench/compare_original.py --guided-diffusion PATH --dtypes fp32 bf16 --tag bf16
 
 Each side runs ``--rounds`` times in alternation (so machine noise hits both); the report
 (bench/results/<date>-cpu-e2e.{json,md}) gives the median wall and CPU seconds, the ratio
-original / fastdiff, and the largest difference between the two sets of uint8 images.
+original / fastdiff, and the largest difference between the two sets of uint8 images with their
+PSNR (``--dtypes``: fastdiff's ``--dtype``; only fp32 gives the original's samples, the others
+are measured against them).
 ``--busy N`` keeps N other processes spinning for the whole measurement: the shared machine a
 user often samples on, where each side's own default thread count decides how it fares.
 """
@@ -20,6 +23,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import resource
@@ -70,12 +74,19 @@ def _busy(n: int):
             proc.wait()
 
 
-def _compare(args, tmp: Path, fastdiff: str, threads: str, engine: str) -> dict:
+def _psnr(ours: np.ndarray, theirs: np.ndarray) -> float | None:
+    """dB over the uint8 images; None where they are the same."""
+    mse = float(np.mean((ours - theirs) ** 2))
+    return None if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def _compare(args, tmp: Path, fastdiff: str, threads: str, engine: str, dtype: str) -> dict:
     """One row: ``--rounds`` alternating runs of each side at ``threads``."""
     times: dict[str, list[tuple[float, float]]] = {"fastdiff": [], "original": []}
     flags = [] if engine == "default" else ["--engine", engine]
+    flags += [] if dtype == "fp32" else ["--dtype", dtype]
     for r in range(args.rounds):
-        out = tmp / f"fd-{threads}-{engine}-{r}"
+        out = tmp / f"fd-{threads}-{engine}-{dtype}-{r}"
         cmd = [fastdiff, "sample", "--out", str(out), "--no-progress", *flags]
         cmd += [] if threads == "default" else ["--threads", threads]
         times["fastdiff"].append(_timed(cmd, threads))
@@ -94,9 +105,11 @@ def _compare(args, tmp: Path, fastdiff: str, threads: str, engine: str) -> dict:
     row = {
         "threads": threads,
         "engine": json.loads((out / "run.json").read_text())["engine"],
+        "dtype": dtype,
         "rounds": args.rounds,
         "max_level_diff": int(diff.max()),
         "mean_level_diff": float(diff.mean()),
+        "psnr_db": _psnr(ours, theirs),
     }
     for side, ts in times.items():
         row[f"{side}_wall_s"] = statistics.median(t[0] for t in ts)
@@ -124,6 +137,13 @@ def main() -> None:
         help="fastdiff engines to time ('default': no --engine, what a user gets)",
     )
     ap.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["fp32"],
+        choices=["fp32", "bf16", "fp16"],
+        help="fastdiff's --dtype (fp32: the original's samples; the others are compared with them)",
+    )
+    ap.add_argument(
         "--busy", type=int, default=0, help="other processes kept spinning during the runs (a loaded machine)"
     )
     ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
@@ -136,8 +156,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, _busy(args.busy):
         for threads in args.threads:
             for engine in args.engines:
-                rows.append(_compare(args, Path(tmp), fastdiff, threads, engine))
-                print(json.dumps(rows[-1]), flush=True)
+                for dtype in args.dtypes:
+                    rows.append(_compare(args, Path(tmp), fastdiff, threads, engine, dtype))
+                    print(json.dumps(rows[-1]), flush=True)
 
     import torch
 
@@ -159,20 +180,24 @@ def main() -> None:
         f"Machine: {info['cores']} cores ({info['cpu']}), torch {info['torch']}, 1-min load at the end "
         f"{info['load_1min']:.2f}. Command: `python bench/compare_original.py --guided-diffusion PATH "
         f"--threads {' '.join(map(str, args.threads))} --engines {' '.join(args.engines)} "
-        f"--rounds {args.rounds}{f' --busy {args.busy}' if args.busy else ''}`. "
+        f"--dtypes {' '.join(args.dtypes)} --rounds {args.rounds}"
+        f"{f' --busy {args.busy}' if args.busy else ''}`. "
         + (f"{args.busy} other process(es) kept a core busy each throughout. " if args.busy else "")
         + "Job: the bundled model, "
         "guided DDIM-25 (classifier scale 2), 16 images, process start to files written; medians.",
         "",
-        "| threads | engine | fastdiff wall s | original wall s | x wall | fastdiff CPU s | original CPU s "
-        "| x CPU | max / mean image diff (of 255) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| threads | engine | dtype | fastdiff wall s | original wall s | x wall | fastdiff CPU s "
+        "| original CPU s | x CPU | max / mean image diff (of 255) | PSNR dB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['threads']} | {r['engine']} | {r['fastdiff_wall_s']:.2f} | {r['original_wall_s']:.2f} | "
-            f"{r['speedup_wall']:.2f} | {r['fastdiff_cpu_s']:.2f} | {r['original_cpu_s']:.2f} | "
-            f"{r['speedup_cpu']:.2f} | {r['max_level_diff']} / {r['mean_level_diff']:.4f} |"
+            f"| {r['threads']} | {r['engine']} | {r['dtype']} | {r['fastdiff_wall_s']:.2f} | "
+            f"{r['original_wall_s']:.2f} | {r['speedup_wall']:.2f} | {r['fastdiff_cpu_s']:.2f} | "
+            f"{r['original_cpu_s']:.2f} | {r['speedup_cpu']:.2f} | "
+            f"{r['max_level_diff']} / {r['mean_level_diff']:.4f} | "
+            + ("same" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}")
+            + " |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(stem.with_suffix(".md").read_text())
