@@ -312,4 +312,7 @@ def test_patch_real_guided_diffusion_unet(monkeypatch, resblock_updown, scale_sh
     again = patch(copy.deepcopy(patched))  # idempotent
     with torch.no_grad():
         torch.testing.assert_close(again(x, t, y), out)
+        unfolded = patch(copy.deepcopy(model), upsample=False)(x, t, y)
+    assert len(calls) == 2  # upsample=False: the upsampler as it was, whatever else is fused
+    torch.testing.assert_close(unfolded, ref, atol=1e-5, rtol=1e-4)
     sys.modules.pop("guided_diffusion.unet", None)

@@ -3,6 +3,7 @@ model with the same building blocks) without touching its weights or state_dict 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import types
 
@@ -38,16 +39,20 @@ def adm_upsample_forward(up: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return up.conv(x) if up.use_conv else x
 
 
-def adm_resblock_forward(block: nn.Module, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+def adm_resblock_forward(
+    block: nn.Module, x: torch.Tensor, emb: torch.Tensor, *, fold_upsample: bool = True
+) -> torch.Tensor:
     """ADM's ResBlock forward for any module with guided-diffusion's ResBlock attributes, on the
     fused ops: ``in_layers`` / ``out_layers`` hold a GroupNormSiLU (or, with scale-shift, an
-    AdaGroupNormSiLU taking scale and shift) with ``nn.Identity`` in the SiLU's slot."""
+    AdaGroupNormSiLU taking scale and shift) with ``nn.Identity`` in the SiLU's slot; an up
+    block's upsampling and first conv are one :func:`upsample_conv` unless ``fold_upsample`` is
+    False (``patch(..., upsample=False)``)."""
     if block.updown:  # BigGAN up/down block: resample between the norm+SiLU and the conv
         *norm_act, conv = block.in_layers
         h = x
         for layer in norm_act:
             h = layer(h)
-        if _is_nearest_upsample(block.h_upd) and fusable(conv):
+        if fold_upsample and _is_nearest_upsample(block.h_upd) and fusable(conv):
             h = upsample_conv(h, conv.weight, conv.bias)
         else:
             h = conv(block.h_upd(h))
@@ -80,14 +85,17 @@ def _is_scale_shift_resblock(m: nn.Module) -> bool:
     )
 
 
-def _fuse_resblock(block: nn.Module) -> None:
+def _fuse_resblock(block: nn.Module, upsample: bool) -> None:
     """The model-specific part of ``patch``: guided-diffusion's ResBlock applies its out norm
     alone, then ``* (1 + scale) + shift``, then SiLU; that chain becomes one AdaGroupNormSiLU and
     the block's ``_forward`` (which its ``forward`` calls, under checkpointing or not) becomes
     :func:`adm_resblock_forward`."""
     block.out_layers[0] = _group_norm(block.out_layers[0], AdaGroupNormSiLU)
     block.out_layers[1] = nn.Identity()
-    block._forward = types.MethodType(adm_resblock_forward, block)
+    if upsample:
+        block._forward = types.MethodType(adm_resblock_forward, block)
+    else:
+        block._forward = functools.partial(adm_resblock_forward, block, fold_upsample=False)
 
 
 def _is_foreign_group_norm(m: nn.Module) -> bool:
@@ -145,7 +153,7 @@ def _is_foreign_up_resblock(m: nn.Module) -> bool:
 
 def _patch_children(module: nn.Module, group_norm: bool, attention: bool, upsample: bool, fuse: bool) -> None:
     if group_norm and _is_scale_shift_resblock(module):
-        _fuse_resblock(module)
+        _fuse_resblock(module, upsample)
     if upsample and _is_foreign_up_resblock(module):
         module._forward = types.MethodType(adm_resblock_forward, module)
     if upsample and _is_foreign_upsample_conv(module):
@@ -178,7 +186,8 @@ def patch(
     norm + scale-shift + SiLU by one AdaGroupNormSiLU, and every ADM attention module (class named
     QKVAttention / QKVAttentionLegacy with ``n_heads``) by fastdiff's, and guided-diffusion's
     upsamplers (an Upsample with its 3x3 conv, a BigGAN up ResBlock's upsampling and first conv)
-    by one ``upsample_conv``. Returns ``model``.
+    by one ``upsample_conv``; ``group_norm``, ``attention`` and ``upsample`` = False each leave
+    their part as it was. Returns ``model``.
 
     Only children are swapped: a bare GroupNorm/attention passed as ``model`` is returned as is.
     """
