@@ -295,7 +295,7 @@ def test_patch_fuses_guided_diffusion_resblock(kw, monkeypatch):
     (gx,) = torch.autograd.grad(patched(x, emb).square().sum(), x)
     # fp32 rounding of gradients up to ~1e3 (the up block's 16x16 output): tolerance on that scale
     torch.testing.assert_close(gx, gx_ref, atol=max(1e-4, 1e-6 * gx_ref.abs().max().item()), rtol=1e-4)
-    assert len(calls) == (2 if kw.get("up") else 0)  # the up block's upsampling and first conv: one op
+    assert len(calls) == (2 if kw.get("up") else 0)  # one upsample_conv in each of the two forwards
     assert [type(m) for m in patch(patched).modules()] == [type(m) for m in patched.modules()]  # idempotent
     unfolded = patch(copy.deepcopy(block), upsample=False)
     torch.testing.assert_close(unfolded(x, emb), ref, atol=1e-5, rtol=1e-5)
