@@ -204,6 +204,10 @@ def markdown(report: dict) -> str:
         f"- size `{report['size']}`, budget {report['budget_s']:.0f}s, wall {report['elapsed_s']:.0f}s"
         + (" (dry run)" if report["dry_run"] else ""),
     ]
+    if report.get("command"):
+        md.append(f"- command: `{report['command']}`")
+    if not d.get("cuda_available"):
+        md.append(f"- CPU threads per benchmark process: {d.get('bench_threads')} (FASTDIFF_BENCH_THREADS)")
     ext = report["cuda_extension"]
     md.append(f"- CUDA extension (csrc/): {ext['status']} ({ext['seconds']}s)")
     t = report["tests"]
@@ -252,8 +256,8 @@ def markdown(report: dict) -> str:
     return "\n".join(md)
 
 
-SAMPLING_IMPLS = ("gd", "gd-compile", "gd-sdpa", "gd-xformers", "eager", "compile", "graph", "graph-loop")
-FASTDIFF_ENGINES = ("eager", "compile", "graph", "graph-loop")
+FASTDIFF_ENGINES = ("eager", "parallel", "compile", "graph", "graph-loop")  # parallel: CPU, >= 2 threads
+SAMPLING_IMPLS = ("gd", "gd-compile", "gd-sdpa", "gd-xformers", *FASTDIFF_ENGINES)
 
 
 def sampling_lines(records: list[dict]) -> list[str]:

@@ -40,6 +40,14 @@ from bench.report import TARGETS, build_rows, render, summarise, summary_lines  
 REPORT_RESERVE_S = 25  # kept back from the benchmarks for writing the report
 
 
+def _command() -> str:
+    """This run's command line with the FASTDIFF_BENCH_* settings it ran under (the report says
+    how to get its numbers again)."""
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("FASTDIFF_BENCH_"))
+    args = " ".join(sys.argv[1:])
+    return f"{env + ' ' if env else ''}python bench/run_gpu.py{' ' + args if args else ''}"
+
+
 def log(msg: str) -> None:
     print(f"[run_gpu {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -255,6 +263,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--out-dir", type=Path, help="where to write the report (default bench/results, or a temp dir)"
     )
+    p.add_argument("--tag", default="", help="report name suffix: <date>-<device>-TAG")
     p.add_argument(
         "pytest_args", nargs="*", help="extra arguments for the bench pytest run (after --), e.g. -k fp16"
     )
@@ -271,7 +280,7 @@ def main(argv=None) -> int:
     size = os.environ.get("FASTDIFF_BENCH_SIZE") or ("tiny" if args.dry_run or not cuda else "full")
     info = timing.device_info()
     date = dt.date.today().isoformat()
-    stem = f"{date}-{slug(info.get('gpu_name') or 'cpu')}"
+    stem = f"{date}-{slug(info.get('gpu_name') or 'cpu')}" + (f"-{slug(args.tag)}" if args.tag else "")
     workdir = Path(tempfile.mkdtemp(prefix="fastdiff-bench-"))
     if args.out_dir:
         out_dir = args.out_dir
@@ -304,7 +313,8 @@ def main(argv=None) -> int:
         "schema": 1,
         "date": date,
         "stem": stem,
-        "dry_run": args.dry_run or not cuda,
+        "dry_run": args.dry_run,
+        "command": _command(),
         "size": size,
         "budget_s": args.budget,
         "elapsed_s": round(time.time() - t_start, 1),

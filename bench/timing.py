@@ -146,6 +146,7 @@ def device_info() -> dict:
         "gpu_name": None,
         "gpu_driver_version": None,
         "cpu_count": os.cpu_count(),
+        "bench_threads": int(os.environ.get("FASTDIFF_BENCH_THREADS", "1")),  # bench/conftest.py's
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
