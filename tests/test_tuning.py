@@ -103,7 +103,7 @@ def test_attention_candidates(attn, dtype, head_dim, length):
 def test_attention_tiles_measured_once_inside_autotuning(attn, choice_file, monkeypatch):
     """On a (stand-in) GPU tensor: the default outside autotuning; inside, every candidate launched
     and timed once, the fastest kept per (GPU, kernel, dtype, d, T) and read back later."""
-    monkeypatch.setattr(attn, "_gpu_name", lambda device: "Stand-in GPU")
+    monkeypatch.setattr(attn, "gpu_name", lambda device: "Stand-in GPU")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     speed = {}  # candidate -> fake milliseconds: the last candidate is the fastest
     monkeypatch.setattr(attn, "fastest", functools.partial(_tuning.fastest, timer=lambda fn: speed[fn()]))

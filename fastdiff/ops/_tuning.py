@@ -11,6 +11,7 @@ measured takes the op's default.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -96,6 +97,12 @@ class Choices:
     def clear(self) -> None:
         """Forget every choice of this process (the file is read again on the next lookup)."""
         self.values, self.loaded = {}, False
+
+
+@functools.cache
+def gpu_name(device: torch.device) -> str:
+    """The GPU's name, the first part of every CUDA choice key (asked of the driver once)."""
+    return torch.cuda.get_device_name(device)
 
 
 def time_ms(fn: Callable[[], object], iters: int = 10) -> float:

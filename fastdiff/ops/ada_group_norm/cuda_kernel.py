@@ -16,7 +16,7 @@ import torch
 
 from .._backend import poison_outputs
 from .._cuda_build import load_extension
-from .._tuning import Choices, measuring, time_ms
+from .._tuning import Choices, gpu_name, measuring, time_ms
 
 _ACTIVATIONS = {None: False, "silu": True}
 _CHOICES = Choices("ada_group_norm")  # key -> "cuda" | "triton"
@@ -68,7 +68,7 @@ def backward(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activati
 def _key(x: torch.Tensor, num_groups: int, has_scale: bool, activation: str | None) -> str:
     cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     fmt = "cl" if cl else "c"
-    device = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+    device = gpu_name(x.device) if x.is_cuda else x.device.type
     shape = "x".join(map(str, x.shape))
     dtype = str(x.dtype).removeprefix("torch.")
     return f"{device}|{shape}|g{num_groups}|{dtype}|{fmt}|scale={int(has_scale)}|{activation}"

@@ -21,7 +21,6 @@ per (GPU, kernel, dtype, d, T) (``fastdiff/ops/_tuning.py``).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -29,7 +28,7 @@ import triton
 import triton.language as tl
 
 from fastdiff.ops._backend import new_output, triton_interpret
-from fastdiff.ops._tuning import Choices, fastest, measuring
+from fastdiff.ops._tuning import Choices, fastest, gpu_name, measuring
 
 _LOG2E = 1.4426950408889634
 
@@ -112,11 +111,6 @@ def candidates(kernel: str, head_dim: int, length: int, dtype: torch.dtype) -> l
     return list(dict.fromkeys(options))
 
 
-@functools.cache
-def _gpu_name(device) -> str:
-    return torch.cuda.get_device_name(device)
-
-
 def _tiles(kernel: str, x: torch.Tensor, head_dim: int, length: int, launch) -> tuple:
     """The tiles for this launch: the recorded choice for (GPU, kernel, dtype, d, T), else, inside
     ``autotuning``, the fastest candidate of ``launch(tiles)`` (each launch writes the same full
@@ -125,7 +119,7 @@ def _tiles(kernel: str, x: torch.Tensor, head_dim: int, length: int, launch) -> 
     if len(options) == 1 or not x.is_cuda:
         return options[0]
     dtype = str(x.dtype).removeprefix("torch.")
-    key = f"{_gpu_name(x.device)}|{kernel}|{dtype}|d{head_dim}|T{length}"
+    key = f"{gpu_name(x.device)}|{kernel}|{dtype}|d{head_dim}|T{length}"
     chosen = _CHOICES.get(key)
     if isinstance(chosen, list) and tuple(chosen) in options:
         return tuple(chosen)

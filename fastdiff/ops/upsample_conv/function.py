@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fastdiff.ops._backend import force_reference
-from fastdiff.ops._tuning import Choices, fastest, measuring
+from fastdiff.ops._tuning import Choices, fastest, gpu_name, measuring
 from fastdiff.ops.upsample_conv.reference import upsample_conv_reference
 
 _CHOICES = Choices("upsample_conv")  # key -> "fold" | "reference"
@@ -70,8 +70,8 @@ def _folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 def _key(x: torch.Tensor, weight: torch.Tensor) -> str:
     layout = "cl" if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else "c"
-    name = torch.cuda.get_device_name(x.device).replace(" ", "_")
-    return f"{name}|{tuple(x.shape)}|{weight.shape[0]}|{str(x.dtype).removeprefix('torch.')}|{layout}"
+    dtype = str(x.dtype).removeprefix("torch.")
+    return f"{gpu_name(x.device)}|{tuple(x.shape)}|{weight.shape[0]}|{dtype}|{layout}"
 
 
 def _use_fold(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
