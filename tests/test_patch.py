@@ -186,6 +186,15 @@ def test_patched_group_norm32_keeps_dtype(dtype):
     torch.testing.assert_close(out, ref, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
 
 
+@pytest.fixture
+def upsample_calls(monkeypatch) -> list:
+    """One entry per upsample_conv that the patched forwards run (the op itself still runs)."""
+    calls = []
+    fused_upsample = patch_module.upsample_conv
+    monkeypatch.setattr(patch_module, "upsample_conv", lambda *a: calls.append(1) or fused_upsample(*a))
+    return calls
+
+
 class GDUpsample(nn.Module):
     """guided-diffusion's Upsample as its code is laid out (2-D): nearest 2x, then its conv."""
 
@@ -270,15 +279,12 @@ GDResBlock.__name__ = "ResBlock"  # patch() recognises guided-diffusion's class 
         dict(up=True, use_scale_shift_norm=False),
     ],
 )
-def test_patch_fuses_guided_diffusion_resblock(kw, monkeypatch):
+def test_patch_fuses_guided_diffusion_resblock(kw, upsample_calls):
     torch.manual_seed(0)
     block = GDResBlock(32, 16, 64, **kw)
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0, 0.3)
-    calls = []
-    fused_upsample = patch_module.upsample_conv
-    monkeypatch.setattr(patch_module, "upsample_conv", lambda *a: calls.append(1) or fused_upsample(*a))
     patched = patch(copy.deepcopy(block))
     assert list(patched.state_dict()) == list(block.state_dict())
     if block.use_scale_shift_norm:
@@ -295,34 +301,31 @@ def test_patch_fuses_guided_diffusion_resblock(kw, monkeypatch):
     (gx,) = torch.autograd.grad(patched(x, emb).square().sum(), x)
     # fp32 rounding of gradients up to ~1e3 (the up block's 16x16 output): tolerance on that scale
     torch.testing.assert_close(gx, gx_ref, atol=max(1e-4, 1e-6 * gx_ref.abs().max().item()), rtol=1e-4)
-    assert len(calls) == (2 if kw.get("up") else 0)  # one upsample_conv in each of the two forwards
+    assert len(upsample_calls) == (2 if kw.get("up") else 0)  # one upsample_conv in each of the two forwards
     assert [type(m) for m in patch(patched).modules()] == [type(m) for m in patched.modules()]  # idempotent
     unfolded = patch(copy.deepcopy(block), upsample=False)
     torch.testing.assert_close(unfolded(x, emb), ref, atol=1e-5, rtol=1e-5)
-    assert len(calls) == (2 if kw.get("up") else 0)
+    assert len(upsample_calls) == (2 if kw.get("up") else 0)
 
 
-def test_patch_fuses_guided_diffusion_upsample(monkeypatch):
+def test_patch_fuses_guided_diffusion_upsample(upsample_calls):
     """guided-diffusion's Upsample with a conv runs one upsample_conv; upsample=False leaves it."""
-    calls = []
-    fused_upsample = patch_module.upsample_conv
-    monkeypatch.setattr(patch_module, "upsample_conv", lambda *a: calls.append(1) or fused_upsample(*a))
     torch.manual_seed(0)
     net = nn.Sequential(GDUpsample(8, True), GDUpsample(8, False))
     x = torch.randn(2, 8, 5, 7)
     with torch.no_grad():
         ref = net(x)
         torch.testing.assert_close(patch(copy.deepcopy(net), upsample=False)(x), ref)
-        assert not calls
+        assert not upsample_calls
         patched = patch(copy.deepcopy(net))
         torch.testing.assert_close(patched(x), ref, atol=1e-5, rtol=1e-5)
-    assert len(calls) == 1
+    assert len(upsample_calls) == 1
     assert list(patched.state_dict()) == list(net.state_dict())
 
 
 @pytest.mark.parametrize("scale_shift", [True, False])
 @pytest.mark.parametrize("resblock_updown", [True, False])
-def test_patch_real_guided_diffusion_unet(monkeypatch, resblock_updown, scale_shift):
+def test_patch_real_guided_diffusion_unet(monkeypatch, upsample_calls, resblock_updown, scale_shift):
     """With FASTDIFF_GUIDED_DIFFUSION pointing at a guided-diffusion checkout: its own UNet,
     patched, gives its unpatched output (every ResBlock on the fused AdaGN, its upsampler, an
     up ResBlock or an Upsample with a conv, one upsample_conv)."""
@@ -352,15 +355,12 @@ def test_patch_real_guided_diffusion_unet(monkeypatch, resblock_updown, scale_sh
         for p in model.parameters():
             p.normal_(0, 0.1)
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.tensor([0, 3])
-    calls = []
-    fused_upsample = patch_module.upsample_conv
-    monkeypatch.setattr(patch_module, "upsample_conv", lambda *a: calls.append(1) or fused_upsample(*a))
     with torch.no_grad():
         ref = model(x, t, y)
-        assert not calls
+        assert not upsample_calls
         patched = patch(copy.deepcopy(model))
         out = patched(x, t, y)
-    assert len(calls) == 1
+    assert len(upsample_calls) == 1
     fused = [m for m in patched.modules() if type(m) is fast_ada.AdaGroupNormSiLU]
     resblocks = sum(type(m).__name__ == "ResBlock" for m in model.modules())
     assert len(fused) == (resblocks if scale_shift else 0)
@@ -369,6 +369,6 @@ def test_patch_real_guided_diffusion_unet(monkeypatch, resblock_updown, scale_sh
     with torch.no_grad():
         torch.testing.assert_close(again(x, t, y), out)
         unfolded = patch(copy.deepcopy(model), upsample=False)(x, t, y)
-    assert len(calls) == 2  # upsample=False: the upsampler as it was, whatever else is fused
+    assert len(upsample_calls) == 2  # upsample=False: the upsampler as it was, whatever else is fused
     torch.testing.assert_close(unfolded, ref, atol=1e-5, rtol=1e-4)
     sys.modules.pop("guided_diffusion.unet", None)
