@@ -172,11 +172,13 @@ def _fold_weight_sized_constants(model, denoiser: nn.Module) -> None:
     """Fold what is computed from weights alone, up to the size of weights: the upsamplers'
     transposed-conv kernels (fastdiff.ops.upsample_conv folds each 3x3 kernel into a 4x4 one)
     become initializers, as TensorRT's deconvolution wants its kernel. torch.onnx's own pass
-    stops at 8192-element inputs, below any conv weight of ADM."""
+    stops at 8192-element inputs, below any conv weight of ADM; this is only its constant
+    folding again with larger limits, not its whole optimizer."""
     from onnxscript import optimizer
 
     largest = max((int(p.numel()) for p in denoiser.parameters()), default=0)
-    optimizer.optimize(model, input_size_limit=largest, output_size_limit=2 * largest)
+    optimizer.fold_constants(model, input_size_limit=largest, output_size_limit=2 * largest)
+    optimizer.remove_unused_nodes(model)
 
 
 def export_onnx(
