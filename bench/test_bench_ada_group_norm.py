@@ -30,21 +30,12 @@ def _fastdiff_path(x: torch.Tensor, num_groups: int) -> str:
         return "triton" if use_triton(x) else "reference"
 
 
-def _impl(name: str, device: torch.device):
-    if name == "fastdiff":
-        return timing.fastdiff_op("fastdiff.ops.ada_group_norm", "ada_group_norm")
-    if name == "eager":
-        return baselines.gn_eager
-    if not baselines.compile_enabled(device):
-        pytest.skip("torch.compile baselines run on CUDA only (building them on the CPU is too slow)")
-    return baselines.compiled(baselines.gn_eager)
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", shapes.gn_cases(), ids=str)
 def test_ada_group_norm(benchmark, device, case, mode, impl):
-    fn = _impl(impl, device)
+    fastdiff = ("fastdiff.ops.ada_group_norm", "ada_group_norm")
+    fn = timing.implementation(impl, device, fastdiff, baselines.gn_eager)
 
     # made on the device: a host randn of the batch-64 tensors takes seconds
     def make(*shape, dtype, grad=mode in ("bwd", "fwdbwd")):

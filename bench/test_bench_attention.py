@@ -15,23 +15,13 @@ IMPLS = ("fastdiff", "eager", "compile", "sdpa")
 MODES = ("fwd", "bwd", "fwdbwd")
 
 
-def _impl(name: str, device: torch.device):
-    if name == "fastdiff":
-        return timing.fastdiff_op("fastdiff.ops.attention", "attention")
-    if name == "eager":
-        return baselines.attention_eager
-    if name == "sdpa":
-        return baselines.attention_sdpa
-    if not baselines.compile_enabled(device):
-        pytest.skip("torch.compile baselines run on CUDA only (building them on the CPU is too slow)")
-    return baselines.compiled(baselines.attention_eager)
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", shapes.attn_cases(), ids=str)
 def test_attention(benchmark, device, case, mode, impl):
-    fn = _impl(impl, device)
+    fastdiff = ("fastdiff.ops.attention", "attention")
+    eager, sdpa = baselines.attention_eager, baselines.attention_sdpa
+    fn = timing.implementation(impl, device, fastdiff, eager, sdpa=sdpa)
     qkv = torch.randn(case.batch, 3 * case.channels, case.length, device=device, dtype=case.dtype)
     qkv.requires_grad_(mode != "fwd")
 

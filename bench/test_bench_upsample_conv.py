@@ -16,21 +16,12 @@ IMPLS = ("fastdiff", "eager", "compile")
 MODES = ("fwd", "fwdbwd")
 
 
-def _impl(name: str, device: torch.device):
-    if name == "fastdiff":
-        return timing.fastdiff_op("fastdiff.ops.upsample_conv", "upsample_conv")
-    if name == "eager":
-        return baselines.upsample_eager
-    if not baselines.compile_enabled(device):
-        pytest.skip("torch.compile baselines run on CUDA only (building them on the CPU is too slow)")
-    return baselines.compiled(baselines.upsample_eager)
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", shapes.up_cases(), ids=str)
 def test_upsample_conv(benchmark, device, case, mode, impl):
-    fn = _impl(impl, device)
+    fastdiff = ("fastdiff.ops.upsample_conv", "upsample_conv")
+    fn = timing.implementation(impl, device, fastdiff, baselines.upsample_eager)
     grad = mode != "fwd"
     c, r = case.channels, case.resolution
     x = torch.randn(case.batch, c, r, r, device=device, dtype=case.dtype)

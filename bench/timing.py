@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from bench import baselines
+
 GB = 1e9
 
 
@@ -179,6 +181,23 @@ def fastdiff_op(module: str, name: str):
     if fn is None:
         pytest.skip(f"{module} has no {name!r} yet")
     return fn
+
+
+def implementation(name: str, device: torch.device, fastdiff: tuple[str, str], eager, **others):
+    """A benchmark's implementation by name: ``fastdiff`` (module, function), ``eager`` (the
+    baseline function), any of ``others`` (e.g. sdpa=...), or ``compile`` (torch.compile of eager,
+    skipped where :func:`baselines.compile_enabled` says so)."""
+    import pytest
+
+    if name == "fastdiff":
+        return fastdiff_op(*fastdiff)
+    if name == "eager":
+        return eager
+    if name in others:
+        return others[name]
+    if not baselines.compile_enabled(device):
+        pytest.skip("torch.compile baselines run on CUDA only (building them on the CPU is too slow)")
+    return baselines.compiled(eager)
 
 
 def tune(call: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor], mode: str) -> None:
