@@ -32,6 +32,18 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     """Read a state dict on the CPU: ``.safetensors`` via safetensors, anything else via
     ``torch.load(weights_only=True)`` (a top-level ``{"state_dict": ...}`` wrapper is unwrapped)."""
     path = Path(path)
+    sd = read_checkpoint(path)
+    if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return dict(sd)
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """What a checkpoint file holds, read on the CPU without running code from it (safetensors, or
+    ``torch.load(weights_only=True)``); a missing, cut-short or foreign file is one CheckpointError."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -60,11 +72,7 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
                 "weights_only=True: no code from a file runs)"
             )
         raise CheckpointError(f"cannot read checkpoint {path}: {detail}") from e
-    if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
-        sd = sd["state_dict"]
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return dict(sd)
+    return sd
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
