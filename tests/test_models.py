@@ -218,15 +218,55 @@ def test_use_fp16_cuda(case_path):
     assert rel_err(out.cpu(), case["out"]) < 1e-2
 
 
-def test_autocast_bf16_close_to_fp32():
+def _output_dtypes(model: torch.nn.Module, names: list[str], run) -> dict[str, torch.dtype]:
+    """The dtype of each named submodule's output during ``run()``."""
+    seen: dict[str, torch.dtype] = {}
+    modules = dict(model.named_modules())
+
+    def record(name, out):
+        seen.setdefault(name, out.dtype)
+
+    hooks = [modules[n].register_forward_hook(lambda m, a, out, n=n: record(n, out)) for n in names]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_the_torso_low_and_the_rest_fp32(dtype):
+    """Under autocast, only the torso computes in low precision, where guided-diffusion's fp16
+    mode puts it: embeddings, ResBlock embedding projections and output head stay fp32 (an fp16
+    output conv's weight gradient overflowed the loss scale)."""
     model = randomize(small_unet()).eval()
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 2])
     with torch.no_grad():
         expected = model(x, t, y)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            got = model(x, t, y)
-    assert got.dtype == torch.bfloat16
-    assert rel_err(got, expected) < 5e-2
+    got = {}
+
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            got["out"] = model(x, t, y)
+
+    fp32 = ["time_embed", "label_emb", "input_blocks.1.0.emb_layers", "out", "out.2"]
+    seen = _output_dtypes(model, [*fp32, "input_blocks.0.0", "middle_block.1"], run)
+    assert {n: seen[n] for n in fp32} == dict.fromkeys(fp32, torch.float32)
+    assert seen["input_blocks.0.0"] == seen["middle_block.1"] == dtype
+    assert got["out"].dtype == torch.float32 and rel_err(got["out"], expected) < 5e-2
+
+    clf = randomize(EncoderUNetModel(ClassifierConfig(**SMALL, num_classes=4, pool="attention"))).eval()
+    with torch.no_grad():
+        expected = clf(x, t)
+
+    def run_clf():
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            got["clf"] = clf(x, t)
+
+    seen = _output_dtypes(clf, ["time_embed", "out", "input_blocks.0.0"], run_clf)
+    assert seen == {"time_embed": torch.float32, "out": torch.float32, "input_blocks.0.0": dtype}
+    assert rel_err(got["clf"], expected) < 5e-2
 
 
 def test_whole_model_bf16():

@@ -156,8 +156,10 @@ def test_fp16_clips_the_unscaled_gradient_and_reads_old_scaler_state(tmp_path):
 def test_overflow_skips_the_optimizer_step(tmp_path):
     ds = tiny_data()
     trainer = DiffusionTrainer(tiny_config(tmp_path, ds, precision="fp16"), ds)
+    with torch.no_grad():  # a gradient reaches the fp16 torso only through a nonzero output conv
+        trainer.model.out[-1].weight.fill_(0.01)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**125)  # overflows fp32 grads
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**125)  # overflows the fp16 grads
     x = torch.stack([ds[i][0] for i in range(4)])
     assert trainer.run_step(x, torch.tensor([ds[i][1] for i in range(4)])) is False
     assert trainer.scaler.get_scale() == 2.0**124

@@ -2,12 +2,13 @@
 
 The original keeps fp16 convs in the model and a flattened fp32 copy of the weights
 ("master params"), scaling the loss by ``2 ** lg_loss_scale``. Here, as in fastdiff's trainer,
-the weights stay fp32 (``master_params`` are the model's own parameters), the model's forward
-runs under fp16 autocast, and ``torch.amp.GradScaler`` scales the loss: it starts at
-``2 ** initial_lg_loss_scale``, halves on an overflow (the step is skipped, as in the original)
-and doubles every ``1 / fp16_scale_growth`` good steps (the original's average growth).
-Model checkpoints are the same fp32 state dicts either way. The optimizer's state is per
-parameter here and over two flat master parameters there: ``opt_state_dict`` and
+the weights stay fp32 (``master_params`` are the model's own parameters) and the model's forward
+runs under fp16 autocast, which fastdiff's networks apply where the original puts fp16: the
+torso, not the embeddings or the output head. ``torch.amp.GradScaler`` scales the loss: it
+starts at ``2 ** initial_lg_loss_scale``, halves on an overflow (the step is skipped, as in the
+original) and doubles every ``1 / fp16_scale_growth`` good steps (the original's average
+growth). Model checkpoints are the same fp32 state dicts either way. The optimizer's state is
+per parameter here and over two flat master parameters there: ``opt_state_dict`` and
 ``load_opt_state_dict`` convert, so fp16 runs' ``optNNNNNN.pt`` files go both ways too. The
 flattening helpers (``make_master_params`` and the like) are not provided.
 """
@@ -45,7 +46,8 @@ def check_overflow(value) -> bool:
 
 
 def _autocast_forward(model: torch.nn.Module, device_type: str) -> None:
-    """Run ``model``'s forward under fp16 autocast over fp32 weights, returning fp32."""
+    """Run ``model``'s forward under fp16 autocast over fp32 weights (the torso computes in fp16),
+    returning fp32."""
     if hasattr(model, "convert_to_fp32"):  # built with use_fp16: its torso convs are fp16
         model.convert_to_fp32()
     forward = model.forward

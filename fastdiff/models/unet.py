@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.ops import AdaGroupNormSiLU, QKVAttention, QKVAttentionLegacy
-from fastdiff.ops.patch import adm_resblock_forward, adm_upsample_forward
+from fastdiff.ops.patch import adm_resblock_forward, adm_upsample_forward, outside_autocast
 
 from .config import ClassifierConfig, NetConfig, SuperResConfig, UNetConfig
 from .nn import (
@@ -330,7 +330,8 @@ class UNetModel(_ADMNet):
     """The ADM denoiser: a UNet with timestep (and optional class) embedding and attention.
 
     ``use_fp16`` keeps the torso's convs in fp16 (guided-diffusion's fp16 mode); the modern
-    alternative is an fp32 model under ``torch.autocast``.
+    alternative is an fp32 model under ``torch.autocast``, which computes the same parts in low
+    precision (the embeddings and the output head stay fp32 either way).
     """
 
     def __init__(self, config: UNetConfig, in_channels: int | None = None):
@@ -388,7 +389,8 @@ class UNetModel(_ADMNet):
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        emb = self.embed(timesteps, y)
+        with outside_autocast(x):  # under autocast only the torso computes in low precision
+            emb = self.embed(timesteps, y)
         hs = []
         h = x.to(self.dtype)
         for module in self.input_blocks:
@@ -397,7 +399,8 @@ class UNetModel(_ADMNet):
         h = self.middle_block(h, emb)
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h.to(x.dtype))
+        with outside_autocast(x):
+            return self.out(h.to(x.dtype))
 
 
 class SuperResModel(UNetModel):
@@ -461,7 +464,8 @@ class EncoderUNetModel(_ADMNet):
         return self.input_blocks, self.middle_block
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        emb = self._time_emb(timesteps)
+        with outside_autocast(x):  # under autocast only the torso computes in low precision
+            emb = self._time_emb(timesteps)
         spatial = self.pool.startswith("spatial")
         pooled = []
         h = x.to(self.dtype)
@@ -470,7 +474,8 @@ class EncoderUNetModel(_ADMNet):
             if spatial:
                 pooled.append(h.to(x.dtype).mean(dim=tuple(range(2, h.dim()))))
         h = self.middle_block(h, emb)
-        if spatial:
-            pooled.append(h.to(x.dtype).mean(dim=tuple(range(2, h.dim()))))
-            return self.out(torch.cat(pooled, dim=-1))
-        return self.out(h.to(x.dtype))
+        with outside_autocast(x):
+            if spatial:
+                pooled.append(h.to(x.dtype).mean(dim=tuple(range(2, h.dim()))))
+                return self.out(torch.cat(pooled, dim=-1))
+            return self.out(h.to(x.dtype))

@@ -3,6 +3,7 @@ model with the same building blocks) without touching its weights or state_dict 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import types
@@ -19,6 +20,17 @@ _ATTENTION = {"QKVAttention": QKVAttention, "QKVAttentionLegacy": QKVAttentionLe
 
 
 _RESBLOCK_ATTRS = ("in_layers", "emb_layers", "out_layers", "skip_connection", "updown", "h_upd", "x_upd")
+
+
+def outside_autocast(x: torch.Tensor):
+    """A context in which ``x``'s device computes in the tensors' own dtypes even under
+    ``torch.autocast``. ADM's mixed precision (guided-diffusion's fp16 mode) puts only the torso in
+    fp16: the embeddings, the ResBlocks' embedding projections and the output head stay fp32. An
+    fp16 output conv would overflow first: its weight gradient is a sum over every pixel."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _is_nearest_upsample(m: nn.Module) -> bool:
@@ -59,7 +71,8 @@ def adm_resblock_forward(
         x = block.x_upd(x)
     else:
         h = block.in_layers(x)
-    emb_out = block.emb_layers(emb).to(h.dtype)
+    with outside_autocast(emb):
+        emb_out = block.emb_layers(emb).to(h.dtype)
     if block.use_scale_shift_norm:
         scale, shift = emb_out.chunk(2, dim=1)
         h = block.out_layers[0](h, scale, shift)
