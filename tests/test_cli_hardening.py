@@ -240,12 +240,28 @@ def test_classifier_without_scale_is_an_error(models, tmp_path):
         (["--classes", "random", "--seed", -1], ["--seed must be >= 0"]),
         (["--device", "meta"], ["not supported"]),
         (["--device", "mps"], ["not supported"]),
+        (["--flags", '--image_size 8 "unterminated'], ["No closing quotation"]),
+        (["--classifier-flags", "'"], ["No closing quotation"]),
+        (["--flags", "--use_ddim False"], ["--use_ddim is a sampling-script flag", "--sampler"]),
+        (["--flags", "--classifier_scale 1.0"], ["--classifier_scale is a sampling-script flag"]),
     ],
 )
 def test_bad_arguments(models, tmp_path, extra, words):
     out = tmp_path / "o"
     one_line_error(run(*base_args(models, out, "--num-samples", 1), *extra), *words)
     assert not out.exists()
+
+
+def test_unbalanced_quote_in_train_flags_is_one_line(tmp_path):
+    """parse_flags is where every command's --flags is split, train's included."""
+    from click.testing import CliRunner
+
+    from fastdiff.cli.main import main
+
+    r = CliRunner().invoke(
+        main, ["train", "--data", str(tmp_path), "--flags", "--image_size '32", "--out", str(tmp_path / "o")]
+    )
+    one_line_error(r, "No closing quotation")
 
 
 def test_unwritable_out(models, tmp_path):

@@ -23,7 +23,13 @@ from fastdiff.models import (
     get_preset,
     parse_flags,
 )
-from fastdiff.models.flags import classifier_defaults, diffusion_defaults, model_defaults, sr_defaults
+from fastdiff.models.flags import (
+    classifier_defaults,
+    diffusion_defaults,
+    model_defaults,
+    network_flags,
+    sr_defaults,
+)
 
 
 def preset_flags(name: str) -> dict:
@@ -84,10 +90,11 @@ def test_parse_flags_forms_and_types():
         ("--num_channels 1.5", "num_channels"),
         ("--image_size", "no value"),
         ("image_size 64", "expected a --flag"),
+        ('--image_size 64 "unterminated', "No closing quotation"),  # shlex's ValueError, as a FlagError
     ],
 )
 def test_parse_flags_errors(text, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(FlagError, match=message):
         parse_flags(text)
 
 
@@ -171,8 +178,16 @@ def test_flags_round_trip_through_configs():
 def test_flags_nothing_silently_dropped(kind, flags, message):
     with pytest.raises(FlagError, match=message):
         configs_from_flags(kind, flags)
-    # the sampling scripts' flags at their defaults parse (a whole README command line)
-    configs_from_flags("diffusion", {"use_ddim": False, "timestep_respacing": "", "batch_size": 16})
+
+
+@pytest.mark.parametrize(
+    "flags", [{"use_ddim": False}, {"classifier_scale": 1.0}, {"batch_size": 16}, {"num_samples": 10000}]
+)
+def test_sampling_flags_at_the_scripts_defaults_are_refused_too(flags):
+    """fastdiff's defaults differ from the scripts' (ddim, the bundled model's scale): dropping a
+    flag because it equals the scripts' default would run something the user did not ask for."""
+    with pytest.raises(FlagError, match="sampling-script flag"):
+        configs_from_flags("diffusion", flags)
 
 
 def test_create_unet_from_flags():
@@ -290,6 +305,6 @@ def test_an_older_spelling_of_the_flags_is_the_same_network():
     from fastdiff.runs.loading import BUNDLED_MODEL, same_flags
 
     old = read_metadata(BUNDLED_MODEL)["flags"]  # has timestep_respacing, lacks sigma_small
-    new = flags_of(*configs_from_flags("diffusion", old))
+    new = flags_of(*configs_from_flags("diffusion", network_flags(old)))
     assert old != new and same_flags(old, new)
     assert not same_flags({**old, "num_channels": 64}, new) and not same_flags(None, new)

@@ -4,9 +4,10 @@ This is the one edge where flags exist: a MODEL_FLAGS string copied from guided-
 README, ``--flags``, a checkpoint's metadata (written as flags, so older fastdiff files and
 newer ones read each other) and the compat layer. Flag names and defaults are the original's;
 two are fastdiff additions: ``num_classes`` (1000 in the original, fixed) and ``in_channels`` (3),
-so small datasets such as MNIST fit the same networks. The sampling scripts' flags are accepted at
-their defaults (a whole README command line parses) and refused otherwise, with the fastdiff
-option that does the job: nothing a user gives is silently dropped.
+so small datasets such as MNIST fit the same networks. The sampling scripts' flags parse but no
+network takes them: they are refused whatever their value, with the fastdiff option that does the
+job (fastdiff's defaults are not the scripts', so even a default value is a choice that would
+otherwise be lost): nothing a user gives is silently dropped.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ _DIFFUSION_FLAGS = {
     "rescale_timesteps": "rescale_timesteps",
     "rescale_learned_sigmas": "rescale_learned_sigmas",
 }
-# The sampling scripts' flags: (default, what fastdiff takes instead).
+# The sampling scripts' flags: (default, which types the value; what fastdiff takes instead).
 SAMPLING_FLAGS: dict[str, tuple[Any, str]] = {
     "timestep_respacing": ("", "--steps or --respacing"),
     "use_ddim": (False, "--sampler ddim"),
@@ -186,6 +187,12 @@ def sr_defaults() -> dict[str, Any]:
     return _defaults(keys, "superres")
 
 
+def network_flags(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored flag record less the sampling flags an older fastdiff kept in it: they never
+    described the network, and :func:`configs_from_flags` refuses them."""
+    return {k: v for k, v in record.items() if k not in SAMPLING_FLAGS}
+
+
 def known_flags() -> dict[str, Any]:
     """Every flag name fastdiff reads, with its default (which sets its type)."""
     known: dict[str, Any] = {}
@@ -222,7 +229,10 @@ def parse_flags(text: str) -> dict[str, Any]:
     Only the flags present are returned; unknown names raise FlagError naming them.
     """
     known = known_flags()
-    tokens = shlex.split(text)
+    try:
+        tokens = shlex.split(text)
+    except ValueError as e:  # an unbalanced quote
+        raise FlagError(f"flag string {text!r}: {e}") from None
     out: dict[str, Any] = {}
     i = 0
     while i < len(tokens):
@@ -275,7 +285,7 @@ def _tuple(name: str, value: Any, number) -> tuple:
 
 def configs_from_flags(kind: str, flags: dict[str, Any]) -> tuple[NetConfig, DiffusionConfig]:
     """The network and process configs of a (partial) flag dict; absent flags take the original's
-    defaults. A flag of another network kind, or a sampling flag with a value, is a FlagError."""
+    defaults. A flag of another network kind, or a sampling flag, is a FlagError."""
     if kind not in CONFIGS:
         raise ValueError(f"unknown network kind {kind!r}")
     known = known_flags()
@@ -288,10 +298,7 @@ def configs_from_flags(kind: str, flags: dict[str, Any]) -> tuple[NetConfig, Dif
             raise FlagError(f"unknown flag --{name}")
         value = _typed(name, value, known[name])
         if name in SAMPLING_FLAGS:
-            default, instead = SAMPLING_FLAGS[name]
-            if value != default:
-                raise FlagError(f"--{name} is a sampling-script flag; fastdiff takes {instead}")
-            continue
+            raise FlagError(f"--{name} is a sampling-script flag; fastdiff takes {SAMPLING_FLAGS[name][1]}")
         if name in _DIFFUSION_FLAGS:
             process[_DIFFUSION_FLAGS[name]] = value
         if kind != "classifier" and name in _CLASS_FLAGS:
