@@ -150,6 +150,31 @@ def test_sampler_bad_arguments():
     assert default_engine(torch.device("cpu")) == "eager"
 
 
+@pytest.mark.parametrize("warm_first", [True, False])
+def test_building_the_engine_is_warm_up_not_sampling(monkeypatch, warm_first):
+    """An engine's build (the onnx engine exports and opens its session there) is counted in
+    warmup_seconds, with or without warmup() (eager on the CPU skips it), so a run's summary
+    does not book it as sampling."""
+    import time
+
+    from fastdiff.engines import sampler as sampler_module
+
+    real = sampler_module.build_engine
+
+    def slow_build(*args):
+        time.sleep(0.3)
+        return real(*args)
+
+    monkeypatch.setattr(sampler_module, "build_engine", slow_build)
+    unet, clf = _nets()
+    s = _sampler(unet, clf, _diffusion(), "ddim", "cfg", engine="eager")
+    labels = torch.tensor([0, 1])
+    if warm_first:
+        assert s.warmup(labels) >= 0.3
+    s(labels, generator=torch.Generator().manual_seed(0))
+    assert 0.3 <= s.warmup_seconds < 0.6  # built once: the call reused the warmed step
+
+
 def _engine_matches_eager(engine, device, samplers=tuple(SAMPLERS), dtype="fp32", guidances=tuple(GUIDANCE)):
     unet, clf = _nets(device)
     for sampler in samplers:

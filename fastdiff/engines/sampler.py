@@ -145,7 +145,7 @@ class Sampler:
         self.rule = make_rule(diffusion, sampler, eta, self.device, torch.float32)
         self._steps: dict[tuple, tuple[Tensor | None, Callable]] = {}
         self._extra: dict[tuple, dict[str, Tensor]] = {}
-        self.warmup_seconds = 0.0  # engine preparation (compile, capture, autotuning) so far
+        self.warmup_seconds = 0.0  # engine preparation (build, compile, capture, autotuning) so far
 
     def step_for(
         self, n: int, model_kwargs: dict[str, Tensor] | None = None
@@ -160,7 +160,9 @@ class Sampler:
         return self._steps[key]
 
     def _new_step(self, n: int, rule, model_kwargs: dict[str, Tensor] | None):
-        """(label buffer, conditioning buffers, engine step) of ``rule`` for batch size n."""
+        """(label buffer, conditioning buffers, engine step) of ``rule`` for batch size n. Building
+        the engine (an ONNX export and its session, a compile's setup) is warm-up, not sampling."""
+        start = time.perf_counter()
         labels = torch.zeros(n, dtype=torch.long, device=self.device) if self.needs_labels else None
         guidance_kwargs = {} if labels is None else {"y": labels}
         extra = {k: torch.zeros_like(v, device=self.device) for k, v in (model_kwargs or {}).items()}
@@ -174,7 +176,9 @@ class Sampler:
             clip_denoised=self.clip_denoised,
         )
         step.prepare(torch.zeros(1, device=self.device))
-        return labels, extra, build_engine(self.engine, step, self.device)
+        run = build_engine(self.engine, step, self.device)
+        self.warmup_seconds += time.perf_counter() - start
+        return labels, extra, run
 
     def _fill(self, n: int, labels: Tensor | None, model_kwargs: dict[str, Tensor] | None) -> Callable:
         """The step for this batch with its labels and conditioning copied into the buffers."""
@@ -191,10 +195,11 @@ class Sampler:
         n: int | None = None,
         model_kwargs: dict[str, Tensor] | None = None,
     ) -> float:
-        """Prepare the engine for a batch (compile, capture, choose kernel backends by measuring
-        them) with one throw-away step, timed apart from sampling; returns its seconds."""
+        """Prepare the engine for a batch (build it, compile, capture, choose kernel backends by
+        measuring them) with one throw-away step, timed apart from sampling; returns its seconds."""
         n = len(labels) if labels is not None else n
-        run = self._fill(n, labels, model_kwargs)
+        before = self.warmup_seconds
+        run = self._fill(n, labels, model_kwargs)  # a new step's build is counted by _new_step
         start = time.perf_counter()
         x = torch.zeros(n, *self.image_shape, device=self.device)
         t = torch.full((n,), self.diffusion.num_timesteps - 1, device=self.device, dtype=torch.long)
@@ -207,9 +212,8 @@ class Sampler:
                 run.capture(x, steps, noises, self.rule.init_state(x))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
-        self.warmup_seconds += seconds
-        return seconds
+        self.warmup_seconds += time.perf_counter() - start
+        return self.warmup_seconds - before
 
     def __call__(
         self,
