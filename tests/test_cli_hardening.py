@@ -264,6 +264,18 @@ def test_unbalanced_quote_in_train_flags_is_one_line(tmp_path):
     one_line_error(r, "No closing quotation")
 
 
+def test_unusable_onnx_cache_is_one_line_before_the_run_folder(models, tmp_path, monkeypatch):
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(module)
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "afile"))
+    out = tmp_path / "o"
+    one_line_error(
+        sample(models, out, 1, "--engine", "onnx"), "ONNX cache", "FASTDIFF_CACHE", "Not a directory"
+    )
+    assert not out.exists()
+
+
 def test_unwritable_out(models, tmp_path):
     (tmp_path / "file").write_text("")
     one_line_error(sample(models, tmp_path / "file" / "out", 1), "cannot write to --out")

@@ -233,7 +233,24 @@ def test_cli_export_refuses_bad_options_before_work(tmp_path):
     assert res.exit_code != 0 and "not found" in res.output
     res = runner.invoke(main, ["export", "trt", "--onnx", str(tmp_path / "x.onnx"), "--out", str(tmp_path)])
     assert res.exit_code != 0 and "ONNX file not found" in res.output
+    res = runner.invoke(main, ["export", "onnx", "--out", str(tmp_path), "--max-batch", "1"])
+    assert res.output == "Error: --max-batch must be at least 2, got 1\n"
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_export_checks_out_before_tracing(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import fastdiff.export
+    from fastdiff.cli.main import main
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("exported before --out was checked")
+
+    monkeypatch.setattr(fastdiff.export, "export_onnx", no_trace)
+    (tmp_path / "afile").write_text("")
+    res = CliRunner().invoke(main, ["export", "onnx", "--out", str(tmp_path / "afile" / "x")])
+    assert res.output == f"Error: cannot write to --out {tmp_path / 'afile' / 'x'}: Not a directory\n"
 
 
 class _FakeTrt:

@@ -42,8 +42,13 @@ def choose_network(features: str, image_shape: tuple[int, int, int], inception: 
 
 
 def check_json_path(path: Path | None) -> None:
+    """--json is checked before the features are computed: a long run is not lost at its end."""
+    from fastdiff.runs.folder import check_writable
+
     if path is not None and path.is_dir():
         raise click.ClickException(f"--json {path} is a folder; give a file name")
+    if path is not None:
+        check_writable(path.parent, f"--json {path}")
 
 
 def write_json(path: Path, record: dict) -> None:

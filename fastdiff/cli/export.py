@@ -5,6 +5,7 @@ at its small size, without guidance (ADM-U has none)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
@@ -44,6 +45,7 @@ def export_onnx_command(
 
     from fastdiff.export import ExportError, OnnxExportConfig, export_onnx
     from fastdiff.export.validate import validate_export
+    from fastdiff.runs.folder import check_writable
     from fastdiff.runs.loading import (
         BUNDLED_CLASSIFIER,
         check_classifier,
@@ -54,8 +56,9 @@ def export_onnx_command(
 
     try:
         config = OnnxExportConfig(dtype=dtype, opset=opset, max_batch=max_batch)
-    except ExportError as e:
-        raise _fail(e) from None
+    except ExportError as e:  # name the options the user wrote, not the config's fields
+        option = re.sub(r"\b(dtype|opset|max_batch)\b", lambda m: "--" + m[0].replace("_", "-"), str(e))
+        raise click.ClickException(option) from None
     if out.exists() and not out.is_dir():
         raise click.ClickException(f"--out {out} exists and is not a folder")
     cpu = torch.device("cpu")
@@ -85,6 +88,7 @@ def export_onnx_command(
     kind = "superres" if low_res_shape is not None else kind.strip("+") or "none"
     name = f"denoiser-{kind}-{dtype}.onnx"
     meta = {"preset": preset or "", "checkpoint_sha256": loaded.identity["sha256"]}
+    check_writable(out, f"--out {out}")  # before the trace, not after it
     try:
         result = export_onnx(
             loaded.model,

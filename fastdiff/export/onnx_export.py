@@ -54,8 +54,10 @@ class OnnxExportConfig:
             raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.opset < MIN_OPSET:
             raise ExportError(f"opset must be at least {MIN_OPSET}, got {self.opset}")
-        if self.trace_batch < 2 or self.max_batch < self.trace_batch:
-            raise ExportError("trace_batch must be >= 2 and <= max_batch")
+        if self.trace_batch < 2:
+            raise ExportError(f"trace_batch must be at least 2, got {self.trace_batch}")
+        if self.max_batch < self.trace_batch:
+            raise ExportError(f"max_batch must be at least {self.trace_batch}, got {self.max_batch}")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from fastdiff.diffusion import SAMPLERS
 from fastdiff.engines import EngineError, check_engine, default_engine
 from fastdiff.runs import ranks
 from fastdiff.runs.errors import RunError
+from fastdiff.runs.folder import check_writable
 
 
 def choose_threads(threads: int | None) -> int:
@@ -88,6 +89,10 @@ def check_run_options(
         check_engine(engine, dev)
     except EngineError as e:
         raise RunError(str(e)) from None
+    if engine in ("onnx", "trt"):  # they export into the cache on first use
+        from fastdiff.export.onnx_runtime import cache_dir
+
+        check_writable(cache_dir(), f"the ONNX cache {cache_dir()} (FASTDIFF_CACHE sets where it is)")
     if eta and not SAMPLERS[sampler].uses_eta:
         raise RunError(f"--eta is a DDIM parameter; --sampler {sampler} does not use it")
     return dev, engine

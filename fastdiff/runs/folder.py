@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -16,6 +17,18 @@ from fastdiff.runs import ranks
 from fastdiff.runs.errors import RunError
 
 LOCK = ".lock"
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` if needed and write (and delete) a file in it, so a place a command
+    cannot write is one line before its work, not a traceback after it; ``what`` names it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except FileExistsError:  # mkdir's word for a file where the folder would be
+        raise RunError(f"cannot write to {what}: {folder} is not a folder") from None
+    except OSError as e:
+        raise RunError(f"cannot write to {what}: {e.strerror or e}") from None
 
 
 @contextmanager
