@@ -124,8 +124,10 @@ def test_second_process_on_the_folder_fails_at_once(models, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with open(out / ".lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another fastdiff sample holds it
-        one_line_error(sample(models, out, 2), "in use by another fastdiff sample")
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another fastdiff command holds it
+        held.write("fastdiff invert")  # the holder's name, as exclusive_folder writes it
+        held.flush()
+        one_line_error(sample(models, out, 2), "in use by another fastdiff invert")
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
     assert sample(models, out, 2).exit_code == 0  # released: the folder is usable
 

@@ -171,6 +171,7 @@ def test_interpolation_ends_are_the_seeds_samples(inverted, tmp_path):
         (["invert", "{small}", "--classes", 1, "--out", "{tmp}/o"], "is 28x28; the model takes 32x32"),
         (["invert", "{img}", "--classes", 1, "--to-class", 10, "--out", "{tmp}/o"], "--to-class 10 out of"),
         (["invert", "{img}", "--classes", "x", "--out", "{tmp}/o"], "--classes must be class ids"),
+        (["invert", "{img}", "--classes", 1, "--out", "{tmp}"], "is not empty; choose a new or empty"),
         (["interpolate", "--from", 0, "--to", 1, "--out", "{tmp}/s.png"], "pass --class K"),
         (
             ["interpolate", "--from", 0, "--to", "nope.npz", "--class", 1, "--out", "{tmp}/s.png"],

@@ -4,6 +4,7 @@ unless it is empty or holds a run to resume."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import tempfile
@@ -20,13 +21,16 @@ LOCK = ".lock"
 
 
 def check_writable(folder: Path, what: str) -> None:
-    """Create ``folder`` if needed and write (and delete) a file in it, so a place a command
-    cannot write is one line before its work, not a traceback after it; ``what`` names it."""
+    """Whether a file can be written in ``folder`` (or, where it does not exist yet, in the folder
+    that would hold it), creating nothing: a place a command cannot write is one line before its
+    work, not a traceback after it. ``what`` names it."""
+    place = folder
+    while not place.exists() and place != place.parent:
+        place = place.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except FileExistsError:  # mkdir's word for a file where the folder would be
-        raise RunError(f"cannot write to {what}: {folder} is not a folder") from None
+        if not place.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        tempfile.TemporaryFile(dir=place).close()  # an unnamed file: nothing left behind
     except OSError as e:
         raise RunError(f"cannot write to {what}: {e.strerror or e}") from None
 
@@ -34,7 +38,8 @@ def check_writable(folder: Path, what: str) -> None:
 @contextmanager
 def exclusive_folder(out: Path, holder: str) -> Iterator[None]:
     """Create ``out`` if needed and hold ``out/.lock`` (flock, non-blocking) until the block ends;
-    a second process gets one line naming ``holder``. The lock file stays: deleting it would race."""
+    the lock file names ``holder``, so a second process gets one line naming the command that
+    holds the folder. The lock file stays: deleting it would race."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is not a folder")
     try:
@@ -46,41 +51,49 @@ def exclusive_folder(out: Path, holder: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            other = os.read(fd, 200).decode(errors="replace").strip() or "fastdiff process"
             raise RunError(
-                f"{out} is in use by another {holder}; wait for it or choose another --out"
+                f"{out} is in use by another {other}; wait for it or choose another --out"
             ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, holder.encode())
         yield
     finally:
         os.close(fd)
 
 
 @contextmanager
-def locked_run_folder(out: Path, resume: bool) -> Iterator[None]:
+def locked_run_folder(
+    out: Path, resume: bool = False, *, holder: str = "fastdiff sample", record: str | None = "run.json"
+) -> Iterator[None]:
     """Hold ``out`` under an exclusive lock for the whole run; refuse a folder that is not ours.
 
-    A folder this call created is removed again if the run fails before writing anything. Under
-    torchrun rank 0 holds the lock and the other ranks share its verdict.
+    Only a folder holding ``record`` (a sampling run's run.json) is continued, and only with
+    ``resume``; any other non-empty folder is refused, so two runs' files never mix (``record``
+    None: a command that writes its folder whole, as fastdiff invert). A folder this call created
+    is removed again if the run fails before writing anything. Under torchrun rank 0 holds the
+    lock and the other ranks share its verdict.
     """
     with ExitStack() as held:
         with ranks.agreed("checking --out"):
             if distributed.is_main():
-                held.enter_context(_own_run_folder(out, resume))
+                held.enter_context(_own_run_folder(out, resume, holder, record))
         yield
 
 
 @contextmanager
-def _own_run_folder(out: Path, resume: bool) -> Iterator[None]:
+def _own_run_folder(out: Path, resume: bool, holder: str, record: str | None) -> Iterator[None]:
     created = not out.exists()
-    with exclusive_folder(out, "fastdiff sample"):
+    with exclusive_folder(out, holder):
         try:
-            if not (out / "run.json").is_file():
-                if any(p.name != LOCK and not is_temp_file(p) for p in out.iterdir()):
+            if record is not None and (out / record).is_file():
+                if not resume:
                     raise RunError(
-                        f"--out {out} is not empty and holds no sampling run (no run.json); "
-                        "choose a new or empty folder"
+                        f"{out} already holds a sampling run; pass --resume or choose another --out"
                     )
-            elif not resume:
-                raise RunError(f"{out} already holds a sampling run; pass --resume or choose another --out")
+            elif any(p.name != LOCK and not is_temp_file(p) for p in out.iterdir()):
+                what = "" if record is None else f" and holds no sampling run (no {record})"
+                raise RunError(f"--out {out} is not empty{what}; choose a new or empty folder")
             for folder in (out, out / "images", out / "batches"):
                 remove_temp_files(folder)  # the lock guarantees no writer of ours is running
             yield

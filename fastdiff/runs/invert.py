@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from fastdiff.files import atomic_write, save_grid, save_png, to_uint8
 from fastdiff.runs import ranks
 from fastdiff.runs.device import check_run_options
 from fastdiff.runs.errors import RunError
-from fastdiff.runs.folder import exclusive_folder
+from fastdiff.runs.folder import locked_run_folder
 from fastdiff.runs.loading import LoadedModel, load_diffusion_model
 from fastdiff.runs.plan import respacing_for
 from fastdiff.runs.sampling import batch_generator, make_sampler
@@ -154,16 +153,6 @@ def _dealt(n: int, size: int, work) -> list | None:
     return None if parts is None else [r for part in parts for r in part]
 
 
-@contextmanager
-def _main_holds(out: Path):
-    """Rank 0 holds ``out`` for the whole run (the other ranks share its verdict on it)."""
-    with ExitStack() as held:
-        with ranks.agreed("checking --out"):
-            if distributed.is_main():
-                held.enter_context(exclusive_folder(out, "fastdiff invert"))
-        yield
-
-
 def _with_labels(labels: list[int] | None, lo: int, hi: int, device) -> torch.Tensor | None:
     return None if labels is None else torch.tensor(labels[lo:hi], device=device)
 
@@ -262,7 +251,7 @@ def invert_images(
             edit = to_uint8(sampler(torch.full((hi - lo,), to_class, device=dev), noise=x_T))
         return x_T.cpu().numpy(), to_uint8(sampler(y, noise=x_T)), edit
 
-    with _main_holds(out):
+    with locked_run_folder(out, holder="fastdiff invert", record=None):
         done = _dealt(len(paths), batch_size, work)
         record = None
         with ranks.agreed("writing the results"):  # rank 0 writes; a full disk stops every rank
