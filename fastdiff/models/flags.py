@@ -4,10 +4,11 @@ This is the one edge where flags exist: a MODEL_FLAGS string copied from guided-
 README, ``--flags``, a checkpoint's metadata (written as flags, so older fastdiff files and
 newer ones read each other) and the compat layer. Flag names and defaults are the original's;
 two are fastdiff additions: ``num_classes`` (1000 in the original, fixed) and ``in_channels`` (3),
-so small datasets such as MNIST fit the same networks. The sampling scripts' flags parse but no
-network takes them: they are refused whatever their value, with the fastdiff option that does the
-job (fastdiff's defaults are not the scripts', so even a default value is a choice that would
-otherwise be lost): nothing a user gives is silently dropped.
+so small datasets such as MNIST fit the same networks. The sampling scripts' flags are refused
+with the fastdiff option that does the job: in a flag string (what a user typed) whatever their
+value, as fastdiff's defaults are not the scripts' (``--use_ddim False`` is a choice); in a flag
+dict unless at the scripts' default (guided-diffusion's defaults dicts hold
+``timestep_respacing``). Nothing a user gives is silently dropped.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ _DIFFUSION_FLAGS = {
     "rescale_timesteps": "rescale_timesteps",
     "rescale_learned_sigmas": "rescale_learned_sigmas",
 }
-# The sampling scripts' flags: (default, which types the value; what fastdiff takes instead).
+# The sampling scripts' flags: (default, what fastdiff takes instead).
 SAMPLING_FLAGS: dict[str, tuple[Any, str]] = {
     "timestep_respacing": ("", "--steps or --respacing"),
     "use_ddim": (False, "--sampler ddim"),
@@ -187,12 +188,6 @@ def sr_defaults() -> dict[str, Any]:
     return _defaults(keys, "superres")
 
 
-def network_flags(record: dict[str, Any]) -> dict[str, Any]:
-    """A stored flag record less the sampling flags an older fastdiff kept in it: they never
-    described the network, and :func:`configs_from_flags` refuses them."""
-    return {k: v for k, v in record.items() if k not in SAMPLING_FLAGS}
-
-
 def known_flags() -> dict[str, Any]:
     """Every flag name fastdiff reads, with its default (which sets its type)."""
     known: dict[str, Any] = {}
@@ -203,6 +198,10 @@ def known_flags() -> dict[str, Any]:
 
 TRUE_WORDS = {"true", "t", "yes", "y", "1"}
 FALSE_WORDS = {"false", "f", "no", "n", "0"}
+
+
+def _sampling_flag(name: str) -> FlagError:
+    return FlagError(f"--{name} is a sampling-script flag; fastdiff takes {SAMPLING_FLAGS[name][1]}")
 
 
 def _convert(name: str, text: str, default: Any) -> Any:
@@ -226,7 +225,8 @@ def _convert(name: str, text: str, default: Any) -> Any:
 def parse_flags(text: str) -> dict[str, Any]:
     """Parse guided-diffusion flags ("--image_size 256 --class_cond True", or "--x=v") to typed values.
 
-    Only the flags present are returned; unknown names raise FlagError naming them.
+    Only the flags present are returned; unknown names and sampling-script flags raise FlagError
+    naming them.
     """
     known = known_flags()
     try:
@@ -247,6 +247,8 @@ def parse_flags(text: str) -> dict[str, Any]:
             value = tokens[i]
         if name not in known:
             raise FlagError(f"unknown flag --{name}")
+        if name in SAMPLING_FLAGS:
+            raise _sampling_flag(name)
         out[name] = _convert(name, value, known[name])
         i += 1
     return out
@@ -285,7 +287,7 @@ def _tuple(name: str, value: Any, number) -> tuple:
 
 def configs_from_flags(kind: str, flags: dict[str, Any]) -> tuple[NetConfig, DiffusionConfig]:
     """The network and process configs of a (partial) flag dict; absent flags take the original's
-    defaults. A flag of another network kind, or a sampling flag, is a FlagError."""
+    defaults. A flag of another network kind, or a sampling flag with a value, is a FlagError."""
     if kind not in CONFIGS:
         raise ValueError(f"unknown network kind {kind!r}")
     known = known_flags()
@@ -298,7 +300,9 @@ def configs_from_flags(kind: str, flags: dict[str, Any]) -> tuple[NetConfig, Dif
             raise FlagError(f"unknown flag --{name}")
         value = _typed(name, value, known[name])
         if name in SAMPLING_FLAGS:
-            raise FlagError(f"--{name} is a sampling-script flag; fastdiff takes {SAMPLING_FLAGS[name][1]}")
+            if value != SAMPLING_FLAGS[name][0]:
+                raise _sampling_flag(name)
+            continue
         if name in _DIFFUSION_FLAGS:
             process[_DIFFUSION_FLAGS[name]] = value
         if kind != "classifier" and name in _CLASS_FLAGS:

@@ -28,7 +28,7 @@ from fastdiff.models.checkpoint import (
     read_metadata,
 )
 from fastdiff.models.config import NetConfig
-from fastdiff.models.flags import configs_from_flags, flags_of, network_flags, parse_flags
+from fastdiff.models.flags import SAMPLING_FLAGS, configs_from_flags, flags_of, parse_flags
 from fastdiff.models.presets import build_network, get_preset
 from fastdiff.runs.errors import RunError
 
@@ -118,7 +118,7 @@ def same_flags(old, new: dict, kind: str | None = None) -> bool:
         return False
     kind = kind or ("superres" if "large_size" in new else "diffusion")
     try:
-        return configs_from_flags(kind, network_flags(old)) == configs_from_flags(kind, new)
+        return configs_from_flags(kind, old) == configs_from_flags(kind, new)
     except ConfigError:
         return False
 
@@ -146,7 +146,8 @@ def _configs_from(
     elif "flags" in metadata:
         if not isinstance(metadata["flags"], dict):
             raise RunError(f"{checkpoint}: its metadata 'flags' is not a map of flags")
-        flags.update(network_flags(metadata["flags"]))  # an older fastdiff stored what --flags gave it
+        # an older fastdiff stored what --flags gave it; sampling flags never described the network
+        flags.update({k: v for k, v in metadata["flags"].items() if k not in SAMPLING_FLAGS})
     elif flag_string is None:
         raise RunError(f"say which {kind} model this is: pass a preset or a guided-diffusion flag string")
     if flag_string is not None:
