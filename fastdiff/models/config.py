@@ -3,8 +3,8 @@
 guided-diffusion describes a network with loose command-line flags; fastdiff converts those at
 its edges only (``flags.py``: presets, ``--flags``, checkpoint metadata, compat) and passes these
 configs everywhere else. Each config checks itself when it is made, so a network that cannot be
-built (a width GroupNorm cannot split, heads that do not divide the channels) is a ConfigError
-naming the setting before any weights are allocated.
+built (a width GroupNorm cannot split, heads that do not divide the channels, an image size its
+levels cannot halve) is a ConfigError naming the setting before any weights are allocated.
 """
 
 from __future__ import annotations
@@ -77,6 +77,12 @@ class NetConfig:
             raise ConfigError(f"unsupported image size {self.image_size}; pass channel_mult")
         if any(m <= 0 for m in self.channel_mult):
             raise ConfigError(f"channel_mult {self.channel_mult} must be positive")
+        halvings = len(self.levels) - 1  # each level after the first halves the resolution
+        if self.image_size % 2**halvings:
+            raise ConfigError(
+                f"image_size {self.image_size} must be divisible by {2**halvings} (channel_mult has"
+                f" {halvings + 1} levels; each after the first halves the image)"
+            )
         widths = self.widths
         if any(w % GROUPS for w in widths):
             raise ConfigError(
