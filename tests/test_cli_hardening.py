@@ -246,6 +246,7 @@ def test_classifier_without_scale_is_an_error(models, tmp_path):
         (["--classifier-flags", "'"], ["No closing quotation"]),
         (["--flags", "--use_ddim False"], ["--use_ddim is a sampling-script flag", "--sampler"]),
         (["--flags", "--classifier_scale 1.0"], ["--classifier_scale is a sampling-script flag"]),
+        (["--flags", "--image_size 9"], ["--image_size 9 must be divisible by 2"]),
     ],
 )
 def test_bad_arguments(models, tmp_path, extra, words):

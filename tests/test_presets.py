@@ -166,6 +166,13 @@ def test_flags_round_trip_through_configs():
         ("diffusion", {"nope": 1}, "unknown flag --nope"),
         ("diffusion", {"num_channels": -8}, "--num_channels must be at least 1"),
         ("superres", {"large_size": 48}, "unsupported image size 48"),
+        ("diffusion", {"image_size": 33, "channel_mult": "1,2"}, "--image_size 33 must be divisible by 2"),
+        (
+            "classifier",
+            {"image_size": 36, "channel_mult": "1,2,2,2"},
+            "--image_size 36 must be divisible by 8",
+        ),
+        ("superres", {"large_size": 66, "channel_mult": "1,2,2"}, "--large_size 66 must be divisible by 4"),
         ("classifier", {"classifier_width": 40}, r"channel_mult x 40 .* multiple of 32"),
     ],
 )
