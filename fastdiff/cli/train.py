@@ -12,13 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
-import torch
 
 from fastdiff.files import remove_temp_files
 from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.flags import FlagError, configs_from_flags, flags_of, parse_flags
 from fastdiff.models.presets import get_preset
-from fastdiff.runs.errors import RunError
+from fastdiff.runs.device import resolve_device
 from fastdiff.runs.folder import exclusive_folder
 from fastdiff.training import (
     PRECISIONS,
@@ -28,14 +27,15 @@ from fastdiff.training import (
     DiffusionTrainer,
     TrainConfig,
     TrainingError,
-    check_cfg_dropout,
     dist,
     fit_classifier,
     fit_unet,
     get_mnist,
     latest_checkpoint,
     load_dataset,
+    match_classes,
     parse_ema_rates,
+    resumable_checkpoint,
 )
 
 # What a user can fix, shown as one line; anything else (a bare ValueError included) is a bug and
@@ -43,14 +43,14 @@ from fastdiff.training import (
 USER_ERRORS = (ConfigError, FlagError, DataError, CheckpointError, FileNotFoundError, TrainingError)
 
 
-def _configs_and_data(kind: str, o: dict, check=None):
-    """The network and process (defaults < preset < --flags < --image-size) and the dataset they
-    describe; ``check(net)`` runs before the data is read.
+def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object]:
+    """The run's settings, all checked before any data is read, and the dataset they describe.
 
-    npz/mnist data keep their own size unless a size was asked for; folders are resized to it.
+    The network is defaults < preset < --flags < --image-size; npz/mnist data keep their own size
+    unless a size was asked for; folders are resized to it.
     """
     flags: dict = {}
-    sized = bool(o["image_size"])
+    sized = o["image_size"] is not None
     if o["preset"]:
         p = get_preset(o["preset"])
         if p.kind != kind:
@@ -61,15 +61,14 @@ def _configs_and_data(kind: str, o: dict, check=None):
         given = parse_flags(o["flag_string"])
         flags.update(given)
         sized = sized or "image_size" in given
-    if o["image_size"]:
+    if o["image_size"] is not None:
         flags["image_size"] = o["image_size"]
     net, process = configs_from_flags(kind, flags)  # checked as `fastdiff sample` checks them
-    if check is not None:
-        check(net)
+    config = _config(net, process, o, **extra)
     size = net.image_size if sized or Path(o["data"]).is_dir() else None
     dataset = load_dataset(o["data"], size, channels=net.in_channels, skip_bad_images=o["skip_bad_images"])
     _report_skipped(dataset)
-    return net, process, dataset
+    return config, dataset
 
 
 def _report_skipped(dataset) -> None:
@@ -79,19 +78,11 @@ def _report_skipped(dataset) -> None:
 
 
 def _check_options(o: dict) -> None:
-    """Cheap checks of the environment and options, before any data is read or model built."""
-    device = o["device"] or ""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
-    if o["num_workers"] < 0:
-        raise ConfigError(f"--num-workers must not be negative, got {o['num_workers']}")
-    if o["keep_last"] < 0:
-        raise ConfigError(f"--keep-last must not be negative, got {o['keep_last']}")
-    if o["max_steps"] < 1:
-        raise ConfigError("--max-steps must be at least 1")
-    if o["batch_size"] < 1 or o["microbatch"] < 0:
-        raise ConfigError("--batch-size must be positive and --microbatch not negative")
-    parse_ema_rates(o["ema"])
+    """Cheap checks of the options TrainConfig does not hold, before any data is read or model built."""
+    if o["device"]:
+        resolve_device(o["device"])  # as `fastdiff evaluate` checks it
+    if o["image_size"] is not None and o["image_size"] < 1:
+        raise ConfigError(f"--image-size must be at least 1, got {o['image_size']}")
 
 
 @contextmanager
@@ -107,10 +98,13 @@ def locked_out(out: str):
         yield
 
 
-def _check_out(out: str, resume: bool) -> None:
-    if not resume and latest_checkpoint(out) is not None:
+def _check_out(o: dict, kind: str) -> None:
+    """Whether --out can take this run, from its small files only."""
+    if o["resume"]:
+        resumable_checkpoint(o["out"], kind, o["max_steps"])
+    elif latest_checkpoint(o["out"]) is not None:
         raise ConfigError(
-            f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out"
+            f"{o['out']} already holds a checkpoint; pass --resume to continue it or choose another --out"
         )
 
 
@@ -246,13 +240,9 @@ def common_options(lr: float, ema: str, out: str):
 
 
 def _config(net, process, o, **extra) -> TrainConfig:
-    """The run's settings: the options named as TrainConfig's fields, and the three that differ."""
+    """The run's settings: the options named as TrainConfig's fields, and the two that differ."""
     same = {f.name: o[f.name] for f in dataclasses.fields(TrainConfig) if f.name in o}
-    same.update(
-        ema=parse_ema_rates(o["ema"]),
-        log_every=max(1, o["log_every"]),
-        lr_anneal_steps=o["max_steps"] if o["anneal"] else 0,
-    )
+    same.update(ema=parse_ema_rates(o["ema"]), lr_anneal_steps=o["max_steps"] if o["anneal"] else 0)
     return TrainConfig(net=net, process=process, **same, **extra)
 
 
@@ -290,13 +280,9 @@ def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps
     """Train an ADM diffusion model (hybrid loss with learned sigma, EMA, AdamW)."""
     try:
         _check_options(o)
-        _check_out(o["out"], o["resume"])
-        net, process, dataset = _configs_and_data(
-            "diffusion", o, check=lambda net: check_cfg_dropout(cfg_dropout, net.num_classes is not None)
-        )
-        config = _config(
-            fit_unet(net, dataset, cfg_dropout),
-            process,
+        _check_out(o, "diffusion")
+        config, dataset = _config_and_data(
+            "diffusion",
             o,
             schedule_sampler=schedule_sampler,
             cfg_dropout=cfg_dropout,
@@ -304,6 +290,7 @@ def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps
             sample_every=sample_every,
             sample_steps=sample_steps,
         )
+        config = dataclasses.replace(config, net=fit_unet(config.net, dataset, cfg_dropout))
         trainer = DiffusionTrainer(config, dataset)
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from e
@@ -325,17 +312,22 @@ def train_classifier(val_data, eval_every, **o):
     """Train ADM's noisy-image classifier (for classifier guidance)."""
     try:
         _check_options(o)
-        _check_out(o["out"], o["resume"])
-        net, process, dataset = _configs_and_data("classifier", o)
+        if val_data and not eval_every:
+            raise ConfigError("--val-data is only read for --eval-every N; give both")
+        if eval_every and not val_data and o["data"] != "mnist":
+            raise ConfigError("--eval-every needs --val-data (only mnist has a built-in held-out split)")
+        _check_out(o, "classifier")
+        config, dataset = _config_and_data("classifier", o, eval_every=eval_every)
+        config = dataclasses.replace(config, net=fit_classifier(config.net, dataset))
         val = None
         if val_data:
             val = load_dataset(
                 val_data, dataset.image_size, channels=dataset.channels, skip_bad_images=o["skip_bad_images"]
             )
             _report_skipped(val)
-        elif o["data"] == "mnist":
+            match_classes(val, dataset)
+        elif eval_every:
             val = get_mnist("val")
-        config = _config(fit_classifier(net, dataset), process, o, eval_every=eval_every)
         trainer = ClassifierTrainer(config, dataset, val)
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from e
@@ -347,7 +339,7 @@ def _run(trainer, out: str) -> None:
     try:
         with locked_out(out):
             trainer.run()
-    except (TrainingError, DataError, RunError) as e:  # RunError: the folder's lock
+    except (TrainingError, DataError, ConfigError, CheckpointError) as e:  # ConfigError: the lock, resuming
         raise click.ClickException(str(e)) from None
     finally:
         dist.cleanup()

@@ -1,16 +1,23 @@
 """Training: ADM's diffusion and noisy-classifier trainers, data, checkpoints, DDP, evaluation."""
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, resumable_checkpoint, save_checkpoint
 from .config import (
     PRECISIONS,
     ConfigError,
     TrainConfig,
-    check_cfg_dropout,
     fit_classifier,
     fit_unet,
     parse_ema_rates,
 )
-from .data import DataError, ImageFolderDataset, ShardedSampler, get_mnist, load_dataset, load_npz
+from .data import (
+    DataError,
+    ImageFolderDataset,
+    ShardedSampler,
+    get_mnist,
+    load_dataset,
+    load_npz,
+    match_classes,
+)
 from .ema import EMA
 from .loop import TrainingError, TrainLoop
 from .resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
@@ -30,7 +37,6 @@ __all__ = [
     "TrainLoop",
     "TrainingError",
     "UniformSampler",
-    "check_cfg_dropout",
     "create_named_schedule_sampler",
     "fit_classifier",
     "fit_unet",
@@ -39,6 +45,8 @@ __all__ = [
     "load_checkpoint",
     "load_dataset",
     "load_npz",
+    "match_classes",
     "parse_ema_rates",
+    "resumable_checkpoint",
     "save_checkpoint",
 ]

@@ -17,10 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastdiff.config import ConfigError
 from fastdiff.files import atomic_write
-from fastdiff.models.checkpoint import save_weights
+from fastdiff.models.checkpoint import (
+    CheckpointError,
+    load_state_dict,
+    read_checkpoint,
+    read_metadata,
+    save_weights,
+)
 
 LATEST = "latest.json"
+CHECKPOINT_FILE = re.compile(r"(model|state|ema_.+)_(\d{7})\.(safetensors|pt)")
+# The command that continues a run of each kind (the model files' "kind" metadata).
+COMMANDS = {"diffusion": "fastdiff train", "classifier": "fastdiff train-classifier"}
 
 
 def save_torch(obj, path) -> None:
@@ -60,7 +70,8 @@ def restore_rng(state: dict) -> None:
 
 
 def ema_name(rate: float) -> str:
-    return f"{rate:g}"
+    """The shortest text that reads back as ``rate``: distinct rates never share a file."""
+    return repr(float(rate))
 
 
 def save_checkpoint(
@@ -91,25 +102,74 @@ def save_checkpoint(
 
 
 def latest_checkpoint(out_dir) -> dict | None:
-    path = Path(out_dir) / LATEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The checkpoint ``latest.json`` names, None in a folder without checkpoint files.
+
+    Checkpoint files without ``latest.json`` are another run's (or a first checkpoint a kill cut
+    short): refused, since training there would overwrite them and mix two runs."""
+    out_dir = Path(out_dir)
+    path = out_dir / LATEST
+    if not path.is_file():
+        found = (
+            sorted(p.name for p in out_dir.iterdir() if CHECKPOINT_FILE.fullmatch(p.name))
+            if out_dir.is_dir()
+            else []
+        )
+        if found:
+            raise CheckpointError(
+                f"{out_dir} holds checkpoint files ({found[0]}{', ...' if len(found) > 1 else ''}) "
+                f"but no {LATEST}, so no run to continue; choose another --out, or delete them"
+            )
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSON and UTF-8 errors
+        raise CheckpointError(f"cannot read {path}: {e} (cut short?)") from None
+    if not _is_record(record):
+        raise CheckpointError(f"{path} is not a checkpoint record (step, model, ema, state)")
+    return record
+
+
+def _is_record(record) -> bool:
+    """latest.json as save_checkpoint writes it; its file names are ours, so no other file is read."""
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("step"), int)
+        and isinstance(record.get("ema"), dict)
+    ):
+        return False
+    names = [record.get("model"), record.get("state"), *record["ema"].values()]
+    return all(isinstance(n, str) and CHECKPOINT_FILE.fullmatch(n) for n in names)
+
+
+def resumable_checkpoint(out_dir, kind: str, max_steps: int) -> dict | None:
+    """The latest checkpoint (None: none yet) if a ``kind`` run to ``max_steps`` can continue it.
+    Reads only small files, so the CLI asks before it reads data or builds a model."""
+    record = latest_checkpoint(out_dir)
+    if record is None:
+        return None
+    have = read_metadata(Path(out_dir) / record["model"]).get("kind", kind)
+    if have != kind:
+        raise CheckpointError(f"{out_dir} holds a {have} run; continue it with `{COMMANDS.get(have, have)}`")
+    if record["step"] > max_steps:
+        raise ConfigError(f"{out_dir} is already at step {record['step']}, past --max-steps {max_steps}")
+    return record
 
 
 def load_checkpoint(out_dir, record: dict | None = None):
-    """-> (step, model_state, {rate_name: ema_state}, state) of ``record`` (default: the latest)."""
-    from safetensors.torch import load_file
-
+    """-> (step, model_state, {rate_name: ema_state}, state) of ``record`` (default: the latest);
+    a missing, cut-short or foreign file is one CheckpointError."""
     out_dir = Path(out_dir)
     record = record or latest_checkpoint(out_dir)
     if record is None:
-        raise FileNotFoundError(f"no checkpoint ({LATEST}) in {out_dir}")
-    model = load_file(out_dir / record["model"])
-    emas = {name: load_file(out_dir / f) for name, f in record["ema"].items()}
-    state = torch.load(out_dir / record["state"], weights_only=True, map_location="cpu")
+        raise CheckpointError(f"no checkpoint ({LATEST}) in {out_dir}")
+    model = load_state_dict(out_dir / record["model"])
+    emas = {name: load_state_dict(out_dir / f) for name, f in record["ema"].items()}
+    state = read_checkpoint(out_dir / record["state"])
+    if not isinstance(state, dict) or state.get("step") != record["step"]:
+        raise CheckpointError(
+            f"{out_dir / record['state']} is not the training state of step {record['step']} ({LATEST})"
+        )
     return record["step"], model, emas, state
-
-
-CHECKPOINT_FILE = re.compile(r"(model|state|ema_.+)_(\d{7})\.(safetensors|pt)")
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:

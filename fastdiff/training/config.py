@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from fastdiff.config import ConfigError
+from fastdiff.config import ConfigError, check_types
+from fastdiff.diffusion import SAMPLERS
 from fastdiff.diffusion.config import DiffusionConfig
+from fastdiff.diffusion.schedule import space_timesteps
 from fastdiff.models.config import ClassifierConfig, NetConfig, UNetConfig
 from fastdiff.models.flags import flags_of
 
@@ -26,6 +29,8 @@ def parse_ema_rates(text) -> tuple[float, ...]:
     for r in rates:
         if not 0 < r < 1:
             raise ConfigError(f"EMA rate {r} is not in (0, 1)")
+    if len(set(rates)) < len(rates):
+        raise ConfigError(f"EMA rates {text!r} name a rate twice")
     return rates
 
 
@@ -35,6 +40,18 @@ def check_cfg_dropout(cfg_dropout: float, class_cond: bool) -> None:
         raise ConfigError(f"--cfg-dropout must be in [0, 1), got {cfg_dropout}")
     if cfg_dropout > 0 and not class_cond:
         raise ConfigError("--cfg-dropout needs a class-conditional model (class_cond True)")
+
+
+def check_sample_steps(steps: int, diffusion_steps: int) -> None:
+    """The preview grids' DDIM schedule must exist (``fastdiff sample --steps`` checks the same)."""
+    if not 2 <= steps <= diffusion_steps:
+        raise ConfigError(
+            f"--sample-steps must be between 2 and diffusion_steps ({diffusion_steps}), got {steps}"
+        )
+    try:
+        space_timesteps(diffusion_steps, SAMPLERS["ddim"].respacing(steps))
+    except ValueError as e:
+        raise ConfigError(f"--sample-steps {steps} with diffusion_steps {diffusion_steps}: {e}") from None
 
 
 def fit_unet(net: UNetConfig, dataset, cfg_dropout: float = 0.0) -> UNetConfig:
@@ -73,6 +90,24 @@ def fit_classifier(net: ClassifierConfig, dataset) -> ClassifierConfig:
     )
 
 
+# The settings' lowest values (0 turns save_every, sample_every, eval_every and keep_last off).
+_AT_LEAST = {
+    "batch_size": 1,
+    "microbatch": 0,
+    "warmup_steps": 0,
+    "lr_anneal_steps": 0,
+    "max_steps": 1,
+    "save_every": 0,
+    "sample_every": 0,
+    "num_samples": 1,
+    "eval_every": 0,
+    "log_every": 1,
+    "seed": 0,
+    "num_workers": 0,
+    "keep_last": 0,
+}
+
+
 @dataclass
 class TrainConfig:
     """Everything a run needs besides the data; stored in every checkpoint (:meth:`record`)."""
@@ -106,6 +141,30 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     keep_last: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse what cannot work, naming the option: the CLI builds the config before it reads
+        any data, so a typo costs nothing (torch would take a negative warm-up or clip silently)."""
+        check_types(self)
+        for name, low in _AT_LEAST.items():
+            value = getattr(self, name)
+            if value < low:
+                need = "must not be negative" if low == 0 else f"must be at least {low}"
+                raise ConfigError(f"--{name.replace('_', '-')} {need}, got {value}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        parse_ema_rates(self.ema)
+        check_cfg_dropout(
+            self.cfg_dropout, isinstance(self.net, UNetConfig) and self.net.num_classes is not None
+        )
+        if self.sample_every:
+            check_sample_steps(self.sample_steps, self.process.steps)
 
     def record(self) -> dict[str, Any]:
         """The checkpoint's form: the settings, with the network and process as guided-diffusion

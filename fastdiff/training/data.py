@@ -33,6 +33,10 @@ class ArrayDataset(torch.utils.data.Dataset):
             images = images[..., None]
         if images.ndim != 4 or images.dtype != np.uint8:
             raise DataError(f"images must be uint8 NHWC, got {images.dtype} {images.shape}")
+        if images.shape[3] not in (1, 3) and images.shape[1] in (1, 3):
+            raise DataError(
+                f"images have shape {images.shape}, which looks like N x C x H x W; store N x H x W x C"
+            )
         if not len(images):
             raise DataError("the dataset holds no images")
         if labels is not None and len(labels) != len(images):
@@ -190,7 +194,10 @@ def load_npz(path: str | os.PathLike) -> ArrayDataset:
         if isinstance(e, DataError):
             raise
         raise DataError(f"cannot read {path}: {e}") from e
-    return ArrayDataset(images, labels)
+    try:
+        return ArrayDataset(images, labels)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -224,6 +231,33 @@ def get_mnist(split: str = "train") -> ArrayDataset:
     images, labels = _mnist_arrays()
     idx = mnist_split_indices(labels, split)
     return ArrayDataset(images[idx], labels[idx], class_names=[str(i) for i in range(10)])
+
+
+def match_classes(val, train) -> None:
+    """Number held-out data's classes as the training data does (by name where both name them),
+    so its accuracy measures something; refuse classes or images the model never saw."""
+    if val.channels != train.channels:
+        raise DataError(
+            f"--val-data has {val.channels}-channel images; the training data has {train.channels}"
+        )
+    if val.labels is None:
+        raise DataError("--val-data has no labels (class subfolders, class_ prefixes or arr_1)")
+    if val.class_names is not None:
+        if train.class_names is None:
+            raise DataError("--val-data names its classes but the training data only numbers them (arr_1)")
+        unknown = sorted(set(val.class_names) - set(train.class_names))
+        if unknown:
+            raise DataError(
+                f"--val-data has classes the training data lacks: {', '.join(unknown)} "
+                f"(training classes: {', '.join(train.class_names)})"
+            )
+        index = np.array([train.class_names.index(name) for name in val.class_names], dtype=np.int64)
+        val.labels, val.class_names = index[val.labels], train.class_names
+    elif val.labels.max() >= train.num_classes:
+        raise DataError(
+            f"--val-data has label {int(val.labels.max())}; the training data has {train.num_classes} classes"
+        )
+    val.num_classes = train.num_classes
 
 
 def load_dataset(

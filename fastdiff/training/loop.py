@@ -29,19 +29,38 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from fastdiff.files import is_temp_file
+from fastdiff.models.checkpoint import CheckpointError, check_fits
 from fastdiff.models.flags import configs_from_flags, flags_of
 
 from . import checkpoint as ckpt
 from . import dist
-from .config import PRECISIONS, ConfigError, TrainConfig, parse_ema_rates
+from .config import ConfigError, TrainConfig, parse_ema_rates
 from .data import ShardedSampler, fingerprint
 from .ema import EMA
 from .runlog import Meter, plot_losses, truncate_log
 
 # fp16: this many skipped steps in a row means the scaler cannot rescue the run (scale / 2**25).
 MAX_SKIPPED_STEPS = 25
-# Settings a bit-exact resume depends on, besides the flags and the data.
-RESUME_KEYS = ("seed", "batch_size", "precision", "ema")
+# What a state_*.pt holds besides the trainer's extra_state().
+STATE_KEYS = ("optimizer", "scaler", "rng", "config")
+# Settings a resumed run must share with its checkpoint, besides the flags, the data and the
+# micro-batch size (the keyed noise streams follow it): each changes what the weights become.
+# --max-steps may grow (with --anneal the LR schedule stretches with it).
+RESUME_KEYS = (
+    "seed",
+    "batch_size",
+    "precision",
+    "ema",
+    "ema_warmup",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "anneal",
+    "grad_clip",
+    "schedule_sampler",
+    "cfg_dropout",
+    "random_flip",
+)
 
 
 def _scaler_state(state: dict) -> dict:
@@ -71,6 +90,12 @@ def _write_error(e: OSError, fallback: Path) -> TrainingError:
     return TrainingError(f"cannot write {path}: {e.strerror or e}")
 
 
+def micro_batch(batch_size: int, microbatch: int, world: int) -> int:
+    """Examples per forward pass: --microbatch where it splits a process' batch, else that batch."""
+    local = batch_size // world
+    return microbatch if 0 < microbatch < local else local
+
+
 def stream_key(seed: int, step: int, index: int) -> int:
     """Seed of the random stream of global micro-batch ``index`` at ``step`` (63-bit)."""
     return int(np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)[0] >> 1)
@@ -84,14 +109,12 @@ class TrainLoop:
 
     def __init__(self, config: TrainConfig, dataset, model: torch.nn.Module):
         cfg = self.config = config
-        if cfg.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
         self.device = dist.setup(cfg.device)
         self.rank, self.world = dist.rank(), dist.world_size()
         if cfg.batch_size % self.world:
             raise ConfigError(f"batch size {cfg.batch_size} is not divisible by {self.world} processes")
         self.local_batch = cfg.batch_size // self.world
-        self.micro = cfg.microbatch if 0 < cfg.microbatch < self.local_batch else self.local_batch
+        self.micro = micro_batch(cfg.batch_size, cfg.microbatch, self.world)
         if self.local_batch % self.micro:
             raise ConfigError(
                 f"per-process batch {self.local_batch} is not divisible by microbatch {self.micro}"
@@ -340,6 +363,7 @@ class TrainLoop:
                 "seed": cfg.seed,
                 "step": self.step,
                 "global_batch": cfg.batch_size,
+                "micro_batch": self.micro,
                 "fingerprint": self.data_fingerprint(),
             },
             "config": cfg.record(),
@@ -350,13 +374,22 @@ class TrainLoop:
 
     def resume(self) -> None:
         """Load the newest checkpoint in ``out`` (none: start fresh) with everything it holds."""
-        record = ckpt.latest_checkpoint(self.out)
+        record = ckpt.resumable_checkpoint(self.out, self.kind, self.config.max_steps)
         if record is None:
             if dist.is_main():
                 tqdm.write(f"no checkpoint in {self.out}; starting from step 0")
             return
         step, model_sd, emas, state = ckpt.load_checkpoint(self.out, record)
+        missing = [k for k in STATE_KEYS + tuple(self.extra_state()) if k not in state]
+        if missing:
+            raise CheckpointError(f"cannot resume {self.out}: {record['state']} holds no {missing[0]}")
         self.check_resume(state)
+        self._check_fits(model_sd, record["model"])
+        for rate in self.ema.rates:
+            name = ckpt.ema_name(rate)
+            if name not in emas:
+                raise CheckpointError(f"cannot resume {self.out}: {ckpt.LATEST} names no EMA of rate {name}")
+            self._check_fits(emas[name], record["ema"][name])
         self.model.load_state_dict(model_sd)
         for rate in self.ema.rates:
             self.ema.load(rate, emas[ckpt.ema_name(rate)])
@@ -365,6 +398,14 @@ class TrainLoop:
         self.load_extra_state(state)
         ckpt.restore_rng(state["rng"])
         self.step = step
+
+    def _check_fits(self, weights: dict, name: str) -> None:
+        try:
+            check_fits(weights, self.model)
+        except CheckpointError:  # its message lists the keys, over many lines
+            raise CheckpointError(
+                f"cannot resume {self.out}: {name} does not fit the network its flags describe"
+            ) from None
 
     def data_fingerprint(self) -> dict:
         if not hasattr(self, "_fingerprint"):
@@ -375,6 +416,8 @@ class TrainLoop:
         """Refuse, naming each difference, what would break the promised bit-exact continuation."""
         old, new = state["config"], self.config.record()
         old["ema"], new["ema"] = tuple(old.get("ema", ())), tuple(new["ema"])
+        old["anneal"] = bool(old.get("lr_anneal_steps", new["lr_anneal_steps"]))
+        new["anneal"] = bool(new["lr_anneal_steps"])
         # Flags compared as configs, so an older fastdiff's spelling of the same network matches.
         old_flags = flags_of(*configs_from_flags(self.kind, old["flags"]))
         diffs = [
@@ -382,12 +425,16 @@ class TrainLoop:
             for k in sorted(set(old_flags) | set(new["flags"]))
             if old_flags.get(k) != new["flags"].get(k)
         ]
-        names = {"batch_size": "batch size", "ema": "EMA rates"}
         diffs += [
-            f"{names.get(k, k)} {old.get(k)!r} vs {new[k]!r}"
+            f"{'EMA rates' if k == 'ema' else k.replace('_', ' ')} {old.get(k)!r} vs {new[k]!r}"
             for k in RESUME_KEYS
             if old.get(k, new[k]) != new[k]
         ]
+        micro = state.get("data", {}).get("micro_batch") or micro_batch(  # older states: from the options
+            old.get("batch_size", new["batch_size"]), old.get("microbatch", new["microbatch"]), self.world
+        )
+        if micro != self.micro:
+            diffs.append(f"micro-batch size {micro} vs {self.micro}")
         was = state.get("data", {}).get("fingerprint")
         if was is not None and was != self.data_fingerprint():
             now = self.data_fingerprint()

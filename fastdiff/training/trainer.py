@@ -22,7 +22,7 @@ from fastdiff.files import save_grid, to_uint8
 from fastdiff.models.presets import build_network
 
 from . import dist
-from .config import TrainConfig, check_cfg_dropout
+from .config import TrainConfig
 from .loop import TrainLoop, stream_key
 from .resample import UniformSampler, create_named_schedule_sampler
 from .runlog import Meter
@@ -35,7 +35,6 @@ class DiffusionTrainer(TrainLoop):
 
     def __init__(self, config: TrainConfig, dataset):
         num_classes = config.net.num_classes
-        check_cfg_dropout(config.cfg_dropout, num_classes is not None)
         torch.manual_seed(config.seed)
         super().__init__(config, dataset, build_network(config.net))
         self.diffusion = GaussianDiffusion.from_config(config.process)

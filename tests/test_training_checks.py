@@ -1,0 +1,252 @@
+"""What train and train-classifier refuse, in one line and before the work it would spoil:
+settings, held-out data, run folders that are not a resumable run, and damaged checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from fastdiff.cli.train import train, train_classifier
+from fastdiff.config import ConfigError
+from fastdiff.training import DataError, ImageFolderDataset, load_npz, match_classes, parse_ema_rates
+from fastdiff.training import checkpoint as ckpt
+from fastdiff.training.data import ArrayDataset
+from tests.test_train_hardening import _args, _npz, _one_line
+from tests.test_training import tiny_config, tiny_data
+
+CLASSIFIER = (
+    "--classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions 4 "
+    "--channel_mult 1,2 --diffusion_steps 50"
+)
+
+
+@pytest.mark.parametrize(
+    "extra, text",
+    [
+        (["--lr", "-0.1"], "--lr must be a positive number, got -0.1"),
+        (["--lr", "nan"], "--lr must be a positive number, got nan"),
+        (["--weight-decay", "-1"], "--weight-decay must be a number >= 0"),
+        (["--warmup-steps", "-5"], "--warmup-steps must not be negative"),
+        (["--grad-clip", "-1"], "--grad-clip must be a number >= 0"),
+        (["--sample-every", "-1"], "--sample-every must not be negative"),
+        (["--save-every", "-1"], "--save-every must not be negative"),
+        (["--log-every", "0"], "--log-every must be at least 1"),
+        (["--seed", "-1"], "--seed must not be negative"),
+        (["--image-size", "0"], "--image-size must be at least 1"),
+        (
+            ["--sample-every", "1", "--sample-steps", "0"],
+            "--sample-steps must be between 2 and diffusion_steps (50)",
+        ),
+        (
+            ["--sample-every", "1", "--sample-steps", "500"],
+            "--sample-steps must be between 2 and diffusion_steps",
+        ),
+        (["--sample-every", "1", "--sample-steps", "20"], "cannot create exactly 20 steps"),
+        (["--device", "foo"], "unknown device 'foo'"),
+        (["--ema", "0.999,0.999"], "name a rate twice"),
+    ],
+)
+def test_bad_settings_are_refused_before_the_data_is_read(tmp_path, extra, text):
+    # The data does not exist: any other error would mean it was looked at first.
+    _one_line(CliRunner().invoke(train, _args(str(tmp_path / "nope.npz"), tmp_path / "o", *extra)), text)
+
+
+def test_classifier_settings_are_refused_before_the_data_is_read(tmp_path):
+    def run(*extra):
+        return CliRunner().invoke(
+            train_classifier, ["--data", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "c"), *extra]
+        )
+
+    _one_line(run("--lr", "-1"), "--lr must be a positive number")
+    _one_line(run("--eval-every", "5"), "--eval-every needs --val-data")
+    _one_line(run("--val-data", "mnist"), "--val-data is only read for --eval-every N")
+
+
+def test_train_config_checks_itself(tmp_path):
+    ds = tiny_data()
+    with pytest.raises(ConfigError, match="--warmup-steps"):
+        tiny_config(tmp_path, ds, warmup_steps=-1)
+    with pytest.raises(ConfigError, match="--sample-steps"):
+        tiny_config(tmp_path, ds, sample_every=1, sample_steps=1)
+    assert tiny_config(tmp_path, ds, sample_every=0, sample_steps=1).sample_steps == 1  # unused: not checked
+
+
+def _classes(root, names, n=2):
+    for c in names:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_held_out_classes_are_numbered_as_in_training(tmp_path):
+    train_ds = ImageFolderDataset(_classes(tmp_path / "train", ["cat", "dog"]), 8)
+    val = ImageFolderDataset(_classes(tmp_path / "dogs", ["dog"]), 8)
+    assert val.labels.tolist() == [0, 0]  # its own numbering
+    match_classes(val, train_ds)
+    assert val.labels.tolist() == [1, 1] and val.num_classes == 2 and val[0][1] == 1
+    with pytest.raises(DataError, match="lacks: fish, whale"):
+        match_classes(ImageFolderDataset(_classes(tmp_path / "fish", ["fish", "whale"]), 8), train_ds)
+    with pytest.raises(DataError, match="lacks: bird"):
+        match_classes(ImageFolderDataset(_classes(tmp_path / "v3", ["bird", "cat", "dog"]), 8), train_ds)
+    with pytest.raises(DataError, match="1-channel images; the training data has 3"):
+        match_classes(ImageFolderDataset(tmp_path / "dogs", 8, channels=1), train_ds)
+    numbered = tiny_data(classes=3, channels=3)
+    with pytest.raises(DataError, match="label 2; the training data has 2 classes"):
+        match_classes(numbered, train_ds)
+    with pytest.raises(DataError, match="no labels"):
+        match_classes(ArrayDataset(numbered.images, None), train_ds)
+
+
+def test_held_out_data_is_checked_before_training(tmp_path):
+    data = _classes(tmp_path / "train", ["cat", "dog"], n=4)
+    _classes(tmp_path / "fish", ["fish", "whale"])
+    out = tmp_path / "c"
+    args = ["--data", str(data), "--image-size", "8", "--flags", CLASSIFIER, "--batch-size", "4"]
+    result = CliRunner().invoke(
+        train_classifier,
+        [*args, "--val-data", str(tmp_path / "fish"), "--eval-every", "1", "--out", str(out)],
+    )
+    _one_line(result, "--val-data has classes the training data lacks: fish, whale")
+    assert not (out / "latest.json").exists()
+
+
+def test_checkpoint_files_without_latest_json_are_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stray = out / "model_0000001.safetensors"
+    stray.write_bytes(b"another run's weights")
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    for resume in ([], ["--resume"]):
+        result = CliRunner().invoke(train, [*_args(_npz(tmp_path), out, "--max-steps", "1"), *resume])
+        _one_line(result, "holds checkpoint files (model_0000001.safetensors) but no latest.json")
+    assert stray.read_bytes() == b"another run's weights"
+    assert (out / "log.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+def _fake_run(out, kind, step=3):
+    """A run folder with only what is read before the data: latest.json and the model's metadata."""
+    ckpt.save_checkpoint(out, step, {"w": torch.zeros(1)}, {}, {"step": step}, {"kind": kind})
+
+
+@pytest.mark.parametrize(
+    "command, kind, text",
+    [
+        (train, "classifier", "holds a classifier run; continue it with `fastdiff train-classifier`"),
+        (train_classifier, "diffusion", "holds a diffusion run; continue it with `fastdiff train`"),
+    ],
+)
+def test_resuming_the_other_kind_of_run_is_one_line(tmp_path, command, kind, text):
+    out = tmp_path / "run"
+    _fake_run(out, kind)
+    result = CliRunner().invoke(
+        command, ["--data", str(tmp_path / "nope.npz"), "--out", str(out), "--resume"]
+    )
+    _one_line(result, text)
+
+
+def test_resuming_past_max_steps_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    _fake_run(out, "diffusion", step=30)
+    result = CliRunner().invoke(
+        train, _args(str(tmp_path / "nope.npz"), out, "--max-steps", "20", "--resume")
+    )
+    _one_line(result, "is already at step 30, past --max-steps 20")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 1-step run with two EMAs, copied by each test that damages or resumes it."""
+    tmp = tmp_path_factory.mktemp("finished")
+    npz = _npz(tmp)
+    out = tmp / "run"
+    base = [*_args(npz, out, "--max-steps", "1"), "--ema", "0.99,0.9", "--microbatch", "2"]
+    result = CliRunner().invoke(train, base)
+    assert result.exit_code == 0, result.output
+    return npz, out, base
+
+
+def _copy(finished_run, tmp_path):
+    npz, out, base = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    return copy, [a if a != str(out) else str(copy) for a in base] + ["--max-steps", "2", "--resume"]
+
+
+@pytest.mark.parametrize(
+    "change, text",
+    [
+        (["--schedule-sampler", "loss-second-moment"], "schedule sampler 'uniform' vs 'loss-second-moment'"),
+        (["--random-flip"], "random flip False vs True"),
+        (["--ema-warmup"], "ema warmup False vs True"),
+        (["--microbatch", "4"], "micro-batch size 2 vs 4"),
+        (["--lr", "1e-3"], "lr 0.0001 vs 0.001"),
+        (["--grad-clip", "0"], "grad clip 1.0 vs 0.0"),
+        (["--anneal"], "anneal False vs True"),
+    ],
+)
+def test_resume_refuses_other_training_settings(finished_run, tmp_path, change, text):
+    _, args = _copy(finished_run, tmp_path)
+    _one_line(CliRunner().invoke(train, [*args, *change]), f"other settings: {text}")
+
+
+def _damage(out, how):
+    record = json.loads((out / "latest.json").read_text())
+    if how == "state cut short":
+        path = out / record["state"]
+        path.write_bytes(path.read_bytes()[:1000])
+    elif how == "model cut short":
+        path = out / record["model"]
+        path.write_bytes(path.read_bytes()[:1000])
+    elif how == "EMA deleted":
+        (out / record["ema"]["0.9"]).unlink()
+    elif how == "latest.json cut short":
+        (out / "latest.json").write_text(json.dumps(record)[:20])
+    elif how == "latest.json a list":
+        (out / "latest.json").write_text("[]")
+    elif how == "state of another step":
+        (out / "latest.json").write_text(json.dumps({**record, "step": 2}))
+
+
+@pytest.mark.parametrize(
+    "how, text",
+    [
+        ("state cut short", "cannot read checkpoint"),
+        ("model cut short", "not a valid safetensors file"),
+        ("EMA deleted", "checkpoint not found"),
+        ("latest.json cut short", "latest.json"),
+        ("latest.json a list", "is not a checkpoint record"),
+        ("state of another step", "is not the training state of step 2"),
+    ],
+)
+def test_damaged_checkpoints_are_one_line_on_resume(finished_run, tmp_path, how, text):
+    out, args = _copy(finished_run, tmp_path)
+    _damage(out, how)
+    _one_line(CliRunner().invoke(train, args), text)
+
+
+def test_close_ema_rates_keep_their_own_files(tmp_path):
+    rates = (0.9999999, 0.99999991)
+    assert len({ckpt.ema_name(r) for r in rates}) == 2 and all(float(ckpt.ema_name(r)) == r for r in rates)
+    assert ckpt.ema_name(0.9999) == "0.9999"  # the names of earlier runs' usual rates stay
+    record = ckpt.save_checkpoint(
+        tmp_path, 1, {"w": torch.ones(1)}, {r: {"w": torch.full((1,), r)} for r in rates}, {"step": 1}
+    )
+    _, _, emas, _ = ckpt.load_checkpoint(tmp_path)
+    assert len(set(record["ema"].values())) == 2
+    assert [float(emas[ckpt.ema_name(r)]["w"]) for r in rates] == pytest.approx(rates)
+    with pytest.raises(ConfigError, match="twice"):
+        parse_ema_rates("0.9,0.9")
+
+
+def test_channel_first_npz_is_named(tmp_path):
+    path = tmp_path / "nchw.npz"
+    np.savez(path, np.zeros((4, 3, 8, 8), np.uint8), np.arange(4) % 2)
+    with pytest.raises(DataError, match=r"nchw\.npz: .* looks like N x C x H x W"):
+        load_npz(path)
