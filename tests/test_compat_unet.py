@@ -1,12 +1,18 @@
-"""guided-diffusion's ``unet`` names: networks built by hand with the original's arguments."""
+"""guided-diffusion's ``unet`` names: networks built by hand with the original's arguments, the
+attention modules and helpers its namespace holds, and its thop hook."""
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
 from builders import build_classifier, build_superres, build_unet
+from test_compat_scripts import ORIGINAL as CHECKOUT
+from test_compat_scripts import needs_original
 
-from fastdiff.compat import unet
+from fastdiff import ops
+from fastdiff.compat import fp16_util, nn, unet
 from fastdiff.config import ConfigError
 
 ORIGINAL = dict(model_channels=32, num_res_blocks=1, channel_mult=(1, 2), num_head_channels=32)
@@ -61,3 +67,50 @@ def test_the_original_arguments_build_the_flags_network():
 def test_an_output_fastdiff_cannot_make_is_refused():
     with pytest.raises(ConfigError, match="out_channels 5"):
         unet.UNetModel(32, 3, out_channels=5, attention_resolutions=(2,), **ORIGINAL)
+
+
+def test_the_attention_and_helpers_are_fastdiffs_own():
+    """One implementation each: the network's attention modules are the classes unet names, so
+    ``custom_ops={unet.QKVAttention: ...}`` finds them."""
+    assert unet.QKVAttention is ops.QKVAttention and unet.QKVAttentionLegacy is ops.QKVAttentionLegacy
+    for name in "normalization timestep_embedding conv_nd linear zero_module checkpoint avg_pool_nd".split():
+        assert getattr(unet, name) is getattr(nn, name), name
+    assert unet.convert_module_to_f16 is fp16_util.convert_module_to_f16
+    for new_order, cls in ((True, unet.QKVAttention), (False, unet.QKVAttentionLegacy)):
+        model = unet.UNetModel(
+            16, 3, out_channels=3, attention_resolutions=(2,), use_new_attention_order=new_order, **ORIGINAL
+        )
+        assert {
+            type(m) for m in model.modules() if isinstance(m, ops.QKVAttention | ops.QKVAttentionLegacy)
+        } == {cls}
+
+
+def _thop_count(module: torch.nn.Module, y: torch.Tensor, hook) -> float:
+    """What thop adds for ``module`` given output ``y``: it keeps a float64 ``total_ops`` buffer."""
+    module.register_buffer("total_ops", torch.zeros(1, dtype=torch.float64))
+    hook(module, (None,), y)
+    return module.total_ops.item()
+
+
+def test_count_flops_attn_counts_as_the_original():
+    # The original reads the shape of y[0] (thop passes the output): here [2, 64, 16] -> 64, 16.
+    assert _thop_count(torch.nn.Module(), torch.zeros(2, 64, 16), unet.count_flops_attn) == 2 * 64 * 16
+    assert _thop_count(torch.nn.Module(), torch.zeros(3, 8, 4, 5), unet.count_flops_attn) == 2 * 8 * 5**2 * 4
+    # As a forward hook on the network's attention (as thop registers it).
+    model = unet.UNetModel(16, 3, out_channels=3, attention_resolutions=(2,), **ORIGINAL)
+    attention = next(m for m in model.modules() if isinstance(m, unet.QKVAttentionLegacy))
+    attention.register_buffer("total_ops", torch.zeros(1, dtype=torch.float64))
+    attention.register_forward_hook(unet.count_flops_attn)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
+    assert attention.total_ops.item() == 2 * 64 * 64  # y[0]: 64 channels at 8x8 positions
+
+
+@needs_original
+def test_count_flops_attn_is_the_originals(monkeypatch):
+    monkeypatch.syspath_prepend(CHECKOUT)
+    original = importlib.import_module("guided_diffusion.unet")
+    for shape in ((2, 64, 16), (3, 8, 4, 5)):
+        y = torch.randn(shape)
+        want = _thop_count(torch.nn.Module(), y, original.count_flops_attn)
+        assert _thop_count(torch.nn.Module(), y, unet.count_flops_attn) == want
