@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from fastdiff.cli.main import main
 from fastdiff.evaluation.metrics import EvaluationError
-from fastdiff.evaluation.nearest import NearestConfig, check_space, nearest, pixels
+from fastdiff.evaluation.nearest import NearestConfig, check_space, nearest, pixels, training_copies
 
 pytest.importorskip("mlxtend")
 
@@ -37,6 +37,21 @@ def test_threshold_is_the_heldout_quantile():
     assert res.flagged[:5].all() and res.flagged[5:].mean() < 0.3
     with pytest.raises(EvaluationError, match="quantile"):
         NearestConfig(quantile=1.5)
+
+
+def test_exact_copies_are_at_distance_zero_and_flagged():
+    """The expanded form's rounding put copies of large vectors a little above 0; a held-out set
+    holding training images (distance exactly 0) would then flag none of them."""
+    rng = np.random.default_rng(2)
+    train = rng.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    held = np.concatenate([rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8), train[:3]])
+    config = NearestConfig(quantile=0.5, batch_size=7)
+    _, dist = nearest(pixels(train[10:30]), pixels(train), 2, config)
+    assert (dist[:, 0] == 0).all() and (dist[:, 1] > 0).all()
+    copies = training_copies(held, train, config)
+    assert copies.tolist() == [False] * 20 + [True] * 3
+    res = check_space(pixels(train[10:30]), pixels(train), pixels(held[~copies]), config)
+    assert res.threshold > 0 and res.flagged.all()
 
 
 def one_line_error(r, *words):
@@ -101,3 +116,5 @@ def test_cli_errors(tmp_path):
     )
     one_line_error(run(tmp_path / "s.npz", "--data", "mnist", "--quantile", "0"), "quantile")
     one_line_error(run(tmp_path / "missing.npz", "--data", "mnist"), "not found")
+    same = ["--data", tmp_path / "train.npz", "--held-out", tmp_path / "train.npz"]
+    one_line_error(run(tmp_path / "s.npz", *same), "holds 0 image(s) that are not training images")

@@ -129,6 +129,7 @@ def nearest_command(
         check_space,
         neighbour_rows,
         pixels,
+        training_copies,
     )
     from fastdiff.evaluation.networks import compute_activations
     from fastdiff.evaluation.npz import read_npz
@@ -149,8 +150,19 @@ def nearest_command(
         smp = read_npz(samples, role="samples")
         train = load_images(data, smp.image_shape)
         held = load_images(held_out or data, smp.image_shape, split="val")
+        copies = training_copies(held, train, config)
+        held = held[~copies]
         if len(held) < 2:
-            raise EvaluationError(f"the held-out set holds {len(held)} image(s); the distribution needs more")
+            raise EvaluationError(
+                f"the held-out set holds {len(held)} image(s) that are not training images; the "
+                "distribution needs more"
+            )
+        if copies.any():
+            click.echo(
+                f"warning: {int(copies.sum())} of {len(copies)} held-out images are training images; "
+                "they are left out of the threshold",
+                err=True,
+            )
         net = choose_network(features, smp.image_shape, inception, dev)
         net.check_images(smp.shape)
         bars = progress_bars(progress)

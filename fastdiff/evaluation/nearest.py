@@ -37,17 +37,22 @@ class NearestConfig:
 def nearest(
     query: np.ndarray, bank: np.ndarray, k: int, config: NearestConfig
 ) -> tuple[np.ndarray, np.ndarray]:
-    """-> (indices N x k, Euclidean distances N x k) of the k nearest rows of ``bank``, in float64."""
+    """-> (indices N x k, Euclidean distances N x k) of the k nearest rows of ``bank``, in float64.
+
+    The neighbours are found with the expanded form (a matrix product); their distances are then
+    taken directly, so an exact copy is at distance 0, not at the expansion's rounding noise."""
     b = torch.as_tensor(bank, dtype=torch.float64, device=config.device)
     nb = (b * b).sum(1)
     k = min(k, len(b))
     idx, dist = [], []
     for i in range(0, len(query), config.batch_size):
         q = torch.as_tensor(query[i : i + config.batch_size], dtype=torch.float64, device=config.device)
-        d2 = ((q * q).sum(1, keepdim=True) - 2 * q @ b.T + nb).clamp(min=0)
-        v, j = d2.topk(k, dim=1, largest=False)
-        idx.append(j.cpu().numpy())
-        dist.append(v.sqrt().cpu().numpy())
+        d2 = (q * q).sum(1, keepdim=True) - 2 * q @ b.T + nb
+        j = d2.topk(k, dim=1, largest=False).indices
+        exact = torch.stack([(q - b[j[:, c]]).norm(dim=1) for c in range(k)], dim=1)
+        exact, order = exact.sort(dim=1, stable=True)
+        idx.append(j.gather(1, order).cpu().numpy())
+        dist.append(exact.cpu().numpy())
     return np.concatenate(idx), np.concatenate(dist)
 
 
@@ -55,6 +60,13 @@ def pixels(images: np.ndarray) -> np.ndarray:
     """uint8 NHWC -> N x (HWC) in [0, 1] / sqrt(HWC), so Euclidean distance = RMS pixel distance."""
     flat = images.reshape(len(images), -1).astype(np.float64)
     return flat / 255.0 / np.sqrt(flat.shape[1])
+
+
+def training_copies(heldout: np.ndarray, train: np.ndarray, config: NearestConfig) -> np.ndarray:
+    """Which held-out images (uint8 NHWC) are training images pixel for pixel: they were trained
+    on, and at distance 0 they would pull the threshold to 0, below every copy."""
+    _, dist = nearest(pixels(heldout), pixels(train), 1, config)
+    return dist[:, 0] == 0
 
 
 @dataclass
