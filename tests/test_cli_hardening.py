@@ -247,6 +247,10 @@ def test_classifier_without_scale_is_an_error(models, tmp_path):
         (["--flags", "--use_ddim False"], ["--use_ddim is a sampling-script flag", "--sampler"]),
         (["--flags", "--classifier_scale 1.0"], ["--classifier_scale is a sampling-script flag"]),
         (["--flags", "--image_size 9"], ["--image_size 9 must be divisible by 2"]),
+        (["--classes", "1,,2"], ["--classes must be class ids", "'1,,2'"]),
+        (["--classes", ""], ["names no class id"]),
+        (["--seed", 2**63], ["--seed must be >= 0 and < 2**63"]),
+        (["--checkpoint", "/"], ["checkpoint / is a folder"]),
     ],
 )
 def test_bad_arguments(models, tmp_path, extra, words):
@@ -318,6 +322,25 @@ def test_damaged_run_folder_on_resume(models, tmp_path, damage, words):
     assert sample(models, out, 8).exit_code == 0
     damage(out)
     one_line_error(sample(models, out, 8, "--resume"), *words)
+
+
+def test_model_options_name_what_the_user_got_wrong(models, tmp_path):
+    one_line_error(run("--preset", "imagenet46", "--out", tmp_path / "o"), "unknown preset 'imagenet46'")
+    args = base_args(models, tmp_path / "o", "--classifier", models / "unet.pt")
+    one_line_error(run(*args), "no classifier preset for 8px images", "--classifier-flags")
+
+
+def test_a_raw_pickle_is_refused_without_torchs_warning(models, tmp_path):
+    import pickle
+    import warnings
+
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps({"w": [1.0]}, protocol=4))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        r = run("--preset", "imagenet64", "--checkpoint", raw, "--out", tmp_path / "o")
+    one_line_error(r, "cannot read checkpoint", "weights_only=True")
+    assert not [w for w in seen if "pickle protocol" in str(w.message)]
 
 
 @pytest.mark.parametrize("data", [b"", b"hello, I am text\n", b"\xff" * 64])

@@ -182,6 +182,16 @@ def test_interpolation_ends_are_the_seeds_samples(inverted, tmp_path):
             "this model's are float32 [1, 32, 32]",
         ),
         (["interpolate", "--from", 0, "--to", 1, "--class", 1, "--out", "{tmp}/s.jpg"], "name it .png"),
+        (
+            ["interpolate", "--from", -5, "--to", 1, "--class", 1, "--out", "{tmp}/s.png"],
+            "--from's seed must be >= 0",
+        ),
+        (
+            ["interpolate", "--from", 0, "--to", "{img}", "--class", 1, "--out", "{tmp}/s.png"],
+            "not an npz of arrays",
+        ),
+        (["interpolate", "--from", 0, "--to", 1, "--class", 1, "--out", "{img}/s.png"], "Not a directory"),
+        (["invert", "{img}", "--classes", "1,,2", "--out", "{tmp}/o"], "--classes must be class ids"),
     ],
 )
 def test_errors_are_one_line(tmp_path, args, message):

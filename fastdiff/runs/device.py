@@ -71,13 +71,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_seed(seed: int, option: str) -> None:
+    """A seed is in [0, 2**63): numpy's generators (--classes random) take no negative one, and a
+    batch's generator seed is taken modulo 2**63, so a larger one would repeat a smaller one's images."""
+    if not 0 <= seed < 2**63:
+        raise RunError(f"{option} must be >= 0 and < 2**63, got {seed}")
+
+
 def check_run_options(
     device: str, dtype: str, threads: int | None, engine: str | None, sampler: str, eta: float, seed: int = 0
 ) -> tuple[torch.device, str]:
     """(device, engine) after the checks every sampling run makes before loading anything;
     under torchrun, this rank's device in the process group."""
-    if seed < 0:  # torch would take it, numpy's generators (--classes random) would not
-        raise RunError(f"--seed must be >= 0, got {seed}")
+    check_seed(seed, "--seed")
     if not math.isfinite(eta) or eta < 0:
         raise RunError(f"--eta must be a finite number >= 0, got {eta}")
     dev = ranks.join(resolve_device(device))

@@ -30,11 +30,11 @@ from fastdiff.diffusion.samplers import randn
 from fastdiff.engines.sampler import Sampler
 from fastdiff.files import atomic_write, save_grid, save_png, to_uint8
 from fastdiff.runs import ranks
-from fastdiff.runs.device import check_run_options
+from fastdiff.runs.device import check_run_options, check_seed
 from fastdiff.runs.errors import RunError
-from fastdiff.runs.folder import locked_run_folder
+from fastdiff.runs.folder import check_writable, locked_run_folder
 from fastdiff.runs.loading import LoadedModel, load_diffusion_model
-from fastdiff.runs.plan import respacing_for
+from fastdiff.runs.plan import class_ids, respacing_for
 from fastdiff.runs.sampling import batch_generator, make_sampler
 
 _CLASS_IN_NAME = re.compile(r"_class(\d+)$")
@@ -113,12 +113,7 @@ def _labels(paths: list[Path], classes: str | None, loaded: LoadedModel) -> list
             raise RunError("--classes given, but the model is not class-conditional")
         return None
     if classes is not None:
-        try:
-            ids = [int(c) for c in classes.split(",") if c.strip()]
-        except ValueError:
-            raise RunError(f"--classes must be class ids like 3,5, got '{classes}'") from None
-        if not ids:
-            raise RunError(f"--classes '{classes}' names no class id")
+        ids = class_ids(classes)
         labels = [ids[i % len(ids)] for i in range(len(paths))]
     else:
         labels = []
@@ -165,10 +160,11 @@ def _save_npz(path: Path, *arrays: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def _endpoint(spec: str, loaded: LoadedModel, device) -> tuple[torch.Tensor, int | None]:
+def _endpoint(spec: str, option: str, loaded: LoadedModel, device) -> tuple[torch.Tensor, int | None]:
     """(x_T of shape 1xCxHxW, its label if stored) for a seed or LATENTS.npz[:INDEX]."""
     shape = (1, loaded.in_channels, loaded.image_size, loaded.image_size)
     if re.fullmatch(r"-?\d+", spec):
+        check_seed(int(spec), f"{option}'s seed")
         return randn(shape, batch_generator(device, int(spec), 0), device), None
     path, _, index = spec.partition(":") if not Path(spec).is_file() else (spec, "", "")
     try:
@@ -181,8 +177,12 @@ def _endpoint(spec: str, loaded: LoadedModel, device) -> tuple[torch.Tensor, int
         with np.load(path) as z:
             latents = z["arr_0"]
             labels = z["arr_1"] if "arr_1" in z.files else None
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, KeyError) as e:
         raise RunError(f"cannot read latents {path}: {e}") from None
+    except ValueError:  # numpy's advice (load it with allow_pickle) is not for a user
+        raise RunError(
+            f"cannot read latents {path}: not an npz of arrays (fastdiff invert writes one)"
+        ) from None
     if latents.ndim != 4 or latents.shape[1:] != shape[1:] or latents.dtype != np.float32:
         raise RunError(
             f"{path} holds {latents.dtype} latents of shape {list(latents.shape[1:])}; "
@@ -295,8 +295,10 @@ def interpolate(
         raise RunError(f"--frames must be at least 2, got {frames}")
     loaded, sampler, dev, _ = setup(options)
     with ranks.agreed("checking the latents"):
-        a, label_a = _endpoint(start, loaded, dev)
-        b, _ = _endpoint(end, loaded, dev)
+        if distributed.is_main():  # it writes the strip
+            check_writable(out.parent, f"--out {out}")
+        a, label_a = _endpoint(start, "--from", loaded, dev)
+        b, _ = _endpoint(end, "--to", loaded, dev)
         label = _check_class(loaded, label if label is not None else label_a, "--class")
         if loaded.class_cond and label is None:
             raise RunError("the model is class-conditional: pass --class K")

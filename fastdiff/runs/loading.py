@@ -10,6 +10,7 @@ do not fit the weights cost no memory.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from fastdiff.models.checkpoint import (
 )
 from fastdiff.models.config import NetConfig
 from fastdiff.models.flags import SAMPLING_FLAGS, configs_from_flags, flags_of, parse_flags
-from fastdiff.models.presets import build_network, get_preset
+from fastdiff.models.presets import PRESETS, Preset, build_network, get_preset
 from fastdiff.runs.errors import RunError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -92,6 +93,8 @@ class LoadedModel:
 
 
 def check_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise RunError(f"{what} {path} is a folder; give the weights file")
     if not path.is_file():
         raise RunError(f"{what} not found: {path}")
 
@@ -123,6 +126,13 @@ def same_flags(old, new: dict, kind: str | None = None) -> bool:
         return False
 
 
+def _preset(name: str) -> Preset:
+    try:
+        return get_preset(name)
+    except ConfigError as e:
+        raise RunError(str(e)) from None
+
+
 def _configs_from(
     preset: str | None, flag_string: str | None, checkpoint: Path | None, kind: str, defaults: dict
 ) -> tuple[NetConfig, DiffusionConfig, dict]:
@@ -136,10 +146,7 @@ def _configs_from(
             raise _one_line(e) from None
     flags: dict = dict(defaults)
     if preset is not None:
-        try:
-            p = get_preset(preset)
-        except ConfigError as e:
-            raise RunError(str(e)) from None
+        p = _preset(preset)
         if p.kind != kind:
             raise RunError(f"preset '{preset}' is a {p.kind} model, not a {kind} model")
         flags.update(flags_of(p.net, p.process))
@@ -166,7 +173,9 @@ def _build(net: NetConfig, checkpoint: Path, preset: str | None, device: torch.d
             check_fits(read_header(checkpoint)[0], skeleton, preset)
             state = None
         else:
-            state = load_state_dict(checkpoint)
+            with warnings.catch_warnings():  # torch's note on an older pickle protocol is not the user's
+                warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+                state = load_state_dict(checkpoint)
             check_fits(state, skeleton, preset)
         model = build_network(net)
         load_weights(model, checkpoint if state is None else state, preset=preset)
@@ -212,6 +221,8 @@ def load_diffusion_model(*, preset, flag_string, checkpoint, device) -> LoadedMo
             raise RunError("this fastdiff build has no bundled model; pass --preset and --checkpoint")
         checkpoint = BUNDLED_MODEL
     if checkpoint is None:
+        if preset is not None:
+            _preset(preset)  # a typo first: it is what the user will fix
         raise RunError("--checkpoint is required with --preset/--flags (the model's weights)")
     check_file(checkpoint, "checkpoint")
     return load_network("diffusion", checkpoint, preset=preset, flag_string=flag_string, device=device)
@@ -222,6 +233,11 @@ def load_classifier(path: Path, *, preset, flag_string, image_size: int, device)
     check_file(path, "classifier checkpoint")
     if preset is None and flag_string is None and path.suffix != ".safetensors":
         preset = f"classifier{image_size}"
+        if preset not in PRESETS:
+            raise RunError(
+                f"no classifier preset for {image_size}px images: say what {path} is with "
+                "--classifier-preset or --classifier-flags"
+            )
 
     def same_size(net: NetConfig) -> None:
         if net.image_size != image_size:

@@ -66,25 +66,30 @@ def respacing_for(sampler: str, steps: int | None, respacing: str | None, total:
     return respacing
 
 
+def class_ids(spec: str, alternatives: str = "") -> list[int]:
+    """The ids of a --classes list like 1,207,360; an empty item ("1,,2") is a typo, not nothing.
+    ``alternatives`` names the words a command takes besides a list."""
+    items = [s.strip() for s in spec.split(",")]
+    if not any(items):
+        raise RunError(f"--classes '{spec}' names no class id")
+    try:
+        return [int(s) for s in items]
+    except ValueError:
+        raise RunError(f"--classes must be class ids like 1,207,360{alternatives}, got '{spec}'") from None
+
+
 def parse_classes(spec: str | None, num_classes: int | None, n: int, seed: int) -> np.ndarray | None:
-    """Labels for ``n`` samples: a list cycled, ``uniform`` (equal counts) or ``random``."""
+    """Labels for ``n`` samples: a list cycled, ``uniform`` (equal counts, the default) or ``random``."""
     if num_classes is None:
         if spec is not None:
             raise RunError("--classes given, but neither the model nor a classifier is class-aware")
         return None
-    spec = spec or "uniform"
+    spec = "uniform" if spec is None else spec
     if spec == "uniform":
         return np.arange(n, dtype=np.int64) % num_classes
     if spec == "random":
         return np.random.default_rng(seed).integers(0, num_classes, size=n, dtype=np.int64)
-    try:
-        ids = [int(s) for s in spec.split(",") if s.strip()]
-    except ValueError:
-        raise RunError(
-            f"--classes must be ids like 1,207,360 or 'uniform' or 'random', got '{spec}'"
-        ) from None
-    if not ids:
-        raise RunError(f"--classes '{spec}' names no class id")
+    ids = class_ids(spec, " or 'uniform' or 'random'")
     bad = [i for i in ids if not 0 <= i < num_classes]
     if bad:
         raise RunError(f"class id {bad[0]} out of range: the model has {num_classes} classes")
