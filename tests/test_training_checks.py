@@ -14,9 +14,17 @@ from PIL import Image
 
 from fastdiff.cli.train import train, train_classifier
 from fastdiff.config import ConfigError
-from fastdiff.training import DataError, ImageFolderDataset, load_npz, match_classes, parse_ema_rates
+from fastdiff.models import ClassifierConfig
+from fastdiff.training import (
+    DataError,
+    ImageFolderDataset,
+    fit_classifier,
+    load_npz,
+    match_classes,
+    parse_ema_rates,
+)
 from fastdiff.training import checkpoint as ckpt
-from fastdiff.training.data import ArrayDataset
+from fastdiff.training.data import ArrayDataset, worker_error
 from tests.test_train_hardening import _args, _npz, _one_line
 from tests.test_training import tiny_config, tiny_data
 
@@ -250,3 +258,49 @@ def test_channel_first_npz_is_named(tmp_path):
     np.savez(path, np.zeros((4, 3, 8, 8), np.uint8), np.arange(4) % 2)
     with pytest.raises(DataError, match=r"nchw\.npz: .* looks like N x C x H x W"):
         load_npz(path)
+
+
+def _scrambled(path):
+    """A PNG whose header and IEND survive (the start-up scan passes it) but whose data does not decode."""
+    b = bytearray(path.read_bytes())
+    b[45:-20] = bytes((x * 7 + 3) % 256 for x in b[45:-20])  # IDAT's data (its header ends at 41)
+    path.write_bytes(bytes(b))
+
+
+def test_an_image_that_does_not_decode_is_one_line_or_stood_in_for(tmp_path):
+    root = tmp_path / "imgs"
+    for c, value in (("a", 50), ("b", 200)):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), value + i, np.uint8)).save(root / c / f"{i}.png")
+    _scrambled(root / "a" / "0.png")
+    ds = ImageFolderDataset(root, 8)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1)
+    with pytest.raises(DataError) as caught:
+        next(iter(loader))
+    error = worker_error(caught.value)
+    assert str(error).startswith(f"cannot read image {root / 'a' / '0.png'}: ")
+    assert "\n" not in str(error) and str(error).endswith("remove it or pass --skip-bad-images")
+    skipping = ImageFolderDataset(root, 8, skip_bad_images=True)
+    x, y = skipping[0]  # its class's next image stands in, on every run
+    assert y == 0 and torch.equal(x, skipping[1][0])
+
+
+def test_hidden_folders_are_no_class_and_unlabelled_folders_say_why(tmp_path):
+    root = _classes(tmp_path / "sub", ["cat", "dog"])
+    for hidden in (".ipynb_checkpoints", "__MACOSX"):
+        (root / hidden).mkdir()
+        shutil.copy(root / "cat" / "0.png", root / hidden / "x.png")
+    assert ImageFolderDataset(root, 8).class_names == ["cat", "dog"]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("cat_0.png", "dog_0.png", "photo.png"):
+        shutil.copy(root / "cat" / "0.png", flat / name)
+    ds = ImageFolderDataset(flat, 8)
+    assert ds.num_classes == 0 and ds.why_unlabelled == f"{flat / 'photo.png'} has no class_ prefix"
+    with pytest.raises(DataError, match="photo.png has no class_ prefix"):
+        fit_classifier(ClassifierConfig(), ds)
+    (flat / "more").mkdir()
+    shutil.copy(root / "cat" / "0.png", flat / "more" / "x.png")
+    with pytest.raises(DataError, match=r"mixes class subfolders \(more/\) with loose images \(cat_0.png\)"):
+        ImageFolderDataset(flat, 8)

@@ -54,15 +54,18 @@ def check_sample_steps(steps: int, diffusion_steps: int) -> None:
         raise ConfigError(f"--sample-steps {steps} with diffusion_steps {diffusion_steps}: {e}") from None
 
 
+def _unlabelled(what: str, dataset) -> DataError:
+    why = f"; {dataset.why_unlabelled}" if dataset.why_unlabelled else ""
+    return DataError(f"{what} needs labelled data (class subfolders, class_ prefixes or arr_1){why}")
+
+
 def fit_unet(net: UNetConfig, dataset, cfg_dropout: float = 0.0) -> UNetConfig:
     """Fit a diffusion UNet to the data: size, channels, class count (+1 null class for CFG)."""
     check_cfg_dropout(cfg_dropout, net.num_classes is not None)
     num_classes = None
     if net.num_classes is not None:
         if not dataset.num_classes:
-            raise DataError(
-                "class_cond True needs labelled data (class subfolders, class_ prefixes or arr_1)"
-            )
+            raise _unlabelled("class_cond True", dataset)
         num_classes = dataset.num_classes + (1 if cfg_dropout > 0 else 0)
     return dataclasses.replace(
         net,
@@ -76,9 +79,7 @@ def fit_unet(net: UNetConfig, dataset, cfg_dropout: float = 0.0) -> UNetConfig:
 def fit_classifier(net: ClassifierConfig, dataset) -> ClassifierConfig:
     """Fit a classifier to the data: size, channels and one logit per class."""
     if not dataset.num_classes:
-        raise DataError(
-            "classifier training needs labelled data (class subfolders, class_ prefixes or arr_1)"
-        )
+        raise _unlabelled("classifier training", dataset)
     if dataset.num_classes < 2:
         raise DataError("classifier training needs at least 2 classes; the data has 1")
     return dataclasses.replace(

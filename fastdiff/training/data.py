@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ class DataError(ValueError):
 
 class ArrayDataset(torch.utils.data.Dataset):
     """Images held in memory as uint8 NHWC (small datasets: npz, MNIST)."""
+
+    why_unlabelled: str | None = None
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None, class_names: list[str] | None = None):
         if images.ndim == 3:
@@ -82,25 +85,35 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """Images read lazily from a folder: one subfolder per class, or flat ``class_xxx.png`` names.
 
     Flat folders get labels from the filename prefix before the first ``_`` (as guided-diffusion)
-    when every name has one; otherwise the data is unlabeled.
+    when every name has one; otherwise the data is unlabeled. Hidden files and folders (a
+    notebook's ``.ipynb_checkpoints``, macOS's ``__MACOSX``) are no images and no class.
     """
 
     def __init__(
         self, root: str | os.PathLike, image_size: int, channels: int = 3, skip_bad_images: bool = False
     ):
         root = Path(root)
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(
+            p
+            for p in root.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(p.relative_to(root))
+        )
         if not files:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
         nested = any(p.parent != root for p in files)
+        unprefixed = [p for p in files if "_" not in p.stem]
+        self.why_unlabelled = None
         if nested:
             keys = [p.relative_to(root).parts[0] if p.parent != root else None for p in files]
-        elif all("_" in p.stem for p in files):
+        elif not unprefixed:
             keys = [p.stem.split("_")[0] for p in files]
         else:
             keys = None
+            self.why_unlabelled = f"{unprefixed[0]} has no class_ prefix"
         if keys is not None and None in keys:
-            raise DataError(f"{root} mixes class subfolders with loose images")
+            loose = files[keys.index(None)]
+            folder = next(k for k in keys if k is not None)
+            raise DataError(f"{root} mixes class subfolders ({folder}/) with loose images ({loose.name})")
         bad = [i for i, p in enumerate(files) if not image_looks_whole(p)]
         if bad and not skip_bad_images:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -122,21 +135,53 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         index = {k: i for i, k in enumerate(self.class_names or [])}
         self.labels = None if keys is None else np.array([index[k] for k in keys], dtype=np.int64)
         self.num_classes = len(index)
+        self.skip_bad_images = skip_bad_images
+        self._reported: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        try:
-            with Image.open(self.files[i]) as img:
-                img = img.convert("L" if self.channels == 1 else "RGB")
-                arr = center_crop_arr(img, self.image_size)
-        except (OSError, ValueError, SyntaxError) as e:  # what the start-up scan cannot see
-            raise DataError(f"cannot read image {self.files[i]}: {e}") from None
-        if arr.ndim == 2:
-            arr = arr[..., None]
-        x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1  # a writable copy
-        return x, -1 if self.labels is None else int(self.labels[i])
+        for j in self._stand_ins(i):
+            try:
+                with Image.open(self.files[j]) as img:
+                    img = img.convert("L" if self.channels == 1 else "RGB")
+                    arr = center_crop_arr(img, self.image_size)
+            except (OSError, ValueError, SyntaxError) as e:  # what the start-up scan cannot see
+                if not self.skip_bad_images:
+                    raise DataError(
+                        f"cannot read image {self.files[j]}: {e}; remove it or pass --skip-bad-images"
+                    ) from None
+                if j not in self._reported:
+                    self._reported.add(j)
+                    print(f"skipping unreadable image {self.files[j]}: {e}", file=sys.stderr)
+                continue
+            if arr.ndim == 2:
+                arr = arr[..., None]
+            x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1  # a writable copy
+            return x, -1 if self.labels is None else int(self.labels[i])
+        raise DataError(f"no readable image of its class can stand in for {self.files[i]}")
+
+    def _stand_ins(self, i: int):
+        """``i``, then the next images of its class: with --skip-bad-images, an image that does not
+        decode is replaced by the same neighbour in every run, so a resume still repeats the run."""
+        n = len(self.files)
+        for k in range(n):
+            j = (i + k) % n
+            if self.labels is None or self.labels[j] == self.labels[i]:
+                yield j
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") or part == "__MACOSX" for part in relative.parts)
+
+
+def worker_error(error: DataError) -> DataError:
+    """A DataError as its own one line: torch re-raises a DataLoader worker's error with the
+    worker's whole traceback as the message."""
+    prefix = f"{DataError.__module__}.{DataError.__qualname__}: "
+    lines = [line[len(prefix) :] for line in str(error).splitlines() if line.startswith(prefix)]
+    return DataError(lines[-1]) if lines else error
 
 
 # How each format's file must end: PNG's IEND chunk, JPEG's end-of-image marker, GIF's trailer.

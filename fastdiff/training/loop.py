@@ -35,7 +35,7 @@ from fastdiff.models.flags import configs_from_flags, flags_of
 from . import checkpoint as ckpt
 from . import dist
 from .config import ConfigError, TrainConfig, parse_ema_rates
-from .data import ShardedSampler, fingerprint
+from .data import DataError, ShardedSampler, fingerprint, worker_error
 from .ema import EMA
 from .runlog import Meter, plot_losses, truncate_log
 
@@ -294,7 +294,10 @@ class TrainLoop:
         self._last_log = (time.time(), self.step)
         try:
             while self.step < cfg.max_steps:
-                x, y = next(batches)
+                try:
+                    x, y = next(batches)
+                except DataError as e:
+                    raise worker_error(e) from None
                 self.run_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
                 self.step += 1
                 bar.update(1)
