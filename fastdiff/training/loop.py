@@ -44,19 +44,15 @@ MAX_SKIPPED_STEPS = 25
 # What a state_*.pt holds besides the trainer's extra_state().
 STATE_KEYS = ("optimizer", "scaler", "rng", "config")
 # Settings a resumed run must share with its checkpoint, besides the flags, the data and the
-# micro-batch size (the keyed noise streams follow it): each changes what the weights become.
-# --max-steps may grow (with --anneal the LR schedule stretches with it).
+# micro-batch size (the keyed noise streams follow it): each changes what is being trained. The
+# optimizer's schedule (--lr, --warmup-steps, --anneal, --weight-decay, --grad-clip) may change,
+# as a second phase with another LR does (recipes/README.md); log.jsonl records each step's LR.
 RESUME_KEYS = (
     "seed",
     "batch_size",
     "precision",
     "ema",
     "ema_warmup",
-    "lr",
-    "weight_decay",
-    "warmup_steps",
-    "anneal",
-    "grad_clip",
     "schedule_sampler",
     "cfg_dropout",
     "random_flip",
@@ -419,8 +415,6 @@ class TrainLoop:
         """Refuse, naming each difference, what would break the promised bit-exact continuation."""
         old, new = state["config"], self.config.record()
         old["ema"], new["ema"] = tuple(old.get("ema", ())), tuple(new["ema"])
-        old["anneal"] = bool(old.get("lr_anneal_steps", new["lr_anneal_steps"]))
-        new["anneal"] = bool(new["lr_anneal_steps"])
         # Flags compared as configs, so an older fastdiff's spelling of the same network matches.
         old_flags = flags_of(*configs_from_flags(self.kind, old["flags"]))
         diffs = [
