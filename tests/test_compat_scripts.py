@@ -22,7 +22,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fastdiff.compat import dist_util, logger
+from fastdiff.compat import dist_util, gaussian_diffusion, logger, respace
 from fastdiff.compat import guided_diffusion as gd
 
 SCRIPTS = Path(__file__).parent / "gd_scripts"
@@ -212,6 +212,100 @@ def test_calc_bpd_loop_terms():
     assert out["vb"].shape == out["mse"].shape == out["xstart_mse"].shape == (2, 3)
     assert torch.allclose(out["total_bpd"], out["vb"].sum(1) + out["prior_bpd"])
     assert (out["prior_bpd"] >= 0).all() and torch.isfinite(out["total_bpd"]).all()
+
+
+# ---------------------------------------------------------------- the private methods user samplers call
+
+
+def _recording(seen: list):
+    """A function-model (or cond_fn) noting the timesteps it is given."""
+
+    def model(x, t, **kwargs):
+        seen.append(t.tolist())
+        return torch.tanh(x) * 0.1 * (1 + t.float().view(-1, 1, 1, 1) / 1000)
+
+    return model
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_a_wrapped_model_sees_the_original_steps_once(rescale):
+    """_wrap_model maps respaced steps as the process does; given back to the process (as the
+    original allows), the wrapped model is not mapped twice."""
+    d = gd.create_gaussian_diffusion(steps=100, timestep_respacing="ddim4", rescale_timesteps=rescale)
+    assert d.timestep_map == [0, 25, 50, 75] and d.timestep_map.index(50) == 2  # the original's list
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 3])
+    assert d._scale_timesteps(t) is t  # a spaced process leaves it to the wrapper, as the original
+
+    def run(wrap):
+        seen = []
+        fn = d._wrap_model(_recording(seen)) if wrap else _recording(seen)
+        if wrap:
+            assert isinstance(fn, respace._WrappedModel) and d._wrap_model(fn) is fn
+            fn(x, t)
+        torch.manual_seed(0)
+        outputs = (
+            d.p_sample(fn, x, t, cond_fn=fn)["sample"],
+            d.p_mean_variance(fn, x, t)["mean"],
+            d.training_losses(fn, x.clamp(-1, 1), t, noise=torch.ones_like(x))["loss"],
+            d.ddim_sample_loop(fn, (2, 3, 8, 8), noise=x, cond_fn=fn),
+        )
+        return seen, outputs
+
+    (seen, want), (wrapped_seen, got) = run(False), run(True)
+    assert wrapped_seen[0] == ([250.0, 750.0] if rescale else [25, 75])  # 0..1000 when rescaled
+    assert wrapped_seen[1:] == seen
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_scale_timesteps_of_a_plain_process():
+    """Without respacing, _scale_timesteps gives what the model is given: rescaled to 0..1000."""
+    betas = gaussian_diffusion.get_named_beta_schedule("linear", 50)
+    t = torch.tensor([10, 49])
+    for rescale, want in ((False, [10, 49]), (True, [200.0, 980.0])):
+        d = gaussian_diffusion.GaussianDiffusion(
+            betas=betas,
+            model_mean_type=gaussian_diffusion.ModelMeanType.EPSILON,
+            model_var_type=gaussian_diffusion.ModelVarType.FIXED_SMALL,
+            loss_type=gaussian_diffusion.LossType.MSE,
+            rescale_timesteps=rescale,
+        )
+        got = d._scale_timesteps(t)
+        assert got.tolist() == want and got.is_floating_point() == rescale
+        assert torch.equal(got, d.model_timesteps(t))
+
+
+def test_vb_terms_bpd_takes_the_originals_arguments():
+    model, d = gd.create_model_and_diffusion(**{**TINY, "timestep_respacing": "4", "use_kl": True})
+    model.eval()
+    x0, noise = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 3, 32, 32)
+    t, y = torch.tensor([0, 2]), torch.tensor([1, 2])
+    x_t = d.q_sample(x0, t, noise=noise)
+    with torch.no_grad():
+        out = d._vb_terms_bpd(
+            model=model, x_start=x0, x_t=x_t, t=t, clip_denoised=False, model_kwargs={"y": y}
+        )
+        clipped = d._vb_terms_bpd(model, x0, x_t, t, model_kwargs={"y": y})
+        loss = d.training_losses(model, x0, t, model_kwargs={"y": y}, noise=noise)["loss"]
+    assert set(out) == {"output", "pred_xstart"} and out["output"].shape == (2,)
+    assert d.loss_type == "rescaled_kl" and torch.allclose(out["output"] * d.num_timesteps, loss)
+    assert clipped["pred_xstart"].abs().max() <= 1 < out["pred_xstart"].abs().max()
+
+
+def test_predict_xstart_from_xprev_inverts_the_posterior_mean():
+    d = gd.create_gaussian_diffusion(steps=100, timestep_respacing="10")
+    x0, x_t, t = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4), torch.tensor([0, 7])
+    xprev, _, _ = d.q_posterior_mean_variance(x0, x_t, t)
+    assert torch.allclose(d._predict_xstart_from_xprev(x_t, t, xprev), x0, atol=1e-5)
+
+
+def test_space_timesteps_is_the_originals_set():
+    assert gd.space_timesteps is respace.space_timesteps
+    assert respace.space_timesteps(100, "ddim4") == {0, 25, 50, 75}
+    assert respace.space_timesteps(300, [10, 15, 20]) == respace.space_timesteps(300, "10,15,20")
+    assert respace.SpacedDiffusion(
+        respace.space_timesteps(100, "5"), betas=gaussian_diffusion.get_named_beta_schedule("linear", 100)
+    ).timestep_map == [0, 25, 50, 74, 99]
 
 
 # ---------------------------------------------------------------- dist_util and logger
@@ -469,6 +563,40 @@ def test_steps_and_bpd_match_the_original(original):
     got = fd.calc_bpd_loop(fm, x0, model_kwargs={"y": y})
     for key in want:
         assert torch.allclose(want[key], got[key], rtol=1e-5, atol=1e-6), key
+
+
+@needs_original
+def test_the_private_methods_user_samplers_call_are_the_originals(original):
+    om, od, fm, fd = _pair(original, timestep_respacing="ddim4", rescale_timesteps=True)
+    assert od.timestep_map == fd.timestep_map and type(fd.timestep_map) is list
+    for spec in ("ddim4", "10", "5,5", [3, 7]):
+        assert original.space_timesteps(100, spec) == gd.space_timesteps(100, spec)
+    y, t = torch.tensor([3, 7]), torch.tensor([0, 2])
+    x0, noise = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 3, 16, 16)
+    x_t = od.q_sample(x0, t, noise=noise)
+    with torch.no_grad():
+        want, got = od._wrap_model(om)(x_t, t, y=y), fd._wrap_model(fm)(x_t, t, y=y)
+        assert (want - got).abs().max() < 1e-5
+        for clip in (True, False):
+            want = od._vb_terms_bpd(om, x0, x_t, t, clip_denoised=clip, model_kwargs={"y": y})
+            got = fd._vb_terms_bpd(fm, x0, x_t, t, clip_denoised=clip, model_kwargs={"y": y})
+            for key in ("output", "pred_xstart"):
+                assert torch.allclose(want[key], got[key], rtol=1e-5, atol=1e-5), (clip, key)
+    assert torch.equal(od._predict_xstart_from_xprev(x_t, t, x0), fd._predict_xstart_from_xprev(x_t, t, x0))
+    betas, t = original.gd.get_named_beta_schedule("linear", 50), torch.tensor([10, 49])
+    for rescale in (False, True):
+        plain = [
+            module.GaussianDiffusion(
+                betas=betas,
+                model_mean_type=module.ModelMeanType.EPSILON,
+                model_var_type=module.ModelVarType.FIXED_SMALL,
+                loss_type=module.LossType.MSE,
+                rescale_timesteps=rescale,
+            )
+            for module in (original.gd, gaussian_diffusion)
+        ]
+        want, got = (d._scale_timesteps(t) for d in plain)
+        assert want.dtype == got.dtype and torch.equal(want, got)
 
 
 @needs_original

@@ -111,6 +111,7 @@ class GaussianDiffusion(diffusion.GaussianDiffusion):
         self.model_mean_type = ModelMeanType(self.model_mean_type)
         self.model_var_type = ModelVarType(self.model_var_type)
         self.loss_type = LossType(self.loss_type)
+        self.timestep_map = self.timestep_map.tolist()  # the original's type: scripts call .index()
 
     @property
     def use_timesteps(self) -> set[int]:
@@ -125,9 +126,20 @@ class GaussianDiffusion(diffusion.GaussianDiffusion):
     _predict_xstart_from_eps = diffusion.GaussianDiffusion.predict_xstart_from_eps
     _predict_eps_from_xstart = diffusion.GaussianDiffusion.predict_eps_from_xstart
 
+    def _predict_xstart_from_xprev(self, x_t, t, xprev):
+        """The x_0 whose posterior mean at ``t`` is ``xprev`` (the original's helper; fastdiff's
+        processes predict eps or x_0, so nothing here calls it)."""
+        coef1 = self.posterior_mean_coef1
+        return (
+            _extract_into_tensor(1.0 / coef1, t, x_t.shape) * xprev
+            - _extract_into_tensor(self.posterior_mean_coef2 / coef1, t, x_t.shape) * x_t
+        )
+
     def _scale_timesteps(self, t):
-        # As the original's SpacedDiffusion: the model wrapper maps and scales, not this.
-        return t
+        """The steps the model is given for ``t``, on 0..1000 when ``rescale_timesteps`` (user
+        code calls ``model(x, diffusion._scale_timesteps(t))``); ``SpacedDiffusion`` returns ``t``,
+        as the original's, whose model wrapper maps and scales instead."""
+        return self.model_timesteps(t) if self.rescale_timesteps else t
 
     # ---------------------------------------------------------------- one step
 
@@ -345,17 +357,6 @@ class GaussianDiffusion(diffusion.GaussianDiffusion):
         mean, _, log_variance = self.q_mean_variance(x_start, t)
         return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / np.log(2.0)
 
-    def _model_vb_terms(self, model, x_start, x_t, t, clip_denoised, model_kwargs) -> dict:
-        """The VLB term at t (decoder NLL at t=0) of ``model``'s prediction, in bits, and its x_0."""
-        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
-        out = self.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs=model_kwargs)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"]))
-        nll = -discretized_gaussian_log_likelihood(
-            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
-        )
-        output = torch.where(t == 0, mean_flat(nll), kl) / np.log(2.0)
-        return {"output": output, "pred_xstart": out["pred_xstart"]}
-
     def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None) -> dict:
         """The whole variational bound in bits per dim, as image_nll.py reports it: total_bpd,
         prior_bpd, and per-step [N, T] vb, xstart_mse and mse (one ``randn_like`` per step)."""
@@ -365,7 +366,7 @@ class GaussianDiffusion(diffusion.GaussianDiffusion):
             noise = torch.randn_like(x_start)
             x_t = self.q_sample(x_start, t, noise=noise)
             with torch.no_grad():
-                out = self._model_vb_terms(model, x_start, x_t, t, clip_denoised, model_kwargs)
+                out = self._vb_terms_bpd(model, x_start, x_t, t, clip_denoised, model_kwargs)
             vb.append(out["output"])
             xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
             eps = self.predict_eps_from_xstart(x_t, t, out["pred_xstart"])

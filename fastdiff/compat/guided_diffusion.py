@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 
 from ..diffusion.config import DiffusionConfig
-from ..diffusion.schedule import space_timesteps  # noqa: F401 (script_util re-exports it)
 from ..models import flags as gd_flags
 from ..models.presets import build_network
 from .gaussian_diffusion import ENGINE_ENV, loop_engine  # noqa: F401 (gd-run's and the tests' handle)
-from .respace import SpacedDiffusion
+from .respace import SpacedDiffusion, space_timesteps  # noqa: F401 (script_util re-exports it)
 from .unet import EncoderUNetModel, SuperResModel, UNetModel  # noqa: F401 (as script_util)
 
 # Read by create_model / sr_create_model at call time, as the original's builders read it:

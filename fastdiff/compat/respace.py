@@ -4,17 +4,46 @@ Every process ``script_util`` builds is a ``SpacedDiffusion`` (as in the origina
 fastdiff's one process builder (``GaussianDiffusion.from_config``); user code may also build one the
 original's way, ``SpacedDiffusion(use_timesteps, betas=..., model_mean_type=..., ...)``. The
 model sees the kept steps' original timesteps through fastdiff's ``model_timesteps`` (what the
-original's ``_WrappedModel`` does), in sampling, losses and guidance alike.
+original's ``_WrappedModel`` does), in sampling, losses and guidance alike; ``_wrap_model`` gives
+user samplers that call the model themselves the same mapping.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..diffusion.schedule import respace_betas, space_timesteps
+from ..diffusion import schedule
+from ..diffusion.schedule import respace_betas
 from .gaussian_diffusion import GaussianDiffusion
 
-__all__ = ["SpacedDiffusion", "space_timesteps"]
+__all__ = ["GaussianDiffusion", "SpacedDiffusion", "space_timesteps"]
+
+
+def space_timesteps(num_timesteps, section_counts) -> set[int]:
+    """The original steps a respacing spec keeps (``"ddimN"``, ``"a,b,c"`` or a list of counts),
+    as the original's set."""
+    return set(schedule.space_timesteps(num_timesteps, section_counts))
+
+
+class _WrappedModel:
+    """``model`` taking a respaced process's steps: it is called with the steps the process gives
+    the model (``model_timesteps``: the original steps, rescaled to 0..1000 when asked).
+
+    Unlike the original's it is built from the process, not from a copy of its map.
+    """
+
+    def __init__(self, model, diffusion):
+        self.model = model
+        self.diffusion = diffusion
+
+    def __call__(self, x, ts, **kwargs):
+        return self.model(x, self.diffusion.model_timesteps(ts), **kwargs)
+
+
+def _unwrapped(fn):
+    """The model inside a ``_WrappedModel``: the process maps steps itself, so a wrapped model
+    given back to it (as the original allows) must not map them twice."""
+    return fn.model if isinstance(fn, _WrappedModel) else fn
 
 
 class SpacedDiffusion(GaussianDiffusion):
@@ -34,3 +63,29 @@ class SpacedDiffusion(GaussianDiffusion):
         spaced = cls.__new__(cls)
         vars(spaced).update(vars(process))
         return spaced
+
+    def _wrap_model(self, model):
+        """``model`` called with this process's respaced steps, for samplers that call it."""
+        return model if isinstance(model, _WrappedModel) else _WrappedModel(model, self)
+
+    def _scale_timesteps(self, t):
+        return t  # as the original's: the wrapped model maps and scales
+
+    # The original's entry points that wrap the model take a wrapped one as well.
+    def p_mean_variance(self, model, *args, **kwargs):
+        return super().p_mean_variance(_unwrapped(model), *args, **kwargs)
+
+    def training_losses(self, model, *args, **kwargs):
+        return super().training_losses(_unwrapped(model), *args, **kwargs)
+
+    def condition_mean(self, cond_fn, *args, **kwargs):
+        return super().condition_mean(_unwrapped(cond_fn), *args, **kwargs)
+
+    def condition_score(self, cond_fn, *args, **kwargs):
+        return super().condition_score(_unwrapped(cond_fn), *args, **kwargs)
+
+    def _step(self, sampler, model, x, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta=0.0):
+        # A step calls cond_fn itself where the guidance runs on its own CUDA stream.
+        return super()._step(
+            sampler, _unwrapped(model), x, clip_denoised, denoised_fn, _unwrapped(cond_fn), model_kwargs, eta
+        )

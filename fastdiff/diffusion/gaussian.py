@@ -48,6 +48,11 @@ def mean_flat(x: Tensor) -> Tensor:
     return x.mean(dim=list(range(1, x.ndim)))
 
 
+def _returning(output: Tensor) -> Callable[..., Tensor]:
+    """A model that returns ``output`` whatever it is given (a computed output's VLB term)."""
+    return lambda *_args, **_kwargs: output
+
+
 def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"unknown {kind} {value!r}; choose one of: {', '.join(choices)}")
@@ -165,7 +170,7 @@ class GaussianDiffusion:
         key = ("timesteps", t.device)
         maps = self._cache.get(key)
         if maps is None:
-            steps = torch.from_numpy(self.timestep_map)
+            steps = torch.as_tensor(self.timestep_map)
             maps = (steps.to(t.device), (steps.float() * (1000.0 / self.original_num_steps)).to(t.device))
             self._cache[key] = maps
         return maps[1][t] if self.rescale_timesteps else maps[0][t]
@@ -312,18 +317,27 @@ class GaussianDiffusion:
 
     # ---------------------------------------------------------------- training losses
 
-    def _vb_terms_bpd(self, model_output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """Per-sample VLB term in bits: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), or the decoder
-        NLL at t == 0."""
+    def _vb_terms_bpd(
+        self,
+        model,
+        x_start: Tensor,
+        x_t: Tensor,
+        t: Tensor,
+        clip_denoised: bool = True,
+        model_kwargs: dict | None = None,
+    ) -> dict[str, Tensor]:
+        """Per-sample VLB term of ``model`` in bits as "output": KL(q(x_{t-1}|x_t,x_0) ||
+        p(x_{t-1}|x_t)), or the decoder NLL at t == 0; and its "pred_xstart" (guided-diffusion's
+        signature, which user code calls)."""
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
-        out = self.p_mean_variance_from_output(model_output, x_t, t, clip_denoised=False)
+        out = self.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs=model_kwargs)
         kl = normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])
         kl = mean_flat(kl) / np.log(2.0)
         decoder_nll = -discretized_gaussian_log_likelihood(
             x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
         )
         decoder_nll = mean_flat(decoder_nll) / np.log(2.0)
-        return torch.where(t == 0, decoder_nll, kl)
+        return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
     def training_losses(
         self, model, x_start: Tensor, t: Tensor, model_kwargs: dict | None = None, noise: Tensor | None = None
@@ -341,7 +355,7 @@ class GaussianDiffusion:
         model_output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))
         terms = {}
         if self.loss_type in ("kl", "rescaled_kl"):
-            terms["loss"] = self._vb_terms_bpd(model_output, x_start, x_t, t)
+            terms["loss"] = self._vb_terms_bpd(_returning(model_output), x_start, x_t, t, False)["output"]
             if self.loss_type == "rescaled_kl":
                 terms["loss"] = terms["loss"] * self.num_timesteps
             return terms
@@ -354,7 +368,7 @@ class GaussianDiffusion:
                 )
             model_output, var_values = torch.split(model_output, c, dim=1)
             frozen = torch.cat([model_output.detach(), var_values], dim=1)
-            terms["vb"] = self._vb_terms_bpd(frozen, x_start, x_t, t)
+            terms["vb"] = self._vb_terms_bpd(_returning(frozen), x_start, x_t, t, False)["output"]
             if self.loss_type == "rescaled_mse":
                 # Keeps the VB term's weight what it was for 1000-step training.
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
