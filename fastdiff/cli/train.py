@@ -213,7 +213,8 @@ def common_options(lr: float, ema: str, out: str):
         click.option(
             "--skip-bad-images",
             is_flag=True,
-            help="Skip corrupt or truncated images of an image folder (default: stop and name the first).",
+            help="Skip corrupt or truncated images of an image folder; one found only when read is "
+            "replaced by the next image of its class (default: stop and name it).",
         ),
         click.option(
             "--keep-last",
