@@ -28,3 +28,45 @@ def test_summaries_are_the_commands_own_first_lines():
         first = command.help.strip().splitlines()[0]
         assert LazyGroup.summaries[name] == first, name
     assert CliRunner().invoke(main, ["sample", "--help"]).exit_code == 0
+
+
+def test_ctrl_c_exits_130_and_says_how_to_continue(monkeypatch):
+    import fastdiff.cli.invert
+    import fastdiff.cli.sample
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastdiff.cli.sample, "sample_run", interrupted)
+    monkeypatch.setattr(fastdiff.cli.invert, "interpolate", interrupted)
+    r = CliRunner().invoke(main, ["sample", "--out", "unused"])
+    assert r.exit_code == 130 and r.output == "interrupted: run the same command with --resume to continue\n"
+    r = CliRunner().invoke(main, ["interpolate", "--from", "0", "--to", "1"])
+    assert r.exit_code == 130 and r.output == "interrupted\n"  # no --resume to offer
+
+
+def test_every_option_says_what_it_does():
+    import click
+
+    def options(name, command):
+        if isinstance(command, click.Group):
+            for sub, c in command.commands.items():
+                yield from options(f"{name} {sub}", c)
+            return
+        for p in command.params:
+            if isinstance(p, click.Option):
+                yield name, p
+
+    group = LazyGroup()
+    for name in group.commands_by_name:
+        for command, option in options(name, group.get_command(None, name)):
+            assert option.help, f"fastdiff {command} {option.opts[0]} has no help text"
+
+
+def test_summary_line_counts_threads_in_english():
+    from fastdiff.cli.sample import summary_line
+
+    s = dict(images=2, skipped=0, seconds=1.0, warmup_s=0.0, writing_s=0.0, images_per_s=2.0, s_per_step=0.1,
+             steps=10, device="cpu", dtype="fp32", engine="eager", threads=1, out="o")  # fmt: skip
+    assert summary_line(s).endswith("engine eager, 1 thread -> o")
+    assert summary_line({**s, "threads": 2}).endswith("engine eager, 2 threads -> o")

@@ -33,9 +33,15 @@ def _fail(e: Exception) -> click.ClickException:
 )
 @click.option("--cfg", is_flag=True, help="Classifier-free guidance: both halves in one batch.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write into.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--opset", type=int, default=18, show_default=True)
-@click.option("--max-batch", type=int, default=4096, show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="The networks' dtype in the graph.",
+)
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (17 or later).")
+@click.option("--max-batch", type=int, default=4096, show_default=True, help="Largest batch the graph takes.")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare with PyTorch.")
 def export_onnx_command(
     preset, flag_string, checkpoint, classifier, cfg, out, dtype, opset, max_batch, validate
@@ -117,10 +123,16 @@ def export_onnx_command(
 @export_command.command("trt")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), required=True, help="Exported graph.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write into.")
-@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
-@click.option("--min-batch", type=int, default=1, show_default=True)
-@click.option("--opt-batch", type=int, default=8, show_default=True)
-@click.option("--max-batch", type=int, default=64, show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp16", "bf16", "fp32"]),
+    default="fp16",
+    show_default=True,
+    help="TensorRT layer precision.",
+)
+@click.option("--min-batch", type=int, default=1, show_default=True, help="Smallest batch the engine takes.")
+@click.option("--opt-batch", type=int, default=8, show_default=True, help="Batch the engine is tuned for.")
+@click.option("--max-batch", type=int, default=64, show_default=True, help="Largest batch the engine takes.")
 def export_trt_command(onnx_path, out, precision, min_batch, opt_batch, max_batch):
     """A TensorRT engine from an exported ONNX graph (CUDA, TensorRT 10)."""
     from fastdiff.export import ExportError, read_export

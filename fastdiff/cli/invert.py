@@ -28,10 +28,22 @@ def _model_options(command):
         click.option("--steps", type=int, default=None, help="DDIM steps (default 25)."),
         click.option("--respacing", default=None, help="guided-diffusion respacing instead of --steps."),
         click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance weight w."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=16,
+            show_default=True,
+            help="Images per batch.",
+        ),
         click.option("--engine", type=click.Choice(list(ENGINES)), default=None, help="How a step runs."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads."),
-        click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True),
+        click.option(
+            "--dtype",
+            type=click.Choice(list(DTYPES)),
+            default="fp32",
+            show_default=True,
+            help="Compute dtype (fp16 needs CUDA).",
+        ),
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
     ]
     return functools.reduce(lambda f, option: option(f), reversed(options), command)
@@ -39,7 +51,7 @@ def _model_options(command):
 
 @click.command("invert")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder (new or empty).")
 @click.option(
     "--classes", default=None, help="The images' class ids, cycled (default: _classK in each name)."
 )
@@ -69,7 +81,13 @@ def invert_command(images, out, classes, to_class, batch_size, **model):
     "--frames", type=click.IntRange(min=2), default=8, show_default=True, help="Images, ends included."
 )
 @click.option("--class", "label", type=int, default=None, help="Class of every frame (default: --from's).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("interpolation.png"), show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("interpolation.png"),
+    show_default=True,
+    help="The strip PNG to write.",
+)
 @_model_options
 def interpolate_command(start, end, frames, label, out, batch_size, **model):
     """Sample the spherical interpolation between two latents as one strip PNG.

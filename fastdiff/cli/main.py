@@ -1,8 +1,8 @@
 """Entry point of the ``fastdiff`` console script: one click group, one module per command.
 
 The library reports what the user got wrong as a RunError (fastdiff.runs); the group prints it as
-one line with a non-zero exit, as click does its own usage errors. Any other exception is a bug
-and keeps its traceback.
+one line with a non-zero exit, as click does its own usage errors. Ctrl-C exits with 130, as a
+shell reports SIGINT. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -56,6 +56,13 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except RunError as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:  # Ctrl-C: the status a shell gives SIGINT (128 + 2), not a user error's 1
+            command = self.get_command(ctx, ctx.invoked_subcommand or "")
+            if command is not None and any(p.name == "resume" for p in command.params):
+                click.echo("interrupted: run the same command with --resume to continue", err=True)
+            else:
+                click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(130) from None
 
     def get_command(self, ctx, name):
         if name not in self.commands_by_name:

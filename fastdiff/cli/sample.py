@@ -27,11 +27,12 @@ def echo(line: str) -> None:
 def summary_line(s: dict) -> str:
     """What a sampling command prints when it is done: counts, timings, where it ran."""
     group = f" x {s['ranks']} ranks" if s.get("ranks", 1) > 1 else ""
+    threads = f"{s['threads']} thread{'' if s['threads'] == 1 else 's'}"
     return (
         f"{s['images']} images ({s['skipped']} already there) in {s['seconds']:.1f} s sampling "
         f"(+{s['warmup_s']:.1f} s warm-up/capture, {s['writing_s']:.1f} s writing): "
         f"{s['images_per_s']:.2f} images/s, {s['s_per_step']:.4f} s/step ({s['steps']} steps), "
-        f"device {s['device']}, dtype {s['dtype']}, engine {s['engine']}, {s['threads']} threads"
+        f"device {s['device']}, dtype {s['dtype']}, engine {s['engine']}, {threads}"
         f"{group} -> {s['out']}"
     )
 
@@ -95,7 +96,13 @@ def runtime_options(command):
     "--classifier-preset", help="Classifier preset (default: the one matching the model's image size)."
 )
 @click.option("--classifier-flags", help="guided-diffusion classifier flags, instead of --classifier-preset.")
-@click.option("--classifier-scale", type=float, default=None, help="Classifier guidance scale s (0: none).")
+@click.option(
+    "--classifier-scale",
+    type=float,
+    default=None,
+    help="Classifier guidance scale s (0: none; default: the one the bundled model's metadata gives "
+    "with its classifier, none for other models).",
+)
 @click.option(
     "--cfg-scale",
     type=float,

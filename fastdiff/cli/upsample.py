@@ -52,7 +52,13 @@ from fastdiff.runs.upsample import upsample_file_run
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed; the same seed gives the same images."
 )
-@click.option("--out", type=click.Path(path_type=Path), default=Path("upsampled"), show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("upsampled"),
+    show_default=True,
+    help="Output folder.",
+)
 @click.option("--resume", is_flag=True, help="Continue a killed run in --out from its last complete batch.")
 @runtime_options
 def upsample_command(low_res_path, out, **options):

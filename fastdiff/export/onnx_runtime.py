@@ -245,7 +245,7 @@ def cached_export(
                 return path
         except ExportError:
             pass  # a damaged cache entry: export again over it
-    print(f"fastdiff: exporting the guided denoiser to ONNX (once) into {path}", file=sys.stderr)
+    print(f"fastdiff: exporting the denoiser to ONNX (once) into {path}", file=sys.stderr)
     export_onnx(
         model, path, classifier=classifier, null_label=null_label, low_res_shape=low_res_shape, config=config
     )
