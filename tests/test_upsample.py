@@ -149,6 +149,7 @@ def files(tmp_path_factory):
     save_weights(model, d / "sr.safetensors", {"flags": SR_FLAGS})
     np.savez(d / "low.npz", _low_res(5), np.array([0, 1, 2, 3, 1]))
     np.savez(d / "unlabelled.npz", _low_res(5))
+    np.savez(d / "short_labels.npz", _low_res(5), np.array([0, 1, 2]))
     np.savez(d / "big.npz", np.zeros((2, 16, 16, 3), np.uint8), np.array([0, 1]))
     return d
 
@@ -210,6 +211,7 @@ def test_cli_upsample_cycles_and_reads_safetensors_flags(files, tmp_path):
         (("--low-res", "missing.npz"), "--low-res not found"),
         (("--low-res", "big.npz"), "big.npz: 16x16x3 images; the upsampler takes 8x8x3"),
         (("--low-res", "unlabelled.npz"), "class-conditional but --low-res"),
+        (("--low-res", "short_labels.npz"), "its arr_1 is not one integer label per image"),
         (("--low-res", "low.npz", "--steps", 500), "--steps must be between 2 and 100"),
         (("--low-res", "low.npz", "--engine", "graph"), "needs a CUDA device"),
         pytest.param(

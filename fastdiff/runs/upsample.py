@@ -110,6 +110,10 @@ def read_low_res(path: Path, upsampler: LoadedModel) -> LowRes:
     except EvaluationError as e:
         raise RunError(str(e)) from None
     h, _, c = batch.image_shape
+    if batch.labels is None and upsampler.class_cond:  # read_npz drops labels that are not labels
+        with np.load(path) as z:
+            if "arr_1" in z.files:
+                raise RunError(f"--low-res {path}: its arr_1 is not one integer label per image")
     check_low_res(upsampler, h, c, batch.labels, f"--low-res {path}")
     return LowRes(images, None if batch.labels is None else batch.labels.astype(np.int64))
 
