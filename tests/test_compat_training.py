@@ -24,7 +24,16 @@ import torch
 from PIL import Image
 from test_compat_scripts import ORIGINAL, SCRIPTS, flag_args, gd_run, needs_original
 
-from fastdiff.compat import fp16_util, gaussian_diffusion, image_datasets, nn, resample, respace, train_util
+from fastdiff.compat import (
+    fp16_util,
+    gaussian_diffusion,
+    image_datasets,
+    nn,
+    resample,
+    respace,
+    train_util,
+    unet,
+)
 from fastdiff.compat import guided_diffusion as gd
 from fastdiff.diffusion import losses
 from fastdiff.training import ConfigError, DataError, TrainingError
@@ -77,10 +86,12 @@ def trained(images, tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- the modules
 
 
-# The names the original scripts import, and the public names user scripts reach for.
+# The names the original scripts import, and the public names user scripts reach for (also
+# through ``from guided_diffusion.X import *``, which gives the names the original imports too).
 NAMES = {
     train_util: "TrainLoop parse_resume_step_from_filename log_loss_dict get_blob_logdir"
-    " find_resume_checkpoint find_ema_checkpoint INITIAL_LOG_LOSS_SCALE",
+    " find_resume_checkpoint find_ema_checkpoint INITIAL_LOG_LOSS_SCALE MixedPrecisionTrainer"
+    " UniformSampler LossAwareSampler update_ema",
     image_datasets: "load_data ImageDataset center_crop_arr random_crop_arr",
     resample: "create_named_schedule_sampler ScheduleSampler UniformSampler LossAwareSampler"
     " LossSecondMomentResampler",
@@ -88,32 +99,45 @@ NAMES = {
     " check_overflow zero_grad",
     gaussian_diffusion: "GaussianDiffusion get_named_beta_schedule betas_for_alpha_bar ModelMeanType"
     " ModelVarType LossType mean_flat normal_kl discretized_gaussian_log_likelihood _extract_into_tensor",
-    respace: "SpacedDiffusion space_timesteps",
+    respace: "SpacedDiffusion space_timesteps GaussianDiffusion _WrappedModel",
     losses: "normal_kl approx_standard_normal_cdf discretized_gaussian_log_likelihood",
     nn: "GroupNorm32 SiLU conv_nd linear avg_pool_nd update_ema zero_module scale_module mean_flat"
     " normalization timestep_embedding checkpoint",
+    unet: "UNetModel SuperResModel EncoderUNetModel AttentionBlock QKVAttention QKVAttentionLegacy"
+    " count_flops_attn convert_module_to_f16 convert_module_to_f32 normalization timestep_embedding"
+    " conv_nd linear zero_module checkpoint avg_pool_nd",
 }
+
+
+def star_import(module) -> set[str]:
+    namespace = {}
+    exec(f"from {module.__name__} import *", namespace)
+    return set(namespace)
 
 
 @pytest.mark.parametrize("module", list(NAMES), ids=lambda m: m.__name__.split(".")[-1])
 def test_the_names_scripts_use(module):
     assert [n for n in NAMES[module].split() if not hasattr(module, n)] == []
+    public = [n for n in NAMES[module].split() if not n.startswith("_")]
+    assert [n for n in public if n not in star_import(module)] == []
 
 
 # The original's names fastdiff leaves out, and why: the fp16 flat-master-weight helpers (fp32
-# weights under autocast have no flat copy), and the original's private plumbing for respacing
-# and checkpointing (fastdiff maps timesteps in the process; torch checkpoints non-reentrantly).
+# weights under autocast have no flat copy); checkpointing's autograd function (torch checkpoints
+# non-reentrantly); the MPI rendezvous's port search (torchrun's or an in-memory store instead);
+# and the TensorBoard log format (it needs TensorFlow; asking for it is a clear error).
 LEFT_OUT = set(
     "make_master_params model_grads_to_master_grads master_params_to_model_params unflatten_master_params"
     " get_param_groups_and_shapes master_params_to_state_dict state_dict_to_master_params zero_master_grads"
-    " param_grad_or_zeros _WrappedModel CheckpointFunction".split()
+    " param_grad_or_zeros CheckpointFunction _find_free_port TensorBoardOutputFormat".split()
 )
 
 
 @needs_original
 def test_every_name_of_the_originals_modules(monkeypatch):
     """Each of the original's own names (defined there or imported from its package) is here,
-    but for LEFT_OUT."""
+    but for LEFT_OUT, and ``import *`` gives its public ones. What the original imports from
+    elsewhere (torch's AdamW, abc's ABC) is not re-exported: import it from where it lives."""
     import importlib
     import inspect
     import types
@@ -125,8 +149,7 @@ def test_every_name_of_the_originals_modules(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", mpi4py)
     monkeypatch.setitem(sys.modules, "blobfile", importlib.import_module("fastdiff.compat.blobfile"))
     monkeypatch.syspath_prepend(ORIGINAL)
-    modules = "gaussian_diffusion respace losses nn resample fp16_util train_util image_datasets"
-    for name in modules.split():
+    for name in MODULES:
         original = importlib.import_module(f"guided_diffusion.{name}")
         ours = importlib.import_module(MODULES[name])
         names = [
@@ -138,6 +161,8 @@ def test_every_name_of_the_originals_modules(monkeypatch):
             and n not in LEFT_OUT
         ]
         assert [n for n in names if not hasattr(ours, n)] == [], name
+        exported = star_import(ours)
+        assert [n for n in names if not n.startswith("_") and n not in exported] == [], name
 
 
 def test_load_data_yields_the_originals_batches(images):

@@ -34,17 +34,24 @@ from ..training.config import parse_ema_rates
 from ..training.ema import EMA
 from ..training.loop import TrainingError
 from . import dist_util, logger
-from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer  # noqa: F401 (as train_util)
-from .nn import update_ema  # noqa: F401 (train_util's import, which scripts reach through it)
+from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer
+from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
 
+# The original's own names, and those it imports from its package (it has no ``__all__``, so
+# ``from guided_diffusion.train_util import *`` gives those too).
 __all__ = [
+    "INITIAL_LOG_LOSS_SCALE",
+    "LossAwareSampler",
+    "MixedPrecisionTrainer",
     "TrainLoop",
+    "UniformSampler",
     "find_ema_checkpoint",
     "find_resume_checkpoint",
     "get_blob_logdir",
     "log_loss_dict",
     "parse_resume_step_from_filename",
+    "update_ema",
 ]
 
 
