@@ -274,6 +274,8 @@ def test_mixed_precision_trainer(capsys):
         assert kvs["grad_norm"] > 0 and kvs["param_norm"] > 0 and ("lg_loss_scale" in kvs) == use_fp16
         state = trainer.master_params_to_state_dict(trainer.master_params)
         assert state.keys() == model.state_dict().keys()
+        grad_norm, param_norm = trainer._compute_norms()
+        assert trainer._compute_norms(grad_scale=4.0) == (grad_norm / 4, param_norm)  # the original's
     # An fp16 overflow skips the step and halves the scale (lg_loss_scale - 1), as the original.
     trainer = fp16_util.MixedPrecisionTrainer(model=model, use_fp16=True, initial_lg_loss_scale=16.0)
     opt = torch.optim.AdamW(trainer.master_params, lr=1e-3)

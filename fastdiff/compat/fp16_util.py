@@ -118,8 +118,9 @@ class MixedPrecisionTrainer:
         return True
 
     @torch.no_grad()
-    def _compute_norms(self) -> tuple[float, float]:
-        """L2 norms of the (unscaled) gradient and of the weights, in one host sync."""
+    def _compute_norms(self, grad_scale: float = 1.0) -> tuple[float, float]:
+        """L2 norms of the gradient (divided by ``grad_scale``, the original's argument for scaled
+        gradients; here they are unscaled already) and of the weights, in one host sync."""
         params = self.master_params
         grads = [p.grad for p in params if p.grad is not None]
         norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)).float())]
@@ -129,7 +130,7 @@ class MixedPrecisionTrainer:
             else norms[0] * 0
         )
         param_norm, grad_norm = torch.stack(norms).tolist()
-        return grad_norm, param_norm
+        return grad_norm / grad_scale, param_norm
 
     def master_params_to_state_dict(self, master_params) -> dict:
         """The model's state dict with ``master_params`` (in parameter order) as its parameters."""
