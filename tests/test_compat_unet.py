@@ -14,6 +14,7 @@ from test_compat_scripts import needs_original
 from fastdiff import ops
 from fastdiff.compat import fp16_util, nn, unet
 from fastdiff.config import ConfigError
+from fastdiff.ops.attention import module as attention_module
 
 ORIGINAL = dict(model_channels=32, num_res_blocks=1, channel_mult=(1, 2), num_head_channels=32)
 
@@ -93,6 +94,9 @@ def _thop_count(module: torch.nn.Module, y: torch.Tensor, hook) -> float:
 
 
 def test_count_flops_attn_counts_as_the_original():
+    # One implementation: the ops' own, and the attention classes' thop hooks (as the original's)
+    assert unet.count_flops_attn is attention_module.count_flops_attn
+    assert unet.QKVAttention.count_flops is unet.QKVAttentionLegacy.count_flops is unet.count_flops_attn
     # The original reads the shape of y[0] (thop passes the output): here [2, 64, 16] -> 64, 16.
     assert _thop_count(torch.nn.Module(), torch.zeros(2, 64, 16), unet.count_flops_attn) == 2 * 64 * 16
     assert _thop_count(torch.nn.Module(), torch.zeros(3, 8, 4, 5), unet.count_flops_attn) == 2 * 8 * 5**2 * 4
@@ -114,3 +118,6 @@ def test_count_flops_attn_is_the_originals(monkeypatch):
         y = torch.randn(shape)
         want = _thop_count(torch.nn.Module(), y, original.count_flops_attn)
         assert _thop_count(torch.nn.Module(), y, unet.count_flops_attn) == want
+        for name in ("QKVAttention", "QKVAttentionLegacy"):
+            ours, theirs = getattr(unet, name)(2), getattr(original, name)(2)
+            assert _thop_count(ours, y, ours.count_flops) == _thop_count(theirs, y, theirs.count_flops)

@@ -8,10 +8,6 @@ arguments (attention as downsample factors, ``out_channels`` given) into one, so
 
 from __future__ import annotations
 
-import math
-
-import torch
-
 from fastdiff.config import ConfigError
 from fastdiff.models import unet as _unet
 from fastdiff.models.config import ClassifierConfig, SuperResConfig, UNetConfig
@@ -25,6 +21,7 @@ from fastdiff.models.unet import (  # noqa: F401 (the original module's other pu
     Upsample,
 )
 from fastdiff.ops import QKVAttention, QKVAttentionLegacy  # noqa: F401 (the attention the blocks run)
+from fastdiff.ops.attention.module import count_flops_attn  # noqa: F401 (its thop hook)
 
 # The helpers the original's unet imports, which scripts also reach through it.
 from .fp16_util import convert_module_to_f16, convert_module_to_f32  # noqa: F401
@@ -37,16 +34,6 @@ from .nn import (  # noqa: F401
     timestep_embedding,
     zero_module,
 )
-
-
-def count_flops_attn(model, _x, y):
-    """thop's hook for QKVAttention / QKVAttentionLegacy
-    (``thop.profile(model, inputs, custom_ops={QKVAttention: count_flops_attn})``): adds the
-    original's count for the two matmuls, ``2 * b * spatial**2 * c`` from the shape of ``y[0]``
-    (read as the original reads it, so profiles compare)."""
-    b, c, *spatial = y[0].shape
-    ops = 2 * b * math.prod(spatial) ** 2 * c
-    model.total_ops += torch.tensor([float(ops)], dtype=torch.float64)
 
 
 def _torso(image_size, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult, **kw):

@@ -3,14 +3,27 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from fastdiff.ops.attention.function import attention
 
 
+def count_flops_attn(model: nn.Module, _x, y) -> None:
+    """thop's hook for QKVAttention / QKVAttentionLegacy
+    (``thop.profile(model, inputs, custom_ops={QKVAttention: QKVAttention.count_flops})``): adds
+    guided-diffusion's count for the two matmuls, ``2 * b * spatial**2 * c``, from the shape of
+    ``y[0]`` (read as the original reads it, so profiles of both compare)."""
+    b, c, *spatial = y[0].shape
+    ops = 2 * b * math.prod(spatial) ** 2 * c
+    model.total_ops += torch.tensor([float(ops)], dtype=torch.float64)
+
+
 class _HeadAttention(nn.Module):
     order = "new"
+    count_flops = staticmethod(count_flops_attn)
 
     def __init__(self, n_heads: int):
         super().__init__()
