@@ -137,6 +137,19 @@ def test_sampler_bad_arguments():
             fastdiff.Sampler(unet, diffusion, sampler="ddim", **bad)
     with pytest.raises(ValueError, match="cfg_scale must be finite"):
         fastdiff.Sampler(unet, diffusion, cfg_scale=math.nan, null_label=3)
+    bad_settings = {
+        "eta must be a number": {"eta": "0.5"},
+        "classifier_scale must be a number": {"classifier": clf, "classifier_scale": None},
+        "cfg_scale must be a number": {"cfg_scale": "2", "null_label": 5},
+        "null_label must be one of the model's 6 class ids": {"cfg_scale": 2.0, "null_label": 6},
+        "dtype must be one of fp32, fp16, bf16": {"dtype": "fp64"},
+        "unknown device 'gpu'": {"device": "gpu"},
+    }
+    if not CUDA:
+        bad_settings["device 'cuda' is not available here"] = {"device": "cuda"}
+    for message, kw in bad_settings.items():
+        with pytest.raises(ValueError, match=message):
+            fastdiff.Sampler(unet, diffusion, **kw)
     if not CUDA:
         with pytest.raises(EngineError, match="needs a CUDA device"):
             fastdiff.Sampler(unet, diffusion, engine="graph")
@@ -148,6 +161,56 @@ def test_sampler_bad_arguments():
     with pytest.raises(ValueError, match="noise must have shape"):
         s(torch.tensor([1]), noise=torch.randn(1, 3, 8, 8))
     assert default_engine(torch.device("cpu")) == "eager"
+
+
+def test_sampler_checks_a_call_before_any_step(monkeypatch):
+    """Labels out of any class-aware network's range, of the wrong kind or count, wrong noise,
+    generator or callback: one ValueError before the first step (no IndexError from deep inside
+    the embedding, and no label silently truncated or broadcast)."""
+    from fastdiff.engines import sampler as sampler_module
+
+    unet, clf = _nets()  # the model has 6 classes, the classifier 5
+    s = _sampler(unet, clf, _diffusion(), "ddim", "classifier", engine="eager")
+    monkeypatch.setattr(sampler_module, "run_steps", None)  # any step run is a failure here
+    g = torch.Generator().manual_seed(0)
+    for message, labels, kw in (
+        ("label 5 out of range: the classifier has classes 0..4", [0, 5], {}),
+        ("label -1 out of range", [-1], {}),
+        ("integer class ids, got dtype torch.float32", torch.tensor([1.5]), {}),
+        ("integer class ids, got str", "3", {}),
+        ("2 labels for 3 images", [1, 2], {"num_samples": 3}),
+        ("nothing to sample", [], {}),
+        (
+            "noise must be a floating-point tensor, got torch.int64",
+            [1],
+            {"noise": torch.zeros(1, 1, 8, 8).long()},
+        ),
+        ("generator must be a torch.Generator", [1], {"generator": 0}),
+        ("callback must be callable", [1], {"callback": 3}),
+        ("num_samples must be an int", None, {"num_samples": 2.0}),
+    ):
+        with pytest.raises(ValueError, match=message):
+            s(labels, **{"generator": g, **kw})
+    with pytest.raises(ValueError, match="label 6 out of range: the model has classes 0..5"):
+        _sampler(unet, clf, _diffusion(), "ddim", "cfg")([6], generator=g)
+    with pytest.raises(ValueError, match="images must have shape \\[N, 1, 8, 8\\]"):
+        s.invert(torch.zeros(2, 3, 8, 8), [0, 1])
+    with pytest.raises(ValueError, match="1 labels for 2 images"):
+        s.invert(torch.zeros(2, 1, 8, 8), [0])
+
+
+def test_unconditional_model_takes_num_samples_and_refuses_labels():
+    torch.manual_seed(0)
+    flags = dict(image_size=8, num_channels=32, num_res_blocks=1, attention_resolutions="4")
+    unc = build_unet(
+        **flags, channel_mult="1,2", num_head_channels=32, in_channels=1, learn_sigma=True
+    ).eval()
+    s = fastdiff.Sampler(unc, _diffusion("ddim2"), engine="eager")
+    assert s(num_samples=2, generator=torch.Generator().manual_seed(0)).shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="neither the model nor its guidance is class-conditional"):
+        s([1, 2])
+    with pytest.raises(ValueError, match="needs a class-conditional model"):
+        fastdiff.Sampler(unc, _diffusion(), cfg_scale=2.0, null_label=0)
 
 
 @pytest.mark.parametrize("warm_first", [True, False])
@@ -370,3 +433,22 @@ def test_loop_graph_inverts_as_eager(fake_cuda_graph):
     replays = fake_cuda_graph.replays
     assert torch.equal(looped.invert(x0, labels), want)
     assert fake_cuda_graph.replays == replays + 1
+
+
+def test_upsampler_conditioning_is_checked_and_inverts():
+    """An upsampler's low_res is required, float and the only extra input; invert takes it too."""
+    from builders import build_superres, make_diffusion
+
+    flags = dict(large_size=8, small_size=4, num_channels=32, num_res_blocks=1, channel_mult="1,2")
+    up = build_superres(**flags, attention_resolutions="4", num_head_channels=32, learn_sigma=True)
+    s = fastdiff.Sampler(up.eval(), make_diffusion("ddim2", learn_sigma=True), engine="eager")
+    low = torch.rand(2, 3, 4, 4) * 2 - 1
+    for message, kw in (
+        ("the model needs low_res in model_kwargs", {}),
+        ("low_res must be floating-point NCHW images", {"low_res": (low * 100).to(torch.uint8)}),
+        ("the model takes no 'mask' in model_kwargs \\(it takes: low_res\\)", {"low_res": low, "mask": low}),
+    ):
+        with pytest.raises(ValueError, match=message):
+            s(num_samples=2, model_kwargs=kw)
+    x = s(num_samples=2, generator=torch.Generator().manual_seed(0), model_kwargs={"low_res": low})
+    assert s.invert(x, model_kwargs={"low_res": low}).shape == (2, 3, 8, 8)

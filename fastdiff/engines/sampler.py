@@ -8,7 +8,9 @@ chosen engine, whose compiled or captured step is cached per batch shape.
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 
@@ -65,9 +67,68 @@ def _device_of(net: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _layout(n: int, model_kwargs: dict[str, Tensor] | None) -> tuple:
-    """The key of a cached step: the batch size and the conditioning tensors' names, shapes, dtypes."""
-    return (n, *sorted((k, tuple(v.shape), v.dtype) for k, v in (model_kwargs or {}).items()))
+def _key(n: int, model_kwargs: dict[str, Tensor] | None, invert: bool = False) -> tuple:
+    """The key of a cached step: sampling or inversion, the batch size and the conditioning
+    tensors' names, shapes, dtypes."""
+    layout = sorted((k, tuple(v.shape), v.dtype) for k, v in (model_kwargs or {}).items())
+    return ("invert" if invert else "sample", n, *layout)
+
+
+def _number(name: str, value, minimum: float | None = 0.0) -> float:
+    """``value`` as a float, or one ValueError: a finite real number (>= ``minimum`` if given)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" and >= {minimum:g}"
+        raise ValueError(f"{name} must be finite{bound}, got {value}")
+    return float(value)
+
+
+def _kind(value) -> str:
+    """A tensor's dtype, else the value's type: what an error says a wrong input was."""
+    return str(value.dtype) if isinstance(value, Tensor) else type(value).__name__
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or their torch dtypes, got {dtype!r}")
+
+
+def _device(device, model: nn.Module) -> torch.device:
+    """The device asked for, checked now: an unknown or absent one is one ValueError, not an error
+    from deep inside the first step."""
+    if device is None:
+        return _device_of(model)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"device '{device}' is not available here: {reason}") from None
+    return device
+
+
+def _conditioning(model) -> tuple[set[str], set[str] | None]:
+    """(keyword inputs ``model`` requires besides x, t and y; every one it accepts, None for any),
+    read from its forward's signature, so a missing or misspelt ``low_res`` is refused up front."""
+    try:
+        params = list(inspect.signature(getattr(model, "forward", model)).parameters.values())[2:]
+    except (TypeError, ValueError):  # no signature to read: anything goes
+        return set(), None
+    named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "y"]
+    required = {p.name for p in named if p.default is p.empty}
+    accepted = None if any(p.kind == p.VAR_KEYWORD for p in params) else {p.name for p in named}
+    return required, accepted
 
 
 class Sampler:
@@ -101,43 +162,48 @@ class Sampler:
         image_shape: Sequence[int] | None = None,
     ):
         spec = get_sampler(sampler)
+        eta = _number("eta", eta)
+        classifier_scale = _number("classifier_scale", classifier_scale)
         if eta and not spec.uses_eta:
             raise ValueError(f"eta is a DDIM parameter; sampler {sampler!r} does not use it")
-        if not (0 <= eta < math.inf and 0 <= classifier_scale < math.inf):
-            raise ValueError(
-                f"eta and classifier_scale must be finite and >= 0, got {eta}, {classifier_scale}"
-            )
-        if cfg_scale is not None and not math.isfinite(cfg_scale):
-            raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
         if classifier_scale and classifier is None:
             raise ValueError("classifier_scale needs a classifier")
-        if cfg_scale is not None and null_label is None:
-            raise ValueError("classifier-free guidance needs null_label (the unconditional class label)")
-        self.device = torch.device(device) if device is not None else _device_of(model)
-        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.class_cond = getattr(model, "num_classes", None) is not None
+        if cfg_scale is not None:
+            cfg_scale = _number("cfg_scale", cfg_scale, minimum=None)
+            if null_label is None:
+                raise ValueError("classifier-free guidance needs null_label (the unconditional class label)")
+            if not self.class_cond:
+                raise ValueError("classifier-free guidance needs a class-conditional model (num_classes)")
+            if not (_is_int(null_label) and 0 <= null_label < model.num_classes):
+                raise ValueError(
+                    f"null_label must be one of the model's {model.num_classes} class ids, got {null_label!r}"
+                )
+        self.device = _device(device, model)
+        self.dtype = _dtype(dtype)
         self.engine = engine or default_engine(self.device)
         check_engine(self.engine, self.device)
         if channels_last is None:
             # Measured on the CPU (bench/results): NCHW is as fast for the UNet and faster for the
             # classifier's backward; tensor-core convolutions on CUDA want NHWC in fp16/bf16.
             channels_last = self.device.type == "cuda" and self.dtype != torch.float32
-        self.class_cond = getattr(model, "num_classes", None) is not None
         if image_shape is None:
             # An upsampler's first conv also takes the upsampled low-res image: half are x's channels.
             channels = int(model.in_channels) // (2 if isinstance(model, SuperResModel) else 1)
             image_shape = (channels, int(model.image_size), int(model.image_size))
         self.image_shape = tuple(image_shape)
-        self.diffusion, self.sampler, self.eta, self.clip_denoised = (
-            diffusion,
-            sampler,
-            float(eta),
-            clip_denoised,
-        )
+        self.diffusion, self.sampler, self.eta, self.clip_denoised = diffusion, sampler, eta, clip_denoised
+        self.upsampler = isinstance(model, SuperResModel)
+        self.required, self.accepted = _conditioning(model)
+        # The labels a call may pass: each class-aware network's class count bounds them.
+        self.label_limits = [(model.num_classes, "the model")] if self.class_cond else []
         self.model = inference_form(model, self.dtype, self.device, channels_last)
         self.cond_fn = None
         if classifier is not None and classifier_scale:
             self.classifier = inference_form(classifier, self.dtype, self.device, channels_last)
             self.cond_fn = ClassifierGuidance(self.classifier, classifier_scale)
+            if getattr(classifier, "num_classes", None) is not None:
+                self.label_limits.append((classifier.num_classes, "the classifier"))
         self.denoiser = (
             self.model if cfg_scale is None else ClassifierFreeGuidance(self.model, cfg_scale, null_label)
         )
@@ -148,14 +214,19 @@ class Sampler:
         self.warmup_seconds = 0.0  # engine preparation (build, compile, capture, autotuning) so far
 
     def step_for(
-        self, n: int, model_kwargs: dict[str, Tensor] | None = None
+        self, n: int, model_kwargs: dict[str, Tensor] | None = None, *, invert: bool = False
     ) -> tuple[Tensor | None, Callable]:
         """(label buffer, the engine's step) for batch size n (and the shapes of ``model_kwargs``),
         built once: a call copies its labels and conditioning tensors into the step's buffers, so a
-        compiled or captured step is reused across batches."""
-        key = _layout(n, model_kwargs)
+        compiled or captured step is reused across batches. ``invert``: the DDIM inversion step."""
+        key = _key(n, model_kwargs, invert)
         if key not in self._steps:
-            labels, self._extra[key], run = self._new_step(n, self.rule, model_kwargs)
+            rule = (
+                DDIMReverseStep(self.diffusion, device=self.device, dtype=torch.float32)
+                if invert
+                else self.rule
+            )
+            labels, self._extra[key], run = self._new_step(n, rule, model_kwargs)
             self._steps[key] = (labels, run)
         return self._steps[key]
 
@@ -180,14 +251,75 @@ class Sampler:
         self.warmup_seconds += time.perf_counter() - start
         return labels, extra, run
 
-    def _fill(self, n: int, labels: Tensor | None, model_kwargs: dict[str, Tensor] | None) -> Callable:
+    def _fill(
+        self, n: int, labels: Tensor | None, model_kwargs: dict[str, Tensor] | None, invert: bool = False
+    ) -> Callable:
         """The step for this batch with its labels and conditioning copied into the buffers."""
-        labels_buf, run = self.step_for(n, model_kwargs)
+        labels_buf, run = self.step_for(n, model_kwargs, invert=invert)
         if labels_buf is not None and labels is not None:
             labels_buf.copy_(labels)
-        for k, buf in self._extra[_layout(n, model_kwargs)].items():
+        for k, buf in self._extra[_key(n, model_kwargs, invert)].items():
             buf.copy_(model_kwargs[k])
         return run
+
+    def _labels(self, labels, n: int | None) -> Tensor | None:
+        """``labels`` as a long tensor on the device, checked before any work: integer class ids
+        each class-aware network has, one per image (``n`` when the batch size is already known)."""
+        if labels is None:
+            if self.needs_labels:
+                raise ValueError("this model or its guidance is class-conditional: pass labels")
+            return None
+        if not self.needs_labels:
+            raise ValueError(
+                "labels given, but neither the model nor its guidance is class-conditional: "
+                "pass num_samples or noise instead"
+            )
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"labels must be integer class ids, got {type(labels).__name__}") from None
+        if labels.numel() == 0:
+            raise ValueError("nothing to sample: the batch is empty")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
+        labels = labels.to(self.device, torch.long).reshape(-1)
+        if n is not None and len(labels) != n:
+            raise ValueError(f"{len(labels)} labels for {n} images: pass one label per image")
+        if len(labels):
+            low, high = int(labels.min()), int(labels.max())  # one sync per call, before the loop
+            for count, network in self.label_limits:
+                if low < 0 or high >= count:
+                    bad = low if low < 0 else high
+                    raise ValueError(f"label {bad} out of range: {network} has classes 0..{count - 1}")
+        return labels
+
+    def _model_kwargs(self, model_kwargs: dict | None, n: int) -> dict[str, Tensor]:
+        """The per-call conditioning on the device, checked against what the model's forward takes."""
+        model_kwargs = {k: torch.as_tensor(v, device=self.device) for k, v in (model_kwargs or {}).items()}
+        if "y" in model_kwargs:
+            raise ValueError("pass class labels as labels, not in model_kwargs")
+        missing = sorted(self.required - model_kwargs.keys())
+        if missing:
+            raise ValueError(
+                f"the model needs {', '.join(missing)} in model_kwargs (one row per image"
+                f"{'; an upsampler: the low-resolution images in [-1, 1]' if self.upsampler else ''})"
+            )
+        unknown = sorted(set(model_kwargs) - self.accepted) if self.accepted is not None else []
+        if unknown:
+            takes = ", ".join(sorted(self.accepted)) or "nothing"
+            raise ValueError(f"the model takes no {unknown[0]!r} in model_kwargs (it takes: {takes})")
+        for k, v in model_kwargs.items():
+            if v.dim() == 0 or v.shape[0] != n:
+                raise ValueError(
+                    f"model_kwargs[{k!r}] must have one row per image ({n}), got {list(v.shape)}"
+                )
+        low_res = model_kwargs.get("low_res")
+        if self.upsampler and (low_res.dim() != 4 or not low_res.is_floating_point()):
+            raise ValueError(
+                f"low_res must be floating-point NCHW images in [-1, 1], "
+                f"got {list(low_res.shape)} {low_res.dtype}"
+            )
+        return model_kwargs
 
     def warmup(
         self,
@@ -227,39 +359,39 @@ class Sampler:
         model_kwargs: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """Samples for ``labels`` (one per image; required when the model or the guidance is
-        class-aware), else ``num_samples`` images. x_T is ``noise`` or drawn from ``generator``
-        (on the generator's device, so a seed gives the same images on any device and engine).
-        ``callback(i, x, pred_xstart)`` runs after each step (its tensors are reused next step;
-        under the ``graph-loop`` engine, after the last step only).
+        class-aware, refused when neither is), else ``num_samples`` images. x_T is ``noise`` or
+        drawn from ``generator`` (on the generator's device, so a seed gives the same images on any
+        device and engine). ``callback(i, x, pred_xstart)`` runs after each step (its tensors are
+        reused next step; under the ``graph-loop`` engine, after the last step only).
         ``model_kwargs``: further per-sample conditioning the model takes (an upsampler's
-        ``low_res``), one row per image; labels stay in ``labels``."""
+        ``low_res``), one row per image; labels stay in ``labels``. Every argument is checked
+        before the first step (one ValueError)."""
+        if num_samples is not None and not _is_int(num_samples):
+            raise ValueError(f"num_samples must be an int, got {num_samples!r}")
+        if noise is not None and not (isinstance(noise, Tensor) and noise.is_floating_point()):
+            raise ValueError(f"noise must be a floating-point tensor, got {_kind(noise)}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be callable, got {type(callback).__name__}")
+        labels = self._labels(labels, num_samples)
         if labels is not None:
-            labels = torch.as_tensor(labels, dtype=torch.long, device=self.device).reshape(-1)
             n = len(labels)
-        elif self.needs_labels:
-            raise ValueError("this model or its guidance is class-conditional: pass labels")
         else:
             n = num_samples if num_samples is not None else (len(noise) if noise is not None else None)
             if n is None:
-                raise ValueError("pass labels, num_samples or noise")
+                raise ValueError("pass num_samples or noise")
         if n < 1:
             raise ValueError("nothing to sample: the batch is empty")
-        model_kwargs = {k: torch.as_tensor(v, device=self.device) for k, v in (model_kwargs or {}).items()}
-        if "y" in model_kwargs:
-            raise ValueError("pass class labels as labels, not in model_kwargs")
-        for k, v in model_kwargs.items():
-            if v.dim() == 0 or v.shape[0] != n:
-                raise ValueError(
-                    f"model_kwargs[{k!r}] must have one row per image ({n}), got {list(v.shape)}"
-                )
-        fresh = _layout(n, model_kwargs) not in self._steps
+        model_kwargs = self._model_kwargs(model_kwargs, n)
+        shape = (n, *self.image_shape)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
+        fresh = _key(n, model_kwargs) not in self._steps
         if fresh and (self.engine not in ("eager", "parallel") or self.device.type == "cuda"):
             self.warmup(labels, n, model_kwargs)  # compile / capture / backend choice, timed apart
         run = self._fill(n, labels, model_kwargs)
-        shape = (n, *self.image_shape)
         x_T = randn(shape, generator, self.device) if noise is None else noise.to(self.device, torch.float32)
-        if tuple(x_T.shape) != shape:
-            raise ValueError(f"noise must have shape {list(shape)}, got {list(x_T.shape)}")
 
         def noise_fn(i: int, x: Tensor) -> Tensor:
             return randn(x.shape, generator, x.device, x.dtype)
@@ -271,19 +403,26 @@ class Sampler:
                 callback(i, x, pred_xstart)
         return x.clone()
 
-    def invert(self, images: Tensor, labels: Tensor | Sequence[int] | None = None) -> Tensor:
+    def invert(
+        self,
+        images: Tensor,
+        labels: Tensor | Sequence[int] | None = None,
+        *,
+        model_kwargs: dict[str, Tensor] | None = None,
+    ) -> Tensor:
         """x_T of ``images`` ([-1, 1], NCHW) by DDIM inversion (fastdiff.diffusion.inversion) with
         this sampler's model, guidance and engine: sampling it back with ddim, eta 0 and the same
-        labels reproduces the images (up to the inversion's approximation)."""
+        labels (and ``model_kwargs``) reproduces the images (up to the inversion's approximation)."""
+        if not (isinstance(images, Tensor) and images.is_floating_point()):
+            raise ValueError(f"images must be a floating-point tensor, got {_kind(images)}")
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape or len(images) < 1:
+            raise ValueError(
+                f"images must have shape [N, {', '.join(map(str, self.image_shape))}], "
+                f"got {list(images.shape)}"
+            )
         images = images.to(self.device, torch.float32)
         n = len(images)
-        if labels is None and self.needs_labels:
-            raise ValueError("this model or its guidance is class-conditional: pass labels")
-        if ("invert", n) not in self._steps:
-            rule = DDIMReverseStep(self.diffusion, device=self.device, dtype=torch.float32)
-            buf, _, run = self._new_step(n, rule, None)
-            self._steps["invert", n] = (buf, run)
-        buf, run = self._steps["invert", n]
-        if buf is not None:
-            buf.copy_(torch.as_tensor(labels, dtype=torch.long, device=self.device).reshape(-1))
+        labels = self._labels(labels, n)
+        model_kwargs = self._model_kwargs(model_kwargs, n)
+        run = self._fill(n, labels, model_kwargs, invert=True)
         return run_inversion(self.diffusion, run, images)
