@@ -226,6 +226,14 @@ def test_public_op_runs_kernel_gradcheck(tk):
     )
 
 
+def test_public_op_double_backward(tk):
+    """create_graph=True (a gradient penalty) differentiates the gradient again, as nn.GroupNorm's
+    does; the kernels' backward op has no derivative, so it comes from the reference's graph."""
+    x, w, b, sc, sh = (t.requires_grad_() for t in make_inputs((1, 4, 3), 2, torch.float64))
+    op = lambda x_, w_, sc_: ada_group_norm(x_, 2, w_, b.detach(), sc_, sh.detach())  # noqa: E731
+    assert torch.autograd.gradgradcheck(op, (x, w, sc))
+
+
 def test_public_op_asks_for_parameter_grads_only_when_needed(tk, monkeypatch):
     """Guidance differentiates by x alone (frozen weights, emb-derived scale/shift): the backward
     then skips the parameter grads; training still gets all of them."""

@@ -149,6 +149,14 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(lambda t, o=order: attention(t, 2, o), (x,))
 
 
+def test_double_backward_float64():
+    """create_graph=True (a gradient penalty) differentiates the gradient again, as through
+    guided-diffusion's einsums; the op's own backward has no derivative."""
+    x = torch.randn(1, 3 * 2 * 2, 3, dtype=torch.float64, requires_grad=True)
+    for order in ("new", "legacy"):
+        assert torch.autograd.gradgradcheck(lambda t, o=order: attention(t, 2, o), (x,))
+
+
 def test_backward_reference_matches_autograd():
     x = torch.randn(1, 3 * 3 * 8, 11, dtype=torch.float64, requires_grad=True)
     dout = torch.randn(1, 3 * 8, 11, dtype=torch.float64)

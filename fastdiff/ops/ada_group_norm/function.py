@@ -125,20 +125,30 @@ def _(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, activation, par
 
 
 def _setup_context(ctx, inputs, output):
-    x, num_groups, weight, bias, scale, shift, _eps, activation = inputs
+    x, num_groups, weight, bias, scale, shift, eps, activation = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-    ctx.num_groups, ctx.activation = num_groups, activation
+    ctx.num_groups, ctx.eps, ctx.activation = num_groups, eps, activation
 
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
     needed = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:6])  # x, weight, bias, scale, shift
+    inputs = (x, weight, bias, scale, shift)
+    if torch.is_grad_enabled():
+        # create_graph=True (a gradient penalty, double backward): the backward op has no
+        # derivative of its own, so the gradients come from the reference's graph, which has one
+        wrt = [t for t, need in zip(inputs, needed) if t is not None and need]
+        y = ada_group_norm_reference(x, ctx.num_groups, *inputs[1:], ctx.eps, ctx.activation)
+        grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True))
+        dx, dw, db, dsc, dsh = (
+            next(grads) if t is not None and need else None for t, need in zip(inputs, needed)
+        )
+        return dx, None, dw, db, dsc, dsh, None, None
     grads = torch.ops.fastdiff.ada_group_norm_backward(
         dy, x, ctx.num_groups, weight, bias, scale, shift, mean, rstd, ctx.activation, any(needed[1:])
     )
-    inputs = (x, weight, bias, scale, shift)
     dx, dw, db, dsc, dsh = (
         g if t is not None and need else None for g, t, need in zip(grads, inputs, needed)
     )

@@ -12,7 +12,12 @@ from __future__ import annotations
 import torch
 
 from fastdiff.ops._backend import force_reference, notice_fallback, triton_available, use_triton
-from fastdiff.ops.attention.reference import ORDERS, backward_reference, forward_reference
+from fastdiff.ops.attention.reference import (
+    ORDERS,
+    attention_reference,
+    backward_reference,
+    forward_reference,
+)
 from fastdiff.ops.attention.sdpa import sdpa_attention
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -72,6 +77,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     qkv, out, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward): the backward op has no derivative of its own, so
+        # the gradient comes from the reference's graph, which has one
+        (dqkv,) = torch.autograd.grad(
+            attention_reference(qkv, ctx.num_heads, ctx.order), qkv, dout, create_graph=True
+        )
+        return dqkv, None, None
     return _attention_backward(dout, qkv, out, lse, ctx.num_heads, ctx.order), None, None
 
 
