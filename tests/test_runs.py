@@ -67,3 +67,33 @@ def test_an_upsampling_user_error_is_a_run_error(tmp_path):
 
     with pytest.raises(RunError, match="--low-res not found"):
         upsample_file_run(tmp_path / "missing.npz", tmp_path / "up", checkpoint=None, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"sampler": "dpm++"}, "unknown sampler 'dpm\\+\\+'; choose one of: ddim, ddpm, dpm\\+\\+2m"),
+        ({"dtype": "fp64"}, "unknown dtype 'fp64'; choose one of: fp32, fp16, bf16"),
+        ({"threads": 0}, "--threads must be >= 1, got 0"),
+        ({"num_samples": "3"}, "sample_run: num_samples '3': expected int"),
+        ({"eta": "0.1"}, "sample_run: eta '0.1': expected float"),
+        ({"classes": [3, 7]}, "sample_run: classes \\[3, 7\\]: expected str \\| None"),
+        ({"classifier_scale": "2"}, "sample_run: classifier_scale '2': expected float \\| None"),
+        ({"preset": "imagenet65", "checkpoint": "missing.pt"}, "unknown preset 'imagenet65'"),
+    ],
+)
+def test_a_wrong_option_is_one_run_error_before_the_folder(tmp_path, change, message):
+    with pytest.raises(RunError, match=message) as e:
+        fastdiff.sample_run(tmp_path / "a", **{**TINY, **change})
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "a").exists()
+
+
+def test_load_diffusion_model_takes_names_and_paths_as_strings():
+    from fastdiff.runs import load_diffusion_model
+    from fastdiff.runs.loading import BUNDLED_MODEL
+
+    loaded = load_diffusion_model(preset=None, flag_string=None, checkpoint=str(BUNDLED_MODEL), device="auto")
+    assert loaded.image_size == 32
+    with pytest.raises(RunError, match="unknown device 'gpu'"):
+        load_diffusion_model(preset=None, flag_string=None, checkpoint=None, device="gpu")

@@ -12,6 +12,7 @@ import torch
 from fastdiff import distributed
 from fastdiff.diffusion import SAMPLERS
 from fastdiff.engines import EngineError, check_engine, default_engine
+from fastdiff.engines.sampler import DTYPES
 from fastdiff.runs import ranks
 from fastdiff.runs.errors import RunError
 from fastdiff.runs.folder import check_writable
@@ -84,6 +85,12 @@ def check_run_options(
     """(device, engine) after the checks every sampling run makes before loading anything;
     under torchrun, this rank's device in the process group."""
     check_seed(seed, "--seed")
+    if sampler not in SAMPLERS:
+        raise RunError(f"unknown sampler '{sampler}'; choose one of: {', '.join(SAMPLERS)}")
+    if dtype not in DTYPES:
+        raise RunError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
+    if threads is not None and threads < 1:
+        raise RunError(f"--threads must be >= 1, got {threads}")
     if not math.isfinite(eta) or eta < 0:
         raise RunError(f"--eta must be a finite number >= 0, got {eta}")
     dev = ranks.join(resolve_device(device))

@@ -31,7 +31,8 @@ from fastdiff.models.checkpoint import (
 from fastdiff.models.config import NetConfig
 from fastdiff.models.flags import SAMPLING_FLAGS, configs_from_flags, flags_of, parse_flags
 from fastdiff.models.presets import PRESETS, Preset, build_network, get_preset
-from fastdiff.runs.errors import RunError
+from fastdiff.runs.device import resolve_device
+from fastdiff.runs.errors import RunError, check_arguments
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_MODEL = ASSETS / "mnist" / "diffusion.safetensors"
@@ -214,22 +215,33 @@ def check_classifier(model: LoadedModel, clf: LoadedModel) -> None:
         )
 
 
-def load_diffusion_model(*, preset, flag_string, checkpoint, device) -> LoadedModel:
-    """The diffusion network: from options, or the bundled MNIST model when none are given."""
+def load_diffusion_model(
+    *,
+    preset: str | None,
+    flag_string: str | None,
+    checkpoint: str | Path | None,
+    device: str | torch.device,
+) -> LoadedModel:
+    """The diffusion network: from options, or the bundled MNIST model when none are given.
+    ``device`` is a name as ``--device`` takes it (auto, cpu, cuda:N) or a torch.device."""
+    check_arguments(load_diffusion_model, locals())
+    device = resolve_device(str(device))
+    checkpoint = None if checkpoint is None else Path(checkpoint)
     if preset is None and flag_string is None and checkpoint is None:
         if not BUNDLED_MODEL.exists():
             raise RunError("this fastdiff build has no bundled model; pass --preset and --checkpoint")
         checkpoint = BUNDLED_MODEL
+    if preset is not None:
+        _preset(preset)  # a typo first: it is what the user will fix
     if checkpoint is None:
-        if preset is not None:
-            _preset(preset)  # a typo first: it is what the user will fix
         raise RunError("--checkpoint is required with --preset/--flags (the model's weights)")
     check_file(checkpoint, "checkpoint")
     return load_network("diffusion", checkpoint, preset=preset, flag_string=flag_string, device=device)
 
 
-def load_classifier(path: Path, *, preset, flag_string, image_size: int, device) -> LoadedModel:
+def load_classifier(path: str | Path, *, preset, flag_string, image_size: int, device) -> LoadedModel:
     """The noisy classifier; its preset defaults to the one for the model's image size."""
+    path = Path(path)
     check_file(path, "classifier checkpoint")
     if preset is None and flag_string is None and path.suffix != ".safetensors":
         preset = f"classifier{image_size}"

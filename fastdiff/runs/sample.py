@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fastdiff.runs.device import check_run_options
-from fastdiff.runs.errors import RunError
+from fastdiff.runs.errors import RunError, check_arguments
 from fastdiff.runs.folder import locked_run_folder
 from fastdiff.runs.loading import check_classifier, load_classifier, load_diffusion_model
 from fastdiff.runs.plan import Plan, parse_classes, respacing_for
@@ -59,6 +59,7 @@ def sample_run(
     and its classifier). ``report(stage, summary)`` hears each stage as it ends ("sample", then
     "upsample" with ``upsample_with``), before the next one starts; the last summary is returned.
     """
+    check_arguments(sample_run, locals())
     if num_samples < 1 or batch_size < 1:
         raise RunError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     out = Path(out)

@@ -24,7 +24,7 @@ from fastdiff.models.checkpoint import CheckpointError, read_metadata
 from fastdiff.models.flags import parse_flags
 from fastdiff.models.presets import PRESETS
 from fastdiff.runs.device import check_run_options
-from fastdiff.runs.errors import RunError
+from fastdiff.runs.errors import RunError, check_arguments
 from fastdiff.runs.folder import locked_run_folder
 from fastdiff.runs.loading import LoadedModel, check_file, load_network
 from fastdiff.runs.plan import Plan, UpsamplePlan, respacing_for
@@ -233,6 +233,9 @@ def upsample_file_run(
     """Super-resolve the npz ``low_res_path`` into the run folder ``out`` (``fastdiff upsample``'s
     options as keywords); returns the run's summary. ``num_samples`` defaults to one per low-res
     image (more cycle through them)."""
+    check_arguments(upsample_file_run, locals())
+    if (num_samples is not None and num_samples < 1) or batch_size < 1:
+        raise RunError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     low_res_path, out = Path(low_res_path), Path(out)
     checkpoint = None if checkpoint is None else Path(checkpoint)
     dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta, seed)
