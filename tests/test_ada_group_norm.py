@@ -436,6 +436,19 @@ def test_validation_errors():
         ada_group_norm(x, 3, weight=torch.randn(5))
 
 
+@pytest.mark.parametrize("cls", [GroupNorm, GroupNormSiLU])
+def test_module_refuses_what_groupnorm_refuses(cls):
+    """The drop-in raises where nn.GroupNorm raises, with the type it raises (RuntimeError; ours is
+    a ValueError too) and one message; an integer input is refused, not normalized and truncated."""
+    theirs, ours = nn.GroupNorm(2, 4), cls(2, 4)
+    for bad in (torch.randn(2, 6, 3), torch.randn(4), torch.ones(2, 4, 3, dtype=torch.long)):
+        with pytest.raises(RuntimeError):
+            theirs(bad)
+        with pytest.raises(RuntimeError, match="ada_group_norm: ") as e:
+            ours(bad)
+        assert isinstance(e.value, ValueError)
+
+
 # --- CUDA ------------------------------------------------------------------------------------
 
 needs_gpu = pytest.mark.skipif(

@@ -226,6 +226,13 @@ def test_bad_arguments():
         attention(torch.randn(1, 6, 4), 1, "old")
     with pytest.raises(ValueError, match="qkv must be"):
         attention(torch.randn(1, 7, 4), 1)
+    # one clear error each, where the original fails on a ZeroDivisionError or deep in einsum/SDPA
+    with pytest.raises(ValueError, match="num_heads must be at least 1, got 0"):
+        QKVAttention(0)(torch.randn(1, 6, 4))
+    with pytest.raises(ValueError, match="floating-point tensor, got torch.int64"):
+        QKVAttentionLegacy(1)(torch.ones(1, 6, 4, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="qkv must be"):  # also what torch's layers raise
+        QKVAttention(1)(torch.randn(1, 6, 4, 1))
 
 
 @gpu

@@ -151,8 +151,21 @@ def test_dispatch(monkeypatch):
     ],
 )
 def test_bad_shapes(x_shape, w_shape):
+    # a ValueError, and the RuntimeError F.conv2d raises for the same mistake
     with pytest.raises(ValueError, match="upsample_conv: x must be"):
         upsample_conv(torch.zeros(x_shape), torch.zeros(w_shape))
+    with pytest.raises(RuntimeError, match="upsample_conv: x must be"):
+        upsample_conv(torch.zeros(x_shape), torch.zeros(w_shape))
+
+
+def test_bad_bias_and_dtype():
+    """Said in the caller's terms, not the folded kernel's ([C, O, 4, 4], transposed=1); integers
+    are refused as interpolate refuses them, not convolved."""
+    x, w = torch.zeros(1, 4, 5, 5), torch.zeros(6, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"bias must be \[6\], got \(4,\)"):
+        upsample_conv(x, w, torch.zeros(4))
+    with pytest.raises(ValueError, match="floating-point"):
+        upsample_conv(x.long(), w.long())
 
 
 class _LoraConv(nn.Conv2d):

@@ -48,6 +48,12 @@ def new_output(shape_or_like, **kwargs):
     return t.fill_(float("nan")) if poison_outputs() and t.is_floating_point() else t
 
 
+class OpInputError(ValueError, RuntimeError):
+    """A bad argument to an op, said once before any kernel runs. Also a RuntimeError: that is
+    what the torch layer a module stands in for raises for the same mistake, so drop-in code that
+    catches either still does."""
+
+
 OPS_MODES = ("auto", "reference", "triton")
 
 

@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .._backend import force_reference, notice_fallback, use_triton
+from .._backend import OpInputError, force_reference, notice_fallback, use_triton
 from .reference import ada_group_norm_backward_reference, ada_group_norm_reference, group_stats_reference
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -168,7 +168,7 @@ def _per_sample(t: Tensor | None, name: str, n: int, c: int) -> Tensor | None:
     if t is None:
         return None
     if t.dim() < 2 or t.shape[1] != c or any(s != 1 for s in t.shape[2:]) or t.shape[0] not in (1, n):
-        raise ValueError(f"ada_group_norm: {name} must be [N, C] = [{n}, {c}], got {list(t.shape)}")
+        raise OpInputError(f"ada_group_norm: {name} must be [N, C] = [{n}, {c}], got {list(t.shape)}")
     return t.reshape(t.shape[0], c).expand(n, c)
 
 
@@ -182,19 +182,21 @@ def ada_group_norm(
     activation: "silu" or None.
     """
     if x.dim() < 2:
-        raise ValueError(f"ada_group_norm: x must be [N, C, *], got {list(x.shape)}")
+        raise OpInputError(f"ada_group_norm: x must be [N, C, *], got {list(x.shape)}")
+    if not x.is_floating_point():
+        raise OpInputError(f"ada_group_norm: x must be a floating-point tensor, got {x.dtype}")
     n, c = x.shape[0], x.shape[1]
     if num_groups <= 0 or c % num_groups:
-        raise ValueError(f"ada_group_norm: {c} channels are not divisible into {num_groups} groups")
+        raise OpInputError(f"ada_group_norm: {c} channels are not divisible into {num_groups} groups")
     if activation not in ("silu", None):
-        raise ValueError(f"ada_group_norm: activation must be 'silu' or None, got {activation!r}")
+        raise OpInputError(f"ada_group_norm: activation must be 'silu' or None, got {activation!r}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (c,):
-            raise ValueError(f"ada_group_norm: {name} must be [{c}], got {list(t.shape)}")
+            raise OpInputError(f"ada_group_norm: {name} must be [{c}], got {list(t.shape)}")
     scale, shift = _per_sample(scale, "scale", n, c), _per_sample(shift, "shift", n, c)
     for t in (weight, bias, scale, shift):
         if t is not None and t.device != x.device:
-            raise ValueError(f"ada_group_norm: all tensors must be on {x.device}, got one on {t.device}")
+            raise OpInputError(f"ada_group_norm: all tensors must be on {x.device}, got one on {t.device}")
     if _pick_kernel(x, num_groups, scale is not None, activation) is None:
         # No kernel here (the CPU, float64, FASTDIFF_OPS=reference): PyTorch's native group_norm
         # chain with its own autograd is the fastest exact path, and traces like any torch code.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff.ops._backend import force_reference, notice_fallback, triton_available, use_triton
+from fastdiff.ops._backend import OpInputError, force_reference, notice_fallback, triton_available, use_triton
 from fastdiff.ops.attention.reference import (
     ORDERS,
     attention_reference,
@@ -97,9 +97,13 @@ def attention(qkv: torch.Tensor, num_heads: int, order: str = "new") -> torch.Te
     first, each head's channels holding q, k, v (QKVAttentionLegacy).
     """
     if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        raise OpInputError(f"attention: order must be one of {ORDERS}, got {order!r}")
+    if num_heads < 1:
+        raise OpInputError(f"attention: num_heads must be at least 1, got {num_heads}")
     if qkv.dim() != 3 or qkv.shape[1] % (3 * num_heads):
-        raise ValueError(f"qkv must be [B, 3*{num_heads}*d, T], got shape {tuple(qkv.shape)}")
+        raise OpInputError(f"attention: qkv must be [B, 3*{num_heads}*d, T], got shape {tuple(qkv.shape)}")
+    if not qkv.is_floating_point():
+        raise OpInputError(f"attention: qkv must be a floating-point tensor, got {qkv.dtype}")
     if _kernel_for(qkv) or force_reference() or qkv.dtype == torch.float64:
         return _attention(qkv, num_heads, order)[0]
     if qkv.is_cuda and not triton_available():

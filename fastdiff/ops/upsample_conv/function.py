@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fastdiff.ops._backend import force_reference
+from fastdiff.ops._backend import OpInputError, force_reference
 from fastdiff.ops._tuning import Choices, fastest, gpu_name, measuring
 from fastdiff.ops.upsample_conv.reference import upsample_conv_reference
 
@@ -111,10 +111,14 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """``conv3x3(nearest_upsample_2x(x))`` with padding 1: x [N, C, H, W], weight [O, C, 3, 3],
     bias [O] or None -> [N, O, 2H, 2W]. Differentiable in all three."""
     if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
-        raise ValueError(
+        raise OpInputError(
             f"upsample_conv: x must be [N, C, H, W] and weight [O, C, 3, 3], got "
             f"{tuple(x.shape)} and {tuple(weight.shape)}"
         )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise OpInputError(f"upsample_conv: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if not x.is_floating_point():
+        raise OpInputError(f"upsample_conv: x must be a floating-point tensor, got {x.dtype}")
     if _use_fold(x, weight, bias):
         return _folded(x, weight, bias)
     return upsample_conv_reference(x, weight, bias)
