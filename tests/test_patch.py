@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import pickle
 
 import pytest
 import torch
@@ -321,6 +322,24 @@ def test_patch_fuses_guided_diffusion_upsample(upsample_calls):
         torch.testing.assert_close(patched(x), ref, atol=1e-5, rtol=1e-5)
     assert len(upsample_calls) == 1
     assert list(patched.state_dict()) == list(net.state_dict())
+
+
+def test_patched_model_keeps_eval_mode_and_pickles(upsample_calls):
+    """The modules patch() puts in keep the model's eval mode, and a patched model round-trips
+    through pickle (``torch.save(model)``) with its fused forwards bound to the loaded copy."""
+    torch.manual_seed(0)
+    net = nn.ModuleList([Net(ch=32), GDResBlock(32, 16, 32, up=True), GDUpsample(32, True)]).eval()
+    patched = patch(copy.deepcopy(net))
+    assert not any(m.training for m in patched.modules())
+    loaded = pickle.loads(pickle.dumps(patched))
+    assert loaded[1]._forward.args[0] is loaded[1] and loaded[2].forward.args[0] is loaded[2]
+    img, x, emb = torch.randn(1, 3, 8, 8), torch.randn(1, 32, 4, 4), torch.randn(1, 16)
+    with torch.no_grad():
+        for got in (patched, loaded):
+            torch.testing.assert_close(got[0](img, emb), net[0](img, emb), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[1](x, emb), net[1](x, emb), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[2](x), net[2](x), atol=1e-5, rtol=1e-5)
+    assert len(upsample_calls) == 4  # the up block's and the Upsample's, in each of the two
 
 
 @pytest.mark.parametrize("scale_shift", [True, False])

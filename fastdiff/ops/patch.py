@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import types
 
 import torch
 import torch.nn.functional as F
@@ -104,11 +103,14 @@ def _fuse_resblock(block: nn.Module, upsample: bool) -> None:
     the block's ``_forward`` (which its ``forward`` calls, under checkpointing or not) becomes
     :func:`adm_resblock_forward`."""
     block.out_layers[0] = _group_norm(block.out_layers[0], AdaGroupNormSiLU)
-    block.out_layers[1] = nn.Identity()
-    if upsample:
-        block._forward = types.MethodType(adm_resblock_forward, block)
-    else:
-        block._forward = functools.partial(adm_resblock_forward, block, fold_upsample=False)
+    block.out_layers[1] = nn.Identity().train(block.out_layers[1].training)
+    block._forward = _bound(adm_resblock_forward, block, fold_upsample=upsample)
+
+
+def _bound(forward, module: nn.Module, **kwargs):
+    """``forward`` bound to ``module`` as a partial, not a bound method: a patched model still
+    pickles (``torch.save(model)``), which a bound method of a module-level function does not."""
+    return functools.partial(forward, module, **kwargs)
 
 
 def _is_foreign_group_norm(m: nn.Module) -> bool:
@@ -168,21 +170,21 @@ def _patch_children(module: nn.Module, group_norm: bool, attention: bool, upsamp
     if group_norm and _is_scale_shift_resblock(module):
         _fuse_resblock(module, upsample)
     if upsample and _is_foreign_up_resblock(module):
-        module._forward = types.MethodType(adm_resblock_forward, module)
+        module._forward = _bound(adm_resblock_forward, module)
     if upsample and _is_foreign_upsample_conv(module):
-        module.forward = types.MethodType(adm_upsample_forward, module)
+        module.forward = _bound(adm_upsample_forward, module)
     children = list(module.named_children())
     fuse = fuse and isinstance(module, nn.Sequential)
     for i, (name, child) in enumerate(children):
         attn = _attention_class(child) if attention else None
         if attn is not None:
-            setattr(module, name, attn(child.n_heads))
+            setattr(module, name, attn(child.n_heads).train(child.training))
         elif group_norm and _is_foreign_group_norm(child):
             pair = fuse and i + 1 < len(children) and _is_silu(children[i + 1][1])
             setattr(module, name, _group_norm(child, GroupNormSiLU if pair else GroupNorm))
             if pair:
                 # Identity keeps the Sequential's indices, hence its state_dict keys
-                setattr(module, children[i + 1][0], nn.Identity())
+                setattr(module, children[i + 1][0], nn.Identity().train(children[i + 1][1].training))
         else:
             # A scale-shift ResBlock not rewritten above (no guided-diffusion _forward) runs
             # out_layers[0] alone and out_layers[1:] after scale/shift: fusing SiLU there is wrong
