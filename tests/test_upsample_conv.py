@@ -118,6 +118,18 @@ def test_frozen_weight_is_folded_once_and_again_after_a_change(monkeypatch):
     assert len(folds) == 5
 
 
+def test_frozen_weight_first_folded_in_inference_mode_then_differentiated_by_x():
+    """A frozen model sampled under inference_mode, then differentiated by its input (inversion,
+    guidance through the model): the cached fold must be a tensor autograd can save."""
+    conv = nn.Conv2d(4, 6, 3, padding=1).requires_grad_(False)
+    with torch.inference_mode():
+        upsample_conv(torch.randn(1, 4, 3, 3), conv.weight, conv.bias)
+    x = torch.randn(1, 4, 3, 3, requires_grad=True)
+    (dx,) = torch.autograd.grad(upsample_conv(x, conv.weight, conv.bias).square().sum(), x)
+    (expect,) = torch.autograd.grad(upsample_conv_reference(x, conv.weight, conv.bias).square().sum(), x)
+    torch.testing.assert_close(dx, expect, atol=1e-5, rtol=1e-5)
+
+
 def test_weights_made_in_inference_mode():
     """Inference tensors have no version counter: they are folded on every call instead."""
     with torch.inference_mode():

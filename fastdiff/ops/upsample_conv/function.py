@@ -59,7 +59,10 @@ def _folded_weight(weight: torch.Tensor) -> torch.Tensor:
     stamp = (weight.data_ptr(), weight._version)
     hit = _FOLDED.get(weight)
     if hit is None or hit[0] != stamp:
-        hit = (stamp, fold_weight(weight))
+        # a normal tensor even when first folded under inference_mode: a later call with an input
+        # that needs a gradient saves it for backward, which an inference tensor cannot be
+        with torch.inference_mode(False), torch.no_grad():
+            hit = (stamp, fold_weight(weight))
         _FOLDED[weight] = hit
     return hit[1]
 
