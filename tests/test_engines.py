@@ -132,9 +132,12 @@ def test_sampler_bad_arguments():
         fastdiff.Sampler(unet, diffusion, cfg_scale=2.0)
     with pytest.raises(ValueError, match="unknown sampler"):
         fastdiff.Sampler(unet, diffusion, sampler="euler")
-    for bad in ({"eta": math.inf}, {"eta": -0.1}, {"classifier": clf, "classifier_scale": math.nan}):
-        with pytest.raises(ValueError, match="finite and >= 0"):
+    for bad in ({"eta": math.inf}, {"classifier": clf, "classifier_scale": math.nan}):
+        with pytest.raises(ValueError, match="must be finite"):
             fastdiff.Sampler(unet, diffusion, sampler="ddim", **bad)
+    for eta in (-0.1, 1.5):  # above 1, DDIM's first step is NaN
+        with pytest.raises(ValueError, match="eta must be a finite number >= 0 and <= 1"):
+            fastdiff.Sampler(unet, diffusion, sampler="ddim", eta=eta)
     with pytest.raises(ValueError, match="cfg_scale must be finite"):
         fastdiff.Sampler(unet, diffusion, cfg_scale=math.nan, null_label=3)
     bad_settings = {

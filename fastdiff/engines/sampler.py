@@ -21,6 +21,7 @@ from fastdiff.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidan
 from fastdiff.diffusion.inversion import DDIMReverseStep, run_inversion
 from fastdiff.diffusion.samplers import (
     SamplingStep,
+    check_eta,
     get_sampler,
     loop_timesteps,
     make_rule,
@@ -161,11 +162,10 @@ class Sampler:
         channels_last: bool | None = None,
         image_shape: Sequence[int] | None = None,
     ):
-        spec = get_sampler(sampler)
-        eta = _number("eta", eta)
+        get_sampler(sampler)
+        eta = _number("eta", eta, minimum=None)
+        check_eta(sampler, eta)
         classifier_scale = _number("classifier_scale", classifier_scale)
-        if eta and not spec.uses_eta:
-            raise ValueError(f"eta is a DDIM parameter; sampler {sampler!r} does not use it")
         if classifier_scale and classifier is None:
             raise ValueError("classifier_scale needs a classifier")
         self.class_cond = getattr(model, "num_classes", None) is not None

@@ -3,7 +3,6 @@ all checked before any network loads."""
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 
 from fastdiff import distributed
 from fastdiff.diffusion import SAMPLERS
+from fastdiff.diffusion.samplers import check_eta
 from fastdiff.engines import EngineError, check_engine, default_engine
 from fastdiff.engines.sampler import DTYPES
 from fastdiff.runs import ranks
@@ -91,8 +91,10 @@ def check_run_options(
         raise RunError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
     if threads is not None and threads < 1:
         raise RunError(f"--threads must be >= 1, got {threads}")
-    if not math.isfinite(eta) or eta < 0:
-        raise RunError(f"--eta must be a finite number >= 0, got {eta}")
+    try:
+        check_eta(sampler, eta)
+    except ValueError as e:
+        raise RunError(f"--{e}") from None
     dev = ranks.join(resolve_device(device))
     if dtype == "fp16" and dev.type == "cpu":
         raise RunError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
@@ -106,6 +108,4 @@ def check_run_options(
         from fastdiff.export.onnx_runtime import cache_dir
 
         check_writable(cache_dir(), f"the ONNX cache {cache_dir()} (FASTDIFF_CACHE sets where it is)")
-    if eta and not SAMPLERS[sampler].uses_eta:
-        raise RunError(f"--eta is a DDIM parameter; --sampler {sampler} does not use it")
     return dev, engine

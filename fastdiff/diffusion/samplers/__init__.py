@@ -12,6 +12,7 @@ no host syncs: non-finite values are tracked on the device and reported once at 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -59,6 +60,16 @@ def get_sampler(name: str) -> SamplerSpec:
         return SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}") from None
+
+
+def check_eta(sampler: str, eta: float) -> None:
+    """ValueError unless ``eta`` suits ``sampler``: DDIM's lies in [0, 1] (1 is DDPM's variance;
+    above it sigma outgrows the step's noise budget and the first step is NaN); no other rule
+    takes one."""
+    if not (math.isfinite(eta) and 0 <= eta <= 1):
+        raise ValueError(f"eta must be a finite number >= 0 and <= 1 (1: DDPM's variance), got {eta}")
+    if eta and not get_sampler(sampler).uses_eta:
+        raise ValueError(f"eta is a DDIM parameter; sampler {sampler} does not use it")
 
 
 def make_rule(diffusion, sampler: str, eta: float = 0.0, device="cpu", dtype=torch.float32) -> UpdateRule:
@@ -354,6 +365,7 @@ __all__ = [
     "SamplingStep",
     "StepFn",
     "UpdateRule",
+    "check_eta",
     "get_sampler",
     "loop_timesteps",
     "make_rule",
