@@ -98,3 +98,14 @@ def test_load_diffusion_model_takes_names_and_paths_as_strings():
     assert loaded.image_size == 32
     with pytest.raises(RunError, match="unknown device 'gpu'"):
         load_diffusion_model(preset=None, flag_string=None, checkpoint=None, device="gpu")
+
+
+def test_invert_and_interpolate_check_their_arguments(tmp_path):
+    from fastdiff.runs import DDIMOptions, interpolate, invert_images
+
+    with pytest.raises(RunError, match="DDIMOptions: steps '10': expected int \\| None"):
+        DDIMOptions(steps="10")
+    with pytest.raises(RunError, match="interpolate: frames '8': expected int"):
+        interpolate("3", "8", str(tmp_path / "s.png"), DDIMOptions(), frames="8")
+    with pytest.raises(RunError, match="--batch-size must be >= 1"):
+        invert_images([tmp_path / "a.png"], str(tmp_path / "o"), DDIMOptions(), batch_size=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import typing
 from collections.abc import Callable
 
@@ -24,7 +25,9 @@ def _arguments_of(fn: Callable) -> type:
     fields = [
         (name, hint)
         for name, hint in hints.items()
-        if name != "return" and all(isinstance(a, type) for a in typing.get_args(hint) or (hint,))
+        if name != "return"
+        and typing.get_origin(hint) in (None, typing.Union, types.UnionType)
+        and all(isinstance(a, type) for a in typing.get_args(hint) or (hint,))
     ]
     return dataclasses.make_dataclass(f"{fn.__name__}_arguments", fields)
 

@@ -31,7 +31,7 @@ from fastdiff.engines.sampler import Sampler
 from fastdiff.files import atomic_write, save_grid, save_png, to_uint8
 from fastdiff.runs import ranks
 from fastdiff.runs.device import check_run_options, check_seed
-from fastdiff.runs.errors import RunError
+from fastdiff.runs.errors import RunError, check_arguments
 from fastdiff.runs.folder import check_writable, locked_run_folder
 from fastdiff.runs.loading import LoadedModel, load_diffusion_model
 from fastdiff.runs.plan import class_ids, respacing_for
@@ -46,7 +46,7 @@ class DDIMOptions:
 
     preset: str | None = None
     flag_string: str | None = None
-    checkpoint: Path | None = None
+    checkpoint: str | Path | None = None
     steps: int | None = None
     respacing: str | None = None
     cfg_scale: float | None = None
@@ -54,6 +54,9 @@ class DDIMOptions:
     threads: int | None = None
     dtype: str = "fp32"
     device: str = "auto"
+
+    def __post_init__(self):
+        check_arguments(DDIMOptions, vars(self))
 
 
 def setup(options: DDIMOptions) -> tuple[LoadedModel, Sampler, torch.device, str]:
@@ -222,7 +225,7 @@ class Inversion:
 
 def invert_images(
     paths: list[Path],
-    out: Path,
+    out: str | Path,
     options: DDIMOptions,
     *,
     classes: str | None = None,
@@ -232,7 +235,10 @@ def invert_images(
     """Invert ``paths`` into the folder ``out``: latents.npz (arr_0 x_T float32 NCHW, arr_1 labels),
     reconstructed/ and edited/ PNGs, comparison.png (inputs, reconstructions, edits as rows) and
     invert.json with each image's PSNR."""
-    paths = [Path(p) for p in paths]
+    check_arguments(invert_images, locals())
+    if batch_size < 1:
+        raise RunError(f"--batch-size must be >= 1, got {batch_size}")
+    paths, out = [Path(p) for p in paths], Path(out)
     for p in paths:
         if not p.is_file():
             raise RunError(f"image not found: {p}")
@@ -278,7 +284,7 @@ def invert_images(
 def interpolate(
     start: str,
     end: str,
-    out: Path,
+    out: str | Path,
     options: DDIMOptions,
     *,
     frames: int = 8,
@@ -288,6 +294,9 @@ def interpolate(
     """Sample ``frames`` images along the slerp from ``start`` to ``end`` (each a seed or
     LATENTS.npz[:INDEX]) as one strip PNG ``out``; returns the DDIM steps taken. Every frame has
     class ``label`` (default: ``start``'s stored label)."""
+    check_arguments(interpolate, locals())
+    if batch_size < 1:
+        raise RunError(f"--batch-size must be >= 1, got {batch_size}")
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise RunError(f"--out {out}: the strip is a PNG; name it .png")
