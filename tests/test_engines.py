@@ -158,6 +158,8 @@ def test_sampler_bad_arguments():
             fastdiff.Sampler(unet, diffusion, engine="graph")
     with pytest.raises(EngineError, match="TensorRT not installed"):
         fastdiff.Sampler(unet, diffusion, engine="trt")
+    with pytest.raises(EngineError, match="runs fp32 or fp16 graphs|not installed"):
+        fastdiff.Sampler(unet, diffusion, engine="onnx", dtype="bf16")  # refused before any export
     s = fastdiff.Sampler(unet, diffusion)
     with pytest.raises(ValueError, match="pass labels"):
         s(num_samples=2)
@@ -377,8 +379,8 @@ def fake_cuda_graph(monkeypatch):
     monkeypatch.setattr(GraphStep, "_record", record)
     monkeypatch.setitem(engines.ENGINES, "graph", lambda step, device: GraphStep(step))
     monkeypatch.setitem(engines.ENGINES, "graph-loop", lambda step, device: LoopGraph(step))
-    monkeypatch.setattr("fastdiff.engines.check_engine", lambda name, device: None)
-    monkeypatch.setattr("fastdiff.engines.sampler.check_engine", lambda name, device: None)
+    monkeypatch.setattr("fastdiff.engines.check_engine", lambda *args: None)
+    monkeypatch.setattr("fastdiff.engines.sampler.check_engine", lambda *args: None)
     return fake
 
 

@@ -75,6 +75,7 @@ def test_an_upsampling_user_error_is_a_run_error(tmp_path):
         ({"sampler": "dpm++"}, "unknown sampler 'dpm\\+\\+'; choose one of: ddim, ddpm, dpm\\+\\+2m"),
         ({"dtype": "fp64"}, "unknown dtype 'fp64'; choose one of: fp32, fp16, bf16"),
         ({"threads": 0}, "--threads must be >= 1, got 0"),
+        ({"engine": "onnx", "dtype": "bf16"}, "runs fp32 or fp16 graphs|not installed"),
         ({"eta": 1.5}, "--eta must be a finite number >= 0 and <= 1"),
         ({"num_samples": "3"}, "sample_run: num_samples '3': expected int"),
         ({"eta": "0.1"}, "sample_run: eta '0.1': expected float"),

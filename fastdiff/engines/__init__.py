@@ -113,8 +113,9 @@ def default_engine(device: torch.device) -> str:
     return "parallel" if torch.get_num_threads() > 1 else "eager"
 
 
-def check_engine(name: str, device: torch.device) -> None:
-    """Raise :class:`EngineError` now (before any work) when ``name`` cannot run on ``device``."""
+def check_engine(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    """Raise :class:`EngineError` now (before any work) when ``name`` cannot run on ``device`` in
+    ``dtype``."""
     if name not in ENGINES:
         raise EngineError(f"unknown engine '{name}'; choose one of: {', '.join(ENGINES)}")
     if name in ("graph", "graph-loop") and torch.device(device).type != "cuda":
@@ -123,6 +124,8 @@ def check_engine(name: str, device: torch.device) -> None:
         _parallel(None, torch.device(device))
     if name in ("onnx", "trt"):
         ENGINES[name](None, torch.device(device))
+        if dtype == torch.bfloat16:  # the exported graphs are fp32 or fp16
+            raise EngineError(f"engine '{name}' runs fp32 or fp16 graphs; use --dtype fp32")
 
 
 def build_engine(name: str, step, device: torch.device) -> StepFn:

@@ -182,7 +182,7 @@ class Sampler:
         self.device = _device(device, model)
         self.dtype = _dtype(dtype)
         self.engine = engine or default_engine(self.device)
-        check_engine(self.engine, self.device)
+        check_engine(self.engine, self.device, self.dtype)
         if channels_last is None:
             # Measured on the CPU (bench/results): NCHW is as fast for the UNet and faster for the
             # classifier's backward; tensor-core convolutions on CUDA want NHWC in fp16/bf16.

@@ -101,7 +101,7 @@ def check_run_options(
     choose_threads(threads)
     engine = engine or default_engine(dev)
     try:
-        check_engine(engine, dev)
+        check_engine(engine, dev, DTYPES[dtype])
     except EngineError as e:
         raise RunError(str(e)) from None
     if engine in ("onnx", "trt"):  # they export into the cache on first use
