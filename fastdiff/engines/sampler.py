@@ -162,7 +162,7 @@ class Sampler:
         channels_last: bool | None = None,
         image_shape: Sequence[int] | None = None,
     ):
-        get_sampler(sampler)
+        get_sampler(sampler)  # an unknown name before anything else
         eta = _number("eta", eta, minimum=None)
         check_eta(sampler, eta)
         classifier_scale = _number("classifier_scale", classifier_scale)
