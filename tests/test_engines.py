@@ -128,6 +128,10 @@ def test_sampler_bad_arguments():
         fastdiff.Sampler(unet, diffusion, sampler="ddpm", eta=0.5)
     with pytest.raises(ValueError, match="needs a classifier"):
         fastdiff.Sampler(unet, diffusion, classifier_scale=1.0)
+    flags = dict(classifier_width=32, classifier_depth=1, classifier_attention_resolutions="4", num_classes=5)
+    wide = build_classifier(**flags, image_size=16, in_channels=1, channel_mult="1,2")
+    with pytest.raises(ValueError, match="the classifier takes 1x16x16 images, the model makes 1x8x8"):
+        fastdiff.Sampler(unet, diffusion, classifier=wide, classifier_scale=1.0)
     with pytest.raises(ValueError, match="null_label"):
         fastdiff.Sampler(unet, diffusion, cfg_scale=2.0)
     with pytest.raises(ValueError, match="unknown sampler"):

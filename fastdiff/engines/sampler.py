@@ -200,6 +200,12 @@ class Sampler:
         self.model = inference_form(model, self.dtype, self.device, channels_last)
         self.cond_fn = None
         if classifier is not None and classifier_scale:
+            sees = (getattr(classifier, "in_channels", None), getattr(classifier, "image_size", None))
+            if None not in sees and sees != (self.image_shape[0], self.image_shape[-1]):
+                raise ValueError(
+                    f"the classifier takes {sees[0]}x{sees[1]}x{sees[1]} images, the model makes "
+                    f"{'x'.join(map(str, self.image_shape))}"
+                )
             self.classifier = inference_form(classifier, self.dtype, self.device, channels_last)
             self.cond_fn = ClassifierGuidance(self.classifier, classifier_scale)
             if getattr(classifier, "num_classes", None) is not None:
