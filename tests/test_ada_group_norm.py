@@ -234,6 +234,23 @@ def test_public_op_double_backward(tk):
     assert torch.autograd.gradgradcheck(op, (x, w, sc))
 
 
+def test_torch_func_grad_eager_and_compiled(tk):
+    """torch.func.grad (the compile engine's classifier gradient, one graph) cannot see a custom
+    op's autograd (pytorch/pytorch#168393): inside it the op runs on plain PyTorch."""
+    x, w, b, sc, sh = make_inputs((2, 8, 3, 5), 4, torch.float32)
+
+    def loss(x_):
+        return ada_group_norm(x_, 4, w, b, sc, sh).square().sum()
+
+    xg = x.clone().requires_grad_()
+    want = torch.autograd.grad(loss(xg), xg)[0]
+    compiled = torch.compile(
+        lambda t: torch.func.grad(loss)(t), backend="eager", fullgraph=True, dynamic=False
+    )
+    for got in (torch.func.grad(loss)(x), compiled(x)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_public_op_asks_for_parameter_grads_only_when_needed(tk, monkeypatch):
     """Guidance differentiates by x alone (frozen weights, emb-derived scale/shift): the backward
     then skips the parameter grads; training still gets all of them."""

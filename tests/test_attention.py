@@ -157,6 +157,24 @@ def test_double_backward_float64():
         assert torch.autograd.gradgradcheck(lambda t, o=order: attention(t, 2, o), (x,))
 
 
+@needs_kernel
+def test_torch_func_grad_eager_and_compiled():
+    """torch.func.grad (the compile engine's classifier gradient, one graph) cannot see a custom
+    op's autograd (pytorch/pytorch#168393): inside it the op runs on plain PyTorch."""
+    qkv = torch.randn(2, 3 * 2 * 16, 16, device=DEVICE)
+
+    def loss(t):
+        return attention(t, 2, "legacy").square().sum()
+
+    x = qkv.clone().requires_grad_()
+    want = torch.autograd.grad(loss(x), x)[0]
+    compiled = torch.compile(
+        lambda t: torch.func.grad(loss)(t), backend="eager", fullgraph=True, dynamic=False
+    )
+    for got in (torch.func.grad(loss)(qkv), compiled(qkv)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_backward_reference_matches_autograd():
     x = torch.randn(1, 3 * 3 * 8, 11, dtype=torch.float64, requires_grad=True)
     dout = torch.randn(1, 3 * 8, 11, dtype=torch.float64)

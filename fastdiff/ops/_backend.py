@@ -69,6 +69,13 @@ def force_reference() -> bool:
     return ops_mode() == "reference"
 
 
+def in_func_transform() -> bool:
+    """Inside ``torch.func.grad`` / ``vmap`` (the compile engine takes the classifier's gradient
+    with ``torch.func.grad``, which traces into one graph): a custom op's registered autograd is
+    invisible there (pytorch/pytorch#168393), so each op takes its plain PyTorch path instead."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Whether the Triton kernel should handle tensor ``t``."""
     mode = ops_mode()

@@ -4,14 +4,22 @@ see one opaque node with a fake (meta) implementation and a registered backward.
 Dispatch per call: the Triton kernels for fp16/bf16/fp32 wherever ``use_triton`` says so
 (CUDA, or CPU under ``TRITON_INTERPRET=1``: no silent fallback there); otherwise PyTorch's fused
 SDPA kernels (``sdpa.py``, plain autograd, no custom op); ``FASTDIFF_OPS=reference`` and float64
-take the reference (the kernels' softmax statistics are fp32).
+take the reference (the kernels' softmax statistics are fp32). Inside a ``torch.func`` transform
+no custom op runs (``in_func_transform``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastdiff.ops._backend import OpInputError, force_reference, notice_fallback, triton_available, use_triton
+from fastdiff.ops._backend import (
+    OpInputError,
+    force_reference,
+    in_func_transform,
+    notice_fallback,
+    triton_available,
+    use_triton,
+)
 from fastdiff.ops.attention.reference import (
     ORDERS,
     attention_reference,
@@ -104,6 +112,8 @@ def attention(qkv: torch.Tensor, num_heads: int, order: str = "new") -> torch.Te
         raise OpInputError(f"attention: qkv must be [B, 3*{num_heads}*d, T], got shape {tuple(qkv.shape)}")
     if not qkv.is_floating_point():
         raise OpInputError(f"attention: qkv must be a floating-point tensor, got {qkv.dtype}")
+    if in_func_transform():  # the custom op's autograd is invisible there: plain PyTorch
+        return (attention_reference if force_reference() else sdpa_attention)(qkv, num_heads, order)
     if _kernel_for(qkv) or force_reference() or qkv.dtype == torch.float64:
         return _attention(qkv, num_heads, order)[0]
     if qkv.is_cuda and not triton_available():
