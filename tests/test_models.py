@@ -235,6 +235,16 @@ def _output_dtypes(model: torch.nn.Module, names: list[str], run) -> dict[str, t
     return seen
 
 
+def test_meta_device_forward():
+    """A forward on the meta device gives the output shape with no memory (the Triton compile
+    check in CI reads every preset's op calls this way); autocast has no meta device."""
+    x, t = torch.empty(2, 3, 16, 16, device="meta"), torch.zeros(2, dtype=torch.long, device="meta")
+    out = small_unet().to("meta")(x, t, torch.zeros(2, dtype=torch.long, device="meta"))
+    assert out.shape == (2, 6, 16, 16) and out.is_meta
+    clf = EncoderUNetModel(ClassifierConfig(**SMALL, num_classes=4, pool="attention")).to("meta")
+    assert clf(x, t).shape == (2, 4)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_runs_the_torso_low_and_the_rest_fp32(dtype):
     """Under autocast, only the torso computes in low precision, where guided-diffusion's fp16

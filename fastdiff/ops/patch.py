@@ -26,8 +26,8 @@ def outside_autocast(x: torch.Tensor):
     ``torch.autocast``. ADM's mixed precision (guided-diffusion's fp16 mode) puts only the torso in
     fp16: the embeddings, the ResBlocks' embedding projections and the output head stay fp32. An
     fp16 output conv would overflow first: its weight gradient is a sum over every pixel."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
+    device = x.device.type  # autocast exists for some device types only (not "meta")
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.autocast(device, enabled=False)
     return contextlib.nullcontext()
 
