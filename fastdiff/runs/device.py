@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 
 from fastdiff import distributed
-from fastdiff.diffusion import SAMPLERS
-from fastdiff.diffusion.samplers import check_eta
+from fastdiff.diffusion.samplers import check_eta, get_sampler
 from fastdiff.engines import EngineError, check_engine, default_engine
 from fastdiff.engines.sampler import DTYPES
 from fastdiff.runs import ranks
@@ -85,8 +84,10 @@ def check_run_options(
     """(device, engine) after the checks every sampling run makes before loading anything;
     under torchrun, this rank's device in the process group."""
     check_seed(seed, "--seed")
-    if sampler not in SAMPLERS:
-        raise RunError(f"unknown sampler '{sampler}'; choose one of: {', '.join(SAMPLERS)}")
+    try:
+        get_sampler(sampler)
+    except ValueError as e:
+        raise RunError(str(e)) from None
     if dtype not in DTYPES:
         raise RunError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
     if threads is not None and threads < 1:
