@@ -111,6 +111,18 @@ def test_kernel_odd_head_dim_and_long_sequence(shape):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(1, 1, 176, 20), (2, 2, 192, 33)], ids=["d176", "d192"])
+@pytest.mark.parametrize("order", ["new", "legacy"])
+def test_kernel_fp32_wide_heads_read_in_chunks(shape, order):
+    """fp32 at head dim > 128 reads the d-summed dots' operands 32 channels at a time (chunks
+    partly and wholly past d): the same numbers as the reference, forward and backward."""
+    from fastdiff.ops.attention import triton_kernel
+
+    assert triton_kernel._d_chunk(torch.float32, 256) < 256
+    _check_fwd_bwd(*shape, order, torch.float32)
+
+
+@needs_kernel
 @pytest.mark.parametrize("order", ["new", "legacy"])
 def test_kernel_bf16(order):
     """In the interpreter the kernels' bf16 dots run upcast (its bf16 tl.dot is wrong); the

@@ -97,7 +97,7 @@ def test_attention_candidates(attn, dtype, head_dim, length):
                 assert 16 <= block <= fit and block & (block - 1) == 0
             assert warps in (4, 8) and stages >= 1
         if dtype == torch.float32 and head_dim > 128:
-            assert len(options) == 1  # the one least-spilling tile
+            assert len(options) == 1  # the one tile that does not spill
 
 
 def test_attention_tiles_measured_once_inside_autotuning(attn, choice_file, monkeypatch):

@@ -42,8 +42,8 @@ def _layout(num_heads: int, head_dim: int, order: str):
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (kernel, fp32?, BLOCK_D); BLOCK_N is dkdv's key block
 # and dq's loop step. Each fits sm_80 and sm_90 without spilling (.ci/check_triton_compile.py measures)
-# with triton 3.9 (CI's) and 3.6 (the GPU image's; its ptxas spills on some tiles 3.9's does not),
-# except fp32 at BLOCK_D 256, the least-spilling config found (its tf32x3 operand halves need more).
+# with triton 3.9 (CI's) and 3.6 (the GPU image's; its ptxas spills on some tiles 3.9's does not).
+# fp32 at BLOCK_D 256 also needs its head-dim dots read in chunks (``_d_chunk``).
 _CONFIGS = {
     ("fwd", False, 32): (128, 64, 4, 3),
     ("fwd", False, 64): (128, 64, 8, 3),
@@ -52,7 +52,7 @@ _CONFIGS = {
     ("fwd", True, 32): (64, 32, 4, 2),
     ("fwd", True, 64): (64, 16, 4, 2),
     ("fwd", True, 128): (16, 32, 4, 2),
-    ("fwd", True, 256): (16, 16, 8, 1),
+    ("fwd", True, 256): (16, 32, 8, 2),
     ("dkdv", False, 32): (64, 64, 4, 2),
     ("dkdv", False, 64): (64, 64, 8, 2),
     ("dkdv", False, 128): (32, 64, 8, 2),
@@ -68,7 +68,7 @@ _CONFIGS = {
     ("dq", True, 32): (64, 32, 8, 2),
     ("dq", True, 64): (32, 32, 8, 2),
     ("dq", True, 128): (16, 16, 8, 1),
-    ("dq", True, 256): (16, 16, 8, 1),
+    ("dq", True, 256): (16, 32, 8, 2),
 }
 # T not a multiple of 16 (the classifier's attention pool, T = 8*8 + 1) leaves rows unaligned: no async
 # copies, loads go through registers, so smaller tiles there
@@ -99,7 +99,7 @@ def candidates(kernel: str, head_dim: int, length: int, dtype: torch.dtype) -> l
     fewer: the defaults' warp counts keep their registers from spilling) and, for the 16-bit
     forward and dQ up to head dim 128, half the query rows per program (twice the programs for
     small grids; dK/dV, fp32 and d=256 tiles spill when halved, with triton 3.9's ptxas or 3.6's).
-    fp32 at head dim > 128 keeps its one tile (the least-spilling found).
+    fp32 at head dim > 128 keeps its one tile (the only one found without spills).
     .ci/check_triton_compile.py compiles every one of them."""
     default = _config(kernel, head_dim, length, dtype)
     if triton_interpret() or (dtype == torch.float32 and head_dim > 128):
@@ -147,6 +147,22 @@ def _mm(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def _mm_chunked(
+    a, a_ok, a_c, b, b_ok, b_c, D, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, PRECISION, UPCAST
+):
+    """A @ B summed over the head dim, the operands read from memory D_CHUNK channels at a time:
+    a [R, 1] and b [1, C] point at channel 0 of A's rows and B's columns; a_c, b_c step a channel."""
+    acc = tl.zeros([a.shape[0], b.shape[1]], tl.float32)
+    for c0 in range(0, BLOCK_D, D_CHUNK):
+        d = c0 + tl.arange(0, D_CHUNK)
+        d_ok = d < D
+        x = tl.load(a + d[None, :] * a_c, mask=a_ok & d_ok[None, :], other=0.0)
+        y = tl.load(b + d[:, None] * b_c, mask=d_ok[:, None] & b_ok, other=0.0)
+        acc = _mm(x, y, acc, PRECISION, UPCAST)
+    return acc
+
+
 @triton.jit(do_not_specialize=["H"])
 def _fwd_kernel(
     qkv,
@@ -168,6 +184,7 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_CHUNK: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -182,21 +199,31 @@ def _fwd_kernel(
     m_ok = offs_m < T
     d_ok = offs_d < D
 
-    q = tl.load(
-        base + offs_d[None, :] * s_c + offs_m[:, None] * s_t, mask=m_ok[:, None] & d_ok[None, :], other=0.0
-    )
+    if D_CHUNK == BLOCK_D:
+        q = tl.load(
+            base + offs_d[None, :] * s_c + offs_m[:, None] * s_t,
+            mask=m_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, T, BLOCK_N):
         n = start_n + offs_n
         n_ok = n < T
-        kt = tl.load(
-            base + (k_off + offs_d[:, None]) * s_c + n[None, :] * s_t,
-            mask=d_ok[:, None] & n_ok[None, :],
-            other=0.0,
-        )
-        s = _mm(q, kt, None, PRECISION, UPCAST) * qk_scale
+        if D_CHUNK == BLOCK_D:
+            kt = tl.load(
+                base + (k_off + offs_d[:, None]) * s_c + n[None, :] * s_t,
+                mask=d_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            s = _mm(q, kt, None, PRECISION, UPCAST)
+        else:
+            q_rows, k_cols = base + offs_m[:, None] * s_t, base + k_off * s_c + n[None, :] * s_t
+            s = _mm_chunked(
+                q_rows, m_ok[:, None], s_c, k_cols, n_ok[None, :], s_c, D, BLOCK_D, D_CHUNK, PRECISION, UPCAST
+            )
+        s = s * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -279,6 +306,7 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_CHUNK: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -297,25 +325,44 @@ def _bwd_dkdv_kernel(
     d_ok = offs_d < D
     nd_mask = n_ok[:, None] & d_ok[None, :]
 
-    k = tl.load(base + (k_off + offs_d[None, :]) * s_c + offs_n[:, None] * s_t, mask=nd_mask, other=0.0)
-    v = tl.load(base + (v_off + offs_d[None, :]) * s_c + offs_n[:, None] * s_t, mask=nd_mask, other=0.0)
+    if D_CHUNK == BLOCK_D:
+        k = tl.load(base + (k_off + offs_d[None, :]) * s_c + offs_n[:, None] * s_t, mask=nd_mask, other=0.0)
+        v = tl.load(base + (v_off + offs_d[None, :]) * s_c + offs_n[:, None] * s_t, mask=nd_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, T, BLOCK_M):
         m = start_m + offs_m
         m_ok = m < T
         dm_mask = d_ok[:, None] & m_ok[None, :]
-        qt = tl.load(base + offs_d[:, None] * s_c + m[None, :] * s_t, mask=dm_mask, other=0.0)
-        do_t = tl.load(g_base + offs_d[:, None] * g_c + m[None, :] * g_t, mask=dm_mask, other=0.0).to(v.dtype)
+        qt_ptrs = base + offs_d[:, None] * s_c + m[None, :] * s_t
+        do_ptrs = g_base + offs_d[:, None] * g_c + m[None, :] * g_t
+        if D_CHUNK == BLOCK_D:
+            qt = tl.load(qt_ptrs, mask=dm_mask, other=0.0)
+            do_t = tl.load(do_ptrs, mask=dm_mask, other=0.0).to(qt.dtype)
         lse_m = tl.load(lse + row + m, mask=m_ok, other=0.0) * 1.4426950408889634
         delta_m = tl.load(delta + row + m, mask=m_ok, other=0.0)
-        # transposed scores: keys on rows, queries on columns
-        st = _mm(k, qt, None, PRECISION, UPCAST) * qk_scale
-        pt = tl.where(m_ok[None, :], tl.exp2(st - lse_m[None, :]), 0.0)
-        dv = _mm(pt.to(v.dtype), tl.trans(do_t), dv, PRECISION, UPCAST)
-        dpt = _mm(v, do_t, None, PRECISION, UPCAST)
+        # transposed scores: keys on rows, queries on columns. Read in chunks, dO^T and Q^T are
+        # loaded whole only for the update that needs each, one after the other.
+        if D_CHUNK == BLOCK_D:
+            st = _mm(k, qt, None, PRECISION, UPCAST)
+        else:
+            k_rows, q_cols = base + k_off * s_c + offs_n[:, None] * s_t, base + m[None, :] * s_t
+            st = _mm_chunked(
+                k_rows, n_ok[:, None], s_c, q_cols, m_ok[None, :], s_c, D, BLOCK_D, D_CHUNK, PRECISION, UPCAST
+            )
+            do_t = tl.load(do_ptrs, mask=dm_mask, other=0.0).to(qkv.dtype.element_ty)
+        pt = tl.where(m_ok[None, :], tl.exp2(st * qk_scale - lse_m[None, :]), 0.0)
+        dv = _mm(pt.to(do_t.dtype), tl.trans(do_t), dv, PRECISION, UPCAST)
+        if D_CHUNK == BLOCK_D:
+            dpt = _mm(v, do_t, None, PRECISION, UPCAST)
+        else:
+            v_rows, g_cols = base + v_off * s_c + offs_n[:, None] * s_t, g_base + m[None, :] * g_t
+            dpt = _mm_chunked(
+                v_rows, n_ok[:, None], s_c, g_cols, m_ok[None, :], g_c, D, BLOCK_D, D_CHUNK, PRECISION, UPCAST
+            )
+            qt = tl.load(qt_ptrs, mask=dm_mask, other=0.0)
         dst = pt * (dpt - delta_m[None, :])
-        dk = _mm(dst.to(v.dtype), tl.trans(qt), dk, PRECISION, UPCAST)
+        dk = _mm(dst.to(qt.dtype), tl.trans(qt), dk, PRECISION, UPCAST)
 
     r_base = dqkv + b * r_b + ch * r_c
     out_ty = dqkv.dtype.element_ty
@@ -354,6 +401,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_CHUNK: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -371,10 +419,12 @@ def _bwd_dq_kernel(
     d_ok = offs_d < D
     md_mask = m_ok[:, None] & d_ok[None, :]
 
-    q = tl.load(base + offs_d[None, :] * s_c + offs_m[:, None] * s_t, mask=md_mask, other=0.0)
-    do = tl.load(
-        dout + b * g_b + (h * D + offs_d[None, :]) * g_c + offs_m[:, None] * g_t, mask=md_mask, other=0.0
-    ).to(q.dtype)
+    g_base = dout + b * g_b + (h * D).to(tl.int64) * g_c
+    if D_CHUNK == BLOCK_D:
+        q = tl.load(base + offs_d[None, :] * s_c + offs_m[:, None] * s_t, mask=md_mask, other=0.0)
+        do = tl.load(g_base + offs_d[None, :] * g_c + offs_m[:, None] * g_t, mask=md_mask, other=0.0).to(
+            q.dtype
+        )
     lse_m = tl.load(lse + row + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
     delta_m = tl.load(delta + row + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -383,18 +433,47 @@ def _bwd_dq_kernel(
         n_ok = n < T
         dn_mask = d_ok[:, None] & n_ok[None, :]
         kt = tl.load(base + (k_off + offs_d[:, None]) * s_c + n[None, :] * s_t, mask=dn_mask, other=0.0)
-        vt = tl.load(base + (v_off + offs_d[:, None]) * s_c + n[None, :] * s_t, mask=dn_mask, other=0.0)
-        s = _mm(q, kt, None, PRECISION, UPCAST) * qk_scale
-        p = tl.where(n_ok[None, :], tl.exp2(s - lse_m[:, None]), 0.0)
-        dp = _mm(do, vt, None, PRECISION, UPCAST)
+        if D_CHUNK == BLOCK_D:
+            vt = tl.load(base + (v_off + offs_d[:, None]) * s_c + n[None, :] * s_t, mask=dn_mask, other=0.0)
+            s = _mm(q, kt, None, PRECISION, UPCAST)
+            dp = _mm(do, vt, None, PRECISION, UPCAST)
+        else:
+            q_rows, k_cols = base + offs_m[:, None] * s_t, base + k_off * s_c + n[None, :] * s_t
+            s = _mm_chunked(
+                q_rows, m_ok[:, None], s_c, k_cols, n_ok[None, :], s_c, D, BLOCK_D, D_CHUNK, PRECISION, UPCAST
+            )
+            g_rows, v_cols = g_base + offs_m[:, None] * g_t, base + v_off * s_c + n[None, :] * s_t
+            dp = _mm_chunked(
+                g_rows,
+                m_ok[:, None],
+                g_c,
+                v_cols,
+                n_ok[None, :],
+                s_c,
+                D,
+                BLOCK_D,
+                D_CHUNK,
+                PRECISION,
+                UPCAST,
+            )
+        p = tl.where(n_ok[None, :], tl.exp2(s * qk_scale - lse_m[:, None]), 0.0)
         ds = p * (dp - delta_m[:, None])
-        dq = _mm(ds.to(q.dtype), tl.trans(kt), dq, PRECISION, UPCAST)
+        dq = _mm(ds.to(kt.dtype), tl.trans(kt), dq, PRECISION, UPCAST)
 
     tl.store(
         dqkv + b * r_b + (ch + offs_d[None, :]) * r_c + offs_m[:, None] * r_t,
         (dq * sm_scale).to(dqkv.dtype.element_ty),
         mask=md_mask,
     )
+
+
+def _d_chunk(dtype: torch.dtype, block_d: int) -> int:
+    """Head-dim channels per step of the dots that sum over d (q.k, dO.v). A warp holds all d of
+    its rows of the left operand, replicated across the warps that split the other side; at fp32
+    d=256 tf32x3's hi/lo halves of that make 256 registers per thread, so there the operands are
+    re-read from memory (L1/L2) 32 channels at a time, in a loop that is not unrolled (unrolled,
+    the chunks' loads are all issued at once and spill again), instead of held for the whole loop."""
+    return 32 if dtype == torch.float32 and block_d > 128 else block_d
 
 
 def _dims(qkv: torch.Tensor, num_heads: int):
@@ -429,6 +508,7 @@ def forward(qkv: torch.Tensor, num_heads: int, order: str):
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_D=block_d,
+            D_CHUNK=_d_chunk(qkv.dtype, block_d),
             **_dot_meta(qkv.dtype),
             num_warps=warps,
             num_stages=stages,
@@ -489,6 +569,7 @@ def backward(
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 BLOCK_D=block_d,
+                D_CHUNK=_d_chunk(qkv.dtype, block_d),
                 **_dot_meta(qkv.dtype),
                 num_warps=warps,
                 num_stages=stages,
