@@ -271,8 +271,9 @@ def resources(cubin: bytes) -> tuple[int, int]:
 
 
 def compile_variant(job):
-    """Variant.job() -> (registers, spill bytes, shared bytes, error or None); plain data in and out,
-    so it runs in worker processes."""
+    """Variant.job() -> (registers, spill bytes, shared bytes, tensor-core instruction, error or None);
+    plain data in and out, so it runs in worker processes. The instruction is "wgmma" (Hopper's
+    warpgroup MMA), "mma" (mma.sync, Ampere's, which sm_90 falls back to for small tiles) or "-"."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -283,10 +284,12 @@ def compile_variant(job):
         src = ASTSource(fn, signature, constexprs, attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         regs, spill = resources(kernel.asm["cubin"])
-        return regs, spill, kernel.metadata.shared, None
+        ptx = kernel.asm["ptx"]
+        mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
+        return regs, spill, kernel.metadata.shared, mma, None
     except Exception as e:  # a failed compile is a result to report, not a crash
         lines = str(e).strip().splitlines()
-        return 0, 0, 0, f"{type(e).__name__}: {lines[0] if lines else ''}"
+        return 0, 0, 0, "-", f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 def collect(calls, only):
@@ -361,7 +364,7 @@ def main() -> int:
     else:
         results = [compile_variant(job) for job in jobs]
     rows, bad = [], 0
-    for v, (regs, spill, shared, err) in zip(todo, results):
+    for v, (regs, spill, shared, mma, err) in zip(todo, results):
         limit = ARCHS[v.arch][1]
         problems = [err] if err else []
         if spill and not err:
@@ -371,21 +374,24 @@ def main() -> int:
         bad += bool(problems)
         fits = "yes" if not problems else "NO: " + "; ".join(problems)
         rows.append(
-            (v.kernel, v.label, f"sm_{v.arch}", str(regs), str(spill), f"{shared / 1024:.1f}", fits, v)
+            (v.kernel, v.label, f"sm_{v.arch}", str(regs), str(spill), f"{shared / 1024:.1f}", mma, fits, v)
         )
-    head = ("kernel", "variant", "arch", "regs", "spill B", "smem KB", "fits")
+    head = ("kernel", "variant", "arch", "regs", "spill B", "smem KB", "mma", "fits")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
     fmt = "  ".join(f"{{:{'<' if i < 3 else '>'}{w}}}" for i, w in enumerate(widths)) + "  {}"
     print(fmt.format(*head))
     for r in rows:
-        print(fmt.format(*r[:7]))
-        v = r[7]
+        print(fmt.format(*r[:8]))
+        v = r[8]
         merged = f" [{v.merged} tile variants, this one the largest per thread]" if v.merged > 1 else ""
-        if opts.uses or not r[6].startswith("yes"):
+        if opts.uses or not r[7].startswith("yes"):
             print("\n".join(f"      used by {u}" for u in v.uses) + merged)
         else:
             more = f" (+{len(v.uses) - 1} more)" if len(v.uses) > 1 else ""
             print(f"      e.g. {v.uses[0]}{more}{merged}")
+    hopper = [r for r in rows if r[2] == "sm_90" and r[6] != "-"]
+    wgmma = sum(r[6] == "wgmma" for r in hopper)
+    print(f"sm_90 variants with tensor-core dots: {wgmma} of {len(hopper)} on wgmma, the rest on mma.sync")
     print(
         f"{len(rows)} compiled in {time.time() - t1:.0f}s, max {max(int(r[3]) for r in rows)} registers:"
         f" {bad} failing" + ("" if bad else "; everything compiles, fits and does not spill")
