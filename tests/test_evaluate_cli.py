@@ -87,11 +87,46 @@ def test_precomputed_reference_statistics_are_used(digits, tmp_path):
     assert rec["fid"] == pytest.approx(frechet_distance(FeatureStats.of(own.pool), pool), rel=1e-9)
     assert rec["sfid"] == pytest.approx(frechet_distance(FeatureStats.of(own.spatial), spatial), rel=1e-9)
     assert rec["precision"] == rec["recall"] == 1.0  # P/R use the reference images themselves
-    np.savez(tmp_path / "ref2048.npz", arr_0=images[:100], mu=np.zeros(2048), sigma=np.eye(2),
-             mu_s=np.zeros(3), sigma_s=np.eye(3))  # fmt: skip
+    np.savez_compressed(tmp_path / "ref2048.npz", arr_0=images[:100], mu=np.zeros(2048),
+                        sigma=np.zeros((2048, 2048), np.uint8), mu_s=np.zeros(2023),
+                        sigma_s=np.zeros((2023, 2023), np.uint8))  # fmt: skip
     one_line_error(
-        run(tmp_path / "ref2048.npz", tmp_path / "smp.npz"), "2048 features", "--features inception"
+        run(tmp_path / "ref2048.npz", tmp_path / "smp.npz"), "2048 (mu)", "gives 128", "--features"
     )
+
+
+def test_precomputed_sample_statistics_are_used_as_the_original_does(digits, tmp_path):
+    """evaluator.py reads mu/sigma/mu_s/sigma_s from the sample file too, not only the reference's."""
+    with np.load(digits) as z:
+        images = z["arr_0"]
+    acts = compute_activations(load_mnist_features(), images[100:])
+    pool, spatial = FeatureStats.of(acts.pool), FeatureStats.of(acts.spatial)
+    np.savez(tmp_path / "ref.npz", images[100:])
+    np.savez(tmp_path / "smp.npz", arr_0=images[:10], mu=pool.mu, sigma=pool.sigma, mu_s=spatial.mu,
+             sigma_s=spatial.sigma)  # fmt: skip
+    r = run(tmp_path / "ref.npz", tmp_path / "smp.npz", "--json", tmp_path / "s.json")
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "s.json").read_text())
+    assert abs(rec["fid"]) < 1e-3 and abs(rec["sfid"]) < 1e-3  # the statistics of the reference's images
+    assert rec["num_samples"] == 10  # IS, precision and recall still score its 10 images
+    assert "smp.npz has precomputed statistics" in r.output
+    assert "100 reference images for 128 features" in r.output and "samples for" not in r.output
+
+
+@pytest.mark.parametrize(
+    "stats,words",
+    [
+        (dict(mu_s=np.zeros(3)), ["mu_s (float64, (3,))", "sigma_s (float64, (448, 448))"]),
+        (dict(sigma=np.zeros((128, 5))), ["sigma (float64, (128, 5))"]),
+        (dict(mu=np.array("x")), ["mu (<U1, ())"]),
+        (dict(sigma=np.full((128, 128), np.nan)), ["mu or sigma", "NaN"]),
+    ],
+)
+def test_bad_precomputed_statistics_are_one_line_before_any_feature(digits, tmp_path, stats, words):
+    good = dict(mu=np.zeros(128), sigma=np.eye(128), mu_s=np.zeros(448), sigma_s=np.eye(448))
+    with np.load(digits) as z:
+        np.savez(tmp_path / "ref.npz", arr_0=z["arr_0"], **{**good, **stats})
+    one_line_error(run(tmp_path / "ref.npz", digits), "reference", "ref.npz", *words)
 
 
 def random_inception(path):

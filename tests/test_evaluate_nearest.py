@@ -118,3 +118,20 @@ def test_cli_errors(tmp_path):
     one_line_error(run(tmp_path / "missing.npz", "--data", "mnist"), "not found")
     same = ["--data", tmp_path / "train.npz", "--held-out", tmp_path / "train.npz"]
     one_line_error(run(tmp_path / "s.npz", *same), "holds 0 image(s) that are not training images")
+
+
+def test_cli_grid_rows_when_k_exceeds_the_training_images(tmp_path):
+    """--k 8 with 5 training images: each row is the sample and 5 + 5 neighbours, not 1 + 2 * 8 columns."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, n in (("s", 4), ("train", 5), ("held", 6)):
+        np.savez(tmp_path / f"{name}.npz", rng.integers(0, 256, (n, 32, 32, 1), dtype=np.uint8))
+    r = CliRunner().invoke(
+        main,
+        ["nearest", "--no-progress", "--out", str(tmp_path / "o"), "--k", "8", str(tmp_path / "s.npz")]
+        + ["--data", str(tmp_path / "train.npz"), "--held-out", str(tmp_path / "held.npz")],
+    )
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "o" / "nearest.png") as im:
+        assert im.size == (11 * 34 + 2, 4 * 34 + 2)

@@ -87,6 +87,10 @@ def test_config_refuses_old_opsets_and_unknown_dtypes():
         OnnxExportConfig(opset=13)
     with pytest.raises(ExportError, match="dtype"):
         OnnxExportConfig(dtype="int8")
+    newest = onnx.defs.onnx_opset_version()  # above it the exporter wrote opset 18, metadata aside
+    assert OnnxExportConfig(opset=newest).opset == newest
+    with pytest.raises(ExportError, match=rf"^opset must be at most {newest} \(onnx "):
+        OnnxExportConfig(opset=newest + 1)
 
 
 def _fake_export(path, sig: DenoiserSignature, digest="0" * 64, graph=None, **meta):
@@ -231,11 +235,27 @@ def test_cli_export_refuses_bad_options_before_work(tmp_path):
     assert res.exit_code != 0 and "opset must be at least 17" in res.output
     res = runner.invoke(main, ["export", "onnx", "--out", str(tmp_path), "--cfg", "--classifier", "nope.pt"])
     assert res.exit_code != 0 and "not found" in res.output
-    res = runner.invoke(main, ["export", "trt", "--onnx", str(tmp_path / "x.onnx"), "--out", str(tmp_path)])
-    assert res.exit_code != 0 and "ONNX file not found" in res.output
     res = runner.invoke(main, ["export", "onnx", "--out", str(tmp_path), "--max-batch", "1"])
     assert res.output == "Error: --max-batch must be at least 2, got 1\n"
+    res = runner.invoke(main, ["export", "onnx", "--out", str(tmp_path), "--opset", "999"])
+    assert res.output.startswith("Error: --opset must be at most ") and res.output.endswith("got 999\n")
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_export_without_the_onnx_extra_is_one_line_before_loading(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import fastdiff.runs.loading
+    from fastdiff.cli.main import main
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda m, *a: None if m == "onnxscript" else find_spec(m, *a)
+    )
+    monkeypatch.setattr(fastdiff.runs.loading, "load_diffusion_model", None)  # loading would raise
+    res = CliRunner().invoke(main, ["export", "onnx", "--out", str(tmp_path / "out")])
+    assert res.output == "Error: onnxscript not installed (pip install 'fastdiff[onnx]')\n"
+    assert res.exit_code == 1 and not (tmp_path / "out").exists()
 
 
 def test_cli_export_checks_out_before_tracing(tmp_path, monkeypatch):
@@ -394,6 +414,95 @@ def test_tensorrt_build_path_with_a_stand_in_module(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="could not build an engine"):
         build_engine(graph, tmp_path / "f.engine", TrtBuildConfig())
     assert not (tmp_path / "f.engine").exists()
+
+
+def test_cli_trt_says_what_the_machine_lacks_before_reading_the_graph(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import fastdiff.export
+    from fastdiff.cli.main import main
+    from fastdiff.export import tensorrt_engine
+
+    def missing():
+        raise ExportError("TensorRT not installed: pip install 'fastdiff[trt]' (tensorrt>=10, CUDA)")
+
+    def no_read(path):
+        raise AssertionError("read the graph before checking for TensorRT")
+
+    monkeypatch.setattr(tensorrt_engine, "tensorrt", missing)
+    monkeypatch.setattr(fastdiff.export, "read_export", no_read)
+    res = CliRunner().invoke(main, ["export", "trt", "--onnx", str(tmp_path / "x.onnx"), "--out", "o"])
+    assert res.exit_code == 1 and res.output.startswith("Error: TensorRT not installed: pip install")
+
+
+def test_cli_trt_checks_out_before_the_build(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from fastdiff.cli.main import main
+    from fastdiff.export import tensorrt_engine
+
+    def no_build(*args):
+        raise AssertionError("built before --out was checked")
+
+    monkeypatch.setattr(tensorrt_engine, "tensorrt", _FakeTrt)
+    monkeypatch.setattr(tensorrt_engine, "build_engine", no_build)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    graph = _fake_export(tmp_path / "a.onnx", DenoiserSignature(True, True, False))
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "engines"
+    res = CliRunner().invoke(main, ["export", "trt", "--onnx", str(graph), "--out", str(out)])
+    assert res.output == f"Error: cannot write to --out {out}: Not a directory\n"
+
+
+# ------------------------------------------------------------------ the cache and the graph's limits
+
+
+def test_cache_takes_no_graph_with_a_smaller_max_batch(tmp_path, monkeypatch):
+    """``fastdiff export onnx --max-batch 2`` hashes as the default export (max_batch is only
+    metadata): --engine onnx neither finds it through remember nor takes it from the cache."""
+    from fastdiff.export import denoiser_hash, onnx_runtime
+    from fastdiff.export.onnx_runtime import cache_dir, cached_export, remember
+
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
+    net = torch.nn.Linear(2, 2)
+    digest = denoiser_hash(net, None, None, "fp32", 18)
+    sig = DenoiserSignature(False, False, False)
+    small = _fake_export(tmp_path / "small.onnx", sig, digest, **{"fastdiff.max_batch": "2"})
+    assert remember(small, digest, 2) is None and not cache_dir().exists()
+    exported = []
+    monkeypatch.setattr(onnx_runtime, "export_onnx", lambda model, path, **kw: exported.append(path))
+    cache_dir().mkdir(parents=True)
+    cached = cache_dir() / f"{digest}.onnx"
+    cached.write_bytes(small.read_bytes())  # as remember put it there before
+    assert cached_export(net) == cached and exported == [cached]
+    full = _fake_export(tmp_path / "full.onnx", sig, digest, **{"fastdiff.max_batch": "4096"})
+    assert remember(full, digest, 4096) == cached and read_export(cached).max_batch == 4096
+    assert cached_export(net) == cached and len(exported) == 1
+
+
+def test_a_batch_the_graph_cannot_take_is_one_engine_error_line(tmp_path, monkeypatch):
+    """The runner's checks run inside the sampling step: the onnx engine turns them into
+    EngineError, which the sampling commands print as one line (an ExportError there was a traceback)."""
+    from builders import diffusion_from_flags
+
+    from fastdiff.diffusion.samplers import SamplingStep, make_rule
+    from fastdiff.engines import EngineError, build_engine
+    from fastdiff.export import onnx_runtime
+    from fastdiff.export.onnx_runtime import ExportedDenoiser, OnnxStep
+
+    sig = DenoiserSignature(False, False, False)
+    denoiser = ExportedDenoiser()
+    denoiser.graph = read_export(_fake_export(tmp_path / "a.onnx", sig, **{"fastdiff.max_batch": "2"}))
+    diffusion = diffusion_from_flags({"image_size": 8, "channel_mult": "1", "timestep_respacing": "ddim4"})
+    rule = make_rule(diffusion, "ddim", 0.0, torch.device("cpu"), torch.float32)
+    plain = SamplingStep(diffusion, torch.nn.Identity(), rule)
+    monkeypatch.setattr(
+        onnx_runtime, "onnx_engine", lambda step, device: OnnxStep(step, denoiser, None, None)
+    )
+    step = build_engine("onnx", plain, torch.device("cpu"))
+    x = torch.zeros(3, 1, 8, 8)
+    with pytest.raises(EngineError, match=r"^batch 3 is above the exported graph's maximum 2$"):
+        step(x, torch.tensor([3, 3, 3]), None, rule.init_state(x))
 
 
 # ------------------------------------------------------------------ an upsampler's low_res

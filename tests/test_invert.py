@@ -86,6 +86,7 @@ def test_slerp():
     mid = slerp(e1, e2, 0.5)
     assert torch.allclose(mid, torch.tensor([[math.sqrt(0.5), math.sqrt(0.5)]]))
     assert torch.allclose(slerp(e1, 2 * e1, 0.5), 1.5 * e1)  # parallel: the straight line
+    assert torch.allclose(slerp(0 * e1, e2, 0.25), 0.25 * e2)  # no angle to a zero latent: the line
 
 
 def cli(*args):
@@ -168,6 +169,7 @@ def test_interpolation_ends_are_the_seeds_samples(inverted, tmp_path):
     [
         (["invert", "{img}", "--out", "{tmp}/o"], "pass --classes, or name img.png like"),
         (["invert", "{tmp}/missing.png", "--out", "{tmp}/o"], "image not found"),
+        (["invert", "{dir}", "--out", "{tmp}/o"], "dir.png is a folder; give its images"),
         (["invert", "{small}", "--classes", 1, "--out", "{tmp}/o"], "is 28x28; the model takes 32x32"),
         (["invert", "{img}", "--classes", 1, "--to-class", 10, "--out", "{tmp}/o"], "--to-class 10 out of"),
         (["invert", "{img}", "--classes", "x", "--out", "{tmp}/o"], "--classes must be class ids"),
@@ -191,6 +193,10 @@ def test_interpolation_ends_are_the_seeds_samples(inverted, tmp_path):
             "not an npz of arrays",
         ),
         (["interpolate", "--from", 0, "--to", 1, "--class", 1, "--out", "{img}/s.png"], "Not a directory"),
+        (
+            ["interpolate", "--from", 0, "--to", 1, "--class", 1, "--out", "{dir}"],
+            "is a folder; name the strip's",
+        ),
         (["invert", "{img}", "--classes", "1,,2", "--out", "{tmp}/o"], "--classes must be class ids"),
     ],
 )
@@ -198,8 +204,41 @@ def test_errors_are_one_line(tmp_path, args, message):
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "img.png")
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "small.png")
     np.savez(tmp_path / "bad.npz", np.zeros((1, 3, 32, 32), np.float32))
-    names = {"img": tmp_path / "img.png", "small": tmp_path / "small.png", "bad": tmp_path / "bad.npz"}
+    (tmp_path / "dir.png").mkdir()
+    names = {
+        k: tmp_path / f
+        for k, f in [("img", "img.png"), ("small", "small.png"), ("bad", "bad.npz"), ("dir", "dir.png")]
+    }
     r = cli(*[str(a).format(tmp=tmp_path, **names) for a in args])
     assert r.exit_code == 1, r.output
     assert message in r.output and "Traceback" not in r.output
     assert not (tmp_path / "o").exists() and not (tmp_path / "s.png").exists()
+
+
+def test_interpolate_uses_a_stored_label_only_where_the_model_takes_one(tmp_path):
+    """Latents fastdiff invert wrote for a class-conditional model carry labels: an unconditional
+    model of the same shape ignores them, and the bundled model names a stored class it lacks as
+    the latents' (the user gave no --class)."""
+    flags = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                 attention_resolutions="", in_channels=1, diffusion_steps=100)  # fmt: skip
+    fastdiff.models.checkpoint.save_weights(
+        build_unet(**flags), tmp_path / "uncond.safetensors", {"flags": flags}
+    )
+    latents = np.random.default_rng(0).standard_normal((2, 1, 32, 32), np.float32)
+    np.savez(tmp_path / "latents.npz", latents, np.array([3, 12]))
+    ends = ("--from", f"{tmp_path / 'latents.npz'}:1", "--to", 0, "--frames", 2, "--steps", 2)
+    r = cli(
+        "interpolate", *ends, "--checkpoint", tmp_path / "uncond.safetensors", "--out", tmp_path / "u.png"
+    )
+    assert r.exit_code == 0, r.output
+    r = cli("interpolate", *ends, "--out", tmp_path / "c.png")
+    assert r.exit_code == 1 and "latents.npz:1's stored class 12 out of range" in r.output, r.output
+    assert "--class given" not in r.output and not (tmp_path / "c.png").exists()
+
+
+@pytest.mark.parametrize("paths", ["img.png", []])
+def test_invert_images_takes_a_list_of_images(tmp_path, paths):
+    """One path string is not its letters' files, and no image is no run (not a numpy error)."""
+    with pytest.raises(fastdiff.RunError, match="paths must be a non-empty list of image files"):
+        fastdiff.runs.invert_images(paths, tmp_path / "o", fastdiff.runs.DDIMOptions(steps=2, device="cpu"))
+    assert not (tmp_path / "o").exists()

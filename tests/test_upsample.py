@@ -151,6 +151,7 @@ def files(tmp_path_factory):
     np.savez(d / "unlabelled.npz", _low_res(5))
     np.savez(d / "short_labels.npz", _low_res(5), np.array([0, 1, 2]))
     np.savez(d / "big.npz", np.zeros((2, 16, 16, 3), np.uint8), np.array([0, 1]))
+    (d / "folder.npz").mkdir()
     return d
 
 
@@ -204,11 +205,30 @@ def test_cli_upsample_cycles_and_reads_safetensors_flags(files, tmp_path):
         assert z["arr_1"].tolist() == [0, 1, 2, 3, 1, 0, 1]
 
 
+def test_cli_unconditional_upsampler_ignores_the_labels(files, tmp_path):
+    """super_res_sample.py reads arr_1 only for a class-conditional upsampler: a labelled npz (as
+    a class-conditional base run writes) gives the unlabelled npz's samples, not a traceback."""
+    flags = {**SR_FLAGS, "class_cond": False}
+    torch.manual_seed(0)
+    model = build_superres(**flags)
+    save_weights(model, tmp_path / "uncond.safetensors", {"flags": flags})
+    made = []
+    for npz in ("low", "unlabelled"):  # the same images, with and without labels
+        r = upsample("--checkpoint", tmp_path / "uncond.safetensors", "--low-res", files / f"{npz}.npz",
+                     "--steps", 2, "--out", tmp_path / npz)  # fmt: skip
+        assert r.exit_code == 0, r.output
+        with np.load(tmp_path / npz / "samples_5x16x16x3.npz") as z:
+            assert z.files == ["arr_0"]
+            made.append(z["arr_0"])
+    assert np.array_equal(*made)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (("--preset", "mnist", "--low-res", "low.npz"), "is a diffusion model, not a superres model"),
         (("--low-res", "missing.npz"), "--low-res not found"),
+        (("--low-res", "folder.npz"), "folder.npz is a folder, not a file"),
         (("--low-res", "big.npz"), "big.npz: 16x16x3 images; the upsampler takes 8x8x3"),
         (("--low-res", "unlabelled.npz"), "class-conditional but --low-res"),
         (("--low-res", "short_labels.npz"), "its arr_1 is not one integer label per image"),

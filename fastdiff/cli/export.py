@@ -50,6 +50,7 @@ def export_onnx_command(
     import torch
 
     from fastdiff.export import ExportError, OnnxExportConfig, export_onnx
+    from fastdiff.export.onnx_export import missing_packages
     from fastdiff.export.validate import validate_export
     from fastdiff.runs.folder import check_writable
     from fastdiff.runs.loading import (
@@ -60,6 +61,8 @@ def export_onnx_command(
     )
     from fastdiff.runs.upsample import load_upsampler, names_upsampler
 
+    if missing := missing_packages():
+        raise click.ClickException(missing)
     try:
         config = OnnxExportConfig(dtype=dtype, opset=opset, max_batch=max_batch)
     except ExportError as e:  # name the options the user wrote, not the config's fields
@@ -110,7 +113,7 @@ def export_onnx_command(
     from fastdiff.export.onnx_runtime import remember
 
     if result.bytes < 2**31 and not (out / f"{name}.data").exists():
-        remember(result.path, result.hash)  # fastdiff sample --engine onnx then finds it
+        remember(result.path, result.hash, max_batch)  # fastdiff sample --engine onnx then finds it
     nodes = sum(result.node_counts.values())
     click.echo(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, {nodes} nodes)")
     if validate:
@@ -136,18 +139,23 @@ def export_onnx_command(
 def export_trt_command(onnx_path, out, precision, min_batch, opt_batch, max_batch):
     """A TensorRT engine from an exported ONNX graph (CUDA, TensorRT 10)."""
     from fastdiff.export import ExportError, read_export
+    from fastdiff.export.onnx_export import missing_packages
     from fastdiff.export.tensorrt_engine import TrtBuildConfig, build_engine, engine_key, gpu_key, tensorrt
+    from fastdiff.runs.folder import check_writable
 
-    try:
+    try:  # what the machine lacks first, then the file (reading a large one takes a while)
         config = TrtBuildConfig(precision, min_batch, opt_batch, max_batch)
-        graph = read_export(onnx_path)
-        if max_batch > graph.max_batch:
-            raise ExportError(f"--max-batch {max_batch} is above the graph's maximum {graph.max_batch}")
         trt = tensorrt()
         import torch
 
         if not torch.cuda.is_available():
             raise ExportError("building a TensorRT engine needs a CUDA GPU")
+        if missing := missing_packages(["onnx"]):
+            raise ExportError(missing)
+        graph = read_export(onnx_path)
+        if max_batch > graph.max_batch:
+            raise ExportError(f"--max-batch {max_batch} is above the graph's maximum {graph.max_batch}")
+        check_writable(out, f"--out {out}")  # before the build (minutes), not after it
         key = engine_key(graph, config, trt.__version__, gpu_key())
         path = build_engine(graph, out / f"denoiser-{key}.engine", config, out / "timing.cache")
     except ExportError as e:

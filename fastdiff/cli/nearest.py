@@ -207,7 +207,8 @@ def nearest_command(
 
         atomic_write(out / "nearest.npz", write_npz)
         order = report.suspicion_order()[:show]
-        save_grid(neighbour_rows(report, images, train, order), out / "nearest.png", ncol=1 + 2 * config.k)
+        neighbours = report.features.sample_index.shape[1]  # --k, or every training image when fewer
+        save_grid(neighbour_rows(report, images, train, order), out / "nearest.png", ncol=1 + 2 * neighbours)
         plotted = distance_plot(report, out / "distances.png")
     except OSError as e:
         raise click.ClickException(f"cannot write to {out}: {e.strerror or e}") from None

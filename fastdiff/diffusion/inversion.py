@@ -90,14 +90,14 @@ def ddim_invert(
 def slerp(a: Tensor, b: Tensor, t: float) -> Tensor:
     """Spherical interpolation between latents ``a`` and ``b`` (per sample, over all but the batch
     dimension): Gaussian latents keep their norm, which a straight line would shrink. t = 0 and
-    t = 1 give ``a`` and ``b`` exactly; (near-)parallel latents fall back to the straight line."""
+    t = 1 give ``a`` and ``b`` exactly; (near-)parallel or zero latents fall back to the straight line."""
     flat_a, flat_b = a.reshape(len(a), -1).double(), b.reshape(len(b), -1).double()
     cos = (flat_a * flat_b).sum(1) / (flat_a.norm(dim=1) * flat_b.norm(dim=1))
     theta = torch.arccos(cos.clamp(-1.0, 1.0))
     out = torch.empty_like(flat_a)
     for k in range(len(a)):
         th = float(theta[k])
-        if math.sin(th) < 1e-6:
+        if not math.sin(th) >= 1e-6:  # NaN: a zero latent has no direction
             wa, wb = 1.0 - t, float(t)
         else:
             wa, wb = math.sin((1.0 - t) * th) / math.sin(th), math.sin(t * th) / math.sin(th)

@@ -18,7 +18,6 @@ which one runs:
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -66,29 +65,44 @@ def _parallel(step, device: torch.device) -> StepFn:
     return BatchParallelStep(step, torch.get_num_threads())
 
 
-def _onnx(step, device: torch.device) -> StepFn:
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise EngineError(f"engine 'onnx': {', '.join(missing)} not installed (pip install 'fastdiff[onnx]')")
-    if step is None:
-        return None
+def _exported(make_step) -> StepFn:
+    """An exported graph's step, its ExportErrors said as one EngineError line: the graph's limits
+    (a batch above its maximum) are found only when a batch runs, inside the sampling loop."""
     from fastdiff.export import ExportError
-    from fastdiff.export.onnx_runtime import onnx_engine
 
     try:
-        return onnx_engine(step, device)
+        inner = make_step()
     except ExportError as e:
         raise EngineError(str(e)) from None
+    if inner is None:  # check_engine's probe: no step to run
+        return None
+
+    def run(x, t, noise, state):
+        try:
+            return inner(x, t, noise, state)
+        except ExportError as e:
+            raise EngineError(str(e)) from None
+
+    return run
+
+
+def _onnx(step, device: torch.device) -> StepFn:
+    from fastdiff.export.onnx_export import missing_packages
+
+    missing = missing_packages()
+    if missing:
+        raise EngineError(f"engine 'onnx': {missing}")
+    if step is None:
+        return None
+    from fastdiff.export.onnx_runtime import onnx_engine
+
+    return _exported(lambda: onnx_engine(step, device))
 
 
 def _trt(step, device: torch.device) -> StepFn:
-    from fastdiff.export import ExportError
     from fastdiff.export.tensorrt_engine import trt_engine
 
-    try:
-        return trt_engine(step, device)
-    except ExportError as e:
-        raise EngineError(str(e)) from None
+    return _exported(lambda: trt_engine(step, device))
 
 
 ENGINES: dict[str, Callable[..., StepFn]] = {

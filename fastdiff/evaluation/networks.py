@@ -176,6 +176,15 @@ def compute_activations(
     return Activations(*(np.concatenate(p) for p in parts))
 
 
+@torch.no_grad()
+def feature_sizes(net: FeatureNetwork, image_shape: tuple[int, int, int]) -> tuple[int, int]:
+    """(pool, spatial) feature sizes for images of ``image_shape`` (H, W, C), from one blank image:
+    what precomputed statistics are checked against before the features are computed."""
+    blank = torch.zeros((1, *image_shape), dtype=torch.uint8, device=next(net.parameters()).device)
+    pool, spatial, _ = net.activations(blank)
+    return pool.shape[1], spatial.shape[1]
+
+
 def num_batches(images: ImageBatch, batch_size: int) -> int:
     return -(-len(images) // batch_size)
 

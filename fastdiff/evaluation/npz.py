@@ -124,6 +124,27 @@ def _header(f, path) -> tuple[tuple[int, ...], bool, np.dtype]:
         raise EvaluationError(f"cannot read arr_0 of {path}: {e}") from None
 
 
+def _stats(z, names: set[str], source: str) -> tuple[FeatureStats, FeatureStats]:
+    """The precomputed (pool, spatial) statistics, checked here: a bad mean or covariance would
+    otherwise fail in a linear algebra routine after every feature is computed."""
+    missing = [k for k in STAT_KEYS if k not in names]
+    if missing:
+        raise EvaluationError(f"{source} has mu but not {', '.join(missing)}")
+    stats = []
+    for mu_key, sigma_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        mu, sigma = z[mu_key], z[sigma_key]
+        numbers = mu.dtype.kind in "fiu" and sigma.dtype.kind in "fiu"
+        if not numbers or mu.ndim != 1 or sigma.shape != mu.shape * 2:
+            raise EvaluationError(
+                f"{source}: {mu_key} ({mu.dtype}, {mu.shape}) and {sigma_key} ({sigma.dtype}, {sigma.shape}) "
+                "are not a mean and a covariance (numbers, D and D x D)"
+            )
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise EvaluationError(f"{source}: {mu_key} or {sigma_key} holds NaN or infinite values")
+        stats.append(FeatureStats(mu, sigma))
+    return stats[0], stats[1]
+
+
 def read_npz(path: str | os.PathLike, role: str = "samples") -> ImageBatch:
     """An npz's images (checked for layout, not read yet), labels and precomputed statistics."""
     path = Path(path)
@@ -145,12 +166,7 @@ def read_npz(path: str | os.PathLike, role: str = "samples") -> ImageBatch:
     try:
         with np.load(path) as z:
             labels = z["arr_1"] if "arr_1" in names else None
-            stats = None
-            if "mu" in names:
-                missing = [k for k in STAT_KEYS if k not in names]
-                if missing:
-                    raise EvaluationError(f"{source} has mu but not {', '.join(missing)}")
-                stats = (FeatureStats(z["mu"], z["sigma"]), FeatureStats(z["mu_s"], z["sigma_s"]))
+            stats = _stats(z, names, source) if "mu" in names else None
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         if isinstance(e, EvaluationError):
             raise

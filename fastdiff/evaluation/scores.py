@@ -1,6 +1,6 @@
 """Score a sample batch against a reference batch, as ``evaluator.py ref.npz samples.npz`` does:
-features of both, the reference's precomputed statistics where it has them, then IS, FID, sFID,
-precision and recall."""
+features of both, a file's precomputed statistics where it has them (the sample file's too), then
+IS, FID, sFID, precision and recall."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .metrics import (
     inception_score,
     precision_recall,
 )
-from .networks import Activations, FeatureNetwork, MnistFeatures, compute_activations
+from .networks import Activations, FeatureNetwork, MnistFeatures, compute_activations, feature_sizes
 from .npz import ImageBatch
 
 
@@ -82,10 +82,23 @@ def check_pair(ref: ImageBatch, samples: ImageBatch, net: FeatureNetwork, config
                 f"{batch.source} holds {len(batch)} images; precision/recall need at least "
                 f"{min_samples(config)} (and FID wants thousands: the paper scores 50,000 samples)"
             )
+    with_stats = [batch for batch in (ref, samples) if batch.stats is not None]
+    if with_stats:
+        sizes = feature_sizes(net, ref.image_shape)
+        for batch in with_stats:
+            got = tuple(s.mu.shape[0] for s in batch.stats)
+            if got != sizes:
+                raise EvaluationError(
+                    f"{batch.source} has precomputed statistics of {got[0]} (mu) and {got[1]} (mu_s) "
+                    f"features but {net.name} gives {sizes[0]} and {sizes[1]}; use the --features they "
+                    "were computed with (2048 and 2023: inception)"
+                )
 
 
-def _stats(acts: Activations) -> tuple[FeatureStats, FeatureStats]:
-    return FeatureStats.of(acts.pool), FeatureStats.of(acts.spatial)
+def _stats(batch: ImageBatch, acts: Activations) -> tuple[FeatureStats, FeatureStats]:
+    """A file's precomputed statistics where it has them (ADM's evaluator reads them from the
+    sample file as from the reference), else those of its features."""
+    return batch.stats or (FeatureStats.of(acts.pool), FeatureStats.of(acts.spatial))
 
 
 def evaluate(
@@ -102,9 +115,9 @@ def evaluate(
     over torchrun's ranks); where it returns None (a rank that handed its share to rank 0),
     nothing is scored and evaluate returns None.
     """
-    check_pair(ref, samples, net, config)
     device = torch.device(config.device)
-    net.to(device).eval()
+    net.to(device).eval()  # before check_pair's probe, which training-mode batch norm would learn from
+    check_pair(ref, samples, net, config)
 
     def acts(batch: ImageBatch, what: str) -> Activations | None:
         if activations is not None:
@@ -116,21 +129,16 @@ def evaluate(
     if ref_acts is None or smp_acts is None:
         return None
     warnings = []
-    ref_stats = ref.stats
-    if ref_stats is not None and ref_stats[0].mu.shape != (ref_acts.pool.shape[1],):
-        raise EvaluationError(
-            f"{ref.source} has precomputed statistics of {ref_stats[0].mu.shape[0]} features but "
-            f"{net.name} gives {ref_acts.pool.shape[1]}; they are Inception statistics: "
-            "use --features inception"
-        )
-    ref_stats = ref_stats or _stats(ref_acts)
-    smp_stats = _stats(smp_acts)
     dim = smp_acts.pool.shape[1]
-    if len(samples) <= dim:
-        warnings.append(
-            f"{len(samples)} samples for {dim} features: the covariance is singular and FID is biased "
-            f"upward; use more than {dim} (the paper uses 50,000)"
-        )
+    for batch, what in ((ref, "reference images"), (samples, "samples")):
+        if batch.stats is None and len(batch) <= dim:
+            warnings.append(
+                f"{len(batch)} {what} for {dim} features: the covariance is singular and FID is biased "
+                f"upward; use more than {dim} (the paper uses 50,000)"
+            )
+    if samples.stats is not None:
+        warnings.append(f"{samples.source} has precomputed statistics: FID and sFID use them, not its images")
+    ref_stats, smp_stats = _stats(ref, ref_acts), _stats(samples, smp_acts)
     precision, recall = precision_recall(
         ref_acts.pool, smp_acts.pool, dataclasses.replace(config.manifold, device=str(device))
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import time
@@ -31,12 +32,20 @@ from .graph import DenoiserSignature, GuidedDenoiser, example_inputs, input_shap
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MIN_OPSET = 17
+ONNX_EXTRA = ("onnx", "onnxscript", "onnxruntime")
 # Above this the weights go to a side file (protobuf's 2 GiB limit on one message).
 _EXTERNAL_DATA_BYTES = 1536 * 2**20
 
 
 class ExportError(RuntimeError):
     """A user-facing export/loading problem, said in one line."""
+
+
+def missing_packages(packages: Sequence[str] = ONNX_EXTRA) -> str | None:
+    """One line naming which of ``packages`` (the onnx extra's) are not installed, or None: said
+    before any work, not as an ImportError traceback after loading the networks."""
+    missing = [m for m in packages if importlib.util.find_spec(m) is None]
+    return f"{', '.join(missing)} not installed (pip install 'fastdiff[onnx]')" if missing else None
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,13 @@ class OnnxExportConfig:
             raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.opset < MIN_OPSET:
             raise ExportError(f"opset must be at least {MIN_OPSET}, got {self.opset}")
+        import onnx.defs  # the exporter writes opset 18 for one newer than onnx knows, and says nothing
+
+        if self.opset > onnx.defs.onnx_opset_version():
+            raise ExportError(
+                f"opset must be at most {onnx.defs.onnx_opset_version()} (onnx {onnx.__version__}), "
+                f"got {self.opset}"
+            )
         if self.trace_batch < 2:
             raise ExportError(f"trace_batch must be at least 2, got {self.trace_batch}")
         if self.max_batch < self.trace_batch:
@@ -190,7 +206,7 @@ def export_onnx(
     classifier: nn.Module | None = None,
     null_label: int | None = None,
     low_res_shape: Sequence[int] | None = None,
-    config: OnnxExportConfig = OnnxExportConfig(),
+    config: OnnxExportConfig | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> ExportResult:
     """Export the guided denoiser of ``model`` (+ ``classifier``'s input gradient, + classifier-free
@@ -202,6 +218,7 @@ def export_onnx(
     import onnx
 
     start = time.perf_counter()
+    config = config or OnnxExportConfig()  # not a default argument: it imports onnx
     path = Path(path)
     dtype = DTYPES[config.dtype]
     image_shape, low_res_shape = graph_shapes(model, low_res_shape, classifier, null_label)
@@ -381,6 +398,7 @@ __all__ = [
     "denoiser_hash",
     "export_onnx",
     "graph_shapes",
+    "missing_packages",
     "node_counts",
     "read_export",
 ]

@@ -210,15 +210,29 @@ def _plain(net, engine: str = "onnx"):
 _SESSIONS: dict[tuple, OrtDenoiser] = {}
 
 
-def remember(path: Path, digest: str) -> Path | None:
+def _serves(path: Path, digest: str, max_batch: int) -> bool:
+    """Whether ``path`` reads back as the export of the networks hashed ``digest`` taking batches up
+    to ``max_batch`` (not in the hash: ``fastdiff export onnx --max-batch`` changes only that)."""
+    try:
+        graph = read_export(path)
+    except ExportError:
+        return False  # missing or damaged
+    return graph.hash == digest and graph.max_batch >= max_batch
+
+
+def remember(path: Path, digest: str, max_batch: int) -> Path | None:
     """Put an exported file where ``--engine onnx`` looks for these networks (a hard link, else a
-    copy), so sampling after ``fastdiff export onnx`` does not export again; None if it cannot."""
+    copy), so sampling after ``fastdiff export onnx`` does not export again; None if it cannot, or
+    if it takes fewer batches than ``--engine onnx`` exports for (that would export again)."""
     import shutil
 
     from fastdiff.files import atomic_write
 
+    wanted = OnnxExportConfig().max_batch  # what --engine onnx exports for
+    if max_batch < wanted:
+        return None
     target = cache_dir() / f"{digest}.onnx"
-    if target.is_file():
+    if _serves(target, digest, wanted):
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -235,16 +249,13 @@ def cached_export(
     model, classifier=None, null_label=None, config: OnnxExportConfig | None = None, low_res_shape=None
 ) -> Path:
     """The exported graph of these networks in the cache folder, exported now if absent (or if
-    the cached file does not read back as this export); ``low_res_shape``: an upsampler's."""
+    the cached file does not read back as this export for ``config``'s batches); ``low_res_shape``:
+    an upsampler's."""
     config = config or OnnxExportConfig()
     digest = denoiser_hash(model, classifier, null_label, config.dtype, config.opset, low_res_shape)
     path = cache_dir() / f"{digest}.onnx"
-    if path.is_file():
-        try:
-            if read_export(path).hash == digest:
-                return path
-        except ExportError:
-            pass  # a damaged cache entry: export again over it
+    if _serves(path, digest, config.max_batch):
+        return path
     print(f"fastdiff: exporting the denoiser to ONNX (once) into {path}", file=sys.stderr)
     export_onnx(
         model, path, classifier=classifier, null_label=null_label, low_res_shape=low_res_shape, config=config

@@ -3,8 +3,8 @@ import of fastdiff is in this module.
 
 An engine is built once per (graph hash, TensorRT version, GPU) with fp16 or bf16 layers, one
 optimisation profile for a batch range and a timing cache beside it, and cached under that key;
-``TrtDenoiser`` runs it on torch's CUDA stream with device buffers, its call captured in a CUDA
-graph per batch size.
+``TrtDenoiser`` runs it on torch's current CUDA stream with the tensors' device memory as its
+bindings (one ``execute_async_v3`` per step; no CUDA graph around it yet).
 """
 
 from __future__ import annotations

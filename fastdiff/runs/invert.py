@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,10 +237,14 @@ def invert_images(
     reconstructed/ and edited/ PNGs, comparison.png (inputs, reconstructions, edits as rows) and
     invert.json with each image's PSNR."""
     check_arguments(invert_images, locals())
+    if isinstance(paths, str | os.PathLike) or not paths:  # a str would be read as its letters
+        raise RunError(f"invert_images: paths must be a non-empty list of image files, got {paths!r}")
     if batch_size < 1:
         raise RunError(f"--batch-size must be >= 1, got {batch_size}")
     paths, out = [Path(p) for p in paths], Path(out)
     for p in paths:
+        if p.is_dir():
+            raise RunError(f"{p} is a folder; give its images (e.g. {p / '*.png'})")
         if not p.is_file():
             raise RunError(f"image not found: {p}")
     loaded, sampler, dev, respacing = setup(options)
@@ -305,12 +310,16 @@ def interpolate(
     loaded, sampler, dev, _ = setup(options)
     with ranks.agreed("checking the latents"):
         if distributed.is_main():  # it writes the strip
+            if out.is_dir():
+                raise RunError(f"--out {out} is a folder; name the strip's PNG file")
             check_writable(out.parent, f"--out {out}")
         a, label_a = _endpoint(start, "--from", loaded, dev)
         b, _ = _endpoint(end, "--to", loaded, dev)
-        label = _check_class(loaded, label if label is not None else label_a, "--class")
-        if loaded.class_cond and label is None:
-            raise RunError("the model is class-conditional: pass --class K")
+        label = _check_class(loaded, label, "--class")
+        if loaded.class_cond and label is None:  # an unconditional model has no use for a stored label
+            label = _check_class(loaded, label_a, f"--from {start}'s stored class")
+            if label is None:
+                raise RunError("the model is class-conditional: pass --class K")
     path = torch.cat([slerp(a, b, k / (frames - 1)) for k in range(frames)])
 
     def work(lo: int, hi: int) -> np.ndarray:

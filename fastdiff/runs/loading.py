@@ -95,7 +95,7 @@ class LoadedModel:
 
 def check_file(path: Path, what: str) -> None:
     if path.is_dir():
-        raise RunError(f"{what} {path} is a folder; give the weights file")
+        raise RunError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
         raise RunError(f"{what} not found: {path}")
 

@@ -122,7 +122,8 @@ def upsample_plan(
     upsampler: LoadedModel, low_res: LowRes, num_samples: int, settings: Plan | None = None, **fields
 ) -> UpsamplePlan:
     """The run's plan: the upsampler and its low-res input by identity, unguided, with the run
-    options of ``settings`` (a cascade's base plan) replaced by ``fields`` (Plan field names)."""
+    options of ``settings`` (a cascade's base plan) replaced by ``fields`` (Plan field names).
+    An unconditional upsampler ignores the npz's labels, as super_res_sample.py does."""
     own = {f.name: getattr(settings, f.name) for f in dataclasses.fields(Plan)} if settings else {}
     return UpsamplePlan(
         **{
@@ -132,7 +133,7 @@ def upsample_plan(
             "classifier": None,
             "classifier_scale": 0.0,
             "cfg_scale": None,
-            "labels": low_res.labels_for(num_samples),
+            "labels": low_res.labels_for(num_samples) if upsampler.class_cond else None,
             "low_res": low_res.sha256,
         }
     )
