@@ -137,7 +137,7 @@ def test_invert_reconstructs_the_bundled_models_samples(inverted):
     assert f"PSNR mean {np.mean(record['psnr']):.2f} dB" in output
     with np.load(d / "inv" / "latents.npz") as z:
         assert z["arr_0"].shape == (2, 1, 32, 32) and z["arr_0"].dtype == np.float32
-        assert z["arr_1"].tolist() == [3, 7]
+        assert z["arr_1"].tolist() == [3, 7] and str(z["respacing"]) == "ddim10"
     assert Image.open(d / "inv" / "comparison.png").size == (2 * 34 + 2, 3 * 34 + 2)  # 3 rows
 
 
@@ -162,6 +162,32 @@ def test_interpolation_ends_are_the_seeds_samples(inverted, tmp_path):
     assert r.exit_code == 0, r.output
     recon = np.asarray(Image.open(d / "inv" / "reconstructed" / "000000.png"))
     assert np.array_equal(_tiles(tmp_path / "inv.png", 2)[0], recon)
+    # without --steps: the steps the latents were inverted with (10), not the default (25)
+    r = cli("interpolate", "--from", f"{latents}:0", "--to", f"{latents}:1", "--frames", 2,
+            "--out", tmp_path / "stored.png")  # fmt: skip
+    assert r.exit_code == 0 and "(10 DDIM steps)" in r.output, r.output
+    assert np.array_equal(_tiles(tmp_path / "stored.png", 2)[0], recon)
+
+
+def test_interpolate_refuses_latents_inverted_with_different_steps(tmp_path):
+    for name, respacing in (("a", "ddim10"), ("b", "ddim20")):
+        latents = np.zeros((1, 1, 32, 32), np.float32)
+        np.savez(tmp_path / f"{name}.npz", latents, np.array([3]), respacing=np.array(respacing))
+    r = cli(
+        "interpolate", "--from", tmp_path / "a.npz", "--to", tmp_path / "b.npz", "--out", tmp_path / "s.png"
+    )
+    assert r.exit_code == 1 and "inverted with different steps (ddim10, ddim20)" in r.output, r.output
+
+
+def test_an_exact_reconstruction_is_null_psnr_in_invert_json():
+    from fastdiff.runs.invert import _json_safe, _psnr
+
+    image = np.zeros((4, 4, 1), np.uint8)
+    record = {"psnr": [_psnr(image, image), 20.0], "mean_psnr": math.inf}
+    assert json.loads(json.dumps(_json_safe(record), allow_nan=False)) == {
+        "psnr": [None, 20.0],
+        "mean_psnr": None,
+    }
 
 
 @pytest.mark.parametrize(

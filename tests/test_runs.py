@@ -110,3 +110,15 @@ def test_invert_and_interpolate_check_their_arguments(tmp_path):
         interpolate("3", "8", str(tmp_path / "s.png"), DDIMOptions(), frames="8")
     with pytest.raises(RunError, match="--batch-size must be >= 1"):
         invert_images([tmp_path / "a.png"], str(tmp_path / "o"), DDIMOptions(), batch_size=0)
+
+
+def test_default_steps_are_capped_at_the_models():
+    """No --steps on a model with fewer diffusion steps than the sampler's default samples every
+    step; only steps the user gave are refused, quoting them."""
+    from fastdiff.runs.plan import respacing_for
+
+    assert respacing_for("ddpm", None, None, 100) == "100"
+    assert respacing_for("ddim", None, None, 10) == "ddim10"
+    assert respacing_for("ddim", None, None, 1000) == "ddim25"
+    with pytest.raises(RunError, match="--steps must be between 2 and 100, got 250"):
+        respacing_for("ddpm", 250, None, 100)

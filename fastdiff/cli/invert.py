@@ -60,7 +60,7 @@ def _model_options(command):
 def invert_command(images, out, classes, to_class, batch_size, **model):
     """DDIM-invert IMAGES to latents x_T (reconstruction PSNR); --to-class edits their class.
 
-    Writes latents.npz (arr_0 x_T float32 NCHW, arr_1 labels; `fastdiff interpolate` reads it),
+    Writes latents.npz (arr_0 x_T float32 NCHW, arr_1 labels, respacing; `fastdiff interpolate` reads it),
     reconstructed/ and edited/ PNGs, comparison.png (inputs, reconstructions, edits as rows) and
     invert.json with each image's PSNR.
     """
@@ -93,7 +93,8 @@ def interpolate_command(start, end, frames, label, out, batch_size, **model):
     """Sample the spherical interpolation between two latents as one strip PNG.
 
     A seed's latent is the x_T image 0 of `fastdiff sample --seed S` starts from, so with the same
-    model, steps and guidance (ddim) the strip's ends are those samples.
+    model, steps and guidance (ddim) the strip's ends are those samples. Latents from `fastdiff
+    invert` bring their steps (the default here), so the ends are their reconstructions.
     """
     steps = interpolate(
         start, end, out, DDIMOptions(**model), frames=frames, label=label, batch_size=batch_size

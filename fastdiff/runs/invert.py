@@ -14,6 +14,7 @@ holds the folder and writes; every batch is deterministic, so the files are one 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -138,6 +139,16 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
+def _json_safe(record: dict) -> dict:
+    """The record with an exact reconstruction's infinite PSNR as null: json would write it as
+    Infinity, which strict JSON readers refuse."""
+
+    def finite(v: float) -> float | None:
+        return None if v == math.inf else v
+
+    return {**record, "psnr": [finite(v) for v in record["psnr"]], "mean_psnr": finite(record["mean_psnr"])}
+
+
 def _batches(n: int, size: int):
     return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
@@ -156,21 +167,43 @@ def _with_labels(labels: list[int] | None, lo: int, hi: int, device) -> torch.Te
     return None if labels is None else torch.tensor(labels[lo:hi], device=device)
 
 
-def _save_npz(path: Path, *arrays: np.ndarray) -> None:
+def _save_npz(path: Path, *arrays: np.ndarray, **named: np.ndarray) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:
-            np.savez(f, *arrays)
+            np.savez(f, *arrays, **named)
 
     atomic_write(path, write)
+
+
+def _latents_spec(spec: str) -> tuple[str, str] | None:
+    """(file, index) of LATENTS.npz[:INDEX]; None for a seed."""
+    if re.fullmatch(r"-?\d+", spec):
+        return None
+    path, _, index = spec.partition(":") if not Path(spec).is_file() else (spec, "", "")
+    return path, index
+
+
+def _stored_respacing(spec: str) -> str | None:
+    """The respacing a latents file was inverted with (fastdiff invert stores it), if readable:
+    DDIM's ends are the reconstructions only at those steps."""
+    parts = _latents_spec(spec)
+    if parts is None or not Path(parts[0]).is_file():
+        return None
+    try:
+        with np.load(parts[0]) as z:
+            return str(z["respacing"]) if "respacing" in z.files else None
+    except (OSError, ValueError):
+        return None  # _endpoint says what is wrong with the file
 
 
 def _endpoint(spec: str, option: str, loaded: LoadedModel, device) -> tuple[torch.Tensor, int | None]:
     """(x_T of shape 1xCxHxW, its label if stored) for a seed or LATENTS.npz[:INDEX]."""
     shape = (1, loaded.in_channels, loaded.image_size, loaded.image_size)
-    if re.fullmatch(r"-?\d+", spec):
+    parts = _latents_spec(spec)
+    if parts is None:
         check_seed(int(spec), f"{option}'s seed")
         return randn(shape, batch_generator(device, int(spec), 0), device), None
-    path, _, index = spec.partition(":") if not Path(spec).is_file() else (spec, "", "")
+    path, index = parts
     try:
         i = int(index or 0)
     except ValueError:
@@ -201,8 +234,9 @@ def _endpoint(spec: str, option: str, loaded: LoadedModel, device) -> tuple[torc
 def _write_inversion(out: Path, inputs, latents, recon, edited, record: dict) -> None:
     """latents.npz, the reconstructed/ (and edited/) PNGs, comparison.png and invert.json."""
     labels = record["labels"]
+    arrays = [latents] if labels is None else [latents, np.array(labels)]
     try:
-        _save_npz(out / "latents.npz", *([latents] if labels is None else [latents, np.array(labels)]))
+        _save_npz(out / "latents.npz", *arrays, respacing=np.array(record["respacing"]))
         for i, img in enumerate(recon):
             save_png(img, out / "reconstructed" / f"{i:06d}.png")
         rows = [inputs, recon]
@@ -211,7 +245,8 @@ def _write_inversion(out: Path, inputs, latents, recon, edited, record: dict) ->
             for i, img in enumerate(edited):
                 save_png(img, out / "edited" / f"{i:06d}_class{record['to_class']}.png")
         save_grid(np.concatenate(rows), out / "comparison.png", ncol=len(inputs))
-        atomic_write(out / "invert.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+        text = json.dumps(_json_safe(record), indent=1, allow_nan=False)
+        atomic_write(out / "invert.json", lambda tmp: Path(tmp).write_text(text))
     except OSError as e:
         raise RunError(f"cannot write to {out}: {e.strerror or e}") from None
 
@@ -233,9 +268,9 @@ def invert_images(
     to_class: int | None = None,
     batch_size: int = 16,
 ) -> Inversion:
-    """Invert ``paths`` into the folder ``out``: latents.npz (arr_0 x_T float32 NCHW, arr_1 labels),
-    reconstructed/ and edited/ PNGs, comparison.png (inputs, reconstructions, edits as rows) and
-    invert.json with each image's PSNR."""
+    """Invert ``paths`` into the folder ``out``: latents.npz (arr_0 x_T float32 NCHW, arr_1 labels,
+    respacing), reconstructed/ and edited/ PNGs, comparison.png (inputs, reconstructions, edits as
+    rows) and invert.json with each image's PSNR (null where the reconstruction is exact)."""
     check_arguments(invert_images, locals())
     if isinstance(paths, str | os.PathLike) or not paths:  # a str would be read as its letters
         raise RunError(f"invert_images: paths must be a non-empty list of image files, got {paths!r}")
@@ -298,7 +333,9 @@ def interpolate(
 ) -> int:
     """Sample ``frames`` images along the slerp from ``start`` to ``end`` (each a seed or
     LATENTS.npz[:INDEX]) as one strip PNG ``out``; returns the DDIM steps taken. Every frame has
-    class ``label`` (default: ``start``'s stored label)."""
+    class ``label`` (default: ``start``'s stored label). Without steps or a respacing in
+    ``options``, latents files' own (the steps they were inverted with) are used, so the ends
+    are their reconstructions."""
     check_arguments(interpolate, locals())
     if batch_size < 1:
         raise RunError(f"--batch-size must be >= 1, got {batch_size}")
@@ -307,6 +344,15 @@ def interpolate(
         raise RunError(f"--out {out}: the strip is a PNG; name it .png")
     if frames < 2:
         raise RunError(f"--frames must be at least 2, got {frames}")
+    if options.steps is None and options.respacing is None:
+        stored = {r for r in map(_stored_respacing, (start, end)) if r is not None}
+        if len(stored) > 1:
+            raise RunError(
+                f"--from and --to were inverted with different steps ({', '.join(sorted(stored))}); "
+                "pass --steps or --respacing"
+            )
+        if stored:
+            options = dataclasses.replace(options, respacing=stored.pop())
     loaded, sampler, dev, _ = setup(options)
     with ranks.agreed("checking the latents"):
         if distributed.is_main():  # it writes the strip

@@ -53,7 +53,8 @@ def respacing_for(sampler: str, steps: int | None, respacing: str | None, total:
         raise RunError("give --steps or --respacing, not both")
     if respacing is None:
         spec = SAMPLERS[sampler]
-        steps = spec.default_steps if steps is None else steps
+        if steps is None:  # a model with fewer steps than the default samples every one
+            steps = min(spec.default_steps, total)
         if not 2 <= steps <= total:
             raise RunError(f"--steps must be between 2 and {total}, got {steps}")
         respacing = spec.respacing(steps)
