@@ -45,6 +45,22 @@ def test_ctrl_c_exits_130_and_says_how_to_continue(monkeypatch):
     assert r.exit_code == 130 and r.output == "interrupted\n"  # no --resume to offer
 
 
+def test_usage_errors_are_one_line_exit_2():
+    """A bad option or value is one line naming the command's --help (click would print a usage
+    block of four), with click's usage exit status 2; nothing runs."""
+    cases = [
+        (["sample", "--stepz", "3"], "Error: No such option", "fastdiff sample --help"),
+        (["sample", "--steps", "abc"], "'abc' is not a valid integer", "fastdiff sample --help"),
+        (["export", "onnx", "--dtype", "q"], "Invalid value for '--dtype'", "fastdiff export onnx --help"),
+        (["invert"], "Missing argument 'IMAGES...'", "fastdiff invert --help"),
+        (["samplez"], "No such command 'samplez'", "fastdiff --help"),
+    ]
+    for args, message, hint in cases:
+        r = CliRunner().invoke(main, args, prog_name="fastdiff")
+        assert r.exit_code == 2, r.output
+        assert r.output.count("\n") == 1 and message in r.output and f"(see '{hint}')" in r.output, r.output
+
+
 def test_every_option_says_what_it_does():
     import click
 

@@ -1,7 +1,8 @@
 """Entry point of the ``fastdiff`` console script: one click group, one module per command.
 
 The library reports what the user got wrong as a RunError (fastdiff.runs); the group prints it as
-one line with a non-zero exit, as click does its own usage errors. Ctrl-C exits with 130, as a
+one line with a non-zero exit (1), and a subcommand's usage error (a bad option or value) as one
+line too, exit 2 as click gives it, instead of click's usage block. Ctrl-C exits with 130, as a
 shell reports SIGINT. Any other exception is a bug and keeps its traceback.
 """
 
@@ -56,6 +57,11 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except RunError as e:
             raise click.ClickException(str(e)) from None
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            one_line = click.ClickException(e.format_message() + hint)
+            one_line.exit_code = e.exit_code
+            raise one_line from None
         except KeyboardInterrupt:  # Ctrl-C: the status a shell gives SIGINT (128 + 2), not a user error's 1
             command = self.get_command(ctx, ctx.invoked_subcommand or "")
             if command is not None and any(p.name == "resume" for p in command.params):
