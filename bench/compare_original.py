@@ -119,21 +119,38 @@ def _compare(args, tmp: Path, fastdiff: str, threads: str, engine: str, dtype: s
     return row
 
 
-def main() -> None:
+def _count(minimum: int, *words: str):
+    """An argparse type: a whole number >= minimum, or one of ``words`` (then kept as text, as the
+    children's command lines and environments take it), so a typo stops before any run."""
+
+    def parse(text: str):
+        if text in words or (text.isdigit() and int(text) >= minimum):
+            return text if words else int(text)
+        alternatives = "".join(f" or {w!r}" for w in words)
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}{alternatives}, got {text!r}")
+
+    return parse
+
+
+def main(argv=None) -> None:
+    from fastdiff.engines import ENGINES
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--guided-diffusion", required=True, type=Path)
     ap.add_argument(
         "--threads",
         nargs="+",
+        type=_count(1, "default"),
         default=["1"],
         help="thread counts, both sides; 'default' runs each as a user would (no OMP_NUM_THREADS)",
     )
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=_count(1), default=3)
     ap.add_argument("--tag", default="", help="report name suffix: <date>-cpu-e2e-TAG")
     ap.add_argument(
         "--engines",
         nargs="+",
         default=["default"],
+        choices=["default", *ENGINES],
         help="fastdiff engines to time ('default': no --engine, what a user gets)",
     )
     ap.add_argument(
@@ -144,10 +161,13 @@ def main() -> None:
         help="fastdiff's --dtype (fp32: the original's samples; the others are compared with them)",
     )
     ap.add_argument(
-        "--busy", type=int, default=0, help="other processes kept spinning during the runs (a loaded machine)"
+        "--busy",
+        type=_count(0),
+        default=0,
+        help="other processes kept spinning during the runs (a loaded machine)",
     )
     ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not (args.guided_diffusion / "guided_diffusion" / "unet.py").is_file():
         sys.exit(f"error: {args.guided_diffusion} is not a guided-diffusion checkout")
     fastdiff = shutil.which("fastdiff") or sys.exit("error: the fastdiff command is not installed")

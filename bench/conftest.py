@@ -1,7 +1,8 @@
 """Benchmark plumbing: machine info for the JSON, run order, the time budget, a fallback fixture.
 
 - ``pytest_benchmark_update_machine_info`` adds GPU name, driver, CUDA, torch and triton versions
-  and the measured copy bandwidth / matmul rates to the benchmark JSON.
+  to the benchmark JSON's machine_info, and ``pytest_benchmark_update_json`` the measured copy
+  bandwidth / matmul rates beside it (``fastdiff_rates``).
 - Items run in priority order (fp16 first, see ``shapes.priority``) so a run cut short by the
   budget still covers the main cases; ``FASTDIFF_BENCH_DEADLINE`` (unix time) skips what is left.
 - Without pytest-benchmark installed, a minimal ``benchmark`` fixture stands in (the GPU machine
@@ -20,19 +21,29 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bench import shapes, timing
+from bench import settings, shapes, timing
 
-# CPU benchmarks run on a deliberate thread count (default 1: comparable across loaded machines).
-torch.set_num_threads(int(os.environ.get("FASTDIFF_BENCH_THREADS", "1")))
+
+def pytest_configure(config):
+    """Bad FASTDIFF_BENCH_* values end the run before collection, in one line; CPU benchmarks
+    run on a deliberate thread count."""
+    try:
+        settings.check()
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
+    torch.set_num_threads(settings.threads())
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["fastdiff"] = {
-        **timing.device_info(),
-        **timing.reference_rates(shapes.bench_device()),
-        "bench_size": shapes.bench_size(),
-    }
+    machine_info["fastdiff"] = {**timing.device_info(), "bench_size": shapes.bench_size()}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """The measured rates differ from run to run, so they sit beside machine_info, not in it:
+    ``--benchmark-compare`` warns whenever machine_info differs from the saved run's."""
+    output_json["fastdiff_rates"] = timing.reference_rates(shapes.bench_device())
 
 
 def pytest_collection_modifyitems(config, items):
@@ -49,8 +60,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _time_budget():
-    deadline = os.environ.get("FASTDIFF_BENCH_DEADLINE")
-    if deadline and time.time() > float(deadline):
+    deadline = settings.deadline()
+    if deadline is not None and time.time() > deadline:
         pytest.skip("time budget exhausted (FASTDIFF_BENCH_DEADLINE)")
 
 

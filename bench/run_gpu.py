@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -43,9 +44,8 @@ REPORT_RESERVE_S = 25  # kept back from the benchmarks for writing the report
 def _command() -> str:
     """This run's command line with the FASTDIFF_BENCH_* settings it ran under (the report says
     how to get its numbers again)."""
-    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("FASTDIFF_BENCH_"))
-    args = " ".join(sys.argv[1:])
-    return f"{env + ' ' if env else ''}python bench/run_gpu.py{' ' + args if args else ''}"
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items()) if k.startswith("FASTDIFF_BENCH_")]
+    return " ".join([*env, "python", "bench/run_gpu.py", *map(shlex.quote, sys.argv[1:])])
 
 
 def log(msg: str) -> None:
@@ -205,10 +205,10 @@ def stage_bench(args, workdir: Path, deadline: float, size: str) -> tuple[dict, 
     records = []
     if records_path.exists():
         records = [json.loads(ln) for ln in records_path.read_text().splitlines() if ln.strip()]
-    machine = {}
+    rates = {}
     if json_path.exists():
         data = json.loads(json_path.read_text())
-        machine = data.get("machine_info", {})
+        rates = data.get("fastdiff_rates", {})
         if not records:
             records = [
                 {
@@ -235,7 +235,7 @@ def stage_bench(args, workdir: Path, deadline: float, size: str) -> tuple[dict, 
         f"bench: {result['counts']}, {len(records)} records in {result['seconds']}s"
         + (" (TIMED OUT)" if rc is None else "")
     )
-    return result, records, machine
+    return result, records, rates
 
 
 def main(argv=None) -> int:
@@ -268,13 +268,17 @@ def main(argv=None) -> int:
         "pytest_args", nargs="*", help="extra arguments for the bench pytest run (after --), e.g. -k fp16"
     )
     args = p.parse_args(argv)
-
     t_start = time.time()
     deadline = t_start + args.budget
 
     import torch
 
-    from bench import timing
+    from bench import settings, timing
+
+    try:
+        settings.check()
+    except ValueError as e:
+        p.error(str(e))
 
     cuda = torch.cuda.is_available()
     size = os.environ.get("FASTDIFF_BENCH_SIZE") or ("tiny" if args.dry_run or not cuda else "full")
@@ -298,9 +302,8 @@ def main(argv=None) -> int:
     wheels = install_wheels(args.wheels, workdir)
     build = stage_build(args, workdir, deadline)
     tests = stage_tests(args, workdir, deadline)
-    bench_result, records, machine = stage_bench(args, workdir, deadline, size)
+    bench_result, records, rates = stage_bench(args, workdir, deadline, size)
     rows = build_rows(records)
-    rates = dict(machine.get("fastdiff", {}))
     for r in records:
         e = r["extra_info"]
         rates.setdefault("copy_gbps", e.get("copy_gbps"))

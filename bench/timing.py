@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from bench import baselines
+from bench import baselines, settings
 
 GB = 1e9
 
@@ -148,7 +148,7 @@ def device_info() -> dict:
         "gpu_name": None,
         "gpu_driver_version": None,
         "cpu_count": os.cpu_count(),
-        "bench_threads": int(os.environ.get("FASTDIFF_BENCH_THREADS", "1")),  # bench/conftest.py's
+        "bench_threads": settings.threads(),  # bench/conftest.py's
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -220,7 +220,7 @@ def interpreting(device: torch.device) -> bool:
 def _rounds(seconds_per_call: float, device: torch.device) -> int:
     if interpreting(device):
         return 1
-    target = float(os.environ.get("FASTDIFF_BENCH_TARGET_S", "0.05" if device.type == "cuda" else "0.02"))
+    target = settings.target_s(device.type)
     low, high = (5, 200) if device.type == "cuda" else (3, 50)
     return max(low, min(high, int(target / max(seconds_per_call, 1e-7))))
 
