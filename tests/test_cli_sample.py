@@ -258,5 +258,8 @@ def test_threads_are_chosen_deliberately(monkeypatch):
         # a load average left by a job that has ended: nothing else runnable now, every core is free
         monkeypatch.setattr("fastdiff.runs.device.runnable_others", lambda: 0)
         assert choose_threads(None) == len(os.sched_getaffinity(0))
+        for unusable in ("0", "abc"):  # no thread count, as OpenMP reads it: the same default
+            monkeypatch.setenv("OMP_NUM_THREADS", unusable)
+            assert choose_threads(None) == len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(before)

@@ -27,7 +27,8 @@ def choose_threads(threads: int | None) -> int:
     """
     local = distributed.local_world_size()
     omp = os.environ.get("OMP_NUM_THREADS", "")
-    if threads is None and omp.isdigit() and not (local > 1 and omp == "1"):
+    # 0 or text is no thread count (OpenMP ignores such a value too): the default below
+    if threads is None and omp.isdigit() and int(omp) > 0 and not (local > 1 and omp == "1"):
         threads = int(omp)
     if threads is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
