@@ -9,9 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from fastdiff.cli.main import main
+from fastdiff.evaluation.mnist_cnn import load_mnist_cnn
 from fastdiff.models.checkpoint import read_metadata
 from fastdiff.runs.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL
-from fastdiff.training.evaluate import evaluate_samples, load_mnist_cnn
+from fastdiff.training.evaluate import evaluate_samples
 
 
 def test_bundled_files_carry_their_flags():

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from fastdiff.cli.train import train, train_classifier
+from fastdiff.evaluation.mnist_cnn import MnistCNN, load_mnist_cnn
 from fastdiff.models import UNetConfig, configs_from_flags, parse_flags
 from fastdiff.training import (
     EMA,
@@ -263,7 +264,7 @@ def test_frechet_distance_matches_scipy():
 
 
 def test_cnn_features_and_class_match():
-    cnn = evaluate.MnistCNN().eval()
+    cnn = MnistCNN().eval()
     x = torch.rand(5, 1, 32, 32) * 2 - 1
     assert evaluate.cnn_features(x, cnn).shape == (5, 128)
     with torch.no_grad():
@@ -281,7 +282,7 @@ def test_cnn_features_and_class_match():
 def test_mnist_cnn_reaches_97_percent(tmp_path):
     cnn, acc = evaluate.train_mnist_cnn(out_path=tmp_path / "cnn.safetensors")
     assert acc >= 0.97
-    loaded = evaluate.load_mnist_cnn(tmp_path / "cnn.safetensors")
+    loaded = load_mnist_cnn(tmp_path / "cnn.safetensors")
     val = evaluate.get_mnist("val")
     assert evaluate.accuracy(loaded, val.images, val.labels) == pytest.approx(acc)
 

@@ -28,27 +28,13 @@ from fastdiff.diffusion.samplers import (
     randn,
     run_steps,
 )
+from fastdiff.models.nn import InDtype
 from fastdiff.models.unet import SuperResModel
 from fastdiff.ops import autotuning
 
 from . import build_engine, check_engine, default_engine
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class _InDtype(nn.Module):
-    """Runs a network cast to a low-precision dtype on fp32 inputs and returns fp32, so the
-    sampler's arithmetic (and the classifier gradient w.r.t. x) stays in fp32."""
-
-    def __init__(self, net: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.net, self.dtype = net, dtype
-        self.num_classes = getattr(net, "num_classes", None)
-
-    def forward(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
-        # Image-like conditioning (an upsampler's low_res) joins x in the network: the same dtype.
-        kwargs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in kwargs.items()}
-        return self.net(x.to(self.dtype), t, **kwargs).float()
 
 
 def inference_form(
@@ -59,7 +45,7 @@ def inference_form(
     net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    return net if dtype == torch.float32 else _InDtype(net, dtype)
+    return net if dtype == torch.float32 else InDtype(net, dtype)
 
 
 def _device_of(net: nn.Module) -> torch.device:

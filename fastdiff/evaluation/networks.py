@@ -19,6 +19,7 @@ from torch import nn
 
 from .inception import FIDInceptionV3
 from .metrics import EvaluationError
+from .mnist_cnn import load_mnist_cnn
 from .npz import ImageBatch, from_array
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -138,8 +139,6 @@ def load_inception(path: str | os.PathLike | None, device: str | torch.device = 
 def load_mnist_features(
     path: str | os.PathLike = BUNDLED_CNN, device: str | torch.device = "cpu"
 ) -> MnistFeatures:
-    from fastdiff.training.evaluate import load_mnist_cnn
-
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"MNIST CNN weights not found at {path}")

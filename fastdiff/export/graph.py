@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdiff.diffusion.guidance import ClassifierFreeGuidance
-from fastdiff.engines.sampler import _InDtype
+from fastdiff.models.nn import InDtype
 from fastdiff.models.unet import SuperResModel
 from fastdiff.ops.ada_group_norm.module import AdaGroupNormSiLU, GroupNorm
 from fastdiff.ops.ada_group_norm.reference import ada_group_norm_reference
@@ -242,9 +242,9 @@ class GuidedDenoiser(nn.Module):
         self.model = export_form(model, dtype)
         self.classifier = None if classifier is None else export_form(classifier, dtype)
         if dtype != torch.float32:
-            self.model = _InDtype(self.model, dtype)
+            self.model = InDtype(self.model, dtype)
             if self.classifier is not None:
-                self.classifier = _InDtype(self.classifier, dtype)
+                self.classifier = InDtype(self.classifier, dtype)
         self.class_cond = getattr(model, "num_classes", None) is not None
         if null_label is not None and not self.class_cond:
             raise ValueError("classifier-free guidance needs a class-conditional model")

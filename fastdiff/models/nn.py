@@ -1,6 +1,7 @@
-"""Small building blocks shared by the ADM networks.
+"""Small building blocks shared by the ADM networks, and ``InDtype``, which runs one in a low
+precision between fp32 inputs and outputs (the Sampler's and the exported graph's form).
 
-They keep guided-diffusion's numerics (fp32 GroupNorm statistics, through ``fastdiff.ops``; the
+The blocks keep guided-diffusion's numerics (fp32 GroupNorm statistics, through ``fastdiff.ops``; the
 sinusoidal embedding's exact frequencies) so released checkpoints reproduce their outputs.
 """
 
@@ -10,7 +11,7 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from fastdiff.ops import GroupNorm, GroupNormSiLU
@@ -81,3 +82,18 @@ def convert_module_to_f32(module: nn.Module) -> None:
         module.weight.data = module.weight.data.float()
         if module.bias is not None:
             module.bias.data = module.bias.data.float()
+
+
+class InDtype(nn.Module):
+    """Runs a network cast to a low-precision dtype on fp32 inputs and returns fp32, so the
+    sampler's arithmetic (and the classifier gradient w.r.t. x) stays in fp32."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.net, self.dtype = net, dtype
+        self.num_classes = getattr(net, "num_classes", None)
+
+    def forward(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        # Image-like conditioning (an upsampler's low_res) joins x in the network: the same dtype.
+        kwargs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in kwargs.items()}
+        return self.net(x.to(self.dtype), t, **kwargs).float()

@@ -12,32 +12,12 @@ import os
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-from torch import nn
 
 from fastdiff.evaluation import metrics
+from fastdiff.evaluation.mnist_cnn import MnistCNN
 from fastdiff.models.checkpoint import save_weights
 
 from .data import get_mnist
-
-
-class MnistCNN(nn.Module):
-    """Three conv stages and a 128-d feature layer: small enough to train on 2 CPU cores in a minute."""
-
-    feature_dim = 128
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 4 * 4, self.feature_dim), nn.ReLU(),
-        )  # fmt: skip
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(self.feature_dim, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 def _as_tensor(images) -> torch.Tensor:
@@ -105,12 +85,6 @@ def train_mnist_cnn(
     if out_path is not None:
         save_weights(cnn.state_dict(), out_path, {"val_accuracy": acc, "epochs": epochs, "seed": seed})
     return cnn, acc
-
-
-def load_mnist_cnn(path: str | os.PathLike, device: str = "cpu") -> MnistCNN:
-    cnn = MnistCNN()
-    cnn.load_state_dict(load_file(str(path)))
-    return cnn.to(device).eval()
 
 
 def cnn_features(images, cnn: MnistCNN) -> torch.Tensor:
