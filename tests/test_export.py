@@ -273,6 +273,38 @@ def test_cli_export_checks_out_before_tracing(tmp_path, monkeypatch):
     assert res.output == f"Error: cannot write to --out {tmp_path / 'afile' / 'x'}: Not a directory\n"
 
 
+def test_cli_export_replaces_only_its_own_earlier_export(tmp_path, monkeypatch):
+    """A file already at --out/denoiser-<kind>-<dtype>.onnx is replaced by a re-export of the
+    same networks and settings, never another model's graph or a file that is no export."""
+    from click.testing import CliRunner
+
+    import fastdiff.export
+    from fastdiff.cli.main import main
+    from fastdiff.export.onnx_export import denoiser_hash
+    from fastdiff.runs.loading import load_diffusion_model
+
+    exported = []
+    monkeypatch.setattr(fastdiff.export, "export_onnx", lambda *a, **k: exported.append(a[1]) or 1 / 0)
+    target = tmp_path / "denoiser-none-fp32.onnx"  # the bundled model, no guidance, fp32
+    args = ["export", "onnx", "--out", str(tmp_path), "--no-validate"]
+    for content in ("other", "not onnx"):
+        if content == "other":
+            _fake_export(target, DenoiserSignature(True, False, False), digest="1" * 64)
+        else:
+            target.write_text(content)
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 1 and res.output == (
+            f"Error: {target} holds another export (other networks or settings); "
+            "choose another --out or delete it\n"
+        ), res.output
+        assert not exported
+    loaded = load_diffusion_model(preset=None, flag_string=None, checkpoint=None, device=torch.device("cpu"))
+    same = denoiser_hash(loaded.model, None, None, "fp32", fastdiff.export.OnnxExportConfig().opset)
+    _fake_export(target, DenoiserSignature(True, False, False), digest=same)
+    res = CliRunner().invoke(main, args)
+    assert exported == [target] and isinstance(res.exception, ZeroDivisionError)  # got to the export
+
+
 class _FakeTrt:
     """A stand-in for the tensorrt module with the TensorRT 10 calls build_engine and TrtDenoiser
     make, recording them (TensorRT cannot be installed here); ``parse_ok`` / ``build_ok`` steer the

@@ -98,6 +98,7 @@ def export_onnx_command(
     name = f"denoiser-{kind}-{dtype}.onnx"
     meta = {"preset": preset or "", "checkpoint_sha256": loaded.identity["sha256"]}
     check_writable(out, f"--out {out}")  # before the trace, not after it
+    _check_replaceable(out / name, loaded.model, clf, null_label, config, low_res_shape)
     try:
         result = export_onnx(
             loaded.model,
@@ -121,6 +122,27 @@ def export_onnx_command(
         click.echo(report.summary())
         if not report.ok:
             raise click.ClickException(f"{result.path} does not match PyTorch: {report.summary()}")
+
+
+def _check_replaceable(path: Path, model, clf, null_label, config, low_res_shape) -> None:
+    """An existing file of that name is replaced only by the export of the same networks and
+    settings (a re-export); another model's graph, or a file that is no fastdiff export, stays."""
+    from fastdiff.export import ExportError, read_export
+    from fastdiff.export.onnx_export import denoiser_hash
+
+    if not path.exists():
+        return
+    try:
+        previous = read_export(path).hash
+    except ExportError:
+        previous = None
+    wanted = denoiser_hash(
+        model, None if clf is None else clf.model, null_label, config.dtype, config.opset, low_res_shape
+    )
+    if previous != wanted:
+        raise click.ClickException(
+            f"{path} holds another export (other networks or settings); choose another --out or delete it"
+        )
 
 
 @export_command.command("trt")
