@@ -79,13 +79,15 @@ def progress_bars(enabled: bool):
     type=click.Choice(FEATURES),
     default="auto",
     show_default=True,
-    help="Feature network (auto: the MNIST CNN for 1-channel 28/32-px images, else Inception).",
+    help="Feature network (auto: the MNIST CNN for 1-channel 28/32-px images unless --inception "
+    "or FASTDIFF_INCEPTION is given, else Inception).",
 )
 @click.option(
     "--inception",
     type=click.Path(path_type=Path),
     envvar="FASTDIFF_INCEPTION",
-    help="FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or torch-fidelity's).",
+    help="FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or torch-fidelity's); "
+    "env FASTDIFF_INCEPTION.",
 )
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the numbers here.")
 @click.option(
