@@ -59,7 +59,8 @@ def runtime_options(command):
             type=click.Choice(list(DTYPES)),
             default="fp32",
             show_default=True,
-            help="Compute dtype: the networks cast once (GroupNorm statistics stay fp32).",
+            help="Compute dtype: the networks cast once (GroupNorm statistics stay fp32). A model's "
+            "use_fp16 flag does not set it: fp16 for the speed of the original's fp16 runs on a GPU.",
         ),
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
         click.option(
