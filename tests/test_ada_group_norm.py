@@ -377,6 +377,17 @@ def test_reference_path_gradcheck(monkeypatch):
     assert torch.autograd.gradcheck(lambda *a: ada_group_norm(a[0], 3, *a[1:]), (x, w, b, sc, sh))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_vmap_over_scale_and_shift_alone(channels_last):
+    """torch.func.vmap over scale/shift with one shared x (a batch of conditionings): h is not
+    batched where scale is, so the reference's in-place scale-shift cannot run there."""
+    x, w, b, sc, sh = make_inputs((2, 8, 3, 3), 4, torch.float32, channels_last=channels_last)
+    scales, shifts = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    got = torch.func.vmap(lambda s, t: ada_group_norm(x, 4, w, b, s, t))(scales, shifts)
+    for i in range(3):
+        torch.testing.assert_close(got[i], ada_group_norm(x, 4, w, b, scales[i], shifts[i]))
+
+
 @pytest.mark.parametrize("act", ["silu", None])
 def test_closed_form_backward_matches_autograd(act):
     inputs = make_inputs((3, 12, 4, 5), 4, torch.float64, channels_last=True)

@@ -160,6 +160,61 @@ def test_patch_swaps_the_right_modules():
     assert patch(before).out[0].weight is weight
 
 
+class _NormThenResidual(nn.Sequential):
+    """A Sequential subclass whose forward reuses the norm's output: SiLU is not the only reader."""
+
+    def forward(self, x):
+        h = self[0](x)
+        return self[1](h) + h
+
+
+def test_patch_fuses_only_in_sequentials_running_their_own_forward():
+    torch.manual_seed(0)
+    block = _NormThenResidual(nn.GroupNorm(4, 8), nn.SiLU())
+    patched = patch(copy.deepcopy(block))
+    assert type(patched[0]) is GroupNorm and isinstance(patched[1], nn.SiLU)
+    x = torch.randn(2, 8, 3, 3)
+    torch.testing.assert_close(patched(x), block(x))
+
+
+class _Positive(nn.Module):
+    def forward(self, w):
+        return w.abs()
+
+
+def test_patch_leaves_hooked_and_parametrized_modules_alone():
+    """A swapped-out module would take its hooks with it (feature taps, profilers), and a
+    parametrized weight is no Parameter to share: those GroupNorms and SiLUs stay as they are."""
+    torch.manual_seed(0)
+    hooked_norm = nn.Sequential(nn.GroupNorm(4, 8), nn.SiLU())
+    hooked_silu = nn.Sequential(nn.GroupNorm(4, 8), nn.SiLU())
+    param_norm = nn.Sequential(nn.GroupNorm(4, 8), nn.SiLU())
+    torch.nn.utils.parametrize.register_parametrization(param_norm[0], "weight", _Positive())
+    seen = []
+    hooked_norm[0].register_forward_hook(lambda *a: seen.append("norm"))
+    hooked_silu[1].register_forward_hook(lambda *a: seen.append("silu"))
+    model = nn.Sequential(hooked_norm, hooked_silu, param_norm)
+    ref = copy.deepcopy(model)
+    patch(model)
+    assert type(hooked_norm[0]) is nn.GroupNorm and type(hooked_silu[0]) is GroupNorm
+    assert isinstance(hooked_silu[1], nn.SiLU) and isinstance(param_norm[1], nn.SiLU)
+    x = torch.randn(2, 8, 3, 3)
+    torch.testing.assert_close(model(x), ref(x))
+    assert seen.count("norm") == seen.count("silu") == 2
+
+
+@pytest.mark.parametrize("scale_shift", [True, False])
+def test_patch_upsample_alone_on_up_resblock(scale_shift, upsample_calls):
+    """patch(group_norm=False) on a BigGAN up ResBlock: a scale-shift block's out norm is not the
+    fused AdaGN, so its own _forward stays (adm_resblock_forward would pass it scale and shift)."""
+    torch.manual_seed(0)
+    block = GDResBlock(32, 16, 32, use_scale_shift_norm=scale_shift, up=True)
+    patched = patch(copy.deepcopy(block), group_norm=False)
+    x, emb = torch.randn(2, 32, 4, 4), torch.randn(2, 16)
+    torch.testing.assert_close(patched(x, emb), block(x, emb), atol=1e-5, rtol=1e-5)
+    assert len(upsample_calls) == (0 if scale_shift else 1)
+
+
 def test_patch_is_idempotent_and_selective():
     model = patch(Net())
     modules = [type(m) for m in model.modules()]

@@ -118,6 +118,28 @@ def test_frozen_weight_is_folded_once_and_again_after_a_change(monkeypatch):
     assert len(folds) == 5
 
 
+def test_frozen_weight_written_through_data_is_folded_again():
+    """``p.data.mul_()`` / ``ema.data.lerp_()`` (hand-written SGD, EMA updates) change the values
+    without a version bump or new storage: a later sample must not run the old fold."""
+    conv = nn.Conv2d(4, 6, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, 4, 5, 5)
+    upsample_conv(x, conv.weight, conv.bias)
+    conv.weight.data.lerp_(torch.randn(6, 4, 3, 3), 0.5)
+    torch.testing.assert_close(
+        upsample_conv(x, conv.weight, conv.bias), upsample_conv_reference(x, conv.weight, conv.bias)
+    )
+
+
+def test_vmap_over_weights():
+    """torch.func.vmap over stacked weights (an ensemble through functional_call): a batched
+    weight has no storage to key a cache on."""
+    x, weights = torch.randn(2, 4, 5, 5), torch.randn(3, 6, 4, 3, 3)
+    with torch.no_grad():
+        got = torch.func.vmap(lambda w: upsample_conv(x, w))(weights)
+    for i in range(3):
+        torch.testing.assert_close(got[i], upsample_conv_reference(x, weights[i]))
+
+
 def test_frozen_weight_first_folded_in_inference_mode_then_differentiated_by_x():
     """A frozen model sampled under inference_mode, then differentiated by its input (inversion,
     guidance through the model): the cached fold must be a tensor autograd can save."""
@@ -131,7 +153,7 @@ def test_frozen_weight_first_folded_in_inference_mode_then_differentiated_by_x()
 
 
 def test_weights_made_in_inference_mode():
-    """Inference tensors have no version counter: they are folded on every call instead."""
+    """Weights made under inference_mode (inference tensors) are folded and kept like any other."""
     with torch.inference_mode():
         x, weight, bias = _inputs((2, 4, 6, 5, 5), torch.float32, device="cpu")
         torch.testing.assert_close(upsample_conv(x, weight, bias), upsample_conv_reference(x, weight, bias))

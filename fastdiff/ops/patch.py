@@ -10,6 +10,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fastdiff.ops.ada_group_norm.module import AdaGroupNormSiLU, GroupNorm, GroupNormSiLU
 from fastdiff.ops.attention.module import QKVAttention, QKVAttentionLegacy
@@ -94,6 +95,8 @@ def _is_scale_shift_resblock(m: nn.Module) -> bool:
         and isinstance(m.out_layers[0], nn.GroupNorm)
         and not isinstance(m.out_layers[0], AdaGroupNormSiLU)
         and _is_silu(m.out_layers[1])
+        and _swappable(m.out_layers[0])
+        and _swappable(m.out_layers[1])
     )
 
 
@@ -113,9 +116,16 @@ def _bound(forward, module: nn.Module, **kwargs):
     return functools.partial(forward, module, **kwargs)
 
 
+def _swappable(m: nn.Module) -> bool:
+    """No hooks and no parametrization: a module swapped out would take its hooks with it, and a
+    parametrized weight is computed on access, not a Parameter the new module could share."""
+    hooks = (m._forward_pre_hooks, m._forward_hooks, m._backward_pre_hooks, m._backward_hooks)
+    return not any(hooks) and not parametrize.is_parametrized(m)
+
+
 def _is_foreign_group_norm(m: nn.Module) -> bool:
     # fastdiff's GroupNorm family subclasses nn.GroupNorm too: leave it be (patch is idempotent)
-    return isinstance(m, nn.GroupNorm) and not isinstance(m, GroupNorm)
+    return isinstance(m, nn.GroupNorm) and not isinstance(m, GroupNorm) and _swappable(m)
 
 
 def _is_silu(m: nn.Module) -> bool:
@@ -153,13 +163,16 @@ def _is_foreign_upsample_conv(m: nn.Module) -> bool:
 
 def _is_foreign_up_resblock(m: nn.Module) -> bool:
     """guided-diffusion's BigGAN up ResBlock (nearest upsampling, then its 3x3 conv), its
-    ``_forward`` not yet rewritten (by the scale-shift fusion above or an earlier patch)."""
+    ``_forward`` not yet rewritten (by the scale-shift fusion above or an earlier patch). A
+    scale-shift block whose out norm was left unfused (``group_norm=False``, hooks) keeps its own
+    ``_forward``: :func:`adm_resblock_forward` passes scale and shift to the out norm."""
     return (
         type(m).__name__ == "ResBlock"
         and callable(getattr(m, "_forward", None))
         and "_forward" not in vars(m)
         and all(hasattr(m, a) for a in _RESBLOCK_ATTRS)
         and bool(m.updown)
+        and (not getattr(m, "use_scale_shift_norm", False) or isinstance(m.out_layers[0], AdaGroupNormSiLU))
         and _is_nearest_upsample(m.h_upd)
         and isinstance(m.in_layers, nn.Sequential)
         and fusable(m.in_layers[-1])
@@ -174,13 +187,19 @@ def _patch_children(module: nn.Module, group_norm: bool, attention: bool, upsamp
     if upsample and _is_foreign_upsample_conv(module):
         module.forward = _bound(adm_upsample_forward, module)
     children = list(module.named_children())
-    fuse = fuse and isinstance(module, nn.Sequential)
+    # only nn.Sequential's own forward surely feeds each child the previous child's output alone
+    fuse = fuse and isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
     for i, (name, child) in enumerate(children):
         attn = _attention_class(child) if attention else None
         if attn is not None:
             setattr(module, name, attn(child.n_heads).train(child.training))
         elif group_norm and _is_foreign_group_norm(child):
-            pair = fuse and i + 1 < len(children) and _is_silu(children[i + 1][1])
+            pair = (
+                fuse
+                and i + 1 < len(children)
+                and _is_silu(children[i + 1][1])
+                and _swappable(children[i + 1][1])
+            )
             setattr(module, name, _group_norm(child, GroupNormSiLU if pair else GroupNorm))
             if pair:
                 # Identity keeps the Sequential's indices, hence its state_dict keys
@@ -196,13 +215,14 @@ def patch(
     model: nn.Module, *, group_norm: bool = True, attention: bool = True, upsample: bool = True
 ) -> nn.Module:
     """Replace, in place, every nn.GroupNorm (subclasses such as GroupNorm32 included) by
-    fastdiff's GroupNorm, a GroupNorm directly followed by SiLU in an nn.Sequential by one fused
-    GroupNormSiLU (nn.Identity where the SiLU was), guided-diffusion's scale-shift ResBlock's
-    norm + scale-shift + SiLU by one AdaGroupNormSiLU, and every ADM attention module (class named
-    QKVAttention / QKVAttentionLegacy with ``n_heads``) by fastdiff's, and guided-diffusion's
-    upsamplers (an Upsample with its 3x3 conv, a BigGAN up ResBlock's upsampling and first conv)
-    by one ``upsample_conv``; ``group_norm``, ``attention`` and ``upsample`` = False each leave
-    their part as it was. Returns ``model``.
+    fastdiff's GroupNorm, a GroupNorm directly followed by SiLU in an nn.Sequential (not a
+    subclass with its own forward) by one fused GroupNormSiLU (nn.Identity where the SiLU was),
+    guided-diffusion's scale-shift ResBlock's norm + scale-shift + SiLU by one AdaGroupNormSiLU,
+    and every ADM attention module (class named QKVAttention / QKVAttentionLegacy with
+    ``n_heads``) by fastdiff's, and guided-diffusion's upsamplers (an Upsample with its 3x3 conv, a
+    BigGAN up ResBlock's upsampling and first conv) by one ``upsample_conv``; ``group_norm``,
+    ``attention`` and ``upsample`` = False each leave their part as it was. A GroupNorm or SiLU
+    with hooks or a parametrization stays as it is. Returns ``model``.
 
     Only children are swapped: a bare GroupNorm/attention passed as ``model`` is returned as is.
     """

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._backend import in_func_transform
+
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
@@ -23,8 +25,10 @@ def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _update(h, other, inplace, outplace):
     """``outplace(h, other)``, in h's storage when the result keeps h's dtype (type promotion
-    would make the in-place form round differently)."""
-    return inplace(h, other) if torch.promote_types(h.dtype, other.dtype) == h.dtype else outplace(h, other)
+    would make the in-place form round differently) and outside torch.func transforms (under
+    vmap, scale/shift may be batched where x, hence h, is not)."""
+    same_dtype = torch.promote_types(h.dtype, other.dtype) == h.dtype
+    return inplace(h, other) if same_dtype and not in_func_transform() else outplace(h, other)
 
 
 def ada_group_norm_reference(

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fastdiff.ops._backend import OpInputError, force_reference
+from fastdiff.ops._backend import OpInputError, force_reference, in_func_transform
 from fastdiff.ops._tuning import Choices, fastest, gpu_name, measuring
 from fastdiff.ops.upsample_conv.reference import upsample_conv_reference
 
 _CHOICES = Choices("upsample_conv")  # key -> "fold" | "reference"
-# frozen weights on the CPU -> ((data_ptr, version), folded): sampling folds each weight once
+# frozen weights on the CPU -> (copy of the weight, folded): sampling folds each weight once
 _FOLDED = WeakIdKeyDictionary()
 
 
@@ -47,22 +47,28 @@ def fold_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def _folded_weight(weight: torch.Tensor) -> torch.Tensor:
     """The folded kernel, kept per weight where nothing can invalidate it unseen: on the CPU
-    (no CUDA graph holds it), outside compilation and autograd, re-folded after any in-place
-    change (version counter) or new storage. Inference tensors have no version counter."""
+    (no CUDA graph holds it), outside compilation, torch.func transforms (a batched weight has no
+    storage) and autograd; folded again whenever the weight's values differ from the copy kept
+    with it. A version counter would miss writes through ``.data`` (hand-written SGD, EMA updates
+    such as ``ema.data.lerp_(...)``), and comparing costs a fraction of folding."""
     if (
-        torch.compiler.is_compiling()  # first: dynamo cannot trace is_inference()
+        torch.compiler.is_compiling()
+        or in_func_transform()
         or weight.device.type != "cpu"
-        or weight.is_inference()
         or (weight.requires_grad and torch.is_grad_enabled())
     ):
         return fold_weight(weight)
-    stamp = (weight.data_ptr(), weight._version)
     hit = _FOLDED.get(weight)
-    if hit is None or hit[0] != stamp:
-        # a normal tensor even when first folded under inference_mode: a later call with an input
-        # that needs a gradient saves it for backward, which an inference tensor cannot be
+    if (
+        hit is None
+        or hit[0].dtype != weight.dtype
+        or hit[0].shape != weight.shape
+        or not torch.equal(hit[0], weight)
+    ):
+        # normal tensors even when first folded under inference_mode: a later call with an input
+        # that needs a gradient saves the fold for backward, which an inference tensor cannot be
         with torch.inference_mode(False), torch.no_grad():
-            hit = (stamp, fold_weight(weight))
+            hit = (weight.clone(), fold_weight(weight))
         _FOLDED[weight] = hit
     return hit[1]
 
