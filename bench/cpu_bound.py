@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
+    if args.threads < 1 or args.rounds < 1:
+        ap.error(f"--threads and --rounds must be at least 1, got {args.threads} and {args.rounds}")
     torch.set_num_threads(args.threads)
 
     from fastdiff.diffusion.guidance import ClassifierGuidance

@@ -91,3 +91,10 @@ def test_compare_original_refuses_bad_options_before_any_run(monkeypatch, tmp_pa
     with pytest.raises(SystemExit) as exit_info:
         compare_original.main(["--guided-diffusion", str(tmp_path), "--busy", "1", *option])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("option", [["--threads", "0"], ["--rounds", "0"]])
+def test_cpu_bound_refuses_counts_below_one_before_measuring(tmp_path, option):
+    cmd = [sys.executable, str(REPO / "bench" / "cpu_bound.py"), *option, "--out-dir", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "must be at least 1" in r.stderr and not list(tmp_path.iterdir())
