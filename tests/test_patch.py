@@ -446,3 +446,23 @@ def test_patch_real_guided_diffusion_unet(monkeypatch, upsample_calls, resblock_
     assert len(upsample_calls) == 2  # upsample=False: the upsampler as it was, whatever else is fused
     torch.testing.assert_close(unfolded, ref, atol=1e-5, rtol=1e-4)
     sys.modules.pop("guided_diffusion.unet", None)
+
+
+def test_patch_leaves_a_group_norm_subclass_with_its_own_forward():
+    """Its forward may compute more than the norm (here a residual): replacing it would drop that.
+    A subclass that only renames nn.GroupNorm, and guided-diffusion's GroupNorm32, are replaced."""
+
+    class NormPlusInput(nn.GroupNorm):
+        def forward(self, x):
+            return super().forward(x) + x
+
+    class Renamed(nn.GroupNorm):
+        pass
+
+    net = nn.Sequential(NormPlusInput(2, 4), nn.SiLU(), Renamed(2, 4), GroupNorm32(2, 4))
+    x = torch.randn(2, 4, 3, 3)
+    expected = net(x)
+    patch_module.patch(net)
+    assert type(net[0]) is NormPlusInput and type(net[1]) is nn.SiLU
+    assert type(net[2]) is fast_ada.GroupNorm and type(net[3]) is fast_ada.GroupNorm
+    torch.testing.assert_close(net(x), expected)

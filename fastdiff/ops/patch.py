@@ -124,8 +124,13 @@ def _swappable(m: nn.Module) -> bool:
 
 
 def _is_foreign_group_norm(m: nn.Module) -> bool:
-    # fastdiff's GroupNorm family subclasses nn.GroupNorm too: leave it be (patch is idempotent)
-    return isinstance(m, nn.GroupNorm) and not isinstance(m, GroupNorm) and _swappable(m)
+    """An nn.GroupNorm to replace: fastdiff's own family subclasses it too (left be: patch is
+    idempotent); a subclass with its own forward is replaced only when it is guided-diffusion's
+    GroupNorm32 (fp32 statistics, what fastdiff's GroupNorm computes), since any other forward
+    may compute something more."""
+    if not isinstance(m, nn.GroupNorm) or isinstance(m, GroupNorm) or not _swappable(m):
+        return False
+    return type(m).forward is nn.GroupNorm.forward or type(m).__name__ == "GroupNorm32"
 
 
 def _is_silu(m: nn.Module) -> bool:
@@ -214,7 +219,8 @@ def _patch_children(module: nn.Module, group_norm: bool, attention: bool, upsamp
 def patch(
     model: nn.Module, *, group_norm: bool = True, attention: bool = True, upsample: bool = True
 ) -> nn.Module:
-    """Replace, in place, every nn.GroupNorm (subclasses such as GroupNorm32 included) by
+    """Replace, in place, every nn.GroupNorm (guided-diffusion's GroupNorm32 and subclasses
+    without their own forward included) by
     fastdiff's GroupNorm, a GroupNorm directly followed by SiLU in an nn.Sequential (not a
     subclass with its own forward) by one fused GroupNormSiLU (nn.Identity where the SiLU was),
     guided-diffusion's scale-shift ResBlock's norm + scale-shift + SiLU by one AdaGroupNormSiLU,
