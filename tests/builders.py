@@ -1,7 +1,9 @@
 """Networks and processes for tests, from guided-diffusion flags (the form the reference cases
-and most tests describe models in) or DiffusionConfig keywords."""
+and most tests describe models in) or DiffusionConfig keywords; and the ops tests' torch.func check."""
 
 from __future__ import annotations
+
+import torch
 
 from fastdiff.diffusion import DiffusionConfig, GaussianDiffusion
 from fastdiff.models import build_network, configs_from_flags
@@ -34,3 +36,15 @@ def diffusion_from_flags(flags: dict, timestep_respacing=None) -> GaussianDiffus
     if timestep_respacing is not None:
         respacing = timestep_respacing
     return GaussianDiffusion.from_config(process, respacing)
+
+
+def func_grad_and_autograd(loss, x):
+    """(autograd's gradient of ``loss`` at ``x``, [torch.func.grad's eager, and compiled with
+    fullgraph]): an op must give the same gradient through torch.func (the compile engine's
+    classifier gradient) as through autograd."""
+    xg = x.clone().requires_grad_()
+    want = torch.autograd.grad(loss(xg), xg)[0]
+    compiled = torch.compile(
+        lambda t: torch.func.grad(loss)(t), backend="eager", fullgraph=True, dynamic=False
+    )
+    return want, [torch.func.grad(loss)(x), compiled(x)]

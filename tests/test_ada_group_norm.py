@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import func_grad_and_autograd
 from torch import nn
 
 from fastdiff.ops._backend import triton_interpret
@@ -242,13 +243,9 @@ def test_torch_func_grad_eager_and_compiled(tk):
     def loss(x_):
         return ada_group_norm(x_, 4, w, b, sc, sh).square().sum()
 
-    xg = x.clone().requires_grad_()
-    want = torch.autograd.grad(loss(xg), xg)[0]
-    compiled = torch.compile(
-        lambda t: torch.func.grad(loss)(t), backend="eager", fullgraph=True, dynamic=False
-    )
-    for got in (torch.func.grad(loss)(x), compiled(x)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    want, got = func_grad_and_autograd(loss, x)
+    for g in got:
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
 
 
 def test_public_op_asks_for_parameter_grads_only_when_needed(tk, monkeypatch):

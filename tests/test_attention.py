@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from builders import func_grad_and_autograd
 
 from fastdiff.ops._backend import triton_available, triton_interpret
 from fastdiff.ops.attention import QKVAttention, QKVAttentionLegacy, attention, attention_reference
@@ -178,13 +179,9 @@ def test_torch_func_grad_eager_and_compiled():
     def loss(t):
         return attention(t, 2, "legacy").square().sum()
 
-    x = qkv.clone().requires_grad_()
-    want = torch.autograd.grad(loss(x), x)[0]
-    compiled = torch.compile(
-        lambda t: torch.func.grad(loss)(t), backend="eager", fullgraph=True, dynamic=False
-    )
-    for got in (torch.func.grad(loss)(qkv), compiled(qkv)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    want, got = func_grad_and_autograd(loss, qkv)
+    for g in got:
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
 
 
 def test_backward_reference_matches_autograd():
