@@ -235,6 +235,28 @@ def test_invalid_types_rejected():
         GaussianDiffusion(np.array([0.5, 1.5]))
 
 
+def test_linear_schedule_below_20_steps_is_refused_whatever_the_respacing():
+    """Its betas end at 20 / steps, above 1 below 20 steps: guided-diffusion refuses the full
+    process before respacing it; respacing alone used to hide the negative alphas (fuzz seed 131:
+    --diffusion_steps 10 --timestep_respacing ddim5 built a process from them)."""
+    from fastdiff.compat import guided_diffusion as gd
+    from fastdiff.compat import respace
+    from fastdiff.config import ConfigError
+    from fastdiff.diffusion.schedule import get_named_beta_schedule
+    from fastdiff.models.flags import FlagError
+
+    for respacing in ("", "ddim5", "3"):
+        with pytest.raises(ConfigError, match="linear noise_schedule needs at least 20 timesteps"):
+            gd.create_gaussian_diffusion(steps=10, timestep_respacing=respacing)
+    with pytest.raises(FlagError, match="got --diffusion_steps 10"):
+        diffusion_from_flags({"diffusion_steps": 10}, timestep_respacing="ddim5")
+    betas = get_named_beta_schedule("linear", 10)
+    with pytest.raises(ValueError, match="betas must lie in"):  # the original's constructor
+        respace.SpacedDiffusion(respace.space_timesteps(10, "ddim5"), betas=betas)
+    assert gd.create_gaussian_diffusion(steps=20, timestep_respacing="ddim5").num_timesteps == 5
+    assert make_diffusion(steps=10, noise_schedule="cosine", timestep_respacing="ddim5").num_timesteps == 5
+
+
 def test_create_diffusion_from_flags():
     flags = {
         "diffusion_steps": 500,

@@ -130,6 +130,7 @@ def test_channel_mult_by_image_size():
         (lambda: SuperResConfig(small_size=512), "small_size must be in"),
         (lambda: DiffusionConfig(noise_schedule="quadratic"), "unknown noise_schedule 'quadratic'"),
         (lambda: DiffusionConfig(steps=1), "at least 2"),
+        (lambda: DiffusionConfig(steps=19), "linear noise_schedule needs at least 20 timesteps"),
     ],
 )
 def test_configs_check_themselves(make, message):
@@ -212,7 +213,7 @@ def test_create_unet_from_flags():
 def test_create_classifier_and_superres_from_flags():
     clf = build_classifier(image_size=64, classifier_width=64, classifier_depth=1, num_classes=10)
     assert clf(torch.randn(1, 3, 64, 64), torch.tensor([5])).shape == (1, 10)
-    sr = build_superres(large_size=64, small_size=16, num_channels=32, learn_sigma=True, diffusion_steps=10)
+    sr = build_superres(large_size=64, small_size=16, num_channels=32, learn_sigma=True, diffusion_steps=100)
     out = sr(torch.randn(1, 3, 64, 64), torch.tensor([5]), low_res=torch.randn(1, 3, 16, 16))
     assert out.shape == (1, 6, 64, 64)
 

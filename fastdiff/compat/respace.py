@@ -52,6 +52,8 @@ class SpacedDiffusion(GaussianDiffusion):
 
     def __init__(self, use_timesteps, **kwargs):
         betas = np.asarray(kwargs.pop("betas"), dtype=np.float64)
+        if not ((betas > 0).all() and (betas <= 1).all()):  # the original checks the full process too
+            raise ValueError("betas must lie in (0, 1]")
         kept_betas, timestep_map = respace_betas(np.cumprod(1.0 - betas), use_timesteps)
         super().__init__(kept_betas, timestep_map=timestep_map, original_num_steps=len(betas), **kwargs)
 

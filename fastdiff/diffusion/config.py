@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fastdiff.config import ConfigError, check_types
 
 NOISE_SCHEDULES = ("linear", "cosine")
+LINEAR_MIN_STEPS = 20  # fewer linear steps give betas above 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +35,14 @@ class DiffusionConfig:
         if self.noise_schedule not in NOISE_SCHEDULES:
             raise ConfigError(
                 f"unknown noise_schedule {self.noise_schedule!r}; choose {' or '.join(NOISE_SCHEDULES)}"
+            )
+        if self.noise_schedule == "linear" and self.steps < LINEAR_MIN_STEPS:
+            # The linear betas end at 0.02 * 1000 / steps: above 1 (a negative alpha) below 20
+            # steps, a process guided-diffusion refuses too (whatever the respacing).
+            raise ConfigError(
+                f"the linear noise_schedule needs at least {LINEAR_MIN_STEPS} timesteps (its last"
+                f" beta is 20 / steps, above 1 with fewer), got steps {self.steps}; the cosine"
+                " schedule takes fewer"
             )
 
     @property
