@@ -126,6 +126,24 @@ def test_build_failure_warns_and_returns_none(monkeypatch):
         _cuda_build.load_extension.cache_clear()
 
 
+def test_jit_build_can_be_switched_off(monkeypatch):
+    """FASTDIFF_CUDA_JIT=0 (run_gpu.py's later stages after a failed build stage): no build is
+    tried again, so a broken or slow toolchain costs its minutes once per run, not once per stage."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    from fastdiff.ops import _cuda_build
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: pytest.fail("JIT build attempted"))
+    monkeypatch.setitem(sys.modules, "fastdiff._C", None)  # no prebuilt module
+    monkeypatch.setenv("FASTDIFF_CUDA_JIT", "0")
+    _cuda_build.load_extension.cache_clear()
+    try:
+        assert _cuda_build.load_extension() is None
+    finally:
+        _cuda_build.load_extension.cache_clear()
+
+
 @pytest.fixture
 def fresh_choices(monkeypatch, tmp_path):
     """Empty in-memory choice cache, persisted to a temp file."""

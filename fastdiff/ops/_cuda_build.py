@@ -4,13 +4,16 @@
 --no-build-isolation -e .`` prebuilds ``fastdiff._C``. Without it the sources are JIT-compiled
 on first use with ``torch.utils.cpp_extension.load`` (cached under ``TORCH_EXTENSIONS_DIR``),
 which needs a source checkout (csrc/ beside the package) and nvcc. Any failure returns None
-with one warning: the Triton/reference paths keep working.
+with one warning: the Triton/reference paths keep working. ``FASTDIFF_CUDA_JIT=0`` skips the JIT
+build (a prebuilt ``fastdiff._C`` still loads): ``bench/run_gpu.py`` sets it for its later stages
+when its build stage did not load the extension, so no stage builds it again.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 import shlex
 import warnings
 from pathlib import Path
@@ -45,6 +48,8 @@ def load_extension():
         return importlib.import_module("fastdiff._C")
     except ImportError:
         pass
+    if os.environ.get("FASTDIFF_CUDA_JIT", "1") in ("", "0"):
+        return None  # no JIT build asked for (bench/run_gpu.py, after its build stage failed)
     src = csrc_dir()
     if src is None:
         warnings.warn(
