@@ -208,20 +208,28 @@ def markdown(report: dict) -> str:
         md.append(f"- command: `{report['command']}`")
     if not d.get("cuda_available"):
         md.append(f"- CPU threads per benchmark process: {d.get('bench_threads')} (FASTDIFF_BENCH_THREADS)")
+    if report.get("complete") is False:  # run_gpu.py's JSON of a run cut short
+        md.append("- **incomplete**: the run ended before its last stage finished")
     ext = report["cuda_extension"]
-    md.append(f"- CUDA extension (csrc/): {ext['status']} ({ext['seconds']}s)")
+    if ext:
+        md.append(f"- CUDA extension (csrc/): {ext['status']} ({ext['seconds']}s)")
     t = report["tests"]
-    if not t.get("skipped"):
+    if t is None:
+        md.append("- GPU tests: not run")
+    elif not t.get("skipped"):
         md.append(
             f"- GPU tests (`pytest tests -m gpu`): {t['counts']}" + (" TIMED OUT" if t["timed_out"] else "")
         )
         md += [f"  - failed: `{n}`" for n in t["failed"][:20]]
     b = report["bench"]
-    md.append(
-        f"- benchmarks: {b['counts']}, {b['records']} timed; "
-        f"{b['skipped_for_budget']} skipped for the time budget" + (" TIMED OUT" if b["timed_out"] else "")
-    )
-    md += [f"  - failed: `{n}`" for n in b["failed"][:20]]
+    if b is None:
+        md.append("- benchmarks: not run")
+    else:
+        md.append(
+            f"- benchmarks: {b['counts']}, {b['records']} timed; {b['skipped_for_budget']} skipped for "
+            "the time budget" + (" TIMED OUT" if b["timed_out"] else "")
+        )
+        md += [f"  - failed: `{n}`" for n in b["failed"][:20]]
     md += ["", "## Summary (geometric means over shapes; targets: rows met / rows measured)", ""]
     md += summary_lines(report["summary"])
     timer = "kernel" if any(r["kernel"]["times"].get("fastdiff") for r in rows) else "pytest"

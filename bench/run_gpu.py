@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections import defaultdict
@@ -39,6 +40,8 @@ if str(REPO) not in sys.path:
 from bench.report import TARGETS, build_rows, render, summarise, summary_lines  # noqa: E402
 
 REPORT_RESERVE_S = 25  # kept back from the benchmarks for writing the report
+TICK_S = 60  # while a stage runs, what it has written so far is copied to $OUT this often
+RAW_ARCHIVE = "raw.tar.gz"  # the logs, records and benchmark JSON, one file in $OUT
 
 
 def _command() -> str:
@@ -57,24 +60,31 @@ def slug(text: str) -> str:
 
 
 def run_logged(
-    cmd: list[str], logfile: Path, timeout: float, env: dict | None = None
+    cmd: list[str], logfile: Path, timeout: float, env: dict | None = None, tick=None
 ) -> tuple[int | None, str]:
     """Run cmd with output to logfile; (returncode or None on timeout, output text).
 
     The command gets its own process group so a timeout also ends what it started (nvcc,
-    inductor compile workers)."""
+    inductor compile workers). ``tick()``, if given, runs every TICK_S seconds while it runs
+    (the runner copies what is there so far to $OUT)."""
     with open(logfile, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-        try:
-            rc = proc.wait(timeout=max(timeout, 1))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = None
+        end = time.time() + max(timeout, 1)
+        rc = None
+        while rc is None:
+            try:
+                rc = proc.wait(timeout=max(0.1, min(TICK_S, end - time.time())))
+            except subprocess.TimeoutExpired:
+                if time.time() >= end:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    break
+                if tick is not None:
+                    tick()
     return rc, logfile.read_text(errors="replace")
 
 
@@ -90,7 +100,24 @@ def pytest_counts(text: str) -> dict:
 
 
 def failed_tests(text: str) -> list[str]:
-    return [m.group(1) for m in re.finditer(r"^(?:FAILED|ERROR) (\S+)", text, re.M)]
+    """Failed or erroring test ids: the -rfE summary's, else (a run killed at its timeout prints
+    no summary) the per-test lines of -v output."""
+    summary = [m.group(1) for m in re.finditer(r"^(?:FAILED|ERROR) (\S+)", text, re.M)]
+    if summary:
+        return summary
+    return list(dict.fromkeys(m.group(1) for m in re.finditer(r"^(\S+::\S+) (?:FAILED|ERROR)\b", text, re.M)))
+
+
+def outcome_counts(text: str) -> dict:
+    """The counts of pytest's summary line or, without one (killed at its timeout), of the
+    per-test lines of -v output."""
+    counts = pytest_counts(text)
+    if counts:
+        return counts
+    for word in re.findall(r"^\S+::\S+ (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", text, re.M):
+        key = {"ERROR": "errors", "XFAIL": "xfailed", "XPASS": "xpassed"}.get(word, word.lower())
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def skip_reasons(text: str) -> dict[str, int]:
@@ -137,6 +164,40 @@ def install_wheels(folder: Path | None, workdir: Path) -> list[str]:
     return [w.name for w in wheels]
 
 
+def read_records(path: Path) -> list[dict]:
+    """The benchmarks' JSON lines; a line cut off by a killed process is dropped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return records
+
+
+def publish(workdir: Path, report_files: list[Path]) -> None:
+    """Copy the report files and one archive of the work dir's raw files (logs, records, the
+    benchmark JSON) to $OUT, when set: the device tool brings back at most 8 files, and only what
+    is in $OUT when its command ends, so this runs after every stage and every TICK_S seconds."""
+    out_env = os.environ.get("OUT")
+    if not out_env:
+        return
+    dest = Path(out_env)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in report_files:
+            if f.is_file():
+                shutil.copy2(f, dest / f.name)
+        tmp = dest / (RAW_ARCHIVE + ".tmp")
+        with tarfile.open(tmp, "w:gz") as tar:
+            for f in sorted(workdir.iterdir()):
+                if f.is_file() and f not in report_files:
+                    tar.add(f, arcname=f"raw/{f.name}")
+        tmp.replace(dest / RAW_ARCHIVE)
+    except OSError as e:
+        log(f"could not copy the results to {dest}: {e}")
+
+
 def stage_build(args, workdir: Path, deadline: float) -> dict:
     """Load (JIT-building if needed) the optional CUDA extension once, so its build time shows
     up here and not inside the first test or benchmark that happens to touch it."""
@@ -153,36 +214,43 @@ def stage_build(args, workdir: Path, deadline: float) -> dict:
         status = "build timed out"
     result = {"returncode": rc, "seconds": round(time.time() - t0, 1), "status": status or "error"}
     log(f"cuda extension: {result['status']} in {result['seconds']}s")
+    if result["status"] != "loaded":
+        # Every later process would try the same build again (a compile error's minutes, or a
+        # timed-out build resumed) at its first GroupNorm: the Triton kernels run instead.
+        os.environ["FASTDIFF_CUDA_JIT"] = "0"
     return result
 
 
-def stage_tests(args, workdir: Path, deadline: float) -> dict:
+def stage_tests(args, workdir: Path, deadline: float, tick=None) -> dict:
     if args.skip_tests:
         return {"skipped": True}
     timeout = min(args.tests_timeout, 0.4 * (deadline - time.time()))
     log(f"stage 1: pytest tests -m gpu (timeout {timeout:.0f}s)")
     t0 = time.time()
-    cmd = [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE"]
-    rc, text = run_logged(cmd, workdir / "tests.log", timeout)
+    # -v: one line per test as it ends, so a stage killed at its timeout still says what ran
+    cmd = [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-rfE"]
+    cmd += ["--durations=15"]
+    rc, text = run_logged(cmd, workdir / "tests.log", timeout, tick=tick)
     result = {
         "returncode": rc,
         "timed_out": rc is None,
         "seconds": round(time.time() - t0, 1),
-        "counts": pytest_counts(text),
+        "counts": outcome_counts(text),
         "failed": failed_tests(text)[:50],
     }
     log(f"tests: {result['counts']} in {result['seconds']}s" + (" (TIMED OUT)" if rc is None else ""))
     return result
 
 
-def stage_bench(args, workdir: Path, deadline: float, size: str) -> tuple[dict, list[dict], dict]:
+def stage_bench(args, workdir: Path, deadline: float, size: str, tick=None) -> tuple[dict, list[dict], dict]:
     records_path = workdir / "records.jsonl"
     json_path = workdir / "pytest-benchmark.json"
     plugin = (
         importlib.util.find_spec("pytest_benchmark") is not None
         and os.environ.get("FASTDIFF_BENCH_FALLBACK") != "1"
     )
-    cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "-rsfE"]
+    # -v: one line per benchmark as it starts and ends (a killed run shows what was in flight)
+    cmd = [sys.executable, "-m", "pytest", "bench", "-v", "-p", "no:cacheprovider", "-rsfE"]
     if not plugin:
         cmd += ["-p", "no:benchmark"]
     else:
@@ -201,13 +269,14 @@ def stage_bench(args, workdir: Path, deadline: float, size: str) -> tuple[dict, 
         f"deadline in {deadline - REPORT_RESERVE_S - time.time():.0f}s)"
     )
     t0 = time.time()
-    rc, text = run_logged(cmd, workdir / "bench.log", timeout, env=env)
-    records = []
-    if records_path.exists():
-        records = [json.loads(ln) for ln in records_path.read_text().splitlines() if ln.strip()]
+    rc, text = run_logged(cmd, workdir / "bench.log", timeout, env=env, tick=tick)
+    records = read_records(records_path)
     rates = {}
-    if json_path.exists():
-        data = json.loads(json_path.read_text())
+    try:  # written at the session's end: absent, or cut short, when the run was killed
+        data = json.loads(json_path.read_text()) if json_path.exists() else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
         rates = data.get("fastdiff_rates", {})
         if not records:
             records = [
@@ -225,7 +294,7 @@ def stage_bench(args, workdir: Path, deadline: float, size: str) -> tuple[dict, 
         "timed_out": rc is None,
         "seconds": round(time.time() - t0, 1),
         "pytest_benchmark": plugin,
-        "counts": pytest_counts(text),
+        "counts": outcome_counts(text),
         "failed": failed_tests(text)[:100],
         "skip_reasons": reasons,
         "records": len(records),
@@ -300,60 +369,78 @@ def main(argv=None) -> int:
     )
 
     wheels = install_wheels(args.wheels, workdir)
-    build = stage_build(args, workdir, deadline)
-    tests = stage_tests(args, workdir, deadline)
-    bench_result, records, rates = stage_bench(args, workdir, deadline, size)
-    rows = build_rows(records)
-    for r in records:
-        e = r["extra_info"]
-        rates.setdefault("copy_gbps", e.get("copy_gbps"))
-        if e.get("matmul_tflops"):
-            rates.setdefault(
-                "matmul_tflops_" + {"fp16": "float16", "bf16": "bfloat16"}.get(e["dtype"], e["dtype"]),
-                e["matmul_tflops"],
-            )
-    report = {
-        "schema": 1,
-        "date": date,
-        "stem": stem,
-        "dry_run": args.dry_run,
-        "command": _command(),
-        "size": size,
-        "budget_s": args.budget,
-        "elapsed_s": round(time.time() - t_start, 1),
-        "device": info,
-        "wheels": wheels,
-        "cuda_extension": build,
-        "rates": {k: v for k, v in rates.items() if k.startswith(("copy", "matmul"))},
-        "tests": tests,
-        "bench": bench_result,
-        "targets": {k: {"op": o, "metric": m, "threshold": t} for k, (o, m, t) in TARGETS.items()},
-        "summary": summarise(rows),
-        "rows": rows,
-        "records": [r for r in records if r.get("extra_info", {}).get("op") == "sampling"],
-    }
     json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    written = [json_path, *render(report, json_path)]
+    state: dict = {"build": None, "tests": None, "bench": None, "records": [], "rates": {}}
+    written: list[Path] = []
 
-    out_env = os.environ.get("OUT")
-    if out_env:
-        dest = Path(out_env)
-        (dest / "raw").mkdir(parents=True, exist_ok=True)
-        for f in written:
-            shutil.copy2(f, dest / f.name)
-        for f in workdir.iterdir():
-            if f.is_file() and f not in written:
-                shutil.copy2(f, dest / "raw" / f.name)
-        log(f"copied results to {dest}")
+    def write_report(final: bool) -> None:
+        """The report as it stands (after each stage; markdown and plot at the end), then a copy
+        to $OUT: a run cut short, or a report that fails to render, still leaves its results."""
+        records = state["records"] or read_records(workdir / "records.jsonl")
+        rates = dict(state["rates"])
+        try:
+            rows = build_rows(records)
+            for r in records:
+                e = r["extra_info"]
+                rates.setdefault("copy_gbps", e.get("copy_gbps"))
+                if e.get("matmul_tflops"):
+                    dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(e["dtype"], e["dtype"])
+                    rates.setdefault(f"matmul_tflops_{dtype}", e["matmul_tflops"])
+            summary = summarise(rows)
+        except Exception as e:  # the raw records still go to $OUT
+            log(f"could not tabulate the records: {type(e).__name__}: {e}")
+            rows, summary = [], []
+        report = {
+            "schema": 1,
+            "date": date,
+            "stem": stem,
+            "dry_run": args.dry_run,
+            "complete": final,
+            "command": _command(),
+            "size": size,
+            "budget_s": args.budget,
+            "elapsed_s": round(time.time() - t_start, 1),
+            "device": info,
+            "wheels": wheels,
+            "cuda_extension": state["build"],
+            "rates": {k: v for k, v in rates.items() if k.startswith(("copy", "matmul"))},
+            "tests": state["tests"],
+            "bench": state["bench"],
+            "targets": {k: {"op": o, "metric": m, "threshold": t} for k, (o, m, t) in TARGETS.items()},
+            "summary": summary,
+            "rows": rows,
+            "records": [r for r in records if r.get("extra_info", {}).get("op") == "sampling"],
+        }
+        json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        written[:] = [json_path]
+        if final:
+            try:
+                written.extend(render(report, json_path))
+            except Exception as e:
+                log(f"could not render the report: {type(e).__name__}: {e}")
+            state["summary"] = summary
+        publish(workdir, written)
 
+    def tick() -> None:
+        publish(workdir, written)
+
+    state["build"] = stage_build(args, workdir, deadline)
+    write_report(final=False)
+    state["tests"] = stage_tests(args, workdir, deadline, tick=tick)
+    write_report(final=False)
+    state["bench"], state["records"], state["rates"] = stage_bench(args, workdir, deadline, size, tick=tick)
+    write_report(final=True)
+    if os.environ.get("OUT"):
+        log(f"copied results to {os.environ['OUT']}")
+
+    tests, bench_result = state["tests"], state["bench"]
     log("wrote " + ", ".join(str(f) for f in written))
     print()
     print(
         f"tests: {tests.get('counts', 'skipped')}   bench: {bench_result['counts']}   "
         f"({bench_result['skipped_for_budget']} skipped for budget)   wall {time.time() - t_start:.0f}s"
     )
-    print("\n".join(summary_lines(report["summary"])))
+    print("\n".join(summary_lines(state["summary"])))
     ok = not tests.get("failed") and not bench_result["failed"]
     return 0 if ok else 1
 

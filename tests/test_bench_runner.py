@@ -4,15 +4,18 @@ work, machine_info stable across runs on one machine, a report's command runnabl
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shlex
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
-from bench import conftest, run_gpu, settings, timing
+from bench import conftest, report, run_gpu, settings, timing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,3 +101,86 @@ def test_cpu_bound_refuses_counts_below_one_before_measuring(tmp_path, option):
     cmd = [sys.executable, str(REPO / "bench" / "cpu_bound.py"), *option, "--out-dir", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "must be at least 1" in r.stderr and not list(tmp_path.iterdir())
+
+
+def test_killed_stage_still_counts_its_tests():
+    """A stage killed at its timeout prints no summary: the -v lines still give counts and names."""
+    text = (
+        "tests/test_a.py::test_x[fp16] PASSED  [ 10%]\n"
+        "tests/test_a.py::test_y FAILED  [ 20%]\n"
+        "tests/test_b.py::test_z SKIPPED (needs CUDA)  [ 30%]\n"
+        "tests/test_b.py::test_w ERROR  [ 40%]\n"
+        "tests/test_b.py::test_v "
+    )
+    assert run_gpu.outcome_counts(text) == {"passed": 1, "failed": 1, "skipped": 1, "errors": 1}
+    assert run_gpu.failed_tests(text) == ["tests/test_a.py::test_y", "tests/test_b.py::test_w"]
+    summary = text + "\nFAILED tests/test_a.py::test_y - boom\n1 failed, 1 passed in 3.0s\n"
+    assert run_gpu.outcome_counts(summary) == {"failed": 1, "passed": 1}
+    assert run_gpu.failed_tests(summary) == ["tests/test_a.py::test_y"]
+
+
+def test_run_logged_copies_while_running_and_kills_at_timeout(monkeypatch, tmp_path):
+    monkeypatch.setattr(run_gpu, "TICK_S", 0.2)
+    ticks = []
+    cmd = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"]
+    rc, text = run_gpu.run_logged(cmd, tmp_path / "log", timeout=1.5, tick=lambda: ticks.append(1))
+    assert rc is None and "started" in text and ticks
+    rc, _ = run_gpu.run_logged([sys.executable, "-c", "pass"], tmp_path / "log2", timeout=30)
+    assert rc == 0
+
+
+def test_failed_build_stage_turns_the_jit_build_off(monkeypatch, tmp_path):
+    """Each later process would otherwise try the failed (or timed-out) build again."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("FASTDIFF_CUDA_JIT", raising=False)
+    args = SimpleNamespace(build_timeout=100)
+    calls = []
+
+    def fake_run(cmd, logfile, timeout, env=None, tick=None):
+        calls.append(cmd)
+        return (0, "cuda extension: loaded\n") if len(calls) == 1 else (None, "")
+
+    monkeypatch.setattr(run_gpu, "run_logged", fake_run)
+    assert run_gpu.stage_build(args, tmp_path, time.time() + 400)["status"] == "loaded"
+    assert "FASTDIFF_CUDA_JIT" not in os.environ
+    assert run_gpu.stage_build(args, tmp_path, time.time() + 400)["status"] == "build timed out"
+    assert os.environ["FASTDIFF_CUDA_JIT"] == "0"
+
+
+def test_out_gets_few_files_after_every_stage(monkeypatch, tmp_path):
+    """The device tool brings back at most 8 files from $OUT, and only what is there when the
+    command ends: the report goes there after each stage, the raw files as one archive, and a
+    report that fails to render still leaves its JSON."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("OUT", str(out))
+    monkeypatch.setattr(run_gpu.tempfile, "mkdtemp", lambda prefix: str(work))
+    seen = []
+
+    def stage(name, files):
+        def run(*args, **kwargs):
+            for f in files:
+                (work / f).write_text("{}\n" if f.endswith("jsonl") else "log\n")
+            seen.append(sorted(p.name for p in out.iterdir()) if out.exists() else [])
+            if name == "tests":  # the report so far (build stage done) renders as it stands
+                partial = json.loads(next(out.glob("*.json")).read_text())
+                assert partial["complete"] is False and "GPU tests: not run" in report.markdown(partial)
+            outcome = {"counts": {}, "failed": [], "timed_out": False, "records": 0, "skipped_for_budget": 0}
+            return {**outcome, "status": name, "seconds": 1.0}
+
+        return run
+
+    monkeypatch.setattr(run_gpu, "install_wheels", lambda *a: [])
+    build = stage("build", ["build.log", "build-unlock.log", "wheels.log"])
+    monkeypatch.setattr(run_gpu, "stage_build", build)
+    monkeypatch.setattr(run_gpu, "stage_tests", stage("tests", ["tests.log"]))
+    bench = stage("bench", ["bench.log", "records.jsonl", "pytest-benchmark.json"])
+    monkeypatch.setattr(run_gpu, "stage_bench", lambda *a, **k: (bench(), [], {}))
+    monkeypatch.setattr(run_gpu, "render", lambda *a: 1 / 0)
+    run_gpu.main(["--dry-run", "--out-dir", str(work)])
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) <= 8 and run_gpu.RAW_ARCHIVE in names and any(n.endswith(".json") for n in names)
+    assert run_gpu.RAW_ARCHIVE in seen[1] and any(n.endswith(".json") for n in seen[1])  # after build
+    with tarfile.open(out / run_gpu.RAW_ARCHIVE) as tar:
+        assert {"raw/tests.log", "raw/records.jsonl", "raw/wheels.log"} <= set(tar.getnames())
