@@ -60,6 +60,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _time_budget():
+    timing.TEST_STARTED = time.time()  # each record's wall_s counts from here
     deadline = settings.deadline()
     if deadline is not None and time.time() > deadline:
         pytest.skip("time budget exhausted (FASTDIFF_BENCH_DEADLINE)")

@@ -365,8 +365,14 @@ def _stats_dict(benchmark) -> dict:
     return {k: getattr(stats, k, None) for k in ("min", "max", "mean", "median", "stddev", "rounds")}
 
 
+# time.time() when the running benchmark's setup began (bench/conftest.py sets it)
+TEST_STARTED: float | None = None
+
+
 def _record(benchmark, extra: dict) -> None:
-    """Append one JSON line per benchmark to $FASTDIFF_BENCH_RECORDS (survives a cut-short run)."""
+    """Append one JSON line per benchmark to $FASTDIFF_BENCH_RECORDS (survives a cut-short run).
+    ``wall_s``: the benchmark's whole cost so far (setup, compiles, autotuning, timed rounds),
+    what planning a time budget needs."""
     path = os.environ.get("FASTDIFF_BENCH_RECORDS")
     if not path:
         return
@@ -376,6 +382,7 @@ def _record(benchmark, extra: dict) -> None:
         "group": getattr(benchmark, "group", None),
         "stats": _stats_dict(benchmark),
         "extra_info": extra,
+        "wall_s": None if TEST_STARTED is None else round(time.time() - TEST_STARTED, 3),
     }
     with open(path, "a") as f:
         f.write(json.dumps(line, default=str) + "\n")

@@ -184,3 +184,15 @@ def test_out_gets_few_files_after_every_stage(monkeypatch, tmp_path):
     assert run_gpu.RAW_ARCHIVE in seen[1] and any(n.endswith(".json") for n in seen[1])  # after build
     with tarfile.open(out / run_gpu.RAW_ARCHIVE) as tar:
         assert {"raw/tests.log", "raw/records.jsonl", "raw/wheels.log"} <= set(tar.getnames())
+
+
+def test_records_carry_each_benchmarks_wall_time(monkeypatch, tmp_path):
+    """The next GPU run's budget is planned from these: compiles and autotuning included."""
+    from types import SimpleNamespace
+
+    path = tmp_path / "records.jsonl"
+    monkeypatch.setenv("FASTDIFF_BENCH_RECORDS", str(path))
+    monkeypatch.setattr(timing, "TEST_STARTED", time.time() - 2.0)
+    bench = SimpleNamespace(name="b", fullname="f::b", group=None, stats=None)
+    timing._record(bench, {"op": "attention"})
+    assert json.loads(path.read_text())["wall_s"] >= 2.0
