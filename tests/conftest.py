@@ -79,3 +79,19 @@ def _fresh_compat_logger():
     logger = sys.modules.get("fastdiff.compat.logger")
     if logger is not None:
         logger.Logger.CURRENT = logger.Logger.DEFAULT = None
+
+
+def gpu_run_order(item) -> int:
+    """Where a GPU test runs in the suite (``pytest -m gpu`` under bench/run_gpu.py's time limit,
+    which cuts what is left): the CUDA-graph captures (the engines no CPU test can run) first,
+    the torch.compile cold compiles (minutes each) last, every other test between, in file order."""
+    if item.get_closest_marker("gpu") is None:
+        return 1
+    name = item.name.lower()
+    if "compile" in name:
+        return 2
+    return 0 if "graph" in name or "capture" in name else 1
+
+
+def pytest_collection_modifyitems(config, items):
+    items[:] = sorted(items, key=gpu_run_order)  # stable: file order within each group

@@ -196,3 +196,21 @@ def test_records_carry_each_benchmarks_wall_time(monkeypatch, tmp_path):
     bench = SimpleNamespace(name="b", fullname="f::b", group=None, stats=None)
     timing._record(bench, {"op": "attention"})
     assert json.loads(path.read_text())["wall_s"] >= 2.0
+
+
+def test_gpu_tests_run_graph_captures_first_and_compiles_last():
+    """run_gpu.py's test stage is cut at its time limit: what is left is the compiles."""
+    cmd = [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "--collect-only"]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    ids = [ln for ln in proc.stdout.splitlines() if "::" in ln]
+    compiles = [i for i, n in enumerate(ids) if "compile" in n.split("::")[-1]]
+    graphs = [i for i, n in enumerate(ids) if i not in compiles and ("graph" in n or "capture" in n)]
+    assert compiles and graphs
+    assert compiles == list(range(len(ids) - len(compiles), len(ids)))
+    assert graphs == list(range(len(graphs)))
