@@ -194,8 +194,8 @@ def publish(workdir: Path, report_files: list[Path]) -> None:
                 if f.is_file() and f not in report_files:
                     tar.add(f, arcname=f"raw/{f.name}")
         tmp.replace(dest / RAW_ARCHIVE)
-    except OSError as e:
-        log(f"could not copy the results to {dest}: {e}")
+    except Exception as e:  # (OSError, tarfile.TarError): a failed copy must not end the run
+        log(f"could not copy the results to {dest}: {type(e).__name__}: {e}")
 
 
 def stage_build(args, workdir: Path, deadline: float) -> dict:

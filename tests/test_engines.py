@@ -461,3 +461,73 @@ def test_upsampler_conditioning_is_checked_and_inverts():
             s(num_samples=2, model_kwargs=kw)
     x = s(num_samples=2, generator=torch.Generator().manual_seed(0), model_kwargs={"low_res": low})
     assert s.invert(x, model_kwargs={"low_res": low}).shape == (2, 3, 8, 8)
+
+
+def test_guidance_stream_forks_and_joins_inside_the_step(monkeypatch):
+    """What the CUDA-graph capture needs of the step (stand-in streams on the CPU): the guidance
+    stream waits for the capturing stream before the classifier reads x_t, runs the whole
+    gradient, and the capturing stream waits for it before guidance and the update rule use it
+    (work left unjoined is a capture error)."""
+    from contextlib import contextmanager
+
+    from fastdiff.diffusion.guidance import ClassifierGuidance
+    from fastdiff.diffusion.samplers import SamplingStep, make_rule
+
+    events, current = [], ["S"]
+
+    class _Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits {other.name}")
+
+    @contextmanager
+    def _on(stream):
+        before, current[0] = current[0], stream.name
+        events.append(f"on {stream.name}")
+        try:
+            yield
+        finally:
+            current[0] = before
+            events.append(f"back on {before}")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream(current[0]))
+    monkeypatch.setattr(torch.cuda, "stream", _on)
+    unet, clf = _nets()
+    diffusion = _diffusion()
+    guidance = ClassifierGuidance(clf, 2.0)
+
+    def cond_fn(*args, **kwargs):
+        events.append(f"gradient on {current[0]}")
+        return guidance(*args, **kwargs)
+
+    def model(*args, **kwargs):
+        events.append(f"model on {current[0]}")
+        return unet(*args, **kwargs)
+
+    rule = make_rule(diffusion, "ddim")
+
+    def traced_rule(*args):
+        events.append(f"rule on {current[0]}")
+        return rule(*args)
+
+    traced_rule.guidance, traced_rule.needs_noise = rule.guidance, rule.needs_noise
+    labels = torch.tensor([0, 3])
+    step = SamplingStep(diffusion, model, traced_rule, model_kwargs={"y": labels}, cond_fn=cond_fn)
+    step.guidance_stream = _Stream("G")
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 5)
+    with torch.no_grad():
+        got = step(x, t, None, None)[0]
+    assert events == [
+        "G waits S",
+        "on G",
+        "gradient on G",
+        "back on S",
+        "model on S",
+        "S waits G",
+        "rule on S",
+    ]
+    step.guidance_stream = None
+    with torch.no_grad():
+        assert torch.equal(got, step(x, t, None, None)[0])
