@@ -3,8 +3,9 @@
 - ``pytest_benchmark_update_machine_info`` adds GPU name, driver, CUDA, torch and triton versions
   to the benchmark JSON's machine_info, and ``pytest_benchmark_update_json`` the measured copy
   bandwidth / matmul rates beside it (``fastdiff_rates``).
-- Items run in priority order (fp16 first, see ``shapes.priority``) so a run cut short by the
-  budget still covers the main cases; ``FASTDIFF_BENCH_DEADLINE`` (unix time) skips what is left.
+- Items run in priority order (the issue's targets, then fp16 kernels; see ``shapes.priority``)
+  so a run cut short by the budget still covers the main cases; ``FASTDIFF_BENCH_DEADLINE``
+  (unix time) skips what is left.
 - Without pytest-benchmark installed, a minimal ``benchmark`` fixture stands in (the GPU machine
   may lack the plugin); results then come only from ``FASTDIFF_BENCH_RECORDS`` (run_gpu.py reads
   those either way).
@@ -49,11 +50,15 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
 def pytest_collection_modifyitems(config, items):
     def key(indexed):
         index, item = indexed
-        case = getattr(getattr(item, "callspec", None), "params", {}).get("case")
-        known = isinstance(case, (shapes.GNCase, shapes.AttnCase, shapes.UpCase))
-        if not known or item.path.parent.name != "bench":
+        if item.path.parent.name != "bench":
             return (-1, index)
-        return (shapes.priority(case), index)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        case = params.get("case")
+        if isinstance(case, (shapes.GNCase, shapes.AttnCase, shapes.UpCase)):
+            return (shapes.priority(case), index)
+        if "impl" in params and "mode" in params:  # test_sampling: case is (name, batch)
+            return (shapes.sampling_priority(case[0], params["impl"], params["mode"]), index)
+        return (-1, index)
 
     items[:] = [item for _, item in sorted(enumerate(items), key=key)]
 

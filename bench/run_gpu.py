@@ -7,7 +7,7 @@ counts), (2) ``pytest bench --benchmark-only`` (pytest-benchmark, plus a
 baselines are built once), (3) the report:
 ``bench/results/<date>-<gpu>.json``, ``.md`` (per shape: times, speedups, GB/s, % of copy
 bandwidth, the issue's targets met / not met) and ``.png``; everything is also copied to
-``$OUT`` when set. The benchmarks run in priority order (fp16 first) under a deadline, so a
+``$OUT`` when set. The benchmarks run in priority order (the issue's targets first) under a deadline, so a
 short budget cuts the least important cases, never the report.
 
     python bench/run_gpu.py                      # on the GPU machine

@@ -214,3 +214,22 @@ def test_gpu_tests_run_graph_captures_first_and_compiles_last():
     assert compiles and graphs
     assert compiles == list(range(len(ids) - len(compiles), len(ids)))
     assert graphs == list(range(len(graphs)))
+
+
+def test_bench_runs_the_issue_targets_first_and_cold_compiles_late():
+    """The GPU run's benchmark stage is cut at its deadline: the targets' rows (guided DDIM-25 at
+    ImageNet-256 against the original, the UNet's MFU there) come before every kernel row, the
+    compiled baseline of the 1.5x target right after the fp16 kernels at batch 8, and the other
+    torch.compile builds after every fp16 kernel row."""
+    import torch
+
+    from bench import shapes
+
+    fp16 = [shapes.priority(shapes.GNCase(256, 32, 32, b, torch.float16)) for b in (8, 64, 1)]
+    others = [shapes.priority(shapes.GNCase(256, 32, 32, 8, dt)) for dt in (torch.bfloat16, torch.float32)]
+    targets = [shapes.sampling_priority("imagenet256", impl, mode) for impl, mode in shapes.TARGET_ROWS]
+    assert max(targets) < min(fp16 + others)
+    assert fp16[0] < shapes.sampling_priority("imagenet256", "gd-compile", "loop") < fp16[1]
+    late = [shapes.sampling_priority(n, "compile", "loop") for n in ("imagenet256", "imagenet64")]
+    assert max(fp16) < min(late + [shapes.sampling_priority("imagenet64", "gd-compile", "loop")])
+    assert shapes.sampling_priority("imagenet64", "graph", "loop") < min(late)
