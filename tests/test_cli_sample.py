@@ -263,3 +263,18 @@ def test_threads_are_chosen_deliberately(monkeypatch):
             assert choose_threads(None) == len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(before)
+
+
+def test_unconditional_model_with_a_classifier_at_scale_zero(models, tmp_path):
+    """As classifier_sample.py at scale 0: the requested labels are written, the samples are the
+    unguided ones (the labels were handed to a Sampler that takes none: a traceback at batch 0)."""
+    flags = {**UNET_FLAGS, "class_cond": False}
+    save_weights(_randomize(build_unet(**flags)), tmp_path / "uncond.safetensors", {"flags": flags})
+    common = ["--checkpoint", tmp_path / "uncond.safetensors", "--steps", 2, "--num-samples", 3]
+    unguided = ["--classifier", models / "clf.safetensors", "--classifier-scale", 0]
+    r = run(*common, *unguided, "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    assert run(*common, "--out", tmp_path / "b").exit_code == 0
+    a, b = np.load(tmp_path / "a" / "samples_3x8x8x3.npz"), np.load(tmp_path / "b" / "samples_3x8x8x3.npz")
+    assert a["arr_1"].tolist() == [0, 1, 2] and "arr_1" not in b
+    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])

@@ -117,13 +117,16 @@ def run_sampling(
     todo = ranks.share(missing)  # any split gives the same files: a batch's noise is its own
     steps = sampler.diffusion.num_timesteps
     labels_all = None if plan.labels is None else np.asarray(plan.labels, dtype=np.int64)
+    # The labels are written either way; an unconditional model whose classifier has scale 0
+    # (classifier_sample.py's unguided baseline) samples without them.
+    labelled = labels_all is not None and sampler.needs_labels
 
     shown = progress and distributed.is_main()
     bar = tqdm(total=len(todo) * steps, unit="step", disable=not shown, desc="sampling")
     sampling = writing = 0.0
     for b in todo:
         lo, hi = batches[b]
-        y = None if labels_all is None else torch.as_tensor(labels_all[lo:hi], device=device)
+        y = torch.as_tensor(labels_all[lo:hi], device=device) if labelled else None
         warm = sampler.warmup_seconds
         start = time.perf_counter()
         try:
