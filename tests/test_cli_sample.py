@@ -278,3 +278,14 @@ def test_unconditional_model_with_a_classifier_at_scale_zero(models, tmp_path):
     a, b = np.load(tmp_path / "a" / "samples_3x8x8x3.npz"), np.load(tmp_path / "b" / "samples_3x8x8x3.npz")
     assert a["arr_1"].tolist() == [0, 1, 2] and "arr_1" not in b
     np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_a_process_with_no_valid_betas_is_one_line(models, tmp_path):
+    """The linear schedule's betas end at 20 / diffusion_steps: fewer than 20 steps is a flag
+    error, not a ValueError traceback from the process tables."""
+    flags = {**UNET_FLAGS, "diffusion_steps": 10, "noise_schedule": "linear"}
+    flag_string = " ".join(f"--{k} {v}" for k, v in flags.items())
+    r = run("--checkpoint", models / "unet.pt", "--flags", flag_string, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)  # a ClickException, not a bug
+    assert "at least 20" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "o").exists()
