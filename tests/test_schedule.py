@@ -60,6 +60,9 @@ def test_respacing_sections_and_errors():
         space_timesteps(10, "20")
     with pytest.raises(ValueError, match="integer stride"):
         space_timesteps(1000, "ddim999")
+    for spec in ("ddim7x", "7,x", "ddim", ""):  # a typo says what the spec looks like
+        with pytest.raises(ValueError, match="expected 'ddimN' or comma-separated step counts"):
+            space_timesteps(100, spec)
 
 
 def test_respaced_process_keeps_alpha_bar():

@@ -34,6 +34,15 @@ def betas_for_alpha_bar(
     return np.array(betas, dtype=np.float64)
 
 
+def _count(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(
+            "expected 'ddimN' or comma-separated step counts such as '250' or '10,15,20'"
+        ) from None
+
+
 def space_timesteps(num_timesteps: int, spec: str | Iterable[int]) -> list[int]:
     """Kept steps of a ``num_timesteps`` process for a respacing spec, sorted ascending.
 
@@ -43,12 +52,12 @@ def space_timesteps(num_timesteps: int, spec: str | Iterable[int]) -> list[int]:
     """
     if isinstance(spec, str):
         if spec.startswith("ddim"):
-            count = int(spec[len("ddim") :])
+            count = _count(spec[len("ddim") :])
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == count:
                     return list(range(0, num_timesteps, stride))
             raise ValueError(f"cannot create exactly {count} steps with an integer stride")
-        counts = [int(part) for part in spec.split(",")]
+        counts = [_count(part) for part in spec.split(",")]
     else:
         counts = [int(c) for c in spec]
     size_per, extra = divmod(num_timesteps, len(counts))
