@@ -164,6 +164,13 @@ def test_inception_path_with_random_weights(tmp_path):
     assert rec["fid"] > 0 and rec["sfid"] > 0 and rec["inception_score"] > 1  # features differ per image
 
 
+def test_thread_counts_beyond_any_machine_are_one_line(digits, monkeypatch):
+    # 10**20 was torch's OverflowError traceback; 2**31 threads aborted libgomp
+    one_line_error(run("mnist", digits, "--threads", 10**20), "--threads must be between 1 and 4096")
+    monkeypatch.setenv("OMP_NUM_THREADS", str(2**31))
+    one_line_error(run("mnist", digits), "OMP_NUM_THREADS must be at most 4096")
+
+
 def test_bad_inputs_are_one_line_each(digits, tmp_path):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (10, 32, 32, 1), dtype=np.uint8)

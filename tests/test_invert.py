@@ -224,6 +224,10 @@ def test_an_exact_reconstruction_is_null_psnr_in_invert_json():
             "is a folder; name the strip's",
         ),
         (["invert", "{img}", "--classes", "1,,2", "--out", "{tmp}/o"], "--classes must be class ids"),
+        (
+            ["invert", "{img}", "--classes", 1, "--threads", 10**20, "--out", "{tmp}/o"],
+            "--threads must be between 1 and 4096",
+        ),
     ],
 )
 def test_errors_are_one_line(tmp_path, args, message):

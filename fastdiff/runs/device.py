@@ -16,6 +16,10 @@ from fastdiff.runs import ranks
 from fastdiff.runs.errors import RunError
 from fastdiff.runs.folder import check_writable
 
+# The most intra-op threads a run takes: far above any machine's cores, far below what OpenMP
+# cannot allocate (2**31 threads aborted libgomp; a count above int64 was torch's OverflowError).
+MAX_THREADS = 4096
+
 
 def choose_threads(threads: int | None) -> int:
     """Intra-op threads: ``--threads``, else OMP_NUM_THREADS, else the cores not already busy.
@@ -25,11 +29,15 @@ def choose_threads(threads: int | None) -> int:
     its cores, each taking its part; the OMP_NUM_THREADS=1 torchrun sets for every multi-process
     launch is its default, not the user's choice (--threads is).
     """
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise RunError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     local = distributed.local_world_size()
     omp = os.environ.get("OMP_NUM_THREADS", "")
     # 0 or text is no thread count (OpenMP ignores such a value too): the default below
     if threads is None and omp.isdigit() and int(omp) > 0 and not (local > 1 and omp == "1"):
         threads = int(omp)
+        if threads > MAX_THREADS:
+            raise RunError(f"OMP_NUM_THREADS must be at most {MAX_THREADS}, got {omp}")
     if threads is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         others = max(0, busy_cores() - (local - 1))  # the sibling ranks starting now are no load
