@@ -224,6 +224,12 @@ def test_an_exact_reconstruction_is_null_psnr_in_invert_json():
             "is a folder; name the strip's",
         ),
         (["invert", "{img}", "--classes", "1,,2", "--out", "{tmp}/o"], "--classes must be class ids"),
+        (["invert", "{img}", "--classes", 1, "--cfg-scale", "nan", "--out", "{tmp}/o"], "--cfg-scale must"),
+        (
+            ["interpolate", "--from", 0, "--to", 1, "--class", 1, "--cfg-scale", "inf"]
+            + ["--out", "{tmp}/s.png"],
+            "--cfg-scale must be a finite number, got inf",
+        ),
         (
             ["invert", "{img}", "--classes", 1, "--threads", 10**20, "--out", "{tmp}/o"],
             "--threads must be between 1 and 4096",

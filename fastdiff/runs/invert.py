@@ -59,6 +59,8 @@ class DDIMOptions:
 
     def __post_init__(self):
         check_arguments(DDIMOptions, vars(self))
+        if self.cfg_scale is not None and not math.isfinite(self.cfg_scale):
+            raise RunError(f"--cfg-scale must be a finite number, got {self.cfg_scale}")
 
 
 def setup(options: DDIMOptions) -> tuple[LoadedModel, Sampler, torch.device, str]:
