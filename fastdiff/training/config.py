@@ -152,6 +152,8 @@ class TrainConfig:
             if value < low:
                 need = "must not be negative" if low == 0 else f"must be at least {low}"
                 raise ConfigError(f"--{name.replace('_', '-')} {need}, got {value}")
+        if self.seed >= 2**63:  # torch takes at most 2**64 - 1, and the data order seeds seed + epoch
+            raise ConfigError(f"--seed must be >= 0 and < 2**63, got {self.seed}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         for name in ("weight_decay", "grad_clip"):
