@@ -232,6 +232,7 @@ def test_locked_run_folder_is_refused(tmp_path):
         (["--num-workers", "-1"], "--num-workers"),
         (["--keep-last", "-1"], "--keep-last"),
         (["--seed", str(2**64)], "--seed must be >= 0 and < 2**63"),  # was torch's OverflowError
+        (["--device", ""], "unknown device ''"),  # was torch.device's RuntimeError after loading
         (["--cfg-dropout", "1.5"], "--cfg-dropout must be in [0, 1)"),
         (["--flags", "--num_channels -8"], "--num_channels must be at least 1"),
         (["--cfg-dropout", "0.1", "--flags", "--class_cond False"], "needs a class-conditional model"),

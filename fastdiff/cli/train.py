@@ -79,7 +79,7 @@ def _report_skipped(dataset) -> None:
 
 def _check_options(o: dict) -> None:
     """Cheap checks of the options TrainConfig does not hold, before any data is read or model built."""
-    if o["device"]:
+    if o["device"] is not None:  # "" too: no device, not the default
         resolve_device(o["device"])  # as `fastdiff evaluate` checks it
     if o["image_size"] is not None and o["image_size"] < 1:
         raise ConfigError(f"--image-size must be at least 1, got {o['image_size']}")
