@@ -233,6 +233,7 @@ def test_cli_unconditional_upsampler_ignores_the_labels(files, tmp_path):
         (("--low-res", "unlabelled.npz"), "class-conditional but --low-res"),
         (("--low-res", "short_labels.npz"), "its arr_1 is not one integer label per image"),
         (("--low-res", "low.npz", "--steps", 500), "--steps must be between 2 and 100"),
+        (("--low-res", "low.npz", "--num-samples", 10**20), "--num-samples must be at most 10000000"),
         (("--low-res", "low.npz", "--engine", "graph"), "needs a CUDA device"),
         pytest.param(
             ("--low-res", "low.npz", "--engine", "trt"),

@@ -12,6 +12,10 @@ from fastdiff.diffusion import SAMPLERS
 from fastdiff.diffusion.schedule import space_timesteps
 from fastdiff.runs.errors import RunError
 
+# The most images one run makes: its run.json lists every label and its batches are planned up
+# front (10**7 take 2 s and 30 MB); 10**20 was numpy's "Maximum allowed size exceeded".
+MAX_SAMPLES = 10**7
+
 
 @dataclass(frozen=True)
 class Plan:
