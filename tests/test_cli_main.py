@@ -61,6 +61,16 @@ def test_usage_errors_are_one_line_exit_2():
         assert r.output.count("\n") == 1 and message in r.output and f"(see '{hint}')" in r.output, r.output
 
 
+def test_a_bare_group_prints_its_help_as_the_top_level_does():
+    """`fastdiff export` with no subcommand shows export's help as `fastdiff` shows its own
+    (exit 2), not that help wrapped as an 'Error: Usage: ...' line ending in a --help hint."""
+    for args, command in (([], "fastdiff"), (["export"], "fastdiff export")):
+        r = CliRunner().invoke(main, args, prog_name="fastdiff")
+        assert r.exit_code == 2, r.output
+        assert r.output.startswith(f"Usage: {command} [OPTIONS] COMMAND"), r.output
+        assert "Error" not in r.output and "(see '" not in r.output, r.output
+
+
 def test_every_option_says_what_it_does():
     import click
 

@@ -57,6 +57,8 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except RunError as e:
             raise click.ClickException(str(e)) from None
+        except click.exceptions.NoArgsIsHelpError:  # a bare group (fastdiff export): its help, as fastdiff's
+            raise
         except click.UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
             one_line = click.ClickException(e.format_message() + hint)
