@@ -251,6 +251,14 @@ def test_errors_are_one_line(tmp_path, args, message):
     assert not (tmp_path / "o").exists() and not (tmp_path / "s.png").exists()
 
 
+def test_a_bad_fastdiff_ops_is_one_line_before_the_model_loads(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "img.png")
+    monkeypatch.setenv("FASTDIFF_OPS", "bogus")  # was the first GroupNorm's ValueError traceback
+    r = cli("invert", tmp_path / "img.png", "--classes", 1, "--steps", 2, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "FASTDIFF_OPS must be one of auto, reference, triton" in r.output, r.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_interpolate_uses_a_stored_label_only_where_the_model_takes_one(tmp_path):
     """Latents fastdiff invert wrote for a class-conditional model carry labels: an unconditional
     model of the same shape ignores them, and the bundled model names a stored class it lacks as

@@ -243,6 +243,12 @@ def test_bad_options_are_one_line(tmp_path, extra, text):
     _one_line(CliRunner().invoke(train, _args(_npz(tmp_path), tmp_path / "o", *extra)), text)
 
 
+def test_a_bad_fastdiff_ops_is_one_line_before_the_data_is_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_OPS", "bogus")  # was the first layer's ValueError traceback, mid-run
+    monkeypatch.setattr("fastdiff.cli.train.load_dataset", lambda *a, **k: pytest.fail("data read"))
+    _one_line(CliRunner().invoke(train, _args(_npz(tmp_path), tmp_path / "o")), "FASTDIFF_OPS must be one of")
+
+
 @pytest.mark.parametrize(
     "labels, text",
     [(np.array([0, -1, 1, 0]), "negative"), (np.array([0.0, 1.5, 1, 0]), "integer"), (None, "no images")],

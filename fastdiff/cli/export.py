@@ -52,6 +52,7 @@ def export_onnx_command(
     from fastdiff.export import ExportError, OnnxExportConfig, export_onnx
     from fastdiff.export.onnx_export import missing_packages
     from fastdiff.export.validate import validate_export
+    from fastdiff.runs.device import check_ops_mode
     from fastdiff.runs.folder import check_writable
     from fastdiff.runs.loading import (
         BUNDLED_CLASSIFIER,
@@ -63,6 +64,7 @@ def export_onnx_command(
 
     if missing := missing_packages():
         raise click.ClickException(missing)
+    check_ops_mode()  # the trace runs the ops
     try:
         config = OnnxExportConfig(dtype=dtype, opset=opset, max_batch=max_batch)
     except ExportError as e:  # name the options the user wrote, not the config's fields

@@ -17,7 +17,7 @@ from fastdiff.files import remove_temp_files
 from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.flags import FlagError, configs_from_flags, flags_of, parse_flags
 from fastdiff.models.presets import get_preset
-from fastdiff.runs.device import resolve_device
+from fastdiff.runs.device import check_ops_mode, resolve_device
 from fastdiff.runs.folder import exclusive_folder
 from fastdiff.training import (
     PRECISIONS,
@@ -79,6 +79,7 @@ def _report_skipped(dataset) -> None:
 
 def _check_options(o: dict) -> None:
     """Cheap checks of the options TrainConfig does not hold, before any data is read or model built."""
+    check_ops_mode()
     if o["device"] is not None:  # "" too: no device, not the default
         resolve_device(o["device"])  # as `fastdiff evaluate` checks it
     if o["image_size"] is not None and o["image_size"] < 1:

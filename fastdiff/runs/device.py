@@ -80,6 +80,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_ops_mode() -> None:
+    """FASTDIFF_OPS, read by every op as it runs: a bad value is one line before any work, not
+    the first layer's ValueError traceback."""
+    from fastdiff.ops._backend import ops_mode
+
+    try:
+        ops_mode()
+    except ValueError as e:
+        raise RunError(str(e)) from None
+
+
 def check_seed(seed: int, option: str) -> None:
     """A seed is in [0, 2**63): numpy's generators (--classes random) take no negative one, and a
     batch's generator seed is taken modulo 2**63, so a larger one would repeat a smaller one's images."""
@@ -93,6 +104,7 @@ def check_run_options(
     """(device, engine) after the checks every sampling run makes before loading anything;
     under torchrun, this rank's device in the process group."""
     check_seed(seed, "--seed")
+    check_ops_mode()
     try:
         get_sampler(sampler)
     except ValueError as e:
