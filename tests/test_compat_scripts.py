@@ -437,10 +437,14 @@ def test_gd_run_user_errors_are_one_line(tmp_path):
     from fastdiff.cli.main import main
 
     script = str(SCRIPTS / "sample_images.py")
+    np.savez(tmp_path / "images.npz", np.zeros((1, 2, 2, 3), np.uint8))  # a zip: runpy's ImportError
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x8f\xff")  # runpy's SyntaxError
     for args, message in [
         (["--engine", "warp", script], "unknown engine 'warp'"),
         (["--ops", "fastest", script], "FASTDIFF_OPS must be one of"),
         ([str(tmp_path / "missing.py")], "does not exist"),
+        ([str(tmp_path / "images.npz")], "is a zip file without a __main__.py, not a Python script"),
+        ([str(tmp_path / "image.png")], "image.png is not a Python script"),
     ]:
         res = CliRunner().invoke(main, ["gd-run", *args], env={"FASTDIFF_OPS": None})
         assert res.exit_code != 0 and message in res.output, res.output

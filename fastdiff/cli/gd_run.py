@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import runpy
 import sys
+import zipfile
+from pathlib import Path
 
 import click
 
@@ -40,6 +42,20 @@ def _check(engine: str | None) -> None:
         raise click.ClickException(str(e)) from None
 
 
+def _check_script(path: str) -> None:
+    """SCRIPT is Python source, or a zip with a __main__.py as ``python SCRIPT`` runs one: another
+    file (an npz, an image, text) is one line, not runpy's ImportError or SyntaxError traceback."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if "__main__.py" in z.namelist():
+                return
+        raise click.ClickException(f"{path} is a zip file without a __main__.py, not a Python script")
+    try:
+        compile(Path(path).read_bytes(), path, "exec")
+    except (SyntaxError, ValueError) as e:  # ValueError: null bytes
+        raise click.ClickException(f"{path} is not a Python script: {e}") from None
+
+
 @click.command(
     "gd-run",
     context_settings={
@@ -61,6 +77,7 @@ def gd_run_command(engine, ops, script, script_args):
     """
     from fastdiff.compat.guided_diffusion import ENGINE_ENV
 
+    _check_script(script)
     if ops is not None:
         os.environ["FASTDIFF_OPS"] = ops
     engine = engine or os.environ.get(ENGINE_ENV) or None
