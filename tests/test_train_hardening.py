@@ -262,6 +262,16 @@ def test_bad_npz_data(tmp_path, labels, text):
     _one_line(CliRunner().invoke(train, _args(str(path), tmp_path / "o")), text)
 
 
+def test_a_cut_npz_is_one_line(tmp_path):
+    with open(_npz(tmp_path), "rb") as f:
+        whole = f.read()
+    for name, size in (("cut.npz", len(whole) // 2), ("head.npz", 100)):  # zipfile's BadZipFile, EOFError
+        (tmp_path / name).write_bytes(whole[:size])
+        result = CliRunner().invoke(train, _args(str(tmp_path / name), tmp_path / "o"))
+        _one_line(result, f"cannot read {tmp_path / name}")
+        assert not (tmp_path / "o").exists()
+
+
 def test_one_class_classifier_data_is_refused(tmp_path):
     path = _npz(tmp_path, classes=1)
     result = CliRunner().invoke(train_classifier, ["--data", path, "--out", str(tmp_path / "c")])

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -235,7 +236,7 @@ def load_npz(path: str | os.PathLike) -> ArrayDataset:
                 raise DataError(f"{path} has no arr_0 (found: {', '.join(f.files)})")
             images = f["arr_0"]
             labels = f["arr_1"] if "arr_1" in f else None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a cut npz: BadZipFile or EOFError
         if isinstance(e, DataError):
             raise
         raise DataError(f"cannot read {path}: {e}") from e
