@@ -251,6 +251,7 @@ def test_classifier_without_scale_is_an_error(models, tmp_path):
         (["--classes", ""], ["names no class id"]),
         (["--seed", 2**63], ["--seed must be >= 0 and < 2**63"]),
         (["--checkpoint", "/"], ["checkpoint / is a folder"]),
+        (["--num-samples", 10**20], ["--num-samples must be at most 10000000"]),
     ],
 )
 def test_bad_arguments(models, tmp_path, extra, words):

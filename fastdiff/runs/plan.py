@@ -17,6 +17,14 @@ from fastdiff.runs.errors import RunError
 MAX_SAMPLES = 10**7
 
 
+def check_counts(num_samples: int | None, batch_size: int) -> None:
+    """--num-samples (None: the input's count) and --batch-size, before anything loads."""
+    if (num_samples is not None and num_samples < 1) or batch_size < 1:
+        raise RunError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    if num_samples is not None and num_samples > MAX_SAMPLES:
+        raise RunError(f"--num-samples must be at most {MAX_SAMPLES} in one run, got {num_samples}")
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a run produces; stored as run.json so a resume can refuse a different run. The

@@ -18,7 +18,7 @@ from fastdiff.runs.device import check_run_options
 from fastdiff.runs.errors import RunError, check_arguments
 from fastdiff.runs.folder import locked_run_folder
 from fastdiff.runs.loading import check_classifier, load_classifier, load_diffusion_model
-from fastdiff.runs.plan import Plan, parse_classes, respacing_for
+from fastdiff.runs.plan import Plan, check_counts, parse_classes, respacing_for
 from fastdiff.runs.sampling import run_sampling
 from fastdiff.runs.writer import final_npz_name
 
@@ -60,8 +60,7 @@ def sample_run(
     "upsample" with ``upsample_with``), before the next one starts; the last summary is returned.
     """
     check_arguments(sample_run, locals())
-    if num_samples < 1 or batch_size < 1:
-        raise RunError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    check_counts(num_samples, batch_size)
     out = Path(out)
     checkpoint = None if checkpoint is None else Path(checkpoint)
     classifier = None if classifier is None else Path(classifier)

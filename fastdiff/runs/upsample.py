@@ -27,7 +27,7 @@ from fastdiff.runs.device import check_run_options
 from fastdiff.runs.errors import RunError, check_arguments
 from fastdiff.runs.folder import locked_run_folder
 from fastdiff.runs.loading import LoadedModel, check_file, load_network
-from fastdiff.runs.plan import MAX_SAMPLES, Plan, UpsamplePlan, respacing_for
+from fastdiff.runs.plan import Plan, UpsamplePlan, check_counts, respacing_for
 from fastdiff.runs.sampling import run_sampling
 
 
@@ -235,10 +235,7 @@ def upsample_file_run(
     options as keywords); returns the run's summary. ``num_samples`` defaults to one per low-res
     image (more cycle through them)."""
     check_arguments(upsample_file_run, locals())
-    if (num_samples is not None and num_samples < 1) or batch_size < 1:
-        raise RunError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
-    if num_samples is not None and num_samples > MAX_SAMPLES:
-        raise RunError(f"--num-samples must be at most {MAX_SAMPLES} in one run, got {num_samples}")
+    check_counts(num_samples, batch_size)
     low_res_path, out = Path(low_res_path), Path(out)
     checkpoint = None if checkpoint is None else Path(checkpoint)
     dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta, seed)
