@@ -454,6 +454,22 @@ def test_gd_run_user_errors_are_one_line(tmp_path):
         assert res.exit_code == 1 and "needs a CUDA device" in res.output
 
 
+def test_gd_run_unreadable_script_is_one_line(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from fastdiff.cli.main import main
+
+    script = tmp_path / "locked.py"
+    script.write_text("print(1)\n")
+
+    def denied(self):  # chmod 000 does not stop root, who runs CI here
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    res = CliRunner().invoke(main, ["gd-run", str(script)], env={"FASTDIFF_OPS": None})
+    assert res.exit_code == 1 and f"cannot read {script}: Permission denied" in res.output, res.output
+
+
 def test_the_alias_serves_fastdiffs_module_objects(tmp_path):
     """In the gd-run process: guided_diffusion.script_util IS the compat module (NUM_CLASSES
     assignments reach the builders); any other guided_diffusion module fails with a message

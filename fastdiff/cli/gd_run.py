@@ -51,7 +51,11 @@ def _check_script(path: str) -> None:
                 return
         raise click.ClickException(f"{path} is a zip file without a __main__.py, not a Python script")
     try:
-        compile(Path(path).read_bytes(), path, "exec")
+        source = Path(path).read_bytes()
+    except OSError as e:
+        raise click.ClickException(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        compile(source, path, "exec")
     except (SyntaxError, ValueError) as e:  # ValueError: null bytes
         raise click.ClickException(f"{path} is not a Python script: {e}") from None
 
