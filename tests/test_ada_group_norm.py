@@ -159,6 +159,15 @@ def test_kernel_mixed_dtypes(tk):
     check_kernel(tk, (x, w, b, sc.half(), sh.half()), 32, "silu", "mixed")
 
 
+def test_kernel_strided_weight_and_bias(tk):
+    """weight and bias as strided [C] views (columns of one [C, 2] tensor): the kernels read
+    them by channel, not as if they were dense (channel 1 read element 1 of the storage)."""
+    x, w, b, sc, sh = make_inputs((2, 8, 3, 3), 4, torch.float32)
+    wb = torch.stack([w, b], dim=1)
+    assert wb[:, 0].stride() == (2,)
+    check_kernel(tk, (x, wb[:, 0], wb[:, 1], sc, sh), 4, "silu", "strided weight/bias")
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("resident", [0, 2048], ids=["tiled", "resident"])
 def test_split_path(tk, monkeypatch, channels_last, resident):

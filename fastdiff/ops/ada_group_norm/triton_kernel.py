@@ -663,8 +663,8 @@ def _chan_arg(t: torch.Tensor | None, x: torch.Tensor):
     """(tensor to pass, present, stride_n, stride_c) for an optional [C] or [N, C] tensor."""
     if t is None:
         return x, False, 0, 0
-    if t.dim() == 1:
-        return t, True, 0, t.stride(0)
+    if t.dim() == 1:  # the kernels index weight/bias densely: a strided [C] view is copied
+        return t.contiguous(), True, 0, 1
     return t, True, t.stride(0), t.stride(1)
 
 
