@@ -383,6 +383,15 @@ def test_reference_path_gradcheck(monkeypatch):
     assert torch.autograd.gradcheck(lambda *a: ada_group_norm(a[0], 3, *a[1:]), (x, w, b, sc, sh))
 
 
+def test_reference_path_bias_without_weight(monkeypatch):
+    """A bias without a weight is differentiable on the CPU path too (F.group_norm's own CPU
+    backward fails there: "tensor does not have a device")."""
+    monkeypatch.setenv("FASTDIFF_OPS", "reference")
+    x, _, b, _, _ = make_inputs((2, 4, 3), 2, torch.float64, ada=False)
+    x, b = x.requires_grad_(), b.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x_, b_: ada_group_norm(x_, 2, None, b_), (x, b))
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_vmap_over_scale_and_shift_alone(channels_last):
     """torch.func.vmap over scale/shift with one shared x (a batch of conditionings): h is not

@@ -36,6 +36,10 @@ def ada_group_norm_reference(
 ):
     """``act((GN(x) * weight + bias) * (1 + scale) + shift)``, GN in fp32 like GroupNorm32."""
     sd = _stat_dtype(x)
+    if weight is None and bias is not None:
+        # F.group_norm's CPU backward fails for a bias without a weight ("tensor does not have a
+        # device", torch 2.13); a weight of ones is the same math
+        weight = torch.ones_like(bias)
     h = F.group_norm(
         x.to(sd),
         num_groups,
