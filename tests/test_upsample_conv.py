@@ -118,6 +118,21 @@ def test_frozen_weight_is_folded_once_and_again_after_a_change(monkeypatch):
     assert len(folds) == 5
 
 
+def test_fold_ignores_autocast():
+    """The tap sums stay fp32 inside autocast (its GEMM would run in bf16 there), so a frozen
+    weight first folded under autocast still gives fp32 calls fp32 accuracy afterwards."""
+    x, weight, bias = _inputs((1, 4, 4, 3, 3), torch.float32, device="cpu")
+    want = up_function.fold_weight(weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(up_function.fold_weight(weight), want)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            upsample_conv(x, weight, bias)
+        out = upsample_conv(x, weight, bias)
+    ref64 = upsample_conv_reference(x.double(), weight.double(), bias.double())
+    _assert_close(out, ref64, upsample_conv_reference(x, weight, bias), torch.float32, "after autocast")
+
+
 def test_frozen_weight_written_through_data_is_folded_again():
     """``p.data.mul_()`` / ``ema.data.lerp_()`` (hand-written SGD, EMA updates) change the values
     without a version bump or new storage: a later sample must not run the old fold."""

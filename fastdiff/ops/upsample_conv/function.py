@@ -16,6 +16,8 @@ the transposed conv. ``FASTDIFF_OPS=reference`` runs the reference.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,13 +37,17 @@ def fold_weight(weight: torch.Tensor) -> torch.Tensor:
     taken in fp32 at least (one GEMM against the 9x16 0/1 matrix) and rounded once."""
     o, c = weight.shape[:2]
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    # kernel row k = output row - 2 * input row + 1 sums the 3x3 rows landing on that input row:
-    # output phase 0 reads input rows (i-1, i) with taps (0 | 1+2), phase 1 (i, i+1) with (0+1 | 2).
-    # Built on the device from eye (no host data: a CUDA graph can capture it)
-    e = torch.eye(3, dtype=dtype, device=weight.device)
-    rows = torch.stack([e[2], e[1] + e[2], e[0] + e[1], e[0]])
-    taps = torch.kron(rows, rows).T  # [9, 16]
-    folded = weight.transpose(0, 1).reshape(c * o, 9).to(dtype) @ taps
+    device = weight.device.type
+    # autocast would run the GEMM in bf16/fp16 (and a frozen weight's fold is kept for later calls)
+    off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+    with off:
+        # kernel row k = output row - 2 * input row + 1 sums the 3x3 rows landing on that input row:
+        # output phase 0 reads input rows (i-1, i) with taps (0 | 1+2), phase 1 (i, i+1) with (0+1 | 2).
+        # Built on the device from eye (no host data: a CUDA graph can capture it)
+        e = torch.eye(3, dtype=dtype, device=weight.device)
+        rows = torch.stack([e[2], e[1] + e[2], e[0] + e[1], e[0]])
+        taps = torch.kron(rows, rows).T  # [9, 16]
+        folded = weight.transpose(0, 1).reshape(c * o, 9).to(dtype) @ taps
     return folded.to(weight.dtype).reshape(c, o, 4, 4)
 
 
