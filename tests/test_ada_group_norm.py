@@ -257,6 +257,26 @@ def test_torch_func_grad_eager_and_compiled(tk):
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("how", ["dual", "jvp"])
+def test_forward_mode_ad(tk, how):
+    """Forward-mode AD (dual tensors, torch.func.jvp) gets the reference's tangent: the custom op
+    has no forward derivative, and its output silently carried no tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, b, sc, sh = make_inputs((2, 8, 3, 3), 4, torch.float32)
+    tx, tsc = torch.randn_like(x), torch.randn_like(sc)
+
+    def tangent(op):
+        if how == "jvp":
+            return torch.func.jvp(lambda x_, s_: op(x_, 4, w, b, s_, sh), (x, sc), (tx, tsc))[1]
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(op(fwAD.make_dual(x, tx), 4, w, b, fwAD.make_dual(sc, tsc), sh)).tangent
+
+    got = tangent(ada_group_norm)
+    assert got is not None
+    torch.testing.assert_close(got, tangent(ada_group_norm_reference), rtol=1e-5, atol=1e-5)
+
+
 def test_public_op_asks_for_parameter_grads_only_when_needed(tk, monkeypatch):
     """Guidance differentiates by x alone (frozen weights, emb-derived scale/shift): the backward
     then skips the parameter grads; training still gets all of them."""

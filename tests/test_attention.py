@@ -184,6 +184,28 @@ def test_torch_func_grad_eager_and_compiled():
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("how", ["dual", "jvp"])
+@pytest.mark.parametrize("ops_mode", ["triton", "auto"])
+def test_forward_mode_ad(monkeypatch, how, ops_mode):
+    """Forward-mode AD (dual tensors, torch.func.jvp) gets the reference's tangent: through the
+    kernel's custom op the tangent was silently dropped, and SDPA's fused CPU kernels raise."""
+    import torch.autograd.forward_ad as fwAD
+
+    monkeypatch.setenv("FASTDIFF_OPS", ops_mode)
+    x = torch.randn(2, 3 * 2 * 8, 7, device=DEVICE)
+    tx = torch.randn_like(x)
+
+    def tangent(op):
+        if how == "jvp":
+            return torch.func.jvp(lambda t: op(t, 2, "legacy"), (x,), (tx,))[1]
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(op(fwAD.make_dual(x, tx), 2, "legacy")).tangent
+
+    got = tangent(attention)
+    assert got is not None
+    torch.testing.assert_close(got, tangent(attention_reference), rtol=1e-5, atol=1e-5)
+
+
 def test_backward_reference_matches_autograd():
     x = torch.randn(1, 3 * 3 * 8, 11, dtype=torch.float64, requires_grad=True)
     dout = torch.randn(1, 3 * 8, 11, dtype=torch.float64)

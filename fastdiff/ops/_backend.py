@@ -15,6 +15,7 @@ import os
 import warnings
 
 import torch
+from torch.autograd import forward_ad
 
 _TRITON = importlib.util.find_spec("triton") is not None  # looked up once: dynamo traces these calls
 
@@ -74,6 +75,13 @@ def in_func_transform() -> bool:
     with ``torch.func.grad``, which traces into one graph): a custom op's registered autograd is
     invisible there (pytorch/pytorch#168393), so each op takes its plain PyTorch path instead."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def forward_ad_active() -> bool:
+    """Inside forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad.dual_level``): a
+    custom op has no forward derivative, so its output would carry no tangent, silently (nor do
+    SDPA's fused CPU kernels have one); each op takes its reference path instead."""
+    return forward_ad._current_level >= 0
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -15,7 +15,14 @@ import warnings
 import torch
 from torch import Tensor
 
-from .._backend import OpInputError, force_reference, in_func_transform, notice_fallback, use_triton
+from .._backend import (
+    OpInputError,
+    force_reference,
+    forward_ad_active,
+    in_func_transform,
+    notice_fallback,
+    use_triton,
+)
 from .reference import ada_group_norm_backward_reference, ada_group_norm_reference, group_stats_reference
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -38,11 +45,12 @@ def _cuda_kernel():
 def _pick_kernel(x: Tensor, num_groups: int, has_scale: bool = False, activation: str | None = "silu"):
     """Kernel module for x (cuda_kernel where it says it is faster, else triton_kernel), or None.
 
-    None means the reference (also inside a torch.func transform: see ``in_func_transform``).
+    None means the reference (also inside a torch.func transform or forward-mode AD: see
+    ``in_func_transform``, ``forward_ad_active``).
     fp64 runs the kernels only in the interpreter (to gradcheck their math); on CUDA it takes
     the reference, the kernels being built for fp16/bf16/fp32.
     """
-    if force_reference() or x.numel() == 0 or in_func_transform():
+    if force_reference() or x.numel() == 0 or in_func_transform() or forward_ad_active():
         return None
     if x.dtype not in _KERNEL_DTYPES and not (x.dtype == torch.float64 and not x.is_cuda):
         return None

@@ -5,7 +5,8 @@ Dispatch per call: the Triton kernels for fp16/bf16/fp32 wherever ``use_triton``
 (CUDA, or CPU under ``TRITON_INTERPRET=1``: no silent fallback there); otherwise PyTorch's fused
 SDPA kernels (``sdpa.py``, plain autograd, no custom op); ``FASTDIFF_OPS=reference`` and float64
 take the reference (the kernels' softmax statistics are fp32). Inside a ``torch.func`` transform
-no custom op runs (``in_func_transform``).
+no custom op runs (``in_func_transform``); under forward-mode AD the reference does
+(``forward_ad_active``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from fastdiff.ops._backend import (
     OpInputError,
     force_reference,
+    forward_ad_active,
     in_func_transform,
     notice_fallback,
     triton_available,
@@ -112,6 +114,8 @@ def attention(qkv: torch.Tensor, num_heads: int, order: str = "new") -> torch.Te
         raise OpInputError(f"attention: qkv must be [B, 3*{num_heads}*d, T], got shape {tuple(qkv.shape)}")
     if not qkv.is_floating_point():
         raise OpInputError(f"attention: qkv must be a floating-point tensor, got {qkv.dtype}")
+    if forward_ad_active():  # neither the custom op nor SDPA's fused kernels have a forward derivative
+        return attention_reference(qkv, num_heads, order)
     if in_func_transform():  # the custom op's autograd is invisible there: plain PyTorch
         return (attention_reference if force_reference() else sdpa_attention)(qkv, num_heads, order)
     if _kernel_for(qkv) or force_reference() or qkv.dtype == torch.float64:
