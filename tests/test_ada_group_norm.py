@@ -8,6 +8,7 @@ poisoned with NaN before launch (FASTDIFF_OPS_POISON) so an unwritten element fa
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 import pytest
@@ -410,6 +411,29 @@ def test_reference_path_bias_without_weight(monkeypatch):
     x, _, b, _, _ = make_inputs((2, 4, 3), 2, torch.float64, ada=False)
     x, b = x.requires_grad_(), b.requires_grad_()
     assert torch.autograd.gradcheck(lambda x_, b_: ada_group_norm(x_, 2, None, b_), (x, b))
+
+
+def test_reference_path_channels_last_parameter_grads_only():
+    """channels_last x that needs no gradient, weight and bias that do (norms trained on frozen
+    features): F.group_norm's own CPU backward segfaults there, so this runs in a child process."""
+    import subprocess
+
+    code = (
+        "import torch\n"
+        "from fastdiff.ops import ada_group_norm\n"
+        "x = torch.randn(2, 8, 3, 5).contiguous(memory_format=torch.channels_last)\n"
+        "w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)\n"
+        "y = ada_group_norm(x, 2, w, b)\n"
+        "assert y.is_contiguous(memory_format=torch.channels_last)\n"
+        "dw, db = torch.autograd.grad(y.square().sum(), (w, b))\n"
+        "lw, lb = w.detach().requires_grad_(), b.detach().requires_grad_()\n"
+        "ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x.contiguous(), 2, lw, lb))\n"
+        "want = torch.autograd.grad(ref.square().sum(), (lw, lb))\n"
+        "torch.testing.assert_close((dw, db), want)\n"
+    )
+    env = {**os.environ, "FASTDIFF_OPS": "reference"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -40,8 +40,17 @@ def ada_group_norm_reference(
         # F.group_norm's CPU backward fails for a bias without a weight ("tensor does not have a
         # device", torch 2.13); a weight of ones is the same math
         weight = torch.ones_like(bias)
+    xs = x.to(sd)
+    if (
+        not xs.is_contiguous()
+        and not xs.requires_grad
+        and any(t is not None and t.requires_grad for t in (weight, bias))
+    ):
+        # F.group_norm's CPU backward crashes (segfault, torch 2.13) on a channels_last input that
+        # needs no gradient while weight or bias does (frozen features, trained norms)
+        xs = xs.contiguous()
     h = F.group_norm(
-        x.to(sd),
+        xs,
         num_groups,
         None if weight is None else weight.to(sd),
         None if bias is None else bias.to(sd),
