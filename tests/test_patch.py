@@ -466,3 +466,24 @@ def test_patch_leaves_a_group_norm_subclass_with_its_own_forward():
     assert type(net[0]) is NormPlusInput and type(net[1]) is nn.SiLU
     assert type(net[2]) is fast_ada.GroupNorm and type(net[3]) is fast_ada.GroupNorm
     torch.testing.assert_close(net(x), expected)
+
+
+def test_patch_does_not_fold_upsamplers_whose_conv_or_upsample_has_hooks(upsample_calls):
+    """upsample_conv reads the conv's weight without calling the conv: its hooks (a feature tap,
+    torch.nn.utils.weight_norm's pre-hook, which computes the weight) and the BigGAN block's
+    h_upd hooks would not run. Those stay unfolded, hooks added after patching included."""
+    torch.manual_seed(0)
+    up = GDUpsample(8, True)
+    up.conv.register_forward_hook(lambda m, i, out: out * 1.5)
+    block = GDResBlock(32, 16, 32, use_scale_shift_norm=False, up=True)
+    block.h_upd.register_forward_pre_hook(lambda m, args: (args[0] * 0.5,))
+    late = GDUpsample(8, True)
+    patched = [patch(copy.deepcopy(m)) for m in (up, block, late)]
+    patched[2].conv.register_forward_hook(lambda m, i, out: out * 1.5)
+    late.conv.register_forward_hook(lambda m, i, out: out * 1.5)
+    x, h, emb = torch.randn(2, 8, 3, 4), torch.randn(2, 32, 4, 4), torch.randn(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(patched[0](x), up(x))
+        torch.testing.assert_close(patched[1](h, emb), block(h, emb), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(patched[2](x), late(x))
+    assert not upsample_calls

@@ -33,16 +33,30 @@ def outside_autocast(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def _has_hooks(m: nn.Module) -> bool:
+    hooks = (m._forward_pre_hooks, m._forward_hooks, m._backward_pre_hooks, m._backward_hooks)
+    return any(hooks)
+
+
+def _foldable_conv(conv) -> bool:
+    """:func:`fusable` and no hooks of its own: upsample_conv reads the weight without calling the
+    conv, so its hooks would not run (torch.nn.utils.weight_norm's pre-hook among them: the
+    weight would be the one the last call computed). Checked on every call: hooks added after
+    patching count too."""
+    return fusable(conv) and not _has_hooks(conv)
+
+
 def _is_nearest_upsample(m: nn.Module) -> bool:
-    """guided-diffusion's (or fastdiff's) Upsample without its own conv, on 2-D images."""
-    named = type(m).__name__ == "Upsample"
+    """guided-diffusion's (or fastdiff's) Upsample without its own conv, on 2-D images (and no
+    hooks, which a folded upsampling would skip)."""
+    named = type(m).__name__ == "Upsample" and not _has_hooks(m)
     return named and getattr(m, "use_conv", None) is False and getattr(m, "dims", None) == 2
 
 
 def adm_upsample_forward(up: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """ADM's Upsample forward for any module with guided-diffusion's Upsample attributes: with
     its 3x3 conv on 2-D images, one :func:`upsample_conv` (no upsampled tensor is made)."""
-    if up.use_conv and up.dims == 2 and fusable(up.conv):
+    if up.use_conv and up.dims == 2 and _foldable_conv(up.conv):
         return upsample_conv(x, up.conv.weight, up.conv.bias)
     if up.dims == 3:
         x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
@@ -64,7 +78,7 @@ def adm_resblock_forward(
         h = x
         for layer in norm_act:
             h = layer(h)
-        if fold_upsample and _is_nearest_upsample(block.h_upd) and fusable(conv):
+        if fold_upsample and _is_nearest_upsample(block.h_upd) and _foldable_conv(conv):
             h = upsample_conv(h, conv.weight, conv.bias)
         else:
             h = conv(block.h_upd(h))
@@ -119,8 +133,7 @@ def _bound(forward, module: nn.Module, **kwargs):
 def _swappable(m: nn.Module) -> bool:
     """No hooks and no parametrization: a module swapped out would take its hooks with it, and a
     parametrized weight is computed on access, not a Parameter the new module could share."""
-    hooks = (m._forward_pre_hooks, m._forward_hooks, m._backward_pre_hooks, m._backward_hooks)
-    return not any(hooks) and not parametrize.is_parametrized(m)
+    return not _has_hooks(m) and not parametrize.is_parametrized(m)
 
 
 def _is_foreign_group_norm(m: nn.Module) -> bool:
@@ -161,7 +174,7 @@ def _is_foreign_upsample_conv(m: nn.Module) -> bool:
         type(m).__name__ == "Upsample"
         and getattr(m, "use_conv", None) is True
         and getattr(m, "dims", None) == 2
-        and fusable(getattr(m, "conv", None))
+        and _foldable_conv(getattr(m, "conv", None))
         and "forward" not in vars(m)
     )
 
@@ -180,7 +193,7 @@ def _is_foreign_up_resblock(m: nn.Module) -> bool:
         and (not getattr(m, "use_scale_shift_norm", False) or isinstance(m.out_layers[0], AdaGroupNormSiLU))
         and _is_nearest_upsample(m.h_upd)
         and isinstance(m.in_layers, nn.Sequential)
-        and fusable(m.in_layers[-1])
+        and _foldable_conv(m.in_layers[-1])
     )
 
 
