@@ -487,3 +487,16 @@ def test_patch_does_not_fold_upsamplers_whose_conv_or_upsample_has_hooks(upsampl
         torch.testing.assert_close(patched[1](h, emb), block(h, emb), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(patched[2](x), late(x))
     assert not upsample_calls
+
+
+def test_patch_pairs_a_group_norm_with_the_next_slot_of_its_sequential():
+    """A module held in two slots of one Sequential (here a shared 1x1 conv between the norm and
+    the SiLU) is one entry of named_children(): the SiLU is not the next thing run after the norm."""
+    torch.manual_seed(0)
+    shared = nn.Conv2d(8, 8, 1)
+    net = nn.Sequential(shared, nn.GroupNorm(2, 8), shared, nn.SiLU())
+    x = torch.randn(2, 8, 3, 3)
+    expected = net(x)
+    patch(net)
+    assert type(net[1]) is GroupNorm and type(net[3]) is nn.SiLU
+    torch.testing.assert_close(net(x), expected)

@@ -207,21 +207,21 @@ def _patch_children(module: nn.Module, group_norm: bool, attention: bool, upsamp
     children = list(module.named_children())
     # only nn.Sequential's own forward surely feeds each child the previous child's output alone
     fuse = fuse and isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
-    for i, (name, child) in enumerate(children):
+    # every slot: named_children() yields a module held in two slots once, so the child after a
+    # GroupNorm there need not be the one its Sequential runs next
+    slots = list(module._modules)
+    for name, child in children:
         attn = _attention_class(child) if attention else None
         if attn is not None:
             setattr(module, name, attn(child.n_heads).train(child.training))
         elif group_norm and _is_foreign_group_norm(child):
-            pair = (
-                fuse
-                and i + 1 < len(children)
-                and _is_silu(children[i + 1][1])
-                and _swappable(children[i + 1][1])
-            )
+            after = slots.index(name) + 1
+            nxt = module._modules[slots[after]] if after < len(slots) else None
+            pair = fuse and nxt is not None and _is_silu(nxt) and _swappable(nxt)
             setattr(module, name, _group_norm(child, GroupNormSiLU if pair else GroupNorm))
             if pair:
                 # Identity keeps the Sequential's indices, hence its state_dict keys
-                setattr(module, children[i + 1][0], nn.Identity().train(children[i + 1][1].training))
+                setattr(module, slots[after], nn.Identity().train(nxt.training))
         else:
             # A scale-shift ResBlock not rewritten above (no guided-diffusion _forward) runs
             # out_layers[0] alone and out_layers[1:] after scale/shift: fusing SiLU there is wrong
