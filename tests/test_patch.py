@@ -500,3 +500,17 @@ def test_patch_pairs_a_group_norm_with_the_next_slot_of_its_sequential():
     patch(net)
     assert type(net[1]) is GroupNorm and type(net[3]) is nn.SiLU
     torch.testing.assert_close(net(x), expected)
+
+
+def test_patch_leaves_a_silu_subclass_with_its_own_forward():
+    class Swish(nn.SiLU):
+        def forward(self, x):
+            return x * torch.sigmoid(2 * x)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.GroupNorm(2, 4), Swish())
+    x = torch.randn(2, 4, 3, 3)
+    expected = net(x)
+    patch(net)
+    assert type(net[0]) is GroupNorm and type(net[1]) is Swish
+    torch.testing.assert_close(net(x), expected)

@@ -147,8 +147,11 @@ def _is_foreign_group_norm(m: nn.Module) -> bool:
 
 
 def _is_silu(m: nn.Module) -> bool:
-    # old guided-diffusion versions ship their own ``SiLU`` module (x * sigmoid(x))
-    return isinstance(m, nn.SiLU) or type(m).__name__ == "SiLU"
+    # old guided-diffusion versions ship their own ``SiLU`` module (x * sigmoid(x)); an nn.SiLU
+    # subclass with its own forward (a Swish with a beta) computes something else
+    if isinstance(m, nn.SiLU):
+        return type(m).forward is nn.SiLU.forward
+    return type(m).__name__ == "SiLU"
 
 
 def _attention_class(m: nn.Module):
