@@ -514,3 +514,29 @@ def test_patch_leaves_a_silu_subclass_with_its_own_forward():
     patch(net)
     assert type(net[0]) is GroupNorm and type(net[1]) is Swish
     torch.testing.assert_close(net(x), expected)
+
+
+def test_patch_leaves_group_norms_with_state_or_forward_of_their_own():
+    """A GroupNorm subclass with a buffer of its own would lose it from the state_dict; one with
+    its own forward as a scale-shift ResBlock's out norm is no norm to fuse into the AdaGN."""
+
+    class CountingNorm(nn.GroupNorm):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.register_buffer("calls", torch.zeros(()))
+
+    class NormPlusInput(nn.GroupNorm):
+        def forward(self, x):
+            return super().forward(x) + x
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(CountingNorm(2, 4), nn.SiLU())
+    keys = list(seq.state_dict())
+    assert list(patch(seq).state_dict()) == keys and type(seq[0]) is CountingNorm
+    block = GDResBlock(32, 16, 32)
+    block.out_layers[0] = NormPlusInput(32, 32)
+    patched = patch(copy.deepcopy(block))
+    assert type(patched.out_layers[0]) is NormPlusInput
+    x, emb = torch.randn(2, 32, 4, 4), torch.randn(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x, emb), block(x, emb), atol=1e-5, rtol=1e-5)

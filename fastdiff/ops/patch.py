@@ -106,8 +106,7 @@ def _is_scale_shift_resblock(m: nn.Module) -> bool:
         and all(hasattr(m, a) for a in _RESBLOCK_ATTRS)
         and isinstance(m.out_layers, nn.Sequential)
         and len(m.out_layers) >= 2
-        and isinstance(m.out_layers[0], nn.GroupNorm)
-        and not isinstance(m.out_layers[0], AdaGroupNormSiLU)
+        and (_is_foreign_group_norm(m.out_layers[0]) or type(m.out_layers[0]) is GroupNorm)
         and _is_silu(m.out_layers[1])
         and _swappable(m.out_layers[0])
         and _swappable(m.out_layers[1])
@@ -140,8 +139,11 @@ def _is_foreign_group_norm(m: nn.Module) -> bool:
     """An nn.GroupNorm to replace: fastdiff's own family subclasses it too (left be: patch is
     idempotent); a subclass with its own forward is replaced only when it is guided-diffusion's
     GroupNorm32 (fp32 statistics, what fastdiff's GroupNorm computes), since any other forward
-    may compute something more."""
+    may compute something more; nor one with state of its own (a buffer, a Parameter or a module
+    nn.GroupNorm lacks), which the replacement would drop from the state_dict."""
     if not isinstance(m, nn.GroupNorm) or isinstance(m, GroupNorm) or not _swappable(m):
+        return False
+    if m._buffers or m._modules or set(m._parameters) - {"weight", "bias"}:
         return False
     return type(m).forward is nn.GroupNorm.forward or type(m).__name__ == "GroupNorm32"
 
