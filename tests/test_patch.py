@@ -540,3 +540,16 @@ def test_patch_leaves_group_norms_with_state_or_forward_of_their_own():
     x, emb = torch.randn(2, 32, 4, 4), torch.randn(2, 16)
     with torch.no_grad():
         torch.testing.assert_close(patched(x, emb), block(x, emb), atol=1e-5, rtol=1e-5)
+
+
+def test_patch_leaves_hooked_attention():
+    torch.manual_seed(0)
+    block = AttentionBlock(8, 2, True)
+    seen = []
+    block.attention.register_forward_hook(lambda m, i, out: seen.append(1) or out * 1.5)
+    qkv = torch.randn(2, 8, 3, 3)
+    expected = block(qkv)
+    patch(block)
+    assert type(block.attention) is QKVAttention
+    torch.testing.assert_close(block(qkv), expected)
+    assert len(seen) == 2

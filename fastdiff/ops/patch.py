@@ -158,8 +158,8 @@ def _is_silu(m: nn.Module) -> bool:
 
 def _attention_class(m: nn.Module):
     cls = _ATTENTION.get(type(m).__name__)
-    if cls is None or isinstance(m, cls) or not hasattr(m, "n_heads"):
-        return None
+    if cls is None or isinstance(m, cls) or not hasattr(m, "n_heads") or not _swappable(m):
+        return None  # a module swapped out takes its hooks with it
     return cls
 
 
