@@ -500,6 +500,9 @@ def test_patch_pairs_a_group_norm_with_the_next_slot_of_its_sequential():
     patch(net)
     assert type(net[1]) is GroupNorm and type(net[3]) is nn.SiLU
     torch.testing.assert_close(net(x), expected)
+    scripted = nn.Sequential(torch.jit.script(nn.Sequential(nn.GroupNorm(2, 8), nn.SiLU())))
+    expected = scripted(x)
+    torch.testing.assert_close(patch(scripted)(x), expected)  # a ScriptModule is left as it is
 
 
 def test_patch_leaves_a_silu_subclass_with_its_own_forward():

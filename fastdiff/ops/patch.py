@@ -214,15 +214,15 @@ def _patch_children(module: nn.Module, group_norm: bool, attention: bool, upsamp
     fuse = fuse and isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
     # every slot: named_children() yields a module held in two slots once, so the child after a
     # GroupNorm there need not be the one its Sequential runs next
-    slots = list(module._modules)
+    slots = list(module._modules) if fuse else []  # (a ScriptModule's _modules does not iterate)
     for name, child in children:
         attn = _attention_class(child) if attention else None
         if attn is not None:
             setattr(module, name, attn(child.n_heads).train(child.training))
         elif group_norm and _is_foreign_group_norm(child):
-            after = slots.index(name) + 1
+            after = slots.index(name) + 1 if fuse else len(slots)
             nxt = module._modules[slots[after]] if after < len(slots) else None
-            pair = fuse and nxt is not None and _is_silu(nxt) and _swappable(nxt)
+            pair = nxt is not None and _is_silu(nxt) and _swappable(nxt)
             setattr(module, name, _group_norm(child, GroupNormSiLU if pair else GroupNorm))
             if pair:
                 # Identity keeps the Sequential's indices, hence its state_dict keys
