@@ -245,8 +245,9 @@ def patch(
     and every ADM attention module (class named QKVAttention / QKVAttentionLegacy with
     ``n_heads``) by fastdiff's, and guided-diffusion's upsamplers (an Upsample with its 3x3 conv, a
     BigGAN up ResBlock's upsampling and first conv) by one ``upsample_conv``; ``group_norm``,
-    ``attention`` and ``upsample`` = False each leave their part as it was. A GroupNorm or SiLU
-    with hooks or a parametrization stays as it is. Returns ``model``. Code that also calls a
+    ``attention`` and ``upsample`` = False each leave their part as it was. A GroupNorm, SiLU or
+    attention module with hooks or a parametrization stays as it is, as does an upsampler whose
+    conv (or BigGAN h_upd) has hooks. Returns ``model``. Code that also calls a
     fused Sequential's GroupNorm on its own (``self.body[0](x)``) would get the SiLU too: patch
     such a network with ``group_norm=False``.
 
