@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from fastdiff.training import DiffusionTrainer
+from tests.test_training import tiny_config, tiny_data
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = (
@@ -80,3 +84,48 @@ def test_kill9_and_resume_matches_uninterrupted(tmp_path):
             assert torch.equal(a[k], b[k]), k
     steps = [json.loads(r)["step"] for r in (out / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(2, STEPS + 1, 2))  # rows past the checkpoint were dropped, then redone
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_after_save_at(monkeypatch, step):
+    """Make the trainer die right after writing the checkpoint of ``step`` (a SIGKILL there)."""
+    save = DiffusionTrainer.save
+
+    def save_then_die(self):
+        save(self)
+        if self.step == step:
+            raise _Killed
+
+    monkeypatch.setattr(DiffusionTrainer, "save", save_then_die)
+
+
+def test_resume_between_log_rows_and_after_a_checkpoint_repeats_the_log_and_grids(tmp_path, monkeypatch):
+    """A checkpoint between two log rows keeps the running means, and a kill right after the
+    checkpoint of a grid step still leaves that step's grid: log.jsonl and samples/ as unkilled."""
+    ds = tiny_data()
+    kw = {"max_steps": 6, "save_every": 4, "log_every": 3, "sample_every": 4, "sample_steps": 2}
+    kw.update(num_samples=2, ema=(0.9,), schedule_sampler="loss-second-moment")
+    full = tiny_config(tmp_path / "full", ds, **kw)
+    DiffusionTrainer(full, ds).run()
+
+    killed = tiny_config(tmp_path / "killed", ds, **kw)
+    with monkeypatch.context() as m:
+        _kill_after_save_at(m, 4)
+        with pytest.raises(_Killed):
+            DiffusionTrainer(killed, ds).run()
+    DiffusionTrainer(dataclasses.replace(killed, resume=True), ds).run()
+
+    def rows(cfg):
+        rows = [json.loads(r) for r in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "samples_per_sec"} for r in rows]
+
+    assert rows(killed) == rows(full)
+    grids = sorted(p.name for p in (Path(full.out) / "samples").iterdir())
+    assert grids == ["step_0000004.png", "step_0000006.png"]
+    for name in grids:
+        assert (Path(killed.out) / "samples" / name).read_bytes() == (
+            Path(full.out) / "samples" / name
+        ).read_bytes()

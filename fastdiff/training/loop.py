@@ -300,9 +300,11 @@ class TrainLoop:
                 done = self.step == cfg.max_steps
                 if self.step % cfg.log_every == 0 or done:
                     self.log(bar)
+                # The step's grid / held-out row before its checkpoint: a run killed in between
+                # redoes them on resume (a checkpoint first would leave them never written).
+                self.after_step()
                 if (cfg.save_every and self.step % cfg.save_every == 0) or done:
                     self.save()
-                self.after_step()
         finally:
             bar.close()
         if main:
@@ -366,6 +368,7 @@ class TrainLoop:
                 "fingerprint": self.data_fingerprint(),
             },
             "config": cfg.record(),
+            "meter": self.meter.state_dict(),
             **self.extra_state(),
         }
         emas = {r: self.ema.state_dict(self.model, r) for r in self.ema.rates}
@@ -395,6 +398,8 @@ class TrainLoop:
         self.opt.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(_scaler_state(state["scaler"]))
         self.load_extra_state(state)
+        if "meter" in state:  # older checkpoints: the first row after the resume averages fewer steps
+            self.meter.load_state_dict(state["meter"], self.device)
         ckpt.restore_rng(state["rng"])
         self.step = step
 

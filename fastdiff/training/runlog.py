@@ -39,6 +39,17 @@ class Meter:
         s[4], c[4] = values.sum(), len(values)
         self._acc(name, s, c)
 
+    def state_dict(self) -> dict:
+        """The means not yet flushed, so a run resumed between two log rows writes the same row."""
+        return {
+            "sums": {k: v.cpu() for k, v in self.sums.items()},
+            "counts": {k: v.cpu() for k, v in self.counts.items()},
+        }
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.counts = {k: v.to(device) for k, v in state["counts"].items()}
+
     def flush(self) -> dict[str, float]:
         out = {}
         for name, s in self.sums.items():
