@@ -26,7 +26,7 @@ from fastdiff.training import (
 from fastdiff.training import checkpoint as ckpt
 from fastdiff.training.data import ArrayDataset, worker_error
 from tests.test_train_hardening import _args, _npz, _one_line
-from tests.test_training import tiny_config, tiny_data
+from tests.test_training import TINY, tiny_config, tiny_data
 
 CLASSIFIER = (
     "--classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions 4 "
@@ -309,3 +309,20 @@ def test_hidden_folders_are_no_class_and_unlabelled_folders_say_why(tmp_path):
     shutil.copy(root / "cat" / "0.png", flat / "more" / "x.png")
     with pytest.raises(DataError, match=r"mixes class subfolders \(more/\) with loose images \(cat_0.png\)"):
         ImageFolderDataset(flat, 8)
+
+
+@pytest.mark.parametrize(
+    "change, text",
+    [
+        (["--seed", "3"], "seed 0 vs 3"),
+        (["--batch-size", "2"], "batch size 4 vs 2"),
+        (["--microbatch", "4"], "micro-batch size 2 vs 4"),
+        (["--precision", "bf16"], "precision 'fp32' vs 'bf16'"),
+        (["--ema", "0.99"], "EMA rates (0.99, 0.9) vs (0.99,)"),
+        (["--flags", TINY + " --dropout 0.1"], "flag dropout 0.0 vs 0.1"),
+    ],
+)
+def test_resume_refuses_other_settings_before_the_data_is_read(finished_run, tmp_path, change, text):
+    _, args = _copy(finished_run, tmp_path)
+    args[args.index("--data") + 1] = str(tmp_path / "nope.npz")  # any other error: it was read first
+    _one_line(CliRunner().invoke(train, [*args, *change]), f"other settings: {text}")

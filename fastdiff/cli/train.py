@@ -27,6 +27,7 @@ from fastdiff.training import (
     DiffusionTrainer,
     TrainConfig,
     TrainingError,
+    check_resume_settings,
     dist,
     fit_classifier,
     fit_unet,
@@ -65,6 +66,8 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object]:
         flags["image_size"] = o["image_size"]
     net, process = configs_from_flags(kind, flags)  # checked as `fastdiff sample` checks them
     config = _config(net, process, o, **extra)
+    if o["resume"]:
+        check_resume_settings(config, kind)
     size = net.image_size if sized or Path(o["data"]).is_dir() else None
     dataset = load_dataset(o["data"], size, channels=net.in_channels, skip_bad_images=o["skip_bad_images"])
     _report_skipped(dataset)

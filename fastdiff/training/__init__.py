@@ -19,7 +19,7 @@ from .data import (
     match_classes,
 )
 from .ema import EMA
-from .loop import TrainingError, TrainLoop
+from .loop import TrainingError, TrainLoop, check_resume_settings
 from .resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
 from .trainer import ClassifierTrainer, DiffusionTrainer
 
@@ -48,5 +48,6 @@ __all__ = [
     "match_classes",
     "parse_ema_rates",
     "resumable_checkpoint",
+    "check_resume_settings",
     "save_checkpoint",
 ]

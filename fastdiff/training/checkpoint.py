@@ -172,6 +172,18 @@ def load_checkpoint(out_dir, record: dict | None = None):
     return record["step"], model, emas, state
 
 
+def read_state_settings(path) -> dict | None:
+    """A state file's ``config`` and ``data`` records, memory-mapped so that its optimizer tensors
+    are not read; None where it cannot be read (resuming reads it fully and names the damage)."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    except Exception:  # noqa: BLE001 - any damage is reported by load_checkpoint, in one line
+        return None
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
+        return None
+    return {"config": state["config"], "data": state.get("data") or {}}
+
+
 def prune_checkpoints(out: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints (called after latest.json names the newest)."""
     files = [(p, m) for p in out.iterdir() if (m := CHECKPOINT_FILE.fullmatch(p.name))]

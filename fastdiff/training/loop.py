@@ -20,6 +20,7 @@ import contextlib
 import errno
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -95,6 +96,50 @@ def micro_batch(batch_size: int, microbatch: int, world: int) -> int:
 def stream_key(seed: int, step: int, index: int) -> int:
     """Seed of the random stream of global micro-batch ``index`` at ``step`` (63-bit)."""
     return int(np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# Flags the trainers set from the data (fit_unet, fit_classifier): compared once it is read.
+DATA_FLAGS = ("image_size", "in_channels", "num_classes", "use_fp16", "classifier_use_fp16")
+
+
+def _settings_diffs(kind: str, state: dict, new: dict, micro: int, world: int, skip=()) -> list[str]:
+    """The differences, in words, between a checkpoint's settings and ``new`` (a config record)."""
+    old = dict(state["config"])
+    old["ema"], new = tuple(old.get("ema", ())), dict(new, ema=tuple(new["ema"]))
+    # Flags compared as configs, so an older fastdiff's spelling of the same network matches.
+    old_flags = flags_of(*configs_from_flags(kind, old["flags"]))
+    diffs = [
+        f"flag {k} {old_flags.get(k)!r} vs {new['flags'].get(k)!r}"
+        for k in sorted(set(old_flags) | set(new["flags"]))
+        if k not in skip and old_flags.get(k) != new["flags"].get(k)
+    ]
+    diffs += [
+        f"{'EMA rates' if k == 'ema' else k.replace('_', ' ')} {old.get(k)!r} vs {new[k]!r}"
+        for k in RESUME_KEYS
+        if old.get(k, new[k]) != new[k]
+    ]
+    was = state.get("data", {}).get("micro_batch") or micro_batch(  # older states: from the options
+        old.get("batch_size", new["batch_size"]), old.get("microbatch", new["microbatch"]), world
+    )
+    if was != micro:
+        diffs.append(f"micro-batch size {was} vs {micro}")
+    return diffs
+
+
+def check_resume_settings(config: TrainConfig, kind: str) -> None:
+    """The resume's refusal of changed settings that the data does not decide, made before the
+    data is read or the network built (the trainer checks the rest, and the data, on resuming)."""
+    record = ckpt.resumable_checkpoint(config.out, kind, config.max_steps)
+    state = record and ckpt.read_state_settings(Path(config.out) / record["state"])
+    if not state:  # none yet, or damaged: resuming names it
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro = micro_batch(config.batch_size, config.microbatch, world)
+    diffs = _settings_diffs(kind, state, config.record(), micro, world, skip=DATA_FLAGS)
+    if diffs:
+        raise TrainingError(
+            f"cannot resume {config.out}: it was trained with other settings: {'; '.join(diffs)}"
+        )
 
 
 class TrainLoop:
@@ -418,25 +463,7 @@ class TrainLoop:
 
     def check_resume(self, state: dict) -> None:
         """Refuse, naming each difference, what would break the promised bit-exact continuation."""
-        old, new = state["config"], self.config.record()
-        old["ema"], new["ema"] = tuple(old.get("ema", ())), tuple(new["ema"])
-        # Flags compared as configs, so an older fastdiff's spelling of the same network matches.
-        old_flags = flags_of(*configs_from_flags(self.kind, old["flags"]))
-        diffs = [
-            f"flag {k} {old_flags.get(k)!r} vs {new['flags'].get(k)!r}"
-            for k in sorted(set(old_flags) | set(new["flags"]))
-            if old_flags.get(k) != new["flags"].get(k)
-        ]
-        diffs += [
-            f"{'EMA rates' if k == 'ema' else k.replace('_', ' ')} {old.get(k)!r} vs {new[k]!r}"
-            for k in RESUME_KEYS
-            if old.get(k, new[k]) != new[k]
-        ]
-        micro = state.get("data", {}).get("micro_batch") or micro_batch(  # older states: from the options
-            old.get("batch_size", new["batch_size"]), old.get("microbatch", new["microbatch"]), self.world
-        )
-        if micro != self.micro:
-            diffs.append(f"micro-batch size {micro} vs {self.micro}")
+        diffs = _settings_diffs(self.kind, state, self.config.record(), self.micro, self.world)
         was = state.get("data", {}).get("fingerprint")
         if was is not None and was != self.data_fingerprint():
             now = self.data_fingerprint()
