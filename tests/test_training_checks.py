@@ -58,6 +58,10 @@ CLASSIFIER = (
         (["--sample-every", "1", "--sample-steps", "20"], "cannot create exactly 20 steps"),
         (["--device", "foo"], "unknown device 'foo'"),
         (["--ema", "0.999,0.999"], "name a rate twice"),
+        (
+            ["--flags", TINY.replace("--diffusion_steps 50", "--diffusion_steps 20 --noise_schedule linear")],
+            "diffusion_steps 20 ends at alpha_bar 0",
+        ),
     ],
 )
 def test_bad_settings_are_refused_before_the_data_is_read(tmp_path, extra, text):

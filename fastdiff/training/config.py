@@ -10,7 +10,7 @@ from typing import Any
 from fastdiff.config import ConfigError, check_types
 from fastdiff.diffusion import SAMPLERS
 from fastdiff.diffusion.config import DiffusionConfig
-from fastdiff.diffusion.schedule import space_timesteps
+from fastdiff.diffusion.schedule import get_named_beta_schedule, space_timesteps
 from fastdiff.models.config import ClassifierConfig, NetConfig, UNetConfig
 from fastdiff.models.flags import flags_of
 
@@ -168,6 +168,14 @@ class TrainConfig:
         )
         if self.sample_every:
             check_sample_steps(self.sample_steps, self.process.steps)
+        if isinstance(self.net, UNetConfig):
+            betas = get_named_beta_schedule(self.process.noise_schedule, self.process.steps)
+            if betas.max() >= 1:  # the linear schedule's 20 steps: a last beta of 1 (sampling skips it)
+                raise ConfigError(
+                    f"the {self.process.noise_schedule} noise_schedule with diffusion_steps"
+                    f" {self.process.steps} ends at alpha_bar 0, where the training loss is infinite;"
+                    " train with more steps (sampling may respace them to fewer)"
+                )
 
     def record(self) -> dict[str, Any]:
         """The checkpoint's form: the settings, with the network and process as guided-diffusion
