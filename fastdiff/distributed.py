@@ -37,9 +37,15 @@ def setup(device: str | None = None, timeout: timedelta | None = None) -> torch.
     return dev
 
 
+def launched_world_size() -> int:
+    """The ranks torchrun started (WORLD_SIZE), 1 without torchrun: known before the process
+    group is set up, when options are checked."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched() -> bool:
     """True when torchrun started this process as one of several ranks (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_world_size() > 1
 
 
 def local_rank() -> int:

@@ -37,6 +37,7 @@ __all__ = [
     "TrainLoop",
     "TrainingError",
     "UniformSampler",
+    "check_resume_settings",
     "create_named_schedule_sampler",
     "fit_classifier",
     "fit_unet",
@@ -48,6 +49,5 @@ __all__ = [
     "match_classes",
     "parse_ema_rates",
     "resumable_checkpoint",
-    "check_resume_settings",
     "save_checkpoint",
 ]

@@ -20,7 +20,6 @@ import contextlib
 import errno
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -133,7 +132,7 @@ def check_resume_settings(config: TrainConfig, kind: str) -> None:
     state = record and ckpt.read_state_settings(Path(config.out) / record["state"])
     if not state:  # none yet, or damaged: resuming names it
         return
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = dist.launched_world_size()
     micro = micro_batch(config.batch_size, config.microbatch, world)
     diffs = _settings_diffs(kind, state, config.record(), micro, world, skip=DATA_FLAGS)
     if diffs:
