@@ -80,6 +80,16 @@ def test_classifier_settings_are_refused_before_the_data_is_read(tmp_path):
     _one_line(run("--val-data", "mnist"), "--val-data is only read for --eval-every N")
 
 
+def test_out_inside_the_data_folder_is_refused_before_it_is_read(tmp_path):
+    """The run's samples/ would be a class of the next run's data: refused, nothing written."""
+    data = _classes(tmp_path / "data", ["cat", "dog"])
+    for out in (data, data / "run"):
+        _one_line(CliRunner().invoke(train, _args(str(data), out)), "is inside the --data folder")
+        res = CliRunner().invoke(train_classifier, ["--data", str(data), "--out", str(out)])
+        _one_line(res, "is inside the --data folder")
+    assert sorted(p.name for p in data.iterdir()) == ["cat", "dog"]
+
+
 def test_train_config_checks_itself(tmp_path):
     ds = tiny_data()
     with pytest.raises(ConfigError, match="--warmup-steps"):

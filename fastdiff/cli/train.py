@@ -104,6 +104,10 @@ def locked_out(out: str):
 
 def _check_out(o: dict, kind: str) -> None:
     """Whether --out can take this run, from its small files only."""
+    data, out = Path(o["data"]).resolve(), Path(o["out"]).resolve()
+    if o["data"] != "mnist" and data.is_dir() and (out == data or data in out.parents):
+        # the run's samples/ (and any image it writes) would be read as a class by the next run
+        raise ConfigError(f"--out {o['out']} is inside the --data folder {o['data']}; choose another --out")
     if o["resume"]:
         resumable_checkpoint(o["out"], kind, o["max_steps"])
     elif latest_checkpoint(o["out"]) is not None:
