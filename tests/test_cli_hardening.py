@@ -267,7 +267,16 @@ def test_unbalanced_quote_in_train_flags_is_one_line(tmp_path):
     from fastdiff.cli.main import main
 
     r = CliRunner().invoke(
-        main, ["train", "--data", str(tmp_path), "--flags", "--image_size '32", "--out", str(tmp_path / "o")]
+        main,
+        [
+            "train",
+            "--data",
+            str(tmp_path / "data"),
+            "--flags",
+            "--image_size '32",
+            "--out",
+            str(tmp_path / "o"),
+        ],
     )
     one_line_error(r, "No closing quotation")
 
