@@ -48,3 +48,15 @@ def func_grad_and_autograd(loss, x):
         lambda t: torch.func.grad(loss)(t), backend="eager", fullgraph=True, dynamic=False
     )
     return want, [torch.func.grad(loss)(x), compiled(x)]
+
+
+def compiled_call_targets(fn, *args):
+    """(``fn(*args)`` compiled with fullgraph, the names of the functions its graph calls): which
+    path an op takes while torch.compile traces it (a custom op's name starts with "fastdiff.")."""
+    targets = []
+
+    def record(gm, _inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    return torch.compile(fn, backend=record, fullgraph=True, dynamic=False)(*args), targets

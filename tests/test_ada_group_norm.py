@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import func_grad_and_autograd
+from builders import compiled_call_targets, func_grad_and_autograd
 from torch import nn
 
 from fastdiff.ops._backend import triton_interpret
@@ -256,6 +256,26 @@ def test_torch_func_grad_eager_and_compiled(tk):
     want, got = func_grad_and_autograd(loss, x)
     for g in got:
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_op_reaches_the_kernel(tk):
+    """While torch.compile traces, the op outside a torch.func transform is the kernels' custom op
+    (the compile engine's UNet) and inside torch.func.grad plain PyTorch (its classifier gradient);
+    dynamo's view of the functorch stack once sent both to plain PyTorch."""
+    x, w, b, sc, sh = make_inputs((2, 8, 3, 5), 4, torch.float32)
+
+    def norm(x_):
+        return ada_group_norm(x_, 4, w, b, sc, sh)
+
+    def step(x_):
+        return norm(x_), torch.func.grad(lambda t: norm(t).square().sum())(x_)
+
+    (y, g), targets = compiled_call_targets(step, x)
+    assert [t for t in targets if t.startswith("fastdiff.")] == ["fastdiff.ada_group_norm"]
+    assert any("group_norm" in t and not t.startswith("fastdiff.") for t in targets)
+    want_y, want_g = step(x)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, want_g, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("how", ["dual", "jvp"])

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from builders import func_grad_and_autograd
+from builders import compiled_call_targets, func_grad_and_autograd
 
 from fastdiff.ops._backend import triton_available, triton_interpret
 from fastdiff.ops.attention import QKVAttention, QKVAttentionLegacy, attention, attention_reference
@@ -182,6 +182,23 @@ def test_torch_func_grad_eager_and_compiled():
     want, got = func_grad_and_autograd(loss, qkv)
     for g in got:
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_compiled_op_reaches_the_kernel():
+    """While torch.compile traces, attention outside a torch.func transform is the kernel's custom
+    op (the compile engine's UNet) and inside torch.func.grad SDPA (its classifier gradient)."""
+    qkv = torch.randn(2, 3 * 2 * 16, 16, device=DEVICE)
+
+    def step(t):
+        return attention(t, 2), torch.func.grad(lambda u: attention(u, 2, "legacy").square().sum())(t)
+
+    (out, g), targets = compiled_call_targets(step, qkv)
+    assert [t for t in targets if t.startswith("fastdiff.")] == ["fastdiff.attention.default"]
+    assert any("scaled_dot_product_attention" in t for t in targets)
+    want_out, want_g = step(qkv)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, want_g, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("how", ["dual", "jvp"])

@@ -19,6 +19,7 @@ from builders import build_classifier, build_unet, make_diffusion
 import fastdiff
 from fastdiff.diffusion import SAMPLERS, sample
 from fastdiff.engines import EngineError, default_engine
+from fastdiff.ops._backend import triton_available, triton_interpret
 
 CUDA = torch.cuda.is_available()
 
@@ -531,3 +532,39 @@ def test_guidance_stream_forks_and_joins_inside_the_step(monkeypatch):
     step.guidance_stream = None
     with torch.no_grad():
         assert torch.equal(got, step(x, t, None, None)[0])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (triton_available() and (CUDA or triton_interpret())),
+    reason="the kernels need triton and CUDA, or TRITON_INTERPRET=1 exported before triton is imported",
+)
+def test_compile_engine_step_runs_the_kernels(monkeypatch):
+    """The compiled step's UNet calls fastdiff's kernels (custom ops, opaque to inductor) and its
+    classifier gradient, traced through torch.func.grad, plain PyTorch; before, the whole step
+    traced to plain PyTorch, so the compile engine never ran a fastdiff kernel. The graph is
+    recorded and run by dynamo alone (inductor's CPU compile takes minutes)."""
+    device = "cuda" if CUDA else "cpu"
+    targets = []
+    real_compile = torch.compile
+
+    def record(gm, _inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def recorded(fn, **kw):
+        return real_compile(fn, **{**kw, "backend": record})
+
+    unet, clf = _nets(device)
+    diffusion = _diffusion("ddim2")
+    labels = torch.tensor([0, 3], device=device)
+    runs = {}
+    for engine in ("eager", "compile"):  # eager on the fast paths (the interpreter is slow)
+        monkeypatch.setenv("FASTDIFF_OPS", "triton" if engine == "compile" else "auto")
+        monkeypatch.setattr(torch, "compile", recorded if engine == "compile" else real_compile)
+        s = _sampler(unet, clf, diffusion, "ddim", "classifier", engine=engine, device=device)
+        runs[engine] = s(labels, generator=torch.Generator(device).manual_seed(0))
+    kernels = [t for t in targets if t.startswith("fastdiff.")]
+    assert "fastdiff.ada_group_norm" in kernels and "fastdiff.attention.default" in kernels
+    assert any("group_norm" in t and not t.startswith("fastdiff.") for t in targets)  # the classifier
+    assert _rel(runs["compile"], runs["eager"]) <= 1e-4

@@ -70,11 +70,23 @@ def force_reference() -> bool:
     return ops_mode() == "reference"
 
 
+@torch.compiler.assume_constant_result
 def in_func_transform() -> bool:
     """Inside ``torch.func.grad`` / ``vmap`` (the compile engine takes the classifier's gradient
     with ``torch.func.grad``, which traces into one graph): a custom op's registered autograd is
-    invisible there (pytorch/pytorch#168393), so each op takes its plain PyTorch path instead."""
+    invisible there (pytorch/pytorch#168393), so each op takes its plain PyTorch path instead.
+
+    Evaluated as a constant while torch.compile traces: dynamo wraps the interpreter stack in an
+    object that is never None, which sent the whole compiled step (the UNet too) to the plain
+    paths; dynamo enters ``torch.func.grad``'s level for real while tracing, so the value holds."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+@torch.compiler.assume_constant_result
+def autocast_available(device_type: str) -> bool:
+    """``torch.amp.is_autocast_available``, a constant while torch.compile traces: the dynamo of
+    torch 2.11 cannot trace it, and the compile engine's whole-step graph would break there."""
+    return torch.amp.is_autocast_available(device_type)
 
 
 def forward_ad_active() -> bool:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fastdiff.ops._backend import autocast_available
 from fastdiff.ops.ada_group_norm.module import AdaGroupNormSiLU, GroupNorm, GroupNormSiLU
 from fastdiff.ops.attention.module import QKVAttention, QKVAttentionLegacy
 from fastdiff.ops.upsample_conv import fusable, upsample_conv
@@ -28,7 +29,7 @@ def outside_autocast(x: torch.Tensor):
     fp16: the embeddings, the ResBlocks' embedding projections and the output head stay fp32. An
     fp16 output conv would overflow first: its weight gradient is a sum over every pixel."""
     device = x.device.type  # autocast exists for some device types only (not "meta")
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    if autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.autocast(device, enabled=False)
     return contextlib.nullcontext()
 

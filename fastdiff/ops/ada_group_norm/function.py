@@ -42,28 +42,43 @@ def _cuda_kernel():
         return None
 
 
-def _pick_kernel(x: Tensor, num_groups: int, has_scale: bool = False, activation: str | None = "silu"):
-    """Kernel module for x (cuda_kernel where it says it is faster, else triton_kernel), or None.
+@torch.compiler.assume_constant_result
+def _cuda_extension_ready() -> bool:
+    """The CUDA extension is present and loads (a constant while torch.compile traces)."""
+    ck = _cuda_kernel()
+    return ck is not None and ck.available()
 
-    None means the reference (also inside a torch.func transform or forward-mode AD: see
-    ``in_func_transform``, ``forward_ad_active``).
-    fp64 runs the kernels only in the interpreter (to gradcheck their math); on CUDA it takes
-    the reference, the kernels being built for fp16/bf16/fp32.
-    """
+
+def _kernel_allowed(x: Tensor) -> bool:
+    """Whether a kernel may take x at all. Not inside a torch.func transform or forward-mode AD
+    (see ``in_func_transform``, ``forward_ad_active``). fp64 runs the kernels only in the
+    interpreter (to gradcheck their math); on CUDA it takes the reference, the kernels being
+    built for fp16/bf16/fp32."""
     if force_reference() or x.numel() == 0 or in_func_transform() or forward_ad_active():
+        return False
+    return x.dtype in _KERNEL_DTYPES or (x.dtype == torch.float64 and not x.is_cuda)
+
+
+def _has_kernel(x: Tensor) -> bool:
+    """Whether the custom op runs a kernel on x: decided without measuring or reading files, so
+    torch.compile traces it (the compile engine's step reaches the kernels); which kernel runs
+    is picked inside the op, on real tensors (:func:`_pick_kernel`)."""
+    return _kernel_allowed(x) and (use_triton(x) or (x.is_cuda and _cuda_extension_ready()))
+
+
+def _pick_kernel(x: Tensor, num_groups: int, has_scale: bool = False, activation: str | None = "silu"):
+    """Kernel module for x (cuda_kernel where it is measured faster or Triton is absent, else
+    triton_kernel), or None for the reference. The CUDA choice may be measured here."""
+    if not _kernel_allowed(x):
         return None
-    if x.dtype not in _KERNEL_DTYPES and not (x.dtype == torch.float64 and not x.is_cuda):
-        return None
-    if x.is_cuda:
+    if x.is_cuda and _cuda_extension_ready():
         ck = _cuda_kernel()
-        if ck is not None and ck.available() and ck.preferred(x, num_groups, has_scale, activation):
+        if not use_triton(x) or ck.preferred(x, num_groups, has_scale, activation):
             return ck
     if use_triton(x):
         from . import triton_kernel
 
         return triton_kernel
-    if x.is_cuda:
-        notice_fallback("ada_group_norm", "triton is not installed")
     return None
 
 
@@ -206,9 +221,11 @@ def ada_group_norm(
     for t in (weight, bias, scale, shift):
         if t is not None and t.device != x.device:
             raise OpInputError(f"ada_group_norm: all tensors must be on {x.device}, got one on {t.device}")
-    if _pick_kernel(x, num_groups, scale is not None, activation) is None:
+    if not _has_kernel(x):
         # No kernel here (the CPU, float64, FASTDIFF_OPS=reference): PyTorch's native group_norm
         # chain with its own autograd is the fastest exact path, and traces like any torch code.
+        if x.is_cuda and _kernel_allowed(x):
+            notice_fallback("ada_group_norm", "triton is not installed")
         return ada_group_norm_reference(x, num_groups, weight, bias, scale, shift, float(eps), activation)
     if not _flattenable(x):  # a permuted layout the kernels cannot stride through
         x = x.contiguous()

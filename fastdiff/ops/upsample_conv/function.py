@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fastdiff.ops._backend import OpInputError, force_reference, in_func_transform
+from fastdiff.ops._backend import OpInputError, autocast_available, force_reference, in_func_transform
 from fastdiff.ops._tuning import Choices, fastest, gpu_name, measuring
 from fastdiff.ops.upsample_conv.reference import upsample_conv_reference
 
@@ -39,7 +39,7 @@ def fold_weight(weight: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(weight.dtype, torch.float32)
     device = weight.device.type
     # autocast would run the GEMM in bf16/fp16 (and a frozen weight's fold is kept for later calls)
-    off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+    off = torch.autocast(device, enabled=False) if autocast_available(device) else nullcontext()
     with off:
         # kernel row k = output row - 2 * input row + 1 sums the 3x3 rows landing on that input row:
         # output phase 0 reads input rows (i-1, i) with taps (0 | 1+2), phase 1 (i, i+1) with (0+1 | 2).
