@@ -16,6 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+# The file a command holds locked (flock) in its --out folder for the whole run
+# (fastdiff.runs.folder.exclusive_folder); it stays behind, empty, and marks no content.
+LOCK = ".lock"
+
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[-1, 1] NCHW tensor -> uint8 NHWC array, rounded as guided-diffusion's sampler script."""

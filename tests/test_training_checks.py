@@ -90,6 +90,33 @@ def test_out_inside_the_data_folder_is_refused_before_it_is_read(tmp_path):
     assert sorted(p.name for p in data.iterdir()) == ["cat", "dog"]
 
 
+def test_out_holding_other_files_is_refused_before_anything_is_written(tmp_path):
+    """A fresh run writes log.jsonl, loss.png, samples/ and checkpoints into --out: a folder with
+    files of its own (a photo folder, another tool's run) is refused, and nothing in it changes;
+    a run killed before its first checkpoint left only files of a run, which a new run takes over."""
+    npz = _npz(tmp_path)
+    for rel in ("notes.txt", "samples/cat.png", ".hidden"):
+        out = tmp_path / rel.replace("/", "_") / "out"
+        (out / rel).parent.mkdir(parents=True)
+        (out / rel).write_text("mine")
+        (out / "log.jsonl").write_text("a user's log\n")
+        for cmd, args in ((train, _args(npz, out)), (train_classifier, ["--data", npz, "--out", str(out)])):
+            _one_line(CliRunner().invoke(cmd, args), f"holds files that are no training run's ({rel}")
+        assert (out / rel).read_text() == "mine" and (out / "log.jsonl").read_text() == "a user's log\n"
+        assert not (out / ".lock").exists()
+    killed = tmp_path / "killed"
+    (killed / "samples").mkdir(parents=True)
+    for rel in (
+        "log.jsonl",
+        "loss.png",
+        ".lock",
+        "samples/step_0000004.png",
+        "samples/.step_0000008.png.ab12cd_3.png",
+    ):
+        (killed / rel).write_text("")
+    assert ckpt.foreign_entries(killed) == [] and ckpt.foreign_entries(tmp_path / "new") == []
+
+
 def test_train_config_checks_itself(tmp_path):
     ds = tiny_data()
     with pytest.raises(ConfigError, match="--warmup-steps"):

@@ -31,6 +31,7 @@ from fastdiff.training import (
     dist,
     fit_classifier,
     fit_unet,
+    foreign_entries,
     get_mnist,
     latest_checkpoint,
     load_dataset,
@@ -113,6 +114,12 @@ def _check_out(o: dict, kind: str) -> None:
     elif latest_checkpoint(o["out"]) is not None:
         raise ConfigError(
             f"{o['out']} already holds a checkpoint; pass --resume to continue it or choose another --out"
+        )
+    elif foreign := foreign_entries(o["out"]):
+        # a killed run's own files (no checkpoint yet) are taken over; anything else is not ours
+        raise ConfigError(
+            f"--out {o['out']} holds files that are no training run's ({foreign[0]}"
+            f"{', ...' if len(foreign) > 1 else ''}); choose a new or empty folder"
         )
 
 

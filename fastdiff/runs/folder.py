@@ -13,11 +13,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from fastdiff import distributed
-from fastdiff.files import is_temp_file, remove_temp_files
+from fastdiff.files import LOCK, is_temp_file, remove_temp_files
 from fastdiff.runs import ranks
 from fastdiff.runs.errors import RunError
-
-LOCK = ".lock"
 
 
 def check_writable(folder: Path, what: str) -> None:

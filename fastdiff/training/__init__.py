@@ -1,6 +1,12 @@
 """Training: ADM's diffusion and noisy-classifier trainers, data, checkpoints, DDP, evaluation."""
 
-from .checkpoint import latest_checkpoint, load_checkpoint, resumable_checkpoint, save_checkpoint
+from .checkpoint import (
+    foreign_entries,
+    latest_checkpoint,
+    load_checkpoint,
+    resumable_checkpoint,
+    save_checkpoint,
+)
 from .config import (
     PRECISIONS,
     ConfigError,
@@ -42,6 +48,7 @@ __all__ = [
     "fit_classifier",
     "fit_unet",
     "get_mnist",
+    "foreign_entries",
     "latest_checkpoint",
     "load_checkpoint",
     "load_dataset",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fastdiff.config import ConfigError
-from fastdiff.files import atomic_write
+from fastdiff.files import LOCK, atomic_write, is_temp_file
 from fastdiff.models.checkpoint import (
     CheckpointError,
     load_state_dict,
@@ -29,6 +29,10 @@ from fastdiff.models.checkpoint import (
 
 LATEST = "latest.json"
 CHECKPOINT_FILE = re.compile(r"(model|state|ema_.+)_(\d{7})\.(safetensors|pt)")
+# The run's other files in its --out: the log, its plot, and the preview grids' folder.
+LOG, LOSS_PLOT, SAMPLES = "log.jsonl", "loss.png", "samples"
+SAMPLE_GRID = re.compile(r"step_(\d{7})\.png")
+_RUN_FILES = (LATEST, LOG, LOSS_PLOT, LOCK)
 # The command that continues a run of each kind (the model files' "kind" metadata).
 COMMANDS = {"diffusion": "fastdiff train", "classifier": "fastdiff train-classifier"}
 
@@ -99,6 +103,25 @@ def save_checkpoint(
     save_torch(state, out_dir / record["state"])
     atomic_write(out_dir / LATEST, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     return record
+
+
+def foreign_entries(out_dir) -> list[str]:
+    """What ``out_dir`` holds that no training run writes (sorted; empty for a new folder or a
+    run's, a killed one's included): a fresh run there would overwrite or mix with those files."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for p in sorted(out_dir.iterdir()):
+        if p.name == SAMPLES and p.is_dir():
+            found += [
+                f"{SAMPLES}/{q.name}"
+                for q in sorted(p.iterdir())
+                if not (SAMPLE_GRID.fullmatch(q.name) or is_temp_file(q))
+            ]
+        elif not (p.name in _RUN_FILES or CHECKPOINT_FILE.fullmatch(p.name) or is_temp_file(p)):
+            found.append(p.name)
+    return found
 
 
 def latest_checkpoint(out_dir) -> dict | None:

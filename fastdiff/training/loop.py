@@ -310,9 +310,9 @@ class TrainLoop:
             # Rows past the starting step are about to be redone (a resume), or are a killed run's
             # that never saved a checkpoint (a fresh start): either way they go, with torn lines.
             try:
-                truncate_log(self.out / "log.jsonl", self.step)
+                truncate_log(self.out / ckpt.LOG, self.step)
             except OSError as e:
-                raise _write_error(e, self.out / "log.jsonl") from None
+                raise _write_error(e, self.out / ckpt.LOG) from None
         sampler = ShardedSampler(
             len(self.dataset), cfg.batch_size, self.rank, self.world, cfg.seed, self.step
         )
@@ -352,7 +352,7 @@ class TrainLoop:
         finally:
             bar.close()
         if main:
-            plot_losses(self.out / "log.jsonl", self.out / "loss.png")
+            plot_losses(self.out / ckpt.LOG, self.out / ckpt.LOSS_PLOT)
         dist.barrier()
 
     def log(self, bar) -> None:
@@ -379,7 +379,7 @@ class TrainLoop:
     def append_log(self, row: dict) -> None:
         """One JSON line; non-finite numbers become null (bare NaN is not JSON)."""
         row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-        path = self.out / "log.jsonl"
+        path = self.out / ckpt.LOG
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:

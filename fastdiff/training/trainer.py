@@ -22,6 +22,7 @@ from fastdiff.files import save_grid, to_uint8
 from fastdiff.models.presets import build_network
 
 from . import dist
+from .checkpoint import SAMPLES
 from .config import TrainConfig
 from .loop import TrainLoop, stream_key
 from .resample import UniformSampler, create_named_schedule_sampler
@@ -85,7 +86,7 @@ class DiffusionTrainer(TrainLoop):
             and dist.is_main()
             and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps)
         ):
-            self.save_samples(self.out / "samples" / f"step_{self.step:07d}.png")
+            self.save_samples(self.out / SAMPLES / f"step_{self.step:07d}.png")
 
     @torch.no_grad()
     def save_samples(self, path: Path) -> None:
