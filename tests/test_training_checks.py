@@ -58,6 +58,8 @@ CLASSIFIER = (
         (["--sample-every", "1", "--sample-steps", "20"], "cannot create exactly 20 steps"),
         (["--device", "foo"], "unknown device 'foo'"),
         (["--ema", "0.999,0.999"], "name a rate twice"),
+        (["--num-workers", "100000"], "--num-workers must be at most"),
+        (["--num-workers", "-1"], "--num-workers must not be negative"),
         (
             ["--flags", TINY.replace("--diffusion_steps 50", "--diffusion_steps 20 --noise_schedule linear")],
             "diffusion_steps 20 ends at alpha_bar 0",

@@ -17,7 +17,7 @@ from fastdiff.files import remove_temp_files
 from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.flags import FlagError, configs_from_flags, flags_of, parse_flags
 from fastdiff.models.presets import get_preset
-from fastdiff.runs.device import check_ops_mode, resolve_device
+from fastdiff.runs.device import check_ops_mode, resolve_device, usable_cores
 from fastdiff.runs.folder import exclusive_folder
 from fastdiff.training import (
     PRECISIONS,
@@ -39,6 +39,8 @@ from fastdiff.training import (
     parse_ema_rates,
     resumable_checkpoint,
 )
+
+WORKERS_PER_CORE = 8
 
 # What a user can fix, shown as one line; anything else (a bare ValueError included) is a bug and
 # keeps its traceback.
@@ -88,6 +90,12 @@ def _check_options(o: dict) -> None:
         resolve_device(o["device"])  # as `fastdiff evaluate` checks it
     if o["image_size"] is not None and o["image_size"] < 1:
         raise ConfigError(f"--image-size must be at least 1, got {o['image_size']}")
+    most = WORKERS_PER_CORE * usable_cores()
+    if o["num_workers"] > most:  # each is a process: far more than the cores only fills memory
+        raise ConfigError(
+            f"--num-workers must be at most {most} ({WORKERS_PER_CORE} per CPU this process may use),"
+            f" got {o['num_workers']}"
+        )
 
 
 @contextmanager

@@ -39,11 +39,16 @@ def choose_threads(threads: int | None) -> int:
         if threads > MAX_THREADS:
             raise RunError(f"OMP_NUM_THREADS must be at most {MAX_THREADS}, got {omp}")
     if threads is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cores()
         others = max(0, busy_cores() - (local - 1))  # the sibling ranks starting now are no load
         threads = max(1, (cores - others) // local)
     torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity, e.g. under taskset or a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def busy_cores() -> int:
