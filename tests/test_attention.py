@@ -185,6 +185,23 @@ def test_torch_func_grad_eager_and_compiled():
 
 
 @needs_kernel
+def test_autocast_gives_every_path_the_same_dtype(monkeypatch):
+    """Under autocast an fp32 qkv computes in the autocast dtype on every path, as SDPA and the
+    reference's matmuls do; the kernel's custom op has no autocast rule and computed in fp32."""
+    qkv = torch.randn(2, 3 * 2 * 8, 9, device=DEVICE, requires_grad=True)
+    got = {}
+    for mode in ("reference", "auto", "triton"):
+        monkeypatch.setenv("FASTDIFF_OPS", mode)
+        with torch.autocast(qkv.device.type, dtype=torch.bfloat16):
+            out = attention(qkv, 2)
+        (grad,) = torch.autograd.grad(out.float().square().sum(), qkv)
+        assert out.dtype == torch.bfloat16 and grad.dtype == torch.float32, mode
+        got[mode] = out.float()
+    for mode in ("auto", "triton"):
+        torch.testing.assert_close(got[mode], got["reference"], rtol=2e-2, atol=2e-2)
+
+
+@needs_kernel
 def test_compiled_op_reaches_the_kernel():
     """While torch.compile traces, attention outside a torch.func transform is the kernel's custom
     op (the compile engine's UNet) and inside torch.func.grad SDPA (its classifier gradient)."""

@@ -15,6 +15,7 @@ import torch
 
 from fastdiff.ops._backend import (
     OpInputError,
+    autocast_available,
     force_reference,
     forward_ad_active,
     in_func_transform,
@@ -119,6 +120,10 @@ def attention(qkv: torch.Tensor, num_heads: int, order: str = "new") -> torch.Te
     if in_func_transform():  # the custom op's autograd is invisible there: plain PyTorch
         return (attention_reference if force_reference() else sdpa_attention)(qkv, num_heads, order)
     if _kernel_for(qkv) or force_reference() or qkv.dtype == torch.float64:
+        device = qkv.device.type
+        if qkv.dtype == torch.float32 and autocast_available(device) and torch.is_autocast_enabled(device):
+            # a custom op has no autocast rule: cast as SDPA and the reference's matmuls are cast
+            qkv = qkv.to(torch.get_autocast_dtype(device))
         return _attention(qkv, num_heads, order)[0]
     if qkv.is_cuda and not triton_available():
         notice_fallback("attention", "triton is not installed", "PyTorch's SDPA")
