@@ -3,7 +3,9 @@ weights, precomputed reference statistics, and one clear line for each kind of b
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -198,3 +200,60 @@ def test_bad_inputs_are_one_line_each(digits, tmp_path):
     one_line_error(run("mnist", digits, "--json", tmp_path / "afile" / "s.json"), "--json", "Not a directory")
     one_line_error(run("mnist", digits, "--json", "/proc/fastdiff/s.json"), "cannot write to --json")
     one_line_error(run("mnist", digits, "--features", "mnist", "--device", "cuda:99"))
+
+
+def no_feature_work(monkeypatch):
+    """Fail the test if a feature network is chosen or any feature computed."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("feature work before the input was refused")
+
+    monkeypatch.setattr("fastdiff.cli.evaluate.choose_network", refuse)
+    monkeypatch.setattr("fastdiff.runs.features.compute_activations", refuse)
+
+
+def npz_with_header(path, shape, data: bytes, fortran=False):
+    """An npz whose arr_0 header claims ``shape`` (uint8) but whose data is ``data``."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": fortran, "shape": shape})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("arr_0.npy", buf.getvalue() + data)
+
+
+@pytest.mark.parametrize("fortran", [False, True])
+def test_arr0_shorter_than_its_header_is_one_line_before_any_feature(digits, tmp_path, monkeypatch, fortran):
+    # was found only after the other file's features (a traceback for Fortran order)
+    no_feature_work(monkeypatch)
+    for n in (100, 10**12):
+        npz_with_header(tmp_path / "short.npz", (n, 32, 32, 1), bytes(10 * 32 * 32), fortran)
+        one_line_error(
+            run(digits, tmp_path / "short.npz"), "short.npz", "truncated", f"{n} images", "holds 10"
+        )
+        one_line_error(run(tmp_path / "short.npz", digits), "reference", "truncated")
+
+
+def test_too_few_images_and_empty_images_are_one_line_before_any_network(tmp_path, monkeypatch):
+    # the count was checked after the network was loaded (so missing Inception weights came first);
+    # 0x0 images were a traceback in the Inception resize
+    no_feature_work(monkeypatch)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "few.npz", rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "ref.npz", rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8))
+    one_line_error(run(tmp_path / "ref.npz", tmp_path / "few.npz"), "holds 3 images", "at least 4")
+    one_line_error(run(tmp_path / "few.npz", tmp_path / "ref.npz"), "reference", "holds 3 images")
+    np.savez(tmp_path / "blank.npz", np.zeros((10, 0, 0, 3), np.uint8))
+    one_line_error(
+        run(tmp_path / "blank.npz", tmp_path / "blank.npz", "--inception", tmp_path / "x.pth"), "0x0"
+    )
+
+
+def test_corrupt_data_inside_the_npz_is_one_line(digits, tmp_path):
+    """A bad CRC (or deflate stream) only shows when the data is read: one line, not a traceback."""
+    with np.load(digits) as z:
+        images = z["arr_0"][:20]
+    for save in (np.savez, np.savez_compressed):
+        save(tmp_path / "s.npz", images)
+        raw = bytearray((tmp_path / "s.npz").read_bytes())
+        raw[len(raw) // 3] ^= 0xFF
+        (tmp_path / "bad.npz").write_bytes(bytes(raw))
+        one_line_error(run("mnist", tmp_path / "bad.npz"), "cannot read", "bad.npz")

@@ -104,7 +104,7 @@ def evaluate_command(ref, samples, features, inception, json_path, batch_size, d
     from fastdiff import distributed
     from fastdiff.evaluation.metrics import EvaluationError
     from fastdiff.evaluation.npz import read_npz
-    from fastdiff.evaluation.scores import EvaluationConfig, check_same_images, evaluate
+    from fastdiff.evaluation.scores import EvaluationConfig, check_sets, evaluate
     from fastdiff.runs import ranks
     from fastdiff.runs.device import choose_threads, resolve_device
     from fastdiff.runs.features import features_over_ranks
@@ -116,9 +116,9 @@ def evaluate_command(ref, samples, features, inception, json_path, batch_size, d
     try:
         smp = read_npz(samples, role="samples")
         reference = resolve_reference(ref)
-        check_same_images(reference, smp)
-        net = choose_network(features, smp.image_shape, inception, dev)
         config = EvaluationConfig(batch_size=batch_size, device=str(dev))
+        check_sets(reference, smp, config)
+        net = choose_network(features, smp.image_shape, inception, dev)
         bars = progress_bars(progress and distributed.is_main())
         scores = evaluate(reference, smp, net, config, activations=features_over_ranks(net, config, bars))
     except (EvaluationError, DataError) as e:

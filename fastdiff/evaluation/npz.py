@@ -5,8 +5,10 @@ Every problem with a file is an :class:`EvaluationError` of one line."""
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,15 @@ class ImageBatch:
             for i in range(0, len(self._array), batch_size):
                 yield self._array[i : i + batch_size]
             return
+        try:
+            yield from self._read(batch_size)
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+            if isinstance(e, EvaluationError):
+                raise
+            # a bad CRC or deflate stream shows only when the data is read
+            raise EvaluationError(f"cannot read {self.source}: {e}") from None
+
+    def _read(self, batch_size: int) -> Iterator[np.ndarray]:
         with _member(self._path, "arr_0") as f:
             shape, fortran, _ = _header(f, self._path)
             if fortran:  # rare: not streamable, load it whole
@@ -81,6 +92,8 @@ def _check_layout(shape: tuple[int, ...], dtype: np.dtype, source: str) -> tuple
         raise EvaluationError(f"{source}: images are {shape[1]}x{shape[2]}; expected square images")
     if shape[0] == 0:
         raise EvaluationError(f"{source}: arr_0 holds no images")
+    if shape[1] == 0:
+        raise EvaluationError(f"{source}: arr_0 holds images of 0x0 pixels")
     return tuple(int(s) for s in shape)
 
 
@@ -90,7 +103,8 @@ def _images(images: np.ndarray, source: str) -> np.ndarray:
 
 
 class _member:
-    """Context manager: the open ``name.npy`` member of an npz (zip) file."""
+    """Context manager: the open ``name.npy`` member of an npz (zip) file; ``size`` is its
+    length (header and data) as the zip directory records it."""
 
     def __init__(self, path: Path, name: str):
         self.path, self.name = path, name
@@ -98,6 +112,7 @@ class _member:
     def __enter__(self):
         try:
             self.zip = zipfile.ZipFile(self.path)
+            self.size = self.zip.getinfo(f"{self.name}.npy").file_size
             self.file = self.zip.open(f"{self.name}.npy")
         except (OSError, zipfile.BadZipFile, KeyError) as e:
             raise EvaluationError(f"cannot read {self.path}: {e}") from None
@@ -160,9 +175,17 @@ def read_npz(path: str | os.PathLike, role: str = "samples") -> ImageBatch:
         raise EvaluationError(
             f"{source} has no arr_0 images (found: {', '.join(sorted(names)) or 'nothing'})"
         )
-    with _member(path, "arr_0") as f:
+    member = _member(path, "arr_0")
+    with member as f:
         shape, _, dtype = _header(f, path)
+        stored = member.size - f.tell()
     shape = _check_layout(shape, dtype, source)
+    image_bytes = math.prod(shape[1:])
+    if stored < shape[0] * image_bytes:  # else found only after the other file's features
+        raise EvaluationError(
+            f"{source} is truncated: arr_0 claims {shape[0]} images of {'x'.join(map(str, shape[1:]))} "
+            f"but holds {stored // image_bytes}"
+        )
     try:
         with np.load(path) as z:
             labels = z["arr_1"] if "arr_1" in names else None

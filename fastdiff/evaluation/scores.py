@@ -61,27 +61,28 @@ def min_samples(config: EvaluationConfig) -> int:
     return config.manifold.k + 1
 
 
-def check_same_images(ref: ImageBatch, samples: ImageBatch) -> None:
-    """The two sets hold images of one size: checked first, before a feature network is chosen
-    (and its weights asked for)."""
+def check_sets(ref: ImageBatch, samples: ImageBatch, config: EvaluationConfig) -> None:
+    """The two sets hold enough images of one size: checked first, before a feature network is
+    chosen (and its weights asked for)."""
     if ref.image_shape != samples.image_shape:
         (h, w, c), (sh, sw, sc) = ref.image_shape, samples.image_shape
         raise EvaluationError(
             f"the reference holds {h}x{w}x{c} images but the samples are {sh}x{sw}x{sc}; "
             "use the reference batch of the samples' resolution"
         )
-
-
-def check_pair(ref: ImageBatch, samples: ImageBatch, net: FeatureNetwork, config: EvaluationConfig) -> None:
-    """Everything that can be refused before any feature is computed."""
-    check_same_images(ref, samples)
     for batch in (ref, samples):
-        net.check_images(batch.shape)
         if len(batch) < min_samples(config):
             raise EvaluationError(
                 f"{batch.source} holds {len(batch)} images; precision/recall need at least "
                 f"{min_samples(config)} (and FID wants thousands: the paper scores 50,000 samples)"
             )
+
+
+def check_pair(ref: ImageBatch, samples: ImageBatch, net: FeatureNetwork, config: EvaluationConfig) -> None:
+    """Everything that can be refused before any feature is computed."""
+    check_sets(ref, samples, config)
+    for batch in (ref, samples):
+        net.check_images(batch.shape)
     with_stats = [batch for batch in (ref, samples) if batch.stats is not None]
     if with_stats:
         sizes = feature_sizes(net, ref.image_shape)
