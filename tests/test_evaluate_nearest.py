@@ -135,3 +135,30 @@ def test_cli_grid_rows_when_k_exceeds_the_training_images(tmp_path):
     assert r.exit_code == 0, r.output
     with Image.open(tmp_path / "o" / "nearest.png") as im:
         assert im.size == (11 * 34 + 2, 4 * 34 + 2)
+
+
+def test_cli_refuses_out_and_network_before_any_distance(tmp_path, monkeypatch):
+    """An --out that cannot be written, and samples the feature network cannot score, are one
+    line before the held-out copies are searched and features computed (--out was found after)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("distances computed before the input was refused")
+
+    monkeypatch.setattr("fastdiff.evaluation.nearest.nearest", refuse)
+    monkeypatch.setattr("fastdiff.evaluation.networks.compute_activations", refuse)
+    rng = np.random.default_rng(0)
+    for name, c in (("s", 1), ("train", 1), ("held", 1), ("rgb", 3), ("rgb_train", 3)):
+        np.savez(tmp_path / f"{name}.npz", rng.integers(0, 256, (6, 32, 32, c), dtype=np.uint8))
+    (tmp_path / "afile").write_text("")
+    data = ["--data", tmp_path / "train.npz", "--held-out", tmp_path / "held.npz"]
+
+    def run(*args):
+        return CliRunner().invoke(main, ["nearest", "--no-progress", *map(str, args)])
+
+    one_line_error(
+        run("--out", tmp_path / "afile" / "o", tmp_path / "s.npz", *data), "--out", "Not a directory"
+    )
+    rgb = ["--data", tmp_path / "rgb_train.npz", "--held-out", tmp_path / "rgb_train.npz"]
+    one_line_error(
+        run("--out", tmp_path / "o", "--features", "mnist", tmp_path / "rgb.npz", *rgb), "MNIST CNN"
+    )

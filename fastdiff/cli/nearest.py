@@ -135,10 +135,12 @@ def nearest_command(
     from fastdiff.evaluation.npz import read_npz
     from fastdiff.files import atomic_write, save_grid
     from fastdiff.runs.device import choose_threads, resolve_device
+    from fastdiff.runs.folder import check_writable
     from fastdiff.training.data import DataError
 
     if out.exists() and not out.is_dir():
         raise click.ClickException(f"--out {out} is not a folder")
+    check_writable(out, f"--out {out}")  # before the distances and features, not after them
     if held_out is None and data != "mnist":
         raise click.ClickException(
             "--held-out is needed with this --data: images of the same kind never trained on"
@@ -148,6 +150,8 @@ def nearest_command(
     try:
         config = NearestConfig(k=k, quantile=quantile, device=str(dev))
         smp = read_npz(samples, role="samples")
+        net = choose_network(features, smp.image_shape, inception, dev)
+        net.check_images(smp.shape)
         train = load_images(data, smp.image_shape)
         held = load_images(held_out or data, smp.image_shape, split="val")
         copies = training_copies(held, train, config)
@@ -163,8 +167,6 @@ def nearest_command(
                 "they are left out of the threshold",
                 err=True,
             )
-        net = choose_network(features, smp.image_shape, inception, dev)
-        net.check_images(smp.shape)
         bars = progress_bars(progress)
         images = np.concatenate(list(smp.batches(4096)))
 
