@@ -3,7 +3,9 @@ its outputs, and one-line errors."""
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -162,3 +164,20 @@ def test_cli_refuses_out_and_network_before_any_distance(tmp_path, monkeypatch):
     one_line_error(
         run("--out", tmp_path / "o", "--features", "mnist", tmp_path / "rgb.npz", *rgb), "MNIST CNN"
     )
+
+
+def test_cli_data_npz_claiming_more_images_than_memory_is_one_line(tmp_path):
+    """An arr_0 header claiming 10**12 images was numpy's MemoryError traceback in --data."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "|u1", "fortran_order": False, "shape": (10**12, 32, 32, 1)}
+    )
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+        z.writestr("arr_0.npy", buf.getvalue() + bytes(32 * 32))
+    np.savez(tmp_path / "s.npz", np.zeros((4, 32, 32, 1), np.uint8))
+    r = CliRunner().invoke(
+        main,
+        ["nearest", "--no-progress", "--out", str(tmp_path / "o"), str(tmp_path / "s.npz")]
+        + ["--data", str(tmp_path / "huge.npz"), "--held-out", str(tmp_path / "s.npz")],
+    )
+    one_line_error(r, "cannot read", "huge.npz")

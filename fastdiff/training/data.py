@@ -236,7 +236,8 @@ def load_npz(path: str | os.PathLike) -> ArrayDataset:
                 raise DataError(f"{path} has no arr_0 (found: {', '.join(f.files)})")
             images = f["arr_0"]
             labels = f["arr_1"] if "arr_1" in f else None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a cut npz: BadZipFile or EOFError
+    # a cut npz: BadZipFile or EOFError; a header claiming more than memory holds: MemoryError
+    except (OSError, ValueError, EOFError, MemoryError, zipfile.BadZipFile) as e:
         if isinstance(e, DataError):
             raise
         raise DataError(f"cannot read {path}: {e}") from e
