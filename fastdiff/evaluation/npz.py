@@ -45,9 +45,7 @@ class ImageBatch:
             return
         try:
             yield from self._read(batch_size)
-        except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
-            if isinstance(e, EvaluationError):
-                raise
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             # a bad CRC or deflate stream shows only when the data is read
             raise EvaluationError(f"cannot read {self.source}: {e}") from None
 
