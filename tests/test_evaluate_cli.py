@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import zipfile
 
 import numpy as np
@@ -257,3 +258,12 @@ def test_corrupt_data_inside_the_npz_is_one_line(digits, tmp_path):
         raw[len(raw) // 3] ^= 0xFF
         (tmp_path / "bad.npz").write_bytes(bytes(raw))
         one_line_error(run("mnist", tmp_path / "bad.npz"), "cannot read", "bad.npz")
+
+
+def test_json_over_an_input_file_is_refused(digits, tmp_path):
+    """--json naming the samples or the reference wrote the scores over that npz."""
+    shutil.copy(digits, tmp_path / "s.npz")
+    before = (tmp_path / "s.npz").read_bytes()
+    one_line_error(run("mnist", tmp_path / "s.npz", "--json", tmp_path / "s.npz"), "--json", "samples")
+    one_line_error(run(tmp_path / "s.npz", digits, "--json", tmp_path / "." / "s.npz"), "--json", "reference")
+    assert (tmp_path / "s.npz").read_bytes() == before

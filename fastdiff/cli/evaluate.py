@@ -41,14 +41,19 @@ def choose_network(features: str, image_shape: tuple[int, int, int], inception: 
     return load_mnist_features(device=device) if features == "mnist" else load_inception(inception, device)
 
 
-def check_json_path(path: Path | None) -> None:
-    """--json is checked before the features are computed: a long run is not lost at its end."""
+def check_json_path(path: Path | None, inputs: dict[str, Path]) -> None:
+    """--json is checked before the features are computed: a long run is not lost at its end,
+    and ``inputs`` (role -> file) are not overwritten by the scores."""
     from fastdiff.runs.folder import check_writable
 
-    if path is not None and path.is_dir():
+    if path is None:
+        return
+    if path.is_dir():
         raise click.ClickException(f"--json {path} is a folder; give a file name")
-    if path is not None:
-        check_writable(path.parent, f"--json {path}")
+    for role, source in inputs.items():
+        if path.exists() and source.exists() and path.samefile(source):
+            raise click.ClickException(f"--json {path} is the {role} file; give another file name")
+    check_writable(path.parent, f"--json {path}")
 
 
 def write_json(path: Path, record: dict) -> None:
@@ -110,7 +115,7 @@ def evaluate_command(ref, samples, features, inception, json_path, batch_size, d
     from fastdiff.runs.features import features_over_ranks
     from fastdiff.training.data import DataError
 
-    check_json_path(json_path)
+    check_json_path(json_path, {"samples": samples, **({} if ref == "mnist" else {"reference": Path(ref)})})
     dev = ranks.join(resolve_device(device))
     choose_threads(threads)
     try:
