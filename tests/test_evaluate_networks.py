@@ -3,6 +3,9 @@ loading and errors, the TF1 resize, and the bundled MNIST CNN as a feature netwo
 
 from __future__ import annotations
 
+import os
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -118,6 +121,26 @@ def test_inception_weight_errors_are_one_line(tmp_path, inception):
     torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(EvaluationError, match="not an Inception-v3"):
         load_inception(tmp_path / "other.pth")
+
+
+class _RunsCode:
+    """Unpickling this would create ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_inception_file_that_would_run_code_is_one_line_and_runs_nothing(tmp_path, recwarn):
+    """A pickle of protocol 4 also printed torch's two-line UserWarning above the error line."""
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"fc.weight": _RunsCode(tmp_path / "ran")}, f, protocol=4)
+    with pytest.raises(EvaluationError, match="weights_only=True") as e:
+        load_inception(tmp_path / "evil.pth")
+    assert "\n" not in str(e.value) and not (tmp_path / "ran").exists()
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
 
 
 @pytest.mark.skipif(not BUNDLED_CNN.is_file(), reason="bundled MNIST CNN missing")

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,9 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
 
             sd: Any = load_file(str(path), device="cpu")
         else:
-            sd = torch.load(path, weights_only=True, map_location="cpu")
+            with warnings.catch_warnings():  # torch's note on a pickle's protocol would precede our one line
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                sd = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # corrupt files raise many types; report them uniformly, in one line
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Weights only load failed" in detail:  # torch's advice (weights_only=False) is not ours
