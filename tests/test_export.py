@@ -85,6 +85,8 @@ def test_signature_names_inputs_by_guidance():
 def test_config_refuses_old_opsets_and_unknown_dtypes():
     with pytest.raises(ExportError, match="opset"):
         OnnxExportConfig(opset=13)
+    with pytest.raises(ExportError, match="^opset must be at least 18, got 17$"):
+        OnnxExportConfig(opset=17)  # torch.onnx wrote ADM's graphs in 18 under metadata saying 17
     with pytest.raises(ExportError, match="dtype"):
         OnnxExportConfig(dtype="int8")
     newest = onnx.defs.onnx_opset_version()  # above it the exporter wrote opset 18, metadata aside
@@ -232,7 +234,9 @@ def test_cli_export_refuses_bad_options_before_work(tmp_path):
 
     runner = CliRunner()
     res = runner.invoke(main, ["export", "onnx", "--out", str(tmp_path), "--opset", "12"])
-    assert res.exit_code != 0 and "opset must be at least 17" in res.output
+    assert res.exit_code != 0 and "opset must be at least 18" in res.output
+    res = runner.invoke(main, ["export", "onnx", "--out", str(tmp_path), "--opset", "17"])
+    assert res.output == "Error: --opset must be at least 18, got 17\n"
     res = runner.invoke(main, ["export", "onnx", "--out", str(tmp_path), "--cfg", "--classifier", "nope.pt"])
     assert res.exit_code != 0 and "not found" in res.output
     res = runner.invoke(main, ["export", "onnx", "--out", str(tmp_path), "--max-batch", "1"])

@@ -133,6 +133,20 @@ def test_weights_in_a_side_file_check_inspect_and_validate(tmp_path, monkeypatch
     assert report.ok, report.summary()
 
 
+def test_an_opset_the_exporter_did_not_write_is_refused_not_written(tmp_path, monkeypatch):
+    """torch.onnx converts down from 18 and, where it cannot (ADM's Split), keeps 18 silently:
+    the file's metadata said 17 and validation failed after the file was written."""
+    from fastdiff.export import OnnxExportConfig, export_onnx, onnx_export
+
+    monkeypatch.setattr(onnx_export, "MIN_OPSET", 17)  # the old floor
+    unet, _ = _tiny()
+    with pytest.raises(
+        ExportError, match="^opset 17: torch.onnx could not convert this graph and wrote opset 18$"
+    ):
+        export_onnx(unet, tmp_path / "d.onnx", config=OnnxExportConfig(opset=17, optimize=False))
+    assert not list(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------ an upsampler (ADM-U)
 
 

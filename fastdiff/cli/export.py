@@ -40,7 +40,7 @@ def _fail(e: Exception) -> click.ClickException:
     show_default=True,
     help="The networks' dtype in the graph.",
 )
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (17 or later).")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18 or later).")
 @click.option("--max-batch", type=int, default=4096, show_default=True, help="Largest batch the graph takes.")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare with PyTorch.")
 def export_onnx_command(

@@ -31,7 +31,9 @@ from fastdiff.models.unet import SuperResModel
 from .graph import DenoiserSignature, GuidedDenoiser, example_inputs, input_shapes, trace
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-MIN_OPSET = 17
+# torch.onnx implements opset 18 and up; below it converts down and, where that fails (ADM's
+# Split has no adapter to 17), keeps 18 without a word: a file whose metadata said 17.
+MIN_OPSET = 18
 ONNX_EXTRA = ("onnx", "onnxscript", "onnxruntime")
 # Above this the weights go to a side file (protobuf's 2 GiB limit on one message).
 _EXTERNAL_DATA_BYTES = 1536 * 2**20
@@ -258,6 +260,11 @@ def export_onnx(
         "fastdiff.opset": str(config.opset),
         **{f"fastdiff.{k}": str(v) for k, v in (metadata or {}).items()},
     }
+    written = program.model.opset_imports.get("", config.opset)
+    if written != config.opset:  # the exporter's fallback when it cannot convert: said, not written
+        raise ExportError(
+            f"opset {config.opset}: torch.onnx could not convert this graph and wrote opset {written}"
+        )
     if config.optimize:
         _fold_weight_sized_constants(program.model, denoiser)
     program.model.metadata_props.update(props)
