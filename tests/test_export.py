@@ -541,6 +541,33 @@ def test_a_batch_the_graph_cannot_take_is_one_engine_error_line(tmp_path, monkey
         step(x, torch.tensor([3, 3, 3]), None, rule.init_state(x))
 
 
+def test_a_batch_above_the_engines_range_is_one_line_before_the_export(tmp_path, monkeypatch):
+    """A batch above what the onnx engine exports for failed at the first step, after the export
+    (minutes at full size): the Sampler and ``fastdiff sample`` now say so before it."""
+    from builders import build_unet, make_diffusion
+    from click.testing import CliRunner
+
+    import fastdiff
+    from fastdiff.cli.main import main
+    from fastdiff.engines import EngineError
+    from fastdiff.export import onnx_runtime
+
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnx_runtime, "export_onnx", None)  # exporting would raise a TypeError
+    limit = OnnxExportConfig.max_batch
+    net = build_unet(
+        image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1", attention_resolutions=""
+    )
+    sampler = fastdiff.Sampler(net, make_diffusion("ddim2", steps=20), engine="onnx")
+    message = f"engine 'onnx' takes batches of at most {limit} (its graph's range), got {limit + 1}"
+    with pytest.raises(EngineError, match=rf"^{re.escape(message)}$"):
+        sampler(num_samples=limit + 1)
+    args = ["sample", "--engine", "onnx", "--batch-size", str(limit + 1), "--num-samples", str(limit + 1)]
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1 and res.output == f"Error: {message}\n"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
 # ------------------------------------------------------------------ an upsampler's low_res
 
 

@@ -127,9 +127,12 @@ def default_engine(device: torch.device) -> str:
     return "parallel" if torch.get_num_threads() > 1 else "eager"
 
 
-def check_engine(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+def check_engine(
+    name: str, device: torch.device, dtype: torch.dtype = torch.float32, batch: int | None = None
+) -> None:
     """Raise :class:`EngineError` now (before any work) when ``name`` cannot run on ``device`` in
-    ``dtype``."""
+    ``dtype``, or take a batch of ``batch`` images: onnx and trt export their graph (and build
+    the TensorRT engine) for a batch range, minutes of work a larger batch would only fail after."""
     if name not in ENGINES:
         raise EngineError(f"unknown engine '{name}'; choose one of: {', '.join(ENGINES)}")
     if name in ("graph", "graph-loop") and torch.device(device).type != "cuda":
@@ -140,6 +143,15 @@ def check_engine(name: str, device: torch.device, dtype: torch.dtype = torch.flo
         ENGINES[name](None, torch.device(device))
         if dtype == torch.bfloat16:  # the exported graphs are fp32 or fp16
             raise EngineError(f"engine '{name}' runs fp32 or fp16 graphs; use --dtype fp32")
+        if batch is not None:
+            from fastdiff.export import OnnxExportConfig
+            from fastdiff.export.tensorrt_engine import TrtBuildConfig
+
+            limit = (OnnxExportConfig if name == "onnx" else TrtBuildConfig).max_batch
+            if batch > limit:
+                raise EngineError(
+                    f"engine '{name}' takes batches of at most {limit} (its graph's range), got {batch}"
+                )
 
 
 def build_engine(name: str, step, device: torch.device) -> StepFn:

@@ -225,6 +225,7 @@ class Sampler:
     def _new_step(self, n: int, rule, model_kwargs: dict[str, Tensor] | None):
         """(label buffer, conditioning buffers, engine step) of ``rule`` for batch size n. Building
         the engine (an ONNX export and its session, a compile's setup) is warm-up, not sampling."""
+        check_engine(self.engine, self.device, self.dtype, n)  # before an export or build
         start = time.perf_counter()
         labels = torch.zeros(n, dtype=torch.long, device=self.device) if self.needs_labels else None
         guidance_kwargs = {} if labels is None else {"y": labels}

@@ -104,7 +104,14 @@ def check_seed(seed: int, option: str) -> None:
 
 
 def check_run_options(
-    device: str, dtype: str, threads: int | None, engine: str | None, sampler: str, eta: float, seed: int = 0
+    device: str,
+    dtype: str,
+    threads: int | None,
+    engine: str | None,
+    sampler: str,
+    eta: float,
+    seed: int = 0,
+    batch_size: int | None = None,
 ) -> tuple[torch.device, str]:
     """(device, engine) after the checks every sampling run makes before loading anything;
     under torchrun, this rank's device in the process group."""
@@ -128,7 +135,7 @@ def check_run_options(
     choose_threads(threads)
     engine = engine or default_engine(dev)
     try:
-        check_engine(engine, dev, DTYPES[dtype])
+        check_engine(engine, dev, DTYPES[dtype], batch_size)
     except EngineError as e:
         raise RunError(str(e)) from None
     if engine in ("onnx", "trt"):  # they export into the cache on first use

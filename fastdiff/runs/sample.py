@@ -69,7 +69,8 @@ def sample_run(
             raise RunError(f"{name} must be a finite number, got {scale}")
     if classifier_scale is not None and classifier_scale < 0:
         raise RunError(f"--classifier-scale must be >= 0, got {classifier_scale}")
-    dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta, seed)
+    batch = min(batch_size, num_samples)
+    dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta, seed, batch)
     if classifier is not None and classifier_scale is None:
         raise RunError(
             "--classifier needs --classifier-scale S (the guidance strength, e.g. 1.0; 0 for none)"
