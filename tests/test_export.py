@@ -223,7 +223,9 @@ def test_tensorrt_profile_covers_the_batch_inputs(tmp_path):
         "timestep": ((1,), (4,), (16,)),
         "labels": ((1,), (4,), (16,)),
     }
-    with pytest.raises(ExportError, match="min <= opt <= max"):
+    with pytest.raises(
+        ExportError, match=r"1 <= --min-batch \(8\) <= --opt-batch \(4\) <= --max-batch \(64\)$"
+    ):
         TrtBuildConfig(min_batch=8, opt_batch=4)
 
 
@@ -275,6 +277,29 @@ def test_cli_export_checks_out_before_tracing(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("")
     res = CliRunner().invoke(main, ["export", "onnx", "--out", str(tmp_path / "afile" / "x")])
     assert res.output == f"Error: cannot write to --out {tmp_path / 'afile' / 'x'}: Not a directory\n"
+
+
+def test_cli_export_offers_engine_onnx_only_a_validated_graph(tmp_path, monkeypatch):
+    """A graph that does not match PyTorch stays in --out for inspection, but is not put where
+    ``--engine onnx`` finds it (it was linked into that cache before the validation ran)."""
+    import types
+
+    from click.testing import CliRunner
+
+    import fastdiff.export
+    import fastdiff.export.onnx_runtime
+    import fastdiff.export.validate
+    from fastdiff.cli.main import main
+
+    remembered = []
+    written = types.SimpleNamespace(path=tmp_path / "g.onnx", hash="0" * 64, bytes=10, node_counts={})
+    monkeypatch.setattr(fastdiff.export, "export_onnx", lambda *a, **k: written)
+    monkeypatch.setattr(fastdiff.export.onnx_runtime, "remember", lambda *a: remembered.append(a))
+    for ok in (False, True):
+        report = types.SimpleNamespace(ok=ok, summary=lambda: "max error 0.5")
+        monkeypatch.setattr(fastdiff.export.validate, "validate_export", lambda *a, r=report: r)
+        res = CliRunner().invoke(main, ["export", "onnx", "--out", str(tmp_path)])
+        assert (res.exit_code != 0) == (not ok) and len(remembered) == int(ok), res.output
 
 
 def test_cli_export_replaces_only_its_own_earlier_export(tmp_path, monkeypatch):

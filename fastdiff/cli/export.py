@@ -115,15 +115,15 @@ def export_onnx_command(
         raise _fail(e) from None
     from fastdiff.export.onnx_runtime import remember
 
-    if result.bytes < 2**31 and not (out / f"{name}.data").exists():
-        remember(result.path, result.hash, max_batch)  # fastdiff sample --engine onnx then finds it
     nodes = sum(result.node_counts.values())
     click.echo(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, {nodes} nodes)")
     if validate:
         report = validate_export(result.path, loaded.model, None if clf is None else clf.model, null_label)
         click.echo(report.summary())
-        if not report.ok:
+        if not report.ok:  # kept for inspection, but not offered to --engine onnx
             raise click.ClickException(f"{result.path} does not match PyTorch: {report.summary()}")
+    if result.bytes < 2**31 and not (out / f"{name}.data").exists():
+        remember(result.path, result.hash, max_batch)  # fastdiff sample --engine onnx then finds it
 
 
 def _check_replaceable(path: Path, model, clf, null_label, config, low_res_shape) -> None:

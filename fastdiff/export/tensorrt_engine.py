@@ -46,7 +46,10 @@ class TrtBuildConfig:
         if self.precision not in PRECISIONS:
             raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ExportError("the batch profile needs 1 <= min <= opt <= max")
+            raise ExportError(
+                f"the batch profile needs 1 <= --min-batch ({self.min_batch}) <= --opt-batch "
+                f"({self.opt_batch}) <= --max-batch ({self.max_batch})"
+            )
 
 
 def gpu_key(device: torch.device | None = None) -> str:
