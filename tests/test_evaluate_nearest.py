@@ -63,6 +63,23 @@ def one_line_error(r, *words):
     assert all(w in lines[0] for w in words), lines[0]
 
 
+def test_distance_plot_of_equal_distances_warns_nothing(tmp_path):
+    """Every distance equal (the samples copies of one image): one visible bar per set, no
+    zero-width bins (numpy's and matplotlib's warnings on stderr, NaN bars)."""
+    import warnings
+
+    from fastdiff.cli.nearest import distance_plot
+    from fastdiff.evaluation.nearest import MemorisationReport, SpaceResult
+
+    pytest.importorskip("matplotlib")
+    space = SpaceResult(np.zeros((3, 1), int), np.ones((3, 1)), np.ones(4), 1.0)
+    report = MemorisationReport(space, space, "mnist", 0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert distance_plot(report, tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 0
+
+
 def test_cli_flags_copies_not_fresh_digits(tmp_path):
     from fastdiff.training.data import get_mnist
 

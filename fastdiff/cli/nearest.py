@@ -49,7 +49,10 @@ def distance_plot(report, path: Path) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, (name, space) in zip(axes, [("features", report.features), ("pixels (RMS)", report.pixels)]):
         both = np.concatenate([space.sample_distance[:, 0], space.heldout_distance])
-        bins = np.linspace(both.min(), both.max(), 40)
+        lo, hi = both.min(), both.max()
+        if hi <= lo:  # every distance equal: zero-width bins drew NaN bars (and numpy warned)
+            lo, hi = lo - 0.5, hi + 0.5
+        bins = np.linspace(lo, hi, 40)
         ax.hist(space.heldout_distance, bins, density=True, alpha=0.6, label="held-out -> train")
         ax.hist(space.sample_distance[:, 0], bins, density=True, alpha=0.6, label="sample -> train")
         ax.axvline(space.threshold, color="k", ls="--", label=f"flag below ({report.quantile:g} quantile)")
