@@ -267,3 +267,26 @@ def test_json_over_an_input_file_is_refused(digits, tmp_path):
     one_line_error(run("mnist", tmp_path / "s.npz", "--json", tmp_path / "s.npz"), "--json", "samples")
     one_line_error(run(tmp_path / "s.npz", digits, "--json", tmp_path / "." / "s.npz"), "--json", "reference")
     assert (tmp_path / "s.npz").read_bytes() == before
+
+
+class _Planted:
+    """Unpickling it would leave a file: proof that an object array was loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_pickled_labels_are_ignored_never_loaded(tmp_path):
+    """An object (pickled) arr_1 is not labels: the images are read as the original evaluator reads
+    them, the labels dropped, and the pickle never run (it refused the whole file)."""
+    from fastdiff.evaluation.npz import read_npz
+
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    labels = np.array([_Planted(tmp_path / "ran"), 1, "x"], dtype=object)
+    np.savez(tmp_path / "s.npz", images, labels)
+    batch = read_npz(tmp_path / "s.npz")
+    assert batch.labels is None and np.concatenate(list(batch.batches(2))).shape == (3, 8, 8, 3)
+    assert not (tmp_path / "ran").exists()

@@ -121,9 +121,9 @@ class _member:
         self.zip.close()
 
 
-def _header(f, path) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """(shape, fortran order, dtype); a format version without a public reader counts as
-    Fortran order (loaded whole instead of streamed)."""
+def _header(f, path, name: str = "arr_0") -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of member ``name``; a format version without a public
+    reader counts as Fortran order (loaded whole instead of streamed)."""
     try:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
@@ -131,10 +131,10 @@ def _header(f, path) -> tuple[tuple[int, ...], bool, np.dtype]:
         if version == (2, 0):
             return np.lib.format.read_array_header_2_0(f)
         with np.load(path, mmap_mode=None) as z:
-            a = z["arr_0"]
+            a = z[name]
         return a.shape, True, a.dtype
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise EvaluationError(f"cannot read arr_0 of {path}: {e}") from None
+        raise EvaluationError(f"cannot read {name} of {path}: {e}") from None
 
 
 def _stats(z, names: set[str], source: str) -> tuple[FeatureStats, FeatureStats]:
@@ -184,6 +184,10 @@ def read_npz(path: str | os.PathLike, role: str = "samples") -> ImageBatch:
             f"{source} is truncated: arr_0 claims {shape[0]} images of {'x'.join(map(str, shape[1:]))} "
             f"but holds {stored // image_bytes}"
         )
+    if "arr_1" in names:
+        with _member(path, "arr_1") as f:
+            if _header(f, path, "arr_1")[2].hasobject:  # pickled: never loaded, and no labels
+                names.discard("arr_1")
     try:
         with np.load(path) as z:
             labels = z["arr_1"] if "arr_1" in names else None
