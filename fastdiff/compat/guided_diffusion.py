@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import ConfigError
+from ..diffusion import schedule
 from ..diffusion.config import DiffusionConfig
 from ..models import flags as gd_flags
 from ..models.presets import build_network
@@ -35,7 +37,8 @@ def create_gaussian_diffusion(
     rescale_learned_sigmas=False,
     timestep_respacing="",
 ):
-    """script_util's keyword builder of the (respaced) process."""
+    """script_util's keyword builder of the (respaced) process. A respacing the process cannot
+    take is a ConfigError naming the flag (the original's ValueError; gd-run's one line)."""
     config = DiffusionConfig(
         steps=steps,
         learn_sigma=learn_sigma,
@@ -46,6 +49,10 @@ def create_gaussian_diffusion(
         rescale_timesteps=rescale_timesteps,
         rescale_learned_sigmas=rescale_learned_sigmas,
     )
+    try:
+        schedule.space_timesteps(steps, timestep_respacing or [steps])
+    except ValueError as e:
+        raise ConfigError(f"timestep_respacing {timestep_respacing!r}: {e}") from None
     return SpacedDiffusion.from_config(config, timestep_respacing)
 
 
