@@ -464,6 +464,17 @@ def test_bad_respacing_is_a_config_error():
             gd.create_gaussian_diffusion(steps=50, timestep_respacing=spec)
 
 
+def test_gd_run_bad_checkpoint_is_one_line(tmp_path):
+    """A --model_path that is missing or not a checkpoint: one Error line, as a missing resume
+    checkpoint is (they were torch.load's tracebacks)."""
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    script = [str(SCRIPTS / "sample_images.py"), *flag_args(TINY), "--num_samples", "1", "--batch_size", "1"]
+    for name, message in [("missing.pt", "checkpoint not found: "), ("junk.pt", "cannot read checkpoint ")]:
+        res = gd_run([*script, "--model_path", str(tmp_path / name)], tmp_path / "log")
+        assert res.returncode == 1 and res.stderr.startswith("Error: ") and message in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
 def test_gd_run_unreadable_script_is_one_line(tmp_path, monkeypatch):
     from pathlib import Path
 

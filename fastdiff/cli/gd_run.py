@@ -7,8 +7,8 @@ and the training and likelihood scripts (image_train.py, classifier_train.py,
 super_res_train.py, image_nll.py) write the original's checkpoints and logs there. No MPI: one
 process is a one-process group; under torchrun (``torchrun --nproc_per_node N -m
 fastdiff.cli.gd_run SCRIPT ...``) each process is one rank. fastdiff's own input errors raised
-inside the script (bad data folder, unknown schedule sampler, missing resume checkpoint) end it
-with one line; anything else keeps its traceback.
+inside the script (bad data folder, unknown schedule sampler, missing or unreadable checkpoint,
+impossible respacing) end it with one line; anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -95,11 +95,12 @@ def gd_run_command(engine, ops, script, script_args):
     path = os.path.abspath(script)
     sys.argv = [script, *script_args]
     sys.path.insert(0, os.path.dirname(path))  # as `python SCRIPT` does
+    from fastdiff.models.checkpoint import CheckpointError
     from fastdiff.training import ConfigError, DataError, TrainingError
 
     try:
         runpy.run_path(path, run_name="__main__")
-    except (ConfigError, DataError, TrainingError) as e:
+    except (ConfigError, DataError, TrainingError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     finally:
         import torch.distributed as dist

@@ -14,6 +14,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..models.checkpoint import read_checkpoint
+
 # The original's cluster layout constants (it pins rank % GPUS_PER_NODE); kept for code that reads them.
 GPUS_PER_NODE = 8
 SETUP_RETRY_COUNT = 3
@@ -47,17 +49,17 @@ def dev() -> torch.device:
     return torch.device("cpu")
 
 
-def load_state_dict(path, **kwargs):
-    """``torch.load(path, **kwargs)`` with ``weights_only=True`` (a ``.safetensors`` file is read
-    by safetensors): what the original's checkpoints and optimizer states need, and no pickled code."""
-    if kwargs.pop("weights_only", True) is not True:
+def load_state_dict(path, map_location=None, weights_only=True):
+    """``torch.load(path, map_location=...)`` with ``weights_only=True`` (a ``.safetensors`` file
+    is read by safetensors): what the original's checkpoints and optimizer states need, and no
+    pickled code. Read by fastdiff's checkpoint reader, so a missing, cut-short or foreign file is
+    one CheckpointError (gd-run's one line), not torch's traceback."""
+    if weights_only is not True:
         raise ValueError("fastdiff loads checkpoints with weights_only=True only")
-    if str(path).endswith(".safetensors"):
-        from ..models.checkpoint import load_state_dict as load_file
-
-        location = kwargs.get("map_location")
-        return {k: v.to(location) if location is not None else v for k, v in load_file(path).items()}
-    return torch.load(path, weights_only=True, **kwargs)
+    state = read_checkpoint(path, map_location=map_location)
+    if str(path).endswith(".safetensors") and map_location is not None:  # read on the CPU
+        state = {k: v.to(map_location) for k, v in state.items()}
+    return state
 
 
 def sync_params(params) -> None:

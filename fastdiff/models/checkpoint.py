@@ -41,9 +41,10 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     return dict(sd)
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """What a checkpoint file holds, read on the CPU without running code from it (safetensors, or
-    ``torch.load(weights_only=True)``); a missing, cut-short or foreign file is one CheckpointError."""
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """What a checkpoint file holds, read without running code from it (safetensors, on the CPU,
+    or ``torch.load(weights_only=True, map_location=...)``); a missing, cut-short or foreign file
+    is one CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -66,7 +67,7 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         else:
             with warnings.catch_warnings():  # torch's note on a pickle's protocol would precede our one line
                 warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-                sd = torch.load(path, weights_only=True, map_location="cpu")
+                sd = torch.load(path, weights_only=True, map_location=map_location)
     except Exception as e:  # corrupt files raise many types; report them uniformly, in one line
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Weights only load failed" in detail:  # torch's advice (weights_only=False) is not ours
