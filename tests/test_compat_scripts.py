@@ -464,12 +464,21 @@ def test_bad_respacing_is_a_config_error():
             gd.create_gaussian_diffusion(steps=50, timestep_respacing=spec)
 
 
-def test_gd_run_bad_checkpoint_is_one_line(tmp_path):
+def test_gd_run_bad_checkpoint_is_one_line(checkpoints, tmp_path):
     """A --model_path that is missing or not a checkpoint: one Error line, as a missing resume
-    checkpoint is (they were torch.load's tracebacks)."""
+    checkpoint is (they were torch.load's tracebacks); so are weights that sample NaN (compat's
+    loops raise SamplingError: the traceback of an expected outcome)."""
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    nan = torch.load(checkpoints[0], weights_only=True)
+    nan["out.2.bias"] = torch.full_like(nan["out.2.bias"], float("nan"))
+    torch.save(nan, tmp_path / "nan.pt")
     script = [str(SCRIPTS / "sample_images.py"), *flag_args(TINY), "--num_samples", "1", "--batch_size", "1"]
-    for name, message in [("missing.pt", "checkpoint not found: "), ("junk.pt", "cannot read checkpoint ")]:
+    script += ["--timestep_respacing", "2"]
+    for name, message in [
+        ("missing.pt", "checkpoint not found: "),
+        ("junk.pt", "cannot read checkpoint "),
+        ("nan.pt", "non-finite values at sampling step 1/2"),
+    ]:
         res = gd_run([*script, "--model_path", str(tmp_path / name)], tmp_path / "log")
         assert res.returncode == 1 and res.stderr.startswith("Error: ") and message in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr

@@ -8,7 +8,9 @@ super_res_train.py, image_nll.py) write the original's checkpoints and logs ther
 process is a one-process group; under torchrun (``torchrun --nproc_per_node N -m
 fastdiff.cli.gd_run SCRIPT ...``) each process is one rank. fastdiff's own input errors raised
 inside the script (bad data folder, unknown schedule sampler, missing or unreadable checkpoint,
-impossible respacing) end it with one line; anything else keeps its traceback.
+impossible respacing) end it with one line, as does a sampling loop that produced NaN/Inf (where
+the original writes garbage images, compat's loops raise, as ``fastdiff sample`` reports it);
+anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -95,12 +97,13 @@ def gd_run_command(engine, ops, script, script_args):
     path = os.path.abspath(script)
     sys.argv = [script, *script_args]
     sys.path.insert(0, os.path.dirname(path))  # as `python SCRIPT` does
+    from fastdiff.diffusion import SamplingError
     from fastdiff.models.checkpoint import CheckpointError
     from fastdiff.training import ConfigError, DataError, TrainingError
 
     try:
         runpy.run_path(path, run_name="__main__")
-    except (ConfigError, DataError, TrainingError, CheckpointError) as e:
+    except (ConfigError, DataError, TrainingError, CheckpointError, SamplingError) as e:
         raise click.ClickException(str(e)) from None
     finally:
         import torch.distributed as dist
