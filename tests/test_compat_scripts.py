@@ -455,12 +455,17 @@ def test_gd_run_user_errors_are_one_line(tmp_path):
 
 
 def test_bad_respacing_is_a_config_error():
-    """The original's ValueError for a spec the process cannot take, as a ConfigError naming the
-    flag (gd-run's one line)."""
+    """The original's ValueError (IndexError for one kept step) for a spec the process cannot
+    take, as a ConfigError naming the flag (gd-run's one line)."""
     from fastdiff.config import ConfigError
 
-    for spec, message in [("60", "cannot divide section of 50 steps into 60"), ("abc", "'ddimN' or")]:
-        with pytest.raises(ConfigError, match=f"timestep_respacing '{spec}': .*{message}"):
+    for spec, message in [
+        ("60", ": cannot divide section of 50 steps into 60"),
+        ("abc", ": expected 'ddimN' or"),
+        ("1", " keeps 1 step"),
+        ("0", " keeps 0 step"),
+    ]:
+        with pytest.raises(ConfigError, match=f"timestep_respacing '{spec}'{message}"):
             gd.create_gaussian_diffusion(steps=50, timestep_respacing=spec)
 
 

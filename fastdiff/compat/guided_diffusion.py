@@ -38,7 +38,8 @@ def create_gaussian_diffusion(
     timestep_respacing="",
 ):
     """script_util's keyword builder of the (respaced) process. A respacing the process cannot
-    take is a ConfigError naming the flag (the original's ValueError; gd-run's one line)."""
+    take, or one keeping under 2 steps, is a ConfigError naming the flag (the original's
+    ValueError or IndexError; gd-run's one line)."""
     config = DiffusionConfig(
         steps=steps,
         learn_sigma=learn_sigma,
@@ -50,9 +51,13 @@ def create_gaussian_diffusion(
         rescale_learned_sigmas=rescale_learned_sigmas,
     )
     try:
-        schedule.space_timesteps(steps, timestep_respacing or [steps])
+        kept = schedule.space_timesteps(steps, timestep_respacing or [steps])
     except ValueError as e:
         raise ConfigError(f"timestep_respacing {timestep_respacing!r}: {e}") from None
+    if len(kept) < 2:
+        raise ConfigError(
+            f"timestep_respacing {timestep_respacing!r} keeps {len(kept)} step(s); a process needs 2"
+        )
     return SpacedDiffusion.from_config(config, timestep_respacing)
 
 
