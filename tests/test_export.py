@@ -590,6 +590,12 @@ def test_a_batch_above_the_engines_range_is_one_line_before_the_export(tmp_path,
     args = ["sample", "--engine", "onnx", "--batch-size", str(limit + 1), "--num-samples", str(limit + 1)]
     res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out")])
     assert res.exit_code == 1 and res.output == f"Error: {message}\n"
+    # fastdiff upsample: its batch is also bounded by the low-res file's count, read from its header
+    np.savez(tmp_path / "low.npz", np.zeros((limit + 1, 4, 4, 3), np.uint8))
+    args = ["upsample", "--preset", "upsampler64-256", "--checkpoint", str(tmp_path / "none.pt")]
+    args += ["--engine", "onnx", "--low-res", str(tmp_path / "low.npz"), "--batch-size", str(limit + 1)]
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1 and res.output == f"Error: {message}\n"
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
