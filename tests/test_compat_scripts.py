@@ -462,8 +462,8 @@ def test_bad_respacing_is_a_config_error():
     for spec, message in [
         ("60", ": cannot divide section of 50 steps into 60"),
         ("abc", ": expected 'ddimN' or"),
-        ("1", " keeps 1 step"),
-        ("0", " keeps 0 step"),
+        ("1", ": keeps 1 step"),
+        ("0", ": keeps 0 step"),
     ]:
         with pytest.raises(ConfigError, match=f"timestep_respacing '{spec}'{message}"):
             gd.create_gaussian_diffusion(steps=50, timestep_respacing=spec)

@@ -51,13 +51,9 @@ def create_gaussian_diffusion(
         rescale_learned_sigmas=rescale_learned_sigmas,
     )
     try:
-        kept = schedule.space_timesteps(steps, timestep_respacing or [steps])
+        schedule.kept_steps(steps, timestep_respacing or [steps])
     except ValueError as e:
         raise ConfigError(f"timestep_respacing {timestep_respacing!r}: {e}") from None
-    if len(kept) < 2:
-        raise ConfigError(
-            f"timestep_respacing {timestep_respacing!r} keeps {len(kept)} step(s); a process needs 2"
-        )
     return SpacedDiffusion.from_config(config, timestep_respacing)
 
 

@@ -76,6 +76,15 @@ def space_timesteps(num_timesteps: int, spec: str | Iterable[int]) -> list[int]:
     return sorted(steps)
 
 
+def kept_steps(num_timesteps: int, spec: str | Iterable[int]) -> list[int]:
+    """``space_timesteps`` of a user's respacing, refusing one that keeps under 2 steps: no
+    process (and no sampler) has fewer. A ValueError says which."""
+    kept = space_timesteps(num_timesteps, spec)
+    if len(kept) < 2:
+        raise ValueError(f"keeps {len(kept)} step(s); a process needs 2")
+    return kept
+
+
 def respace_betas(alphas_cumprod: np.ndarray, use_timesteps: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
     """Betas of the process that keeps only ``use_timesteps``, and the kept original steps.
 
