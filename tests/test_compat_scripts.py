@@ -479,14 +479,40 @@ def test_gd_run_bad_checkpoint_is_one_line(checkpoints, tmp_path):
     torch.save(nan, tmp_path / "nan.pt")
     script = [str(SCRIPTS / "sample_images.py"), *flag_args(TINY), "--num_samples", "1", "--batch_size", "1"]
     script += ["--timestep_respacing", "2"]
+    misfit = dict(nan)
+    misfit.pop("out.2.bias")
+    torch.save(misfit, tmp_path / "misfit.pt")
     for name, message in [
         ("missing.pt", "checkpoint not found: "),
         ("junk.pt", "cannot read checkpoint "),
         ("nan.pt", "non-finite values at sampling step 1/2"),
+        ("misfit.pt", "checkpoint does not fit the model:\n  missing keys (1): out.2.bias\n"),
     ]:
         res = gd_run([*script, "--model_path", str(tmp_path / name)], tmp_path / "log")
         assert res.returncode == 1 and res.stderr.startswith("Error: ") and message in res.stderr, res.stderr
-        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "Traceback" not in res.stderr
+        if name != "misfit.pt":  # which keys differ takes a line each
+            assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_builders_return_the_original_classes_which_say_what_a_checkpoint_lacks():
+    """create_model's network is a ``unet.UNetModel`` (as in the original), whose strict load of a
+    checkpoint for other flags is a CheckpointError (torch's RuntimeError traceback before)."""
+    from fastdiff.compat import unet
+    from fastdiff.models.checkpoint import CheckpointError
+
+    model, _ = gd.create_model_and_diffusion(**TINY)
+    classifier, _ = gd.create_classifier_and_diffusion(**TINY_CLASSIFIER)
+    assert isinstance(model, unet.UNetModel) and isinstance(classifier, unet.EncoderUNetModel)
+    sd = model.state_dict()
+    model.load_state_dict(sd)
+    wide, _ = gd.create_model_and_diffusion(**{**TINY, "num_channels": 2 * TINY["num_channels"]})
+    with pytest.raises(CheckpointError, match="wrong shapes"):
+        wide.load_state_dict(sd)
+    sd.pop("out.2.bias")
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): out.2.bias"):
+        model.load_state_dict(sd)
+    model.load_state_dict(sd, strict=False)  # a non-strict load is the caller's to check
 
 
 def test_gd_run_unreadable_script_is_one_line(tmp_path, monkeypatch):

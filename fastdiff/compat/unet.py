@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fastdiff.config import ConfigError
 from fastdiff.models import unet as _unet
+from fastdiff.models.checkpoint import check_fits
 from fastdiff.models.config import ClassifierConfig, SuperResConfig, UNetConfig
 from fastdiff.models.unet import (  # noqa: F401 (the original module's other public names)
     AttentionBlock,
@@ -58,7 +59,19 @@ def _learn_sigma(in_channels: int, out_channels: int) -> bool:
     return out_channels == 2 * in_channels
 
 
-class UNetModel(_unet.UNetModel):
+class _FitsOrSays:
+    """The original's scripts load ``--model_path`` / ``--classifier_path`` straight into the
+    network their flags built; a checkpoint made for other flags raises fastdiff's
+    CheckpointError (what differs, and which presets it fits), which gd-run prints as its error,
+    where torch's strict load gave a traceback."""
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        if strict:
+            check_fits(state_dict, self)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+class UNetModel(_FitsOrSays, _unet.UNetModel):
     def __init__(
         self,
         image_size,
@@ -102,7 +115,7 @@ class UNetModel(_unet.UNetModel):
         super().__init__(config)
 
 
-class SuperResModel(_unet.SuperResModel):
+class SuperResModel(_FitsOrSays, _unet.SuperResModel):
     def __init__(
         self,
         image_size,
@@ -127,7 +140,7 @@ class SuperResModel(_unet.SuperResModel):
         super().__init__(config)
 
 
-class EncoderUNetModel(_unet.EncoderUNetModel):
+class EncoderUNetModel(_FitsOrSays, _unet.EncoderUNetModel):
     def __init__(
         self,
         image_size,
@@ -169,3 +182,11 @@ class EncoderUNetModel(_unet.EncoderUNetModel):
             pool=pool,
         )
         super().__init__(config)
+
+
+# fastdiff's network class -> the compat class the original's builders return in its place.
+_COMPAT_CLASS = {
+    _unet.UNetModel: UNetModel,
+    _unet.SuperResModel: SuperResModel,
+    _unet.EncoderUNetModel: EncoderUNetModel,
+}
