@@ -226,6 +226,17 @@ def test_locked_run_folder_is_refused(tmp_path):
         os.close(fd)
 
 
+def test_only_rank_0_says_done(tmp_path, monkeypatch):
+    """Under torchrun every rank printed the closing line: it was asked after the process group
+    was torn down, when every process calls itself rank 0. Here rank 1, as gloo makes it."""
+    torn_down = []
+    monkeypatch.setattr("fastdiff.training.dist.cleanup", lambda: torn_down.append(True))
+    monkeypatch.setattr("fastdiff.training.dist.is_main", lambda: bool(torn_down))
+    result = CliRunner().invoke(train, _args(_npz(tmp_path), tmp_path / "o", "--max-steps", "1"))
+    assert result.exit_code == 0, result.output
+    assert torn_down and "done:" not in result.output, result.output
+
+
 @pytest.mark.parametrize(
     "extra, text",
     [

@@ -319,7 +319,6 @@ def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from e
     _run(trainer, o["out"])
-    click.echo(f"done: {Path(o['out']) / 'latest.json'}")
 
 
 @click.command("train-classifier")
@@ -356,13 +355,16 @@ def train_classifier(val_data, eval_every, **o):
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from e
     _run(trainer, o["out"])
-    click.echo(f"done: {Path(o['out']) / 'latest.json'}")
 
 
 def _run(trainer, out: str) -> None:
+    """Train under ``out``'s lock; rank 0 alone says where the run is, asked before the process
+    group is torn down (after it every process calls itself rank 0)."""
     try:
         with locked_out(out):
             trainer.run()
+        if dist.is_main():
+            click.echo(f"done: {Path(out) / 'latest.json'}")
     except (TrainingError, DataError, ConfigError, CheckpointError) as e:  # ConfigError: the lock, resuming
         raise click.ClickException(str(e)) from None
     finally:
