@@ -8,12 +8,14 @@ degrades to a single process, so callers use these helpers unconditionally.
 
 from __future__ import annotations
 
+import inspect
 import os
 from datetime import timedelta
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 T = TypeVar("T")
 
@@ -123,6 +125,16 @@ def broadcast_module(module: torch.nn.Module) -> None:
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src=0)
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device, **options) -> DistributedDataParallel:
+    """DDP over ``module`` that leaves buffers alone in forward (guided-diffusion's
+    ``broadcast_buffers=False``; the ranks start from rank 0's weights anyway). torch 2.13 renamed
+    the option and warns about the old name on every rank, so the name this torch knows is used."""
+    ids = [device] if device.type == "cuda" else None
+    known = inspect.signature(DistributedDataParallel).parameters
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers"
+    return DistributedDataParallel(module, device_ids=ids, **{no_sync: False}, **options)
 
 
 def cleanup() -> None:

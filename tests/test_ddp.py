@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +77,20 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
         torch.testing.assert_close(r0["model"][k], single["model"][k], rtol=1e-4, atol=1e-5, msg=k)
     assert torch.equal(r0["history"], single["history"])  # loss-aware history is gathered in global order
     assert (tmp_path / "ddp" / "latest.json").is_file()  # written by rank 0
+
+
+def test_data_parallel_leaves_buffers_alone_without_a_warning_per_rank():
+    """torch 2.13 warned (a FutureWarning on every rank of every torchrun training) about the
+    old name of the option the trainers pass; the wrapper still does not sync buffers in forward."""
+    import torch.distributed as torch_dist
+
+    from fastdiff.distributed import data_parallel
+
+    torch_dist.init_process_group("gloo", store=torch_dist.HashStore(), rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ddp = data_parallel(torch.nn.BatchNorm1d(2), torch.device("cpu"), bucket_cap_mb=128)
+        assert not ddp.will_sync_module_buffers()
+    finally:
+        torch_dist.destroy_process_group()

@@ -25,7 +25,6 @@ import functools
 import os
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim import AdamW
 
 from ..training import dist
@@ -112,14 +111,8 @@ class TrainLoop:
 
         self.use_ddp = dist.world_size() > 1
         if self.use_ddp:
-            ids = [dist_util.dev()] if dist_util.dev().type == "cuda" else None
-            self.ddp_model = DistributedDataParallel(
-                self.model,
-                device_ids=ids,
-                output_device=ids[0] if ids else None,
-                broadcast_buffers=False,
-                bucket_cap_mb=128,
-                find_unused_parameters=False,
+            self.ddp_model = dist.data_parallel(
+                self.model, dist_util.dev(), bucket_cap_mb=128, find_unused_parameters=False
             )
         else:
             self.ddp_model = self.model

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from fastdiff.files import is_temp_file
@@ -164,8 +163,7 @@ class TrainLoop:
         dist.broadcast_module(self.model)
         self.ddp = None
         if self.world > 1:
-            ids = [self.device] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            self.ddp = dist.data_parallel(self.model, self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.ema = EMA(self.model, parse_ema_rates(cfg.ema), warmup=cfg.ema_warmup)
