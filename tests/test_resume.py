@@ -129,3 +129,18 @@ def test_resume_between_log_rows_and_after_a_checkpoint_repeats_the_log_and_grid
         assert (Path(killed.out) / "samples" / name).read_bytes() == (
             Path(full.out) / "samples" / name
         ).read_bytes()
+
+
+def test_ranks_that_see_other_checkpoints_refuse_to_resume(tmp_path, monkeypatch):
+    """A torchrun rank whose machine does not share --out found no checkpoint and trained from
+    scratch beside rank 0's resumed run (mixed gradients, then a hang at the end): every rank now
+    stops with the same line. Here rank 0 of two, rank 1's view through the all-gather."""
+    from fastdiff.training import TrainingError
+
+    ds = tiny_data()
+    DiffusionTrainer(tiny_config(tmp_path, ds, max_steps=1, save_every=1), ds).run()
+    trainer = DiffusionTrainer(tiny_config(tmp_path, ds, max_steps=2, resume=True), ds)
+    trainer.world = 2
+    monkeypatch.setattr("fastdiff.training.dist.all_gather_objects", lambda step: [step, None])
+    with pytest.raises(TrainingError, match=r"different checkpoints there \(rank 0 step 1, rank 1 none\)"):
+        trainer.run()

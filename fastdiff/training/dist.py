@@ -2,6 +2,7 @@
 
 from fastdiff.distributed import (
     all_gather_cat,
+    all_gather_objects,
     barrier,
     broadcast_module,
     cleanup,
@@ -16,6 +17,7 @@ from fastdiff.distributed import (
 
 __all__ = [
     "all_gather_cat",
+    "all_gather_objects",
     "barrier",
     "broadcast_module",
     "cleanup",

@@ -419,6 +419,7 @@ class TrainLoop:
     def resume(self) -> None:
         """Load the newest checkpoint in ``out`` (none: start fresh) with everything it holds."""
         record = ckpt.resumable_checkpoint(self.out, self.kind, self.config.max_steps)
+        self._check_ranks_resume(record)
         if record is None:
             if dist.is_main():
                 tqdm.write(f"no checkpoint in {self.out}; starting from step 0")
@@ -444,6 +445,20 @@ class TrainLoop:
             self.meter.load_state_dict(state["meter"], self.device)
         ckpt.restore_rng(state["rng"])
         self.step = step
+
+    def _check_ranks_resume(self, record: dict | None) -> None:
+        """Every rank resumes the checkpoint rank 0 resumes, or all stop with one line: a rank whose
+        machine does not share --out started afresh, its gradients silently mixed into rank 0's
+        run, and its longer loop then waited forever at a collective rank 0 never joined."""
+        if self.world == 1:
+            return
+        seen = dist.all_gather_objects(record and record["step"])
+        if len(set(seen)) > 1:
+            steps = ", ".join(f"rank {r} {'none' if s is None else f'step {s}'}" for r, s in enumerate(seen))
+            raise TrainingError(
+                f"cannot resume {self.out}: the ranks see different checkpoints there ({steps}); "
+                "under torchrun --out must be a folder every rank shares"
+            )
 
     def _check_fits(self, weights: dict, name: str) -> None:
         try:
