@@ -20,11 +20,18 @@ from torch.nn.parallel import DistributedDataParallel
 T = TypeVar("T")
 
 
-def setup(device: str | None = None, timeout: timedelta | None = None) -> torch.device:
+# How long a collective waits for the slowest rank: a sampling rank done with its block, or
+# training ranks while rank 0 alone samples a preview grid, scores a validation set or writes a
+# checkpoint (a slower GPU, a loaded machine). torch's default (10 minutes on nccl, 30 on gloo)
+# would end a healthy run; a rank that dies is reported by torchrun, which ends the job long
+# before this.
+SLOWEST_RANK = timedelta(hours=24)
+
+
+def setup(device: str | None = None) -> torch.device:
     """Join the process group named by torchrun's env vars; return this rank's device.
 
-    NCCL on CUDA, gloo on the CPU. Each rank uses the GPU ``LOCAL_RANK``. ``timeout``: how long
-    a collective may wait for the slowest rank (torch's default without it).
+    NCCL on CUDA, gloo on the CPU. Each rank uses the GPU ``LOCAL_RANK``.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,7 +42,7 @@ def setup(device: str | None = None, timeout: timedelta | None = None) -> torch.
         torch.cuda.set_device(dev)
     if launched() and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timeout}))
+        dist.init_process_group(backend=backend, timeout=SLOWEST_RANK)
     return dev
 
 

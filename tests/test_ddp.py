@@ -94,3 +94,25 @@ def test_data_parallel_leaves_buffers_alone_without_a_warning_per_rank():
         assert not ddp.will_sync_module_buffers()
     finally:
         torch_dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu-compat"])
+def test_process_groups_wait_a_day_for_the_slowest_rank(monkeypatch, device):
+    """Sampling, training and gd-run ranks wait at collectives while one rank alone works (a
+    preview grid, a checkpoint): torch's default timeout (10 minutes on nccl) ended healthy runs."""
+    import torch.distributed as torch_dist
+
+    from fastdiff import distributed
+    from fastdiff.compat import dist_util
+
+    seen = {}
+    monkeypatch.setattr(torch_dist, "init_process_group", lambda *a, **kw: seen.update(kw))
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: False)
+    for name, value in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="localhost", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    if device == "cpu":
+        distributed.setup("cpu")
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        dist_util.setup_dist()
+    assert seen["timeout"] == distributed.SLOWEST_RANK and distributed.SLOWEST_RANK.days == 1

@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -23,11 +22,6 @@ from fastdiff import distributed
 from fastdiff.runs.errors import RunError
 
 T = TypeVar("T")
-
-# A rank done with its block waits at a barrier for the slowest one (a slower GPU, a longer
-# warm-up, a loaded machine); torch's default (10 minutes on nccl) would end a healthy run.
-# A rank that dies is reported by torchrun and ends the job long before this.
-SLOWEST_RANK = timedelta(hours=24)
 
 
 def join(device: torch.device) -> torch.device:
@@ -47,7 +41,7 @@ def join(device: torch.device) -> torch.device:
                 f"torchrun started local rank {local} on a machine with {gpus} GPU(s); "
                 f"use --nproc_per_node {gpus} or fewer"
             )
-    dev = distributed.setup(str(device), timeout=SLOWEST_RANK)
+    dev = distributed.setup(str(device))
     atexit.register(distributed.cleanup)
     return dev
 
