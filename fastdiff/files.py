@@ -79,6 +79,14 @@ def remove_temp_files(folder: Path) -> int:
     return removed
 
 
+def in_channels(img: Image.Image, channels: int) -> Image.Image:
+    """``img`` as 8-bit L (``channels`` 1) or RGB. 16-bit greyscale is scaled down first: PIL's
+    convert clips it to 255, so a 16-bit PNG would read as a white image."""
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).round().astype(np.uint8))
+    return img.convert("L" if channels == 1 else "RGB")
+
+
 def _pil(img: np.ndarray) -> Image.Image:
     return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
 

@@ -286,3 +286,15 @@ def test_invert_images_takes_a_list_of_images(tmp_path, paths):
     with pytest.raises(fastdiff.RunError, match="paths must be a non-empty list of image files"):
         fastdiff.runs.invert_images(paths, tmp_path / "o", fastdiff.runs.DDIMOptions(steps=2, device="cpu"))
     assert not (tmp_path / "o").exists()
+
+
+def test_invert_reads_a_16_bit_png_as_its_pixels(tmp_path):
+    """A 16-bit greyscale PNG was read as a white image (PIL's convert clips it to 255)."""
+    from types import SimpleNamespace
+
+    from fastdiff.runs.invert import _read_image
+
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    read = _read_image(tmp_path / "g16.png", SimpleNamespace(in_channels=1, image_size=16))
+    np.testing.assert_array_equal(read[..., 0], pixels)

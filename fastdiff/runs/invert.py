@@ -30,7 +30,7 @@ from fastdiff import distributed
 from fastdiff.diffusion.inversion import slerp
 from fastdiff.diffusion.samplers import randn
 from fastdiff.engines.sampler import Sampler
-from fastdiff.files import atomic_write, save_grid, save_png, to_uint8
+from fastdiff.files import atomic_write, in_channels, save_grid, save_png, to_uint8
 from fastdiff.runs import ranks
 from fastdiff.runs.device import check_run_options, check_seed
 from fastdiff.runs.errors import RunError, check_arguments
@@ -100,8 +100,7 @@ def _read_image(path: Path, loaded: LoadedModel) -> np.ndarray:
     """One image as uint8 HWC in the model's channels, at the model's size exactly."""
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if loaded.in_channels == 1 else "RGB")
-            array = np.asarray(img, dtype=np.uint8)
+            array = np.asarray(in_channels(img, loaded.in_channels), dtype=np.uint8)
     except (OSError, UnidentifiedImageError) as e:
         raise RunError(f"cannot read image {path}: {e}") from None
     if array.shape[:2] != (loaded.image_size, loaded.image_size):
