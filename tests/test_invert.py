@@ -234,6 +234,21 @@ def test_an_exact_reconstruction_is_null_psnr_in_invert_json():
             ["invert", "{img}", "--classes", 1, "--threads", 10**20, "--out", "{tmp}/o"],
             "--threads must be between 1 and 4096",
         ),
+        # were the SamplingError's traceback, and a stored label's IndexError / ValueError
+        (["interpolate", "--from", "{nan}", "--to", 1, "--out", "{tmp}/s.png"], "latent 0 holds NaN"),
+        (
+            ["interpolate", "--from", "{huge}", "--to", 1, "--steps", 2, "--frames", 2]
+            + ["--out", "{tmp}/s.png"],
+            "frames 0-1: non-finite values at sampling step 1/2",
+        ),
+        (
+            ["interpolate", "--from", "{labels}:1", "--to", 1, "--out", "{tmp}/s.png"],
+            "arr_1 must hold one integer class per latent (2), got int64 of shape [1]",
+        ),
+        (
+            ["interpolate", "--from", "{named}", "--to", 1, "--out", "{tmp}/s.png"],
+            "arr_1 must hold one integer class per latent (2), got <U1 of shape [2]",
+        ),
     ],
 )
 def test_errors_are_one_line(tmp_path, args, message):
@@ -241,10 +256,13 @@ def test_errors_are_one_line(tmp_path, args, message):
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "small.png")
     np.savez(tmp_path / "bad.npz", np.zeros((1, 3, 32, 32), np.float32))
     (tmp_path / "dir.png").mkdir()
-    names = {
-        k: tmp_path / f
-        for k, f in [("img", "img.png"), ("small", "small.png"), ("bad", "bad.npz"), ("dir", "dir.png")]
-    }
+    latent = np.zeros((2, 1, 32, 32), np.float32)
+    np.savez(tmp_path / "nan.npz", latent + np.nan, np.array([1, 2]))
+    np.savez(tmp_path / "huge.npz", latent + 3e38, np.array([1, 2]))
+    np.savez(tmp_path / "labels.npz", latent, np.array([1]))
+    np.savez(tmp_path / "named.npz", latent, np.array(["a", "b"]))
+    files = ["img.png", "small.png", "bad.npz", "dir.png", "nan.npz", "huge.npz", "labels.npz", "named.npz"]
+    names = {f.split(".")[0]: tmp_path / f for f in files}
     r = cli(*[str(a).format(tmp=tmp_path, **names) for a in args])
     assert r.exit_code == 1, r.output
     assert message in r.output and "Traceback" not in r.output

@@ -27,8 +27,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from fastdiff import distributed
+from fastdiff.diffusion import SamplingError
 from fastdiff.diffusion.inversion import slerp
 from fastdiff.diffusion.samplers import randn
+from fastdiff.engines import EngineError
 from fastdiff.engines.sampler import Sampler
 from fastdiff.files import atomic_write, in_channels, save_grid, save_png, to_uint8
 from fastdiff.runs import ranks
@@ -154,12 +156,21 @@ def _batches(n: int, size: int):
     return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
-def _dealt(n: int, size: int, work) -> list | None:
+def _dealt(n: int, size: int, work, what: str) -> list | None:
     """``work(lo, hi)`` for this rank's share of the batches of ``size``: every batch's result in
     batch order on rank 0 (without torchrun: this process), None on the other ranks. A failure on
-    any rank ends every rank (ranks.agreed)."""
+    any rank ends every rank (ranks.agreed); ``what`` names the items in its line."""
+
+    def run(lo: int, hi: int):
+        try:
+            return work(lo, hi)
+        except SamplingError as e:  # huge latents overflow: the user's input, as in fastdiff sample
+            raise RunError(f"{what} {lo}-{hi - 1}: {e}; nothing was written") from None
+        except EngineError as e:  # an engine builds its step on the first batch of a size
+            raise RunError(str(e)) from None
+
     with ranks.agreed("sampling"):
-        mine = [work(lo, hi) for lo, hi in ranks.share(_batches(n, size))]
+        mine = [run(lo, hi) for lo, hi in ranks.share(_batches(n, size))]
     parts = distributed.gather_objects(mine)
     return None if parts is None else [r for part in parts for r in part]
 
@@ -226,8 +237,17 @@ def _endpoint(spec: str, option: str, loaded: LoadedModel, device) -> tuple[torc
             f"{path} holds {latents.dtype} latents of shape {list(latents.shape[1:])}; "
             f"this model's are float32 {list(shape[1:])}"
         )
+    if labels is not None and (
+        labels.shape != latents.shape[:1] or not np.issubdtype(labels.dtype, np.integer)
+    ):
+        raise RunError(
+            f"{path}: arr_1 must hold one integer class per latent ({len(latents)}), "
+            f"got {labels.dtype} of shape {list(labels.shape)}"
+        )
     if not 0 <= i < len(latents):
         raise RunError(f"{path} holds {len(latents)} latents; index {i} is out of range")
+    if not np.isfinite(latents[i]).all():
+        raise RunError(f"{path}: latent {i} holds NaN or infinite values")
     x_T = torch.from_numpy(latents[i : i + 1].copy()).to(device)
     return x_T, None if labels is None else int(labels[i])
 
@@ -299,7 +319,7 @@ def invert_images(
         return x_T.cpu().numpy(), to_uint8(sampler(y, noise=x_T)), edit
 
     with locked_run_folder(out, holder="fastdiff invert", record=None):
-        done = _dealt(len(paths), batch_size, work)
+        done = _dealt(len(paths), batch_size, work, "images")
         record = None
         with ranks.agreed("writing the results"):  # rank 0 writes; a full disk stops every rank
             if done is not None:
@@ -373,7 +393,7 @@ def interpolate(
         y = None if label is None else torch.full((hi - lo,), label, device=dev)
         return to_uint8(sampler(y, noise=path[lo:hi]))
 
-    images = _dealt(frames, batch_size, work)
+    images = _dealt(frames, batch_size, work, "frames")
     with ranks.agreed("writing the strip"):
         if images is not None:
             try:
