@@ -94,7 +94,8 @@ def interpolate_command(start, end, frames, label, out, batch_size, **model):
 
     A seed's latent is the x_T image 0 of `fastdiff sample --seed S` starts from, so with the same
     model, steps and guidance (ddim) the strip's ends are those samples. Latents from `fastdiff
-    invert` bring their steps (the default here), so the ends are their reconstructions.
+    invert` bring their steps (the default here), so the ends are their reconstructions where
+    they were inverted with the frames' class (--class, default --from's stored one).
     """
     steps = interpolate(
         start, end, out, DDIMOptions(**model), frames=frames, label=label, batch_size=batch_size

@@ -356,7 +356,8 @@ def interpolate(
     LATENTS.npz[:INDEX]) as one strip PNG ``out``; returns the DDIM steps taken. Every frame has
     class ``label`` (default: ``start``'s stored label). Without steps or a respacing in
     ``options``, latents files' own (the steps they were inverted with) are used, so the ends
-    are their reconstructions."""
+    are their reconstructions (an end inverted with another class than ``label`` is regenerated
+    under ``label``)."""
     check_arguments(interpolate, locals())
     if batch_size < 1:
         raise RunError(f"--batch-size must be >= 1, got {batch_size}")
