@@ -179,6 +179,27 @@ def test_interpolate_refuses_latents_inverted_with_different_steps(tmp_path):
     assert r.exit_code == 1 and "inverted with different steps (ddim10, ddim20)" in r.output, r.output
 
 
+def test_interpolate_guides_inverted_latents_as_they_were_inverted(tmp_path):
+    """latents.npz keeps invert's --cfg-scale as it keeps its steps: without it the strip's end
+    was sampled unguided, 66 grey levels off the reconstruction of an image inverted with w=2."""
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "img.png")
+    r = cli("invert", tmp_path / "img.png", "--classes", 3, "--steps", 2, "--cfg-scale", 2,
+            "--out", tmp_path / "inv")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    latents = tmp_path / "inv" / "latents.npz"
+    r = cli("interpolate", "--from", latents, "--to", 0, "--frames", 2, "--out", tmp_path / "s.png")
+    assert r.exit_code == 0, r.output
+    recon = np.asarray(Image.open(tmp_path / "inv" / "reconstructed" / "000000.png"))
+    assert np.array_equal(_tiles(tmp_path / "s.png", 2)[0], recon)
+    for name, cfg_scale in (("a", 1.0), ("b", 3.0)):
+        np.savez(tmp_path / f"{name}.npz", np.zeros((1, 1, 32, 32), np.float32), np.array([3]),
+                 respacing=np.array("ddim2"), cfg_scale=np.array(cfg_scale))  # fmt: skip
+    r = cli(
+        "interpolate", "--from", tmp_path / "a.npz", "--to", tmp_path / "b.npz", "--out", tmp_path / "t.png"
+    )
+    assert r.exit_code == 1 and "inverted with different --cfg-scale (1.0, 3.0)" in r.output, r.output
+
+
 def test_an_exact_reconstruction_is_null_psnr_in_invert_json():
     from fastdiff.runs.invert import _json_safe, _psnr
 

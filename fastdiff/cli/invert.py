@@ -60,7 +60,8 @@ def _model_options(command):
 def invert_command(images, out, classes, to_class, batch_size, **model):
     """DDIM-invert IMAGES to latents x_T (reconstruction PSNR); --to-class edits their class.
 
-    Writes latents.npz (arr_0 x_T float32 NCHW, arr_1 labels, respacing; `fastdiff interpolate` reads it),
+    Writes latents.npz (arr_0 x_T float32 NCHW, arr_1 labels, respacing, cfg_scale where given;
+    `fastdiff interpolate` reads it),
     reconstructed/ and edited/ PNGs, comparison.png (inputs, reconstructions, edits as rows) and
     invert.json with each image's PSNR.
     """
@@ -94,8 +95,9 @@ def interpolate_command(start, end, frames, label, out, batch_size, **model):
 
     A seed's latent is the x_T image 0 of `fastdiff sample --seed S` starts from, so with the same
     model, steps and guidance (ddim) the strip's ends are those samples. Latents from `fastdiff
-    invert` bring their steps (the default here), so the ends are their reconstructions where
-    they were inverted with the frames' class (--class, default --from's stored one).
+    invert` bring their steps and --cfg-scale (the defaults here), so the ends are their
+    reconstructions where they were inverted with the frames' class (--class, default --from's
+    stored one).
     """
     steps = interpolate(
         start, end, out, DDIMOptions(**model), frames=frames, label=label, batch_size=batch_size

@@ -195,17 +195,28 @@ def _latents_spec(spec: str) -> tuple[str, str] | None:
     return path, index
 
 
-def _stored_respacing(spec: str) -> str | None:
-    """The respacing a latents file was inverted with (fastdiff invert stores it), if readable:
-    DDIM's ends are the reconstructions only at those steps."""
+def _stored(spec: str, key: str) -> str | None:
+    """How a latents file was inverted (fastdiff invert stores its ``respacing`` and any
+    ``cfg_scale``), if readable: DDIM's ends are the reconstructions only with those."""
     parts = _latents_spec(spec)
     if parts is None or not Path(parts[0]).is_file():
         return None
     try:
         with np.load(parts[0]) as z:
-            return str(z["respacing"]) if "respacing" in z.files else None
+            return str(z[key]) if key in z.files else None
     except (OSError, ValueError):
         return None  # _endpoint says what is wrong with the file
+
+
+def _inverted_with(start: str, end: str, key: str, what: str, options: str) -> str | None:
+    """The ``key`` both latents files stored (seeds store none); one line where they differ."""
+    stored = {r for r in (_stored(start, key), _stored(end, key)) if r is not None}
+    if len(stored) > 1:
+        raise RunError(
+            f"--from and --to were inverted with different {what} ({', '.join(sorted(stored))}); "
+            f"pass {options}"
+        )
+    return stored.pop() if stored else None
 
 
 def _endpoint(spec: str, option: str, loaded: LoadedModel, device) -> tuple[torch.Tensor, int | None]:
@@ -257,7 +268,8 @@ def _write_inversion(out: Path, inputs, latents, recon, edited, record: dict) ->
     labels = record["labels"]
     arrays = [latents] if labels is None else [latents, np.array(labels)]
     try:
-        _save_npz(out / "latents.npz", *arrays, respacing=np.array(record["respacing"]))
+        guidance = {} if record["cfg_scale"] is None else {"cfg_scale": np.array(record["cfg_scale"])}
+        _save_npz(out / "latents.npz", *arrays, respacing=np.array(record["respacing"]), **guidance)
         for i, img in enumerate(recon):
             save_png(img, out / "reconstructed" / f"{i:06d}.png")
         rows = [inputs, recon]
@@ -290,8 +302,9 @@ def invert_images(
     batch_size: int = 16,
 ) -> Inversion:
     """Invert ``paths`` into the folder ``out``: latents.npz (arr_0 x_T float32 NCHW, arr_1 labels,
-    respacing), reconstructed/ and edited/ PNGs, comparison.png (inputs, reconstructions, edits as
-    rows) and invert.json with each image's PSNR (null where the reconstruction is exact)."""
+    respacing, cfg_scale where used), reconstructed/ and edited/ PNGs, comparison.png (inputs,
+    reconstructions, edits as rows) and invert.json with each image's PSNR (null where the
+    reconstruction is exact)."""
     check_arguments(invert_images, locals())
     if isinstance(paths, str | os.PathLike) or not paths:  # a str would be read as its letters
         raise RunError(f"invert_images: paths must be a non-empty list of image files, got {paths!r}")
@@ -355,7 +368,8 @@ def interpolate(
     """Sample ``frames`` images along the slerp from ``start`` to ``end`` (each a seed or
     LATENTS.npz[:INDEX]) as one strip PNG ``out``; returns the DDIM steps taken. Every frame has
     class ``label`` (default: ``start``'s stored label). Without steps or a respacing in
-    ``options``, latents files' own (the steps they were inverted with) are used, so the ends
+    ``options``, latents files' own (the steps they were inverted with) are used, and so is
+    their classifier-free guidance without a cfg_scale in ``options``, so the ends
     are their reconstructions (an end inverted with another class than ``label`` is regenerated
     under ``label``)."""
     check_arguments(interpolate, locals())
@@ -367,14 +381,16 @@ def interpolate(
     if frames < 2:
         raise RunError(f"--frames must be at least 2, got {frames}")
     if options.steps is None and options.respacing is None:
-        stored = {r for r in map(_stored_respacing, (start, end)) if r is not None}
-        if len(stored) > 1:
-            raise RunError(
-                f"--from and --to were inverted with different steps ({', '.join(sorted(stored))}); "
-                "pass --steps or --respacing"
-            )
-        if stored:
-            options = dataclasses.replace(options, respacing=stored.pop())
+        respacing = _inverted_with(start, end, "respacing", "steps", "--steps or --respacing")
+        if respacing is not None:
+            options = dataclasses.replace(options, respacing=respacing)
+    if options.cfg_scale is None:
+        cfg_scale = _inverted_with(start, end, "cfg_scale", "--cfg-scale", "--cfg-scale")
+        if cfg_scale is not None:
+            try:
+                options = dataclasses.replace(options, cfg_scale=float(cfg_scale))
+            except ValueError:
+                raise RunError(f"the latents' stored cfg_scale is not a number: {cfg_scale!r}") from None
     loaded, sampler, dev, _ = setup(options)
     with ranks.agreed("checking the latents"):
         if distributed.is_main():  # it writes the strip
