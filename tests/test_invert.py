@@ -200,6 +200,17 @@ def test_interpolate_guides_inverted_latents_as_they_were_inverted(tmp_path):
     assert r.exit_code == 1 and "inverted with different --cfg-scale (1.0, 3.0)" in r.output, r.output
 
 
+def test_a_latents_file_name_may_hold_colons(tmp_path):
+    """LATENTS.npz:INDEX was split at the first colon: 'run:1/latents.npz:1' was an unreadable index."""
+    from fastdiff.runs.invert import _latents_spec
+
+    (tmp_path / "run:1").mkdir()
+    spec = str(tmp_path / "run:1" / "latents.npz")
+    np.savez(spec, np.zeros((2, 1, 32, 32), np.float32))
+    assert _latents_spec(f"{spec}:1") == (spec, "1") and _latents_spec(spec) == (spec, "")
+    assert _latents_spec("a.npz") == ("a.npz", "") and _latents_spec("12") is None
+
+
 def test_an_exact_reconstruction_is_null_psnr_in_invert_json():
     from fastdiff.runs.invert import _json_safe, _psnr
 

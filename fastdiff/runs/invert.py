@@ -188,10 +188,13 @@ def _save_npz(path: Path, *arrays: np.ndarray, **named: np.ndarray) -> None:
 
 
 def _latents_spec(spec: str) -> tuple[str, str] | None:
-    """(file, index) of LATENTS.npz[:INDEX]; None for a seed."""
+    """(file, index) of LATENTS.npz[:INDEX]; None for a seed. The index follows the last colon,
+    so a file name may hold colons."""
     if re.fullmatch(r"-?\d+", spec):
         return None
-    path, _, index = spec.partition(":") if not Path(spec).is_file() else (spec, "", "")
+    if ":" not in spec or Path(spec).is_file():
+        return spec, ""
+    path, _, index = spec.rpartition(":")
     return path, index
 
 
