@@ -200,6 +200,18 @@ def test_interpolate_guides_inverted_latents_as_they_were_inverted(tmp_path):
     assert r.exit_code == 1 and "inverted with different --cfg-scale (1.0, 3.0)" in r.output, r.output
 
 
+def test_an_image_pil_calls_a_decompression_bomb_is_one_line(tmp_path, monkeypatch):
+    """PIL's DecompressionBombError (not an OSError) was a traceback."""
+    from types import SimpleNamespace
+
+    from fastdiff.runs.invert import _read_image
+
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 is over twice this: an error
+    with pytest.raises(fastdiff.RunError, match="cannot read image .*big.png: Image size"):
+        _read_image(tmp_path / "big.png", SimpleNamespace(in_channels=1, image_size=32))
+
+
 def test_a_latents_file_name_may_hold_colons(tmp_path):
     """LATENTS.npz:INDEX was split at the first colon: 'run:1/latents.npz:1' was an unreadable index."""
     from fastdiff.runs.invert import _latents_spec

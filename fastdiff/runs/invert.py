@@ -99,18 +99,17 @@ def _check_class(loaded: LoadedModel, label: int | None, what: str) -> int | Non
 
 
 def _read_image(path: Path, loaded: LoadedModel) -> np.ndarray:
-    """One image as uint8 HWC in the model's channels, at the model's size exactly."""
+    """One image as uint8 HWC in the model's channels, at the model's size exactly (checked from
+    the header, before a wrong-sized image is decoded; PIL refuses a huge one as a bomb)."""
+    size = loaded.image_size
     try:
         with Image.open(path) as img:
+            if img.size != (size, size):
+                raise RunError(f"{path} is {img.width}x{img.height}; the model takes {size}x{size} images")
             array = np.asarray(in_channels(img, loaded.in_channels), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise RunError(f"cannot read image {path}: {e}") from None
-    if array.shape[:2] != (loaded.image_size, loaded.image_size):
-        raise RunError(
-            f"{path} is {array.shape[1]}x{array.shape[0]}; the model takes "
-            f"{loaded.image_size}x{loaded.image_size} images"
-        )
-    return array.reshape(loaded.image_size, loaded.image_size, loaded.in_channels)
+    return array.reshape(size, size, loaded.in_channels)
 
 
 def _labels(paths: list[Path], classes: str | None, loaded: LoadedModel) -> list[int] | None:
