@@ -120,19 +120,16 @@ def _labels(paths: list[Path], classes: str | None, loaded: LoadedModel) -> list
             raise RunError("--classes given, but the model is not class-conditional")
         return None
     if classes is not None:
-        ids = class_ids(classes)
-        labels = [ids[i % len(ids)] for i in range(len(paths))]
-    else:
-        labels = []
-        for p in paths:
-            m = _CLASS_IN_NAME.search(p.stem)
-            if m is None:
-                raise RunError(
-                    f"the model is class-conditional: pass --classes, or name {p.name} like 000003_class7.png"
-                )
-            labels.append(int(m[1]))
-    for label in labels:
-        _check_class(loaded, label, "class")
+        ids = [_check_class(loaded, k, "--classes' class") for k in class_ids(classes)]
+        return [ids[i % len(ids)] for i in range(len(paths))]
+    labels = []
+    for p in paths:
+        m = _CLASS_IN_NAME.search(p.stem)
+        if m is None:
+            raise RunError(
+                f"the model is class-conditional: pass --classes, or name {p.name} like 000003_class7.png"
+            )
+        labels.append(_check_class(loaded, int(m[1]), f"{p}: class"))  # which of many files
     return labels
 
 
