@@ -278,6 +278,10 @@ def test_an_exact_reconstruction_is_null_psnr_in_invert_json():
             ["invert", "{img}", "--classes", 1, "--threads", 10**20, "--out", "{tmp}/o"],
             "--threads must be between 1 and 4096",
         ),
+        # were numpy's and zipfile's tracebacks
+        (["interpolate", "--from", "{latents}", "--to", 1, "--out", "{tmp}/s.png"], "not an npz of arrays"),
+        (["interpolate", "--from", "{cut}", "--to", 1, "--out", "{tmp}/s.png"], "cannot read latents"),
+        (["interpolate", "--from", "{crc}", "--to", 1, "--out", "{tmp}/s.png"], "Bad CRC-32"),
         # named neither the file nor the option
         (["invert", "{k12}", "--out", "{tmp}/o"], "k_class12.png: class 12 out of range"),
         (["invert", "{img}", "--classes", "1,10", "--out", "{tmp}/o"], "--classes' class 10 out of range"),
@@ -308,8 +312,13 @@ def test_errors_are_one_line(tmp_path, args, message):
     np.savez(tmp_path / "huge.npz", latent + 3e38, np.array([1, 2]))
     np.savez(tmp_path / "labels.npz", latent, np.array([1]))
     np.savez(tmp_path / "named.npz", latent, np.array(["a", "b"]))
+    np.save(tmp_path / "latents.npy", latent)
+    whole = (tmp_path / "labels.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "crc.npz").write_bytes(whole[:1000] + b"x" * 100 + whole[1100:])
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "k_class12.png")
     files = ["img.png", "small.png", "bad.npz", "dir.png", "nan.npz", "huge.npz", "labels.npz", "named.npz"]
+    files += ["latents.npy", "cut.npz", "crc.npz"]
     names = {f.split(".")[0]: tmp_path / f for f in files} | {"k12": tmp_path / "k_class12.png"}
     r = cli(*[str(a).format(tmp=tmp_path, **names) for a in args])
     assert r.exit_code == 1, r.output

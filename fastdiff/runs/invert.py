@@ -19,6 +19,8 @@ import json
 import math
 import os
 import re
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,10 +203,27 @@ def _stored(spec: str, key: str) -> str | None:
     if parts is None or not Path(parts[0]).is_file():
         return None
     try:
-        with np.load(parts[0]) as z:
-            return str(z[key]) if key in z.files else None
-    except (OSError, ValueError):
+        stored = _read_latents(parts[0]).get(key)
+    except RunError:
         return None  # _endpoint says what is wrong with the file
+    return None if stored is None else str(stored)
+
+
+def _read_latents(path: str) -> dict[str, np.ndarray]:
+    """Every array of the npz ``path``; one line where it is no readable npz of arrays (an .npy,
+    a pickle, a cut or corrupt zip: numpy's and zipfile's many errors)."""
+    try:
+        z = np.load(path)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("an .npy file")
+        with z:
+            return {k: z[k] for k in z.files}
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise RunError(f"cannot read latents {path}: {e}") from None
+    except ValueError:  # numpy's advice (load it with allow_pickle) is not for a user
+        raise RunError(
+            f"cannot read latents {path}: not an npz of arrays (fastdiff invert writes one)"
+        ) from None
 
 
 def _inverted_with(start: str, end: str, key: str, what: str, options: str) -> str | None:
@@ -232,16 +251,10 @@ def _endpoint(spec: str, option: str, loaded: LoadedModel, device) -> tuple[torc
         raise RunError(f"'{spec}': expected a seed or LATENTS.npz[:INDEX]") from None
     if not Path(path).is_file():
         raise RunError(f"'{spec}' is neither a seed nor a latents file")
-    try:
-        with np.load(path) as z:
-            latents = z["arr_0"]
-            labels = z["arr_1"] if "arr_1" in z.files else None
-    except (OSError, KeyError) as e:
-        raise RunError(f"cannot read latents {path}: {e}") from None
-    except ValueError:  # numpy's advice (load it with allow_pickle) is not for a user
-        raise RunError(
-            f"cannot read latents {path}: not an npz of arrays (fastdiff invert writes one)"
-        ) from None
+    arrays = _read_latents(path)
+    if "arr_0" not in arrays:
+        raise RunError(f"cannot read latents {path}: it has no arr_0 (fastdiff invert writes one)")
+    latents, labels = arrays["arr_0"], arrays.get("arr_1")
     if latents.ndim != 4 or latents.shape[1:] != shape[1:] or latents.dtype != np.float32:
         raise RunError(
             f"{path} holds {latents.dtype} latents of shape {list(latents.shape[1:])}; "
