@@ -34,6 +34,16 @@ def test_folder_with_class_subfolders(tmp_path):
     assert ds[1][0].max() == 1.0
 
 
+def test_sixteen_bit_png_is_read_as_its_pixels(tmp_path):
+    """PIL's convert clips a 16-bit greyscale PNG to 255: a training image read as white."""
+    Image.fromarray(np.full((8, 8), 128 * 257, np.uint16)).save(tmp_path / "a.png")
+    for channels in (1, 3):
+        x, _ = ImageFolderDataset(tmp_path, image_size=8, channels=channels)[0]
+        assert x.shape == (channels, 8, 8) and torch.allclose(
+            x, torch.full_like(x, 128 / 127.5 - 1), atol=1e-6
+        )
+
+
 def test_flat_folder_labels_from_prefix(tmp_path):
     for name in ("b_1.png", "a_2.png", "b_3.png"):
         _png(tmp_path / name)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fastdiff.files import in_channels
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")
 MNIST_PER_CLASS_VAL = 50
 
@@ -146,7 +148,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for j in self._stand_ins(i):
             try:
                 with Image.open(self.files[j]) as img:
-                    img = img.convert("L" if self.channels == 1 else "RGB")
+                    img = in_channels(img, self.channels)
                     arr = center_crop_arr(img, self.image_size)
             except (OSError, ValueError, SyntaxError) as e:  # what the start-up scan cannot see
                 if not self.skip_bad_images:
