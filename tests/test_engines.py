@@ -568,3 +568,29 @@ def test_compile_engine_step_runs_the_kernels(monkeypatch):
     assert "fastdiff.ada_group_norm" in kernels and "fastdiff.attention.default" in kernels
     assert any("group_norm" in t and not t.startswith("fastdiff.") for t in targets)  # the classifier
     assert _rel(runs["compile"], runs["eager"]) <= 1e-4
+
+
+def test_compile_engine_builds_past_dynamos_recompile_limit(monkeypatch):
+    """Every compiled step has a code object of its own: dynamo counts recompiles per code object,
+    so while all steps shared SamplingStep.__call__'s, the process's ninth compiled step (a batch
+    size, Sampler or compat loop) failed under fullgraph. The limit is lowered to 1 here (and the
+    graphs run by dynamo alone), so the second batch size failed."""
+    import torch._dynamo
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+
+    class Net(torch.nn.Conv2d):
+        def forward(self, x, t):
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model = Net(1, 2, 3, padding=1)
+    diffusion = make_diffusion(steps=1000, learn_sigma=True, timestep_respacing="ddim2")
+    eager, compiled = (
+        fastdiff.Sampler(model, diffusion, engine=e, image_shape=(1, 4, 4)) for e in ("eager", "compile")
+    )
+    for n in (2, 1, 3):
+        g = [torch.Generator().manual_seed(n) for _ in range(2)]
+        assert _rel(compiled(num_samples=n, generator=g[0]), eager(num_samples=n, generator=g[1])) <= 1e-6

@@ -18,6 +18,7 @@ which one runs:
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
 import torch
@@ -37,12 +38,25 @@ def _eager(step, device: torch.device) -> StepFn:
     return step
 
 
+def _own_code(method):
+    """``method`` bound to a copy of its code object. Dynamo keeps compiled graphs, and counts
+    recompiles against its limit (8), per code object: every step built in a process (each batch
+    size, Sampler, compat loop) shares SamplingStep.__call__'s, so the ninth failed under
+    fullgraph (FailOnRecompileLimitHit) and ran eager without it. A code of its own per step
+    compiles once and is freed with the step."""
+    fn = method.__func__
+    own = types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+    return types.MethodType(own, method.__self__)
+
+
 def _compile(step, device: torch.device) -> StepFn:
     # Static shapes: a sampler runs one shape per batch size, and the Sampler caches per shape.
     # One graph for the whole step where fastdiff's own guidance runs (its classifier gradient is
     # traced through torch.func.grad); a user's cond_fn (compat loops) may split it.
     own = step.cond_fn is None or isinstance(step.cond_fn, ClassifierGuidance)
-    return torch.compile(step.__call__, dynamic=False, fullgraph=own)
+    return torch.compile(_own_code(step.__call__), dynamic=False, fullgraph=own)
 
 
 def _graph(step, device: torch.device) -> StepFn:
