@@ -594,3 +594,18 @@ def test_compile_engine_builds_past_dynamos_recompile_limit(monkeypatch):
     for n in (2, 1, 3):
         g = [torch.Generator().manual_seed(n) for _ in range(2)]
         assert _rel(compiled(num_samples=n, generator=g[0]), eager(num_samples=n, generator=g[1])) <= 1e-6
+
+
+def test_compile_engine_without_a_cpp_compiler_is_one_error_before_work(monkeypatch, tmp_path):
+    """Inductor's CPU step needs a C++ compiler: without one, --engine compile failed at the first
+    batch (after loading the networks and writing run.json) in a long traceback."""
+    import torch._inductor.config
+
+    from fastdiff.runs import RunError, sample_run
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(tmp_path / "no-g++")))
+    with pytest.raises(EngineError, match="needs a C\\+\\+ compiler"):
+        fastdiff.Sampler(torch.nn.Conv2d(1, 1, 1), _diffusion(), engine="compile", image_shape=(1, 4, 4))
+    with pytest.raises(RunError, match="needs a C\\+\\+ compiler"):
+        sample_run(tmp_path / "out", engine="compile", device="cpu", threads=1)
+    assert not (tmp_path / "out").exists()

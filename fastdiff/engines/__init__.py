@@ -51,7 +51,26 @@ def _own_code(method):
     return types.MethodType(own, method.__self__)
 
 
+def _check_cpp_compiler() -> None:
+    """Inductor builds the CPU step with a C++ compiler: without one (CXX, g++), the first batch
+    failed after the networks loaded and run.json was written, in a 100-line traceback."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        raise EngineError(
+            "engine 'compile' on the CPU needs a C++ compiler (torch.compile builds the step with it) "
+            "and none was found: install g++ or set CXX, or use eager"
+        ) from None
+
+
 def _compile(step, device: torch.device) -> StepFn:
+    if device.type == "cpu":
+        _check_cpp_compiler()
+    if step is None:  # check_engine's probe
+        return None
     # Static shapes: a sampler runs one shape per batch size, and the Sampler caches per shape.
     # One graph for the whole step where fastdiff's own guidance runs (its classifier gradient is
     # traced through torch.func.grad); a user's cond_fn (compat loops) may split it.
@@ -151,6 +170,8 @@ def check_engine(
         raise EngineError(f"unknown engine '{name}'; choose one of: {', '.join(ENGINES)}")
     if name in ("graph", "graph-loop") and torch.device(device).type != "cuda":
         ENGINES[name](None, torch.device(device))
+    if name == "compile":
+        _compile(None, torch.device(device))
     if name == "parallel" and torch.device(device).type != "cpu":
         _parallel(None, torch.device(device))
     if name in ("onnx", "trt"):
