@@ -405,8 +405,9 @@ def test_opcheck(tk):
     torch.library.opcheck(op, (x, 2, None, None, None, None, 1e-5, None))
 
 
-def test_export_keeps_the_op():
-    """torch.export traces through the custom op (fake implementation) and keeps it as one node."""
+def test_export_keeps_the_op(tk):
+    """torch.export traces through the custom op (fake implementation) and keeps it as one node
+    (where the kernel runs: on the CPU only in the interpreter, which tk sets up)."""
     m = AdaGroupNormSiLU(2, 8)
     x, sc, sh = torch.randn(2, 8, 4, 4), torch.randn(2, 8), torch.randn(2, 8)
     ep = torch.export.export(m, (x, sc, sh))
