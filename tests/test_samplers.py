@@ -114,6 +114,19 @@ def test_classifier_scale_zero_is_unguided(setup, sampler):
     assert not torch.allclose(plain, guided)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_classifier_guidance_under_inference_mode(setup, sampler):
+    """A notebook's ``with torch.inference_mode():`` gives the same guided samples as no_grad
+    (the classifier's local graph raised on inference tensors: x, t and the labels)."""
+    diffusion, model, classifier, kw = setup
+    guided = dict(sampler=sampler, classifier=classifier, classifier_scale=3.0)
+    want = sample(diffusion, model, SHAPE, model_kwargs=kw, generator=_gen(5), **guided)
+    with torch.inference_mode():
+        labels = {"y": kw["y"].clone()}  # an inference tensor too
+        got = sample(diffusion, model, SHAPE, model_kwargs=labels, generator=_gen(5), **guided)
+    assert torch.equal(got, want)
+
+
 def test_guidance_gets_original_timesteps_and_generic_cond_fn(setup):
     """A guided-diffusion style cond_fn and ClassifierGuidance take the same path."""
     diffusion, model, classifier, kw = setup
