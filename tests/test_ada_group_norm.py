@@ -544,6 +544,26 @@ def test_validation_errors():
         ada_group_norm(x, 3, weight=torch.randn(5))
 
 
+def test_wrong_kinds_of_argument_are_one_type_error():
+    """A numpy array, a list or a float where a tensor goes, a float or str group count: one
+    TypeError naming the argument (an AttributeError from ``x.dim()``, or group_norm's TypeError
+    about its own 'position 2', before); a one-element integer tensor is a count."""
+    x = torch.randn(2, 6, 3, 3)
+    for kw, message in (
+        ({"x": x.numpy()}, "x must be a torch.Tensor, got ndarray"),
+        ({"x": x.tolist()}, "x must be a torch.Tensor, got list"),
+        ({"scale": 0.5}, "scale must be a torch.Tensor or None, got float"),
+        ({"weight": [1.0] * 6}, "weight must be a torch.Tensor or None, got list"),
+        ({"num_groups": 3.0}, "num_groups must be an int, got 3.0"),
+        ({"num_groups": "3"}, "num_groups must be an int, got '3'"),
+    ):
+        args = {"x": x, "num_groups": 3, **kw}
+        with pytest.raises(TypeError, match=f"ada_group_norm: {message}") as e:
+            ada_group_norm(**args)
+        assert isinstance(e.value, ValueError)  # still the ops' one error type, OpInputError
+    torch.testing.assert_close(ada_group_norm(x, torch.tensor(3)), ada_group_norm(x, 3))
+
+
 @pytest.mark.parametrize("cls", [GroupNorm, GroupNormSiLU])
 def test_module_refuses_what_groupnorm_refuses(cls):
     """The drop-in raises where nn.GroupNorm raises, with the type it raises (RuntimeError; ours is

@@ -316,6 +316,15 @@ def test_bad_arguments():
         QKVAttentionLegacy(1)(torch.ones(1, 6, 4, dtype=torch.long))
     with pytest.raises(RuntimeError, match="qkv must be"):  # also what torch's layers raise
         QKVAttention(1)(torch.randn(1, 6, 4, 1))
+    # a non-tensor or a non-integer head count: one TypeError naming it, not an AttributeError
+    # from qkv.dim() or a reshape's TypeError
+    for qkv, heads, message in (
+        (torch.randn(1, 12, 4).numpy(), 2, "qkv must be a torch.Tensor, got ndarray"),
+        (torch.randn(1, 12, 4), 2.0, "num_heads must be an int, got 2.0"),
+        (torch.randn(1, 12, 4), None, "num_heads must be an int, got None"),
+    ):
+        with pytest.raises(TypeError, match=f"attention: {message}"):
+            attention(qkv, heads)
 
 
 @gpu

@@ -217,6 +217,28 @@ def test_bad_bias_and_dtype():
         upsample_conv(x.long(), w.long())
 
 
+def test_wrong_kinds_and_mixed_dtypes():
+    """A non-tensor argument is one TypeError naming it (was an AttributeError); a weight or bias
+    of another dtype or device than x one error in the caller's terms (was F.conv_transpose2d's
+    about the folded kernel), except under autocast, which casts them as it does for F.conv2d."""
+    x, w, b = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.randn(6)
+    with pytest.raises(TypeError, match="upsample_conv: x must be a torch.Tensor, got ndarray"):
+        upsample_conv(x.numpy(), w, b)
+    with pytest.raises(TypeError, match="upsample_conv: bias must be a torch.Tensor or None, got list"):
+        upsample_conv(x, w, b.tolist())
+    for args, message in (
+        ((x, w.bfloat16(), b), "weight must be torch.float32 on cpu as x is, got torch.bfloat16 on cpu"),
+        ((x, w, b.double()), "bias must be torch.float32 on cpu as x is, got torch.float64 on cpu"),
+        ((x, w, b.to("meta")), "bias must be torch.float32 on cpu as x is, got torch.float32 on meta"),
+    ):
+        with pytest.raises(RuntimeError, match=f"upsample_conv: {message}"):
+            upsample_conv(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = upsample_conv(x.bfloat16(), w, b)
+        want = upsample_conv_reference(x.bfloat16(), w, b)
+    assert got.dtype == want.dtype == torch.bfloat16
+
+
 class _LoraConv(nn.Conv2d):
     def forward(self, x):
         return super().forward(x) * 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import operator
 import os
 import warnings
 
@@ -53,6 +54,30 @@ class OpInputError(ValueError, RuntimeError):
     """A bad argument to an op, said once before any kernel runs. Also a RuntimeError: that is
     what the torch layer a module stands in for raises for the same mistake, so drop-in code that
     catches either still does."""
+
+
+class OpTypeError(OpInputError, TypeError):
+    """An op argument of the wrong kind (a numpy array or list where a tensor goes, a float or str
+    count): also the TypeError torch's functions raise for it, instead of an AttributeError from
+    the op's first look at the argument."""
+
+
+def check_tensor(op: str, name: str, value, *, optional: bool = False) -> None:
+    """One :class:`OpTypeError` naming ``name`` unless ``value`` is a tensor (or None, if optional)."""
+    if not (isinstance(value, torch.Tensor) or (optional and value is None)):
+        kind = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise OpTypeError(f"{op}: {name} must be {kind}, got {type(value).__name__}")
+
+
+def check_count(op: str, name: str, value) -> int:
+    """``value`` as a Python int (an int, a numpy integer, a one-element integer tensor), or one
+    :class:`OpTypeError` naming ``name``: a float count fails deep inside torch's reshapes."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise OpTypeError(f"{op}: {name} must be an int, got {value!r}")
 
 
 OPS_MODES = ("auto", "reference", "triton")

@@ -17,6 +17,8 @@ from torch import Tensor
 
 from .._backend import (
     OpInputError,
+    check_count,
+    check_tensor,
     force_reference,
     forward_ad_active,
     in_func_transform,
@@ -205,6 +207,10 @@ def ada_group_norm(
     weight/bias: [C] or None; scale/shift: [N, C] (ADM's AdaGN, use_scale_shift_norm) or None;
     activation: "silu" or None.
     """
+    check_tensor("ada_group_norm", "x", x)
+    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)):
+        check_tensor("ada_group_norm", name, t, optional=True)
+    num_groups = check_count("ada_group_norm", "num_groups", num_groups)
     if x.dim() < 2:
         raise OpInputError(f"ada_group_norm: x must be [N, C, *], got {list(x.shape)}")
     if not x.is_floating_point():

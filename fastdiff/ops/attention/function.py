@@ -16,6 +16,8 @@ import torch
 from fastdiff.ops._backend import (
     OpInputError,
     autocast_available,
+    check_count,
+    check_tensor,
     force_reference,
     forward_ad_active,
     in_func_transform,
@@ -107,6 +109,8 @@ def attention(qkv: torch.Tensor, num_heads: int, order: str = "new") -> torch.Te
     ``order="new"`` splits q, k, v first, then heads (QKVAttention); ``"legacy"`` splits heads
     first, each head's channels holding q, k, v (QKVAttentionLegacy).
     """
+    check_tensor("attention", "qkv", qkv)
+    num_heads = check_count("attention", "num_heads", num_heads)
     if order not in ORDERS:
         raise OpInputError(f"attention: order must be one of {ORDERS}, got {order!r}")
     if num_heads < 1:

@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fastdiff.ops._backend import OpInputError, autocast_available, force_reference, in_func_transform
+from fastdiff.ops._backend import (
+    OpInputError,
+    autocast_available,
+    check_tensor,
+    force_reference,
+    in_func_transform,
+)
 from fastdiff.ops._tuning import Choices, fastest, gpu_name, measuring
 from fastdiff.ops.upsample_conv.reference import upsample_conv_reference
 
@@ -125,6 +131,9 @@ def fusable(conv: nn.Module) -> bool:
 def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``conv3x3(nearest_upsample_2x(x))`` with padding 1: x [N, C, H, W], weight [O, C, 3, 3],
     bias [O] or None -> [N, O, 2H, 2W]. Differentiable in all three."""
+    check_tensor("upsample_conv", "x", x)
+    check_tensor("upsample_conv", "weight", weight)
+    check_tensor("upsample_conv", "bias", bias, optional=True)
     if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
         raise OpInputError(
             f"upsample_conv: x must be [N, C, H, W] and weight [O, C, 3, 3], got "
@@ -134,6 +143,14 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise OpInputError(f"upsample_conv: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     if not x.is_floating_point():
         raise OpInputError(f"upsample_conv: x must be a floating-point tensor, got {x.dtype}")
+    device = x.device.type
+    autocasting = autocast_available(device) and torch.is_autocast_enabled(device)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.device != x.device or (t.dtype != x.dtype and not autocasting)):
+            # what F.conv2d refuses too (autocast casts them), said in the caller's terms
+            raise OpInputError(
+                f"upsample_conv: {name} must be {x.dtype} on {x.device} as x is, got {t.dtype} on {t.device}"
+            )
     if _use_fold(x, weight, bias):
         return _folded(x, weight, bias)
     return upsample_conv_reference(x, weight, bias)
