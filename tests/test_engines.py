@@ -209,6 +209,37 @@ def test_sampler_checks_a_call_before_any_step(monkeypatch):
         s.invert(torch.zeros(2, 1, 8, 8), [0])
 
 
+def test_one_sampler_called_from_two_threads_gives_each_its_own_samples():
+    """Calls share the cached step's label buffer: a second thread's call while the first one's
+    loop ran made the first one's remaining steps use the second one's labels (wrong samples,
+    silently). Calls now take turns."""
+    import threading
+    import time
+
+    unet, clf = _nets()
+    s = _sampler(unet, clf, _diffusion("ddim4"), "ddim", "classifier", engine="eager")
+    want = {
+        k: s(labels, generator=torch.Generator().manual_seed(0))
+        for k, labels in (("a", [1, 2]), ("b", [3, 4]))
+    }
+    started, got = threading.Event(), {}
+
+    def hold(i, x, pred_xstart):  # the first call pauses after its first step, the second starts
+        if i == 0:
+            started.set()
+            time.sleep(0.5)
+
+    def call(key, labels, callback=None):
+        got[key] = s(labels, generator=torch.Generator().manual_seed(0), callback=callback)
+
+    first = threading.Thread(target=call, args=("a", [1, 2], hold))
+    first.start()
+    assert started.wait(60)
+    call("b", [3, 4])
+    first.join()
+    assert torch.equal(got["a"], want["a"]) and torch.equal(got["b"], want["b"])
+
+
 def test_unconditional_model_takes_num_samples_and_refuses_labels():
     torch.manual_seed(0)
     flags = dict(image_size=8, num_channels=32, num_res_blocks=1, attention_resolutions="4")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -204,6 +205,10 @@ class Sampler:
         self._steps: dict[tuple, tuple[Tensor | None, Callable]] = {}
         self._extra: dict[tuple, dict[str, Tensor]] = {}
         self.warmup_seconds = 0.0  # engine preparation (build, compile, capture, autotuning) so far
+        # A call fills the cached step's label and conditioning buffers and runs its whole loop on
+        # them: calls from two threads would overwrite each other's (silently wrong samples), so
+        # they take turns (reentrant: a callback may sample)
+        self._lock = threading.RLock()
 
     def step_for(
         self, n: int, model_kwargs: dict[str, Tensor] | None = None, *, invert: bool = False
@@ -323,22 +328,23 @@ class Sampler:
         """Prepare the engine for a batch (build it, compile, capture, choose kernel backends by
         measuring them) with one throw-away step, timed apart from sampling; returns its seconds."""
         n = len(labels) if labels is not None else n
-        before = self.warmup_seconds
-        run = self._fill(n, labels, model_kwargs)  # a new step's build is counted by _new_step
-        start = time.perf_counter()
-        x = torch.zeros(n, *self.image_shape, device=self.device)
-        t = torch.full((n,), self.diffusion.num_timesteps - 1, device=self.device, dtype=torch.long)
-        noise = torch.zeros_like(x) if self.rule.needs_noise else None
-        with torch.no_grad(), autotuning():
-            run(x, t, noise, self.rule.init_state(x))
-            if hasattr(run, "run_loop"):  # a whole-loop engine captures its loop here, timed apart
-                steps = loop_timesteps(self.diffusion.num_timesteps, x)
-                noises = None if noise is None else noise.expand(len(steps), *noise.shape)
-                run.capture(x, steps, noises, self.rule.init_state(x))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.warmup_seconds += time.perf_counter() - start
-        return self.warmup_seconds - before
+        with self._lock:
+            before = self.warmup_seconds
+            run = self._fill(n, labels, model_kwargs)  # a new step's build is counted by _new_step
+            start = time.perf_counter()
+            x = torch.zeros(n, *self.image_shape, device=self.device)
+            t = torch.full((n,), self.diffusion.num_timesteps - 1, device=self.device, dtype=torch.long)
+            noise = torch.zeros_like(x) if self.rule.needs_noise else None
+            with torch.no_grad(), autotuning():
+                run(x, t, noise, self.rule.init_state(x))
+                if hasattr(run, "run_loop"):  # a whole-loop engine captures its loop here, timed apart
+                    steps = loop_timesteps(self.diffusion.num_timesteps, x)
+                    noises = None if noise is None else noise.expand(len(steps), *noise.shape)
+                    run.capture(x, steps, noises, self.rule.init_state(x))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.warmup_seconds += time.perf_counter() - start
+            return self.warmup_seconds - before
 
     def __call__(
         self,
@@ -380,21 +386,28 @@ class Sampler:
         shape = (n, *self.image_shape)
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
-        fresh = _key(n, model_kwargs) not in self._steps
-        if fresh and (self.engine not in ("eager", "parallel") or self.device.type == "cuda"):
-            self.warmup(labels, n, model_kwargs)  # compile / capture / backend choice, timed apart
-        run = self._fill(n, labels, model_kwargs)
-        x_T = randn(shape, generator, self.device) if noise is None else noise.to(self.device, torch.float32)
+        with self._lock:
+            fresh = _key(n, model_kwargs) not in self._steps
+            if fresh and (self.engine not in ("eager", "parallel") or self.device.type == "cuda"):
+                self.warmup(labels, n, model_kwargs)  # compile / capture / backend choice, timed apart
+            run = self._fill(n, labels, model_kwargs)
+            x_T = (
+                randn(shape, generator, self.device)
+                if noise is None
+                else noise.to(self.device, torch.float32)
+            )
 
-        def noise_fn(i: int, x: Tensor) -> Tensor:
-            return randn(x.shape, generator, x.device, x.dtype)
+            def noise_fn(i: int, x: Tensor) -> Tensor:
+                return randn(x.shape, generator, x.device, x.dtype)
 
-        x = x_T
-        steps = run_steps(self.diffusion, run, self.rule, x_T, noise_fn, progress=progress, desc=self.sampler)
-        for i, x, pred_xstart in steps:
-            if callback is not None:
-                callback(i, x, pred_xstart)
-        return x.clone()
+            x = x_T
+            steps = run_steps(
+                self.diffusion, run, self.rule, x_T, noise_fn, progress=progress, desc=self.sampler
+            )
+            for i, x, pred_xstart in steps:
+                if callback is not None:
+                    callback(i, x, pred_xstart)
+            return x.clone()
 
     def invert(
         self,
@@ -417,5 +430,6 @@ class Sampler:
         n = len(images)
         labels = self._labels(labels, n)
         model_kwargs = self._model_kwargs(model_kwargs, n)
-        run = self._fill(n, labels, model_kwargs, invert=True)
-        return run_inversion(self.diffusion, run, images)
+        with self._lock:
+            run = self._fill(n, labels, model_kwargs, invert=True)
+            return run_inversion(self.diffusion, run, images)
