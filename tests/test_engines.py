@@ -198,6 +198,11 @@ def test_sampler_checks_a_call_before_any_step(monkeypatch):
         ("generator must be a torch.Generator", [1], {"generator": 0}),
         ("callback must be callable", [1], {"callback": 3}),
         ("num_samples must be an int", None, {"num_samples": 2.0}),
+        (
+            "model_kwargs\\['low_res'\\] must be a tensor, got NoneType",
+            [1],
+            {"model_kwargs": {"low_res": None}},
+        ),
     ):
         with pytest.raises(ValueError, match=message):
             s(labels, **{"generator": g, **kw})

@@ -293,7 +293,13 @@ class Sampler:
 
     def _model_kwargs(self, model_kwargs: dict | None, n: int) -> dict[str, Tensor]:
         """The per-call conditioning on the device, checked against what the model's forward takes."""
-        model_kwargs = {k: torch.as_tensor(v, device=self.device) for k, v in (model_kwargs or {}).items()}
+        tensors = {}
+        for k, v in (model_kwargs or {}).items():
+            try:
+                tensors[k] = torch.as_tensor(v, device=self.device)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"model_kwargs[{k!r}] must be a tensor, got {type(v).__name__}") from None
+        model_kwargs = tensors
         if "y" in model_kwargs:
             raise ValueError("pass class labels as labels, not in model_kwargs")
         missing = sorted(self.required - model_kwargs.keys())
