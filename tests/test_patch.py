@@ -228,6 +228,18 @@ def test_patch_is_idempotent_and_selective():
     assert type(only_gn.attn[0].attention) is QKVAttention and type(only_gn.out[0]) is GroupNormSiLU
 
 
+def test_patch_refuses_what_is_no_module_and_flags_that_are_no_bools():
+    """One TypeError naming the argument: patch(None) (a builder that returned nothing) was an
+    AttributeError from named_children, and group_norm="False" silently patched the norms."""
+    for bad in (None, [nn.GroupNorm(2, 4)]):
+        with pytest.raises(TypeError, match="patch: model must be an nn.Module, got "):
+            patch(bad)
+    model = Net()
+    with pytest.raises(TypeError, match="patch: group_norm must be True or False, got 'False'"):
+        patch(model, group_norm="False")
+    assert type(model.out[0]) is nn.GroupNorm  # refused before any swap
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_patched_group_norm32_keeps_dtype(dtype):
     """GroupNorm32 computes in fp32 and returns the input dtype; the replacement must too."""

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fastdiff.ops._backend import autocast_available
+from fastdiff.ops._backend import OpTypeError, autocast_available
 from fastdiff.ops.ada_group_norm.module import AdaGroupNormSiLU, GroupNorm, GroupNormSiLU
 from fastdiff.ops.attention.module import QKVAttention, QKVAttentionLegacy
 from fastdiff.ops.upsample_conv import fusable, upsample_conv
@@ -254,5 +254,10 @@ def patch(
 
     Only children are swapped: a bare GroupNorm/attention passed as ``model`` is returned as is.
     """
+    if not isinstance(model, nn.Module):
+        raise OpTypeError(f"patch: model must be an nn.Module, got {type(model).__name__}")
+    for name, flag in (("group_norm", group_norm), ("attention", attention), ("upsample", upsample)):
+        if not isinstance(flag, bool):  # "False" or "no" would switch the part on
+            raise OpTypeError(f"patch: {name} must be True or False, got {flag!r}")
     _patch_children(model, group_norm, attention, upsample, fuse=True)
     return model
