@@ -82,6 +82,8 @@ def test_an_upsampling_user_error_is_a_run_error(tmp_path):
         ({"classes": [3, 7]}, "sample_run: classes \\[3, 7\\]: expected str \\| None"),
         ({"classifier_scale": "2"}, "sample_run: classifier_scale '2': expected float \\| None"),
         ({"preset": "imagenet65", "checkpoint": "missing.pt"}, "unknown preset 'imagenet65'"),
+        # was a TypeError when the run first reported, after sampling and writing every batch
+        ({"report": 3}, "sample_run: report 3: expected a callable or None"),
     ],
 )
 def test_a_wrong_option_is_one_run_error_before_the_folder(tmp_path, change, message):

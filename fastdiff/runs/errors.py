@@ -32,11 +32,27 @@ def _arguments_of(fn: Callable) -> type:
     return dataclasses.make_dataclass(f"{fn.__name__}_arguments", fields)
 
 
+@functools.cache
+def _callbacks_of(fn: Callable) -> tuple[str, ...]:
+    """``fn``'s arguments annotated as callables (``Callable[...]`` or ``Callable[...] | None``)."""
+    hints = typing.get_type_hints(fn)
+    return tuple(
+        name
+        for name, hint in hints.items()
+        if any(typing.get_origin(h) is Callable for h in (hint, *typing.get_args(hint)))
+    )
+
+
 def check_arguments(fn: Callable, arguments: dict) -> None:
     """A RunError naming the first of ``fn``'s arguments (a Python caller's keywords, ``locals()``
-    at its start) whose value is not of its annotated type, before it fails deep inside a run."""
+    at its start) whose value is not of its annotated type, before it fails deep inside a run
+    (a callback that cannot be called, only when the run first reports, after its work)."""
     cls = _arguments_of(fn)
     try:
         check_types(cls(**{f.name: arguments[f.name] for f in dataclasses.fields(cls)}))
     except ConfigError as e:
         raise RunError(f"{fn.__name__}: {e}") from None
+    for name in _callbacks_of(fn):
+        value = arguments[name]
+        if value is not None and not callable(value):
+            raise RunError(f"{fn.__name__}: {name} {value!r}: expected a callable or None")
