@@ -92,6 +92,32 @@ def test_parse_flags_errors(text, message):
         parse_flags(text)
 
 
+def test_flag_and_builder_functions_refuse_the_wrong_kind_of_argument():
+    """One TypeError naming the argument: parse_flags(None) read stdin (shlex, python 3.11) and a
+    list was an AttributeError; build_network(a flag dict) a KeyError '<class 'dict'>';
+    configs_from_flags(a flag string) and flags_of(a network) errors from deep inside."""
+    config = UNetConfig(
+        image_size=8, model_channels=32, num_res_blocks=1, channel_mult=(1,), attention_resolutions=()
+    )
+    for call, message in (
+        (lambda: parse_flags(None), "parse_flags: text must be a str, got NoneType"),
+        (lambda: parse_flags(["--image_size", "64"]), "parse_flags: text must be a str, got list"),
+        (lambda: build_network({"image_size": 64}), "build_network: config must be one of UNetConfig, "),
+        (
+            lambda: configs_from_flags("diffusion", "--image_size 64"),
+            "configs_from_flags: flags must be a dict",
+        ),
+        (
+            lambda: flags_of(build_network(config)),
+            "flags_of: net must be a network config \\(NetConfig\\), got UNetModel",
+        ),
+        (lambda: flags_of(config, {}), "flags_of: diffusion must be a DiffusionConfig or None, got dict"),
+    ):
+        with pytest.raises(TypeError, match=message):
+            call()
+    assert flags_of(config)["num_channels"] == 32
+
+
 def test_channel_mult_by_image_size():
     levels = {
         size: UNetConfig(image_size=size, attention_resolutions=()).levels for size in (512, 256, 128, 64, 32)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
+from collections.abc import Mapping
 from typing import Any
 
 from fastdiff.config import ConfigError
@@ -145,6 +146,12 @@ def _join(values) -> str:
 def flags_of(net: NetConfig, diffusion: DiffusionConfig | None = None) -> dict[str, Any]:
     """The complete guided-diffusion flags of a network (and its process): what checkpoint
     metadata and run records store."""
+    if not isinstance(net, NetConfig):  # a network: its config is net.config
+        raise TypeError(f"flags_of: net must be a network config (NetConfig), got {type(net).__name__}")
+    if diffusion is not None and not isinstance(diffusion, DiffusionConfig):
+        raise TypeError(
+            f"flags_of: diffusion must be a DiffusionConfig or None, got {type(diffusion).__name__}"
+        )
     fields = {f.name: getattr(net, f.name) for f in dataclasses.fields(net)}
     flags: dict[str, Any] = {}
     for flag, field in _NET_FLAGS[net.kind].items():
@@ -228,6 +235,8 @@ def parse_flags(text: str) -> dict[str, Any]:
     Only the flags present are returned; unknown names and sampling-script flags raise FlagError
     naming them.
     """
+    if not isinstance(text, str):  # shlex.split(None) reads stdin (python 3.11), a list has no .read
+        raise TypeError(f"parse_flags: text must be a str, got {type(text).__name__}")
     known = known_flags()
     try:
         tokens = shlex.split(text)
@@ -289,7 +298,11 @@ def configs_from_flags(kind: str, flags: dict[str, Any]) -> tuple[NetConfig, Dif
     """The network and process configs of a (partial) flag dict; absent flags take the original's
     defaults. A flag of another network kind, or a sampling flag with a value, is a FlagError."""
     if kind not in CONFIGS:
-        raise ValueError(f"unknown network kind {kind!r}")
+        raise ValueError(f"unknown network kind {kind!r}; choose one of: {', '.join(CONFIGS)}")
+    if not isinstance(flags, Mapping):  # a flag string goes through parse_flags first
+        raise TypeError(
+            f"configs_from_flags: flags must be a dict (parse_flags(text)), got {type(flags).__name__}"
+        )
     known = known_flags()
     net_flags = _NET_FLAGS[kind]
     net: dict[str, Any] = {}

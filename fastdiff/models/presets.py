@@ -27,7 +27,10 @@ NETWORKS: dict[type[NetConfig], type[nn.Module]] = {
 
 def build_network(config: NetConfig, device: torch.device | str | None = None) -> nn.Module:
     """The network a config describes; ``device="meta"`` builds it without allocating weights."""
-    network = NETWORKS[type(config)]
+    network = NETWORKS.get(type(config))
+    if network is None:  # a flag dict or a preset name: say what goes here, not a KeyError
+        kinds = ", ".join(c.__name__ for c in NETWORKS)
+        raise TypeError(f"build_network: config must be one of {kinds}, got {type(config).__name__}")
     if device is None:
         return network(config)
     with torch.device(device):
