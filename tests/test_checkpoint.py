@@ -100,6 +100,23 @@ def test_missing_and_unreadable_files(tmp_path):
         load_state_dict(tmp_path / "list.pt")
 
 
+def test_load_and_save_weights_refuse_the_wrong_kind_of_argument(tmp_path):
+    """None or numpy arrays for the weights, None for the model: one error naming the argument
+    (were AttributeErrors and numpy's 'truth value of an array is ambiguous')."""
+    model = random_model()
+    numpy_sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    for weights in (None, 3, numpy_sd):
+        with pytest.raises(CheckpointError, match="load_weights: state_dict_or_path must be a state dict"):
+            load_weights(model, weights)
+    with pytest.raises(TypeError, match="load_weights: model must be an nn.Module, got NoneType"):
+        load_weights(None, model.state_dict())
+    with pytest.raises(
+        TypeError, match="save_weights: model must be an nn.Module or a state dict, got NoneType"
+    ):
+        save_weights(None, tmp_path / "w.safetensors")
+    assert not (tmp_path / "w.safetensors").exists()
+
+
 def test_mismatch_message():
     sd = random_model(num_channels=64, num_head_channels=64).state_dict()
     sd["extra.weight"] = torch.zeros(1)

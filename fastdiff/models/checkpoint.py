@@ -29,6 +29,10 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or does not fit the model."""
 
 
+def _is_state_dict(sd: Any) -> bool:
+    return isinstance(sd, Mapping) and all(isinstance(v, torch.Tensor) for v in sd.values())
+
+
 def load_state_dict(path: str | os.PathLike) -> StateDict:
     """Read a state dict on the CPU: ``.safetensors`` via safetensors, anything else via
     ``torch.load(weights_only=True)`` (a top-level ``{"state_dict": ...}`` wrapper is unwrapped)."""
@@ -36,7 +40,7 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     sd = read_checkpoint(path)
     if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
         sd = sd["state_dict"]
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not _is_state_dict(sd):
         raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     return dict(sd)
 
@@ -205,10 +209,17 @@ def load_weights(
 ) -> nn.Module:
     """Load weights strictly into ``model`` (cast to its dtypes, so fp32 weights fit a use_fp16
     model); ``preset`` names the model's preset for the error message. Returns the model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_weights: model must be an nn.Module, got {type(model).__name__}")
     if isinstance(state_dict_or_path, (str, os.PathLike)):
         sd: Mapping[str, torch.Tensor] = load_state_dict(state_dict_or_path)
-    else:
+    elif _is_state_dict(state_dict_or_path):
         sd = state_dict_or_path
+    else:  # None, a number, numpy arrays as values: not the deep AttributeError/ValueError
+        raise CheckpointError(
+            "load_weights: state_dict_or_path must be a state dict (a mapping of names to tensors) "
+            f"or a path, got {type(state_dict_or_path).__name__}"
+        )
     check_fits(sd, model, preset)
     model.load_state_dict(sd, strict=True)
     return model
@@ -236,6 +247,10 @@ def save_weights(
     if path.suffix != ".safetensors":
         raise ValueError(f"save_weights writes safetensors; use a .safetensors path, not {path.name}")
     sd = model.state_dict() if isinstance(model, nn.Module) else model
+    if not _is_state_dict(sd):
+        raise TypeError(
+            f"save_weights: model must be an nn.Module or a state dict, got {type(model).__name__}"
+        )
     tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     meta = {str(k): json.dumps(v) for k, v in (metadata or {}).items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
