@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from builders import make_diffusion
@@ -125,6 +127,32 @@ def test_classifier_guidance_under_inference_mode(setup, sampler):
         labels = {"y": kw["y"].clone()}  # an inference tensor too
         got = sample(diffusion, model, SHAPE, model_kwargs=labels, generator=_gen(5), **guided)
     assert torch.equal(got, want)
+
+
+def test_sample_checks_its_arguments_before_any_step(setup):
+    """One ValueError naming the argument before the model runs: DDIM's eta above 1 and a NaN
+    guidance scale were a SamplingError after the whole loop, a generator that is no Generator an
+    AttributeError, and x_T of another batch than the labels' a misleading error about the
+    model's output channels."""
+    diffusion, model, classifier, kw = setup
+
+    def never(*args, **kwargs):
+        raise AssertionError("a step ran")
+
+    never.num_classes = model.num_classes
+    for message, extra in (
+        ("eta must be a finite number >= 0 and <= 1", {"eta": 5.0}),
+        ("eta must be a finite number >= 0 and <= 1 .*got '0'", {"eta": "0"}),
+        ("generator must be a torch.Generator, got int", {"generator": 0}),
+        ("noise must have shape \\[2, 3, 4, 4\\], got \\[1, 3, 4, 4\\]", {"noise": torch.randn(1, 3, 4, 4)}),
+        (
+            "classifier_scale must be a finite number, got nan",
+            {"classifier": classifier, "classifier_scale": math.nan},
+        ),
+        ("cfg_scale must be a finite number, got inf", {"cfg_scale": math.inf, "null_label": 5}),
+    ):
+        with pytest.raises(ValueError, match=message):
+            sample(diffusion, never, SHAPE, model_kwargs=kw, **extra)
 
 
 def test_guidance_gets_original_timesteps_and_generic_cond_fn(setup):

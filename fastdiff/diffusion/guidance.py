@@ -8,9 +8,20 @@ compat ``cond_fn`` of a user and ``ClassifierGuidance`` take the same path:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def _finite(name: str, scale) -> float:
+    """``scale`` as a float, refused when NaN or infinite: every step would be non-finite, and the
+    loop reports that only after its last step."""
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{name} must be a finite number, got {scale}")
+    return scale
 
 
 class ClassifierGuidance:
@@ -19,7 +30,7 @@ class ClassifierGuidance:
 
     def __init__(self, classifier, scale: float):
         self.classifier = classifier
-        self.scale = float(scale)
+        self.scale = _finite("classifier_scale", scale)
 
     def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None, **_model_kwargs) -> Tensor:
         if y is None:
@@ -52,7 +63,7 @@ class ClassifierFreeGuidance:
 
     def __init__(self, model, scale: float, null_label: int):
         self.model = model
-        self.scale = float(scale)
+        self.scale = _finite("cfg_scale", scale)
         self.null_label = int(null_label)
 
     def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None, **model_kwargs) -> Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -66,8 +67,9 @@ def check_eta(sampler: str, eta: float) -> None:
     """ValueError unless ``eta`` suits ``sampler``: DDIM's lies in [0, 1] (1 is DDPM's variance;
     above it sigma outgrows the step's noise budget and the first step is NaN); no other rule
     takes one."""
-    if not (math.isfinite(eta) and 0 <= eta <= 1):
-        raise ValueError(f"eta must be a finite number >= 0 and <= 1 (1: DDPM's variance), got {eta}")
+    real = isinstance(eta, numbers.Real) and not isinstance(eta, bool)
+    if not (real and math.isfinite(eta) and 0 <= eta <= 1):
+        raise ValueError(f"eta must be a finite number >= 0 and <= 1 (1: DDPM's variance), got {eta!r}")
     if eta and not get_sampler(sampler).uses_eta:
         raise ValueError(f"eta is a DDIM parameter; sampler {sampler} does not use it")
 
@@ -205,6 +207,13 @@ def sample_steps(
     noise of stochastic samplers (e.g. to replay recorded noise). After the last step, raises
     ``SamplingError`` naming the first step that produced NaN/Inf.
     """
+    get_sampler(sampler)  # an unknown name first, then the arguments, all before any step runs
+    check_eta(sampler, eta)  # DDIM's eta above 1 was a NaN report after the whole loop
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if noise is not None and tuple(noise.shape) != tuple(shape):
+        # x_T sets the batch: another one met the labels' as a misleading output-channels error
+        raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
     if device is None:
         device = noise.device if noise is not None else _model_device(model)
     x = randn(tuple(shape), generator, device) if noise is None else noise.to(device)
