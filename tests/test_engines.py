@@ -153,6 +153,23 @@ def test_sampler_bad_arguments():
         "dtype must be one of fp32, fp16, bf16": {"dtype": "fp64"},
         "unknown device 'gpu'": {"device": "gpu"},
     }
+    # the wrong kind of network, process or switch: one ValueError, not an AttributeError from
+    # inside (a hand-written model without in_channels/image_size needs image_shape)
+    bad_settings.update(
+        {
+            "classifier must be an nn.Module, got int": {"classifier": 3, "classifier_scale": 1.0},
+            "clip_denoised must be True or False, got 'no'": {"clip_denoised": "no"},
+            "image_shape must be positive ints \\(C, H, W\\), got '188'": {"image_shape": "188"},
+        }
+    )
+    with pytest.raises(ValueError, match="model must be an nn.Module, got NoneType"):
+        fastdiff.Sampler(None, diffusion)
+    with pytest.raises(ValueError, match="diffusion must be a GaussianDiffusion"):
+        fastdiff.Sampler(unet, None)
+    with pytest.raises(
+        ValueError, match="pass image_shape \\(C, H, W\\): the model \\(Conv2d\\) has no in_channels"
+    ):
+        fastdiff.Sampler(torch.nn.Conv2d(1, 1, 1), diffusion)
     if not CUDA:
         bad_settings["device 'cuda' is not available here"] = {"device": "cuda"}
     for message, kw in bad_settings.items():

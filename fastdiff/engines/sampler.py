@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from fastdiff.diffusion.gaussian import GaussianDiffusion
 from fastdiff.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from fastdiff.diffusion.inversion import DDIMReverseStep, run_inversion
 from fastdiff.diffusion.samplers import (
@@ -150,6 +151,16 @@ class Sampler:
         image_shape: Sequence[int] | None = None,
     ):
         get_sampler(sampler)  # an unknown name before anything else
+        for name, net in (("model", model), ("classifier", classifier)):
+            if not (isinstance(net, nn.Module) or (name == "classifier" and net is None)):
+                raise ValueError(f"{name} must be an nn.Module, got {type(net).__name__}")
+        if not isinstance(diffusion, GaussianDiffusion):
+            raise ValueError(
+                "diffusion must be a GaussianDiffusion (GaussianDiffusion.from_config(config, respacing)), "
+                f"got {type(diffusion).__name__}"
+            )
+        if not isinstance(clip_denoised, bool):  # "no" would clip
+            raise ValueError(f"clip_denoised must be True or False, got {clip_denoised!r}")
         eta = _number("eta", eta, minimum=None)
         check_eta(sampler, eta)
         classifier_scale = _number("classifier_scale", classifier_scale)
@@ -175,9 +186,20 @@ class Sampler:
             # classifier's backward; tensor-core convolutions on CUDA want NHWC in fp16/bf16.
             channels_last = self.device.type == "cuda" and self.dtype != torch.float32
         if image_shape is None:
+            if not (hasattr(model, "in_channels") and hasattr(model, "image_size")):
+                raise ValueError(
+                    f"pass image_shape (C, H, W): the model ({type(model).__name__}) has no "
+                    "in_channels and image_size to read it from"
+                )
             # An upsampler's first conv also takes the upsampled low-res image: half are x's channels.
             channels = int(model.in_channels) // (2 if isinstance(model, SuperResModel) else 1)
             image_shape = (channels, int(model.image_size), int(model.image_size))
+        if not (
+            isinstance(image_shape, Sequence)
+            and len(image_shape) >= 2
+            and all(_is_int(d) and d >= 1 for d in image_shape)
+        ):
+            raise ValueError(f"image_shape must be positive ints (C, H, W), got {image_shape!r}")
         self.image_shape = tuple(image_shape)
         self.diffusion, self.sampler, self.eta, self.clip_denoised = diffusion, sampler, eta, clip_denoised
         self.upsampler = isinstance(model, SuperResModel)
