@@ -229,6 +229,9 @@ def test_sampler_checks_a_call_before_any_step(monkeypatch):
         s.invert(torch.zeros(2, 3, 8, 8), [0, 1])
     with pytest.raises(ValueError, match="1 labels for 2 images"):
         s.invert(torch.zeros(2, 1, 8, 8), [0])
+    for bad in (math.nan, math.inf):  # was a silently non-finite x_T
+        with pytest.raises(ValueError, match="images must be finite"):
+            s.invert(torch.full((2, 1, 8, 8), bad), [0, 1])
 
 
 def test_one_sampler_called_from_two_threads_gives_each_its_own_samples():

@@ -455,6 +455,8 @@ class Sampler:
                 f"got {list(images.shape)}"
             )
         images = images.to(self.device, torch.float32)
+        if not bool(torch.isfinite(images).all()):  # the inversion would be NaN throughout, silently
+            raise ValueError("images must be finite (NCHW in [-1, 1]); they hold NaN or infinity")
         n = len(images)
         labels = self._labels(labels, n)
         model_kwargs = self._model_kwargs(model_kwargs, n)
