@@ -265,6 +265,19 @@ def test_one_sampler_called_from_two_threads_gives_each_its_own_samples():
     assert torch.equal(got["a"], want["a"]) and torch.equal(got["b"], want["b"])
 
 
+def test_a_sampler_whose_network_another_one_converted_says_so():
+    """Samplers convert their networks in place: a bf16 Sampler built on the fp32 one's model made
+    the fp32 one fail deep in its first conv ('Input type (float) and bias type (c10::BFloat16)')."""
+    unet, _ = _nets()
+    first = fastdiff.Sampler(unet, _diffusion("ddim4"))
+    second = fastdiff.Sampler(unet, _diffusion("ddim4"), dtype="bf16")
+    with pytest.raises(
+        ValueError, match="the model's weights are torch.bfloat16 on cpu, this Sampler made them"
+    ):
+        first([1], generator=torch.Generator().manual_seed(0))
+    assert second([1], generator=torch.Generator().manual_seed(0)).shape == (1, 1, 8, 8)
+
+
 def test_unconditional_model_takes_num_samples_and_refuses_labels():
     torch.manual_seed(0)
     flags = dict(image_size=8, num_channels=32, num_res_blocks=1, attention_resolutions="4")

@@ -275,12 +275,26 @@ class Sampler:
         self, n: int, labels: Tensor | None, model_kwargs: dict[str, Tensor] | None, invert: bool = False
     ) -> Callable:
         """The step for this batch with its labels and conditioning copied into the buffers."""
+        self._check_networks()
         labels_buf, run = self.step_for(n, model_kwargs, invert=invert)
         if labels_buf is not None and labels is not None:
             labels_buf.copy_(labels)
         for k, buf in self._extra[_key(n, model_kwargs, invert)].items():
             buf.copy_(model_kwargs[k])
         return run
+
+    def _check_networks(self) -> None:
+        """The networks are still in the dtype and on the device this Sampler put them: they are
+        converted in place, so a Sampler built later on the same network with another dtype (or a
+        ``.to()``) converted them under this one, which then failed deep in its first conv."""
+        for name, net in (("model", self.model), ("classifier", getattr(self, "classifier", None))):
+            p = None if net is None else next(net.parameters(), None)
+            if p is not None and (p.dtype != self.dtype or p.device.type != self.device.type):
+                raise ValueError(
+                    f"the {name}'s weights are {p.dtype} on {p.device}, this Sampler made them "
+                    f"{self.dtype} on {self.device}: another Sampler on the same network (or .to()) "
+                    "converted them since; build this Sampler again or give each its own copy"
+                )
 
     def _labels(self, labels, n: int | None) -> Tensor | None:
         """``labels`` as a long tensor on the device, checked before any work: integer class ids
