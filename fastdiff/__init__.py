@@ -22,3 +22,8 @@ def __getattr__(name: str):
 
         return getattr(fastdiff.runs, name)
     raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # the lazy names too, so a notebook's completion and dir(fastdiff) show Sampler and sample_run
+    return sorted({*globals(), *__all__})

@@ -39,7 +39,11 @@ def test_a_run_from_python_needs_no_cli_and_writes_what_the_cli_writes(tmp_path)
 
 
 def test_import_is_cheap():
-    code = "import sys, fastdiff, fastdiff.runs\nfastdiff.RunError\nassert 'torch' not in sys.modules"
+    code = (
+        "import sys, fastdiff, fastdiff.runs\nfastdiff.RunError\n"
+        "assert {'Sampler', 'sample_run', 'RunError'} <= set(dir(fastdiff)), dir(fastdiff)\n"
+        "assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
