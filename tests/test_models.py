@@ -154,6 +154,24 @@ def test_label_required_iff_class_conditional():
         uncond(x, t, torch.tensor([1]))
 
 
+def test_inputs_that_are_no_tensors_or_other_batches_are_one_error():
+    """model(x, 5, y) (an int timestep), a 0-d or list timestep, a numpy x: one ValueError naming
+    the argument (were AttributeError / IndexError from the embedding, and a timestep count other
+    than x's was reported as y's shape)."""
+    unet = small_unet()
+    classifier = EncoderUNetModel(ClassifierConfig(**{**SMALL, "use_scale_shift_norm": False}, num_classes=4))
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    for t, got in ((5, "int"), (torch.tensor(5), "\\[\\]"), ([5, 6], "list"), (torch.tensor([5]), "\\[1\\]")):
+        with pytest.raises(
+            ValueError, match=f"timesteps must be a tensor \\[N\\]=\\[2\\], one per image, got {got}"
+        ):
+            unet(x, t, y)
+        with pytest.raises(ValueError, match="timesteps must be a tensor"):
+            classifier(x, t)
+    with pytest.raises(ValueError, match="x must be a tensor \\[N, C, H, W\\], got ndarray"):
+        unet(x.numpy(), torch.tensor([5, 6]), y)
+
+
 def test_superres_model():
     model = randomize(SuperResModel(SuperResConfig(**SMALL, small_size=4, learn_sigma=True, num_classes=10)))
     assert model.input_blocks[0][0].in_channels == 6

@@ -321,6 +321,16 @@ class _ADMNet(nn.Module):
         for m in self._torso():
             m.apply(convert_module_to_f32)
 
+    @staticmethod
+    def check_inputs(x, timesteps) -> None:
+        """x a tensor and timesteps a tensor [N], one per image: a Python int, a 0-d tensor or a
+        list failed deep in the timestep embedding, and a count other than x's was said about y."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"x must be a tensor [N, C, H, W], got {type(x).__name__}")
+        if not (isinstance(timesteps, torch.Tensor) and timesteps.shape == (x.shape[0],)):
+            got = list(timesteps.shape) if isinstance(timesteps, torch.Tensor) else type(timesteps).__name__
+            raise ValueError(f"timesteps must be a tensor [N]=[{x.shape[0]}], one per image, got {got}")
+
     def _time_emb(self, timesteps: torch.Tensor) -> torch.Tensor:
         emb = timestep_embedding(timesteps, self.model_channels)
         return self.time_embed(emb.to(self.time_embed[0].weight.dtype))
@@ -389,6 +399,7 @@ class UNetModel(_ADMNet):
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
+        self.check_inputs(x, timesteps)
         with outside_autocast(x):  # under autocast only the torso computes in low precision
             emb = self.embed(timesteps, y)
         hs = []
@@ -464,6 +475,7 @@ class EncoderUNetModel(_ADMNet):
         return self.input_blocks, self.middle_block
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(x, timesteps)
         with outside_autocast(x):  # under autocast only the torso computes in low precision
             emb = self._time_emb(timesteps)
         spatial = self.pool.startswith("spatial")
