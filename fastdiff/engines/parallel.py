@@ -91,9 +91,12 @@ class BatchParallelStep:
         if len(slices) == 1:
             return self.step(x, t, noise, state)
         pool = worker_pool(self.workers)
+        # autocast is per thread: the caller's (a notebook's `with torch.autocast("cpu")`) goes
+        # with each slice, or the slices would compute in fp32 where the eager step does not
+        enabled, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
 
         def run(a: int, m: int, sub):
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=enabled):
                 return sub(*(narrow_batch(v, a, m, n) for v in (x, t, noise, state)))
 
         futures = [pool.submit(run, a, m, sub) for a, m, sub in slices]
