@@ -66,6 +66,15 @@ def test_a_folder_holding_a_run_needs_resume_and_resume_continues_it(tmp_path):
     assert (out / "samples_4x32x32x1.npz").is_file() and not (out / "samples_3x32x32x1.npz").exists()
 
 
+def test_a_refused_foreign_folder_keeps_no_lock_file(tmp_path):
+    """A folder no fastdiff command held (a project folder; sample_run("") is the cwd) is refused
+    before the lock, whose file stayed behind in it; a run folder's lock is taken as before."""
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="is not empty and holds no sampling run"):
+        fastdiff.sample_run(tmp_path, **TINY)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_an_upsampling_user_error_is_a_run_error(tmp_path):
     from fastdiff.runs import upsample_file_run
 

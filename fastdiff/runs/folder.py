@@ -79,19 +79,27 @@ def locked_run_folder(
         yield
 
 
+def _check_ours(out: Path, resume: bool, record: str | None) -> None:
+    """RunError unless ``out`` is empty (but for the lock and temp files) or holds ``record`` and
+    ``resume`` says to continue it."""
+    if record is not None and (out / record).is_file():
+        if not resume:
+            raise RunError(f"{out} already holds a sampling run; pass --resume or choose another --out")
+    elif any(p.name != LOCK and not is_temp_file(p) for p in out.iterdir()):
+        what = "" if record is None else f" and holds no sampling run (no {record})"
+        raise RunError(f"--out {out} is not empty{what}; choose a new or empty folder")
+
+
 @contextmanager
 def _own_run_folder(out: Path, resume: bool, holder: str, record: str | None) -> Iterator[None]:
     created = not out.exists()
+    if out.is_dir() and not (out / LOCK).exists():
+        # a folder no fastdiff command ever held (a project folder, the cwd): refused before the
+        # lock, which would stay behind in it; under the lock the check is made again
+        _check_ours(out, resume, record)
     with exclusive_folder(out, holder):
         try:
-            if record is not None and (out / record).is_file():
-                if not resume:
-                    raise RunError(
-                        f"{out} already holds a sampling run; pass --resume or choose another --out"
-                    )
-            elif any(p.name != LOCK and not is_temp_file(p) for p in out.iterdir()):
-                what = "" if record is None else f" and holds no sampling run (no {record})"
-                raise RunError(f"--out {out} is not empty{what}; choose a new or empty folder")
+            _check_ours(out, resume, record)
             for folder in (out, out / "images", out / "batches"):
                 remove_temp_files(folder)  # the lock guarantees no writer of ours is running
             yield
