@@ -687,6 +687,36 @@ def test_compile_engine_builds_past_dynamos_recompile_limit(monkeypatch):
         assert _rel(compiled(num_samples=n, generator=g[0]), eager(num_samples=n, generator=g[1])) <= 1e-6
 
 
+def test_compile_engine_steps_follow_fastdiff_ops(monkeypatch):
+    """FASTDIFF_OPS is read while dynamo traces a compiled step (the UNet's attention: the
+    reference custom op, or SDPA on the CPU's auto path): a second Sampler in the process, built
+    and run after the mode changed, traces the new mode rather than reusing the first's graph, as
+    eager reads the mode per call. The graphs are recorded and run by dynamo alone."""
+    graphs = []
+    real_compile = torch.compile
+
+    def record(gm, _inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": record}))
+    unet, _ = _nets()
+    diffusion = _diffusion("ddim2")
+    labels = torch.tensor([0, 3])
+    for mode in ("reference", "auto", "reference"):
+        monkeypatch.setenv("FASTDIFF_OPS", mode)
+        got, want = (
+            _sampler(unet, None, diffusion, "ddim", "cfg", engine=e)(
+                labels, generator=torch.Generator().manual_seed(0)
+            )
+            for e in ("compile", "eager")
+        )
+        reference = "fastdiff.attention.default" in graphs[-1]
+        sdpa = any("scaled_dot_product_attention" in t for t in graphs[-1])
+        assert (reference, sdpa) == (mode == "reference", mode == "auto"), mode
+        assert _rel(got, want) <= 1e-4
+
+
 def test_compile_engine_without_a_cpp_compiler_is_one_error_before_work(monkeypatch, tmp_path):
     """Inductor's CPU step needs a C++ compiler: without one, --engine compile failed at the first
     batch (after loading the networks and writing run.json) in a long traceback."""
