@@ -670,7 +670,6 @@ def test_compile_engine_builds_past_dynamos_recompile_limit(monkeypatch):
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
 
     class Net(torch.nn.Conv2d):
         def forward(self, x, t):
@@ -682,9 +681,11 @@ def test_compile_engine_builds_past_dynamos_recompile_limit(monkeypatch):
     eager, compiled = (
         fastdiff.Sampler(model, diffusion, engine=e, image_shape=(1, 4, 4)) for e in ("eager", "compile")
     )
-    for n in (2, 1, 3):
-        g = [torch.Generator().manual_seed(n) for _ in range(2)]
-        assert _rel(compiled(num_samples=n, generator=g[0]), eager(num_samples=n, generator=g[1])) <= 1e-6
+    # torch's own patch: monkeypatch's undo deletes a torch config entry (see the test below)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for n in (2, 1, 3):
+            g = [torch.Generator().manual_seed(n) for _ in range(2)]
+            assert _rel(compiled(num_samples=n, generator=g[0]), eager(num_samples=n, generator=g[1])) <= 1e-6
 
 
 def test_compile_engine_steps_follow_fastdiff_ops(monkeypatch):
@@ -717,16 +718,28 @@ def test_compile_engine_steps_follow_fastdiff_ops(monkeypatch):
         assert _rel(got, want) <= 1e-4
 
 
-def test_compile_engine_without_a_cpp_compiler_is_one_error_before_work(monkeypatch, tmp_path):
+def test_compile_engine_without_a_cpp_compiler_is_one_error_before_work(tmp_path):
     """Inductor's CPU step needs a C++ compiler: without one, --engine compile failed at the first
     batch (after loading the networks and writing run.json) in a long traceback."""
     import torch._inductor.config
 
     from fastdiff.runs import RunError, sample_run
 
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(tmp_path / "no-g++")))
-    with pytest.raises(EngineError, match="needs a C\\+\\+ compiler"):
-        fastdiff.Sampler(torch.nn.Conv2d(1, 1, 1), _diffusion(), engine="compile", image_shape=(1, 4, 4))
-    with pytest.raises(RunError, match="needs a C\\+\\+ compiler"):
-        sample_run(tmp_path / "out", engine="compile", device="cpu", threads=1)
+    with torch._inductor.config.patch({"cpp.cxx": (None, str(tmp_path / "no-g++"))}):
+        with pytest.raises(EngineError, match="needs a C\\+\\+ compiler"):
+            fastdiff.Sampler(torch.nn.Conv2d(1, 1, 1), _diffusion(), engine="compile", image_shape=(1, 4, 4))
+        with pytest.raises(RunError, match="needs a C\\+\\+ compiler"):
+            sample_run(tmp_path / "out", engine="compile", device="cpu", threads=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_compile_engine_tests_leave_torchs_config_whole():
+    """The compile engine tests above patch torch's config with its own ``config.patch``: pytest's
+    monkeypatch (9.2) undid a torch config by deleting it, so every later compile in the process
+    failed (AttributeError: torch._dynamo.config.recompile_limit, torch._inductor.config.cpp.cxx
+    does not exist), the compile engine's one-line check included. Run after them, in file order."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    assert torch._dynamo.config.recompile_limit >= 8
+    assert isinstance(torch._inductor.config.cpp.cxx, tuple)
