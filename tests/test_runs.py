@@ -54,6 +54,24 @@ def test_a_user_error_is_a_run_error(tmp_path):
     assert not (tmp_path / "a").exists()  # refused before the folder was made
 
 
+def test_triton_mode_without_triton_is_one_run_error(tmp_path, monkeypatch):
+    """FASTDIFF_OPS=triton asks for the kernels: without triton every op silently ran its
+    PyTorch reference instead. A run (and gd-run) says so before any work."""
+    from fastdiff.cli.gd_run import gd_run_command
+    from fastdiff.ops import _backend
+
+    monkeypatch.setattr(_backend, "_TRITON", False)
+    monkeypatch.setenv("FASTDIFF_OPS", "triton")
+    with pytest.raises(RunError, match="FASTDIFF_OPS=triton runs the Triton kernels, but triton is not"):
+        fastdiff.sample_run(tmp_path / "a", **TINY)
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "script.py").write_text("raise SystemExit('the script ran')\n")
+    res = CliRunner().invoke(gd_run_command, [str(tmp_path / "script.py")])
+    assert res.exit_code == 1 and "triton is not installed" in res.output and "Traceback" not in res.output
+    monkeypatch.setenv("FASTDIFF_OPS", "reference")
+    fastdiff.runs.device.check_ops_mode()  # other modes need no triton
+
+
 def test_a_folder_holding_a_run_needs_resume_and_resume_continues_it(tmp_path):
     out = tmp_path / "run"
     assert fastdiff.sample_run(out, **TINY)["images"] == 3

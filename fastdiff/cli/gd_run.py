@@ -34,10 +34,10 @@ def _check(engine: str | None) -> None:
     import torch
 
     from fastdiff.engines import EngineError, check_engine
-    from fastdiff.ops._backend import ops_mode
+    from fastdiff.runs.device import check_ops_mode
 
     try:
-        ops_mode()  # FASTDIFF_OPS, set from --ops by now
+        check_ops_mode()  # FASTDIFF_OPS, set from --ops by now
         if engine is not None and engine != "auto":
             check_engine(engine, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     except (EngineError, ValueError) as e:

@@ -87,13 +87,16 @@ def resolve_device(name: str) -> torch.device:
 
 def check_ops_mode() -> None:
     """FASTDIFF_OPS, read by every op as it runs: a bad value is one line before any work, not
-    the first layer's ValueError traceback."""
-    from fastdiff.ops._backend import ops_mode
+    the first layer's ValueError traceback; so is ``triton`` without triton installed, where every
+    op would silently run its PyTorch reference instead of the kernels asked for."""
+    from fastdiff.ops._backend import ops_mode, triton_available
 
     try:
-        ops_mode()
+        mode = ops_mode()
     except ValueError as e:
         raise RunError(str(e)) from None
+    if mode == "triton" and not triton_available():
+        raise RunError("FASTDIFF_OPS=triton runs the Triton kernels, but triton is not installed")
 
 
 def check_seed(seed: int, option: str) -> None:
