@@ -155,3 +155,88 @@ def test_default_steps_are_capped_at_the_models():
     assert respacing_for("ddim", None, None, 1000) == "ddim25"
     with pytest.raises(RunError, match="--steps must be between 2 and 100, got 250"):
         respacing_for("ddpm", 250, None, 100)
+
+
+class _Stop(Exception):
+    """Ends a faked rank's run at its first barrier (the other rank's batches never come)."""
+
+
+def _two_ranks(monkeypatch, rank: int, events: list, notes=(None, None)) -> None:
+    """This process as rank ``rank`` of 2: every collective is recorded in ``events``; an
+    all-gather hands back ``notes`` (the ranks' error lines), a broadcast this rank's value."""
+    from fastdiff import distributed
+
+    def gather(obj):
+        events.append("gather")
+        return list(notes)
+
+    def barrier():
+        events.append("barrier")
+        raise _Stop
+
+    monkeypatch.setattr(distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "all_gather_objects", gather)
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj: obj)
+    monkeypatch.setattr(distributed, "barrier", barrier)
+
+
+@pytest.mark.parametrize("command", ["sample", "interpolate"])
+def test_rank_0_builds_a_cached_engine_before_the_others_go_on(tmp_path, monkeypatch, command):
+    """Every rank exported the same ONNX graph at once under torchrun (92 s each on the CPU; a
+    TensorRT build per GPU): rank 0 now builds the onnx step before a collective every rank waits
+    at, so the others find its file in the cache."""
+    from fastdiff import distributed, engines
+    from fastdiff.runs import DDIMOptions, interpolate
+
+    events = []
+
+    def onnx(step, device):  # the export and its session, recorded; eager's step runs
+        if step is not None:
+            events.append("build")
+        return step
+
+    def gathered(obj):  # the strip's frames reach rank 0: the run is over
+        events.append("gather_objects")
+        raise _Stop
+
+    monkeypatch.setitem(engines.ENGINES, "onnx", onnx)
+    monkeypatch.setattr(distributed, "gather_objects", gathered)
+    _two_ranks(monkeypatch, 0, events)
+    with pytest.raises(_Stop):
+        if command == "sample":
+            fastdiff.sample_run(tmp_path / "run", **TINY, engine="onnx")
+        else:
+            options = DDIMOptions(steps=2, engine="onnx", threads=1, device="cpu")
+            interpolate("1", "2", tmp_path / "s.png", options, frames=3, label=3, batch_size=2)
+    # the checks, then the build and the gather the other rank waits at, then the batches (and
+    # the gather that ends their phase)
+    after = ["barrier"] if command == "sample" else ["gather", "gather_objects"]
+    assert events.count("build") == 1 and events[-2 - len(after) :] == ["build", "gather", *after], events
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rank_0s_engine_build_failure_is_every_ranks_line(monkeypatch, rank):
+    import types
+
+    from fastdiff.engines import EngineError
+    from fastdiff.runs.sampling import built_once
+
+    line = "cannot write to the ONNX cache /x (FASTDIFF_CACHE sets where it is)"
+    built = []
+
+    def warmup(labels, n, model_kwargs):
+        built.append(n)
+        raise EngineError(line)
+
+    sampler = types.SimpleNamespace(engine="onnx", warmup=warmup)
+    built_once(sampler, 2)  # outside torchrun: nothing now, the first batch builds it
+    assert built == []
+    events = []
+    _two_ranks(monkeypatch, rank, events, notes=(line, None))
+    with pytest.raises(RunError, match="^cannot write to the ONNX cache /x"):
+        built_once(sampler, 2)
+    assert built == ([2] if rank == 0 else []) and events == ["gather"]  # rank 1 waited, built nothing
+    built_once(types.SimpleNamespace(engine="eager", warmup=warmup), 2)  # its own build per rank
+    assert events == ["gather"]

@@ -138,6 +138,10 @@ def _trt(step, device: torch.device) -> StepFn:
     return _exported(lambda: trt_engine(step, device))
 
 
+# The engines whose build is a file in a cache later processes load (the ONNX export, the
+# TensorRT engine): under torchrun one rank builds it and the others load it, not N builds at once.
+CACHED_BUILDS = ("onnx", "trt")
+
 ENGINES: dict[str, Callable[..., StepFn]] = {
     "eager": _eager,
     "compile": _compile,
@@ -196,6 +200,7 @@ def build_engine(name: str, step, device: torch.device) -> StepFn:
 
 
 __all__ = [
+    "CACHED_BUILDS",
     "ENGINES",
     "BatchParallelStep",
     "EngineError",

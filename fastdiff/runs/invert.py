@@ -41,7 +41,7 @@ from fastdiff.runs.errors import RunError, check_arguments
 from fastdiff.runs.folder import check_writable, locked_run_folder
 from fastdiff.runs.loading import LoadedModel, load_diffusion_model
 from fastdiff.runs.plan import class_ids, respacing_for
-from fastdiff.runs.sampling import batch_generator, make_sampler
+from fastdiff.runs.sampling import batch_generator, built_once, make_sampler
 
 _CLASS_IN_NAME = re.compile(r"_class(\d+)$")
 
@@ -154,7 +154,7 @@ def _batches(n: int, size: int):
     return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
-def _dealt(n: int, size: int, work, what: str) -> list | None:
+def _dealt(sampler: Sampler, n: int, size: int, work, what: str) -> list | None:
     """``work(lo, hi)`` for this rank's share of the batches of ``size``: every batch's result in
     batch order on rank 0 (without torchrun: this process), None on the other ranks. A failure on
     any rank ends every rank (ranks.agreed); ``what`` names the items in its line."""
@@ -167,6 +167,7 @@ def _dealt(n: int, size: int, work, what: str) -> list | None:
         except EngineError as e:  # an engine builds its step on the first batch of a size
             raise RunError(str(e)) from None
 
+    built_once(sampler, min(size, n))  # rank 0 exports a cached graph, the others load it
     with ranks.agreed("sampling"):
         mine = [run(lo, hi) for lo, hi in ranks.share(_batches(n, size))]
     parts = distributed.gather_objects(mine)
@@ -344,7 +345,7 @@ def invert_images(
         return x_T.cpu().numpy(), to_uint8(sampler(y, noise=x_T)), edit
 
     with locked_run_folder(out, holder="fastdiff invert", record=None):
-        done = _dealt(len(paths), batch_size, work, "images")
+        done = _dealt(sampler, len(paths), batch_size, work, "images")
         record = None
         with ranks.agreed("writing the results"):  # rank 0 writes; a full disk stops every rank
             if done is not None:
@@ -422,7 +423,7 @@ def interpolate(
         y = None if label is None else torch.full((hi - lo,), label, device=dev)
         return to_uint8(sampler(y, noise=path[lo:hi]))
 
-    images = _dealt(frames, batch_size, work, "frames")
+    images = _dealt(sampler, frames, batch_size, work, "frames")
     with ranks.agreed("writing the strip"):
         if images is not None:
             try:

@@ -16,7 +16,7 @@ import torch
 
 from fastdiff import distributed
 from fastdiff.diffusion import SamplingError
-from fastdiff.engines import EngineError
+from fastdiff.engines import CACHED_BUILDS, EngineError
 from fastdiff.engines.sampler import Sampler
 from fastdiff.files import to_uint8
 from fastdiff.runs import ranks
@@ -69,6 +69,22 @@ def make_sampler(
         raise RunError(str(e)) from None
 
 
+def built_once(sampler: Sampler, n: int, model_kwargs: dict | None = None) -> None:
+    """Under torchrun, the step for batches of ``n`` built (and warmed up, as a first batch
+    would) by rank 0 alone while the other ranks wait, when the engine's build is a cached file
+    (the ONNX export, the TensorRT engine): the others then load that file instead of every rank
+    exporting the same graph at once (minutes each, or a TensorRT build per GPU). Rank 0's
+    failure is every rank's one line (ranks.agreed). Without torchrun the first batch builds it."""
+    if not distributed.is_initialized() or sampler.engine not in CACHED_BUILDS:
+        return
+    with ranks.agreed("building the engine"):
+        if distributed.is_main():
+            try:
+                sampler.warmup(None, n, model_kwargs)
+            except EngineError as e:
+                raise RunError(str(e)) from None
+
+
 def plan_sampler(loaded: LoadedModel, classifier: LoadedModel | None, plan: Plan, device) -> Sampler:
     """The Sampler a plan describes."""
     return make_sampler(
@@ -115,6 +131,9 @@ def run_sampling(
     batches = plan.batches(num_samples)
     missing = [i for i in range(len(batches)) if i not in done]
     todo = ranks.share(missing)  # any split gives the same files: a batch's noise is its own
+    if missing:
+        lo, hi = batches[missing[0]]
+        built_once(sampler, hi - lo, None if conditioning is None else conditioning(lo, hi))
     steps = sampler.diffusion.num_timesteps
     labels_all = None if plan.labels is None else np.asarray(plan.labels, dtype=np.int64)
     # The labels are written either way; an unconditional model whose classifier has scale 0
