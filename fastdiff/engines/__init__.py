@@ -178,7 +178,7 @@ def check_engine(
         _compile(None, torch.device(device))
     if name == "parallel" and torch.device(device).type != "cpu":
         _parallel(None, torch.device(device))
-    if name in ("onnx", "trt"):
+    if name in CACHED_BUILDS:
         ENGINES[name](None, torch.device(device))
         if dtype == torch.bfloat16:  # the exported graphs are fp32 or fp16
             raise EngineError(f"engine '{name}' runs fp32 or fp16 graphs; use --dtype fp32")

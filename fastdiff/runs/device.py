@@ -10,7 +10,7 @@ import torch
 
 from fastdiff import distributed
 from fastdiff.diffusion.samplers import check_eta, get_sampler
-from fastdiff.engines import EngineError, check_engine, default_engine
+from fastdiff.engines import CACHED_BUILDS, EngineError, check_engine, default_engine
 from fastdiff.engines.sampler import DTYPES
 from fastdiff.runs import ranks
 from fastdiff.runs.errors import RunError
@@ -141,7 +141,7 @@ def check_run_options(
         check_engine(engine, dev, DTYPES[dtype], batch_size)
     except EngineError as e:
         raise RunError(str(e)) from None
-    if engine in ("onnx", "trt"):  # they export into the cache on first use
+    if engine in CACHED_BUILDS:  # they export into the cache on first use
         from fastdiff.export.onnx_runtime import cache_dir
 
         check_writable(cache_dir(), f"the ONNX cache {cache_dir()} (FASTDIFF_CACHE sets where it is)")
