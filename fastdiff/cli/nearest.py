@@ -4,6 +4,8 @@ Writes to --out: ``nearest.json`` (thresholds, distance percentiles, flagged sam
 ``nearest.npz`` (every sample's neighbours and distances in both spaces), ``nearest.png``
 (the most suspicious samples, each followed by its nearest training images in feature space,
 then in pixels) and ``distances.png`` (sample-to-train against held-out-to-train distances).
+Under torchrun each rank computes the features of its block of batches (fastdiff.runs.features)
+and rank 0, having gathered them, measures the distances, writes and prints.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def nearest_command(
 
     A sample nearer to a training image (in feature space or in pixels) than all but --quantile
     of the held-out images are is flagged."""
+    from fastdiff import distributed
     from fastdiff.evaluation.metrics import EvaluationError
     from fastdiff.evaluation.nearest import (
         MemorisationReport,
@@ -134,10 +137,11 @@ def nearest_command(
         pixels,
         training_copies,
     )
-    from fastdiff.evaluation.networks import compute_activations
     from fastdiff.evaluation.npz import read_npz
     from fastdiff.files import atomic_write, save_grid
+    from fastdiff.runs import ranks
     from fastdiff.runs.device import choose_threads, resolve_device
+    from fastdiff.runs.features import features_over_ranks
     from fastdiff.runs.folder import check_writable
     from fastdiff.training.data import DataError
 
@@ -148,7 +152,7 @@ def nearest_command(
         raise click.ClickException(
             "--held-out is needed with this --data: images of the same kind never trained on"
         )
-    dev = resolve_device(device)
+    dev = ranks.join(resolve_device(device))
     choose_threads(threads)
     try:
         config = NearestConfig(k=k, quantile=quantile, device=str(dev))
@@ -157,29 +161,30 @@ def nearest_command(
         net.check_images(smp.shape)
         train = load_images(data, smp.image_shape)
         held = load_images(held_out or data, smp.image_shape, split="val")
-        copies = training_copies(held, train, config)
+        # Under torchrun: rank 0 finds the copies, each rank computes its block of every set's
+        # features, and rank 0 alone measures the distances and writes; the others stop here.
+        copies = ranks.decided_by_main(
+            "finding training copies", lambda: training_copies(held, train, config)
+        )
         held = held[~copies]
         if len(held) < 2:
             raise EvaluationError(
                 f"the held-out set holds {len(held)} image(s) that are not training images; the "
                 "distribution needs more"
             )
-        if copies.any():
+        if copies.any() and distributed.is_main():
             click.echo(
                 f"warning: {int(copies.sum())} of {len(copies)} held-out images are training images; "
                 "they are left out of the threshold",
                 err=True,
             )
-        bars = progress_bars(progress)
+        feats = features_over_ranks(net, batch_size, dev, progress_bars(progress and distributed.is_main()))
         images = np.concatenate(list(smp.batches(4096)))
-
-        def feats(x, what):
-            return compute_activations(net, x, batch_size, dev, bars(what, len(x))).pool
-
+        spaces = [feats(images, "samples"), feats(train, "train"), feats(held, "held-out")]
+        if not distributed.is_main():
+            return
         report = MemorisationReport(
-            features=check_space(
-                feats(images, "samples"), feats(train, "train"), feats(held, "held-out"), config
-            ),
+            features=check_space(*(s.pool for s in spaces), config),
             pixels=check_space(pixels(images), pixels(train), pixels(held), config),
             feature_network=net.name,
             quantile=quantile,

@@ -1,5 +1,6 @@
-"""``fastdiff evaluate``'s feature pass over torchrun's ranks: the batches cut where one process
-cuts them, so the gathered features, and the scores, are one process's."""
+"""The feature pass of ``fastdiff evaluate`` and ``fastdiff nearest`` over torchrun's ranks: the
+batches cut where one process cuts them, so the gathered features, and the scores, are one
+process's."""
 
 from __future__ import annotations
 
@@ -12,22 +13,20 @@ from fastdiff.runs import ranks
 from fastdiff.runs.errors import RunError
 
 
-def features_over_ranks(net, config, progress):
-    """``activations(batch, what)`` for fastdiff.evaluation.scores.evaluate: each rank its block
+def features_over_ranks(net, batch_size: int, device, progress):
+    """``activations(batch, what)`` (fastdiff.evaluation.scores.evaluate takes it): each rank its block
     of batches, gathered in order on rank 0; None on the other ranks. A user error on any rank is
     every rank's RunError. ``progress(what, images)`` gives the callback a rank's pass reports to.
     """
 
     def features(batch, what: str) -> Activations | None:
-        mine = ranks.share(range(num_batches(batch, config.batch_size)))
+        mine = ranks.share(range(num_batches(batch, batch_size)))
         done = None
         with ranks.agreed(f"computing the {what} features"):
             if len(mine):
-                images = min(len(batch), mine.stop * config.batch_size) - mine.start * config.batch_size
+                images = min(len(batch), mine.stop * batch_size) - mine.start * batch_size
                 try:
-                    done = compute_activations(
-                        net, batch, config.batch_size, config.device, progress(what, images), mine
-                    )
+                    done = compute_activations(net, batch, batch_size, device, progress(what, images), mine)
                 except EvaluationError as e:
                     raise RunError(str(e)) from None
         parts = [p for p in distributed.gather_objects(done) or [] if p is not None]

@@ -3,7 +3,8 @@
 Rank 0 owns the run folder (its lock, run.json, the final npz and grid); the batches still
 missing are split over the ranks in contiguous blocks, and every batch's noise depends only on
 (seed, batch index), so any number of ranks, and any resume, writes the same files as one
-process. ``fastdiff evaluate`` splits its feature batches the same way and gathers them on rank 0.
+process. ``fastdiff evaluate`` and ``fastdiff nearest`` split their feature batches the same way
+and gather them on rank 0.
 A user error (RunError) that any rank meets before the work starts (a check only rank 0 makes, a file one
 node lacks) ends every rank with the same line instead of leaving the others waiting at the
 next collective. Without torchrun every helper here is a no-op.
