@@ -52,6 +52,12 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun numbered it (RANK), 0 without torchrun: known without a
+    process group, for work only rank 0 does (printing, taking a lock) that needs no collective."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def launched() -> bool:
     """True when torchrun started this process as one of several ranks (WORLD_SIZE > 1)."""
     return launched_world_size() > 1

@@ -275,3 +275,16 @@ def test_a_rank_without_its_own_gpu_is_one_line(monkeypatch, device, gpus, messa
     monkeypatch.setattr("torch.cuda.device_count", lambda: gpus)
     with pytest.raises(RunError, match=message):
         ranks.join(torch.device(device))
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_presets_print_once_per_job(monkeypatch, rank, printed):
+    """Every rank printed the listing (N copies interleaved in torchrun's output); rank 0 alone
+    does now, and a bad NAME is still every rank's one-line error."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    for args in (["presets"], ["presets", "mnist"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0 and bool(r.output) == printed, r.output
+    r = CliRunner().invoke(main, ["presets", "nosuch"])
+    assert r.exit_code == 1 and r.output.startswith("Error: unknown preset 'nosuch'"), r.output

@@ -7,12 +7,12 @@ Multi-GPU / multi-node: launch the same command under torchrun, e.g.
 from __future__ import annotations
 
 import dataclasses
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
+from fastdiff import distributed
 from fastdiff.files import remove_temp_files
 from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.flags import FlagError, configs_from_flags, flags_of, parse_flags
@@ -101,7 +101,7 @@ def _check_options(o: dict) -> None:
 @contextmanager
 def locked_out(out: str):
     """Hold ``out`` under an exclusive lock for the run (rank 0 only: the ranks share it)."""
-    if os.environ.get("RANK", "0") != "0":
+    if distributed.launched_rank() != 0:
         yield
         return
     folder = Path(out)
