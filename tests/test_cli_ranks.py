@@ -203,6 +203,41 @@ def test_invert_and_interpolate_deal_their_batches_over_ranks(reference, tmp_pat
             assert one.read_bytes() == two.read_bytes()
 
 
+FAILING_EXPORT = """
+import sys
+
+import fastdiff.export
+from fastdiff.cli.main import main
+from fastdiff.export import ExportError
+
+
+def fails(*args, **kwargs):
+    raise ExportError("the disk is full")
+
+
+fastdiff.export.export_onnx = fails
+main(["export", "onnx", "--out", sys.argv[1], "--no-validate"])
+"""
+
+
+@pytest.mark.slow  # torchrun jobs, as the other multi-process checks
+def test_export_onnx_is_written_once_and_its_failure_is_every_ranks(tmp_path):
+    """Every rank exported the same graph at once (N traces, N validations) and renamed its copy
+    onto the same file; rank 0 alone does now, and its error ends every rank with its line."""
+    onnx = pytest.importorskip("onnx")
+    args = ["-m", "fastdiff.cli.main", "export", "onnx", "--no-validate", "--out", str(tmp_path / "two")]
+    rc, output = torchrun(tmp_path, command=args)
+    assert rc == 0, output[-3000:]
+    assert output.count("wrote ") == 1, output[-3000:]
+    (graph,) = (tmp_path / "two").iterdir()  # no temporary file left behind
+    onnx.checker.check_model(str(graph))
+    (tmp_path / "fails.py").write_text(FAILING_EXPORT)
+    rc, output = torchrun(tmp_path, command=[str(tmp_path / "fails.py"), str(tmp_path / "three")])
+    assert rc != 0
+    assert output.count("Error: the disk is full") == 2, output[-3000:]
+    assert "fastdiff/cli" not in output  # no traceback of ours
+
+
 AGREE = """
 import os
 

@@ -1,7 +1,8 @@
 """``fastdiff export onnx|trt``: the guided denoiser as an ONNX file, and a TensorRT engine from it.
 
 An upsampler (a superres preset, or flags with a small size) exports with its ``low_res`` input
-at its small size, without guidance (ADM-U has none)."""
+at its small size, without guidance (ADM-U has none). Under torchrun rank 0 alone writes (and
+validates) while the other ranks wait: every rank checks the options, one exports."""
 
 from __future__ import annotations
 
@@ -18,6 +19,25 @@ def export_command():
 
 def _fail(e: Exception) -> click.ClickException:
     return click.ClickException(" ".join(str(e).split()))
+
+
+def _once(what: str, work) -> None:
+    """``work()`` (writing, validating, printing) by rank 0 alone under torchrun, the other ranks
+    waiting: one file instead of N ranks exporting it at once and renaming onto the same path.
+    Its error is every rank's one line; without torchrun it just runs."""
+    import torch
+
+    from fastdiff.runs import RunError, ranks
+
+    ranks.join(torch.device("cpu"))  # a gloo group to wait in; rank 0's work picks its own device
+
+    def one_line():
+        try:
+            work()
+        except click.ClickException as e:  # ranks.agreed passes RunError's line to the others
+            raise RunError(e.format_message()) from None
+
+    ranks.decided_by_main(what, one_line)
 
 
 @export_command.command("onnx")
@@ -101,29 +121,35 @@ def export_onnx_command(
     meta = {"preset": preset or "", "checkpoint_sha256": loaded.identity["sha256"]}
     check_writable(out, f"--out {out}")  # before the trace, not after it
     _check_replaceable(out / name, loaded.model, clf, null_label, config, low_res_shape)
-    try:
-        result = export_onnx(
-            loaded.model,
-            out / name,
-            classifier=None if clf is None else clf.model,
-            null_label=null_label,
-            low_res_shape=low_res_shape,
-            config=config,
-            metadata=meta,
-        )
-    except ExportError as e:
-        raise _fail(e) from None
-    from fastdiff.export.onnx_runtime import remember
 
-    nodes = sum(result.node_counts.values())
-    click.echo(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, {nodes} nodes)")
-    if validate:
-        report = validate_export(result.path, loaded.model, None if clf is None else clf.model, null_label)
-        click.echo(report.summary())
-        if not report.ok:  # kept for inspection, but not offered to --engine onnx
-            raise click.ClickException(f"{result.path} does not match PyTorch: {report.summary()}")
-    if result.bytes < 2**31 and not (out / f"{name}.data").exists():
-        remember(result.path, result.hash, max_batch)  # fastdiff sample --engine onnx then finds it
+    def export():
+        try:
+            result = export_onnx(
+                loaded.model,
+                out / name,
+                classifier=None if clf is None else clf.model,
+                null_label=null_label,
+                low_res_shape=low_res_shape,
+                config=config,
+                metadata=meta,
+            )
+        except ExportError as e:
+            raise _fail(e) from None
+        from fastdiff.export.onnx_runtime import remember
+
+        nodes = sum(result.node_counts.values())
+        click.echo(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, {nodes} nodes)")
+        if validate:
+            report = validate_export(
+                result.path, loaded.model, None if clf is None else clf.model, null_label
+            )
+            click.echo(report.summary())
+            if not report.ok:  # kept for inspection, but not offered to --engine onnx
+                raise click.ClickException(f"{result.path} does not match PyTorch: {report.summary()}")
+        if result.bytes < 2**31 and not (out / f"{name}.data").exists():
+            remember(result.path, result.hash, max_batch)  # fastdiff sample --engine onnx then finds it
+
+    _once("exporting the graph", export)
 
 
 def _check_replaceable(path: Path, model, clf, null_label, config, low_res_shape) -> None:
@@ -181,7 +207,14 @@ def export_trt_command(onnx_path, out, precision, min_batch, opt_batch, max_batc
             raise ExportError(f"--max-batch {max_batch} is above the graph's maximum {graph.max_batch}")
         check_writable(out, f"--out {out}")  # before the build (minutes), not after it
         key = engine_key(graph, config, trt.__version__, gpu_key())
-        path = build_engine(graph, out / f"denoiser-{key}.engine", config, out / "timing.cache")
     except ExportError as e:
         raise _fail(e) from None
-    click.echo(f"wrote {path}")
+
+    def build():
+        try:
+            path = build_engine(graph, out / f"denoiser-{key}.engine", config, out / "timing.cache")
+        except ExportError as e:
+            raise _fail(e) from None
+        click.echo(f"wrote {path}")
+
+    _once("building the engine", build)
