@@ -571,6 +571,40 @@ def test_gd_run_under_torchrun(checkpoints, tmp_path):
     assert (tmp_path / "log" / "log-rank001.txt").is_file()
 
 
+@pytest.mark.slow
+def test_gd_run_under_torchrun_exports_an_onnx_engine_once(checkpoints, tmp_path):
+    """The compat loops' onnx engine was exported by every rank at once (N traces of the same
+    graph, renamed onto one cache file); rank 0 exports it now and rank 1 loads it. An engine
+    that cannot run the loop (onnx with the script's own cond_fn) is every rank's one line."""
+    pytest.importorskip("onnxruntime")
+    model_path, classifier_path = checkpoints
+    flags = {**TINY, "timestep_respacing": "2"}
+    model = ["--model_path", str(model_path), *flag_args(flags), "--num_samples", "4", "--batch_size", "2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(
+        FASTDIFF_GD_ENGINE="onnx", FASTDIFF_CACHE=str(tmp_path / "cache"), OPENAI_LOGDIR=str(tmp_path / "log")
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    torchrun += ["-m", "fastdiff.cli.gd_run"]
+    res = subprocess.run(
+        [*torchrun, str(SCRIPTS / "sample_images.py"), *model],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("exporting the denoiser to ONNX") == 1, res.stderr[-3000:]
+    assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 1
+    guided = [str(SCRIPTS / "sample_guided.py"), *model, "--classifier_path", str(classifier_path)]
+    guided += flag_args(TINY_CLASSIFIER)[2:]
+    res = subprocess.run([*torchrun, *guided], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    line = "Error: engine 'onnx' exports fastdiff's classifier guidance, not a custom cond_fn\n"
+    assert res.stderr.count(line) == 2, res.stderr[-3000:]
+    assert "fastdiff/compat" not in res.stderr  # no traceback of ours
+
+
 # ---------------------------------------------------------------- beside the original code
 
 

@@ -6,11 +6,12 @@ super_res_sample.py) run on checkpoints the original saved and write their npz t
 and the training and likelihood scripts (image_train.py, classifier_train.py,
 super_res_train.py, image_nll.py) write the original's checkpoints and logs there. No MPI: one
 process is a one-process group; under torchrun (``torchrun --nproc_per_node N -m
-fastdiff.cli.gd_run SCRIPT ...``) each process is one rank. fastdiff's own input errors raised
-inside the script (bad data folder, unknown schedule sampler, missing or unreadable checkpoint,
-impossible respacing) end it with one line, as does a sampling loop that produced NaN/Inf (where
-the original writes garbage images, compat's loops raise, as ``fastdiff sample`` reports it);
-anything else keeps its traceback.
+fastdiff.cli.gd_run SCRIPT ...``) each process is one rank, and an ``onnx``/``trt`` engine is
+exported (built) once for the job by rank 0, the other ranks loading it. fastdiff's own input
+errors raised inside the script (bad data folder, unknown schedule sampler, missing or unreadable
+checkpoint, impossible respacing, an engine that cannot run the script's loop) end it with one
+line, as does a sampling loop that produced NaN/Inf (where the original writes garbage images,
+compat's loops raise, as ``fastdiff sample`` reports it); anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -98,12 +99,23 @@ def gd_run_command(engine, ops, script, script_args):
     sys.argv = [script, *script_args]
     sys.path.insert(0, os.path.dirname(path))  # as `python SCRIPT` does
     from fastdiff.diffusion import SamplingError
+    from fastdiff.engines import EngineError
     from fastdiff.models.checkpoint import CheckpointError
+    from fastdiff.runs import RunError
     from fastdiff.training import ConfigError, DataError, TrainingError
 
+    user_errors = (
+        ConfigError,
+        DataError,
+        TrainingError,
+        CheckpointError,
+        SamplingError,
+        EngineError,
+        RunError,
+    )
     try:
         runpy.run_path(path, run_name="__main__")
-    except (ConfigError, DataError, TrainingError, CheckpointError, SamplingError) as e:
+    except user_errors as e:
         raise click.ClickException(str(e)) from None
     finally:
         import torch.distributed as dist
