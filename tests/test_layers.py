@@ -16,8 +16,8 @@ LAYERS = [
     "evaluation",
     "engines",
     "training",
-    "compat",
     "runs",
+    "compat",
     "cli",
 ]
 SHARED = {"config", "files", "distributed", "assets"}

@@ -89,27 +89,6 @@ def loop_engine(device) -> str:
     return default_engine(torch.device(device)) if name == "auto" else name
 
 
-def _build_once(engine: str, step, device):
-    """``build_engine``; under torchrun, when the build is a cached file (the ONNX export, the
-    TensorRT engine), rank 0 builds first and the other ranks then load it, as fastdiff's own runs
-    do (runs.sampling.built_once), instead of every rank exporting the same graph at once. A
-    script's ranks reach a loop's build together (the same batches), so they can wait there;
-    rank 0's failure is every rank's line."""
-    from .. import distributed
-    from ..engines import CACHED_BUILDS, EngineError, build_engine
-    from ..runs import RunError, ranks
-
-    if engine not in CACHED_BUILDS or distributed.world_size() == 1:
-        return build_engine(engine, step, device)
-    with ranks.agreed("building the engine"):
-        if distributed.is_main():
-            try:
-                run = build_engine(engine, step, device)
-            except EngineError as e:
-                raise RunError(str(e)) from None
-    return run if distributed.is_main() else build_engine(engine, step, device)
-
-
 def _draw_like(x: torch.Tensor) -> torch.Tensor:
     return torch.randn_like(x)
 
@@ -187,6 +166,8 @@ class GaussianDiffusion(diffusion.GaussianDiffusion):
         """The engine's step, reused by the next loop of the same model, guidance and batch shape:
         the keyword tensors (labels, low_res) are copied into its buffers, so a script's batches
         compile or capture once, as ``fastdiff.Sampler`` does per batch size."""
+        from ..engines import build_engine
+        from ..runs.sampling import main_builds_first
 
         def layout(kwargs):
             # Other values are baked into the step: the same objects only (the buffers keep them alive).
@@ -208,7 +189,9 @@ class GaussianDiffusion(diffusion.GaussianDiffusion):
         buffers = {k: v.clone() if torch.is_tensor(v) else v for k, v in model_kwargs.items()}
         step, rule = self._step(sampler, model, x, clip_denoised, denoised_fn, cond_fn, buffers, eta)
         step.prepare(x)
-        run = _build_once(engine, step, x.device)
+        # under torchrun rank 0 exports a cached graph first and the other ranks load it; a
+        # script's ranks reach a loop's build together (the same batches)
+        run = main_builds_first(engine, lambda: build_engine(engine, step, x.device))
         # One entry: a diffusion object keeps at most one compiled or captured step alive.
         self._cache["compat-engine"] = (users, setting, layout(model_kwargs), buffers, run, rule)
         return run, rule

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -69,20 +70,36 @@ def make_sampler(
         raise RunError(str(e)) from None
 
 
-def built_once(sampler: Sampler, n: int, model_kwargs: dict | None = None) -> None:
-    """Under torchrun, the step for batches of ``n`` built (and warmed up, as a first batch
-    would) by rank 0 alone while the other ranks wait, when the engine's build is a cached file
-    (the ONNX export, the TensorRT engine): the others then load that file instead of every rank
-    exporting the same graph at once (minutes each, or a TensorRT build per GPU). Rank 0's
-    failure is every rank's one line (ranks.agreed). Without torchrun the first batch builds it."""
-    if not distributed.is_initialized() or sampler.engine not in CACHED_BUILDS:
-        return
+T = TypeVar("T")
+
+
+def main_builds_first(engine: str, build: Callable[[], T]) -> T:
+    """``build()``; under torchrun, when the engine's build is a cached file (the ONNX export,
+    the TensorRT engine), rank 0 runs it alone while the other ranks wait, and they run it after
+    (loading that file) instead of every rank exporting the same graph at once (minutes each, or
+    a TensorRT build per GPU). Rank 0's failure is every rank's one line (ranks.agreed)."""
+    if not distributed.is_initialized() or engine not in CACHED_BUILDS:
+        return build()
     with ranks.agreed("building the engine"):
         if distributed.is_main():
             try:
-                sampler.warmup(None, n, model_kwargs)
+                built = build()
             except EngineError as e:
                 raise RunError(str(e)) from None
+    return built if distributed.is_main() else build()
+
+
+def built_once(sampler: Sampler, n: int, model_kwargs: dict | None = None) -> None:
+    """Under torchrun, the step for batches of ``n`` built (and warmed up, as a first batch
+    would) before the batches, by rank 0 first (:func:`main_builds_first`). Without torchrun the
+    first batch builds it."""
+
+    def build() -> None:  # the other ranks load the file at their first batch, if they have one
+        if distributed.is_main():
+            sampler.warmup(None, n, model_kwargs)
+
+    if distributed.is_initialized() and sampler.engine in CACHED_BUILDS:
+        main_builds_first(sampler.engine, build)
 
 
 def plan_sampler(loaded: LoadedModel, classifier: LoadedModel | None, plan: Plan, device) -> Sampler:
