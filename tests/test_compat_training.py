@@ -296,9 +296,68 @@ def gd_logger_kvs() -> dict:
     return kvs
 
 
+def test_fp16_master_params_are_the_originals_flat_masters(capsys):
+    """classifier_train.py builds AdamW over ``master_params`` and saves / loads its state itself:
+    in fp16 they are the original's two flat fp32 masters, which the model's weights are views
+    of, and ``lg_loss_scale`` follows the original's schedule (what progress.csv logs)."""
+    torch.manual_seed(0)
+    flags = dict(image_size=32, classifier_width=32, classifier_depth=1, classifier_attention_resolutions="8")
+
+    def trainer_and_opt():
+        model = gd.create_classifier(**flags, classifier_use_fp16=True)
+        trainer = fp16_util.MixedPrecisionTrainer(
+            model=model, use_fp16=True, fp16_scale_growth=0.25, initial_lg_loss_scale=4.0
+        )
+        return model, trainer, torch.optim.AdamW(trainer.master_params, lr=1e-3)
+
+    def step(scale=1.0):
+        trainer.zero_grad()
+        logits = model(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
+        trainer.backward(torch.nn.functional.cross_entropy(logits, torch.tensor([3, 4])) * scale)
+        return trainer.optimize(opt), gd_logger_kvs()
+
+    model, trainer, opt = trainer_and_opt()
+    params = dict(model.named_parameters())
+    vectors = sum(p.numel() for p in params.values() if p.ndim <= 1)
+    assert [tuple(m.shape) for m in trainer.master_params] == [
+        (vectors,),
+        (1, sum(p.numel() for p in params.values()) - vectors),
+    ]
+    assert {m.dtype for m in trainer.master_params} == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in params.values())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    ok, kvs = step()
+    assert ok and kvs["lg_loss_scale"] == 4.0
+    # the step on the masters is the model's step: the weights are views into them
+    state = trainer.master_params_to_state_dict(trainer.master_params)
+    assert all(torch.equal(state[n], p) for n, p in params.items())
+    assert any(not torch.equal(before[n], p) for n, p in params.items())
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(trainer.state_dict_to_master_params(state), trainer.master_params, strict=True)
+    )
+    # +fp16_scale_growth per good step, -1 on an overflow (the step skipped), logged before
+    assert trainer.lg_loss_scale == 4.25
+    ok, kvs = step(float("inf"))
+    assert not ok and kvs == {"lg_loss_scale": 4.25} and trainer.lg_loss_scale == 3.25
+    assert "Found NaN, decreased lg_loss_scale to 3.25" in capsys.readouterr().out
+    ok, kvs = step()
+    assert ok and kvs["lg_loss_scale"] == 3.25 and trainer.lg_loss_scale == 3.5
+    assert trainer.scaler.get_scale() == pytest.approx(2.0**3.5)  # what the next backward scales by
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["params"] == [0, 1]
+    assert [tuple(saved["state"][i]["exp_avg"].shape) for i in (0, 1)] == [
+        tuple(m.shape) for m in trainer.master_params
+    ]
+    model, trainer, opt = trainer_and_opt()  # the script's resume: opt.load_state_dict(its file)
+    opt.load_state_dict(saved)
+    assert int(opt.state_dict()["state"][1]["step"]) == 2
+
+
 @needs_original
-def test_fp16_optimizer_files_load_into_the_original(monkeypatch):
-    """The original's fp16 MixedPrecisionTrainer (flat fp32 masters) loads fastdiff's optNNNNNN.pt."""
+def test_fp16_optimizer_files_go_both_ways_with_the_original(monkeypatch):
+    """The original's fp16 MixedPrecisionTrainer has the same masters, in the same order: each
+    side's AdamW state loads into the other's."""
     import importlib
 
     monkeypatch.syspath_prepend(ORIGINAL)
@@ -306,24 +365,20 @@ def test_fp16_optimizer_files_load_into_the_original(monkeypatch):
     original_fp16 = importlib.import_module("guided_diffusion.fp16_util")
     flags = {**TINY, "image_size": 16, "use_fp16": True}
     model, _ = gd.create_model_and_diffusion(**flags)
-    trainer = fp16_util.MixedPrecisionTrainer(model=model, use_fp16=True)
-    opt = torch.optim.AdamW(trainer.master_params, lr=1e-4)
-    trainer.backward(model(torch.randn(1, 3, 16, 16), torch.tensor([3]), y=torch.tensor([1])).square().mean())
-    assert trainer.optimize(opt)
-    saved = trainer.opt_state_dict(opt)
-
     theirs, _ = original_util.create_model_and_diffusion(
         **{**original_util.model_and_diffusion_defaults(), **flags}
     )
     theirs.load_state_dict(model.state_dict())
+    trainer = fp16_util.MixedPrecisionTrainer(model=model, use_fp16=True)
     their_trainer = original_fp16.MixedPrecisionTrainer(model=theirs, use_fp16=True)
+    for ours, their in zip(trainer.master_params, their_trainer.master_params, strict=True):
+        assert torch.equal(ours, their)
+    opt = torch.optim.AdamW(trainer.master_params, lr=1e-4)
+    trainer.backward(model(torch.randn(1, 3, 16, 16), torch.tensor([3]), y=torch.tensor([1])).square().mean())
+    assert trainer.optimize(opt)
     their_opt = torch.optim.AdamW(their_trainer.master_params, lr=1e-4)
-    their_opt.load_state_dict(saved)
-    exp_avg = their_opt.state_dict()["state"][1]["exp_avg"]
-    matrices = [opt.state[p]["exp_avg"].reshape(-1) for p in trainer.master_params if p.ndim > 1]
-    assert exp_avg.shape == their_trainer.master_params[1].shape and torch.equal(
-        exp_avg[0], torch.cat(matrices)
-    )
+    their_opt.load_state_dict(opt.state_dict())
+    opt.load_state_dict(their_opt.state_dict())
 
 
 def test_resume_step_names_and_loss_logging():
@@ -385,7 +440,9 @@ def test_train_loop_in_fp16_resumes_its_weights_exactly(tmp_path):
     # As in the original, the output head computes in fp32, so its weight gradient (a sum over
     # every pixel) does not overflow the initial 2**20 loss scale: no step is skipped.
     assert [r["step"] for r in log] == list("012345")
-    assert [float(r["lg_loss_scale"]) for r in log] == [20.0] * 6 and all(r["grad_norm"] for r in log)
+    # The original's schedule: lg_loss_scale grows by fp16_scale_growth (1e-3) per good step.
+    assert [float(r["lg_loss_scale"]) for r in log] == pytest.approx([20 + k / 1000 for k in range(6)])
+    assert all(r["grad_norm"] for r in log)
 
 
 # ---------------------------------------------------------------- gd-run
@@ -478,10 +535,11 @@ def test_gd_run_trains_a_noisy_classifier_in_fp16(images, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     log = rows(tmp_path / "a" / "progress.csv")
     assert [r["step"] for r in log] == ["0", "1"]
-    # The scale starts at 2^16 and halves on a step whose fp16 gradients overflow, as the
-    # original's; whether one does depends on the unseeded draws (as in classifier_train.py).
+    # lg_loss_scale starts at 16, grows by 1e-3 per good step and drops by 1 on a step whose fp16
+    # gradients overflow, as the original's; whether one does depends on the unseeded draws (as
+    # in classifier_train.py).
     scales = [float(r["lg_loss_scale"]) for r in log]
-    assert 16.0 >= scales[0] >= scales[1] >= 14.0 and all(s.is_integer() for s in scales)
+    assert scales[0] == 16.0 and scales[1] in (15.0, 16.001)
     assert any(k.startswith("train_acc@1_q") for k in log[0])
     # a step that overflowed logs no grad_norm (it was skipped), as the original's
     norms = [r.get("grad_norm") for r in log]

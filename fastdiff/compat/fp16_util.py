@@ -1,16 +1,16 @@
 """guided-diffusion's ``fp16_util``: ``MixedPrecisionTrainer`` on torch.amp.
 
-The original keeps fp16 convs in the model and a flattened fp32 copy of the weights
-("master params"), scaling the loss by ``2 ** lg_loss_scale``. Here, as in fastdiff's trainer,
-the weights stay fp32 (``master_params`` are the model's own parameters) and the model's forward
-runs under fp16 autocast, which fastdiff's networks apply where the original puts fp16: the
-torso, not the embeddings or the output head. ``torch.amp.GradScaler`` scales the loss: it
-starts at ``2 ** initial_lg_loss_scale``, halves on an overflow (the step is skipped, as in the
-original) and doubles every ``1 / fp16_scale_growth`` good steps (the original's average
-growth). Model checkpoints are the same fp32 state dicts either way. The optimizer's state is
-per parameter here and over two flat master parameters there: ``opt_state_dict`` and
-``load_opt_state_dict`` convert, so fp16 runs' ``optNNNNNN.pt`` files go both ways too. The
-flattening helpers (``make_master_params`` and the like) are not provided.
+As in fastdiff's trainer, the weights stay fp32 and the model's forward runs under fp16
+autocast, which fastdiff's networks apply where the original puts fp16: the torso, not the
+embeddings or the output head. What a script can see is the original's: in fp16,
+``master_params`` are its two flat fp32 parameters (scalars and vectors in one, matrices in one of
+shape (1, -1), each in model order), so an optimizer a script builds over them saves and loads the
+original's ``optNNNNNN.pt`` (classifier_train.py saves its own); the model's parameters are views
+into them rather than an fp16 copy, so the weights cost no extra memory. ``lg_loss_scale`` follows
+the original's schedule (+``fp16_scale_growth`` per good step, -1 on an overflow, which skips the
+step), which is what progress.csv logs; ``torch.amp.GradScaler`` applies it (scaling, unscaling
+and the overflow check), set to ``2 ** lg_loss_scale`` after every step rather than on its own
+growth schedule. The flattening helpers (``make_master_params`` and the like) are not provided.
 """
 
 from __future__ import annotations
@@ -73,26 +73,31 @@ class MixedPrecisionTrainer:
         self.model_params = list(model.parameters())
         self.master_params = self.model_params
         self.param_groups_and_shapes = None
+        self.lg_loss_scale = initial_lg_loss_scale
         device_type = self.model_params[0].device.type
-        growth_interval = round(1 / fp16_scale_growth) if fp16_scale_growth > 0 else 2**31 - 1
         self.scaler = torch.amp.GradScaler(
-            device_type,
-            init_scale=2.0**initial_lg_loss_scale,
-            growth_factor=2.0,
-            backoff_factor=0.5,
-            growth_interval=max(1, growth_interval),
-            enabled=bool(use_fp16),
+            device_type, init_scale=2.0**initial_lg_loss_scale, enabled=bool(use_fp16)
         )
-        self._initial_lg_loss_scale = initial_lg_loss_scale
         if use_fp16:
             _autocast_forward(model, device_type)
+            self.param_groups_and_shapes = [
+                ([(n, p) for n, p in model.named_parameters() if p.ndim <= 1], (-1,)),
+                ([(n, p) for n, p in model.named_parameters() if p.ndim > 1], (1, -1)),
+            ]
+            self.master_params = [
+                self._flat_master(group, shape) for group, shape in self.param_groups_and_shapes
+            ]
 
-    @property
-    def lg_loss_scale(self) -> float:
-        """log2 of the loss scale."""
-        if not self.use_fp16:
-            return self._initial_lg_loss_scale
-        return math.log2(self.scaler.get_scale())
+    @staticmethod
+    def _flat_master(group, shape) -> torch.nn.Parameter:
+        """One flat fp32 copy of ``group``'s parameters, which then become views into it (an
+        optimizer step on the master is a step on the model)."""
+        params = [p for _, p in group]
+        flat = torch.cat([p.detach().float().reshape(-1) for p in params]) if params else torch.zeros(0)
+        master = torch.nn.Parameter(flat.view(shape))
+        for p, view in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            p.data = view.view(p.shape)
+        return master
 
     def zero_grad(self) -> None:
         zero_grad(self.model_params)
@@ -104,18 +109,34 @@ class MixedPrecisionTrainer:
         """Step ``opt``; False (and no step) when the fp16 gradients overflowed."""
         if self.use_fp16:
             logger.logkv_mean("lg_loss_scale", self.lg_loss_scale)
+            self._model_grads_to_master_grads()
             self.scaler.unscale_(opt)
         grad_norm, param_norm = self._compute_norms()
         if self.use_fp16 and check_overflow(grad_norm):
-            self.scaler.update()  # backs off on the overflow unscale_ found
+            self.lg_loss_scale -= 1
+            self.scaler.update(new_scale=2.0**self.lg_loss_scale)
             logger.log(f"Found NaN, decreased lg_loss_scale to {self.lg_loss_scale}")
-            self.zero_grad()
+            zero_grad(self.master_params)
             return False
         logger.logkv_mean("grad_norm", grad_norm)
         logger.logkv_mean("param_norm", param_norm)
         self.scaler.step(opt)  # opt.step() when fp16 is off
-        self.scaler.update()
+        if self.use_fp16:
+            zero_grad(self.master_params)
+            self.lg_loss_scale += self.fp16_scale_growth
+            self.scaler.update(new_scale=2.0**self.lg_loss_scale)
         return True
+
+    def _model_grads_to_master_grads(self) -> None:
+        """Each master's gradient: its parameters' gradients (zero where none), flattened; the
+        model's are freed, as the next backward starts from none."""
+        for master, (group, _) in zip(self.master_params, self.param_groups_and_shapes, strict=True):
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in group]
+            master.grad = (
+                torch.cat([g.float().reshape(-1) for g in grads]).view(master.shape) if grads else None
+            )
+            for _, p in group:
+                p.grad = None
 
     @torch.no_grad()
     def _compute_norms(self, grad_scale: float = 1.0) -> tuple[float, float]:
@@ -133,59 +154,29 @@ class MixedPrecisionTrainer:
         return grad_norm / grad_scale, param_norm
 
     def master_params_to_state_dict(self, master_params) -> dict:
-        """The model's state dict with ``master_params`` (in parameter order) as its parameters."""
+        """The model's state dict with ``master_params`` (this trainer's layout: flat in fp16) as
+        its parameters."""
         state = self.model.state_dict()
-        for (name, _), value in zip(self.model.named_parameters(), master_params, strict=True):
+        if self.use_fp16:
+            master_params = [
+                part.view(p.shape)
+                for master, (group, _) in zip(master_params, self.param_groups_and_shapes, strict=True)
+                for part, (_, p) in zip(
+                    master.detach().reshape(-1).split([p.numel() for _, p in group]), group, strict=True
+                )
+            ]
+            names = [n for group, _ in self.param_groups_and_shapes for n, _ in group]
+        else:
+            names = [n for n, _ in self.model.named_parameters()]
+        for name, value in zip(names, master_params, strict=True):
             state[name] = value.detach()
         return state
 
     def state_dict_to_master_params(self, state_dict) -> list:
-        return [state_dict[name] for name, _ in self.model.named_parameters()]
-
-    # ---------------------------------------------------------------- the original's fp16 layout
-
-    def _flat_groups(self) -> list[list[int]]:
-        """Indices of the parameters in the original's two fp16 master parameters: scalars and
-        vectors flattened into one, matrices into one of shape (1, -1), each in model order."""
-        return [
-            [i for i, p in enumerate(self.model_params) if p.ndim <= 1],
-            [i for i, p in enumerate(self.model_params) if p.ndim > 1],
-        ]
-
-    def opt_state_dict(self, opt: torch.optim.Optimizer) -> dict:
-        """``opt``'s state dict as the original saves it: over the flat masters in fp16."""
-        state = opt.state_dict()
+        """``state_dict``'s parameters in this trainer's layout (flat in fp16)."""
         if not self.use_fp16:
-            return state
-        flat = {}
-        for g, (indices, shape) in enumerate(zip(self._flat_groups(), ((-1,), (1, -1)), strict=True)):
-            per_param = [(state["state"].get(i, {}), self.model_params[i]) for i in indices]
-            steps = [s["step"] for s, _ in per_param if "step" in s]
-            if not steps:  # no step taken yet (an fp16 overflow at the first one): no state
-                continue
-            flat[g] = {"step": steps[0].clone()}
-            for key in ("exp_avg", "exp_avg_sq"):
-                parts = [s[key] if key in s else torch.zeros_like(p) for s, p in per_param]
-                flat[g][key] = torch.cat([part.reshape(-1) for part in parts]).view(shape)
-        groups = [dict(state["param_groups"][0], params=[0, 1])]
-        return {"state": flat, "param_groups": groups}
-
-    def load_opt_state_dict(self, opt: torch.optim.Optimizer, state: dict) -> None:
-        """Load an optimizer state of either layout (the original's fp16 one is split up)."""
-        if len(state["param_groups"][0]["params"]) == 2 and len(self.model_params) != 2:
-            per_param = {}
-            for g, indices in enumerate(self._flat_groups()):
-                flat = state["state"].get(g)
-                if flat is None:
-                    continue
-                sizes = [self.model_params[i].numel() for i in indices]
-                split = {k: flat[k].reshape(-1).split(sizes) for k in ("exp_avg", "exp_avg_sq")}
-                for j, i in enumerate(indices):
-                    shape = self.model_params[i].shape
-                    per_param[i] = {
-                        "step": flat["step"].clone(),
-                        **{k: v[j].view(shape) for k, v in split.items()},
-                    }
-            params = list(range(len(self.model_params)))
-            state = {"state": per_param, "param_groups": [dict(state["param_groups"][0], params=params)]}
-        opt.load_state_dict(state)
+            return [state_dict[name] for name, _ in self.model.named_parameters()]
+        return [
+            torch.cat([state_dict[n].float().reshape(-1) for n, _ in group]).view(shape)
+            for group, shape in self.param_groups_and_shapes
+        ]

@@ -149,7 +149,7 @@ class TrainLoop:
         if os.path.exists(path):
             logger.log(f"loading optimizer state from checkpoint: {path}")
             state = dist_util.load_state_dict(path, map_location=dist_util.dev())
-            self.mp_trainer.load_opt_state_dict(self.opt, state)
+            self.opt.load_state_dict(state)
 
     # ---------------------------------------------------------------- the loop
 
@@ -227,7 +227,7 @@ class TrainLoop:
                 save_torch(
                     self.ema.state_dict(self.model, rate), os.path.join(folder, f"ema_{rate}_{step:06d}.pt")
                 )
-            save_torch(self.mp_trainer.opt_state_dict(self.opt), os.path.join(folder, f"opt{step:06d}.pt"))
+            save_torch(self.opt.state_dict(), os.path.join(folder, f"opt{step:06d}.pt"))
         dist.barrier()
 
 
