@@ -354,6 +354,25 @@ def test_fp16_master_params_are_the_originals_flat_masters(capsys):
     assert int(opt.state_dict()["state"][1]["step"]) == 2
 
 
+def test_fp16_networks_are_built_fp32_so_a_resume_is_exact():
+    """classifier_train.py loads --resume_checkpoint before MixedPrecisionTrainer casts anything:
+    the builders (and the unet classes) give fp32 weights whatever use_fp16 says, as the
+    original's, so the resumed fp32 weights are the masters bit for bit, not rounded to fp16."""
+    flags = dict(image_size=32, classifier_width=32, classifier_depth=1, classifier_attention_resolutions="8")
+    torch.manual_seed(0)
+    state = {k: v + 1e-4 * torch.randn_like(v) for k, v in gd.create_classifier(**flags).state_dict().items()}
+    classifier = gd.create_classifier(**flags, classifier_use_fp16=True)
+    assert classifier.config.use_fp16 and classifier.dtype == torch.float32
+    classifier.load_state_dict(state)
+    trainer = fp16_util.MixedPrecisionTrainer(model=classifier, use_fp16=True)
+    saved = trainer.master_params_to_state_dict(trainer.master_params)
+    assert all(torch.equal(saved[k], v) for k, v in state.items())
+    model = unet.UNetModel(32, 3, 32, 6, 1, (2,), channel_mult=(1, 2), use_fp16=True)
+    assert model.config.use_fp16 and model.dtype == torch.float32
+    model.convert_to_fp16()  # what the sampling scripts do once the weights are in
+    assert model.dtype == torch.float16
+
+
 @needs_original
 def test_fp16_optimizer_files_go_both_ways_with_the_original(monkeypatch):
     """The original's fp16 MixedPrecisionTrainer has the same masters, in the same order: each

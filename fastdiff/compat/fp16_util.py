@@ -48,7 +48,7 @@ def check_overflow(value) -> bool:
 def _autocast_forward(model: torch.nn.Module, device_type: str) -> None:
     """Run ``model``'s forward under fp16 autocast over fp32 weights (the torso computes in fp16),
     returning fp32."""
-    if hasattr(model, "convert_to_fp32"):  # built with use_fp16: its torso convs are fp16
+    if hasattr(model, "convert_to_fp32"):  # the script may have cast its torso (convert_to_fp16)
         model.convert_to_fp32()
     forward = model.forward
 

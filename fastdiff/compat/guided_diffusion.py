@@ -18,7 +18,7 @@ from ..models import flags as gd_flags
 from ..models.presets import build_network
 from .gaussian_diffusion import ENGINE_ENV, loop_engine  # noqa: F401 (gd-run's and the tests' handle)
 from .respace import SpacedDiffusion, space_timesteps  # noqa: F401 (script_util re-exports it)
-from .unet import _COMPAT_CLASS, EncoderUNetModel, SuperResModel, UNetModel  # noqa: F401 (as script_util)
+from .unet import _COMPAT_CLASS, EncoderUNetModel, SuperResModel, UNetModel, unconverted  # noqa: F401 (as script_util)
 
 # Read by create_model / sr_create_model at call time, as the original's builders read it:
 # ``script_util.NUM_CLASSES = 10`` before building gives a 10-class model.
@@ -73,8 +73,11 @@ def _diffusion(f: dict) -> SpacedDiffusion:
 def _network(kind: str, flags: dict):
     """The network the flags describe, as the compat class of its type: the original's builders
     return its ``unet`` classes (``isinstance`` holds), whose ``load_state_dict`` says in one
-    error what a checkpoint made for other flags lacks."""
-    net = build_network(gd_flags.configs_from_flags(kind, flags)[0])
+    error what a checkpoint made for other flags lacks; in fp32 whatever ``use_fp16`` says, as
+    the original's (``unconverted``)."""
+    config = gd_flags.configs_from_flags(kind, flags)[0]
+    net = build_network(unconverted(config))
+    net.config = config
     net.__class__ = _COMPAT_CLASS[type(net)]  # same layout: only the constructor differs
     return net
 

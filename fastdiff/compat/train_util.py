@@ -97,7 +97,7 @@ class TrainLoop:
         self.global_batch = self.batch_size * dist.world_size()
         self.sync_cuda = torch.cuda.is_available()
 
-        # Before loading: in fp16 it puts the weights back in fp32, so a resume loads them exactly.
+        # Before loading, as the original: a resume loads into the masters' views of the weights.
         self.mp_trainer = MixedPrecisionTrainer(
             model=self.model, use_fp16=self.use_fp16, fp16_scale_growth=fp16_scale_growth
         )

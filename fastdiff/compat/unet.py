@@ -8,6 +8,8 @@ arguments (attention as downsample factors, ``out_channels`` given) into one, so
 
 from __future__ import annotations
 
+import dataclasses
+
 from fastdiff.config import ConfigError
 from fastdiff.models import unet as _unet
 from fastdiff.models.checkpoint import check_fits
@@ -59,11 +61,23 @@ def _learn_sigma(in_channels: int, out_channels: int) -> bool:
     return out_channels == 2 * in_channels
 
 
+def unconverted(config):
+    """``config`` to build from, with fp32 weights whatever its ``use_fp16`` says (the network then
+    keeps ``config`` itself), as the original's networks are built: the script casts the torso once
+    the weights are in (``convert_to_fp16()`` when sampling, ``MixedPrecisionTrainer`` when
+    training), so fp32 weights it loads first (a ``--resume_checkpoint``) are not rounded to fp16."""
+    return dataclasses.replace(config, use_fp16=False)
+
+
 class _FitsOrSays:
     """The original's scripts load ``--model_path`` / ``--classifier_path`` straight into the
     network their flags built; a checkpoint made for other flags raises fastdiff's
     CheckpointError (what differs, and which presets it fits), which gd-run prints as its error,
-    where torch's strict load gave a traceback."""
+    where torch's strict load gave a traceback. Built in fp32 (``unconverted``)."""
+
+    def __init__(self, config):
+        super().__init__(unconverted(config))
+        self.config = config
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         if strict:
