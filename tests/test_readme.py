@@ -51,3 +51,101 @@ def test_the_bundled_model_is_as_the_readme_says():
     default_n = inspect.signature(fastdiff.sample_run).parameters["num_samples"].default
     npz = final_npz_name(default_n, (loaded.image_size, loaded.image_size, loaded.in_channels))
     assert f"`samples/{npz}`" in readme
+
+
+DOCS = ["README.md", "docs/DESIGN.md", "bench/README.md", "export/README.md", "recipes/README.md"]
+
+
+def _command_lines(text: str):
+    """Every command a doc shows: code-block lines (continuations joined, comments cut) and inline
+    `...` spans of prose (which may wrap lines)."""
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            yield line.split(" #")[0]
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    yield from (span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", prose))
+
+
+def test_the_docs_commands_use_options_that_exist():
+    """Each `fastdiff CMD ... --option` the docs show is an option of CMD (a renamed or dropped
+    option leaves a command that fails on the first copy-paste)."""
+    import click
+
+    from fastdiff.cli.main import main
+
+    ctx = click.Context(main)
+    checked, unknown = 0, []
+    for doc in DOCS:
+        for line in _command_lines((REPO / doc).read_text()):
+            for m in re.finditer(r"(?:fastdiff|-m fastdiff\.cli\.main) ([a-z][a-z-]*)((?: +\S+)*)", line):
+                command, words = main.get_command(ctx, m[1]), m[2].split()
+                if command is None:
+                    continue  # prose, not a command ("fastdiff sample's ...")
+                if isinstance(command, click.Group) and words:
+                    command, words = command.get_command(ctx, words[0]), words[1:]
+                options = {o for p in command.params for o in p.opts + p.secondary_opts}
+                checked += 1
+                for word in words:
+                    if m[1] == "gd-run" and not word.startswith("-"):
+                        break  # the script's own flags follow SCRIPT
+                    name = word.split("=")[0].strip("`,;:.()[]")
+                    if name.startswith("--") and name != "--" and name not in options:
+                        unknown.append(f"{doc}: fastdiff {m[1]} {name}")
+    assert checked >= 30 and not unknown, unknown
+
+
+def _recipe(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_quality_tables_are_the_recipes_records():
+    """The bundled model's two tables are what `evaluate_bundled.py --table` / `--metrics-table`
+    print from the committed records."""
+    import json
+
+    recipe = _recipe("evaluate_bundled")
+    readme = (REPO / "README.md").read_text()
+    assert recipe.markdown_table(json.loads((REPO / "recipes/eval.json").read_text())) in readme
+    assert recipe.metrics_table(json.loads((REPO / "recipes/eval_metrics.json").read_text())) in readme
+
+
+def test_the_quoted_measurements_are_in_their_records():
+    """The README's end-to-end times, memorisation medians and ONNX CPU times are the committed
+    records' numbers, as rounded in the text."""
+    import json
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+
+    def record(path):
+        return json.loads((REPO / path).read_text())
+
+    for row in record("bench/results/2026-12-06-cpu-e2e.json")["rows"]:
+        quoted = rf"{row['fastdiff_wall_s']:.1f} s against (the original's )?{row['original_wall_s']:.1f} s"
+        assert re.search(quoted + rf"[^(]*\({row['speedup_wall']:.2f}x", readme), row
+    busy = record("bench/results/2026-12-05-cpu-e2e-busy1.json")["rows"][0]
+    assert busy["threads"] == "default"
+    assert f"{busy['fastdiff_wall_s']:.1f} s against {busy['original_wall_s']:.1f} s" in readme
+    assert f"({busy['speedup_wall']:.2f}x wall, {busy['speedup_cpu']:.2f}x CPU time)" in readme
+    onnx = {r["engine"]: r for r in record("bench/results/2026-12-06-cpu-e2e-onnx.json")["rows"]}
+    assert (
+        f"{onnx['onnx']['fastdiff_wall_s']:.1f} s against eager's {onnx['eager']['fastdiff_wall_s']:.1f} s"
+        in (readme)
+    )
+    bf16 = record("bench/results/2026-12-06-cpu-e2e-bf16.json")["rows"][-1]
+    assert bf16["dtype"] == "bf16"
+    assert f"{bf16['fastdiff_wall_s']:.1f} s against the original's {bf16['original_wall_s']:.1f} s" in readme
+    cpu_s = record("export/results/bundled-classifier-fp32.onnx.json")["sampling"]["median_cpu_s"]
+    assert f"{cpu_s['onnx']:.1f} s of CPU time against eager's {cpu_s['eager']:.1f} s" in readme
+    near = record("recipes/nearest.json")
+    assert "--batch-size 50" in near["samples"] and "--batch-size 50" in readme
+    median = {k: near[k]["sample_to_train_percentiles"]["50"] for k in ("features", "pixels")}
+    held = {k: near[k]["heldout_to_train_percentiles"]["50"] for k in ("features", "pixels")}
+    assert (
+        f"{median['features']:.1f} / RMS pixel distance {median['pixels']:.3f} from its nearest training "
+        f"digit, against {held['features']:.1f} / {held['pixels']:.3f} for held-out digits"
+    ) in readme
