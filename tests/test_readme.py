@@ -149,3 +149,17 @@ def test_the_quoted_measurements_are_in_their_records():
         f"{median['features']:.1f} / RMS pixel distance {median['pixels']:.3f} from its nearest training "
         f"digit, against {held['features']:.1f} / {held['pixels']:.3f} for held-out digits"
     ) in readme
+
+
+def test_the_interpolation_ends_are_unguided_samples_as_the_docs_say():
+    """`interpolate` has no classifier, so a seed's end is `fastdiff sample --seed S
+    --classifier-scale 0`'s image 0 (test_invert checks the pixels), not the default guided one."""
+    from fastdiff.cli.invert import interpolate_command
+
+    assert not any("classifier" in p.name for p in interpolate_command.params)
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert (
+        "so the strip ends on those samples as made without classifier guidance (`--classifier-scale 0`"
+        in (readme)
+    )
+    assert "--classifier-scale 0" in " ".join(interpolate_command.help.split())

@@ -94,7 +94,8 @@ def interpolate_command(start, end, frames, label, out, batch_size, **model):
     """Sample the spherical interpolation between two latents as one strip PNG.
 
     A seed's latent is the x_T image 0 of `fastdiff sample --seed S` starts from, so with the same
-    model, steps and guidance (ddim) the strip's ends are those samples. Latents from `fastdiff
+    model, steps and guidance (ddim, --classifier-scale 0: no classifier here) the strip's ends are
+    those samples. Latents from `fastdiff
     invert` bring their steps and --cfg-scale (the defaults here), so the ends are their
     reconstructions where they were inverted with the frames' class (--class, default --from's
     stored one).
