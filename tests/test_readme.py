@@ -163,3 +163,33 @@ def test_the_interpolation_ends_are_unguided_samples_as_the_docs_say():
         in (readme)
     )
     assert "--classifier-scale 0" in " ".join(interpolate_command.help.split())
+
+
+def test_the_export_claims_are_the_preset_records():
+    """README and export/README's error bounds, sizes and first-call times hold for every record."""
+    import json
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    export_doc = " ".join((REPO / "export/README.md").read_text().split())
+    fp32 = json.loads((REPO / "export/results/presets.json").read_text())
+    fp16 = json.loads((REPO / "export/results/presets-fp16.json").read_text())
+
+    def errors(r):
+        e = r["parity"]["relative_max_errors"]
+        return e["model_output@1"], e.get("gradient@1", 0.0)
+
+    assert len(fp32) == 11 and "all eleven" in readme and "within 5e-5 relative at batch 1" in readme
+    assert all(max(errors(r)) < 5e-5 for r in fp32.values())
+    assert "within 9e-6 relative (model output) and 6e-6 (gradient) at batch 1 up to 256 px" in export_doc
+    small = [r for r in fp32.values() if r["image_size"] <= 256]
+    assert all(errors(r)[0] < 9e-6 and errors(r)[1] < 6e-6 for r in small)
+    first = [r["ort_first_call_s"] for r in small if r["image_size"] > 32]
+    assert f"up to 256 px took {min(first):.1f} s" in export_doc and f"to {max(first):.0f} s" in export_doc
+    assert "within 1e-3 (model output) and 1e-2 (gradient)" in readme
+    assert all(errors(r)[0] < 1e-3 and errors(r)[1] < 1e-2 for r in fp16.values())
+
+    def gib(r):
+        return (r["file"]["bytes"] + r["file"]["external_data_bytes"]) / 2**30
+
+    sizes = f"(imagenet256 + classifier256: {gib(fp16['imagenet256']):.2f} GiB in one file, against "
+    assert sizes + f"{gib(fp32['imagenet256']):.2f} GiB in a side file)" in export_doc
