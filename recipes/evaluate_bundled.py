@@ -5,7 +5,7 @@ digit (class match) and what `fastdiff evaluate mnist SAMPLES.npz` reports again
 digits on the CNN's features (FID = the Frechet distance, sFID, IS, precision, recall). Samples
 are quantised to uint8 exactly as `fastdiff sample` saves them.
 
-    python recipes/evaluate_bundled.py --num-samples 500 --out recipes/eval.json
+    python recipes/evaluate_bundled.py --num-samples 100 --out recipes/eval.json  # DDPM-250: 50
     python recipes/evaluate_bundled.py --table     # the README's markdown table from eval.json
     python recipes/evaluate_bundled.py --metrics-table --out recipes/eval_metrics.json
 
