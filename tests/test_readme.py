@@ -193,3 +193,25 @@ def test_the_export_claims_are_the_preset_records():
 
     sizes = f"(imagenet256 + classifier256: {gib(fp16['imagenet256']):.2f} GiB in one file, against "
     assert sizes + f"{gib(fp32['imagenet256']):.2f} GiB in a side file)" in export_doc
+
+
+def test_the_help_texts_state_the_defaults_the_code_uses():
+    """`sample --help`'s default classes and every command's default steps per sampler are what
+    the code picks when the option is left out."""
+    from fastdiff.cli.invert import interpolate_command, invert_command
+    from fastdiff.cli.sample import sample_command
+    from fastdiff.cli.upsample import upsample_command
+    from fastdiff.diffusion.samplers import SAMPLERS
+    from fastdiff.runs.plan import parse_classes
+
+    def help_of(command, name):
+        return " ".join(next(p.help for p in command.params if p.name == name).split())
+
+    assert parse_classes(None, 10, 12, 0).tolist() == parse_classes("uniform", 10, 12, 0).tolist()
+    assert parse_classes("uniform", 10, 12, 0).tolist()[:11] == [*range(10), 0]
+    assert "'uniform' (equal counts, 0, 1, 2, ... in turn; the default)" in help_of(sample_command, "classes")
+    for command in (sample_command, upsample_command):
+        for name, spec in SAMPLERS.items():
+            assert f"{name}: {spec.default_steps}" in help_of(command, "steps")
+    for command in (invert_command, interpolate_command):
+        assert f"(default {SAMPLERS['ddim'].default_steps})" in help_of(command, "steps")

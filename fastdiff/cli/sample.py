@@ -121,7 +121,12 @@ def runtime_options(command):
 )
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0: deterministic).")
 @click.option(
-    "--classes", default=None, help="Class ids like 1,207,360 (cycled), 'uniform' (equal counts) or 'random'."
+    "--classes",
+    default=None,
+    help=(
+        "Class ids like 1,207,360 (cycled), 'uniform' (equal counts, 0, 1, 2, ... in turn; the default) "
+        "or 'random'."
+    ),
 )
 @click.option(
     "--num-samples", type=click.IntRange(min=1), default=16, show_default=True, help="Images to make."
