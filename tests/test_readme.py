@@ -215,3 +215,19 @@ def test_the_help_texts_state_the_defaults_the_code_uses():
             assert f"{name}: {spec.default_steps}" in help_of(command, "steps")
     for command in (invert_command, interpolate_command):
         assert f"(default {SAMPLERS['ddim'].default_steps})" in help_of(command, "steps")
+
+
+def test_the_cpu_bound_is_its_record():
+    """The Speed section's FLOP bound (bench/cpu_bound.py's record) as the README rounds it."""
+    import json
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    bound = json.loads((REPO / "bench/results/2026-12-06-cpu-bound.json").read_text())
+    before = json.loads((REPO / "bench/results/2026-12-05-cpu-bound.json").read_text())
+    assert (
+        f"is {bound['step_gflop']:.1f} GFLOP of convolutions ({before['step_gflop']:.1f} in the original"
+        in readme
+    )
+    assert f"({max(bound['best_gflops'].values()):.0f} GFLOP/s) take {bound['bound_step_s']:.3f} s" in readme
+    assert f"with {bound['import_torch_s']:.2f} s to import torch" in readme
+    assert f"in under {bound['bound_e2e_s']:.1f} s on one thread" in readme
