@@ -454,6 +454,29 @@ def test_gd_run_user_errors_are_one_line(tmp_path):
         assert res.exit_code == 1 and "needs a CUDA device" in res.output
 
 
+def test_gd_run_engine_that_cannot_run_the_loop_is_one_line(tmp_path):
+    """--engine onnx on a script with its own cond_fn (every classifier_sample.py) is an EngineError
+    inside the script: one line, not its traceback."""
+    pytest.importorskip("onnxruntime")
+    script = tmp_path / "cond_fn_sample.py"
+    script.write_text(
+        "import torch as th\n"
+        "from guided_diffusion import script_util\n"
+        "args = script_util.model_and_diffusion_defaults()\n"
+        "args.update(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions='16',\n"
+        "            timestep_respacing='2', class_cond=True, learn_sigma=True)\n"
+        "model, diffusion = script_util.create_model_and_diffusion(**args)\n"
+        "diffusion.p_sample_loop(model, (1, 3, 32, 32), model_kwargs={'y': th.tensor([1])},\n"
+        "                        cond_fn=lambda x, t, y=None: th.zeros_like(x))\n"
+    )
+    res = gd_run(["--engine", "onnx", str(script)], tmp_path / "log")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert (
+        res.stderr.strip()
+        == "Error: engine 'onnx' exports fastdiff's classifier guidance, not a custom cond_fn"
+    )
+
+
 def test_bad_respacing_is_a_config_error():
     """The original's ValueError (IndexError for one kept step) for a spec the process cannot
     take, as a ConfigError naming the flag (gd-run's one line)."""

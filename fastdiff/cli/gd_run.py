@@ -9,9 +9,10 @@ process is a one-process group; under torchrun (``torchrun --nproc_per_node N -m
 fastdiff.cli.gd_run SCRIPT ...``) each process is one rank, and an ``onnx``/``trt`` engine is
 exported (built) once for the job by rank 0, the other ranks loading it. fastdiff's own input
 errors raised inside the script (bad data folder, unknown schedule sampler, missing or unreadable
-checkpoint, impossible respacing, an engine that cannot run the script's loop) end it with one
-line, as does a sampling loop that produced NaN/Inf (where the original writes garbage images,
-compat's loops raise, as ``fastdiff sample`` reports it); anything else keeps its traceback.
+checkpoint, impossible respacing, an engine that cannot run the script's loop: onnx and trt
+export fastdiff's guidance, not a script's own cond_fn) end it with one line, as does a sampling
+loop that produced NaN/Inf (where the original writes garbage images, compat's loops raise, as
+``fastdiff sample`` reports it); anything else keeps its traceback.
 """
 
 from __future__ import annotations
