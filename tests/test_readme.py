@@ -231,3 +231,23 @@ def test_the_cpu_bound_is_its_record():
     assert f"({max(bound['best_gflops'].values()):.0f} GFLOP/s) take {bound['bound_step_s']:.3f} s" in readme
     assert f"with {bound['import_torch_s']:.2f} s to import torch" in readme
     assert f"in under {bound['bound_e2e_s']:.1f} s on one thread" in readme
+
+
+def test_the_docs_name_every_engine_preset_and_compat_module():
+    """The lists the docs spell out (engines, preset names, gd-run's modules) are the registries'."""
+    from fastdiff.compat.package import MODULES
+    from fastdiff.engines import ENGINES
+    from fastdiff.models.presets import PRESETS
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    design = " ".join((REPO / "docs/DESIGN.md").read_text().split())
+    table = re.search(r"how the guided step runs \((.*?)\)", readme)[1]
+    assert sorted(re.findall(r"`(?:--engine )?([a-z-]+)`", table)) == sorted(ENGINES)
+    assert sorted(re.search(r"`ENGINES` \(([^)]*)\)", design)[1].split(", ")) == sorted(ENGINES)
+    names = re.search(r"- Names: (.*?)\.", design)[1]
+    assert sorted(names.replace(" ", "").split(",")) == sorted(PRESETS)
+    served = re.search(r"modules of the same names for that process only: (.*?)\. The sampling", readme)[1]
+    assert set(re.findall(r"`([a-z_0-9]+)`", served)) == set(MODULES)
+    compat_table = (REPO / "docs/DESIGN.md").read_text()
+    rows = re.findall(r"^\| (`[a-z_0-9]+`(?:, `[a-z_0-9]+`)*) \| `(?:compat|diffusion)/", compat_table, re.M)
+    assert {m for row in rows for m in re.findall(r"`([a-z_0-9]+)`", row)} == set(MODULES)
