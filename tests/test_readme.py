@@ -251,3 +251,26 @@ def test_the_docs_name_every_engine_preset_and_compat_module():
     compat_table = (REPO / "docs/DESIGN.md").read_text()
     rows = re.findall(r"^\| (`[a-z_0-9]+`(?:, `[a-z_0-9]+`)*) \| `(?:compat|diffusion)/", compat_table, re.M)
     assert {m for row in rows for m in re.findall(r"`([a-z_0-9]+)`", row)} == set(MODULES)
+
+
+def test_the_bench_interpreter_command_runs_the_kernels(monkeypatch):
+    """bench/README's interpreter smoke test sets what makes the ops take their Triton kernels on
+    the CPU: TRITON_INTERPRET=1 alone leaves FASTDIFF_OPS=auto, whose CPU path is PyTorch's."""
+    import torch
+
+    from fastdiff.ops._backend import triton_available, use_triton
+
+    command = next(
+        line
+        for line in _command_lines((REPO / "bench/README.md").read_text())
+        if "TRITON_INTERPRET=1" in line
+    )
+    env = dict(re.findall(r"(\w+)=(\S+)", command.split("python")[0]))
+    assert env.get("TRITON_INTERPRET") == "1" and env.get("FASTDIFF_OPS") == "triton"
+    if triton_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.delenv("FASTDIFF_OPS", raising=False)
+        assert not use_triton(torch.zeros(1))
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert use_triton(torch.zeros(1))
