@@ -25,8 +25,10 @@ from pathlib import Path
 
 import click
 
+from fastdiff.engines import ENGINES
+
 _ENGINE_HELP = (
-    "fastdiff engine of the script's sampling loops (eager | compile | graph | parallel | auto: the "
+    f"fastdiff engine of the script's sampling loops ({' | '.join([*ENGINES, 'auto'])}; auto: the "
     "device's default); default: $FASTDIFF_GD_ENGINE, else eager."
 )
 
