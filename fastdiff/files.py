@@ -44,6 +44,15 @@ def _umask() -> int:
     return mask
 
 
+def cache_root() -> Path:
+    """fastdiff's cache folder (ONNX exports, measured kernel choices): $FASTDIFF_CACHE, else
+    $XDG_CACHE_HOME/fastdiff, else ~/.cache/fastdiff, the XDG rule other tools follow."""
+    root = os.environ.get("FASTDIFF_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastdiff"
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp_path)`` then rename it over ``path`` (same folder, so the rename is atomic).
 

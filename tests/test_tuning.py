@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 
+from fastdiff.files import _umask
 from fastdiff.ops import _tuning, autotuning
 
 
@@ -30,6 +31,24 @@ def test_choices_share_one_file_and_survive_a_restart(choice_file):
     other = _tuning.Choices("gn")  # a second process adds its own key: both stay
     other.put("c", "triton")
     assert json.loads(choice_file.read_text())["gn"] == {"a": "cuda", "c": "triton"}
+
+
+def test_choice_file_lives_in_fastdiffs_cache_folder(monkeypatch, tmp_path):
+    """Beside the ONNX exports: $FASTDIFF_CACHE, else $XDG_CACHE_HOME/fastdiff (it ignored both and
+    always wrote ~/.cache), written with the umask's mode as every other file."""
+    from fastdiff.export.onnx_runtime import cache_dir
+
+    monkeypatch.delenv("FASTDIFF_BACKEND_CACHE", raising=False)
+    monkeypatch.delenv("FASTDIFF_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _tuning.cache_path() == tmp_path / "xdg" / "fastdiff" / "backend_choice.json"
+    assert cache_dir() == tmp_path / "xdg" / "fastdiff" / "onnx"
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "mine"))
+    assert _tuning.cache_path() == tmp_path / "mine" / "backend_choice.json"
+    assert cache_dir() == tmp_path / "mine" / "onnx"
+    _tuning.Choices("gn").put("a", "cuda")
+    assert _tuning.cache_path().stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["backend_choice.json"]  # no temp left
 
 
 def test_choices_survive_a_bad_file(choice_file, monkeypatch):

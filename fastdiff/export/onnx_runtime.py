@@ -21,6 +21,7 @@ from torch import Tensor
 
 from fastdiff.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from fastdiff.diffusion.samplers import SamplingStep
+from fastdiff.files import cache_root
 from fastdiff.models.unet import SuperResModel
 
 from .onnx_export import (
@@ -37,12 +38,8 @@ _ELEMENT = {torch.float32: np.float32, torch.int64: np.int64, torch.float16: np.
 
 
 def cache_dir() -> Path:
-    """Where on-the-fly exports live: $FASTDIFF_CACHE, else $XDG_CACHE_HOME/fastdiff, else ~/.cache."""
-    root = os.environ.get("FASTDIFF_CACHE")
-    if root:
-        return Path(root) / "onnx"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "fastdiff" / "onnx"
+    """Where on-the-fly exports live: ``onnx`` in fastdiff's cache folder (files.cache_root)."""
+    return cache_root() / "onnx"
 
 
 class ExportedDenoiser:

@@ -43,10 +43,13 @@ def measuring(x: torch.Tensor) -> bool:
 
 
 def cache_path() -> Path | None:
-    """``FASTDIFF_BACKEND_CACHE`` names the file; empty or "0" keeps choices in memory only."""
+    """``FASTDIFF_BACKEND_CACHE`` names the file (default: ``backend_choice.json`` in fastdiff's
+    cache folder, files.cache_root); empty or "0" keeps choices in memory only."""
     value = os.environ.get("FASTDIFF_BACKEND_CACHE")
     if value is None:
-        return Path.home() / ".cache" / "fastdiff" / "backend_choice.json"
+        from fastdiff.files import cache_root  # here: importing fastdiff.ops stays light
+
+        return cache_root() / "backend_choice.json"
     return Path(value) if value not in ("", "0") else None
 
 
@@ -79,6 +82,8 @@ class Choices:
     def put(self, key: str, value) -> None:
         """Record a choice, and add it to the file (other sections and processes' keys kept;
         written to a temporary file first, so a reader never sees half a file)."""
+        from fastdiff.files import atomic_write
+
         self.values[key] = value
         path = cache_path()
         if path is None:
@@ -87,10 +92,7 @@ class Choices:
             data = _read(path)
             section = data.get(self.section) if isinstance(data.get(self.section), dict) else {}
             data[self.section] = dict(sorted({**section, **self.values}.items()))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            tmp.replace(path)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
         except OSError:
             pass  # unwritable: the choice still holds for this process
 
