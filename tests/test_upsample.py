@@ -223,6 +223,32 @@ def test_cli_unconditional_upsampler_ignores_the_labels(files, tmp_path):
     assert np.array_equal(*made)
 
 
+def test_cli_upsample_resume_grows_with_its_low_res(files, tmp_path):
+    """A low-res npz that kept its first images and gained more (an extended base run) extends the
+    upsampled run, the same images as one run over it; other images for the samples already made
+    (changed ones, or another cycle through a grown npz) are still refused."""
+    images, labels = _low_res(5), np.array([0, 1, 2, 3, 1])
+    np.savez(tmp_path / "three.npz", images[:3], labels[:3])
+    common = ("--checkpoint", files / "sr.safetensors", "--steps", 2, "--batch-size", 2)
+    assert upsample(*common, "--low-res", tmp_path / "three.npz", "--out", tmp_path / "grown").exit_code == 0
+    r = upsample(*common, "--low-res", files / "low.npz", "--out", tmp_path / "grown", "--resume")
+    assert r.exit_code == 0 and "3 images (2 already there)" in r.output, r.output
+    assert upsample(*common, "--low-res", files / "low.npz", "--out", tmp_path / "once").exit_code == 0
+    with (
+        np.load(tmp_path / "grown" / "samples_5x16x16x3.npz") as a,
+        np.load(tmp_path / "once" / "samples_5x16x16x3.npz") as b,
+    ):
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+    cycled = ("--low-res", tmp_path / "three.npz", "--num-samples", 4, "--out", tmp_path / "cycled")
+    assert upsample(*common, *cycled).exit_code == 0  # sample 3 is image 0 again
+    changed = images.copy()
+    changed[0] ^= 1
+    np.savez(tmp_path / "changed.npz", changed, labels)
+    for npz, out in ((files / "low.npz", "cycled"), (tmp_path / "changed.npz", "grown")):
+        r = upsample(*common, "--low-res", npz, "--out", tmp_path / out, "--resume")
+        assert r.exit_code == 1 and "differs from the one" in r.output and "low_res" in r.output, r.output
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -300,6 +326,15 @@ def test_sample_upsample_with_runs_the_cascade(files, tmp_path):
     r = CliRunner().invoke(main, [*map(str, args), "--upsample-steps", "2", "--resume"])
     assert r.exit_code == 0, r.output
     assert "0 images (2 already there)" in r.output and "upsampled: 0 images (2 already there)" in r.output
+    # asking the cascade for more samples later extends both runs (the upsampled one refused its
+    # grown low-res npz before, after the base run had sampled)
+    args[args.index("4,7")] = "4,7,1"
+    args[args.index("--num-samples") + 1] = 3
+    r = CliRunner().invoke(main, [*map(str, args), "--upsample-steps", "2", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "upsampled: 1 images (2 already there)" in r.output
+    with np.load(out / "upsampled" / "samples_3x64x64x1.npz") as z:
+        assert np.array_equal(z["arr_0"][:2], cascade) and z["arr_1"].tolist() == [4, 7, 1]
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,7 @@ class Plan:
 
 @dataclass(frozen=True)
 class UpsamplePlan(Plan):
-    """A sampling plan that also names its low-res input by content."""
+    """A sampling plan that also names each sample's low-res image by content (LowRes.digests)."""
 
     low_res: str
 

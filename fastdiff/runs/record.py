@@ -51,19 +51,20 @@ def differences(old: dict, record: dict) -> list[str]:
             diff.append(f"{key} weights (sha256 {a['sha256'][:12]} vs {b['sha256'][:12]})")
         if not same_flags(a.get("flags"), b["flags"], "classifier" if key == "classifier" else None):
             diff.append(f"{key} flags")
-    skip = {"model", "classifier", "labels", "num_samples", "engine"}
+    skip = {"model", "classifier", "labels", "low_res", "num_samples", "engine"}
     diff += [k for k, v in record.items() if k not in skip and old.get(k) != v]
     engines = [_SAME_SAMPLES_AS.get(e, e) for e in (old.get("engine"), record["engine"])]
     if engines[0] != engines[1]:
         diff.append("engine")
-    old_labels, new_labels = old.get("labels"), record["labels"]
-    if old_labels is None or new_labels is None:
-        same = old_labels is new_labels
-    else:
-        shared = min(len(old_labels), len(new_labels))
-        same = old_labels[:shared] == new_labels[:shared]
-    if not same:
-        diff.append("classes")
+    for key, name in (("labels", "classes"), ("low_res", "low_res")):  # per sample: a run may grow
+        a, b = old.get(key), record.get(key)
+        if a is None or b is None:
+            same = a is b
+        else:
+            shared = min(len(a), len(b))
+            same = a[:shared] == b[:shared]
+        if not same:
+            diff.append(name)
     return diff
 
 

@@ -5,7 +5,7 @@ and given to the upsampler as ``low_res``, with its label from the npz's ``arr_1
 upsampler is class-conditional; image i of the output is the upsampling of low-res image
 i mod N. The run itself is a sampling run (fastdiff.runs.sampling): the same run folder,
 batch-by-batch npz, resume and engines (onnx and trt too: the exported upsampler takes
-``low_res`` as an input), with the low-res input recorded by content in run.json.
+``low_res`` as an input), with each sample's low-res image recorded by content in run.json.
 """
 
 from __future__ import annotations
@@ -68,14 +68,15 @@ class LowRes:
     images: np.ndarray
     labels: np.ndarray | None
 
-    @property
-    def sha256(self) -> str:
-        """The images and labels by content (an npz file's bytes change with each rewrite)."""
-        h = hashlib.sha256(str(self.images.shape).encode())
-        h.update(np.ascontiguousarray(self.images).tobytes())
-        if self.labels is not None:
-            h.update(self.labels.astype(np.int64).tobytes())
-        return h.hexdigest()
+    def digests(self, n: int) -> str:
+        """Samples 0..n-1's low-res images by content (an npz's bytes change with each rewrite),
+        8 hex digits a sample: a resume compares the samples both runs share, as it compares
+        their labels, so an upsampled run grows with its extended base run (whose npz keeps its
+        first images) and still refuses other images for the samples it made."""
+        each = [
+            hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:8] for image in self.images
+        ]
+        return "".join(each[i % len(each)] for i in range(n))
 
     def conditioning(self, lo: int, hi: int) -> dict:
         """Samples lo..hi's ``low_res``, scaled as super_res_sample.py scales it."""
@@ -134,7 +135,7 @@ def upsample_plan(
             "classifier_scale": 0.0,
             "cfg_scale": None,
             "labels": low_res.labels_for(num_samples) if upsampler.class_cond else None,
-            "low_res": low_res.sha256,
+            "low_res": low_res.digests(num_samples),
         }
     )
 
