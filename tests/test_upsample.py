@@ -280,6 +280,23 @@ def test_cli_upsample_errors_are_one_line(files, tmp_path, args, message):
     assert not (tmp_path / "run").exists()  # nothing left behind
 
 
+def test_cli_upsample_reads_a_corrupt_low_res_before_the_upsampler_loads(files, tmp_path, monkeypatch):
+    """A low-res npz whose data fails its CRC (the header reads fine) is one line before the
+    weights load (it was found only after loading them)."""
+    import fastdiff.runs.upsample
+
+    np.savez(tmp_path / "corrupt.npz", _low_res(100), np.zeros(100, np.int64))
+    data = bytearray((tmp_path / "corrupt.npz").read_bytes())
+    data[-2000:-1990] = bytes(b ^ 0xFF for b in data[-2000:-1990])  # arr_0's last pixels: read last
+    (tmp_path / "corrupt.npz").write_bytes(bytes(data))
+    loaded = []
+    monkeypatch.setattr(fastdiff.runs.upsample, "load_upsampler", lambda **kw: loaded.append(kw))
+    r = upsample("--checkpoint", files / "sr.safetensors", "--low-res", tmp_path / "corrupt.npz",
+                 "--out", tmp_path / "run")  # fmt: skip
+    assert r.exit_code == 1 and "Bad CRC-32" in r.output and "Traceback" not in r.output, r.output
+    assert loaded == [] and not (tmp_path / "run").exists()
+
+
 MNIST_SR_FLAGS = dict(
     large_size=64,
     small_size=32,

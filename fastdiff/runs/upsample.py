@@ -103,20 +103,25 @@ def check_low_res(upsampler: LoadedModel, size: int, channels: int, labels, sour
             raise RunError(f"{source} has labels outside the upsampler's {classes} classes")
 
 
-def read_low_res(path: Path, upsampler: LoadedModel) -> LowRes:
-    """The low-res npz, checked against what the upsampler takes."""
+def read_low_res(path: Path) -> LowRes:
+    """The low-res npz, every image read: a corrupt or cut file is one line before the upsampler's
+    weights (gigabytes) load, not after."""
     try:
         batch = read_npz(path, role="--low-res")
         images = np.concatenate(list(batch.batches(1024)))
     except EvaluationError as e:
         raise RunError(str(e)) from None
-    h, _, c = batch.image_shape
-    if batch.labels is None and upsampler.class_cond:  # read_npz drops labels that are not labels
+    return LowRes(images, None if batch.labels is None else batch.labels.astype(np.int64))
+
+
+def check_low_res_file(path: Path, low_res: LowRes, upsampler: LoadedModel) -> None:
+    """The low-res npz read by read_low_res against what the upsampler takes."""
+    if low_res.labels is None and upsampler.class_cond:  # read_npz drops labels that are not labels
         with np.load(path) as z:
             if "arr_1" in z.files:
                 raise RunError(f"--low-res {path}: its arr_1 is not one integer label per image")
-    check_low_res(upsampler, h, c, batch.labels, f"--low-res {path}")
-    return LowRes(images, None if batch.labels is None else batch.labels.astype(np.int64))
+    _, h, _, c = low_res.images.shape
+    check_low_res(upsampler, h, c, low_res.labels, f"--low-res {path}")
 
 
 def upsample_plan(
@@ -246,9 +251,10 @@ def upsample_file_run(
         raise RunError(str(e)) from None
     batch = min(batch_size, count)
     dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta, seed, batch)
+    low_res = read_low_res(low_res_path)
     with locked_run_folder(out, resume):
         upsampler = load_upsampler(preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=dev)
-        low_res = read_low_res(low_res_path, upsampler)
+        check_low_res_file(low_res_path, low_res, upsampler)
         n = num_samples or len(low_res.images)
         plan = upsample_plan(
             upsampler,
