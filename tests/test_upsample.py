@@ -297,6 +297,19 @@ def test_cli_upsample_reads_a_corrupt_low_res_before_the_upsampler_loads(files, 
     assert loaded == [] and not (tmp_path / "run").exists()
 
 
+def test_cli_upsample_names_itself_in_its_lock(files, tmp_path, monkeypatch):
+    """A second command on a busy --out is told that fastdiff upsample holds it (it said sample)."""
+    import fastdiff.runs.upsample
+    from fastdiff.runs.errors import RunError
+
+    def upsample_run(*args, out, **kwargs):
+        raise RunError((out / ".lock").read_text())
+
+    monkeypatch.setattr(fastdiff.runs.upsample, "upsample_run", upsample_run)
+    r = upsample("--checkpoint", files / "sr.safetensors", "--low-res", files / "low.npz", "--out", tmp_path)
+    assert r.exit_code == 1 and "Error: fastdiff upsample" in r.output, r.output
+
+
 MNIST_SR_FLAGS = dict(
     large_size=64,
     small_size=32,

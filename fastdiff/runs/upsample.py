@@ -252,7 +252,7 @@ def upsample_file_run(
     batch = min(batch_size, count)
     dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta, seed, batch)
     low_res = read_low_res(low_res_path)
-    with locked_run_folder(out, resume):
+    with locked_run_folder(out, resume, holder="fastdiff upsample"):
         upsampler = load_upsampler(preset=preset, flag_string=flag_string, checkpoint=checkpoint, device=dev)
         check_low_res_file(low_res_path, low_res, upsampler)
         n = num_samples or len(low_res.images)
