@@ -356,6 +356,11 @@ def test_sample_upsample_with_runs_the_cascade(files, tmp_path):
     r = CliRunner().invoke(main, [*map(str, args), "--upsample-steps", "2", "--resume"])
     assert r.exit_code == 0, r.output
     assert "0 images (2 already there)" in r.output and "upsampled: 0 images (2 already there)" in r.output
+    # another upsampler setting is refused before the base model samples its new images
+    more = [*map(str, args), "--resume", "--classes", "4,7,1", "--num-samples", "3"]
+    r = CliRunner().invoke(main, [*more, "--upsample-steps", "3"])
+    assert r.exit_code == 1 and "upsampled in: respacing" in r.output, r.output
+    assert not (out / "samples_3x32x32x1.npz").exists() and not (out / "batches" / "batch_00002.npz").exists()
     # asking the cascade for more samples later extends both runs (the upsampled one refused its
     # grown low-res npz before, after the base run had sampled)
     args[args.index("4,7")] = "4,7,1"

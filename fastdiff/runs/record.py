@@ -99,6 +99,15 @@ def complete_batches(out: Path, batches: list[tuple[int, int]], plan: Plan, imag
     return done
 
 
+def check_resumable(out: Path, record: dict) -> dict:
+    """The run.json in ``out``, refused in one line unless ``record`` continues it; returns it."""
+    old = read_run(out / "run.json")
+    diff = differences(old, record)
+    if diff:
+        raise RunError(f"--resume: this run differs from the one in {out} in: {', '.join(diff)}")
+    return old
+
+
 def prepare_out_dir(out: Path, plan: Plan, num_samples: int, image: tuple) -> set[int]:
     """Check the (locked) ``out`` against the plan and record the plan; returns the complete batches.
 
@@ -108,10 +117,7 @@ def prepare_out_dir(out: Path, plan: Plan, num_samples: int, image: tuple) -> se
     record = plan.record(num_samples)
     done: set[int] = set()
     if run_file.exists():
-        old = read_run(run_file)
-        diff = differences(old, record)
-        if diff:
-            raise RunError(f"--resume: this run differs from the one in {out} in: {', '.join(diff)}")
+        old = check_resumable(out, record)
         if num_samples < old["num_samples"]:
             raise RunError(
                 f"--resume: the run in {out} is for {old['num_samples']} samples; --num-samples "

@@ -130,6 +130,8 @@ def sample_run(
             clip_denoised=clip_denoised,
             labels=None if labels is None else labels.tolist(),
         )
+        if cascade is not None and resume:
+            cascade.check_resume(out, plan)
         summary = run_sampling(
             loaded,
             clf if plan.classifier_scale else None,

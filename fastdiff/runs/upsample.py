@@ -28,6 +28,7 @@ from fastdiff.runs.errors import RunError, check_arguments
 from fastdiff.runs.folder import locked_run_folder
 from fastdiff.runs.loading import LoadedModel, check_file, load_network
 from fastdiff.runs.plan import Plan, UpsamplePlan, check_counts, respacing_for
+from fastdiff.runs.record import check_resumable
 from fastdiff.runs.sampling import run_sampling
 
 
@@ -184,14 +185,26 @@ class Cascade:
     upsampler: LoadedModel
     respacing: str
 
+    def plan(self, low_res: LowRes, n: int, base: Plan) -> UpsamplePlan:
+        """The upsampled run's plan: the base run's settings, DDPM at the upsampler's respacing."""
+        return upsample_plan(
+            self.upsampler, low_res, n, base, sampler="ddpm", respacing=self.respacing, eta=0.0
+        )
+
+    def check_resume(self, base_out: Path, base: Plan) -> None:
+        """A resumed cascade's upsampled run against this upsampler and its settings, before the
+        base model samples; its low-res images and labels are compared once the base run made them."""
+        out = base_out / "upsampled"
+        if (out / "run.json").is_file():
+            nothing = LowRes(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64))  # a prefix of any run
+            check_resumable(out, self.plan(nothing, 0, base).record(0))
+
     def run(self, base_out: Path, npz: Path, plan: Plan, *, resume: bool, device, progress: bool) -> dict:
         with np.load(npz) as z:
             low_res = LowRes(z["arr_0"], z["arr_1"] if "arr_1" in z.files else None)
         out = base_out / "upsampled"
         n = len(low_res.images)
-        up = upsample_plan(
-            self.upsampler, low_res, n, plan, sampler="ddpm", respacing=self.respacing, eta=0.0
-        )
+        up = self.plan(low_res, n, plan)
         with locked_run_folder(out, resume):
             return upsample_run(
                 self.upsampler, low_res, up, num_samples=n, out=out, device=device, progress=progress
