@@ -688,6 +688,86 @@ def test_compile_engine_builds_past_dynamos_recompile_limit(monkeypatch):
             assert _rel(compiled(num_samples=n, generator=g[0]), eager(num_samples=n, generator=g[1])) <= 1e-6
 
 
+def _counted_compiles(monkeypatch, backend="eager") -> list:
+    """torch.compile with ``backend`` (dynamo alone by default: inductor's CPU compile takes
+    minutes), each graph it is handed recorded in the returned list."""
+    graphs = []
+    real_compile = torch.compile
+
+    def counted(gm, inputs):
+        graphs.append(gm)
+        return gm.forward if backend == "eager" else backend(gm, inputs)
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counted}))
+    return graphs
+
+
+def test_compile_engine_pads_a_smaller_batch_instead_of_compiling_again(monkeypatch):
+    """A batch smaller than one the compile engine built runs through that step, padded: a run's
+    last partial batch compiled again (a second cold compile, 190 s for the bundled model on the
+    CPU). Noise (ddpm), sampler state (dpm++), both guidances and invert, against eager at the
+    same seeds; dynamo alone runs the graphs, so padding, not inductor's rounding, is checked."""
+    graphs = _counted_compiles(monkeypatch)
+    unet, clf = _nets()
+    for sampler, guidance in (("ddim", "classifier"), ("dpm++2m", "classifier"), ("ddpm", "cfg")):
+        diffusion = _diffusion("3" if sampler == "ddpm" else "ddim3")
+        eager, compiled = (
+            _sampler(unet, clf, diffusion, sampler, guidance, engine=e) for e in ("eager", "compile")
+        )
+        before = len(graphs)
+        for seed, n in enumerate((4, 3, 1)):
+            labels = torch.tensor([4, 0, 3, 1][:n])
+            got, want = (s(labels, generator=torch.Generator().manual_seed(seed)) for s in (compiled, eager))
+            assert _rel(got, want) <= 1e-4, (sampler, guidance, n, _rel(got, want))
+        assert len(graphs) == before + 1, (sampler, guidance)  # the smaller batches compiled nothing
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    for n in (4, 2):  # the inversion step: a graph of its own, padded the same way
+        labels = torch.tensor([1, 4, 0, 2][:n])
+        got, want = (s.invert(x0[:n], labels) for s in (compiled, eager))
+        assert _rel(got, want) <= 1e-4, ("invert", n)
+    assert len(graphs) == before + 2
+
+
+def test_compile_engine_pads_an_upsamplers_low_res(monkeypatch):
+    """An upsampler's low_res pads with the batch (zero rows) and keys the step by its per-image
+    shape: a smaller batch of the same resolution reuses the step, another resolution does not."""
+    from builders import build_superres
+
+    graphs = _counted_compiles(monkeypatch)
+    flags = dict(large_size=8, small_size=4, num_channels=32, num_res_blocks=1, channel_mult="1,2")
+    torch.manual_seed(0)
+    up = build_superres(**flags, attention_resolutions="4", num_head_channels=32, learn_sigma=True).eval()
+    diffusion = make_diffusion(steps=1000, learn_sigma=True, timestep_respacing="ddim2")
+    eager, compiled = (fastdiff.Sampler(copy.deepcopy(up), diffusion, engine=e) for e in ("eager", "compile"))
+    low = torch.rand(3, 3, 4, 4) * 2 - 1
+    for seed, n in enumerate((3, 2)):
+        kw = dict(num_samples=n, model_kwargs={"low_res": low[:n]})
+        got, want = (s(generator=torch.Generator().manual_seed(seed), **kw) for s in (compiled, eager))
+        assert _rel(got, want) <= 1e-4, n
+    assert len(graphs) == 1
+    assert compiled._size_for(2, {"low_res": torch.zeros(2, 3, 2, 2)}) == 2  # another layout: its own step
+
+
+@pytest.mark.slow
+def test_compile_engine_pads_a_partial_batch_cpu(monkeypatch):
+    """The padded step under inductor's real compile (its kernels' rounding): ddim and dpm++
+    with classifier guidance, a batch of 3 then 2, one compile each (minutes on this CPU)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    graphs = _counted_compiles(monkeypatch, backend=compile_fx)
+    unet, clf = _nets()
+    for sampler in ("ddim", "dpm++2m"):
+        diffusion = _diffusion("ddim6")
+        eager, compiled = (
+            _sampler(unet, clf, diffusion, sampler, "classifier", engine=e) for e in ("eager", "compile")
+        )
+        before = len(graphs)
+        for seed, labels in enumerate((torch.tensor([0, 3, 4]), torch.tensor([2, 1]))):
+            got, want = (s(labels, generator=torch.Generator().manual_seed(seed)) for s in (compiled, eager))
+            assert _rel(got, want) <= 1e-4, (sampler, len(labels), _rel(got, want))
+        assert len(graphs) == before + 1, sampler
+
+
 def test_compile_engine_steps_follow_fastdiff_ops(monkeypatch):
     """FASTDIFF_OPS is read while dynamo traces a compiled step (the UNet's attention: the
     reference custom op, or SDPA on the CPU's auto path): a second Sampler in the process, built

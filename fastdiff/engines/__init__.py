@@ -27,6 +27,7 @@ from fastdiff.diffusion.guidance import ClassifierGuidance
 from fastdiff.diffusion.samplers import StepFn
 
 from .graph import GraphStep, LoopGraph
+from .padded import PaddedStep
 from .parallel import BatchParallelStep
 
 
@@ -71,7 +72,8 @@ def _compile(step, device: torch.device) -> StepFn:
         _check_cpp_compiler()
     if step is None:  # check_engine's probe
         return None
-    # Static shapes: a sampler runs one shape per batch size, and the Sampler caches per shape.
+    # Static shapes: a sampler runs one shape per batch size, and the Sampler caches per shape
+    # (a smaller batch runs padded through a larger size's step: PADDED).
     # One graph for the whole step where fastdiff's own guidance runs (its classifier gradient is
     # traced through torch.func.grad); a user's cond_fn (compat loops) may split it.
     own = step.cond_fn is None or isinstance(step.cond_fn, ClassifierGuidance)
@@ -142,6 +144,11 @@ def _trt(step, device: torch.device) -> StepFn:
 # TensorRT engine): under torchrun one rank builds it and the others load it, not N builds at once.
 CACHED_BUILDS = ("onnx", "trt")
 
+# The engines whose step is built for one batch size and costly to build again (a cold compile:
+# minutes on a CPU): a smaller batch runs padded through a larger size's step (engines.padded)
+# instead, so a run's last partial batch does not compile again.
+PADDED = ("compile",)
+
 ENGINES: dict[str, Callable[..., StepFn]] = {
     "eager": _eager,
     "compile": _compile,
@@ -206,6 +213,8 @@ __all__ = [
     "EngineError",
     "GraphStep",
     "LoopGraph",
+    "PADDED",
+    "PaddedStep",
     "build_engine",
     "check_engine",
     "default_engine",

@@ -3,7 +3,8 @@
 What the CLI, the trainer's preview grids and evaluation scripts sample with. Building it puts
 the networks in their inference form once (eval mode, no parameter gradients, the compute dtype,
 channels_last where it measured faster); each call runs the one sampling loop through the
-chosen engine, whose compiled or captured step is cached per batch shape.
+chosen engine, whose compiled or captured step is cached per batch shape (the compile engine
+runs a smaller batch padded through a larger one's step rather than compiling again).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from fastdiff.models.nn import InDtype
 from fastdiff.models.unet import SuperResModel
 from fastdiff.ops import autotuning
 
-from . import build_engine, check_engine, default_engine
+from . import PADDED, PaddedStep, build_engine, check_engine, default_engine
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -58,8 +59,8 @@ def _device_of(net: nn.Module) -> torch.device:
 
 def _key(n: int, model_kwargs: dict[str, Tensor] | None, invert: bool = False) -> tuple:
     """The key of a cached step: sampling or inversion, the batch size and the conditioning
-    tensors' names, shapes, dtypes."""
-    layout = sorted((k, tuple(v.shape), v.dtype) for k, v in (model_kwargs or {}).items())
+    tensors' names, per-sample shapes, dtypes (their batch is n)."""
+    layout = sorted((k, tuple(v.shape[1:]), v.dtype) for k, v in (model_kwargs or {}).items())
     return ("invert" if invert else "sample", n, *layout)
 
 
@@ -271,17 +272,31 @@ class Sampler:
         self.warmup_seconds += time.perf_counter() - start
         return labels, extra, run
 
+    def _size_for(self, n: int, model_kwargs: dict[str, Tensor] | None, invert: bool = False) -> int:
+        """The batch size whose step runs a batch of n: n, or where the engine pads (PADDED) the
+        smallest larger size already built for the same mode and conditioning layout, so a run's
+        last partial batch reuses the full batches' compiled step instead of compiling again."""
+        key = _key(n, model_kwargs, invert)
+        if self.engine not in PADDED or key in self._steps:
+            return n
+        larger = [k[1] for k in self._steps if k[1] > n and k[0] == key[0] and k[2:] == key[2:]]
+        return min(larger, default=n)
+
     def _fill(
         self, n: int, labels: Tensor | None, model_kwargs: dict[str, Tensor] | None, invert: bool = False
     ) -> Callable:
-        """The step for this batch with its labels and conditioning copied into the buffers."""
+        """The step for this batch with its labels and conditioning copied into the buffers; a
+        padded step's extra rows get the first label (any valid one) and zero conditioning."""
         self._check_networks()
-        labels_buf, run = self.step_for(n, model_kwargs, invert=invert)
+        size = self._size_for(n, model_kwargs, invert)
+        labels_buf, run = self.step_for(size, model_kwargs, invert=invert)
         if labels_buf is not None and labels is not None:
-            labels_buf.copy_(labels)
-        for k, buf in self._extra[_key(n, model_kwargs, invert)].items():
-            buf.copy_(model_kwargs[k])
-        return run
+            labels_buf[:n].copy_(labels)
+            labels_buf[n:].copy_(labels[:1].expand(size - n))
+        for k, buf in self._extra[_key(size, model_kwargs, invert)].items():
+            buf[:n].copy_(model_kwargs[k])
+            buf[n:].zero_()
+        return run if size == n else PaddedStep(run, size)
 
     def _check_networks(self) -> None:
         """The networks are still in the dtype and on the device this Sampler put them: they are
@@ -429,7 +444,7 @@ class Sampler:
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
         with self._lock:
-            fresh = _key(n, model_kwargs) not in self._steps
+            fresh = _key(self._size_for(n, model_kwargs), model_kwargs) not in self._steps
             if fresh and (self.engine not in ("eager", "parallel") or self.device.type == "cuda"):
                 self.warmup(labels, n, model_kwargs)  # compile / capture / backend choice, timed apart
             run = self._fill(n, labels, model_kwargs)
