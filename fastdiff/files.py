@@ -118,12 +118,15 @@ def save_grid(images: np.ndarray, path: Path, ncol: int | None = None, pad: int 
     save_png(grid, path)
 
 
-def save_npz(path: Path, images: np.ndarray, labels: np.ndarray | None) -> None:
-    """The evaluator's format: ``arr_0`` uint8 NHWC, ``arr_1`` labels when class-conditional."""
-    arrays = [images] if labels is None else [images, labels]
+def save_npz(path: Path, *arrays: np.ndarray | None, **named: np.ndarray) -> None:
+    """``arrays`` as ``arr_0``, ``arr_1``, ... (a trailing None left out: the evaluator's
+    ``arr_0`` images with ``arr_1`` labels only when class-conditional), ``named`` by name."""
+    kept = list(arrays)
+    while kept and kept[-1] is None:
+        kept.pop()
 
     def write(tmp):
         with open(tmp, "wb") as f:
-            np.savez(f, *arrays)
+            np.savez(f, *kept, **named)
 
     atomic_write(path, write)

@@ -1,4 +1,4 @@
-"""fastdiff.files: reading images in a model's channels."""
+"""fastdiff.files: reading images in a model's channels; the one npz writer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastdiff.files import in_channels
+from fastdiff.files import in_channels, is_temp_file, save_npz
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -25,3 +25,20 @@ def test_8_bit_images_convert_as_pil_does():
     rgba = Image.fromarray(np.random.default_rng(0).integers(0, 256, (4, 4, 4), dtype=np.uint8))
     assert np.array_equal(np.asarray(in_channels(rgba, 1)), np.asarray(rgba.convert("L")))
     assert np.array_equal(np.asarray(in_channels(rgba, 3)), np.asarray(rgba.convert("RGB")))
+
+
+def test_save_npz_writes_positional_then_named_arrays_and_drops_a_trailing_none(tmp_path):
+    """One writer serves the sample batches (labels or None), invert's latents.npz (labels and
+    named settings) and nearest.npz (named only); each had its own temp-file writer before."""
+    images, labels = np.zeros((2, 4, 4, 3), np.uint8), np.array([3, 5])
+    save_npz(tmp_path / "a.npz", images, None)
+    save_npz(tmp_path / "b.npz", images, labels, respacing=np.array("ddim5"))
+    save_npz(tmp_path / "c.npz", index=labels)
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b, np.load(tmp_path / "c.npz") as c:
+        assert (
+            a.files == ["arr_0"]
+            and sorted(b.files) == ["arr_0", "arr_1", "respacing"]
+            and c.files == ["index"]
+        )
+        assert np.array_equal(b["arr_1"], labels) and str(b["respacing"]) == "ddim5"
+    assert not [p for p in tmp_path.iterdir() if is_temp_file(p)]

@@ -138,7 +138,7 @@ def nearest_command(
         training_copies,
     )
     from fastdiff.evaluation.npz import read_npz
-    from fastdiff.files import atomic_write, save_grid
+    from fastdiff.files import atomic_write, save_grid, save_npz
     from fastdiff.runs import ranks
     from fastdiff.runs.device import choose_threads, resolve_device
     from fastdiff.runs.features import features_over_ranks
@@ -203,19 +203,15 @@ def nearest_command(
             out / "nearest.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n")
         )
 
-        def write_npz(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    feature_index=report.features.sample_index,
-                    feature_distance=report.features.sample_distance,
-                    pixel_index=report.pixels.sample_index,
-                    pixel_distance=report.pixels.sample_distance,
-                    heldout_feature_distance=report.features.heldout_distance,
-                    heldout_pixel_distance=report.pixels.heldout_distance,
-                )
-
-        atomic_write(out / "nearest.npz", write_npz)
+        save_npz(
+            out / "nearest.npz",
+            feature_index=report.features.sample_index,
+            feature_distance=report.features.sample_distance,
+            pixel_index=report.pixels.sample_index,
+            pixel_distance=report.pixels.sample_distance,
+            heldout_feature_distance=report.features.heldout_distance,
+            heldout_pixel_distance=report.pixels.heldout_distance,
+        )
         order = report.suspicion_order()[:show]
         neighbours = report.features.sample_index.shape[1]  # --k, or every training image when fewer
         save_grid(neighbour_rows(report, images, train, order), out / "nearest.png", ncol=1 + 2 * neighbours)

@@ -34,7 +34,7 @@ from fastdiff.diffusion.inversion import slerp
 from fastdiff.diffusion.samplers import randn
 from fastdiff.engines import EngineError
 from fastdiff.engines.sampler import Sampler
-from fastdiff.files import atomic_write, in_channels, save_grid, save_png, to_uint8
+from fastdiff.files import atomic_write, in_channels, save_grid, save_npz, save_png, to_uint8
 from fastdiff.runs import ranks
 from fastdiff.runs.device import check_run_options, check_seed
 from fastdiff.runs.errors import RunError, check_arguments
@@ -178,14 +178,6 @@ def _with_labels(labels: list[int] | None, lo: int, hi: int, device) -> torch.Te
     return None if labels is None else torch.tensor(labels[lo:hi], device=device)
 
 
-def _save_npz(path: Path, *arrays: np.ndarray, **named: np.ndarray) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, *arrays, **named)
-
-    atomic_write(path, write)
-
-
 def _latents_spec(spec: str) -> tuple[str, str] | None:
     """(file, index) of LATENTS.npz[:INDEX]; None for a seed. The index follows the last colon,
     so a file name may hold colons."""
@@ -279,10 +271,10 @@ def _endpoint(spec: str, option: str, loaded: LoadedModel, device) -> tuple[torc
 def _write_inversion(out: Path, inputs, latents, recon, edited, record: dict) -> None:
     """latents.npz, the reconstructed/ (and edited/) PNGs, comparison.png and invert.json."""
     labels = record["labels"]
-    arrays = [latents] if labels is None else [latents, np.array(labels)]
+    labels = None if labels is None else np.array(labels)
     try:
         guidance = {} if record["cfg_scale"] is None else {"cfg_scale": np.array(record["cfg_scale"])}
-        _save_npz(out / "latents.npz", *arrays, respacing=np.array(record["respacing"]), **guidance)
+        save_npz(out / "latents.npz", latents, labels, respacing=np.array(record["respacing"]), **guidance)
         for i, img in enumerate(recon):
             save_png(img, out / "reconstructed" / f"{i:06d}.png")
         rows = [inputs, recon]
