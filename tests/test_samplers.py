@@ -11,7 +11,7 @@ from torch import nn
 
 from fastdiff.compat.guided_diffusion import create_gaussian_diffusion
 from fastdiff.diffusion import SAMPLERS, ClassifierFreeGuidance, SamplingError, sample
-from fastdiff.diffusion.samplers import DDPMStep, SamplingStep, make_rule, sample_steps
+from fastdiff.diffusion.samplers import DDPMStep, SamplingStep, make_rule, model_device, sample_steps
 
 SHAPE = (2, 3, 4, 4)
 
@@ -349,3 +349,11 @@ def test_noise_fn_replays_generator_draw_order(setup):
         diffusion, model, SHAPE, sampler="ddpm", model_kwargs=kw, noise=x_T, noise_fn=lambda i, x: recorded[i]
     )
     assert torch.equal(seeded, replayed)
+
+
+def test_model_device_is_the_first_parameters_device_else_the_cpu():
+    """One rule for where a model computes, shared by the samplers and fastdiff.Sampler (the
+    Sampler had its own copy)."""
+    assert model_device(nn.Linear(2, 2).to("meta")) == torch.device("meta")
+    assert model_device(lambda x, t, **kw: x) == torch.device("cpu")  # a plain function
+    assert model_device(nn.Identity()) == torch.device("cpu")

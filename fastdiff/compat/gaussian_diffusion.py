@@ -23,7 +23,7 @@ import torch
 from ..diffusion import gaussian as diffusion
 from ..diffusion.gaussian import mean_flat
 from ..diffusion.losses import discretized_gaussian_log_likelihood, normal_kl
-from ..diffusion.samplers import SamplingStep, _model_device, make_rule, run_steps
+from ..diffusion.samplers import SamplingStep, make_rule, model_device, run_steps
 from ..diffusion.schedule import betas_for_alpha_bar, get_named_beta_schedule
 
 __all__ = [
@@ -245,7 +245,7 @@ class GaussianDiffusion(diffusion.GaussianDiffusion):
         if not isinstance(shape, tuple | list):
             raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
         if device is None:
-            device = _model_device(model)
+            device = model_device(model)
         x = noise if noise is not None else torch.randn(*shape, device=device)
         engine = loop_engine(x.device)
         if engine == "eager":

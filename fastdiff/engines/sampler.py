@@ -28,6 +28,7 @@ from fastdiff.diffusion.samplers import (
     get_sampler,
     loop_timesteps,
     make_rule,
+    model_device,
     randn,
     run_steps,
 )
@@ -49,12 +50,6 @@ def inference_form(
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net if dtype == torch.float32 else InDtype(net, dtype)
-
-
-def _device_of(net: nn.Module) -> torch.device:
-    for p in net.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _key(n: int, model_kwargs: dict[str, Tensor] | None, invert: bool = False) -> tuple:
@@ -95,7 +90,7 @@ def _device(device, model: nn.Module) -> torch.device:
     """The device asked for, checked now: an unknown or absent one is one ValueError, not an error
     from deep inside the first step."""
     if device is None:
-        return _device_of(model)
+        return model_device(model)
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):

@@ -166,7 +166,9 @@ class SamplingStep:
         return x_next, out["pred_xstart"], state
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """Where ``model`` computes: its first parameter's device; the CPU for a model without
+    parameters (a plain function, as the samplers also take)."""
     params = getattr(model, "parameters", None)
     if params is not None:
         for p in params():
@@ -215,7 +217,7 @@ def sample_steps(
         # x_T sets the batch: another one met the labels' as a misleading output-channels error
         raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
     if device is None:
-        device = noise.device if noise is not None else _model_device(model)
+        device = noise.device if noise is not None else model_device(model)
     x = randn(tuple(shape), generator, device) if noise is None else noise.to(device)
     if noise_fn is None:
 
@@ -328,7 +330,7 @@ def sample(
     after every step.
     """
     if device is None:
-        device = noise.device if noise is not None else _model_device(model)
+        device = noise.device if noise is not None else model_device(model)
     guidance_kwargs = dict(model_kwargs or {})
     model_kwargs = dict(guidance_kwargs)
     if getattr(model, "num_classes", 0) is None:
@@ -378,6 +380,7 @@ __all__ = [
     "get_sampler",
     "loop_timesteps",
     "make_rule",
+    "model_device",
     "narrow_batch",
     "randn",
     "run_steps",
