@@ -1,4 +1,5 @@
-"""What every typed config shares: the user-error type and a field type check.
+"""What every typed config shares: the user-error type and a field type check; and the one
+line a user error quotes of a library's message (``error_line``).
 
 Configs are frozen dataclasses built from user input (flags, options, checkpoint metadata), so a
 wrong type or range is the user's to fix: it raises ConfigError, which the CLI shows as one line.
@@ -16,6 +17,13 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A network, process or run setting that cannot work (one line at the CLI)."""
+
+
+def error_line(error: BaseException) -> str:
+    """The first line of a library's error message (its type name when it has none): what a
+    one-line user error quotes of torch's or numpy's often many-line messages."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _fits(value: Any, hint: Any) -> tuple[bool, Any]:

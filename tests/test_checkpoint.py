@@ -254,3 +254,13 @@ def test_header_shapes_without_reading_data_and_hash(tmp_path):
     with pytest.raises(CheckpointError, match="wrong shapes"):
         check_fits(shapes, wide)
     assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_error_line_is_a_messages_first_line_else_its_type():
+    """The one rule by which checkpoints, devices, ranks and the feature networks quote a library's
+    error in a one-line message (each wrote the same expression before)."""
+    from fastdiff.config import error_line
+
+    assert error_line(RuntimeError("  cut short\n  at byte 12\n")) == "cut short"
+    assert error_line(EOFError()) == "EOFError"
+    assert error_line(RuntimeError("   ")) == "RuntimeError"

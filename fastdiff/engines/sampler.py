@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from fastdiff.config import error_line
 from fastdiff.diffusion.gaussian import GaussianDiffusion
 from fastdiff.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from fastdiff.diffusion.inversion import DDIMReverseStep, run_inversion
@@ -98,7 +99,7 @@ def _device(device, model: nn.Module) -> torch.device:
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        reason = error_line(e).split(". ")[0]
         raise ValueError(f"device '{device}' is not available here: {reason}") from None
     return device
 

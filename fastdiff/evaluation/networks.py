@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastdiff.config import error_line
+
 from .inception import FIDInceptionV3
 from .metrics import EvaluationError
 from .mnist_cnn import load_mnist_cnn
@@ -107,7 +109,7 @@ def _read_state_dict(path: Path) -> dict:
     try:
         return load_state_dict(path)
     except CheckpointError as e:
-        raise EvaluationError(str(e).strip().splitlines()[0]) from None
+        raise EvaluationError(error_line(e)) from None
 
 
 def load_inception(path: str | os.PathLike | None, device: str | torch.device = "cpu") -> InceptionFeatures:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastdiff.config import error_line
+
 StateDict = dict[str, torch.Tensor]
 _SHOWN = 5  # keys listed per category in an error message
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
@@ -73,7 +75,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
                 warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
                 sd = torch.load(path, weights_only=True, map_location=map_location)
     except Exception as e:  # corrupt files raise many types; report them uniformly, in one line
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        detail = error_line(e)
         if "Weights only load failed" in detail:  # torch's advice (weights_only=False) is not ours
             detail = (
                 "it holds more than tensors, or is cut short (checkpoints are read with "

@@ -20,6 +20,7 @@ from typing import TypeVar
 import torch
 
 from fastdiff import distributed
+from fastdiff.config import error_line
 from fastdiff.runs.errors import RunError
 
 T = TypeVar("T")
@@ -58,7 +59,7 @@ def _note(failure: Exception | None) -> str | None:
 
 
 def _lost_rank(what: str, error: Exception) -> RunError:
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    detail = error_line(error)
     return RunError(f"another rank stopped while {what} ({detail}); its own error is above")
 
 
