@@ -240,3 +240,29 @@ def test_rank_0s_engine_build_failure_is_every_ranks_line(monkeypatch, rank):
     assert built == ([2] if rank == 0 else []) and events == ["gather"]  # rank 1 waited, built nothing
     built_once(types.SimpleNamespace(engine="eager", warmup=warmup), 2)  # its own build per rank
     assert events == ["gather"]
+
+
+def test_merging_more_batches_than_the_open_file_limit(tmp_path):
+    """Each batch npz is closed once read: merge_batches held every batch's file open, so a run of
+    more batches than the open-file limit (1024 on many systems) failed with EMFILE at the end."""
+    import os
+    import resource
+
+    import numpy as np
+
+    from fastdiff.files import save_npz
+    from fastdiff.runs.writer import batch_npz, merge_batches
+
+    n = 60
+    for b in range(n):
+        (tmp_path / "batches").mkdir(exist_ok=True)
+        save_npz(batch_npz(tmp_path, b), np.full((1, 2, 2, 1), b, np.uint8), np.array([b]))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 30, hard))  # fewer files than batches
+    try:
+        merge_batches(tmp_path, n, (2, 2, 1), labelled=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with np.load(tmp_path / "samples_60x2x2x1.npz") as z:
+        assert z["arr_1"].tolist() == list(range(n)) and z["arr_0"][:, 0, 0, 0].tolist() == list(range(n))

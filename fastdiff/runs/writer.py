@@ -33,10 +33,17 @@ def write_batch(out: Path, index: int, lo: int, images: np.ndarray, labels: np.n
 
 def merge_batches(out: Path, num_batches: int, image: tuple, labelled: bool) -> None:
     """The batches' npz files in order as one npz, and the grid of its first hundred images."""
-    parts = [np.load(batch_npz(out, b)) for b in range(num_batches)]
-    images = np.concatenate([p["arr_0"] for p in parts])
-    labels = np.concatenate([p["arr_1"] for p in parts]) if labelled else None
+    parts = [_read_batch(out, b, labelled) for b in range(num_batches)]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts]) if labelled else None
     n = len(images)
     with writing(out):
         save_npz(out / final_npz_name(n, image), images, labels)
         save_grid(images[:100], out / "grid.png", ncol=10 if n >= 10 else None)
+
+
+def _read_batch(out: Path, index: int, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """A batch npz's images and labels, its file closed again: a run of more batches than the
+    open-file limit (1024 on many systems) would otherwise fail at the merge."""
+    with np.load(batch_npz(out, index)) as z:
+        return z["arr_0"], z["arr_1"] if labelled else None
