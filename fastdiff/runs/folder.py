@@ -17,6 +17,10 @@ from fastdiff.files import LOCK, is_temp_file, remove_temp_files
 from fastdiff.runs import ranks
 from fastdiff.runs.errors import RunError
 
+# A sampling run's record in its --out folder (fastdiff.runs.record): the file that makes a
+# folder a run that --resume continues.
+RUN_FILE = "run.json"
+
 
 def check_writable(folder: Path, what: str) -> None:
     """Whether a file can be written in ``folder`` (or, where it does not exist yet, in the folder
@@ -62,7 +66,7 @@ def exclusive_folder(out: Path, holder: str) -> Iterator[None]:
 
 @contextmanager
 def locked_run_folder(
-    out: Path, resume: bool = False, *, holder: str = "fastdiff sample", record: str | None = "run.json"
+    out: Path, resume: bool = False, *, holder: str = "fastdiff sample", record: str | None = RUN_FILE
 ) -> Iterator[None]:
     """Hold ``out`` under an exclusive lock for the whole run; refuse a folder that is not ours.
 

@@ -15,7 +15,7 @@ import numpy as np
 from fastdiff import distributed
 from fastdiff.files import atomic_write
 from fastdiff.runs.errors import RunError
-from fastdiff.runs.folder import writing
+from fastdiff.runs.folder import RUN_FILE, writing
 from fastdiff.runs.loading import same_flags
 from fastdiff.runs.plan import Plan
 from fastdiff.runs.writer import batch_npz, final_npz_name
@@ -101,7 +101,7 @@ def complete_batches(out: Path, batches: list[tuple[int, int]], plan: Plan, imag
 
 def check_resumable(out: Path, record: dict) -> dict:
     """The run.json in ``out``, refused in one line unless ``record`` continues it; returns it."""
-    old = read_run(out / "run.json")
+    old = read_run(out / RUN_FILE)
     diff = differences(old, record)
     if diff:
         raise RunError(f"--resume: this run differs from the one in {out} in: {', '.join(diff)}")
@@ -113,7 +113,7 @@ def prepare_out_dir(out: Path, plan: Plan, num_samples: int, image: tuple) -> se
 
     A final npz of another count is removed before anything else is written.
     """
-    run_file = out / "run.json"
+    run_file = out / RUN_FILE
     record = plan.record(num_samples)
     done: set[int] = set()
     if run_file.exists():
@@ -137,7 +137,7 @@ def prepare_out_dir(out: Path, plan: Plan, num_samples: int, image: tuple) -> se
 def check_same_run(out: Path, plan: Plan, num_samples: int) -> None:
     """What a rank other than 0 checks once rank 0 has recorded the run: it sees the record (the
     folder is one every rank shares) and the record is its own run (the same weights, flags)."""
-    run_file = out / "run.json"
+    run_file = out / RUN_FILE
     if not run_file.is_file():
         raise RunError(
             f"rank {distributed.rank()} does not see {run_file}, which rank 0 wrote: under torchrun "

@@ -25,7 +25,7 @@ from fastdiff.models.flags import parse_flags
 from fastdiff.models.presets import PRESETS
 from fastdiff.runs.device import check_run_options
 from fastdiff.runs.errors import RunError, check_arguments
-from fastdiff.runs.folder import locked_run_folder
+from fastdiff.runs.folder import RUN_FILE, locked_run_folder
 from fastdiff.runs.loading import LoadedModel, check_file, load_network
 from fastdiff.runs.plan import Plan, UpsamplePlan, check_counts, respacing_for
 from fastdiff.runs.record import check_resumable
@@ -195,7 +195,7 @@ class Cascade:
         """A resumed cascade's upsampled run against this upsampler and its settings, before the
         base model samples; its low-res images and labels are compared once the base run made them."""
         out = base_out / "upsampled"
-        if (out / "run.json").is_file():
+        if (out / RUN_FILE).is_file():
             nothing = LowRes(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64))  # a prefix of any run
             check_resumable(out, self.plan(nothing, 0, base).record(0))
 
