@@ -341,6 +341,24 @@ def test_setup_dist_makes_a_one_process_group(monkeypatch):
         dist.destroy_process_group()
 
 
+def test_setup_dist_under_torchrun_takes_the_gpu_of_local_rank(monkeypatch):
+    """LOCAL_RANK is read by fastdiff.distributed.local_rank, as everywhere else (compat read the
+    variable itself)."""
+    import torch.distributed as dist
+
+    for name, value in {"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "x", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    chosen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    dist_util.setup_dist()
+    assert chosen == [1]  # rank 3 on a 2-GPU machine, as the original's rank % GPUs
+
+
 def test_logger_writes_where_the_original_does(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "run"))
     monkeypatch.delenv("OPENAI_LOG_FORMAT", raising=False)

@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..distributed import SLOWEST_RANK
+from ..distributed import SLOWEST_RANK, local_rank
 from ..models.checkpoint import read_checkpoint
 
 # The original's cluster layout constants (it pins rank % GPUS_PER_NODE); kept for code that reads them.
@@ -36,7 +36,7 @@ def setup_dist() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if under_torchrun():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            torch.cuda.set_device(local_rank() % torch.cuda.device_count())
         dist.init_process_group(backend=backend, init_method="env://", timeout=SLOWEST_RANK)
     else:
         # An in-memory store: no port, no rendezvous, nothing another process could join.
