@@ -124,6 +124,29 @@ def test_a_wrong_option_is_one_run_error_before_the_folder(tmp_path, change, mes
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"classifier_flags": "--image_size 28"}, "--classifier-preset/--classifier-flags need --classifier"),
+        ({"upsample_steps": 5}, "--upsample-steps needs --upsample-with"),
+    ],
+)
+def test_an_option_missing_its_partner_is_refused_before_the_model_loads(
+    tmp_path, monkeypatch, change, message
+):
+    """Both were checked only after the diffusion model (and the classifier) had loaded, gigabytes
+    for ADM's checkpoints, against the house rule that option errors come first."""
+    import fastdiff.runs.sample as sample_module
+
+    def never(**kw):
+        raise AssertionError("the model loaded before the options were checked")
+
+    monkeypatch.setattr(sample_module, "load_diffusion_model", never)
+    with pytest.raises(RunError, match=message):
+        fastdiff.sample_run(tmp_path / "a", **{**TINY, **change})
+    assert not (tmp_path / "a").exists()
+
+
 def test_load_diffusion_model_takes_names_and_paths_as_strings():
     from fastdiff.runs import load_diffusion_model
     from fastdiff.runs.loading import BUNDLED_MODEL

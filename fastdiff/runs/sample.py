@@ -75,6 +75,10 @@ def sample_run(
         raise RunError(
             "--classifier needs --classifier-scale S (the guidance strength, e.g. 1.0; 0 for none)"
         )
+    if classifier is None and (classifier_preset or classifier_flags):
+        raise RunError("--classifier-preset/--classifier-flags need --classifier (the weights)")
+    if upsample_steps is not None and upsample_with is None:
+        raise RunError("--upsample-steps needs --upsample-with (the upsampler)")
     with locked_run_folder(out, resume):
         bundled = preset is None and flag_string is None and checkpoint is None
         loaded = load_diffusion_model(
@@ -93,8 +97,6 @@ def sample_run(
                 device=dev,
             )
         else:
-            if classifier_preset or classifier_flags:
-                raise RunError("--classifier-preset/--classifier-flags need --classifier (the weights)")
             clf = None
         if clf is not None:
             check_classifier(loaded, clf)
@@ -113,8 +115,6 @@ def sample_run(
             from fastdiff.runs.upsample import prepare_cascade
 
             cascade = prepare_cascade(upsample_with, loaded, labels, upsample_steps, dev)
-        elif upsample_steps is not None:
-            raise RunError("--upsample-steps needs --upsample-with (the upsampler)")
         plan = Plan(
             model=loaded.identity,
             classifier=None if clf is None else clf.identity,
