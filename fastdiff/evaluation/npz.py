@@ -53,7 +53,8 @@ class ImageBatch:
         with _member(self._path, "arr_0") as f:
             shape, fortran, _ = _header(f, self._path)
             if fortran:  # rare: not streamable, load it whole
-                images = _images(np.load(self._path)["arr_0"], self.source)
+                with np.load(self._path) as z:
+                    images = _images(z["arr_0"], self.source)
                 yield from ImageBatch(self.source, self.shape, _array=images).batches(batch_size)
                 return
             row = int(np.prod(shape[1:]))

@@ -20,6 +20,7 @@ from fastdiff.runs.errors import RunError
 # A sampling run's record in its --out folder (fastdiff.runs.record): the file that makes a
 # folder a run that --resume continues.
 RUN_FILE = "run.json"
+IMAGES, BATCHES = "images", "batches"  # a run folder's PNGs and its batch npz files
 
 
 def check_writable(folder: Path, what: str) -> None:
@@ -104,7 +105,7 @@ def _own_run_folder(out: Path, resume: bool, holder: str, record: str | None) ->
     with exclusive_folder(out, holder):
         try:
             _check_ours(out, resume, record)
-            for folder in (out, out / "images", out / "batches"):
+            for folder in (out, out / IMAGES, out / BATCHES):
                 remove_temp_files(folder)  # the lock guarantees no writer of ours is running
             yield
         except BaseException:

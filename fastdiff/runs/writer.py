@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fastdiff.files import save_grid, save_npz, save_png
-from fastdiff.runs.folder import writing
+from fastdiff.runs.folder import BATCHES, IMAGES, writing
 
 
 def final_npz_name(num_samples: int, image: tuple) -> str:
@@ -18,7 +18,7 @@ def final_npz_name(num_samples: int, image: tuple) -> str:
 
 
 def batch_npz(out: Path, index: int) -> Path:
-    return out / "batches" / f"batch_{index:05d}.npz"
+    return out / BATCHES / f"batch_{index:05d}.npz"
 
 
 def write_batch(out: Path, index: int, lo: int, images: np.ndarray, labels: np.ndarray | None) -> None:
@@ -27,7 +27,7 @@ def write_batch(out: Path, index: int, lo: int, images: np.ndarray, labels: np.n
     with writing(out):
         for i, img in enumerate(images):
             suffix = "" if labels is None else f"_class{labels[i]}"
-            save_png(img, out / "images" / f"{lo + i:06d}{suffix}.png")
+            save_png(img, out / IMAGES / f"{lo + i:06d}{suffix}.png")
         save_npz(batch_npz(out, index), images, labels)
 
 
