@@ -1,9 +1,9 @@
 """Only the optional CUDA extension lives here; all other metadata is in pyproject.toml.
 
 ``pip install -e .`` is pure Python (torch is not imported). ``FASTDIFF_BUILD_CUDA=1 pip install
---no-build-isolation -e .`` also compiles csrc/ into ``fastdiff._C`` against the installed
+--no-build-isolation -e .`` also compiles fastdiff/csrc/ into ``fastdiff._C`` against the installed
 torch (no build isolation, so the build sees that torch and its CUDA). Without the prebuilt
-module the kernels are JIT-built on first use from a source checkout (fastdiff/ops/_cuda_build.py).
+module the kernels are JIT-built on first use from the shipped sources (fastdiff/ops/_cuda_build.py).
 """
 
 import os
@@ -19,15 +19,16 @@ def cuda_extension_kwargs() -> dict:
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "csrc", "nvcc_flags.txt")) as f:
+    csrc = os.path.join(here, "fastdiff", "csrc")
+    with open(os.path.join(csrc, "nvcc_flags.txt")) as f:
         nvcc_flags = shlex.split(f.read(), comments=True)
     ext = CUDAExtension(
         "fastdiff._C",
-        sources=["csrc/binding.cpp", "csrc/ada_group_norm.cu"],
-        include_dirs=[os.path.join(here, "csrc")],
+        sources=["fastdiff/csrc/binding.cpp", "fastdiff/csrc/ada_group_norm.cu"],
+        include_dirs=[csrc],
         extra_compile_args={
             "cxx": ["-O3"],  # torch supplies -std (c++20 for torch 2.13)
-            "nvcc": nvcc_flags,  # csrc/nvcc_flags.txt says why these
+            "nvcc": nvcc_flags,  # fastdiff/csrc/nvcc_flags.txt says why these
         },
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}

@@ -1,9 +1,10 @@
-"""Loads the optional CUDA extension (csrc/): prebuilt ``fastdiff._C`` or a JIT build.
+"""Loads the optional CUDA extension (fastdiff/csrc/): prebuilt ``fastdiff._C`` or a JIT build.
 
 ``pip install`` stays pure Python by default; ``FASTDIFF_BUILD_CUDA=1 pip install
 --no-build-isolation -e .`` prebuilds ``fastdiff._C``. Without it the sources are JIT-compiled
 on first use with ``torch.utils.cpp_extension.load`` (cached under ``TORCH_EXTENSIONS_DIR``),
-which needs a source checkout (csrc/ beside the package) and nvcc. Any failure returns None
+which needs nvcc; the sources ship inside the package (package data), so a wheel install
+JIT-builds as a source checkout does. Any failure returns None
 with one warning: the Triton/reference paths keep working. ``FASTDIFF_CUDA_JIT=0`` skips the JIT
 build (a prebuilt ``fastdiff._C`` still loads): ``bench/run_gpu.py`` sets it for its later stages
 when its build stage did not load the extension, so no stage builds it again.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from ._backend import env_flag
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 SOURCES = ("binding.cpp", "ada_group_norm.cu")
 FILES = (*SOURCES, "nvcc_flags.txt")
 
@@ -31,7 +32,7 @@ def nvcc_flags(src: Path) -> list[str]:
 
 
 def csrc_dir() -> Path | None:
-    """The kernel sources, present only in a source checkout."""
+    """The kernel sources, or None when an install dropped them."""
     return CSRC if all((CSRC / s).is_file() for s in FILES) else None
 
 
@@ -53,7 +54,7 @@ def load_extension():
     src = csrc_dir()
     if src is None:
         warnings.warn(
-            "fastdiff: CUDA kernels unavailable (no prebuilt fastdiff._C and no csrc/ to JIT-build)",
+            "fastdiff: CUDA kernels unavailable (no prebuilt fastdiff._C and no fastdiff/csrc/ to JIT-build)",
             stacklevel=2,
         )
         return None

@@ -1,0 +1,84 @@
+"""A non-editable install carries every file the code opens at runtime (CI installs editable,
+where a file missing from the wheel goes unnoticed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "fastdiff"
+
+
+def runtime_files() -> set[Path]:
+    """The files the package reads beside its modules: the bundled networks and the CUDA sources."""
+    from fastdiff.evaluation.networks import BUNDLED_CNN
+    from fastdiff.ops._cuda_build import CSRC, FILES
+    from fastdiff.runs.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL
+
+    return {BUNDLED_CNN, BUNDLED_MODEL, BUNDLED_CLASSIFIER, *(CSRC / f for f in FILES)}
+
+
+def package_data() -> set[Path]:
+    """The files pyproject's package-data puts into the wheel."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    return {p for pattern in patterns["fastdiff"] for p in PACKAGE.glob(pattern) if p.is_file()}
+
+
+def test_package_data_covers_every_runtime_file():
+    files = runtime_files()
+    assert all(f.is_file() and f.is_relative_to(PACKAGE) for f in files), files
+    assert files <= package_data()
+
+
+def test_package_data_covers_every_non_python_file_in_the_package():
+    """A data file added under fastdiff/ later is shipped too (or this names it)."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "fastdiff"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    data = {REPO / f for f in tracked if not f.endswith(".py")}
+    assert data, "git ls-files found nothing"
+    assert data - package_data() == set()
+
+
+def test_the_built_wheel_and_sdist_hold_the_runtime_files(tmp_path):
+    """Built for real from a copy of the tracked files (a few seconds), as pip builds them."""
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for f in tracked:
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        (src / f).write_bytes((REPO / f).read_bytes())
+    out = tmp_path / "dist"
+    out.mkdir()
+    for hook in ("build_wheel", "build_sdist"):  # one process each: setuptools keeps state between them
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sys, setuptools.build_meta as b; b.{hook}(sys.argv[1])",
+                str(out),
+            ],
+            cwd=src,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,), (sdist,) = out.glob("*.whl"), out.glob("*.tar.gz")
+    wanted = {str(f.relative_to(REPO)) for f in runtime_files()} | {"fastdiff/py.typed"}
+    members = set(zipfile.ZipFile(wheel).namelist())
+    assert wanted <= members
+    assert not [m for m in members if m.startswith(("tests/", "bench/", "docs/"))]
+    with tarfile.open(sdist) as tar:
+        root = tar.getnames()[0].split("/")[0]
+        names = {n.removeprefix(root + "/") for n in tar.getnames()}
+    assert wanted <= names
