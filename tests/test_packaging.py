@@ -3,6 +3,7 @@ where a file missing from the wheel goes unnoticed)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tarfile
@@ -82,3 +83,20 @@ def test_the_built_wheel_and_sdist_hold_the_runtime_files(tmp_path):
         root = tar.getnames()[0].split("/")[0]
         names = {n.removeprefix(root + "/") for n in tar.getnames()}
     assert wanted <= names
+
+
+def test_building_the_cuda_extension_on_a_cpu_torch_is_one_line():
+    """FASTDIFF_BUILD_CUDA=1 with a CPU-only torch (nvcc may well be there): a line saying so, not
+    torch's CUDA_HOME traceback from inside pip's metadata step."""
+    import torch
+
+    if torch.version.cuda is not None:
+        pytest.skip("needs a CPU-only torch")
+    env = {**os.environ, "FASTDIFF_BUILD_CUDA": "1"}
+    r = subprocess.run(
+        [sys.executable, "setup.py", "--version"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert r.returncode != 0
+    assert r.stderr.strip() == (
+        f"FASTDIFF_BUILD_CUDA=1 needs a CUDA build of torch (torch {torch.__version__} is CPU-only)"
+    )
