@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import fastdiff
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "fastdiff"
 
@@ -74,10 +76,14 @@ def test_the_built_wheel_and_sdist_hold_the_runtime_files(tmp_path):
             timeout=300,
         )
         assert r.returncode == 0, r.stderr[-3000:]
+        assert "Deprecat" not in r.stderr, r.stderr[-3000:]  # a deprecated setting breaks a later setuptools
     (wheel,), (sdist,) = out.glob("*.whl"), out.glob("*.tar.gz")
     wanted = {str(f.relative_to(REPO)) for f in runtime_files()} | {"fastdiff/py.typed"}
-    members = set(zipfile.ZipFile(wheel).namelist())
+    with zipfile.ZipFile(wheel) as z:
+        members = set(z.namelist())
+        metadata = z.read(f"fastdiff-{fastdiff.__version__}.dist-info/METADATA").decode()
     assert wanted <= members
+    assert f"Version: {fastdiff.__version__}\n" in metadata and "License-Expression: MIT\n" in metadata
     assert not [m for m in members if m.startswith(("tests/", "bench/", "docs/"))]
     with tarfile.open(sdist) as tar:
         root = tar.getnames()[0].split("/")[0]
