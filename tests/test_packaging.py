@@ -89,6 +89,7 @@ def test_the_built_wheel_and_sdist_hold_the_runtime_files(tmp_path):
         root = tar.getnames()[0].split("/")[0]
         names = {n.removeprefix(root + "/") for n in tar.getnames()}
     assert wanted <= names
+    assert not [n for n in names if n.startswith("tests/")]
 
 
 def test_building_the_cuda_extension_on_a_cpu_torch_is_one_line():
