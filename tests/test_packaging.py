@@ -16,6 +16,10 @@ import fastdiff
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "fastdiff"
+if Path(fastdiff.__file__).parent != PACKAGE:
+    pytest.skip(
+        "checks this checkout's packaging; fastdiff is imported from elsewhere", allow_module_level=True
+    )
 
 
 def runtime_files() -> set[Path]:
