@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile the torch-free CUDA sources in fastdiff/csrc/ with the machine's nvcc (sm_80 + sm_90), warnings
+# Compile the torch-free CUDA sources in csrc/ with the machine's nvcc (sm_80 + sm_90), warnings
 # as errors, so kernel breakage shows up in CI without a GPU or a CUDA build of torch.
 set -euo pipefail
 
@@ -13,11 +13,11 @@ fi
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 "$NVCC" --version | tail -n 2
-for src in fastdiff/csrc/*.cu; do
+for src in csrc/*.cu; do
     obj="$out/$(basename "$src" .cu).o"
     echo "check_cuda_compile: $src"
     # shellcheck disable=SC2046
-    "$NVCC" -std=c++20 $(grep -v '^#' fastdiff/csrc/nvcc_flags.txt) -c "$src" -o "$obj" -Ifastdiff/csrc \
+    "$NVCC" -std=c++20 $(grep -v '^#' csrc/nvcc_flags.txt) -c "$src" -o "$obj" -Icsrc \
         -gencode arch=compute_80,code=sm_80 \
         -gencode arch=compute_90,code=sm_90 \
         -Xcompiler -Wall,-Wextra,-Werror -Werror all-warnings \

@@ -1,4 +1,4 @@
-"""The CUDA C++ ada_group_norm kernels (fastdiff/csrc/) and their Python layer.
+"""The CUDA C++ ada_group_norm kernels (csrc/) and their Python layer.
 
 On a CPU machine: the torch-free sources compile with nvcc, setup.py stays pure Python, the
 layer reports itself unavailable and the backend choice is cached. On a GPU: forward/backward
@@ -38,17 +38,17 @@ def test_kernel_sources_compile_without_torch(tmp_path):
 
     PTX only, to stay quick; .ci/check_cuda_compile.sh (the slow test below) runs ptxas too.
     """
-    flags = shlex.split((REPO / "fastdiff" / "csrc" / "nvcc_flags.txt").read_text(), comments=True)
+    flags = shlex.split((REPO / "csrc" / "nvcc_flags.txt").read_text(), comments=True)
     cmd = [
         NVCC,
         "-std=c++20",  # torch 2.13's, which the real builds get from torch
         *flags,
         "-c",
-        str(REPO / "fastdiff" / "csrc" / "ada_group_norm.cu"),
+        str(REPO / "csrc" / "ada_group_norm.cu"),
         "-o",
         str(tmp_path / "k.o"),
         "-I",
-        str(REPO / "fastdiff" / "csrc"),
+        str(REPO / "csrc"),
         "-gencode",
         "arch=compute_80,code=compute_80",
         "-Xcompiler",

@@ -23,12 +23,19 @@ if Path(fastdiff.__file__).parent != PACKAGE:
 
 
 def runtime_files() -> set[Path]:
-    """The files the package reads beside its modules: the bundled networks and the CUDA sources."""
+    """The files the package reads beside its modules: the bundled networks."""
     from fastdiff.evaluation.networks import BUNDLED_CNN
-    from fastdiff.ops._cuda_build import CSRC, FILES
     from fastdiff.runs.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL
 
-    return {BUNDLED_CNN, BUNDLED_MODEL, BUNDLED_CLASSIFIER, *(CSRC / f for f in FILES)}
+    return {BUNDLED_CNN, BUNDLED_MODEL, BUNDLED_CLASSIFIER}
+
+
+def kernel_sources() -> dict[str, str]:
+    """The CUDA sources the extension JIT-builds: where each sits in an sdist (the checkout's
+    csrc/) -> where a wheel carries it (setup.py copies it into the package)."""
+    from fastdiff.ops._cuda_build import FILES
+
+    return {f"csrc/{f}": f"fastdiff/csrc/{f}" for f in FILES}
 
 
 def package_data() -> set[Path]:
@@ -86,13 +93,13 @@ def test_the_built_wheel_and_sdist_hold_the_runtime_files(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         members = set(z.namelist())
         metadata = z.read(f"fastdiff-{fastdiff.__version__}.dist-info/METADATA").decode()
-    assert wanted <= members
+    assert wanted | set(kernel_sources().values()) <= members
     assert f"Version: {fastdiff.__version__}\n" in metadata and "License-Expression: MIT\n" in metadata
     assert not [m for m in members if m.startswith(("tests/", "bench/", "docs/"))]
     with tarfile.open(sdist) as tar:
         root = tar.getnames()[0].split("/")[0]
         names = {n.removeprefix(root + "/") for n in tar.getnames()}
-    assert wanted <= names
+    assert wanted | set(kernel_sources()) <= names
     assert not [n for n in names if n.startswith("tests/")]
 
 
@@ -111,3 +118,10 @@ def test_building_the_cuda_extension_on_a_cpu_torch_is_one_line():
     assert r.stderr.strip() == (
         f"FASTDIFF_BUILD_CUDA=1 needs a CUDA build of torch (torch {torch.__version__} is CPU-only)"
     )
+
+
+def test_a_checkout_builds_the_kernels_from_its_csrc():
+    """The sources sit beside the package here; a wheel carries them inside it (checked above)."""
+    from fastdiff.ops._cuda_build import csrc_dir
+
+    assert csrc_dir() == REPO / "csrc"

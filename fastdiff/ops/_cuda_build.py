@@ -1,4 +1,4 @@
-"""Loads the optional CUDA extension (fastdiff/csrc/): prebuilt ``fastdiff._C`` or a JIT build.
+"""Loads the optional CUDA extension (csrc/): prebuilt ``fastdiff._C`` or a JIT build.
 
 ``pip install`` stays pure Python by default; ``FASTDIFF_BUILD_CUDA=1 pip install
 --no-build-isolation -e .`` prebuilds ``fastdiff._C``. Without it the sources are JIT-compiled
@@ -21,7 +21,9 @@ from pathlib import Path
 
 from ._backend import env_flag
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+_PACKAGE = Path(__file__).resolve().parents[1]
+# the sources: inside an installed wheel (setup.py copies them there), else a checkout's csrc/
+CSRC_DIRS = (_PACKAGE / "csrc", _PACKAGE.parent / "csrc")
 SOURCES = ("binding.cpp", "ada_group_norm.cu")
 FILES = (*SOURCES, "nvcc_flags.txt")
 
@@ -32,8 +34,8 @@ def nvcc_flags(src: Path) -> list[str]:
 
 
 def csrc_dir() -> Path | None:
-    """The kernel sources, or None when an install dropped them."""
-    return CSRC if all((CSRC / s).is_file() for s in FILES) else None
+    """The kernel sources, or None where neither a wheel nor a checkout has them."""
+    return next((d for d in CSRC_DIRS if all((d / s).is_file() for s in FILES)), None)
 
 
 @functools.cache
@@ -54,7 +56,7 @@ def load_extension():
     src = csrc_dir()
     if src is None:
         warnings.warn(
-            "fastdiff: CUDA kernels unavailable (no prebuilt fastdiff._C and no fastdiff/csrc/ to JIT-build)",
+            "fastdiff: CUDA kernels unavailable (no prebuilt fastdiff._C and no csrc/ to JIT-build)",
             stacklevel=2,
         )
         return None

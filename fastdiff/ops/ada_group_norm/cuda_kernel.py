@@ -1,4 +1,4 @@
-"""ada_group_norm kernel layer backed by the CUDA C++ extension in fastdiff/csrc/ (same API as triton_kernel).
+"""ada_group_norm kernel layer backed by the CUDA C++ extension in csrc/ (same API as triton_kernel).
 
 Neither backend wins everywhere, so on a GPU the backend for a shape is chosen by measurement,
 ahead of time (``fastdiff.ops.autotuning``, the Sampler's warm-up, before any CUDA graph
