@@ -10,6 +10,8 @@ import math
 import os
 import re
 import tempfile
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -128,5 +130,39 @@ def save_npz(path: Path, *arrays: np.ndarray | None, **named: np.ndarray) -> Non
     def write(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, *kept, **named)
+
+    atomic_write(path, write)
+
+
+def save_npz_streamed(
+    path: Path, members: Iterable[tuple[str, tuple[int, ...], np.dtype, Iterable[np.ndarray]]]
+) -> None:
+    """An npz written member by member from chunks, one chunk in memory at a time: a run's final
+    npz (9.8 GB for 50,000 ImageNet-256 samples) would need twice that held whole for np.savez.
+
+    Each member is (name, full shape, dtype, chunks along the first axis); the layout is np.savez's
+    (stored, zip64 members, the same .npy header), so np.load and zip-streaming readers take it."""
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for name, shape, dtype, chunks in members:
+                dtype, shape = np.dtype(dtype), tuple(int(s) for s in shape)
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(dtype),
+                    "fortran_order": False,
+                    "shape": shape,
+                }
+                with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array_header_1_0(f, header)
+                    rows = 0
+                    for chunk in chunks:
+                        if chunk.dtype != dtype or chunk.shape[1:] != shape[1:]:
+                            raise ValueError(
+                                f"{name}: a {chunk.dtype} chunk of shape {chunk.shape} in {dtype} {shape}"
+                            )
+                        rows += len(chunk)
+                        f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+                    if rows != shape[0]:
+                        raise ValueError(f"{name}: chunks of {rows} rows for shape {shape}")
 
     atomic_write(path, write)

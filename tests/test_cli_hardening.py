@@ -67,17 +67,21 @@ def test_kill_while_writing_the_grown_npz_leaves_no_stale_npz(models, tmp_path, 
 
     out = tmp_path / "out"
     assert sample(models, out, 4).exit_code == 0
-    real = writer.save_npz
+    real = writer.save_npz_streamed
 
-    def killed_at_final(path, *a):
-        if path.name.startswith("samples_"):
-            raise KeyboardInterrupt  # SIGINT/SIGKILL stand-in at the last write
-        real(path, *a)
+    def cut(chunks):
+        for chunk in chunks:
+            yield chunk
+            raise KeyboardInterrupt  # SIGINT/SIGKILL stand-in once a batch is in the final npz
 
-    monkeypatch.setattr(writer, "save_npz", killed_at_final)
+    def killed_at_final(path, members):
+        real(path, [(name, shape, dtype, cut(chunks)) for name, shape, dtype, chunks in members])
+
+    monkeypatch.setattr(writer, "save_npz_streamed", killed_at_final)
     assert sample(models, out, 8, "--resume").exit_code != 0
     assert final(out) == []  # the 4-sample npz no longer describes this run
-    monkeypatch.setattr(writer, "save_npz", real)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".samples_")] == []  # nor half of one
+    monkeypatch.setattr(writer, "save_npz_streamed", real)
     r = sample(models, out, 8, "--resume")
     assert r.exit_code == 0 and "0 images (8 already there)" in r.output
     assert final(out) == ["samples_8x8x8x3.npz"]

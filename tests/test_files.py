@@ -1,4 +1,4 @@
-"""fastdiff.files: reading images in a model's channels; the one npz writer."""
+"""fastdiff.files: reading images in a model's channels; the npz writers (whole arrays, and streamed)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastdiff.files import in_channels, is_temp_file, save_npz
+from fastdiff.files import in_channels, is_temp_file, save_npz, save_npz_streamed
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -42,3 +42,20 @@ def test_save_npz_writes_positional_then_named_arrays_and_drops_a_trailing_none(
         )
         assert np.array_equal(b["arr_1"], labels) and str(b["respacing"]) == "ddim5"
     assert not [p for p in tmp_path.iterdir() if is_temp_file(p)]
+
+
+def test_save_npz_streamed_writes_what_np_savez_writes(tmp_path):
+    """A run's final npz is streamed chunk by chunk (one batch in memory, not 2x the run); it is
+    np.savez's file byte for byte, so np.load and the evaluator's zip-streaming reader take it."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (7, 5, 5, 3), dtype=np.uint8), np.arange(7, dtype=np.int64)
+    members = [
+        ("arr_0", images.shape, np.uint8, [images[:3], images[3:6], images[6:]]),
+        ("arr_1", labels.shape, np.int64, (labels[i : i + 2] for i in range(0, 7, 2))),
+    ]
+    save_npz_streamed(tmp_path / "streamed.npz", members)
+    save_npz(tmp_path / "whole.npz", images, labels)
+    assert (tmp_path / "streamed.npz").read_bytes() == (tmp_path / "whole.npz").read_bytes()
+    with pytest.raises(ValueError, match="chunks of 3 rows"):
+        save_npz_streamed(tmp_path / "short.npz", [("arr_0", images.shape, np.uint8, [images[:3]])])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed.npz", "whole.npz"]

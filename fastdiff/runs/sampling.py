@@ -189,7 +189,7 @@ def run_sampling(
     ranks.wait_for_all("sampling")
     start = time.perf_counter()
     if distributed.is_main():
-        merge_batches(out, len(batches), image, labelled=labels_all is not None)
+        merge_batches(out, batches, image, labelled=labels_all is not None)
     ranks.wait_for_all("rank 0 merged the batches")  # what runs next (the cascade) reads the npz
     writing += time.perf_counter() - start
     made = sum(batches[b][1] - batches[b][0] for b in todo)
