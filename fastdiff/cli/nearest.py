@@ -179,7 +179,7 @@ def nearest_command(
                 err=True,
             )
         feats = features_over_ranks(net, batch_size, dev, progress_bars(progress and distributed.is_main()))
-        images = np.concatenate(list(smp.batches(4096)))
+        images = smp.load()
         spaces = [feats(images, "samples"), feats(train, "train"), feats(held, "held-out")]
         if not distributed.is_main():
             return

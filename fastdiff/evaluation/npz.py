@@ -49,6 +49,18 @@ class ImageBatch:
             # a bad CRC or deflate stream shows only when the data is read
             raise EvaluationError(f"cannot read {self.source}: {e}") from None
 
+    def load(self) -> np.ndarray:
+        """Every image in one array, read into it batch by batch: concatenating the batches would
+        hold the images twice (1.2 GB for 50,000 64x64 low-res images, 20 GB at 256x256)."""
+        if self._array is not None:
+            return self._array
+        images = np.empty(self.shape, np.uint8)
+        i = 0
+        for batch in self.batches(1024):
+            images[i : i + len(batch)] = batch
+            i += len(batch)
+        return images
+
     def _read(self, batch_size: int) -> Iterator[np.ndarray]:
         with _member(self._path, "arr_0") as f:
             shape, fortran, _ = _header(f, self._path)

@@ -109,7 +109,7 @@ def read_low_res(path: Path) -> LowRes:
     weights (gigabytes) load, not after."""
     try:
         batch = read_npz(path, role="--low-res")
-        images = np.concatenate(list(batch.batches(1024)))
+        images = batch.load()
     except EvaluationError as e:
         raise RunError(str(e)) from None
     return LowRes(images, None if batch.labels is None else batch.labels.astype(np.int64))
