@@ -161,7 +161,7 @@ def save_npz_streamed(
                                 f"{name}: a {chunk.dtype} chunk of shape {chunk.shape} in {dtype} {shape}"
                             )
                         rows += len(chunk)
-                        f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+                        f.write(np.ascontiguousarray(chunk))  # zipfile counts its nbytes
                     if rows != shape[0]:
                         raise ValueError(f"{name}: chunks of {rows} rows for shape {shape}")
 

@@ -50,7 +50,7 @@ def test_save_npz_streamed_writes_what_np_savez_writes(tmp_path):
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (7, 5, 5, 3), dtype=np.uint8), np.arange(7, dtype=np.int64)
     members = [
-        ("arr_0", images.shape, np.uint8, [images[:3], images[3:6], images[6:]]),
+        ("arr_0", images.shape, np.uint8, [images[:3], images[3:3], images[3:6], images[6:]]),
         ("arr_1", labels.shape, np.int64, (labels[i : i + 2] for i in range(0, 7, 2))),
     ]
     save_npz_streamed(tmp_path / "streamed.npz", members)
