@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fastdiff.evaluation.metrics import (
     EvaluationError,
@@ -146,6 +147,15 @@ def test_float16_overflow_falls_back_to_float32():
     ref, smp = features(100, 16, 0, scale=200.0), features(80, 16, 1, scale=200.0)
     assert precision_recall(ref, smp) == pytest.approx(numpy_pr(ref, smp, half=True), rel=REL)
     assert precision_recall(ref, smp) == precision_recall(ref, smp, ManifoldConfig(distances="float32"))
+
+
+def test_radii_keep_each_column_blocks_nearest_only():
+    """manifold_radii keeps each column block's k+1 nearest, not the row block by every feature
+    (10000 x 50,000 float32 and its joined copy: 4 GB at the evaluation's 50,000 samples); the
+    radii are the same, a last block narrower than k+1 included (103 = 4 x 25 + 3)."""
+    x = features(103, 8, 0)
+    whole = manifold_radii(x, ManifoldConfig(row_batch_size=40, col_batch_size=1000))
+    assert torch.equal(manifold_radii(x, ManifoldConfig(row_batch_size=40, col_batch_size=25)), whole)
 
 
 def test_radii_need_more_than_k_samples():

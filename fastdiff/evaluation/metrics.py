@@ -130,12 +130,14 @@ def manifold_radii(features, config: ManifoldConfig = ManifoldConfig()) -> torch
     radii = []
     for r in range(0, len(x), config.row_batch_size):
         rows = x[r : r + config.row_batch_size]
-        d = torch.cat(
-            [pairwise_distances(rows, x[c : c + config.col_batch_size], config) for c in
-             range(0, len(x), config.col_batch_size)],
-            dim=1,
-        )  # fmt: skip
-        radii.append(d.kthvalue(config.k + 1, dim=1).values)
+        # Each column block's k+1 smallest only (the row's k+1-th smallest is among them): the
+        # whole row block by every feature, 2 GB for 50,000 samples (and again to join it), is
+        # never held.
+        nearest = []
+        for c in range(0, len(x), config.col_batch_size):
+            d = pairwise_distances(rows, x[c : c + config.col_batch_size], config)
+            nearest.append(d.topk(min(config.k + 1, d.shape[1]), dim=1, largest=False).values)
+        radii.append(torch.cat(nearest, dim=1).kthvalue(config.k + 1, dim=1).values)
     return torch.cat(radii)
 
 
