@@ -185,7 +185,7 @@ def nearest_command(
             return
         report = MemorisationReport(
             features=check_space(*(s.pool for s in spaces), config),
-            pixels=check_space(pixels(images), pixels(train), pixels(held), config),
+            pixels=check_space(images, train, held, config, rows=pixels),
             feature_network=net.name,
             quantile=quantile,
         )

@@ -35,18 +35,20 @@ class NearestConfig:
 
 
 def nearest(
-    query: np.ndarray, bank: np.ndarray, k: int, config: NearestConfig
+    query: np.ndarray, bank: np.ndarray, k: int, config: NearestConfig, rows=np.asarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """-> (indices N x k, Euclidean distances N x k) of the k nearest rows of ``bank``, in float64.
 
-    The neighbours are found with the expanded form (a matrix product); their distances are then
-    taken directly, so an exact copy is at distance 0, not at the expansion's rounding noise."""
-    b = torch.as_tensor(bank, dtype=torch.float64, device=config.device)
+    ``rows`` maps images to the vectors compared (:func:`pixels`), one query batch at a time: the
+    queries' float64 vectors, 8 bytes a pixel, are never held whole. The neighbours are found
+    with the expanded form (a matrix product); their distances are then taken directly, so an
+    exact copy is at distance 0, not at the expansion's rounding noise."""
+    b = torch.as_tensor(rows(bank), dtype=torch.float64, device=config.device)
     nb = (b * b).sum(1)
     k = min(k, len(b))
     idx, dist = [], []
     for i in range(0, len(query), config.batch_size):
-        q = torch.as_tensor(query[i : i + config.batch_size], dtype=torch.float64, device=config.device)
+        q = torch.as_tensor(rows(query[i : i + config.batch_size]), dtype=torch.float64, device=config.device)
         d2 = (q * q).sum(1, keepdim=True) - 2 * q @ b.T + nb
         j = d2.topk(k, dim=1, largest=False).indices
         exact = torch.stack([(q - b[j[:, c]]).norm(dim=1) for c in range(k)], dim=1)
@@ -65,7 +67,7 @@ def pixels(images: np.ndarray) -> np.ndarray:
 def training_copies(heldout: np.ndarray, train: np.ndarray, config: NearestConfig) -> np.ndarray:
     """Which held-out images (uint8 NHWC) are training images pixel for pixel: they were trained
     on, and at distance 0 they would pull the threshold to 0, below every copy."""
-    _, dist = nearest(pixels(heldout), pixels(train), 1, config)
+    _, dist = nearest(heldout, train, 1, config, rows=pixels)
     return dist[:, 0] == 0
 
 
@@ -95,10 +97,11 @@ class SpaceResult:
 
 
 def check_space(
-    samples: np.ndarray, train: np.ndarray, heldout: np.ndarray, config: NearestConfig
+    samples: np.ndarray, train: np.ndarray, heldout: np.ndarray, config: NearestConfig, rows=np.asarray
 ) -> SpaceResult:
-    idx, dist = nearest(samples, train, config.k, config)
-    _, held = nearest(heldout, train, 1, config)
+    """Samples' and held-out images' neighbours in ``train``, compared as ``rows`` (see nearest)."""
+    idx, dist = nearest(samples, train, config.k, config, rows)
+    _, held = nearest(heldout, train, 1, config, rows)
     return SpaceResult(idx, dist, held[:, 0], float(np.quantile(held[:, 0], config.quantile)))
 
 
