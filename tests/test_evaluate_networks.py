@@ -158,3 +158,30 @@ def test_mnist_features():
     np.testing.assert_allclose(compute_activations(net, images28).pool, compute_activations(net, padded).pool)
     with pytest.raises(EvaluationError, match="1-channel 28x28 or 32x32"):
         compute_activations(net, rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
+
+
+def test_activations_fill_one_array_per_feature_not_a_joined_list():
+    """compute_activations writes each batch's features into arrays of every image's: joining
+    per-batch parts held them twice (2 GB of Inception features for 50,000 samples). A rank's
+    share of the batches (a partial last batch included) is those images' rows."""
+    import tracemalloc
+    import types
+
+    def activations(x):  # numpy-backed features, which tracemalloc sees
+        flat = x.numpy().reshape(len(x), -1).astype(np.float32)
+        return tuple(torch.from_numpy(flat[:, :w].copy()) for w in (48, 16, 4))
+
+    net = types.SimpleNamespace(check_images=lambda shape: None, activations=activations)
+    images = np.random.default_rng(0).integers(0, 256, (1003, 4, 4, 3), dtype=np.uint8)
+    compute_activations(net, images[:20], batch_size=10)  # its first-call allocations, untraced
+    tracemalloc.start()
+    try:
+        acts = compute_activations(net, images, batch_size=10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    features = images.reshape(1003, -1).astype(np.float32)
+    assert np.array_equal(acts.pool, features) and np.array_equal(acts.logits, features[:, :4])
+    assert peak < 1.5 * (acts.pool.nbytes + acts.spatial.nbytes + acts.logits.nbytes)  # was over 2x
+    share = compute_activations(net, images, batch_size=10, batches=range(95, 101))
+    assert np.array_equal(share.spatial, features[950:, :16])

@@ -8,7 +8,7 @@ import numpy as np
 
 from fastdiff import distributed
 from fastdiff.evaluation.metrics import EvaluationError
-from fastdiff.evaluation.networks import Activations, compute_activations, num_batches
+from fastdiff.evaluation.networks import Activations, compute_activations, images_in, num_batches
 from fastdiff.runs import ranks
 from fastdiff.runs.errors import RunError
 
@@ -24,7 +24,7 @@ def features_over_ranks(net, batch_size: int, device, progress):
         done = None
         with ranks.agreed(f"computing the {what} features"):
             if len(mine):
-                images = min(len(batch), mine.stop * batch_size) - mine.start * batch_size
+                images = images_in(batch, batch_size, mine)
                 try:
                     done = compute_activations(net, batch, batch_size, device, progress(what, images), mine)
                 except EvaluationError as e:
