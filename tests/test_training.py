@@ -335,6 +335,31 @@ def test_cli_train_end_to_end(tmp_path):
     assert again.exit_code != 0 and "--resume" in again.output
 
 
+def test_a_finished_run_names_the_weights_sample_takes(tmp_path):
+    """The run folder and its latest.json name no network; the done line and sample's refusal of
+    them give the weights files, and the first of them samples as given."""
+    from fastdiff.cli.main import main
+
+    out = tmp_path / "run"
+    args = ["--data", _npz(tmp_path), "--flags", TINY, "--batch-size", "2", "--max-steps", "1"]
+    result = CliRunner().invoke(train, [*args, "--ema", "0.99", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    weights = f"{out / 'ema_0.99_0000001.safetensors'} (EMA 0.99) or {out / 'model_0000001.safetensors'}"
+    assert result.output.strip().splitlines()[-1] == f"done: step 1, weights {weights}"
+    for given in (out, out / "latest.json"):
+        r = CliRunner().invoke(main, ["sample", "--checkpoint", str(given), "--out", str(tmp_path / "s")])
+        assert r.exit_code != 0 and r.output.strip().splitlines() == [
+            f"Error: checkpoint {given} is a training run, not a weights file: pass {weights}"
+        ]
+        assert not (tmp_path / "s").exists()
+    first = weights.split(" (EMA")[0]
+    r = CliRunner().invoke(
+        main,
+        ["sample", "--checkpoint", first, "--steps", "2", "--num-samples", "1", "--out", str(tmp_path / "s")],
+    )
+    assert r.exit_code == 0, r.output
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -38,6 +38,7 @@ from fastdiff.training import (
     match_classes,
     parse_ema_rates,
     resumable_checkpoint,
+    weights_files,
 )
 
 WORKERS_PER_CORE = 8
@@ -365,7 +366,8 @@ def _run(trainer, out: str) -> None:
         with locked_out(out):
             trainer.run()
         if dist.is_main():
-            click.echo(f"done: {Path(out) / 'latest.json'}")
+            record = latest_checkpoint(out)
+            click.echo(f"done: step {record['step']}, weights {weights_files(out, record)}")
     except (TrainingError, DataError, ConfigError, CheckpointError) as e:  # ConfigError: the lock, resuming
         raise click.ClickException(str(e)) from None
     finally:

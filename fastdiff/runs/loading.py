@@ -93,7 +93,22 @@ class LoadedModel:
         )
 
 
+def _training_run(path: Path) -> str | None:
+    """The weights to pass instead of a training run's folder or its latest.json, if it is one."""
+    from fastdiff.training.checkpoint import LATEST, latest_checkpoint, weights_files
+
+    folder = path if path.is_dir() else path.parent if path.name == LATEST else None
+    try:
+        record = None if folder is None else latest_checkpoint(folder)
+    except CheckpointError:
+        return None
+    return None if record is None else weights_files(folder, record)
+
+
 def check_file(path: Path, what: str) -> None:
+    weights = _training_run(path)
+    if weights is not None:
+        raise RunError(f"{what} {path} is a training run, not a weights file: pass {weights}")
     if path.is_dir():
         raise RunError(f"{what} {path} is a folder, not a file")
     if not path.is_file():

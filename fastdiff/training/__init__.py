@@ -6,6 +6,7 @@ from .checkpoint import (
     load_checkpoint,
     resumable_checkpoint,
     save_checkpoint,
+    weights_files,
 )
 from .config import (
     PRECISIONS,
@@ -57,4 +58,5 @@ __all__ = [
     "parse_ema_rates",
     "resumable_checkpoint",
     "save_checkpoint",
+    "weights_files",
 ]

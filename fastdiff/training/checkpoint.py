@@ -152,6 +152,14 @@ def latest_checkpoint(out_dir) -> dict | None:
     return record
 
 
+def weights_files(out_dir, record: dict) -> str:
+    """The weights a checkpoint record names, EMA first, as paths a sampling command takes: what a
+    finished run points its user to (latest.json itself names no network)."""
+    out_dir = Path(out_dir)
+    names = [f"{out_dir / n} (EMA {rate})" for rate, n in record["ema"].items()]
+    return " or ".join([*names, str(out_dir / record["model"])])
+
+
 def _is_record(record) -> bool:
     """latest.json as save_checkpoint writes it; its file names are ours, so no other file is read."""
     if not (
