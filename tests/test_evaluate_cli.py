@@ -174,6 +174,27 @@ def test_thread_counts_beyond_any_machine_are_one_line(digits, monkeypatch):
     one_line_error(run("mnist", digits), "OMP_NUM_THREADS must be at most 4096")
 
 
+def test_an_image_folder_is_a_reference_as_its_npz_is(digits, tmp_path):
+    """A user's own data (class subfolders of PNGs) scores as the same images in an npz."""
+    from PIL import Image
+
+    with np.load(digits) as z:
+        images, labels = z["arr_0"][:40], z["arr_1"][:40]
+    for i, (img, label) in enumerate(zip(images, labels)):
+        (tmp_path / "ref" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[..., 0]).save(tmp_path / "ref" / str(label) / f"{i:03d}.png")
+    np.savez(tmp_path / "ref.npz", images)
+    scores = []
+    for ref in ("ref", "ref.npz"):
+        r = run(tmp_path / ref, digits, "--json", tmp_path / f"{ref}.json")
+        assert r.exit_code == 0, r.output
+        scores.append(json.loads((tmp_path / f"{ref}.json").read_text()))
+    assert scores[0]["num_reference"] == 40
+    for key in ("fid", "sfid", "precision", "recall"):
+        assert scores[0][key] == pytest.approx(scores[1][key], rel=1e-6), key  # the order differs
+    one_line_error(run(digits, tmp_path / "ref"), "samples", "is a folder, not an npz file")
+
+
 def test_bad_inputs_are_one_line_each(digits, tmp_path):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (10, 32, 32, 1), dtype=np.uint8)

@@ -2,7 +2,8 @@
 evaluator computes them, in PyTorch (no TensorFlow, no download).
 
 REF is a reference batch npz (guided-diffusion's ``VIRTUAL_*.npz`` unchanged, or any ``arr_0``
-npz) or ``mnist`` for the 500 held-out digits; SAMPLES is an npz as ``fastdiff sample`` writes.
+npz), an image folder (read as training reads it, at the samples' size) or ``mnist`` for the 500
+held-out digits; SAMPLES is an npz as ``fastdiff sample`` writes.
 Features come from the FID Inception-v3 (``--inception PATH``) or, for 1-channel 28/32-px images,
 the bundled MNIST CNN, which needs no download. Under torchrun each rank computes the features
 of its block of batches and rank 0, having gathered them, scores and prints.
@@ -19,8 +20,29 @@ import click
 FEATURES = ("auto", "inception", "mnist")
 
 
-def resolve_reference(spec: str):
-    """``mnist`` -> the held-out digits; anything else is an npz path."""
+def load_images(spec: str, image_shape: tuple[int, int, int], split: str = "train"):
+    """``mnist`` (its training or held-out split), an npz or an image folder -> uint8 NHWC array."""
+    import numpy as np
+
+    from fastdiff.training.data import ArrayDataset, load_dataset
+
+    h, w, c = image_shape
+    ds = load_dataset(spec, image_size=h, channels=c, split=split)
+    if isinstance(ds, ArrayDataset):
+        images = ds.images
+    else:
+        images = np.stack([((ds[i][0].permute(1, 2, 0).numpy() + 1) * 127.5).round() for i in range(len(ds))])
+        images = images.clip(0, 255).astype(np.uint8)
+    if images.shape[1:] != (h, w, c):
+        raise click.ClickException(
+            f"{spec} holds {'x'.join(map(str, images.shape[1:]))} images but the samples are {h}x{w}x{c}"
+        )
+    return images
+
+
+def resolve_reference(spec: str, image_shape: tuple[int, int, int]):
+    """``mnist`` -> the held-out digits; an image folder -> its images at the samples' shape (as
+    training reads it), so a user's own data is a reference without an npz; else an npz path."""
     from fastdiff.evaluation.npz import from_array, read_npz
 
     if spec == "mnist":
@@ -28,6 +50,8 @@ def resolve_reference(spec: str):
 
         val = get_mnist("val")
         return from_array(val.images, "reference mnist (held-out digits)", labels=val.labels)
+    if Path(spec).is_dir():
+        return from_array(load_images(spec, image_shape), f"reference {spec}")
     return read_npz(spec, role="reference")
 
 
@@ -104,7 +128,8 @@ def progress_bars(enabled: bool):
 def evaluate_command(ref, samples, features, inception, json_path, batch_size, device, threads, progress):
     """Score samples against a reference batch: FID, sFID, Inception Score, precision, recall.
 
-    REF is a reference batch npz (guided-diffusion's unchanged) or 'mnist' for the held-out
+    REF is a reference batch npz (guided-diffusion's unchanged), a folder of images (resized
+    and center-cropped to the samples' size, as training reads it) or 'mnist' for the held-out
     digits; SAMPLES is an npz as fastdiff sample writes it."""
     from fastdiff import distributed
     from fastdiff.evaluation.metrics import EvaluationError
@@ -120,7 +145,7 @@ def evaluate_command(ref, samples, features, inception, json_path, batch_size, d
     choose_threads(threads)
     try:
         smp = read_npz(samples, role="samples")
-        reference = resolve_reference(ref)
+        reference = resolve_reference(ref, smp.image_shape)
         config = EvaluationConfig(batch_size=batch_size, device=str(dev))
         check_sets(reference, smp, config)
         net = choose_network(features, smp.image_shape, inception, dev)

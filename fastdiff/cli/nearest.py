@@ -16,25 +16,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .evaluate import FEATURES, choose_network, progress_bars
-
-
-def load_images(spec: str, image_shape: tuple[int, int, int], split: str = "train"):
-    """``mnist`` (its training or held-out split), an npz or an image folder -> uint8 NHWC array."""
-    from fastdiff.training.data import ArrayDataset, load_dataset
-
-    h, w, c = image_shape
-    ds = load_dataset(spec, image_size=h, channels=c, split=split)
-    if isinstance(ds, ArrayDataset):
-        images = ds.images
-    else:
-        images = np.stack([((ds[i][0].permute(1, 2, 0).numpy() + 1) * 127.5).round() for i in range(len(ds))])
-        images = images.clip(0, 255).astype(np.uint8)
-    if images.shape[1:] != (h, w, c):
-        raise click.ClickException(
-            f"{spec} holds {'x'.join(map(str, images.shape[1:]))} images but the samples are {h}x{w}x{c}"
-        )
-    return images
+from .evaluate import FEATURES, choose_network, load_images, progress_bars
 
 
 def distance_plot(report, path: Path) -> bool:

@@ -175,6 +175,8 @@ def read_npz(path: str | os.PathLike, role: str = "samples") -> ImageBatch:
     """An npz's images (checked for layout, not read yet), labels and precomputed statistics."""
     path = Path(path)
     source = f"{role} {path}"
+    if path.is_dir():
+        raise EvaluationError(f"{source} is a folder, not an npz file")
     if not path.is_file():
         raise EvaluationError(f"{source} not found")
     try:
