@@ -360,6 +360,48 @@ def test_a_finished_run_names_the_weights_sample_takes(tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def _folder(root, names) -> str:
+    """tiny_data as PNGs in one subfolder per class name."""
+    from PIL import Image
+
+    ds = tiny_data()
+    for i, (img, label) in enumerate(zip(ds.images, ds.labels)):
+        (root / names[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[..., 0]).save(root / names[label] / f"{i:02d}.png")
+    return str(root)
+
+
+def test_a_folder_run_keeps_its_class_names_and_sample_takes_them(tmp_path):
+    """The ids come from the folders' order; training says which is which, the weights keep the
+    names, ``--classes`` takes them, and a classifier of other classes is refused."""
+    from fastdiff.cli.main import main
+    from fastdiff.models.checkpoint import read_metadata
+
+    data = _folder(tmp_path / "data", ["cat", "dog", "eel"])
+    common = ["--data", data, "--image-size", "8", "--batch-size", "2", "--max-steps", "1", "--ema", ""]
+    r = CliRunner().invoke(train, [*common, "--flags", TINY, "--out", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    assert "classes: 0 cat, 1 dog, 2 eel" in r.output.splitlines()
+    assert read_metadata(tmp_path / "d" / "model_0000001.safetensors")["class_names"] == ["cat", "dog", "eel"]
+    clf_flags = "--classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions 4 "
+    clf_flags += "--channel_mult 1,2 --diffusion_steps 50"
+    other = _folder(tmp_path / "other", ["ant", "bee", "cow"])
+    r = CliRunner().invoke(
+        train_classifier, ["--flags", clf_flags, *common, "--data", other, "--out", str(tmp_path / "c")]
+    )
+    assert r.exit_code == 0, r.output
+    argv = ["sample", "--checkpoint", str(tmp_path / "d" / "model_0000001.safetensors"), "--steps", "2"]
+    argv += ["--num-samples", "3", "--no-progress", "--out", str(tmp_path / "s")]
+    r = CliRunner().invoke(main, [*argv, "--classes", "eel,0,dog"])
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "s" / "samples_3x8x8x3.npz")["arr_1"].tolist() == [2, 0, 1]
+    r = CliRunner().invoke(main, [*argv, "--classes", "owl", "--out", str(tmp_path / "s2")])
+    assert r.exit_code != 0 and "the model's class names (cat, dog, eel)" in r.output
+    clf = ["--classifier", str(tmp_path / "c" / "model_0000001.safetensors"), "--classifier-scale", "1"]
+    r = CliRunner().invoke(main, [*argv, *clf, "--out", str(tmp_path / "s3")])
+    assert r.exit_code != 0 and "classes (ant, bee, cow) are not the model's (cat, dog, eel)" in r.output
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -53,7 +53,9 @@ def _model_options(command):
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder (new or empty).")
 @click.option(
-    "--classes", default=None, help="The images' class ids, cycled (default: _classK in each name)."
+    "--classes",
+    default=None,
+    help="The images' class ids or class names, cycled (default: _classK in each name).",
 )
 @click.option("--to-class", type=int, default=None, help="Also regenerate the latents under this class.")
 @_model_options

@@ -124,8 +124,8 @@ def runtime_options(command):
     "--classes",
     default=None,
     help=(
-        "Class ids like 1,207,360 (cycled), 'uniform' (equal counts, 0, 1, 2, ... in turn; the default) "
-        "or 'random'."
+        "Class ids like 1,207,360 (cycled; or the class names a model trained on your folder keeps), "
+        "'uniform' (equal counts, 0, 1, 2, ... in turn; the default) or 'random'."
     ),
 )
 @click.option(

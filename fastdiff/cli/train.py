@@ -363,6 +363,10 @@ def _run(trainer, out: str) -> None:
     """Train under ``out``'s lock; rank 0 alone says where the run is, asked before the process
     group is torn down (after it every process calls itself rank 0)."""
     try:
+        names = getattr(trainer.dataset, "class_names", None)
+        if dist.is_main() and names and names != [str(i) for i in range(len(names))]:
+            # the ids the folder order gave; --classes takes the names too (they are in the weights)
+            click.echo("classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(names)))
         with locked_out(out):
             trainer.run()
         if dist.is_main():

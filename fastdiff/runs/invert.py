@@ -122,7 +122,9 @@ def _labels(paths: list[Path], classes: str | None, loaded: LoadedModel) -> list
             raise RunError("--classes given, but the model is not class-conditional")
         return None
     if classes is not None:
-        ids = [_check_class(loaded, k, "--classes' class") for k in class_ids(classes)]
+        ids = [
+            _check_class(loaded, k, "--classes' class") for k in class_ids(classes, names=loaded.class_names)
+        ]
         return [ids[i % len(ids)] for i in range(len(paths))]
     labels = []
     for p in paths:

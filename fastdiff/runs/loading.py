@@ -74,6 +74,13 @@ class LoadedModel:
         return self.net.num_classes
 
     @property
+    def class_names(self) -> list[str] | None:
+        """The training data's class names (folders or prefixes), index = class id."""
+        names = self.metadata.get("class_names")
+        ok = isinstance(names, list) and all(isinstance(n, str) for n in names)
+        return names if ok else None
+
+    @property
     def num_timesteps(self) -> int:
         return self.process.steps
 
@@ -227,6 +234,15 @@ def check_classifier(model: LoadedModel, clf: LoadedModel) -> None:
     if model.class_cond and clf.num_real_classes != model.num_real_classes:
         raise RunError(
             f"the classifier has {clf.num_real_classes} classes, the model {model.num_real_classes}"
+        )
+    if (
+        model.class_cond
+        and None not in (clf.class_names, model.class_names)
+        and clf.class_names != model.class_names
+    ):
+        raise RunError(
+            f"the classifier's classes ({', '.join(clf.class_names)}) are not the model's "
+            f"({', '.join(model.class_names)}): they were trained on other data"
         )
 
 

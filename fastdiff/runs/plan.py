@@ -77,19 +77,26 @@ def respacing_for(sampler: str, steps: int | None, respacing: str | None, total:
     return respacing
 
 
-def class_ids(spec: str, alternatives: str = "") -> list[int]:
-    """The ids of a --classes list like 1,207,360; an empty item ("1,,2") is a typo, not nothing.
-    ``alternatives`` names the words a command takes besides a list."""
+def class_ids(spec: str, alternatives: str = "", names: list[str] | None = None) -> list[int]:
+    """The ids of a --classes list like 1,207,360, or of the class ``names`` a model trained on
+    (its data's folders); an empty item ("1,,2") is a typo, not nothing. ``alternatives`` names
+    the words a command takes besides a list."""
     items = [s.strip() for s in spec.split(",")]
     if not any(items):
         raise RunError(f"--classes '{spec}' names no class id")
+    index = {name: i for i, name in enumerate(names or [])}
     try:
-        return [int(s) for s in items]
+        return [index[s] if s in index else int(s) for s in items]
     except ValueError:
-        raise RunError(f"--classes must be class ids like 1,207,360{alternatives}, got '{spec}'") from None
+        named = f", the model's class names ({', '.join(names)})" if names else ""
+        raise RunError(
+            f"--classes must be class ids like 1,207,360{named}{alternatives}, got '{spec}'"
+        ) from None
 
 
-def parse_classes(spec: str | None, num_classes: int | None, n: int, seed: int) -> np.ndarray | None:
+def parse_classes(
+    spec: str | None, num_classes: int | None, n: int, seed: int, names: list[str] | None = None
+) -> np.ndarray | None:
     """Labels for ``n`` samples: a list cycled, ``uniform`` (equal counts, the default) or ``random``."""
     if num_classes is None:
         if spec is not None:
@@ -100,7 +107,7 @@ def parse_classes(spec: str | None, num_classes: int | None, n: int, seed: int) 
         return np.arange(n, dtype=np.int64) % num_classes
     if spec == "random":
         return np.random.default_rng(seed).integers(0, num_classes, size=n, dtype=np.int64)
-    ids = class_ids(spec, " or 'uniform' or 'random'")
+    ids = class_ids(spec, " or 'uniform' or 'random'", names)
     bad = [i for i in ids if not 0 <= i < num_classes]
     if bad:
         raise RunError(f"class id {bad[0]} out of range: the model has {num_classes} classes")

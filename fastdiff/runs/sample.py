@@ -104,12 +104,10 @@ def sample_run(
             raise RunError("--classifier-scale needs a classifier (--classifier PATH)")
         if cfg_scale is not None and loaded.null_label is None:
             raise RunError("--cfg-scale needs a model trained with a null label (classifier-free guidance)")
-        num_classes = (
-            loaded.num_real_classes
-            if loaded.class_cond
-            else (clf.num_real_classes if clf is not None else None)
-        )
-        labels = parse_classes(classes, num_classes, num_samples, seed)
+        labelled = loaded if loaded.class_cond else clf
+        num_classes = None if labelled is None else labelled.num_real_classes
+        names = None if labelled is None else labelled.class_names
+        labels = parse_classes(classes, num_classes, num_samples, seed, names)
         cascade = None
         if upsample_with is not None:
             from fastdiff.runs.upsample import prepare_cascade

@@ -191,7 +191,11 @@ class TrainLoop:
         pass
 
     def metadata(self) -> dict:
-        return {"kind": self.kind, "flags": flags_of(self.config.net, self.config.process)}
+        """What sampling reads of the weights: the network, and the data's class names, so
+        ``--classes`` can name a class and a user need not know the ids the folder order gave."""
+        meta = {"kind": self.kind, "flags": flags_of(self.config.net, self.config.process)}
+        names = getattr(self.dataset, "class_names", None)
+        return meta if names is None else {**meta, "class_names": list(names)}
 
     # -- pieces ------------------------------------------------------------------------------
     def autocast(self):
