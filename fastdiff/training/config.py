@@ -39,7 +39,10 @@ def check_cfg_dropout(cfg_dropout: float, class_cond: bool) -> None:
     if not 0 <= cfg_dropout < 1:
         raise ConfigError(f"--cfg-dropout must be in [0, 1), got {cfg_dropout}")
     if cfg_dropout > 0 and not class_cond:
-        raise ConfigError("--cfg-dropout needs a class-conditional model (class_cond True)")
+        raise ConfigError(
+            '--cfg-dropout needs a class-conditional model: add --flags "--class_cond True" '
+            "(unconditional is the default, as in guided-diffusion, even for labelled data)"
+        )
 
 
 def check_sample_steps(steps: int, diffusion_steps: int) -> None:
