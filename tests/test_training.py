@@ -400,6 +400,21 @@ def test_a_folder_run_keeps_its_class_names_and_sample_takes_them(tmp_path):
     clf = ["--classifier", str(tmp_path / "c" / "model_0000001.safetensors"), "--classifier-scale", "1"]
     r = CliRunner().invoke(main, [*argv, *clf, "--out", str(tmp_path / "s3")])
     assert r.exit_code != 0 and "classes (ant, bee, cow) are not the model's (cat, dog, eel)" in r.output
+    model = ["--checkpoint", str(tmp_path / "d" / "model_0000001.safetensors"), "--steps", "2"]
+    img = str(tmp_path / "data" / "dog" / "01.png")
+    r = CliRunner().invoke(
+        main, ["invert", img, "--classes", "dog", "--to-class", "eel", *model, "--out", str(tmp_path / "i")]
+    )
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "i" / "edited" / "000000_class2.png").is_file()
+    assert np.load(tmp_path / "i" / "latents.npz")["arr_1"].tolist() == [1]
+    r = CliRunner().invoke(
+        main, ["invert", img, "--classes", "1", "--to-class", "dog,eel", *model, "--out", str(tmp_path / "j")]
+    )
+    assert r.exit_code != 0 and "--to-class takes one class" in r.output
+    strip = ["interpolate", "--from", "0", "--to", "1", "--class", "eel", "--frames", "2", *model]
+    r = CliRunner().invoke(main, [*strip, "--out", str(tmp_path / "strip.png")])
+    assert r.exit_code == 0, r.output
 
 
 @pytest.mark.parametrize(

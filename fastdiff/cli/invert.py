@@ -57,7 +57,9 @@ def _model_options(command):
     default=None,
     help="The images' class ids or class names, cycled (default: _classK in each name).",
 )
-@click.option("--to-class", type=int, default=None, help="Also regenerate the latents under this class.")
+@click.option(
+    "--to-class", default=None, help="Also regenerate the latents under this class (an id or a class name)."
+)
 @_model_options
 def invert_command(images, out, classes, to_class, batch_size, **model):
     """DDIM-invert IMAGES to latents x_T (reconstruction PSNR); --to-class edits their class.
@@ -83,7 +85,9 @@ def invert_command(images, out, classes, to_class, batch_size, **model):
 @click.option(
     "--frames", type=click.IntRange(min=2), default=8, show_default=True, help="Images, ends included."
 )
-@click.option("--class", "label", type=int, default=None, help="Class of every frame (default: --from's).")
+@click.option(
+    "--class", "label", default=None, help="Class of every frame, an id or a class name (default: --from's)."
+)
 @click.option(
     "--out",
     type=click.Path(path_type=Path),

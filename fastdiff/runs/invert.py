@@ -90,9 +90,15 @@ def setup(options: DDIMOptions) -> tuple[LoadedModel, Sampler, torch.device, str
     return loaded, sampler, dev, respacing
 
 
-def _check_class(loaded: LoadedModel, label: int | None, what: str) -> int | None:
+def _check_class(loaded: LoadedModel, label: int | str | None, what: str) -> int | None:
+    """A class id, or one of the class names the model's training data gave it."""
     if label is None:
         return None
+    if isinstance(label, str):
+        ids = class_ids(label, names=loaded.class_names, option=what)
+        if len(ids) != 1:
+            raise RunError(f"{what} takes one class, got '{label}'")
+        label = ids[0]
     if not loaded.class_cond:
         raise RunError(f"{what} given, but the model is not class-conditional")
     if not 0 <= label < loaded.num_real_classes:
@@ -305,7 +311,7 @@ def invert_images(
     options: DDIMOptions,
     *,
     classes: str | None = None,
-    to_class: int | None = None,
+    to_class: int | str | None = None,
     batch_size: int = 16,
 ) -> Inversion:
     """Invert ``paths`` into the folder ``out``: latents.npz (arr_0 x_T float32 NCHW, arr_1 labels,
@@ -327,7 +333,7 @@ def invert_images(
     with ranks.agreed("checking the images"):  # an image one node lacks stops every rank
         inputs = np.stack([_read_image(p, loaded) for p in paths])
         labels = _labels(paths, classes, loaded)
-        _check_class(loaded, to_class, "--to-class")
+        to_class = _check_class(loaded, to_class, "--to-class")
 
     def work(lo: int, hi: int) -> tuple:
         x0 = torch.from_numpy(inputs[lo:hi]).to(dev).float().div(127.5).sub(1.0).permute(0, 3, 1, 2)
@@ -369,7 +375,7 @@ def interpolate(
     options: DDIMOptions,
     *,
     frames: int = 8,
-    label: int | None = None,
+    label: int | str | None = None,
     batch_size: int = 16,
 ) -> int:
     """Sample ``frames`` images along the slerp from ``start`` to ``end`` (each a seed or

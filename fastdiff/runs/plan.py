@@ -77,20 +77,22 @@ def respacing_for(sampler: str, steps: int | None, respacing: str | None, total:
     return respacing
 
 
-def class_ids(spec: str, alternatives: str = "", names: list[str] | None = None) -> list[int]:
+def class_ids(
+    spec: str, alternatives: str = "", names: list[str] | None = None, option: str = "--classes"
+) -> list[int]:
     """The ids of a --classes list like 1,207,360, or of the class ``names`` a model trained on
     (its data's folders); an empty item ("1,,2") is a typo, not nothing. ``alternatives`` names
     the words a command takes besides a list."""
     items = [s.strip() for s in spec.split(",")]
     if not any(items):
-        raise RunError(f"--classes '{spec}' names no class id")
+        raise RunError(f"{option} '{spec}' names no class id")
     index = {name: i for i, name in enumerate(names or [])}
     try:
         return [index[s] if s in index else int(s) for s in items]
     except ValueError:
         named = f", the model's class names ({', '.join(names)})" if names else ""
         raise RunError(
-            f"--classes must be class ids like 1,207,360{named}{alternatives}, got '{spec}'"
+            f"{option} must be class ids like 1,207,360{named}{alternatives}, got '{spec}'"
         ) from None
 
 
