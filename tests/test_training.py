@@ -371,6 +371,28 @@ def _folder(root, names) -> str:
     return str(root)
 
 
+def test_a_folder_resized_to_the_default_size_says_so(tmp_path):
+    """8x8 images silently trained at guided-diffusion's 64x64 cost 64x the compute unnoticed."""
+    data = _folder(tmp_path / "data", ["cat", "dog", "eel"])
+    flags = TINY.replace("--class_cond True", "--class_cond False")
+    r = CliRunner().invoke(
+        train,
+        [
+            "--data",
+            data,
+            "--flags",
+            flags,
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert "note: the images are resized and center-cropped to 64x64, the default; " in r.output
+
+
 def test_a_folder_run_keeps_its_class_names_and_sample_takes_them(tmp_path):
     """The ids come from the folders' order; training says which is which, the weights keep the
     names, ``--classes`` takes them, and a classifier of other classes is refused."""
@@ -382,6 +404,7 @@ def test_a_folder_run_keeps_its_class_names_and_sample_takes_them(tmp_path):
     r = CliRunner().invoke(train, [*common, "--flags", TINY, "--out", str(tmp_path / "d")])
     assert r.exit_code == 0, r.output
     assert "classes: 0 cat, 1 dog, 2 eel" in r.output.splitlines()
+    assert "note: the images are resized" not in r.output  # --image-size 8 was asked for
     assert read_metadata(tmp_path / "d" / "model_0000001.safetensors")["class_names"] == ["cat", "dog", "eel"]
     clf_flags = "--classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions 4 "
     clf_flags += "--channel_mult 1,2 --diffusion_steps 50"

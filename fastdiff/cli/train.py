@@ -48,8 +48,9 @@ WORKERS_PER_CORE = 8
 USER_ERRORS = (ConfigError, FlagError, DataError, CheckpointError, FileNotFoundError, TrainingError)
 
 
-def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object]:
-    """The run's settings, all checked before any data is read, and the dataset they describe.
+def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, str | None]:
+    """The run's settings, all checked before any data is read, the dataset they describe, and a
+    note for the user once every check has passed.
 
     The network is defaults < preset < --flags < --image-size; npz/mnist data keep their own size
     unless a size was asked for; folders are resized to it.
@@ -75,7 +76,13 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object]:
     size = net.image_size if sized or Path(o["data"]).is_dir() else None
     dataset = load_dataset(o["data"], size, channels=net.in_channels, skip_bad_images=o["skip_bad_images"])
     _report_skipped(dataset)
-    return config, dataset
+    note = None
+    if size is not None and not sized:  # guided-diffusion's default size, whatever the images are
+        note = (
+            f"note: the images are resized and center-cropped to {size}x{size}, the default; "
+            "--image-size N trains at another size"
+        )
+    return config, dataset, note
 
 
 def _report_skipped(dataset) -> None:
@@ -307,7 +314,7 @@ def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps
     try:
         _check_options(o)
         _check_out(o, "diffusion")
-        config, dataset = _config_and_data(
+        config, dataset, note = _config_and_data(
             "diffusion",
             o,
             schedule_sampler=schedule_sampler,
@@ -320,7 +327,7 @@ def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps
         trainer = DiffusionTrainer(config, dataset)
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from e
-    _run(trainer, o["out"])
+    _run(trainer, o["out"], note)
 
 
 @click.command("train-classifier")
@@ -342,7 +349,7 @@ def train_classifier(val_data, eval_every, **o):
         if eval_every and not val_data and o["data"] != "mnist":
             raise ConfigError("--eval-every needs --val-data (only mnist has a built-in held-out split)")
         _check_out(o, "classifier")
-        config, dataset = _config_and_data("classifier", o, eval_every=eval_every)
+        config, dataset, note = _config_and_data("classifier", o, eval_every=eval_every)
         config = dataclasses.replace(config, net=fit_classifier(config.net, dataset))
         val = None
         if val_data:
@@ -356,13 +363,15 @@ def train_classifier(val_data, eval_every, **o):
         trainer = ClassifierTrainer(config, dataset, val)
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from e
-    _run(trainer, o["out"])
+    _run(trainer, o["out"], note)
 
 
-def _run(trainer, out: str) -> None:
+def _run(trainer, out: str, note: str | None = None) -> None:
     """Train under ``out``'s lock; rank 0 alone says where the run is, asked before the process
     group is torn down (after it every process calls itself rank 0)."""
     try:
+        if note and dist.is_main():
+            click.echo(note, err=True)
         names = getattr(trainer.dataset, "class_names", None)
         if dist.is_main() and names and names != [str(i) for i in range(len(names))]:
             # the ids the folder order gave; --classes takes the names too (they are in the weights)
