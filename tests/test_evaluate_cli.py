@@ -218,6 +218,36 @@ def test_an_image_folder_is_read_into_uint8_image_by_image(tmp_path):
     assert peak < 2 * images.nbytes, peak  # the float32 copies alone were 8x
 
 
+def test_a_corrupt_image_in_a_folder_names_no_option_evaluate_lacks(digits, tmp_path):
+    """A bad image in a folder REF (or nearest's --data) is one line that says to remove it (it
+    said 'or pass --skip-bad-images', train's option, which neither command has)."""
+    from PIL import Image
+
+    (tmp_path / "ref").mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "ref" / f"{i}.png")
+    (tmp_path / "ref" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a png")
+    r = run(tmp_path / "ref", digits)
+    one_line_error(r, "corrupt or truncated image", "3.png; remove it")
+    assert "--skip-bad-images" not in r.output
+    r = CliRunner().invoke(
+        main,
+        [
+            "nearest",
+            "--no-progress",
+            "--out",
+            tmp_path / "o",
+            str(digits),
+            "--data",
+            tmp_path / "ref",
+            "--held-out",
+            "mnist",
+        ],
+    )
+    one_line_error(r, "3.png; remove it")
+    assert "--skip-bad-images" not in r.output
+
+
 def test_bad_inputs_are_one_line_each(digits, tmp_path):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (10, 32, 32, 1), dtype=np.uint8)

@@ -27,7 +27,7 @@ def load_images(spec: str, image_shape: tuple[int, int, int], split: str = "trai
     from fastdiff.training.data import ArrayDataset, load_dataset
 
     h, w, c = image_shape
-    ds = load_dataset(spec, image_size=h, channels=c, split=split)
+    ds = load_dataset(spec, image_size=h, channels=c, split=split, skip_option=None)
     if isinstance(ds, ArrayDataset):
         images = ds.images
     else:  # uint8 filled image by image: a float copy of a whole folder is 4-8 bytes a pixel

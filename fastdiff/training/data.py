@@ -93,9 +93,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, root: str | os.PathLike, image_size: int, channels: int = 3, skip_bad_images: bool = False
+        self,
+        root: str | os.PathLike,
+        image_size: int,
+        channels: int = 3,
+        skip_bad_images: bool = False,
+        skip_option: str | None = "--skip-bad-images",
     ):
+        """``skip_option``: the option of the command that skips bad images, named in the error
+        about one (None: the command has none, evaluate and nearest read every image)."""
         root = Path(root)
+        self.fix = "remove it" + (f" or pass {skip_option}" if skip_option else "")
         files = sorted(
             p
             for p in root.rglob("*")
@@ -120,9 +128,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         bad = [i for i, p in enumerate(files) if not image_looks_whole(p)]
         if bad and not skip_bad_images:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            raise DataError(
-                f"corrupt or truncated image {files[bad[0]]}{more}; remove it or pass --skip-bad-images"
-            )
+            raise DataError(f"corrupt or truncated image {files[bad[0]]}{more}; {self.fix}")
         self.skipped = [files[i] for i in bad]
         if bad:  # class names come from all files, so skipping never renumbers the classes
             good = sorted(set(range(len(files))) - set(bad))
@@ -152,9 +158,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     arr = center_crop_arr(img, self.image_size)
             except (OSError, ValueError, SyntaxError) as e:  # what the start-up scan cannot see
                 if not self.skip_bad_images:
-                    raise DataError(
-                        f"cannot read image {self.files[j]}: {e}; remove it or pass --skip-bad-images"
-                    ) from None
+                    raise DataError(f"cannot read image {self.files[j]}: {e}; {self.fix}") from None
                 if j not in self._reported:
                     self._reported.add(j)
                     print(f"skipping unreadable image {self.files[j]}: {e}", file=sys.stderr)
@@ -315,8 +319,10 @@ def load_dataset(
     channels: int = 3,
     split: str = "train",
     skip_bad_images: bool = False,
+    skip_option: str | None = "--skip-bad-images",
 ):
-    """``mnist`` | a ``.npz`` file | an image folder -> dataset with ``image_size``/``num_classes``."""
+    """``mnist`` | a ``.npz`` file | an image folder -> dataset with ``image_size``/``num_classes``;
+    ``skip_option`` as ImageFolderDataset's."""
     if spec == "mnist":
         ds = get_mnist(split)
     elif str(spec).endswith(".npz"):
@@ -326,7 +332,7 @@ def load_dataset(
     elif Path(spec).is_dir():
         if image_size is None:
             raise DataError("an image folder needs an image size")
-        return ImageFolderDataset(spec, image_size, channels, skip_bad_images)
+        return ImageFolderDataset(spec, image_size, channels, skip_bad_images, skip_option)
     else:
         raise DataError(f"--data must be 'mnist', a .npz file or an image folder; {spec!r} is none of these")
     if image_size is not None and ds.image_size != image_size:
