@@ -3,6 +3,7 @@ user error is the library's RunError, not click's."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -322,3 +323,27 @@ def test_merge_batches_streams_the_final_npz_one_batch_at_a_time(tmp_path):
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert np.array_equal(grid[2:34, 2:34], images[0, ..., 0]) and grid.shape == (10 * 34 + 2, 10 * 34 + 2)
     assert np.array_equal(grid[-34:-2, -34:-2], images[99, ..., 0])
+
+
+@pytest.mark.parametrize(
+    "names, spec, want",
+    [
+        (["10", "2"], "2,10", [1, 0]),  # folders named by numbers: the names
+        (["10", "2"], "0", "'0' is no class name"),  # was class 0, folder 10, silently
+        (["10", "2"], "1", "(class 0 is '10'): give names (10, 2)"),  # was folder 2
+        (["0", "1", "10", "2"], "3", "'3' is no class name"),  # was id 3, folder 2
+        (["0", "1", "2"], "2,0", [2, 0]),  # names that are their ids (mnist): either reading
+        (["cat", "dog"], "dog,0", [1, 0]),  # names that are no numbers leave the ids free
+        (None, "3,1", [3, 1]),
+    ],
+)
+def test_class_ids_read_a_number_one_way(names, spec, want):
+    """A number given to a model whose classes are named by other numbers is refused rather than
+    read as an id: with folders 10 and 2, '--classes 0' was folder 10 and '1' folder 2."""
+    from fastdiff.runs.plan import class_ids
+
+    if isinstance(want, list):
+        assert class_ids(spec, names=names) == want
+    else:
+        with pytest.raises(RunError, match=".*".join(map(re.escape, ["--classes", want]))):
+            class_ids(spec, names=names)

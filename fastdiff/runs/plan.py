@@ -77,23 +77,42 @@ def respacing_for(sampler: str, steps: int | None, respacing: str | None, total:
     return respacing
 
 
+def _as_int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
 def class_ids(
     spec: str, alternatives: str = "", names: list[str] | None = None, option: str = "--classes"
 ) -> list[int]:
     """The ids of a --classes list like 1,207,360, or of the class ``names`` a model trained on
     (its data's folders); an empty item ("1,,2") is a typo, not nothing. ``alternatives`` names
-    the words a command takes besides a list."""
+    the words a command takes besides a list. A name is its class; a number that names no class
+    is an id, unless a class is named by another number (folders 10 and 2 are ids 0 and 1): then
+    a number read as an id would silently pick a class the user did not name, so it is refused."""
     items = [s.strip() for s in spec.split(",")]
     if not any(items):
         raise RunError(f"{option} '{spec}' names no class id")
-    index = {name: i for i, name in enumerate(names or [])}
-    try:
-        return [index[s] if s in index else int(s) for s in items]
-    except ValueError:
-        named = f", the model's class names ({', '.join(names)})" if names else ""
-        raise RunError(
-            f"{option} must be class ids like 1,207,360{named}{alternatives}, got '{spec}'"
-        ) from None
+    names = names or []
+    index = {name: i for i, name in enumerate(names)}
+    misleading = next(((i, n) for i, n in enumerate(names) if _as_int(n) not in (None, i)), None)
+    ids = []
+    for s in items:
+        if s in index:
+            ids.append(index[s])
+        elif _as_int(s) is None:
+            named = f", the model's class names ({', '.join(names)})" if names else ""
+            raise RunError(f"{option} must be class ids like 1,207,360{named}{alternatives}, got '{spec}'")
+        elif misleading is not None:
+            raise RunError(
+                f"{option}: '{s}' is no class name, and the classes are named by numbers that are not "
+                f"their ids (class {misleading[0]} is '{misleading[1]}'): give names ({', '.join(names)})"
+            )
+        else:
+            ids.append(int(s))
+    return ids
 
 
 def parse_classes(
