@@ -373,3 +373,16 @@ def test_invert_reads_a_16_bit_png_as_its_pixels(tmp_path):
     Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "g16.png")
     read = _read_image(tmp_path / "g16.png", SimpleNamespace(in_channels=1, image_size=16))
     np.testing.assert_array_equal(read[..., 0], pixels)
+
+
+def test_a_class_name_for_an_unconditional_model_says_it_is_unconditional():
+    """--to-class NAME on a model without classes says so (it said '--to-class must be class
+    ids like 1,207,360', as if the name were the mistake)."""
+    from types import SimpleNamespace
+
+    from fastdiff.runs import RunError
+    from fastdiff.runs.invert import _check_class
+
+    loaded = SimpleNamespace(class_cond=False, class_names=None, num_real_classes=None)
+    with pytest.raises(RunError, match="--to-class given, but the model is not class-conditional"):
+        _check_class(loaded, "cat", "--to-class")

@@ -94,13 +94,13 @@ def _check_class(loaded: LoadedModel, label: int | str | None, what: str) -> int
     """A class id, or one of the class names the model's training data gave it."""
     if label is None:
         return None
+    if not loaded.class_cond:
+        raise RunError(f"{what} given, but the model is not class-conditional")
     if isinstance(label, str):
         ids = class_ids(label, names=loaded.class_names, option=what)
         if len(ids) != 1:
             raise RunError(f"{what} takes one class, got '{label}'")
         label = ids[0]
-    if not loaded.class_cond:
-        raise RunError(f"{what} given, but the model is not class-conditional")
     if not 0 <= label < loaded.num_real_classes:
         raise RunError(f"{what} {label} out of range: the model has {loaded.num_real_classes} classes")
     return label
