@@ -347,3 +347,24 @@ def test_class_ids_read_a_number_one_way(names, spec, want):
     else:
         with pytest.raises(RunError, match=".*".join(map(re.escape, ["--classes", want]))):
             class_ids(spec, names=names)
+
+
+def test_errors_about_many_class_names_stay_short():
+    """A 1,000-folder model's names in --classes' error and the classifier's refusal are cut to a
+    dozen and the count (they listed every name: lines of 10,000+ characters)."""
+    from types import SimpleNamespace
+
+    from fastdiff.runs.loading import check_classifier
+    from fastdiff.runs.plan import class_ids
+
+    names = [f"n{i:08d}" for i in range(1000)]
+    with pytest.raises(RunError) as e:
+        class_ids("owl", names=names)
+    assert "n00000011, ... (1000 classes))" in str(e.value) and len(str(e.value)) < 300
+    model, clf = (
+        SimpleNamespace(in_channels=3, class_cond=True, num_real_classes=1000, class_names=n)
+        for n in (names, names[1:] + names[:1])
+    )
+    with pytest.raises(RunError) as e:
+        check_classifier(model, clf)
+    assert str(e.value).count("(1000 classes)") == 2 and len(str(e.value)) < 500

@@ -33,6 +33,7 @@ from fastdiff.models.flags import SAMPLING_FLAGS, configs_from_flags, flags_of, 
 from fastdiff.models.presets import PRESETS, Preset, build_network, get_preset
 from fastdiff.runs.device import resolve_device
 from fastdiff.runs.errors import RunError, check_arguments
+from fastdiff.runs.plan import class_list
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_MODEL = ASSETS / "mnist" / "diffusion.safetensors"
@@ -241,8 +242,8 @@ def check_classifier(model: LoadedModel, clf: LoadedModel) -> None:
         and clf.class_names != model.class_names
     ):
         raise RunError(
-            f"the classifier's classes ({', '.join(clf.class_names)}) are not the model's "
-            f"({', '.join(model.class_names)}): they were trained on other data"
+            f"the classifier's classes ({class_list(clf.class_names)}) are not the model's "
+            f"({class_list(model.class_names)}): they were trained on other data"
         )
 
 

@@ -84,6 +84,13 @@ def _as_int(text: str) -> int | None:
         return None
 
 
+def class_list(names: list[str], shown: int = 12) -> str:
+    """A model's class names for a one-line message: the first ``shown`` and the count, so a
+    1,000-class folder's error is not 1,000 names long."""
+    more = f", ... ({len(names)} classes)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def class_ids(
     spec: str, alternatives: str = "", names: list[str] | None = None, option: str = "--classes"
 ) -> list[int]:
@@ -103,12 +110,12 @@ def class_ids(
         if s in index:
             ids.append(index[s])
         elif _as_int(s) is None:
-            named = f", the model's class names ({', '.join(names)})" if names else ""
+            named = f", the model's class names ({class_list(names)})" if names else ""
             raise RunError(f"{option} must be class ids like 1,207,360{named}{alternatives}, got '{spec}'")
         elif misleading is not None:
             raise RunError(
                 f"{option}: '{s}' is no class name, and the classes are named by numbers that are not "
-                f"their ids (class {misleading[0]} is '{misleading[1]}'): give names ({', '.join(names)})"
+                f"their ids (class {misleading[0]} is '{misleading[1]}'): give names ({class_list(names)})"
             )
         else:
             ids.append(int(s))
