@@ -156,7 +156,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 with Image.open(self.files[j]) as img:
                     img = in_channels(img, self.channels)
                     arr = center_crop_arr(img, self.image_size)
-            except (OSError, ValueError, SyntaxError) as e:  # what the start-up scan cannot see
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # the scan's misses
                 if not self.skip_bad_images:
                     raise DataError(f"cannot read image {self.files[j]}: {e}; {self.fix}") from None
                 if j not in self._reported:
@@ -196,7 +196,8 @@ _ENDINGS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9", "GIF": b";"}
 
 
 def image_looks_whole(path: Path) -> bool:
-    """A cheap check (header and last bytes, no decoding) that catches truncated files."""
+    """A cheap check (header and last bytes, no decoding) that catches truncated files, and a
+    header PIL refuses to open as a decompression bomb (over twice its pixel limit)."""
     try:
         with Image.open(path) as img:
             fmt = img.format
@@ -204,7 +205,7 @@ def image_looks_whole(path: Path) -> bool:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 64))
             tail = f.read()
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return False
     end = _ENDINGS.get(fmt)
     if end is None:
