@@ -367,6 +367,18 @@ def test_unreadable_checkpoint_is_one_line(models, tmp_path, data):
     one_line_error(run("--checkpoint", truncated, "--out", tmp_path / "o"), "truncated")
 
 
+@pytest.mark.parametrize("name", ["latest.json", "notes.txt", "weights.pt"])
+def test_a_file_that_is_no_checkpoint_says_so_before_flags_are_asked_for(tmp_path, name):
+    """Without a preset or flags, a text file given as --checkpoint was asked its flags ('say which
+    diffusion model this is'), as if passing flags would make it load; a real .pt still is."""
+    bad = tmp_path / name
+    bad.write_text('{"step": 1}\n')
+    one_line_error(run("--checkpoint", bad, "--out", tmp_path / "o"), "not a file torch.save wrote")
+    pt = tmp_path / "real.pt"
+    torch.save({"w": torch.zeros(1)}, pt)
+    one_line_error(run("--checkpoint", pt, "--out", tmp_path / "o2"), "say which diffusion model")
+
+
 # 8. user errors are one line, bugs keep their traceback
 
 

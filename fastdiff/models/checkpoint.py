@@ -47,6 +47,18 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     return dict(sd)
 
 
+def check_torch_file(path: Path) -> None:
+    """One CheckpointError unless ``path`` starts as torch.save's files do (a zip archive; older
+    torch: a pickle): torch.load fails on anything else with a bare number or opcode that names
+    nothing the user can act on, and a text file is no network to ask flags for."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a file torch.save wrote (nor .safetensors)"
+        )
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """What a checkpoint file holds, read without running code from it (safetensors, on the CPU,
     or ``torch.load(weights_only=True, map_location=...)``); a missing, cut-short or foreign file
@@ -57,14 +69,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     if path.suffix == ".safetensors":
         read_header(path)  # a lying header must not reach the native reader
     else:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        # torch.save writes a zip archive (older torch: a pickle); anything else makes torch.load
-        # fail with a bare number or opcode that names nothing the user can act on.
-        if head != b"PK" and head[:1] != b"\x80":
-            raise CheckpointError(
-                f"cannot read checkpoint {path}: not a file torch.save wrote (nor .safetensors)"
-            )
+        check_torch_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -22,6 +22,7 @@ from fastdiff.diffusion import DiffusionConfig, GaussianDiffusion
 from fastdiff.models.checkpoint import (
     CheckpointError,
     check_fits,
+    check_torch_file,
     file_sha256,
     load_state_dict,
     load_weights,
@@ -180,6 +181,11 @@ def _configs_from(
         # an older fastdiff stored what --flags gave it; sampling flags never described the network
         flags.update({k: v for k, v in metadata["flags"].items() if k not in SAMPLING_FLAGS})
     elif flag_string is None:
+        if checkpoint is not None and checkpoint.is_file():  # a file that is no checkpoint says so first
+            try:
+                check_torch_file(checkpoint)
+            except CheckpointError as e:
+                raise _one_line(e) from None
         raise RunError(f"say which {kind} model this is: pass a preset or a guided-diffusion flag string")
     if flag_string is not None:
         try:
