@@ -206,6 +206,7 @@ def test_sampler_checks_a_call_before_any_step(monkeypatch):
         ("integer class ids, got dtype torch.float32", torch.tensor([1.5]), {}),
         ("integer class ids, got str", "3", {}),
         ("2 labels for 3 images", [1, 2], {"num_samples": 3}),
+        ("one class id per image \\(1-D\\), got shape \\[2, 1\\]", [[1], [2]], {}),  # was flattened
         ("nothing to sample", [], {}),
         (
             "noise must be a floating-point tensor, got torch.int64",

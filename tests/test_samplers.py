@@ -155,6 +155,41 @@ def test_sample_checks_its_arguments_before_any_step(setup):
             sample(diffusion, never, SHAPE, model_kwargs=kw, **extra)
 
 
+def test_sample_checks_labels_and_null_label_before_any_step(setup):
+    """Labels out of the model's label table or the classifier's classes, of the wrong kind, shape
+    or count, a null label beyond the table, a scale without a classifier: one ValueError before
+    the loop (they were an IndexError from the embedding or the classifier's log-probabilities at
+    the first step, or silently unguided samples). A model's num_classes is no bound: the toy's
+    null label 5 lies beyond its 5 classes (test_classifier_free_guidance samples it)."""
+    diffusion, model, classifier, kw = setup
+
+    def never(*args, **kwargs):
+        raise AssertionError("a step ran")
+
+    never.num_classes, never.label_emb = 5, nn.Embedding(6, 1)
+    classifier.num_classes = 5  # as fastdiff's classifiers say their logit count
+    guided = {"classifier": classifier, "classifier_scale": 1.0}
+    for message, extra in (
+        ("label 6 out of range: the model has classes 0..5", {"model_kwargs": {"y": [1, 6]}}),
+        ("label -1 out of range", {"model_kwargs": {"y": [-1, 0]}}),
+        ("label 5 out of range: the classifier has classes 0..4", {"model_kwargs": {"y": [1, 5]}, **guided}),
+        ("integer class ids, got dtype torch.float32", {"model_kwargs": {"y": torch.tensor([1.0, 2.0])}}),
+        ("one class id per image \\(1-D\\), got shape \\[1, 2\\]", {"model_kwargs": {"y": [[1, 3]]}}),
+        ("3 labels for 2 images", {"model_kwargs": {"y": [1, 2, 3]}}),
+        ("null_label must be one of the model's 6 class ids, got 6", {"cfg_scale": 2.0, "null_label": 6}),
+        ("null_label must be one of the model's 6 class ids, got 2.5", {"cfg_scale": 2.0, "null_label": 2.5}),
+        ("classifier_scale needs a classifier", {"classifier_scale": 1.0}),
+        ("callback must be callable, got int", {"callback": 3}),
+        ("noise must be a floating-point tensor, got torch.int64", {"noise": torch.zeros(SHAPE).long()}),
+    ):
+        with pytest.raises(ValueError, match=message):
+            sample(diffusion, never, SHAPE, **{"model_kwargs": kw, **extra})
+    # a list of ids is labels as a tensor is
+    want = sample(diffusion, model, SHAPE, model_kwargs=kw, generator=_gen(1))
+    got = sample(diffusion, model, SHAPE, model_kwargs={"y": kw["y"].tolist()}, generator=_gen(1))
+    assert torch.equal(got, want)
+
+
 def test_guidance_gets_original_timesteps_and_generic_cond_fn(setup):
     """A guided-diffusion style cond_fn and ClassifierGuidance take the same path."""
     diffusion, model, classifier, kw = setup

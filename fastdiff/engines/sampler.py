@@ -26,7 +26,9 @@ from fastdiff.diffusion.inversion import DDIMReverseStep, run_inversion
 from fastdiff.diffusion.samplers import (
     SamplingStep,
     check_eta,
+    check_labels,
     get_sampler,
+    is_int,
     loop_timesteps,
     make_rule,
     model_device,
@@ -73,10 +75,6 @@ def _number(name: str, value, minimum: float | None = 0.0) -> float:
 def _kind(value) -> str:
     """A tensor's dtype, else the value's type: what an error says a wrong input was."""
     return str(value.dtype) if isinstance(value, Tensor) else type(value).__name__
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -170,7 +168,7 @@ class Sampler:
                 raise ValueError("classifier-free guidance needs null_label (the unconditional class label)")
             if not self.class_cond:
                 raise ValueError("classifier-free guidance needs a class-conditional model (num_classes)")
-            if not (_is_int(null_label) and 0 <= null_label < model.num_classes):
+            if not (is_int(null_label) and 0 <= null_label < model.num_classes):
                 raise ValueError(
                     f"null_label must be one of the model's {model.num_classes} class ids, got {null_label!r}"
                 )
@@ -194,7 +192,7 @@ class Sampler:
         if not (
             isinstance(image_shape, Sequence)
             and len(image_shape) >= 2
-            and all(_is_int(d) and d >= 1 for d in image_shape)
+            and all(is_int(d) and d >= 1 for d in image_shape)
         ):
             raise ValueError(f"image_shape must be positive ints (C, H, W), got {image_shape!r}")
         self.image_shape = tuple(image_shape)
@@ -319,24 +317,7 @@ class Sampler:
                 "labels given, but neither the model nor its guidance is class-conditional: "
                 "pass num_samples or noise instead"
             )
-        try:
-            labels = torch.as_tensor(labels)
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"labels must be integer class ids, got {type(labels).__name__}") from None
-        if labels.numel() == 0:
-            raise ValueError("nothing to sample: the batch is empty")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
-        labels = labels.to(self.device, torch.long).reshape(-1)
-        if n is not None and len(labels) != n:
-            raise ValueError(f"{len(labels)} labels for {n} images: pass one label per image")
-        if len(labels):
-            low, high = int(labels.min()), int(labels.max())  # one sync per call, before the loop
-            for count, network in self.label_limits:
-                if low < 0 or high >= count:
-                    bad = low if low < 0 else high
-                    raise ValueError(f"label {bad} out of range: {network} has classes 0..{count - 1}")
-        return labels
+        return check_labels(labels, self.label_limits, n, self.device)
 
     def _model_kwargs(self, model_kwargs: dict | None, n: int) -> dict[str, Tensor]:
         """The per-call conditioning on the device, checked against what the model's forward takes."""
@@ -418,7 +399,7 @@ class Sampler:
         ``model_kwargs``: further per-sample conditioning the model takes (an upsampler's
         ``low_res``), one row per image; labels stay in ``labels``. Every argument is checked
         before the first step (one ValueError)."""
-        if num_samples is not None and not _is_int(num_samples):
+        if num_samples is not None and not is_int(num_samples):
             raise ValueError(f"num_samples must be an int, got {num_samples!r}")
         if noise is not None and not (isinstance(noise, Tensor) and noise.is_floating_point()):
             raise ValueError(f"noise must be a floating-point tensor, got {_kind(noise)}")

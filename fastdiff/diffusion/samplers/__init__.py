@@ -74,6 +74,36 @@ def check_eta(sampler: str, eta: float) -> None:
         raise ValueError(f"eta is a DDIM parameter; sampler {sampler} does not use it")
 
 
+def is_int(value) -> bool:
+    """An integer that is no bool (True is no class id or count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_labels(labels, limits: Sequence[tuple[int, str]], n: int | None = None, device=None) -> Tensor:
+    """``labels`` as a 1-D long tensor on ``device``, or one ValueError: integer class ids, one per
+    image (``n`` when the batch size is known), each within every ``(count, network)`` limit. Its
+    one host sync is why callers run it once before the loop, never inside a step."""
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"labels must be integer class ids, got {type(labels).__name__}") from None
+    if labels.numel() == 0:
+        raise ValueError("nothing to sample: the batch is empty")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
+    if labels.dim() > 1:  # a [1, N] or [N, 1] tensor was flattened, a [B, N] one sampled B*N images
+        raise ValueError(f"labels must be one class id per image (1-D), got shape {list(labels.shape)}")
+    labels = labels.to(device, torch.long).reshape(-1)
+    if n is not None and len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for {n} images: pass one label per image")
+    low, high = int(labels.min()), int(labels.max())
+    for count, network in limits:
+        if low < 0 or high >= count:
+            bad = low if low < 0 else high
+            raise ValueError(f"label {bad} out of range: {network} has classes 0..{count - 1}")
+    return labels
+
+
 def make_rule(diffusion, sampler: str, eta: float = 0.0, device="cpu", dtype=torch.float32) -> UpdateRule:
     """The update rule of a sampler name, with its tables on ``device``."""
     return get_sampler(sampler).rule(diffusion, eta=eta, device=device, dtype=dtype)
@@ -327,20 +357,40 @@ def sample(
     class-conditional (``model.num_classes`` not None), as classifier_sample.py does, while
     classifier guidance (``classifier_scale != 0``) and classifier-free guidance (``cfg_scale``,
     unconditional half labelled ``null_label``) use them. ``callback(i, x, pred_xstart)`` runs
-    after every step.
+    after every step. The labels and ``null_label`` are checked once before the loop (integers, one
+    label per image, within the model's ``label_emb`` table and the classifier's ``num_classes``),
+    not by the model inside it, where a check would cost a host sync per step; a model's
+    ``num_classes`` is no bound, since another model's null label may lie beyond its classes.
     """
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable, got {type(callback).__name__}")
+    if classifier is None and classifier_scale:  # the samples would be silently unguided
+        raise ValueError("classifier_scale needs a classifier")
+    if noise is not None and not (isinstance(noise, Tensor) and noise.is_floating_point()):
+        kind = noise.dtype if isinstance(noise, Tensor) else type(noise).__name__
+        raise ValueError(f"noise must be a floating-point tensor, got {kind}")
     if device is None:
         device = noise.device if noise is not None else model_device(model)
     guidance_kwargs = dict(model_kwargs or {})
-    model_kwargs = dict(guidance_kwargs)
-    if getattr(model, "num_classes", 0) is None:
-        model_kwargs.pop("y", None)
     cond_fn = None
     if classifier is not None and classifier_scale != 0:
         cond_fn = ClassifierGuidance(classifier, classifier_scale)
+    table = getattr(model, "label_emb", None)
+    count = table.num_embeddings if isinstance(table, torch.nn.Embedding) else None
+    if guidance_kwargs.get("y") is not None:
+        limits = [] if count is None else [(count, "the model")]
+        if cond_fn is not None and is_int(getattr(classifier, "num_classes", None)):
+            limits.append((classifier.num_classes, "the classifier"))
+        guidance_kwargs["y"] = check_labels(guidance_kwargs["y"], limits, shape[0], device)
+    model_kwargs = dict(guidance_kwargs)
+    if getattr(model, "num_classes", 0) is None:
+        model_kwargs.pop("y", None)
     if cfg_scale is not None:
         if null_label is None:
             raise ValueError("classifier-free guidance needs null_label (the unconditional class label)")
+        if not (is_int(null_label) and null_label >= 0 and (count is None or null_label < count)):
+            allowed = "a class id >= 0" if count is None else f"one of the model's {count} class ids"
+            raise ValueError(f"null_label must be {allowed}, got {null_label!r}")
         if "y" not in model_kwargs:
             raise ValueError(
                 "classifier-free guidance needs a class-conditional model and labels in model_kwargs['y']"
@@ -377,7 +427,9 @@ __all__ = [
     "StepFn",
     "UpdateRule",
     "check_eta",
+    "check_labels",
     "get_sampler",
+    "is_int",
     "loop_timesteps",
     "make_rule",
     "model_device",
