@@ -9,6 +9,7 @@ A bare ValueError elsewhere is a bug and keeps its traceback.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import types
 import typing
@@ -17,6 +18,21 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A network, process or run setting that cannot work (one line at the CLI)."""
+
+
+def unknown_choice(kind: str, name: Any, choices: typing.Iterable[str]) -> str:
+    """The message refusing ``name`` as a ``kind``: every choice, and the closest when it looks
+    like a typo ("ddmi" -> 'ddim'), so a notebook user need not look the names up."""
+    choices = list(choices)
+    close = []
+    if isinstance(name, str) and name:  # a prefix ("dpm"), then swapped letters, then difflib's nearest
+        close = (
+            [c for c in choices if c.startswith(name.lower())]
+            or [c for c in choices if sorted(c) == sorted(name.lower())]
+            or difflib.get_close_matches(name, choices, n=1)
+        )
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {kind} {name!r}; choose one of: {', '.join(choices)}{hint}"
 
 
 def error_line(error: BaseException) -> str:

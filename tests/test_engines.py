@@ -137,6 +137,19 @@ def test_sampler_bad_arguments():
         fastdiff.Sampler(unet, diffusion, cfg_scale=2.0)
     with pytest.raises(ValueError, match="unknown sampler"):
         fastdiff.Sampler(unet, diffusion, sampler="euler")
+    # a typo names its likely meaning; a name that is no string is the same ValueError (a list was
+    # an unhashable-type TypeError)
+    for name, meant in (("ddmi", "ddim"), ("dpm", "dpm\\+\\+2m"), ("DDPM", "ddpm")):
+        with pytest.raises(
+            ValueError, match=f"unknown sampler '{name}'; choose one of: .*did you mean '{meant}'"
+        ):
+            fastdiff.Sampler(unet, diffusion, sampler=name)
+    with pytest.raises(ValueError, match="unknown sampler \\['ddim'\\]"):
+        fastdiff.Sampler(unet, diffusion, sampler=["ddim"])
+    with pytest.raises(EngineError, match="unknown engine 'grpah'; .*did you mean 'graph'\\?"):
+        fastdiff.Sampler(unet, diffusion, engine="grpah")
+    with pytest.raises(EngineError, match="unknown engine \\['eager'\\]"):
+        fastdiff.Sampler(unet, diffusion, engine=["eager"])
     for bad in ({"eta": math.inf}, {"classifier": clf, "classifier_scale": math.nan}):
         with pytest.raises(ValueError, match="must be finite"):
             fastdiff.Sampler(unet, diffusion, sampler="ddim", **bad)

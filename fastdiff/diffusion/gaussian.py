@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..config import unknown_choice
 from .config import DiffusionConfig
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .schedule import get_named_beta_schedule, respace_betas, space_timesteps
@@ -54,8 +55,8 @@ def _returning(output: Tensor) -> Callable[..., Tensor]:
 
 
 def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"unknown {kind} {value!r}; choose one of: {', '.join(choices)}")
+    if not (isinstance(value, str) and value in choices):
+        raise ValueError(unknown_choice(kind, value, choices))
     return value
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from fastdiff.config import unknown_choice
 from fastdiff.diffusion.guidance import ClassifierGuidance
 from fastdiff.diffusion.samplers import StepFn
 
@@ -177,8 +178,8 @@ def check_engine(
     """Raise :class:`EngineError` now (before any work) when ``name`` cannot run on ``device`` in
     ``dtype``, or take a batch of ``batch`` images: onnx and trt export their graph (and build
     the TensorRT engine) for a batch range, minutes of work a larger batch would only fail after."""
-    if name not in ENGINES:
-        raise EngineError(f"unknown engine '{name}'; choose one of: {', '.join(ENGINES)}")
+    if not (isinstance(name, str) and name in ENGINES):
+        raise EngineError(unknown_choice("engine", name, ENGINES))
     if name in ("graph", "graph-loop") and torch.device(device).type != "cuda":
         ENGINES[name](None, torch.device(device))
     if name == "compile":

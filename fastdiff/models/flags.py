@@ -19,7 +19,7 @@ import shlex
 from collections.abc import Mapping
 from typing import Any
 
-from fastdiff.config import ConfigError
+from fastdiff.config import ConfigError, unknown_choice
 from fastdiff.diffusion.config import DiffusionConfig
 
 from .config import ClassifierConfig, NetConfig, SuperResConfig, UNetConfig
@@ -297,8 +297,8 @@ def _tuple(name: str, value: Any, number) -> tuple:
 def configs_from_flags(kind: str, flags: dict[str, Any]) -> tuple[NetConfig, DiffusionConfig]:
     """The network and process configs of a (partial) flag dict; absent flags take the original's
     defaults. A flag of another network kind, or a sampling flag with a value, is a FlagError."""
-    if kind not in CONFIGS:
-        raise ValueError(f"unknown network kind {kind!r}; choose one of: {', '.join(CONFIGS)}")
+    if not (isinstance(kind, str) and kind in CONFIGS):
+        raise ValueError(unknown_choice("network kind", kind, CONFIGS))
     if not isinstance(flags, Mapping):  # a flag string goes through parse_flags first
         raise TypeError(
             f"configs_from_flags: flags must be a dict (parse_flags(text)), got {type(flags).__name__}"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastdiff.config import unknown_choice
 from fastdiff.diffusion.config import DiffusionConfig
 
 from .config import ClassifierConfig, NetConfig, SuperResConfig, UNetConfig
@@ -175,8 +176,8 @@ PRESETS: dict[str, Preset] = {
 
 
 def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise FlagError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    if not (isinstance(name, str) and name in PRESETS):
+        raise FlagError(unknown_choice("preset", name, PRESETS))
     return PRESETS[name]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from fastdiff import distributed
+from fastdiff.config import unknown_choice
 from fastdiff.diffusion.samplers import check_eta, get_sampler
 from fastdiff.engines import CACHED_BUILDS, EngineError, check_engine, default_engine
 from fastdiff.engines.sampler import DTYPES
@@ -124,8 +125,8 @@ def check_run_options(
         get_sampler(sampler)
     except ValueError as e:
         raise RunError(str(e)) from None
-    if dtype not in DTYPES:
-        raise RunError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
+    if not (isinstance(dtype, str) and dtype in DTYPES):
+        raise RunError(unknown_choice("dtype", dtype, DTYPES))
     if threads is not None and threads < 1:
         raise RunError(f"--threads must be >= 1, got {threads}")
     try:

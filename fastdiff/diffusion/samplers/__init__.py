@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ...config import unknown_choice
 from ..errors import SamplingError
 from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
 from .ddim import DDIMStep
@@ -57,10 +58,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
 
 
 def get_sampler(name: str) -> SamplerSpec:
-    try:
-        return SAMPLERS[name]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}") from None
+    if not (isinstance(name, str) and name in SAMPLERS):  # a list was an unhashable-type TypeError
+        raise ValueError(unknown_choice("sampler", name, SAMPLERS))
+    return SAMPLERS[name]
 
 
 def check_eta(sampler: str, eta: float) -> None:
