@@ -65,6 +65,19 @@ def test_respacing_sections_and_errors():
             space_timesteps(100, spec)
 
 
+def test_from_config_names_a_bad_respacing():
+    """GaussianDiffusion.from_config's respacing: one ValueError naming it (25 was "'int' object
+    is not iterable", "0" a complaint about the betas' shape); None and "" keep every step."""
+    for respacing, message in (
+        (25, "respacing must be a string such as 'ddim25' or '250', or a list of step counts, got int 25"),
+        ("0", "respacing '0' of a 100-step process: keeps 0 step\\(s\\); a process needs 2"),
+        ("ddim1", "respacing 'ddim1' of a 100-step process: cannot create exactly 1 steps"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            make_diffusion(steps=100, timestep_respacing=respacing)
+    assert make_diffusion(steps=100, timestep_respacing=None).num_timesteps == 100
+
+
 def test_respaced_process_keeps_alpha_bar():
     base = make_diffusion(steps=1000, noise_schedule="cosine")
     spaced = make_diffusion(steps=1000, noise_schedule="cosine", timestep_respacing="ddim25")

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..config import unknown_choice
 from .config import DiffusionConfig
 from .losses import discretized_gaussian_log_likelihood, normal_kl
-from .schedule import get_named_beta_schedule, respace_betas, space_timesteps
+from .schedule import get_named_beta_schedule, kept_steps, respace_betas
 
 MEAN_TYPES = ("eps", "x0")
 VAR_TYPES = ("learned_range", "learned", "fixed_small", "fixed_large")
@@ -134,7 +134,15 @@ class GaussianDiffusion:
         """
         steps = config.steps
         base_betas = get_named_beta_schedule(config.noise_schedule, steps)
-        kept = space_timesteps(steps, respacing or [steps])
+        if not isinstance(respacing, str | Iterable | None):  # 25 was "'int' object is not iterable"
+            raise ValueError(
+                f"respacing must be a string such as 'ddim25' or '250', or a list of step counts, "
+                f"got {type(respacing).__name__} {respacing!r}"
+            )
+        try:  # "0" was "betas must be 1-D with at least 2 steps, got shape (0,)"
+            kept = kept_steps(steps, respacing or [steps])
+        except ValueError as e:
+            raise ValueError(f"respacing {respacing!r} of a {steps}-step process: {e}") from None
         betas, timestep_map = respace_betas(np.cumprod(1.0 - base_betas, axis=0), kept)
         return cls(
             betas,
