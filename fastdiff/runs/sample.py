@@ -55,9 +55,10 @@ def sample_run(
 ) -> dict:
     """Sample ``num_samples`` images into the run folder ``out`` and return the run's summary.
 
-    The arguments are ``fastdiff sample``'s options (no model options: the bundled MNIST model
-    and its classifier). ``report(stage, summary)`` hears each stage as it ends ("sample", then
-    "upsample" with ``upsample_with``), before the next one starts; the last summary is returned.
+    The arguments are ``fastdiff sample``'s options (without ``preset``, ``flag_string`` or
+    ``checkpoint``: the bundled MNIST model and its classifier). ``report(stage, summary)`` hears
+    each stage as it ends ("sample", then "upsample" with ``upsample_with``), before the next one
+    starts; the last summary is returned.
     """
     check_arguments(sample_run, locals())
     check_counts(num_samples, batch_size)

@@ -351,16 +351,23 @@ def sample(
     progress: bool = False,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> Tensor:
-    """Draw samples of ``shape`` with ``sampler`` over the diffusion's (respaced) steps.
+    """Draw samples of ``shape`` with ``sampler`` over the (respaced) steps of ``diffusion``
+    (a GaussianDiffusion), ``model(x, t, **model_kwargs)`` predicting each step.
+
+    x_T is ``noise`` (a floating-point tensor of ``shape``), else drawn from ``generator`` (the
+    global RNG without one) on ``device`` (None: the noise's, else the model's). ``eta`` is DDIM's
+    noise in [0, 1]; ``clip_denoised`` clips each step's x_0 prediction to [-1, 1]; ``progress``
+    shows a progress bar.
 
     ``model_kwargs["y"]`` holds class labels: the model gets them only when it is
     class-conditional (``model.num_classes`` not None), as classifier_sample.py does, while
-    classifier guidance (``classifier_scale != 0``) and classifier-free guidance (``cfg_scale``,
-    unconditional half labelled ``null_label``) use them. ``callback(i, x, pred_xstart)`` runs
-    after every step. The labels and ``null_label`` are checked once before the loop (integers, one
-    label per image, within the model's ``label_emb`` table and the classifier's ``num_classes``),
-    not by the model inside it, where a check would cost a host sync per step; a model's
-    ``num_classes`` is no bound, since another model's null label may lie beyond its classes.
+    classifier guidance (``classifier`` with ``classifier_scale != 0``) and classifier-free
+    guidance (``cfg_scale``, unconditional half labelled ``null_label``) use them.
+    ``callback(i, x, pred_xstart)`` runs after every step. The labels and ``null_label`` are
+    checked once before the loop (integers, one label per image, within the model's ``label_emb``
+    table and the classifier's ``num_classes``), not by the model inside it, where a check would
+    cost a host sync per step; a model's ``num_classes`` is no bound, since another model's null
+    label may lie beyond its classes.
     """
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable, got {type(callback).__name__}")
