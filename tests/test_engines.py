@@ -551,7 +551,9 @@ def test_loop_graph_inverts_as_eager(fake_cuda_graph):
 
 
 def test_upsampler_conditioning_is_checked_and_inverts():
-    """An upsampler's low_res is required, float and the only extra input; invert takes it too."""
+    """An upsampler's low_res is required, float, of the model's small size and the only extra
+    input; invert takes it too. Another size was silently interpolated to the output's, other
+    channels a conv error, and a float64 one failed in the first conv (it is taken as fp32)."""
     from builders import build_superres, make_diffusion
 
     flags = dict(large_size=8, small_size=4, num_channels=32, num_res_blocks=1, channel_mult="1,2")
@@ -560,12 +562,18 @@ def test_upsampler_conditioning_is_checked_and_inverts():
     low = torch.rand(2, 3, 4, 4) * 2 - 1
     for message, kw in (
         ("the model needs low_res in model_kwargs", {}),
-        ("low_res must be floating-point NCHW images", {"low_res": (low * 100).to(torch.uint8)}),
+        ("low_res must be floating-point images \\[N, 3, 4, 4\\]", {"low_res": (low * 100).to(torch.uint8)}),
+        ("low_res must be .*got \\[2, 3, 8, 8\\]", {"low_res": torch.zeros(2, 3, 8, 8)}),
+        ("low_res must be .*got \\[2, 1, 4, 4\\]", {"low_res": low[:, :1]}),
         ("the model takes no 'mask' in model_kwargs \\(it takes: low_res\\)", {"low_res": low, "mask": low}),
     ):
         with pytest.raises(ValueError, match=message):
             s(num_samples=2, model_kwargs=kw)
     x = s(num_samples=2, generator=torch.Generator().manual_seed(0), model_kwargs={"low_res": low})
+    again = s(
+        num_samples=2, generator=torch.Generator().manual_seed(0), model_kwargs={"low_res": low.double()}
+    )
+    assert torch.equal(again, x)
     assert s.invert(x, model_kwargs={"low_res": low}).shape == (2, 3, 8, 8)
 
 

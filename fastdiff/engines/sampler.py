@@ -203,6 +203,8 @@ class Sampler:
         self.image_shape = tuple(image_shape)
         self.diffusion, self.sampler, self.eta, self.clip_denoised = diffusion, sampler, eta, clip_denoised
         self.upsampler = isinstance(model, SuperResModel)
+        small = model.config.small_size if self.upsampler else None
+        self.low_res_shape = (self.image_shape[0], small, small)  # what an upsampler's low_res holds
         self.required, self.accepted = _conditioning(model)
         # The labels a call may pass: each class-aware network's class count bounds them.
         self.label_limits = [(model.num_classes, "the model")] if self.class_cond else []
@@ -325,13 +327,16 @@ class Sampler:
         return check_labels(labels, self.label_limits, n, self.device)
 
     def _model_kwargs(self, model_kwargs: dict | None, n: int) -> dict[str, Tensor]:
-        """The per-call conditioning on the device, checked against what the model's forward takes."""
+        """The per-call conditioning on the device, checked against what the model's forward takes;
+        floating-point tensors in fp32, as x is (a float64 one failed in the first conv)."""
         tensors = {}
         for k, v in (model_kwargs or {}).items():
             try:
                 tensors[k] = torch.as_tensor(v, device=self.device)
             except (TypeError, ValueError, RuntimeError):
                 raise ValueError(f"model_kwargs[{k!r}] must be a tensor, got {type(v).__name__}") from None
+            if tensors[k].is_floating_point():
+                tensors[k] = tensors[k].float()
         model_kwargs = tensors
         if "y" in model_kwargs:
             raise ValueError("pass class labels as labels, not in model_kwargs")
@@ -351,10 +356,13 @@ class Sampler:
                     f"model_kwargs[{k!r}] must have one row per image ({n}), got {list(v.shape)}"
                 )
         low_res = model_kwargs.get("low_res")
-        if self.upsampler and (low_res.dim() != 4 or not low_res.is_floating_point()):
+        # another size was silently interpolated to the output's, other channels a conv error
+        if self.upsampler and (
+            not low_res.is_floating_point() or tuple(low_res.shape[1:]) != self.low_res_shape
+        ):
             raise ValueError(
-                f"low_res must be floating-point NCHW images in [-1, 1], "
-                f"got {list(low_res.shape)} {low_res.dtype}"
+                f"low_res must be floating-point images [N, {', '.join(map(str, self.low_res_shape))}] "
+                f"in [-1, 1], got {list(low_res.shape)} {low_res.dtype}"
             )
         return model_kwargs
 
