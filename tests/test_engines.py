@@ -228,7 +228,12 @@ def test_sampler_checks_a_call_before_any_step(monkeypatch):
         ),
         ("generator must be a torch.Generator", [1], {"generator": 0}),
         ("callback must be callable", [1], {"callback": 3}),
-        ("num_samples must be an int", None, {"num_samples": 2.0}),
+        ("num_samples must be an int >= 1, got 2.0", None, {"num_samples": 2.0}),
+        (
+            "noise must be finite",
+            [1],
+            {"noise": torch.full((1, 1, 8, 8), math.nan)},
+        ),  # was a SamplingError at the end
         (
             "model_kwargs\\['low_res'\\] must be a tensor, got NoneType",
             [1],

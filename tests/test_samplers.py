@@ -181,6 +181,7 @@ def test_sample_checks_labels_and_null_label_before_any_step(setup):
         ("classifier_scale needs a classifier", {"classifier_scale": 1.0}),
         ("callback must be callable, got int", {"callback": 3}),
         ("noise must be a floating-point tensor, got torch.int64", {"noise": torch.zeros(SHAPE).long()}),
+        ("noise must be finite", {"noise": torch.full(SHAPE, math.inf)}),  # was a SamplingError at the end
     ):
         with pytest.raises(ValueError, match=message):
             sample(diffusion, never, SHAPE, **{"model_kwargs": kw, **extra})

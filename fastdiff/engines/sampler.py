@@ -26,6 +26,7 @@ from fastdiff.diffusion.inversion import DDIMReverseStep, run_inversion
 from fastdiff.diffusion.samplers import (
     SamplingStep,
     check_eta,
+    check_finite_noise,
     check_labels,
     get_sampler,
     is_int,
@@ -413,8 +414,8 @@ class Sampler:
         ``model_kwargs``: further per-sample conditioning the model takes (an upsampler's
         ``low_res``), one row per image; labels stay in ``labels``. Every argument is checked
         before the first step (one ValueError)."""
-        if num_samples is not None and not is_int(num_samples):
-            raise ValueError(f"num_samples must be an int, got {num_samples!r}")
+        if num_samples is not None and not (is_int(num_samples) and num_samples >= 1):
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
         if noise is not None and not (isinstance(noise, Tensor) and noise.is_floating_point()):
             raise ValueError(f"noise must be a floating-point tensor, got {_kind(noise)}")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -434,6 +435,7 @@ class Sampler:
         shape = (n, *self.image_shape)
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
+        check_finite_noise(noise)
         with self._lock:
             fresh = _key(self._size_for(n, model_kwargs), model_kwargs) not in self._steps
             if fresh and (self.engine not in ("eager", "parallel") or self.device.type == "cuda"):

@@ -104,6 +104,13 @@ def check_labels(labels, limits: Sequence[tuple[int, str]], n: int | None = None
     return labels
 
 
+def check_finite_noise(noise: Tensor | None) -> None:
+    """ValueError when x_T holds NaN or infinity: every step would be non-finite, reported only
+    after the whole loop. One host sync, before the loop."""
+    if noise is not None and not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise must be finite (x_T, standard normal); it holds NaN or infinity")
+
+
 def make_rule(diffusion, sampler: str, eta: float = 0.0, device="cpu", dtype=torch.float32) -> UpdateRule:
     """The update rule of a sampler name, with its tables on ``device``."""
     return get_sampler(sampler).rule(diffusion, eta=eta, device=device, dtype=dtype)
@@ -246,6 +253,7 @@ def sample_steps(
     if noise is not None and tuple(noise.shape) != tuple(shape):
         # x_T sets the batch: another one met the labels' as a misleading output-channels error
         raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
+    check_finite_noise(noise)
     if device is None:
         device = noise.device if noise is not None else model_device(model)
     x = randn(tuple(shape), generator, device) if noise is None else noise.to(device)
@@ -434,6 +442,7 @@ __all__ = [
     "StepFn",
     "UpdateRule",
     "check_eta",
+    "check_finite_noise",
     "check_labels",
     "get_sampler",
     "is_int",
