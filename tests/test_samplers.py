@@ -181,10 +181,13 @@ def test_sample_checks_labels_and_null_label_before_any_step(setup):
         ("classifier_scale needs a classifier", {"classifier_scale": 1.0}),
         ("callback must be callable, got int", {"callback": 3}),
         ("noise must be a floating-point tensor, got torch.int64", {"noise": torch.zeros(SHAPE).long()}),
-        ("noise must be finite", {"noise": torch.full(SHAPE, math.inf)}),  # was a SamplingError at the end
+        ("noise must be finite", {"noise": torch.full(SHAPE, math.inf)}),
+        ("shape must be positive ints \\(N, C, H, W\\), got \\(2, 3, 0, 4\\)", {"shape": (2, 3, 0, 4)}),
+        ("shape must be positive ints", {"shape": (2, 3, 4.0, 4)}),
+        ("shape must be positive ints", {"shape": (4, 4)}),  # was a SamplingError at the end
     ):
         with pytest.raises(ValueError, match=message):
-            sample(diffusion, never, SHAPE, **{"model_kwargs": kw, **extra})
+            sample(diffusion, never, **{"shape": SHAPE, "model_kwargs": kw, **extra})
     # a list of ids is labels as a tensor is
     want = sample(diffusion, model, SHAPE, model_kwargs=kw, generator=_gen(1))
     got = sample(diffusion, model, SHAPE, model_kwargs={"y": kw["y"].tolist()}, generator=_gen(1))

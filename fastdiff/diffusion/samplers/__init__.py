@@ -104,6 +104,14 @@ def check_labels(labels, limits: Sequence[tuple[int, str]], n: int | None = None
     return labels
 
 
+def check_shape(shape) -> tuple[int, ...]:
+    """``shape`` as a tuple, or one ValueError: positive ints, a batch, channels and at least one
+    spatial size (a 0 or a float was an error from deep inside torch.randn or the first conv)."""
+    if not (isinstance(shape, Sequence) and len(shape) >= 3 and all(is_int(d) and d >= 1 for d in shape)):
+        raise ValueError(f"shape must be positive ints (N, C, H, W), got {shape!r}")
+    return tuple(shape)
+
+
 def check_finite_noise(noise: Tensor | None) -> None:
     """ValueError when x_T holds NaN or infinity: every step would be non-finite, reported only
     after the whole loop. One host sync, before the loop."""
@@ -248,6 +256,7 @@ def sample_steps(
     """
     get_sampler(sampler)  # an unknown name first, then the arguments, all before any step runs
     check_eta(sampler, eta)  # DDIM's eta above 1 was a NaN report after the whole loop
+    shape = check_shape(shape)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if noise is not None and tuple(noise.shape) != tuple(shape):
@@ -379,6 +388,7 @@ def sample(
     """
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable, got {type(callback).__name__}")
+    shape = check_shape(shape)  # its batch size bounds the labels
     if classifier is None and classifier_scale:  # the samples would be silently unguided
         raise ValueError("classifier_scale needs a classifier")
     if noise is not None and not (isinstance(noise, Tensor) and noise.is_floating_point()):
@@ -444,6 +454,7 @@ __all__ = [
     "check_eta",
     "check_finite_noise",
     "check_labels",
+    "check_shape",
     "get_sampler",
     "is_int",
     "loop_timesteps",
