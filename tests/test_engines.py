@@ -556,9 +556,9 @@ def test_loop_graph_inverts_as_eager(fake_cuda_graph):
 
 
 def test_upsampler_conditioning_is_checked_and_inverts():
-    """An upsampler's low_res is required, float, of the model's small size and the only extra
-    input; invert takes it too. Another size was silently interpolated to the output's, other
-    channels a conv error, and a float64 one failed in the first conv (it is taken as fp32)."""
+    """An upsampler's low_res is required, float NCHW of the image's channels and the only extra
+    input; invert takes it too. Other channels were a conv error, and a float64 low_res failed in
+    the first conv (it is taken as fp32); another size is resized by the model, as the original's."""
     from builders import build_superres, make_diffusion
 
     flags = dict(large_size=8, small_size=4, num_channels=32, num_res_blocks=1, channel_mult="1,2")
@@ -567,8 +567,11 @@ def test_upsampler_conditioning_is_checked_and_inverts():
     low = torch.rand(2, 3, 4, 4) * 2 - 1
     for message, kw in (
         ("the model needs low_res in model_kwargs", {}),
-        ("low_res must be floating-point images \\[N, 3, 4, 4\\]", {"low_res": (low * 100).to(torch.uint8)}),
-        ("low_res must be .*got \\[2, 3, 8, 8\\]", {"low_res": torch.zeros(2, 3, 8, 8)}),
+        (
+            "low_res must be floating-point NCHW images of 3 channels",
+            {"low_res": (low * 100).to(torch.uint8)},
+        ),
+        ("low_res must be .*got \\[2, 3, 4\\]", {"low_res": low[:, :, 0]}),
         ("low_res must be .*got \\[2, 1, 4, 4\\]", {"low_res": low[:, :1]}),
         ("the model takes no 'mask' in model_kwargs \\(it takes: low_res\\)", {"low_res": low, "mask": low}),
     ):
@@ -579,6 +582,7 @@ def test_upsampler_conditioning_is_checked_and_inverts():
         num_samples=2, generator=torch.Generator().manual_seed(0), model_kwargs={"low_res": low.double()}
     )
     assert torch.equal(again, x)
+    assert s(num_samples=2, model_kwargs={"low_res": torch.zeros(2, 3, 2, 2)}).shape == (2, 3, 8, 8)
     assert s.invert(x, model_kwargs={"low_res": low}).shape == (2, 3, 8, 8)
 
 

@@ -204,8 +204,6 @@ class Sampler:
         self.image_shape = tuple(image_shape)
         self.diffusion, self.sampler, self.eta, self.clip_denoised = diffusion, sampler, eta, clip_denoised
         self.upsampler = isinstance(model, SuperResModel)
-        small = model.config.small_size if self.upsampler else None
-        self.low_res_shape = (self.image_shape[0], small, small)  # what an upsampler's low_res holds
         self.required, self.accepted = _conditioning(model)
         # The labels a call may pass: each class-aware network's class count bounds them.
         self.label_limits = [(model.num_classes, "the model")] if self.class_cond else []
@@ -357,13 +355,15 @@ class Sampler:
                     f"model_kwargs[{k!r}] must have one row per image ({n}), got {list(v.shape)}"
                 )
         low_res = model_kwargs.get("low_res")
-        # another size was silently interpolated to the output's, other channels a conv error
+        # other channels were a conv error from the first step; another size is resized to the
+        # output's by the model, as the original's SuperResModel does
+        channels = self.image_shape[0]
         if self.upsampler and (
-            not low_res.is_floating_point() or tuple(low_res.shape[1:]) != self.low_res_shape
+            low_res.dim() != 4 or not low_res.is_floating_point() or low_res.shape[1] != channels
         ):
             raise ValueError(
-                f"low_res must be floating-point images [N, {', '.join(map(str, self.low_res_shape))}] "
-                f"in [-1, 1], got {list(low_res.shape)} {low_res.dtype}"
+                f"low_res must be floating-point NCHW images of {channels} channels in [-1, 1], "
+                f"got {list(low_res.shape)} {low_res.dtype}"
             )
         return model_kwargs
 
