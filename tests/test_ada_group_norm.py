@@ -457,6 +457,48 @@ def test_reference_path_channels_last_parameter_grads_only():
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+def test_a_broken_triton_falls_back_with_one_warning_naming_its_error(tmp_path):
+    """A triton that is present but does not import (a missing shared library) raised its
+    ImportError from inside the first op asked for a kernel; each op now runs its PyTorch path
+    instead with one warning naming the error, and FASTDIFF_OPS=triton in a run is one line."""
+    import subprocess
+
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('libtriton.so: cannot open')\n")
+    code = (
+        "import warnings, torch\n"
+        "from fastdiff.ops import GroupNormSiLU, attention\n"
+        "from fastdiff.ops.attention.sdpa import sdpa_attention\n"
+        "from fastdiff.runs.device import check_ops_mode\n"
+        "from fastdiff.runs.errors import RunError\n"
+        "x, qkv, m = torch.randn(2, 8, 3, 3), torch.randn(2, 12, 5), GroupNormSiLU(4, 8)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    for _ in range(2):\n"
+        "        y, a = m(x), attention(qkv, 2)\n"
+        "print(sorted(str(w.message) for w in caught))\n"
+        "torch.testing.assert_close(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4)))\n"
+        "torch.testing.assert_close(a, sdpa_attention(qkv, 2, 'new'))\n"
+        "try:\n"
+        "    check_ops_mode()\n"
+        "except RunError as e:\n"
+        "    print(e)\n"
+    )
+    env = {**os.environ, "FASTDIFF_OPS": "triton", "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *sys.path])
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    why = "triton does not import (ImportError: libtriton.so: cannot open)"
+    warned, refused = run.stdout.splitlines()
+    assert warned == str(
+        [
+            f"fastdiff.ops.ada_group_norm: {why}; using the PyTorch reference",
+            f"fastdiff.ops.attention: {why}; using PyTorch's SDPA",
+        ]
+    )
+    assert refused == f"FASTDIFF_OPS=triton runs the Triton kernels, but {why}"
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_vmap_over_scale_and_shift_alone(channels_last):
     """torch.func.vmap over scale/shift with one shared x (a batch of conditionings): h is not

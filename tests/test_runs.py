@@ -61,7 +61,7 @@ def test_triton_mode_without_triton_is_one_run_error(tmp_path, monkeypatch):
     from fastdiff.cli.gd_run import gd_run_command
     from fastdiff.ops import _backend
 
-    monkeypatch.setattr(_backend, "_TRITON", False)
+    monkeypatch.setattr(_backend, "_TRITON_PROBLEM", "triton is not installed")
     monkeypatch.setenv("FASTDIFF_OPS", "triton")
     with pytest.raises(RunError, match="FASTDIFF_OPS=triton runs the Triton kernels, but triton is not"):
         fastdiff.sample_run(tmp_path / "a", **TINY)

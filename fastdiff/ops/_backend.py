@@ -18,12 +18,32 @@ import warnings
 import torch
 from torch.autograd import forward_ad
 
-_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: dynamo traces these calls
+
+def _triton_problem() -> str | None:
+    """Why triton cannot run the kernels here, or None. Imported, not just looked up, so a present
+    but broken triton (a missing shared library, a partial install) falls back like an absent
+    one instead of raising from inside the first op. Importing fastdiff.ops imports torch's
+    dynamo, which imports triton anyway, so this costs nothing."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        import triton.language  # noqa: F401
+    except Exception as e:  # whatever a broken install raises, the kernels cannot run
+        return f"triton does not import ({type(e).__name__}: {e})"
+    return None
+
+
+_TRITON_PROBLEM = _triton_problem()  # found once: dynamo traces the calls that read it
 
 
 def triton_available() -> bool:
-    """True when triton can be imported (not necessarily usable on every device)."""
-    return _TRITON
+    """True when triton imports (not necessarily usable on every device)."""
+    return _TRITON_PROBLEM is None
+
+
+def triton_problem() -> str | None:
+    """Why triton is unavailable ("triton is not installed", "triton does not import (...)")."""
+    return _TRITON_PROBLEM
 
 
 def env_flag(name: str) -> bool:
@@ -121,14 +141,22 @@ def forward_ad_active() -> bool:
     return forward_ad._current_level >= 0
 
 
+def wants_triton(t: torch.Tensor) -> bool:
+    """Whether ``FASTDIFF_OPS`` and ``t``'s device ask for the Triton kernel, triton usable or not."""
+    mode = ops_mode()
+    if mode == "reference":
+        return False
+    return t.is_cuda or (t.device.type == "cpu" and mode == "triton" and triton_interpret())
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Whether the Triton kernel should handle tensor ``t``."""
-    mode = ops_mode()
-    if mode == "reference" or not triton_available():
-        return False
-    if t.is_cuda:
-        return True
-    return t.device.type == "cpu" and mode == "triton" and triton_interpret()
+    return triton_available() and wants_triton(t)
+
+
+def triton_missing(t: torch.Tensor) -> str | None:
+    """Why the kernel asked for on ``t`` cannot run (for :func:`notice_fallback`), or None."""
+    return _TRITON_PROBLEM if wants_triton(t) else None
 
 
 @functools.cache

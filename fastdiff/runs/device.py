@@ -90,14 +90,14 @@ def check_ops_mode() -> None:
     """FASTDIFF_OPS, read by every op as it runs: a bad value is one line before any work, not
     the first layer's ValueError traceback; so is ``triton`` without triton installed, where every
     op would silently run its PyTorch reference instead of the kernels asked for."""
-    from fastdiff.ops._backend import ops_mode, triton_available
+    from fastdiff.ops._backend import ops_mode, triton_problem
 
     try:
         mode = ops_mode()
     except ValueError as e:
         raise RunError(str(e)) from None
-    if mode == "triton" and not triton_available():
-        raise RunError("FASTDIFF_OPS=triton runs the Triton kernels, but triton is not installed")
+    if mode == "triton" and triton_problem():
+        raise RunError(f"FASTDIFF_OPS=triton runs the Triton kernels, but {triton_problem()}")
 
 
 def check_seed(seed: int, option: str) -> None:

@@ -23,6 +23,7 @@ from .._backend import (
     forward_ad_active,
     in_func_transform,
     notice_fallback,
+    triton_missing,
     use_triton,
 )
 from .reference import ada_group_norm_backward_reference, ada_group_norm_reference, group_stats_reference
@@ -230,8 +231,8 @@ def ada_group_norm(
     if not _has_kernel(x):
         # No kernel here (the CPU, float64, FASTDIFF_OPS=reference): PyTorch's native group_norm
         # chain with its own autograd is the fastest exact path, and traces like any torch code.
-        if x.is_cuda and _kernel_allowed(x):
-            notice_fallback("ada_group_norm", "triton is not installed")
+        if _kernel_allowed(x) and (why := triton_missing(x)):
+            notice_fallback("ada_group_norm", why)
         return ada_group_norm_reference(x, num_groups, weight, bias, scale, shift, float(eps), activation)
     if not _flattenable(x):  # a permuted layout the kernels cannot stride through
         x = x.contiguous()

@@ -22,7 +22,7 @@ from fastdiff.ops._backend import (
     forward_ad_active,
     in_func_transform,
     notice_fallback,
-    triton_available,
+    triton_missing,
     use_triton,
 )
 from fastdiff.ops.attention.reference import (
@@ -129,6 +129,6 @@ def attention(qkv: torch.Tensor, num_heads: int, order: str = "new") -> torch.Te
             # a custom op has no autocast rule: cast as SDPA and the reference's matmuls are cast
             qkv = qkv.to(torch.get_autocast_dtype(device))
         return _attention(qkv, num_heads, order)[0]
-    if qkv.is_cuda and not triton_available():
-        notice_fallback("attention", "triton is not installed", "PyTorch's SDPA")
+    if qkv.dtype in _KERNEL_DTYPES and (why := triton_missing(qkv)):
+        notice_fallback("attention", why, "PyTorch's SDPA")
     return sdpa_attention(qkv, num_heads, order)
