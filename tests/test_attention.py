@@ -170,6 +170,26 @@ def test_double_backward_float64():
         assert torch.autograd.gradgradcheck(lambda t, o=order: attention(t, 2, o), (x,))
 
 
+@pytest.mark.parametrize("order", ["new", "legacy"])
+def test_double_backward_on_the_sdpa_path(order, monkeypatch):
+    """fp32 on the CPU runs SDPA, whose fused backward has no derivative: a gradient penalty
+    raised "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented"; it now differentiates like guided-diffusion's einsums. A retained graph still
+    takes a second plain backward."""
+    monkeypatch.setenv("FASTDIFF_OPS", "auto")
+    qkv = torch.randn(2, 3 * 2 * 4, 7, requires_grad=True)
+    ref = qkv.detach().requires_grad_()
+    grads = []
+    for fn, t in ((attention, qkv), (attention_reference, ref)):
+        (g,) = torch.autograd.grad(fn(t, 2, order).square().sum(), t, create_graph=True)
+        grads += [g, *torch.autograd.grad(g.square().sum(), t)]
+    torch.testing.assert_close(grads[:2], grads[2:], rtol=1e-4, atol=1e-5)
+    loss = attention(qkv, 2, order).square().sum()
+    first = torch.autograd.grad(loss, qkv, retain_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(loss, qkv), first, rtol=0, atol=0)
+    torch.testing.assert_close(first[0], grads[0].detach(), rtol=1e-4, atol=1e-5)
+
+
 @needs_kernel
 def test_torch_func_grad_eager_and_compiled():
     """torch.func.grad (the compile engine's classifier gradient, one graph) cannot see a custom
