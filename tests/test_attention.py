@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from builders import compiled_call_targets, func_grad_and_autograd
+from torch import nn
 
 from fastdiff.ops._backend import triton_available, triton_interpret
 from fastdiff.ops.attention import QKVAttention, QKVAttentionLegacy, attention, attention_reference
@@ -168,6 +169,28 @@ def test_double_backward_float64():
     x = torch.randn(1, 3 * 2 * 2, 3, dtype=torch.float64, requires_grad=True)
     for order in ("new", "legacy"):
         assert torch.autograd.gradgradcheck(lambda t, o=order: attention(t, 2, o), (x,))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_onnx_export_of_a_network_whose_ops_run_kernels(dynamo, tmp_path, monkeypatch):
+    """A user network with fastdiff's layers exports to ONNX where the ops run kernels (CUDA,
+    FASTDIFF_OPS=triton): each op takes its plain PyTorch path inside torch.onnx.export (the
+    export failed on "unrecognized namespace fastdiff::ada_group_norm", ONNX having no
+    translation for a custom op), and onnxruntime gives the eager numbers."""
+    ort = pytest.importorskip("onnxruntime")
+    from fastdiff.ops import GroupNormSiLU
+
+    monkeypatch.setenv("FASTDIFF_OPS", "triton")
+    net = nn.Sequential(GroupNormSiLU(2, 6), nn.Flatten(2), QKVAttention(1)).to(DEVICE).eval()
+    x = torch.randn(2, 6, 3, 3, device=DEVICE)
+    with torch.no_grad():
+        want = net(x)
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(net, (x,), path, dynamo=dynamo, input_names=["x"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"x": x.cpu().numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), want.cpu(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("order", ["new", "legacy"])

@@ -13,6 +13,7 @@ import functools
 import importlib.util
 import operator
 import os
+import sys
 import warnings
 
 import torch
@@ -141,6 +142,14 @@ def forward_ad_active() -> bool:
     return forward_ad._current_level >= 0
 
 
+@torch.compiler.assume_constant_result
+def onnx_exporting() -> bool:
+    """Inside ``torch.onnx.export``: ONNX has no translation for a custom op (the export failed on
+    "unrecognized namespace fastdiff"), so each op takes its plain PyTorch path there. A constant
+    while dynamo traces (the dynamo exporter traces through torch.export)."""
+    return "torch.onnx" in sys.modules and torch.onnx.is_in_onnx_export()
+
+
 def wants_triton(t: torch.Tensor) -> bool:
     """Whether ``FASTDIFF_OPS`` and ``t``'s device ask for the Triton kernel, triton usable or not."""
     mode = ops_mode()
@@ -151,7 +160,7 @@ def wants_triton(t: torch.Tensor) -> bool:
 
 def use_triton(t: torch.Tensor) -> bool:
     """Whether the Triton kernel should handle tensor ``t``."""
-    return triton_available() and wants_triton(t)
+    return triton_available() and wants_triton(t) and not onnx_exporting()
 
 
 def triton_missing(t: torch.Tensor) -> str | None:

@@ -23,6 +23,7 @@ from .._backend import (
     forward_ad_active,
     in_func_transform,
     notice_fallback,
+    onnx_exporting,
     triton_missing,
     use_triton,
 )
@@ -53,11 +54,11 @@ def _cuda_extension_ready() -> bool:
 
 
 def _kernel_allowed(x: Tensor) -> bool:
-    """Whether a kernel may take x at all. Not inside a torch.func transform or forward-mode AD
-    (see ``in_func_transform``, ``forward_ad_active``). fp64 runs the kernels only in the
-    interpreter (to gradcheck their math); on CUDA it takes the reference, the kernels being
-    built for fp16/bf16/fp32."""
-    if force_reference() or x.numel() == 0 or in_func_transform() or forward_ad_active():
+    """Whether a kernel may take x at all. Not inside a torch.func transform, forward-mode AD or
+    an ONNX export (see ``in_func_transform``, ``forward_ad_active``, ``onnx_exporting``). fp64
+    runs the kernels only in the interpreter (to gradcheck their math); on CUDA it takes the
+    reference, the kernels being built for fp16/bf16/fp32."""
+    if force_reference() or x.numel() == 0 or in_func_transform() or forward_ad_active() or onnx_exporting():
         return False
     return x.dtype in _KERNEL_DTYPES or (x.dtype == torch.float64 and not x.is_cuda)
 
