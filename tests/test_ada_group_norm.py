@@ -457,6 +457,26 @@ def test_reference_path_channels_last_parameter_grads_only():
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+def test_modules_are_one_call_each_under_fx_symbolic_trace():
+    """torch.fx.symbolic_trace (feature extractors, FX quantization) sees each module as one call,
+    as it sees nn.GroupNorm: traced into, the op met a Proxy ("ada_group_norm: x must be a
+    torch.Tensor, got Proxy"). The GraphModule computes what the network does."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gn, self.plain, self.ada = GroupNormSiLU(2, 4), GroupNorm(2, 4), AdaGroupNormSiLU(2, 4)
+
+        def forward(self, x, emb):
+            return self.ada(self.plain(self.gn(x)), emb[:, :4], emb[:, 4:])
+
+    net, x, emb = Net(), torch.randn(2, 4, 3, 3), torch.randn(2, 8)
+    graph = torch.fx.symbolic_trace(net)
+    calls = [n for n in graph.graph.nodes if n.op == "call_function" and "ada_group_norm" in n.name]
+    assert len(calls) == 3
+    torch.testing.assert_close(graph(x, emb), net(x, emb), rtol=0, atol=0)
+
+
 def test_a_broken_triton_falls_back_with_one_warning_naming_its_error(tmp_path):
     """A triton that is present but does not import (a missing shared library) raised its
     ImportError from inside the first op asked for a kernel; each op now runs its PyTorch path

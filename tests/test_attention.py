@@ -193,6 +193,16 @@ def test_onnx_export_of_a_network_whose_ops_run_kernels(dynamo, tmp_path, monkey
     torch.testing.assert_close(torch.from_numpy(got), want.cpu(), rtol=1e-4, atol=1e-5)
 
 
+def test_modules_are_one_call_each_under_fx_symbolic_trace():
+    """torch.fx.symbolic_trace sees QKVAttention(Legacy) as one call (traced into, the op's
+    argument checks met a Proxy); the GraphModule computes what the network does."""
+    net = nn.Sequential(nn.Conv1d(4, 12, 1), QKVAttention(2), nn.Conv1d(4, 6, 1), QKVAttentionLegacy(1))
+    graph = torch.fx.symbolic_trace(net)
+    assert sum(n.op == "call_function" and "attention" in n.name for n in graph.graph.nodes) == 2
+    x = torch.randn(2, 4, 5)
+    torch.testing.assert_close(graph(x), net(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("order", ["new", "legacy"])
 def test_double_backward_on_the_sdpa_path(order, monkeypatch):
     """fp32 on the CPU runs SDPA, whose fused backward has no derivative: a gradient penalty

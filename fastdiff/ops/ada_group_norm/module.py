@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import torch.fx
 from torch import Tensor, nn
 
 from .function import ada_group_norm
+
+# one call node under torch.fx.symbolic_trace (feature extractors, FX quantization), as nn.GroupNorm
+# is a leaf there: traced into, the op's argument checks met a Proxy where a tensor goes
+torch.fx.wrap("ada_group_norm")
 
 
 class GroupNorm(nn.GroupNorm):

@@ -6,9 +6,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx
 from torch import nn
 
 from fastdiff.ops.attention.function import attention
+
+torch.fx.wrap("attention")  # one call node under torch.fx.symbolic_trace, as for ada_group_norm
 
 
 def count_flops_attn(model: nn.Module, _x, y) -> None:
