@@ -477,17 +477,27 @@ def test_modules_are_one_call_each_under_fx_symbolic_trace():
     torch.testing.assert_close(graph(x, emb), net(x, emb), rtol=0, atol=0)
 
 
-def test_a_broken_triton_falls_back_with_one_warning_naming_its_error(tmp_path):
+BROKEN_TRITONS = {  # triton/__init__.py -> the error each op names
+    "raise ImportError('libtriton.so: cannot open')\n": "ImportError: libtriton.so: cannot open",
+    "": "ModuleNotFoundError: No module named 'triton.language'",
+}
+
+
+@pytest.mark.parametrize("init", list(BROKEN_TRITONS))
+def test_a_broken_triton_falls_back_with_one_warning_naming_its_error(init, tmp_path):
     """A triton that is present but does not import (a missing shared library) raised its
-    ImportError from inside the first op asked for a kernel; each op now runs its PyTorch path
-    instead with one warning naming the error, and FASTDIFF_OPS=triton in a run is one line."""
+    ImportError from inside the first op asked for a kernel, and one without triton.language (a
+    leftover folder) an AttributeError from torch's dynamo at `import fastdiff.ops`; each op now
+    runs its PyTorch path with one warning naming the error, torch.compile still works, and
+    FASTDIFF_OPS=triton in a run is one line."""
     import subprocess
 
     (tmp_path / "triton").mkdir()
-    (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('libtriton.so: cannot open')\n")
+    (tmp_path / "triton" / "__init__.py").write_text(init)
     code = (
         "import warnings, torch\n"
         "from fastdiff.ops import GroupNormSiLU, attention\n"
+        "assert torch.compile(torch.neg, backend='eager')(torch.ones(1)).item() == -1\n"
         "from fastdiff.ops.attention.sdpa import sdpa_attention\n"
         "from fastdiff.runs.device import check_ops_mode\n"
         "from fastdiff.runs.errors import RunError\n"
@@ -508,7 +518,7 @@ def test_a_broken_triton_falls_back_with_one_warning_naming_its_error(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *sys.path])
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    why = "triton does not import (ImportError: libtriton.so: cannot open)"
+    why = f"triton does not import ({BROKEN_TRITONS[init]})"
     warned, refused = run.stdout.splitlines()
     assert warned == str(
         [

@@ -30,6 +30,12 @@ def _triton_problem() -> str | None:
     try:
         import triton.language  # noqa: F401
     except Exception as e:  # whatever a broken install raises, the kernels cannot run
+        # hidden from torch as well: torch's dynamo, imported with this package, takes a triton
+        # that imports at all for a whole one and read triton.language from it (an AttributeError
+        # from `import fastdiff.ops` on a triton without it, a leftover folder, say)
+        for name in [n for n in sys.modules if n == "triton" or n.startswith("triton.")]:
+            del sys.modules[name]
+        sys.modules["triton"] = None  # what `import triton` then raises ImportError for
         return f"triton does not import ({type(e).__name__}: {e})"
     return None
 
