@@ -193,6 +193,23 @@ def test_onnx_export_of_a_network_whose_ops_run_kernels(dynamo, tmp_path, monkey
     torch.testing.assert_close(torch.from_numpy(got), want.cpu(), rtol=1e-4, atol=1e-5)
 
 
+def test_second_derivative_with_torch_func(monkeypatch):
+    """torch.func.grad of torch.func.grad (a gradient penalty written with torch.func) ran SDPA,
+    whose fused backward has no derivative ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"); two grad
+    levels take the reference, one keeps SDPA."""
+    monkeypatch.setenv("FASTDIFF_OPS", "auto")
+    qkv = torch.randn(2, 3 * 2 * 4, 5)
+
+    def penalty(fn):
+        def loss(t):
+            return fn(t, 2, "legacy").square().sum()
+
+        return torch.func.grad(lambda t: torch.func.grad(loss)(t).square().sum())(qkv)
+
+    torch.testing.assert_close(penalty(attention), penalty(attention_reference), rtol=1e-4, atol=1e-4)
+
+
 def test_modules_are_one_call_each_under_fx_symbolic_trace():
     """torch.fx.symbolic_trace sees QKVAttention(Legacy) as one call (traced into, the op's
     argument checks met a Proxy); the GraphModule computes what the network does."""

@@ -17,6 +17,7 @@ import sys
 import warnings
 
 import torch
+from torch._C._functorch import TransformType
 from torch.autograd import forward_ad
 
 
@@ -132,6 +133,17 @@ def in_func_transform() -> bool:
     object that is never None, which sent the whole compiled step (the UNet too) to the plain
     paths; dynamo enters ``torch.func.grad``'s level for real while tracing, so the value holds."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+@torch.compiler.assume_constant_result
+def nested_func_grad() -> bool:
+    """Inside two ``torch.func.grad`` (or ``vjp``) levels, a second derivative (a gradient
+    penalty written with torch.func): SDPA's fused backward has no derivative of its own, so
+    attention takes its reference there. A constant while torch.compile traces."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    grads = [i for i in retrieve_all_functorch_interpreters() if i.key() == TransformType.Grad]
+    return len(grads) > 1
 
 
 @torch.compiler.assume_constant_result

@@ -21,6 +21,7 @@ from fastdiff.ops._backend import (
     force_reference,
     forward_ad_active,
     in_func_transform,
+    nested_func_grad,
     notice_fallback,
     triton_missing,
     use_triton,
@@ -122,7 +123,8 @@ def attention(qkv: torch.Tensor, num_heads: int, order: str = "new") -> torch.Te
     if forward_ad_active():  # neither the custom op nor SDPA's fused kernels have a forward derivative
         return attention_reference(qkv, num_heads, order)
     if in_func_transform():  # the custom op's autograd is invisible there: plain PyTorch
-        return (attention_reference if force_reference() else sdpa_attention)(qkv, num_heads, order)
+        plain = force_reference() or nested_func_grad()
+        return (attention_reference if plain else sdpa_attention)(qkv, num_heads, order)
     if _kernel_for(qkv) or force_reference() or qkv.dtype == torch.float64:
         device = qkv.device.type
         if qkv.dtype == torch.float32 and autocast_available(device) and torch.is_autocast_enabled(device):
