@@ -11,6 +11,10 @@ import fcntl
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -418,3 +422,30 @@ def test_a_bug_keeps_its_traceback(models, tmp_path, monkeypatch):
     monkeypatch.setattr("fastdiff.runs.loading.build_network", broken)
     r = sample(models, tmp_path / "o", 1)
     assert isinstance(r.exception, ValueError) and "a bug deep inside" in str(r.exception)
+
+
+@pytest.mark.parametrize(
+    "signum, status, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_a_signal_mid_run_is_one_line_after_the_closed_bar_and_resumes(tmp_path, signum, status, word):
+    """Ctrl-C and a scheduler's SIGTERM, sent to the process group as a terminal and SLURM do:
+    the bar ends its line, one line says how to continue, and --resume finishes the run. SIGTERM
+    used to kill at once (status -15, no message, the bar's line left open, as Ctrl-C's was)."""
+    out = tmp_path / "run"
+    args = ["--threads", "1", "--device", "cpu", "--num-samples", "4", "--batch-size", "1", "--steps", "10"]
+    args += ["--out", str(out)]
+    cmd = [sys.executable, "-m", "fastdiff.cli.main", "sample", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    deadline = time.monotonic() + 60
+    while not (out / "batches" / "batch_00000.npz").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(p.pid, signum)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == status, err
+    assert err.endswith(f"step/s]\n{word}: run the same command with --resume to continue\n"), err[-300:]
+    assert "Traceback" not in err and not (out / "samples_4x32x32x1.npz").exists()
+    r = run(*args, "--resume")
+    assert r.exit_code == 0 and "already there" in r.output and (out / "samples_4x32x32x1.npz").is_file(), (
+        r.output
+    )

@@ -3,15 +3,29 @@
 The library reports what the user got wrong as a RunError (fastdiff.runs); the group prints it as
 one line with a non-zero exit (1), and a subcommand's usage error (a bad option or value) as one
 line too, exit 2 as click gives it, instead of click's usage block. Ctrl-C exits with 130, as a
-shell reports SIGINT. Any other exception is a bug and keeps its traceback.
+shell reports SIGINT, and SIGTERM (a scheduler's stop, SLURM's before its SIGKILL) with 143, both
+after the same clean-up. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
+
+import signal
+import threading
 
 import click
 
 from fastdiff import __version__
 from fastdiff.runs.errors import RunError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM raised as Ctrl-C is, so a run stopped by a scheduler unwinds the same way (temporary
+    files removed, progress bars closed, the lock let go) instead of dying mid-write."""
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM stops the clean-up too
+    raise Terminated
 
 
 class LazyGroup(click.Group):
@@ -53,6 +67,9 @@ class LazyGroup(click.Group):
         return sorted(self.commands_by_name)
 
     def invoke(self, ctx):
+        # signal handlers belong to the main thread (a caller's thread keeps SIGTERM's default)
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             return super().invoke(ctx)
         except RunError as e:
@@ -64,13 +81,19 @@ class LazyGroup(click.Group):
             one_line = click.ClickException(e.format_message() + hint)
             one_line.exit_code = e.exit_code
             raise one_line from None
-        except KeyboardInterrupt:  # Ctrl-C: the status a shell gives SIGINT (128 + 2), not a user error's 1
+        except (
+            KeyboardInterrupt
+        ) as e:  # the status a shell gives the signal (128 + 2 or 15), not a user error's 1
+            what = "terminated" if isinstance(e, Terminated) else "interrupted"
             command = self.get_command(ctx, ctx.invoked_subcommand or "")
             if command is not None and any(p.name == "resume" for p in command.params):
-                click.echo("interrupted: run the same command with --resume to continue", err=True)
+                click.echo(f"{what}: run the same command with --resume to continue", err=True)
             else:
-                click.echo("interrupted", err=True)
-            raise click.exceptions.Exit(130) from None
+                click.echo(what, err=True)
+            raise click.exceptions.Exit(143 if isinstance(e, Terminated) else 130) from None
+        finally:
+            if previous is not None:  # None: a handler set outside Python, which cannot be put back
+                signal.signal(signal.SIGTERM, previous)
 
     def get_command(self, ctx, name):
         if name not in self.commands_by_name:

@@ -158,33 +158,33 @@ def run_sampling(
     labelled = labels_all is not None and sampler.needs_labels
 
     shown = progress and distributed.is_main()
-    bar = tqdm(total=len(todo) * steps, unit="step", disable=not shown, desc="sampling")
     sampling = writing = 0.0
-    for b in todo:
-        lo, hi = batches[b]
-        y = torch.as_tensor(labels_all[lo:hi], device=device) if labelled else None
-        warm = sampler.warmup_seconds
-        start = time.perf_counter()
-        try:
-            x = sampler(
-                y,
-                num_samples=hi - lo,
-                generator=batch_generator(device, plan.seed, b),
-                callback=lambda *_: bar.update(1),
-                model_kwargs=None if conditioning is None else conditioning(lo, hi),
-            )
-            images = to_uint8(x)  # the device->host copy: the batch's one sync
-        except SamplingError as e:
-            raise RunError(
-                f"batch {b} (samples {lo}-{hi - 1}): {e}; nothing of this batch was written"
-            ) from None
-        except EngineError as e:  # an engine builds its step on the first batch of a size
-            raise RunError(str(e)) from None
-        written = time.perf_counter()
-        sampling += written - start - (sampler.warmup_seconds - warm)
-        write_batch(out, b, lo, images, None if labels_all is None else labels_all[lo:hi])
-        writing += time.perf_counter() - written
-    bar.close()
+    # closed however the loop ends, so an interrupt's message starts its own line
+    with tqdm(total=len(todo) * steps, unit="step", disable=not shown, desc="sampling") as bar:
+        for b in todo:
+            lo, hi = batches[b]
+            y = torch.as_tensor(labels_all[lo:hi], device=device) if labelled else None
+            warm = sampler.warmup_seconds
+            start = time.perf_counter()
+            try:
+                x = sampler(
+                    y,
+                    num_samples=hi - lo,
+                    generator=batch_generator(device, plan.seed, b),
+                    callback=lambda *_: bar.update(1),
+                    model_kwargs=None if conditioning is None else conditioning(lo, hi),
+                )
+                images = to_uint8(x)  # the device->host copy: the batch's one sync
+            except SamplingError as e:
+                raise RunError(
+                    f"batch {b} (samples {lo}-{hi - 1}): {e}; nothing of this batch was written"
+                ) from None
+            except EngineError as e:  # an engine builds its step on the first batch of a size
+                raise RunError(str(e)) from None
+            written = time.perf_counter()
+            sampling += written - start - (sampler.warmup_seconds - warm)
+            write_batch(out, b, lo, images, None if labels_all is None else labels_all[lo:hi])
+            writing += time.perf_counter() - written
 
     ranks.wait_for_all("sampling")
     start = time.perf_counter()
