@@ -308,3 +308,24 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkey
     result = CliRunner().invoke(train, _args(_npz(tmp_path), tmp_path / "o2", "--max-steps", "1"))
     assert isinstance(result.exception, ValueError) and "an internal bug" in str(result.exception)
     assert "Error: an internal bug" not in result.output
+
+
+def test_a_real_failed_safetensors_write_is_one_line(tmp_path):
+    """safetensors reports its I/O errors (a full disk, a file-size limit) as its own error type,
+    not OSError: the first checkpoint on a full disk was a traceback. Here a real write fails:
+    the file-size limit (ulimit -f) with SIGXFSZ ignored makes it EFBIG."""
+    import resource
+    import signal
+
+    out = tmp_path / "run"
+    args = _args(_npz(tmp_path), out, "--max-steps", "1")
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, limits[1]))
+    try:
+        result = CliRunner().invoke(train, args)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    _one_line(result, f"cannot write {out / 'model_0000001.safetensors'}: File too large")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".model")]  # no temp file left

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -246,6 +247,7 @@ def save_weights(
 ) -> None:
     """Write weights as safetensors, atomically (a killed write leaves no file under the real
     name); metadata values are JSON-encoded (safetensors stores strings)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from fastdiff.files import atomic_write
@@ -260,7 +262,18 @@ def save_weights(
         )
     tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     meta = {str(k): json.dumps(v) for k, v in (metadata or {}).items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    def write(tmp):
+        try:
+            save_file(tensors, tmp, metadata=meta)
+        except SafetensorError as e:
+            # its I/O failures (a full disk) are no OSError, so callers' one-line reports missed them
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), tmp) from None
+
+    atomic_write(path, write)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
