@@ -384,3 +384,17 @@ def test_load_reads_every_image_into_one_array_not_two(tmp_path):
     finally:
         tracemalloc.stop()
     assert np.array_equal(loaded, images) and peak < 1.5 * images.nbytes  # was over 2 x
+
+
+def test_an_interrupted_feature_pass_clears_its_bar(capsys):
+    """The bar of the pass an interrupt stops is closed (its line cleared) before the error line is
+    printed; it was left half drawn, so 'interrupted' was glued to it (evaluate and nearest)."""
+    from fastdiff.cli.evaluate import progress_bars
+
+    with pytest.raises(KeyboardInterrupt), progress_bars(True) as make:
+        make("reference", 10)(10)
+        update = make("samples", 10)
+        update(3)
+        raise KeyboardInterrupt
+    err = capsys.readouterr().err
+    assert "samples features:" in err and err.endswith("\r"), repr(err[-80:])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -91,14 +92,26 @@ def write_json(path: Path, record: dict) -> None:
         raise click.ClickException(f"cannot write --json {path}: {e.strerror or e}") from None
 
 
+@contextmanager
 def progress_bars(enabled: bool):
+    """``make(what, images)``, a new bar's update for each feature pass, the last pass's bar closed
+    when the block ends however it ends: an interrupt's line starts at the line's start, not after
+    a bar left half drawn."""
     from tqdm import tqdm
 
-    def make(what: str, total: int):
-        bar = tqdm(total=total, desc=f"{what} features", unit="img", disable=not enabled, leave=False)
-        return bar.update
+    bars = []
 
-    return make
+    def make(what: str, total: int):
+        for bar in bars:  # the previous pass is done
+            bar.close()
+        bars[:] = [tqdm(total=total, desc=f"{what} features", unit="img", disable=not enabled, leave=False)]
+        return bars[0].update
+
+    try:
+        yield make
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 @click.command("evaluate")
@@ -150,10 +163,10 @@ def evaluate_command(ref, samples, features, inception, json_path, batch_size, d
         config = EvaluationConfig(batch_size=batch_size, device=str(dev))
         check_sets(reference, smp, config)
         net = choose_network(features, smp.image_shape, inception, dev)
-        bars = progress_bars(progress and distributed.is_main())
-        scores = evaluate(
-            reference, smp, net, config, activations=features_over_ranks(net, batch_size, dev, bars)
-        )
+        with progress_bars(progress and distributed.is_main()) as bars:
+            scores = evaluate(
+                reference, smp, net, config, activations=features_over_ranks(net, batch_size, dev, bars)
+            )
     except (EvaluationError, DataError) as e:
         raise click.ClickException(str(e)) from None
     if scores is None:  # a rank that handed its features to rank 0

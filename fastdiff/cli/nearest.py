@@ -160,9 +160,10 @@ def nearest_command(
                 "they are left out of the threshold",
                 err=True,
             )
-        feats = features_over_ranks(net, batch_size, dev, progress_bars(progress and distributed.is_main()))
         images = smp.load()
-        spaces = [feats(images, "samples"), feats(train, "train"), feats(held, "held-out")]
+        with progress_bars(progress and distributed.is_main()) as bars:
+            feats = features_over_ranks(net, batch_size, dev, bars)
+            spaces = [feats(images, "samples"), feats(train, "train"), feats(held, "held-out")]
         if not distributed.is_main():
             return
         report = MemorisationReport(
