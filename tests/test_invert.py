@@ -386,3 +386,30 @@ def test_a_class_name_for_an_unconditional_model_says_it_is_unconditional():
     loaded = SimpleNamespace(class_cond=False, class_names=None, num_real_classes=None)
     with pytest.raises(RunError, match="--to-class given, but the model is not class-conditional"):
         _check_class(loaded, "cat", "--to-class")
+
+
+@pytest.mark.parametrize("created", [True, False])
+def test_a_failed_write_takes_back_its_files_so_the_command_runs_again(
+    inverted, tmp_path, monkeypatch, created
+):
+    """A full disk after latents.npz and some PNGs left them behind: the folder was no longer
+    empty, so the same invert (which has no --resume) was refused until the user cleaned up."""
+    import errno
+
+    import fastdiff.runs.invert
+
+    _, images, _ = inverted
+    out = tmp_path / "inv"
+    if not created:
+        out.mkdir()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(fastdiff.runs.invert, "save_grid", full)  # comparison.png: after the npz and the PNGs
+        r = cli("invert", images[0], "--steps", 2, "--to-class", 5, "--out", out)
+    assert r.exit_code == 1 and r.output == f"Error: cannot write to {out}: No space left on device\n"
+    assert [p.name for p in out.iterdir()] == [".lock"] if out.exists() else created
+    r = cli("invert", images[0], "--steps", 2, "--to-class", 5, "--out", out)
+    assert r.exit_code == 0 and (out / "invert.json").is_file(), r.output

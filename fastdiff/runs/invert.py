@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shutil
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from fastdiff.diffusion.inversion import slerp
 from fastdiff.diffusion.samplers import randn
 from fastdiff.engines import EngineError
 from fastdiff.engines.sampler import Sampler
-from fastdiff.files import atomic_write, in_channels, save_grid, save_npz, save_png, to_uint8
+from fastdiff.files import LOCK, atomic_write, in_channels, save_grid, save_npz, save_png, to_uint8
 from fastdiff.runs import ranks
 from fastdiff.runs.device import check_run_options, check_seed
 from fastdiff.runs.errors import RunError, check_arguments
@@ -277,24 +278,37 @@ def _endpoint(spec: str, option: str, loaded: LoadedModel, device) -> tuple[torc
 
 
 def _write_inversion(out: Path, inputs, latents, recon, edited, record: dict) -> None:
-    """latents.npz, the reconstructed/ (and edited/) PNGs, comparison.png and invert.json."""
+    """latents.npz, the reconstructed/ (and edited/) PNGs, comparison.png and invert.json. A write
+    that fails (a full disk) or is interrupted takes back what it wrote: invert has no --resume,
+    and a half-written folder is no longer empty, so the same command could not run again."""
+    try:
+        _write_inversion_files(out, inputs, latents, recon, edited, record)
+    except BaseException as e:
+        for p in out.iterdir():  # the lock found the folder empty: everything else is this run's
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.name != LOCK:
+                p.unlink()
+        if isinstance(e, OSError):
+            raise RunError(f"cannot write to {out}: {e.strerror or e}") from None
+        raise
+
+
+def _write_inversion_files(out: Path, inputs, latents, recon, edited, record: dict) -> None:
     labels = record["labels"]
     labels = None if labels is None else np.array(labels)
-    try:
-        guidance = {} if record["cfg_scale"] is None else {"cfg_scale": np.array(record["cfg_scale"])}
-        save_npz(out / "latents.npz", latents, labels, respacing=np.array(record["respacing"]), **guidance)
-        for i, img in enumerate(recon):
-            save_png(img, out / "reconstructed" / f"{i:06d}.png")
-        rows = [inputs, recon]
-        if edited is not None:
-            rows.append(edited)
-            for i, img in enumerate(edited):
-                save_png(img, out / "edited" / f"{i:06d}_class{record['to_class']}.png")
-        save_grid(np.concatenate(rows), out / "comparison.png", ncol=len(inputs))
-        text = json.dumps(_json_safe(record), indent=1, allow_nan=False)
-        atomic_write(out / "invert.json", lambda tmp: Path(tmp).write_text(text))
-    except OSError as e:
-        raise RunError(f"cannot write to {out}: {e.strerror or e}") from None
+    guidance = {} if record["cfg_scale"] is None else {"cfg_scale": np.array(record["cfg_scale"])}
+    save_npz(out / "latents.npz", latents, labels, respacing=np.array(record["respacing"]), **guidance)
+    for i, img in enumerate(recon):
+        save_png(img, out / "reconstructed" / f"{i:06d}.png")
+    rows = [inputs, recon]
+    if edited is not None:
+        rows.append(edited)
+        for i, img in enumerate(edited):
+            save_png(img, out / "edited" / f"{i:06d}_class{record['to_class']}.png")
+    save_grid(np.concatenate(rows), out / "comparison.png", ncol=len(inputs))
+    text = json.dumps(_json_safe(record), indent=1, allow_nan=False)
+    atomic_write(out / "invert.json", lambda tmp: Path(tmp).write_text(text))
 
 
 @dataclass(frozen=True)
