@@ -279,6 +279,24 @@ def test_cli_export_checks_out_before_tracing(tmp_path, monkeypatch):
     assert res.output == f"Error: cannot write to --out {tmp_path / 'afile' / 'x'}: Not a directory\n"
 
 
+def test_cli_export_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    """The graph's write failing for lack of space was onnx's OSError traceback."""
+    import errno
+
+    from click.testing import CliRunner
+
+    import fastdiff.export
+    from fastdiff.cli.main import main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fastdiff.export, "export_onnx", full)
+    res = CliRunner().invoke(main, ["export", "onnx", "--out", str(tmp_path)])
+    assert res.output == f"Error: cannot write to {tmp_path}: No space left on device\n"
+    assert res.exit_code == 1
+
+
 def test_cli_export_offers_engine_onnx_only_a_validated_graph(tmp_path, monkeypatch):
     """A graph that does not match PyTorch stays in --out for inspection, but is not put where
     ``--engine onnx`` finds it (it was linked into that cache before the validation ran)."""

@@ -73,7 +73,7 @@ def export_onnx_command(
     from fastdiff.export.onnx_export import missing_packages
     from fastdiff.export.validate import validate_export
     from fastdiff.runs.device import check_ops_mode
-    from fastdiff.runs.folder import check_writable
+    from fastdiff.runs.folder import check_writable, writing
     from fastdiff.runs.loading import (
         BUNDLED_CLASSIFIER,
         check_classifier,
@@ -124,15 +124,16 @@ def export_onnx_command(
 
     def export():
         try:
-            result = export_onnx(
-                loaded.model,
-                out / name,
-                classifier=None if clf is None else clf.model,
-                null_label=null_label,
-                low_res_shape=low_res_shape,
-                config=config,
-                metadata=meta,
-            )
+            with writing(out):  # a full disk is the machine's state: one line, not a traceback
+                result = export_onnx(
+                    loaded.model,
+                    out / name,
+                    classifier=None if clf is None else clf.model,
+                    null_label=null_label,
+                    low_res_shape=low_res_shape,
+                    config=config,
+                    metadata=meta,
+                )
         except ExportError as e:
             raise _fail(e) from None
         from fastdiff.export.onnx_runtime import remember
