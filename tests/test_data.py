@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,28 @@ def test_an_image_pil_refuses_as_a_decompression_bomb_is_a_bad_image(tmp_path):
         ImageFolderDataset(tmp_path, 8, channels=1)
     ds = ImageFolderDataset(tmp_path, 8, channels=1, skip_bad_images=True)
     assert [p.name for p in ds.skipped] == ["huge.png"] and len(ds) == 2
+
+
+def test_an_image_that_cannot_be_read_is_named_as_such_not_corrupt(tmp_path, monkeypatch):
+    """A file its user may not read (mode 000, another owner) was reported as 'corrupt or
+    truncated image', sending the user after a problem the file does not have."""
+    import builtins
+
+    import fastdiff.training.data
+
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / f"{i}.png")
+
+    def no_access(path, *args, **kwargs):  # what a non-root user gets for a mode-000 file
+        if str(path).endswith("1.png"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(fastdiff.training.data, "open", no_access, raising=False)
+    message = (
+        f"cannot read image {tmp_path / '1.png'}: Permission denied; remove it or pass --skip-bad-images"
+    )
+    with pytest.raises(DataError, match=re.escape(message)):
+        ImageFolderDataset(tmp_path, 8, channels=1, skip_option="--skip-bad-images")
+    ds = ImageFolderDataset(tmp_path, 8, channels=1, skip_bad_images=True)
+    assert [p.name for p in ds.skipped] == ["1.png"] and len(ds) == 1

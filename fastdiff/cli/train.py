@@ -88,7 +88,7 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, 
 def _report_skipped(dataset) -> None:
     skipped = getattr(dataset, "skipped", ())
     if skipped:
-        click.echo(f"skipping {len(skipped)} corrupt image(s), e.g. {skipped[0]}", err=True)
+        click.echo(f"skipping {len(skipped)} unreadable or corrupt image(s), e.g. {skipped[0]}", err=True)
 
 
 def _check_options(o: dict) -> None:
@@ -245,8 +245,8 @@ def common_options(lr: float, ema: str, out: str):
         click.option(
             "--skip-bad-images",
             is_flag=True,
-            help="Skip corrupt or truncated images of an image folder; one found only when read is "
-            "replaced by the next image of its class (default: stop and name it).",
+            help="Skip unreadable, corrupt or truncated images of an image folder; one found only when "
+            "read is replaced by the next image of its class (default: stop and name it).",
         ),
         click.option(
             "--keep-last",

@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..training import dist
-from ..training.data import IMAGE_EXTENSIONS, DataError, center_crop_arr, image_looks_whole, resize_short_side
+from ..training.data import IMAGE_EXTENSIONS, DataError, center_crop_arr, image_fault, resize_short_side
 
 __all__ = ["ImageDataset", "center_crop_arr", "load_data", "random_crop_arr"]
 
@@ -47,10 +47,10 @@ def load_data(
     files = _list_image_files_recursively(data_dir)
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {data_dir}")
-    bad = [path for path in files if not image_looks_whole(Path(path))]
-    if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise DataError(f"corrupt or truncated image {bad[0]}{more}")
+    faults = [fault for fault in map(image_fault, map(Path, files)) if fault is not None]
+    if faults:
+        more = f" (and {len(faults) - 1} more)" if len(faults) > 1 else ""
+        raise DataError(f"{faults[0]}{more}")
     classes = None
     if class_cond:
         names = [os.path.basename(path).split("_")[0] for path in files]

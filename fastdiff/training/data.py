@@ -125,10 +125,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             loose = files[keys.index(None)]
             folder = next(k for k in keys if k is not None)
             raise DataError(f"{root} mixes class subfolders ({folder}/) with loose images ({loose.name})")
-        bad = [i for i, p in enumerate(files) if not image_looks_whole(p)]
+        faults = [image_fault(p) for p in files]
+        bad = [i for i, fault in enumerate(faults) if fault is not None]
         if bad and not skip_bad_images:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            raise DataError(f"corrupt or truncated image {files[bad[0]]}{more}; {self.fix}")
+            raise DataError(f"{faults[bad[0]]}{more}; {self.fix}")
         self.skipped = [files[i] for i in bad]
         if bad:  # class names come from all files, so skipping never renumbers the classes
             good = sorted(set(range(len(files))) - set(bad))
@@ -195,22 +196,29 @@ def worker_error(error: DataError) -> DataError:
 _ENDINGS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9", "GIF": b";"}
 
 
-def image_looks_whole(path: Path) -> bool:
-    """A cheap check (header and last bytes, no decoding) that catches truncated files, and a
-    header PIL refuses to open as a decompression bomb (over twice its pixel limit)."""
+def image_fault(path: Path) -> str | None:
+    """What is wrong with the image file at ``path``, as an error's start, or None where it looks
+    whole: a cheap check (header and last bytes, no decoding) that catches truncated files and a
+    header PIL refuses to open as a decompression bomb (over twice its pixel limit). A file that
+    cannot be read at all (its permissions) says so rather than being called corrupt."""
     try:
-        with Image.open(path) as img:
-            fmt = img.format
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 64))
             tail = f.read()
+    except OSError as e:
+        return f"cannot read image {path}: {e.strerror or e}"
+    try:
+        with Image.open(path) as img:
+            fmt = img.format
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return False
+        fmt = None
     end = _ENDINGS.get(fmt)
-    if end is None:
-        return True
-    return tail.rstrip(b"\x00").endswith(end) if fmt == "JPEG" else tail.endswith(end)
+    if fmt is not None and (
+        end is None or (tail.rstrip(b"\x00").endswith(end) if fmt == "JPEG" else tail.endswith(end))
+    ):
+        return None
+    return f"corrupt or truncated image {path}"
 
 
 def fingerprint(dataset, samples: int = 32) -> dict:
