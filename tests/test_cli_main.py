@@ -45,6 +45,25 @@ def test_ctrl_c_exits_130_and_says_how_to_continue(monkeypatch):
     assert r.exit_code == 130 and r.output == "interrupted\n"  # no --resume to offer
 
 
+def test_ctrl_c_while_numpy_loads_is_an_interrupt():
+    """torch's C start-up imports numpy and swallows what that raises: a Ctrl-C landing there was
+    lost (the command went on, or died later of a half-imported numpy: 'module numpy has no
+    attribute matrix'). The group imports numpy first, where an interrupt is one."""
+    code = (
+        "import os, runpy, signal, sys\n"
+        "class Hook:\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'numpy':\n"
+        "            sys.meta_path.remove(self)\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.meta_path.insert(0, Hook())\n"
+        "sys.argv = ['fastdiff', 'sample', '--help']\n"
+        "runpy.run_module('fastdiff.cli.main', run_name='__main__')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (r.returncode, r.stdout, r.stderr) == (130, "", "interrupted\n")
+
+
 def test_usage_errors_are_one_line_exit_2():
     """A bad option or value is one line naming the command's --help (click would print a usage
     block of four), with click's usage exit status 2; nothing runs."""

@@ -100,6 +100,10 @@ class LazyGroup(click.Group):
             return None
         import importlib
 
+        # numpy before any torch: torch's C start-up imports it and swallows whatever that raises,
+        # so a Ctrl-C landing there was lost (the run went on, or died of a half-imported numpy)
+        import numpy  # noqa: F401
+
         module, attr = self.commands_by_name[name]
         return getattr(importlib.import_module(module), attr)
 
