@@ -449,3 +449,19 @@ def test_a_signal_mid_run_is_one_line_after_the_closed_bar_and_resumes(tmp_path,
     assert r.exit_code == 0 and "already there" in r.output and (out / "samples_4x32x32x1.npz").is_file(), (
         r.output
     )
+
+
+def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_folder(models, tmp_path, monkeypatch):
+    """Writing the holder's name into the lock is a run's first write: on a full disk it was an
+    OSError traceback, and the --out folder it had just made stayed behind."""
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "ftruncate", full)
+    out = tmp_path / "new" / "run"
+    one_line_error(sample(models, out, 2), f"cannot write to --out {out}: No space left on device")
+    assert not out.exists()
+    out.mkdir()  # a folder the user made stays, with the lock file
+    one_line_error(sample(models, out, 2), "No space left on device")
+    assert [p.name for p in out.iterdir()] == [".lock"]

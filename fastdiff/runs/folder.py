@@ -42,9 +42,11 @@ def check_writable(folder: Path, what: str) -> None:
 def exclusive_folder(out: Path, holder: str) -> Iterator[None]:
     """Create ``out`` if needed and hold ``out/.lock`` (flock, non-blocking) until the block ends;
     the lock file names ``holder``, so a second process gets one line naming the command that
-    holds the folder. The lock file stays: deleting it would race."""
+    holds the folder. The lock file stays: deleting it would race. Writing that name is the run's
+    first write, so a full disk is one line here, and a folder this call made is removed again."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is not a folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
@@ -58,8 +60,14 @@ def exclusive_folder(out: Path, holder: str) -> Iterator[None]:
             raise RunError(
                 f"{out} is in use by another {other}; wait for it or choose another --out"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, holder.encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, holder.encode())
+        except OSError as e:
+            if created:  # still under the lock
+                (out / LOCK).unlink()
+                out.rmdir()
+            raise RunError(f"cannot write to --out {out}: {e.strerror or e}") from None
         yield
     finally:
         os.close(fd)
