@@ -81,9 +81,7 @@ class LazyGroup(click.Group):
             one_line = click.ClickException(e.format_message() + hint)
             one_line.exit_code = e.exit_code
             raise one_line from None
-        except (
-            KeyboardInterrupt
-        ) as e:  # the status a shell gives the signal (128 + 2 or 15), not a user error's 1
+        except KeyboardInterrupt as e:  # exit with the shell's status for the signal, not 1
             what = "terminated" if isinstance(e, Terminated) else "interrupted"
             command = self.get_command(ctx, ctx.invoked_subcommand or "")
             if command is not None and any(p.name == "resume" for p in command.params):
