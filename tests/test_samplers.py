@@ -349,6 +349,20 @@ def test_nan_reports_first_bad_step(sampler):
     assert seen == list(range(10))  # checked once, at the end
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_a_process_ending_at_alpha_bar_zero_says_so(sampler):
+    """The linear schedule at 20 steps ends with beta 1: every eps model gives NaN at t=19, as in
+    guided-diffusion (fuzz seed 1039); the error names the process, not the model."""
+    diffusion = make_diffusion(steps=20, timestep_respacing="3,2")
+    with pytest.raises(SamplingError, match=r"step 1/5 \(t=19\); the process's alpha_bar is 0 there"):
+        sample(diffusion, lambda x, t: 0.1 * x, SHAPE, sampler=sampler, generator=_gen(0))
+    skipped = make_diffusion(steps=20, timestep_respacing="ddim4")  # 0, 5, 10, 15: samples fine
+    assert sample(skipped, lambda x, t: 0.1 * x, SHAPE, sampler=sampler, generator=_gen(0)).isfinite().all()
+    with pytest.raises(SamplingError) as info:  # a model's own NaN keeps the plain message
+        sample(skipped, lambda x, t: x * torch.nan, SHAPE, sampler=sampler, generator=_gen(0))
+    assert "alpha_bar" not in str(info.value)
+
+
 def test_float64_and_unknown_sampler(setup):
     diffusion, model, _, kw = setup
     model = model.double()

@@ -344,8 +344,17 @@ def run_steps(
             yield i, x, pred_xstart
     bad = int(first_bad)  # the one host sync of the loop
     if bad < n:
+        index = n - 1 - bad
+        why = ""
+        if diffusion.alphas_cumprod[index] == 0:
+            # The model is not to blame: x_0 and eps are recovered by dividing by sqrt(alpha_bar).
+            why = (
+                "; the process's alpha_bar is 0 there (a last beta of 1, as the linear schedule's"
+                " at 20 steps), so no model can be sampled from it: respace to skip that step"
+                " (e.g. a ddim respacing) or use a process with more steps"
+            )
         raise SamplingError(
-            f"non-finite values at sampling step {bad + 1}/{n} (t={int(diffusion.timestep_map[n - 1 - bad])})"
+            f"non-finite values at sampling step {bad + 1}/{n} (t={int(diffusion.timestep_map[index])}){why}"
         )
 
 
