@@ -145,6 +145,25 @@ def test_hash_and_validation_see_the_weights_as_the_graph_holds_them():
     assert _as_graph_computes(full, "fp32") is full and _as_graph_computes(half, "fp16") is half
 
 
+def test_hash_tells_image_sizes_apart():
+    """A UNet's weights and module tree are the same at 16x16 and 32x32 (one attention level
+    each): the hash still differs, so --engine onnx never serves one size's cached graph to the
+    other (it was reused, and every step failed on x_t's shape)."""
+    from builders import build_unet
+
+    from fastdiff.export import denoiser_hash
+
+    small = build_unet(
+        image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8"
+    )
+    large = build_unet(
+        image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="16"
+    )
+    large.load_state_dict(small.state_dict())
+    assert repr(small) == repr(large)
+    assert denoiser_hash(small, None, None, "fp32", 18) != denoiser_hash(large, None, None, "fp32", 18)
+
+
 def test_trace_makes_only_the_batch_symbolic():
     """The traced denoiser's inputs share one batch symbol and every other size is a number (a
     symbol per size made the bundled model's export 121 s against 94 s); the graph computes the

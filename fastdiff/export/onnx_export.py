@@ -103,8 +103,9 @@ def denoiser_hash(
     low_res_shape: Sequence[int] | None = None,
 ) -> str:
     """sha256 of what decides the graph: each network's structure (its module tree, which holds
-    head counts and attention order) and weights, the guidance, dtype, opset and an upsampler's
-    low_res shape (absent for base models, so their hashes, and caches, stay as they were).
+    head counts and attention order) and weights, the model's image size (the graph's x_t size,
+    which neither the module tree nor the weights of a UNet show), the guidance, dtype, opset and
+    an upsampler's low_res shape (absent for base models).
 
     The weights are hashed in the graph's dtype, as the graph holds them: a network loaded with
     an fp16 torso (guided-diffusion's use_fp16, as the ImageNet and upsampler presets) and the
@@ -112,7 +113,8 @@ def denoiser_hash(
     export onnx`` and ``--engine onnx`` agree on the file (casting fp32 weights for an fp32 graph
     changes nothing, so those hashes stay as they were)."""
     h = hashlib.sha256()
-    config = {"null_label": null_label, "dtype": dtype, "opset": opset, "format": 1}
+    size = getattr(model, "image_size", None)
+    config = {"null_label": null_label, "dtype": dtype, "opset": opset, "format": 2, "image_size": size}
     if low_res_shape is not None:
         config["low_res_shape"] = [int(d) for d in low_res_shape]
     h.update(json.dumps(config, sort_keys=True).encode())
