@@ -232,6 +232,26 @@ def test_tensorrt_missing_is_one_line(tmp_path):
         tensorrt()
 
 
+@pytest.mark.parametrize("version", ["11.1.0", "8.6.1"])
+def test_tensorrt_other_than_10_is_one_line(monkeypatch, version):
+    """TensorRT 11 dropped BuilderFlag.FP16/BF16 (strongly typed networks only): it is refused by
+    name before any work, not an AttributeError after parsing the graph."""
+    import importlib
+    from types import SimpleNamespace
+
+    from fastdiff.export.tensorrt_engine import tensorrt
+
+    installed = {"version": version}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(
+        importlib, "import_module", lambda name: SimpleNamespace(__version__=installed["version"])
+    )
+    with pytest.raises(ExportError, match=rf"^TensorRT {version} is installed; .*'tensorrt>=10,<11'$"):
+        tensorrt()
+    installed["version"] = "10.16.0"
+    assert tensorrt().__version__ == "10.16.0"
+
+
 def test_tensorrt_profile_covers_the_batch_inputs(tmp_path):
     from fastdiff.export.tensorrt_engine import TrtBuildConfig, profile_shapes
 

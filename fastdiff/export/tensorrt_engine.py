@@ -26,10 +26,19 @@ PRECISIONS = ("fp16", "bf16", "fp32")
 
 
 def tensorrt():
-    """The tensorrt module, or one ExportError line naming the missing package."""
+    """The tensorrt module, or one ExportError line naming the missing package or a major version
+    other than 10 (TensorRT 11 has no BuilderFlag.FP16/BF16: its networks are strongly typed, so
+    the fp16/bf16 builds here would stop with an AttributeError after the file was parsed)."""
     if importlib.util.find_spec("tensorrt") is None:
-        raise ExportError("TensorRT not installed: pip install 'fastdiff[trt]' (tensorrt>=10, CUDA)")
-    return importlib.import_module("tensorrt")
+        raise ExportError("TensorRT not installed: pip install 'fastdiff[trt]' (tensorrt 10, CUDA)")
+    trt = importlib.import_module("tensorrt")
+    version = str(getattr(trt, "__version__", "?"))
+    if version.split(".")[0] != "10":
+        raise ExportError(
+            f"TensorRT {version} is installed; fastdiff builds and runs engines with TensorRT 10's "
+            "API: pip install 'tensorrt>=10,<11'"
+        )
+    return trt
 
 
 @dataclass(frozen=True)
