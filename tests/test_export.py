@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -573,6 +574,51 @@ def test_cli_trt_checks_out_before_the_build(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ the cache and the graph's limits
+
+
+def _add_graph(value: float):
+    """An onnx_ir model adding a 1024-float initializer (large enough for a side file)."""
+    import onnx_ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.full(1024, value, np.float32), "w")
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1024]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", io[:1], io[1:], [w])
+    return onnx_ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_a_side_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The weights' side file is written in a temporary folder and renamed into place: a re-export
+    killed while writing it leaves the earlier pair loadable (onnx_ir wrote it under its final
+    name, so the graph stood beside a truncated side file), and no temporary file is left."""
+    ort = pytest.importorskip("onnxruntime")
+    import onnx_ir
+
+    from fastdiff.export.onnx_export import save_onnx
+
+    path = tmp_path / "g.onnx"
+
+    def run() -> float:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return float(session.run(None, {"x": np.zeros(1024, np.float32)})[0][0])
+
+    save_onnx(_add_graph(1.0), path, external=True)
+    assert run() == 1.0 and sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]
+    real_save = onnx_ir.save
+
+    def killed(model, target, external_data=None, **kw):
+        real_save(model, target, external_data=external_data, **kw)
+        with open(Path(target).parent / external_data, "r+b") as f:
+            f.truncate(100)  # killed halfway through the side file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_ir, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_onnx(_add_graph(2.0), path, external=True)
+    assert run() == 1.0 and sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]
+    monkeypatch.setattr(onnx_ir, "save", real_save)
+    save_onnx(_add_graph(2.0), path, external=True)
+    assert run() == 2.0 and sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]
 
 
 def test_cache_takes_no_graph_with_a_smaller_max_batch(tmp_path, monkeypatch):

@@ -203,6 +203,31 @@ def _fold_weight_sized_constants(model, denoiser: nn.Module) -> None:
     optimizer.remove_unused_nodes(model)
 
 
+def save_onnx(model, path: Path, external: bool = False) -> None:
+    """Write the onnx_ir ``model`` to ``path`` atomically; with ``external`` its weights go to
+    ``<name>.data`` beside it. onnx_ir writes that side file under its final name, so it is
+    written in a temporary folder and renamed into place before the graph: a killed re-export
+    never leaves a graph beside a truncated side file (onnxruntime could not load the pair, and
+    the cache, reading only the graph, kept offering it)."""
+    import shutil
+    import tempfile
+
+    import onnx_ir
+
+    if not external:
+        atomic_write(path, lambda tmp: onnx_ir.save(model, tmp))
+        return
+    data = f"{path.name}.data"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        onnx_ir.save(model, folder / path.name, external_data=data)
+        os.replace(folder / data, path.parent / data)
+        atomic_write(path, lambda tmp: os.replace(folder / path.name, tmp))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -273,13 +298,7 @@ def export_onnx(
     size = sum(int(p.numel()) * p.element_size() for p in denoiser.parameters())
     size += sum(int(b.numel()) * b.element_size() for b in denoiser.buffers())
 
-    def write(tmp: str) -> None:
-        import onnx_ir
-
-        external = f"{path.name}.data" if size > _EXTERNAL_DATA_BYTES else None
-        onnx_ir.save(program.model, tmp, external_data=external)
-
-    atomic_write(path, write)
+    save_onnx(program.model, path, external=size > _EXTERNAL_DATA_BYTES)
     loaded = onnx.load(str(path), load_external_data=False)
     return ExportResult(path, digest, time.perf_counter() - start, node_counts(loaded), path.stat().st_size)
 
@@ -410,4 +429,5 @@ __all__ = [
     "missing_packages",
     "node_counts",
     "read_export",
+    "save_onnx",
 ]
