@@ -535,6 +535,34 @@ def test_tensorrt_build_path_with_a_stand_in_module(tmp_path, monkeypatch):
     assert not (tmp_path / "f.engine").exists()
 
 
+def test_trt_engine_builds_in_the_samplers_dtype(tmp_path, monkeypatch):
+    """--engine trt builds its layers in the networks' dtype: fp32 networks an fp32 engine (no
+    FP16 flag), fp16 ones an fp16 engine, each cached under its own key (every build was fp16,
+    so the default --dtype fp32 ran in half precision without a word)."""
+    from builders import diffusion_from_flags
+
+    from fastdiff.diffusion.samplers import SamplingStep, make_rule
+    from fastdiff.export import onnx_runtime, tensorrt_engine
+    from fastdiff.export.tensorrt_engine import TrtBuildConfig, profile_shapes, trt_engine
+    from fastdiff.models.nn import InDtype
+
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
+    graph = read_export(_fake_export(tmp_path / "a.onnx", DenoiserSignature(False, False, False)))
+    monkeypatch.setattr(onnx_runtime, "step_graph", lambda step, engine: (graph, None, None))
+    monkeypatch.setattr(tensorrt_engine, "gpu_key", lambda device=None: "stand-in sm_90")
+    diffusion = diffusion_from_flags({"image_size": 8, "channel_mult": "1", "timestep_respacing": "ddim4"})
+    rule = make_rule(diffusion, "ddim", 0.0, torch.device("cpu"), torch.float32)
+    net = torch.nn.Identity()
+    flags = {}
+    for dtype, model in (("fp32", net), ("fp16", InDtype(net, torch.float16))):
+        fake = _FakeTrt(profile=profile_shapes(graph, TrtBuildConfig()), output_shape=(1, 8, 8))
+        monkeypatch.setattr(tensorrt_engine, "tensorrt", lambda fake=fake: fake)
+        trt_engine(SamplingStep(diffusion, model, rule), torch.device("cuda"))
+        flags[dtype] = [c[1] for c in fake.calls if c[0] == "flag"]
+    assert flags == {"fp32": [], "fp16": ["fp16"]}
+    assert len(list((tmp_path / "cache" / "trt").glob("*.engine"))) == 2
+
+
 def test_cli_trt_says_what_the_machine_lacks_before_reading_the_graph(tmp_path, monkeypatch):
     from click.testing import CliRunner
 

@@ -264,7 +264,8 @@ def step_graph(step: SamplingStep, engine: str) -> tuple[ExportedGraph, float | 
     """(graph, classifier scale, cfg scale) of a Sampler's step for engine ``engine``: the graph of
     its networks from the cache (exported now if absent), checked against what the step runs.
     An upsampler's graph takes low_res at the size of the step's low_res buffer. The onnx engine
-    runs the networks' own dtype (fp32 or fp16); TensorRT builds its layer precision from fp32."""
+    runs the networks' own dtype (fp32 or fp16); TensorRT builds its layers in that dtype from an
+    fp32 graph."""
     model, classifier, null_label, classifier_scale, cfg_scale = _networks(step)
     model, dtype = _plain(model, engine)
     if classifier is not None:

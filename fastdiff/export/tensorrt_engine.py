@@ -151,16 +151,18 @@ class TrtDenoiser(ExportedDenoiser):
 
 
 def trt_engine(step, device: torch.device):
-    """The engine function behind ``ENGINES['trt']`` (``step`` None: only check it can run)."""
+    """The engine function behind ``ENGINES['trt']`` (``step`` None: only check it can run). The
+    engine's layer precision is the step's dtype (the Sampler's ``dtype``, ``--dtype``): fp32
+    networks build an fp32 engine, fp16 ones an fp16 engine, from the same fp32 graph."""
     trt = tensorrt()
     if torch.device(device).type != "cuda":
         raise ExportError("engine 'trt' runs TensorRT engines on a CUDA device")
     if step is None:
         return None
-    from .onnx_runtime import OnnxStep, cache_dir, step_graph
+    from .onnx_runtime import OnnxStep, _networks, _plain, cache_dir, step_graph
 
     graph, classifier_scale, cfg_scale = step_graph(step, "trt")
-    config = TrtBuildConfig()
+    config = TrtBuildConfig(precision=_plain(_networks(step)[0], "trt")[1])
     key = engine_key(graph, config, trt.__version__, gpu_key(device))
     path = cache_dir().parent / "trt" / f"{key}.engine"
     if not path.is_file():
