@@ -195,6 +195,13 @@ def test_sampler_bad_arguments():
         fastdiff.Sampler(unet, diffusion, engine="trt")
     with pytest.raises(EngineError, match="runs fp32 or fp16 graphs|not installed"):
         fastdiff.Sampler(unet, diffusion, engine="onnx", dtype="bf16")  # refused before any export
+    size = unet.image_size
+    with pytest.raises(
+        EngineError, match=rf"at the model's {size}x{size} images; image_shape \(3, 16, 16\)|not installed"
+    ):
+        fastdiff.Sampler(
+            unet, diffusion, engine="onnx", image_shape=(3, 16, 16)
+        )  # every step failed after the export
     s = fastdiff.Sampler(unet, diffusion)
     with pytest.raises(ValueError, match="pass labels"):
         s(num_samples=2)

@@ -40,7 +40,7 @@ from fastdiff.models.nn import InDtype
 from fastdiff.models.unet import SuperResModel
 from fastdiff.ops import autotuning
 
-from . import PADDED, PaddedStep, build_engine, check_engine, default_engine
+from . import CACHED_BUILDS, PADDED, EngineError, PaddedStep, build_engine, check_engine, default_engine
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -202,6 +202,13 @@ class Sampler:
         ):
             raise ValueError(f"image_shape must be positive ints (C, H, W), got {image_shape!r}")
         self.image_shape = tuple(image_shape)
+        size = getattr(model, "image_size", None)
+        if self.engine in CACHED_BUILDS and size is not None and self.image_shape[1:] != (size, size):
+            # The graph is exported at the model's size: every step would fail, after the export.
+            raise EngineError(
+                f"engine '{self.engine}' runs a graph exported at the model's {size}x{size} images; "
+                f"image_shape {self.image_shape} needs another engine (eager, compile, graph)"
+            )
         self.diffusion, self.sampler, self.eta, self.clip_denoised = diffusion, sampler, eta, clip_denoised
         self.upsampler = isinstance(model, SuperResModel)
         self.required, self.accepted = _conditioning(model)
