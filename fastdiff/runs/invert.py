@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from fastdiff import distributed
 from fastdiff.diffusion import SamplingError
@@ -41,8 +42,9 @@ from fastdiff.runs.device import check_run_options, check_seed
 from fastdiff.runs.errors import RunError, check_arguments
 from fastdiff.runs.folder import check_writable, locked_run_folder
 from fastdiff.runs.loading import LoadedModel, load_diffusion_model
-from fastdiff.runs.plan import class_ids, respacing_for
+from fastdiff.runs.plan import class_ids, class_list, respacing_for
 from fastdiff.runs.sampling import batch_generator, built_once, make_sampler
+from fastdiff.training.data import DataError, center_crop_arr, class_prefix, image_files
 
 _CLASS_IN_NAME = re.compile(r"_class(\d+)$")
 
@@ -107,23 +109,51 @@ def _check_class(loaded: LoadedModel, label: int | str | None, what: str) -> int
     return label
 
 
-def _read_image(path: Path, loaded: LoadedModel) -> np.ndarray:
-    """One image as uint8 HWC in the model's channels, at the model's size exactly (checked from
-    the header, before a wrong-sized image is decoded; PIL refuses a huge one as a bomb)."""
+def _image_paths(args: list[Path]) -> list[tuple[Path, Path | None]]:
+    """Each image with the folder argument it was found in (None for a file given itself): a
+    folder gives its images recursively, as training reads its --data folder."""
+    found = []
+    for p in args:
+        if p.is_dir():
+            try:
+                found += [(f, p) for f in image_files(p)]
+            except DataError as e:
+                raise RunError(str(e)) from None
+        elif p.is_file():
+            found.append((p, None))
+        else:
+            raise RunError(f"image not found: {p}")
+    return found
+
+
+def _read_image(path: Path, loaded: LoadedModel) -> tuple[np.ndarray, bool]:
+    """One image as uint8 HWC in the model's channels and size, read as training reads its data
+    (its channels converted, another size resized and center-cropped), and whether it was resized."""
     size = loaded.image_size
     try:
         with Image.open(path) as img:
-            if img.size != (size, size):
-                raise RunError(f"{path} is {img.width}x{img.height}; the model takes {size}x{size} images")
-            array = np.asarray(in_channels(img, loaded.in_channels), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+            resized = img.size != (size, size)
+            array = center_crop_arr(in_channels(img, loaded.in_channels), size)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise RunError(f"cannot read image {path}: {e}") from None
-    return array.reshape(size, size, loaded.in_channels)
+    return array.reshape(size, size, loaded.in_channels), resized
 
 
-def _labels(paths: list[Path], classes: str | None, loaded: LoadedModel) -> list[int] | None:
-    """Each image's class: --classes (cycled), else a ``_classK`` at the end of its file name (as
-    fastdiff sample names its PNGs); required for a class-conditional model."""
+def _layout_names(path: Path, root: Path | None) -> list[str]:
+    """The class names training's layouts could give ``path``: the folders from its folder
+    argument ``root`` (a file given itself: its own folder) down to it, and its CLASS_ prefix."""
+    top = Path(os.path.abspath(path.parent if root is None else root)).name
+    below = () if root is None else path.parent.relative_to(root).parts
+    return [n for n in (top, *below, class_prefix(path)) if n]
+
+
+def _labels(
+    images: list[tuple[Path, Path | None]], classes: str | None, loaded: LoadedModel
+) -> list[int] | None:
+    """Each image's class: --classes (cycled); else the training layout the model's class names
+    describe (a folder or CLASS_ prefix that is one of them) or a ``_classK`` at the end of its
+    file name (as fastdiff sample names its PNGs), which must agree. Required for a
+    class-conditional model."""
     if not loaded.class_cond:
         if classes is not None:
             raise RunError("--classes given, but the model is not class-conditional")
@@ -132,15 +162,31 @@ def _labels(paths: list[Path], classes: str | None, loaded: LoadedModel) -> list
         ids = [
             _check_class(loaded, k, "--classes' class") for k in class_ids(classes, names=loaded.class_names)
         ]
-        return [ids[i % len(ids)] for i in range(len(paths))]
+        return [ids[i % len(ids)] for i in range(len(images))]
+    names = loaded.class_names or []
     labels = []
-    for p in paths:
+    for p, root in images:
+        layout = _layout_names(p, root)
+        found = {f"'{n}'": names.index(n) for n in layout if n in names}
         m = _CLASS_IN_NAME.search(p.stem)
-        if m is None:
+        if m is not None:
+            found[m[0]] = int(m[1])
+        if len(set(found.values())) > 1:
             raise RunError(
-                f"the model is class-conditional: pass --classes, or name {p.name} like 000003_class7.png"
+                f"{p}: its folders and name give different classes ({', '.join(found)}); pass --classes"
             )
-        labels.append(_check_class(loaded, int(m[1]), f"{p}: class"))  # which of many files
+        if not found:
+            unknown = ""
+            if not names:
+                unknown = " (its weights keep no class names to read a class folder by)"
+            elif layout:
+                verb = "is" if len(layout) == 1 else "are"
+                unknown = f" ({', '.join(map(repr, layout))} {verb} none of its classes: {class_list(names)})"
+            raise RunError(
+                f"the model is class-conditional: pass --classes, or name {p.name} like "
+                f"000003_class7.png{unknown}"
+            )
+        labels.append(_check_class(loaded, found.popitem()[1], f"{p}: class"))  # which of many files
     return labels
 
 
@@ -328,25 +374,23 @@ def invert_images(
     to_class: int | str | None = None,
     batch_size: int = 16,
 ) -> Inversion:
-    """Invert ``paths`` into the folder ``out``: latents.npz (arr_0 x_T float32 NCHW, arr_1 labels,
+    """Invert ``paths`` (image files, or folders read recursively as training reads them) into
+    the folder ``out``: latents.npz (arr_0 x_T float32 NCHW, arr_1 labels,
     respacing, cfg_scale where used), reconstructed/ and edited/ PNGs, comparison.png (inputs,
     reconstructions, edits as rows) and invert.json with each image's PSNR (null where the
-    reconstruction is exact)."""
+    reconstruction is exact) and whether it was resized to the model's size."""
     check_arguments(invert_images, locals())
     if isinstance(paths, str | os.PathLike) or not paths:  # a str would be read as its letters
         raise RunError(f"invert_images: paths must be a non-empty list of image files, got {paths!r}")
     if batch_size < 1:
         raise RunError(f"--batch-size must be >= 1, got {batch_size}")
-    paths, out = [Path(p) for p in paths], Path(out)
-    for p in paths:
-        if p.is_dir():
-            raise RunError(f"{p} is a folder; give its images (e.g. {p / '*.png'})")
-        if not p.is_file():
-            raise RunError(f"image not found: {p}")
+    images, out = _image_paths([Path(p) for p in paths]), Path(out)
+    paths = [p for p, _ in images]
     loaded, sampler, dev, respacing = setup(options)
     with ranks.agreed("checking the images"):  # an image one node lacks stops every rank
-        inputs = np.stack([_read_image(p, loaded) for p in paths])
-        labels = _labels(paths, classes, loaded)
+        inputs, resized = zip(*(_read_image(p, loaded) for p in paths), strict=True)
+        inputs = np.stack(inputs)
+        labels = _labels(images, classes, loaded)
         to_class = _check_class(loaded, to_class, "--to-class")
 
     def work(lo: int, hi: int) -> tuple:
@@ -359,6 +403,13 @@ def invert_images(
         return x_T.cpu().numpy(), to_uint8(sampler(y, noise=x_T)), edit
 
     with locked_run_folder(out, holder="fastdiff invert", record=None):
+        if any(resized) and distributed.is_main():  # as training notes it, once
+            size = loaded.image_size
+            print(
+                f"note: {sum(resized)} of {len(paths)} images are resized and center-cropped to "
+                f"{size}x{size}, as training reads its data",
+                file=sys.stderr,
+            )
         done = _dealt(sampler, len(paths), batch_size, work, "images")
         record = None
         with ranks.agreed("writing the results"):  # rank 0 writes; a full disk stops every rank
@@ -368,6 +419,7 @@ def invert_images(
                 psnr = [_psnr(a, b) for a, b in zip(inputs, recon_np, strict=True)]
                 record = {
                     "images": [str(p) for p in paths],
+                    "resized": list(resized),
                     "labels": labels,
                     "respacing": respacing,
                     "cfg_scale": options.cfg_scale,

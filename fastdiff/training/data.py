@@ -104,20 +104,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         about one (None: the command has none, evaluate and nearest read every image)."""
         root = Path(root)
         self.fix = "remove it" + (f" or pass {skip_option}" if skip_option else "")
-        files = sorted(
-            p
-            for p in root.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(p.relative_to(root))
-        )
-        if not files:
-            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        files = image_files(root)
         nested = any(p.parent != root for p in files)
-        unprefixed = [p for p in files if "_" not in p.stem]
+        unprefixed = [p for p in files if class_prefix(p) is None]
         self.why_unlabelled = None
         if nested:
             keys = [p.relative_to(root).parts[0] if p.parent != root else None for p in files]
         elif not unprefixed:
-            keys = [p.stem.split("_")[0] for p in files]
+            keys = [class_prefix(p) for p in files]
         else:
             keys = None
             self.why_unlabelled = f"{unprefixed[0]} has no class_ prefix"
@@ -178,6 +172,24 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             j = (i + k) % n
             if self.labels is None or self.labels[j] == self.labels[i]:
                 yield j
+
+
+def image_files(root: Path) -> list[Path]:
+    """The images under the folder ``root``, recursively and sorted, as every command reading a
+    folder takes them; one line where there are none."""
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(p.relative_to(root))
+    )
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    return files
+
+
+def class_prefix(path: Path) -> str | None:
+    """The class a flat folder's file name gives (``cat_001.png``: ``cat``), as guided-diffusion."""
+    return path.stem.split("_")[0] if "_" in path.stem else None
 
 
 def _hidden(relative: Path) -> bool:
