@@ -25,7 +25,7 @@ from fastdiff.training import (
     parse_ema_rates,
 )
 from fastdiff.training import checkpoint as ckpt
-from fastdiff.training.data import ArrayDataset
+from fastdiff.training.data import ArrayDataset, load_dataset
 from fastdiff.training.loop import _scaler_state
 from fastdiff.training.resample import LossSecondMomentResampler, UniformSampler
 
@@ -438,6 +438,11 @@ def test_a_folder_run_keeps_its_class_names_and_sample_takes_them(tmp_path):
     strip = ["interpolate", "--from", "0", "--to", "1", "--class", "eel", "--frames", "2", *model]
     r = CliRunner().invoke(main, [*strip, "--out", str(tmp_path / "strip.png")])
     assert r.exit_code == 0, r.output
+    # the training folder itself: every image, with the class training gave it
+    r = CliRunner().invoke(main, ["invert", str(tmp_path / "data"), *model, "--out", str(tmp_path / "k")])
+    assert r.exit_code == 0, r.output
+    trained = load_dataset(str(tmp_path / "data"), 8).labels.tolist()
+    assert np.load(tmp_path / "k" / "latents.npz")["arr_1"].tolist() == trained and len(set(trained)) == 3
 
 
 @pytest.mark.parametrize(
