@@ -381,7 +381,9 @@ def invert_images(
     reconstruction is exact) and whether it was resized to the model's size."""
     check_arguments(invert_images, locals())
     if isinstance(paths, str | os.PathLike) or not paths:  # a str would be read as its letters
-        raise RunError(f"invert_images: paths must be a non-empty list of image files, got {paths!r}")
+        raise RunError(
+            f"invert_images: paths must be a non-empty list of image files or folders, got {paths!r}"
+        )
     if batch_size < 1:
         raise RunError(f"--batch-size must be >= 1, got {batch_size}")
     images, out = _image_paths([Path(p) for p in paths]), Path(out)
