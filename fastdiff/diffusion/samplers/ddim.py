@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import Tensor
 
-from .rule import device_tables, per_sample
+from .rule import per_sample
 
 
 class DDIMStep:
@@ -20,10 +21,17 @@ class DDIMStep:
     def __init__(self, diffusion, *, eta: float = 0.0, device="cpu", dtype=None):
         self.eta = float(eta)
         self.needs_noise = self.eta > 0
-        abar, abar_prev = diffusion.alphas_cumprod, diffusion.alphas_cumprod_prev
-        sigma = self.eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev)
-        self.c_x0, self.c_eps, self.sigma = device_tables(
-            device, dtype, np.sqrt(abar_prev), np.sqrt(1 - abar_prev - sigma**2), sigma
+        # float32 arithmetic on float32 alpha_bars, as the original's step computes them, so its
+        # coefficients are the original's to the bit (float64 tables then rounded differ in the
+        # last bit, enough to move a pixel of a seeded run by one level).
+        abar, abar_prev = (
+            torch.from_numpy(np.asarray(a, dtype=np.float64)).float()
+            for a in (diffusion.alphas_cumprod, diffusion.alphas_cumprod_prev)
+        )
+        sigma = self.eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+        self.c_x0, self.c_eps, self.sigma = (
+            c.to(device=device, dtype=dtype or torch.float32)
+            for c in (torch.sqrt(abar_prev), torch.sqrt(1 - abar_prev - sigma**2), sigma)
         )
 
     def init_state(self, x: Tensor):

@@ -1,6 +1,6 @@
 """What every update rule is: the one protocol the shared loop (and every engine) calls.
 
-A rule is built once for a process, a device and a dtype; it turns its float64 coefficient
+A rule is built once for a process, a device and a dtype; it turns its coefficient
 tables into device tensors then, so a step only gathers from them (no host->device copy, nothing
 a CUDA graph capture could trip on) and nothing is stored inside the process object.
 """
