@@ -122,6 +122,23 @@ def test_same_seed_same_images_and_resume_matches(models, tmp_path):
     np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
 
 
+def test_images_are_a_function_of_seed_and_batch_size(models, tmp_path):
+    """As --seed's help says: a batch's noise is (seed, batch index), so another --batch-size
+    keeps the first batch's images and changes the rest, and a resume refuses it."""
+    made = {}
+    for bs in (2, 3):
+        out = tmp_path / f"bs{bs}"
+        r = run(*base_args(models, out, "--num-samples", 4, "--batch-size", bs, "--seed", 3))
+        assert r.exit_code == 0, r.output
+        made[bs] = np.load(out / "samples_4x8x8x3.npz")["arr_0"]
+    np.testing.assert_array_equal(made[2][:2], made[3][:2])
+    assert not np.array_equal(made[2][2:], made[3][2:])
+    r = run(
+        *base_args(models, tmp_path / "bs2", "--num-samples", 4, "--batch-size", 3, "--seed", 3, "--resume")
+    )
+    assert r.exit_code != 0 and "differs from the one in" in r.output and "batch_size" in r.output
+
+
 def test_compile_engine_pads_the_last_partial_batch(models, tmp_path, monkeypatch):
     """--engine compile with a partial last batch (5 = 4 + 1) compiles one step: the last batch
     runs padded through the first's (it compiled again, minutes on the CPU), and the npz is

@@ -50,7 +50,12 @@ from fastdiff.runs.upsample import upsample_file_run
     "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per batch."
 )
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed; the same seed gives the same images."
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed; the same seed and --batch-size give the same images (each batch draws its noise "
+    "from the seed and its index, so another --batch-size keeps only the first batch's).",
 )
 @click.option(
     "--out",
