@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -137,6 +138,23 @@ def test_images_are_a_function_of_seed_and_batch_size(models, tmp_path):
         *base_args(models, tmp_path / "bs2", "--num-samples", 4, "--batch-size", 3, "--seed", 3, "--resume")
     )
     assert r.exit_code != 0 and "differs from the one in" in r.output and "batch_size" in r.output
+
+
+def test_a_resume_on_another_device_type_is_refused(models, tmp_path):
+    """A CUDA generator draws other noise than the CPU's from one seed, so a run made on one and
+    resumed on the other would mix two runs' images; a run.json from before the device was
+    recorded still resumes."""
+    out = tmp_path / "out"
+    assert run(*base_args(models, out, "--num-samples", 2, "--batch-size", 1)).exit_code == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["device"] == "cpu"
+    (out / "run.json").write_text(json.dumps({**record, "device": "cuda"}))
+    r = run(*base_args(models, out, "--num-samples", 2, "--batch-size", 1, "--resume"))
+    assert r.exit_code != 0 and r.output.strip().endswith("in: device"), r.output
+    del record["device"]
+    (out / "run.json").write_text(json.dumps(record))
+    r = run(*base_args(models, out, "--num-samples", 2, "--batch-size", 1, "--resume"))
+    assert r.exit_code == 0 and "0 images (2 already there)" in r.output, r.output
 
 
 def test_compile_engine_pads_the_last_partial_batch(models, tmp_path, monkeypatch):

@@ -41,6 +41,7 @@ class Plan:
     batch_size: int
     dtype: str
     engine: str
+    device: str  # the device type: CPU and CUDA generators draw other noise from one seed
     clip_denoised: bool
     labels: list[int] | None
 

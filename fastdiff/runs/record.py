@@ -52,6 +52,7 @@ def differences(old: dict, record: dict) -> list[str]:
         if not same_flags(a.get("flags"), b["flags"], "classifier" if key == "classifier" else None):
             diff.append(f"{key} flags")
     skip = {"model", "classifier", "labels", "low_res", "num_samples", "engine"}
+    skip |= {"device"} - old.keys()  # an older fastdiff did not record it
     diff += [k for k, v in record.items() if k not in skip and old.get(k) != v]
     engines = [_SAME_SAMPLES_AS.get(e, e) for e in (old.get("engine"), record["engine"])]
     if engines[0] != engines[1]:

@@ -126,6 +126,7 @@ def sample_run(
             batch_size=batch_size,
             dtype=dtype,
             engine=engine,
+            device=dev.type,
             clip_denoised=clip_denoised,
             labels=None if labels is None else labels.tolist(),
         )

@@ -280,6 +280,7 @@ def upsample_file_run(
             batch_size=batch_size,
             dtype=dtype,
             engine=engine,
+            device=dev.type,
             clip_denoised=clip_denoised,
         )
         return upsample_run(upsampler, low_res, plan, num_samples=n, out=out, device=dev, progress=progress)
