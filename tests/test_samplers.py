@@ -265,6 +265,21 @@ def test_ddim_eta_matches_formula(setup):
     torch.testing.assert_close(x_prev, ref)
 
 
+def test_ddim_coefficients_are_the_originals_float32_arithmetic_to_the_bit():
+    """float32 ops on float32 alpha-bars, as guided-diffusion's ddim_sample computes them: float64
+    tables rounded once differed in the last bit (8 of 25 sqrt(abar_prev) here), which moved a
+    seeded script's pixels by a level."""
+    diffusion = create_gaussian_diffusion(
+        steps=1000, noise_schedule="cosine", timestep_respacing="ddim25", learn_sigma=True
+    )
+    rule = make_rule(diffusion, "ddim", eta=0.7)
+    ab, abp = (torch.from_numpy(a).float() for a in (diffusion.alphas_cumprod, diffusion.alphas_cumprod_prev))
+    sigma = 0.7 * torch.sqrt((1 - abp) / (1 - ab)) * torch.sqrt(1 - ab / abp)
+    assert torch.equal(rule.c_x0, torch.sqrt(abp))
+    assert torch.equal(rule.c_eps, torch.sqrt(1 - abp - sigma**2))
+    assert torch.equal(rule.sigma, sigma)
+
+
 def test_classifier_free_guidance(setup):
     diffusion, model, _, kw = setup
     x_T = torch.randn(SHAPE)
