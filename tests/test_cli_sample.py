@@ -157,6 +157,25 @@ def test_a_resume_on_another_device_type_is_refused(models, tmp_path):
     assert r.exit_code == 0 and "0 images (2 already there)" in r.output, r.output
 
 
+def test_a_resume_at_another_thread_count_continues_within_a_level(models, tmp_path):
+    """As the README says: another thread count (here also another default engine, parallel)
+    rounds the float sums otherwise, so a resume allows it and its images are the run's to a
+    level of 255."""
+    args = ("--num-samples", 4, "--batch-size", 2, "--seed", 5)
+    assert run(*base_args(models, tmp_path / "full", *args, "--threads", 1)).exit_code == 0
+    part = tmp_path / "part"
+    assert run(*base_args(models, part, *args, "--threads", 1)).exit_code == 0
+    (part / "batches" / "batch_00001.npz").unlink()
+    before = torch.get_num_threads()
+    try:
+        r = run(*base_args(models, part, *args, "--threads", 2, "--resume"))
+    finally:
+        torch.set_num_threads(before)  # --threads sets this process's count
+    assert r.exit_code == 0 and "2 images (2 already there)" in r.output and "engine parallel" in r.output
+    a, b = (np.load(d / "samples_4x8x8x3.npz")["arr_0"].astype(int) for d in (tmp_path / "full", part))
+    assert np.abs(a - b).max() <= 1
+
+
 def test_compile_engine_pads_the_last_partial_batch(models, tmp_path, monkeypatch):
     """--engine compile with a partial last batch (5 = 4 + 1) compiles one step: the last batch
     runs padded through the first's (it compiled again, minutes on the CPU), and the npz is

@@ -31,8 +31,9 @@ def read_run(run_file: Path) -> dict:
     return old
 
 
-# The parallel engine runs the eager step on batch slices (the same samples), so a resume at
-# another thread count, which changes the CPU's default engine, continues the same run; the loop
+# The parallel engine runs the eager step on batch slices (the same samples up to float rounding,
+# as at another thread count: rarely a pixel level), so a resume at another thread count, which
+# changes the CPU's default engine, continues the same run; the loop
 # graph replays the graph engine's captured step n times over.
 _SAME_SAMPLES_AS = {"parallel": "eager", "graph-loop": "graph"}
 
