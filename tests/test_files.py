@@ -59,3 +59,26 @@ def test_save_npz_streamed_writes_what_np_savez_writes(tmp_path):
     with pytest.raises(ValueError, match="chunks of 3 rows"):
         save_npz_streamed(tmp_path / "short.npz", [("arr_0", images.shape, np.uint8, [images[:3]])])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed.npz", "whole.npz"]
+
+
+def test_an_npz_s_images_read_by_range_as_np_load_reads_them(tmp_path):
+    """Upsampling reads its low-res npz a batch at a time (it held all of it, 2.4 GB for 50,000
+    128-px images): a stored npz, as np.savez and the streamed writer make, is read at an offset
+    without loading the rest; a compressed one cannot be, and is loaded whole instead."""
+    from fastdiff.evaluation.npz import read_npz
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (9, 4, 4, 3), dtype=np.uint8)
+    np.savez(tmp_path / "saved.npz", images, np.arange(9))
+    save_npz_streamed(
+        tmp_path / "streamed.npz", [("arr_0", images.shape, np.uint8, [images[:5], images[5:]])]
+    )
+    np.savez(tmp_path / "gray.npz", images[..., 0])  # N x H x W: one channel
+    np.savez_compressed(tmp_path / "compressed.npz", images)
+    for name in ("saved", "streamed", "gray", "compressed"):
+        batch = read_npz(tmp_path / f"{name}.npz")
+        assert (batch._offset is None) == (name == "compressed"), name
+        want = images[..., :1] if name == "gray" else images
+        for lo, hi in ((0, 9), (2, 5), (8, 9), (4, 4)):
+            got = batch.take(lo, hi)
+            assert got.flags.writeable and np.array_equal(got, want[lo:hi]), (name, lo, hi)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -22,7 +23,9 @@ STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 @dataclass
 class ImageBatch:
-    """Images of one npz (or an in-memory array); ``stats`` = (pool, spatial) when precomputed."""
+    """Images of one npz (or an in-memory array); ``stats`` = (pool, spatial) when precomputed;
+    ``_offset`` is where image 0's bytes start in the file when arr_0 is stored as np.savez stores
+    it (uncompressed, C order), so that any images can be read alone."""
 
     source: str
     shape: tuple[int, int, int, int]  # N, H, W, C
@@ -30,6 +33,7 @@ class ImageBatch:
     stats: tuple[FeatureStats, FeatureStats] | None = None
     _path: Path | None = None
     _array: np.ndarray | None = None
+    _offset: int | None = None
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -60,6 +64,26 @@ class ImageBatch:
             images[i : i + len(batch)] = batch
             i += len(batch)
         return images
+
+    def take(self, lo: int, hi: int) -> np.ndarray:
+        """Images lo..hi-1 (a writable array), read alone from a stored npz, so that a caller going
+        batch by batch holds one batch; a compressed npz cannot be read by offset and is loaded
+        whole on the first call instead."""
+        if self._offset is None:
+            if self._array is None:
+                self._array = self.load()
+            return self._array[lo:hi]
+        n, row = hi - lo, math.prod(self.shape[1:])
+        data = bytearray(n * row)
+        try:
+            with open(self._path, "rb") as f:
+                f.seek(self._offset + lo * row)
+                got = f.readinto(data)
+        except OSError as e:
+            raise EvaluationError(f"cannot read {self.source}: {e}") from None
+        if got != len(data):
+            raise EvaluationError(f"{self.source} is truncated (arr_0 ends before image {hi})")
+        return np.frombuffer(data, np.uint8).reshape(n, *self.shape[1:])
 
     def _read(self, batch_size: int) -> Iterator[np.ndarray]:
         with _member(self._path, "arr_0") as f:
@@ -115,7 +139,8 @@ def _images(images: np.ndarray, source: str) -> np.ndarray:
 
 class _member:
     """Context manager: the open ``name.npy`` member of an npz (zip) file; ``size`` is its
-    length (header and data) as the zip directory records it."""
+    length (header and data) as the zip directory records it, ``start`` the file offset of its
+    first byte when it is stored as it is (uncompressed, unencrypted), else None."""
 
     def __init__(self, path: Path, name: str):
         self.path, self.name = path, name
@@ -123,7 +148,10 @@ class _member:
     def __enter__(self):
         try:
             self.zip = zipfile.ZipFile(self.path)
-            self.size = self.zip.getinfo(f"{self.name}.npy").file_size
+            info = self.zip.getinfo(f"{self.name}.npy")
+            self.size, self.start = info.file_size, None
+            if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 1:
+                self.start = _local_data_start(self.path, info.header_offset)
             self.file = self.zip.open(f"{self.name}.npy")
         except (OSError, zipfile.BadZipFile, KeyError) as e:
             raise EvaluationError(f"cannot read {self.path}: {e}") from None
@@ -132,6 +160,18 @@ class _member:
     def __exit__(self, *exc):
         self.file.close()
         self.zip.close()
+
+
+def _local_data_start(path: Path, header_offset: int) -> int:
+    """Where a zip member's data starts: after its 30-byte local header, whose last two 16-bit
+    fields are the lengths of the name and extra field that follow it."""
+    with open(path, "rb") as f:
+        f.seek(header_offset)
+        local = f.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile("bad local file header")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return header_offset + 30 + name_len + extra_len
 
 
 def _header(f, path, name: str = "arr_0") -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -190,8 +230,9 @@ def read_npz(path: str | os.PathLike, role: str = "samples") -> ImageBatch:
         )
     member = _member(path, "arr_0")
     with member as f:
-        shape, _, dtype = _header(f, path)
+        shape, fortran, dtype = _header(f, path)
         stored = member.size - f.tell()
+        offset = None if fortran or member.start is None else member.start + f.tell()
     shape = _check_layout(shape, dtype, source)
     image_bytes = math.prod(shape[1:])
     if stored < shape[0] * image_bytes:  # else found only after the other file's features
@@ -213,4 +254,4 @@ def read_npz(path: str | os.PathLike, role: str = "samples") -> ImageBatch:
         raise EvaluationError(f"cannot read {source}: {e}") from None
     if labels is not None and (labels.ndim != 1 or len(labels) != shape[0] or labels.dtype.kind not in "iu"):
         labels = None  # not fastdiff's labels; the metrics do not need them
-    return ImageBatch(source, shape, labels=labels, stats=stats, _path=path)
+    return ImageBatch(source, shape, labels=labels, stats=stats, _path=path, _offset=offset)

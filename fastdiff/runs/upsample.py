@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fastdiff.evaluation.metrics import EvaluationError
-from fastdiff.evaluation.npz import read_npz
+from fastdiff.evaluation.npz import ImageBatch, read_npz
 from fastdiff.models.checkpoint import CheckpointError, read_metadata
 from fastdiff.models.flags import parse_flags
 from fastdiff.models.presets import PRESETS
@@ -62,26 +62,44 @@ def load_upsampler(*, preset, flag_string, checkpoint: Path | None, device) -> L
     return load_network("superres", checkpoint, preset=preset, flag_string=flag_string, device=device)
 
 
+def _digest(image: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:8]
+
+
 @dataclass
 class LowRes:
-    """The images to upsample (uint8 NHWC) and their labels."""
+    """The images to upsample (uint8 NHWC), read a batch at a time from their npz (50,000 128-px
+    images are 2.4 GB), their labels, and each image's digest, taken as read_low_res read them."""
 
-    images: np.ndarray
+    images: ImageBatch
     labels: np.ndarray | None
+    image_digests: list[str]
 
     def digests(self, n: int) -> str:
         """Samples 0..n-1's low-res images by content (an npz's bytes change with each rewrite),
         8 hex digits a sample: a resume compares the samples both runs share, as it compares
         their labels, so an upsampled run grows with its extended base run (whose npz keeps its
         first images) and still refuses other images for the samples it made."""
-        each = [
-            hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:8] for image in self.images
-        ]
+        each = self.image_digests
         return "".join(each[i % len(each)] for i in range(n))
 
     def conditioning(self, lo: int, hi: int) -> dict:
-        """Samples lo..hi's ``low_res``, scaled as super_res_sample.py scales it."""
-        batch = self.images[np.arange(lo, hi) % len(self.images)]
+        """Samples lo..hi's ``low_res``, scaled as super_res_sample.py scales it; images that no
+        longer match their digests (the npz rewritten during the run) are refused, since run.json
+        names the images the run started with."""
+        count = len(self.images)
+        index = np.arange(lo, hi) % count
+        if hi - lo >= count:
+            batch = self.images.take(0, count)[index]
+        else:
+            start, end = lo % count, lo % count + hi - lo
+            parts = [self.images.take(start, min(end, count))]
+            if end > count:
+                parts.append(self.images.take(0, end - count))
+            batch = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        for i, image in zip(index, batch, strict=True):
+            if _digest(image) != self.image_digests[i]:
+                raise RunError(f"{self.images.source} changed during the run (image {i} differs)")
         return {"low_res": torch.from_numpy(batch).float().div(127.5).sub(1.0).permute(0, 3, 1, 2)}
 
     def labels_for(self, n: int) -> list[int] | None:
@@ -105,14 +123,14 @@ def check_low_res(upsampler: LoadedModel, size: int, channels: int, labels, sour
 
 
 def read_low_res(path: Path) -> LowRes:
-    """The low-res npz, every image read: a corrupt or cut file is one line before the upsampler's
-    weights (gigabytes) load, not after."""
+    """The low-res npz, every image read through once for its digest, a batch at a time: a corrupt
+    or cut file is one line before the upsampler's weights (gigabytes) load, not after."""
     try:
         batch = read_npz(path, role="--low-res")
-        images = batch.load()
+        digests = [_digest(image) for images in batch.batches(1024) for image in images]
     except EvaluationError as e:
         raise RunError(str(e)) from None
-    return LowRes(images, None if batch.labels is None else batch.labels.astype(np.int64))
+    return LowRes(batch, None if batch.labels is None else batch.labels.astype(np.int64), digests)
 
 
 def check_low_res_file(path: Path, low_res: LowRes, upsampler: LoadedModel) -> None:
@@ -196,12 +214,13 @@ class Cascade:
         base model samples; its low-res images and labels are compared once the base run made them."""
         out = base_out / "upsampled"
         if (out / RUN_FILE).is_file():
-            nothing = LowRes(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64))  # a prefix of any run
+            nothing = LowRes(
+                ImageBatch("nothing", (0, 1, 1, 1)), np.zeros(0, np.int64), []
+            )  # a prefix of any run
             check_resumable(out, self.plan(nothing, 0, base).record(0))
 
     def run(self, base_out: Path, npz: Path, plan: Plan, *, resume: bool, device, progress: bool) -> dict:
-        with np.load(npz) as z:
-            low_res = LowRes(z["arr_0"], z["arr_1"] if "arr_1" in z.files else None)
+        low_res = read_low_res(npz)
         out = base_out / "upsampled"
         n = len(low_res.images)
         up = self.plan(low_res, n, plan)
