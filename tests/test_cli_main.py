@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
+import time
 
 from click.testing import CliRunner
 
@@ -115,3 +117,39 @@ def test_summary_line_counts_threads_in_english():
              steps=10, device="cpu", dtype="fp32", engine="eager", threads=1, out="o")  # fmt: skip
     assert summary_line(s).endswith("engine eager, 1 thread -> o")
     assert summary_line({**s, "threads": 2}).endswith("engine eager, 2 threads -> o")
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def _redraws(tty: bool, monkeypatch, seconds=300) -> int:
+    """Carriage returns a bar writes over ``seconds`` one-second steps of a fake clock."""
+    from fastdiff.progress import progress_bar
+
+    stream = _Stream(tty)
+    monkeypatch.setattr(sys, "stderr", stream)
+    now = [time.time() + 1]
+    bar = progress_bar(total=seconds)  # on stderr, as every command's bars are
+    bar._time = lambda: now[0]
+    for _ in range(seconds):
+        now[0] += 1.0
+        bar.update(1)
+    bar.close()
+    return stream.getvalue().count("\r")
+
+
+def test_progress_bars_in_a_log_redraw_every_30_seconds(monkeypatch):
+    """stderr in a file or pipe (a CI log) kept tqdm's ten redraws a second: thousands of
+    carriage-return lines an hour of sampling or training. A terminal keeps the live bar, and
+    TQDM_MININTERVAL, tqdm's own setting, still wins."""
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    assert _redraws(True, monkeypatch) > 300
+    assert _redraws(False, monkeypatch) <= 12  # the first draw, one per 30 s, the last
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")
+    assert _redraws(False, monkeypatch) > 300

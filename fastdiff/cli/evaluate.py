@@ -97,14 +97,16 @@ def progress_bars(enabled: bool):
     """``make(what, images)``, a new bar's update for each feature pass, the last pass's bar closed
     when the block ends however it ends: an interrupt's line starts at the line's start, not after
     a bar left half drawn."""
-    from tqdm import tqdm
+    from fastdiff.progress import progress_bar
 
     bars = []
 
     def make(what: str, total: int):
         for bar in bars:  # the previous pass is done
             bar.close()
-        bars[:] = [tqdm(total=total, desc=f"{what} features", unit="img", disable=not enabled, leave=False)]
+        bars[:] = [
+            progress_bar(total=total, desc=f"{what} features", unit="img", disable=not enabled, leave=False)
+        ]
         return bars[0].update
 
     try:

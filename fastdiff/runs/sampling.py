@@ -136,7 +136,7 @@ def run_sampling(
 
     ``conditioning(lo, hi)`` gives samples lo..hi's further model inputs (an upsampler's low_res);
     ``sampler`` is the plan's own Sampler when the caller has built it (else built here)."""
-    from tqdm.auto import tqdm
+    from fastdiff.progress import progress_bar
 
     if sampler is None:
         sampler = plan_sampler(loaded, classifier, plan, device)
@@ -160,7 +160,7 @@ def run_sampling(
     shown = progress and distributed.is_main()
     sampling = writing = 0.0
     # closed however the loop ends, so an interrupt's message starts its own line
-    with tqdm(total=len(todo) * steps, unit="step", disable=not shown, desc="sampling") as bar:
+    with progress_bar(total=len(todo) * steps, unit="step", disable=not shown, desc="sampling") as bar:
         for b in todo:
             lo, hi = batches[b]
             y = torch.as_tensor(labels_all[lo:hi], device=device) if labelled else None

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from fastdiff.files import is_temp_file
 from fastdiff.models.checkpoint import CheckpointError, check_fits
 from fastdiff.models.flags import configs_from_flags, flags_of
+from fastdiff.progress import progress_bar
 
 from . import checkpoint as ckpt
 from . import dist
@@ -326,7 +327,7 @@ class TrainLoop:
             persistent_workers=cfg.num_workers > 0,
         )
         batches = iter(loader)
-        bar = tqdm(
+        bar = progress_bar(
             total=cfg.max_steps,
             initial=self.step,
             desc=f"train {self.kind}",

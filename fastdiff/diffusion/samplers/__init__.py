@@ -322,7 +322,7 @@ def run_steps(
     timesteps = loop_timesteps(n, x)
     state = rule.init_state(x)
     if progress:
-        from tqdm.auto import tqdm
+        from fastdiff.progress import progress_bar
     run_loop = getattr(step, "run_loop", None)
     if run_loop is not None:
         # An engine that runs all n steps at once (the whole loop as one CUDA graph): the noise is
@@ -332,11 +332,11 @@ def run_steps(
             noises = torch.stack([noise_fn(i, x) for i in range(n)]) if rule.needs_noise else None
             x, pred_xstart, first_bad = run_loop(x, timesteps, noises, state)
         if progress:
-            tqdm(range(n), desc=desc, initial=n, total=n).close()
+            progress_bar(range(n), desc=desc, initial=n, total=n).close()
         yield n - 1, x, pred_xstart
     else:
         first_bad = torch.full((), n, dtype=torch.long, device=x.device)
-        for i in tqdm(range(n), desc=desc) if progress else range(n):
+        for i in progress_bar(range(n), desc=desc) if progress else range(n):
             with torch.no_grad():
                 step_noise = noise_fn(i, x) if rule.needs_noise else None
                 x, pred_xstart, state = step(x, timesteps[i], step_noise, state)
