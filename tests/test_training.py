@@ -511,3 +511,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         grads.append([p.grad.clone() for p in trainer.model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_train_takes_no_progress_as_sample_does(tmp_path):
+    """train and train-classifier had no --progress/--no-progress (TrainConfig's progress could
+    not be set from the CLI): a CI log got the bar whatever the user asked."""
+    args = ["--data", _npz(tmp_path), "--flags", TINY, "--batch-size", "2", "--max-steps", "1"]
+    for flag, shown in (("--progress", True), ("--no-progress", False)):
+        r = CliRunner().invoke(train, [*args, flag, "--out", str(tmp_path / flag)])
+        assert r.exit_code == 0, r.output
+        assert ("train diffusion" in r.stderr) == shown, r.stderr

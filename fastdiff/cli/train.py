@@ -262,6 +262,9 @@ def common_options(lr: float, ema: str, out: str):
             show_default=True,
             help="DataLoader worker processes (useful for image folders).",
         ),
+        click.option(
+            "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar."
+        ),
     ]
 
     def decorate(f):
