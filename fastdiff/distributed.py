@@ -31,9 +31,10 @@ SLOWEST_RANK = timedelta(hours=24)
 def setup(device: str | None = None) -> torch.device:
     """Join the process group named by torchrun's env vars; return this rank's device.
 
-    NCCL on CUDA, gloo on the CPU. Each rank uses the GPU ``LOCAL_RANK``.
+    NCCL on CUDA, gloo on the CPU. Each rank uses the GPU ``LOCAL_RANK``. ``auto`` (every
+    command's spelling) or None: CUDA where there is one.
     """
-    if device is None:
+    if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:

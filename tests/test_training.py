@@ -521,3 +521,12 @@ def test_train_takes_no_progress_as_sample_does(tmp_path):
         r = CliRunner().invoke(train, [*args, flag, "--out", str(tmp_path / flag)])
         assert r.exit_code == 0, r.output
         assert ("train diffusion" in r.stderr) == shown, r.stderr
+
+
+def test_train_device_auto_as_every_command_spells_it(tmp_path):
+    """--device auto, every other command's default, passed train's check and then died in the
+    trainer (torch.device('auto'): a RuntimeError traceback)."""
+    args = ["--data", _npz(tmp_path), "--flags", TINY, "--batch-size", "2", "--max-steps", "1"]
+    r = CliRunner().invoke(train, [*args, "--no-progress", "--device", "auto", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1].startswith("done: step 1")

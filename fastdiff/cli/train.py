@@ -94,8 +94,7 @@ def _report_skipped(dataset) -> None:
 def _check_options(o: dict) -> None:
     """Cheap checks of the options TrainConfig does not hold, before any data is read or model built."""
     check_ops_mode()
-    if o["device"] is not None:  # "" too: no device, not the default
-        resolve_device(o["device"])  # as `fastdiff evaluate` checks it
+    resolve_device(o["device"])  # as `fastdiff evaluate` checks it ("" too: no device, not the default)
     if o["image_size"] is not None and o["image_size"] < 1:
         raise ConfigError(f"--image-size must be at least 1, got {o['image_size']}")
     most = WORKERS_PER_CORE * usable_cores()
@@ -240,7 +239,10 @@ def common_options(lr: float, ema: str, out: str):
             help="Seed of the weights, data order, timesteps and noise.",
         ),
         click.option(
-            "--device", help="cpu, cuda or cuda:N (default: cuda if available; torchrun: cuda:LOCAL_RANK)."
+            "--device",
+            default="auto",
+            show_default=True,
+            help="auto | cpu | cuda | cuda:N (auto: cuda if available; torchrun: cuda:LOCAL_RANK).",
         ),
         click.option(
             "--skip-bad-images",
