@@ -398,3 +398,15 @@ def test_an_interrupted_feature_pass_clears_its_bar(capsys):
         raise KeyboardInterrupt
     err = capsys.readouterr().err
     assert "samples features:" in err and err.endswith("\r"), repr(err[-80:])
+
+
+def test_json_dash_is_the_json_alone_on_stdout(digits, tmp_path, monkeypatch):
+    """`--json -` wrote a file named '-' in the working folder; a pipeline (| jq .fid) gets the
+    JSON alone on stdout now, the report on stderr, and no file."""
+    monkeypatch.chdir(tmp_path)
+    r = run("mnist", digits, "--json", "-")
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout)
+    assert rec["samples"] == str(digits) and np.isfinite(rec["fid"])
+    assert f"FID: {rec['fid']}" in r.stderr.splitlines()
+    assert not (tmp_path / "-").exists()

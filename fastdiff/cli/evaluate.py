@@ -72,7 +72,7 @@ def check_json_path(path: Path | None, inputs: dict[str, Path]) -> None:
     and ``inputs`` (role -> file) are not overwritten by the scores."""
     from fastdiff.runs.folder import check_writable
 
-    if path is None:
+    if path is None or str(path) == "-":
         return
     if path.is_dir():
         raise click.ClickException(f"--json {path} is a folder; give a file name")
@@ -134,7 +134,12 @@ def progress_bars(enabled: bool):
     help="FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or torch-fidelity's); "
     "env FASTDIFF_INCEPTION.",
 )
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the numbers here.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path, allow_dash=True),
+    help="Also write the numbers here as JSON; '-': the JSON alone on stdout (the report on stderr).",
+)
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch."
 )
@@ -175,17 +180,23 @@ def evaluate_command(ref, samples, features, inception, json_path, batch_size, d
         return
     for w in scores.warnings:
         click.echo(f"warning: {w}", err=True)
-    click.echo(
-        f"Features: {scores.feature_network} ({scores.num_reference} reference, {scores.num_samples} samples)"
-    )
-    click.echo(f"Inception Score: {scores.inception_score}")
-    click.echo(f"FID: {scores.fid}")
-    click.echo(f"sFID: {scores.sfid}")
-    click.echo(f"Precision: {scores.precision}")
-    click.echo(f"Recall: {scores.recall}")
+    json_out = json_path is not None and str(json_path) == "-"  # stdout is then the JSON's alone
+    lines = [
+        f"Features: {scores.feature_network} "
+        f"({scores.num_reference} reference, {scores.num_samples} samples)",
+        f"Inception Score: {scores.inception_score}",
+        f"FID: {scores.fid}",
+        f"sFID: {scores.sfid}",
+        f"Precision: {scores.precision}",
+        f"Recall: {scores.recall}",
+    ]
     if scores.class_match is not None:
-        click.echo(f"Class match: {scores.class_match}")
+        lines.append(f"Class match: {scores.class_match}")
+    click.echo("\n".join(lines), err=json_out)
     if json_path is not None:
         record = {**scores.to_dict(), "reference": ref, "samples": str(samples)}
-        write_json(json_path, record)
+        if json_out:
+            click.echo(json.dumps(record, indent=1))
+        else:
+            write_json(json_path, record)
     sys.stdout.flush()
