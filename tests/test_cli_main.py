@@ -153,3 +153,21 @@ def test_progress_bars_in_a_log_redraw_every_30_seconds(monkeypatch):
     assert _redraws(False, monkeypatch) <= 12  # the first draw, one per 30 s, the last
     monkeypatch.setenv("TQDM_MININTERVAL", "0")
     assert _redraws(False, monkeypatch) > 300
+
+
+def test_a_path_too_long_for_the_file_system_is_one_line(tmp_path, monkeypatch):
+    """A name over the file system's limit was an OSError traceback (ENAMETOOLONG) from whichever
+    check met it first: Python 3.11's Path.exists() raises it rather than answering False."""
+    monkeypatch.chdir(tmp_path)
+    long = "a" * 300
+    (tmp_path / "s.npz").write_bytes(b"")
+    for args, named in (
+        (["sample", "--steps", "2", "--num-samples", "1", "--no-progress", "--out", long], long),
+        (["sample", "--checkpoint", f"{long}.pt", "--out", "s"], f"{long}.pt"),
+        (["evaluate", "mnist", "s.npz", "--json", f"{long}.json"], f"{long}.json"),
+        (["train", "--data", "mnist", "--out", long], f"{long}/latest.json"),
+    ):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1, (args, r.output)
+        assert r.output == f"Error: path too long for the file system (a name or the whole path): {named}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]  # nothing made

@@ -2,13 +2,16 @@
 
 The library reports what the user got wrong as a RunError (fastdiff.runs); the group prints it as
 one line with a non-zero exit (1), and a subcommand's usage error (a bad option or value) as one
-line too, exit 2 as click gives it, instead of click's usage block. Ctrl-C exits with 130, as a
-shell reports SIGINT, and SIGTERM (a scheduler's stop, SLURM's before its SIGKILL) with 143, both
-after the same clean-up. Any other exception is a bug and keeps its traceback.
+line too, exit 2 as click gives it, instead of click's usage block. A path too long for the file
+system, which only the user's paths can make, is one line wherever it is first met. Ctrl-C
+exits with 130, as a shell reports SIGINT, and SIGTERM (a scheduler's stop, SLURM's before its
+SIGKILL) with 143, both after the same clean-up. Any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import signal
 import threading
 
@@ -74,6 +77,14 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except RunError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            if e.errno != errno.ENAMETOOLONG:
+                raise
+            # Python 3.11's Path.exists() and is_dir() raise it, so every command met it first in
+            # a different check (of --out, --checkpoint, --json, --data ...)
+            raise click.ClickException(
+                f"path too long for the file system (a name or the whole path): {e.filename}"
+            ) from None
         except click.exceptions.NoArgsIsHelpError:  # a bare group (fastdiff export): its help, as fastdiff's
             raise
         except click.UsageError as e:
