@@ -171,3 +171,26 @@ def test_a_path_too_long_for_the_file_system_is_one_line(tmp_path, monkeypatch):
         assert r.exit_code == 1, (args, r.output)
         assert r.output == f"Error: path too long for the file system (a name or the whole path): {named}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]  # nothing made
+
+
+def test_the_sampling_commands_share_their_device_options():
+    """invert and interpolate had their own --engine, --threads, --dtype and --device, whose help
+    gave no defaults (and said fp16 needs CUDA where sample's said what it does): the four
+    commands now take the same options."""
+    group = LazyGroup()
+
+    def described(command, name):
+        (option,) = [p for p in group.get_command(None, command).params if p.name == name]
+        return (
+            tuple(option.opts),
+            option.help,
+            option.default,
+            option.show_default,
+            tuple(getattr(option.type, "choices", ())),
+        )
+
+    for name in ("engine", "threads", "dtype", "device"):
+        forms = {
+            command: described(command, name) for command in ("sample", "upsample", "invert", "interpolate")
+        }
+        assert len(set(forms.values())) == 1, forms

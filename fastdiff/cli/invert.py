@@ -7,20 +7,18 @@ The commands parse their options and print what was made; the work is the librar
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import click
 import numpy as np
 
-from fastdiff.cli.sample import echo
-from fastdiff.engines import ENGINES
-from fastdiff.engines.sampler import DTYPES
+from fastdiff.cli.sample import device_options, echo, with_options
 from fastdiff.runs.invert import DDIMOptions, interpolate, invert_images
 
 
 def _model_options(command):
-    """The options invert and interpolate share: the model, DDIM steps, CFG and where it runs."""
+    """The options invert and interpolate share: the model, DDIM steps, CFG, then where it runs
+    (sample's device_options)."""
     options = [
         click.option("--preset", help="Model preset (see `fastdiff presets`); with --checkpoint."),
         click.option("--flags", "flag_string", help="guided-diffusion model flags, instead of --preset."),
@@ -35,18 +33,8 @@ def _model_options(command):
             show_default=True,
             help="Images per batch.",
         ),
-        click.option("--engine", type=click.Choice(list(ENGINES)), default=None, help="How a step runs."),
-        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads."),
-        click.option(
-            "--dtype",
-            type=click.Choice(list(DTYPES)),
-            default="fp32",
-            show_default=True,
-            help="Compute dtype (fp16 needs CUDA).",
-        ),
-        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
     ]
-    return functools.reduce(lambda f, option: option(f), reversed(options), command)
+    return with_options(device_options(command), options)
 
 
 @click.command("invert")

@@ -7,6 +7,7 @@ prints as one line (fastdiff.cli.main).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -37,45 +38,61 @@ def summary_line(s: dict) -> str:
     )
 
 
+def with_options(command, options):
+    """``command`` with ``options``, listed in --help in their order."""
+    return functools.reduce(lambda f, option: option(f), reversed(options), command)
+
+
+def device_options(command):
+    """How and where the steps run: --engine, --threads, --dtype, --device (the same options for
+    sample, upsample, invert and interpolate)."""
+    return with_options(
+        command,
+        [
+            click.option(
+                "--engine",
+                type=click.Choice(list(ENGINES)),
+                default=None,
+                help="How the guided step runs (default: graph on CUDA; on the CPU parallel with more "
+                "than one thread, else eager).",
+            ),
+            click.option(
+                "--threads",
+                type=click.IntRange(min=1),
+                default=None,
+                help="CPU threads (default: OMP_NUM_THREADS, else the cores not already busy).",
+            ),
+            click.option(
+                "--dtype",
+                type=click.Choice(list(DTYPES)),
+                default="fp32",
+                show_default=True,
+                help="Compute dtype: the networks cast once (GroupNorm statistics stay fp32). A model's "
+                "use_fp16 flag does not set it: fp16 for the speed of the original's fp16 runs on a GPU.",
+            ),
+            click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
+        ],
+    )
+
+
 def runtime_options(command):
-    """How and where a sampling command runs: --engine, --threads, --dtype, --device,
-    --clip-denoised, --progress (the same options for sample and upsample)."""
-    options = [
-        click.option(
-            "--engine",
-            type=click.Choice(list(ENGINES)),
-            default=None,
-            help="How the guided step runs (default: graph on CUDA; on the CPU parallel with more than "
-            "one thread, else eager).",
-        ),
-        click.option(
-            "--threads",
-            type=click.IntRange(min=1),
-            default=None,
-            help="CPU threads (default: OMP_NUM_THREADS, else the cores not already busy).",
-        ),
-        click.option(
-            "--dtype",
-            type=click.Choice(list(DTYPES)),
-            default="fp32",
-            show_default=True,
-            help="Compute dtype: the networks cast once (GroupNorm statistics stay fp32). A model's "
-            "use_fp16 flag does not set it: fp16 for the speed of the original's fp16 runs on a GPU.",
-        ),
-        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
-        click.option(
-            "--clip-denoised/--no-clip-denoised",
-            default=True,
-            show_default=True,
-            help="Clip x0 predictions to [-1, 1].",
-        ),
-        click.option(
-            "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar."
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    """device_options, then --clip-denoised and --progress (sample and upsample)."""
+    return device_options(
+        with_options(
+            command,
+            [
+                click.option(
+                    "--clip-denoised/--no-clip-denoised",
+                    default=True,
+                    show_default=True,
+                    help="Clip x0 predictions to [-1, 1].",
+                ),
+                click.option(
+                    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar."
+                ),
+            ],
+        )
+    )
 
 
 @click.command("sample")
