@@ -194,3 +194,26 @@ def test_the_sampling_commands_share_their_device_options():
             command: described(command, name) for command in ("sample", "upsample", "invert", "interpolate")
         }
         assert len(set(forms.values())) == 1, forms
+
+
+def test_the_examples_in_each_help_parse(tmp_path, monkeypatch):
+    """The complex commands' --help shows examples (none had any); each one's options exist and
+    its values are valid, so the help cannot drift from the options."""
+    import re
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "classifier_sample.py").write_text("")  # gd-run's SCRIPT must exist
+    group = LazyGroup()
+    shown = set()
+    for name in group.commands_by_name:
+        command = group.get_command(None, name)
+        lines = re.sub(r"\\\n\s*", " ", command.help).splitlines()  # continuation lines joined
+        for line in lines:
+            if f"fastdiff {name} " not in line:
+                continue
+            example = line.split(f"fastdiff {name} ", 1)[1].split(" | ")[0]
+            command.make_context(f"fastdiff {name}", shlex.split(example))  # a usage error raises
+            shown.add(name)
+    assert shown >= {"sample", "train", "train-classifier", "evaluate", "gd-run"}

@@ -151,7 +151,14 @@ def evaluate_command(ref, samples, features, inception, json_path, batch_size, d
 
     REF is a reference batch npz (guided-diffusion's unchanged), a folder of images (resized
     and center-cropped to the samples' size, as training reads it) or 'mnist' for the held-out
-    digits; SAMPLES is an npz as fastdiff sample writes it."""
+    digits; SAMPLES is an npz as fastdiff sample writes it.
+
+    \b
+    Examples:
+      fastdiff evaluate mnist s/samples_64x32x32x1.npz
+      fastdiff evaluate VIRTUAL_imagenet64_labeled.npz run/samples_100x64x64x3.npz \\
+          --inception pt_inception-2015-12-05-6726825d.pth --json - | jq .fid
+    """
     from fastdiff import distributed
     from fastdiff.evaluation.metrics import EvaluationError
     from fastdiff.evaluation.npz import read_npz

@@ -84,6 +84,13 @@ def gd_run_command(engine, ops, script, script_args):
     """Run a guided-diffusion SCRIPT with its own ARGS on fastdiff, unedited.
 
     Options go before SCRIPT; everything after it is the script's (its own --help included).
+
+    Example ($MODEL_FLAGS: the model's flags as guided-diffusion's README gives them):
+
+    \b
+      OPENAI_LOGDIR=out fastdiff gd-run --engine auto scripts/classifier_sample.py \\
+          $MODEL_FLAGS --model_path 64x64_diffusion.pt \\
+          --classifier_path 64x64_classifier.pt --classifier_scale 1.0
     """
     from fastdiff.compat.guided_diffusion import ENGINE_ENV
 

@@ -179,7 +179,17 @@ def runtime_options(command):
 def sample_command(out, **options):
     """Sample images with classifier or classifier-free guidance.
 
-    With no model options, the bundled MNIST model and its classifier are used.
+    With no model options, the bundled MNIST model and its classifier are used. OUT gets
+    images/, grid.png and samples_NxHxWxC.npz (what fastdiff evaluate scores).
+
+    \b
+    Examples:
+      fastdiff sample --num-samples 64 --out s/
+      fastdiff sample --preset imagenet64 --checkpoint 64x64_diffusion.pt \\
+          --classifier 64x64_classifier.pt --classifier-scale 1.0 --steps 25 \\
+          --num-samples 100 --batch-size 16 --out run/
+      fastdiff sample --checkpoint runs/d/ema_0.9999_0002000.safetensors \\
+          --cfg-scale 2 --classes cat,dog --out s/
     """
 
     def report(stage: str, summary: dict) -> None:

@@ -315,7 +315,18 @@ def _config(net, process, o, **extra) -> TrainConfig:
     "--sample-steps", type=int, default=25, show_default=True, help="DDIM steps of the sample grids."
 )
 def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps, **o):
-    """Train an ADM diffusion model (hybrid loss with learned sigma, EMA, AdamW)."""
+    """Train an ADM diffusion model (hybrid loss with learned sigma, EMA, AdamW).
+
+    The last line printed names the weights fastdiff sample takes; killed, the same command
+    with --resume continues.
+
+    \b
+    Examples:
+      fastdiff train --data mnist --max-steps 2000 --out runs/mnist
+      fastdiff train --data images/ --image-size 32 --batch-size 16 \\
+          --flags "--class_cond True --num_channels 64" --cfg-dropout 0.1 \\
+          --max-steps 20000 --save-every 2000 --out runs/d
+    """
     try:
         _check_options(o)
         _check_out(o, "diffusion")
@@ -346,7 +357,14 @@ def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps
     help="Held-out loss/accuracy every this many steps (0: never).",
 )
 def train_classifier(val_data, eval_every, **o):
-    """Train ADM's noisy-image classifier (for classifier guidance)."""
+    """Train ADM's noisy-image classifier (for classifier guidance).
+
+    \b
+    Examples:
+      fastdiff train-classifier --data mnist --eval-every 500 --max-steps 2000 --out runs/c
+      fastdiff train-classifier --data images/ --image-size 32 \\
+          --flags "--classifier_width 32" --max-steps 1000 --out runs/c
+    """
     try:
         _check_options(o)
         if val_data and not eval_every:
