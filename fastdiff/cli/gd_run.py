@@ -25,10 +25,10 @@ from pathlib import Path
 
 import click
 
-from fastdiff.engines import ENGINES
+from fastdiff.choices import ENGINE_NAMES
 
 _ENGINE_HELP = (
-    f"fastdiff engine of the script's sampling loops ({' | '.join([*ENGINES, 'auto'])}; auto: the "
+    f"fastdiff engine of the script's sampling loops ({' | '.join([*ENGINE_NAMES, 'auto'])}; auto: the "
     "device's default); default: $FASTDIFF_GD_ENGINE, else eager."
 )
 

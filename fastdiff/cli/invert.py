@@ -13,7 +13,6 @@ import click
 import numpy as np
 
 from fastdiff.cli.sample import device_options, echo, with_options
-from fastdiff.runs.invert import DDIMOptions, interpolate, invert_images
 
 
 def _model_options(command):
@@ -62,6 +61,8 @@ def invert_command(images, out, classes, to_class, batch_size, **model):
     reconstructed/ and edited/ PNGs, comparison.png (inputs, reconstructions, edits as rows) and
     invert.json with each image's PSNR and whether it was resized.
     """
+    from fastdiff.runs.invert import DDIMOptions, invert_images  # torch: not for --help
+
     done = invert_images(
         list(images), out, DDIMOptions(**model), classes=classes, to_class=to_class, batch_size=batch_size
     )
@@ -99,6 +100,8 @@ def interpolate_command(start, end, frames, label, out, batch_size, **model):
     reconstructions where they were inverted with the frames' class (--class, default --from's
     stored one).
     """
+    from fastdiff.runs.invert import DDIMOptions, interpolate
+
     steps = interpolate(
         start, end, out, DDIMOptions(**model), frames=frames, label=label, batch_size=batch_size
     )

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import click
 
-from fastdiff import distributed
-from fastdiff.models.flags import flags_of, format_flags
-from fastdiff.models.presets import PRESETS, get_preset
-
 
 @click.command("presets")
 @click.argument("name", required=False)
 def presets_command(name):
     """List the model presets, or print one preset's flags as a guided-diffusion flag string."""
+    from fastdiff import distributed  # torch: not for --help
+    from fastdiff.models.flags import flags_of, format_flags
+    from fastdiff.models.presets import PRESETS, get_preset
+
     try:
         p = None if name is None else get_preset(name)
     except ValueError as e:

@@ -12,15 +12,13 @@ from pathlib import Path
 
 import click
 
-from fastdiff import distributed
-from fastdiff.diffusion import SAMPLERS
-from fastdiff.engines import ENGINES
-from fastdiff.engines.sampler import DTYPES
-from fastdiff.runs.sample import sample_run
+from fastdiff.choices import DTYPE_NAMES, ENGINE_NAMES, SAMPLER_NAMES
 
 
 def echo(line: str) -> None:
     """Print on rank 0 only: a group's summary once, not once per rank."""
+    from fastdiff import distributed
+
     if distributed.is_main():
         click.echo(line)
 
@@ -51,7 +49,7 @@ def device_options(command):
         [
             click.option(
                 "--engine",
-                type=click.Choice(list(ENGINES)),
+                type=click.Choice(ENGINE_NAMES),
                 default=None,
                 help="How the guided step runs (default: graph on CUDA; on the CPU parallel with more "
                 "than one thread, else eager).",
@@ -64,7 +62,7 @@ def device_options(command):
             ),
             click.option(
                 "--dtype",
-                type=click.Choice(list(DTYPES)),
+                type=click.Choice(DTYPE_NAMES),
                 default="fp32",
                 show_default=True,
                 help="Compute dtype: the networks cast once (GroupNorm statistics stay fp32). A model's "
@@ -128,7 +126,7 @@ def runtime_options(command):
     help="Classifier-free guidance weight w (model needs a null label).",
 )
 @click.option(
-    "--sampler", type=click.Choice(list(SAMPLERS)), default="ddim", show_default=True, help="Sampling method."
+    "--sampler", type=click.Choice(SAMPLER_NAMES), default="ddim", show_default=True, help="Sampling method."
 )
 @click.option("--steps", type=int, default=None, help="Sampling steps (ddim: 25, ddpm: 250, dpm++2m: 20).")
 @click.option(
@@ -194,5 +192,7 @@ def sample_command(out, **options):
 
     def report(stage: str, summary: dict) -> None:
         echo(summary_line(summary) if stage == "sample" else f"upsampled: {summary_line(summary)}")
+
+    from fastdiff.runs.sample import sample_run  # torch: not for --help
 
     sample_run(out, report=report, **options)  # the options are sample_run's keywords

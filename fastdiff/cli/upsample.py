@@ -10,9 +10,8 @@ from pathlib import Path
 
 import click
 
+from fastdiff.choices import SAMPLER_NAMES
 from fastdiff.cli.sample import echo, runtime_options, summary_line
-from fastdiff.diffusion import SAMPLERS
-from fastdiff.runs.upsample import upsample_file_run
 
 
 @click.command("upsample")
@@ -36,7 +35,7 @@ from fastdiff.runs.upsample import upsample_file_run
 )
 @click.option(
     "--sampler",
-    type=click.Choice(list(SAMPLERS)),
+    type=click.Choice(SAMPLER_NAMES),
     default="ddpm",
     show_default=True,
     help="Sampling method (super_res_sample.py: ddpm).",
@@ -71,4 +70,6 @@ def upsample_command(low_res_path, out, **options):
 
     The second stage of the cascade (ADM-G + ADM-U), as guided-diffusion's super_res_sample.py.
     """
+    from fastdiff.runs.upsample import upsample_file_run  # torch: not for --help
+
     echo(summary_line(upsample_file_run(low_res_path, out, **options)))  # its keywords are the options
