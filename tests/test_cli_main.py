@@ -30,14 +30,12 @@ def test_help_does_not_import_torch():
         assert name in out
 
 
-TORCH_FOR_HELP = {"train", "train-classifier"}  # their modules still import the trainers
-
-
 def test_each_commands_help_starts_without_torch():
-    """sample, upsample, invert, interpolate, presets and gd-run imported torch for their --help
-    (5 to 8 s on a loaded machine, against 0.3 s for evaluate's): the choices they list come from
-    fastdiff.choices now, and the work's modules are imported when the command runs."""
-    for name in sorted(set(LazyGroup.commands_by_name) - TORCH_FOR_HELP - {"export"}):
+    """sample, upsample, invert, interpolate, presets, gd-run, train and train-classifier imported
+    torch for their --help (5 to 8 s on a loaded machine, against 0.3 s for evaluate's): the
+    choices they list come from fastdiff.choices now, and the work's modules are imported when
+    the command runs."""
+    for name in sorted(set(LazyGroup.commands_by_name) - {"export"}):
         assert not _help_imports_torch(name)[0], f"fastdiff {name} --help imported torch"
     for sub in ("onnx", "trt"):
         assert not _help_imports_torch("export", sub)[0]

@@ -256,7 +256,7 @@ def test_bad_options_are_one_line(tmp_path, extra, text):
 
 def test_a_bad_fastdiff_ops_is_one_line_before_the_data_is_read(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTDIFF_OPS", "bogus")  # was the first layer's ValueError traceback, mid-run
-    monkeypatch.setattr("fastdiff.cli.train.load_dataset", lambda *a, **k: pytest.fail("data read"))
+    monkeypatch.setattr("fastdiff.cli.train_run.load_dataset", lambda *a, **k: pytest.fail("data read"))
     _one_line(CliRunner().invoke(train, _args(_npz(tmp_path), tmp_path / "o")), "FASTDIFF_OPS must be one of")
 
 
@@ -304,7 +304,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkey
     def broken(*args, **kwargs):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr("fastdiff.cli.train.DiffusionTrainer", broken)
+    monkeypatch.setattr("fastdiff.cli.train_run.DiffusionTrainer", broken)
     result = CliRunner().invoke(train, _args(_npz(tmp_path), tmp_path / "o2", "--max-steps", "1"))
     assert isinstance(result.exception, ValueError) and "an internal bug" in str(result.exception)
     assert "Error: an internal bug" not in result.output

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from fastdiff.choices import PRECISIONS
 from fastdiff.config import ConfigError, check_types
 from fastdiff.diffusion import SAMPLERS
 from fastdiff.diffusion.config import DiffusionConfig
@@ -15,8 +16,6 @@ from fastdiff.models.config import ClassifierConfig, NetConfig, UNetConfig
 from fastdiff.models.flags import flags_of
 
 from .data import DataError
-
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def parse_ema_rates(text) -> tuple[float, ...]:

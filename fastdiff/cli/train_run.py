@@ -1,0 +1,211 @@
+"""The work of ``fastdiff train`` and ``fastdiff train-classifier`` (fastdiff.cli.train holds their
+options): the checks, the data, the trainer and the locked run folder. A module of its own, imported
+when a command runs, so that the commands' --help imports no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from fastdiff import distributed
+from fastdiff.files import remove_temp_files
+from fastdiff.models.checkpoint import CheckpointError
+from fastdiff.models.flags import FlagError, configs_from_flags, flags_of, parse_flags
+from fastdiff.models.presets import get_preset
+from fastdiff.runs.device import check_ops_mode, resolve_device, usable_cores
+from fastdiff.runs.folder import exclusive_folder
+from fastdiff.training import (
+    ClassifierTrainer,
+    ConfigError,
+    DataError,
+    DiffusionTrainer,
+    TrainConfig,
+    TrainingError,
+    check_resume_settings,
+    dist,
+    fit_classifier,
+    fit_unet,
+    foreign_entries,
+    get_mnist,
+    latest_checkpoint,
+    load_dataset,
+    match_classes,
+    parse_ema_rates,
+    resumable_checkpoint,
+    weights_files,
+)
+
+WORKERS_PER_CORE = 8
+
+# What a user can fix, shown as one line; anything else (a bare ValueError included) is a bug and
+# keeps its traceback.
+USER_ERRORS = (ConfigError, FlagError, DataError, CheckpointError, FileNotFoundError, TrainingError)
+
+
+def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, str | None]:
+    """The run's settings, all checked before any data is read, the dataset they describe, and a
+    note for the user once every check has passed.
+
+    The network is defaults < preset < --flags < --image-size; npz/mnist data keep their own size
+    unless a size was asked for; folders are resized to it.
+    """
+    flags: dict = {}
+    sized = o["image_size"] is not None
+    if o["preset"]:
+        p = get_preset(o["preset"])
+        if p.kind != kind:
+            raise ConfigError(f"preset {o['preset']!r} is a {p.kind} preset, not a {kind} one")
+        flags.update(flags_of(p.net, p.process))
+        sized = True
+    if o["flag_string"]:
+        given = parse_flags(o["flag_string"])
+        flags.update(given)
+        sized = sized or "image_size" in given
+    if o["image_size"] is not None:
+        flags["image_size"] = o["image_size"]
+    net, process = configs_from_flags(kind, flags)  # checked as `fastdiff sample` checks them
+    config = _config(net, process, o, **extra)
+    if o["resume"]:
+        check_resume_settings(config, kind)
+    size = net.image_size if sized or Path(o["data"]).is_dir() else None
+    dataset = load_dataset(o["data"], size, channels=net.in_channels, skip_bad_images=o["skip_bad_images"])
+    _report_skipped(dataset)
+    note = None
+    if size is not None and not sized:  # guided-diffusion's default size, whatever the images are
+        note = (
+            f"note: the images are resized and center-cropped to {size}x{size}, the default; "
+            "--image-size N trains at another size"
+        )
+    return config, dataset, note
+
+
+def _report_skipped(dataset) -> None:
+    skipped = getattr(dataset, "skipped", ())
+    if skipped:
+        click.echo(f"skipping {len(skipped)} unreadable or corrupt image(s), e.g. {skipped[0]}", err=True)
+
+
+def _check_options(o: dict) -> None:
+    """Cheap checks of the options TrainConfig does not hold, before any data is read or model built."""
+    check_ops_mode()
+    resolve_device(o["device"])  # as `fastdiff evaluate` checks it ("" too: no device, not the default)
+    if o["image_size"] is not None and o["image_size"] < 1:
+        raise ConfigError(f"--image-size must be at least 1, got {o['image_size']}")
+    most = WORKERS_PER_CORE * usable_cores()
+    if o["num_workers"] > most:  # each is a process: far more than the cores only fills memory
+        raise ConfigError(
+            f"--num-workers must be at most {most} ({WORKERS_PER_CORE} per CPU this process may use),"
+            f" got {o['num_workers']}"
+        )
+
+
+@contextmanager
+def locked_out(out: str):
+    """Hold ``out`` under an exclusive lock for the run (rank 0 only: the ranks share it)."""
+    if distributed.launched_rank() != 0:
+        yield
+        return
+    folder = Path(out)
+    with exclusive_folder(folder, "fastdiff training run"):
+        for sub in (folder, folder / "samples"):
+            remove_temp_files(sub)  # killed writes' leftovers; the lock says no writer of ours runs
+        yield
+
+
+def _check_out(o: dict, kind: str) -> None:
+    """Whether --out can take this run, from its small files only."""
+    data, out = Path(o["data"]).resolve(), Path(o["out"]).resolve()
+    if o["data"] != "mnist" and data.is_dir() and (out == data or data in out.parents):
+        # the run's samples/ (and any image it writes) would be read as a class by the next run
+        raise ConfigError(f"--out {o['out']} is inside the --data folder {o['data']}; choose another --out")
+    if o["resume"]:
+        resumable_checkpoint(o["out"], kind, o["max_steps"])
+    elif latest_checkpoint(o["out"]) is not None:
+        raise ConfigError(
+            f"{o['out']} already holds a checkpoint; pass --resume to continue it or choose another --out"
+        )
+    elif foreign := foreign_entries(o["out"]):
+        # a killed run's own files (no checkpoint yet) are taken over; anything else is not ours
+        raise ConfigError(
+            f"--out {o['out']} holds files that are no training run's ({foreign[0]}"
+            f"{', ...' if len(foreign) > 1 else ''}); choose a new or empty folder"
+        )
+
+
+def _config(net, process, o, **extra) -> TrainConfig:
+    """The run's settings: the options named as TrainConfig's fields, and the two that differ."""
+    same = {f.name: o[f.name] for f in dataclasses.fields(TrainConfig) if f.name in o}
+    same.update(ema=parse_ema_rates(o["ema"]), lr_anneal_steps=o["max_steps"] if o["anneal"] else 0)
+    return TrainConfig(net=net, process=process, **same, **extra)
+
+
+def train_diffusion(o: dict, schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps) -> None:
+    """``fastdiff train`` with its options ``o`` and its own five."""
+    try:
+        _check_options(o)
+        _check_out(o, "diffusion")
+        config, dataset, note = _config_and_data(
+            "diffusion",
+            o,
+            schedule_sampler=schedule_sampler,
+            cfg_dropout=cfg_dropout,
+            random_flip=random_flip,
+            sample_every=sample_every,
+            sample_steps=sample_steps,
+        )
+        config = dataclasses.replace(config, net=fit_unet(config.net, dataset, cfg_dropout))
+        trainer = DiffusionTrainer(config, dataset)
+    except USER_ERRORS as e:
+        raise click.ClickException(str(e)) from e
+    _run(trainer, o["out"], note)
+
+
+def train_classifier(o: dict, val_data, eval_every) -> None:
+    """``fastdiff train-classifier`` with its options ``o`` and its own two."""
+    try:
+        _check_options(o)
+        if val_data and not eval_every:
+            raise ConfigError("--val-data is only read for --eval-every N; give both")
+        if eval_every and not val_data and o["data"] != "mnist":
+            raise ConfigError("--eval-every needs --val-data (only mnist has a built-in held-out split)")
+        _check_out(o, "classifier")
+        config, dataset, note = _config_and_data("classifier", o, eval_every=eval_every)
+        config = dataclasses.replace(config, net=fit_classifier(config.net, dataset))
+        val = None
+        if val_data:
+            val = load_dataset(
+                val_data, dataset.image_size, channels=dataset.channels, skip_bad_images=o["skip_bad_images"]
+            )
+            _report_skipped(val)
+            match_classes(val, dataset)
+        elif eval_every:
+            val = get_mnist("val")
+        trainer = ClassifierTrainer(config, dataset, val)
+    except USER_ERRORS as e:
+        raise click.ClickException(str(e)) from e
+    _run(trainer, o["out"], note)
+
+
+def _run(trainer, out: str, note: str | None = None) -> None:
+    """Train under ``out``'s lock; rank 0 alone says where the run is, asked before the process
+    group is torn down (after it every process calls itself rank 0)."""
+    try:
+        if note and dist.is_main():
+            click.echo(note, err=True)
+        names = getattr(trainer.dataset, "class_names", None)
+        if dist.is_main() and names and names != [str(i) for i in range(len(names))]:
+            # the ids the folder order gave; --classes takes the names too (they are in the weights)
+            click.echo("classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(names)))
+        with locked_out(out):
+            trainer.run()
+        if dist.is_main():
+            record = latest_checkpoint(out)
+            click.echo(f"done: step {record['step']}, weights {weights_files(out, record)}")
+    except (TrainingError, DataError, ConfigError, CheckpointError) as e:  # ConfigError: the lock, resuming
+        raise click.ClickException(str(e)) from None
+    finally:
+        dist.cleanup()
