@@ -220,6 +220,8 @@ def test_the_sampling_commands_share_their_device_options():
         forms = {
             command: described(command, name) for command in ("sample", "upsample", "invert", "interpolate")
         }
+        if name in ("threads", "device"):  # theirs were copies too, without the threads' default
+            forms.update({command: described(command, name) for command in ("evaluate", "nearest")})
         assert len(set(forms.values())) == 1, forms
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import click
 
+from fastdiff.cli.sample import device_option, threads_option
+
 FEATURES = ("auto", "inception", "mnist")
 
 
@@ -143,8 +145,8 @@ def progress_bars(enabled: bool):
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch."
 )
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@device_option
+@threads_option
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 def evaluate_command(ref, samples, features, inception, json_path, batch_size, device, threads, progress):
     """Score samples against a reference batch: FID, sFID, Inception Score, precision, recall.

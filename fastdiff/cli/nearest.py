@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from .evaluate import FEATURES, choose_network, load_images, progress_bars
+from .sample import device_option, threads_option
 
 
 def distance_plot(report, path: Path) -> bool:
@@ -87,8 +88,8 @@ def distance_plot(report, path: Path) -> bool:
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch."
 )
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@device_option
+@threads_option
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 def nearest_command(
     samples,

@@ -41,6 +41,18 @@ def with_options(command, options):
     return functools.reduce(lambda f, option: option(f), reversed(options), command)
 
 
+# every command that runs networks takes these two (evaluate and nearest too)
+threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads (default: OMP_NUM_THREADS, else the cores not already busy).",
+)
+device_option = click.option(
+    "--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."
+)
+
+
 def device_options(command):
     """How and where the steps run: --engine, --threads, --dtype, --device (the same options for
     sample, upsample, invert and interpolate)."""
@@ -54,12 +66,7 @@ def device_options(command):
                 help="How the guided step runs (default: graph on CUDA; on the CPU parallel with more "
                 "than one thread, else eager).",
             ),
-            click.option(
-                "--threads",
-                type=click.IntRange(min=1),
-                default=None,
-                help="CPU threads (default: OMP_NUM_THREADS, else the cores not already busy).",
-            ),
+            threads_option,
             click.option(
                 "--dtype",
                 type=click.Choice(DTYPE_NAMES),
@@ -68,7 +75,7 @@ def device_options(command):
                 help="Compute dtype: the networks cast once (GroupNorm statistics stay fp32). A model's "
                 "use_fp16 flag does not set it: fp16 for the speed of the original's fp16 runs on a GPU.",
             ),
-            click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
+            device_option,
         ],
     )
 
