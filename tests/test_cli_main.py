@@ -246,3 +246,40 @@ def test_the_examples_in_each_help_parse(tmp_path, monkeypatch):
             command.make_context(f"fastdiff {name}", shlex.split(example))  # a usage error raises
             shown.add(name)
     assert shown >= {"sample", "train", "train-classifier", "evaluate", "gd-run"}
+
+
+def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
+    """bash leaves the ~ of --out=~/s alone, as does a CI config's argument list: sample made a
+    folder literally named ~ in the working folder, and a ~/ input was 'not found'. Every path
+    option, and the text options that take a path or a name, expand it now."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    (home / "x.py").write_text("")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    group = LazyGroup()
+    cases = [
+        (
+            "sample",
+            ["--out", "~/s", "--checkpoint", "~/m.pt"],
+            {"out": home / "s", "checkpoint": home / "m.pt"},
+        ),
+        ("train", ["--data", "~/d.npz", "--out", "~/r"], {"data": f"{home}/d.npz", "out": f"{home}/r"}),
+        ("train", ["--data", "mnist"], {"data": "mnist"}),  # a name is left as it is
+        ("evaluate", ["~/ref.npz", "~/s.npz", "--json", "~/j.json"], {"ref": f"{home}/ref.npz"}),
+        ("nearest", ["~/s.npz", "--data", "~/d", "--held-out", "~/h"], {"held_out": f"{home}/h"}),
+        ("interpolate", ["--from", "~/l.npz:1", "--to", "3"], {"start": f"{home}/l.npz:1", "end": "3"}),
+        (
+            "gd-run",
+            ["~/x.py", "~/not-expanded"],
+            {"script": f"{home}/x.py", "script_args": ("~/not-expanded",)},
+        ),
+    ]
+    for name, args, expected in cases:
+        params = group.get_command(None, name).make_context(name, args).params
+        assert {k: params[k] for k in expected} == expected, (name, params)
+    r = CliRunner().invoke(
+        main, ["sample", "--steps", "2", "--num-samples", "1", "--no-progress", "--out=~/s"]
+    )
+    assert r.exit_code == 0, r.output
+    assert (home / "s" / "samples_1x32x32x1.npz").exists() and not (work / "~").exists()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from fastdiff.cli.paths import UserPath, UserText
 from fastdiff.cli.sample import device_option, threads_option
 
 FEATURES = ("auto", "inception", "mnist")
@@ -119,8 +120,8 @@ def progress_bars(enabled: bool):
 
 
 @click.command("evaluate")
-@click.argument("ref")
-@click.argument("samples", type=click.Path(path_type=Path))
+@click.argument("ref", type=UserText())
+@click.argument("samples", type=UserPath(path_type=Path))
 @click.option(
     "--features",
     type=click.Choice(FEATURES),
@@ -131,7 +132,7 @@ def progress_bars(enabled: bool):
 )
 @click.option(
     "--inception",
-    type=click.Path(path_type=Path),
+    type=UserPath(path_type=Path),
     envvar="FASTDIFF_INCEPTION",
     help="FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or torch-fidelity's); "
     "env FASTDIFF_INCEPTION.",
@@ -139,7 +140,7 @@ def progress_bars(enabled: bool):
 @click.option(
     "--json",
     "json_path",
-    type=click.Path(path_type=Path, allow_dash=True),
+    type=UserPath(path_type=Path, allow_dash=True),
     help="Also write the numbers here as JSON; '-': the JSON alone on stdout (the report on stderr).",
 )
 @click.option(

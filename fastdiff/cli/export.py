@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from fastdiff.cli.paths import UserPath, UserText
+
 
 @click.group("export")
 def export_command():
@@ -45,14 +47,15 @@ def _once(what: str, work) -> None:
     "--preset", default=None, help="Model or upsampler preset (a fastdiff .safetensors needs none)."
 )
 @click.option("--flags", "flag_string", default=None, help="guided-diffusion flag string over the preset.")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Model weights.")
+@click.option("--checkpoint", type=UserPath(path_type=Path), default=None, help="Model weights.")
 @click.option(
     "--classifier",
+    type=UserText(),
     default=None,
     help="Classifier checkpoint whose input gradient goes into the graph ('bundled': the MNIST one).",
 )
 @click.option("--cfg", is_flag=True, help="Classifier-free guidance: both halves in one batch.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write into.")
+@click.option("--out", type=UserPath(path_type=Path), required=True, help="Folder to write into.")
 @click.option(
     "--dtype",
     type=click.Choice(["fp32", "fp16"]),
@@ -175,8 +178,8 @@ def _check_replaceable(path: Path, model, clf, null_label, config, low_res_shape
 
 
 @export_command.command("trt")
-@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), required=True, help="Exported graph.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write into.")
+@click.option("--onnx", "onnx_path", type=UserPath(path_type=Path), required=True, help="Exported graph.")
+@click.option("--out", type=UserPath(path_type=Path), required=True, help="Folder to write into.")
 @click.option(
     "--precision",
     type=click.Choice(["fp16", "bf16", "fp32"]),

@@ -26,6 +26,7 @@ from pathlib import Path
 import click
 
 from fastdiff.choices import ENGINE_NAMES
+from fastdiff.cli.paths import UserPath
 
 _ENGINE_HELP = (
     f"fastdiff engine of the script's sampling loops ({' | '.join([*ENGINE_NAMES, 'auto'])}; auto: the "
@@ -78,7 +79,7 @@ def _check_script(path: str) -> None:
 @click.option(
     "--ops", default=None, help="Kernels: auto | reference | triton (sets FASTDIFF_OPS for the script)."
 )
-@click.argument("script", type=click.Path(exists=True, dir_okay=False))
+@click.argument("script", type=UserPath(exists=True, dir_okay=False))
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 def gd_run_command(engine, ops, script, script_args):
     """Run a guided-diffusion SCRIPT with its own ARGS on fastdiff, unedited.

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from fastdiff.cli.paths import UserPath, UserText
 from fastdiff.cli.sample import device_options, echo, with_options
 
 
@@ -21,7 +22,7 @@ def _model_options(command):
     options = [
         click.option("--preset", help="Model preset (see `fastdiff presets`); with --checkpoint."),
         click.option("--flags", "flag_string", help="guided-diffusion model flags, instead of --preset."),
-        click.option("--checkpoint", type=click.Path(path_type=Path), help="Diffusion model weights."),
+        click.option("--checkpoint", type=UserPath(path_type=Path), help="Diffusion model weights."),
         click.option("--steps", type=int, default=None, help="DDIM steps (default 25)."),
         click.option("--respacing", default=None, help="guided-diffusion respacing instead of --steps."),
         click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance weight w."),
@@ -37,8 +38,8 @@ def _model_options(command):
 
 
 @click.command("invert")
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder (new or empty).")
+@click.argument("images", nargs=-1, required=True, type=UserPath(path_type=Path))
+@click.option("--out", type=UserPath(path_type=Path), required=True, help="Output folder (new or empty).")
 @click.option(
     "--classes",
     default=None,
@@ -74,8 +75,16 @@ def invert_command(images, out, classes, to_class, batch_size, **model):
 
 
 @click.command("interpolate")
-@click.option("--from", "start", required=True, help="A seed, or LATENTS.npz[:INDEX] from fastdiff invert.")
-@click.option("--to", "end", required=True, help="A seed, or LATENTS.npz[:INDEX] from fastdiff invert.")
+@click.option(
+    "--from",
+    "start",
+    type=UserText(),
+    required=True,
+    help="A seed, or LATENTS.npz[:INDEX] from fastdiff invert.",
+)
+@click.option(
+    "--to", "end", type=UserText(), required=True, help="A seed, or LATENTS.npz[:INDEX] from fastdiff invert."
+)
 @click.option(
     "--frames", type=click.IntRange(min=2), default=8, show_default=True, help="Images, ends included."
 )
@@ -84,7 +93,7 @@ def invert_command(images, out, classes, to_class, batch_size, **model):
 )
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=UserPath(path_type=Path),
     default=Path("interpolation.png"),
     show_default=True,
     help="The strip PNG to write.",

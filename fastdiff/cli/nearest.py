@@ -16,6 +16,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from fastdiff.cli.paths import UserPath, UserText
+
 from .evaluate import FEATURES, choose_network, load_images, progress_bars
 from .sample import device_option, threads_option
 
@@ -51,11 +53,14 @@ def distance_plot(report, path: Path) -> bool:
 
 
 @click.command("nearest")
-@click.argument("samples", type=click.Path(path_type=Path))
-@click.option("--data", required=True, help="Training data: 'mnist', an npz or an image folder.")
+@click.argument("samples", type=UserPath(path_type=Path))
+@click.option(
+    "--data", type=UserText(), required=True, help="Training data: 'mnist', an npz or an image folder."
+)
 @click.option(
     "--held-out",
     "held_out",
+    type=UserText(),
     default=None,
     help="Images never trained on (default for --data mnist: its 500 held-out digits).",
 )
@@ -63,7 +68,7 @@ def distance_plot(report, path: Path) -> bool:
     "--features", type=click.Choice(FEATURES), default="auto", show_default=True, help="Feature network."
 )
 @click.option(
-    "--inception", type=click.Path(path_type=Path), envvar="FASTDIFF_INCEPTION", help="FID Inception weights."
+    "--inception", type=UserPath(path_type=Path), envvar="FASTDIFF_INCEPTION", help="FID Inception weights."
 )
 @click.option(
     "--k", type=click.IntRange(min=1), default=3, show_default=True, help="Neighbours shown per sample."
@@ -80,7 +85,7 @@ def distance_plot(report, path: Path) -> bool:
 )
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=UserPath(path_type=Path),
     default=Path("nearest"),
     show_default=True,
     help="Output folder.",

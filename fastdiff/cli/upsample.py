@@ -11,19 +11,18 @@ from pathlib import Path
 import click
 
 from fastdiff.choices import SAMPLER_NAMES
+from fastdiff.cli.paths import UserPath
 from fastdiff.cli.sample import echo, runtime_options, summary_line
 
 
 @click.command("upsample")
 @click.option("--preset", help="Upsampler preset (upsampler64-256, upsampler128-512); with --checkpoint.")
 @click.option("--flags", "flag_string", help="guided-diffusion super-resolution flags, instead of --preset.")
-@click.option(
-    "--checkpoint", type=click.Path(path_type=Path), help="Upsampler weights (.pt or .safetensors)."
-)
+@click.option("--checkpoint", type=UserPath(path_type=Path), help="Upsampler weights (.pt or .safetensors).")
 @click.option(
     "--low-res",
     "low_res_path",
-    type=click.Path(path_type=Path),
+    type=UserPath(path_type=Path),
     required=True,
     help="npz of low-resolution samples (arr_0 uint8 NHWC, arr_1 labels), e.g. from fastdiff sample.",
 )
@@ -58,7 +57,7 @@ from fastdiff.cli.sample import echo, runtime_options, summary_line
 )
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=UserPath(path_type=Path),
     default=Path("upsampled"),
     show_default=True,
     help="Output folder.",
