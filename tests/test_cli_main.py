@@ -283,3 +283,23 @@ def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
     )
     assert r.exit_code == 0, r.output
     assert (home / "s" / "samples_1x32x32x1.npz").exists() and not (work / "~").exists()
+
+
+def test_gd_runs_own_entry_point_ends_as_the_group_does(tmp_path):
+    """`python -m fastdiff.cli.gd_run` (README's torchrun form) ran the command without the group:
+    SIGTERM killed it with no clean-up, Ctrl-C was 'Aborted!' and exit 1, a bad option click's
+    usage block."""
+    import signal
+
+    script = tmp_path / "wait.py"
+    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
+    entry = [sys.executable, "-m", "fastdiff.cli.gd_run"]
+    for sig, code, line in ((signal.SIGTERM, 143, "terminated\n"), (signal.SIGINT, 130, "interrupted\n")):
+        p = subprocess.Popen([*entry, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert p.stdout.readline() == "started\n"
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+        assert (p.returncode, err) == (code, line)
+    r = subprocess.run([*entry, "--bogus", str(script)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr  # unknown options are SCRIPT's
+    assert r.stderr.startswith("Error: Invalid value for 'SCRIPT': File '--bogus' does not exist."), r.stderr

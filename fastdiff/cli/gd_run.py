@@ -135,5 +135,7 @@ def gd_run_command(engine, ops, script, script_args):
             dist.destroy_process_group()
 
 
-if __name__ == "__main__":
-    gd_run_command(prog_name="fastdiff gd-run")
+if __name__ == "__main__":  # torchrun's form; through the group: one-line errors, exits 130 and 143
+    from fastdiff.cli.main import main
+
+    main(["gd-run", *sys.argv[1:]], prog_name="fastdiff")
