@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fastdiff"
-# DESIGN.md's order; the root modules (config, files, distributed) serve every layer
+# DESIGN.md's order; the root modules (config, files, progress, choices, distributed) serve every layer
 LAYERS = [
     "ops",
     "diffusion",
@@ -20,7 +20,7 @@ LAYERS = [
     "compat",
     "cli",
 ]
-SHARED = {"config", "files", "distributed", "assets"}
+SHARED = {"config", "files", "progress", "choices", "distributed", "assets"}
 
 
 def _imported_layers(path: Path) -> set[str]:
