@@ -353,6 +353,7 @@ def test_cli_export_offers_engine_onnx_only_a_validated_graph(tmp_path, monkeypa
     written = types.SimpleNamespace(path=tmp_path / "g.onnx", hash="0" * 64, bytes=10, node_counts={})
     monkeypatch.setattr(fastdiff.export, "export_onnx", lambda *a, **k: written)
     monkeypatch.setattr(fastdiff.export.onnx_runtime, "remember", lambda *a: remembered.append(a))
+    (tmp_path / "denoiser-none-fp32.onnx.data").touch()  # a side file is no reason to skip the cache
     for ok in (False, True):
         report = types.SimpleNamespace(ok=ok, summary=lambda: "max error 0.5")
         monkeypatch.setattr(fastdiff.export.validate, "validate_export", lambda *a, r=report: r)
@@ -986,3 +987,68 @@ def test_without_polygraphy_validation_says_so_in_one_line(tmp_path, monkeypatch
         inspect_export(read_export(_typed_classifier_graph(tmp_path / "g.onnx")))
     report = ValidationReport(errors={"model_output@1": 0.0})
     assert report.ok and report.summary().endswith("polygraphy inspection skipped (not installed) (ok)")
+
+
+def _side_file_export(path: Path, digest: str) -> Path:
+    """A fake export of a 1024-float weight written with its side file, as export_onnx writes the
+    large presets (``w`` added to x_t in each output, so onnxruntime must read the side file)."""
+    import onnx_ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fastdiff.export.onnx_export import save_onnx
+
+    sig = DenoiserSignature(False, False, False)
+    w = numpy_helper.from_array(np.full(1024, 1.0, np.float32), "w")
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in sig.inputs]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in sig.outputs]
+    nodes = [helper.make_node("Add", ["x_t", "w"], [n]) for n in sig.outputs]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [w])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _fake_export(path, sig, digest, graph=graph, **{"fastdiff.max_batch": "4096"})
+    save_onnx(onnx_ir.from_proto(onnx.load(str(path))), path, external=True)
+    assert (path.parent / f"{path.name}.data").stat().st_size >= 4096
+    return path
+
+
+def test_a_graph_with_a_side_file_is_cached_with_it_and_checked_whole(tmp_path, monkeypatch):
+    """``fastdiff export onnx``'s side-file graph goes into the cache with its side file (it was not
+    linked, so --engine onnx exported again), loads there in onnxruntime, and a cached graph whose
+    side file is missing or truncated is exported again (onnxruntime failed with a traceback)."""
+    ort = pytest.importorskip("onnxruntime")
+    from fastdiff.export import denoiser_hash, onnx_runtime
+    from fastdiff.export.onnx_runtime import cache_dir, cached_export, remember
+
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
+    net = torch.nn.Linear(2, 2)
+    digest = denoiser_hash(net, None, None, "fp32", 18)
+    made = _side_file_export(tmp_path / "out" / "denoiser-none-fp32.onnx", digest)
+    cached = remember(made, digest, 4096)
+    assert cached == cache_dir() / f"{digest}.onnx"
+    assert sorted(p.name for p in cache_dir().iterdir()) == [cached.name, f"{cached.name}.data"]
+    exported = []
+
+    def export(model, path, **kw):
+        exported.append(path)
+        _side_file_export(path, digest)
+
+    monkeypatch.setattr(onnx_runtime, "export_onnx", export)
+    assert cached_export(net) == cached and exported == []
+    session = ort.InferenceSession(str(cached), providers=["CPUExecutionProvider"])
+    feed = {"x_t": np.zeros(1024, np.float32), "timestep": np.zeros(1, np.float32)}
+    assert session.run(None, feed)[0][0] == 1.0
+    side = cache_dir() / f"{cached.name}.data"
+
+    def truncate():  # a new file: the cache's side file is a hard link to the export's
+        head = side.read_bytes()[:100]
+        side.unlink()
+        side.write_bytes(head)
+
+    for damage in (truncate, side.unlink):
+        damage()
+        state = "truncated" if side.exists() else "missing"
+        with pytest.raises(ExportError, match=rf"^{re.escape(str(cached))}: .* is {state}; re-export it"):
+            read_export(cached)
+        assert cached_export(net) == cached and exported == [cached]
+        exported.clear()
+        assert read_export(cached).hash == digest  # whole again
+    assert read_export(made).hash == digest  # the export's own pair is untouched by the cache's

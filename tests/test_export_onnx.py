@@ -119,7 +119,7 @@ def test_weights_in_a_side_file_check_inspect_and_validate(tmp_path, monkeypatch
     that path."""
     import onnx
 
-    from fastdiff.export import OnnxExportConfig, export_onnx, onnx_export
+    from fastdiff.export import OnnxExportConfig, export_onnx, onnx_export, onnx_runtime
     from fastdiff.export.validate import validate_export
 
     monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_BYTES", 0)
@@ -131,6 +131,15 @@ def test_weights_in_a_side_file_check_inspect_and_validate(tmp_path, monkeypatch
     onnx.checker.check_model(str(res.path), full_check=True)
     report = validate_export(res.path, unet, batches=(1,))
     assert report.ok, report.summary()
+    # fastdiff export onnx puts the pair where --engine onnx finds it, which then exports nothing
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnx_runtime, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    cached = onnx_runtime.remember(res.path, res.hash, 4096)
+    assert (
+        onnx_runtime.cached_export(unet) == cached
+        and (tmp_path / "cache/onnx" / f"{res.hash}.onnx.data").is_file()
+    )
+    assert validate_export(cached, unet, batches=(1,)).ok
 
 
 def test_an_opset_the_exporter_did_not_write_is_refused_not_written(tmp_path, monkeypatch):

@@ -150,8 +150,7 @@ def export_onnx_command(
             click.echo(report.summary())
             if not report.ok:  # kept for inspection, but not offered to --engine onnx
                 raise click.ClickException(f"{result.path} does not match PyTorch: {report.summary()}")
-        if result.bytes < 2**31 and not (out / f"{name}.data").exists():
-            remember(result.path, result.hash, max_batch)  # fastdiff sample --engine onnx then finds it
+        remember(result.path, result.hash, max_batch)  # fastdiff sample --engine onnx then finds it
 
     _once("exporting the graph", export)
 
@@ -165,7 +164,7 @@ def _check_replaceable(path: Path, model, clf, null_label, config, low_res_shape
     if not path.exists():
         return
     try:
-        previous = read_export(path).hash
+        previous = read_export(path, check_data=False).hash  # a lost side file is re-exported
     except ExportError:
         previous = None
     wanted = denoiser_hash(

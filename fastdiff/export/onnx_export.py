@@ -331,8 +331,24 @@ class ExportedGraph:
         return input_shapes(self.signature, self.image_shape, self.low_res_shape)
 
 
-def read_export(path: str | os.PathLike) -> ExportedGraph:
-    """The file's fastdiff metadata, or ExportError (missing, not ONNX, not a fastdiff export)."""
+def side_files(model) -> dict[str, int]:
+    """The side files an ONNX ``model`` (loaded without its external data) reads its weights from,
+    each with the bytes its tensors need (the end of the last one): what a complete file holds."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    needed: dict[str, int] = {}
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            info = ExternalDataInfo(tensor)
+            end = (info.offset or 0) + (info.length or 0)
+            needed[info.location] = max(needed.get(info.location, 0), end)
+    return needed
+
+
+def read_export(path: str | os.PathLike, *, check_data: bool = True) -> ExportedGraph:
+    """The file's fastdiff metadata, or ExportError (missing, not ONNX, not a fastdiff export, and
+    with ``check_data`` a weights' side file missing or shorter than the graph says: onnxruntime
+    failed on such a pair with a traceback, and the cache kept offering it)."""
     import onnx
 
     path = Path(path)
@@ -373,6 +389,18 @@ def read_export(path: str | os.PathLike) -> ExportedGraph:
         raise ExportError(f"{path}: its fastdiff metadata is incomplete or damaged; re-export it") from None
     if signature.inputs != inputs or [o.name for o in model.graph.output] != signature.outputs:
         raise ExportError(f"{path}: its graph's inputs/outputs do not match its fastdiff metadata")
+    try:
+        needed = side_files(model) if check_data else {}
+    except ValueError:
+        raise ExportError(f"{path}: its external-data entries are damaged; re-export it") from None
+    for location, end in needed.items():
+        side = path.parent / location
+        if not side.is_file() or side.stat().st_size < end:
+            state = "truncated" if side.is_file() else "missing"
+            raise ExportError(
+                f"{path}: its weights' side file {side} is {state}; re-export it "
+                "(or move the graph and its side file together)"
+            )
     return graph
 
 
@@ -430,4 +458,5 @@ __all__ = [
     "node_counts",
     "read_export",
     "save_onnx",
+    "side_files",
 ]

@@ -217,13 +217,36 @@ def _serves(path: Path, digest: str, max_batch: int) -> bool:
     return graph.hash == digest and graph.max_batch >= max_batch
 
 
-def remember(path: Path, digest: str, max_batch: int) -> Path | None:
-    """Put an exported file where ``--engine onnx`` looks for these networks (a hard link, else a
-    copy), so sampling after ``fastdiff export onnx`` does not export again; None if it cannot, or
-    if it takes fewer batches than ``--engine onnx`` exports for (that would export again)."""
+def _place(source: Path, target: Path, content: bytes | None = None) -> None:
+    """``target`` becomes ``source`` (a hard link, else a copy) or ``content``, atomically: a reader
+    sees the old file or the new one, never half of it."""
     import shutil
 
     from fastdiff.files import atomic_write
+
+    def write(tmp):
+        if content is not None:
+            Path(tmp).write_bytes(content)
+            return
+        os.remove(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    atomic_write(target, write)
+
+
+def remember(path: Path, digest: str, max_batch: int) -> Path | None:
+    """Put an exported file where ``--engine onnx`` looks for these networks (a hard link, else a
+    copy), so sampling after ``fastdiff export onnx`` does not export again; None if it cannot, or
+    if it takes fewer batches than ``--engine onnx`` exports for (that would export again).
+
+    A graph whose weights are in a side file goes there with it: the side file as
+    ``<hash>.onnx.data``, first, then the graph rewritten to name it (it named the export's file)."""
+    import onnx
+
+    from .onnx_export import side_files
 
     wanted = OnnxExportConfig().max_batch  # what --engine onnx exports for
     if max_batch < wanted:
@@ -232,12 +255,21 @@ def remember(path: Path, digest: str, max_batch: int) -> Path | None:
     if _serves(target, digest, wanted):
         return target
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:
-            atomic_write(target, lambda tmp: shutil.copyfile(path, tmp))
-    except OSError:
+        model = onnx.load(str(path), load_external_data=False)
+        located = side_files(model)
+        if not located:
+            _place(path, target)
+            return target
+        if len(located) > 1:
+            return None  # not how fastdiff writes its graphs; --engine onnx exports its own
+        data = f"{target.name}.data"
+        _place(path.parent / next(iter(located)), target.parent / data)
+        for tensor in onnx.external_data_helper._get_all_tensors(model):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data
+        _place(path, target, model.SerializeToString())
+    except (OSError, ValueError):  # a read-only or full cache: --engine onnx exports then
         return None
     return target
 
