@@ -6,12 +6,15 @@ batch counts as done only when its ``.npz`` exists, and that file is written las
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import re
+import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +32,10 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-# mkstemp's names: "." + the file's name + "." + 8 random characters + the file's suffix.
+# mkstemp's names: "." + the file's name + "." + 8 random characters + the file's suffix;
+# temp_folder's (mkdtemp's) the same without the suffix.
 _TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>\.[^.]*)?")
+_TEMP_FOLDER = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}")
 
 
 def _umask() -> int:
@@ -80,14 +85,61 @@ def is_temp_file(path: Path) -> bool:
     return m is not None and Path(m["name"]).suffix == (m["suffix"] or "")
 
 
-def remove_temp_files(folder: Path) -> int:
-    """Delete killed writes' temporary files in ``folder``; only safe while no writer runs there."""
+def temp_folder(path: Path) -> Path:
+    """A new hidden folder beside ``path`` for writing it in several files (an ONNX graph and its
+    weights' side file) before renaming them into place; :func:`remove_temp_files` knows its name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+
+
+def _temp_of(path: Path) -> str | None:
+    """The final name a killed write's temporary file or :func:`temp_folder` in ``path`` was
+    for, or None: a folder counts only if it holds nothing but files of that name (``NAME``,
+    ``NAME.data``), so a user's folder that happens to be named alike is never taken for one."""
+    if path.is_symlink():
+        return None
+    if path.is_file():
+        return _TEMP_NAME.fullmatch(path.name)["name"] if is_temp_file(path) else None
+    m = _TEMP_FOLDER.fullmatch(path.name)
+    if m is None or not path.is_dir():
+        return None
+    name = m["name"]
+    ours = all(
+        p.is_file() and not p.is_symlink() and (p.name == name or p.name.startswith(f"{name}."))
+        for p in path.iterdir()
+    )
+    return name if ours else None
+
+
+def remove_temp_files(folder: Path, names: Sequence[str] | None = None) -> int:
+    """Delete killed writes' temporary files and folders in ``folder``; only safe while no writer
+    runs there. ``names``: only those for these final names (a folder other writers share)."""
     removed = 0
     for p in folder.iterdir() if folder.is_dir() else ():
-        if p.is_file() and is_temp_file(p):
+        name = _temp_of(p)
+        if name is None or (names is not None and name not in names):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
             p.unlink()
-            removed += 1
+        removed += 1
     return removed
+
+
+@contextmanager
+def locked_folder(folder: Path, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive flock on ``folder`` itself (created if needed) until the block ends: the
+    lock for a command writing a few named files into a folder the user may share with anything
+    (``--out .``), which leaves nothing behind in it (a run's own folder holds LOCK instead).
+    BlockingIOError when another process holds it, unless ``wait``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield
+    finally:
+        os.close(fd)
 
 
 def in_channels(img: Image.Image, channels: int) -> Image.Image:

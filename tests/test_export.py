@@ -1052,3 +1052,21 @@ def test_a_graph_with_a_side_file_is_cached_with_it_and_checked_whole(tmp_path, 
         exported.clear()
         assert read_export(cached).hash == digest  # whole again
     assert read_export(made).hash == digest  # the export's own pair is untouched by the cache's
+
+
+def test_cached_export_clears_a_killed_export_of_its_graph(tmp_path, monkeypatch):
+    """A killed side-file export into the cache leaves its temporary folder; the next export of
+    that graph removes it (it stayed for good), not another graph's (an export may be writing it)."""
+    from fastdiff.export import denoiser_hash, onnx_runtime
+    from fastdiff.export.onnx_runtime import cache_dir, cached_export
+    from fastdiff.files import temp_folder
+
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
+    net = torch.nn.Linear(2, 2)
+    digest = denoiser_hash(net, None, None, "fp32", 18)
+    killed, other = temp_folder(cache_dir() / f"{digest}.onnx"), temp_folder(cache_dir() / "other.onnx")
+    monkeypatch.setattr(
+        onnx_runtime, "export_onnx", lambda model, path, **kw: _side_file_export(path, digest)
+    )
+    assert cached_export(net) == cache_dir() / f"{digest}.onnx"
+    assert not killed.exists() and other.exists()

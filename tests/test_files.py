@@ -82,3 +82,27 @@ def test_an_npz_s_images_read_by_range_as_np_load_reads_them(tmp_path):
         for lo, hi in ((0, 9), (2, 5), (8, 9), (4, 4)):
             got = batch.take(lo, hi)
             assert got.flags.writeable and np.array_equal(got, want[lo:hi]), (name, lo, hi)
+
+
+def test_remove_temp_files_takes_our_temp_folders_and_only_those_asked_for(tmp_path):
+    """A killed side-file export leaves its temporary folder (``.NAME.xxxxxxxx`` holding NAME and
+    NAME.data); clean-up removes it as it removes temporary files (it took files only), but never
+    a folder named alike holding anything else, and with ``names`` only the temporaries of those."""
+    from fastdiff.files import remove_temp_files, temp_folder
+
+    graph = tmp_path / "g.onnx"
+    killed = temp_folder(graph)
+    (killed / "g.onnx").write_bytes(b"half")
+    (killed / "g.onnx.data").write_bytes(b"half")
+    empty = temp_folder(graph)  # killed before anything was written
+    other = temp_folder(tmp_path / "h.onnx")
+    user = tmp_path / ".g.onnx.photos12"  # our name pattern, a user's contents
+    user.mkdir()
+    (user / "holiday.jpg").write_bytes(b"")
+    tmp_file = tmp_path / ".h.onnx.abcd1234.onnx"
+    tmp_file.write_bytes(b"")
+    assert remove_temp_files(tmp_path, ["g.onnx"]) == 2
+    assert not killed.exists() and not empty.exists() and other.is_dir() and tmp_file.exists()
+    assert remove_temp_files(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [user.name]
+    assert (user / "holiday.jpg").exists()

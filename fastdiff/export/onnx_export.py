@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import fastdiff
-from fastdiff.files import atomic_write
+from fastdiff.files import atomic_write, temp_folder
 from fastdiff.models.unet import SuperResModel
 
 from .graph import DenoiserSignature, GuidedDenoiser, example_inputs, input_shapes, trace
@@ -210,7 +210,6 @@ def save_onnx(model, path: Path, external: bool = False) -> None:
     never leaves a graph beside a truncated side file (onnxruntime could not load the pair, and
     the cache, reading only the graph, kept offering it)."""
     import shutil
-    import tempfile
 
     import onnx_ir
 
@@ -218,8 +217,7 @@ def save_onnx(model, path: Path, external: bool = False) -> None:
         atomic_write(path, lambda tmp: onnx_ir.save(model, tmp))
         return
     data = f"{path.name}.data"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    folder = temp_folder(path)  # a kill leaves it: remove_temp_files takes it away
     try:
         onnx_ir.save(model, folder / path.name, external_data=data)
         os.replace(folder / data, path.parent / data)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fastdiff.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from fastdiff.diffusion.samplers import SamplingStep
-from fastdiff.files import cache_root
+from fastdiff.files import cache_root, locked_folder, remove_temp_files
 from fastdiff.models.unet import SuperResModel
 
 from .onnx_export import (
@@ -244,34 +244,39 @@ def remember(path: Path, digest: str, max_batch: int) -> Path | None:
 
     A graph whose weights are in a side file goes there with it: the side file as
     ``<hash>.onnx.data``, first, then the graph rewritten to name it (it named the export's file)."""
-    import onnx
-
-    from .onnx_export import side_files
-
     wanted = OnnxExportConfig().max_batch  # what --engine onnx exports for
     if max_batch < wanted:
         return None
     target = cache_dir() / f"{digest}.onnx"
-    if _serves(target, digest, wanted):
-        return target
     try:
-        model = onnx.load(str(path), load_external_data=False)
-        located = side_files(model)
-        if not located:
-            _place(path, target)
-            return target
-        if len(located) > 1:
-            return None  # not how fastdiff writes its graphs; --engine onnx exports its own
-        data = f"{target.name}.data"
-        _place(path.parent / next(iter(located)), target.parent / data)
-        for tensor in onnx.external_data_helper._get_all_tensors(model):
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = data
-        _place(path, target, model.SerializeToString())
+        with locked_folder(cache_dir(), wait=True):
+            if not _serves(target, digest, wanted):
+                _cache(path, target)
     except (OSError, ValueError):  # a read-only or full cache: --engine onnx exports then
         return None
     return target
+
+
+def _cache(path: Path, target: Path) -> None:
+    """``path`` (and its side file) as ``target`` in the cache (held: see remember)."""
+    import onnx
+
+    from .onnx_export import side_files
+
+    model = onnx.load(str(path), load_external_data=False)
+    located = side_files(model)
+    if not located:
+        _place(path, target)
+        return
+    if len(located) > 1:
+        raise ValueError("several side files")  # not how fastdiff writes its graphs
+    data = f"{target.name}.data"
+    _place(path.parent / next(iter(located)), target.parent / data)
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data
+    _place(path, target, model.SerializeToString())
 
 
 def cached_export(
@@ -283,12 +288,20 @@ def cached_export(
     config = config or OnnxExportConfig()
     digest = denoiser_hash(model, classifier, null_label, config.dtype, config.opset, low_res_shape)
     path = cache_dir() / f"{digest}.onnx"
-    if _serves(path, digest, config.max_batch):
-        return path
-    print(f"fastdiff: exporting the denoiser to ONNX (once) into {path}", file=sys.stderr)
-    export_onnx(
-        model, path, classifier=classifier, null_label=null_label, low_res_shape=low_res_shape, config=config
-    )
+    # one process exports, another sampling the same networks waits and then finds the graph
+    with locked_folder(cache_dir(), wait=True):
+        if _serves(path, digest, config.max_batch):
+            return path
+        remove_temp_files(cache_dir(), [path.name])  # a killed export's (none is running: held)
+        print(f"fastdiff: exporting the denoiser to ONNX (once) into {path}", file=sys.stderr)
+        export_onnx(
+            model,
+            path,
+            classifier=classifier,
+            null_label=null_label,
+            low_res_shape=low_res_shape,
+            config=config,
+        )
     return path
 
 
