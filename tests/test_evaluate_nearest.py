@@ -221,3 +221,28 @@ def test_cli_data_npz_claiming_more_images_than_memory_is_one_line(tmp_path):
         + ["--data", str(tmp_path / "huge.npz"), "--held-out", str(tmp_path / "s.npz")],
     )
     one_line_error(r, "cannot read", "huge.npz")
+
+
+def test_cli_holds_its_out_folder_and_clears_its_killed_temporaries(tmp_path):
+    """fastdiff nearest locks --out (the folder itself, so a folder of the user's other files is
+    fine and keeps no .lock): a second run into it is one line before any feature, and a killed
+    run's temporary file goes (nothing removed either), another writer's stays."""
+    from fastdiff.files import locked_folder
+
+    rng = np.random.default_rng(0)
+    for name, n in (("s", 4), ("train", 5), ("held", 6)):
+        np.savez(tmp_path / f"{name}.npz", rng.integers(0, 256, (n, 32, 32, 1), dtype=np.uint8))
+    out = tmp_path / "shared"
+    out.mkdir()
+    others = [out / "notes.txt", out / ".grid.png.abcd1234.png"]  # the user's, another writer's
+    for p in [*others, out / ".nearest.json.abcd1234.json"]:
+        p.write_bytes(b"")
+    args = ["nearest", "--no-progress", "--out", str(out), str(tmp_path / "s.npz")]
+    args += ["--data", str(tmp_path / "train.npz"), "--held-out", str(tmp_path / "held.npz")]
+    with locked_folder(out):
+        one_line_error(CliRunner().invoke(main, args), "another fastdiff process is writing into")
+    assert len(list(out.iterdir())) == 3
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    written = {p.name for p in out.iterdir() if p not in others} - {"distances.png"}  # with matplotlib
+    assert written == {"nearest.json", "nearest.npz", "nearest.png"}

@@ -1054,6 +1054,43 @@ def test_a_graph_with_a_side_file_is_cached_with_it_and_checked_whole(tmp_path, 
     assert read_export(made).hash == digest  # the export's own pair is untouched by the cache's
 
 
+def test_cli_export_holds_its_out_folder_and_clears_its_killed_temporaries(tmp_path, monkeypatch):
+    """fastdiff export onnx locks --out (the folder itself: --out . leaves no .lock among the
+    user's files) so a second export into it is one line before writing, and removes what a
+    killed export of its file left (a side-file export's temporary folder), nothing else's."""
+    import types
+
+    from click.testing import CliRunner
+
+    import fastdiff.export
+    import fastdiff.export.onnx_runtime
+    from fastdiff.cli.main import main
+    from fastdiff.files import locked_folder
+
+    out = tmp_path / "shared"
+    killed = out / ".denoiser-none-fp32.onnx.abcd1234"
+    killed.mkdir(parents=True)
+    (killed / "denoiser-none-fp32.onnx.data").write_bytes(b"half")
+    others = [out / "notes.txt", out / ".grid.png.abcd1234.png"]  # the user's, another writer's
+    for p in others:
+        p.write_bytes(b"")
+    written = types.SimpleNamespace(path=out / "g.onnx", hash="0" * 64, bytes=10, node_counts={})
+    calls = []
+    monkeypatch.setattr(fastdiff.export, "export_onnx", lambda *a, **k: calls.append(a) or written)
+    monkeypatch.setattr(fastdiff.export.onnx_runtime, "remember", lambda *a: None)
+    args = ["export", "onnx", "--no-validate", "--out", str(out)]
+    with locked_folder(out):
+        res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and not calls and killed.exists()
+    assert (
+        res.output
+        == f"Error: another fastdiff process is writing into {out}; wait for it or choose another --out\n"
+    )
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0 and len(calls) == 1, res.output
+    assert sorted(out.iterdir()) == sorted(others)
+
+
 def test_cached_export_clears_a_killed_export_of_its_graph(tmp_path, monkeypatch):
     """A killed side-file export into the cache leaves its temporary folder; the next export of
     that graph removes it (it stayed for good), not another graph's (an export may be writing it)."""

@@ -76,7 +76,7 @@ def export_onnx_command(
     from fastdiff.export.onnx_export import missing_packages
     from fastdiff.export.validate import validate_export
     from fastdiff.runs.device import check_ops_mode
-    from fastdiff.runs.folder import check_writable, writing
+    from fastdiff.runs.folder import check_writable, shared_folder, writing
     from fastdiff.runs.loading import (
         BUNDLED_CLASSIFIER,
         check_classifier,
@@ -127,7 +127,8 @@ def export_onnx_command(
 
     def export():
         try:
-            with writing(out):  # a full disk is the machine's state: one line, not a traceback
+            # a second export into --out is one line; a killed one's temporaries go first
+            with shared_folder(out, [name]), writing(out):  # a full disk: one line, not a traceback
                 result = export_onnx(
                     loaded.model,
                     out / name,

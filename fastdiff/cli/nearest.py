@@ -21,6 +21,9 @@ from fastdiff.cli.paths import UserPath, UserText
 from .evaluate import FEATURES, choose_network, load_images, progress_bars
 from .sample import device_option, threads_option
 
+# What the command writes into --out (which may hold other files: it is locked, not emptied).
+WRITES = ["nearest.json", "nearest.npz", "nearest.png", "distances.png"]
+
 
 def distance_plot(report, path: Path) -> bool:
     """Histograms of nearest-training-image distances, samples against held-out; False without matplotlib."""
@@ -130,7 +133,7 @@ def nearest_command(
     from fastdiff.runs import ranks
     from fastdiff.runs.device import choose_threads, resolve_device
     from fastdiff.runs.features import features_over_ranks
-    from fastdiff.runs.folder import check_writable
+    from fastdiff.runs.folder import check_writable, shared_folder
     from fastdiff.training.data import DataError
 
     if out.exists() and not out.is_dir():
@@ -141,6 +144,9 @@ def nearest_command(
             "--held-out is needed with this --data: images of the same kind never trained on"
         )
     dev = ranks.join(resolve_device(device))
+    with ranks.agreed("checking --out"):  # rank 0 writes; a second run into --out is one line now
+        if distributed.is_main():
+            click.get_current_context().with_resource(shared_folder(out, WRITES))
     choose_threads(threads)
     try:
         config = NearestConfig(k=k, quantile=quantile, device=str(dev))

@@ -13,7 +13,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from fastdiff import distributed
-from fastdiff.files import LOCK, is_temp_file, remove_temp_files
+from fastdiff.files import LOCK, is_temp_file, locked_folder, remove_temp_files
 from fastdiff.runs import ranks
 from fastdiff.runs.errors import RunError
 
@@ -71,6 +71,34 @@ def exclusive_folder(out: Path, holder: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextmanager
+def shared_folder(out: Path, names: list[str]) -> Iterator[None]:
+    """Hold ``out`` while writing the files ``names`` into it, for a command whose --out may be a
+    folder the user shares with other files (fastdiff export onnx, fastdiff nearest): a lock on
+    the folder itself, so nothing is left in it and a non-empty folder is fine (unlike
+    exclusive_folder's run folders); a second such process gets one line. Under the lock the
+    temporary files a killed write of ``names`` left are removed (others' are not ours to take)."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is not a folder")
+    created = not out.exists()
+    with ExitStack() as held:
+        try:
+            held.enter_context(locked_folder(out))
+        except BlockingIOError:
+            raise RunError(
+                f"another fastdiff process is writing into {out}; wait for it or choose another --out"
+            ) from None
+        except OSError as e:
+            raise RunError(f"cannot write to --out {out}: {e.strerror or e}") from None
+        try:
+            remove_temp_files(out, names)
+            yield
+        except BaseException:
+            if created and not any(out.iterdir()):
+                out.rmdir()  # made for a run that wrote nothing
+            raise
 
 
 @contextmanager
