@@ -160,6 +160,7 @@ def test_cli_errors(tmp_path):
     one_line_error(run(tmp_path / "missing.npz", "--data", "mnist"), "not found")
     same = ["--data", tmp_path / "train.npz", "--held-out", tmp_path / "train.npz"]
     one_line_error(run(tmp_path / "s.npz", *same), "holds 0 image(s) that are not training images")
+    assert not (tmp_path / "o").exists()  # the locked --out made for them is gone again
 
 
 def test_cli_grid_rows_when_k_exceeds_the_training_images(tmp_path):
