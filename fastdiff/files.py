@@ -6,6 +6,7 @@ batch counts as done only when its ``.npz`` exists, and that file is written las
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import math
 import os
@@ -136,7 +137,13 @@ def locked_folder(folder: Path, wait: bool = False) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as e:
+            # NFS emulates flock with a write lock, which a folder's read-only descriptor cannot
+            # take: there the command runs unlocked, as it did before, rather than not at all
+            if e.errno not in (errno.EBADF, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
         yield
     finally:
         os.close(fd)

@@ -106,3 +106,24 @@ def test_remove_temp_files_takes_our_temp_folders_and_only_those_asked_for(tmp_p
     assert remove_temp_files(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [user.name]
     assert (user / "holiday.jpg").exists()
+
+
+def test_locked_folder_runs_unlocked_where_the_filesystem_cannot_lock_a_folder(tmp_path, monkeypatch):
+    """NFS cannot flock a folder's read-only descriptor (EBADF): the command runs unlocked, as it
+    did before folders were locked, instead of failing; a held lock is still BlockingIOError."""
+    import errno
+    import fcntl
+
+    from fastdiff.files import locked_folder
+
+    with locked_folder(tmp_path), pytest.raises(BlockingIOError), locked_folder(tmp_path):
+        pass
+
+    def nfs(fd, op):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", nfs)
+    ran = []
+    with locked_folder(tmp_path / "new"):
+        ran.append(True)
+    assert ran and (tmp_path / "new").is_dir()
