@@ -648,6 +648,8 @@ def test_a_side_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_ir, "save", real_save)
     save_onnx(_add_graph(2.0), path, external=True)
     assert run() == 2.0 and sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]
+    save_onnx(_add_graph(3.0), path)  # in one file now: the earlier side file is not left beside it
+    assert run() == 3.0 and [p.name for p in tmp_path.iterdir()] == ["g.onnx"]
 
 
 def test_cache_takes_no_graph_with_a_smaller_max_batch(tmp_path, monkeypatch):

@@ -215,6 +215,7 @@ def save_onnx(model, path: Path, external: bool = False) -> None:
 
     if not external:
         atomic_write(path, lambda tmp: onnx_ir.save(model, tmp))
+        Path(f"{path}.data").unlink(missing_ok=True)  # an earlier export's: this graph names none
         return
     data = f"{path.name}.data"
     folder = temp_folder(path)  # a kill leaves it: remove_temp_files takes it away
