@@ -54,3 +54,26 @@ def test_each_layer_imports_only_the_layers_before_it():
 def test_every_package_is_a_listed_layer():
     packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     assert packages <= set(LAYERS) | SHARED, packages - set(LAYERS) - SHARED
+
+
+def _private_imports(path: Path) -> list[str]:
+    """The ``_name``s ``path`` imports from other fastdiff modules."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("fastdiff.")):
+            found += [
+                f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_") and a.name[1] != "_"
+            ]
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A private helper is its module's own: a caller elsewhere uses a public name, so changing the
+    helper cannot break a module that does not show it (tensorrt_engine used onnx_runtime's)."""
+    found = {
+        f"{path.relative_to(PACKAGE.parent)}: {name}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for name in _private_imports(path)
+    }
+    # compat's unet keeps the original's public names only; its class map serves its sibling
+    assert found == {"fastdiff/compat/guided_diffusion.py: unet._COMPAT_CLASS"}

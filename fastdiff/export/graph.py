@@ -35,7 +35,7 @@ from fastdiff.models.nn import InDtype
 from fastdiff.models.unet import SuperResModel
 from fastdiff.ops.ada_group_norm.module import AdaGroupNormSiLU, GroupNorm
 from fastdiff.ops.ada_group_norm.reference import ada_group_norm_reference
-from fastdiff.ops.attention.module import _HeadAttention
+from fastdiff.ops.attention import QKVAttention, QKVAttentionLegacy
 from fastdiff.ops.attention.reference import split_heads
 
 aten = torch.ops.aten
@@ -60,7 +60,7 @@ def matmul_attention(qkv: Tensor, num_heads: int, order: str) -> Tensor:
     return torch.matmul(v, weight.transpose(1, 2)).reshape(qkv.shape[0], -1, qkv.shape[2])
 
 
-def _attention_forward(module: _HeadAttention):
+def _attention_forward(module: QKVAttention | QKVAttentionLegacy):
     return lambda qkv: matmul_attention(qkv, module.n_heads, module.order)
 
 
@@ -78,7 +78,7 @@ def export_form(net: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module
     ops run as the plain tensor math an exporter translates (the original is left untouched)."""
     net = copy.deepcopy(net).to(device="cpu", dtype=dtype).eval().requires_grad_(False)
     for m in net.modules():
-        if isinstance(m, _HeadAttention):
+        if isinstance(m, (QKVAttention, QKVAttentionLegacy)):
             m.forward = _attention_forward(m)
         elif isinstance(m, (GroupNorm, AdaGroupNormSiLU)):
             m.forward = _group_norm_forward(m)

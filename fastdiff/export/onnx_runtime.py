@@ -204,6 +204,12 @@ def _plain(net, engine: str = "onnx"):
     return net, "fp32"
 
 
+def step_dtype(step: SamplingStep, engine: str) -> str:
+    """The dtype name ("fp32" or "fp16") a Sampler's step runs its model in: the layer precision
+    engine 'trt' builds, or ExportError (bf16)."""
+    return _plain(_networks(step)[0], engine)[1]
+
+
 _SESSIONS: dict[tuple, OrtDenoiser] = {}
 
 
@@ -351,5 +357,6 @@ __all__ = [
     "cached_export",
     "onnx_engine",
     "remember",
+    "step_dtype",
     "step_graph",
 ]

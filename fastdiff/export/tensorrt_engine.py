@@ -159,10 +159,10 @@ def trt_engine(step, device: torch.device):
         raise ExportError("engine 'trt' runs TensorRT engines on a CUDA device")
     if step is None:
         return None
-    from .onnx_runtime import OnnxStep, _networks, _plain, cache_dir, step_graph
+    from .onnx_runtime import OnnxStep, cache_dir, step_dtype, step_graph
 
     graph, classifier_scale, cfg_scale = step_graph(step, "trt")
-    config = TrtBuildConfig(precision=_plain(_networks(step)[0], "trt")[1])
+    config = TrtBuildConfig(precision=step_dtype(step, "trt"))
     key = engine_key(graph, config, trt.__version__, gpu_key(device))
     path = cache_dir().parent / "trt" / f"{key}.engine"
     if not path.is_file():
