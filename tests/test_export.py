@@ -1109,3 +1109,27 @@ def test_cached_export_clears_a_killed_export_of_its_graph(tmp_path, monkeypatch
     )
     assert cached_export(net) == cache_dir() / f"{digest}.onnx"
     assert not killed.exists() and other.exists()
+
+
+def test_stored_tensors_walks_subgraphs_attributes_and_functions():
+    """Every tensor whose bytes a side file may hold, found without onnx's private walker (which a
+    release may rename): initializers, attribute tensors, subgraphs' and functions' ones."""
+    from onnx import TensorProto, helper
+
+    from fastdiff.export.onnx_export import stored_tensors
+
+    def tensor(name):
+        return helper.make_tensor(name, TensorProto.FLOAT, [1], [1.0])
+
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    branch = helper.make_graph([helper.make_node("Identity", ["b"], ["y"])], "b", [], [out], [tensor("b")])
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=tensor("const")),
+        helper.make_node("If", ["flag"], ["y"], then_branch=branch, else_branch=branch),
+    ]
+    graph = helper.make_graph(nodes, "g", [], [out], [tensor("w")])
+    function = helper.make_function(
+        "local", "f", [], ["z"], [helper.make_node("Constant", [], ["z"], value=tensor("in_f"))], []
+    )
+    model = helper.make_model(graph, functions=[function])
+    assert sorted(t.name for t in stored_tensors(model)) == ["b", "b", "const", "in_f", "w"]

@@ -17,7 +17,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -330,13 +330,31 @@ class ExportedGraph:
         return input_shapes(self.signature, self.image_shape, self.low_res_shape)
 
 
+def stored_tensors(model) -> Iterator:
+    """Every tensor an ONNX ``model`` stores, any of which may keep its bytes in a side file: the
+    initializers and node attributes of its graph, its subgraphs and its functions (onnx walks
+    them only in a private helper, which an onnx release may rename)."""
+    pending = [model.graph, *model.functions]
+    while pending:
+        graph = pending.pop()
+        yield from getattr(graph, "initializer", ())  # a FunctionProto has none
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.HasField("t"):
+                    yield attribute.t
+                yield from attribute.tensors
+                if attribute.HasField("g"):
+                    pending.append(attribute.g)
+                pending.extend(attribute.graphs)
+
+
 def side_files(model) -> dict[str, int]:
     """The side files an ONNX ``model`` (loaded without its external data) reads its weights from,
     each with the bytes its tensors need (the end of the last one): what a complete file holds."""
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     needed: dict[str, int] = {}
-    for tensor in _get_all_tensors(model):
+    for tensor in stored_tensors(model):
         if uses_external_data(tensor):
             info = ExternalDataInfo(tensor)
             end = (info.offset or 0) + (info.length or 0)
@@ -458,4 +476,5 @@ __all__ = [
     "read_export",
     "save_onnx",
     "side_files",
+    "stored_tensors",
 ]

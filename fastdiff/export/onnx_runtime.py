@@ -267,7 +267,7 @@ def _cache(path: Path, target: Path) -> None:
     """``path`` (and its side file) as ``target`` in the cache (held: see remember)."""
     import onnx
 
-    from .onnx_export import side_files
+    from .onnx_export import side_files, stored_tensors
 
     model = onnx.load(str(path), load_external_data=False)
     located = side_files(model)
@@ -278,7 +278,7 @@ def _cache(path: Path, target: Path) -> None:
         raise ValueError("several side files")  # not how fastdiff writes its graphs
     data = f"{target.name}.data"
     _place(path.parent / next(iter(located)), target.parent / data)
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
+    for tensor in stored_tensors(model):
         for entry in tensor.external_data:
             if entry.key == "location":
                 entry.value = data
