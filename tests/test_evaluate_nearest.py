@@ -241,7 +241,7 @@ def test_cli_holds_its_out_folder_and_clears_its_killed_temporaries(tmp_path):
     args = ["nearest", "--no-progress", "--out", str(out), str(tmp_path / "s.npz")]
     args += ["--data", str(tmp_path / "train.npz"), "--held-out", str(tmp_path / "held.npz")]
     with locked_folder(out):
-        one_line_error(CliRunner().invoke(main, args), "another fastdiff process is writing into")
+        one_line_error(CliRunner().invoke(main, args), "is in use by another fastdiff process")
     assert len(list(out.iterdir())) == 3
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output

@@ -1086,7 +1086,7 @@ def test_cli_export_holds_its_out_folder_and_clears_its_killed_temporaries(tmp_p
     assert res.exit_code == 1 and not calls and killed.exists()
     assert (
         res.output
-        == f"Error: another fastdiff process is writing into {out}; wait for it or choose another --out\n"
+        == f"Error: {out} is in use by another fastdiff process; wait for it or choose another --out\n"
     )
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0 and len(calls) == 1, res.output

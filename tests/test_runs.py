@@ -368,3 +368,22 @@ def test_errors_about_many_class_names_stay_short():
     with pytest.raises(RunError) as e:
         check_classifier(model, clf)
     assert str(e.value).count("(1000 classes)") == 2 and len(str(e.value)) < 500
+
+
+def test_both_folder_locks_say_a_held_folder_in_one_line(tmp_path):
+    """A run folder's lock file and a shared folder's lock on itself refuse a second process in
+    the same words (the shared one said "another fastdiff process is writing into" instead)."""
+    from fastdiff.files import locked_folder
+    from fastdiff.runs.folder import exclusive_folder, shared_folder
+
+    said = []
+    for hold, take in (
+        (lambda: exclusive_folder(tmp_path / "a", ""), lambda: exclusive_folder(tmp_path / "a", "x")),
+        (lambda: locked_folder(tmp_path / "b"), lambda: shared_folder(tmp_path / "b", [])),
+    ):
+        with hold(), pytest.raises(RunError) as refused, take():
+            pass
+        said.append(str(refused.value).replace(str(tmp_path), "T"))
+    assert said == [
+        f"T/{n} is in use by another fastdiff process; wait for it or choose another --out" for n in "ab"
+    ]

@@ -38,6 +38,14 @@ def check_writable(folder: Path, what: str) -> None:
         raise RunError(f"cannot write to {what}: {e.strerror or e}") from None
 
 
+def _in_use(out: Path, holder: str = "") -> RunError:
+    """The one line for an --out another process holds, either lock (naming the command where its
+    lock file does)."""
+    return RunError(
+        f"{out} is in use by another {holder or 'fastdiff process'}; wait for it or choose another --out"
+    )
+
+
 @contextmanager
 def exclusive_folder(out: Path, holder: str) -> Iterator[None]:
     """Create ``out`` if needed and hold ``out/.lock`` (flock, non-blocking) until the block ends;
@@ -56,10 +64,7 @@ def exclusive_folder(out: Path, holder: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            other = os.read(fd, 200).decode(errors="replace").strip() or "fastdiff process"
-            raise RunError(
-                f"{out} is in use by another {other}; wait for it or choose another --out"
-            ) from None
+            raise _in_use(out, os.read(fd, 200).decode(errors="replace").strip()) from None
         try:
             os.ftruncate(fd, 0)
             os.write(fd, holder.encode())
@@ -87,9 +92,7 @@ def shared_folder(out: Path, names: list[str]) -> Iterator[None]:
         try:
             held.enter_context(locked_folder(out))
         except BlockingIOError:
-            raise RunError(
-                f"another fastdiff process is writing into {out}; wait for it or choose another --out"
-            ) from None
+            raise _in_use(out) from None
         except OSError as e:
             raise RunError(f"cannot write to --out {out}: {e.strerror or e}") from None
         try:
