@@ -425,3 +425,13 @@ def test_model_device_is_the_first_parameters_device_else_the_cpu():
     assert model_device(nn.Linear(2, 2).to("meta")) == torch.device("meta")
     assert model_device(lambda x, t, **kw: x) == torch.device("cpu")  # a plain function
     assert model_device(nn.Identity()) == torch.device("cpu")
+
+
+def test_check_shape_checks_an_image_shape_too():
+    """Sampler's image_shape has no batch; it goes through the same check (it had a copy of it)."""
+    from fastdiff.diffusion.samplers import check_shape
+
+    assert check_shape([3, 8], batch=False) == (3, 8) and check_shape((2, 3, 8)) == (2, 3, 8)
+    for bad in ((8,), (3, 0, 8), (3, True, 8)):
+        with pytest.raises(ValueError, match=r"^image_shape must be positive ints \(C, H, W\), got "):
+            check_shape(bad, batch=False)

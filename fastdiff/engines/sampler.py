@@ -28,6 +28,7 @@ from fastdiff.diffusion.samplers import (
     check_eta,
     check_finite_noise,
     check_labels,
+    check_shape,
     get_sampler,
     is_int,
     loop_timesteps,
@@ -195,13 +196,7 @@ class Sampler:
             # An upsampler's first conv also takes the upsampled low-res image: half are x's channels.
             channels = int(model.in_channels) // (2 if isinstance(model, SuperResModel) else 1)
             image_shape = (channels, int(model.image_size), int(model.image_size))
-        if not (
-            isinstance(image_shape, Sequence)
-            and len(image_shape) >= 2
-            and all(is_int(d) and d >= 1 for d in image_shape)
-        ):
-            raise ValueError(f"image_shape must be positive ints (C, H, W), got {image_shape!r}")
-        self.image_shape = tuple(image_shape)
+        self.image_shape = check_shape(image_shape, batch=False)
         size = getattr(model, "image_size", None)
         if self.engine in CACHED_BUILDS and size is not None and self.image_shape[1:] != (size, size):
             # The graph is exported at the model's size: every step would fail, after the export.

@@ -104,11 +104,14 @@ def check_labels(labels, limits: Sequence[tuple[int, str]], n: int | None = None
     return labels
 
 
-def check_shape(shape) -> tuple[int, ...]:
-    """``shape`` as a tuple, or one ValueError: positive ints, a batch, channels and at least one
-    spatial size (a 0 or a float was an error from deep inside torch.randn or the first conv)."""
-    if not (isinstance(shape, Sequence) and len(shape) >= 3 and all(is_int(d) and d >= 1 for d in shape)):
-        raise ValueError(f"shape must be positive ints (N, C, H, W), got {shape!r}")
+def check_shape(shape, batch: bool = True) -> tuple[int, ...]:
+    """``shape`` as a tuple, or one ValueError: positive ints, a batch (unless ``batch`` is False:
+    an image_shape), channels and at least one spatial size (a 0 or a float was an error from deep
+    inside torch.randn or the first conv)."""
+    least = 3 if batch else 2
+    if not (isinstance(shape, Sequence) and len(shape) >= least and all(is_int(d) and d >= 1 for d in shape)):
+        name, dims = ("shape", "N, C, H, W") if batch else ("image_shape", "C, H, W")
+        raise ValueError(f"{name} must be positive ints ({dims}), got {shape!r}")
     return tuple(shape)
 
 
