@@ -434,6 +434,10 @@ def test_upsample_with_names_a_preset_or_a_file():
         Path("/w/64_256_upsampler.pt"),
     )
     assert parse_upsampler_spec("C:/w/sr.safetensors") == (None, Path("C:/w/sr.safetensors"))
+    # the checkpoint's ~ is the home folder, as in UserPath options (it was a folder named ~)
+    home = Path.home()
+    assert parse_upsampler_spec("upsampler64-256:~/sr.pt") == ("upsampler64-256", home / "sr.pt")
+    assert parse_upsampler_spec("~/sr.safetensors") == (None, home / "sr.safetensors")
 
 
 def test_cli_upsample_engine_onnx_errors_are_one_line(files, tmp_path, monkeypatch):

@@ -188,11 +188,13 @@ def upsample_run(
 
 
 def parse_upsampler_spec(spec: str) -> tuple[str | None, Path]:
-    """``PRESET:CHECKPOINT``, or a safetensors ``CHECKPOINT`` that carries its own flags."""
+    """``PRESET:CHECKPOINT``, or a safetensors ``CHECKPOINT`` that carries its own flags; a leading
+    ``~`` in CHECKPOINT is the home folder, as in every path option (no shell expands it after
+    ``PRESET:``)."""
     name, sep, rest = spec.partition(":")
     if sep and name in PRESETS:
-        return name, Path(rest)
-    return None, Path(spec)
+        return name, Path(rest).expanduser()
+    return None, Path(spec).expanduser()
 
 
 @dataclass
