@@ -164,6 +164,31 @@ def test_configs_check_themselves(make, message):
         make()
 
 
+def test_every_unknown_name_is_refused_in_one_form():
+    """Pools, noise and beta schedules and schedule samplers say "unknown KIND 'x'; choose one of:
+    ..." with a typo's nearest name, as samplers and engines do (each had its own wording)."""
+    from fastdiff.diffusion.schedule import get_named_beta_schedule
+    from fastdiff.training.resample import create_named_schedule_sampler
+
+    for make, message in (
+        (lambda: ClassifierConfig(pool="atention"), "pool 'atention'; choose one of: adaptive, attention,"),
+        (
+            lambda: DiffusionConfig(noise_schedule="cosin"),
+            "noise_schedule 'cosin'; choose one of: linear, cosine",
+        ),
+        (
+            lambda: get_named_beta_schedule("lienar", 10),
+            "beta schedule 'lienar'; choose one of: linear, cosine",
+        ),
+        (
+            lambda: create_named_schedule_sampler("unifrom", 10),
+            "schedule sampler 'unifrom'; choose one of: uniform,",
+        ),
+    ):
+        with pytest.raises(ValueError, match="^unknown " + message + ".*; did you mean '[a-z]+'\\?$"):
+            make()
+
+
 def test_config_types_are_normalised():
     c = UNetConfig(attention_resolutions=[16, 8], dropout=0, channel_mult=[1, 2, 3, 4])
     assert c.attention_resolutions == (16, 8) and type(c.dropout) is float

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastdiff.config import ConfigError, check_types
+from fastdiff.config import ConfigError, check_types, unknown_choice
 
 NOISE_SCHEDULES = ("linear", "cosine")
 LINEAR_MIN_STEPS = 20  # fewer linear steps give betas above 1
@@ -33,9 +33,7 @@ class DiffusionConfig:
         if self.steps < 2:
             raise ConfigError(f"diffusion_steps must be at least 2, got {self.steps}")
         if self.noise_schedule not in NOISE_SCHEDULES:
-            raise ConfigError(
-                f"unknown noise_schedule {self.noise_schedule!r}; choose {' or '.join(NOISE_SCHEDULES)}"
-            )
+            raise ConfigError(unknown_choice("noise_schedule", self.noise_schedule, NOISE_SCHEDULES))
         if self.noise_schedule == "linear" and self.steps < LINEAR_MIN_STEPS:
             # The linear betas end at 0.02 * 1000 / steps: above 1 (a negative alpha) below 20
             # steps, a process guided-diffusion refuses too (whatever the respacing).

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from ..config import unknown_choice
+
 
 def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     """Betas of the "linear" (Ho et al., scaled so any T spans the same range) or "cosine" schedule."""
@@ -19,7 +21,7 @@ def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
         return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
     if name == "cosine":
         return betas_for_alpha_bar(num_timesteps, lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2)
-    raise ValueError(f"unknown beta schedule {name!r}; choose 'linear' or 'cosine'")
+    raise ValueError(unknown_choice("beta schedule", name, ("linear", "cosine")))
 
 
 def betas_for_alpha_bar(

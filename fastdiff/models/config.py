@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fastdiff.config import ConfigError, check_types
+from fastdiff.config import ConfigError, check_types, unknown_choice
 
 # guided-diffusion's channel multipliers by image size (create_model / sr_create_model).
 UNET_CHANNEL_MULT = {
@@ -181,6 +181,6 @@ class ClassifierConfig(NetConfig):
         if self.num_classes < 1:
             raise ConfigError(f"num_classes must be at least 1, got {self.num_classes}")
         if self.pool not in POOLS:
-            raise ConfigError(f"unknown pool {self.pool!r}; choose one of {', '.join(POOLS)}")
+            raise ConfigError(unknown_choice("pool", self.pool, POOLS))
         if self.pool == "attention" and self.num_head_channels == -1:
             raise ConfigError("pool 'attention' needs num_head_channels")

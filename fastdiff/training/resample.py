@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from fastdiff.config import unknown_choice
+
 from .config import ConfigError
 
 
@@ -90,4 +92,4 @@ def create_named_schedule_sampler(name: str, num_timesteps: int) -> ScheduleSamp
         return UniformSampler(num_timesteps)
     if name == "loss-second-moment":
         return LossSecondMomentResampler(num_timesteps)
-    raise ConfigError(f"unknown schedule sampler {name!r}; choose uniform or loss-second-moment")
+    raise ConfigError(unknown_choice("schedule sampler", name, ("uniform", "loss-second-moment")))
