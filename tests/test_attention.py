@@ -410,3 +410,14 @@ def test_bad_arguments():
 )
 def test_kernel_gpu_large(shape, order, dtype):
     _check_fwd_bwd(*shape, order, dtype, device="cuda")
+
+
+def test_both_ops_take_kernels_for_one_list_of_dtypes():
+    """attention and ada_group_norm each kept a copy of the kernels' dtypes; a dtype added to one
+    would have left the other falling back without a word."""
+    from fastdiff.ops import _backend
+    from fastdiff.ops.ada_group_norm import function as group_norm
+    from fastdiff.ops.attention import function as attention
+
+    assert group_norm.KERNEL_DTYPES is attention.KERNEL_DTYPES is _backend.KERNEL_DTYPES
+    assert not hasattr(group_norm, "_KERNEL_DTYPES") and not hasattr(attention, "_KERNEL_DTYPES")

@@ -43,6 +43,9 @@ def _triton_problem() -> str | None:
 
 _TRITON_PROBLEM = _triton_problem()  # found once: dynamo traces the calls that read it
 
+# The dtypes every op's kernels are built for; fp64 runs them only in the interpreter.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 def triton_available() -> bool:
     """True when triton imports (not necessarily usable on every device)."""

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .._backend import (
+    KERNEL_DTYPES,
     OpInputError,
     check_count,
     check_tensor,
@@ -28,8 +29,6 @@ from .._backend import (
     use_triton,
 )
 from .reference import ada_group_norm_backward_reference, ada_group_norm_reference, group_stats_reference
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @functools.cache
@@ -60,7 +59,7 @@ def _kernel_allowed(x: Tensor) -> bool:
     reference, the kernels being built for fp16/bf16/fp32."""
     if force_reference() or x.numel() == 0 or in_func_transform() or forward_ad_active() or onnx_exporting():
         return False
-    return x.dtype in _KERNEL_DTYPES or (x.dtype == torch.float64 and not x.is_cuda)
+    return x.dtype in KERNEL_DTYPES or (x.dtype == torch.float64 and not x.is_cuda)
 
 
 def _has_kernel(x: Tensor) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff.ops._backend import (
+    KERNEL_DTYPES,
     OpInputError,
     autocast_available,
     check_count,
@@ -34,13 +35,11 @@ from fastdiff.ops.attention.reference import (
 )
 from fastdiff.ops.attention.sdpa import sdpa_attention
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def _kernel_for(qkv: torch.Tensor) -> bool:
     if qkv.numel() == 0:
         return False
-    if qkv.dtype in _KERNEL_DTYPES and use_triton(qkv):
+    if qkv.dtype in KERNEL_DTYPES and use_triton(qkv):
         return True
     return False
 
@@ -131,6 +130,6 @@ def attention(qkv: torch.Tensor, num_heads: int, order: str = "new") -> torch.Te
             # a custom op has no autocast rule: cast as SDPA and the reference's matmuls are cast
             qkv = qkv.to(torch.get_autocast_dtype(device))
         return _attention(qkv, num_heads, order)[0]
-    if qkv.dtype in _KERNEL_DTYPES and (why := triton_missing(qkv)):
+    if qkv.dtype in KERNEL_DTYPES and (why := triton_missing(qkv)):
         notice_fallback("attention", why, "PyTorch's SDPA")
     return sdpa_attention(qkv, num_heads, order)
