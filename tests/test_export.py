@@ -613,7 +613,9 @@ def _add_graph(value: float):
     w = numpy_helper.from_array(np.full(1024, value, np.float32), "w")
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1024]) for n in ("x", "y")]
     graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", io[:1], io[1:], [w])
-    return onnx_ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    # IR 10, not onnx's newest: an older onnxruntime (the GPU image's 1.30) refuses a newer IR
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    return onnx_ir.from_proto(model)
 
 
 def test_a_side_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
