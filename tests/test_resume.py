@@ -144,3 +144,149 @@ def test_ranks_that_see_other_checkpoints_refuse_to_resume(tmp_path, monkeypatch
     monkeypatch.setattr("fastdiff.training.dist.all_gather_objects", lambda step: [step, None])
     with pytest.raises(TrainingError, match=r"different checkpoints there \(rank 0 step 1, rank 1 none\)"):
         trainer.run()
+
+
+@pytest.fixture
+def cli_signals():
+    """SIGTERM handled as the fastdiff group handles it (raised as Terminated) for the test's span."""
+    from fastdiff.cli.main import _terminate
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    yield _terminate
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _signal_during_step(trainer, step, signum):
+    """Send ``signum`` to this process as the trainer starts step ``step`` (1-based)."""
+    run_step = trainer.run_step
+
+    def signalled(x, y):
+        if trainer.step + 1 == step:
+            os.kill(os.getpid(), signum)
+        return run_step(x, y)
+
+    trainer.run_step = signalled
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_step_saves_that_step_and_the_resume_matches_uninterrupted(
+    tmp_path, cli_signals, signum
+):
+    """SIGTERM (a scheduler's stop) or Ctrl-C mid-step: the step finishes, its checkpoint is
+    written, and only then the signal acts (Terminated / KeyboardInterrupt as the CLI turns them
+    into 143 / 130). The steps after the last --save-every checkpoint used to be lost."""
+    from fastdiff.cli.main import Terminated
+
+    ds = tiny_data()
+    kw = {"max_steps": 5, "save_every": 2, "log_every": 1, "ema": (0.9,)}
+    full = tiny_config(tmp_path / "full", ds, **kw)
+    DiffusionTrainer(full, ds).run()
+
+    stopped = tiny_config(tmp_path / "stopped", ds, **kw)
+    trainer = DiffusionTrainer(stopped, ds)
+    _signal_during_step(trainer, 3, signum)
+    with pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt):
+        trainer.run()
+    assert json.loads((Path(stopped.out) / "latest.json").read_text())["step"] == 3
+    # the handlers from before the run are back (the group's SIGTERM one turns itself off as it acts)
+    assert signal.getsignal(signal.SIGTERM) is (signal.SIG_DFL if signum == signal.SIGTERM else cli_signals)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    DiffusionTrainer(dataclasses.replace(stopped, resume=True), ds).run()
+    for name in ("model_0000005.safetensors", "ema_0.9_0000005.safetensors"):
+        a, b = (load_file(Path(c.out) / name) for c in (full, stopped))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.slow  # five training processes: CI's slow stage runs it
+def test_sigterm_to_the_process_group_saves_and_resumes_bit_identical(tmp_path):
+    """SLURM's stop, SIGTERM to every process of the job (DataLoader workers included): exit 143
+    with the one line, a checkpoint of the step it was in though --save-every is far off, and the
+    resume ends with the weights of an uninterrupted run, with and without workers."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", rng.integers(0, 256, (10, 8, 8, 1), dtype=np.uint8), np.arange(10) % 3)
+    npz = str(tmp_path / "d.npz")
+    cli = [sys.executable, "-m", "fastdiff.cli.main", "train"]
+    full = subprocess.run(
+        _cmd(npz, tmp_path / "full"), env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert full.returncode == 0, full.stderr[-2000:]
+    for workers in ("0", "2"):
+        out = tmp_path / f"stopped{workers}"
+        cmd = [*cli, *_cmd(npz, out, "--save-every", "100", "--num-workers", workers)[3:]]
+        proc = subprocess.Popen(
+            cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        for line in proc.stdout:  # the log row of step 4: well into the run, far from its end
+            if line.startswith("step 4 "):
+                break
+        os.killpg(proc.pid, signal.SIGTERM)
+        err = proc.communicate(timeout=300)[1]
+        assert proc.returncode == 143, err[-2000:]
+        assert err.endswith("terminated: run the same command with --resume to continue\n"), err[-2000:]
+        stopped_at = json.loads((out / "latest.json").read_text())["step"]
+        assert 4 <= stopped_at < STEPS
+        resumed = subprocess.run(
+            [*cli, *_cmd(npz, out, "--num-workers", workers, "--resume")[3:]],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        for a, b in zip(_weights(tmp_path / "full"), _weights(out)):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), workers
+
+
+RANK_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from fastdiff.cli.main import Terminated, _terminate
+from fastdiff.models import configs_from_flags, parse_flags
+from fastdiff.training import DiffusionTrainer, TrainConfig, dist, fit_unet
+from fastdiff.training.data import load_npz
+
+signal.signal(signal.SIGTERM, _terminate)  # as the fastdiff group does
+npz, out = sys.argv[1], Path(sys.argv[2])
+ds = load_npz(npz)
+flags = parse_flags("--num_channels 32 --num_res_blocks 1 --channel_mult 1,2")
+net, process = configs_from_flags("diffusion", flags)
+cfg = TrainConfig(net=fit_unet(net, ds, 0.0), process=process, out=str(out), batch_size=4, max_steps=1000,
+                  log_every=1, save_every=0, device="cpu", progress=False)
+trainer = DiffusionTrainer(cfg, ds)
+out.mkdir(exist_ok=True)
+(out / f"pid{dist.rank()}").write_text(str(os.getpid()))
+try:
+    trainer.run()
+except Terminated:
+    (out / f"stopped{dist.rank()}").write_text(str(trainer.step))
+    dist.cleanup()
+    sys.exit(143)
+"""
+
+
+@pytest.mark.slow  # a torchrun job: CI's slow stage runs it
+def test_sigterm_to_one_torchrun_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """A SIGTERM that reaches rank 1 alone: each step's gather carries the signals the ranks hold,
+    so both ranks finish that step, rank 0 writes its checkpoint, and both exit (no rank is left
+    waiting at a collective for one that stopped)."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", rng.integers(0, 256, (8, 8, 8, 1), dtype=np.uint8), np.arange(8) % 2)
+    (tmp_path / "rank.py").write_text(RANK_SCRIPT)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.Popen(
+        [*cmd, str(tmp_path / "rank.py"), str(tmp_path / "d.npz"), str(out)],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    deadline = time.time() + 300
+    log = out / "log.jsonl"
+    while not ((out / "pid1").exists() and log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.05)
+    os.kill(int((out / "pid1").read_text()), signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1].decode()
+    steps = [int((out / f"stopped{r}").read_text()) for r in (0, 1)]
+    assert steps[0] == steps[1] == json.loads((out / "latest.json").read_text())["step"], err[-3000:]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
 import os
+import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -329,3 +332,61 @@ def test_a_real_failed_safetensors_write_is_one_line(tmp_path):
         signal.signal(signal.SIGXFSZ, previous)
     _one_line(result, f"cannot write {out / 'model_0000001.safetensors'}: File too large")
     assert not [p.name for p in out.iterdir() if p.name.startswith(".model")]  # no temp file left
+
+
+def _signal_during_step(trainer, step):
+    """SIGINT (Ctrl-C) to this process as the trainer starts step ``step`` (1-based)."""
+    run_step = trainer.run_step
+
+    def signalled(x, y):
+        if trainer.step + 1 == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return run_step(x, y)
+
+    trainer.run_step = signalled
+
+
+def test_a_failed_save_after_a_signal_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The checkpoint a stop writes fails on a full disk: the run's one line (exit 1 in the CLI)
+    instead of the signal's exit, and latest.json still names the --save-every checkpoint."""
+    ds = tiny_data()
+    cfg = tiny_config(tmp_path, ds, max_steps=5, save_every=2)
+    trainer = DiffusionTrainer(cfg, ds)
+    _signal_during_step(trainer, 3)
+    real = ckpt.save_torch
+
+    def full(obj, path):
+        if obj["step"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(obj, path)
+
+    monkeypatch.setattr(ckpt, "save_torch", full)
+    with pytest.raises(TrainingError, match="no space left on device writing .*state_0000003.pt"):
+        trainer.run()
+    assert ckpt.load_checkpoint(cfg.out)[0] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_signal_during_the_stop_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C twice: the second acts at once, in the middle of the first one's save; the atomic
+    writes leave no temporary file and the previous checkpoint whole, and --resume continues it."""
+    ds = tiny_data()
+    cfg = tiny_config(tmp_path, ds, max_steps=4, save_every=2)
+    trainer = DiffusionTrainer(cfg, ds)
+    _signal_during_step(trainer, 3)
+    real = ckpt.atomic_write
+
+    def interrupted(path, write):  # step 3's state file written, then the second Ctrl-C before its rename
+        if Path(path).name != "state_0000003.pt":
+            return real(path, write)
+        real(path, lambda tmp: (write(tmp), os.kill(os.getpid(), signal.SIGINT)))
+
+    monkeypatch.setattr(ckpt, "atomic_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    monkeypatch.undo()
+    out = tmp_path / "run"
+    assert not [p for p in out.iterdir() if ckpt.is_temp_file(p)]
+    assert ckpt.load_checkpoint(out)[0] == 2
+    DiffusionTrainer(dataclasses.replace(cfg, resume=True), ds).run()
+    assert ckpt.load_checkpoint(out)[0] == 4

@@ -187,7 +187,8 @@ def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps
     """Train an ADM diffusion model (hybrid loss with learned sigma, EMA, AdamW).
 
     The last line printed names the weights fastdiff sample takes; killed, the same command
-    with --resume continues.
+    with --resume continues. SIGTERM (a scheduler's stop) or Ctrl-C first finishes the step
+    and checkpoints it (exit 143 or 130), so the resume loses nothing.
 
     \b
     Examples:
@@ -217,6 +218,9 @@ def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps
 )
 def train_classifier(val_data, eval_every, **o):
     """Train ADM's noisy-image classifier (for classifier guidance).
+
+    SIGTERM (a scheduler's stop) or Ctrl-C first finishes the step and checkpoints it (exit 143
+    or 130); the same command with --resume continues exactly.
 
     \b
     Examples:

@@ -20,6 +20,9 @@ import contextlib
 import errno
 import json
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -141,6 +144,55 @@ def check_resume_settings(config: TrainConfig, kind: str) -> None:
         )
 
 
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C, and a SIGTERM from anyone but their parent, which reach
+    them too (SLURM signals every process of the job, a terminal its foreground group): torch's
+    own SIGTERM handler had a worker die at once, and the main process with it (a RuntimeError)
+    before it could save. The parent's SIGTERM (its clean-up at exit) still ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # taken by the thread below only
+    threading.Thread(target=_exit_at_parents_sigterm, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_at_parents_sigterm(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)
+
+
+class StopSignals:
+    """SIGTERM and Ctrl-C held while the loop runs, so that the run stops after the step it is in,
+    with that step's checkpoint, and then acts on the signal as it would have (the CLI: exit 143 or
+    130). A second one of the same signal acts at once, a save under way included (its atomic
+    writes leave the previous checkpoint)."""
+
+    def __init__(self):
+        self.signum = 0  # the strongest signal held (SIGTERM over SIGINT), 0: none
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers are the main thread's
+            for s in (signal.SIGTERM, signal.SIGINT):
+                # None: a handler set outside Python (not restorable); SIG_IGN: the caller's choice
+                if signal.getsignal(s) not in (None, signal.SIG_IGN):
+                    self._previous[s] = signal.signal(s, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self.signum = max(self.signum, signum)
+        signal.signal(signum, self._previous[signum])
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def deliver(self, signum: int) -> None:
+        """The handlers from before the loop back, then ``signum`` raised to them."""
+        self.__exit__()
+        signal.raise_signal(signum)
+
+
 class TrainLoop:
     """Shared machinery: devices/DDP, AdamW with warm-up/anneal, loss scaling, clipping, EMA,
     keyed randomness, logging, checkpoints and exact resume. Subclasses define ``compute_loss``."""
@@ -171,6 +223,8 @@ class TrainLoop:
         self.meter = Meter()
         self.step = 0
         self.skipped = 0  # fp16 steps skipped in a row
+        self.signals = StopSignals()
+        self._stop = torch.zeros(())  # the signal some rank held at this step's gather (world > 1)
         self.out = Path(cfg.out)
         self._last_log = (time.time(), 0)
 
@@ -245,8 +299,10 @@ class TrainLoop:
             records.append(rec)
             losses.append(loss.detach().float().reshape(1))
         loss_sum = torch.cat(losses).sum()
-        if self.world > 1:
-            loss_sum = dist.all_gather_cat(loss_sum.reshape(1)).sum()
+        if self.world > 1:  # with each rank's held signal, so that all stop after the same step
+            held = torch.tensor(float(self.signals.signum), device=loss_sum.device)
+            both = dist.all_gather_cat(torch.stack([loss_sum, held]).reshape(1, 2))
+            loss_sum, self._stop = both[:, 0].sum(), both[:, 1].max()
         took = self._optimize(loss_sum)
         t = torch.cat([r.pop("t") for r in records])
         terms = {k: torch.cat([r[k] for r in records]).float() for k in records[0]}
@@ -325,8 +381,8 @@ class TrainLoop:
             num_workers=cfg.num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=cfg.num_workers > 0,
+            worker_init_fn=_leave_stop_signals_to_the_main_process,
         )
-        batches = iter(loader)
         bar = progress_bar(
             total=cfg.max_steps,
             initial=self.step,
@@ -336,27 +392,42 @@ class TrainLoop:
         )
         self._last_log = (time.time(), self.step)
         try:
-            while self.step < cfg.max_steps:
-                try:
-                    x, y = next(batches)
-                except DataError as e:
-                    raise worker_error(e) from None
-                self.run_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-                self.step += 1
-                bar.update(1)
-                done = self.step == cfg.max_steps
-                if self.step % cfg.log_every == 0 or done:
-                    self.log(bar)
-                # The step's grid / held-out row before its checkpoint: a run killed in between
-                # redoes them on resume (a checkpoint first would leave them never written).
-                self.after_step()
-                if (cfg.save_every and self.step % cfg.save_every == 0) or done:
-                    self.save()
+            with self.signals:
+                self._loop(iter(loader), bar)
         finally:
             bar.close()
         if main:
             plot_losses(self.out / ckpt.LOG, self.out / ckpt.LOSS_PLOT)
         dist.barrier()
+
+    def _loop(self, batches, bar) -> None:
+        """Steps to --max-steps, or until a held signal stops every rank after the same step."""
+        cfg = self.config
+        while self.step < cfg.max_steps:
+            try:
+                x, y = next(batches)
+            except DataError as e:
+                raise worker_error(e) from None
+            self.run_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            self.step += 1
+            bar.update(1)
+            done = self.step == cfg.max_steps
+            if self.step % cfg.log_every == 0 or done:
+                self.log(bar)
+            # The step's grid / held-out row before its checkpoint: a run killed in between
+            # redoes them on resume (a checkpoint first would leave them never written).
+            self.after_step()
+            saved = (cfg.save_every and self.step % cfg.save_every == 0) or done
+            if saved:
+                self.save()
+            signum = int(self._stop) if self.world > 1 else self.signals.signum
+            if signum:
+                try:
+                    if not saved:
+                        self.save()
+                finally:  # the other ranks exit once rank 0 has written (or failed to): an early
+                    dist.barrier()  # exit would have torchrun stop rank 0 in the middle of it
+                self.signals.deliver(signum)
 
     def log(self, bar) -> None:
         row = self.meter.flush()
