@@ -150,6 +150,8 @@ def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
     own SIGTERM handler had a worker die at once, and the main process with it (a RuntimeError)
     before it could save. The parent's SIGTERM (its clean-up at exit) still ends them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: torch's own SIGTERM handling stays
+        return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # taken by the thread below only
     threading.Thread(target=_exit_at_parents_sigterm, args=(os.getppid(),), daemon=True).start()
 
