@@ -81,6 +81,16 @@ def device_options(command):
     )
 
 
+seed_option = click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed; the same seed and --batch-size give the same images (each batch draws its noise "
+    "from the seed and its index, so another --batch-size keeps only the first batch's).",
+)
+
+
 def runtime_options(command):
     """device_options, then --clip-denoised and --progress (sample and upsample)."""
     return device_options(
@@ -157,14 +167,7 @@ def runtime_options(command):
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per batch."
 )
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Seed; the same seed and --batch-size give the same images (each batch draws its noise "
-    "from the seed and its index, so another --batch-size keeps only the first batch's).",
-)
+@seed_option
 @click.option(
     "--out",
     type=UserPath(path_type=Path),

@@ -12,7 +12,7 @@ import click
 
 from fastdiff.choices import SAMPLER_NAMES
 from fastdiff.cli.paths import UserPath
-from fastdiff.cli.sample import echo, runtime_options, summary_line
+from fastdiff.cli.sample import echo, runtime_options, seed_option, summary_line
 
 
 @click.command("upsample")
@@ -47,14 +47,7 @@ from fastdiff.cli.sample import echo, runtime_options, summary_line
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per batch."
 )
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Seed; the same seed and --batch-size give the same images (each batch draws its noise "
-    "from the seed and its index, so another --batch-size keeps only the first batch's).",
-)
+@seed_option
 @click.option(
     "--out",
     type=UserPath(path_type=Path),
