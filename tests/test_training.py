@@ -137,6 +137,30 @@ def test_loss_second_moment_sampler():
     assert t.shape == (5,) and torch.all(w == 1)
 
 
+def test_logged_loss_is_the_importance_weighted_one(tmp_path):
+    """Once loss-second-moment's history is full, the logged loss is the one optimized (each
+    example's loss times its importance weight, as guided-diffusion logs it), while the sampler
+    keeps learning the plain losses."""
+    ds = tiny_data()
+    trainer = DiffusionTrainer(tiny_config(tmp_path, ds, schedule_sampler="loss-second-moment"), ds)
+    sampler = trainer.schedule_sampler
+    sampler.history[:] = torch.arange(1.0, 51.0, dtype=torch.float64)[:, None]  # late t: high loss
+    sampler.counts[:] = sampler.history_per_term
+    compute_loss, seen = trainer.compute_loss, []
+
+    def spy(*args):
+        loss, rec = compute_loss(*args)
+        seen.append((float(loss), rec["t"], rec["loss"].double()))
+        return loss, rec
+
+    trainer.compute_loss = spy
+    trainer.run_step(torch.stack([ds[i][0] for i in range(4)]), torch.tensor([ds[i][1] for i in range(4)]))
+    ((loss, t, plain),) = seen
+    assert trainer.meter.flush()["loss"] == pytest.approx(loss, rel=1e-6)
+    assert loss != pytest.approx(float(plain.mean()), rel=1e-3)  # the weights are not all 1
+    assert torch.equal(sampler.history[t, -1], plain.cpu())
+
+
 def test_fp16_clips_the_unscaled_gradient_and_reads_old_scaler_state(tmp_path):
     """GradScaler: the logged grad norm is the true (unscaled) one, and a checkpoint of the
     hand-written scaler it replaced still resumes with its scale and growth count."""

@@ -66,12 +66,17 @@ class DiffusionTrainer(TrainLoop):
         t, weights = t.to(self.device), weights.to(self.device)
         terms = self.diffusion.training_losses(self._forward, x, t, model_kwargs=kwargs, noise=noise)
         loss = (terms["loss"] * weights).mean()
-        return loss, {"t": t, **{k: v.detach() for k, v in terms.items()}}
+        return loss, {"t": t, "weight": weights, **{k: v.detach() for k, v in terms.items()}}
 
     def record(self, t, terms) -> None:
+        """The schedule sampler learns the plain losses; the log gets them times their importance
+        weights, as guided-diffusion logs them: the loss optimized, an unbiased estimate of the
+        uniform-t loss whatever the sampler (unweighted, loss-second-moment's mean jumped up once
+        its history filled, since it then draws the timesteps of high loss more often)."""
+        weights = terms.pop("weight")
         self.schedule_sampler.update_with_losses(t, terms["loss"])
         for name, values in terms.items():
-            self.meter.add_per_t(name, values, t, self.diffusion.num_timesteps)
+            self.meter.add_per_t(name, values * weights, t, self.diffusion.num_timesteps)
 
     def extra_state(self) -> dict:
         return {"schedule_sampler": self.schedule_sampler.state_dict()}
