@@ -80,7 +80,8 @@ def common_options(lr: float, ema: str, out: str):
             type=click.Choice(PRECISIONS),
             default="fp32",
             show_default=True,
-            help="fp32, bf16 autocast, or fp16 autocast with dynamic loss scaling.",
+            help="fp32, bf16 autocast, or fp16 autocast with dynamic loss scaling (over fp32 "
+            "weights: a use_fp16 flag in --flags or a preset does not set it).",
         ),
         click.option(
             "--max-steps", type=int, default=10000, show_default=True, help="Training ends at this step."

@@ -6,12 +6,22 @@ stream keyed by ``(seed, step, global micro-batch index)`` and the data order is
 and N processes with the same global batch and micro-batch size see the same samples, noise
 and timesteps as one process.
 
-Deviations from guided-diffusion, on purpose:
+Given the same draws, the loop computes guided-diffusion's image_train.py and classifier_train.py
+(tests/test_training_original.py), except, on purpose:
 - micro-batch losses are weighted by their share of the batch, so splitting a batch into
-  micro-batches does not change the gradient (the original summed micro-batch means);
-- mixed precision is autocast over fp32 master weights (``use_fp16`` model flag is forced off),
-  fp16 with ``torch.amp.GradScaler``'s dynamic loss scale instead of the original's fixed-step
-  log-scale schedule.
+  micro-batches does not change the gradient (image_train.py summed micro-batch means);
+- the global gradient norm is clipped to ``--grad-clip`` (1.0 by default; the original clips
+  nothing, which ``--grad-clip 0`` repeats);
+- ``--anneal`` gives step s (from 0) the LR ``lr * (1 - s / max_steps)``, classifier_train.py's
+  rule; image_train.py sets each step's LR after the step before, so its schedule lags one step
+  (its steps 0 and 1 both at the full LR);
+- the loss-second-moment sampler learns a step's losses after the step, gathered over the ranks
+  in global batch order (the original learns each micro-batch's before the next one draws), so N
+  processes draw the timesteps one process draws;
+- mixed precision is autocast over fp32 master weights (``use_fp16`` model flag is forced off:
+  ``--precision`` says), fp16 with ``torch.amp.GradScaler``'s dynamic loss scale (from 2**16,
+  doubled after 2000 good steps) instead of the original's log-scale schedule (from 2**20, +0.001
+  per step), whose first steps may overflow and be skipped where these are taken.
 """
 
 from __future__ import annotations

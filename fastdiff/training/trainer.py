@@ -121,7 +121,11 @@ class DiffusionTrainer(TrainLoop):
 
 
 class ClassifierTrainer(TrainLoop):
-    """ADM's noisy-image classifier: uniform t, q_sample, cross-entropy; accuracy per t quartile."""
+    """ADM's noisy-image classifier: uniform t, q_sample, cross-entropy; accuracy per t quartile.
+
+    The classifier is given the timesteps the diffusion model is (``model_timesteps``: 0..1000
+    under rescale_timesteps), as guidance gives them to it when sampling; classifier_train.py gave
+    it the plain t, which its own sampling then rescaled."""
 
     kind = "classifier"
 
@@ -169,7 +173,8 @@ class ClassifierTrainer(TrainLoop):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out loss/accuracy at fixed random t per image (the same every evaluation)."""
+        """Held-out loss/accuracy over the whole held-out set at fixed random t per image (the same
+        every evaluation; classifier_train.py scored one random batch at new draws each time)."""
         self.model.eval()
         meter = Meter()
         loader = torch.utils.data.DataLoader(self.val_dataset, batch_size=self.micro, shuffle=False)
