@@ -520,6 +520,36 @@ def test_lr_warmup_and_anneal(tmp_path):
     assert [round(trainer.lr_at(s), 6) for s in (0, 3, 5, 10)] == [0.25, 0.7, 0.5, 0.0]
 
 
+def test_micro_batches_leave_the_step_unchanged(tmp_path):
+    """Each micro-batch's mean loss counts by its share of the batch (guided-diffusion summed the
+    means, a gradient as many times larger as there are micro-batches): the same per-example
+    losses give the same step whatever --microbatch (draws aside, which follow the micro-batch)."""
+    ds = tiny_data()
+    x = torch.stack([ds[i][0] for i in range(4)])
+    y = torch.tensor([ds[i][1] for i in range(4)])
+    steps = {}
+    for microbatch in (0, 1, 2):
+        trainer = DiffusionTrainer(tiny_config(tmp_path, ds, microbatch=microbatch, grad_clip=0.0), ds)
+        t = torch.full((4,), 7)
+
+        def losses(xs, ys, gen, dev_gen, trainer=trainer, t=t):
+            out = trainer._forward(xs, t[: len(xs)], y=ys)[:, : xs.shape[1]]
+            per_example = (out - xs).square().mean(dim=(1, 2, 3))
+            rec = {"t": t[: len(xs)], "weight": torch.ones(len(xs)), "loss": per_example.detach()}
+            return per_example.mean(), rec
+
+        trainer.compute_loss = losses
+        trainer.run_step(x, y)
+        steps[microbatch] = [p.detach().clone() for p in trainer.model.parameters()], trainer.meter.flush()
+    whole, row = steps[0]
+    for microbatch in (1, 2):
+        params, row_micro = steps[microbatch]
+        assert row_micro["grad_norm"] == pytest.approx(row["grad_norm"], rel=1e-5) and row["grad_norm"] > 0
+        assert row_micro["loss"] == pytest.approx(row["loss"], rel=1e-6)
+        for a, b in zip(whole, params):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     ds = tiny_data()
     x = torch.stack([ds[i][0] for i in range(4)])
