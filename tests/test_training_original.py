@@ -3,10 +3,11 @@ classifier_train.py), given the same draws.
 
 The own loop keys its draws by (seed, step, micro-batch), so it does not repeat the original's
 random stream (tests/test_compat_training.py checks compat's loop, which does). Here the own
-trainer runs as it is; what it drew (its batches, timesteps and noise) is recorded and handed to
-the original code in place of its own draws (``np.random.choice`` of its schedule sampler,
-``th.randn_like`` of its process), from the same initial weights. Then the two must hold the same
-weights, EMA weights, AdamW state and schedule-sampler state, and have logged the same losses.
+trainer runs as it is; what it drew (its batches, timesteps, noise and dropout stream) is recorded
+and handed to the original code in place of its own draws (``np.random.choice`` of its schedule
+sampler, ``th.randn_like`` of its process, the global generator), from the same initial weights.
+Then the two must hold the same weights, EMA weights, AdamW state and schedule-sampler state, and
+have logged the same losses.
 Where fastdiff differs on purpose (loop.py's docstring: micro-batch weighting, clipping, when the
 loss-aware sampler learns, the fp16 loss scale's start, the anneal's step), the original is given
 fastdiff's choice here, or the difference itself is what a test checks.
@@ -114,7 +115,7 @@ class Draws:
     """What the own trainer drew, in order, and the original's draws replaced by it."""
 
     def __init__(self):
-        self.batches, self.t, self.noise = [], [], []
+        self.batches, self.t, self.noise, self.rng = [], [], [], []
 
     def record(self, trainer, process_method: str) -> None:
         """Spy on ``trainer.run_step`` (batches) and the process' method that takes t and noise."""
@@ -127,6 +128,7 @@ class Draws:
         def spy(*args, noise, **kwargs):
             self.t.append(args[-1].clone())
             self.noise.append(noise.clone())
+            self.rng.append(torch.get_rng_state())  # the dropout masks' stream
             return method(*args, noise=noise, **kwargs)
 
         trainer.run_step = step
@@ -136,7 +138,7 @@ class Draws:
         """The original's schedule sampler draws the recorded t, its process the recorded noise,
         ``per_draw`` recorded draws at a time (classifier_train.py draws for a whole batch, the
         own trainer for each micro-batch)."""
-        ts, noises = iter(self.t), iter(self.noise)
+        ts, noises, rngs = iter(self.t), iter(self.noise), iter(self.rng)
 
         def choice(n, size, p):
             t = torch.cat([next(ts) for _ in range(per_draw)]).numpy()
@@ -148,6 +150,8 @@ class Draws:
         def with_noise(*args, **kwargs):
             assert kwargs.get("noise") is None
             noise = torch.cat([next(noises) for _ in range(per_draw)])
+            rng = [next(rngs) for _ in range(per_draw)]
+            torch.set_rng_state(rng[0])  # dropout: only the diffusion model has any (per_draw 1)
             return method(*args, **kwargs, noise=noise.reshape(args[-2].shape))
 
         # the original's module numpy, with this choice (and np.int, which numpy 1.24 removed)
@@ -198,6 +202,7 @@ DIFFUSION_GRID = {
         {"schedule_sampler": "loss-second-moment", "batch_size": 16, "max_steps": 6, "microbatch": 8},
     ),
     "class_cond, use_kl": ({"class_cond": True, "use_kl": True}, {}),
+    "dropout": ({"dropout": 0.3}, {}),
     "predict_xstart, fixed sigma": ({"predict_xstart": True, "learn_sigma": False}, {}),
     # The original starts its loss scale at 2**20, GradScaler at 2**16 (loop.py): the same start here.
     "use_fp16 / fp16 precision": ({"use_fp16": True}, {"precision": "fp16"}),
