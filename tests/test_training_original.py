@@ -75,11 +75,14 @@ def log_rows(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def gd():
-    """The original's modules, imported from the checkout with stand-ins for mpi4py (one rank, its
-    process group gloo on this machine) and blobfile (local files), which this venv lacks."""
+    """The original's modules, imported afresh from the checkout (another test may have imported
+    them with other stand-ins) with stand-ins for mpi4py (one rank, its process group gloo on this
+    machine) and blobfile (local files), which this venv lacks."""
     mpi = types.ModuleType("mpi4py.MPI")
     mpi.COMM_WORLD = types.SimpleNamespace(rank=0, size=1, Get_rank=lambda: 0, bcast=lambda obj, root=0: obj)
     with pytest.MonkeyPatch.context() as mp:
+        for name in [n for n in sys.modules if n.split(".")[0] == "guided_diffusion"]:
+            mp.delitem(sys.modules, name)
         mp.setitem(sys.modules, "mpi4py", types.SimpleNamespace(MPI=mpi))
         mp.setitem(sys.modules, "mpi4py.MPI", mpi)
         mp.setitem(sys.modules, "blobfile", blobfile)
