@@ -16,7 +16,10 @@ from fastdiff.ops.upsample_conv import fusable, upsample_conv, upsample_conv_ref
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-TOL = {torch.float32: (4.0, 2e-6), torch.float16: (2.0, 2e-3), torch.bfloat16: (2.0, 2e-2)}
+# fp16/bf16: the fast path rounds twice (the folded 4x4 kernel, whose taps sum 1-4 weights, and the
+# output) where the reference rounds once, so it may err by 1 ulp and a bit where the reference errs
+# by half (seen on an AVX2 CPU without native bf16, whose oneDNN rounds as the GPU may)
+TOL = {torch.float32: (4.0, 2e-6), torch.float16: (3.0, 2e-3), torch.bfloat16: (3.0, 2e-2)}
 # (N, C, O, H, W): odd sizes, one pixel, C != O, non-square
 SHAPES = [(1, 3, 5, 1, 1), (2, 4, 6, 7, 5), (3, 8, 8, 8, 8), (2, 16, 4, 3, 9), (2, 32, 32, 16, 16)]
 
