@@ -8,6 +8,7 @@ poisoned with NaN before launch (FASTDIFF_OPS_POISON) so an unwritten element fa
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import sys
 
@@ -475,6 +476,55 @@ def test_modules_are_one_call_each_under_fx_symbolic_trace():
     calls = [n for n in graph.graph.nodes if n.op == "call_function" and "ada_group_norm" in n.name]
     assert len(calls) == 3
     torch.testing.assert_close(graph(x, emb), net(x, emb), rtol=0, atol=0)
+
+
+class _Norms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gn, self.plain, self.ada = GroupNormSiLU(2, 4), GroupNorm(2, 4), AdaGroupNormSiLU(2, 4)
+
+    def forward(self, x, emb):
+        return self.ada(self.plain(self.gn(x)), emb[:, :4], emb[:, 4:])
+
+
+def _script_and_trace(net, inputs, other_inputs):
+    """net scripted and traced (on ``inputs``), each saved and loaded back: their outputs on
+    ``other_inputs`` (another shape), and the traced graph's text. The trace skips its check
+    under the interpreter, which refuses the kernels the check's eager rerun launches."""
+    check = not (triton_interpret() and os.environ.get("FASTDIFF_OPS") == "triton")
+    scripted, traced = torch.jit.script(net), torch.jit.trace(net, inputs, check_trace=check)
+    loaded = []
+    for module in (scripted, traced):
+        buf = io.BytesIO()
+        torch.jit.save(module, buf)
+        buf.seek(0)
+        loaded.append(torch.jit.load(buf))
+    return [m(*other_inputs) for m in loaded], str(traced.inlined_graph)
+
+
+def test_modules_script_and_trace():
+    """torch.jit.script of a network holding the modules failed ("Don't support conversion in
+    JoinedStr": TorchScript compiled the op's checks); scripted it runs the reference, and both
+    TorchScript forms, saved and loaded back, compute what the network does at other shapes."""
+    torch.manual_seed(0)
+    net = _Norms()
+    outs, _ = _script_and_trace(
+        net,
+        (torch.randn(2, 4, 3, 3), torch.randn(2, 8)),
+        (x := torch.randn(3, 4, 5, 2), emb := torch.randn(3, 8)),
+    )
+    for out in outs:
+        torch.testing.assert_close(out, net(x, emb), rtol=1e-5, atol=1e-5)
+
+
+def test_trace_records_no_custom_op(tk):
+    """Where the kernels run, a torch.jit.trace records the reference's native ops: the custom
+    op it recorded is unknown wherever the graph is loaded without fastdiff (libtorch)."""
+    torch.manual_seed(0)
+    net, x, emb = _Norms(), torch.randn(2, 4, 3, 3), torch.randn(2, 8)
+    (_, traced_out), graph = _script_and_trace(net, (x, emb), (x, emb))
+    assert "fastdiff::" not in graph and "group_norm" in graph
+    torch.testing.assert_close(traced_out, net(x, emb), rtol=1e-5, atol=1e-5)
 
 
 BROKEN_TRITONS = {  # triton/__init__.py -> the error each op names

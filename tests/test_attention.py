@@ -220,6 +220,23 @@ def test_modules_are_one_call_each_under_fx_symbolic_trace():
     torch.testing.assert_close(graph(x), net(x), rtol=0, atol=0)
 
 
+def test_modules_script_and_trace():
+    """torch.jit.script of a network holding QKVAttention(Legacy) failed ("Don't support
+    conversion in JoinedStr": TorchScript compiled the op's checks); scripted it runs SDPA, a
+    trace records no custom op where the kernels run (it would be unknown without fastdiff,
+    in libtorch), and both forms compute what the network does at another shape."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv1d(4, 12, 1), QKVAttention(2), nn.Conv1d(4, 6, 1), QKVAttentionLegacy(1)
+    ).eval()
+    # the trace's check reruns the network eagerly, where the interpreter refuses the kernels
+    traced = torch.jit.trace(net, torch.randn(2, 4, 5), check_trace=not triton_interpret())
+    assert "fastdiff::" not in str(traced.inlined_graph)
+    x = torch.randn(3, 4, 7)
+    for module in (torch.jit.script(net), traced):
+        torch.testing.assert_close(module(x), net(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("order", ["new", "legacy"])
 def test_double_backward_on_the_sdpa_path(order, monkeypatch):
     """fp32 on the CPU runs SDPA, whose fused backward has no derivative: a gradient penalty

@@ -148,6 +148,31 @@ def test_frozen_weight_written_through_data_is_folded_again():
     )
 
 
+def test_script_and_trace_of_a_frozen_weight():
+    """torch.jit.trace under no_grad failed its check ("Graphs differed across invocations"):
+    the first call folded the weight, the second took the kept fold, a constant in the graph, so
+    a trace without the check ignored later weights. Traced, the fold comes from the weight on
+    every call; scripted, upsample_conv is the reference."""
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 6, 3, padding=1)
+
+        def forward(self, x):
+            return upsample_conv(x, self.conv.weight, self.conv.bias)
+
+    net, x = Up().eval(), torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        modules = (torch.jit.trace(net, x), torch.jit.script(net))
+        for module in modules:
+            module.conv.weight.mul_(2)
+            x = torch.randn(3, 4, 6, 7)
+            torch.testing.assert_close(
+                module(x), upsample_conv_reference(x, module.conv.weight, module.conv.bias)
+            )
+
+
 def test_vmap_over_weights():
     """torch.func.vmap over stacked weights (an ensemble through functional_call): a batched
     weight has no storage to key a cache on."""

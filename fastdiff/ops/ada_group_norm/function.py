@@ -59,6 +59,8 @@ def _kernel_allowed(x: Tensor) -> bool:
     reference, the kernels being built for fp16/bf16/fp32."""
     if force_reference() or x.numel() == 0 or in_func_transform() or forward_ad_active() or onnx_exporting():
         return False
+    if torch.jit.is_tracing():  # a traced graph runs where fastdiff's custom ops are unknown (libtorch)
+        return False
     return x.dtype in KERNEL_DTYPES or (x.dtype == torch.float64 and not x.is_cuda)
 
 
@@ -200,14 +202,30 @@ def _per_sample(t: Tensor | None, name: str, n: int, c: int) -> Tensor | None:
 
 
 def ada_group_norm(
-    x, num_groups, weight=None, bias=None, scale=None, shift=None, eps=1e-5, activation="silu"
-):
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = "silu",
+) -> Tensor:
     """``act((GN(x) * weight + bias) * (1 + scale) + shift)`` fused, statistics in fp32.
 
     x: [N, C, *] (NCHW, channels_last or any trailing dims; the output keeps x's memory format);
     weight/bias: [C] or None; scale/shift: [N, C] (ADM's AdaGN, use_scale_shift_norm) or None;
-    activation: "silu" or None.
+    activation: "silu" or None. Under ``torch.jit.script`` (no custom op, checks or kernels
+    there) it is the reference, and a ``torch.jit.trace`` records the reference's native ops.
     """
+    if torch.jit.is_scripting():
+        return ada_group_norm_reference(x, num_groups, weight, bias, scale, shift, eps, activation)
+    return _dispatch(x, num_groups, weight, bias, scale, shift, eps, activation)
+
+
+def _dispatch(x, num_groups, weight, bias, scale, shift, eps, activation):
+    """ada_group_norm's checks and dispatch, in a function TorchScript never compiles (it reads
+    a function's whole source, f-strings and all, before it skips what scripting does not run)."""
     check_tensor("ada_group_norm", "x", x)
     for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)):
         check_tensor("ada_group_norm", name, t, optional=True)

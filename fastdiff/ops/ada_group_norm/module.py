@@ -16,6 +16,7 @@ class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same constructor, parameters, state_dict) with fp32 statistics for any input
     dtype, like guided-diffusion's GroupNorm32, through the fused op."""
 
+    __constants__ = [*nn.GroupNorm.__constants__, "activation"]  # for torch.jit.script
     activation: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:

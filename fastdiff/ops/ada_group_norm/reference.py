@@ -20,21 +20,32 @@ def _stat_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """[N, C] -> [N, C, 1, ...] so it broadcasts over x's trailing dims."""
-    return t.reshape(t.shape[0], t.shape[1], *([1] * (x.dim() - 2)))
+    return t.reshape([t.shape[0], t.shape[1]] + [1] * (x.dim() - 2))
 
 
-def _update(h, other, inplace, outplace):
-    """``outplace(h, other)``, in h's storage when the result keeps h's dtype (type promotion
-    would make the in-place form round differently) and outside torch.func transforms (under
-    vmap, scale/shift may be batched where x, hence h, is not)."""
-    same_dtype = torch.promote_types(h.dtype, other.dtype) == h.dtype
-    return inplace(h, other) if same_dtype and not in_func_transform() else outplace(h, other)
+def _in_place(h: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether ``h op other`` may be written into h's storage: where the result keeps h's dtype
+    (type promotion would make the in-place form round differently) and outside torch.func
+    transforms (under vmap, scale/shift may be batched where x, hence h, is not)."""
+    if torch.promote_types(h.dtype, other.dtype) != h.dtype:
+        return False
+    if torch.jit.is_scripting():  # TorchScript has no torch.func transforms
+        return True
+    return not in_func_transform()
 
 
 def ada_group_norm_reference(
-    x, num_groups, weight=None, bias=None, scale=None, shift=None, eps=1e-5, activation="silu"
-):
-    """``act((GN(x) * weight + bias) * (1 + scale) + shift)``, GN in fp32 like GroupNorm32."""
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = "silu",
+) -> torch.Tensor:
+    """``act((GN(x) * weight + bias) * (1 + scale) + shift)``, GN in fp32 like GroupNorm32.
+    Annotated for TorchScript, which compiles it where the modules are scripted."""
     sd = _stat_dtype(x)
     if weight is None and bias is not None:
         # F.group_norm's CPU backward fails for a bias without a weight ("tensor does not have a
@@ -44,7 +55,7 @@ def ada_group_norm_reference(
     if (
         not xs.is_contiguous()
         and not xs.requires_grad
-        and any(t is not None and t.requires_grad for t in (weight, bias))
+        and ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
     ):
         # F.group_norm's CPU backward crashes (segfault, torch 2.13) on a channels_last input that
         # needs no gradient while weight or bias does (frozen features, trained norms)
@@ -59,13 +70,15 @@ def ada_group_norm_reference(
     # h is this function's own tensor (no autograd formula here needs it afterwards), so the
     # chain updates it in place: the same values, without an allocation per step (the CPU path).
     if scale is not None:
-        h = _update(h, 1 + _per_channel(scale, x), torch.Tensor.mul_, torch.mul)
+        s = 1 + _per_channel(scale, x)
+        h = h.mul_(s) if _in_place(h, s) else h * s
     if shift is not None:
-        h = _update(h, _per_channel(shift, x), torch.Tensor.add_, torch.add)
-    if activation == "silu":
+        t = _per_channel(shift, x)
+        h = h.add_(t) if _in_place(h, t) else h + t
+    if activation is not None:
+        if activation != "silu":
+            raise ValueError("activation must be 'silu' or None, got " + activation)
         h = F.silu(h, inplace=True)
-    elif activation is not None:
-        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
     return _like(h.to(x.dtype), x)
 
 

@@ -107,8 +107,18 @@ def attention(qkv: torch.Tensor, num_heads: int, order: str = "new") -> torch.Te
     """ADM attention: qkv [B, 3*H*d, T] -> [B, H*d, T], softmax(q.k / sqrt(d)) v per head.
 
     ``order="new"`` splits q, k, v first, then heads (QKVAttention); ``"legacy"`` splits heads
-    first, each head's channels holding q, k, v (QKVAttentionLegacy).
+    first, each head's channels holding q, k, v (QKVAttentionLegacy). Under ``torch.jit.script``
+    (no custom op, checks or kernels there) it is SDPA, and a ``torch.jit.trace`` records
+    SDPA's or the reference's native ops.
     """
+    if torch.jit.is_scripting():
+        return sdpa_attention(qkv, num_heads, order)
+    return _dispatch(qkv, num_heads, order)
+
+
+def _dispatch(qkv, num_heads, order):
+    """attention's checks and dispatch, in a function TorchScript never compiles (it reads a
+    function's whole source, f-strings and all, before it skips what scripting does not run)."""
     check_tensor("attention", "qkv", qkv)
     num_heads = check_count("attention", "num_heads", num_heads)
     if order not in ORDERS:
@@ -121,7 +131,9 @@ def attention(qkv: torch.Tensor, num_heads: int, order: str = "new") -> torch.Te
         raise OpInputError(f"attention: qkv must be a floating-point tensor, got {qkv.dtype}")
     if forward_ad_active():  # neither the custom op nor SDPA's fused kernels have a forward derivative
         return attention_reference(qkv, num_heads, order)
-    if in_func_transform():  # the custom op's autograd is invisible there: plain PyTorch
+    # plain PyTorch inside a torch.func transform, which cannot see the custom op's autograd, and
+    # in a torch.jit.trace, whose graph runs where fastdiff's custom ops are unknown (libtorch)
+    if in_func_transform() or torch.jit.is_tracing():
         plain = force_reference() or nested_func_grad()
         return (attention_reference if plain else sdpa_attention)(qkv, num_heads, order)
     if _kernel_for(qkv) or force_reference() or qkv.dtype == torch.float64:

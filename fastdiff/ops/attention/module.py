@@ -25,6 +25,7 @@ def count_flops_attn(model: nn.Module, _x, y) -> None:
 
 
 class _HeadAttention(nn.Module):
+    __constants__ = ["n_heads", "order"]  # for torch.jit.script
     order = "new"
     count_flops = staticmethod(count_flops_attn)
 

@@ -67,6 +67,8 @@ class _TwiceDifferentiable(torch.autograd.Function):
 
 def sdpa_attention(qkv: torch.Tensor, num_heads: int, order: str) -> torch.Tensor:
     """[B, 3*H*d, T] -> [B, H*d, T]; same math as ``attention_reference`` (q.k / sqrt(d))."""
+    if torch.jit.is_scripting():  # TorchScript has no autograd.Function: SDPA's own backward
+        return _sdpa(qkv, num_heads, order)
     differentiable = torch.is_grad_enabled() and qkv.requires_grad
     traced = torch.compiler.is_compiling() or torch.jit.is_tracing() or in_func_transform()
     if differentiable and not traced:

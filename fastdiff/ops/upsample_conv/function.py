@@ -65,6 +65,7 @@ def _folded_weight(weight: torch.Tensor) -> torch.Tensor:
     such as ``ema.data.lerp_(...)``), and comparing costs a fraction of folding."""
     if (
         torch.compiler.is_compiling()
+        or torch.jit.is_tracing()  # a kept fold would be a constant in the trace, not the weight's
         or in_func_transform()
         or weight.device.type != "cpu"
         or (weight.requires_grad and torch.is_grad_enabled())
@@ -130,7 +131,16 @@ def fusable(conv: nn.Module) -> bool:
 
 def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``conv3x3(nearest_upsample_2x(x))`` with padding 1: x [N, C, H, W], weight [O, C, 3, 3],
-    bias [O] or None -> [N, O, 2H, 2W]. Differentiable in all three."""
+    bias [O] or None -> [N, O, 2H, 2W]. Differentiable in all three. Under ``torch.jit.script``
+    (no checks or kept folds there) it is the reference."""
+    if torch.jit.is_scripting():
+        return upsample_conv_reference(x, weight, bias)
+    return _dispatch(x, weight, bias)
+
+
+def _dispatch(x, weight, bias):
+    """upsample_conv's checks and dispatch, in a function TorchScript never compiles (it reads a
+    function's whole source, f-strings and all, before it skips what scripting does not run)."""
     check_tensor("upsample_conv", "x", x)
     check_tensor("upsample_conv", "weight", weight)
     check_tensor("upsample_conv", "bias", bias, optional=True)

@@ -11,4 +11,5 @@ def upsample_conv_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x [N, C, H, W], weight [O, C, 3, 3] -> [N, O, 2H, 2W]."""
-    return F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)
+    # a float scale: TorchScript, which compiles this where upsample_conv is scripted, takes no int
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
