@@ -654,6 +654,54 @@ def test_module_fp16_input_fp32_params():
     assert (y.double() - ref).abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16], ids=str)
+def test_modules_under_cpu_autocast_return_what_torch_does(dtype, autocast):
+    """The CPU's autocast has no rule for group_norm: nn.GroupNorm returns the input's dtype."""
+    x, scale = torch.randn(2, 4, 3, 3, dtype=dtype), torch.randn(2, 4, dtype=dtype)
+    with torch.autocast("cpu", dtype=autocast):
+        want = nn.GroupNorm(2, 4)(x)
+        torch.testing.assert_close(GroupNorm(2, 4)(x), want)
+        torch.testing.assert_close(GroupNormSiLU(2, 4)(x), F.silu(want))
+        assert (
+            AdaGroupNormSiLU(2, 4)(x, scale, scale).dtype
+            == GroupNorm(2, 4, keep_dtype=True)(x).dtype
+            == dtype
+        )
+
+
+def test_autocast_runs_group_norm_in_fp32_on_every_device_type_but_the_cpu():
+    """What ``autocast_input`` assumes, asked of torch's dispatcher: autocast has a rule (its fp32
+    list) for group_norm on CUDA, XPU and MPS, and none on the CPU."""
+    has_rule = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert not has_rule("aten::group_norm", "AutocastCPU")
+    assert all(has_rule("aten::group_norm", f"Autocast{d}") for d in ("CUDA", "XPU", "MPS"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("ops_mode", ["auto", "reference"])
+def test_modules_under_cuda_autocast_return_what_torch_does(monkeypatch, ops_mode):
+    """Under CUDA autocast nn.GroupNorm takes fp16 in and returns fp32 (group_norm is on the fp32
+    list); the modules returned fp16 (a custom op has no autocast rule, and the reference casts
+    back to the input's dtype). ``keep_dtype`` keeps GroupNorm32's fp16."""
+    monkeypatch.setenv("FASTDIFF_OPS", ops_mode)
+    torch.manual_seed(0)
+    theirs = nn.GroupNorm(32, 64).cuda()
+    x, scale = torch.randn(2, 64, 8, 8, device="cuda").half(), torch.randn(2, 64, device="cuda").half()
+    with torch.autocast("cuda", dtype=torch.float16):
+        want = theirs(x)
+        assert want.dtype == torch.float32
+        for cls, act in ((GroupNorm, lambda t: t), (GroupNormSiLU, F.silu)):
+            m = cls(32, 64).cuda()
+            m.load_state_dict(theirs.state_dict())
+            torch.testing.assert_close(m(x), act(want), rtol=1e-4, atol=1e-4)
+            assert cls(32, 64, keep_dtype=True).cuda()(x).dtype == torch.float16
+        ada = AdaGroupNormSiLU(32, 64).cuda()
+        assert ada(x, scale, scale).dtype == torch.float32
+        assert AdaGroupNormSiLU(32, 64, keep_dtype=True).cuda()(x, scale, scale).dtype == torch.float16
+
+
 def test_validation_errors():
     x = torch.randn(2, 6, 3, 3)
     with pytest.raises(ValueError, match="divisible"):

@@ -517,6 +517,21 @@ def test_patch_pairs_a_group_norm_with_the_next_slot_of_its_sequential():
     torch.testing.assert_close(patch(scripted)(x), expected)  # a ScriptModule is left as it is
 
 
+def test_patch_keeps_each_norms_autocast_dtype():
+    """Under a GPU autocast nn.GroupNorm returns fp32 and GroupNorm32 the input's dtype: the
+    replacement of each keeps its rule (``keep_dtype``), and so do fastdiff's own networks."""
+    from fastdiff.models.nn import normalization
+
+    net = nn.Sequential(
+        nn.GroupNorm(2, 4), nn.SiLU(), GroupNorm32(2, 4), nn.Conv2d(4, 4, 1), GroupNorm32(2, 4)
+    )
+    patch(net)
+    assert [type(m) for m in net] == [GroupNormSiLU, nn.Identity, GroupNorm, nn.Conv2d, GroupNorm]
+    assert [net[0].keep_dtype, net[2].keep_dtype, net[4].keep_dtype] == [False, True, True]
+    block = patch(GDResBlock(32, 16, 32))
+    assert block.out_layers[0].keep_dtype and normalization(32).keep_dtype
+
+
 def test_patch_leaves_a_silu_subclass_with_its_own_forward():
     class Swish(nn.SiLU):
         def forward(self, x):

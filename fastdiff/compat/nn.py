@@ -12,7 +12,7 @@ from torch.nn import SiLU
 
 from ..diffusion.gaussian import mean_flat
 from ..models.nn import avg_pool_nd, conv_nd, maybe_checkpoint, normalization, timestep_embedding, zero_module
-from ..ops import GroupNorm as GroupNorm32
+from ..ops import GroupNorm
 from ..training.ema import update_ema as _update_ema
 
 __all__ = [
@@ -29,6 +29,14 @@ __all__ = [
     "update_ema",
     "zero_module",
 ]
+
+
+class GroupNorm32(GroupNorm):
+    """The original's GroupNorm32: fastdiff's GroupNorm whose output keeps the input's dtype
+    under autocast too (``keep_dtype``), as the original's ``.type(x.dtype)`` does."""
+
+    def __init__(self, *args, keep_dtype: bool = True, **kwargs):
+        super().__init__(*args, keep_dtype=keep_dtype, **kwargs)
 
 
 def update_ema(target_params, source_params, rate=0.99) -> None:

@@ -20,8 +20,9 @@ from fastdiff.ops import GroupNorm, GroupNormSiLU
 def normalization(channels: int, silu: bool = False) -> GroupNorm:
     """ADM's normalization layer (32 groups, fp32 statistics), fused with the SiLU after it when
     ``silu``: the slot of that SiLU then holds ``nn.Identity`` so module indices (and state_dict
-    keys) stay guided-diffusion's."""
-    return (GroupNormSiLU if silu else GroupNorm)(32, channels)
+    keys) stay guided-diffusion's. Its output keeps the input's dtype under autocast too, as
+    GroupNorm32's does."""
+    return (GroupNormSiLU if silu else GroupNorm)(32, channels, keep_dtype=True)
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:

@@ -128,7 +128,7 @@ class ResBlock(TimestepBlock):
         )
         # With scale-shift, GN * (1 + scale) + shift and the SiLU are one fused op.
         out_norm = (
-            AdaGroupNormSiLU(32, self.out_channels)
+            AdaGroupNormSiLU(32, self.out_channels, keep_dtype=True)
             if use_scale_shift_norm
             else normalization(self.out_channels, silu=True)
         )

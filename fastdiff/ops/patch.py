@@ -166,9 +166,11 @@ def _attention_class(m: nn.Module):
 
 def _group_norm(old: nn.GroupNorm, cls: type[GroupNorm]) -> GroupNorm:
     """Same hyper-parameters, sharing the old Parameter objects (device, dtype, optimizer state
-    and state_dict keys stay as they were). GroupNorm32's fp32 statistics and input-dtype output
-    are what fastdiff's GroupNorm does for every input dtype, as does nn.GroupNorm's output dtype."""
-    new = cls(old.num_groups, old.num_channels, old.eps, old.affine, device="meta")
+    and state_dict keys stay as they were). GroupNorm32's fp32 statistics are what fastdiff's
+    GroupNorm computes for every input dtype; under autocast its output keeps the input's dtype
+    for a GroupNorm32 (``keep_dtype``) and follows nn.GroupNorm's rule for an nn.GroupNorm."""
+    keep_dtype = old.keep_dtype if isinstance(old, GroupNorm) else type(old).__name__ == "GroupNorm32"
+    new = cls(old.num_groups, old.num_channels, old.eps, old.affine, device="meta", keep_dtype=keep_dtype)
     new.weight, new.bias = old.weight, old.bias
     return new.train(old.training)
 
