@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import math
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -226,6 +228,33 @@ def test_patch_is_idempotent_and_selective():
     assert type(only_attn.attn[0].attention) is fast_attention.QKVAttention
     only_gn = patch(Net(), attention=False)
     assert type(only_gn.attn[0].attention) is QKVAttention and type(only_gn.out[0]) is GroupNormSiLU
+
+
+def test_patch_logs_what_it_replaced(caplog):
+    """patch() said nothing of what it swapped (nor that it swapped nothing): each replacement is
+    a DEBUG line naming the module, the counts one INFO line; a second patch replaces nothing."""
+    model = Net()
+    with caplog.at_level(logging.DEBUG, logger="fastdiff.ops.patch"):
+        patch(model)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "patch(Net): out.0: GroupNorm -> GroupNormSiLU (with the SiLU after it, now an Identity)" in lines
+    assert "patch(Net): attn.1.attention: QKVAttentionLegacy -> fastdiff's" in lines
+    assert "patch(Net): plain: GroupNorm -> GroupNorm" in lines
+    assert lines[-1] == "patch(Net): 4 GroupNormSiLU, 4 GroupNorm, 1 QKVAttention, 1 QKVAttentionLegacy"
+    caplog.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fastdiff's layers are there: no warning
+        with caplog.at_level(logging.INFO, logger="fastdiff.ops.patch"):
+            patch(model)
+    assert [r.getMessage() for r in caplog.records] == ["patch(Net): nothing replaced"]
+
+
+@pytest.mark.parametrize("model", [nn.GroupNorm(2, 4), nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))])
+def test_patch_warns_when_it_finds_nothing_to_replace(model):
+    """A bare layer (patch swaps children) or a network without GroupNorms was returned as it was,
+    silently."""
+    with pytest.warns(UserWarning, match=r"patch: nothing to replace in (GroupNorm|Sequential) \("):
+        assert patch(model) is model
 
 
 def test_patch_refuses_what_is_no_module_and_flags_that_are_no_bools():

@@ -3,9 +3,12 @@ model with the same building blocks) without touching its weights or state_dict 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import itertools
+import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,7 @@ from fastdiff.ops.attention.module import QKVAttention, QKVAttentionLegacy
 from fastdiff.ops.upsample_conv import fusable, upsample_conv
 
 _ATTENTION = {"QKVAttention": QKVAttention, "QKVAttentionLegacy": QKVAttentionLegacy}
+_log = logging.getLogger(__name__)
 
 
 _RESBLOCK_ATTRS = ("in_layers", "emb_layers", "out_layers", "skip_connection", "updown", "h_upd", "x_upd")
@@ -114,14 +118,19 @@ def _is_scale_shift_resblock(m: nn.Module) -> bool:
     )
 
 
-def _fuse_resblock(block: nn.Module, upsample: bool) -> None:
+def _fuse_resblock(block: nn.Module, upsample: bool) -> str:
     """The model-specific part of ``patch``: guided-diffusion's ResBlock applies its out norm
     alone, then ``* (1 + scale) + shift``, then SiLU; that chain becomes one AdaGroupNormSiLU and
     the block's ``_forward`` (which its ``forward`` calls, under checkpointing or not) becomes
-    :func:`adm_resblock_forward`."""
+    :func:`adm_resblock_forward`. Returns what it replaced, for the log."""
+    old = type(block.out_layers[0]).__name__
     block.out_layers[0] = _group_norm(block.out_layers[0], AdaGroupNormSiLU)
     block.out_layers[1] = nn.Identity().train(block.out_layers[1].training)
     block._forward = _bound(adm_resblock_forward, block, fold_upsample=upsample)
+    folds = upsample and block.updown and _is_nearest_upsample(block.h_upd)
+    folds = folds and _foldable_conv(block.in_layers[-1])
+    also = "; h_upd + in_layers' conv -> upsample_conv" if folds else ""
+    return f"out_layers.0-1 ({old}, scale-shift, SiLU) -> AdaGroupNormSiLU{also}"
 
 
 def _bound(forward, module: nn.Module, **kwargs):
@@ -205,13 +214,20 @@ def _is_foreign_up_resblock(m: nn.Module) -> bool:
     )
 
 
-def _patch_children(module: nn.Module, group_norm: bool, attention: bool, upsample: bool, fuse: bool) -> None:
+def _patch_children(
+    module: nn.Module, group_norm: bool, attention: bool, upsample: bool, fuse: bool, path: str, done: list
+) -> None:
+    """Patch ``module`` (at ``path`` in the model) and its children, adding a (path, what,
+    kind) to ``done`` for each replacement."""
+    here = path or "(model)"
     if group_norm and _is_scale_shift_resblock(module):
-        _fuse_resblock(module, upsample)
+        done.append((here, _fuse_resblock(module, upsample), AdaGroupNormSiLU.__name__))
     if upsample and _is_foreign_up_resblock(module):
         module._forward = _bound(adm_resblock_forward, module)
+        done.append((here, "h_upd + in_layers' conv -> upsample_conv", "upsample_conv"))
     if upsample and _is_foreign_upsample_conv(module):
         module.forward = _bound(adm_upsample_forward, module)
+        done.append((here, "upsampling + conv -> upsample_conv", "upsample_conv"))
     children = list(module.named_children())
     # only nn.Sequential's own forward surely feeds each child the previous child's output alone
     fuse = fuse and isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
@@ -219,22 +235,41 @@ def _patch_children(module: nn.Module, group_norm: bool, attention: bool, upsamp
     # GroupNorm there need not be the one its Sequential runs next
     slots = list(module._modules) if fuse else []  # (a ScriptModule's _modules does not iterate)
     for name, child in children:
+        where = f"{path}.{name}" if path else name
         attn = _attention_class(child) if attention else None
         if attn is not None:
             setattr(module, name, attn(child.n_heads).train(child.training))
+            done.append((where, f"{type(child).__name__} -> fastdiff's", attn.__name__))
         elif group_norm and _is_foreign_group_norm(child):
             after = slots.index(name) + 1 if fuse else len(slots)
             nxt = module._modules[slots[after]] if after < len(slots) else None
             pair = nxt is not None and _is_silu(nxt) and _swappable(nxt)
-            setattr(module, name, _group_norm(child, GroupNormSiLU if pair else GroupNorm))
+            cls = GroupNormSiLU if pair else GroupNorm
+            setattr(module, name, _group_norm(child, cls))
+            what = f"{type(child).__name__} -> {cls.__name__}"
             if pair:
                 # Identity keeps the Sequential's indices, hence its state_dict keys
                 setattr(module, slots[after], nn.Identity().train(nxt.training))
+                what += f" (with the {type(nxt).__name__} after it, now an Identity)"
+            done.append((where, what, cls.__name__))
         else:
             # A scale-shift ResBlock not rewritten above (no guided-diffusion _forward) runs
             # out_layers[0] alone and out_layers[1:] after scale/shift: fusing SiLU there is wrong
             sliced = name == "out_layers" and bool(getattr(module, "use_scale_shift_norm", False))
-            _patch_children(child, group_norm, attention, upsample, not sliced)
+            _patch_children(child, group_norm, attention, upsample, not sliced, where, done)
+
+
+def _holds_fastdiff_layers(model: nn.Module) -> bool:
+    """Whether an earlier patch (or fastdiff's own network) put fastdiff's layers in ``model``."""
+    rewritten = (adm_resblock_forward, adm_upsample_forward)
+    for m in model.modules():
+        if isinstance(m, (GroupNorm, QKVAttention, QKVAttentionLegacy)):
+            return True
+        for attr in ("forward", "_forward"):
+            bound = vars(m).get(attr)
+            if isinstance(bound, functools.partial) and bound.func in rewritten:
+                return True
+    return False
 
 
 def patch(
@@ -250,7 +285,10 @@ def patch(
     BigGAN up ResBlock's upsampling and first conv) by one ``upsample_conv``; ``group_norm``,
     ``attention`` and ``upsample`` = False each leave their part as it was. A GroupNorm, SiLU or
     attention module with hooks or a parametrization stays as it is, as does an upsampler whose
-    conv (or BigGAN h_upd) has hooks. Returns ``model``. Code that also calls a
+    conv (or BigGAN h_upd) has hooks. Returns ``model``. What it replaced is logged by the
+    ``fastdiff.ops.patch`` logger: a line per layer at DEBUG, the counts at INFO; a model with
+    nothing to replace and none of fastdiff's layers warns (a bare layer, a network of other
+    norms). Code that also calls a
     fused Sequential's GroupNorm on its own (``self.body[0](x)``) would get the SiLU too: patch
     such a network with ``group_norm=False``.
 
@@ -261,5 +299,17 @@ def patch(
     for name, flag in (("group_norm", group_norm), ("attention", attention), ("upsample", upsample)):
         if not isinstance(flag, bool):  # "False" or "no" would switch the part on
             raise OpTypeError(f"patch: {name} must be True or False, got {flag!r}")
-    _patch_children(model, group_norm, attention, upsample, fuse=True)
+    done: list[tuple[str, str, str]] = []
+    _patch_children(model, group_norm, attention, upsample, True, "", done)
+    name = type(model).__name__
+    for where, what, _ in done:
+        _log.debug("patch(%s): %s: %s", name, where, what)
+    counts = collections.Counter(kind for _, _, kind in done)
+    _log.info("patch(%s): %s", name, ", ".join(f"{n} {k}" for k, n in counts.items()) or "nothing replaced")
+    if not done and not _holds_fastdiff_layers(model):
+        warnings.warn(
+            f"fastdiff.ops.patch: nothing to replace in {name} (it swaps a model's GroupNorms, ADM "
+            "attention and upsamplers without hooks or parametrizations, never the model itself)",
+            stacklevel=2,
+        )
     return model
