@@ -517,6 +517,21 @@ def test_modules_script_and_trace():
         torch.testing.assert_close(out, net(x, emb), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("edit", ["x", "weight", "bias", "scale", "shift"])
+def test_kernel_path_refuses_inputs_edited_in_place_before_backward(tk, edit):
+    """The custom op saves its inputs with their versions: an input edited in place between the
+    forward and the backward is torch's "modified by an inplace operation" error (nn.GroupNorm's
+    own for x and weight), never a gradient of the edited values."""
+    torch.manual_seed(0)
+    leaves = [torch.randn(*shape, requires_grad=True) for shape in ((2, 4, 3, 3), (4,), (4,), (2, 4), (2, 4))]
+    inputs = dict(zip(("x", "weight", "bias", "scale", "shift"), [t * 1 for t in leaves]))
+    y = ada_group_norm(inputs["x"], 2, inputs["weight"], inputs["bias"], inputs["scale"], inputs["shift"])
+    y.mul_(2)  # the output itself is not saved: editing it is fine
+    inputs[edit].add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_trace_records_no_custom_op(tk):
     """Where the kernels run, a torch.jit.trace records the reference's native ops: the custom
     op it recorded is unknown wherever the graph is loaded without fastdiff (libtorch)."""

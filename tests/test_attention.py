@@ -220,6 +220,20 @@ def test_modules_are_one_call_each_under_fx_symbolic_trace():
     torch.testing.assert_close(graph(x), net(x), rtol=0, atol=0)
 
 
+@needs_kernel
+@pytest.mark.parametrize("edit", ["qkv", "out"])
+def test_kernel_path_refuses_tensors_edited_in_place_before_backward(edit):
+    """The custom op saves qkv and its output (as SDPA saves its output) with their versions:
+    either edited in place before the backward is torch's "modified by an inplace operation"
+    error, never a gradient of the edited values."""
+    leaf = torch.randn(2, 3 * 2 * 4, 5, device=DEVICE, requires_grad=True)
+    qkv = leaf * 1
+    out = attention(qkv, 2)
+    (qkv if edit == "qkv" else out).add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 def test_modules_script_and_trace():
     """torch.jit.script of a network holding QKVAttention(Legacy) failed ("Don't support
     conversion in JoinedStr": TorchScript compiled the op's checks); scripted it runs SDPA, a
