@@ -36,6 +36,16 @@ def test_folder_with_class_subfolders(tmp_path):
     assert ds[1][0].max() == 1.0
 
 
+def test_linked_class_folders_are_read_and_a_link_loop_ends(tmp_path):
+    """A class folder linked in from elsewhere was passed by unseen (its class dropped)."""
+    _png(tmp_path / "elsewhere" / "b.png")
+    _png(tmp_path / "data" / "cat" / "a.png")
+    (tmp_path / "data" / "bird").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "data" / "cat" / "loop").symlink_to(tmp_path / "data")
+    ds = ImageFolderDataset(tmp_path / "data", image_size=8)
+    assert ds.class_names == ["bird", "cat"] and [p.name for p in ds.files] == ["b.png", "a.png"]
+
+
 def test_sixteen_bit_png_is_read_as_its_pixels(tmp_path):
     """PIL's convert clips a 16-bit greyscale PNG to 255: a training image read as white."""
     Image.fromarray(np.full((8, 8), 128 * 257, np.uint16)).save(tmp_path / "a.png")

@@ -179,12 +179,22 @@ def image_files(root: Path) -> list[Path]:
     folder takes them; one line where there are none."""
     files = sorted(
         p
-        for p in root.rglob("*")
+        for p in _walk(root)
         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(p.relative_to(root))
     )
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     return files
+
+
+def _walk(root: Path):
+    """Every file under ``root``, through linked folders as guided-diffusion's listing goes (a class
+    folder linked in from another disk is common; rglob passes it by, dropping the class unseen),
+    but never into a folder it is already inside, so a link loop ends."""
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        inside = {os.path.realpath(p) for p in (Path(folder), *Path(folder).parents)}
+        dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(folder, d)) not in inside]
+        yield from (Path(folder, name) for name in names)
 
 
 def class_prefix(path: Path) -> str | None:
