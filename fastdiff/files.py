@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 # The file a command holds locked (flock) in its --out folder for the whole run
 # (fastdiff.runs.folder.exclusive_folder); it stays behind, empty, and marks no content.
@@ -150,8 +150,10 @@ def locked_folder(folder: Path, wait: bool = False) -> Iterator[None]:
 
 
 def in_channels(img: Image.Image, channels: int) -> Image.Image:
-    """``img`` as 8-bit L (``channels`` 1) or RGB. 16-bit greyscale is scaled down first: PIL's
-    convert clips it to 255, so a 16-bit PNG would read as a white image."""
+    """``img`` upright, as 8-bit L (``channels`` 1) or RGB. Upright: turned as its EXIF orientation
+    says, as every viewer shows it (a phone's portrait photo is stored sideways). 16-bit greyscale
+    is scaled down first: PIL's convert clips it to 255, so a 16-bit PNG would read as a white image."""
+    img = ImageOps.exif_transpose(img)
     if img.mode.startswith("I;16"):
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).round().astype(np.uint8))
     return img.convert("L" if channels == 1 else "RGB")

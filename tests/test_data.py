@@ -46,6 +46,19 @@ def test_linked_class_folders_are_read_and_a_link_loop_ends(tmp_path):
     assert ds.class_names == ["bird", "cat"] and [p.name for p in ds.files] == ["b.png", "a.png"]
 
 
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    """A phone's portrait photo, stored sideways with orientation 6, was cropped and trained on
+    sideways."""
+    stored = np.zeros((8, 16, 3), np.uint8)
+    stored[:, 8:] = 255  # left half black: the top once turned upright
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise to show
+    img.save(tmp_path / "a.jpg", exif=exif, quality=100)
+    x, _ = ImageFolderDataset(tmp_path, image_size=8)[0]
+    assert (x[:, :3] < -0.9).all() and (x[:, -3:] > 0.9).all()
+
+
 def test_sixteen_bit_png_is_read_as_its_pixels(tmp_path):
     """PIL's convert clips a 16-bit greyscale PNG to 255: a training image read as white."""
     Image.fromarray(np.full((8, 8), 128 * 257, np.uint16)).save(tmp_path / "a.png")
