@@ -17,7 +17,13 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A network, process or run setting that cannot work (one line at the CLI)."""
+    """A network, process or run setting that cannot work (one line at the CLI). ``usage``: an
+    option's number outside the range any run takes, or a name not among its choices, what click's
+    own checks would have refused, so the CLI exits 2 as for them (else 1)."""
+
+    def __init__(self, message: str = "", *, usage: bool = False):
+        super().__init__(message)
+        self.usage = usage
 
 
 def unknown_choice(kind: str, name: Any, choices: typing.Iterable[str]) -> str:

@@ -109,6 +109,29 @@ def test_usage_errors_are_one_line_exit_2():
         assert r.output.count("\n") == 1 and message in r.output and f"(see '{hint}')" in r.output, r.output
 
 
+def test_a_value_no_option_takes_exits_2_and_what_the_files_refuse_exits_1(tmp_path):
+    """fastdiff's own checks of an option's value exit 2 as click's range checks do (train's
+    --batch-size 0 and sample's --steps 1 exited 1, sample's --num-samples 0 exited 2); a value the
+    model or the data refuse stays 1."""
+    train = ["train", "--data", "mnist", "--out", str(tmp_path / "t")]
+    sample = ["sample", "--out", str(tmp_path / "s")]
+    cases = [
+        (train + ["--batch-size", "0"], 2, "--batch-size must be at least 1"),
+        (train + ["--image-size", "0"], 2, "--image-size must be at least 1"),
+        (train + ["--ema", "2"], 2, "EMA rate 2.0 is not in (0, 1)"),
+        (sample + ["--steps", "1"], 2, "--steps must be between 2 and 1000"),
+        (sample + ["--classifier-scale", "-1"], 2, "--classifier-scale must be >= 0"),
+        (sample + ["--device", "foo"], 2, "unknown device 'foo'"),
+        (sample + ["--num-samples", "0"], 2, "0 is not in the range x>=1"),
+        (sample + ["--steps", "1001"], 1, "--steps must be between 2 and 1000"),  # the bundled model's
+        (sample + ["--classes", "10"], 1, "the model has 10 classes"),
+        (["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "t")], 1, "is none of these"),
+    ]
+    for args, status, message in cases:
+        r = CliRunner().invoke(main, args, prog_name="fastdiff")
+        assert (r.exit_code, r.output.count("\n")) == (status, 1) and message in r.output, (args, r.output)
+
+
 def test_a_bare_group_prints_its_help_as_the_top_level_does():
     """`fastdiff export` with no subcommand shows export's help as `fastdiff` shows its own
     (exit 2), not that help wrapped as an 'Error: Usage: ...' line ending in a --help hint."""

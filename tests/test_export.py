@@ -278,11 +278,11 @@ def test_cli_export_refuses_bad_options_before_work(tmp_path):
     res = runner.invoke(main, ["export", "onnx", "--out", str(tmp_path), "--opset", "12"])
     assert res.exit_code != 0 and "opset must be at least 18" in res.output
     res = runner.invoke(main, ["export", "onnx", "--out", str(tmp_path), "--opset", "17"])
-    assert res.output == "Error: --opset must be at least 18, got 17\n"
+    assert (res.exit_code, res.output) == (2, "Error: --opset must be at least 18, got 17\n")
     res = runner.invoke(main, ["export", "onnx", "--out", str(tmp_path), "--cfg", "--classifier", "nope.pt"])
     assert res.exit_code != 0 and "not found" in res.output
     res = runner.invoke(main, ["export", "onnx", "--out", str(tmp_path), "--max-batch", "1"])
-    assert res.output == "Error: --max-batch must be at least 2, got 1\n"
+    assert (res.exit_code, res.output) == (2, "Error: --max-batch must be at least 2, got 1\n")
     res = runner.invoke(main, ["export", "onnx", "--out", str(tmp_path), "--opset", "999"])
     assert res.output.startswith("Error: --opset must be at most ") and res.output.endswith("got 999\n")
     assert not list(tmp_path.iterdir())

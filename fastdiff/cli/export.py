@@ -11,7 +11,9 @@ from pathlib import Path
 
 import click
 
+from fastdiff.cli.errors import user_error
 from fastdiff.cli.paths import UserPath, UserText
+from fastdiff.config import ConfigError
 
 
 @click.group("export")
@@ -92,7 +94,7 @@ def export_onnx_command(
         config = OnnxExportConfig(dtype=dtype, opset=opset, max_batch=max_batch)
     except ExportError as e:  # name the options the user wrote, not the config's fields
         option = re.sub(r"\b(dtype|opset|max_batch)\b", lambda m: "--" + m[0].replace("_", "-"), str(e))
-        raise click.ClickException(option) from None
+        raise user_error(ConfigError(option, usage=True)) from None  # each a number out of its range
     if out.exists() and not out.is_dir():
         raise click.ClickException(f"--out {out} exists and is not a folder")
     cpu = torch.device("cpu")

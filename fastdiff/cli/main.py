@@ -1,8 +1,9 @@
 """Entry point of the ``fastdiff`` console script: one click group, one module per command.
 
 The library reports what the user got wrong as a RunError (fastdiff.runs); the group prints it as
-one line with a non-zero exit (1), and a subcommand's usage error (a bad option or value) as one
-line too, exit 2 as click gives it, instead of click's usage block. A path too long for the file
+one line with a non-zero exit (2 for a value out of its option's range, else 1: cli/errors.py),
+and a subcommand's usage error (a bad option or value) as one line too, exit 2 as click gives it,
+instead of click's usage block. A path too long for the file
 system, which only the user's paths can make, is one line wherever it is first met. Ctrl-C
 exits with 130, as a shell reports SIGINT, and SIGTERM (a scheduler's stop, SLURM's before its
 SIGKILL) with 143, both after the same clean-up. Any other exception is a bug and keeps its
@@ -18,6 +19,7 @@ import threading
 import click
 
 from fastdiff import __version__
+from fastdiff.cli.errors import user_error
 from fastdiff.runs.errors import RunError
 
 
@@ -76,7 +78,7 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except RunError as e:
-            raise click.ClickException(str(e)) from None
+            raise user_error(e) from None
         except OSError as e:
             if e.errno != errno.ENAMETOOLONG:
                 raise

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from fastdiff import distributed
+from fastdiff.cli.errors import user_error
 from fastdiff.files import remove_temp_files
 from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.flags import FlagError, configs_from_flags, flags_of, parse_flags
@@ -94,7 +95,7 @@ def _check_options(o: dict) -> None:
     check_ops_mode()
     resolve_device(o["device"])  # as `fastdiff evaluate` checks it ("" too: no device, not the default)
     if o["image_size"] is not None and o["image_size"] < 1:
-        raise ConfigError(f"--image-size must be at least 1, got {o['image_size']}")
+        raise ConfigError(f"--image-size must be at least 1, got {o['image_size']}", usage=True)
     most = WORKERS_PER_CORE * usable_cores()
     if o["num_workers"] > most:  # each is a process: far more than the cores only fills memory
         raise ConfigError(
@@ -160,7 +161,7 @@ def train_diffusion(o: dict, schedule_sampler, cfg_dropout, random_flip, sample_
         config = dataclasses.replace(config, net=fit_unet(config.net, dataset, cfg_dropout))
         trainer = DiffusionTrainer(config, dataset)
     except USER_ERRORS as e:
-        raise click.ClickException(str(e)) from e
+        raise user_error(e) from e
     _run(trainer, o["out"], note)
 
 
@@ -186,7 +187,7 @@ def train_classifier(o: dict, val_data, eval_every) -> None:
             val = get_mnist("val")
         trainer = ClassifierTrainer(config, dataset, val)
     except USER_ERRORS as e:
-        raise click.ClickException(str(e)) from e
+        raise user_error(e) from e
     _run(trainer, o["out"], note)
 
 
@@ -206,6 +207,6 @@ def _run(trainer, out: str, note: str | None = None) -> None:
             record = latest_checkpoint(out)
             click.echo(f"done: step {record['step']}, weights {weights_files(out, record)}")
     except (TrainingError, DataError, ConfigError, CheckpointError) as e:  # ConfigError: the lock, resuming
-        raise click.ClickException(str(e)) from None
+        raise user_error(e) from None
     finally:
         dist.cleanup()

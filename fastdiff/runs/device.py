@@ -31,7 +31,7 @@ def choose_threads(threads: int | None) -> int:
     launch is its default, not the user's choice (--threads is).
     """
     if threads is not None and not 1 <= threads <= MAX_THREADS:
-        raise RunError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
+        raise RunError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}", usage=True)
     local = distributed.local_world_size()
     omp = os.environ.get("OMP_NUM_THREADS", "")
     # 0 or text is no thread count (OpenMP ignores such a value too): the default below
@@ -78,9 +78,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise RunError(f"unknown device '{name}'") from None
+        raise RunError(f"unknown device '{name}'", usage=True) from None
     if device.type not in ("cpu", "cuda"):
-        raise RunError(f"device '{name}' is not supported: use auto, cpu, cuda or cuda:N")
+        raise RunError(f"device '{name}' is not supported: use auto, cpu, cuda or cuda:N", usage=True)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError(f"device '{name}' requested but CUDA is not available")
     return device
@@ -104,7 +104,7 @@ def check_seed(seed: int, option: str) -> None:
     """A seed is in [0, 2**63): numpy's generators (--classes random) take no negative one, and a
     batch's generator seed is taken modulo 2**63, so a larger one would repeat a smaller one's images."""
     if not 0 <= seed < 2**63:
-        raise RunError(f"{option} must be >= 0 and < 2**63, got {seed}")
+        raise RunError(f"{option} must be >= 0 and < 2**63, got {seed}", usage=True)
 
 
 def check_run_options(
@@ -126,13 +126,13 @@ def check_run_options(
     except ValueError as e:
         raise RunError(str(e)) from None
     if not (isinstance(dtype, str) and dtype in DTYPES):
-        raise RunError(unknown_choice("dtype", dtype, DTYPES))
+        raise RunError(unknown_choice("dtype", dtype, DTYPES), usage=True)
     if threads is not None and threads < 1:
-        raise RunError(f"--threads must be >= 1, got {threads}")
+        raise RunError(f"--threads must be >= 1, got {threads}", usage=True)
     try:
         check_eta(sampler, eta)
     except ValueError as e:
-        raise RunError(f"--{e}") from None
+        raise RunError(f"--{e}", usage=True) from None
     dev = ranks.join(resolve_device(device))
     if dtype == "fp16" and dev.type == "cpu":
         raise RunError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")

@@ -67,7 +67,7 @@ class DDIMOptions:
     def __post_init__(self):
         check_arguments(DDIMOptions, vars(self))
         if self.cfg_scale is not None and not math.isfinite(self.cfg_scale):
-            raise RunError(f"--cfg-scale must be a finite number, got {self.cfg_scale}")
+            raise RunError(f"--cfg-scale must be a finite number, got {self.cfg_scale}", usage=True)
 
 
 def setup(options: DDIMOptions) -> tuple[LoadedModel, Sampler, torch.device, str]:
@@ -460,7 +460,7 @@ def interpolate(
     if out.suffix.lower() != ".png":
         raise RunError(f"--out {out}: the strip is a PNG; name it .png")
     if frames < 2:
-        raise RunError(f"--frames must be at least 2, got {frames}")
+        raise RunError(f"--frames must be at least 2, got {frames}", usage=True)
     if options.steps is None and options.respacing is None:
         respacing = _inverted_with(start, end, "respacing", "steps", "--steps or --respacing")
         if respacing is not None:

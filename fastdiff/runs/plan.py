@@ -20,9 +20,13 @@ MAX_SAMPLES = 10**7
 def check_counts(num_samples: int | None, batch_size: int) -> None:
     """--num-samples (None: the input's count) and --batch-size, before anything loads."""
     if (num_samples is not None and num_samples < 1) or batch_size < 1:
-        raise RunError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+        raise RunError(
+            f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}", usage=True
+        )
     if num_samples is not None and num_samples > MAX_SAMPLES:
-        raise RunError(f"--num-samples must be at most {MAX_SAMPLES} in one run, got {num_samples}")
+        raise RunError(
+            f"--num-samples must be at most {MAX_SAMPLES} in one run, got {num_samples}", usage=True
+        )
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,8 @@ def respacing_for(sampler: str, steps: int | None, respacing: str | None, total:
         if steps is None:  # a model with fewer steps than the default samples every one
             steps = min(spec.default_steps, total)
         if not 2 <= steps <= total:
-            raise RunError(f"--steps must be between 2 and {total}, got {steps}")
+            # below 2 no model takes; above, this model's steps are the bound
+            raise RunError(f"--steps must be between 2 and {total}, got {steps}", usage=steps < 2)
         respacing = spec.respacing(steps)
     try:
         kept_steps(total, respacing)

@@ -67,9 +67,9 @@ def sample_run(
     classifier = None if classifier is None else Path(classifier)
     for name, scale in (("--classifier-scale", classifier_scale), ("--cfg-scale", cfg_scale)):
         if scale is not None and not math.isfinite(scale):
-            raise RunError(f"{name} must be a finite number, got {scale}")
+            raise RunError(f"{name} must be a finite number, got {scale}", usage=True)
     if classifier_scale is not None and classifier_scale < 0:
-        raise RunError(f"--classifier-scale must be >= 0, got {classifier_scale}")
+        raise RunError(f"--classifier-scale must be >= 0, got {classifier_scale}", usage=True)
     batch = min(batch_size, num_samples)
     dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta, seed, batch)
     if classifier is not None and classifier_scale is None:

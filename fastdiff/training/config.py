@@ -24,19 +24,19 @@ def parse_ema_rates(text) -> tuple[float, ...]:
     try:
         rates = tuple(float(r) for r in parts)
     except ValueError as e:
-        raise ConfigError(f"EMA rates must be numbers like 0.9999,0.999, got {text!r}") from e
+        raise ConfigError(f"EMA rates must be numbers like 0.9999,0.999, got {text!r}", usage=True) from e
     for r in rates:
         if not 0 < r < 1:
-            raise ConfigError(f"EMA rate {r} is not in (0, 1)")
+            raise ConfigError(f"EMA rate {r} is not in (0, 1)", usage=True)
     if len(set(rates)) < len(rates):
-        raise ConfigError(f"EMA rates {text!r} name a rate twice")
+        raise ConfigError(f"EMA rates {text!r} name a rate twice", usage=True)
     return rates
 
 
 def check_cfg_dropout(cfg_dropout: float, class_cond: bool) -> None:
     """Classifier-free guidance's label dropout: a probability below 1, for a class-conditional model."""
     if not 0 <= cfg_dropout < 1:
-        raise ConfigError(f"--cfg-dropout must be in [0, 1), got {cfg_dropout}")
+        raise ConfigError(f"--cfg-dropout must be in [0, 1), got {cfg_dropout}", usage=True)
     if cfg_dropout > 0 and not class_cond:
         raise ConfigError(
             '--cfg-dropout needs a class-conditional model: add --flags "--class_cond True" '
@@ -153,15 +153,17 @@ class TrainConfig:
             value = getattr(self, name)
             if value < low:
                 need = "must not be negative" if low == 0 else f"must be at least {low}"
-                raise ConfigError(f"--{name.replace('_', '-')} {need}, got {value}")
+                raise ConfigError(f"--{name.replace('_', '-')} {need}, got {value}", usage=True)
         if self.seed >= 2**63:  # torch takes at most 2**64 - 1, and the data order seeds seed + epoch
-            raise ConfigError(f"--seed must be >= 0 and < 2**63, got {self.seed}")
+            raise ConfigError(f"--seed must be >= 0 and < 2**63, got {self.seed}", usage=True)
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}", usage=True)
         for name in ("weight_decay", "grad_clip"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a number >= 0, got {value}", usage=True
+                )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         parse_ema_rates(self.ema)
