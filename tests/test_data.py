@@ -59,6 +59,15 @@ def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
     assert (x[:, :3] < -0.9).all() and (x[:, -3:] > 0.9).all()
 
 
+def test_webp_images_are_read_beside_the_others(tmp_path):
+    """A folder's .webp images (the web's format, common in scraped data) were passed by unseen."""
+    _png(tmp_path / "cat" / "a.png")
+    (tmp_path / "dog").mkdir()
+    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(tmp_path / "dog" / "b.webp", lossless=True)
+    ds = ImageFolderDataset(tmp_path, image_size=8)
+    assert ds.class_names == ["cat", "dog"] and torch.equal(ds[1][0], torch.ones(3, 8, 8))
+
+
 def test_sixteen_bit_png_is_read_as_its_pixels(tmp_path):
     """PIL's convert clips a 16-bit greyscale PNG to 255: a training image read as white."""
     Image.fromarray(np.full((8, 8), 128 * 257, np.uint16)).save(tmp_path / "a.png")

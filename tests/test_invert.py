@@ -239,7 +239,7 @@ def test_an_exact_reconstruction_is_null_psnr_in_invert_json():
     [
         (["invert", "{img}", "--out", "{tmp}/o"], "pass --classes, or name img.png like"),
         (["invert", "{tmp}/missing.png", "--out", "{tmp}/o"], "image not found"),
-        (["invert", "{dir}", "--out", "{tmp}/o"], "no images (.jpg, .jpeg, .png, .gif) found under"),
+        (["invert", "{dir}", "--out", "{tmp}/o"], "no images (.jpg, .jpeg, .png, .gif, .webp) found under"),
         (["invert", "{small}", "--out", "{tmp}/o"], "pass --classes, or name small.png like"),
         (["invert", "{img}", "--classes", 1, "--to-class", 10, "--out", "{tmp}/o"], "--to-class 10 out of"),
         (["invert", "{img}", "--classes", "x", "--out", "{tmp}/o"], "--classes must be class ids"),

@@ -24,7 +24,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..training import dist
-from ..training.data import IMAGE_EXTENSIONS, DataError, center_crop_arr, image_fault, resize_short_side
+from ..training.data import DataError, center_crop_arr, image_fault, resize_short_side
+
+ORIGINAL_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")  # the original's listing (fastdiff's adds webp)
 
 __all__ = ["ImageDataset", "center_crop_arr", "load_data", "random_crop_arr"]
 
@@ -46,7 +48,7 @@ def load_data(
         raise DataError(f"data directory not found: {data_dir}")
     files = _list_image_files_recursively(data_dir)
     if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {data_dir}")
+        raise DataError(f"no images ({', '.join(ORIGINAL_EXTENSIONS)}) found under {data_dir}")
     faults = [fault for fault in map(image_fault, map(Path, files)) if fault is not None]
     if faults:
         more = f" (and {len(faults) - 1} more)" if len(faults) > 1 else ""
@@ -81,7 +83,7 @@ def _list_image_files_recursively(data_dir) -> list[str]:
     results = []
     for entry in sorted(os.listdir(data_dir)):
         path = os.path.join(data_dir, entry)
-        if "." in entry and "." + entry.split(".")[-1].lower() in IMAGE_EXTENSIONS:
+        if "." in entry and "." + entry.split(".")[-1].lower() in ORIGINAL_EXTENSIONS:
             results.append(path)
         elif os.path.isdir(path):
             results.extend(_list_image_files_recursively(path))

@@ -21,7 +21,7 @@ from PIL import Image
 
 from fastdiff.files import in_channels
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")  # guided-diffusion's, and the web's webp
 MNIST_PER_CLASS_VAL = 50
 
 
