@@ -226,6 +226,12 @@ def test_flags_round_trip_through_configs():
         ),
         ("superres", {"large_size": 66, "channel_mult": "1,2,2"}, "--large_size 66 must be divisible by 4"),
         ("classifier", {"classifier_width": 40}, r"channel_mult x 40 .* multiple of 32"),
+        # no flag sets the classifier's 64-channel heads: the message named none that helps
+        (
+            "classifier",
+            {"image_size": 16, "classifier_width": 32, "channel_mult": "1"},
+            r"width 32 .* raise --classifier_width or the last --channel_mult$",
+        ),
     ],
 )
 def test_flags_nothing_silently_dropped(kind, flags, message):

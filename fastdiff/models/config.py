@@ -184,3 +184,14 @@ class ClassifierConfig(NetConfig):
             raise ConfigError(unknown_choice("pool", self.pool, POOLS))
         if self.pool == "attention" and self.num_head_channels == -1:
             raise ConfigError("pool 'attention' needs num_head_channels")
+
+    def _check_heads(self, width: int, heads: set[int]) -> None:
+        """No flag sets a classifier's head width (guided-diffusion's 64): name the ones that set
+        the width it must divide."""
+        try:
+            super()._check_heads(width, heads)
+        except ConfigError as e:
+            raise ConfigError(
+                f"{e} (the classifier's attention heads are {self.num_head_channels} channels, as"
+                " guided-diffusion's): raise model_channels or the last channel_mult"
+            ) from None
