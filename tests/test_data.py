@@ -68,6 +68,14 @@ def test_webp_images_are_read_beside_the_others(tmp_path):
     assert ds.class_names == ["cat", "dog"] and torch.equal(ds[1][0], torch.ones(3, 8, 8))
 
 
+def test_a_folder_counts_its_images_smaller_than_the_size(tmp_path):
+    """Training notes the images it blurs up to its size (see test_training)."""
+    _png(tmp_path / "a.png", size=(20, 12))
+    _png(tmp_path / "b.png", size=(40, 30))
+    assert ImageFolderDataset(tmp_path, image_size=16).upscaled == 1
+    assert ImageFolderDataset(tmp_path, image_size=8).upscaled == 0
+
+
 def test_sixteen_bit_png_is_read_as_its_pixels(tmp_path):
     """PIL's convert clips a 16-bit greyscale PNG to 255: a training image read as white."""
     Image.fromarray(np.full((8, 8), 128 * 257, np.uint16)).save(tmp_path / "a.png")

@@ -415,6 +415,8 @@ def test_a_folder_resized_to_the_default_size_says_so(tmp_path):
         ],
     )
     assert "note: the images are resized and center-cropped to 64x64, the default; " in r.output
+    n = len(tiny_data())  # 8x8 images: blurred up to 64x64, which training did without a word
+    assert f"note: {n} of {n} images are smaller than 64x64 and are scaled up to it (blurred)" in r.output
 
 
 def test_a_folder_run_keeps_its_class_names_and_sample_takes_them(tmp_path):

@@ -48,8 +48,8 @@ USER_ERRORS = (ConfigError, FlagError, DataError, CheckpointError, FileNotFoundE
 
 
 def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, str | None]:
-    """The run's settings, all checked before any data is read, the dataset they describe, and a
-    note for the user once every check has passed.
+    """The run's settings, all checked before any data is read, the dataset they describe, and
+    notes for the user (lines) once every check has passed.
 
     The network is defaults < preset < --flags < --image-size; npz/mnist data keep their own size
     unless a size was asked for; folders are resized to it.
@@ -75,13 +75,18 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, 
     size = net.image_size if sized or Path(o["data"]).is_dir() else None
     dataset = load_dataset(o["data"], size, channels=net.in_channels, skip_bad_images=o["skip_bad_images"])
     _report_skipped(dataset)
-    note = None
+    notes = []
     if size is not None and not sized:  # guided-diffusion's default size, whatever the images are
-        note = (
+        notes.append(
             f"note: the images are resized and center-cropped to {size}x{size}, the default; "
             "--image-size N trains at another size"
         )
-    return config, dataset, note
+    if getattr(dataset, "upscaled", 0):
+        notes.append(
+            f"note: {dataset.upscaled} of {len(dataset) + len(dataset.skipped)} images are smaller than"
+            f" {size}x{size} and are scaled up to it (blurred)"
+        )
+    return config, dataset, "\n".join(notes) or None
 
 
 def _report_skipped(dataset) -> None:

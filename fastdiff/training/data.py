@@ -119,12 +119,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             loose = files[keys.index(None)]
             folder = next(k for k in keys if k is not None)
             raise DataError(f"{root} mixes class subfolders ({folder}/) with loose images ({loose.name})")
-        faults = [image_fault(p) for p in files]
+        faults, sizes = zip(*map(image_header, files))
         bad = [i for i, fault in enumerate(faults) if fault is not None]
         if bad and not skip_bad_images:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             raise DataError(f"{faults[bad[0]]}{more}; {self.fix}")
         self.skipped = [files[i] for i in bad]
+        # blurred up to the size, as ADM's resize does: worth a note, not a refusal
+        self.upscaled = sum(
+            i not in bad and size is not None and min(size) < image_size for i, size in enumerate(sizes)
+        )
         if bad:  # class names come from all files, so skipping never renumbers the classes
             good = sorted(set(range(len(files))) - set(bad))
             files = [files[i] for i in good]
@@ -223,24 +227,31 @@ def image_fault(path: Path) -> str | None:
     whole: a cheap check (header and last bytes, no decoding) that catches truncated files and a
     header PIL refuses to open as a decompression bomb (over twice its pixel limit). A file that
     cannot be read at all (its permissions) says so rather than being called corrupt."""
+    return image_header(path)[0]
+
+
+def image_header(path: Path) -> tuple[str | None, tuple[int, int] | None]:
+    """``image_fault``'s answer and the image's (width, height) from the same look at its header
+    (None where it has no readable header)."""
+    size = None
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 64))
             tail = f.read()
     except OSError as e:
-        return f"cannot read image {path}: {e.strerror or e}"
+        return f"cannot read image {path}: {e.strerror or e}", None
     try:
         with Image.open(path) as img:
-            fmt = img.format
+            fmt, size = img.format, img.size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         fmt = None
     end = _ENDINGS.get(fmt)
     if fmt is not None and (
         end is None or (tail.rstrip(b"\x00").endswith(end) if fmt == "JPEG" else tail.endswith(end))
     ):
-        return None
-    return f"corrupt or truncated image {path}"
+        return None, size
+    return f"corrupt or truncated image {path}", size
 
 
 def fingerprint(dataset, samples: int = 32) -> dict:
