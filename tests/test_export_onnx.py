@@ -93,14 +93,14 @@ def test_other_weights_are_refused(exported):
         check_export(read_export(path), model=other, classifier=clf)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm++2m"])  # dpm++2m: state across steps
 def test_engine_onnx_matches_eager(exported, sampler, monkeypatch):
     import fastdiff
 
     unet, clf, path = exported
     monkeypatch.setenv("FASTDIFF_CACHE", str(path.parents[1]))
     flags = {"diffusion_steps": 1000, "noise_schedule": "cosine", "learn_sigma": True,
-             "timestep_respacing": "ddim5" if sampler == "ddim" else "5"}  # fmt: skip
+             "timestep_respacing": "5" if sampler == "ddpm" else "ddim5"}  # fmt: skip
     diffusion = diffusion_from_flags(flags)
     images = {}
     for engine in ("eager", "onnx"):
