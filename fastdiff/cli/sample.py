@@ -150,7 +150,8 @@ def runtime_options(command):
 @click.option(
     "--respacing",
     default=None,
-    help='guided-diffusion respacing string instead of --steps ("ddim25", "250").',
+    help='guided-diffusion respacing string instead of --steps ("ddim25", "250"); --steps N is '
+    '"ddimN" for ddim and dpm++2m (last time T - T/N), "N" spaces N times over 0 .. T-1.',
 )
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0: deterministic).")
 @click.option(
