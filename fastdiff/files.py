@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -129,16 +130,23 @@ def remove_temp_files(folder: Path, names: Sequence[str] | None = None) -> int:
 
 
 @contextmanager
-def locked_folder(folder: Path, wait: bool = False) -> Iterator[None]:
+def locked_folder(folder: Path, wait: str | None = None) -> Iterator[None]:
     """Hold an exclusive flock on ``folder`` itself (created if needed) until the block ends: the
     lock for a command writing a few named files into a folder the user may share with anything
     (``--out .``), which leaves nothing behind in it (a run's own folder holds LOCK instead).
-    BlockingIOError when another process holds it, unless ``wait``."""
+    BlockingIOError when another process holds it, unless ``wait``: then that line goes to stderr
+    and the call blocks until the lock is free (a silent wait looked like a hang)."""
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if wait is None:
+                    raise
+                print(wait, file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as e:
             # NFS emulates flock with a write lock, which a folder's read-only descriptor cannot
             # take: there the command runs unlocked, as it did before, rather than not at all

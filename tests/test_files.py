@@ -127,3 +127,27 @@ def test_locked_folder_runs_unlocked_where_the_filesystem_cannot_lock_a_folder(t
     with locked_folder(tmp_path / "new"):
         ran.append(True)
     assert ran and (tmp_path / "new").is_dir()
+
+
+def test_a_waiting_lock_says_so_then_waits_for_the_holder(tmp_path, capfd):
+    """locked_folder(wait=LINE) prints LINE when another holder has the folder, then blocks until
+    it is free (the ONNX cache's lock waited without a word, which looked like a hang)."""
+    import threading
+
+    from fastdiff.files import locked_folder
+
+    order = []
+
+    def waiter():
+        with locked_folder(tmp_path, wait="waiting for the holder"):
+            order.append("waiter")
+
+    with locked_folder(tmp_path, wait="not printed: the folder is free"):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive()  # blocked behind the holder
+        order.append("holder done")
+    thread.join(10)
+    assert order == ["holder done", "waiter"]
+    assert capfd.readouterr().err == "waiting for the holder\n"

@@ -211,6 +211,8 @@ def step_dtype(step: SamplingStep, engine: str) -> str:
 
 
 _SESSIONS: dict[tuple, OrtDenoiser] = {}
+# the cache is one folder, locked whole while a process exports into it or caches a graph
+_WAITING = "fastdiff: waiting for another process's ONNX export in {} to finish"
 
 
 def _serves(path: Path, digest: str, max_batch: int) -> bool:
@@ -255,7 +257,7 @@ def remember(path: Path, digest: str, max_batch: int) -> Path | None:
         return None
     target = cache_dir() / f"{digest}.onnx"
     try:
-        with locked_folder(cache_dir(), wait=True):
+        with locked_folder(cache_dir(), wait=_WAITING.format(cache_dir())):
             if not _serves(target, digest, wanted):
                 _cache(path, target)
     except (OSError, ValueError):  # a read-only or full cache: --engine onnx exports then
@@ -295,7 +297,7 @@ def cached_export(
     digest = denoiser_hash(model, classifier, null_label, config.dtype, config.opset, low_res_shape)
     path = cache_dir() / f"{digest}.onnx"
     # one process exports, another sampling the same networks waits and then finds the graph
-    with locked_folder(cache_dir(), wait=True):
+    with locked_folder(cache_dir(), wait=_WAITING.format(cache_dir())):
         if _serves(path, digest, config.max_batch):
             return path
         remove_temp_files(cache_dir(), [path.name])  # a killed export's (none is running: held)
