@@ -62,7 +62,7 @@ def _assert_close(actual, ref64, ref_lp, dtype, what):
 def _check_fwd_bwd(batch, heads, head_dim, length, order, dtype, device=DEVICE, kernel=True):
     x = torch.randn(batch, 3 * heads * head_dim, length, device=device).to(dtype)
     dout = torch.randn(batch, heads * head_dim, length, device=device).to(dtype)
-    assert attn_function._kernel_for(x) == kernel, "the kernel should (not) handle this input"
+    assert attn_function._kernel_for(x, heads) == kernel, "the kernel should (not) handle this input"
     xs = {
         "kernel": x.clone().requires_grad_(),
         "lp": x.clone().requires_grad_(),
@@ -122,6 +122,19 @@ def test_kernel_fp32_wide_heads_read_in_chunks(shape, order):
 
     assert triton_kernel._d_chunk(torch.float32, 256) < 256
     _check_fwd_bwd(*shape, order, torch.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
+def test_heads_wider_than_256_take_sdpa(monkeypatch, dtype):
+    """Heads wider than 256 channels run SDPA: the kernels spill there (and took them)."""
+    from fastdiff.ops.attention import triton_kernel
+
+    monkeypatch.setattr(triton_kernel, "forward", lambda *a: pytest.fail("the kernel ran"))
+    _check_fwd_bwd(1, 2, 320, 5, "legacy", dtype, kernel=False)
+    assert attn_function._kernel_for(torch.randn(1, 3 * 2 * 256, 5).to(dtype), 2)
 
 
 @needs_kernel
@@ -365,7 +378,7 @@ def test_reference_path_without_kernel(monkeypatch):
     monkeypatch.setenv("FASTDIFF_OPS", "reference")
     x = torch.randn(2, 3 * 4 * 8, 10)
     for order in ("new", "legacy"):
-        assert not attn_function._kernel_for(x)
+        assert not attn_function._kernel_for(x, 4)
         torch.testing.assert_close(attention(x, 4, order), attention_reference(x, 4, order), atol=0, rtol=0)
 
 

@@ -35,13 +35,16 @@ from fastdiff.ops.attention.reference import (
 )
 from fastdiff.ops.attention.sdpa import sdpa_attention
 
+# Heads wider than 256 channels go to SDPA: the kernels keep [rows, d] fp32 accumulators in
+# registers, which at a 512-channel block spill with every tile that still feeds the tensor cores
+# (.ci/check_triton_compile.py: 16-bit dQ up to 1264 B, fp32 dK/dV 536 B where T % 16 != 0).
+_MAX_HEAD_DIM = 256
 
-def _kernel_for(qkv: torch.Tensor) -> bool:
-    if qkv.numel() == 0:
+
+def _kernel_for(qkv: torch.Tensor, num_heads: int) -> bool:
+    if qkv.numel() == 0 or qkv.dtype not in KERNEL_DTYPES or not use_triton(qkv):
         return False
-    if qkv.dtype in KERNEL_DTYPES and use_triton(qkv):
-        return True
-    return False
+    return qkv.shape[1] // (3 * num_heads) <= _MAX_HEAD_DIM
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,7 +53,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("fastdiff::attention", mutates_args=())
 def _attention(qkv: torch.Tensor, num_heads: int, order: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if _kernel_for(qkv):
+    if _kernel_for(qkv, num_heads):
         from fastdiff.ops.attention import triton_kernel
 
         return triton_kernel.forward(qkv, num_heads, order)
@@ -68,7 +71,7 @@ def _(qkv, num_heads, order):
 def _attention_backward(
     dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int, order: str
 ) -> torch.Tensor:
-    if _kernel_for(qkv):
+    if _kernel_for(qkv, num_heads):
         from fastdiff.ops.attention import triton_kernel
 
         return triton_kernel.backward(dout, qkv, out, lse, num_heads, order)
@@ -136,7 +139,7 @@ def _dispatch(qkv, num_heads, order):
     if in_func_transform() or torch.jit.is_tracing():
         plain = force_reference() or nested_func_grad()
         return (attention_reference if plain else sdpa_attention)(qkv, num_heads, order)
-    if _kernel_for(qkv) or force_reference() or qkv.dtype == torch.float64:
+    if _kernel_for(qkv, num_heads) or force_reference() or qkv.dtype == torch.float64:
         device = qkv.device.type
         if qkv.dtype == torch.float32 and autocast_available(device) and torch.is_autocast_enabled(device):
             # a custom op has no autocast rule: cast as SDPA and the reference's matmuls are cast

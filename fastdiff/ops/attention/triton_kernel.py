@@ -88,7 +88,7 @@ def _config(kernel: str, head_dim: int, length: int, dtype: torch.dtype):
     dtype and T, its blocks no longer than T needs (T=64 does not run half-masked 128-row tiles)."""
     if triton_interpret():
         return 32, 32, 1, 1
-    key = (kernel, dtype == torch.float32, min(256, max(32, triton.next_power_of_2(head_dim))))
+    key = (kernel, dtype == torch.float32, max(32, triton.next_power_of_2(head_dim)))  # d <= 256: function.py
     block_m, block_n, warps, stages = (_UNALIGNED.get(key) if length % 16 else None) or _CONFIGS[key]
     fit = max(16, triton.next_power_of_2(length))
     return min(block_m, fit), min(block_n, fit), warps, stages
