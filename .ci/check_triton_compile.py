@@ -5,7 +5,8 @@ GPU, so this compiles each variant ahead of time with the ptxas inside triton's 
 GPU) and fails on a compile error, a spill or too much shared memory.
 
 Shapes: a meta-device forward of every preset (fastdiff.ops.patch'd, so the fused ops run where the
-models run them), at batch 1, 8 and 64, in fp16/bf16/fp32, NCHW and channels_last. Launch
+models run them), and a few attention shapes of users' own architectures (``USER_ATTENTION``), at
+batch 1, 8 and 64, in fp16/bf16/fp32, NCHW and channels_last. Launch
 configurations: the real launchers, run on meta tensors with ``JITFunction.run`` recording instead
 of launching, so the check cannot drift from their choices; for attention, once per tile candidate
 its autotuning may pick.
@@ -44,6 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ARCHS = {80: (108, 163 * 1024), 90: (132, 227 * 1024)}  # SMs (A100, H100) and shared memory per block
 BATCHES = (1, 8, 64)
+# attention shapes users' own architectures reach and no preset does (fastdiff.ops is also a library):
+# the worst of a sweep over head dims 8..256 x T 1..1025, T or d not a multiple of 16, which take
+# smaller tiles (triton_kernel._UNALIGNED). Wider heads and T = 1 run SDPA (function.py).
+USER_ATTENTION = {
+    ("attn", (3 * 96, 36), 1, "new"): {"user: d=96 at 6x6"},
+    ("attn", (3 * 192, 65), 1, "new"): {"user: d=192 at 8x8+1"},
+    ("attn", (3 * 2 * 24, 65), 2, "legacy"): {"user: d=24 at 8x8+1"},
+}
 
 
 def _dtypes():
@@ -345,16 +354,18 @@ def main() -> int:
         print("check_triton_compile: triton is not installed; skipping (nothing to compile)")
         return 0
     t0 = time.time()
-    calls = adm_calls()
+    preset_calls = adm_calls()
+    calls = preset_calls | USER_ATTENTION
     variants = collect(calls, opts.only)
     todo = select(variants, opts.all)
     t1 = time.time()
-    presets = set().union(*calls.values())
+    presets = set().union(*preset_calls.values())
     import triton
 
     print(
         f"triton {triton.__version__}: "
-        f"{len(calls)} GroupNorm/attention calls in {len(presets)} presets x batch {BATCHES} x fp16/bf16/fp32"
+        f"{len(preset_calls)} GroupNorm/attention calls in {len(presets)} presets and"
+        f" {len(USER_ATTENTION)} users' attention shapes x batch {BATCHES} x fp16/bf16/fp32"
         f" x sm_80/sm_90: {len(variants)} kernel variants, {len(todo)} to compile ({t1 - t0:.0f}s)"
     )
     jobs = [v.job() for v in todo]

@@ -79,7 +79,7 @@ def _check_fwd_bwd(batch, heads, head_dim, length, order, dtype, device=DEVICE, 
 
 
 SHAPES = [  # (B, H, d, T)
-    (1, 1, 32, 1),
+    (1, 1, 32, 2),
     (2, 2, 48, 49),
     (1, 4, 32, 64),
     (2, 1, 64, 33),
@@ -128,13 +128,32 @@ def test_kernel_fp32_wide_heads_read_in_chunks(shape, order):
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
 )
-def test_heads_wider_than_256_take_sdpa(monkeypatch, dtype):
-    """Heads wider than 256 channels run SDPA: the kernels spill there (and took them)."""
+@pytest.mark.parametrize("shape", [(1, 2, 320, 5), (2, 2, 32, 1)], ids=["d320", "T1"])
+def test_wide_heads_and_one_position_take_sdpa(monkeypatch, shape, dtype):
+    """Heads wider than 256 channels and T = 1 run SDPA: the kernels spill there (and took them)."""
     from fastdiff.ops.attention import triton_kernel
 
     monkeypatch.setattr(triton_kernel, "forward", lambda *a: pytest.fail("the kernel ran"))
-    _check_fwd_bwd(1, 2, 320, 5, "legacy", dtype, kernel=False)
+    _check_fwd_bwd(*shape, "legacy", dtype, kernel=False)
     assert attn_function._kernel_for(torch.randn(1, 3 * 2 * 256, 5).to(dtype), 2)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 96, 36), (1, 1, 192, 17), (1, 2, 24, 17)], ids=["d96", "d192", "d24"]
+)
+def test_kernel_unaligned_shapes_on_their_gpu_tiles(monkeypatch, shape, dtype):
+    """T or d not a multiple of 16 (6x6 images, the classifier's pool) take smaller tiles, which fit
+    the registers; the interpreter runs them as picked for a GPU (bf16 on its own tiles: its bf16
+    dots run upcast, which the interpreter's tile choice goes with), forward and backward."""
+    from fastdiff.ops.attention import triton_kernel
+
+    if dtype != torch.bfloat16:
+        monkeypatch.setattr(triton_kernel, "triton_interpret", lambda: False)
+    _check_fwd_bwd(*shape, "new", dtype)
 
 
 @needs_kernel

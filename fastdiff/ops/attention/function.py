@@ -38,13 +38,15 @@ from fastdiff.ops.attention.sdpa import sdpa_attention
 # Heads wider than 256 channels go to SDPA: the kernels keep [rows, d] fp32 accumulators in
 # registers, which at a 512-channel block spill with every tile that still feeds the tensor cores
 # (.ci/check_triton_compile.py: 16-bit dQ up to 1264 B, fp32 dK/dV 536 B where T % 16 != 0).
+# So does a single position (T = 1, attention at a 1x1 level, whose output is v): compiled for
+# T = 1, every stride is the constant 1 and dK/dV spills even at the smallest tiles.
 _MAX_HEAD_DIM = 256
 
 
 def _kernel_for(qkv: torch.Tensor, num_heads: int) -> bool:
     if qkv.numel() == 0 or qkv.dtype not in KERNEL_DTYPES or not use_triton(qkv):
         return False
-    return qkv.shape[1] // (3 * num_heads) <= _MAX_HEAD_DIM
+    return qkv.shape[1] // (3 * num_heads) <= _MAX_HEAD_DIM and qkv.shape[2] > 1
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -70,13 +70,25 @@ _CONFIGS = {
     ("dq", True, 128): (16, 16, 8, 1),
     ("dq", True, 256): (16, 32, 8, 2),
 }
-# T not a multiple of 16 (the classifier's attention pool, T = 8*8 + 1) leaves rows unaligned: no async
-# copies, loads go through registers, so smaller tiles there
+# T or d not a multiple of 16 (the classifier's attention pool, T = 8*8 + 1; 6x6 images, T = 36;
+# d = 24) leaves rows unaligned: no async copies, loads go through registers, so smaller tiles there
 _UNALIGNED = {
     ("dkdv", False, 64): (32, 32, 4, 2),
+    ("dkdv", False, 128): (32, 32, 8, 2),
+    ("dkdv", False, 256): (32, 16, 8, 1),
+    ("dkdv", True, 32): (32, 16, 4, 2),
+    ("fwd", False, 256): (32, 32, 8, 2),
+    ("fwd", True, 128): (16, 32, 8, 2),
     ("dq", False, 64): (32, 32, 4, 2),
+    ("dq", False, 128): (32, 32, 8, 2),
+    ("dq", False, 256): (16, 16, 8, 1),
+    ("dq", True, 32): (32, 16, 8, 2),
     ("dq", True, 64): (32, 16, 4, 2),
 }
+
+
+def _unaligned(head_dim: int, length: int) -> bool:
+    return bool(length % 16 or head_dim % 16)
 
 
 _CHOICES = Choices("attention")  # "gpu|kernel|dtype|d|T" -> [BLOCK_M, BLOCK_N, num_warps, num_stages]
@@ -89,7 +101,8 @@ def _config(kernel: str, head_dim: int, length: int, dtype: torch.dtype):
     if triton_interpret():
         return 32, 32, 1, 1
     key = (kernel, dtype == torch.float32, max(32, triton.next_power_of_2(head_dim)))  # d <= 256: function.py
-    block_m, block_n, warps, stages = (_UNALIGNED.get(key) if length % 16 else None) or _CONFIGS[key]
+    unaligned = _unaligned(head_dim, length)
+    block_m, block_n, warps, stages = (_UNALIGNED.get(key) if unaligned else None) or _CONFIGS[key]
     fit = max(16, triton.next_power_of_2(length))
     return min(block_m, fit), min(block_n, fit), warps, stages
 
@@ -467,13 +480,15 @@ def _bwd_dq_kernel(
     )
 
 
-def _d_chunk(dtype: torch.dtype, block_d: int) -> int:
+def _d_chunk(dtype: torch.dtype, block_d: int, unaligned_dq: bool = False) -> int:
     """Head-dim channels per step of the dots that sum over d (q.k, dO.v). A warp holds all d of
     its rows of the left operand, replicated across the warps that split the other side; at fp32
     d=256 tf32x3's hi/lo halves of that make 256 registers per thread, so there the operands are
     re-read from memory (L1/L2) 32 channels at a time, in a loop that is not unrolled (unrolled,
-    the chunks' loads are all issued at once and spill again), instead of held for the whole loop."""
-    return 32 if dtype == torch.float32 and block_d > 128 else block_d
+    the chunks' loads are all issued at once and spill again), instead of held for the whole loop.
+    fp32 dQ at d=128 with T or d not a multiple of 16 spills at the smallest tiles too: chunked."""
+    wide = block_d > 128 or (unaligned_dq and block_d == 128)
+    return 32 if dtype == torch.float32 and wide else block_d
 
 
 def _dims(qkv: torch.Tensor, num_heads: int):
@@ -569,7 +584,7 @@ def backward(
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 BLOCK_D=block_d,
-                D_CHUNK=_d_chunk(qkv.dtype, block_d),
+                D_CHUNK=_d_chunk(qkv.dtype, block_d, name == "dq" and _unaligned(head_dim, length)),
                 **_dot_meta(qkv.dtype),
                 num_warps=warps,
                 num_stages=stages,
