@@ -88,7 +88,10 @@ _UNALIGNED = {
 
 
 def _unaligned(head_dim: int, length: int) -> bool:
-    return bool(length % 16 or head_dim % 16)
+    """Whether the unaligned tiles apply: T not a multiple of 16, or d not one where the block is
+    not 64 channels (d = 40 or 48 keep the aligned tiles: the 64-channel unaligned ones, tuned for
+    T = 65 at d = 64, spill 16 B in fp32 dQ on sm_90 there, the aligned ones none)."""
+    return bool(length % 16 or (head_dim % 16 and max(32, triton.next_power_of_2(head_dim)) != 64))
 
 
 _CHOICES = Choices("attention")  # "gpu|kernel|dtype|d|T" -> [BLOCK_M, BLOCK_N, num_warps, num_stages]
