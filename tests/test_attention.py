@@ -156,6 +156,21 @@ def test_kernel_unaligned_shapes_on_their_gpu_tiles(monkeypatch, shape, dtype):
     _check_fwd_bwd(*shape, "new", dtype)
 
 
+def test_unaligned_tiles_where_the_shape_needs_them(monkeypatch):
+    """T or d off a multiple of 16 takes the unaligned tiles, except d = 40 / 48 at an aligned T,
+    whose 64-channel block keeps the aligned tiles (the unaligned ones, tuned for T = 65, spill
+    there in fp32 dQ on sm_90; checked with the offline compile)."""
+    pytest.importorskip("triton")
+    from fastdiff.ops.attention import triton_kernel as tk
+
+    monkeypatch.setattr(tk, "triton_interpret", lambda: False)
+    f32 = torch.float32
+    assert tk._config("dq", 40, 64, f32) == tk._CONFIGS[("dq", True, 64)]
+    assert tk._config("dq", 48, 256, f32) == tk._CONFIGS[("dq", True, 64)]
+    assert tk._config("dq", 64, 65, f32) == tk._UNALIGNED[("dq", True, 64)]
+    assert tk._config("dq", 24, 64, f32) == tk._UNALIGNED[("dq", True, 32)]
+
+
 @needs_kernel
 @pytest.mark.parametrize("order", ["new", "legacy"])
 def test_kernel_bf16(order):
