@@ -435,3 +435,24 @@ def test_check_shape_checks_an_image_shape_too():
     for bad in ((8,), (3, 0, 8), (3, True, 8)):
         with pytest.raises(ValueError, match=r"^image_shape must be positive ints \(C, H, W\), got "):
             check_shape(bad, batch=False)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_clip_order_around_classifier_guidance(sampler):
+    """Guiding shifts x0 by (1 - abar) / sqrt(abar) * grad. DDIM clips x0 before that shift (the
+    original's order); DPM-Solver++ clips the guided x0, as its authors do, and steps with it."""
+    diffusion = make_diffusion(steps=1000, noise_schedule="cosine", timestep_respacing="4")
+    x, eps, grad = (torch.randn(SHAPE, generator=_gen(k)) for k in range(3))
+    rule = make_rule(diffusion, sampler)
+    t = torch.full((SHAPE[0],), 2)  # a step of second order for dpm++2m: x0_prev matters too
+    step = SamplingStep(diffusion, lambda x, t: eps, rule, cond_fn=lambda x, t: grad)
+    x0_prev = torch.randn(SHAPE, generator=_gen(3))
+    x_next, x0, _ = step(x, t, None, x0_prev)
+    abar = diffusion.alphas_cumprod[2]
+    raw = (x - (1 - abar) ** 0.5 * eps) / abar**0.5
+    shift = (1 - abar) / abar**0.5 * grad
+    expected = (raw + shift).clamp(-1, 1) if sampler == "dpm++2m" else raw.clamp(-1, 1) + shift
+    torch.testing.assert_close(x0, expected)
+    assert (x0.abs() > 1).any() == (sampler == "ddim")
+    if sampler == "dpm++2m":
+        torch.testing.assert_close(x_next, rule(dict(pred_xstart=expected), x, t, None, x0_prev)[0])

@@ -310,15 +310,26 @@ class GaussianDiffusion:
         return out["mean"] + out["variance"] * gradient.to(out["mean"].dtype)
 
     def condition_score(
-        self, cond_fn, out: dict, x: Tensor, t: Tensor, model_kwargs: dict | None = None
+        self,
+        cond_fn,
+        out: dict,
+        x: Tensor,
+        t: Tensor,
+        model_kwargs: dict | None = None,
+        *,
+        clip_denoised: bool = False,
     ) -> dict:
         """``out`` with the score shifted by the guidance gradient (Song et al. 2020):
-        eps' = eps - sqrt(1 - alpha_bar) * grad, and pred_xstart / mean / eps re-derived from it."""
+        eps' = eps - sqrt(1 - alpha_bar) * grad, and pred_xstart / mean / eps re-derived from it.
+        ``clip_denoised`` clips that guided pred_xstart to [-1, 1] (guided-diffusion clips ``out``'s
+        before guiding; DPM-Solver++ after)."""
         gradient = cond_fn(x, self.model_timesteps(t), **(model_kwargs or {}))
         alpha_bar = self._extract("alphas_cumprod", t, x)
         eps = out["eps"] - (1 - alpha_bar).sqrt() * gradient.to(x.dtype)
         guided = dict(out)
         guided["pred_xstart"] = self.predict_xstart_from_eps(x, t, eps)
+        if clip_denoised:
+            guided["pred_xstart"] = guided["pred_xstart"].clamp(-1, 1)
         guided["mean"], _, _ = self.q_posterior_mean_variance(guided["pred_xstart"], x, t)
         # Re-derived from pred_xstart, as the original DDIM step does after condition_score.
         guided["eps"] = self.predict_eps_from_xstart(x, t, guided["pred_xstart"])

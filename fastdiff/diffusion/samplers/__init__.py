@@ -202,14 +202,19 @@ class SamplingStep:
             def cond_fn(*_args, **_kwargs):
                 return gradient
 
-        out = d.p_mean_variance(self.model, x, t, self.clip_denoised, self.denoised_fn, self.model_kwargs)
+        # guided-diffusion's loops clip x0 before guiding; a "score_then_clip" rule clips the
+        # guided x0 instead, as the DPM-Solver authors do (the same step when unguided).
+        clip_after = cond_fn is not None and self.rule.guidance == "score_then_clip"
+        clip_first = self.clip_denoised and not clip_after
+        out = d.p_mean_variance(self.model, x, t, clip_first, self.denoised_fn, self.model_kwargs)
         if cond_fn is not None:
             if stream is not None:
                 torch.cuda.current_stream().wait_stream(stream)
             if self.rule.guidance == "mean":
                 out = {**out, "mean": d.condition_mean(cond_fn, out, x, t, self.cond_kwargs)}
             else:
-                out = d.condition_score(cond_fn, out, x, t, self.cond_kwargs)
+                clip = self.clip_denoised and clip_after
+                out = d.condition_score(cond_fn, out, x, t, self.cond_kwargs, clip_denoised=clip)
         x_next, state = self.rule(out, x, t, noise, state)
         return x_next, out["pred_xstart"], state
 

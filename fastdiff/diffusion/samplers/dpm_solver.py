@@ -24,7 +24,7 @@ from .rule import device_tables, per_sample
 class DPMSolverPP2MStep:
     """The update rule; the state carries the previous step's x0 prediction."""
 
-    guidance = "score"
+    guidance = "score_then_clip"  # the authors clip the guided x0 (correcting_x0_fn)
     needs_noise = False
 
     def __init__(self, diffusion, *, eta: float = 0.0, device="cpu", dtype=None):

@@ -15,7 +15,9 @@ from torch import Tensor
 
 
 class UpdateRule(Protocol):
-    guidance: Literal["mean", "score"]  # where classifier guidance applies (DDPM: mean, else score)
+    # Where classifier guidance applies: DDPM's mean, or the score, whose x0 is clipped before
+    # guiding ("score", guided-diffusion's DDIM) or after ("score_then_clip", DPM-Solver++).
+    guidance: Literal["mean", "score", "score_then_clip"]
     needs_noise: bool  # whether a step consumes fresh noise
 
     def init_state(self, x: Tensor) -> Any: ...
