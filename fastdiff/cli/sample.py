@@ -151,7 +151,7 @@ def runtime_options(command):
     "--respacing",
     default=None,
     help='guided-diffusion respacing string instead of --steps ("ddim25", "250"); --steps N is '
-    '"ddimN" for ddim and dpm++2m (last time T - T/N), "N" spaces N times over 0 .. T-1.',
+    '"ddimN" for ddim (last time T - T/N) and "N" for ddpm and dpm++2m (N times over 0 .. T-1).',
 )
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0: deterministic).")
 @click.option(

@@ -53,7 +53,7 @@ class SamplerSpec:
 SAMPLERS: dict[str, SamplerSpec] = {
     "ddim": SamplerSpec(DDIMStep, default_steps=25, ddim_spacing=True, uses_eta=True),
     "ddpm": SamplerSpec(DDPMStep, default_steps=250, ddim_spacing=False, uses_eta=False),
-    "dpm++2m": SamplerSpec(DPMSolverPP2MStep, default_steps=20, ddim_spacing=True, uses_eta=False),
+    "dpm++2m": SamplerSpec(DPMSolverPP2MStep, default_steps=20, ddim_spacing=False, uses_eta=False),
 }
 
 
