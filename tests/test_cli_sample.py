@@ -157,6 +157,24 @@ def test_a_resume_on_another_device_type_is_refused(models, tmp_path):
     assert r.exit_code == 0 and "0 images (2 already there)" in r.output, r.output
 
 
+def test_a_guided_dpm_run_from_before_its_clip_order_changed_is_refused(models, tmp_path):
+    """dpm++2m clips the classifier-guided x0 now; an earlier fastdiff clipped before guiding. A
+    run.json without the record of it is such a run: a guided dpm++2m resume is refused, not
+    mixed; a DDIM run (its order never changed) still resumes."""
+    for sampler, refused in (("dpm++2m", True), ("ddim", False)):
+        out = tmp_path / sampler
+        args = base_args(models, out, "--num-samples", 2, "--batch-size", 1, "--sampler", sampler)
+        assert run(*args).exit_code == 0
+        record = json.loads((out / "run.json").read_text())
+        assert record.pop("clip_guided_x0") is refused
+        (out / "run.json").write_text(json.dumps(record))
+        r = run(*args, "--resume")
+        if refused:
+            assert r.exit_code != 0 and "in: when x0 is clipped" in r.output, r.output
+        else:
+            assert r.exit_code == 0 and "0 images (2 already there)" in r.output, r.output
+
+
 def test_a_resume_at_another_thread_count_continues_within_a_level(models, tmp_path):
     """As the README says: another thread count (here also another default engine, parallel)
     rounds the float sums otherwise, so a resume allows it and its images are the run's to a

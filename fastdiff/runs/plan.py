@@ -53,8 +53,13 @@ class Plan:
         return [(s, min(s + self.batch_size, num_samples)) for s in range(0, num_samples, self.batch_size)]
 
     def record(self, num_samples: int) -> dict:
-        """The run.json record of this plan for ``num_samples`` images."""
-        return {**dataclasses.asdict(self), "num_samples": num_samples}
+        """The run.json record of this plan for ``num_samples`` images. ``clip_guided_x0``: whether
+        a classifier-guided step clips its guided x0 (dpm++2m since it follows the DPM-Solver
+        authors; DDIM, and dpm++2m before, clip before guiding), so that a run made before that
+        change is refused on resume rather than continued with the other order."""
+        guided = self.classifier is not None and self.classifier_scale != 0 and self.clip_denoised
+        after = guided and getattr(SAMPLERS[self.sampler].rule, "guidance", None) == "score_then_clip"
+        return {**dataclasses.asdict(self), "num_samples": num_samples, "clip_guided_x0": after}
 
 
 @dataclass(frozen=True)
