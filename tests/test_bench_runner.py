@@ -133,7 +133,10 @@ def test_failed_build_stage_turns_the_jit_build_off(monkeypatch, tmp_path):
     """Each later process would otherwise try the failed (or timed-out) build again."""
     from types import SimpleNamespace
 
-    monkeypatch.delenv("FASTDIFF_CUDA_JIT", raising=False)
+    # set first, so monkeypatch records the variable and undoes the stage's setting afterwards
+    # (delenv of an absent one records nothing: the "0" leaked into the worker's later tests)
+    monkeypatch.setenv("FASTDIFF_CUDA_JIT", "")
+    monkeypatch.delenv("FASTDIFF_CUDA_JIT")
     args = SimpleNamespace(build_timeout=100)
     calls = []
 

@@ -116,6 +116,7 @@ def test_build_failure_warns_and_returns_none(monkeypatch):
         raise RuntimeError("nvcc exploded\nlong log ...")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("FASTDIFF_CUDA_JIT", raising=False)  # a JIT build is asked for
     monkeypatch.setattr(cpp_extension, "load", boom)
     monkeypatch.setitem(sys.modules, "fastdiff._C", None)  # no prebuilt module
     _cuda_build.load_extension.cache_clear()
