@@ -58,7 +58,7 @@ class Plan:
         authors; DDIM, and dpm++2m before, clip before guiding), so that a run made before that
         change is refused on resume rather than continued with the other order."""
         guided = self.classifier is not None and self.classifier_scale != 0 and self.clip_denoised
-        after = guided and getattr(SAMPLERS[self.sampler].rule, "guidance", None) == "score_then_clip"
+        after = guided and SAMPLERS[self.sampler].rule.guidance == "score_then_clip"
         return {**dataclasses.asdict(self), "num_samples": num_samples, "clip_guided_x0": after}
 
 
