@@ -95,11 +95,12 @@ def test_the_built_wheel_and_sdist_hold_the_runtime_files(tmp_path):
         metadata = z.read(f"fastdiff-{fastdiff.__version__}.dist-info/METADATA").decode()
     assert wanted | set(kernel_sources().values()) <= members
     assert f"Version: {fastdiff.__version__}\n" in metadata and "License-Expression: MIT\n" in metadata
+    assert f"fastdiff-{fastdiff.__version__}.dist-info/licenses/LICENSE" in members  # MIT wants its notice
     assert not [m for m in members if m.startswith(("tests/", "bench/", "docs/"))]
     with tarfile.open(sdist) as tar:
         root = tar.getnames()[0].split("/")[0]
         names = {n.removeprefix(root + "/") for n in tar.getnames()}
-    assert wanted | set(kernel_sources()) <= names
+    assert wanted | set(kernel_sources()) | {"LICENSE"} <= names
     assert not [n for n in names if n.startswith("tests/")]
 
 
