@@ -14,11 +14,12 @@ from PIL import Image
 
 from fastdiff.cli.train import train, train_classifier
 from fastdiff.config import ConfigError
-from fastdiff.models import ClassifierConfig
+from fastdiff.models import ClassifierConfig, configs_from_flags, parse_flags
 from fastdiff.training import (
     DataError,
     ImageFolderDataset,
     fit_classifier,
+    fit_unet,
     load_npz,
     match_classes,
     parse_ema_rates,
@@ -352,6 +353,31 @@ def test_hidden_folders_are_no_class_and_unlabelled_folders_say_why(tmp_path):
     shutil.copy(root / "cat" / "0.png", flat / "more" / "x.png")
     with pytest.raises(DataError, match=r"mixes class subfolders \(more/\) with loose images \(cat_0.png\)"):
         ImageFolderDataset(flat, 8)
+
+
+def test_a_class_folder_without_images_is_refused_where_it_would_shift_the_ids(tmp_path):
+    """An empty class folder (or one of .bmp files) got no id without a word: the folders after
+    it took the ids before theirs, kept in the weights. Training refuses it in one line, before
+    any work; an unconditional run, evaluate and nearest make no ids and read the folder as it is."""
+    root = _classes(tmp_path / "data", ["ant", "cat", "dog"])
+    for folder in (root / "bee", root / ".cache", tmp_path / "cow"):
+        folder.mkdir()
+    (root / "bee" / "a.bmp").write_bytes(b"BM")
+    (root / "cow").symlink_to(tmp_path / "cow")  # a linked class folder, as the listing reads them
+    ds = ImageFolderDataset(root, 8)
+    assert ds.class_names == ["ant", "cat", "dog"] and ds.empty_classes == ["bee", "cow"]
+    args = ["--data", str(root), "--image-size", "8", "--batch-size", "2", "--max-steps", "1"]
+    text = f"class folder {root / 'bee'} (and 1 more) holds no images (.jpg, .jpeg, .png, .gif, .webp)"
+    _one_line(CliRunner().invoke(train, [*args, "--flags", TINY, "--out", str(tmp_path / "d")]), text)
+    r = CliRunner().invoke(train_classifier, [*args, "--flags", CLASSIFIER, "--out", str(tmp_path / "c")])
+    _one_line(r, text)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "c").exists()
+    unconditional = TINY.replace("--class_cond True", "--class_cond False")
+    assert fit_unet(configs_from_flags("diffusion", parse_flags(unconditional))[0], ds).num_classes is None
+    flat = tmp_path / "flat"  # a flat folder's classes are its names' prefixes, not its folders
+    (flat / "empty").mkdir(parents=True)
+    shutil.copy(root / "cat" / "0.png", flat / "cat_0.png")
+    assert ImageFolderDataset(flat, 8).empty_classes == []
 
 
 @pytest.mark.parametrize(

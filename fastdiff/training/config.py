@@ -15,7 +15,7 @@ from fastdiff.diffusion.schedule import get_named_beta_schedule, space_timesteps
 from fastdiff.models.config import ClassifierConfig, NetConfig, UNetConfig
 from fastdiff.models.flags import flags_of
 
-from .data import DataError
+from .data import IMAGE_EXTENSIONS, DataError
 
 
 def parse_ema_rates(text) -> tuple[float, ...]:
@@ -61,6 +61,19 @@ def _unlabelled(what: str, dataset) -> DataError:
     return DataError(f"{what} needs labelled data (class subfolders, class_ prefixes or arr_1){why}")
 
 
+def _check_class_folders(dataset) -> None:
+    """Where a folder's classes become a network's: a class folder without images (a failed
+    download, images of an extension not read) would be no class, and every class after it would
+    take the id before its own, in the weights for good; one line before any work instead."""
+    empty = getattr(dataset, "empty_classes", ())
+    if empty:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise DataError(
+            f"class folder {dataset.root / empty[0]}{more} holds no images ({', '.join(IMAGE_EXTENSIONS)}):"
+            " every class folder is a class; add its images or move it out of the data folder"
+        )
+
+
 def fit_unet(net: UNetConfig, dataset, cfg_dropout: float = 0.0) -> UNetConfig:
     """Fit a diffusion UNet to the data: size, channels, class count (+1 null class for CFG)."""
     check_cfg_dropout(cfg_dropout, net.num_classes is not None)
@@ -68,6 +81,7 @@ def fit_unet(net: UNetConfig, dataset, cfg_dropout: float = 0.0) -> UNetConfig:
     if net.num_classes is not None:
         if not dataset.num_classes:
             raise _unlabelled("class_cond True", dataset)
+        _check_class_folders(dataset)
         num_classes = dataset.num_classes + (1 if cfg_dropout > 0 else 0)
     return dataclasses.replace(
         net,
@@ -82,6 +96,7 @@ def fit_classifier(net: ClassifierConfig, dataset) -> ClassifierConfig:
     """Fit a classifier to the data: size, channels and one logit per class."""
     if not dataset.num_classes:
         raise _unlabelled("classifier training", dataset)
+    _check_class_folders(dataset)
     if dataset.num_classes < 2:
         raise DataError("classifier training needs at least 2 classes; the data has 1")
     return dataclasses.replace(

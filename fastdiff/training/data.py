@@ -119,6 +119,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             loose = files[keys.index(None)]
             folder = next(k for k in keys if k is not None)
             raise DataError(f"{root} mixes class subfolders ({folder}/) with loose images ({loose.name})")
+        # every class folder is a class, as torchvision's ImageFolder has it; one without images
+        # would get no id (the folders after it taking its ids), so training refuses it (config.py)
+        self.empty_classes = sorted(set(_folders(root)) - set(keys)) if nested else []
         faults, sizes = zip(*map(image_header, files))
         bad = [i for i, fault in enumerate(faults) if fault is not None]
         if bad and not skip_bad_images:
@@ -193,12 +196,23 @@ def image_files(root: Path) -> list[Path]:
 
 def _walk(root: Path):
     """Every file under ``root``, through linked folders as guided-diffusion's listing goes (a class
-    folder linked in from another disk is common; rglob passes it by, dropping the class unseen),
-    but never into a folder it is already inside, so a link loop ends."""
+    folder linked in from another disk is common; rglob passes it by, dropping the class unseen)."""
     for folder, dirs, names in os.walk(root, followlinks=True):
-        inside = {os.path.realpath(p) for p in (Path(folder), *Path(folder).parents)}
-        dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(folder, d)) not in inside]
+        dirs[:] = _entered(folder, dirs)
         yield from (Path(folder, name) for name in names)
+
+
+def _entered(folder: str | Path, dirs: list[str]) -> list[str]:
+    """The subfolders ``dirs`` of ``folder`` that the walk goes into: never one it is already
+    inside, so a link loop ends."""
+    inside = {os.path.realpath(p) for p in (Path(folder), *Path(folder).parents)}
+    return [d for d in dirs if os.path.realpath(os.path.join(folder, d)) not in inside]
+
+
+def _folders(root: Path) -> list[str]:
+    """The folders directly in ``root`` that its listing reads (linked ones too, hidden ones not)."""
+    _, dirs, _ = next(os.walk(root, followlinks=True))
+    return [d for d in _entered(root, dirs) if not _hidden(Path(d))]
 
 
 def class_prefix(path: Path) -> str | None:
