@@ -68,6 +68,35 @@ def test_webp_images_are_read_beside_the_others(tmp_path):
     assert ds.class_names == ["cat", "dog"] and torch.equal(ds[1][0], torch.ones(3, 8, 8))
 
 
+@pytest.mark.filterwarnings("ignore:image file could not be identified")  # such a Pillow's own note
+def test_a_webp_this_pillow_cannot_decode_says_so_not_corrupt(tmp_path, monkeypatch):
+    """A Pillow built without libwebp called every .webp a corrupt or truncated image, in
+    training's scan and invert alike, sending the user after files that are whole."""
+    from types import SimpleNamespace
+
+    from PIL import WebPImagePlugin, features
+
+    from fastdiff.runs.errors import RunError
+    from fastdiff.runs.invert import _read_image
+
+    _png(tmp_path / "a.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "b.webp", lossless=True)
+    check = features.check
+    monkeypatch.setattr(WebPImagePlugin, "SUPPORTED", False)  # such a Pillow's open refuses it
+    monkeypatch.setattr(features, "check", lambda name: name != "webp" and check(name))
+    reason = "this Pillow cannot decode WebP (PIL.features.check('webp') is False); install a Pillow"
+    with pytest.raises(DataError, match=re.escape(f"cannot read image {tmp_path / 'b.webp'}: {reason}")):
+        ImageFolderDataset(tmp_path, 8)
+    with pytest.raises(RunError, match=re.escape(reason)):
+        _read_image(tmp_path / "b.webp", SimpleNamespace(in_channels=3, image_size=8))
+    (tmp_path / "b.webp").write_bytes(b"RIFF\0\0\0\0WEBPVP8L")  # cut, but no codec reads it either
+    with pytest.raises(DataError, match=re.escape(reason)):
+        ImageFolderDataset(tmp_path, 8)
+    (tmp_path / "b.webp").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="corrupt or truncated image .*b.webp"):
+        ImageFolderDataset(tmp_path, 8)
+
+
 def test_a_folder_counts_its_images_smaller_than_the_size(tmp_path):
     """Training notes the images it blurs up to its size (see test_training)."""
     _png(tmp_path / "a.png", size=(20, 12))

@@ -44,7 +44,7 @@ from fastdiff.runs.folder import check_writable, locked_run_folder
 from fastdiff.runs.loading import LoadedModel, load_diffusion_model
 from fastdiff.runs.plan import class_ids, class_list, respacing_for
 from fastdiff.runs.sampling import batch_generator, built_once, make_sampler
-from fastdiff.training.data import DataError, center_crop_arr, class_prefix, image_files
+from fastdiff.training.data import DataError, center_crop_arr, class_prefix, image_files, missing_codec
 
 _CLASS_IN_NAME = re.compile(r"_class(\d+)$")
 
@@ -135,7 +135,7 @@ def _read_image(path: Path, loaded: LoadedModel) -> tuple[np.ndarray, bool]:
             resized = img.size != (size, size)
             array = center_crop_arr(in_channels(img, loaded.in_channels), size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise RunError(f"cannot read image {path}: {e}") from None
+        raise RunError(f"cannot read image {path}: {missing_codec(path) or e}") from None
     return array.reshape(size, size, loaded.in_channels), resized
 
 

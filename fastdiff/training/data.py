@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, features
 
 from fastdiff.files import in_channels
 
@@ -260,12 +260,31 @@ def image_header(path: Path) -> tuple[str | None, tuple[int, int] | None]:
             fmt, size = img.format, img.size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         fmt = None
+    if fmt is None and (missing := missing_codec(path)):
+        return f"cannot read image {path}: {missing}", None
     end = _ENDINGS.get(fmt)
     if fmt is not None and (
         end is None or (tail.rstrip(b"\x00").endswith(end) if fmt == "JPEG" else tail.endswith(end))
     ):
         return None, size
     return f"corrupt or truncated image {path}", size
+
+
+def missing_codec(path: Path) -> str | None:
+    """Why this Pillow cannot open the image ``path`` whatever its state, or None: a WebP file where
+    Pillow was built without libwebp (from source, say) is no corrupt file, and no other copy of it
+    would read either."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:] == b"WEBP" and not features.check("webp"):
+        return (
+            "this Pillow cannot decode WebP (PIL.features.check('webp') is False); "
+            "install a Pillow built with it (pip's wheels are) or convert the .webp images"
+        )
+    return None
 
 
 def fingerprint(dataset, samples: int = 32) -> dict:
