@@ -105,6 +105,22 @@ def test_a_folder_counts_its_images_smaller_than_the_size(tmp_path):
     assert ImageFolderDataset(tmp_path, image_size=8).upscaled == 0
 
 
+def test_a_folder_counts_its_images_with_transparency(tmp_path):
+    """Their alpha (or transparent colour) is dropped, as guided-diffusion drops it: training
+    notes how many (see test_training); a corrupt one is no image and not counted."""
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    Image.fromarray(rgba[..., :2], "LA").save(tmp_path / "b.png")
+    Image.fromarray(rgba[..., :3]).quantize().save(tmp_path / "c.gif", transparency=0)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "d.webp", lossless=True)
+    _png(tmp_path / "e.png")
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "f.png", transparency=(0, 0, 0))  # RGB's tRNS colour
+    (tmp_path / "g.png").write_bytes((tmp_path / "a.png").read_bytes()[:-12])  # cut: no image
+    ds = ImageFolderDataset(tmp_path, image_size=8, skip_bad_images=True)
+    assert ds.transparent == 5 and len(ds) == 6
+    assert torch.equal(ds[0][0], torch.full((3, 8, 8), -1.0))  # read in RGB, its alpha dropped
+
+
 def test_sixteen_bit_png_is_read_as_its_pixels(tmp_path):
     """PIL's convert clips a 16-bit greyscale PNG to 255: a training image read as white."""
     Image.fromarray(np.full((8, 8), 128 * 257, np.uint16)).save(tmp_path / "a.png")

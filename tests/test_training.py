@@ -419,6 +419,25 @@ def test_a_folder_resized_to_the_default_size_says_so(tmp_path):
     assert f"note: {n} of {n} images are smaller than 64x64 and are scaled up to it (blurred)" in r.output
 
 
+def test_a_folder_of_transparent_images_says_their_transparency_is_dropped(tmp_path):
+    """Transparent PNGs trained as the colour under their alpha (black, often) without a word."""
+    from PIL import Image
+
+    data = _folder(tmp_path / "data", ["cat", "dog", "eel"])
+    for path in sorted((tmp_path / "data" / "dog").iterdir())[:2]:
+        with Image.open(path) as img:
+            img.convert("LA").save(path)
+    args = ["--data", data, "--flags", TINY, "--image-size", "8", "--max-steps", "1", "--batch-size", "2"]
+    r = CliRunner().invoke(train, [*args, "--ema", "", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    n = len(tiny_data())
+    assert (
+        f"note: 2 of {n} images have transparency (an alpha channel or a transparent colour), which"
+        " is dropped as guided-diffusion drops it: their transparent pixels train as the colour stored"
+        " under them"
+    ) in r.output.splitlines()
+
+
 def test_a_folder_run_keeps_its_class_names_and_sample_takes_them(tmp_path):
     """The ids come from the folders' order; training says which is which, the weights keep the
     names, ``--classes`` takes them, and a classifier of other classes is refused."""

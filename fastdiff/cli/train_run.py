@@ -86,6 +86,12 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, 
             f"note: {dataset.upscaled} of {len(dataset) + len(dataset.skipped)} images are smaller than"
             f" {size}x{size} and are scaled up to it (blurred)"
         )
+    if getattr(dataset, "transparent", 0):
+        notes.append(
+            f"note: {dataset.transparent} of {len(dataset) + len(dataset.skipped)} images have transparency"
+            " (an alpha channel or a transparent colour), which is dropped as guided-diffusion drops it:"
+            " their transparent pixels train as the colour stored under them"
+        )
     return config, dataset, "\n".join(notes) or None
 
 

@@ -122,7 +122,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         # every class folder is a class, as torchvision's ImageFolder has it; one without images
         # would get no id (the folders after it taking its ids), so training refuses it (config.py)
         self.empty_classes = sorted(set(_folders(root)) - set(keys)) if nested else []
-        faults, sizes = zip(*map(image_header, files))
+        faults, sizes, transparent = zip(*map(image_header, files))
         bad = [i for i, fault in enumerate(faults) if fault is not None]
         if bad and not skip_bad_images:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -132,6 +132,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.upscaled = sum(
             i not in bad and size is not None and min(size) < image_size for i, size in enumerate(sizes)
         )
+        # read in RGB (or L) as guided-diffusion reads them: their transparency is dropped, a note too
+        self.transparent = sum(i not in bad and t for i, t in enumerate(transparent))
         if bad:  # class names come from all files, so skipping never renumbers the classes
             good = sorted(set(range(len(files))) - set(bad))
             files = [files[i] for i in good]
@@ -244,30 +246,32 @@ def image_fault(path: Path) -> str | None:
     return image_header(path)[0]
 
 
-def image_header(path: Path) -> tuple[str | None, tuple[int, int] | None]:
-    """``image_fault``'s answer and the image's (width, height) from the same look at its header
-    (None where it has no readable header)."""
-    size = None
+def image_header(path: Path) -> tuple[str | None, tuple[int, int] | None, bool]:
+    """``image_fault``'s answer, the image's (width, height) (None where it has no readable header)
+    and whether it has transparency (an alpha channel or a transparent colour), from the same look
+    at its header."""
+    size, transparent = None, False
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 64))
             tail = f.read()
     except OSError as e:
-        return f"cannot read image {path}: {e.strerror or e}", None
+        return f"cannot read image {path}: {e.strerror or e}", None, False
     try:
         with Image.open(path) as img:
             fmt, size = img.format, img.size
+            transparent = "A" in img.getbands() or "transparency" in img.info
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         fmt = None
     if fmt is None and (missing := missing_codec(path)):
-        return f"cannot read image {path}: {missing}", None
+        return f"cannot read image {path}: {missing}", None, False
     end = _ENDINGS.get(fmt)
     if fmt is not None and (
         end is None or (tail.rstrip(b"\x00").endswith(end) if fmt == "JPEG" else tail.endswith(end))
     ):
-        return None, size
-    return f"corrupt or truncated image {path}", size
+        return None, size, transparent
+    return f"corrupt or truncated image {path}", size, transparent
 
 
 def missing_codec(path: Path) -> str | None:
