@@ -167,6 +167,12 @@ def in_channels(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
+def transparent(img: Image.Image) -> bool:
+    """Whether ``img`` has transparency that :func:`in_channels` drops, as guided-diffusion's
+    convert("RGB") does: an alpha channel, or a palette's or RGB's transparent colour."""
+    return "A" in img.getbands() or "transparency" in img.info
+
+
 def _pil(img: np.ndarray) -> Image.Image:
     return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
 

@@ -384,7 +384,7 @@ def test_invert_reads_a_16_bit_png_as_its_pixels(tmp_path):
 
     pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
     Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "g16.png")
-    read, resized = _read_image(tmp_path / "g16.png", SimpleNamespace(in_channels=1, image_size=16))
+    read, resized, _ = _read_image(tmp_path / "g16.png", SimpleNamespace(in_channels=1, image_size=16))
     np.testing.assert_array_equal(read[..., 0], pixels)
     assert not resized
 
@@ -418,11 +418,11 @@ def test_invert_reads_an_image_as_training_reads_it(tmp_path, mode, size, channe
     (tmp_path / "d").mkdir()
     image.save(tmp_path / "d" / "a.png")
     loaded = SimpleNamespace(in_channels=channels, image_size=16)
-    read, resized = _read_image(tmp_path / "d" / "a.png", loaded)
+    read, resized, alpha = _read_image(tmp_path / "d" / "a.png", loaded)
     x, _ = ImageFolderDataset(tmp_path / "d", 16, channels)[0]
     trained = ((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
     np.testing.assert_array_equal(read, trained)
-    assert resized == (size != (16, 16))
+    assert resized == (size != (16, 16)) and alpha == (mode == "RGBA")
 
 
 def test_each_images_class_comes_from_the_training_layout_its_weights_name(tmp_path):
@@ -475,7 +475,8 @@ def named_model(tmp_path):
 
 def test_invert_takes_a_training_folder_and_interpolate_a_class_name(tmp_path, named_model):
     """The folder train read, any size: each image resized as training does (said once), with
-    the class its folder names."""
+    the class its folder names; an image's transparency is dropped as training drops it, and
+    said once too (it was dropped without a word)."""
     rng = np.random.default_rng(0)
     for name, (w, h) in (("cat/a.png", (8, 8)), ("dog/b.jpg", (24, 16))):
         (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -485,6 +486,7 @@ def test_invert_takes_a_training_folder_and_interpolate_a_class_name(tmp_path, n
     r = cli("invert", tmp_path / "data", *model, "--out", tmp_path / "inv")
     assert r.exit_code == 0, r.output
     assert "note: 1 of 2 images are resized and center-cropped to 8x8, as training reads its data" in r.output
+    assert "transparency" not in r.output
     record = json.loads((tmp_path / "inv" / "invert.json").read_text())
     assert record["labels"] == [0, 1] and record["resized"] == [False, True]
     assert record["images"] == [str(tmp_path / "data" / n) for n in ("cat/a.png", "dog/b.jpg")]
@@ -497,6 +499,13 @@ def test_invert_takes_a_training_folder_and_interpolate_a_class_name(tmp_path, n
     r = cli("interpolate", *ends, "--class", "bird", "--out", tmp_path / "t.png")
     assert r.exit_code == 1 and "the model's class names (cat, dog)" in r.output, r.output
     assert not (tmp_path / "t.png").exists()
+    Image.open(tmp_path / "data" / "cat" / "a.png").convert("LA").save(tmp_path / "data" / "cat" / "a.png")
+    r = cli("invert", tmp_path / "data", *model, "--out", tmp_path / "alpha")
+    assert r.exit_code == 0, r.output
+    assert (
+        "note: 1 of 2 images have transparency (an alpha channel or a transparent colour), which is"
+        " dropped, as training drops it"
+    ) in r.output.splitlines()
 
 
 def test_a_training_folders_digits_reconstruct_with_their_folders_classes(tmp_path):

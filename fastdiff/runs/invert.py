@@ -36,7 +36,16 @@ from fastdiff.diffusion.inversion import slerp
 from fastdiff.diffusion.samplers import randn
 from fastdiff.engines import EngineError
 from fastdiff.engines.sampler import Sampler
-from fastdiff.files import LOCK, atomic_write, in_channels, save_grid, save_npz, save_png, to_uint8
+from fastdiff.files import (
+    LOCK,
+    atomic_write,
+    in_channels,
+    save_grid,
+    save_npz,
+    save_png,
+    to_uint8,
+    transparent,
+)
 from fastdiff.runs import ranks
 from fastdiff.runs.device import check_run_options, check_seed
 from fastdiff.runs.errors import RunError, check_arguments
@@ -126,17 +135,18 @@ def _image_paths(args: list[Path]) -> list[tuple[Path, Path | None]]:
     return found
 
 
-def _read_image(path: Path, loaded: LoadedModel) -> tuple[np.ndarray, bool]:
+def _read_image(path: Path, loaded: LoadedModel) -> tuple[np.ndarray, bool, bool]:
     """One image as uint8 HWC in the model's channels and size, read as training reads its data
-    (its channels converted, another size resized and center-cropped), and whether it was resized."""
+    (its channels converted, another size resized and center-cropped), whether it was resized
+    and whether its transparency was dropped."""
     size = loaded.image_size
     try:
         with Image.open(path) as img:
-            resized = img.size != (size, size)
+            resized, alpha = img.size != (size, size), transparent(img)
             array = center_crop_arr(in_channels(img, loaded.in_channels), size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise RunError(f"cannot read image {path}: {missing_codec(path) or e}") from None
-    return array.reshape(size, size, loaded.in_channels), resized
+    return array.reshape(size, size, loaded.in_channels), resized, alpha
 
 
 def _layout_names(path: Path, root: Path | None) -> list[str]:
@@ -390,7 +400,7 @@ def invert_images(
     paths = [p for p, _ in images]
     loaded, sampler, dev, respacing = setup(options)
     with ranks.agreed("checking the images"):  # an image one node lacks stops every rank
-        inputs, resized = zip(*(_read_image(p, loaded) for p in paths), strict=True)
+        inputs, resized, alphas = zip(*(_read_image(p, loaded) for p in paths), strict=True)
         inputs = np.stack(inputs)
         labels = _labels(images, classes, loaded)
         to_class = _check_class(loaded, to_class, "--to-class")
@@ -410,6 +420,12 @@ def invert_images(
             print(
                 f"note: {sum(resized)} of {len(paths)} images are resized and center-cropped to "
                 f"{size}x{size}, as training reads its data",
+                file=sys.stderr,
+            )
+        if any(alphas) and distributed.is_main():
+            print(
+                f"note: {sum(alphas)} of {len(paths)} images have transparency (an alpha channel or a "
+                "transparent colour), which is dropped, as training drops it",
                 file=sys.stderr,
             )
         done = _dealt(sampler, len(paths), batch_size, work, "images")

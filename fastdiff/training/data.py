@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, features
 
-from fastdiff.files import in_channels
+from fastdiff.files import in_channels, transparent
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")  # guided-diffusion's, and the web's webp
 MNIST_PER_CLASS_VAL = 50
@@ -122,7 +122,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         # every class folder is a class, as torchvision's ImageFolder has it; one without images
         # would get no id (the folders after it taking its ids), so training refuses it (config.py)
         self.empty_classes = sorted(set(_folders(root)) - set(keys)) if nested else []
-        faults, sizes, transparent = zip(*map(image_header, files))
+        faults, sizes, alphas = zip(*map(image_header, files))
         bad = [i for i, fault in enumerate(faults) if fault is not None]
         if bad and not skip_bad_images:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -133,7 +133,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             i not in bad and size is not None and min(size) < image_size for i, size in enumerate(sizes)
         )
         # read in RGB (or L) as guided-diffusion reads them: their transparency is dropped, a note too
-        self.transparent = sum(i not in bad and t for i, t in enumerate(transparent))
+        self.transparent = sum(i not in bad and alpha for i, alpha in enumerate(alphas))
         if bad:  # class names come from all files, so skipping never renumbers the classes
             good = sorted(set(range(len(files))) - set(bad))
             files = [files[i] for i in good]
@@ -250,7 +250,7 @@ def image_header(path: Path) -> tuple[str | None, tuple[int, int] | None, bool]:
     """``image_fault``'s answer, the image's (width, height) (None where it has no readable header)
     and whether it has transparency (an alpha channel or a transparent colour), from the same look
     at its header."""
-    size, transparent = None, False
+    size, alpha = None, False
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -261,7 +261,7 @@ def image_header(path: Path) -> tuple[str | None, tuple[int, int] | None, bool]:
     try:
         with Image.open(path) as img:
             fmt, size = img.format, img.size
-            transparent = "A" in img.getbands() or "transparency" in img.info
+            alpha = transparent(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         fmt = None
     if fmt is None and (missing := missing_codec(path)):
@@ -270,8 +270,8 @@ def image_header(path: Path) -> tuple[str | None, tuple[int, int] | None, bool]:
     if fmt is not None and (
         end is None or (tail.rstrip(b"\x00").endswith(end) if fmt == "JPEG" else tail.endswith(end))
     ):
-        return None, size, transparent
-    return f"corrupt or truncated image {path}", size, transparent
+        return None, size, alpha
+    return f"corrupt or truncated image {path}", size, alpha
 
 
 def missing_codec(path: Path) -> str | None:
