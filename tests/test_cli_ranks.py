@@ -241,6 +241,7 @@ import os
 import torch
 
 from fastdiff import distributed
+from fastdiff.cli.errors import user_error
 from fastdiff.runs import RunError, ranks
 
 ranks.join(torch.device("cpu"))  # as a run joins: the group is torn down at exit
@@ -251,14 +252,18 @@ def say(line):  # one write per line: the two ranks share the pipe, and print() 
     os.write(1, (line + "\\n").encode())
 
 
-for case in ("user", "bug", "gone"):
+for case in ("user", "usage", "bug", "gone"):
     if case == "gone" and me == 1:
         os._exit(0)
     try:
         with ranks.agreed("testing"):
             if me == 1:
-                raise RunError("only rank 1 sees this") if case == "user" else ValueError("boom")
+                if case == "bug":
+                    raise ValueError("boom")
+                raise RunError("only rank 1 sees this", usage=case == "usage")
         say(f"rank {me} {case}: ok")
+    except RunError as e:  # with the exit status the CLI gives it
+        say(f"rank {me} {case}: RunError: {e} (exit {user_error(e).exit_code})")
     except Exception as e:
         say(f"rank {me} {case}: {type(e).__name__}: {e}")
 """
@@ -270,8 +275,11 @@ def test_an_error_one_rank_meets_is_every_ranks_line(tmp_path):
     rc, output = torchrun(tmp_path, command=[str(tmp_path / "agree.py")])
     assert rc == 0, output[-3000:]
     lines = set(output.splitlines())
-    assert "rank 0 user: RunError: only rank 1 sees this" in lines, output
-    assert "rank 1 user: RunError: only rank 1 sees this" in lines, output
+    assert "rank 0 user: RunError: only rank 1 sees this (exit 1)" in lines, output
+    assert "rank 1 user: RunError: only rank 1 sees this (exit 1)" in lines, output
+    # a usage error exits 2 on every rank (the ranks that only heard of it exited 1)
+    assert "rank 0 usage: RunError: only rank 1 sees this (exit 2)" in lines, output
+    assert "rank 1 usage: RunError: only rank 1 sees this (exit 2)" in lines, output
     assert "rank 1 bug: ValueError: boom" in output  # the bug keeps its own exception on its rank
     assert "rank 0 bug: RunError: rank 1 stopped on a bug (ValueError: boom)" in output
     assert "rank 0 gone: RunError: another rank stopped while testing (" in output  # no hang

@@ -48,14 +48,15 @@ def join(device: torch.device) -> torch.device:
     return dev
 
 
-def _note(failure: Exception | None) -> str | None:
+def _note(failure: Exception | None) -> tuple[str, bool] | None:
+    """What the other ranks raise for ``failure``: its line, and whether it is a usage error (the
+    CLI's exit 2), so every rank exits with the failing rank's status."""
     if failure is None:
         return None
     if isinstance(failure, RunError):
-        return str(failure)
-    return (
-        f"rank {distributed.rank()} stopped on a bug ({type(failure).__name__}: {failure}); see its traceback"
-    )
+        return str(failure), failure.usage
+    bug = f"{type(failure).__name__}: {failure}"
+    return f"rank {distributed.rank()} stopped on a bug ({bug}); see its traceback", False
 
 
 def _lost_rank(what: str, error: Exception) -> RunError:
@@ -67,7 +68,8 @@ def _lost_rank(what: str, error: Exception) -> RunError:
 def agreed(what: str) -> Iterator[None]:
     """Run the block on every rank, then compare notes: a rank that failed raises its own error
     (a bug keeps its traceback), and every other rank raises the first failing rank's message as
-    its one line. ``what`` names the phase for the message when a rank is gone altogether."""
+    its one line (a usage error as one, for the same exit status). ``what`` names the phase for
+    the message when a rank is gone altogether."""
     if not distributed.is_initialized():
         yield
         return
@@ -86,7 +88,8 @@ def agreed(what: str) -> Iterator[None]:
         raise failure
     first = next((note for note in notes if note is not None), None)
     if first is not None:
-        raise RunError(first)
+        line, usage = first
+        raise RunError(line, usage=usage)
 
 
 def decided_by_main(what: str, make: Callable[[], T]) -> T:
