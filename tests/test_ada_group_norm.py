@@ -502,10 +502,12 @@ def _script_and_trace(net, inputs, other_inputs):
     return [m(*other_inputs) for m in loaded], str(traced.inlined_graph)
 
 
+@pytest.mark.filterwarnings("error::torch.jit.TracerWarning")
 def test_modules_script_and_trace():
     """torch.jit.script of a network holding the modules failed ("Don't support conversion in
     JoinedStr": TorchScript compiled the op's checks); scripted it runs the reference, and both
-    TorchScript forms, saved and loaded back, compute what the network does at other shapes."""
+    TorchScript forms, saved and loaded back, compute what the network does at other shapes.
+    The trace warns of nothing (the op's size checks and F.group_norm's each gave TracerWarnings)."""
     torch.manual_seed(0)
     net = _Norms()
     outs, _ = _script_and_trace(
@@ -532,6 +534,7 @@ def test_kernel_path_refuses_inputs_edited_in_place_before_backward(tk, edit):
         y.sum().backward()
 
 
+@pytest.mark.filterwarnings("error::torch.jit.TracerWarning")
 def test_trace_records_no_custom_op(tk):
     """Where the kernels run, a torch.jit.trace records the reference's native ops: the custom
     op it recorded is unknown wherever the graph is loaded without fastdiff (libtorch)."""

@@ -148,11 +148,13 @@ def test_frozen_weight_written_through_data_is_folded_again():
     )
 
 
+@pytest.mark.filterwarnings("error::torch.jit.TracerWarning")
 def test_script_and_trace_of_a_frozen_weight():
     """torch.jit.trace under no_grad failed its check ("Graphs differed across invocations"):
     the first call folded the weight, the second took the kept fold, a constant in the graph, so
     a trace without the check ignored later weights. Traced, the fold comes from the weight on
-    every call; scripted, upsample_conv is the reference."""
+    every call; scripted, upsample_conv is the reference. The trace warns of nothing (the
+    checks of the weight's and bias's sizes gave TracerWarnings)."""
 
     class Up(nn.Module):
         def __init__(self):

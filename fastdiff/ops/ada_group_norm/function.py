@@ -57,9 +57,9 @@ def _kernel_allowed(x: Tensor) -> bool:
     an ONNX export (see ``in_func_transform``, ``forward_ad_active``, ``onnx_exporting``). fp64
     runs the kernels only in the interpreter (to gradcheck their math); on CUDA it takes the
     reference, the kernels being built for fp16/bf16/fp32."""
-    if force_reference() or x.numel() == 0 or in_func_transform() or forward_ad_active() or onnx_exporting():
-        return False
     if torch.jit.is_tracing():  # a traced graph runs where fastdiff's custom ops are unknown (libtorch)
+        return False
+    if force_reference() or x.numel() == 0 or in_func_transform() or forward_ad_active() or onnx_exporting():
         return False
     return x.dtype in KERNEL_DTYPES or (x.dtype == torch.float64 and not x.is_cuda)
 
@@ -192,13 +192,26 @@ def _flattenable(x: Tensor) -> bool:
     return all(dims[i][1] == dims[i + 1][1] * dims[i + 1][0] for i in range(len(dims) - 1))
 
 
-def _per_sample(t: Tensor | None, name: str, n: int, c: int) -> Tensor | None:
-    """scale/shift as [N, C]: accepts [N, C], [N, C, 1, ...] (ADM's emb_out chunks) and [1, C]."""
-    if t is None:
-        return None
-    if t.dim() < 2 or t.shape[1] != c or any(s != 1 for s in t.shape[2:]) or t.shape[0] not in (1, n):
-        raise OpInputError(f"ada_group_norm: {name} must be [N, C] = [{n}, {c}], got {list(t.shape)}")
-    return t.reshape(t.shape[0], c).expand(n, c)
+def _per_sample(t: Tensor | None, n: int, c: int) -> Tensor | None:
+    """scale/shift as [N, C]: from [N, C], [N, C, 1, ...] (ADM's emb_out chunks) or [1, C]."""
+    return None if t is None else t.reshape(t.shape[0], c).expand(n, c)
+
+
+def _check_sizes(x: Tensor, num_groups: int, weight, bias, scale, shift) -> None:
+    """The sizes ada_group_norm takes, in its terms. Not while torch.jit.trace runs: sizes are
+    traced values there, and a Python test of one warns (TracerWarning) that the graph holds only
+    its outcome on the example, which the native ops check again anyway."""
+    n, c = x.shape[0], x.shape[1]
+    if num_groups <= 0 or c % num_groups:
+        raise OpInputError(f"ada_group_norm: {c} channels are not divisible into {num_groups} groups")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (c,):
+            raise OpInputError(f"ada_group_norm: {name} must be [{c}], got {list(t.shape)}")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is None:
+            continue
+        if t.dim() < 2 or t.shape[1] != c or any(s != 1 for s in t.shape[2:]) or t.shape[0] not in (1, n):
+            raise OpInputError(f"ada_group_norm: {name} must be [N, C] = [{n}, {c}], got {list(t.shape)}")
 
 
 def ada_group_norm(
@@ -234,15 +247,12 @@ def _dispatch(x, num_groups, weight, bias, scale, shift, eps, activation):
         raise OpInputError(f"ada_group_norm: x must be [N, C, *], got {list(x.shape)}")
     if not x.is_floating_point():
         raise OpInputError(f"ada_group_norm: x must be a floating-point tensor, got {x.dtype}")
-    n, c = x.shape[0], x.shape[1]
-    if num_groups <= 0 or c % num_groups:
-        raise OpInputError(f"ada_group_norm: {c} channels are not divisible into {num_groups} groups")
     if activation not in ("silu", None):
         raise OpInputError(f"ada_group_norm: activation must be 'silu' or None, got {activation!r}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != (c,):
-            raise OpInputError(f"ada_group_norm: {name} must be [{c}], got {list(t.shape)}")
-    scale, shift = _per_sample(scale, "scale", n, c), _per_sample(shift, "shift", n, c)
+    if not torch.jit.is_tracing():
+        _check_sizes(x, num_groups, weight, bias, scale, shift)
+    n, c = x.shape[0], x.shape[1]
+    scale, shift = _per_sample(scale, n, c), _per_sample(shift, n, c)
     for t in (weight, bias, scale, shift):
         if t is not None and t.device != x.device:
             raise OpInputError(f"ada_group_norm: all tensors must be on {x.device}, got one on {t.device}")

@@ -60,13 +60,15 @@ def ada_group_norm_reference(
         # F.group_norm's CPU backward crashes (segfault, torch 2.13) on a channels_last input that
         # needs no gradient while weight or bias does (frozen features, trained norms)
         xs = xs.contiguous()
-    h = F.group_norm(
-        xs,
-        num_groups,
-        None if weight is None else weight.to(sd),
-        None if bias is None else bias.to(sd),
-        eps,
-    ).to(x.dtype)
+    w = None if weight is None else weight.to(sd)
+    b = None if bias is None else bias.to(sd)
+    if torch.jit.is_tracing():
+        # F.group_norm is this op after a Python test of the sizes, traced values in a trace,
+        # where the test warns (TracerWarning) that the graph holds only its outcome
+        h = torch.group_norm(xs, num_groups, w, b, eps, torch.backends.cudnn.enabled)
+    else:
+        h = F.group_norm(xs, num_groups, w, b, eps)
+    h = h.to(x.dtype)
     # h is this function's own tensor (no autograd formula here needs it afterwards), so the
     # chain updates it in place: the same values, without an allocation per step (the CPU path).
     if scale is not None:

@@ -130,7 +130,9 @@ def _dispatch(qkv, num_heads, order):
         raise OpInputError(f"attention: order must be one of {ORDERS}, got {order!r}")
     if num_heads < 1:
         raise OpInputError(f"attention: num_heads must be at least 1, got {num_heads}")
-    if qkv.dim() != 3 or qkv.shape[1] % (3 * num_heads):
+    # sizes are traced values in a torch.jit.trace, where a Python test of one warns (TracerWarning)
+    # that the graph holds only its outcome on the example; the native ops check them anyway
+    if qkv.dim() != 3 or (not torch.jit.is_tracing() and qkv.shape[1] % (3 * num_heads)):
         raise OpInputError(f"attention: qkv must be [B, 3*{num_heads}*d, T], got shape {tuple(qkv.shape)}")
     if not qkv.is_floating_point():
         raise OpInputError(f"attention: qkv must be a floating-point tensor, got {qkv.dtype}")

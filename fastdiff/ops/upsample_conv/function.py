@@ -144,12 +144,15 @@ def _dispatch(x, weight, bias):
     check_tensor("upsample_conv", "x", x)
     check_tensor("upsample_conv", "weight", weight)
     check_tensor("upsample_conv", "bias", bias, optional=True)
-    if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
+    # sizes are traced values in a torch.jit.trace, where a Python test of one warns (TracerWarning)
+    # that the graph holds only its outcome on the example; the native ops check them anyway
+    sized = not torch.jit.is_tracing()
+    if x.dim() != 4 or weight.dim() != 4 or (sized and tuple(weight.shape[1:]) != (x.shape[1], 3, 3)):
         raise OpInputError(
             f"upsample_conv: x must be [N, C, H, W] and weight [O, C, 3, 3], got "
             f"{tuple(x.shape)} and {tuple(weight.shape)}"
         )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+    if sized and bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise OpInputError(f"upsample_conv: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     if not x.is_floating_point():
         raise OpInputError(f"upsample_conv: x must be a floating-point tensor, got {x.dtype}")
