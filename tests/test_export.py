@@ -538,11 +538,15 @@ def test_tensorrt_build_path_with_a_stand_in_module(tmp_path, monkeypatch):
 
 def test_trt_engine_builds_in_the_samplers_dtype(tmp_path, monkeypatch):
     """--engine trt builds its layers in the networks' dtype: fp32 networks an fp32 engine (no
-    FP16 flag), fp16 ones an fp16 engine, each cached under its own key (every build was fp16,
-    so the default --dtype fp32 ran in half precision without a word)."""
+    FP16 flag), fp16 ones an fp16 engine, bf16 ones a bf16 engine, each cached under its own key
+    (every build was fp16, so the default --dtype fp32 ran in half precision without a word; and
+    --dtype bf16 was refused, where export trt --precision bf16 built one). The onnx engine
+    still refuses bf16 networks: its graphs are fp32 or fp16."""
     from builders import diffusion_from_flags
 
     from fastdiff.diffusion.samplers import SamplingStep, make_rule
+    from fastdiff.engines import check_engine
+    from fastdiff.engines.sampler import DTYPES
     from fastdiff.export import onnx_runtime, tensorrt_engine
     from fastdiff.export.tensorrt_engine import TrtBuildConfig, profile_shapes, trt_engine
     from fastdiff.models.nn import InDtype
@@ -555,13 +559,17 @@ def test_trt_engine_builds_in_the_samplers_dtype(tmp_path, monkeypatch):
     rule = make_rule(diffusion, "ddim", 0.0, torch.device("cpu"), torch.float32)
     net = torch.nn.Identity()
     flags = {}
-    for dtype, model in (("fp32", net), ("fp16", InDtype(net, torch.float16))):
+    networks = {"fp32": net, "fp16": InDtype(net, torch.float16), "bf16": InDtype(net, torch.bfloat16)}
+    for dtype, model in networks.items():
         fake = _FakeTrt(profile=profile_shapes(graph, TrtBuildConfig()), output_shape=(1, 8, 8))
         monkeypatch.setattr(tensorrt_engine, "tensorrt", lambda fake=fake: fake)
+        check_engine("trt", torch.device("cuda"), DTYPES[dtype])  # what a Sampler checks first
         trt_engine(SamplingStep(diffusion, model, rule), torch.device("cuda"))
         flags[dtype] = [c[1] for c in fake.calls if c[0] == "flag"]
-    assert flags == {"fp32": [], "fp16": ["fp16"]}
-    assert len(list((tmp_path / "cache" / "trt").glob("*.engine"))) == 2
+    assert flags == {"fp32": [], "fp16": ["fp16"], "bf16": ["bf16"]}
+    assert len(list((tmp_path / "cache" / "trt").glob("*.engine"))) == 3
+    with pytest.raises(ExportError, match="engine 'onnx' runs fp32 or fp16 graphs"):
+        onnx_runtime.step_dtype(SamplingStep(diffusion, networks["bf16"], rule), "onnx")
 
 
 def test_cli_trt_says_what_the_machine_lacks_before_reading_the_graph(tmp_path, monkeypatch):

@@ -188,7 +188,7 @@ def check_engine(
         _parallel(None, torch.device(device))
     if name in CACHED_BUILDS:
         ENGINES[name](None, torch.device(device))
-        if dtype == torch.bfloat16:  # the exported graphs are fp32 or fp16
+        if dtype == torch.bfloat16 and name == "onnx":  # its graphs are fp32 or fp16; trt builds bf16 layers
             raise EngineError(f"engine '{name}' runs fp32 or fp16 graphs; use --dtype fp32")
         if batch is not None:
             from fastdiff.export import OnnxExportConfig

@@ -195,9 +195,12 @@ def _networks(step: SamplingStep):
 
 
 def _plain(net, engine: str = "onnx"):
-    """The network inside the Sampler's low-precision wrapper, and its dtype name."""
+    """The network inside the Sampler's low-precision wrapper, and its dtype name: bf16 for
+    'trt' alone, which builds its layers in it from an fp32 graph (an ONNX graph is fp32 or fp16)."""
     inner = getattr(net, "net", None)
     if isinstance(inner, torch.nn.Module) and isinstance(getattr(net, "dtype", None), torch.dtype):
+        if net.dtype == torch.bfloat16 and engine == "trt":
+            return inner, "bf16"
         if net.dtype != torch.float16:
             raise ExportError(f"engine '{engine}' runs fp32 or fp16 graphs; use --dtype fp32")
         return inner, "fp16"
@@ -205,8 +208,8 @@ def _plain(net, engine: str = "onnx"):
 
 
 def step_dtype(step: SamplingStep, engine: str) -> str:
-    """The dtype name ("fp32" or "fp16") a Sampler's step runs its model in: the layer precision
-    engine 'trt' builds, or ExportError (bf16)."""
+    """The dtype name ("fp32", "fp16" or "bf16") a Sampler's step runs its model in: the layer
+    precision engine 'trt' builds."""
     return _plain(_networks(step)[0], engine)[1]
 
 

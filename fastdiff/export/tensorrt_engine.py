@@ -153,7 +153,8 @@ class TrtDenoiser(ExportedDenoiser):
 def trt_engine(step, device: torch.device):
     """The engine function behind ``ENGINES['trt']`` (``step`` None: only check it can run). The
     engine's layer precision is the step's dtype (the Sampler's ``dtype``, ``--dtype``): fp32
-    networks build an fp32 engine, fp16 ones an fp16 engine, from the same fp32 graph."""
+    networks build an fp32 engine, fp16 or bf16 ones an fp16 or bf16 engine, from the same fp32
+    graph (``fastdiff export trt --precision`` offers the same three)."""
     trt = tensorrt()
     if torch.device(device).type != "cuda":
         raise ExportError("engine 'trt' runs TensorRT engines on a CUDA device")
