@@ -172,6 +172,21 @@ def test_inputs_that_are_no_tensors_or_other_batches_are_one_error():
         unet(x.numpy(), torch.tensor([5, 6]), y)
 
 
+@pytest.mark.filterwarnings("error::torch.jit.TracerWarning")
+def test_a_traced_network_warns_of_nothing_and_runs_other_batches():
+    """torch.jit.trace of a UNet and a classifier: their input checks tested traced sizes, each
+    a TracerWarning (the ops' own checks already stand aside while tracing)."""
+    unet = randomize(small_unet()).eval()
+    classifier = EncoderUNetModel(ClassifierConfig(**{**SMALL, "use_scale_shift_norm": False}, num_classes=4))
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([5, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        traced = torch.jit.trace(unet, (x, t, y), check_trace=False)
+        traced_classifier = torch.jit.trace(classifier.eval(), (x, t), check_trace=False)
+        x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 999]), torch.tensor([0, 9, 3])
+        torch.testing.assert_close(traced(x, t, y), unet(x, t, y), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(traced_classifier(x, t), classifier(x, t), rtol=1e-5, atol=1e-5)
+
+
 def test_superres_model():
     model = randomize(SuperResModel(SuperResConfig(**SMALL, small_size=4, learn_sigma=True, num_classes=10)))
     assert model.input_blocks[0][0].in_channels == 6

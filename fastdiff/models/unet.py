@@ -327,7 +327,8 @@ class _ADMNet(nn.Module):
         list failed deep in the timestep embedding, and a count other than x's was said about y."""
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"x must be a tensor [N, C, H, W], got {type(x).__name__}")
-        if not (isinstance(timesteps, torch.Tensor) and timesteps.shape == (x.shape[0],)):
+        sized = not torch.jit.is_tracing()  # a traced size's test warns (TracerWarning), as in the ops
+        if not (isinstance(timesteps, torch.Tensor) and (not sized or timesteps.shape == (x.shape[0],))):
             got = list(timesteps.shape) if isinstance(timesteps, torch.Tensor) else type(timesteps).__name__
             raise ValueError(f"timesteps must be a tensor [N]=[{x.shape[0]}], one per image, got {got}")
 
@@ -391,7 +392,7 @@ class UNetModel(_ADMNet):
             raise ValueError("pass y if and only if the model is class-conditional")
         emb = self._time_emb(timesteps)
         if y is not None:
-            if y.shape != (timesteps.shape[0],):
+            if not torch.jit.is_tracing() and y.shape != (timesteps.shape[0],):
                 raise ValueError(f"y must have shape [N]={list(timesteps.shape)}, got {list(y.shape)}")
             emb = emb + self.label_emb(y)
         return emb
