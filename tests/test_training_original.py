@@ -73,29 +73,41 @@ def log_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def gd():
+def import_original(mp: pytest.MonkeyPatch, rank: int = 0, size: int = 1) -> types.SimpleNamespace:
     """The original's modules, imported afresh from the checkout (another test may have imported
-    them with other stand-ins) with stand-ins for mpi4py (one rank, its process group gloo on this
-    machine) and blobfile (local files), which this venv lacks."""
+    them with other stand-ins) with stand-ins for mpi4py (rank ``rank`` of ``size``, as mpiexec
+    numbers them; its bcast is only reached by setup_dist, which finds the gloo group in place on
+    more ranks) and blobfile (local files), which this venv lacks. ``mp`` undoes it."""
     mpi = types.ModuleType("mpi4py.MPI")
-    mpi.COMM_WORLD = types.SimpleNamespace(rank=0, size=1, Get_rank=lambda: 0, bcast=lambda obj, root=0: obj)
-    with pytest.MonkeyPatch.context() as mp:
-        for name in [n for n in sys.modules if n.split(".")[0] == "guided_diffusion"]:
-            mp.delitem(sys.modules, name)
-        mp.setitem(sys.modules, "mpi4py", types.SimpleNamespace(MPI=mpi))
-        mp.setitem(sys.modules, "mpi4py.MPI", mpi)
-        mp.setitem(sys.modules, "blobfile", blobfile)
-        mp.syspath_prepend(ORIGINAL)
-        names = ("script_util", "train_util", "resample", "logger", "dist_util")
-        mods = types.SimpleNamespace(**{n: importlib.import_module(f"guided_diffusion.{n}") for n in names})
-        spec = importlib.util.spec_from_file_location(
-            "gd_classifier_train", Path(ORIGINAL) / "scripts" / "classifier_train.py"
-        )
-        mods.classifier_train = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mods.classifier_train)
+    mpi.COMM_WORLD = types.SimpleNamespace(
+        rank=rank,
+        size=size,
+        Get_rank=lambda: rank,
+        Get_size=lambda: size,
+        bcast=lambda obj, root=0: obj,
+    )
+    for name in [n for n in sys.modules if n.split(".")[0] == "guided_diffusion"]:
+        mp.delitem(sys.modules, name)
+    mp.setitem(sys.modules, "mpi4py", types.SimpleNamespace(MPI=mpi))
+    mp.setitem(sys.modules, "mpi4py.MPI", mpi)
+    mp.setitem(sys.modules, "blobfile", blobfile)
+    mp.syspath_prepend(ORIGINAL)
+    names = ("script_util", "train_util", "resample", "logger", "dist_util", "image_datasets")
+    mods = types.SimpleNamespace(**{n: importlib.import_module(f"guided_diffusion.{n}") for n in names})
+    spec = importlib.util.spec_from_file_location(
+        "gd_classifier_train", Path(ORIGINAL) / "scripts" / "classifier_train.py"
+    )
+    mods.classifier_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mods.classifier_train)
     assert Path(mods.train_util.__file__).is_relative_to(ORIGINAL), "guided_diffusion is not the original"
     return mods
+
+
+@pytest.fixture(scope="module")
+def gd():
+    """The original's modules on one rank (:func:`import_original`), for this module's tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        return import_original(mp)
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ and N processes with the same global batch and micro-batch size see the same sam
 and timesteps as one process.
 
 Given the same draws, the loop computes guided-diffusion's image_train.py and classifier_train.py
-(tests/test_training_original.py), except, on purpose:
+(tests/test_training_original.py; on two ranks tests/test_training_original_ranks.py), except, on
+purpose:
 - micro-batch losses are weighted by their share of the batch, so splitting a batch into
   micro-batches does not change the gradient (image_train.py summed micro-batch means);
 - the global gradient norm is clipped to ``--grad-clip`` (1.0 by default; the original clips
@@ -21,7 +22,13 @@ Given the same draws, the loop computes guided-diffusion's image_train.py and cl
 - mixed precision is autocast over fp32 master weights (``use_fp16`` model flag is forced off:
   ``--precision`` says), fp16 with ``torch.amp.GradScaler``'s dynamic loss scale (from 2**16,
   doubled after 2000 good steps) instead of the original's log-scale schedule (from 2**20, +0.001
-  per step), whose first steps may overflow and be skipped where these are taken.
+  per step), whose first steps may overflow and be skipped where these are taken;
+- under torchrun ``--batch-size`` is the global batch, each rank training on its share (the
+  original's ``--batch_size`` is each rank's), a slice of every global batch of one order over all
+  the data (the original's rank r shuffles its own files[r::N] alone), and the log's values are
+  means over every rank's examples (the original's scripts give its logger no MPI comm: rank 0
+  logs its own share). On the CPU the ranks' gradients are averaged by DDP over gloo, where the
+  original wraps DDP only with CUDA (its CPU ranks warn and each train alone).
 """
 
 from __future__ import annotations
