@@ -426,6 +426,35 @@ def test_reference_path_gradcheck(monkeypatch):
     assert torch.autograd.gradcheck(lambda *a: ada_group_norm(a[0], 3, *a[1:]), (x, w, b, sc, sh))
 
 
+@pytest.mark.parametrize("scale_grad", [False, True], ids=["guidance", "training"])
+def test_reference_path_copies_nothing_under_autograd(monkeypatch, scale_grad):
+    """Where autograd records (the classifier's forward under guidance; a trained AdaGN's scale),
+    the CPU chain makes no copy: an in-place SiLU (or scale, when the scale needs a gradient)
+    made autograd clone the value it overwrote, a copy more than the out-of-place op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setenv("FASTDIFF_OPS", "reference")
+    x, w, b, sc, sh = make_inputs((2, 8, 4, 4), 4, torch.float32)
+    x, sc = x.requires_grad_(), sc.requires_grad_(scale_grad)
+    ops = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        y = ada_group_norm(x, 4, w, b, sc, sh)
+        grads = torch.autograd.grad(y.square().sum(), (x, sc) if scale_grad else (x,))
+    assert not {"clone", "copy_"} & set(ops), ops
+    lx, lsc = x.detach().double().requires_grad_(), sc.detach().double().requires_grad_(scale_grad)
+    y64 = F.group_norm(lx, 4, w.double(), b.double()) * (1 + lsc[:, :, None, None])
+    y64 = F.silu(y64 + sh.double()[:, :, None, None])
+    ref = torch.autograd.grad(y64.square().sum(), (lx, lsc) if scale_grad else (lx,))
+    for got, expect in zip(grads, ref):
+        torch.testing.assert_close(got, expect.float(), rtol=1e-4, atol=1e-4)
+
+
 def test_reference_path_bias_without_weight(monkeypatch):
     """A bias without a weight is differentiable on the CPU path too (F.group_norm's own CPU
     backward fails there: "tensor does not have a device")."""

@@ -71,16 +71,19 @@ def ada_group_norm_reference(
     h = h.to(x.dtype)
     # h is this function's own tensor (no autograd formula here needs it afterwards), so the
     # chain updates it in place: the same values, without an allocation per step (the CPU path).
+    # Not where autograd would save the value an in-place op overwrites (SiLU's input for its
+    # backward, h for a scale that needs a gradient): it would clone h first, a copy more than
+    # the out-of-place op (the classifier's forward under guidance, 15 copies a guided step).
     if scale is not None:
         s = 1 + _per_channel(scale, x)
-        h = h.mul_(s) if _in_place(h, s) else h * s
+        h = h.mul_(s) if _in_place(h, s) and not s.requires_grad else h * s
     if shift is not None:
         t = _per_channel(shift, x)
         h = h.add_(t) if _in_place(h, t) else h + t
     if activation is not None:
         if activation != "silu":
             raise ValueError("activation must be 'silu' or None, got " + activation)
-        h = F.silu(h, inplace=True)
+        h = F.silu(h, inplace=not h.requires_grad)
     return _like(h.to(x.dtype), x)
 
 
