@@ -210,7 +210,8 @@ class _Stop(Exception):
 
 def _two_ranks(monkeypatch, rank: int, events: list, notes=(None, None)) -> None:
     """This process as rank ``rank`` of 2: every collective is recorded in ``events``; an
-    all-gather hands back ``notes`` (the ranks' error lines), a broadcast this rank's value."""
+    all-gather hands back ``notes`` (the ranks' notes: an error's line and whether it is a usage
+    error, or None), a broadcast this rank's value."""
     from fastdiff import distributed
 
     def gather(obj):
@@ -281,7 +282,7 @@ def test_rank_0s_engine_build_failure_is_every_ranks_line(monkeypatch, rank):
     built_once(sampler, 2)  # outside torchrun: nothing now, the first batch builds it
     assert built == []
     events = []
-    _two_ranks(monkeypatch, rank, events, notes=(line, None))
+    _two_ranks(monkeypatch, rank, events, notes=((line, False), None))
     with pytest.raises(RunError, match="^cannot write to the ONNX cache /x"):
         built_once(sampler, 2)
     assert built == ([2] if rank == 0 else []) and events == ["gather"]  # rank 1 waited, built nothing
