@@ -21,10 +21,9 @@ T = TypeVar("T")
 
 
 # How long a collective waits for the slowest rank: a sampling rank done with its block, or
-# training ranks while rank 0 alone samples a preview grid, scores a validation set or writes a
-# checkpoint (a slower GPU, a loaded machine). torch's default (10 minutes on nccl, 30 on gloo)
-# would end a healthy run; a rank that dies is reported by torchrun, which ends the job long
-# before this.
+# training ranks while rank 0 alone samples a preview grid or writes a checkpoint (a slower GPU,
+# a loaded machine). torch's default (10 minutes on nccl, 30 on gloo) would end a healthy run;
+# a rank that dies is reported by torchrun, which ends the job long before this.
 SLOWEST_RANK = timedelta(hours=24)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -77,6 +78,71 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
         torch.testing.assert_close(r0["model"][k], single["model"][k], rtol=1e-4, atol=1e-5, msg=k)
     assert torch.equal(r0["history"], single["history"])  # loss-aware history is gathered in global order
     assert (tmp_path / "ddp" / "latest.json").is_file()  # written by rank 0
+
+
+CLASSIFIER_SCRIPT = """
+import json, sys, numpy as np, torch
+from fastdiff.models import configs_from_flags, parse_flags
+from fastdiff.training import ClassifierTrainer, TrainConfig, dist, fit_classifier
+from fastdiff.training.data import load_npz
+
+npz, val, out = sys.argv[1:]
+ds = load_npz(npz)
+net, process = configs_from_flags("classifier", parse_flags(
+    "--classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions 4 "
+    "--channel_mult 1,2 --diffusion_steps 50"))
+cfg = TrainConfig(net=fit_classifier(net, ds), process=process, out=out, batch_size=4, microbatch=2,
+                  max_steps=2, log_every=1, eval_every=1, save_every=0, ema=(), lr=1e-3, seed=3,
+                  device="cpu", progress=False)
+trainer = ClassifierTrainer(cfg, ds, load_npz(val))
+scored, logits = [], trainer._logits
+def spy(net, x, *args):
+    if not net.training:
+        scored.append(len(x))
+    return logits(net, x, *args)
+trainer._logits = spy
+first = trainer.evaluate()
+trainer.run()
+with open(f"{out}/rank{dist.rank()}_of{dist.world_size()}.json", "w") as f:
+    json.dump({"first": first, "scored": scored}, f)
+dist.cleanup()
+"""
+
+
+@pytest.mark.slow  # two torchrun jobs: CI's slow stage runs it
+def test_two_gloo_ranks_share_the_held_out_set_and_log_one_process_metrics(tmp_path):
+    """Each rank scored the whole held-out set (N times the work, rank 0 alone logging it); now
+    each scores its batches: 9 images in batches of 2 (the last of 1), 3 batches on rank 0 and
+    2 on rank 1, and the metrics are one process's."""
+    rng = np.random.default_rng(0)
+    for name, n in (("d", 12), ("val", 9)):
+        images = rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+        np.savez(tmp_path / f"{name}.npz", images, np.arange(n) % 6)
+    script = tmp_path / "worker.py"
+    script.write_text(CLASSIFIER_SCRIPT)
+    data = [str(tmp_path / "d.npz"), str(tmp_path / "val.npz")]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    _run([*launch, str(script), *data, str(tmp_path / "ddp")], tmp_path)
+    _run([sys.executable, str(script), *data, str(tmp_path / "single")], tmp_path)
+
+    def saved(name):
+        return json.loads((tmp_path / name).read_text())
+
+    r0, r1, single = saved("ddp/rank0_of2.json"), saved("ddp/rank1_of2.json"), saved("single/rank0_of1.json")
+    assert single["scored"] == [2, 2, 2, 2, 1] * 3  # before the run, then at steps 1 and 2
+    assert r0["scored"] == [2, 2, 1] * 3 and r1["scored"] == [2, 2] * 3
+    assert r0["first"] == r1["first"] == single["first"]  # the same weights: to the bit
+    assert 0 < single["first"]["val_acc@1"] < single["first"]["val_acc@5"] < 1
+
+    def held_out(run):
+        rows = map(json.loads, (tmp_path / run / "log.jsonl").read_text().splitlines())
+        return [r for r in rows if "val_loss" in r]
+
+    two, one = held_out("ddp"), held_out("single")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2]
+    for a, b in zip(two, one):  # weights after DDP's gradient averaging: to its rounding
+        assert a.keys() == b.keys()
+        assert a == pytest.approx(b, rel=1e-5), (a, b)
 
 
 def test_data_parallel_leaves_buffers_alone_without_a_warning_per_rank():

@@ -272,6 +272,36 @@ def test_classifier_trainer(tmp_path):
     assert (tmp_path / "clf" / "latest.json").is_file()
 
 
+def test_held_out_batches_are_dealt_over_the_ranks_and_summed_in_order(tmp_path, monkeypatch):
+    """Every rank scored the whole held-out set under torchrun (N times the work); now rank r
+    scores batches r, r + N, ... and the ranks' batches, summed in batch order, give one process's
+    metrics to the bit: 9 images in batches of 2 (the last of 1) over 3 ranks, 6 classes."""
+    from fastdiff.training import dist
+
+    net, process = configs_from_flags(
+        "classifier",
+        parse_flags(
+            "--classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions 4 "
+            "--channel_mult 1,2 --diffusion_steps 50"
+        ),
+    )
+    ds = tiny_data(classes=6)
+    cfg = TrainConfig(
+        net=fit_classifier(net, ds), process=process, out=str(tmp_path), batch_size=2, ema=(), progress=False
+    )
+    trainer = ClassifierTrainer(cfg, ds, val_dataset=tiny_data(n=9, classes=6))
+    alone = trainer.evaluate()
+    shares = []
+    monkeypatch.setattr(dist, "all_gather_objects", lambda mine: shares.append(mine) or [mine])
+    trainer.world = 3
+    for trainer.rank in range(3):
+        trainer.evaluate()
+    assert [[len(t) for _, t, _ in share] for share in shares] == [[2, 2], [2, 1], [2]]
+    monkeypatch.setattr(dist, "all_gather_objects", lambda mine: shares[::-1])  # any order of ranks
+    assert trainer.evaluate() == alone
+    assert 0 < alone["val_acc@1"] < alone["val_acc@5"] < 1 and alone["val_loss"] > 0
+
+
 def test_frechet_distance_matches_scipy():
     scipy_linalg = pytest.importorskip("scipy.linalg")
     gen = torch.Generator().manual_seed(0)

@@ -174,17 +174,29 @@ class ClassifierTrainer(TrainLoop):
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out loss/accuracy over the whole held-out set at fixed random t per image (the same
-        every evaluation; classifier_train.py scored one random batch at new draws each time)."""
+        every evaluation; classifier_train.py scored one random batch at new draws each time).
+
+        Under torchrun rank r scores batches r, r + N, ... and every rank sums all of them in
+        batch order, so the metrics are one process's with the same micro-batch size, to the bit
+        (every rank scored the whole set, N times the work)."""
         self.model.eval()
-        meter = Meter()
-        loader = torch.utils.data.DataLoader(self.val_dataset, batch_size=self.micro, shuffle=False)
-        for i, (x, y) in enumerate(loader):
-            key = stream_key(self.config.seed, 2**32, i)
+        n, size = len(self.val_dataset), self.micro
+        batches = range(self.rank, math.ceil(n / size), self.world)
+        loader = torch.utils.data.DataLoader(
+            self.val_dataset, batch_sampler=[range(k * size, min(n, (k + 1) * size)) for k in batches]
+        )
+        mine = []
+        for k, (x, y) in zip(batches, loader):
+            key = stream_key(self.config.seed, 2**32, k)
             gen = torch.Generator().manual_seed(key)
             dev_gen = gen if self.device.type == "cpu" else torch.Generator(self.device).manual_seed(key)
             _, rec = self._logits(self.model, x.to(self.device), y.to(self.device), gen, dev_gen)
-            t = rec.pop("t")
+            t = rec.pop("t").cpu()
+            mine.append((k, t, {name: values.cpu() for name, values in rec.items()}))
+        self.model.train()
+        meter = Meter()
+        scored = [batch for share in dist.all_gather_objects(mine) for batch in share]
+        for _, t, rec in sorted(scored, key=lambda batch: batch[0]):
             for name, values in rec.items():
                 meter.add_per_t(f"val_{name}", values, t, self.diffusion.num_timesteps)
-        self.model.train()
         return meter.flush()
