@@ -157,6 +157,24 @@ def test_truncated_images_are_named_or_skipped(tmp_path):
     assert ok.exit_code == 0, ok.output
 
 
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_skipped_images_are_said_once_per_job(tmp_path, monkeypatch, rank, said):
+    """Every rank scans the data and said which images it skips (N copies of the line under
+    torchrun); rank 0 alone says it now, and an error after the scan is still every rank's line."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    root = tmp_path / "flat"  # no class_ prefixes: a classifier refuses it once it is read
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / f"{i}.png")
+    (root / "2.png").write_bytes((root / "2.png").read_bytes()[:-20])
+    args = ["--data", str(root), "--image-size", "8", "--flags", "--channel_mult 1,2", "--skip-bad-images"]
+    args += ["--out", str(tmp_path / "run")]
+    r = CliRunner().invoke(train_classifier, args)
+    assert r.exit_code != 0 and "needs labelled data" in r.output, r.output
+    assert ("skipping 1 unreadable or corrupt image(s)" in r.output) == said, r.output
+
+
 def test_torn_log_line_is_tolerated_on_resume(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')

@@ -96,8 +96,9 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, 
 
 
 def _report_skipped(dataset) -> None:
+    """Rank 0's line: every rank scans the data (each needs it), before the process group is up."""
     skipped = getattr(dataset, "skipped", ())
-    if skipped:
+    if skipped and distributed.launched_rank() == 0:
         click.echo(f"skipping {len(skipped)} unreadable or corrupt image(s), e.g. {skipped[0]}", err=True)
 
 
