@@ -175,6 +175,25 @@ def test_a_guided_dpm_run_from_before_its_clip_order_changed_is_refused(models, 
             assert r.exit_code == 0 and "0 images (2 already there)" in r.output, r.output
 
 
+def test_a_few_step_dpm_run_from_before_its_last_step_changed_is_refused(models, tmp_path):
+    """dpm++2m takes its last step at first order under 10 steps now; an earlier fastdiff took it
+    at second order. A run.json without the record of it is such a run: a few-step dpm++2m resume
+    is refused, not mixed; at 10 steps and more (the same solver then) and for DDIM it resumes."""
+    for sampler, steps, refused in (("dpm++2m", 4, True), ("dpm++2m", 11, False), ("ddim", 4, False)):
+        out = tmp_path / f"{sampler}{steps}"
+        args = base_args(models, out, "--num-samples", 2, "--batch-size", 1, "--sampler", sampler)
+        args[args.index("--steps") + 1] = steps
+        assert run(*args).exit_code == 0
+        record = json.loads((out / "run.json").read_text())
+        assert record.pop("first_order_final") is refused
+        (out / "run.json").write_text(json.dumps(record))
+        r = run(*args, "--resume")
+        if refused:
+            assert r.exit_code != 0 and "in: the order of the last step" in r.output, r.output
+        else:
+            assert r.exit_code == 0 and "0 images (2 already there)" in r.output, r.output
+
+
 def test_a_resume_at_another_thread_count_continues_within_a_level(models, tmp_path):
     """As the README says: another thread count (here also another default engine, parallel)
     rounds the float sums otherwise, so a resume allows it and its images are the run's to a

@@ -456,3 +456,25 @@ def test_clip_order_around_classifier_guidance(sampler):
     assert (x0.abs() > 1).any() == (sampler == "ddim")
     if sampler == "dpm++2m":
         torch.testing.assert_close(x_next, rule(dict(pred_xstart=expected), x, t, None, x0_prev)[0])
+
+
+@pytest.mark.parametrize("times", [3, 10, 11, 20])
+def test_dpm_solver_takes_its_last_step_first_order_under_10_steps(times):
+    """The DPM-Solver authors' lower_order_final: under 10 solver steps (times - 1) the step into
+    t = 0 is first order, DDIM's step on the same x0 (it was second order at every count); at
+    10 steps and more it keeps the previous x0's correction. Inner steps are second order."""
+    diffusion = make_diffusion(steps=1000, noise_schedule="cosine", timestep_respacing=str(times))
+    dpm = make_rule(diffusion, "dpm++2m", dtype=torch.float64)
+    x, x0, prev, other = (torch.randn(SHAPE, dtype=torch.float64, generator=_gen(k)) for k in range(4))
+    for k in (1, 2) if times > 3 else (1,):
+        t = torch.full((SHAPE[0],), k)
+        moved = not torch.equal(
+            dpm(dict(pred_xstart=x0), x, t, None, prev)[0], dpm(dict(pred_xstart=x0), x, t, None, other)[0]
+        )
+        assert moved == (k == 2 or times - 1 >= 10), (k, times)
+    t = torch.ones(SHAPE[0], dtype=torch.long)
+    if times - 1 < 10:  # DDIM's deterministic step, in float64 (DDIM's own tables are float32)
+        abar, abar_next = diffusion.alphas_cumprod[1], diffusion.alphas_cumprod[0]
+        eps = (x - abar**0.5 * x0) / (1 - abar) ** 0.5
+        want = abar_next**0.5 * x0 + (1 - abar_next) ** 0.5 * eps
+        torch.testing.assert_close(dpm(dict(pred_xstart=x0), x, t, None, prev)[0], want)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastdiff.diffusion import SAMPLERS
+from fastdiff.diffusion.samplers.dpm_solver import first_order_final
 from fastdiff.diffusion.schedule import kept_steps
 from fastdiff.runs.errors import RunError
 
@@ -55,11 +56,20 @@ class Plan:
     def record(self, num_samples: int) -> dict:
         """The run.json record of this plan for ``num_samples`` images. ``clip_guided_x0``: whether
         a classifier-guided step clips its guided x0 (dpm++2m since it follows the DPM-Solver
-        authors; DDIM, and dpm++2m before, clip before guiding), so that a run made before that
-        change is refused on resume rather than continued with the other order."""
+        authors; DDIM, and dpm++2m before, clip before guiding); ``first_order_final``: whether
+        dpm++2m takes its step into t = 0 at first order (under 10 solver steps, since it follows
+        the authors there too). A run made before either change is refused on resume rather than
+        continued with the other solver."""
         guided = self.classifier is not None and self.classifier_scale != 0 and self.clip_denoised
         after = guided and SAMPLERS[self.sampler].rule.guidance == "score_then_clip"
-        return {**dataclasses.asdict(self), "num_samples": num_samples, "clip_guided_x0": after}
+        times = len(kept_steps(self.model["flags"]["diffusion_steps"], self.respacing))
+        final = self.sampler == "dpm++2m" and first_order_final(times)
+        return {
+            **dataclasses.asdict(self),
+            "num_samples": num_samples,
+            "clip_guided_x0": after,
+            "first_order_final": final,
+        }
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ _SAME_SAMPLES_AS = {"parallel": "eager", "graph-loop": "graph"}
 def differences(old: dict, record: dict) -> list[str]:
     """Names of what differs between two run records; networks are compared by content and flags."""
     diff = []
-    old = {"clip_guided_x0": False, **old}  # an older fastdiff clipped x0 before guiding, always
+    # an older fastdiff clipped x0 before guiding, always, and took dpm++2m's last step at second order
+    old = {"clip_guided_x0": False, "first_order_final": False, **old}
     for key in ("model", "classifier"):
         a, b = old.get(key), record[key]
         if b is None or not isinstance(a, dict):
@@ -53,13 +54,19 @@ def differences(old: dict, record: dict) -> list[str]:
             diff.append(f"{key} weights (sha256 {a['sha256'][:12]} vs {b['sha256'][:12]})")
         if not same_flags(a.get("flags"), b["flags"], "classifier" if key == "classifier" else None):
             diff.append(f"{key} flags")
-    skip = {"model", "classifier", "labels", "low_res", "num_samples", "engine", "clip_guided_x0"}
+    skip = {"model", "classifier", "labels", "low_res", "num_samples", "engine"}
+    skip |= {"clip_guided_x0", "first_order_final"}
     skip |= {"device"} - old.keys()  # an older fastdiff did not record it
     diff += [k for k, v in record.items() if k not in skip and old.get(k) != v]
     if old["clip_guided_x0"] != record.get("clip_guided_x0", False):
         diff.append(
             "when x0 is clipped (dpm++2m clips the classifier-guided x0 now, "
             "an earlier fastdiff before guiding)"
+        )
+    if old["first_order_final"] != record.get("first_order_final", False):
+        diff.append(
+            "the order of the last step (dpm++2m takes it at first order under 10 steps now, "
+            "an earlier fastdiff at second order)"
         )
     engines = [_SAME_SAMPLES_AS.get(e, e) for e in (old.get("engine"), record["engine"])]
     if engines[0] != engines[1]:

@@ -8,8 +8,12 @@ h = lambda_next - lambda_cur, one step is
     D = x0_cur + (x0_cur - x0_prev) / (2 r),   r = h_prev / h.
 
 The first step has no x0_prev and the last step (to abar = 1, sigma = 0, h = inf) returns x0,
-so both are first order (D = x0_cur), as in the reference implementation. Every coefficient
-is a float64 table indexed by the step, so a step has no Python branching on its position.
+so both are first order (D = x0_cur), as in the reference implementation. With fewer than 10
+solver steps the step into t = 0 is first order too, as the authors' ``lower_order_final`` takes
+it: it steadies few-step sampling (on the bundled model at 5, 8 and 10 times it matched or beat
+second order in class match and sFID in all 9 settings, and in Frechet distance in 8; DESIGN.md).
+Every coefficient is a float64 table indexed by the step, so a step has no Python branching on
+its position.
 """
 
 from __future__ import annotations
@@ -19,6 +23,13 @@ import torch
 from torch import Tensor
 
 from .rule import device_tables, per_sample
+
+
+def first_order_final(num_times: int) -> bool:
+    """Whether the solver on ``num_times`` respaced times takes its step into t = 0 at first
+    order: under 10 solver steps (the ``num_times - 1`` before the final x0), as the authors'
+    ``lower_order_final`` does."""
+    return num_times - 1 < 10
 
 
 class DPMSolverPP2MStep:
@@ -42,6 +53,8 @@ class DPMSolverPP2MStep:
         inner = np.arange(1, n - 1)
         h_prev = lam[inner] - lam[inner + 1]
         corr[inner] = h[inner] / (2 * h_prev)
+        if first_order_final(n):
+            corr[1] = 0.0  # the step k = 1 -> 0 (n >= 2: a process keeps at least two times)
         self.ratio, self.coef, self.corr = device_tables(device, dtype, ratio, coef, corr)
 
     def init_state(self, x: Tensor) -> Tensor:
