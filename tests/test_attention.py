@@ -143,7 +143,9 @@ def test_wide_heads_and_one_position_take_sdpa(monkeypatch, shape, dtype):
     "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
 )
 @pytest.mark.parametrize(
-    "shape", [(1, 1, 96, 36), (1, 1, 192, 17), (1, 2, 24, 17)], ids=["d96", "d192", "d24"]
+    "shape",
+    [(1, 1, 96, 36), (1, 1, 192, 17), (1, 2, 24, 17), (1, 1, 40, 17)],
+    ids=["d96", "d192", "d24", "d40"],
 )
 def test_kernel_unaligned_shapes_on_their_gpu_tiles(monkeypatch, shape, dtype):
     """T or d not a multiple of 16 (6x6 images, the classifier's pool) take smaller tiles, which fit
@@ -169,6 +171,9 @@ def test_unaligned_tiles_where_the_shape_needs_them(monkeypatch):
     assert tk._config("dq", 48, 256, f32) == tk._CONFIGS[("dq", True, 64)]
     assert tk._config("dq", 64, 65, f32) == tk._UNALIGNED[("dq", True, 64)]
     assert tk._config("dq", 24, 64, f32) == tk._UNALIGNED[("dq", True, 32)]
+    # d = 40 at an unaligned T: neither d nor T a multiple of 16 (d = 64's tile spills there)
+    assert tk._config("dq", 40, 65, f32) == tk._UNALIGNED_HEADS[("dq", True, 64)]
+    assert tk._config("dq", 40, 65, torch.float16) == tk._UNALIGNED[("dq", False, 64)]
 
 
 @needs_kernel

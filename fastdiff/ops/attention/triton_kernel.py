@@ -85,6 +85,11 @@ _UNALIGNED = {
     ("dq", True, 32): (32, 16, 8, 2),
     ("dq", True, 64): (32, 16, 4, 2),
 }
+# and d not a multiple of 16 there either (d = 40 at T = 65: the 64-channel unaligned fp32 dQ tile,
+# tuned for d = 64, spills 56 B on sm_90 with triton 3.9's ptxas)
+_UNALIGNED_HEADS = {
+    ("dq", True, 64): (16, 16, 4, 2),
+}
 
 
 def _unaligned(head_dim: int, length: int) -> bool:
@@ -105,7 +110,9 @@ def _config(kernel: str, head_dim: int, length: int, dtype: torch.dtype):
         return 32, 32, 1, 1
     key = (kernel, dtype == torch.float32, max(32, triton.next_power_of_2(head_dim)))  # d <= 256: function.py
     unaligned = _unaligned(head_dim, length)
-    block_m, block_n, warps, stages = (_UNALIGNED.get(key) if unaligned else None) or _CONFIGS[key]
+    tables = [_UNALIGNED_HEADS] if unaligned and head_dim % 16 else []
+    tables += [_UNALIGNED, _CONFIGS] if unaligned else [_CONFIGS]
+    block_m, block_n, warps, stages = next(table[key] for table in tables if key in table)
     fit = max(16, triton.next_power_of_2(length))
     return min(block_m, fit), min(block_n, fit), warps, stages
 
