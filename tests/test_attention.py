@@ -8,6 +8,7 @@ the reference's own error in the same low precision: tol = max(factor * |ref_lp 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -174,6 +175,23 @@ def test_unaligned_tiles_where_the_shape_needs_them(monkeypatch):
     # d = 40 at an unaligned T: neither d nor T a multiple of 16 (d = 64's tile spills there)
     assert tk._config("dq", 40, 65, f32) == tk._UNALIGNED_HEADS[("dq", True, 64)]
     assert tk._config("dq", 40, 65, torch.float16) == tk._UNALIGNED[("dq", False, 64)]
+
+
+def test_short_sequences_keep_the_default_warps(monkeypatch):
+    """T up to 32 shrinks the tiles to 16 or 32 rows, where a 4-warp default's 8-warp alternative
+    spills (offline compile: 16-bit dK/dV at d = 8 and dQ at d = 24, T = 17, on sm_90 with triton
+    3.6): autotuning there never changes the warp count; longer T still offers 8 warps."""
+    pytest.importorskip("triton")
+    from fastdiff.ops.attention import triton_kernel as tk
+
+    monkeypatch.setattr(tk, "triton_interpret", lambda: False)
+    shapes = itertools.product(
+        (torch.float16, torch.float32), (8, 24, 64, 128), (4, 9, 17, 32), ("fwd", "dkdv", "dq")
+    )
+    for dtype, head_dim, length, kernel in shapes:
+        options = tk.candidates(kernel, head_dim, length, dtype)
+        assert {w for _, _, w, _ in options} == {options[0][2]}, (kernel, dtype, head_dim, length)
+    assert tk.candidates("dkdv", 8, 33, torch.float16)[1] == (64, 64, 8, 2)
 
 
 @needs_kernel

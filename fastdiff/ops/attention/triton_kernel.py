@@ -90,6 +90,9 @@ _UNALIGNED = {
 _UNALIGNED_HEADS = {
     ("dq", True, 64): (16, 16, 4, 2),
 }
+# T up to 32 shrinks the tiles to 16 or 32 rows, where a 4-warp default's 8-warp alternative
+# spills (16-bit dK/dV at d = 8 and dQ at d = 24, T = 17, on sm_90 with triton 3.6): not offered
+_FEW_ROWS = 32
 
 
 def _unaligned(head_dim: int, length: int) -> bool:
@@ -119,7 +122,8 @@ def _config(kernel: str, head_dim: int, length: int, dtype: torch.dtype):
 
 def candidates(kernel: str, head_dim: int, length: int, dtype: torch.dtype) -> list[tuple]:
     """The tiles autotuning may pick, the default first: 8 warps where the default has 4 (never
-    fewer: the defaults' warp counts keep their registers from spilling) and, for the 16-bit
+    fewer: the defaults' warp counts keep their registers from spilling; never for T up to
+    ``_FEW_ROWS``, whose small tiles spill with 8) and, for the 16-bit
     forward and dQ up to head dim 128, half the query rows per program (twice the programs for
     small grids; dK/dV, fp32 and d=256 tiles spill when halved, with triton 3.9's ptxas or 3.6's).
     fp32 at head dim > 128 keeps its one tile (the only one found without spills).
@@ -128,7 +132,7 @@ def candidates(kernel: str, head_dim: int, length: int, dtype: torch.dtype) -> l
     if triton_interpret() or (dtype == torch.float32 and head_dim > 128):
         return [default]
     block_m, block_n, warps, stages = default
-    options = [default, (block_m, block_n, 8, stages)]
+    options = [default] + ([(block_m, block_n, 8, stages)] if length > _FEW_ROWS else [])
     if kernel != "dkdv" and dtype != torch.float32 and head_dim <= 128 and block_m >= 32:
         options.insert(1, (block_m // 2, block_n, warps, stages))
     return list(dict.fromkeys(options))
