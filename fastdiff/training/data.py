@@ -241,8 +241,8 @@ _ENDINGS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9", "GIF": b";"}
 def image_fault(path: Path) -> str | None:
     """What is wrong with the image file at ``path``, as an error's start, or None where it looks
     whole: a cheap check (header and last bytes, no decoding) that catches truncated files and a
-    header PIL refuses to open as a decompression bomb (over twice its pixel limit). A file that
-    cannot be read at all (its permissions) says so rather than being called corrupt."""
+    header PIL refuses to open as a decompression bomb (over twice its pixel limit, in PIL's words).
+    A file that cannot be read at all (its permissions) says so rather than being called corrupt."""
     return image_header(path)[0]
 
 
@@ -262,7 +262,9 @@ def image_header(path: Path) -> tuple[str | None, tuple[int, int] | None, bool]:
         with Image.open(path) as img:
             fmt, size = img.format, img.size
             alpha = transparent(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except Image.DecompressionBombError as e:  # a whole file, too large for PIL: no corrupt one
+        return f"cannot read image {path}: {str(e).rstrip('.')}", None, False
+    except (OSError, ValueError, SyntaxError):
         fmt = None
     if fmt is None and (missing := missing_codec(path)):
         return f"cannot read image {path}: {missing}", None, False
