@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -62,8 +62,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastdiff"
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename it over ``path`` (same folder, so the rename is atomic).
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary name beside ``path`` for the block to write, renamed over ``path`` when the
+    block ends (same folder, so the rename is atomic) and removed if it fails.
 
     The file gets the mode a plain open() would give (mkstemp's 0600 would hide results from others).
     """
@@ -72,13 +74,19 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
-        write(tmp)
+        yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then rename it over ``path`` (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        write(tmp)
 
 
 def is_temp_file(path: Path) -> bool:
@@ -209,35 +217,60 @@ def save_npz(path: Path, *arrays: np.ndarray | None, **named: np.ndarray) -> Non
     atomic_write(path, write)
 
 
+class NpzStream:
+    """An npz being written member after member (:func:`npz_stream`) in np.savez's layout: stored,
+    zip64 members, the same .npy headers, so np.load and zip-streaming readers take it."""
+
+    def __init__(self, z: zipfile.ZipFile):
+        self._zip = z
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        """A member written whole, as np.savez writes it: a run's settings, its labels."""
+        with self._zip.open(f"{name}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+    @contextmanager
+    def member(
+        self, name: str, shape: tuple[int, ...], dtype: np.dtype
+    ) -> Iterator[Callable[[np.ndarray], None]]:
+        """A member of ``shape`` and ``dtype`` written from chunks along its first axis, each one
+        passed to the function the block gets (and no longer held here); all its rows by the end."""
+        dtype, shape = np.dtype(dtype), tuple(int(s) for s in shape)
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+        rows = 0
+        with self._zip.open(f"{name}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+
+            def write(chunk: np.ndarray) -> None:
+                nonlocal rows
+                if chunk.dtype != dtype or chunk.shape[1:] != shape[1:]:
+                    raise ValueError(
+                        f"{name}: a {chunk.dtype} chunk of shape {chunk.shape} in {dtype} {shape}"
+                    )
+                rows += len(chunk)
+                f.write(np.ascontiguousarray(chunk))  # zipfile counts its nbytes
+
+            yield write
+            if rows != shape[0]:
+                raise ValueError(f"{name}: chunks of {rows} rows for shape {shape}")
+
+
+@contextmanager
+def npz_stream(path: Path) -> Iterator[NpzStream]:
+    """An npz the block writes member by member (:class:`NpzStream`), renamed into place when it
+    ends: a run's npz (9.8 GB for 50,000 ImageNet-256 samples) is never whole in memory, where
+    np.savez needs it whole, and twice over to collect it."""
+    with atomic_file(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        yield NpzStream(z)
+
+
 def save_npz_streamed(
     path: Path, members: Iterable[tuple[str, tuple[int, ...], np.dtype, Iterable[np.ndarray]]]
 ) -> None:
-    """An npz written member by member from chunks, one chunk in memory at a time: a run's final
-    npz (9.8 GB for 50,000 ImageNet-256 samples) would need twice that held whole for np.savez.
-
-    Each member is (name, full shape, dtype, chunks along the first axis); the layout is np.savez's
-    (stored, zip64 members, the same .npy header), so np.load and zip-streaming readers take it."""
-
-    def write(tmp):
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-            for name, shape, dtype, chunks in members:
-                dtype, shape = np.dtype(dtype), tuple(int(s) for s in shape)
-                header = {
-                    "descr": np.lib.format.dtype_to_descr(dtype),
-                    "fortran_order": False,
-                    "shape": shape,
-                }
-                with z.open(f"{name}.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array_header_1_0(f, header)
-                    rows = 0
-                    for chunk in chunks:
-                        if chunk.dtype != dtype or chunk.shape[1:] != shape[1:]:
-                            raise ValueError(
-                                f"{name}: a {chunk.dtype} chunk of shape {chunk.shape} in {dtype} {shape}"
-                            )
-                        rows += len(chunk)
-                        f.write(np.ascontiguousarray(chunk))  # zipfile counts its nbytes
-                    if rows != shape[0]:
-                        raise ValueError(f"{name}: chunks of {rows} rows for shape {shape}")
-
-    atomic_write(path, write)
+    """An npz written member by member from chunks, one chunk in memory at a time
+    (:func:`npz_stream`); each member is (name, full shape, dtype, chunks along the first axis)."""
+    with npz_stream(path) as npz:
+        for name, shape, dtype, chunks in members:
+            with npz.member(name, shape, dtype) as write:
+                for chunk in chunks:
+                    write(chunk)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastdiff.files import in_channels, is_temp_file, save_npz, save_npz_streamed
+from fastdiff.files import in_channels, is_temp_file, npz_stream, save_npz, save_npz_streamed
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -58,6 +58,27 @@ def test_save_npz_streamed_writes_what_np_savez_writes(tmp_path):
     assert (tmp_path / "streamed.npz").read_bytes() == (tmp_path / "whole.npz").read_bytes()
     with pytest.raises(ValueError, match="chunks of 3 rows"):
         save_npz_streamed(tmp_path / "short.npz", [("arr_0", images.shape, np.uint8, [images[:3]])])
+
+
+def test_an_npz_stream_takes_whole_members_beside_chunked_ones(tmp_path):
+    """invert's latents.npz: its settings and labels whole, around latents written as each batch
+    is made (a push, not save_npz_streamed's pull from iterables); np.savez's file byte for byte,
+    and an unfinished member leaves no file."""
+    rng = np.random.default_rng(0)
+    latents, labels = rng.standard_normal((5, 1, 4, 4), dtype=np.float32), np.array([3, 1, 4, 1, 5])
+    with npz_stream(tmp_path / "streamed.npz") as npz:
+        npz.add("respacing", np.array("ddim10"))
+        npz.add("cfg_scale", np.array(2.5))
+        with npz.member("arr_0", latents.shape, np.float32) as write:
+            for lo in range(0, 5, 2):
+                write(latents[lo : lo + 2])
+        npz.add("arr_1", labels)
+    save_npz(tmp_path / "whole.npz", latents, labels, respacing=np.array("ddim10"), cfg_scale=np.array(2.5))
+    assert (tmp_path / "streamed.npz").read_bytes() == (tmp_path / "whole.npz").read_bytes()
+    with pytest.raises(ValueError, match="a float64 chunk"):
+        with npz_stream(tmp_path / "bad.npz") as npz, npz.member("arr_0", latents.shape, np.float32) as write:
+            write(latents[:2].astype(np.float64))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed.npz", "whole.npz"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed.npz", "whole.npz"]
 
 
