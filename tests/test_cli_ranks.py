@@ -200,6 +200,27 @@ def test_invert_and_interpolate_deal_their_batches_over_ranks(reference, tmp_pat
             assert one.read_bytes() == two.read_bytes()
 
 
+@pytest.mark.slow  # a torchrun job, as the other multi-process checks
+def test_an_image_rank_1_cannot_decode_mid_run_ends_both_ranks_and_takes_back_the_files(reference, tmp_path):
+    """invert deals its batches round by round and rank 0 writes a round while the next is made:
+    an image whose pixels do not decode (its header passed the scan) in rank 1's batch of the
+    second round, after rank 0 wrote the first, ends both ranks with its line, and rank 0 takes
+    back what it wrote (it had held every image from the start, decoded before any work)."""
+    (tmp_path / "images").mkdir()
+    for image in sorted((reference / "images").iterdir())[:5]:
+        shutil.copy(image, tmp_path / "images")
+    broken = sorted((tmp_path / "images").iterdir())[3]  # batch 3 of 1 image: rank 1's, round 2
+    whole = broken.read_bytes()
+    at = whole.index(b"IDAT") + 20
+    broken.write_bytes(whole[:at] + bytes(40) + whole[at + 40 :])
+    out = tmp_path / "inv"
+    args = ["invert", str(tmp_path / "images"), "--steps", "2", "--batch-size", "1", "--out", str(out)]
+    rc, output = torchrun(tmp_path, command=["-m", "fastdiff.cli.main", *args])
+    line = f"Error: cannot read image {broken}: broken data stream"
+    assert rc != 0 and output.count(line) == 2, output[-3000:]
+    assert "fastdiff/" not in output and not out.exists()  # no traceback of ours (torchrun prints its own)
+
+
 FAILING_EXPORT = """
 import sys
 

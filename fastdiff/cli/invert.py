@@ -59,8 +59,9 @@ def invert_command(images, out, classes, to_class, batch_size, **model):
 
     Writes latents.npz (arr_0 x_T float32 NCHW, arr_1 labels, respacing, cfg_scale where given;
     `fastdiff interpolate` reads it),
-    reconstructed/ and edited/ PNGs, comparison.png (inputs, reconstructions, edits as rows) and
-    invert.json with each image's PSNR and whether it was resized.
+    reconstructed/ and edited/ PNGs, comparison.png (inputs, reconstructions, edits as rows, for
+    the first 100 images) and invert.json with each image's PSNR and whether it was resized. A
+    folder of any size is read and written a batch at a time.
     """
     from fastdiff.runs.invert import DDIMOptions, invert_images  # torch: not for --help
 

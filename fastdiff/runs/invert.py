@@ -8,8 +8,10 @@ latent always gives the same image.
 between two x_T, each a seed (the x_T image 0 of a sampling run with that seed starts from) or a
 latent ``invert_images`` wrote, as one strip PNG.
 
-Under torchrun both deal their batches over the ranks (fastdiff.runs.ranks) and rank 0 alone
-holds the folder and writes; every batch is deterministic, so the files are one process's.
+Both make their images a batch at a time, and invert writes each batch's files as it comes, so
+a folder of any size is held a few batches at a time, not whole. Under torchrun both deal their
+batches over the ranks round by round (fastdiff.runs.ranks) and rank 0 alone holds the folder
+and writes; every batch is deterministic, so the files are one process's.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import shutil
 import sys
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,26 +40,27 @@ from fastdiff.diffusion.inversion import slerp
 from fastdiff.diffusion.samplers import randn
 from fastdiff.engines import EngineError
 from fastdiff.engines.sampler import Sampler
-from fastdiff.files import (
-    LOCK,
-    atomic_write,
-    in_channels,
-    save_grid,
-    save_npz,
-    save_png,
-    to_uint8,
-    transparent,
-)
+from fastdiff.files import LOCK, atomic_write, in_channels, npz_stream, save_grid, save_png, to_uint8
 from fastdiff.runs import ranks
 from fastdiff.runs.device import check_run_options, check_seed
 from fastdiff.runs.errors import RunError, check_arguments
-from fastdiff.runs.folder import check_writable, locked_run_folder
+from fastdiff.runs.folder import check_writable, locked_run_folder, writing
 from fastdiff.runs.loading import LoadedModel, load_diffusion_model
 from fastdiff.runs.plan import class_ids, class_list, respacing_for
 from fastdiff.runs.sampling import batch_generator, built_once, make_sampler
-from fastdiff.training.data import DataError, center_crop_arr, class_prefix, image_files, missing_codec
+from fastdiff.training.data import (
+    DataError,
+    center_crop_arr,
+    class_prefix,
+    image_files,
+    image_header,
+    missing_codec,
+)
 
 _CLASS_IN_NAME = re.compile(r"_class(\d+)$")
+# comparison.png shows the first images, as sample's grid.png its first hundred: a column for
+# every image made PNGs no viewer opens (2,580,002 px wide for 10,000 images at 256 px)
+COMPARED = 100
 
 
 @dataclass(frozen=True)
@@ -135,18 +140,29 @@ def _image_paths(args: list[Path]) -> list[tuple[Path, Path | None]]:
     return found
 
 
-def _read_image(path: Path, loaded: LoadedModel) -> tuple[np.ndarray, bool, bool]:
+def _scanned(paths: list[Path], size: int) -> tuple[list[bool], list[bool]]:
+    """Whether each image is resized to ``size`` and whether it has transparency, from its header
+    (training's scan): every image is checked before the work, and decoded only in its batch."""
+    resized, alphas = [], []
+    for path in paths:
+        fault, dims, alpha = image_header(path)
+        if fault is not None:
+            raise RunError(fault)
+        resized.append(dims != (size, size))
+        alphas.append(alpha)
+    return resized, alphas
+
+
+def _read_image(path: Path, loaded: LoadedModel) -> np.ndarray:
     """One image as uint8 HWC in the model's channels and size, read as training reads its data
-    (its channels converted, another size resized and center-cropped), whether it was resized
-    and whether its transparency was dropped."""
+    (its channels converted, another size resized and center-cropped)."""
     size = loaded.image_size
     try:
         with Image.open(path) as img:
-            resized, alpha = img.size != (size, size), transparent(img)
             array = center_crop_arr(in_channels(img, loaded.in_channels), size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise RunError(f"cannot read image {path}: {missing_codec(path) or e}") from None
-    return array.reshape(size, size, loaded.in_channels), resized, alpha
+    return array.reshape(size, size, loaded.in_channels)
 
 
 def _layout_names(path: Path, root: Path | None) -> list[str]:
@@ -219,10 +235,13 @@ def _batches(n: int, size: int):
     return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
-def _dealt(sampler: Sampler, n: int, size: int, work, what: str) -> list | None:
-    """``work(lo, hi)`` for this rank's share of the batches of ``size``: every batch's result in
-    batch order on rank 0 (without torchrun: this process), None on the other ranks. A failure on
-    any rank ends every rank (ranks.agreed); ``what`` names the items in its line."""
+def _dealt(sampler: Sampler, n: int, size: int, work, take, what: str) -> None:
+    """``work(lo, hi)`` for every batch of ``size``, dealt over the ranks round by round (rank k
+    makes the k-th batch of each round), and on rank 0 (without torchrun: this process)
+    ``take(lo, hi, result)`` for each batch in batch order while the next round is made: rank 0
+    holds a round's results, not the run's. A failure on any rank, ``take``'s on rank 0
+    included, ends every rank at the end of its round (ranks.agreed); ``what`` names the items
+    in its line."""
 
     def run(lo: int, hi: int):
         try:
@@ -233,10 +252,17 @@ def _dealt(sampler: Sampler, n: int, size: int, work, what: str) -> list | None:
             raise RunError(str(e)) from None
 
     built_once(sampler, min(size, n))  # rank 0 exports a cached graph, the others load it
-    with ranks.agreed("sampling"):
-        mine = [run(lo, hi) for lo, hi in ranks.share(_batches(n, size))]
-    parts = distributed.gather_objects(mine)
-    return None if parts is None else [r for part in parts for r in part]
+    batches, world, rank = _batches(n, size), distributed.world_size(), distributed.rank()
+    rounds = [batches[i : i + world] for i in range(0, len(batches), world)]
+    made: list = []  # rank 0's: the round before, each batch with its result
+    for r in range(len(rounds) + 1):
+        with ranks.agreed("sampling"):
+            for (lo, hi), result in made:
+                take(lo, hi, result)
+            mine = rounds[r][rank] if r < len(rounds) and rank < len(rounds[r]) else None
+            result = None if mine is None else run(*mine)
+        parts = distributed.gather_objects(result)  # rank 0's, in rank order
+        made = [] if parts is None or r == len(rounds) else list(zip(rounds[r], parts))
 
 
 def _with_labels(labels: list[int] | None, lo: int, hi: int, device) -> torch.Tensor | None:
@@ -333,38 +359,62 @@ def _endpoint(spec: str, option: str, loaded: LoadedModel, device) -> tuple[torc
     return x_T, None if labels is None else int(labels[i])
 
 
-def _write_inversion(out: Path, inputs, latents, recon, edited, record: dict) -> None:
-    """latents.npz, the reconstructed/ (and edited/) PNGs, comparison.png and invert.json. A write
-    that fails (a full disk) or is interrupted takes back what it wrote: invert has no --resume,
-    and a half-written folder is no longer empty, so the same command could not run again."""
+@contextmanager
+def _taken_back(out: Path) -> Iterator[None]:
+    """Everything written to ``out`` removed again if the block fails or is interrupted (a full
+    disk, a batch that cannot be inverted, a rank that stopped): invert has no --resume, and a
+    half-written folder is no longer empty, so the same command could not run again."""
     try:
-        _write_inversion_files(out, inputs, latents, recon, edited, record)
-    except BaseException as e:
+        yield
+    except BaseException:
         for p in out.iterdir():  # the lock found the folder empty: everything else is this run's
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.name != LOCK:
                 p.unlink()
-        if isinstance(e, OSError):
-            raise RunError(f"cannot write to {out}: {e.strerror or e}") from None
         raise
 
 
-def _write_inversion_files(out: Path, inputs, latents, recon, edited, record: dict) -> None:
-    labels = record["labels"]
-    labels = None if labels is None else np.array(labels)
-    guidance = {} if record["cfg_scale"] is None else {"cfg_scale": np.array(record["cfg_scale"])}
-    save_npz(out / "latents.npz", latents, labels, respacing=np.array(record["respacing"]), **guidance)
-    for i, img in enumerate(recon):
-        save_png(img, out / "reconstructed" / f"{i:06d}.png")
-    rows = [inputs, recon]
-    if edited is not None:
-        rows.append(edited)
-        for i, img in enumerate(edited):
-            save_png(img, out / "edited" / f"{i:06d}_class{record['to_class']}.png")
-    save_grid(np.concatenate(rows), out / "comparison.png", ncol=len(inputs))
-    text = json.dumps(_json_safe(record), indent=1, allow_nan=False)
-    atomic_write(out / "invert.json", lambda tmp: Path(tmp).write_text(text))
+@contextmanager
+def _inversion_files(
+    out: Path, shape: tuple[int, ...], record: dict, to_class: int | None
+) -> Iterator[Callable[[int, int, tuple], None]]:
+    """Rank 0's files, written as the batches come to the function the block gets: latents.npz
+    streamed (x_T of ``shape`` between the settings and the labels), the reconstructed/ and
+    edited/ PNGs; when the block ends, comparison.png (its first COMPARED images) and
+    invert.json, ``record`` completed with each image's PSNR. A batch is held, and the
+    comparison's images, not the run."""
+    psnr: list[float] = []
+    rows: list[list[np.ndarray]] = [[], []] if to_class is None else [[], [], []]  # the comparison's
+    with _taken_back(out):
+        with npz_stream(out / "latents.npz") as npz:
+            npz.add("respacing", np.array(record["respacing"]))
+            if record["cfg_scale"] is not None:
+                npz.add("cfg_scale", np.array(record["cfg_scale"]))
+            with npz.member("arr_0", shape, np.float32) as add_latents:
+
+                def take(lo: int, hi: int, result: tuple) -> None:
+                    inputs, x_T, recon, edit = result
+                    with writing(out):  # its ranks.agreed phase hears of a full disk as one line
+                        add_latents(x_T)
+                        for i, img in enumerate(recon, lo):
+                            save_png(img, out / "reconstructed" / f"{i:06d}.png")
+                        for i, img in enumerate(() if edit is None else edit, lo):
+                            save_png(img, out / "edited" / f"{i:06d}_class{to_class}.png")
+                    psnr.extend(_psnr(a, b) for a, b in zip(inputs, recon, strict=True))
+                    if lo < COMPARED:
+                        shown = (inputs, recon) if edit is None else (inputs, recon, edit)
+                        for row, images in zip(rows, shown, strict=True):
+                            row.append(images[: COMPARED - lo].copy())  # not a view holding the batch
+
+                yield take
+            if record["labels"] is not None:
+                npz.add("arr_1", np.array(record["labels"]))
+        compared = [np.concatenate(row) for row in rows]
+        save_grid(np.concatenate(compared), out / "comparison.png", ncol=len(compared[0]))
+        record.update(psnr=psnr, mean_psnr=float(np.mean(psnr)), to_class=to_class)
+        text = json.dumps(_json_safe(record), indent=1, allow_nan=False)
+        atomic_write(out / "invert.json", lambda tmp: Path(tmp).write_text(text))
 
 
 @dataclass(frozen=True)
@@ -387,8 +437,10 @@ def invert_images(
     """Invert ``paths`` (image files, or folders read recursively as training reads them) into
     the folder ``out``: latents.npz (arr_0 x_T float32 NCHW, arr_1 labels,
     respacing, cfg_scale where used), reconstructed/ and edited/ PNGs, comparison.png (inputs,
-    reconstructions, edits as rows) and invert.json with each image's PSNR (null where the
-    reconstruction is exact) and whether it was resized to the model's size."""
+    reconstructions, edits as rows, for the first COMPARED images) and invert.json with each
+    image's PSNR (null where the reconstruction is exact) and whether it was resized to the
+    model's size. Each image's header is checked first; its pixels are read in its batch, and
+    each batch's files written as it comes, so a few batches are held, not the set."""
     check_arguments(invert_images, locals())
     if isinstance(paths, str | os.PathLike) or not paths:  # a str would be read as its letters
         raise RunError(
@@ -399,56 +451,55 @@ def invert_images(
     images, out = _image_paths([Path(p) for p in paths]), Path(out)
     paths = [p for p, _ in images]
     loaded, sampler, dev, respacing = setup(options)
+    size, n = loaded.image_size, len(paths)
     with ranks.agreed("checking the images"):  # an image one node lacks stops every rank
-        inputs, resized, alphas = zip(*(_read_image(p, loaded) for p in paths), strict=True)
-        inputs = np.stack(inputs)
+        resized, alphas = _scanned(paths, size)
         labels = _labels(images, classes, loaded)
         to_class = _check_class(loaded, to_class, "--to-class")
 
     def work(lo: int, hi: int) -> tuple:
-        x0 = torch.from_numpy(inputs[lo:hi]).to(dev).float().div(127.5).sub(1.0).permute(0, 3, 1, 2)
+        inputs = np.stack([_read_image(p, loaded) for p in paths[lo:hi]])
+        x0 = torch.from_numpy(inputs).to(dev).float().div(127.5).sub(1.0).permute(0, 3, 1, 2)
         y = _with_labels(labels, lo, hi, dev)
         x_T = sampler.invert(x0, y)
         edit = None
         if to_class is not None:
             edit = to_uint8(sampler(torch.full((hi - lo,), to_class, device=dev), noise=x_T))
-        return x_T.cpu().numpy(), to_uint8(sampler(y, noise=x_T)), edit
+        return inputs, x_T.cpu().numpy(), to_uint8(sampler(y, noise=x_T)), edit
 
     with locked_run_folder(out, holder="fastdiff invert", record=None):
-        if any(resized) and distributed.is_main():  # as training notes it, once
-            size = loaded.image_size
-            print(
-                f"note: {sum(resized)} of {len(paths)} images are resized and center-cropped to "
-                f"{size}x{size}, as training reads its data",
-                file=sys.stderr,
-            )
-        if any(alphas) and distributed.is_main():
-            print(
-                f"note: {sum(alphas)} of {len(paths)} images have transparency (an alpha channel or a "
-                "transparent colour), which is dropped, as training drops it",
-                file=sys.stderr,
-            )
-        done = _dealt(sampler, len(paths), batch_size, work, "images")
-        record = None
-        with ranks.agreed("writing the results"):  # rank 0 writes; a full disk stops every rank
-            if done is not None:
-                latents_np, recon_np, edits = zip(*done, strict=True)
-                recon_np = np.concatenate(recon_np)
-                psnr = [_psnr(a, b) for a, b in zip(inputs, recon_np, strict=True)]
-                record = {
-                    "images": [str(p) for p in paths],
-                    "resized": list(resized),
-                    "labels": labels,
-                    "respacing": respacing,
-                    "cfg_scale": options.cfg_scale,
-                    "model": loaded.identity,
-                    "psnr": psnr,
-                    "mean_psnr": float(np.mean(psnr)),
-                    "to_class": to_class,
-                }
-                edited = None if to_class is None else np.concatenate(edits)
-                _write_inversion(out, inputs, np.concatenate(latents_np), recon_np, edited, record)
-        record = distributed.broadcast_object(record)
+        if distributed.is_main():  # notes, once, as training's
+            if any(resized):
+                print(
+                    f"note: {sum(resized)} of {n} images are resized and center-cropped to "
+                    f"{size}x{size}, as training reads its data",
+                    file=sys.stderr,
+                )
+            if any(alphas):
+                print(
+                    f"note: {sum(alphas)} of {n} images have transparency (an alpha channel or a "
+                    "transparent colour), which is dropped, as training drops it",
+                    file=sys.stderr,
+                )
+            if n > COMPARED:
+                print(f"note: comparison.png shows the first {COMPARED} of the {n} images", file=sys.stderr)
+        record = {
+            "images": [str(p) for p in paths],
+            "resized": resized,
+            "labels": labels,
+            "respacing": respacing,
+            "cfg_scale": options.cfg_scale,
+            "model": loaded.identity,
+        }
+        shape, take = (n, loaded.in_channels, size, size), None
+        with ExitStack() as files:  # rank 0's, open while the batches come
+            with ranks.agreed("writing the results"), writing(out):
+                if distributed.is_main():
+                    take = files.enter_context(_inversion_files(out, shape, record, to_class))
+            _dealt(sampler, n, batch_size, work, take, "images")
+            with ranks.agreed("writing the results"), writing(out):  # a full disk stops every rank
+                files.close()  # rank 0: latents.npz complete, comparison.png and invert.json
+        record = distributed.broadcast_object(record)  # rank 0 completed it
     return Inversion(record, sampler.diffusion.num_timesteps)
 
 
@@ -501,15 +552,16 @@ def interpolate(
             label = _check_class(loaded, label_a, f"--from {start}'s stored class")
             if label is None:
                 raise RunError("the model is class-conditional: pass --class K")
-    path = torch.cat([slerp(a, b, k / (frames - 1)) for k in range(frames)])
 
     def work(lo: int, hi: int) -> np.ndarray:
         y = None if label is None else torch.full((hi - lo,), label, device=dev)
-        return to_uint8(sampler(y, noise=path[lo:hi]))
+        path = torch.cat([slerp(a, b, k / (frames - 1)) for k in range(lo, hi)])
+        return to_uint8(sampler(y, noise=path))
 
-    images = _dealt(sampler, frames, batch_size, work, "frames")
+    images: list[np.ndarray] = []  # rank 0's: the strip is one image
+    _dealt(sampler, frames, batch_size, work, lambda lo, hi, made: images.append(made), "frames")
     with ranks.agreed("writing the strip"):
-        if images is not None:
+        if distributed.is_main():
             try:
                 save_grid(np.concatenate(images), out, ncol=frames)
             except OSError as e:
