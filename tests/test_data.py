@@ -97,6 +97,25 @@ def test_a_webp_this_pillow_cannot_decode_says_so_not_corrupt(tmp_path, monkeypa
         ImageFolderDataset(tmp_path, 8)
 
 
+def test_an_image_with_bytes_after_it_is_read_and_a_cut_one_is_not(tmp_path):
+    """A phone's motion photo is a JPEG with its video appended, so the file does not end with
+    JPEG's end marker: it was called corrupt or truncated, as a PNG with bytes after IEND was.
+    Such a file's structure is walked to tell it from a cut one, which is still a bad image
+    (tests/test_train_hardening.py cuts one that PIL decodes anyway)."""
+    rng = np.random.default_rng(0)
+    for cls, ext in (("a", "jpg"), ("b", "png")):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(tmp_path / cls / f"0.{ext}")
+        whole = (tmp_path / cls / f"0.{ext}").read_bytes()
+        (tmp_path / cls / f"1.{ext}").write_bytes(whole + b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+        (tmp_path / cls / f"2.{ext}").write_bytes(whole[: len(whole) // 2])
+    ds = ImageFolderDataset(tmp_path, image_size=16, skip_bad_images=True)
+    assert sorted(p.name for p in ds.skipped) == ["2.jpg", "2.png"] and len(ds) == 4
+    appended = next(i for i, p in enumerate(ds.files) if p.name == "1.jpg")
+    original = next(i for i, p in enumerate(ds.files) if p.name == "0.jpg")
+    assert np.array_equal(ds[appended][0], ds[original][0])
+
+
 def test_a_folder_counts_its_images_smaller_than_the_size(tmp_path):
     """Training notes the images it blurs up to its size (see test_training)."""
     _png(tmp_path / "a.png", size=(20, 12))
@@ -115,7 +134,8 @@ def test_a_folder_counts_its_images_with_transparency(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "d.webp", lossless=True)
     _png(tmp_path / "e.png")
     Image.fromarray(rgba[..., :3]).save(tmp_path / "f.png", transparency=(0, 0, 0))  # RGB's tRNS colour
-    (tmp_path / "g.png").write_bytes((tmp_path / "a.png").read_bytes()[:-12])  # cut: no image
+    cut = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "g.png").write_bytes(cut[: len(cut) // 2])  # cut: no image
     ds = ImageFolderDataset(tmp_path, image_size=8, skip_bad_images=True)
     assert ds.transparent == 5 and len(ds) == 6
     assert torch.equal(ds[0][0], torch.full((3, 8, 8), -1.0))  # read in RGB, its alpha dropped

@@ -270,10 +270,67 @@ def image_header(path: Path) -> tuple[str | None, tuple[int, int] | None, bool]:
         return f"cannot read image {path}: {missing}", None, False
     end = _ENDINGS.get(fmt)
     if fmt is not None and (
-        end is None or (tail.rstrip(b"\x00").endswith(end) if fmt == "JPEG" else tail.endswith(end))
+        end is None
+        or (tail.rstrip(b"\x00").endswith(end) if fmt == "JPEG" else tail.endswith(end))
+        or _ends_inside(path, fmt)
     ):
         return None, size, alpha
     return f"corrupt or truncated image {path}", size, alpha
+
+
+def _ends_inside(path: Path, fmt: str) -> bool:
+    """Whether the PNG or JPEG at ``path`` ends before the file does, its structure walked: a file
+    that does not end as its format ends is a cut one, or one with bytes after its image (a
+    phone's motion photo appends its video to the JPEG; such a photo was called corrupt). Only
+    such files pay for this read; decoding cannot tell them apart (PIL fills a cut JPEG in)."""
+    walk = {"PNG": _png_end, "JPEG": _jpeg_end}.get(fmt)
+    try:
+        return walk is not None and walk(path.read_bytes()) is not None
+    except OSError:
+        return False
+
+
+def _png_end(data: bytes) -> int | None:
+    """The offset after a PNG's IEND chunk, walking chunk by chunk; None where the data ends first."""
+    i = 8  # the signature
+    while i + 8 <= len(data):
+        length, kind = int.from_bytes(data[i : i + 4], "big"), data[i + 4 : i + 8]
+        i += 12 + length  # length, type, data, CRC
+        if kind == b"IEND":
+            return i if i <= len(data) else None
+    return None
+
+
+def _jpeg_end(data: bytes) -> int | None:
+    """The offset after a JPEG's end-of-image marker, walking its segments and the entropy-coded
+    data of each scan (where 0xFF is stuffed as FF 00, and restart markers FF D0-D7 stay inside);
+    an EXIF thumbnail's own end marker is skipped with its segment. None where the data ends first."""
+    i, n = 2, len(data)  # after SOI
+    while i + 2 <= n:
+        if data[i] != 0xFF:
+            return None  # no marker where one must be: not a JPEG's structure
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            i += 1
+            continue
+        if marker == 0xD9:
+            return i + 2
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        if i + 4 > n:
+            return None
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xDA:  # a scan's data runs to the next marker that is neither stuffing nor restart
+            while True:
+                i = data.find(b"\xff", i)
+                if i < 0 or i + 1 >= n:
+                    return None
+                if data[i + 1] == 0x00 or 0xD0 <= data[i + 1] <= 0xD7 or data[i + 1] == 0xFF:
+                    i += 1
+                    continue
+                break
+    return None
 
 
 def missing_codec(path: Path) -> str | None:
