@@ -157,39 +157,33 @@ def test_a_resume_on_another_device_type_is_refused(models, tmp_path):
     assert r.exit_code == 0 and "0 images (2 already there)" in r.output, r.output
 
 
-def test_a_guided_dpm_run_from_before_its_clip_order_changed_is_refused(models, tmp_path):
-    """dpm++2m clips the classifier-guided x0 now; an earlier fastdiff clipped before guiding. A
-    run.json without the record of it is such a run: a guided dpm++2m resume is refused, not
-    mixed; a DDIM run (its order never changed) still resumes."""
-    for sampler, refused in (("dpm++2m", True), ("ddim", False)):
-        out = tmp_path / sampler
-        args = base_args(models, out, "--num-samples", 2, "--batch-size", 1, "--sampler", sampler)
-        assert run(*args).exit_code == 0
-        record = json.loads((out / "run.json").read_text())
-        assert record.pop("clip_guided_x0") is refused
-        (out / "run.json").write_text(json.dumps(record))
-        r = run(*args, "--resume")
-        if refused:
-            assert r.exit_code != 0 and "in: when x0 is clipped" in r.output, r.output
-        else:
-            assert r.exit_code == 0 and "0 images (2 already there)" in r.output, r.output
-
-
-def test_a_few_step_dpm_run_from_before_its_last_step_changed_is_refused(models, tmp_path):
-    """dpm++2m takes its last step at first order under 10 steps now; an earlier fastdiff took it
-    at second order. A run.json without the record of it is such a run: a few-step dpm++2m resume
-    is refused, not mixed; at 10 steps and more (the same solver then) and for DDIM it resumes."""
-    for sampler, steps, refused in (("dpm++2m", 4, True), ("dpm++2m", 11, False), ("ddim", 4, False)):
+@pytest.mark.parametrize(
+    "key, cases, line",
+    [
+        ("clip_guided_x0", [("dpm++2m", 4, True), ("ddim", 4, False)], "when x0 is clipped"),
+        (
+            "first_order_final",
+            [("dpm++2m", 4, True), ("dpm++2m", 11, False), ("ddim", 4, False)],
+            "the order of the last step",
+        ),
+    ],
+)
+def test_a_dpm_run_from_before_its_solver_changed_is_refused(models, tmp_path, key, cases, line):
+    """dpm++2m clips the classifier-guided x0 now, and takes its last step at first order under
+    10 steps; an earlier fastdiff clipped before guiding, and took it at second order. A run.json
+    without the record (``key``) is such a run: its resume is refused, not mixed, where the
+    solver differs; at 10 steps and more (the same last step) and for DDIM it resumes."""
+    for sampler, steps, refused in cases:
         out = tmp_path / f"{sampler}{steps}"
         args = base_args(models, out, "--num-samples", 2, "--batch-size", 1, "--sampler", sampler)
         args[args.index("--steps") + 1] = steps
         assert run(*args).exit_code == 0
         record = json.loads((out / "run.json").read_text())
-        assert record.pop("first_order_final") is refused
+        assert record.pop(key) is refused
         (out / "run.json").write_text(json.dumps(record))
         r = run(*args, "--resume")
         if refused:
-            assert r.exit_code != 0 and "in: the order of the last step" in r.output, r.output
+            assert r.exit_code != 0 and f"in: {line}" in r.output, r.output
         else:
             assert r.exit_code == 0 and "0 images (2 already there)" in r.output, r.output
 

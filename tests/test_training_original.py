@@ -73,6 +73,15 @@ def log_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+def compared_config(net, process, out: Path, **settings) -> TrainConfig:
+    """The own trainer's settings in a comparison: a log row every step unless ``settings`` say,
+    no checkpoint, bar or gradient clipping (the original clips nothing)."""
+    settings = {"log_every": 1, **settings}
+    return TrainConfig(
+        net=net, process=process, out=str(out), save_every=0, progress=False, grad_clip=0.0, **settings
+    )
+
+
 def import_original(mp: pytest.MonkeyPatch, rank: int = 0, size: int = 1) -> types.SimpleNamespace:
     """The original's modules, imported afresh from the checkout (another test may have imported
     them with other stand-ins) with stand-ins for mpi4py (rank ``rank`` of ``size``, as mpiexec
@@ -236,15 +245,8 @@ def test_diffusion_trainer_is_image_trains_loop(flags, settings, original_group,
     fp16 = flags.get("use_fp16", False)
     data = images(16, 8, [0, 1, 2, 1] * 4)
     net, process = configs_from_flags("diffusion", parse_flags(flag_string(flags)))
-    config = TrainConfig(
-        net=fit_unet(net, data),
-        process=process,
-        out=str(tmp_path / "own"),
-        log_every=settings["max_steps"],
-        save_every=0,
-        progress=False,
-        grad_clip=0.0,  # the original clips nothing
-        **settings,
+    config = compared_config(
+        fit_unet(net, data), process, tmp_path / "own", log_every=settings["max_steps"], **settings
     )
     trainer = DiffusionTrainer(config, data)
     init = copy.deepcopy(trainer.model.state_dict())
@@ -388,16 +390,7 @@ def test_classifier_trainer_is_classifier_train(settings, original_group, monkey
     labels = [0, 1, 999, 1]  # the original's classifier has 1000 logits
     data, val = images(8, 64, labels * 2), images(4, 64, labels[::-1])
     net, process = configs_from_flags("classifier", parse_flags(flag_string(CLASSIFIER)))
-    config = TrainConfig(
-        net=fit_classifier(net, data),
-        process=process,
-        out=str(tmp_path / "own"),
-        log_every=1,
-        save_every=0,
-        progress=False,
-        grad_clip=0.0,
-        **settings,
-    )
+    config = compared_config(fit_classifier(net, data), process, tmp_path / "own", **settings)
     trainer = ClassifierTrainer(config, data, val if config.eval_every else None)
     init = copy.deepcopy(trainer.model.state_dict())
     draws = Draws()

@@ -37,6 +37,7 @@ from test_training_original import (
     Draws,
     assert_same_optimizer,
     assert_same_update,
+    compared_config,
     flag_string,
     images,
     import_original,
@@ -45,7 +46,7 @@ from test_training_original import (
 
 from fastdiff import distributed
 from fastdiff.models import configs_from_flags, parse_flags
-from fastdiff.training import ClassifierTrainer, DiffusionTrainer, TrainConfig, fit_classifier, fit_unet
+from fastdiff.training import ClassifierTrainer, DiffusionTrainer, fit_classifier, fit_unet
 from fastdiff.training import checkpoint as ckpt
 from fastdiff.training.data import ImageFolderDataset, ShardedSampler
 
@@ -200,17 +201,7 @@ def image_folder(root: Path) -> Path:
 def diffusion_rank(mp: pytest.MonkeyPatch, gd, rank: int, folder: Path, flags: dict, settings: dict) -> dict:
     data = ImageFolderDataset(folder.parent / "data", 8)
     net, process = configs_from_flags("diffusion", parse_flags(flag_string(flags)))
-    config = TrainConfig(
-        net=fit_unet(net, data),
-        process=process,
-        out=str(folder / "own"),
-        log_every=1,
-        save_every=0,
-        progress=False,
-        grad_clip=0.0,
-        device="cpu",
-        **settings,
-    )
+    config = compared_config(fit_unet(net, data), process, folder / "own", device="cpu", **settings)
     trainer = DiffusionTrainer(config, data)
     init = copy.deepcopy(trainer.model.state_dict())
     draws = Draws()
@@ -382,17 +373,7 @@ CLASSIFIER_CASES = {
 def classifier_rank(mp: pytest.MonkeyPatch, gd, rank: int, folder: Path, settings: dict) -> dict:
     data = images(16, 64, [0, 1, 999, 1] * 4)  # the original's classifier has 1000 logits
     net, process = configs_from_flags("classifier", parse_flags(flag_string(CLASSIFIER)))
-    config = TrainConfig(
-        net=fit_classifier(net, data),
-        process=process,
-        out=str(folder / "own"),
-        log_every=1,
-        save_every=0,
-        progress=False,
-        grad_clip=0.0,
-        device="cpu",
-        **settings,
-    )
+    config = compared_config(fit_classifier(net, data), process, folder / "own", device="cpu", **settings)
     trainer = ClassifierTrainer(config, data)
     init = copy.deepcopy(trainer.model.state_dict())
     draws = Draws()
