@@ -145,8 +145,8 @@ def test_wide_heads_and_one_position_take_sdpa(monkeypatch, shape, dtype):
 )
 @pytest.mark.parametrize(
     "shape",
-    [(1, 1, 96, 36), (1, 1, 192, 17), (1, 2, 24, 17), (1, 1, 40, 17)],
-    ids=["d96", "d192", "d24", "d40"],
+    [(1, 1, 96, 36), (1, 1, 192, 17), (1, 2, 24, 17), (1, 1, 40, 17), (1, 1, 100, 9)],
+    ids=["d96", "d192", "d24", "d40", "d100T9"],
 )
 def test_kernel_unaligned_shapes_on_their_gpu_tiles(monkeypatch, shape, dtype):
     """T or d not a multiple of 16 (6x6 images, the classifier's pool) take smaller tiles, which fit
@@ -175,6 +175,26 @@ def test_unaligned_tiles_where_the_shape_needs_them(monkeypatch):
     # d = 40 at an unaligned T: neither d nor T a multiple of 16 (d = 64's tile spills there)
     assert tk._config("dq", 40, 65, f32) == tk._UNALIGNED_HEADS[("dq", True, 64)]
     assert tk._config("dq", 40, 65, torch.float16) == tk._UNALIGNED[("dq", False, 64)]
+
+
+def test_short_unaligned_sequences_take_4_warps_in_16_bit_dq(monkeypatch):
+    """16-bit dQ at head dims 65..128 with T up to 16, T or d not a multiple of 16, takes 4 warps
+    (with 8 it spilled 8 B on sm_80 at T = 4 or 9, with triton 3.9 and 3.6; offline compile), and
+    only there: an aligned T = 16, T = 17, fp32 and the other kernels keep their tiles."""
+    pytest.importorskip("triton")
+    from fastdiff.ops.attention import triton_kernel as tk
+
+    monkeypatch.setattr(tk, "triton_interpret", lambda: False)
+    for dtype, head_dim in itertools.product((torch.float16, torch.bfloat16), (80, 96, 100, 112, 128)):
+        for length in (4, 9, 15):
+            assert tk.candidates("dq", head_dim, length, dtype) == [(16, 16, 4, 2)], (dtype, head_dim, length)
+        assert tk._config("dq", head_dim, 17, dtype) == tk._UNALIGNED[("dq", False, 128)]
+        assert tk._config("fwd", head_dim, 9, dtype) == (16, 16, 8, 2)
+        assert tk._config("dkdv", head_dim, 9, dtype) == (16, 16, 8, 2)
+    assert tk._config("dq", 96, 16, torch.float16) == (16, 16, 8, 2)
+    assert tk._config("dq", 100, 16, torch.float16) == (16, 16, 4, 2)
+    assert tk._config("dq", 128, 9, torch.float32) == (16, 16, 8, 1)
+    assert tk._config("dq", 64, 9, torch.float16) == (16, 16, 4, 2)  # d = 64's unaligned tile
 
 
 def test_short_sequences_keep_the_default_warps(monkeypatch):
