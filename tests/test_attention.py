@@ -177,23 +177,29 @@ def test_unaligned_tiles_where_the_shape_needs_them(monkeypatch):
     assert tk._config("dq", 40, 65, torch.float16) == tk._UNALIGNED[("dq", False, 64)]
 
 
-def test_short_unaligned_sequences_take_4_warps_in_16_bit_dq(monkeypatch):
-    """16-bit dQ at head dims 65..128 with T up to 16, T or d not a multiple of 16, takes 4 warps
-    (with 8 it spilled 8 B on sm_80 at T = 4 or 9, with triton 3.9 and 3.6; offline compile), and
-    only there: an aligned T = 16, T = 17, fp32 and the other kernels keep their tiles."""
+def test_sequences_up_to_16_take_their_own_warps(monkeypatch):
+    """T up to 16 shrinks the tiles to 16 rows, where 16-bit dQ at head dims 65..128 takes 4 warps
+    (8 spilled 8 B on sm_80 at T = 4 or 9) and fp32 forward and dQ at 33..128 take 8 (4 spilled up
+    to 24 B on sm_80 or sm_90): offline compile, triton 3.9 and 3.6. T = 17, the other kernels and
+    head dims keep their tiles."""
     pytest.importorskip("triton")
     from fastdiff.ops.attention import triton_kernel as tk
 
     monkeypatch.setattr(tk, "triton_interpret", lambda: False)
+    f32 = torch.float32
     for dtype, head_dim in itertools.product((torch.float16, torch.bfloat16), (80, 96, 100, 112, 128)):
-        for length in (4, 9, 15):
+        for length in (4, 9, 15, 16):
             assert tk.candidates("dq", head_dim, length, dtype) == [(16, 16, 4, 2)], (dtype, head_dim, length)
         assert tk._config("dq", head_dim, 17, dtype) == tk._UNALIGNED[("dq", False, 128)]
         assert tk._config("fwd", head_dim, 9, dtype) == (16, 16, 8, 2)
         assert tk._config("dkdv", head_dim, 9, dtype) == (16, 16, 8, 2)
-    assert tk._config("dq", 96, 16, torch.float16) == (16, 16, 8, 2)
-    assert tk._config("dq", 100, 16, torch.float16) == (16, 16, 4, 2)
-    assert tk._config("dq", 128, 9, torch.float32) == (16, 16, 8, 1)
+    for head_dim, length in itertools.product((40, 48, 64, 80, 100, 128), (4, 9, 16)):
+        assert tk.candidates("fwd", head_dim, length, f32) == [(16, 16, 8, 2)], (head_dim, length)
+    for head_dim, length in itertools.product((40, 48, 64), (4, 9, 16)):
+        assert tk.candidates("dq", head_dim, length, f32) == [(16, 16, 8, 2)], (head_dim, length)
+    assert tk._config("fwd", 64, 17, f32) == (32, 16, 4, 2)
+    assert tk._config("fwd", 32, 9, f32) == (16, 16, 4, 2)
+    assert tk._config("dq", 128, 9, f32) == (16, 16, 8, 1)
     assert tk._config("dq", 64, 9, torch.float16) == (16, 16, 4, 2)  # d = 64's unaligned tile
 
 

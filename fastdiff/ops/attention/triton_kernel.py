@@ -90,9 +90,13 @@ _UNALIGNED = {
 _UNALIGNED_HEADS = {
     ("dq", True, 64): (16, 16, 4, 2),
 }
-# and T up to 16 there, where the tiles shrink to 16 rows: 16-bit dQ at head dims 65..128 spills 8 B
-# on sm_80 with 8 warps at T = 4 or 9 (triton 3.9's ptxas and 3.6's); with 4 warps neither spills
-_UNALIGNED_SHORT = {
+# T up to 16 shrinks every tile to 16 rows, where these warp counts are the ones that do not spill
+# (16-bit dQ at head dims 65..128 spilled 8 B on sm_80 with 8 warps at T = 4 or 9; with 4, fp32
+# forward and dQ at 33..128 up to 24 B, on sm_80 or sm_90: triton 3.9's ptxas or 3.6's)
+_SHORT = {
+    ("fwd", True, 64): (16, 16, 8, 2),
+    ("fwd", True, 128): (16, 16, 8, 2),
+    ("dq", True, 64): (16, 16, 8, 2),
     ("dq", False, 128): (16, 16, 4, 2),
 }
 # T up to 32 shrinks the tiles to 16 or 32 rows, where a 4-warp default's 8-warp alternative
@@ -119,7 +123,7 @@ def _config(kernel: str, head_dim: int, length: int, dtype: torch.dtype):
     key = (kernel, dtype == torch.float32, max(32, triton.next_power_of_2(head_dim)))  # d <= 256: function.py
     unaligned = _unaligned(head_dim, length)
     fit = max(16, triton.next_power_of_2(length))
-    tables = [_UNALIGNED_SHORT] if unaligned and fit == 16 else []
+    tables = [_SHORT] if fit == 16 else []
     tables += [_UNALIGNED_HEADS] if unaligned and head_dim % 16 else []
     tables += [_UNALIGNED, _CONFIGS] if unaligned else [_CONFIGS]
     block_m, block_n, warps, stages = next(table[key] for table in tables if key in table)
