@@ -177,6 +177,23 @@ def test_unaligned_tiles_where_the_shape_needs_them(monkeypatch):
     assert tk._config("dq", 40, 65, torch.float16) == tk._UNALIGNED[("dq", False, 64)]
 
 
+def test_fp32_forward_at_head_dims_off_16_takes_8_warps(monkeypatch):
+    """fp32 forward at head dims 33..63 not a multiple of 16 takes 8 warps at every T (d = 40's
+    4-warp tile spilled 8 B on sm_80 at T = 17, 64, 256, 1024; offline compile, triton 3.9 / 3.6);
+    d = 48 and 64, dQ and the 16-bit forward keep their tiles."""
+    pytest.importorskip("triton")
+    from fastdiff.ops.attention import triton_kernel as tk
+
+    monkeypatch.setattr(tk, "triton_interpret", lambda: False)
+    f32 = torch.float32
+    rows = {17: 32, 36: 64, 64: 64, 65: 64, 1024: 64}
+    for head_dim, length in itertools.product((40, 44, 60), rows):
+        assert tk.candidates("fwd", head_dim, length, f32) == [(rows[length], 16, 8, 2)], (head_dim, length)
+    assert tk._config("fwd", 48, 64, f32) == tk._config("fwd", 64, 64, f32) == (64, 16, 4, 2)
+    assert tk._config("dq", 40, 64, f32) == tk._CONFIGS[("dq", True, 64)]
+    assert tk._config("fwd", 40, 64, torch.float16) == (64, 64, 8, 3)
+
+
 def test_sequences_up_to_16_take_their_own_warps(monkeypatch):
     """T up to 16 shrinks the tiles to 16 rows, where 16-bit dQ at head dims 65..128 takes 4 warps
     (8 spilled 8 B on sm_80 at T = 4 or 9) and fp32 forward and dQ at 33..128 take 8 (4 spilled up

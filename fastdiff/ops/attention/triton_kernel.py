@@ -90,6 +90,11 @@ _UNALIGNED = {
 _UNALIGNED_HEADS = {
     ("dq", True, 64): (16, 16, 4, 2),
 }
+# d not a multiple of 16 at any T: the fp32 forward's 4-warp 64-channel tile spills 8 B on sm_80 at
+# d = 40 (T = 17 with triton 3.9; T = 64, 256, 1024 with 3.9 and 3.6); 8 warps spill on neither
+_ODD_HEADS = {
+    ("fwd", True, 64): (64, 16, 8, 2),
+}
 # T up to 16 shrinks every tile to 16 rows, where these warp counts are the ones that do not spill
 # (16-bit dQ at head dims 65..128 spilled 8 B on sm_80 with 8 warps at T = 4 or 9; with 4, fp32
 # forward and dQ at 33..128 up to 24 B, on sm_80 or sm_90: triton 3.9's ptxas or 3.6's)
@@ -125,6 +130,7 @@ def _config(kernel: str, head_dim: int, length: int, dtype: torch.dtype):
     fit = max(16, triton.next_power_of_2(length))
     tables = [_SHORT] if fit == 16 else []
     tables += [_UNALIGNED_HEADS] if unaligned and head_dim % 16 else []
+    tables += [_ODD_HEADS] if head_dim % 16 else []
     tables += [_UNALIGNED, _CONFIGS] if unaligned else [_CONFIGS]
     block_m, block_n, warps, stages = next(table[key] for table in tables if key in table)
     return min(block_m, fit), min(block_n, fit), warps, stages
