@@ -194,6 +194,22 @@ def test_fp32_forward_at_head_dims_off_16_takes_8_warps(monkeypatch):
     assert tk._config("fwd", 40, 64, torch.float16) == (64, 64, 8, 3)
 
 
+def test_fp32_dq_up_to_32_channels_at_an_unaligned_t_runs_one_stage(monkeypatch):
+    """fp32 dQ at head dims up to 32 with T not a multiple of 16 takes one stage (two spilled 8 B on
+    sm_90 at d = 32, T = 17..1025, with triton 3.6; offline compile), except at T up to 16, whose
+    16-row tile keeps two (one spilled 8 B there on sm_90 with 3.9)."""
+    pytest.importorskip("triton")
+    from fastdiff.ops.attention import triton_kernel as tk
+
+    monkeypatch.setattr(tk, "triton_interpret", lambda: False)
+    f32 = torch.float32
+    for head_dim, length in itertools.product((8, 24, 32), (17, 36, 65, 1025)):
+        assert tk.candidates("dq", head_dim, length, f32) == [(32, 16, 8, 1)], (head_dim, length)
+    for head_dim, length in itertools.product((8, 16, 24, 32), (4, 9, 16)):
+        assert tk.candidates("dq", head_dim, length, f32) == [(16, 16, 8, 2)], (head_dim, length)
+    assert tk._config("dq", 32, 64, f32) == tk._CONFIGS[("dq", True, 32)]
+
+
 def test_sequences_up_to_16_take_their_own_warps(monkeypatch):
     """T up to 16 shrinks the tiles to 16 rows, where 16-bit dQ at head dims 65..128 takes 4 warps
     (8 spilled 8 B on sm_80 at T = 4 or 9) and fp32 forward and dQ at 33..128 take 8 (4 spilled up
