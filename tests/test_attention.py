@@ -194,6 +194,21 @@ def test_fp32_forward_at_head_dims_off_16_takes_8_warps(monkeypatch):
     assert tk._config("fwd", 40, 64, torch.float16) == (64, 64, 8, 3)
 
 
+def test_16_bit_forward_at_head_dims_under_32_off_16_takes_8_warps(monkeypatch):
+    """The 16-bit forward at head dims under 32 not a multiple of 16 takes 8 warps at every T (d = 24's
+    4-warp tile spilled 8 B on sm_80 at T = 256 and 1024 with triton 3.6, d = 8's half-rows one on
+    sm_90 at T = 17 with 3.9; offline compile); d = 16 and 32 keep 4."""
+    pytest.importorskip("triton")
+    from fastdiff.ops.attention import triton_kernel as tk
+
+    monkeypatch.setattr(tk, "triton_interpret", lambda: False)
+    for dtype, head_dim in itertools.product((torch.float16, torch.bfloat16), (8, 24)):
+        assert tk.candidates("fwd", head_dim, 1024, dtype) == [(128, 64, 8, 3), (64, 64, 8, 3)]
+        assert tk.candidates("fwd", head_dim, 17, dtype) == [(32, 32, 8, 3), (16, 32, 8, 3)]
+        assert tk._config("fwd", head_dim, 9, dtype) == (16, 16, 8, 3)
+        assert tk._config("fwd", 16, 1024, dtype) == tk._config("fwd", 32, 1024, dtype) == (128, 64, 4, 3)
+
+
 def test_fp32_dq_up_to_32_channels_at_an_unaligned_t_runs_one_stage(monkeypatch):
     """fp32 dQ at head dims up to 32 with T not a multiple of 16 takes one stage (two spilled 8 B on
     sm_90 at d = 32, T = 17..1025, with triton 3.6; offline compile), except at T up to 16, whose

@@ -90,9 +90,12 @@ _UNALIGNED = {
 _UNALIGNED_HEADS = {
     ("dq", True, 64): (16, 16, 4, 2),
 }
-# d not a multiple of 16 at any T: the fp32 forward's 4-warp 64-channel tile spills 8 B on sm_80 at
-# d = 40 (T = 17 with triton 3.9; T = 64, 256, 1024 with 3.9 and 3.6); 8 warps spill on neither
+# d not a multiple of 16 at any T: the forward's 4-warp tiles spill 8 B on sm_80 at d = 40 in fp32
+# (T = 17 with triton 3.9; T = 64, 256, 1024 with 3.9 and 3.6) and at d = 24 in 16 bits (T = 256,
+# 1024 with 3.6), and the latter's half-rows alternative on sm_90 at d = 8, T = 17 (3.9); 8 warps
+# spill on neither
 _ODD_HEADS = {
+    ("fwd", False, 32): (128, 64, 8, 3),
     ("fwd", True, 64): (64, 16, 8, 2),
 }
 # T up to 16 shrinks every tile to 16 rows, where these warp counts are the ones that do not spill
