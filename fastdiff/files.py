@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import math
 import os
 import re
@@ -32,6 +33,12 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[-1, 1] NCHW tensor -> uint8 NHWC array, rounded as guided-diffusion's sampler script."""
     x = ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def image_digest(image: np.ndarray) -> str:
+    """An input image by its pixels, 8 hex digits: how a resume knows the images it continues
+    from are the ones the run started with (a file's bytes change with each save, not its pixels)."""
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:8]
 
 
 # mkstemp's names: "." + the file's name + "." + 8 random characters + the file's suffix;

@@ -68,8 +68,12 @@ def test_ctrl_c_exits_130_and_says_how_to_continue(monkeypatch):
 
     monkeypatch.setattr(fastdiff.runs.sample, "sample_run", interrupted)
     monkeypatch.setattr(fastdiff.runs.invert, "interpolate", interrupted)
-    r = CliRunner().invoke(main, ["sample", "--out", "unused"])
-    assert r.exit_code == 130 and r.output == "interrupted: run the same command with --resume to continue\n"
+    monkeypatch.setattr(fastdiff.runs.invert, "invert_images", interrupted)
+    for args in (["sample", "--out", "unused"], ["invert", "a.png", "--out", "unused"]):
+        r = CliRunner().invoke(main, args)
+        assert (
+            r.exit_code == 130 and r.output == "interrupted: run the same command with --resume to continue\n"
+        )
     r = CliRunner().invoke(main, ["interpolate", "--from", "0", "--to", "1"])
     assert r.exit_code == 130 and r.output == "interrupted\n"  # no --resume to offer
 

@@ -20,6 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from fastdiff.cli.main import main
+from tests.test_invert import assert_same_inversion
 
 REPO = Path(__file__).resolve().parents[1]
 # 6 batches of 2 at 4 steps: about half a second a batch per rank here, so a kill after the first
@@ -200,12 +201,14 @@ def test_invert_and_interpolate_deal_their_batches_over_ranks(reference, tmp_pat
             assert one.read_bytes() == two.read_bytes()
 
 
-@pytest.mark.slow  # a torchrun job, as the other multi-process checks
-def test_an_image_rank_1_cannot_decode_mid_run_ends_both_ranks_and_takes_back_the_files(reference, tmp_path):
+@pytest.mark.slow  # torchrun jobs, as the other multi-process checks
+def test_an_image_rank_1_cannot_decode_mid_run_ends_both_ranks_and_the_run_resumes(reference, tmp_path):
     """invert deals its batches round by round and rank 0 writes a round while the next is made:
     an image whose pixels do not decode (its header passed the scan) in rank 1's batch of the
-    second round, after rank 0 wrote the first, ends both ranks with its line, and rank 0 takes
-    back what it wrote (it had held every image from the start, decoded before any work)."""
+    second round, after rank 0 wrote the first, ends both ranks with its line (it had held every
+    image from the start, decoded before any work). The first round's batches stay, and once the
+    image is mended --resume deals the missing batches over the ranks: one process's files
+    (rank 0 took back what it wrote, and the whole folder was inverted again)."""
     (tmp_path / "images").mkdir()
     for image in sorted((reference / "images").iterdir())[:5]:
         shutil.copy(image, tmp_path / "images")
@@ -218,7 +221,14 @@ def test_an_image_rank_1_cannot_decode_mid_run_ends_both_ranks_and_takes_back_th
     rc, output = torchrun(tmp_path, command=["-m", "fastdiff.cli.main", *args])
     line = f"Error: cannot read image {broken}: broken data stream"
     assert rc != 0 and output.count(line) == 2, output[-3000:]
-    assert "fastdiff/" not in output and not out.exists()  # no traceback of ours (torchrun prints its own)
+    assert "fastdiff/" not in output  # no traceback of ours (torchrun prints its own)
+    assert sorted(p.name for p in (out / "batches").iterdir()) == ["batch_00000.npz", "batch_00001.npz"]
+    broken.write_bytes(whole)
+    rc, output = torchrun(tmp_path, command=["-m", "fastdiff.cli.main", *args, "--resume"])
+    assert rc == 0 and output.count("(2 already there)") == 1, output[-3000:]
+    r = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "one")])
+    assert r.exit_code == 0, r.output
+    assert_same_inversion(tmp_path / "one", out)
 
 
 FAILING_EXPORT = """
@@ -226,6 +236,7 @@ import sys
 
 import fastdiff.export
 from fastdiff.cli.main import main
+from tests.test_invert import assert_same_inversion
 from fastdiff.export import ExportError
 
 

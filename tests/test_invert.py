@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -243,7 +244,7 @@ def test_an_exact_reconstruction_is_null_psnr_in_invert_json():
         (["invert", "{small}", "--out", "{tmp}/o"], "pass --classes, or name small.png like"),
         (["invert", "{img}", "--classes", 1, "--to-class", 10, "--out", "{tmp}/o"], "--to-class 10 out of"),
         (["invert", "{img}", "--classes", "x", "--out", "{tmp}/o"], "--classes must be class ids"),
-        (["invert", "{img}", "--classes", 1, "--out", "{tmp}"], "is not empty; choose a new or empty"),
+        (["invert", "{img}", "--classes", 1, "--out", "{tmp}"], "is not empty and holds no sampling run"),
         (["interpolate", "--from", 0, "--to", 1, "--out", "{tmp}/s.png"], "pass --class K"),
         (
             ["interpolate", "--from", 0, "--to", "nope.npz", "--class", 1, "--out", "{tmp}/s.png"],
@@ -549,31 +550,232 @@ def test_a_class_name_for_an_unconditional_model_says_it_is_unconditional():
         _check_class(loaded, "cat", "--to-class")
 
 
-@pytest.mark.parametrize("created", [True, False])
-def test_a_failed_write_takes_back_its_files_so_the_command_runs_again(
-    inverted, tmp_path, monkeypatch, created
-):
-    """A full disk after latents.npz and some PNGs left them behind: the folder was no longer
-    empty, so the same invert (which has no --resume) was refused until the user cleaned up."""
+def assert_same_inversion(a, b) -> None:
+    """Every file of the run folder ``a`` (latents.npz, the PNGs, comparison.png, invert.json,
+    run.json, the batch files) byte for byte in ``b``, and no temporary file left in ``b``."""
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != ".lock")
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != ".lock")
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files), files
+    assert [p.name for p in b.rglob(".*")] == [".lock"]
+
+
+class _Killed(BaseException):
+    """What a SIGKILL does to the run in this process: it ends, and nothing of its is cleaned up."""
+
+
+def _kill_after_batch(m, index: int) -> None:
+    import fastdiff.runs.invert
+
+    write = fastdiff.runs.invert._write_batch
+
+    def write_then_die(out, b, *args):
+        write(out, b, *args)
+        if b == index:
+            raise _Killed
+
+    m.setattr(fastdiff.runs.invert, "_write_batch", write_then_die)
+
+
+def _killed_run(images, out) -> list:
+    """``images`` inverted a batch at a time into ``out`` and killed after the first batch; the
+    command's arguments."""
+    args = ["invert", *images, "--steps", 2, "--batch-size", 1, "--to-class", 5, "--out", out]
+    with pytest.MonkeyPatch.context() as m:
+        _kill_after_batch(m, 0)
+        with pytest.raises(_Killed):
+            cli(*args)
+    return args
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(inverted, tmp_path_factory):
+    """The two samples inverted a batch at a time and edited to a 5, uninterrupted."""
+    _, images, _ = inverted
+    out = tmp_path_factory.mktemp("uninterrupted") / "inv"
+    r = cli("invert", *images, "--steps", 2, "--batch-size", 1, "--to-class", 5, "--out", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_a_killed_invert_resumes_to_an_uninterrupted_runs_files(inverted, uninterrupted, tmp_path):
+    """A kill left the first batch's files (and a killed write's temporary files): the folder was
+    no longer empty, so the same invert was refused and the work was lost. Now the same command
+    says to pass --resume, which keeps the complete batch, never takes a temporary file for one,
+    and writes what an uninterrupted run writes."""
+    _, images, _ = inverted
+    out = tmp_path / "inv"
+    args = _killed_run(images, out)
+    assert not (out / "latents.npz").exists() and (out / "batches" / "batch_00000.npz").is_file()
+    for temp in ("batches/.batch_00001.npz.k1ll3d00.npz", "reconstructed/.000001.png.k1ll3d00.png"):
+        (out / temp).write_bytes(b"half a file")  # a write the kill cut short
+    (out / ".latents.npz.k1ll3d00.npz").write_bytes(b"PK")
+    r = cli(*args)
+    line = f"Error: {out} already holds a sampling run; pass --resume or choose another --out\n"
+    assert r.exit_code == 1 and r.output == line, r.output
+    r = cli(*args, "--resume")
+    assert r.exit_code == 0 and "inverted 2 images (1 already there) over 2 DDIM steps" in r.output, r.output
+    assert_same_inversion(uninterrupted, out)
+    r = cli(*args, "--resume")  # a finished run: nothing to make, the same files
+    assert r.exit_code == 0 and "(2 already there)" in r.output, r.output
+    assert_same_inversion(uninterrupted, out)
+
+
+@pytest.mark.slow  # a process started and killed: its imports alone take seconds
+def test_a_sigkilled_invert_resumes_to_an_uninterrupted_runs_files(inverted, tmp_path):
+    """`fastdiff invert` killed with SIGKILL after its second batch (of six) left their PNGs, and
+    the same command refused the folder as not empty. Now their batch files stay too, the
+    command says to pass --resume, which makes the other four: one uninterrupted run's folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    _, images, _ = inverted
+    (tmp_path / "images").mkdir()
+    for k in range(6):  # the two samples, thrice, each named with its class
+        shutil.copy(images[k % 2], tmp_path / "images" / f"{k:06d}{images[k % 2].stem[6:]}.png")
+    args = [
+        "invert",
+        tmp_path / "images",
+        "--steps",
+        4,
+        "--batch-size",
+        1,
+        "--to-class",
+        5,
+        "--device",
+        "cpu",
+    ]
+    r = CliRunner().invoke(main, [*map(str, args), "--out", str(tmp_path / "full")])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "fastdiff.cli.main", *map(str, args), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (out / "batches" / "batch_00001.npz").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "invert.json").exists() and not (out / "batches" / "batch_00005.npz").exists()
+    r = CliRunner().invoke(main, [*map(str, args), "--out", str(out)])
+    assert r.exit_code == 1 and "pass --resume" in r.output, r.output
+    r = CliRunner().invoke(main, [*map(str, args), "--out", str(out), "--resume"])
+    assert r.exit_code == 0 and "already there)" in r.output, r.output
+    assert_same_inversion(tmp_path / "full", out)
+
+
+@pytest.fixture(scope="module")
+def killed(inverted, tmp_path_factory):
+    _, images, _ = inverted
+    out = tmp_path_factory.mktemp("killed") / "inv"
+    return out, _killed_run(images, out)
+
+
+def _files(out) -> list:
+    return sorted(p.relative_to(out) for p in out.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--steps", 3], "respacing"),
+        (["--to-class", 4], "to_class"),
+        (["--batch-size", 2], "batch_size"),
+        (["--classes", "3,3"], "classes"),
+        (["--only-first"], "images"),
+        (["--checkpoint"], "model weights (sha256 "),
+    ],
+)
+def test_a_resume_refuses_another_run(killed, tmp_path, change, message):
+    """Another model, other steps, class edit, batches, classes or images is one line before any
+    work (exit 1): a resume never mixes two runs' latents in one latents.npz."""
+    from safetensors.torch import load_file
+
+    from fastdiff.models.checkpoint import read_metadata, save_weights
+    from fastdiff.runs.loading import BUNDLED_MODEL
+
+    out = tmp_path / "inv"
+    shutil.copytree(killed[0], out)
+    args = [*killed[1][:-1], out]
+    if change == ["--only-first"]:
+        del args[2]
+    elif change == ["--checkpoint"]:
+        weights = {k: v + 1e-3 for k, v in load_file(BUNDLED_MODEL).items()}
+        save_weights(weights, tmp_path / "other.safetensors", read_metadata(BUNDLED_MODEL))
+        args += ["--checkpoint", tmp_path / "other.safetensors"]
+    else:
+        args += change
+    before = _files(out)
+    r = cli(*args, "--resume")
+    line = f"Error: --resume: this run differs from the one in {out} in: {message}"
+    assert r.exit_code == 1 and r.output.startswith(line) and r.output.count("\n") == 1, r.output
+    assert _files(out) == before  # nothing made, nothing taken
+
+
+def test_neither_command_resumes_the_others_folder(inverted, killed, tmp_path):
+    """Neither command continues the other's folder, even where the settings they share agree
+    (an inversion's batch files hold uint8 images as a sampling run's do): run.json names it."""
+    d, images, _ = inverted
+    shutil.copytree(killed[0], tmp_path / "inv")
+    shutil.copytree(d / "samples", tmp_path / "samples")
+    r = cli("sample", "--no-progress", "--num-samples", 2, "--steps", 2, "--batch-size", 1,
+            "--classifier-scale", 0, "--resume", "--out", tmp_path / "inv")  # fmt: skip
+    line = f"Error: --resume: {tmp_path / 'inv'} holds an inversion (fastdiff invert), not this command's run"
+    assert r.exit_code == 1 and r.output.startswith(line), r.output
+    r = cli("invert", *images, "--steps", 10, "--resume", "--out", tmp_path / "samples")
+    line = f"Error: --resume: {tmp_path / 'samples'} holds a sampling run, not this command's run"
+    assert r.exit_code == 1 and r.output.startswith(line), r.output
+
+
+def test_a_resume_refuses_an_image_changed_since_its_batch_was_inverted(inverted, tmp_path):
+    """A kept batch's latents are its images' inversion: one of them changed on disk since (the
+    run.json names the images by path) is one line, which says what to do."""
+    _, images, _ = inverted
+    (tmp_path / "images").mkdir()
+    for image in images:
+        shutil.copy(image, tmp_path / "images")
+    image = tmp_path / "images" / images[0].name
+    args = _killed_run(sorted((tmp_path / "images").iterdir()), tmp_path / "inv")
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
+    r = cli(*args, "--resume")
+    npz = tmp_path / "inv" / "batches" / "batch_00000.npz"
+    assert r.exit_code == 1 and r.output == (
+        f"Error: {image} is not the image {npz} was inverted from; restore it, or delete that file "
+        "and run again with --resume to invert its batch again\n"
+    ), r.output
+
+
+def test_a_failed_write_keeps_the_complete_batches_for_resume(inverted, uninterrupted, tmp_path, monkeypatch):
+    """A full disk as comparison.png is written, after every batch, is the run's one line; its
+    batches stay for --resume, which writes what an uninterrupted run writes (they were taken
+    back: the whole inversion ran again)."""
     import errno
 
     import fastdiff.runs.invert
 
     _, images, _ = inverted
     out = tmp_path / "inv"
-    if not created:
-        out.mkdir()
+    args = ["invert", *images, "--steps", 2, "--batch-size", 1, "--to-class", 5, "--out", out]
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
         m.setattr(fastdiff.runs.invert, "save_grid", full)  # comparison.png: after the npz and the PNGs
-        r = cli("invert", images[0], "--steps", 2, "--to-class", 5, "--out", out)
+        r = cli(*args)
     assert r.exit_code == 1 and r.output == f"Error: cannot write to {out}: No space left on device\n"
-    assert [p.name for p in out.iterdir()] == [".lock"] if out.exists() else created
-    r = cli("invert", images[0], "--steps", 2, "--to-class", 5, "--out", out)
-    assert r.exit_code == 0 and (out / "invert.json").is_file(), r.output
+    assert not (out / "invert.json").exists() and len(list((out / "batches").iterdir())) == 2
+    assert [p.name for p in out.rglob(".*")] == [".lock"]
+    r = cli(*args, "--resume")
+    assert r.exit_code == 0 and "(2 already there)" in r.output, r.output
+    assert_same_inversion(uninterrupted, out)
 
 
 def _without_a_network(monkeypatch, size: int) -> None:
@@ -586,8 +788,12 @@ def _without_a_network(monkeypatch, size: int) -> None:
     torch.manual_seed(0)
     diffusion = make_diffusion(steps=1000, timestep_respacing="ddim2")
     sampler = fastdiff.Sampler(_XFreeEps(3, size), diffusion, engine="eager")
-    loaded = SimpleNamespace(image_size=size, in_channels=3, class_cond=False, class_names=None, identity={})
-    monkeypatch.setattr(fastdiff.runs.invert, "setup", lambda options: (loaded, sampler, "cpu", "ddim2"))
+    identity = {"sha256": "0" * 64, "flags": {"diffusion_steps": 1000}}  # what run.json records
+    loaded = SimpleNamespace(
+        image_size=size, in_channels=3, class_cond=False, class_names=None, identity=identity
+    )
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(fastdiff.runs.invert, "setup", lambda options: (loaded, sampler, cpu, "ddim2"))
 
 
 def _random_images(folder, n: int, size: int) -> None:
@@ -632,10 +838,11 @@ def test_a_large_folder_is_held_a_batch_at_a_time_and_compared_by_its_first_imag
     assert len(list((tmp_path / "inv" / "reconstructed").iterdir())) == n == len(done.record["psnr"])
 
 
-def test_an_image_that_fails_to_decode_mid_run_takes_back_the_run(tmp_path, monkeypatch):
+def test_an_image_that_fails_to_decode_mid_run_keeps_the_batches_before_it(tmp_path, monkeypatch):
     """An image whose header and end look whole (the scan before the work) but whose pixels do
-    not decode stops the run at its batch, after earlier batches wrote their files: they are
-    taken back, so the same command runs again once the image is mended."""
+    not decode stops the run at its batch, after earlier batches wrote their files: they stay,
+    and --resume continues from them once the image is mended (they were taken back, and the
+    whole folder inverted again)."""
     _random_images(tmp_path / "images", 5, 8)
     broken = tmp_path / "images" / "0003.png"
     whole = broken.read_bytes()
@@ -645,6 +852,7 @@ def test_an_image_that_fails_to_decode_mid_run_takes_back_the_run(tmp_path, monk
     args = ([tmp_path / "images"], tmp_path / "inv", fastdiff.runs.DDIMOptions())
     with pytest.raises(fastdiff.RunError, match="^cannot read image .*0003.png: broken data stream"):
         fastdiff.runs.invert_images(*args, batch_size=2)
-    assert not (tmp_path / "inv").exists()  # made for the run, and emptied
+    assert sorted(p.name for p in (tmp_path / "inv" / "batches").iterdir()) == ["batch_00000.npz"]
     broken.write_bytes(whole)
-    assert len(fastdiff.runs.invert_images(*args, batch_size=2).record["psnr"]) == 5
+    done = fastdiff.runs.invert_images(*args, batch_size=2, resume=True)
+    assert len(done.record["psnr"]) == 5 and done.kept == 2

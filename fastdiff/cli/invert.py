@@ -39,7 +39,13 @@ def _model_options(command):
 
 @click.command("invert")
 @click.argument("images", nargs=-1, required=True, type=UserPath(path_type=Path))
-@click.option("--out", type=UserPath(path_type=Path), required=True, help="Output folder (new or empty).")
+@click.option(
+    "--out",
+    type=UserPath(path_type=Path),
+    required=True,
+    help="Output folder (new or empty, or a killed run's to --resume).",
+)
+@click.option("--resume", is_flag=True, help="Continue a killed run in --out from its last complete batch.")
 @click.option(
     "--classes",
     default=None,
@@ -50,7 +56,7 @@ def _model_options(command):
     "--to-class", default=None, help="Also regenerate the latents under this class (an id or a class name)."
 )
 @_model_options
-def invert_command(images, out, classes, to_class, batch_size, **model):
+def invert_command(images, out, resume, classes, to_class, batch_size, **model):
     """DDIM-invert IMAGES to latents x_T (reconstruction PSNR); --to-class edits their class.
 
     IMAGES are files or folders, read as `fastdiff train` reads its --data: a folder's images
@@ -61,16 +67,24 @@ def invert_command(images, out, classes, to_class, batch_size, **model):
     `fastdiff interpolate` reads it),
     reconstructed/ and edited/ PNGs, comparison.png (inputs, reconstructions, edits as rows, for
     the first 100 images) and invert.json with each image's PSNR and whether it was resized. A
-    folder of any size is read and written a batch at a time.
+    folder of any size is read and written a batch at a time; after a kill, --resume keeps the
+    complete batches and makes the rest.
     """
     from fastdiff.runs.invert import DDIMOptions, invert_images  # torch: not for --help
 
     done = invert_images(
-        list(images), out, DDIMOptions(**model), classes=classes, to_class=to_class, batch_size=batch_size
+        list(images),
+        out,
+        DDIMOptions(**model),
+        classes=classes,
+        to_class=to_class,
+        batch_size=batch_size,
+        resume=resume,
     )
     psnr = done.record["psnr"]
+    kept = f" ({done.kept} already there)" if done.kept else ""
     echo(
-        f"inverted {len(psnr)} images over {done.steps} DDIM steps: reconstruction "
+        f"inverted {len(psnr)} images{kept} over {done.steps} DDIM steps: reconstruction "
         f"PSNR mean {np.mean(psnr):.2f} dB (min {min(psnr):.2f}) -> {out}"
     )
 

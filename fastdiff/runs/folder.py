@@ -21,6 +21,7 @@ from fastdiff.runs.errors import RunError
 # folder a run that --resume continues.
 RUN_FILE = "run.json"
 IMAGES, BATCHES = "images", "batches"  # a run folder's PNGs and its batch npz files
+RECONSTRUCTED, EDITED = "reconstructed", "edited"  # an inversion's PNGs (fastdiff invert)
 
 
 def check_writable(folder: Path, what: str) -> None:
@@ -105,46 +106,43 @@ def shared_folder(out: Path, names: list[str]) -> Iterator[None]:
 
 
 @contextmanager
-def locked_run_folder(
-    out: Path, resume: bool = False, *, holder: str = "fastdiff sample", record: str | None = RUN_FILE
-) -> Iterator[None]:
+def locked_run_folder(out: Path, resume: bool = False, *, holder: str = "fastdiff sample") -> Iterator[None]:
     """Hold ``out`` under an exclusive lock for the whole run; refuse a folder that is not ours.
 
-    Only a folder holding ``record`` (a sampling run's run.json) is continued, and only with
-    ``resume``; any other non-empty folder is refused, so two runs' files never mix (``record``
-    None: a command that writes its folder whole, as fastdiff invert). A folder this call created
+    Only a folder holding a run's RUN_FILE is continued, and only with ``resume``; any other
+    non-empty folder is refused, so two runs' files never mix. A folder this call created
     is removed again if the run fails before writing anything. Under torchrun rank 0 holds the
     lock and the other ranks share its verdict.
     """
     with ExitStack() as held:
         with ranks.agreed("checking --out"):
             if distributed.is_main():
-                held.enter_context(_own_run_folder(out, resume, holder, record))
+                held.enter_context(_own_run_folder(out, resume, holder))
         yield
 
 
-def _check_ours(out: Path, resume: bool, record: str | None) -> None:
-    """RunError unless ``out`` is empty (but for the lock and temp files) or holds ``record`` and
-    ``resume`` says to continue it."""
-    if record is not None and (out / record).is_file():
+def _check_ours(out: Path, resume: bool) -> None:
+    """RunError unless ``out`` is empty (but for the lock and temp files) or holds a run's
+    RUN_FILE and ``resume`` says to continue it."""
+    if (out / RUN_FILE).is_file():
         if not resume:
             raise RunError(f"{out} already holds a sampling run; pass --resume or choose another --out")
     elif any(p.name != LOCK and not is_temp_file(p) for p in out.iterdir()):
-        what = "" if record is None else f" and holds no sampling run (no {record})"
-        raise RunError(f"--out {out} is not empty{what}; choose a new or empty folder")
+        what = f"holds no sampling run (no {RUN_FILE})"
+        raise RunError(f"--out {out} is not empty and {what}; choose a new or empty folder")
 
 
 @contextmanager
-def _own_run_folder(out: Path, resume: bool, holder: str, record: str | None) -> Iterator[None]:
+def _own_run_folder(out: Path, resume: bool, holder: str) -> Iterator[None]:
     created = not out.exists()
     if out.is_dir() and not (out / LOCK).exists():
         # a folder no fastdiff command ever held (a project folder, the cwd): refused before the
         # lock, which would stay behind in it; under the lock the check is made again
-        _check_ours(out, resume, record)
+        _check_ours(out, resume)
     with exclusive_folder(out, holder):
         try:
-            _check_ours(out, resume, record)
-            for folder in (out, out / IMAGES, out / BATCHES):
+            _check_ours(out, resume)
+            for folder in (out, *(out / name for name in (IMAGES, BATCHES, RECONSTRUCTED, EDITED))):
                 remove_temp_files(folder)  # the lock guarantees no writer of ours is running
             yield
         except BaseException:

@@ -9,9 +9,10 @@ between two x_T, each a seed (the x_T image 0 of a sampling run with that seed s
 latent ``invert_images`` wrote, as one strip PNG.
 
 Both make their images a batch at a time, and invert writes each batch's files as it comes, so
-a folder of any size is held a few batches at a time, not whole. Under torchrun both deal their
-batches over the ranks round by round (fastdiff.runs.ranks) and rank 0 alone holds the folder
-and writes; every batch is deterministic, so the files are one process's.
+a folder of any size is held a few batches at a time, not whole. invert's folder is a sampling
+run's (run.json, batches/, --resume after a kill). Under torchrun both deal their batches over
+the ranks round by round (fastdiff.runs.ranks) and rank 0 alone holds the folder and writes;
+every batch is deterministic, so the files are one process's, resumed or not.
 """
 
 from __future__ import annotations
@@ -21,12 +22,10 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,14 +39,24 @@ from fastdiff.diffusion.inversion import slerp
 from fastdiff.diffusion.samplers import randn
 from fastdiff.engines import EngineError
 from fastdiff.engines.sampler import Sampler
-from fastdiff.files import LOCK, atomic_write, in_channels, npz_stream, save_grid, save_png, to_uint8
+from fastdiff.files import (
+    atomic_write,
+    image_digest,
+    in_channels,
+    npz_stream,
+    save_grid,
+    save_npz,
+    save_png,
+    to_uint8,
+)
 from fastdiff.runs import ranks
 from fastdiff.runs.device import check_run_options, check_seed
 from fastdiff.runs.errors import RunError, check_arguments
-from fastdiff.runs.folder import check_writable, locked_run_folder, writing
+from fastdiff.runs.folder import EDITED, RECONSTRUCTED, check_writable, locked_run_folder, writing
 from fastdiff.runs.loading import LoadedModel, load_diffusion_model
-from fastdiff.runs.plan import class_ids, class_list, respacing_for
-from fastdiff.runs.sampling import batch_generator, built_once, make_sampler
+from fastdiff.runs.plan import InversionPlan, class_ids, class_list, respacing_for
+from fastdiff.runs.sampling import batch_generator, built_once, make_sampler, recorded
+from fastdiff.runs.writer import batch_npz
 from fastdiff.training.data import (
     DataError,
     center_crop_arr,
@@ -231,12 +240,8 @@ def _json_safe(record: dict) -> dict:
     return {**record, "psnr": [finite(v) for v in record["psnr"]], "mean_psnr": finite(record["mean_psnr"])}
 
 
-def _batches(n: int, size: int):
-    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
-
-
-def _dealt(sampler: Sampler, n: int, size: int, work, take, what: str) -> None:
-    """``work(lo, hi)`` for every batch of ``size``, dealt over the ranks round by round (rank k
+def _dealt(sampler: Sampler, batches: list[tuple[int, int]], work, take, what: str) -> None:
+    """``work(lo, hi)`` for each of ``batches``, dealt over the ranks round by round (rank k
     makes the k-th batch of each round), and on rank 0 (without torchrun: this process)
     ``take(lo, hi, result)`` for each batch in batch order while the next round is made: rank 0
     holds a round's results, not the run's. A failure on any rank, ``take``'s on rank 0
@@ -251,8 +256,9 @@ def _dealt(sampler: Sampler, n: int, size: int, work, take, what: str) -> None:
         except EngineError as e:  # an engine builds its step on the first batch of a size
             raise RunError(str(e)) from None
 
-    built_once(sampler, min(size, n))  # rank 0 exports a cached graph, the others load it
-    batches, world, rank = _batches(n, size), distributed.world_size(), distributed.rank()
+    if batches:  # rank 0 exports a cached graph, the others load it
+        built_once(sampler, batches[0][1] - batches[0][0])
+    world, rank = distributed.world_size(), distributed.rank()
     rounds = [batches[i : i + world] for i in range(0, len(batches), world)]
     made: list = []  # rank 0's: the round before, each batch with its result
     for r in range(len(rounds) + 1):
@@ -359,70 +365,83 @@ def _endpoint(spec: str, option: str, loaded: LoadedModel, device) -> tuple[torc
     return x_T, None if labels is None else int(labels[i])
 
 
-@contextmanager
-def _taken_back(out: Path) -> Iterator[None]:
-    """Everything written to ``out`` removed again if the block fails or is interrupted (a full
-    disk, a batch that cannot be inverted, a rank that stopped): invert has no --resume, and a
-    half-written folder is no longer empty, so the same command could not run again."""
-    try:
-        yield
-    except BaseException:
-        for p in out.iterdir():  # the lock found the folder empty: everything else is this run's
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.name != LOCK:
-                p.unlink()
-        raise
+def _inputs(paths: list[Path], lo: int, digests: list[str], npz: Path, loaded: LoadedModel) -> np.ndarray:
+    """Images lo, lo+1, ... read again, refused in one line where one is no longer the image the
+    batch file ``npz`` was inverted from (``digests``): a resume, and comparison.png, show and
+    keep what the run made from the images it started with."""
+    inputs = np.stack([_read_image(p, loaded) for p in paths[lo : lo + len(digests)]])
+    for path, image, digest in zip(paths[lo:], inputs, digests):
+        if image_digest(image) != digest:
+            raise RunError(
+                f"{path} is not the image {npz} was inverted from; restore it, or delete that file "
+                "and run again with --resume to invert its batch again"
+            )
+    return inputs
 
 
-@contextmanager
-def _inversion_files(
-    out: Path, shape: tuple[int, ...], record: dict, to_class: int | None
-) -> Iterator[Callable[[int, int, tuple], None]]:
-    """Rank 0's files, written as the batches come to the function the block gets: latents.npz
-    streamed (x_T of ``shape`` between the settings and the labels), the reconstructed/ and
-    edited/ PNGs; when the block ends, comparison.png (its first COMPARED images) and
-    invert.json, ``record`` completed with each image's PSNR. A batch is held, and the
-    comparison's images, not the run."""
-    psnr: list[float] = []
-    rows: list[list[np.ndarray]] = [[], []] if to_class is None else [[], [], []]  # the comparison's
-    with _taken_back(out):
-        with npz_stream(out / "latents.npz") as npz:
-            npz.add("respacing", np.array(record["respacing"]))
-            if record["cfg_scale"] is not None:
-                npz.add("cfg_scale", np.array(record["cfg_scale"]))
-            with npz.member("arr_0", shape, np.float32) as add_latents:
+def _write_batch(out: Path, b: int, lo: int, result: tuple, to_class: int | None, labels) -> None:
+    """Batch ``b``'s reconstructed/ and edited/ PNGs, then its npz, last, so the npz marks the
+    batch done (as a sampling run's, fastdiff.runs.writer): arr_0 the reconstructions (uint8
+    NHWC), arr_1 the labels, its latents, each image's PSNR and its inputs' digests."""
+    inputs, x_T, recon, edit = result
+    with writing(out):
+        for i, img in enumerate(recon, lo):
+            save_png(img, out / RECONSTRUCTED / f"{i:06d}.png")
+        for i, img in enumerate(() if edit is None else edit, lo):
+            save_png(img, out / EDITED / f"{i:06d}_class{to_class}.png")
+        named = {"latents": x_T, "psnr": np.array([_psnr(a, b) for a, b in zip(inputs, recon, strict=True)])}
+        named["digests"] = np.array([image_digest(image) for image in inputs])
+        if edit is not None:
+            named["edited"] = edit
+        save_npz(batch_npz(out, b), recon, None if labels is None else np.array(labels), **named)
 
-                def take(lo: int, hi: int, result: tuple) -> None:
-                    inputs, x_T, recon, edit = result
-                    with writing(out):  # its ranks.agreed phase hears of a full disk as one line
-                        add_latents(x_T)
-                        for i, img in enumerate(recon, lo):
-                            save_png(img, out / "reconstructed" / f"{i:06d}.png")
-                        for i, img in enumerate(() if edit is None else edit, lo):
-                            save_png(img, out / "edited" / f"{i:06d}_class{to_class}.png")
-                    psnr.extend(_psnr(a, b) for a, b in zip(inputs, recon, strict=True))
-                    if lo < COMPARED:
-                        shown = (inputs, recon) if edit is None else (inputs, recon, edit)
-                        for row, images in zip(rows, shown, strict=True):
-                            row.append(images[: COMPARED - lo].copy())  # not a view holding the batch
 
-                yield take
-            if record["labels"] is not None:
-                npz.add("arr_1", np.array(record["labels"]))
-        compared = [np.concatenate(row) for row in rows]
-        save_grid(np.concatenate(compared), out / "comparison.png", ncol=len(compared[0]))
-        record.update(psnr=psnr, mean_psnr=float(np.mean(psnr)), to_class=to_class)
-        text = json.dumps(_json_safe(record), indent=1, allow_nan=False)
-        atomic_write(out / "invert.json", lambda tmp: Path(tmp).write_text(text))
+def _write_results(out: Path, plan: InversionPlan, record: dict, loaded: LoadedModel) -> None:
+    """latents.npz (x_T between the settings and the labels), comparison.png (its first COMPARED
+    images) and invert.json (``record`` completed with each image's PSNR), from the batch files
+    one at a time: a batch is held, and the comparison's images, not the run."""
+    paths = [Path(p) for p in plan.images]
+    n, psnr = len(paths), []
+    rows: list[list[np.ndarray]] = [[], []] if plan.to_class is None else [[], [], []]  # the comparison's
+
+    def latents() -> Iterator[np.ndarray]:
+        for b, (lo, _) in enumerate(plan.batches(n)):
+            npz = batch_npz(out, b)
+            with np.load(npz) as z:
+                psnr.extend(z["psnr"].tolist())
+                if lo < COMPARED:
+                    shown = [z["arr_0"]] if plan.to_class is None else [z["arr_0"], z["edited"]]
+                    shown = [images[: COMPARED - lo].copy() for images in shown]  # not views holding it
+                    inputs = _inputs(paths, lo, z["digests"][: COMPARED - lo].tolist(), npz, loaded)
+                    for row, images in zip(rows, [inputs, *shown], strict=True):
+                        row.append(images)
+                yield z["latents"]
+
+    shape = (n, loaded.in_channels, loaded.image_size, loaded.image_size)
+    with npz_stream(out / "latents.npz") as npz:
+        npz.add("respacing", np.array(plan.respacing))
+        if plan.cfg_scale is not None:
+            npz.add("cfg_scale", np.array(plan.cfg_scale))
+        with npz.member("arr_0", shape, np.float32) as add_latents:
+            for x_T in latents():
+                add_latents(x_T)
+        if plan.labels is not None:
+            npz.add("arr_1", np.array(plan.labels))
+    compared = [np.concatenate(row) for row in rows]
+    save_grid(np.concatenate(compared), out / "comparison.png", ncol=len(compared[0]))
+    record.update(psnr=psnr, mean_psnr=float(np.mean(psnr)), to_class=plan.to_class)
+    text = json.dumps(_json_safe(record), indent=1, allow_nan=False)
+    atomic_write(out / "invert.json", lambda tmp: Path(tmp).write_text(text))
 
 
 @dataclass(frozen=True)
 class Inversion:
-    """What invert_images wrote to invert.json, and the DDIM steps it took."""
+    """What invert_images wrote to invert.json, the DDIM steps it took and how many images a
+    resume found already inverted."""
 
     record: dict
     steps: int
+    kept: int
 
 
 def invert_images(
@@ -433,14 +452,17 @@ def invert_images(
     classes: str | None = None,
     to_class: int | str | None = None,
     batch_size: int = 16,
+    resume: bool = False,
 ) -> Inversion:
     """Invert ``paths`` (image files, or folders read recursively as training reads them) into
-    the folder ``out``: latents.npz (arr_0 x_T float32 NCHW, arr_1 labels,
+    the run folder ``out``: latents.npz (arr_0 x_T float32 NCHW, arr_1 labels,
     respacing, cfg_scale where used), reconstructed/ and edited/ PNGs, comparison.png (inputs,
     reconstructions, edits as rows, for the first COMPARED images) and invert.json with each
     image's PSNR (null where the reconstruction is exact) and whether it was resized to the
     model's size. Each image's header is checked first; its pixels are read in its batch, and
-    each batch's files written as it comes, so a few batches are held, not the set."""
+    each batch's files written as it comes (with run.json, as a sampling run's), so a few
+    batches are held, not the set, and ``resume=True`` after a kill keeps the complete batches
+    and makes the rest: the files of an uninterrupted run."""
     check_arguments(invert_images, locals())
     if isinstance(paths, str | os.PathLike) or not paths:  # a str would be read as its letters
         raise RunError(
@@ -456,6 +478,25 @@ def invert_images(
         resized, alphas = _scanned(paths, size)
         labels = _labels(images, classes, loaded)
         to_class = _check_class(loaded, to_class, "--to-class")
+    plan = InversionPlan(
+        model=loaded.identity,
+        classifier=None,
+        classifier_scale=0.0,
+        cfg_scale=options.cfg_scale,
+        sampler="ddim",
+        respacing=respacing,
+        eta=0.0,
+        seed=0,
+        batch_size=batch_size,
+        dtype=options.dtype,
+        engine=sampler.engine,
+        device=dev.type,
+        clip_denoised=True,
+        labels=labels,
+        images=[str(p) for p in paths],
+        to_class=to_class,
+    )
+    batches = plan.batches(n)
 
     def work(lo: int, hi: int) -> tuple:
         inputs = np.stack([_read_image(p, loaded) for p in paths[lo:hi]])
@@ -467,7 +508,15 @@ def invert_images(
             edit = to_uint8(sampler(torch.full((hi - lo,), to_class, device=dev), noise=x_T))
         return inputs, x_T.cpu().numpy(), to_uint8(sampler(y, noise=x_T)), edit
 
-    with locked_run_folder(out, holder="fastdiff invert", record=None):
+    def take(lo: int, hi: int, result: tuple) -> None:
+        _write_batch(out, lo // batch_size, lo, result, to_class, None if labels is None else labels[lo:hi])
+
+    def kept(done: set[int]) -> None:  # each kept batch's images are still the ones it inverted
+        for b in sorted(done):
+            with np.load(batch_npz(out, b)) as z:
+                _inputs(paths, batches[b][0], z["digests"].tolist(), batch_npz(out, b), loaded)
+
+    with locked_run_folder(out, resume, holder="fastdiff invert"):
         if distributed.is_main():  # notes, once, as training's
             if any(resized):
                 print(
@@ -483,24 +532,22 @@ def invert_images(
                 )
             if n > COMPARED:
                 print(f"note: comparison.png shows the first {COMPARED} of the {n} images", file=sys.stderr)
+        done = recorded(out, plan, n, (size, size, loaded.in_channels), kept)
+        _dealt(sampler, [lohi for b, lohi in enumerate(batches) if b not in done], work, take, "images")
         record = {
-            "images": [str(p) for p in paths],
+            "images": plan.images,
             "resized": resized,
             "labels": labels,
             "respacing": respacing,
             "cfg_scale": options.cfg_scale,
             "model": loaded.identity,
         }
-        shape, take = (n, loaded.in_channels, size, size), None
-        with ExitStack() as files:  # rank 0's, open while the batches come
-            with ranks.agreed("writing the results"), writing(out):
-                if distributed.is_main():
-                    take = files.enter_context(_inversion_files(out, shape, record, to_class))
-            _dealt(sampler, n, batch_size, work, take, "images")
-            with ranks.agreed("writing the results"), writing(out):  # a full disk stops every rank
-                files.close()  # rank 0: latents.npz complete, comparison.png and invert.json
+        with ranks.agreed("writing the results"), writing(out):  # a full disk stops every rank
+            if distributed.is_main():
+                _write_results(out, plan, record, loaded)
         record = distributed.broadcast_object(record)  # rank 0 completed it
-    return Inversion(record, sampler.diffusion.num_timesteps)
+    kept_images = sum(hi - lo for b, (lo, hi) in enumerate(batches) if b in done)
+    return Inversion(record, sampler.diffusion.num_timesteps, kept_images)
 
 
 def interpolate(
@@ -559,7 +606,8 @@ def interpolate(
         return to_uint8(sampler(y, noise=path))
 
     images: list[np.ndarray] = []  # rank 0's: the strip is one image
-    _dealt(sampler, frames, batch_size, work, lambda lo, hi, made: images.append(made), "frames")
+    batches = [(lo, min(lo + batch_size, frames)) for lo in range(0, frames, batch_size)]
+    _dealt(sampler, batches, work, lambda lo, hi, made: images.append(made), "frames")
     with ranks.agreed("writing the strip"):
         if distributed.is_main():
             try:

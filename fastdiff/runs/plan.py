@@ -79,6 +79,19 @@ class UpsamplePlan(Plan):
     low_res: str
 
 
+@dataclass(frozen=True)
+class InversionPlan(Plan):
+    """A DDIM inversion run (fastdiff invert: ddim, eta 0, no classifier, no noise to seed): its
+    images by path and the class their latents are regenerated under. Its record names the
+    command, so neither command resumes the other's folder."""
+
+    images: list[str]
+    to_class: int | None
+
+    def record(self, num_samples: int) -> dict:
+        return {**super().record(num_samples), "command": "invert"}
+
+
 def respacing_for(sampler: str, steps: int | None, respacing: str | None, total: int) -> str:
     """``--steps N`` as guided-diffusion users write it: "ddimN" strides for DDIM-style samplers."""
     if respacing is not None and steps is not None:

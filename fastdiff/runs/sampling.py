@@ -119,6 +119,26 @@ def plan_sampler(loaded: LoadedModel, classifier: LoadedModel | None, plan: Plan
     )
 
 
+def recorded(
+    out: Path, plan: Plan, num_samples: int, image: tuple, kept: Callable[[set[int]], None] | None = None
+) -> set[int]:
+    """The complete batches of ``plan``'s run in the (locked) ``out``, on every rank: rank 0
+    checks the folder and records the run (record.prepare_out_dir), ``kept(done)`` may refuse the
+    batches kept, and every other rank then checks that rank 0's record is its own run."""
+
+    def prepare() -> set[int]:
+        done = prepare_out_dir(out, plan, num_samples, image)
+        if kept is not None:
+            kept(done)
+        return done
+
+    done = ranks.decided_by_main("checking --out", prepare)
+    with ranks.agreed("checking run.json"):
+        if not distributed.is_main():
+            check_same_run(out, plan, num_samples)
+    return done
+
+
 def run_sampling(
     loaded: LoadedModel,
     classifier: LoadedModel | None,
@@ -141,10 +161,7 @@ def run_sampling(
     if sampler is None:
         sampler = plan_sampler(loaded, classifier, plan, device)
     image = (loaded.image_size, loaded.image_size, loaded.in_channels)
-    done = ranks.decided_by_main("checking --out", lambda: prepare_out_dir(out, plan, num_samples, image))
-    with ranks.agreed("checking run.json"):
-        if not distributed.is_main():
-            check_same_run(out, plan, num_samples)
+    done = recorded(out, plan, num_samples, image)
     batches = plan.batches(num_samples)
     missing = [i for i in range(len(batches)) if i not in done]
     todo = ranks.share(missing)  # any split gives the same files: a batch's noise is its own

@@ -11,7 +11,6 @@ batch-by-batch npz, resume and engines (onnx and trt too: the exported upsampler
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from fastdiff.evaluation.metrics import EvaluationError
 from fastdiff.evaluation.npz import ImageBatch, read_npz
+from fastdiff.files import image_digest
 from fastdiff.models.checkpoint import CheckpointError, read_metadata
 from fastdiff.models.flags import parse_flags
 from fastdiff.models.presets import PRESETS
@@ -62,10 +62,6 @@ def load_upsampler(*, preset, flag_string, checkpoint: Path | None, device) -> L
     return load_network("superres", checkpoint, preset=preset, flag_string=flag_string, device=device)
 
 
-def _digest(image: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:8]
-
-
 @dataclass
 class LowRes:
     """The images to upsample (uint8 NHWC), read a batch at a time from their npz (50,000 128-px
@@ -98,7 +94,7 @@ class LowRes:
                 parts.append(self.images.take(0, end - count))
             batch = np.concatenate(parts) if len(parts) > 1 else parts[0]
         for i, image in zip(index, batch, strict=True):
-            if _digest(image) != self.image_digests[i]:
+            if image_digest(image) != self.image_digests[i]:
                 raise RunError(f"{self.images.source} changed during the run (image {i} differs)")
         return {"low_res": torch.from_numpy(batch).float().div(127.5).sub(1.0).permute(0, 3, 1, 2)}
 
@@ -127,7 +123,7 @@ def read_low_res(path: Path) -> LowRes:
     or cut file is one line before the upsampler's weights (gigabytes) load, not after."""
     try:
         batch = read_npz(path, role="--low-res")
-        digests = [_digest(image) for images in batch.batches(1024) for image in images]
+        digests = [image_digest(image) for images in batch.batches(1024) for image in images]
     except EvaluationError as e:
         raise RunError(str(e)) from None
     return LowRes(batch, None if batch.labels is None else batch.labels.astype(np.int64), digests)
