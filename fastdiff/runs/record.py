@@ -97,18 +97,18 @@ def complete_batches(out: Path, batches: list[tuple[int, int]], plan: Plan, imag
                 labels = z["arr_1"].tolist() if "arr_1" in z.files else None
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
             raise RunError(
-                f"--resume: {path} is unreadable ({e}); delete it to sample that batch again"
+                f"--resume: {path} is unreadable ({e}); delete it to make that batch again"
             ) from None
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != image:
             raise RunError(
                 f"--resume: {path} holds {images.dtype} images of shape {images.shape[1:]}, "
-                f"this run makes uint8 {image}; delete it to sample that batch again"
+                f"this run makes uint8 {image}; delete it to make that batch again"
             )
         if len(images) != hi - lo:
             continue
         if labels != (None if plan.labels is None else plan.labels[lo:hi]):
             raise RunError(
-                f"--resume: the labels in {path} are not this run's; delete it to sample that batch again"
+                f"--resume: the labels in {path} are not this run's; delete it to make that batch again"
             )
         done.add(b)
     return done
