@@ -66,6 +66,30 @@ def pytest_generate_tests(metafunc):
             )
 
 
+@pytest.fixture
+def unlistable(monkeypatch):
+    """``unlistable(folder)``: ``folder`` as its user sees a folder of mode 000, one it may not list.
+    Root (CI runs as root) lists any folder whatever its mode, so for root os.scandir refuses it
+    as the OS refuses the user."""
+    denied: list[Path] = []
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if isinstance(path, str | os.PathLike) and Path(os.path.abspath(path)) in denied:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    def deny(folder: Path) -> None:
+        folder.chmod(0)
+        denied.append(Path(os.path.abspath(folder)))
+        if os.geteuid() == 0:
+            monkeypatch.setattr(os, "scandir", refusing)
+
+    yield deny
+    for folder in denied:
+        folder.chmod(0o755)  # for the tmp_path clean-up
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

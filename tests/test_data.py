@@ -289,3 +289,38 @@ def test_an_image_that_cannot_be_read_is_named_as_such_not_corrupt(tmp_path, mon
         ImageFolderDataset(tmp_path, 8, channels=1, skip_option="--skip-bad-images")
     ds = ImageFolderDataset(tmp_path, 8, channels=1, skip_bad_images=True)
     assert [p.name for p in ds.skipped] == ["1.png"] and len(ds) == 1
+
+
+@pytest.mark.parametrize("denied", ["dog", "dog/deep", "."])
+def test_a_folder_that_cannot_be_listed_is_named_not_called_empty(tmp_path, unlistable, denied):
+    """os.walk passed by a folder it could not list (its permissions): its images were missing
+    unseen, its class 'holds no images' for a class-conditional run, and an unreadable --data
+    'held no images'."""
+    _png(tmp_path / "cat" / "a.png")
+    _png(tmp_path / "dog" / "b.png")
+    _png(tmp_path / "dog" / "deep" / "c.png")
+    folder = (tmp_path / denied).resolve()
+    unlistable(folder)
+    line = f"cannot list folder {tmp_path if denied == '.' else folder}: Permission denied"
+    for skip in (False, True):  # no bad image to skip: the folder's images are not known
+        with pytest.raises(DataError, match=f"^{re.escape(line)}$"):
+            ImageFolderDataset(tmp_path, 8, skip_bad_images=skip)
+
+
+def test_an_image_in_a_folder_that_cannot_be_entered_is_one_line(tmp_path, monkeypatch):
+    """A folder that may be listed but not entered (mode 644: no x) gives its names, and pathlib
+    raised the PermissionError of each one's stat as a traceback."""
+    import os
+
+    _png(tmp_path / "cat" / "a.png")
+    _png(tmp_path / "dog" / "b.png")
+    stat = os.stat
+
+    def no_search(path, *args, **kwargs):  # what its user gets, root passing by modes
+        if os.path.dirname(os.fspath(path)) == str(tmp_path / "dog"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", no_search)
+    with pytest.raises(DataError, match=f"^cannot read image {re.escape(str(tmp_path / 'dog' / 'b.png'))}: "):
+        ImageFolderDataset(tmp_path, 8)

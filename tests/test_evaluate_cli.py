@@ -248,6 +248,24 @@ def test_a_corrupt_image_in_a_folder_names_no_option_evaluate_lacks(digits, tmp_
     assert "--skip-bad-images" not in r.output
 
 
+def test_a_folder_that_cannot_be_listed_is_one_line(digits, tmp_path, unlistable):
+    """A class folder of REF (or nearest's --data) that its user may not list: its images were
+    left out unseen, and the scores were of the rest."""
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "ref" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "ref" / c / f"{i}.png")
+    unlistable(tmp_path / "ref" / "b")
+    line = f"cannot list folder {tmp_path / 'ref' / 'b'}: Permission denied"
+    one_line_error(run(tmp_path / "ref", digits), line)
+    args = ["nearest", "--no-progress", "--out", tmp_path / "o", digits, "--data", tmp_path / "ref"]
+    r = CliRunner().invoke(main, [*map(str, args), "--held-out", "mnist"])
+    one_line_error(r, line)
+    assert r.exit_code == 1 and not (tmp_path / "o").exists()
+
+
 def test_bad_inputs_are_one_line_each(digits, tmp_path):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (10, 32, 32, 1), dtype=np.uint8)

@@ -313,6 +313,18 @@ def test_errors_are_one_line(tmp_path, args, message):
     assert not (tmp_path / "o").exists() and not (tmp_path / "s.png").exists()
 
 
+def test_a_folder_that_cannot_be_listed_is_one_line(tmp_path, unlistable):
+    """Its images were left out unseen: the others inverted, or 'no images found' for a folder alone."""
+    for c in ("1", "2"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "data" / c / "0.png")
+    unlistable(tmp_path / "data" / "2")
+    r = cli("invert", tmp_path / "data", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert f"Error: cannot list folder {tmp_path / 'data' / '2'}: Permission denied" in r.output
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -157,6 +157,22 @@ def test_truncated_images_are_named_or_skipped(tmp_path):
     assert ok.exit_code == 0, ok.output
 
 
+@pytest.mark.parametrize(
+    "command, flags",
+    [(train, TINY.replace("True", "False")), (train, TINY), (train_classifier, "--channel_mult 1,2")],
+    ids=["train", "train-class-cond", "train-classifier"],
+)
+def test_a_class_folder_that_cannot_be_listed_is_one_line(tmp_path, unlistable, command, flags):
+    """A class folder its user may not list was 'a class folder that holds no images' (class
+    labels) or its images were left out unseen (an unconditional run trained on the rest)."""
+    root = _folder(tmp_path)
+    unlistable(root / "b")
+    args = ["--data", str(root), "--image-size", "8", "--flags", flags, "--out", str(tmp_path / "run")]
+    r = CliRunner().invoke(command, [*args, "--max-steps", "1", "--skip-bad-images"])
+    _one_line(r, f"cannot list folder {root / 'b'}: Permission denied")
+    assert r.exit_code == 1 and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
 def test_skipped_images_are_said_once_per_job(tmp_path, monkeypatch, rank, said):
     """Every rank scans the data and said which images it skips (N copies of the line under

@@ -189,7 +189,7 @@ def image_files(root: Path) -> list[Path]:
     files = sorted(
         p
         for p in _walk(root)
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(p.relative_to(root))
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(p.relative_to(root)) and _is_file(p)
     )
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
@@ -199,9 +199,24 @@ def image_files(root: Path) -> list[Path]:
 def _walk(root: Path):
     """Every file under ``root``, through linked folders as guided-diffusion's listing goes (a class
     folder linked in from another disk is common; rglob passes it by, dropping the class unseen)."""
-    for folder, dirs, names in os.walk(root, followlinks=True):
+    for folder, dirs, names in os.walk(root, followlinks=True, onerror=_unlisted):
         dirs[:] = _entered(folder, dirs)
         yield from (Path(folder, name) for name in names)
+
+
+def _unlisted(error: OSError):
+    """os.walk's report of a folder it cannot list (its permissions): passed by silently, its
+    images were missing unseen and its class called one without images."""
+    raise DataError(f"cannot list folder {error.filename}: {error.strerror or error}")
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a file or a link to one; one line where its folder may be listed but
+    not entered (no x permission), which pathlib raises (a missing link target is no file)."""
+    try:
+        return path.is_file()
+    except OSError as e:
+        raise DataError(f"cannot read image {path}: {e.strerror or e}") from None
 
 
 def _entered(folder: str | Path, dirs: list[str]) -> list[str]:
@@ -213,7 +228,7 @@ def _entered(folder: str | Path, dirs: list[str]) -> list[str]:
 
 def _folders(root: Path) -> list[str]:
     """The folders directly in ``root`` that its listing reads (linked ones too, hidden ones not)."""
-    _, dirs, _ = next(os.walk(root, followlinks=True))
+    _, dirs, _ = next(os.walk(root, followlinks=True, onerror=_unlisted))
     return [d for d in _entered(root, dirs) if not _hidden(Path(d))]
 
 
