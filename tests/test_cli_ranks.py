@@ -5,6 +5,7 @@ nearest` split their features and score the same; an error one rank meets is eve
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -315,6 +316,100 @@ def test_an_error_one_rank_meets_is_every_ranks_line(tmp_path):
     assert "rank 1 bug: ValueError: boom" in output  # the bug keeps its own exception on its rank
     assert "rank 0 bug: RunError: rank 1 stopped on a bug (ValueError: boom)" in output
     assert "rank 0 gone: RunError: another rank stopped while testing (" in output  # no hang
+
+
+SCAN = """
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import fastdiff.training.data
+from fastdiff import distributed
+from fastdiff.runs import RunError, ranks
+from fastdiff.training.data import DataError, ImageFolderDataset
+
+ranks.join(torch.device("cpu"))
+me = distributed.rank()
+root = Path(sys.argv[1])
+read = []
+header = fastdiff.training.data.image_header
+fastdiff.training.data.image_header = lambda path: read.append(path) or header(path)
+
+
+def say(line):  # one write per line: the two ranks share the pipe
+    os.write(1, (line + "\\n").encode())
+
+
+for case in ("skip", "refuse", "differ", "gone"):
+    folder = root.with_name("more") if case == "differ" and me == 1 else root
+    if case == "gone" and me == 1:
+        os._exit(0)  # a rank that stopped before the scan (its own error is its line)
+    try:
+        ds = ImageFolderDataset(
+            folder, 8, skip_bad_images=case == "skip", mapper=functools.partial(ranks.mapped, "scanning")
+        )
+        say(f"rank {me} {case}: " + json.dumps(summary(ds)))
+        say(f"rank {me} {case}: read {len(read)} headers")
+    except (DataError, RunError) as e:
+        say(f"rank {me} {case}: {type(e).__name__}: {e}")
+"""
+
+
+def summary(ds) -> dict:
+    """What a folder's scan decides: the files, their labels and classes, and the notes."""
+    return {
+        "files": [str(p) for p in ds.files],
+        "labels": ds.labels.tolist(),
+        "classes": ds.class_names,
+        "empty": ds.empty_classes,
+        "skipped": [str(p) for p in ds.skipped],
+        "upscaled": ds.upscaled,
+        "transparent": ds.transparent,
+    }
+
+
+@pytest.mark.slow  # a torchrun job, as the other multi-process checks
+def test_two_ranks_share_a_folders_scan_and_hold_what_one_process_holds(tmp_path):
+    """Each rank read every image's header (N ranks, N times the reads of a folder); each reads its
+    block now and the ranks share them: the same files, labels, skipped images and notes as one
+    process, the same refusal on every rank for images only rank 1 read, and one line on every
+    rank where the ranks list other files or one stopped before the scan."""
+    from PIL import Image
+
+    from fastdiff.training.data import DataError, ImageFolderDataset
+
+    root = tmp_path / "data"
+    for c in ("a", "b", "c"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(root / c / f"{i}.png")
+    (root / "d").mkdir()  # a class folder without images
+    cut = root / "c" / "1.png"  # in rank 1's half, as every note below
+    cut.write_bytes(cut.read_bytes()[:-20])
+    (root / "c" / "2.png").write_bytes(b"not a png")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "c" / "3.png")  # upscaled
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(root / "b" / "3.png")  # transparent
+    shutil.copytree(root, tmp_path / "more")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "more" / "a" / "4.png")
+    one = summary(ImageFolderDataset(root, 8, skip_bad_images=True))
+    assert one["skipped"] and one["upscaled"] == one["transparent"] == 1 and one["empty"] == ["d"]
+    with pytest.raises(DataError) as refused:
+        ImageFolderDataset(root, 8)
+    (tmp_path / "scan.py").write_text(inspect.getsource(summary) + SCAN)  # not this module's imports
+    rc, output = torchrun(tmp_path, command=[str(tmp_path / "scan.py"), str(root)])
+    assert rc == 0, output[-3000:]
+    lines = set(output.splitlines())
+    for me in (0, 1):
+        assert f"rank {me} skip: " + json.dumps(one) in lines, output
+        assert f"rank {me} skip: read 6 headers" in lines, output  # of 12
+        assert f"rank {me} refuse: DataError: {refused.value}" in lines, output
+        differ = "rank 1 lists other files than rank 0 while scanning (13 against 12); every rank must"
+        assert f"rank {me} differ: RunError: {differ} see the same files" in lines, output
+    assert "rank 0 gone: RunError: another rank stopped while scanning (" in output  # no hang
 
 
 def test_ranks_on_one_machine_share_its_cores(monkeypatch):

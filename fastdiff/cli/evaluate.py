@@ -26,12 +26,16 @@ FEATURES = ("auto", "inception", "mnist")
 
 def load_images(spec: str, image_shape: tuple[int, int, int], split: str = "train"):
     """``mnist`` (its training or held-out split), an npz or an image folder -> uint8 NHWC array."""
+    import functools
+
     import numpy as np
 
+    from fastdiff.runs import ranks
     from fastdiff.training.data import ArrayDataset, load_dataset
 
     h, w, c = image_shape
-    ds = load_dataset(spec, image_size=h, channels=c, split=split, skip_option=None)
+    scan = functools.partial(ranks.mapped, f"scanning {spec}")  # the ranks share a folder's scan
+    ds = load_dataset(spec, image_size=h, channels=c, split=split, skip_option=None, mapper=scan)
     if isinstance(ds, ArrayDataset):
         images = ds.images
     else:  # uint8 filled image by image: a float copy of a whole folder is 4-8 bytes a pixel

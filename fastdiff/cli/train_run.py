@@ -6,6 +6,7 @@ when a command runs, so that the commands' --help imports no torch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from fastdiff.files import remove_temp_files
 from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.flags import FlagError, configs_from_flags, flags_of, parse_flags
 from fastdiff.models.presets import get_preset
+from fastdiff.runs import ranks
 from fastdiff.runs.device import check_ops_mode, resolve_device, usable_cores
 from fastdiff.runs.folder import exclusive_folder
 from fastdiff.training import (
@@ -73,7 +75,14 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, 
     if o["resume"]:
         check_resume_settings(config, kind)
     size = net.image_size if sized or Path(o["data"]).is_dir() else None
-    dataset = load_dataset(o["data"], size, channels=net.in_channels, skip_bad_images=o["skip_bad_images"])
+    ranks.join(resolve_device(o["device"]))  # before the data: the ranks share its scan
+    dataset = load_dataset(
+        o["data"],
+        size,
+        channels=net.in_channels,
+        skip_bad_images=o["skip_bad_images"],
+        mapper=functools.partial(ranks.mapped, "scanning --data"),
+    )
     _report_skipped(dataset)
     notes = []
     if size is not None and not sized:  # guided-diffusion's default size, whatever the images are
@@ -96,7 +105,7 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, 
 
 
 def _report_skipped(dataset) -> None:
-    """Rank 0's line: every rank scans the data (each needs it), before the process group is up."""
+    """Rank 0's line: every rank holds the scan's result (each needs the data)."""
     skipped = getattr(dataset, "skipped", ())
     if skipped and distributed.launched_rank() == 0:
         click.echo(f"skipping {len(skipped)} unreadable or corrupt image(s), e.g. {skipped[0]}", err=True)
@@ -191,7 +200,11 @@ def train_classifier(o: dict, val_data, eval_every) -> None:
         val = None
         if val_data:
             val = load_dataset(
-                val_data, dataset.image_size, channels=dataset.channels, skip_bad_images=o["skip_bad_images"]
+                val_data,
+                dataset.image_size,
+                channels=dataset.channels,
+                skip_bad_images=o["skip_bad_images"],
+                mapper=functools.partial(ranks.mapped, "scanning --val-data"),
             )
             _report_skipped(val)
             match_classes(val, dataset)

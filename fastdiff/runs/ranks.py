@@ -13,6 +13,7 @@ next collective. Without torchrun every helper here is a no-op.
 from __future__ import annotations
 
 import atexit
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
@@ -24,6 +25,7 @@ from fastdiff.config import error_line
 from fastdiff.runs.errors import RunError
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 def join(device: torch.device) -> torch.device:
@@ -107,6 +109,26 @@ def share(items: Sequence[T]) -> Sequence[T]:
     gives the one-process order."""
     rank, world = distributed.rank(), distributed.world_size()
     return items[rank * len(items) // world : (rank + 1) * len(items) // world]
+
+
+def mapped(what: str, fn: Callable[[T], U], items: Sequence[T]) -> list[U]:
+    """``[fn(x) for x in items]`` on every rank, each rank computing its block (``share``): the
+    ranks read an image folder's headers once, not once each. ``items`` must be every rank's
+    same list (a folder's listing; one node listing another is every rank's line); ``what``
+    names the phase, as ``agreed``'s."""
+    if not distributed.is_initialized():
+        return [fn(x) for x in items]
+    with agreed(what):  # a rank that stopped before (a folder one node lacks) or a bug in fn
+        done = [fn(x) for x in share(items)]
+        listing = hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()
+    parts = distributed.all_gather_objects((listing, len(items), done))
+    other = next((r for r, part in enumerate(parts) if part[0] != parts[0][0]), None)
+    if other is not None:  # the same line on every rank
+        raise RunError(
+            f"rank {other} lists other files than rank 0 while {what} ({parts[other][1]} against "
+            f"{parts[0][1]}); every rank must see the same files"
+        )
+    return [y for _, _, part in parts for y in part]
 
 
 def wait_for_all(what: str) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -99,9 +100,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         channels: int = 3,
         skip_bad_images: bool = False,
         skip_option: str | None = "--skip-bad-images",
+        mapper: Callable = map,
     ):
         """``skip_option``: the option of the command that skips bad images, named in the error
-        about one (None: the command has none, evaluate and nearest read every image)."""
+        about one (None: the command has none, evaluate and nearest read every image).
+        ``mapper(image_header, files)`` reads the images' headers: here (``map``), or each rank
+        its share, every rank getting all (``fastdiff.runs.ranks.mapped``)."""
         root = Path(root)
         self.fix = "remove it" + (f" or pass {skip_option}" if skip_option else "")
         files = image_files(root)
@@ -122,7 +126,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         # every class folder is a class, as torchvision's ImageFolder has it; one without images
         # would get no id (the folders after it taking its ids), so training refuses it (config.py)
         self.empty_classes = sorted(set(_folders(root)) - set(keys)) if nested else []
-        faults, sizes, alphas = zip(*map(image_header, files))
+        faults, sizes, alphas = zip(*mapper(image_header, files))
         bad = [i for i, fault in enumerate(faults) if fault is not None]
         if bad and not skip_bad_images:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -473,9 +477,10 @@ def load_dataset(
     split: str = "train",
     skip_bad_images: bool = False,
     skip_option: str | None = "--skip-bad-images",
+    mapper: Callable = map,
 ):
     """``mnist`` | a ``.npz`` file | an image folder -> dataset with ``image_size``/``num_classes``;
-    ``skip_option`` as ImageFolderDataset's."""
+    ``skip_option`` and ``mapper`` as ImageFolderDataset's."""
     if spec == "mnist":
         ds = get_mnist(split)
     elif str(spec).endswith(".npz"):
@@ -485,7 +490,7 @@ def load_dataset(
     elif Path(spec).is_dir():
         if image_size is None:
             raise DataError("an image folder needs an image size")
-        return ImageFolderDataset(spec, image_size, channels, skip_bad_images, skip_option)
+        return ImageFolderDataset(spec, image_size, channels, skip_bad_images, skip_option, mapper)
     else:
         raise DataError(f"--data must be 'mnist', a .npz file or an image folder; {spec!r} is none of these")
     if image_size is not None and ds.image_size != image_size:
