@@ -232,6 +232,45 @@ def test_an_image_rank_1_cannot_decode_mid_run_ends_both_ranks_and_the_run_resum
     assert_same_inversion(tmp_path / "one", out)
 
 
+COUNTED_INVERT = """
+import os
+import sys
+
+import fastdiff.runs.invert
+from fastdiff.cli.main import main
+
+header = fastdiff.runs.invert.image_header
+
+
+def counted(path):
+    os.write(1, f"rank {os.environ['RANK']} reads {path.name}\\n".encode())
+    return header(path)
+
+
+fastdiff.runs.invert.image_header = counted
+main(["invert", sys.argv[1], "--steps", "2", "--out", sys.argv[2]])
+"""
+
+
+@pytest.mark.slow  # a torchrun job, as the other multi-process checks
+def test_invert_checks_each_image_once_over_the_ranks_and_a_cut_one_is_every_ranks_line(reference, tmp_path):
+    """Each rank read every image's header before the work (N ranks, N reads of each); each
+    reads its block now, and a cut image that rank 1 alone reads is both ranks' line."""
+    (tmp_path / "images").mkdir()
+    for image in sorted((reference / "images").iterdir())[:4]:
+        shutil.copy(image, tmp_path / "images")
+    names = sorted(p.name for p in (tmp_path / "images").iterdir())
+    cut = tmp_path / "images" / names[-1]
+    cut.write_bytes(cut.read_bytes()[:-20])
+    (tmp_path / "invert.py").write_text(COUNTED_INVERT)
+    out = tmp_path / "inv"
+    rc, output = torchrun(tmp_path, command=[str(tmp_path / "invert.py"), str(tmp_path / "images"), str(out)])
+    reads = sorted(line for line in output.splitlines() if " reads " in line)
+    assert reads == [f"rank {r} reads {name}" for r, name in zip((0, 0, 1, 1), names)], output[-3000:]
+    assert rc != 0 and output.count(f"Error: corrupt or truncated image {cut}") == 2, output[-3000:]
+    assert "fastdiff/" not in output and not out.exists()
+
+
 FAILING_EXPORT = """
 import sys
 

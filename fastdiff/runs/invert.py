@@ -151,15 +151,13 @@ def _image_paths(args: list[Path]) -> list[tuple[Path, Path | None]]:
 
 def _scanned(paths: list[Path], size: int) -> tuple[list[bool], list[bool]]:
     """Whether each image is resized to ``size`` and whether it has transparency, from its header
-    (training's scan): every image is checked before the work, and decoded only in its batch."""
-    resized, alphas = [], []
-    for path in paths:
-        fault, dims, alpha = image_header(path)
-        if fault is not None:
-            raise RunError(fault)
-        resized.append(dims != (size, size))
-        alphas.append(alpha)
-    return resized, alphas
+    (training's scan): every image is checked before the work, and decoded only in its batch.
+    Under torchrun each rank reads its block of the headers and every rank gets them all."""
+    headers = ranks.mapped("checking the images", image_header, paths)
+    fault = next((fault for fault, _, _ in headers if fault is not None), None)
+    if fault is not None:
+        raise RunError(fault)
+    return [dims != (size, size) for _, dims, _ in headers], [alpha for _, _, alpha in headers]
 
 
 def _read_image(path: Path, loaded: LoadedModel) -> np.ndarray:
@@ -474,8 +472,8 @@ def invert_images(
     paths = [p for p, _ in images]
     loaded, sampler, dev, respacing = setup(options)
     size, n = loaded.image_size, len(paths)
-    with ranks.agreed("checking the images"):  # an image one node lacks stops every rank
-        resized, alphas = _scanned(paths, size)
+    resized, alphas = _scanned(paths, size)  # a collective: before the agreed phase
+    with ranks.agreed("checking the classes"):
         labels = _labels(images, classes, loaded)
         to_class = _check_class(loaded, to_class, "--to-class")
     plan = InversionPlan(
