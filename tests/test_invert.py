@@ -455,7 +455,7 @@ def test_each_images_class_comes_from_the_training_layout_its_weights_name(tmp_p
     loaded = SimpleNamespace(class_cond=True, class_names=["cat", "dog"], num_real_classes=2)
 
     def labels(*paths, classes=None):
-        return _labels(_image_paths([tmp_path / p for p in paths]), classes, loaded)
+        return _labels(_image_paths([tmp_path / p for p in paths], tmp_path / "inv"), classes, loaded)
 
     assert labels("data") == [0, 1, 1]
     assert labels("data/cat", "data/dog/b.png", "flat") == [0, 1, 1, 1]
@@ -762,6 +762,32 @@ def test_a_resume_refuses_an_image_changed_since_its_batch_was_inverted(inverted
         f"Error: {image} is not the image {npz} was inverted from; restore it, or delete that file "
         "and run again with --resume to invert its batch again\n"
     ), r.output
+
+
+def test_a_run_whose_out_is_inside_its_image_folder_resumes(inverted, uninterrupted, tmp_path):
+    """`invert data/ --out data/inv` killed after a batch: its resume read the run's own
+    reconstructed PNGs under data/ as images to invert too (here one line asking for their
+    classes, with --classes a run that differs in its images). The run's folder is not read for
+    images now, so the resume makes what an uninterrupted run makes; a folder of --out's own is
+    refused by the folder's check as before, and a folder holding nothing else is one line."""
+    _, images, _ = inverted
+    data = tmp_path / "data"
+    data.mkdir()
+    for image in images:
+        shutil.copy(image, data)
+    args = _killed_run([data], data / "inv")
+    r = cli(*args, "--resume")
+    assert r.exit_code == 0 and "inverted 2 images (1 already there)" in r.output, r.output
+    latents = (data / "inv" / "latents.npz").read_bytes()
+    assert latents == (uninterrupted / "latents.npz").read_bytes()
+    r = cli("invert", data / "inv" / "reconstructed", "--classes", 3, "--steps", 2, "--out", data / "inv")
+    line = f"Error: {data / 'inv'} already holds a sampling run; pass --resume or choose another --out\n"
+    assert r.exit_code == 1 and r.output == line, r.output
+    for image in data.glob("*.png"):
+        image.rename(data / "inv" / image.name)
+    r = cli("invert", data, "--steps", 2, "--out", data / "inv", "--resume")
+    line = f"Error: no images found under {data} outside --out {data / 'inv'}\n"
+    assert r.exit_code == 1 and r.output == line, r.output
 
 
 def test_a_failed_write_keeps_the_complete_batches_for_resume(inverted, uninterrupted, tmp_path, monkeypatch):

@@ -60,8 +60,8 @@ def invert_command(images, out, resume, classes, to_class, batch_size, **model):
     """DDIM-invert IMAGES to latents x_T (reconstruction PSNR); --to-class edits their class.
 
     IMAGES are files or folders, read as `fastdiff train` reads its --data: a folder's images
-    recursively, any size resized and center-cropped to the model's (as training does, noted
-    once), any mode converted to its channels.
+    recursively (not those in --out), any size resized and center-cropped to the model's (as
+    training does, noted once), any mode converted to its channels.
 
     Writes latents.npz (arr_0 x_T float32 NCHW, arr_1 labels, respacing, cfg_scale where given;
     `fastdiff interpolate` reads it),

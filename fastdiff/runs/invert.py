@@ -132,16 +132,25 @@ def _check_class(loaded: LoadedModel, label: int | str | None, what: str) -> int
     return label
 
 
-def _image_paths(args: list[Path]) -> list[tuple[Path, Path | None]]:
+def _image_paths(args: list[Path], out: Path) -> list[tuple[Path, Path | None]]:
     """Each image with the folder argument it was found in (None for a file given itself): a
-    folder gives its images recursively, as training reads its --data folder."""
+    folder gives its images recursively, as training reads its --data folder, but for those in
+    ``out``, the run's own PNGs (a resume of ``invert data/ --out data/inv`` took them for
+    images to invert, and refused the run as another); a folder in ``out`` is left to the
+    folder's check (``invert run/images --out run``: a folder holding a run)."""
+    own = os.path.realpath(out)
     found = []
     for p in args:
         if p.is_dir():
             try:
-                found += [(f, p) for f in image_files(p)]
+                files = image_files(p)
             except DataError as e:
                 raise RunError(str(e)) from None
+            if os.path.commonpath([own, os.path.realpath(p)]) != own:  # not a folder of --out's
+                files = [f for f in files if os.path.commonpath([own, os.path.realpath(f)]) != own]
+            if not files:
+                raise RunError(f"no images found under {p} outside --out {out}")
+            found += [(f, p) for f in files]
         elif p.is_file():
             found.append((p, None))
         else:
@@ -468,7 +477,8 @@ def invert_images(
         )
     if batch_size < 1:
         raise RunError(f"--batch-size must be >= 1, got {batch_size}")
-    images, out = _image_paths([Path(p) for p in paths]), Path(out)
+    out = Path(out)
+    images = _image_paths([Path(p) for p in paths], out)
     paths = [p for p, _ in images]
     loaded, sampler, dev, respacing = setup(options)
     size, n = loaded.image_size, len(paths)
