@@ -733,17 +733,20 @@ def test_a_resume_refuses_another_run(killed, tmp_path, change, message):
 
 def test_neither_command_resumes_the_others_folder(inverted, killed, tmp_path):
     """Neither command continues the other's folder, even where the settings they share agree
-    (an inversion's batch files hold uint8 images as a sampling run's do): run.json names it."""
+    (an inversion's batch files hold uint8 images as a sampling run's do): run.json names it,
+    and without --resume the line does not tell the user to pass it (it would only be refused)."""
     d, images, _ = inverted
     shutil.copytree(killed[0], tmp_path / "inv")
     shutil.copytree(d / "samples", tmp_path / "samples")
-    r = cli("sample", "--no-progress", "--num-samples", 2, "--steps", 2, "--batch-size", 1,
-            "--classifier-scale", 0, "--resume", "--out", tmp_path / "inv")  # fmt: skip
-    line = f"Error: --resume: {tmp_path / 'inv'} holds an inversion (fastdiff invert), not this command's run"
-    assert r.exit_code == 1 and r.output.startswith(line), r.output
-    r = cli("invert", *images, "--steps", 10, "--resume", "--out", tmp_path / "samples")
-    line = f"Error: --resume: {tmp_path / 'samples'} holds a sampling run, not this command's run"
-    assert r.exit_code == 1 and r.output.startswith(line), r.output
+    sample = ["sample", "--no-progress", "--num-samples", 2, "--steps", 2, "--batch-size", 1,
+              "--classifier-scale", 0]  # fmt: skip
+    for resume in ([], ["--resume"]):
+        r = cli(*sample, *resume, "--out", tmp_path / "inv")
+        line = f"Error: {tmp_path / 'inv'} holds an inversion (fastdiff invert), not a run this command"
+        assert r.exit_code == 1 and r.output.startswith(line) and r.output.count("\n") == 1, r.output
+        r = cli("invert", *images, "--steps", 10, *resume, "--out", tmp_path / "samples")
+        line = f"Error: {tmp_path / 'samples'} holds a sampling run, not a run this command"
+        assert r.exit_code == 1 and r.output.startswith(line) and r.output.count("\n") == 1, r.output
 
 
 def test_a_resume_refuses_an_image_changed_since_its_batch_was_inverted(inverted, tmp_path):

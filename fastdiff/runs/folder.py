@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -106,25 +107,46 @@ def shared_folder(out: Path, names: list[str]) -> Iterator[None]:
 
 
 @contextmanager
-def locked_run_folder(out: Path, resume: bool = False, *, holder: str = "fastdiff sample") -> Iterator[None]:
+def locked_run_folder(
+    out: Path, resume: bool = False, *, holder: str = "fastdiff sample", command: str = "sample"
+) -> Iterator[None]:
     """Hold ``out`` under an exclusive lock for the whole run; refuse a folder that is not ours.
 
-    Only a folder holding a run's RUN_FILE is continued, and only with ``resume``; any other
-    non-empty folder is refused, so two runs' files never mix. A folder this call created
+    Only a folder holding a RUN_FILE that ``command``'s runs write ("sample": sample's and
+    upsample's; "invert") is continued, and only with ``resume``; any other non-empty folder is
+    refused, so two runs' files never mix. A folder this call created
     is removed again if the run fails before writing anything. Under torchrun rank 0 holds the
     lock and the other ranks share its verdict.
     """
     with ExitStack() as held:
         with ranks.agreed("checking --out"):
             if distributed.is_main():
-                held.enter_context(_own_run_folder(out, resume, holder))
+                held.enter_context(_own_run_folder(out, resume, holder, command))
         yield
 
 
-def _check_ours(out: Path, resume: bool) -> None:
-    """RunError unless ``out`` is empty (but for the lock and temp files) or holds a run's
-    RUN_FILE and ``resume`` says to continue it."""
+def _recorded_command(run_file: Path) -> str:
+    """The command whose run ``run_file`` records: an inversion's names itself, a sampling or
+    upsampling run's names none; an unreadable one is left to the resume's own check."""
+    try:
+        record = json.loads(run_file.read_text())
+    except (OSError, ValueError):
+        return "sample"
+    return str(record.get("command", "sample")) if isinstance(record, dict) else "sample"
+
+
+_RUNS = {"sample": "a sampling run", "invert": "an inversion (fastdiff invert)"}
+
+
+def _check_ours(out: Path, resume: bool, command: str) -> None:
+    """RunError unless ``out`` is empty (but for the lock and temp files) or holds a run of
+    ``command``'s and ``resume`` says to continue it: neither sample nor invert continues the
+    other's folder, and neither tells the user to --resume the other's."""
     if (out / RUN_FILE).is_file():
+        made = _recorded_command(out / RUN_FILE)
+        if made != command:
+            kind = _RUNS.get(made, f"a run of fastdiff {made}")
+            raise RunError(f"{out} holds {kind}, not a run this command continues; choose another --out")
         if not resume:
             raise RunError(f"{out} already holds a sampling run; pass --resume or choose another --out")
     elif any(p.name != LOCK and not is_temp_file(p) for p in out.iterdir()):
@@ -133,15 +155,15 @@ def _check_ours(out: Path, resume: bool) -> None:
 
 
 @contextmanager
-def _own_run_folder(out: Path, resume: bool, holder: str) -> Iterator[None]:
+def _own_run_folder(out: Path, resume: bool, holder: str, command: str) -> Iterator[None]:
     created = not out.exists()
     if out.is_dir() and not (out / LOCK).exists():
         # a folder no fastdiff command ever held (a project folder, the cwd): refused before the
         # lock, which would stay behind in it; under the lock the check is made again
-        _check_ours(out, resume)
+        _check_ours(out, resume, command)
     with exclusive_folder(out, holder):
         try:
-            _check_ours(out, resume)
+            _check_ours(out, resume, command)
             for folder in (out, *(out / name for name in (IMAGES, BATCHES, RECONSTRUCTED, EDITED))):
                 remove_temp_files(folder)  # the lock guarantees no writer of ours is running
             yield

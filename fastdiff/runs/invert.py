@@ -524,7 +524,7 @@ def invert_images(
             with np.load(batch_npz(out, b)) as z:
                 _inputs(paths, batches[b][0], z["digests"].tolist(), batch_npz(out, b), loaded)
 
-    with locked_run_folder(out, resume, holder="fastdiff invert"):
+    with locked_run_folder(out, resume, holder="fastdiff invert", command="invert"):
         if distributed.is_main():  # notes, once, as training's
             if any(resized):
                 print(

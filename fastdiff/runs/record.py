@@ -117,10 +117,6 @@ def complete_batches(out: Path, batches: list[tuple[int, int]], plan: Plan, imag
 def check_resumable(out: Path, record: dict) -> dict:
     """The run.json in ``out``, refused in one line unless ``record`` continues it; returns it."""
     old = read_run(out / RUN_FILE)
-    made = old.get("command", "sample")  # a sampling run's record names no command
-    if made != record.get("command", "sample"):
-        kind = "an inversion (fastdiff invert)" if made == "invert" else "a sampling run"
-        raise RunError(f"--resume: {out} holds {kind}, not this command's run; choose another --out")
     diff = differences(old, record)
     if diff:
         raise RunError(f"--resume: this run differs from the one in {out} in: {', '.join(diff)}")
