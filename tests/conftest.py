@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -14,6 +15,12 @@ import torch
 _THREADS = os.environ.get("FASTDIFF_TEST_THREADS", "1")
 os.environ["OMP_NUM_THREADS"] = _THREADS
 torch.set_num_threads(int(_THREADS))
+
+# The Ctrl-C tests (CLIs they start, training in this process) need SIGINT's default handling:
+# a runner started with SIGINT ignored, as a script's background job (`cmd &`, nohup) is, passed
+# that on to every process here, and each rightly ignored Ctrl-C (exit 0 for 130, a 60 s hang).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 VECTORS = Path(os.environ.get("FASTDIFF_VECTORS", REPO.parent / "shared" / "vectors"))

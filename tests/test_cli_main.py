@@ -6,6 +6,7 @@ import io
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -95,6 +96,30 @@ def test_ctrl_c_while_numpy_loads_is_an_interrupt():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert (r.returncode, r.stdout, r.stderr) == (130, "", "interrupted\n")
+
+
+def test_the_suite_takes_ctrl_c_when_its_runner_ignores_it():
+    """A runner started as a script's background job (`cmd &`, nohup) ignores SIGINT, and so did
+    the suite and every CLI it started: the Ctrl-C tests failed there (exit 0, or a 60 s wait).
+    conftest gives the suite SIGINT's default handling back, which the CLIs then inherit."""
+    import signal
+
+    code = (
+        "import signal, subprocess, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import conftest\n"
+        "child = 'import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)'\n"
+        "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+        "sys.stdout.flush()\n"
+        "subprocess.run([sys.executable, '-c', child], check=True)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert (r.returncode, r.stdout) == (0, "True\nTrue\n"), r.stderr[-3000:]
 
 
 def test_usage_errors_are_one_line_exit_2():
