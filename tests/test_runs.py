@@ -251,6 +251,8 @@ def test_rank_0_builds_a_cached_engine_before_the_others_go_on(tmp_path, monkeyp
 
     monkeypatch.setitem(engines.ENGINES, "onnx", onnx)
     monkeypatch.setattr(distributed, "gather_objects", gathered)
+    # the run checks it can write to the ONNX cache: the user's (~/.cache) failed where HOME is read-only
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
     _two_ranks(monkeypatch, 0, events)
     with pytest.raises(_Stop):
         if command == "sample":
