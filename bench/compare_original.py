@@ -219,8 +219,8 @@ def main(argv=None) -> None:
             + ("same" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}")
             + " |"
         )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(stem.with_suffix(".md").read_text())
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(stem.with_suffix(".md").read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":

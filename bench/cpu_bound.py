@@ -158,7 +158,7 @@ def main() -> None:
         f"- import torch: {import_s:.2f} s; so guided DDIM-25 end to end takes at least "
         f"{result['bound_e2e_s']:.2f} s on {args.threads} thread(s)",
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 

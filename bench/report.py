@@ -401,7 +401,7 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
 def render(report: dict, json_path: Path) -> list[Path]:
     """Write the report's markdown (and plot, where matplotlib is installed) beside its JSON."""
     md_path, png_path = json_path.with_suffix(".md"), json_path.with_suffix(".png")
-    md_path.write_text(markdown(report))
+    md_path.write_text(markdown(report), encoding="utf-8")  # its dashes, whatever the locale
     gpu = report["device"].get("gpu_name") or "CPU"
     has_plot = plot(report["rows"], png_path, f"fastdiff speedups, {gpu} ({report['date']})")
     return [md_path] + ([png_path] if has_plot else [])
@@ -411,7 +411,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("report", type=Path, help="a <stem>.json that bench/run_gpu.py wrote")
     args = p.parse_args(argv)
-    report = json.loads(args.report.read_text())
+    report = json.loads(args.report.read_text(encoding="utf-8"))
     report["summary"] = summarise(report["rows"])  # the judging as it stands now
     print("wrote " + ", ".join(str(f) for f in render(report, args.report)))
     return 0

@@ -34,7 +34,7 @@ from fastdiff.runs.loading import load_diffusion_model  # noqa: E402
 
 
 def _write(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _write_json(path: Path, obj) -> None:

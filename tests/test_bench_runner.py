@@ -80,6 +80,19 @@ def test_report_command_runs_as_written(monkeypatch):
     assert words[words.index("python") + 1 :] == argv
 
 
+def test_report_renders_under_an_ascii_locale(tmp_path):
+    """A report's markdown (its dashes for missing values) is UTF-8 whatever the locale: under
+    LC_ALL=C without Python's UTF-8 mode, rendering a committed report raised UnicodeEncodeError."""
+    record = tmp_path / "r.json"
+    record.write_bytes((REPO / "bench/results/2026-12-06-cpu-sampling-1thread.json").read_bytes())
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONPATH": str(REPO)}
+    r = subprocess.run(
+        [sys.executable, "bench/report.py", str(record)], cwd=REPO, env=env, capture_output=True
+    )
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert "\u2014" in record.with_suffix(".md").read_text(encoding="utf-8")
+
+
 @pytest.mark.parametrize(
     "option",
     [["--threads", "abc"], ["--threads", "0"], ["--rounds", "0"], ["--engines", "x"], ["--busy", "-1"]],
