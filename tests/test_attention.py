@@ -209,6 +209,25 @@ def test_16_bit_forward_at_head_dims_under_32_off_16_takes_8_warps(monkeypatch):
         assert tk._config("fwd", 16, 1024, dtype) == tk._config("fwd", 32, 1024, dtype) == (128, 64, 4, 3)
 
 
+def test_16_bit_forward_half_rows_at_d_32_and_t_33_to_63_take_32_keys(monkeypatch):
+    """The 16-bit forward's half-rows alternative at d = 32 (and 16), T = 33..63 not a multiple of 16
+    takes 32 keys per step with its 32 rows (32 x 64 spilled 16 B on sm_90 with triton 3.6; offline
+    compile); the default, the 8-warp alternative, aligned and longer T, 8-warp d = 24 and dQ keep
+    their tiles."""
+    pytest.importorskip("triton")
+    from fastdiff.ops.attention import triton_kernel as tk
+
+    monkeypatch.setattr(tk, "triton_interpret", lambda: False)
+    for dtype, head_dim in itertools.product((torch.float16, torch.bfloat16), (16, 32)):
+        for length in (33, 36, 47, 63):
+            got = tk.candidates("fwd", head_dim, length, dtype)
+            assert got == [(64, 64, 4, 3), (32, 32, 4, 3), (64, 64, 8, 3)], (dtype, head_dim, length)
+        assert tk.candidates("fwd", head_dim, 48, dtype) == [(64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3)]
+        assert tk.candidates("fwd", head_dim, 65, dtype)[1] == (64, 64, 4, 3)
+        assert tk.candidates("dq", head_dim, 36, dtype)[1] == (32, 64, 4, 2)
+        assert tk.candidates("fwd", 24, 36, dtype)[1] == (32, 64, 8, 3)
+
+
 def test_fp32_dq_up_to_32_channels_at_an_unaligned_t_runs_one_stage(monkeypatch):
     """fp32 dQ at head dims up to 32 with T not a multiple of 16 takes one stage (two spilled 8 B on
     sm_90 at d = 32, T = 17..1025, with triton 3.6; offline compile), except at T up to 16, whose

@@ -112,6 +112,12 @@ _SHORT = {
 # T up to 32 shrinks the tiles to 16 or 32 rows, where a 4-warp default's 8-warp alternative
 # spills (16-bit dK/dV at d = 8 and dQ at d = 24, T = 17, on sm_90 with triton 3.6): not offered
 _FEW_ROWS = 32
+# T or d not a multiple of 16: half-rows alternatives that spill, by (kernel, fp32?, BLOCK_D) and
+# tile, and the tile offered instead (the 16-bit forward at d = 32 and 16, T = 33..63: 32 rows by
+# 64 keys spilled 16 B on sm_90 at d = 32 with triton 3.6; by 32 keys, none)
+_UNALIGNED_HALF_ROWS = {
+    ("fwd", False, 32, (32, 64, 4, 3)): (32, 32, 4, 3),
+}
 
 
 def _unaligned(head_dim: int, length: int) -> bool:
@@ -119,6 +125,11 @@ def _unaligned(head_dim: int, length: int) -> bool:
     not 64 channels (d = 40 or 48 keep the aligned tiles: the 64-channel unaligned ones, tuned for
     T = 65 at d = 64, spill 16 B in fp32 dQ on sm_90 there, the aligned ones none)."""
     return bool(length % 16 or (head_dim % 16 and max(32, triton.next_power_of_2(head_dim)) != 64))
+
+
+def _key(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple:
+    """The tile tables' key: (kernel, fp32?, head dim padded to a power of two of at least 32)."""
+    return kernel, dtype == torch.float32, max(32, triton.next_power_of_2(head_dim))  # d <= 256: function.py
 
 
 _CHOICES = Choices("attention")  # "gpu|kernel|dtype|d|T" -> [BLOCK_M, BLOCK_N, num_warps, num_stages]
@@ -130,7 +141,7 @@ def _config(kernel: str, head_dim: int, length: int, dtype: torch.dtype):
     dtype and T, its blocks no longer than T needs (T=64 does not run half-masked 128-row tiles)."""
     if triton_interpret():
         return 32, 32, 1, 1
-    key = (kernel, dtype == torch.float32, max(32, triton.next_power_of_2(head_dim)))  # d <= 256: function.py
+    key = _key(kernel, head_dim, dtype)
     unaligned = _unaligned(head_dim, length)
     fit = max(16, triton.next_power_of_2(length))
     tables = [_SHORT] if fit == 16 else []
@@ -146,7 +157,8 @@ def candidates(kernel: str, head_dim: int, length: int, dtype: torch.dtype) -> l
     fewer: the defaults' warp counts keep their registers from spilling; never for T up to
     ``_FEW_ROWS``, whose small tiles spill with 8) and, for the 16-bit
     forward and dQ up to head dim 128, half the query rows per program (twice the programs for
-    small grids; dK/dV, fp32 and d=256 tiles spill when halved, with triton 3.9's ptxas or 3.6's).
+    small grids; dK/dV, fp32 and d=256 tiles spill when halved, with triton 3.9's ptxas or 3.6's;
+    ``_UNALIGNED_HALF_ROWS`` reshapes the halved tiles that spill).
     fp32 at head dim > 128 keeps its one tile (the only one found without spills).
     .ci/check_triton_compile.py compiles every one of them."""
     default = _config(kernel, head_dim, length, dtype)
@@ -155,7 +167,10 @@ def candidates(kernel: str, head_dim: int, length: int, dtype: torch.dtype) -> l
     block_m, block_n, warps, stages = default
     options = [default] + ([(block_m, block_n, 8, stages)] if length > _FEW_ROWS else [])
     if kernel != "dkdv" and dtype != torch.float32 and head_dim <= 128 and block_m >= 32:
-        options.insert(1, (block_m // 2, block_n, warps, stages))
+        half = (block_m // 2, block_n, warps, stages)
+        if _unaligned(head_dim, length):
+            half = _UNALIGNED_HALF_ROWS.get((*_key(kernel, head_dim, dtype), half), half)
+        options.insert(1, half)
     return list(dict.fromkeys(options))
 
 
