@@ -1,5 +1,6 @@
 """Networks and processes for tests, from guided-diffusion flags (the form the reference cases
-and most tests describe models in) or DiffusionConfig keywords; and the ops tests' torch.func check."""
+and most tests describe models in) or DiffusionConfig keywords; and the ops tests' accuracy and
+torch.func checks."""
 
 from __future__ import annotations
 
@@ -60,3 +61,20 @@ def compiled_call_targets(fn, *args):
         return gm.forward
 
     return torch.compile(fn, backend=record, fullgraph=True, dynamic=False)(*args), targets
+
+
+def assert_close_to_reference(out, ref64, ref_lp, factor: float, floor_ulps: float, what: str = ""):
+    """A kernel's result against the float64 reference, within a few times the low-precision
+    reference's own error on the same inputs, and never below a floor of ulps at the result's scale:
+    |out - ref64| <= max(factor * |ref_lp - ref64|, floor_ulps * eps(dtype) * max(1, |ref64|)).
+    The floor is the rounding the kernel pays whatever the reference's luck (its max error on one
+    input varies several-fold from seed to seed)."""
+    assert out.shape == ref64.shape, what
+    assert torch.isfinite(out).all(), f"{what}: non-finite (unwritten?) elements"
+    scale = max(1.0, ref64.abs().max().item())
+    tol = max(
+        factor * (ref_lp.double() - ref64).abs().max().item(),
+        floor_ulps * torch.finfo(ref_lp.dtype).eps * scale,
+    )
+    err = (out.double() - ref64).abs().max().item()
+    assert err <= tol, f"{what}: max err {err:.3g} > tol {tol:.3g}"

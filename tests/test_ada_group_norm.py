@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import compiled_call_targets, func_grad_and_autograd
+from builders import assert_close_to_reference, compiled_call_targets, func_grad_and_autograd
 from torch import nn
 
 from fastdiff.ops._backend import triton_interpret
@@ -81,19 +81,6 @@ def to64(ts):
     return [None if t is None else t.double() for t in ts]
 
 
-def check(out, ref64, ref_lp, factor=3.0, floor_ulps=1.0, what=""):
-    """|out - ref64| <= max(factor * |ref_lp - ref64|, floor_ulps * eps(dtype) * max(1, |ref64|))."""
-    assert out.shape == ref64.shape, what
-    assert torch.isfinite(out).all(), f"{what}: non-finite (unwritten?) elements"
-    scale = max(1.0, ref64.abs().max().item())
-    tol = max(
-        factor * (ref_lp.double() - ref64).abs().max().item(),
-        floor_ulps * torch.finfo(ref_lp.dtype).eps * scale,
-    )
-    err = (out.double() - ref64).abs().max().item()
-    assert err <= tol, f"{what}: max err {err:.3g} > tol {tol:.3g}"
-
-
 def ref_grads(inputs, groups, act, dy):
     """Autograd grads through the reference chain (x, w, b, scale, shift; None where absent)."""
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
@@ -115,7 +102,7 @@ def check_kernel(mod, inputs, groups, act, what, num_chunks=None, grads=True, fa
     dy = torch.randn(x.shape, device=x.device).to(x.dtype)
     y64, g64 = ref_grads(to64(inputs), groups, act, dy.double())
     ylp, glp = ref_grads(inputs, groups, act, dy)
-    check(y, y64, ylp, factor, what=f"{what} y")
+    assert_close_to_reference(y, y64, ylp, factor, floor_ulps=1.0, what=f"{what} y")
     if not grads:
         return
     got = mod.backward(dy, x, groups, *inputs[1:], mean, rstd, act, num_chunks=num_chunks)
@@ -126,7 +113,7 @@ def check_kernel(mod, inputs, groups, act, what, num_chunks=None, grads=True, fa
             continue
         assert g.dtype == t.dtype and g.shape == t.shape, name
         # fp32 sums over many elements: allow a floor relative to the summed magnitudes
-        check(g, r64_, rlp, factor, floor_ulps=8.0, what=f"{what} {name}")
+        assert_close_to_reference(g, r64_, rlp, factor, floor_ulps=8.0, what=f"{what} {name}")
     # by x alone (classifier guidance): the same dx, no parameter grads
     alone = mod.backward(
         dy, x, groups, *inputs[1:], mean, rstd, act, param_grads=False, num_chunks=num_chunks
