@@ -54,6 +54,7 @@ USER_ATTENTION = {
     ("attn", (3 * 2 * 24, 65), 2, "legacy"): {"user: d=24 at 8x8+1"},
     ("attn", (3 * 40, 65), 1, "new"): {"user: d=40 at 8x8+1"},
     ("attn", (3 * 80, 9), 1, "new"): {"user: d=80 at 3x3"},
+    ("attn", (3 * 32, 36), 1, "new"): {"user: d=32 at 6x6"},
 }
 
 
