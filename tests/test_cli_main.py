@@ -337,6 +337,20 @@ def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
     assert (home / "s" / "samples_1x32x32x1.npz").exists() and not (work / "~").exists()
 
 
+def test_a_sigterm_the_caller_ignores_stays_ignored(tmp_path):
+    """A process started with SIGTERM ignored (a wrapper handling it itself) kept running on it
+    in the training loop, but the command group put its own handler in: one SIGTERM ended it."""
+    import signal
+
+    script = tmp_path / "show.py"
+    script.write_text("import signal\nprint(signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)\n")
+    entry = [sys.executable, "-m", "fastdiff.cli.gd_run", str(script)]
+    for ignored in (True, False):
+        start = (lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN)) if ignored else None
+        r = subprocess.run(entry, capture_output=True, text=True, preexec_fn=start, timeout=120)
+        assert (r.returncode, r.stdout) == (0, f"{ignored}\n"), r.stderr[-2000:]
+
+
 def test_gd_runs_own_entry_point_ends_as_the_group_does(tmp_path):
     """`python -m fastdiff.cli.gd_run` (README's torchrun form) ran the command without the group:
     SIGTERM killed it with no clean-up, Ctrl-C was 'Aborted!' and exit 1, a bad option click's

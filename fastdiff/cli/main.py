@@ -74,7 +74,10 @@ class LazyGroup(click.Group):
     def invoke(self, ctx):
         # signal handlers belong to the main thread (a caller's thread keeps SIGTERM's default)
         main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+        # a SIGTERM the caller ignores (a wrapper that handles it itself) stays ignored, as the
+        # training loop keeps it
+        ours = main_thread and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+        previous = signal.signal(signal.SIGTERM, _terminate) if ours else None
         try:
             return super().invoke(ctx)
         except RunError as e:
