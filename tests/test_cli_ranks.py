@@ -276,7 +276,6 @@ import sys
 
 import fastdiff.export
 from fastdiff.cli.main import main
-from tests.test_invert import assert_same_inversion
 from fastdiff.export import ExportError
 
 
