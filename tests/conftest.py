@@ -102,6 +102,29 @@ def _seed():
     torch.manual_seed(0)
 
 
+def _tf32_policy() -> tuple[bool, bool]:
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 as fp32 on CUDA, whose convs default to TF32 (a 10-bit mantissa: fp16's error, which
+    an fp32 tolerance is not for); the process's policy is restored afterwards."""
+    before = _tf32_policy()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.fixture(autouse=True)
+def _tf32_unchanged():
+    """A test that leaves the TF32 policy changed fails: it held for every later test in the
+    process (the nccl test's in-process samples against a fresh process's, byte for byte)."""
+    before = _tf32_policy()
+    yield
+    assert _tf32_policy() == before, "the test changed the TF32 policy: use the no_tf32 fixture"
+
+
 @pytest.fixture(autouse=True)
 def _fresh_compat_logger():
     """guided-diffusion's logger is process-global and may hold a test's captured stdout: each test

@@ -417,9 +417,7 @@ def test_parallel_engine_keeps_the_callers_autocast(workers=2):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("engine", ["graph", "graph-loop", "compile"])
-def test_gpu_engines_match_eager(engine):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def test_gpu_engines_match_eager(engine, no_tf32):
     _engine_matches_eager(engine, "cuda")
 
 

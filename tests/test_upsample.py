@@ -115,9 +115,7 @@ def _engine_upsamples_as_eager(engine, device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("engine", ["graph", "compile"])
-def test_gpu_engines_upsample_as_eager(engine):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def test_gpu_engines_upsample_as_eager(engine, no_tf32):
     _engine_upsamples_as_eager(engine, "cuda")
 
 

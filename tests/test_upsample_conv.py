@@ -56,17 +56,6 @@ def _assert_close(actual, ref64, ref_lp, dtype, what):
     assert_close_to_reference(actual, ref64, ref_lp, factor, floor_ulps, what)
 
 
-@pytest.fixture
-def no_tf32():
-    """fp32 as fp32 on CUDA, whose convs default to TF32 (a 10-bit mantissa: fp16's error, which
-    fp32's factor and floor are not for), as the engine tests set it."""
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    before = cudnn.allow_tf32, matmul.allow_tf32
-    cudnn.allow_tf32 = matmul.allow_tf32 = False
-    yield
-    cudnn.allow_tf32, matmul.allow_tf32 = before
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
