@@ -4,6 +4,12 @@ torch.func checks."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 import torch
 
 from fastdiff.diffusion import DiffusionConfig, GaussianDiffusion
@@ -78,3 +84,17 @@ def assert_close_to_reference(out, ref64, ref_lp, factor: float, floor_ulps: flo
     )
     err = (out.double() - ref64).abs().max().item()
     assert err <= tol, f"{what}: max err {err:.3g} > tol {tol:.3g}"
+
+
+def kill_when(proc: subprocess.Popen, path: Path, timeout: float = 300) -> None:
+    """SIGKILL ``proc`` (stderr piped) as soon as ``path`` exists: a run killed mid-way, nothing of
+    it cleaned up; its stderr is the failure if it ends first."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL

@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from builders import build_unet, make_diffusion
+from builders import build_unet, kill_when, make_diffusion
 from click.testing import CliRunner
 from PIL import Image
 
@@ -638,10 +638,8 @@ def test_a_sigkilled_invert_resumes_to_an_uninterrupted_runs_files(inverted, tmp
     the same command refused the folder as not empty. Now their batch files stay too, the
     command says to pass --resume, which makes the other four: one uninterrupted run's folder."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     _, images, _ = inverted
@@ -666,15 +664,7 @@ def test_a_sigkilled_invert_resumes_to_an_uninterrupted_runs_files(inverted, tmp
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "fastdiff.cli.main", *map(str, args), "--out", str(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not (out / "batches" / "batch_00001.npz").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when(proc, out / "batches" / "batch_00001.npz")
     assert not (out / "invert.json").exists() and not (out / "batches" / "batch_00005.npz").exists()
     r = CliRunner().invoke(main, [*map(str, args), "--out", str(out)])
     assert r.exit_code == 1 and "pass --resume" in r.output, r.output

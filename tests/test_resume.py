@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import kill_when
 from safetensors.torch import load_file
 
 from fastdiff.training import DiffusionTrainer
@@ -62,15 +63,7 @@ def test_kill9_and_resume_matches_uninterrupted(tmp_path):
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(npz, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not (out / "latest.json").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when(proc, out / "latest.json")
     killed_at = json.loads((out / "latest.json").read_text())["step"]
     assert killed_at < STEPS
 
