@@ -739,6 +739,19 @@ def test_neither_command_resumes_the_others_folder(inverted, killed, tmp_path):
         assert r.exit_code == 1 and r.output.startswith(line) and r.output.count("\n") == 1, r.output
 
 
+def test_a_resume_takes_the_same_images_by_another_path(inverted, uninterrupted, tmp_path, monkeypatch):
+    """Images given relative to the cwd, then by their absolute paths (or from another cwd): the
+    same images, which the run records by absolute path; the resume was refused as other images."""
+    _, images, _ = inverted
+    out = tmp_path / "inv"
+    monkeypatch.chdir(images[0].parent)
+    _killed_run([p.name for p in images], out)
+    monkeypatch.chdir(tmp_path)
+    r = cli("invert", *images, "--steps", 2, "--batch-size", 1, "--to-class", 5, "--out", out, "--resume")
+    assert r.exit_code == 0 and "(1 already there)" in r.output, r.output
+    assert_same_inversion(uninterrupted, out)
+
+
 def test_a_resume_refuses_an_image_changed_since_its_batch_was_inverted(inverted, tmp_path):
     """A kept batch's latents are its images' inversion: one of them changed on disk since (the
     run.json names the images by path) is one line, which says what to do."""

@@ -501,7 +501,7 @@ def invert_images(
         device=dev.type,
         clip_denoised=True,
         labels=labels,
-        images=[str(p) for p in paths],
+        images=[os.path.abspath(p) for p in paths],  # a resume from another cwd or by the absolute path
         to_class=to_class,
     )
     batches = plan.batches(n)
@@ -543,7 +543,7 @@ def invert_images(
         done = recorded(out, plan, n, (size, size, loaded.in_channels), kept)
         _dealt(sampler, [lohi for b, lohi in enumerate(batches) if b not in done], work, take, "images")
         record = {
-            "images": plan.images,
+            "images": [str(p) for p in paths],  # as given
             "resized": resized,
             "labels": labels,
             "respacing": respacing,
