@@ -11,6 +11,7 @@ import click
 
 from fastdiff.choices import PRECISIONS
 from fastdiff.cli.paths import UserPath, UserText
+from fastdiff.cli.sample import with_options
 
 
 def common_options(lr: float, ema: str, out: str):
@@ -146,12 +147,7 @@ def common_options(lr: float, ema: str, out: str):
         ),
     ]
 
-    def decorate(f):
-        for option in reversed(options):
-            f = option(f)
-        return f
-
-    return decorate
+    return lambda command: with_options(command, options)
 
 
 @click.command("train")
