@@ -81,16 +81,6 @@ def device_options(command):
     )
 
 
-seed_option = click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Seed; the same seed and --batch-size give the same images (each batch draws its noise "
-    "from the seed and its index, so another --batch-size keeps only the first batch's).",
-)
-
-
 def runtime_options(command):
     """device_options, then --clip-denoised and --progress (sample and upsample)."""
     return device_options(
@@ -109,6 +99,35 @@ def runtime_options(command):
             ],
         )
     )
+
+
+def run_options(out: Path):
+    """The options of a sampling run (sample and upsample): --batch-size, --seed, its folder --out
+    (default ``out``) and --resume, then runtime_options."""
+    options = [
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=16,
+            show_default=True,
+            help="Images per batch.",
+        ),
+        click.option(
+            "--seed",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Seed; the same seed and --batch-size give the same images (each batch draws its noise "
+            "from the seed and its index, so another --batch-size keeps only the first batch's).",
+        ),
+        click.option(
+            "--out", type=UserPath(path_type=Path), default=out, show_default=True, help="Output folder."
+        ),
+        click.option(
+            "--resume", is_flag=True, help="Continue a killed run in --out from its last complete batch."
+        ),
+    ]
+    return lambda command: with_options(runtime_options(command), options)
 
 
 @click.command("sample")
@@ -165,19 +184,7 @@ def runtime_options(command):
 @click.option(
     "--num-samples", type=click.IntRange(min=1), default=16, show_default=True, help="Images to make."
 )
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per batch."
-)
-@seed_option
-@click.option(
-    "--out",
-    type=UserPath(path_type=Path),
-    default=Path("samples"),
-    show_default=True,
-    help="Output folder.",
-)
-@click.option("--resume", is_flag=True, help="Continue a killed run in --out from its last complete batch.")
-@runtime_options
+@run_options(Path("samples"))
 @click.option(
     "--upsample-with",
     metavar="[PRESET:]CHECKPOINT",

@@ -12,7 +12,7 @@ import click
 
 from fastdiff.choices import SAMPLER_NAMES
 from fastdiff.cli.paths import UserPath
-from fastdiff.cli.sample import echo, runtime_options, seed_option, summary_line
+from fastdiff.cli.sample import echo, run_options, summary_line
 
 
 @click.command("upsample")
@@ -44,19 +44,7 @@ from fastdiff.cli.sample import echo, runtime_options, seed_option, summary_line
     "--respacing", default=None, help='guided-diffusion respacing string instead of --steps ("250").'
 )
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0: deterministic).")
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per batch."
-)
-@seed_option
-@click.option(
-    "--out",
-    type=UserPath(path_type=Path),
-    default=Path("upsampled"),
-    show_default=True,
-    help="Output folder.",
-)
-@click.option("--resume", is_flag=True, help="Continue a killed run in --out from its last complete batch.")
-@runtime_options
+@run_options(Path("upsampled"))
 def upsample_command(low_res_path, out, **options):
     """Super-resolve low-resolution samples with an ADM-U upsampler (64->256, 128->512).
 
