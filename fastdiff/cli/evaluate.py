@@ -19,9 +19,31 @@ from pathlib import Path
 import click
 
 from fastdiff.cli.paths import UserPath, UserText
-from fastdiff.cli.sample import device_option, threads_option
+from fastdiff.cli.sample import device_option, threads_option, with_options
 
 FEATURES = ("auto", "inception", "mnist")
+
+
+def feature_options(command):
+    """How a feature network runs over images (evaluate and nearest): --batch-size, --device,
+    --threads, --progress."""
+    return with_options(
+        command,
+        [
+            click.option(
+                "--batch-size",
+                type=click.IntRange(min=1),
+                default=64,
+                show_default=True,
+                help="Images per batch.",
+            ),
+            device_option,
+            threads_option,
+            click.option(
+                "--progress/--no-progress", default=True, show_default=True, help="Show progress bars."
+            ),
+        ],
+    )
 
 
 def load_images(spec: str, image_shape: tuple[int, int, int], split: str = "train"):
@@ -147,12 +169,7 @@ def progress_bars(enabled: bool):
     type=UserPath(path_type=Path, allow_dash=True),
     help="Also write the numbers here as JSON; '-': the JSON alone on stdout (the report on stderr).",
 )
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch."
-)
-@device_option
-@threads_option
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+@feature_options
 def evaluate_command(ref, samples, features, inception, json_path, batch_size, device, threads, progress):
     """Score samples against a reference batch: FID, sFID, Inception Score, precision, recall.
 

@@ -18,8 +18,7 @@ import numpy as np
 
 from fastdiff.cli.paths import UserPath, UserText
 
-from .evaluate import FEATURES, choose_network, load_images, progress_bars
-from .sample import device_option, threads_option
+from .evaluate import FEATURES, choose_network, feature_options, load_images, progress_bars
 
 # What the command writes into --out (which may hold other files: it is locked, not emptied).
 WRITES = ["nearest.json", "nearest.npz", "nearest.png", "distances.png"]
@@ -93,12 +92,7 @@ def distance_plot(report, path: Path) -> bool:
     show_default=True,
     help="Output folder.",
 )
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch."
-)
-@device_option
-@threads_option
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+@feature_options
 def nearest_command(
     samples,
     data,
