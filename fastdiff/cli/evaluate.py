@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from fastdiff.cli.paths import UserPath, UserText
-from fastdiff.cli.sample import device_option, threads_option, with_options
+from fastdiff.cli.sample import batch_size_option, device_option, threads_option, with_options
 
 FEATURES = ("auto", "inception", "mnist")
 
@@ -30,13 +30,7 @@ def feature_options(command):
     return with_options(
         command,
         [
-            click.option(
-                "--batch-size",
-                type=click.IntRange(min=1),
-                default=64,
-                show_default=True,
-                help="Images per batch.",
-            ),
+            batch_size_option(64),
             device_option,
             threads_option,
             click.option(

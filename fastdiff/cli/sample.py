@@ -54,6 +54,17 @@ device_option = click.option(
 )
 
 
+def batch_size_option(default: int):
+    """--batch-size of a command that runs its networks over images a batch at a time."""
+    return click.option(
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=default,
+        show_default=True,
+        help="Images per batch.",
+    )
+
+
 def device_options(command):
     """How and where the steps run: --engine, --threads, --dtype, --device (the same options for
     sample, upsample, invert and interpolate)."""
@@ -105,13 +116,7 @@ def run_options(out: Path):
     """The options of a sampling run (sample and upsample): --batch-size, --seed, its folder --out
     (default ``out``) and --resume, then runtime_options."""
     options = [
-        click.option(
-            "--batch-size",
-            type=click.IntRange(min=1),
-            default=16,
-            show_default=True,
-            help="Images per batch.",
-        ),
+        batch_size_option(16),
         click.option(
             "--seed",
             type=int,
