@@ -96,6 +96,27 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         write(tmp)
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on a server), or None when
+    matplotlib (an optional extra) is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int) -> None:
+    """Write a matplotlib figure as PNG atomically, then free it (pyplot keeps every open figure)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def is_temp_file(path: Path) -> bool:
     """Whether ``path`` is a temporary file of :func:`atomic_write` (left behind by a kill)."""
     m = _TEMP_NAME.fullmatch(path.name)

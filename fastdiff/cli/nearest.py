@@ -26,14 +26,11 @@ WRITES = ["nearest.json", "nearest.npz", "nearest.png", "distances.png"]
 
 def distance_plot(report, path: Path) -> bool:
     """Histograms of nearest-training-image distances, samples against held-out; False without matplotlib."""
-    try:
-        import matplotlib
+    from fastdiff.files import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
-    from fastdiff.files import atomic_write
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, (name, space) in zip(axes, [("features", report.features), ("pixels (RMS)", report.pixels)]):
@@ -49,8 +46,7 @@ def distance_plot(report, path: Path) -> bool:
         ax.legend(fontsize=8)
     axes[0].set_title(f"{report.feature_network}", fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return True
 
 

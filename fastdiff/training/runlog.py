@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.files import atomic_write
+from fastdiff.files import atomic_write, pyplot, save_figure
 
 
 class Meter:
@@ -86,14 +86,8 @@ def truncate_log(path: Path, step: int) -> None:
 
 def plot_losses(log_path: Path, png_path: Path) -> bool:
     """Loss (and its timestep quartiles) against step; False when matplotlib or the log is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    if not Path(log_path).is_file():
+    plt = pyplot()
+    if plt is None or not Path(log_path).is_file():
         return False
     rows = log_rows(Path(log_path))
     keys = [
@@ -113,6 +107,5 @@ def plot_losses(log_path: Path, png_path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    save_figure(fig, png_path, dpi=100)
     return True
