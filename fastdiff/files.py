@@ -38,7 +38,13 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def image_digest(image: np.ndarray) -> str:
     """An input image by its pixels, 8 hex digits: how a resume knows the images it continues
     from are the ones the run started with (a file's bytes change with each save, not its pixels)."""
-    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:8]
+    return bytes_digest(np.ascontiguousarray(image).tobytes())
+
+
+def bytes_digest(data: bytes) -> str:
+    """``data`` (an image file's bytes) in 8 hex digits, as image_digest names pixels: the same
+    bytes decode to the same pixels, and comparing them costs no decoding."""
+    return hashlib.sha256(data).hexdigest()[:8]
 
 
 # mkstemp's names: "." + the file's name + "." + 8 random characters + the file's suffix;
