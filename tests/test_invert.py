@@ -752,6 +752,36 @@ def test_a_resume_takes_the_same_images_by_another_path(inverted, uninterrupted,
     assert_same_inversion(uninterrupted, out)
 
 
+def test_a_resume_through_linked_folders_continues_the_run_of_the_same_files(
+    inverted, uninterrupted, tmp_path
+):
+    """`invert data/ --out data/inv` killed, then resumed through a link to data/ and a link to
+    the run's folder: the same files, but the run recorded the paths first given, so the resume
+    was refused as other images. Now paths naming the same files (os.path.samefile) continue the
+    run, whose run.json keeps the first paths (invert.json the paths given), the run's own PNGs
+    stay out of the images however --out is reached, and a copy of the images is still other
+    files: another run's."""
+    _, images, _ = inverted
+    data = tmp_path / "data"
+    data.mkdir()
+    for image in images:
+        shutil.copy(image, data)
+    args = _killed_run([data], data / "inv")
+    run = (data / "inv" / "run.json").read_bytes()
+    shutil.copytree(data, tmp_path / "copy", ignore=shutil.ignore_patterns("inv"))
+    r = cli(*args[:1], tmp_path / "copy", *args[2:], "--resume")
+    line = f"Error: --resume: this run differs from the one in {data / 'inv'} in: images\n"
+    assert r.exit_code == 1 and r.output == line, r.output
+    (tmp_path / "link").symlink_to(data)
+    (tmp_path / "out").symlink_to(data / "inv")
+    r = cli(*args[:1], tmp_path / "link", *args[2:-1], tmp_path / "out", "--resume")
+    assert r.exit_code == 0 and "inverted 2 images (1 already there)" in r.output, r.output
+    assert (data / "inv" / "run.json").read_bytes() == run
+    assert (data / "inv" / "latents.npz").read_bytes() == (uninterrupted / "latents.npz").read_bytes()
+    record = json.loads((data / "inv" / "invert.json").read_text())
+    assert record["images"] == [str(tmp_path / "link" / p.name) for p in images]
+
+
 def test_a_resume_refuses_an_image_changed_since_its_batch_was_inverted(inverted, tmp_path):
     """A kept batch's latents are its images' inversion: one of them changed on disk since (the
     run.json names the images by path) is one line, which says what to do."""

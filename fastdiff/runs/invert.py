@@ -54,7 +54,14 @@ from fastdiff.files import (
 from fastdiff.runs import ranks
 from fastdiff.runs.device import check_run_options, check_seed
 from fastdiff.runs.errors import RunError, check_arguments
-from fastdiff.runs.folder import EDITED, RECONSTRUCTED, check_writable, locked_run_folder, writing
+from fastdiff.runs.folder import (
+    EDITED,
+    RECONSTRUCTED,
+    RUN_FILE,
+    check_writable,
+    locked_run_folder,
+    writing,
+)
 from fastdiff.runs.loading import LoadedModel, load_diffusion_model
 from fastdiff.runs.plan import InversionPlan, class_ids, class_list, respacing_for
 from fastdiff.runs.sampling import batch_generator, built_once, make_sampler, recorded
@@ -158,6 +165,19 @@ def _image_paths(args: list[Path], out: Path) -> list[tuple[Path, Path | None]]:
         else:
             raise RunError(f"image not found: {p}")
     return found
+
+
+def _as_recorded(out: Path, images: list[str]) -> list[str]:
+    """The images as the run in ``out`` recorded them where ``images`` name the same files
+    (os.path.samefile: through a linked folder, a link to a file, a hard link), so a resume
+    through another path to them continues the run; else ``images``, which the resume's check
+    of run.json refuses where they differ (other files, the same pixels or not)."""
+    try:
+        old = json.loads((out / RUN_FILE).read_text())["images"]
+        same = all(a == b or os.path.samefile(a, b) for a, b in zip(old, images, strict=True))
+    except (OSError, ValueError, LookupError, TypeError):  # a recorded file gone, no such record
+        return images  # the run.json check says what differs
+    return old if same else images
 
 
 def _scanned(paths: list[Path], size: int) -> tuple[list[bool], list[bool]]:
@@ -440,7 +460,7 @@ def _write_results(out: Path, plan: InversionPlan, record: dict, loaded: LoadedM
     """latents.npz (x_T between the settings and the labels), comparison.png (its first COMPARED
     images) and invert.json (``record`` completed with each image's PSNR), from the batch files
     one at a time: a batch is held, and the comparison's images, not the run."""
-    paths = [Path(p) for p in plan.images]
+    paths = [Path(p) for p in record["images"]]
     n, psnr = len(paths), []
     rows: list[list[np.ndarray]] = [[], []] if plan.to_class is None else [[], [], []]  # the comparison's
 
@@ -577,6 +597,9 @@ def invert_images(
                 )
             if n > COMPARED:
                 print(f"note: comparison.png shows the first {COMPARED} of the {n} images", file=sys.stderr)
+        if resume:  # rank 0 holds the folder
+            recorded_images = ranks.decided_by_main("checking --out", lambda: _as_recorded(out, plan.images))
+            plan = dataclasses.replace(plan, images=recorded_images)
         done = recorded(out, plan, n, (size, size, loaded.in_channels), kept)
         _dealt(sampler, [lohi for b, lohi in enumerate(batches) if b not in done], work, take, "images")
         record = {

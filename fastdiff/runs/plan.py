@@ -82,8 +82,9 @@ class UpsamplePlan(Plan):
 @dataclass(frozen=True)
 class InversionPlan(Plan):
     """A DDIM inversion run (fastdiff invert: ddim, eta 0, no classifier, no noise to seed): its
-    images by path and the class their latents are regenerated under. Its record names the
-    command, so neither command resumes the other's folder."""
+    images by absolute path (a resume naming the same files through links keeps these) and the
+    class their latents are regenerated under. Its record names the command, so neither command
+    resumes the other's folder."""
 
     images: list[str]
     to_class: int | None
