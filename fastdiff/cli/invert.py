@@ -13,7 +13,7 @@ import click
 import numpy as np
 
 from fastdiff.cli.paths import UserPath, UserText
-from fastdiff.cli.sample import device_options, echo, with_options
+from fastdiff.cli.sample import batch_size_option, device_options, echo, resume_option, with_options
 
 
 def _model_options(command):
@@ -26,13 +26,7 @@ def _model_options(command):
         click.option("--steps", type=int, default=None, help="DDIM steps (default 25)."),
         click.option("--respacing", default=None, help="guided-diffusion respacing instead of --steps."),
         click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance weight w."),
-        click.option(
-            "--batch-size",
-            type=click.IntRange(min=1),
-            default=16,
-            show_default=True,
-            help="Images per batch.",
-        ),
+        batch_size_option(16),
     ]
     return with_options(device_options(command), options)
 
@@ -45,7 +39,7 @@ def _model_options(command):
     required=True,
     help="Output folder (new or empty, or a killed run's to --resume).",
 )
-@click.option("--resume", is_flag=True, help="Continue a killed run in --out from its last complete batch.")
+@resume_option
 @click.option(
     "--classes",
     default=None,

@@ -112,6 +112,11 @@ def runtime_options(command):
     )
 
 
+resume_option = click.option(
+    "--resume", is_flag=True, help="Continue a killed run in --out from its last complete batch."
+)
+
+
 def run_options(out: Path):
     """The options of a sampling run (sample and upsample): --batch-size, --seed, its folder --out
     (default ``out``) and --resume, then runtime_options."""
@@ -128,9 +133,7 @@ def run_options(out: Path):
         click.option(
             "--out", type=UserPath(path_type=Path), default=out, show_default=True, help="Output folder."
         ),
-        click.option(
-            "--resume", is_flag=True, help="Continue a killed run in --out from its last complete batch."
-        ),
+        resume_option,
     ]
     return lambda command: with_options(runtime_options(command), options)
 
