@@ -61,6 +61,7 @@ def test_summaries_are_the_commands_own_first_lines():
 
 
 def test_ctrl_c_exits_130_and_says_how_to_continue(monkeypatch):
+    import fastdiff.runs.interpolation
     import fastdiff.runs.invert
     import fastdiff.runs.sample
 
@@ -68,7 +69,7 @@ def test_ctrl_c_exits_130_and_says_how_to_continue(monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fastdiff.runs.sample, "sample_run", interrupted)
-    monkeypatch.setattr(fastdiff.runs.invert, "interpolate", interrupted)
+    monkeypatch.setattr(fastdiff.runs.interpolation, "interpolate", interrupted)
     monkeypatch.setattr(fastdiff.runs.invert, "invert_images", interrupted)
     for args in (["sample", "--out", "unused"], ["invert", "a.png", "--out", "unused"]):
         r = CliRunner().invoke(main, args)

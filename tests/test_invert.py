@@ -215,7 +215,7 @@ def test_an_image_pil_calls_a_decompression_bomb_is_one_line(tmp_path, monkeypat
 
 def test_a_latents_file_name_may_hold_colons(tmp_path):
     """LATENTS.npz:INDEX was split at the first colon: 'run:1/latents.npz:1' was an unreadable index."""
-    from fastdiff.runs.invert import _latents_spec
+    from fastdiff.runs.interpolation import _latents_spec
 
     (tmp_path / "run:1").mkdir()
     spec = str(tmp_path / "run:1" / "latents.npz")
@@ -555,11 +555,11 @@ def test_a_class_name_for_an_unconditional_model_says_it_is_unconditional():
     from types import SimpleNamespace
 
     from fastdiff.runs import RunError
-    from fastdiff.runs.invert import _check_class
+    from fastdiff.runs.ddim import check_class
 
     loaded = SimpleNamespace(class_cond=False, class_names=None, num_real_classes=None)
     with pytest.raises(RunError, match="--to-class given, but the model is not class-conditional"):
-        _check_class(loaded, "cat", "--to-class")
+        check_class(loaded, "cat", "--to-class")
 
 
 def assert_same_inversion(a, b) -> None:

@@ -162,7 +162,7 @@ def test_the_quoted_measurements_are_in_their_records():
 def test_the_interpolation_ends_are_unguided_samples_as_the_docs_say():
     """`interpolate` has no classifier, so a seed's end is `fastdiff sample --seed S
     --classifier-scale 0`'s image 0 (test_invert checks the pixels), not the default guided one."""
-    from fastdiff.cli.invert import interpolate_command
+    from fastdiff.cli.interpolate import interpolate_command
 
     assert not any("classifier" in p.name for p in interpolate_command.params)
     readme = " ".join(read_doc("README.md").split())
@@ -206,7 +206,8 @@ def test_the_export_claims_are_the_preset_records():
 def test_the_help_texts_state_the_defaults_the_code_uses():
     """`sample --help`'s default classes and every command's default steps per sampler are what
     the code picks when the option is left out."""
-    from fastdiff.cli.invert import interpolate_command, invert_command
+    from fastdiff.cli.interpolate import interpolate_command
+    from fastdiff.cli.invert import invert_command
     from fastdiff.cli.sample import sample_command
     from fastdiff.cli.upsample import upsample_command
     from fastdiff.diffusion.samplers import SAMPLERS

@@ -48,7 +48,7 @@ class LazyGroup(click.Group):
         "gd-run": ("fastdiff.cli.gd_run", "gd_run_command"),
         "upsample": ("fastdiff.cli.upsample", "upsample_command"),
         "invert": ("fastdiff.cli.invert", "invert_command"),
-        "interpolate": ("fastdiff.cli.invert", "interpolate_command"),
+        "interpolate": ("fastdiff.cli.interpolate", "interpolate_command"),
     }
     summaries = {
         "sample": "Sample images with classifier or classifier-free guidance.",

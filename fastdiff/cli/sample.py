@@ -92,6 +92,21 @@ def device_options(command):
     )
 
 
+def ddim_options(command):
+    """The options invert and interpolate share: the model, DDIM steps, CFG, then where it runs
+    (device_options)."""
+    options = [
+        click.option("--preset", help="Model preset (see `fastdiff presets`); with --checkpoint."),
+        click.option("--flags", "flag_string", help="guided-diffusion model flags, instead of --preset."),
+        click.option("--checkpoint", type=UserPath(path_type=Path), help="Diffusion model weights."),
+        click.option("--steps", type=int, default=None, help="DDIM steps (default 25)."),
+        click.option("--respacing", default=None, help="guided-diffusion respacing instead of --steps."),
+        click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance weight w."),
+        batch_size_option(16),
+    ]
+    return with_options(device_options(command), options)
+
+
 def runtime_options(command):
     """device_options, then --clip-denoised and --progress (sample and upsample)."""
     return device_options(

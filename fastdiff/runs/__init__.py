@@ -26,8 +26,8 @@ _LAZY = {
     "sample_run": "sample",
     "upsample_file_run": "upsample",
     "invert_images": "invert",
-    "interpolate": "invert",
-    "DDIMOptions": "invert",
+    "interpolate": "interpolation",
+    "DDIMOptions": "ddim",
 }
 
 __all__ = ["RunError", *_LAZY]

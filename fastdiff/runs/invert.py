@@ -1,18 +1,16 @@
-"""DDIM inversion runs: images to latents x_T and back (reconstruction PSNR, class edits), and
-the spherical interpolation between two latents, all with deterministic DDIM (eta 0) so a
-latent always gives the same image.
+"""DDIM inversion runs (``fastdiff invert``): images to latents x_T and back (reconstruction
+PSNR, class edits), with deterministic DDIM (eta 0) so a latent always gives the same image.
 
 ``invert_images`` maps images to x_T with the model (and each image's class) by DDIM inversion
 (fastdiff.diffusion.inversion), regenerates them to measure the reconstruction PSNR and, with
-``to_class``, regenerates the same latents under another class. ``interpolate`` samples the path
-between two x_T, each a seed (the x_T image 0 of a sampling run with that seed starts from) or a
-latent ``invert_images`` wrote, as one strip PNG.
+``to_class``, regenerates the same latents under another class; fastdiff.runs.interpolation
+samples the path between two of its latents.
 
-Both make their images a batch at a time, and invert writes each batch's files as it comes, so
-a folder of any size is held a few batches at a time, not whole. invert's folder is a sampling
-run's (run.json, batches/, --resume after a kill). Under torchrun both deal their batches over
-the ranks round by round (fastdiff.runs.ranks) and rank 0 alone holds the folder and writes;
-every batch is deterministic, so the files are one process's, resumed or not.
+It makes its images a batch at a time and writes each batch's files as it comes, so a folder of
+any size is held a few batches at a time, not whole. Its folder is a sampling run's (run.json,
+batches/, --resume after a kill). Under torchrun it deals its batches over the ranks round by
+round (fastdiff.runs.ddim.dealt) and rank 0 alone holds the folder and writes; every batch is
+deterministic, so the files are one process's, resumed or not.
 """
 
 from __future__ import annotations
@@ -24,8 +22,6 @@ import math
 import os
 import re
 import sys
-import zipfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +31,6 @@ import torch
 from PIL import Image
 
 from fastdiff import distributed
-from fastdiff.diffusion import SamplingError
-from fastdiff.diffusion.inversion import slerp
-from fastdiff.diffusion.samplers import randn
-from fastdiff.engines import EngineError
-from fastdiff.engines.sampler import Sampler
 from fastdiff.files import (
     atomic_write,
     bytes_digest,
@@ -52,19 +43,18 @@ from fastdiff.files import (
     to_uint8,
 )
 from fastdiff.runs import ranks
-from fastdiff.runs.device import check_run_options, check_seed
+from fastdiff.runs.ddim import DDIMOptions, check_class, dealt, setup
 from fastdiff.runs.errors import RunError, check_arguments
 from fastdiff.runs.folder import (
     EDITED,
     RECONSTRUCTED,
     RUN_FILE,
-    check_writable,
     locked_run_folder,
     writing,
 )
-from fastdiff.runs.loading import LoadedModel, load_diffusion_model
-from fastdiff.runs.plan import InversionPlan, class_ids, class_list, respacing_for
-from fastdiff.runs.sampling import batch_generator, built_once, make_sampler, recorded
+from fastdiff.runs.loading import LoadedModel
+from fastdiff.runs.plan import InversionPlan, class_ids, class_list
+from fastdiff.runs.sampling import recorded
 from fastdiff.runs.writer import batch_npz
 from fastdiff.training.data import (
     DataError,
@@ -79,66 +69,6 @@ _CLASS_IN_NAME = re.compile(r"_class(\d+)$")
 # comparison.png shows the first images, as sample's grid.png its first hundred: a column for
 # every image made PNGs no viewer opens (2,580,002 px wide for 10,000 images at 256 px)
 COMPARED = 100
-
-
-@dataclass(frozen=True)
-class DDIMOptions:
-    """The model and how deterministic DDIM (eta 0) runs it, as invert and interpolate take them."""
-
-    preset: str | None = None
-    flag_string: str | None = None
-    checkpoint: str | Path | None = None
-    steps: int | None = None
-    respacing: str | None = None
-    cfg_scale: float | None = None
-    engine: str | None = None
-    threads: int | None = None
-    dtype: str = "fp32"
-    device: str = "auto"
-
-    def __post_init__(self):
-        check_arguments(DDIMOptions, vars(self))
-        if self.cfg_scale is not None and not math.isfinite(self.cfg_scale):
-            raise RunError(f"--cfg-scale must be a finite number, got {self.cfg_scale}", usage=True)
-
-
-def setup(options: DDIMOptions) -> tuple[LoadedModel, Sampler, torch.device, str]:
-    """(loaded model, Sampler: DDIM eta 0 with CFG if asked, device, respacing), every option checked."""
-    o = options
-    dev, engine = check_run_options(o.device, o.dtype, o.threads, o.engine, "ddim", 0.0)  # joins the ranks
-    with ranks.agreed("loading the model"):  # weights one node lacks stop every rank
-        loaded = load_diffusion_model(
-            preset=o.preset, flag_string=o.flag_string, checkpoint=o.checkpoint, device=dev
-        )
-        if o.cfg_scale is not None and loaded.null_label is None:
-            raise RunError("--cfg-scale needs a model trained with a null label")
-        respacing = respacing_for("ddim", o.steps, o.respacing, loaded.num_timesteps)
-        sampler = make_sampler(
-            loaded,
-            respacing,
-            engine=engine,
-            dtype=o.dtype,
-            device=dev,
-            cfg_scale=o.cfg_scale,
-            clip_denoised=True,
-        )
-    return loaded, sampler, dev, respacing
-
-
-def _check_class(loaded: LoadedModel, label: int | str | None, what: str) -> int | None:
-    """A class id, or one of the class names the model's training data gave it."""
-    if label is None:
-        return None
-    if not loaded.class_cond:
-        raise RunError(f"{what} given, but the model is not class-conditional")
-    if isinstance(label, str):
-        ids = class_ids(label, names=loaded.class_names, option=what)
-        if len(ids) != 1:
-            raise RunError(f"{what} takes one class, got '{label}'")
-        label = ids[0]
-    if not 0 <= label < loaded.num_real_classes:
-        raise RunError(f"{what} {label} out of range: the model has {loaded.num_real_classes} classes")
-    return label
 
 
 def _image_paths(args: list[Path], out: Path) -> list[tuple[Path, Path | None]]:
@@ -235,7 +165,7 @@ def _labels(
         return None
     if classes is not None:
         ids = [
-            _check_class(loaded, k, "--classes' class") for k in class_ids(classes, names=loaded.class_names)
+            check_class(loaded, k, "--classes' class") for k in class_ids(classes, names=loaded.class_names)
         ]
         return [ids[i % len(ids)] for i in range(len(images))]
     names = loaded.class_names or []
@@ -261,7 +191,7 @@ def _labels(
                 f"the model is class-conditional: pass --classes, or name {p.name} like "
                 f"000003_class7.png{unknown}"
             )
-        labels.append(_check_class(loaded, found.popitem()[1], f"{p}: class"))  # which of many files
+        labels.append(check_class(loaded, found.popitem()[1], f"{p}: class"))  # which of many files
     return labels
 
 
@@ -280,129 +210,8 @@ def _json_safe(record: dict) -> dict:
     return {**record, "psnr": [finite(v) for v in record["psnr"]], "mean_psnr": finite(record["mean_psnr"])}
 
 
-def _dealt(sampler: Sampler, batches: list[tuple[int, int]], work, take, what: str) -> None:
-    """``work(lo, hi)`` for each of ``batches``, dealt over the ranks round by round (rank k
-    makes the k-th batch of each round), and on rank 0 (without torchrun: this process)
-    ``take(lo, hi, result)`` for each batch in batch order while the next round is made: rank 0
-    holds a round's results, not the run's. A failure on any rank, ``take``'s on rank 0
-    included, ends every rank at the end of its round (ranks.agreed); ``what`` names the items
-    in its line."""
-
-    def run(lo: int, hi: int):
-        try:
-            return work(lo, hi)
-        except SamplingError as e:  # huge latents overflow: the user's input, as in fastdiff sample
-            raise RunError(f"{what} {lo}-{hi - 1}: {e}; nothing was written") from None
-        except EngineError as e:  # an engine builds its step on the first batch of a size
-            raise RunError(str(e)) from None
-
-    if batches:  # rank 0 exports a cached graph, the others load it
-        built_once(sampler, batches[0][1] - batches[0][0])
-    world, rank = distributed.world_size(), distributed.rank()
-    rounds = [batches[i : i + world] for i in range(0, len(batches), world)]
-    made: list = []  # rank 0's: the round before, each batch with its result
-    for r in range(len(rounds) + 1):
-        with ranks.agreed("sampling"):
-            for (lo, hi), result in made:
-                take(lo, hi, result)
-            mine = rounds[r][rank] if r < len(rounds) and rank < len(rounds[r]) else None
-            result = None if mine is None else run(*mine)
-        parts = distributed.gather_objects(result)  # rank 0's, in rank order
-        made = [] if parts is None or r == len(rounds) else list(zip(rounds[r], parts))
-
-
 def _with_labels(labels: list[int] | None, lo: int, hi: int, device) -> torch.Tensor | None:
     return None if labels is None else torch.tensor(labels[lo:hi], device=device)
-
-
-def _latents_spec(spec: str) -> tuple[str, str] | None:
-    """(file, index) of LATENTS.npz[:INDEX]; None for a seed. The index follows the last colon,
-    so a file name may hold colons."""
-    if re.fullmatch(r"-?\d+", spec):
-        return None
-    if ":" not in spec or Path(spec).is_file():
-        return spec, ""
-    path, _, index = spec.rpartition(":")
-    return path, index
-
-
-def _stored(spec: str, key: str) -> str | None:
-    """How a latents file was inverted (fastdiff invert stores its ``respacing`` and any
-    ``cfg_scale``), if readable: DDIM's ends are the reconstructions only with those."""
-    parts = _latents_spec(spec)
-    if parts is None or not Path(parts[0]).is_file():
-        return None
-    try:
-        stored = _read_latents(parts[0]).get(key)
-    except RunError:
-        return None  # _endpoint says what is wrong with the file
-    return None if stored is None else str(stored)
-
-
-def _read_latents(path: str) -> dict[str, np.ndarray]:
-    """Every array of the npz ``path``; one line where it is no readable npz of arrays (an .npy,
-    a pickle, a cut or corrupt zip: numpy's and zipfile's many errors)."""
-    try:
-        z = np.load(path)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise ValueError("an .npy file")
-        with z:
-            return {k: z[k] for k in z.files}
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise RunError(f"cannot read latents {path}: {e}") from None
-    except ValueError:  # numpy's advice (load it with allow_pickle) is not for a user
-        raise RunError(
-            f"cannot read latents {path}: not an npz of arrays (fastdiff invert writes one)"
-        ) from None
-
-
-def _inverted_with(start: str, end: str, key: str, what: str, options: str) -> str | None:
-    """The ``key`` both latents files stored (seeds store none); one line where they differ."""
-    stored = {r for r in (_stored(start, key), _stored(end, key)) if r is not None}
-    if len(stored) > 1:
-        raise RunError(
-            f"--from and --to were inverted with different {what} ({', '.join(sorted(stored))}); "
-            f"pass {options}"
-        )
-    return stored.pop() if stored else None
-
-
-def _endpoint(spec: str, option: str, loaded: LoadedModel, device) -> tuple[torch.Tensor, int | None]:
-    """(x_T of shape 1xCxHxW, its label if stored) for a seed or LATENTS.npz[:INDEX]."""
-    shape = (1, loaded.in_channels, loaded.image_size, loaded.image_size)
-    parts = _latents_spec(spec)
-    if parts is None:
-        check_seed(int(spec), f"{option}'s seed")
-        return randn(shape, batch_generator(device, int(spec), 0), device), None
-    path, index = parts
-    try:
-        i = int(index or 0)
-    except ValueError:
-        raise RunError(f"'{spec}': expected a seed or LATENTS.npz[:INDEX]") from None
-    if not Path(path).is_file():
-        raise RunError(f"'{spec}' is neither a seed nor a latents file")
-    arrays = _read_latents(path)
-    if "arr_0" not in arrays:
-        raise RunError(f"cannot read latents {path}: it has no arr_0 (fastdiff invert writes one)")
-    latents, labels = arrays["arr_0"], arrays.get("arr_1")
-    if latents.ndim != 4 or latents.shape[1:] != shape[1:] or latents.dtype != np.float32:
-        raise RunError(
-            f"{path} holds {latents.dtype} latents of shape {list(latents.shape[1:])}; "
-            f"this model's are float32 {list(shape[1:])}"
-        )
-    if labels is not None and (
-        labels.shape != latents.shape[:1] or not np.issubdtype(labels.dtype, np.integer)
-    ):
-        raise RunError(
-            f"{path}: arr_1 must hold one integer class per latent ({len(latents)}), "
-            f"got {labels.dtype} of shape {list(labels.shape)}"
-        )
-    if not 0 <= i < len(latents):
-        raise RunError(f"{path} holds {len(latents)} latents; index {i} is out of range")
-    if not np.isfinite(latents[i]).all():
-        raise RunError(f"{path}: latent {i} holds NaN or infinite values")
-    x_T = torch.from_numpy(latents[i : i + 1].copy()).to(device)
-    return x_T, None if labels is None else int(labels[i])
 
 
 def _changed(path: Path, npz: Path) -> RunError:
@@ -538,7 +347,7 @@ def invert_images(
     resized, alphas = _scanned(paths, size)  # a collective: before the agreed phase
     with ranks.agreed("checking the classes"):
         labels = _labels(images, classes, loaded)
-        to_class = _check_class(loaded, to_class, "--to-class")
+        to_class = check_class(loaded, to_class, "--to-class")
     plan = InversionPlan(
         model=loaded.identity,
         classifier=None,
@@ -601,7 +410,7 @@ def invert_images(
             recorded_images = ranks.decided_by_main("checking --out", lambda: _as_recorded(out, plan.images))
             plan = dataclasses.replace(plan, images=recorded_images)
         done = recorded(out, plan, n, (size, size, loaded.in_channels), kept)
-        _dealt(sampler, [lohi for b, lohi in enumerate(batches) if b not in done], work, take, "images")
+        dealt(sampler, [lohi for b, lohi in enumerate(batches) if b not in done], work, take, "images")
         record = {
             "images": [str(p) for p in paths],  # as given
             "resized": resized,
@@ -616,70 +425,3 @@ def invert_images(
         record = distributed.broadcast_object(record)  # rank 0 completed it
     kept_images = sum(hi - lo for b, (lo, hi) in enumerate(batches) if b in done)
     return Inversion(record, sampler.diffusion.num_timesteps, kept_images)
-
-
-def interpolate(
-    start: str,
-    end: str,
-    out: str | Path,
-    options: DDIMOptions,
-    *,
-    frames: int = 8,
-    label: int | str | None = None,
-    batch_size: int = 16,
-) -> int:
-    """Sample ``frames`` images along the slerp from ``start`` to ``end`` (each a seed or
-    LATENTS.npz[:INDEX]) as one strip PNG ``out``; returns the DDIM steps taken. Every frame has
-    class ``label`` (default: ``start``'s stored label). Without steps or a respacing in
-    ``options``, latents files' own (the steps they were inverted with) are used, and so is
-    their classifier-free guidance without a cfg_scale in ``options``, so the ends
-    are their reconstructions (an end inverted with another class than ``label`` is regenerated
-    under ``label``)."""
-    check_arguments(interpolate, locals())
-    if batch_size < 1:
-        raise RunError(f"--batch-size must be >= 1, got {batch_size}")
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise RunError(f"--out {out}: the strip is a PNG; name it .png")
-    if frames < 2:
-        raise RunError(f"--frames must be at least 2, got {frames}", usage=True)
-    if options.steps is None and options.respacing is None:
-        respacing = _inverted_with(start, end, "respacing", "steps", "--steps or --respacing")
-        if respacing is not None:
-            options = dataclasses.replace(options, respacing=respacing)
-    if options.cfg_scale is None:
-        cfg_scale = _inverted_with(start, end, "cfg_scale", "--cfg-scale", "--cfg-scale")
-        if cfg_scale is not None:
-            try:
-                options = dataclasses.replace(options, cfg_scale=float(cfg_scale))
-            except ValueError:
-                raise RunError(f"the latents' stored cfg_scale is not a number: {cfg_scale!r}") from None
-    loaded, sampler, dev, _ = setup(options)
-    with ranks.agreed("checking the latents"):
-        if distributed.is_main():  # it writes the strip
-            if out.is_dir():
-                raise RunError(f"--out {out} is a folder; name the strip's PNG file")
-            check_writable(out.parent, f"--out {out}")
-        a, label_a = _endpoint(start, "--from", loaded, dev)
-        b, _ = _endpoint(end, "--to", loaded, dev)
-        label = _check_class(loaded, label, "--class")
-        if loaded.class_cond and label is None:  # an unconditional model has no use for a stored label
-            label = _check_class(loaded, label_a, f"--from {start}'s stored class")
-            if label is None:
-                raise RunError("the model is class-conditional: pass --class K")
-
-    def work(lo: int, hi: int) -> np.ndarray:
-        y = None if label is None else torch.full((hi - lo,), label, device=dev)
-        path = torch.cat([slerp(a, b, k / (frames - 1)) for k in range(lo, hi)])
-        return to_uint8(sampler(y, noise=path))
-
-    images: list[np.ndarray] = []  # rank 0's: the strip is one image
-    batches = [(lo, min(lo + batch_size, frames)) for lo in range(0, frames, batch_size)]
-    _dealt(sampler, batches, work, lambda lo, hi, made: images.append(made), "frames")
-    with ranks.agreed("writing the strip"):
-        if distributed.is_main():
-            try:
-                save_grid(np.concatenate(images), out, ncol=frames)
-            except OSError as e:
-                raise RunError(f"cannot write {out}: {e.strerror or e}") from None
-    return sampler.diffusion.num_timesteps
