@@ -1,6 +1,6 @@
 """Networks and processes for tests, from guided-diffusion flags (the form the reference cases
-and most tests describe models in) or DiffusionConfig keywords; and the ops tests' accuracy and
-torch.func checks."""
+and most tests describe models in) or DiffusionConfig keywords; the CLI run in this process; and
+the ops tests' accuracy and torch.func checks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import torch
+from click.testing import CliRunner
 
+from fastdiff.cli.main import main
 from fastdiff.diffusion import DiffusionConfig, GaussianDiffusion
 from fastdiff.models import build_network, configs_from_flags
 
@@ -43,6 +45,11 @@ def diffusion_from_flags(flags: dict, timestep_respacing=None) -> GaussianDiffus
     if timestep_respacing is not None:
         respacing = timestep_respacing
     return GaussianDiffusion.from_config(process, respacing)
+
+
+def cli(*args):
+    """`fastdiff ARGS --device cpu` in this process, each argument as its string."""
+    return CliRunner().invoke(main, [*map(str, args), "--device", "cpu"])
 
 
 def func_grad_and_autograd(loss, x):

@@ -1,4 +1,6 @@
-"""Shared fixtures: the guided-diffusion reference vectors in ../shared/vectors."""
+"""Shared fixtures: the guided-diffusion reference vectors in ../shared/vectors, and the runs
+invert's and interpolate's tests share (their imports inside them: every test session loads
+this file, most need neither the CLI nor a network)."""
 
 from __future__ import annotations
 
@@ -95,6 +97,36 @@ def unlistable(monkeypatch):
     yield deny
     for folder in denied:
         folder.chmod(0o755)  # for the tmp_path clean-up
+
+
+@pytest.fixture(scope="module")
+def inverted(tmp_path_factory):
+    """Two bundled-model samples (classes 3 and 7), inverted and regenerated, and edited to a 5."""
+    from builders import cli
+
+    d = tmp_path_factory.mktemp("invert")
+    args = ["sample", "--no-progress", "--num-samples", 2, "--classes", "3,7", "--steps", 10]
+    r = cli(*args, "--classifier-scale", 0, "--out", d / "samples")
+    assert r.exit_code == 0, r.output
+    images = sorted((d / "samples" / "images").iterdir())  # their names carry their classes
+    r = cli("invert", *images, "--steps", 10, "--to-class", 5, "--out", d / "inv")
+    assert r.exit_code == 0, r.output
+    return d, images, r.output
+
+
+@pytest.fixture
+def named_model(tmp_path):
+    """A tiny class-conditional model whose weights name their classes cat and dog."""
+    from builders import build_unet
+
+    from fastdiff.models.checkpoint import save_weights
+
+    flags = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1", attention_resolutions="",
+                 in_channels=1, class_cond=True, num_classes=2, diffusion_steps=100)  # fmt: skip
+    path = tmp_path / "named.safetensors"
+    metadata = {"flags": flags, "class_names": ["cat", "dog"]}
+    save_weights(build_unet(**flags), path, metadata)
+    return path
 
 
 @pytest.fixture(autouse=True)
