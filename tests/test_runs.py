@@ -125,6 +125,17 @@ def test_a_wrong_option_is_one_run_error_before_the_folder(tmp_path, change, mes
     assert not (tmp_path / "a").exists()
 
 
+def test_a_callback_is_left_to_the_callable_check():
+    """Python 3.10 counts ``Callable[...]`` as a type: sample_run's ``report`` became a typed
+    field, and its isinstance check raised TypeError at the start of every run (and `fastdiff sample`)."""
+    import dataclasses
+
+    from fastdiff.runs.errors import _arguments_of
+
+    checked = {f.name for f in dataclasses.fields(_arguments_of(fastdiff.sample_run))}
+    assert "report" not in checked and {"num_samples", "classes", "device"} <= checked
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

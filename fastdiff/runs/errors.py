@@ -20,14 +20,15 @@ class RunError(ConfigError):
 @functools.cache
 def _arguments_of(fn: Callable) -> type:
     """``fn``'s arguments with plain annotated types (int, str | Path | None, ...) as a dataclass,
-    so they are checked as a typed config's fields are (callbacks are left out)."""
+    so they are checked as a typed config's fields are (callbacks are left out; Python 3.10 counts
+    a parameterized ``Callable[...]`` as a type, so a plain type is also one with no origin)."""
     hints = typing.get_type_hints(fn)
     fields = [
         (name, hint)
         for name, hint in hints.items()
         if name != "return"
         and typing.get_origin(hint) in (None, typing.Union, types.UnionType)
-        and all(isinstance(a, type) for a in typing.get_args(hint) or (hint,))
+        and all(isinstance(a, type) and not typing.get_origin(a) for a in typing.get_args(hint) or (hint,))
     ]
     return dataclasses.make_dataclass(f"{fn.__name__}_arguments", fields)
 
