@@ -80,6 +80,10 @@ def _fits(value: Any, hint: Any) -> tuple[bool, Any]:
 
 
 def _type_name(hint: Any) -> str:
+    """A union as ``str | None`` whichever way it was written (``Optional[str]``, or Python
+    3.10's reading of a function's ``str | None = None``)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(map(_type_name, typing.get_args(hint)))
     text = str(hint) if typing.get_origin(hint) else hint.__name__
     return text.replace("typing.", "").replace("NoneType", "None")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -162,6 +163,24 @@ def test_channel_mult_by_image_size():
 def test_configs_check_themselves(make, message):
     with pytest.raises(ConfigError, match=message):
         make()
+
+
+def test_a_union_is_named_the_same_however_it_was_written():
+    """``Optional[str]`` (and Python 3.10's reading of a function's ``str | None = None``) was
+    named "expected Optional[str]", ``str | Path | None`` "expected str | pathlib.Path | None"."""
+    from pathlib import Path
+    from typing import Optional, Union
+
+    from fastdiff.config import check_types
+
+    hints = {"a": Optional[int], "b": Union[str, Path, None], "c": tuple[int, ...] | None}  # noqa: UP007, UP045
+    Options = dataclasses.make_dataclass("Options", [(name, hint, None) for name, hint in hints.items()])
+
+    for field, message in (("a", "a 'x': expected int | None"), ("b", "b 1: expected str | Path | None")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_types(Options(**{field: "x" if field == "a" else 1}))
+    with pytest.raises(ConfigError, match=re.escape("c 1: expected tuple[int, ...] | None")):
+        check_types(Options(c=1))
 
 
 def test_every_unknown_name_is_refused_in_one_form():
