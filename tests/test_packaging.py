@@ -40,7 +40,10 @@ def kernel_sources() -> dict[str, str]:
 
 def package_data() -> set[Path]:
     """The files pyproject's package-data puts into the wheel."""
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: pytest's own TOML reader, which it needs there
+        import tomli as tomllib
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     return {p for pattern in patterns["fastdiff"] for p in PACKAGE.glob(pattern) if p.is_file()}
 
