@@ -26,7 +26,7 @@ from fastdiff.training import (
 )
 from fastdiff.training import checkpoint as ckpt
 from fastdiff.training.data import ArrayDataset, load_dataset
-from fastdiff.training.loop import _scaler_state
+from fastdiff.training.loop import _scaler_state, stream_key
 from fastdiff.training.resample import LossSecondMomentResampler, UniformSampler
 
 TINY = (
@@ -242,6 +242,12 @@ def test_rng_state_round_trip():
     ckpt.restore_rng(state)
     b = (torch.rand(3), np.random.rand(3), __import__("random").random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_stream_keys_are_the_same_63_bit_seeds_under_numpy_1_and_2():
+    """A resumed run redraws its micro-batches from these keys (numpy 1.x failed to shift them)."""
+    keys = [stream_key(0, 0, 0), stream_key(1234, 7, 3), stream_key(2**31 - 1, 2**32, 5)]
+    assert keys == [7896617691693857887, 6423073145564042983, 2459370230631680344]
 
 
 def test_classifier_trainer(tmp_path):

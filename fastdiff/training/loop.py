@@ -113,8 +113,9 @@ def micro_batch(batch_size: int, microbatch: int, world: int) -> int:
 
 
 def stream_key(seed: int, step: int, index: int) -> int:
-    """Seed of the random stream of global micro-batch ``index`` at ``step`` (63-bit)."""
-    return int(np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)[0] >> 1)
+    """Seed of the random stream of global micro-batch ``index`` at ``step`` (63-bit). Shifted as a
+    Python int: numpy 1.x promotes ``uint64 >> int`` to float64 and has no shift for it."""
+    return int(np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)[0]) >> 1
 
 
 # Flags the trainers set from the data (fit_unet, fit_classifier): compared once it is read.
