@@ -86,6 +86,29 @@ def test_save_weights_is_atomic(tmp_path, monkeypatch):
     assert torch.equal(safetensors.torch.load_file(path)["w"], torch.ones(3))
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        'Error while serializing: I/O error: No space left on device (os error 28) at path "x"',
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })',
+    ],
+    ids=["safetensors>=0.6.1", "safetensors<0.6.1"],
+)
+def test_a_safetensors_io_error_is_an_oserror(tmp_path, monkeypatch, message):
+    """safetensors raises its own error for a full disk, which callers report in one line as an
+    OSError; before 0.6.1 it spelled the errno another way, and the error stayed a traceback."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError(message)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError) as e:
+        save_weights({"w": torch.zeros(3)}, tmp_path / "model.safetensors")
+    assert e.value.errno == 28 and e.value.strerror == "No space left on device"
+
+
 def test_missing_and_unreadable_files(tmp_path):
     assert issubclass(CheckpointError, ValueError)
     with pytest.raises(CheckpointError, match="checkpoint not found: .*nothing.pt"):

@@ -267,8 +267,9 @@ def save_weights(
         try:
             save_file(tensors, tmp, metadata=meta)
         except SafetensorError as e:
-            # its I/O failures (a full disk) are no OSError, so callers' one-line reports missed them
-            code = re.search(r"\(os error (\d+)\)", str(e))
+            # its I/O failures (a full disk) are no OSError, so callers' one-line reports missed them;
+            # the errno is "(os error 28)" from safetensors 0.6.1 on, "Os { code: 28, ..." before
+            code = re.search(r"(?:\(os error |Os \{ code: )(\d+)", str(e))
             if code is None:
                 raise
             raise OSError(int(code[1]), os.strerror(int(code[1])), tmp) from None
