@@ -94,7 +94,8 @@ def test_distance_plot_of_equal_distances_warns_nothing(tmp_path):
     from fastdiff.cli.nearest import distance_plot
     from fastdiff.evaluation.nearest import MemorisationReport, SpaceResult
 
-    pytest.importorskip("matplotlib")
+    # pyplot imported before the check: matplotlib 3.7's own import warns under pyparsing 3.3
+    pytest.importorskip("matplotlib.pyplot")
     space = SpaceResult(np.zeros((3, 1), int), np.ones((3, 1)), np.ones(4), 1.0)
     report = MemorisationReport(space, space, "mnist", 0.05)
     with warnings.catch_warnings():
