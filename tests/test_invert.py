@@ -399,6 +399,17 @@ def _killed_run(images, out) -> list:
     return args
 
 
+def _killed_run_in_folder(inverted, tmp_path):
+    """The two samples copied into tmp_path/data, then ``invert data/ --out data/inv`` killed after
+    its first batch: (the samples, data, the command's arguments)."""
+    _, images, _ = inverted
+    data = tmp_path / "data"
+    data.mkdir()
+    for image in images:
+        shutil.copy(image, data)
+    return images, data, _killed_run([data], data / "inv")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(inverted, tmp_path_factory):
     """The two samples inverted a batch at a time and edited to a 5, uninterrupted."""
@@ -561,12 +572,7 @@ def test_a_resume_through_linked_folders_continues_the_run_of_the_same_files(
     run, whose run.json keeps the first paths (invert.json the paths given), the run's own PNGs
     stay out of the images however --out is reached, and a copy of the images is still other
     files: another run's."""
-    _, images, _ = inverted
-    data = tmp_path / "data"
-    data.mkdir()
-    for image in images:
-        shutil.copy(image, data)
-    args = _killed_run([data], data / "inv")
+    images, data, args = _killed_run_in_folder(inverted, tmp_path)
     run = (data / "inv" / "run.json").read_bytes()
     shutil.copytree(data, tmp_path / "copy", ignore=shutil.ignore_patterns("inv"))
     r = cli(*args[:1], tmp_path / "copy", *args[2:], "--resume")
@@ -606,12 +612,7 @@ def test_a_run_whose_out_is_inside_its_image_folder_resumes(inverted, uninterrup
     classes, with --classes a run that differs in its images). The run's folder is not read for
     images now, so the resume makes what an uninterrupted run makes; a folder of --out's own is
     refused by the folder's check as before, and a folder holding nothing else is one line."""
-    _, images, _ = inverted
-    data = tmp_path / "data"
-    data.mkdir()
-    for image in images:
-        shutil.copy(image, data)
-    args = _killed_run([data], data / "inv")
+    images, data, args = _killed_run_in_folder(inverted, tmp_path)
     r = cli(*args, "--resume")
     assert r.exit_code == 0 and "inverted 2 images (1 already there)" in r.output, r.output
     latents = (data / "inv" / "latents.npz").read_bytes()
