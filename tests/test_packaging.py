@@ -38,13 +38,17 @@ def kernel_sources() -> dict[str, str]:
     return {f"csrc/{f}": f"fastdiff/csrc/{f}" for f in FILES}
 
 
-def package_data() -> set[Path]:
-    """The files pyproject's package-data puts into the wheel."""
+def pyproject() -> dict:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10: pytest's own TOML reader, which it needs there
         import tomli as tomllib
-    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def package_data() -> set[Path]:
+    """The files pyproject's package-data puts into the wheel."""
+    patterns = pyproject()["tool"]["setuptools"]["package-data"]
     return {p for pattern in patterns["fastdiff"] for p in PACKAGE.glob(pattern) if p.is_file()}
 
 
@@ -129,3 +133,11 @@ def test_a_checkout_builds_the_kernels_from_its_csrc():
     from fastdiff.ops._cuda_build import csrc_dir
 
     assert csrc_dir() == REPO / "csrc"
+
+
+def test_dev_extra_carries_the_build_requirements():
+    """The build test above runs setuptools from the test environment, not an isolated build: a
+    new venv's setuptools 65 failed it (and setup.py --name) on the SPDX license string."""
+    config = pyproject()
+    dev = config["project"]["optional-dependencies"]["dev"]
+    assert set(config["build-system"]["requires"]) <= set(dev)
