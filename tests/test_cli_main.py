@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from fastdiff.cli.main import LazyGroup, main
@@ -278,9 +279,10 @@ def test_the_sampling_commands_share_their_device_options():
         assert len(set(forms.values())) == 1, forms
 
 
-def test_the_examples_in_each_help_parse(tmp_path, monkeypatch):
-    """The complex commands' --help shows examples (none had any); each one's options exist and
-    its values are valid, so the help cannot drift from the options."""
+@pytest.fixture
+def help_examples(tmp_path, monkeypatch):
+    """(command name, its parsed options) of each example a command's --help shows; a usage error
+    raises."""
     import re
     import shlex
 
@@ -288,17 +290,36 @@ def test_the_examples_in_each_help_parse(tmp_path, monkeypatch):
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "classifier_sample.py").write_text("")  # gd-run's SCRIPT must exist
     group = LazyGroup()
-    shown = set()
+    examples = []
     for name in group.commands_by_name:
         command = group.get_command(None, name)
         lines = re.sub(r"\\\n\s*", " ", command.help).splitlines()  # continuation lines joined
         for line in lines:
-            if f"fastdiff {name} " not in line:
-                continue
-            example = line.split(f"fastdiff {name} ", 1)[1].split(" | ")[0]
-            command.make_context(f"fastdiff {name}", shlex.split(example))  # a usage error raises
-            shown.add(name)
+            if f"fastdiff {name} " in line:
+                example = line.split(f"fastdiff {name} ", 1)[1].split(" | ")[0]
+                examples.append((name, command.make_context(f"fastdiff {name}", shlex.split(example)).params))
+    return examples
+
+
+def test_the_examples_in_each_help_parse(help_examples):
+    """The complex commands' --help shows examples (none had any); each one's options exist and
+    its values are valid, so the help cannot drift from the options."""
+    shown = {name for name, _ in help_examples}
     assert shown >= {"sample", "train", "train-classifier", "evaluate", "gd-run"}
+
+
+def test_the_training_examples_networks_build_at_their_image_size(help_examples):
+    """train-classifier's example (--flags "--classifier_width 32" at --image-size 32) was refused
+    as written: the default attention at 32x32 has 32 channels, not one 64-channel head."""
+    from fastdiff.models.flags import configs_from_flags, parse_flags
+
+    built = 0
+    for name, params in help_examples:
+        if name in ("train", "train-classifier") and params["image_size"]:
+            flags = {**parse_flags(params["flag_string"] or ""), "image_size": params["image_size"]}
+            configs_from_flags("diffusion" if name == "train" else "classifier", flags)
+            built += 1
+    assert built == 2
 
 
 def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):

@@ -223,7 +223,8 @@ def train_classifier(val_data, eval_every, **o):
     Examples:
       fastdiff train-classifier --data mnist --eval-every 500 --max-steps 2000 --out runs/c
       fastdiff train-classifier --data images/ --image-size 32 \\
-          --flags "--classifier_width 32" --max-steps 1000 --out runs/c
+          --flags "--classifier_width 32 --classifier_attention_resolutions 16,8" \\
+          --max-steps 1000 --out runs/c
     """
     from fastdiff.cli.train_run import train_classifier as run  # torch: not for --help
 
