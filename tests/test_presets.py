@@ -251,6 +251,13 @@ def test_flags_round_trip_through_configs():
             {"image_size": 16, "classifier_width": 32, "channel_mult": "1"},
             r"width 32 .* raise --classifier_width or the last --channel_mult$",
         ),
+        # ... nor did "the last --channel_mult" help where an earlier level attends (32x32 here)
+        (
+            "classifier",
+            {"image_size": 32, "classifier_width": 32},
+            r"width 32 .* raise --classifier_width or --channel_mult's value at 32x32, or leave 32 out"
+            r" of --classifier_attention_resolutions$",
+        ),
     ],
 )
 def test_flags_nothing_silently_dropped(kind, flags, message):

@@ -91,10 +91,11 @@ class NetConfig:
             )
         for level, width in enumerate(widths):
             if 2**level in self.attention_ds:
-                self._check_heads(width, {self.num_heads, self.heads_upsample})
-        self._check_heads(widths[-1], {self.num_heads})  # the middle block always attends
+                self._check_heads(width, {self.num_heads, self.heads_upsample}, level)
+        self._check_heads(widths[-1], {self.num_heads}, len(widths) - 1)  # the middle block always attends
 
-    def _check_heads(self, width: int, heads: set[int]) -> None:
+    def _check_heads(self, width: int, heads: set[int], level: int) -> None:
+        """The attention heads of resolution level ``level`` (0: full size), ``width`` channels."""
         if self.num_head_channels != -1:
             if width % self.num_head_channels:
                 raise ConfigError(
@@ -185,13 +186,21 @@ class ClassifierConfig(NetConfig):
         if self.pool == "attention" and self.num_head_channels == -1:
             raise ConfigError("pool 'attention' needs num_head_channels")
 
-    def _check_heads(self, width: int, heads: set[int]) -> None:
+    def _check_heads(self, width: int, heads: set[int], level: int) -> None:
         """No flag sets a classifier's head width (guided-diffusion's 64): name the ones that set
-        the width it must divide."""
+        the width it must divide, at the level that attends (the last: the middle block and the
+        pool attend there whatever attention_resolutions says)."""
         try:
-            super()._check_heads(width, heads)
+            super()._check_heads(width, heads, level)
         except ConfigError as e:
+            size = self.image_size // 2**level
+            fix = (
+                "raise model_channels or the last channel_mult"
+                if level == len(self.levels) - 1
+                else f"raise model_channels or channel_mult's value at {size}x{size}, or leave {size}"
+                " out of attention_resolutions"
+            )
             raise ConfigError(
                 f"{e} (the classifier's attention heads are {self.num_head_channels} channels, as"
-                " guided-diffusion's): raise model_channels or the last channel_mult"
+                f" guided-diffusion's): {fix}"
             ) from None
