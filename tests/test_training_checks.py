@@ -246,11 +246,16 @@ def test_resume_refuses_other_training_settings(finished_run, tmp_path, change, 
 
 
 def test_resume_may_change_the_learning_rate_schedule(finished_run, tmp_path):
-    """recipes/README.md's second phase resumes with another --lr and --anneal."""
+    """recipes/README.md's second phase resumes with another --lr and --anneal, and --weight-decay:
+    the optimizer's state brought back the checkpoint's decay, so a new one was recorded unused."""
     out, args = _copy(finished_run, tmp_path)
-    result = CliRunner().invoke(train, [*args, "--lr", "5e-4", "--anneal", "--warmup-steps", "2"])
+    change = ["--lr", "5e-4", "--anneal", "--warmup-steps", "2", "--weight-decay", "0.5"]
+    result = CliRunner().invoke(train, [*args, *change])
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "latest.json").read_text())["step"] == 2
+    record = json.loads((out / "latest.json").read_text())
+    assert record["step"] == 2
+    state = torch.load(out / record["state"], weights_only=False)
+    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.5]
 
 
 def _damage(out, how):

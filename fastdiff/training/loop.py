@@ -535,6 +535,8 @@ class TrainLoop:
         for rate in self.ema.rates:
             self.ema.load(rate, emas[ckpt.ema_name(rate)])
         self.opt.load_state_dict(state["optimizer"])
+        for group in self.opt.param_groups:  # the state brings back its decay; a resume may change it
+            group["weight_decay"] = self.config.weight_decay
         self.scaler.load_state_dict(_scaler_state(state["scaler"]))
         self.load_extra_state(state)
         if "meter" in state:  # older checkpoints: the first row after the resume averages fewer steps
