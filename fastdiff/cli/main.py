@@ -53,7 +53,7 @@ class LazyGroup(click.Group):
     summaries = {
         "sample": "Sample images with classifier or classifier-free guidance.",
         "presets": "List the model presets, or print one preset's flags as a guided-diffusion flag string.",
-        "train": "Train an ADM diffusion model (hybrid loss with learned sigma, EMA, AdamW).",
+        "train": "Train an ADM diffusion model (AdamW, EMA; hybrid loss with --learn_sigma True in --flags).",
         "train-classifier": "Train ADM's noisy-image classifier (for classifier guidance).",
         "export": "Export the classifier-guided denoiser for inference runtimes (ONNX, TensorRT).",
         "evaluate": "Score samples against a reference batch: FID, sFID, Inception Score, precision, recall.",

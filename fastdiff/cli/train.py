@@ -14,8 +14,9 @@ from fastdiff.cli.paths import UserPath, UserText
 from fastdiff.cli.sample import with_options
 
 
-def common_options(lr: float, ema: str, out: str):
-    """Options shared by both commands (defaults differ: ADM's diffusion vs classifier recipes)."""
+def common_options(lr: float, ema: str, out: str, out_holds: str):
+    """Options shared by both commands (defaults differ: ADM's diffusion vs classifier recipes;
+    ``out_holds``: what the run folder gets besides checkpoints)."""
     options = [
         click.option(
             "--data",
@@ -106,9 +107,15 @@ def common_options(lr: float, ema: str, out: str):
             default=out,
             show_default=True,
             type=UserPath(file_okay=False),
-            help="Run folder: checkpoints, log.jsonl, loss.png, samples/.",
+            help=f"Run folder: checkpoints, {out_holds}.",
         ),
-        click.option("--resume", is_flag=True, help="Continue exactly from the newest checkpoint in --out."),
+        click.option(
+            "--resume",
+            is_flag=True,
+            help="Continue from the newest checkpoint in --out, exactly with the same options (another "
+            "--lr, --warmup-steps, --anneal, --weight-decay or --grad-clip is a new schedule from there; "
+            "other training settings and other data are refused).",
+        ),
         click.option(
             "--seed",
             type=int,
@@ -151,7 +158,7 @@ def common_options(lr: float, ema: str, out: str):
 
 
 @click.command("train")
-@common_options(lr=1e-4, ema="0.9999", out="runs/diffusion")
+@common_options(lr=1e-4, ema="0.9999", out="runs/diffusion", out_holds="log.jsonl, loss.png, samples/")
 @click.option(
     "--schedule-sampler",
     type=click.Choice(["uniform", "loss-second-moment"]),
@@ -181,7 +188,7 @@ def common_options(lr: float, ema: str, out: str):
     "--sample-steps", type=int, default=25, show_default=True, help="DDIM steps of the sample grids."
 )
 def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps, **o):
-    """Train an ADM diffusion model (hybrid loss with learned sigma, EMA, AdamW).
+    """Train an ADM diffusion model (AdamW, EMA; hybrid loss with --learn_sigma True in --flags).
 
     The last line printed names the weights fastdiff sample takes; killed, the same command
     with --resume continues. SIGTERM (a scheduler's stop) or Ctrl-C first finishes the step
@@ -200,7 +207,7 @@ def train(schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps
 
 
 @click.command("train-classifier")
-@common_options(lr=3e-4, ema="", out="runs/classifier")
+@common_options(lr=3e-4, ema="", out="runs/classifier", out_holds="log.jsonl, loss.png")
 @click.option(
     "--val-data",
     type=UserText(),
