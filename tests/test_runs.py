@@ -169,6 +169,25 @@ def test_load_diffusion_model_takes_names_and_paths_as_strings():
         load_diffusion_model(preset=None, flag_string=None, checkpoint=None, device="gpu")
 
 
+def test_weights_of_another_kind_are_named_so():
+    """A classifier's weights given as a diffusion model (or the other way round) were read with
+    the other kind's flags: 'diffusion flags: --classifier_width is not a diffusion model flag (a
+    classifier's flags go in --classifier-flags)' named no mistake the user made."""
+    from fastdiff.runs import load_diffusion_model
+    from fastdiff.runs.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL, load_classifier
+
+    with pytest.raises(RunError) as e:
+        load_diffusion_model(preset=None, flag_string=None, checkpoint=BUNDLED_CLASSIFIER, device="cpu")
+    assert str(e.value) == (
+        f"{BUNDLED_CLASSIFIER} holds a classifier model (fastdiff train-classifier's weights), not a"
+        " diffusion model"
+    )
+    with pytest.raises(
+        RunError, match=r"holds a diffusion model \(fastdiff train's weights\), not a classifier"
+    ):
+        load_classifier(BUNDLED_MODEL, preset=None, flag_string=None, image_size=32, device="cpu")
+
+
 def test_invert_and_interpolate_check_their_arguments(tmp_path):
     from fastdiff.runs import DDIMOptions, interpolate, invert_images
 

@@ -169,6 +169,12 @@ def _configs_from(
             metadata = read_metadata(checkpoint)
         except CheckpointError as e:
             raise _one_line(e) from None
+    made = metadata.get("kind")  # fastdiff's trainers name it: a classifier's flags are no model's
+    if isinstance(made, str) and made != kind:
+        from fastdiff.training.checkpoint import COMMANDS
+
+        by = f" ({COMMANDS[made]}'s weights)" if made in COMMANDS else ""
+        raise RunError(f"{checkpoint} holds a {made} model{by}, not a {kind} model")
     flags: dict = dict(defaults)
     if preset is not None:
         p = _preset(preset)
