@@ -397,7 +397,9 @@ def test_cli_train_end_to_end(tmp_path):
 
 def test_a_finished_run_names_the_weights_sample_takes(tmp_path):
     """The run folder and its latest.json name no network; the done line and sample's refusal of
-    them give the weights files, and the first of them samples as given."""
+    them give the weights files, and the first of them samples as given. So does the refusal of a
+    state file, the run's only .pt (it was asked for flags: 'say which diffusion model this is',
+    then, given them, 'does not hold a state dict')."""
     from fastdiff.cli.main import main
 
     out = tmp_path / "run"
@@ -406,10 +408,14 @@ def test_a_finished_run_names_the_weights_sample_takes(tmp_path):
     assert result.exit_code == 0, result.output
     weights = f"{out / 'ema_0.99_0000001.safetensors'} (EMA 0.99) or {out / 'model_0000001.safetensors'}"
     assert result.output.strip().splitlines()[-1] == f"done: step 1, weights {weights}"
-    for given in (out, out / "latest.json"):
+    for given, what in [
+        (out, "a training run"),
+        (out / "latest.json", "a training run"),
+        (out / "state_0000001.pt", "a training run's state"),
+    ]:
         r = CliRunner().invoke(main, ["sample", "--checkpoint", str(given), "--out", str(tmp_path / "s")])
         assert r.exit_code != 0 and r.output.strip().splitlines() == [
-            f"Error: checkpoint {given} is a training run, not a weights file: pass {weights}"
+            f"Error: checkpoint {given} is {what}, not a weights file: pass {weights}"
         ]
         assert not (tmp_path / "s").exists()
     first = weights.split(" (EMA")[0]

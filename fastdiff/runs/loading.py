@@ -102,22 +102,31 @@ class LoadedModel:
         )
 
 
-def _training_run(path: Path) -> str | None:
-    """The weights to pass instead of a training run's folder or its latest.json, if it is one."""
-    from fastdiff.training.checkpoint import LATEST, latest_checkpoint, weights_files
+def _training_run(path: Path) -> tuple[str, str] | None:
+    """(what ``path`` is, the weights to pass instead) for a training run's folder or latest.json
+    (its latest weights) or one of its state files (the optimizer's, the run's only .pt: the
+    weights of its step)."""
+    from fastdiff.training import checkpoint as ckpt
 
-    folder = path if path.is_dir() else path.parent if path.name == LATEST else None
+    state = ckpt.CHECKPOINT_FILE.fullmatch(path.name)
+    state = state if state and state[1] == "state" else None
+    folder = path if path.is_dir() else path.parent if path.name == ckpt.LATEST or state else None
     try:
-        record = None if folder is None else latest_checkpoint(folder)
+        record = None if folder is None else ckpt.latest_checkpoint(folder)
     except CheckpointError:
         return None
-    return None if record is None else weights_files(folder, record)
+    if record is None:
+        return None
+    if not state:
+        return "a training run", ckpt.weights_files(folder, record)
+    step = ckpt.step_record(int(state[2]), record["ema"])  # the run's EMA rates, the latest record's
+    return "a training run's state", ckpt.weights_files(folder, step)
 
 
 def check_file(path: Path, what: str) -> None:
-    weights = _training_run(path)
-    if weights is not None:
-        raise RunError(f"{what} {path} is a training run, not a weights file: pass {weights}")
+    run = _training_run(path)
+    if run is not None:
+        raise RunError(f"{what} {path} is {run[0]}, not a weights file: pass {run[1]}")
     if path.is_dir():
         raise RunError(f"{what} {path} is a folder, not a file")
     if not path.is_file():

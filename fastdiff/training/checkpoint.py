@@ -78,6 +78,16 @@ def ema_name(rate: float) -> str:
     return repr(float(rate))
 
 
+def step_record(step: int, rates) -> dict:
+    """The checkpoint record of ``step``: its files' names, an EMA's per rate (``ema_name``)."""
+    return {
+        "step": step,
+        "model": f"model_{step:07d}.safetensors",
+        "ema": {rate: f"ema_{rate}_{step:07d}.safetensors" for rate in rates},
+        "state": f"state_{step:07d}.pt",
+    }
+
+
 def save_checkpoint(
     out_dir,
     step: int,
@@ -89,17 +99,10 @@ def save_checkpoint(
     """Write one checkpoint and point ``latest.json`` at it; returns the pointer record."""
     out_dir = Path(out_dir)
     meta = dict(metadata or {}, step=step)
-    record = {
-        "step": step,
-        "model": f"model_{step:07d}.safetensors",
-        "ema": {},
-        "state": f"state_{step:07d}.pt",
-    }
+    record = step_record(step, [ema_name(rate) for rate in ema_states])
     save_weights(model_state, out_dir / record["model"], meta)
     for rate, ema in ema_states.items():
-        name = f"ema_{ema_name(rate)}_{step:07d}.safetensors"
-        save_weights(ema, out_dir / name, dict(meta, ema_rate=rate))
-        record["ema"][ema_name(rate)] = name
+        save_weights(ema, out_dir / record["ema"][ema_name(rate)], dict(meta, ema_rate=rate))
     save_torch(state, out_dir / record["state"])
     atomic_write(out_dir / LATEST, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     return record
