@@ -161,15 +161,29 @@ def test_inputs_that_are_no_tensors_or_other_batches_are_one_error():
     unet = small_unet()
     classifier = EncoderUNetModel(ClassifierConfig(**{**SMALL, "use_scale_shift_norm": False}, num_classes=4))
     x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
-    for t, got in ((5, "int"), (torch.tensor(5), "\\[\\]"), ([5, 6], "list"), (torch.tensor([5]), "\\[1\\]")):
+    wrong = ((5, "int"), (torch.tensor(5), "\\[\\]"), ([5, 6], "list"), (torch.tensor([5, 6, 7]), "\\[3\\]"))
+    for t, got in wrong:
         with pytest.raises(
-            ValueError, match=f"timesteps must be a tensor \\[N\\]=\\[2\\], one per image, got {got}"
+            ValueError, match=f"timesteps must be a tensor \\[N\\]=\\[2\\] or \\[1\\], got {got}"
         ):
             unet(x, t, y)
         with pytest.raises(ValueError, match="timesteps must be a tensor"):
             classifier(x, t)
     with pytest.raises(ValueError, match="x must be a tensor \\[N, C, H, W\\], got ndarray"):
         unet(x.numpy(), torch.tensor([5, 6]), y)
+
+
+def test_one_timestep_serves_the_whole_batch_as_in_guided_diffusion():
+    """timesteps [1] with a batch of N broadcast in the original (its embedding row is added to
+    every image's); they were refused as a count other than x's."""
+    unet = randomize(small_unet()).eval()
+    classifier = randomize(
+        EncoderUNetModel(ClassifierConfig(**{**SMALL, "use_scale_shift_norm": False}, num_classes=4))
+    ).eval()
+    x, y = torch.randn(3, 3, 16, 16), torch.tensor([1, 2, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, torch.tensor([7]), y), unet(x, torch.tensor([7, 7, 7]), y))
+        torch.testing.assert_close(classifier(x, torch.tensor([7])), classifier(x, torch.tensor([7, 7, 7])))
 
 
 @pytest.mark.filterwarnings("error::torch.jit.TracerWarning")

@@ -322,15 +322,20 @@ class _ADMNet(nn.Module):
             m.apply(convert_module_to_f32)
 
     @staticmethod
-    def check_inputs(x, timesteps) -> None:
-        """x a tensor and timesteps a tensor [N], one per image: a Python int, a 0-d tensor or a
-        list failed deep in the timestep embedding, and a count other than x's was said about y."""
+    def batch_timesteps(x, timesteps) -> torch.Tensor:
+        """timesteps as a tensor [N], one per image. One timestep [1] serves the whole batch, as
+        it broadcasts in guided-diffusion; a Python int, a 0-d tensor or a list failed deep in the
+        timestep embedding, and another count was said about y."""
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"x must be a tensor [N, C, H, W], got {type(x).__name__}")
-        sized = not torch.jit.is_tracing()  # a traced size's test warns (TracerWarning), as in the ops
-        if not (isinstance(timesteps, torch.Tensor) and (not sized or timesteps.shape == (x.shape[0],))):
+        if torch.jit.is_tracing() and isinstance(timesteps, torch.Tensor):
+            return timesteps  # a traced size's test warns (TracerWarning), as in the ops
+        if isinstance(timesteps, torch.Tensor) and timesteps.shape == (1,):
+            return timesteps.expand(x.shape[0])
+        if not (isinstance(timesteps, torch.Tensor) and timesteps.shape == (x.shape[0],)):
             got = list(timesteps.shape) if isinstance(timesteps, torch.Tensor) else type(timesteps).__name__
-            raise ValueError(f"timesteps must be a tensor [N]=[{x.shape[0]}], one per image, got {got}")
+            raise ValueError(f"timesteps must be a tensor [N]=[{x.shape[0]}] or [1], got {got}")
+        return timesteps
 
     def _time_emb(self, timesteps: torch.Tensor) -> torch.Tensor:
         emb = timestep_embedding(timesteps, self.model_channels)
@@ -400,7 +405,7 @@ class UNetModel(_ADMNet):
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        self.check_inputs(x, timesteps)
+        timesteps = self.batch_timesteps(x, timesteps)
         with outside_autocast(x):  # under autocast only the torso computes in low precision
             emb = self.embed(timesteps, y)
         hs = []
@@ -476,7 +481,7 @@ class EncoderUNetModel(_ADMNet):
         return self.input_blocks, self.middle_block
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        self.check_inputs(x, timesteps)
+        timesteps = self.batch_timesteps(x, timesteps)
         with outside_autocast(x):  # under autocast only the torso computes in low precision
             emb = self._time_emb(timesteps)
         spatial = self.pool.startswith("spatial")
