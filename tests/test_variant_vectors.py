@@ -8,9 +8,13 @@ references.
 
 from __future__ import annotations
 
+import importlib
+import random
+
 import pytest
 import torch
 from conftest import VARIANTS_FILE, load_case
+from test_compat_scripts import ORIGINAL, needs_original
 from vectors.variants import VARIANTS, run_variant
 
 from fastdiff.compat import guided_diffusion as gd
@@ -70,3 +74,72 @@ def test_variant_matches_the_original(name, mode, monkeypatch):
         assert rel_err(g, w) <= max(TOLERANCE[key], own.get(what, 0.0)), what
         if what in fp32:
             assert rel_err(g, fp32[what]) <= own[what], f"{what} against fp32"
+
+
+def random_flags(seed: int) -> tuple[str, dict]:
+    """A seeded draw of (kind, flags) crossing the options the file's variants change one at a
+    time: sizes, level counts and widths, attention levels and heads, blocks, pools, schedules,
+    losses. Every draw is valid for both implementations (widths are multiples of 32, heads
+    divide them, the process has the 8 steps the recipe indexes and a 4-step DDIM stride)."""
+    r = random.Random(seed)
+    kind = r.choice(["process", "process", "process", "superres", "classifier"])
+    if kind == "classifier":
+        return kind, {
+            **gd.classifier_defaults(),
+            "image_size": 64,
+            "classifier_width": 64,  # each level's width a multiple of its 64-channel heads
+            "classifier_depth": r.randint(1, 2),
+            "classifier_attention_resolutions": r.choice(["16,8", "8", "32,16,8", "4"]),
+            "classifier_use_scale_shift_norm": r.random() < 0.5,
+            "classifier_resblock_updown": r.random() < 0.5,
+            "classifier_pool": r.choice(["attention", "adaptive", "spatial", "spatial_v2"]),
+        }
+    schedule = r.choice(["linear", "cosine"])
+    flags = {
+        "diffusion_steps": r.choice([25, 30] if schedule == "linear" else [8, 12, 17]),
+        "noise_schedule": schedule,
+        "learn_sigma": r.random() < 0.5,
+        "use_kl": r.random() < 0.3,
+        "predict_xstart": r.random() < 0.3,
+        "rescale_timesteps": r.random() < 0.4,
+        "rescale_learned_sigmas": r.random() < 0.7,
+        "class_cond": True,  # the recipe's guidance reads the labels
+        "num_channels": 32,
+        "num_res_blocks": r.randint(1, 2),
+        "num_heads": r.choice([1, 2, 4]),
+        "num_head_channels": r.choice([-1, -1, 32]),
+        "num_heads_upsample": r.choice([-1, 1, 2]),
+        "use_scale_shift_norm": r.random() < 0.5,
+        "resblock_updown": r.random() < 0.5,
+        "dropout": r.choice([0.0, 0.1]),  # eval mode: no effect, as in the original
+        "use_checkpoint": r.random() < 0.3,
+    }
+    if kind == "superres":
+        flags.update(large_size=64, small_size=r.choice([8, 16, 32]), attention_resolutions="8")
+        return kind, {**gd.sr_model_and_diffusion_defaults(), **flags}
+    size = r.choice([8, 16, 32])
+    levels = r.randint(1 if size < 32 else 2, 3)
+    pixels = [size >> i for i in range(levels) if size >> i <= 16]  # milliseconds of attention
+    flags.update(
+        image_size=size,
+        channel_mult=",".join(str(r.choice([1, 2, 3])) for _ in range(levels)),
+        num_channels=r.choice([32, 64]) if size < 32 else 32,  # seconds, not minutes, per draw
+        attention_resolutions=",".join(str(p) for p in r.sample(pixels, r.randint(1, len(pixels)))),
+        use_new_attention_order=r.random() < 0.5,
+    )
+    return kind, {**gd.model_and_diffusion_defaults(), **flags}
+
+
+@needs_original
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(10))
+def test_random_flags_match_the_original(seed, monkeypatch):
+    """:func:`random_flags`' draw through run_variant's recipe, computed by guided-diffusion's
+    script_util (imported live) and by the compat layer on the product's path."""
+    monkeypatch.syspath_prepend(ORIGINAL)
+    original = importlib.import_module("guided_diffusion.script_util")
+    kind, flags = random_flags(seed)
+    want = run_variant(original, torch, kind, flags)
+    got = run_variant(gd, torch, kind, flags)
+    for key, what, g, w in _pairs(got, want):
+        assert rel_err(g, w) <= TOLERANCE[key], f"{what} of {kind} {flags}"
