@@ -252,7 +252,8 @@ def test_fp32_dq_up_to_32_channels_at_an_unaligned_t_runs_one_stage(monkeypatch)
 def test_sequences_up_to_16_take_their_own_warps(monkeypatch):
     """T up to 16 shrinks the tiles to 16 rows, where 16-bit dQ at head dims 65..128 takes 4 warps
     (8 spilled 8 B on sm_80 at T = 4 or 9) and fp32 forward and dQ at 33..128 take 8 (4 spilled up
-    to 24 B on sm_80 or sm_90): offline compile, triton 3.9 and 3.6. T = 17, the other kernels and
+    to 24 B on sm_80 or sm_90): offline compile, triton 3.9 and 3.6. 16-bit dK/dV at 65..128 takes
+    1 stage (2 spilled 8 B on sm_90 at T = 2, 4, 9, 15 with triton 3.8). T = 17, the other kernels and
     head dims keep their tiles."""
     pytest.importorskip("triton")
     from fastdiff.ops.attention import triton_kernel as tk
@@ -260,11 +261,13 @@ def test_sequences_up_to_16_take_their_own_warps(monkeypatch):
     monkeypatch.setattr(tk, "triton_interpret", lambda: False)
     f32 = torch.float32
     for dtype, head_dim in itertools.product((torch.float16, torch.bfloat16), (80, 96, 100, 112, 128)):
-        for length in (4, 9, 15, 16):
-            assert tk.candidates("dq", head_dim, length, dtype) == [(16, 16, 4, 2)], (dtype, head_dim, length)
+        for length in (2, 4, 9, 15, 16):
+            where = (dtype, head_dim, length)
+            assert tk.candidates("dq", head_dim, length, dtype) == [(16, 16, 4, 2)], where
+            assert tk.candidates("dkdv", head_dim, length, dtype) == [(16, 16, 8, 1)], where
         assert tk._config("dq", head_dim, 17, dtype) == tk._UNALIGNED[("dq", False, 128)]
+        assert tk._config("dkdv", head_dim, 17, dtype) == tk._UNALIGNED[("dkdv", False, 128)]
         assert tk._config("fwd", head_dim, 9, dtype) == (16, 16, 8, 2)
-        assert tk._config("dkdv", head_dim, 9, dtype) == (16, 16, 8, 2)
     for head_dim, length in itertools.product((40, 48, 64, 80, 100, 128), (4, 9, 16)):
         assert tk.candidates("fwd", head_dim, length, f32) == [(16, 16, 8, 2)], (head_dim, length)
     for head_dim, length in itertools.product((40, 48, 64), (4, 9, 16)):

@@ -101,10 +101,13 @@ _ODD_HEADS = {
 # T up to 16 shrinks every tile to 16 rows, where these warp counts are the ones that do not spill
 # (16-bit dQ at head dims 65..128 spilled 8 B on sm_80 with 8 warps at T = 4 or 9; with 4, fp32
 # forward and dQ at 33..128 up to 24 B, on sm_80 or sm_90: triton 3.9's ptxas or 3.6's; fp32 dQ up
-# to 32 keeps 2 stages here, as its unaligned tile's 1 spilled 8 B on sm_90 with 3.9)
+# to 32 keeps 2 stages here, as its unaligned tile's 1 spilled 8 B on sm_90 with 3.9). 16-bit dK/dV
+# at 65..128 takes 1 stage: its one query block leaves nothing to prefetch, and 2 spilled 8 B on
+# sm_90 at T = 2, 4, 9 and 15 with triton 3.8.
 _SHORT = {
     ("fwd", True, 64): (16, 16, 8, 2),
     ("fwd", True, 128): (16, 16, 8, 2),
+    ("dkdv", False, 128): (16, 16, 8, 1),
     ("dq", True, 32): (16, 16, 8, 2),
     ("dq", True, 64): (16, 16, 8, 2),
     ("dq", False, 128): (16, 16, 4, 2),
