@@ -249,6 +249,41 @@ def test_fp32_dq_up_to_32_channels_at_an_unaligned_t_runs_one_stage(monkeypatch)
     assert tk._config("dq", 32, 64, f32) == tk._CONFIGS[("dq", True, 32)]
 
 
+def test_fp32_dkdv_over_128_channels_at_an_unaligned_t_reads_16_channels_a_step(monkeypatch):
+    """fp32 dK/dV at head dims over 128 with T or d not a multiple of 16 sums its d-dots 16 channels
+    a step (32 spilled 32 B on sm_80 at d = 144..256, T = 17..1025 off 16, with triton 3.8; offline
+    compile); aligned shapes, dQ and the forward keep 32, 16-bit dots the whole head."""
+    pytest.importorskip("triton")
+    from fastdiff.ops.attention import triton_kernel as tk
+
+    chunks: dict = {}
+
+    class Recorder:  # the backward's launches, on meta tensors: (kernel name, D_CHUNK) per shape
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: chunks.__setitem__(self.name, kw.get("D_CHUNK"))
+
+    for name in ("_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        monkeypatch.setattr(tk, name, Recorder(name))
+    monkeypatch.setattr(tk, "triton_interpret", lambda: False)
+
+    def launched(head_dim, length, dtype=torch.float32):
+        qkv = torch.empty(1, 3 * head_dim, length, dtype=dtype, device="meta")
+        out = torch.empty(1, head_dim, length, dtype=dtype, device="meta")
+        lse = torch.empty(1, length, device="meta")
+        tk.backward(out, qkv, out, lse, 1, "new")
+        return chunks["_bwd_dkdv_kernel"], chunks["_bwd_dq_kernel"]
+
+    for head_dim, length in itertools.product((144, 192, 200, 256), (17, 65, 1025)):
+        assert launched(head_dim, length) == (16, 32), (head_dim, length)
+    assert launched(192, 64) == launched(256, 1024) == (32, 32)
+    assert launched(128, 65) == (128, 32)
+    assert launched(192, 65, torch.float16) == (256, 256)
+    assert tk._d_chunk(torch.float32, 256) == 32
+
+
 def test_sequences_up_to_16_take_their_own_warps(monkeypatch):
     """T up to 16 shrinks the tiles to 16 rows, where 16-bit dQ at head dims 65..128 takes 4 warps
     (8 spilled 8 B on sm_80 at T = 4 or 9) and fp32 forward and dQ at 33..128 take 8 (4 spilled up

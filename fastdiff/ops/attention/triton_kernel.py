@@ -533,15 +533,20 @@ def _bwd_dq_kernel(
     )
 
 
-def _d_chunk(dtype: torch.dtype, block_d: int, unaligned_dq: bool = False) -> int:
+def _d_chunk(dtype: torch.dtype, block_d: int, kernel: str = "fwd", unaligned: bool = False) -> int:
     """Head-dim channels per step of the dots that sum over d (q.k, dO.v). A warp holds all d of
     its rows of the left operand, replicated across the warps that split the other side; at fp32
     d=256 tf32x3's hi/lo halves of that make 256 registers per thread, so there the operands are
     re-read from memory (L1/L2) 32 channels at a time, in a loop that is not unrolled (unrolled,
     the chunks' loads are all issued at once and spill again), instead of held for the whole loop.
-    fp32 dQ at d=128 with T or d not a multiple of 16 spills at the smallest tiles too: chunked."""
-    wide = block_d > 128 or (unaligned_dq and block_d == 128)
-    return 32 if dtype == torch.float32 and wide else block_d
+    With T or d not a multiple of 16 (``_unaligned``), fp32 dQ at d=128 spills at the smallest tiles
+    too: chunked; and fp32 dK/dV at d > 128, whose loads of dO and Q go through registers there,
+    takes 16 channels (32 spilled 32 B on sm_80 at d = 144..256, T = 17..1025 off 16, with triton 3.8)."""
+    if dtype != torch.float32:
+        return block_d
+    if unaligned and kernel == "dkdv" and block_d > 128:
+        return 16
+    return 32 if block_d > 128 or (unaligned and kernel == "dq" and block_d == 128) else block_d
 
 
 def _dims(qkv: torch.Tensor, num_heads: int):
@@ -637,7 +642,7 @@ def backward(
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 BLOCK_D=block_d,
-                D_CHUNK=_d_chunk(qkv.dtype, block_d, name == "dq" and _unaligned(head_dim, length)),
+                D_CHUNK=_d_chunk(qkv.dtype, block_d, name, _unaligned(head_dim, length)),
                 **_dot_meta(qkv.dtype),
                 num_warps=warps,
                 num_stages=stages,
