@@ -182,6 +182,22 @@ def test_unaligned_tiles_where_the_shape_needs_them(monkeypatch):
     assert tk._config("dq", 40, 65, torch.float16) == tk._UNALIGNED[("dq", False, 64)]
 
 
+def test_fp32_dq_at_head_dims_and_t_off_16_offers_no_8_warps(monkeypatch):
+    """fp32 dQ with neither d (33..63) nor T a multiple of 16 keeps its 4-warp 16-row tile in
+    autotuning too (8 warps spilled 8 B on sm_80 and 16 B on sm_90 at d = 33..60, T = 33..1025, with
+    triton 3.8; offline compile); d = 64 and 16 bits still offer 8, an aligned T keeps its 8-warp tile."""
+    pytest.importorskip("triton")
+    from fastdiff.ops.attention import triton_kernel as tk
+
+    monkeypatch.setattr(tk, "triton_interpret", lambda: False)
+    f32 = torch.float32
+    for head_dim, length in itertools.product((33, 40, 44, 60), (33, 65, 100, 1025)):
+        assert tk.candidates("dq", head_dim, length, f32) == [(16, 16, 4, 2)], (head_dim, length)
+    assert tk.candidates("dq", 64, 65, f32) == [(32, 16, 4, 2), (32, 16, 8, 2)]
+    assert tk.candidates("dq", 40, 64, f32) == [(32, 32, 8, 2)]
+    assert (32, 32, 8, 2) in tk.candidates("dq", 40, 65, torch.float16)
+
+
 def test_fp32_forward_at_head_dims_off_16_takes_8_warps(monkeypatch):
     """fp32 forward at head dims 33..63 not a multiple of 16 takes 8 warps at every T (d = 40's
     4-warp tile spilled 8 B on sm_80 at T = 17, 64, 256, 1024; offline compile, triton 3.9 / 3.6);

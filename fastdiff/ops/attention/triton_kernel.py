@@ -115,6 +115,10 @@ _SHORT = {
 # T up to 32 shrinks the tiles to 16 or 32 rows, where a 4-warp default's 8-warp alternative
 # spills (16-bit dK/dV at d = 8 and dQ at d = 24, T = 17, on sm_90 with triton 3.6): not offered
 _FEW_ROWS = 32
+# defaults whose 8-warp alternative spills at any T, by (kernel, fp32?, BLOCK_D, tile): not offered
+# (fp32 dQ's ``_UNALIGNED_HEADS`` tile: 8 B on sm_80 and 16 B on sm_90 at d = 33..60, T = 33..1025,
+# with triton 3.8; with 1 stage too, 8 B on sm_90 with 3.6 and 3.8)
+_KEEP_WARPS = {("dq", True, 64, (16, 16, 4, 2))}
 # T or d not a multiple of 16: half-rows alternatives that spill, by (kernel, fp32?, BLOCK_D) and
 # tile, and the tile offered instead (the 16-bit forward at d = 32 and 16, T = 33..63: 32 rows by
 # 64 keys spilled 16 B on sm_90 at d = 32 with triton 3.6; by 32 keys, none)
@@ -158,7 +162,7 @@ def _config(kernel: str, head_dim: int, length: int, dtype: torch.dtype):
 def candidates(kernel: str, head_dim: int, length: int, dtype: torch.dtype) -> list[tuple]:
     """The tiles autotuning may pick, the default first: 8 warps where the default has 4 (never
     fewer: the defaults' warp counts keep their registers from spilling; never for T up to
-    ``_FEW_ROWS``, whose small tiles spill with 8) and, for the 16-bit
+    ``_FEW_ROWS``, whose small tiles spill with 8, nor for ``_KEEP_WARPS``) and, for the 16-bit
     forward and dQ up to head dim 128, half the query rows per program (twice the programs for
     small grids; dK/dV, fp32 and d=256 tiles spill when halved, with triton 3.9's ptxas or 3.6's;
     ``_UNALIGNED_HALF_ROWS`` reshapes the halved tiles that spill).
@@ -168,7 +172,8 @@ def candidates(kernel: str, head_dim: int, length: int, dtype: torch.dtype) -> l
     if triton_interpret() or (dtype == torch.float32 and head_dim > 128):
         return [default]
     block_m, block_n, warps, stages = default
-    options = [default] + ([(block_m, block_n, 8, stages)] if length > _FEW_ROWS else [])
+    more_warps = length > _FEW_ROWS and (*_key(kernel, head_dim, dtype), default) not in _KEEP_WARPS
+    options = [default] + ([(block_m, block_n, 8, stages)] if more_warps else [])
     if kernel != "dkdv" and dtype != torch.float32 and head_dim <= 128 and block_m >= 32:
         half = (block_m // 2, block_n, warps, stages)
         if _unaligned(head_dim, length):
