@@ -16,9 +16,10 @@ dtypes x layouts x archs), too many to compile each run; its tiles keep about th
 thread, so by default one variant per (kernel, flags, vector width, dtype, layout, arch) is compiled,
 the one with the most elements per thread and the widest channel tile; ``--all`` compiles them all
 (run it when the GroupNorm kernels or their tiles change). Triton's cache keeps compiled variants, so
-reruns only compile what changed. CI runs it twice: with the venv's triton and with triton 3.6, the
-GPU image's (``PYTHONPATH`` to a ``pip install --target`` of it), whose ptxas spilled on four tiles
-that 3.9's did not (now retuned).
+reruns only compile what changed. CI runs it three times: with the venv's triton, with triton 3.6,
+the GPU image's, and with 3.8, torch 2.14's (``PYTHONPATH`` to a ``pip install --target`` of each),
+whose ptxas spilled on tiles that 3.9's did not (3.6's on four, 3.8's on five attention backward
+variants; all retuned).
 """
 
 from __future__ import annotations

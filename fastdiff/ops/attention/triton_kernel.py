@@ -42,7 +42,8 @@ def _layout(num_heads: int, head_dim: int, order: str):
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (kernel, fp32?, BLOCK_D); BLOCK_N is dkdv's key block
 # and dq's loop step. Each fits sm_80 and sm_90 without spilling (.ci/check_triton_compile.py measures)
-# with triton 3.9 (CI's) and 3.6 (the GPU image's; its ptxas spills on some tiles 3.9's does not).
+# with triton 3.9 (CI's), 3.6 (the GPU image's) and 3.8 (torch 2.14's): each ptxas spills on some
+# tiles the others do not.
 # fp32 at BLOCK_D 256 also needs its head-dim dots read in chunks (``_d_chunk``).
 _CONFIGS = {
     ("fwd", False, 32): (128, 64, 4, 3),
