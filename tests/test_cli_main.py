@@ -270,12 +270,14 @@ def test_the_sampling_commands_share_their_device_options():
             tuple(getattr(option.type, "choices", ())),
         )
 
-    for name in ("engine", "threads", "dtype", "device"):
+    for name in ("engine", "threads", "dtype", "device", "progress"):
         forms = {
             command: described(command, name) for command in ("sample", "upsample", "invert", "interpolate")
         }
         if name in ("threads", "device"):  # theirs were copies too, without the threads' default
             forms.update({command: described(command, name) for command in ("evaluate", "nearest")})
+        if name == "progress":  # invert and interpolate had none; train's bar is of its steps too
+            forms.update({command: described(command, name) for command in ("train", "train-classifier")})
         assert len(set(forms.values())) == 1, forms
 
 

@@ -222,3 +222,15 @@ def test_interpolate_takes_a_class_name(tmp_path, named_model):
     r = cli("interpolate", *ends, "--class", "bird", "--out", tmp_path / "t.png")
     assert r.exit_code == 1 and "the model's class names (cat, dog)" in r.output, r.output
     assert not (tmp_path / "t.png").exists()
+
+
+def test_interpolate_draws_a_bar_of_its_ddim_steps_that_no_progress_hides(tmp_path, named_model):
+    """interpolate had no --progress (a usage error for a script passing --no-progress to every
+    command) and drew no bar. Now it counts each batch's steps: 3 frames in batches of 2, 2 steps."""
+    args = ["interpolate", "--from", 0, "--to", 1, "--frames", 3, "--batch-size", 2, "--steps", 2]
+    args += ["--checkpoint", named_model, "--class", "cat"]
+    r = cli(*args, "--out", tmp_path / "a.png")
+    assert r.exit_code == 0, r.output
+    assert "interpolating: 100%" in r.stderr and "4/4 [" in r.stderr and "interpolating" not in r.stdout
+    r = cli(*args, "--out", tmp_path / "b.png", "--no-progress")
+    assert r.exit_code == 0 and "interpolating" not in r.output, r.output

@@ -637,7 +637,19 @@ def test_a_failed_write_keeps_the_complete_batches_for_resume(inverted, uninterr
 
     _, images, _ = inverted
     out = tmp_path / "inv"
-    args = ["invert", *images, "--steps", 2, "--batch-size", 1, "--to-class", 5, "--out", out]
+    args = [
+        "invert",
+        *images,
+        "--steps",
+        2,
+        "--batch-size",
+        1,
+        "--to-class",
+        5,
+        "--no-progress",
+        "--out",
+        out,
+    ]
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -779,3 +791,23 @@ def test_a_resume_checks_its_kept_images_by_their_files_bytes(tmp_path, monkeypa
     done = fastdiff.runs.invert_images(*args, batch_size=2, resume=True)
     assert done.kept == 4 and len(decodes) == decoded
     assert (tmp_path / "inv" / "latents.npz").read_bytes() == (tmp_path / "full" / "latents.npz").read_bytes()
+
+
+def test_invert_draws_a_bar_of_its_ddim_steps_that_no_progress_hides(tmp_path, monkeypatch):
+    """invert had no --progress (a script passing --no-progress to every command got a usage
+    error) and drew no bar, however many images it inverted. Now its bar counts the steps of
+    every batch's passes (inverted, reconstructed, edited), as sample's counts its steps."""
+    _random_images(tmp_path / "images", 5, 8)
+    _without_a_network(monkeypatch, 8)
+    args = ["invert", tmp_path / "images", "--batch-size", 2]
+    r = cli(*args, "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    # 3 batches x 2 passes x 2 steps, on stderr
+    assert "inverting: 100%" in r.stderr and "12/12 [" in r.stderr and "inverting" not in r.stdout
+    r = cli(*args, "--out", tmp_path / "b", "--no-progress")
+    assert r.exit_code == 0 and "inverting" not in r.output, r.output
+
+
+def test_inverts_bar_counts_the_edits_pass(inverted):
+    """--to-class makes a third pass of every batch: 2 images, one batch, 3 x 10 steps."""
+    assert "inverting: 100%" in inverted[2] and "30/30 [" in inverted[2], inverted[2]

@@ -40,7 +40,7 @@ from fastdiff.cli.sample import ddim_options, echo
     help="The strip PNG to write.",
 )
 @ddim_options
-def interpolate_command(start, end, frames, label, out, batch_size, **model):
+def interpolate_command(start, end, frames, label, out, batch_size, progress, **model):
     """Sample the spherical interpolation between two latents as one strip PNG.
 
     A seed's latent is the x_T image 0 of `fastdiff sample --seed S` starts from, so with the same
@@ -54,6 +54,13 @@ def interpolate_command(start, end, frames, label, out, batch_size, **model):
     from fastdiff.runs.interpolation import interpolate
 
     steps = interpolate(
-        start, end, out, DDIMOptions(**model), frames=frames, label=label, batch_size=batch_size
+        start,
+        end,
+        out,
+        DDIMOptions(**model),
+        frames=frames,
+        label=label,
+        batch_size=batch_size,
+        progress=progress,
     )
     echo(f"{frames} frames from {start} to {end} ({steps} DDIM steps) -> {out}")

@@ -35,7 +35,7 @@ from fastdiff.cli.sample import ddim_options, echo, resume_option
     "--to-class", default=None, help="Also regenerate the latents under this class (an id or a class name)."
 )
 @ddim_options
-def invert_command(images, out, resume, classes, to_class, batch_size, **model):
+def invert_command(images, out, resume, classes, to_class, batch_size, progress, **model):
     """DDIM-invert IMAGES to latents x_T (reconstruction PSNR); --to-class edits their class.
 
     IMAGES are files or folders, read as `fastdiff train` reads its --data: a folder's images
@@ -60,6 +60,7 @@ def invert_command(images, out, resume, classes, to_class, batch_size, **model):
         to_class=to_class,
         batch_size=batch_size,
         resume=resume,
+        progress=progress,
     )
     psnr = done.record["psnr"]
     kept = f" ({done.kept} already there)" if done.kept else ""

@@ -54,6 +54,12 @@ device_option = click.option(
 )
 
 
+# every command that draws a bar of its DDIM steps (sample, upsample, invert, interpolate; train too)
+progress_option = click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar."
+)
+
+
 def batch_size_option(default: int):
     """--batch-size of a command that runs its networks over images a batch at a time."""
     return click.option(
@@ -94,7 +100,7 @@ def device_options(command):
 
 def ddim_options(command):
     """The options invert and interpolate share: the model, DDIM steps, CFG, then where it runs
-    (device_options)."""
+    (device_options) and --progress."""
     options = [
         click.option("--preset", help="Model preset (see `fastdiff presets`); with --checkpoint."),
         click.option("--flags", "flag_string", help="guided-diffusion model flags, instead of --preset."),
@@ -104,7 +110,7 @@ def ddim_options(command):
         click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance weight w."),
         batch_size_option(16),
     ]
-    return with_options(device_options(command), options)
+    return with_options(device_options(progress_option(command)), options)
 
 
 def runtime_options(command):
@@ -119,9 +125,7 @@ def runtime_options(command):
                     show_default=True,
                     help="Clip x0 predictions to [-1, 1].",
                 ),
-                click.option(
-                    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar."
-                ),
+                progress_option,
             ],
         )
     )

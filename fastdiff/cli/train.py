@@ -11,7 +11,7 @@ import click
 
 from fastdiff.choices import PRECISIONS
 from fastdiff.cli.paths import UserPath, UserText
-from fastdiff.cli.sample import with_options
+from fastdiff.cli.sample import progress_option, with_options
 
 
 def common_options(lr: float, ema: str, out: str, out_holds: str):
@@ -149,9 +149,7 @@ def common_options(lr: float, ema: str, out: str, out_holds: str):
             show_default=True,
             help="DataLoader worker processes (useful for image folders).",
         ),
-        click.option(
-            "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar."
-        ),
+        progress_option,
     ]
 
     return lambda command: with_options(command, options)

@@ -46,18 +46,25 @@ class DDIMReverseStep:
         return per_sample(self.c_x, t, x) * x + per_sample(self.c_eps, t, x) * out["eps"], state
 
 
-def run_inversion(diffusion, step: StepFn, x0: Tensor) -> Tensor:
+def run_inversion(diffusion, step: StepFn, x0: Tensor, callback=None) -> Tensor:
     """Run ``step`` (a SamplingStep with a :class:`DDIMReverseStep` rule, or an engine's form of
-    one) over respaced steps 0 .. n-1 from the images ``x0``; returns x_T (a fresh tensor)."""
+    one) over respaced steps 0 .. n-1 from the images ``x0``; returns x_T (a fresh tensor).
+    ``callback(i, x, pred_xstart)`` after each step, as sampling's (an engine running the whole
+    loop as one graph: after the last step only)."""
     n = diffusion.num_timesteps
     timesteps = torch.arange(n, device=x0.device).view(n, 1).repeat(1, x0.shape[0])
     x = x0
     run_loop = getattr(step, "run_loop", None)  # an engine running the whole loop as one graph
     with torch.no_grad():
         if run_loop is not None:
-            return run_loop(x0, timesteps, None, None)[0].clone()
+            x, pred_xstart, _ = run_loop(x0, timesteps, None, None)
+            if callback is not None:
+                callback(n - 1, x, pred_xstart)
+            return x.clone()
         for i in range(n):
-            x, _, _ = step(x, timesteps[i], None, None)
+            x, pred_xstart, _ = step(x, timesteps[i], None, None)
+            if callback is not None:
+                callback(i, x, pred_xstart)
     return x.clone()
 
 

@@ -467,10 +467,12 @@ class Sampler:
         labels: Tensor | Sequence[int] | None = None,
         *,
         model_kwargs: dict[str, Tensor] | None = None,
+        callback: Callable[[int, Tensor, Tensor], None] | None = None,
     ) -> Tensor:
         """x_T of ``images`` ([-1, 1], NCHW) by DDIM inversion (fastdiff.diffusion.inversion) with
         this sampler's model, guidance and engine: sampling it back with ddim, eta 0 and the same
-        ``labels`` (and ``model_kwargs``) reproduces the images (up to the inversion's approximation)."""
+        ``labels`` (and ``model_kwargs``) reproduces the images (up to the inversion's approximation).
+        ``callback`` as sampling's: after each step (under ``graph-loop``, after the last only)."""
         if not (isinstance(images, Tensor) and images.is_floating_point()):
             raise ValueError(f"images must be a floating-point tensor, got {_kind(images)}")
         if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape or len(images) < 1:
@@ -481,9 +483,11 @@ class Sampler:
         images = images.to(self.device, torch.float32)
         if not bool(torch.isfinite(images).all()):  # the inversion would be NaN throughout, silently
             raise ValueError("images must be finite (NCHW in [-1, 1]); they hold NaN or infinity")
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be callable, got {type(callback).__name__}")
         n = len(images)
         labels = self._labels(labels, n)
         model_kwargs = self._model_kwargs(model_kwargs, n)
         with self._lock:
             run = self._fill(n, labels, model_kwargs, invert=True)
-            return run_inversion(self.diffusion, run, images)
+            return run_inversion(self.diffusion, run, images, callback)

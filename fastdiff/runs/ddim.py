@@ -84,17 +84,29 @@ def check_class(loaded: LoadedModel, label: int | str | None, what: str) -> int 
     return label
 
 
-def dealt(sampler: Sampler, batches: list[tuple[int, int]], work, take, what: str) -> None:
-    """``work(lo, hi)`` for each of ``batches``, dealt over the ranks round by round (rank k
+def dealt(
+    sampler: Sampler,
+    batches: list[tuple[int, int]],
+    work,
+    take,
+    what: str,
+    *,
+    passes: int = 1,
+    progress: bool = False,
+    desc: str = "sampling",
+) -> None:
+    """``work(lo, hi, step)`` for each of ``batches``, dealt over the ranks round by round (rank k
     makes the k-th batch of each round), and on rank 0 (without torchrun: this process)
     ``take(lo, hi, result)`` for each batch in batch order while the next round is made: rank 0
     holds a round's results, not the run's. A failure on any rank, ``take``'s on rank 0
     included, ends every rank at the end of its round (ranks.agreed); ``what`` names the items
-    in its line."""
+    in its line. ``step`` is the Sampler's callback for each of the ``passes`` DDIM loops a
+    batch runs: with ``progress``, rank 0's bar counts its steps, as a sampling run's does."""
+    from fastdiff.progress import progress_bar
 
-    def run(lo: int, hi: int):
+    def run(lo: int, hi: int, step):
         try:
-            return work(lo, hi)
+            return work(lo, hi, step)
         except SamplingError as e:  # huge latents overflow: the user's input, as in fastdiff sample
             raise RunError(f"{what} {lo}-{hi - 1}: {e}; nothing was written") from None
         except EngineError as e:  # an engine builds its step on the first batch of a size
@@ -104,12 +116,16 @@ def dealt(sampler: Sampler, batches: list[tuple[int, int]], work, take, what: st
         built_once(sampler, batches[0][1] - batches[0][0])
     world, rank = distributed.world_size(), distributed.rank()
     rounds = [batches[i : i + world] for i in range(0, len(batches), world)]
+    steps = passes * sampler.diffusion.num_timesteps * sum(rank < len(batch) for batch in rounds)
+    shown = progress and distributed.is_main()
     made: list = []  # rank 0's: the round before, each batch with its result
-    for r in range(len(rounds) + 1):
-        with ranks.agreed("sampling"):
-            for (lo, hi), result in made:
-                take(lo, hi, result)
-            mine = rounds[r][rank] if r < len(rounds) and rank < len(rounds[r]) else None
-            result = None if mine is None else run(*mine)
-        parts = distributed.gather_objects(result)  # rank 0's, in rank order
-        made = [] if parts is None or r == len(rounds) else list(zip(rounds[r], parts))
+    # closed however the loop ends, so an interrupt's message starts its own line
+    with progress_bar(total=steps, unit="step", disable=not shown, desc=desc) as bar:
+        for r in range(len(rounds) + 1):
+            with ranks.agreed("sampling"):
+                for (lo, hi), result in made:
+                    take(lo, hi, result)
+                mine = rounds[r][rank] if r < len(rounds) and rank < len(rounds[r]) else None
+                result = None if mine is None else run(*mine, lambda *_: bar.update(1))
+            parts = distributed.gather_objects(result)  # rank 0's, in rank order
+            made = [] if parts is None or r == len(rounds) else list(zip(rounds[r], parts))

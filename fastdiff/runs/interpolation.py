@@ -130,6 +130,7 @@ def interpolate(
     frames: int = 8,
     label: int | str | None = None,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> int:
     """Sample ``frames`` images along the slerp from ``start`` to ``end`` (each a seed or
     LATENTS.npz[:INDEX]) as one strip PNG ``out``; returns the DDIM steps taken. Every frame has
@@ -137,7 +138,7 @@ def interpolate(
     ``options``, latents files' own (the steps they were inverted with) are used, and so is
     their classifier-free guidance without a cfg_scale in ``options``, so the ends
     are their reconstructions (an end inverted with another class than ``label`` is regenerated
-    under ``label``)."""
+    under ``label``). ``progress`` shows a bar of the DDIM steps."""
     check_arguments(interpolate, locals())
     if batch_size < 1:
         raise RunError(f"--batch-size must be >= 1, got {batch_size}")
@@ -171,14 +172,22 @@ def interpolate(
             if label is None:
                 raise RunError("the model is class-conditional: pass --class K")
 
-    def work(lo: int, hi: int) -> np.ndarray:
+    def work(lo: int, hi: int, step) -> np.ndarray:
         y = None if label is None else torch.full((hi - lo,), label, device=dev)
         path = torch.cat([slerp(a, b, k / (frames - 1)) for k in range(lo, hi)])
-        return to_uint8(sampler(y, noise=path))
+        return to_uint8(sampler(y, noise=path, callback=step))
 
     images: list[np.ndarray] = []  # rank 0's: the strip is one image
     batches = [(lo, min(lo + batch_size, frames)) for lo in range(0, frames, batch_size)]
-    dealt(sampler, batches, work, lambda lo, hi, made: images.append(made), "frames")
+    dealt(
+        sampler,
+        batches,
+        work,
+        lambda lo, hi, made: images.append(made),
+        "frames",
+        progress=progress,
+        desc="interpolating",
+    )
     with ranks.agreed("writing the strip"):
         if distributed.is_main():
             try:

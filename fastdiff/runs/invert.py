@@ -322,6 +322,7 @@ def invert_images(
     to_class: int | str | None = None,
     batch_size: int = 16,
     resume: bool = False,
+    progress: bool = False,
 ) -> Inversion:
     """Invert ``paths`` (image files, or folders read recursively as training reads them) into
     the run folder ``out``: latents.npz (arr_0 x_T float32 NCHW, arr_1 labels,
@@ -331,7 +332,8 @@ def invert_images(
     model's size. Each image's header is checked first; its pixels are read in its batch, and
     each batch's files written as it comes (with run.json, as a sampling run's), so a few
     batches are held, not the set, and ``resume=True`` after a kill keeps the complete batches
-    and makes the rest: the files of an uninterrupted run."""
+    and makes the rest: the files of an uninterrupted run. ``progress`` shows a bar of the DDIM
+    steps."""
     check_arguments(invert_images, locals())
     if isinstance(paths, str | os.PathLike) or not paths:  # a str would be read as its letters
         raise RunError(
@@ -372,16 +374,16 @@ def invert_images(
         data = _image_file(path)
         return _read_image(path, loaded, data), bytes_digest(data)
 
-    def work(lo: int, hi: int) -> tuple:
+    def work(lo: int, hi: int, step) -> tuple:  # inverted, reconstructed and maybe edited: 2 or 3 passes
         inputs, files = zip(*map(read, paths[lo:hi]), strict=True)
         inputs = np.stack(inputs)
         x0 = torch.from_numpy(inputs).to(dev).float().div(127.5).sub(1.0).permute(0, 3, 1, 2)
         y = _with_labels(labels, lo, hi, dev)
-        x_T = sampler.invert(x0, y)
+        x_T = sampler.invert(x0, y, callback=step)
         edit = None
         if to_class is not None:
-            edit = to_uint8(sampler(torch.full((hi - lo,), to_class, device=dev), noise=x_T))
-        return inputs, files, x_T.cpu().numpy(), to_uint8(sampler(y, noise=x_T)), edit
+            edit = to_uint8(sampler(torch.full((hi - lo,), to_class, device=dev), noise=x_T, callback=step))
+        return inputs, files, x_T.cpu().numpy(), to_uint8(sampler(y, noise=x_T, callback=step)), edit
 
     def take(lo: int, hi: int, result: tuple) -> None:
         _write_batch(out, lo // batch_size, lo, result, to_class, None if labels is None else labels[lo:hi])
@@ -410,7 +412,16 @@ def invert_images(
             recorded_images = ranks.decided_by_main("checking --out", lambda: _as_recorded(out, plan.images))
             plan = dataclasses.replace(plan, images=recorded_images)
         done = recorded(out, plan, n, (size, size, loaded.in_channels), kept)
-        dealt(sampler, [lohi for b, lohi in enumerate(batches) if b not in done], work, take, "images")
+        dealt(
+            sampler,
+            [lohi for b, lohi in enumerate(batches) if b not in done],
+            work,
+            take,
+            "images",
+            passes=2 if to_class is None else 3,
+            progress=progress,
+            desc="inverting",
+        )
         record = {
             "images": [str(p) for p in paths],  # as given
             "resized": resized,
