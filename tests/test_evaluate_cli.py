@@ -218,34 +218,30 @@ def test_an_image_folder_is_read_into_uint8_image_by_image(tmp_path):
     assert peak < 2 * images.nbytes, peak  # the float32 copies alone were 8x
 
 
-def test_a_corrupt_image_in_a_folder_names_no_option_evaluate_lacks(digits, tmp_path):
-    """A bad image in a folder REF (or nearest's --data) is one line that says to remove it (it
-    said 'or pass --skip-bad-images', train's option, which neither command has)."""
+def test_a_corrupt_image_in_a_folder_is_skipped_with_skip_bad_images_as_train_skips_it(digits, tmp_path):
+    """A bad image in a folder REF (or nearest's --data) is one line that says to remove it or
+    pass --skip-bad-images, which skips it as train does (neither command had the option: a
+    folder that trained with it had to be cleaned before it could be scored)."""
     from PIL import Image
 
     (tmp_path / "ref").mkdir()
-    for i in range(3):
-        Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "ref" / f"{i}.png")
-    (tmp_path / "ref" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a png")
-    r = run(tmp_path / "ref", digits)
-    one_line_error(r, "corrupt or truncated image", "3.png; remove it")
-    assert "--skip-bad-images" not in r.output
-    r = CliRunner().invoke(
-        main,
-        [
-            "nearest",
-            "--no-progress",
-            "--out",
-            tmp_path / "o",
-            str(digits),
-            "--data",
-            tmp_path / "ref",
-            "--held-out",
-            "mnist",
-        ],
-    )
-    one_line_error(r, "3.png; remove it")
-    assert "--skip-bad-images" not in r.output
+    rng = np.random.default_rng(0)
+    for i, image in enumerate(rng.integers(0, 256, (12, 32, 32), dtype=np.uint8)):
+        Image.fromarray(image).save(tmp_path / "ref" / f"{i:02d}.png")
+    bad = tmp_path / "ref" / "99.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot a png")
+    fix = "99.png; remove it or pass --skip-bad-images"
+    one_line_error(run(tmp_path / "ref", digits), "corrupt or truncated image", fix)
+    r = run(tmp_path / "ref", digits, "--skip-bad-images")
+    assert r.exit_code == 0, r.output
+    assert f"skipping 1 unreadable or corrupt image(s), e.g. {bad}\n" in r.stderr
+    assert "(12 reference, 200 samples)" in r.stdout
+    args = ["nearest", "--no-progress", "--out", tmp_path / "o", digits, "--data", tmp_path / "ref"]
+    args = [*map(str, args), "--held-out", "mnist"]
+    one_line_error(CliRunner().invoke(main, args), fix)
+    r = CliRunner().invoke(main, [*args, "--skip-bad-images"])
+    assert r.exit_code == 0 and "; 12 training, " in r.stdout, r.output
+    assert f"skipping 1 unreadable or corrupt image(s), e.g. {bad}\n" in r.stderr
 
 
 def test_a_folder_that_cannot_be_listed_is_one_line(digits, tmp_path, unlistable):

@@ -20,6 +20,7 @@ import click
 
 from fastdiff.cli.paths import UserPath, UserText
 from fastdiff.cli.sample import batch_size_option, device_option, threads_option, with_options
+from fastdiff.cli.train import skip_bad_images_option
 
 FEATURES = ("auto", "inception", "mnist")
 
@@ -40,18 +41,23 @@ def feature_options(command):
     )
 
 
-def load_images(spec: str, image_shape: tuple[int, int, int], split: str = "train"):
-    """``mnist`` (its training or held-out split), an npz or an image folder -> uint8 NHWC array."""
+def load_images(spec: str, image_shape: tuple[int, int, int], split: str = "train", skip_bad_images=False):
+    """``mnist`` (its training or held-out split), an npz or an image folder -> uint8 NHWC array;
+    a folder's bad images skipped as training skips them with ``skip_bad_images``."""
     import functools
 
     import numpy as np
 
+    from fastdiff.cli.train_run import report_skipped
     from fastdiff.runs import ranks
     from fastdiff.training.data import ArrayDataset, load_dataset
 
     h, w, c = image_shape
     scan = functools.partial(ranks.mapped, f"scanning {spec}")  # the ranks share a folder's scan
-    ds = load_dataset(spec, image_size=h, channels=c, split=split, skip_option=None, mapper=scan)
+    ds = load_dataset(
+        spec, image_size=h, channels=c, split=split, skip_bad_images=skip_bad_images, mapper=scan
+    )
+    report_skipped(ds)
     if isinstance(ds, ArrayDataset):
         images = ds.images
     else:  # uint8 filled image by image: a float copy of a whole folder is 4-8 bytes a pixel
@@ -65,7 +71,7 @@ def load_images(spec: str, image_shape: tuple[int, int, int], split: str = "trai
     return images
 
 
-def resolve_reference(spec: str, image_shape: tuple[int, int, int]):
+def resolve_reference(spec: str, image_shape: tuple[int, int, int], skip_bad_images: bool = False):
     """``mnist`` -> the held-out digits; an image folder -> its images at the samples' shape (as
     training reads it), so a user's own data is a reference without an npz; else an npz path."""
     from fastdiff.evaluation.npz import from_array, read_npz
@@ -76,7 +82,8 @@ def resolve_reference(spec: str, image_shape: tuple[int, int, int]):
         val = get_mnist("val")
         return from_array(val.images, "reference mnist (held-out digits)", labels=val.labels)
     if Path(spec).is_dir():
-        return from_array(load_images(spec, image_shape), f"reference {spec}")
+        images = load_images(spec, image_shape, skip_bad_images=skip_bad_images)
+        return from_array(images, f"reference {spec}")
     return read_npz(spec, role="reference")
 
 
@@ -163,8 +170,11 @@ def progress_bars(enabled: bool):
     type=UserPath(path_type=Path, allow_dash=True),
     help="Also write the numbers here as JSON; '-': the JSON alone on stdout (the report on stderr).",
 )
+@skip_bad_images_option
 @feature_options
-def evaluate_command(ref, samples, features, inception, json_path, batch_size, device, threads, progress):
+def evaluate_command(
+    ref, samples, features, inception, json_path, skip_bad_images, batch_size, device, threads, progress
+):
     """Score samples against a reference batch: FID, sFID, Inception Score, precision, recall.
 
     REF is a reference batch npz (guided-diffusion's unchanged), a folder of images (resized
@@ -191,7 +201,7 @@ def evaluate_command(ref, samples, features, inception, json_path, batch_size, d
     choose_threads(threads)
     try:
         smp = read_npz(samples, role="samples")
-        reference = resolve_reference(ref, smp.image_shape)
+        reference = resolve_reference(ref, smp.image_shape, skip_bad_images)
         config = EvaluationConfig(batch_size=batch_size, device=str(dev))
         check_sets(reference, smp, config)
         net = choose_network(features, smp.image_shape, inception, dev)

@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from fastdiff.cli.paths import UserPath, UserText
+from fastdiff.cli.train import skip_bad_images_option
 
 from .evaluate import FEATURES, choose_network, feature_options, load_images, progress_bars
 
@@ -62,6 +63,7 @@ def distance_plot(report, path: Path) -> bool:
     default=None,
     help="Images never trained on (default for --data mnist: its 500 held-out digits).",
 )
+@skip_bad_images_option
 @click.option(
     "--features", type=click.Choice(FEATURES), default="auto", show_default=True, help="Feature network."
 )
@@ -93,6 +95,7 @@ def nearest_command(
     samples,
     data,
     held_out,
+    skip_bad_images,
     features,
     inception,
     k,
@@ -143,8 +146,8 @@ def nearest_command(
         smp = read_npz(samples, role="samples")
         net = choose_network(features, smp.image_shape, inception, dev)
         net.check_images(smp.shape)
-        train = load_images(data, smp.image_shape)
-        held = load_images(held_out or data, smp.image_shape, split="val")
+        train = load_images(data, smp.image_shape, skip_bad_images=skip_bad_images)
+        held = load_images(held_out or data, smp.image_shape, split="val", skip_bad_images=skip_bad_images)
         # Under torchrun: rank 0 finds the copies, each rank computes its block of every set's
         # features, and rank 0 alone measures the distances and writes; the others stop here.
         copies = ranks.decided_by_main(

@@ -13,6 +13,14 @@ from fastdiff.choices import PRECISIONS
 from fastdiff.cli.paths import UserPath, UserText
 from fastdiff.cli.sample import progress_option, with_options
 
+# every command that reads an image folder as training does (train, train-classifier, evaluate, nearest)
+skip_bad_images_option = click.option(
+    "--skip-bad-images",
+    is_flag=True,
+    help="Skip unreadable, corrupt or truncated images of an image folder; one found only when "
+    "read is replaced by the next image of its class (default: stop and name it).",
+)
+
 
 def common_options(lr: float, ema: str, out: str, out_holds: str):
     """Options shared by both commands (defaults differ: ADM's diffusion vs classifier recipes;
@@ -129,12 +137,7 @@ def common_options(lr: float, ema: str, out: str, out_holds: str):
             show_default=True,
             help="auto | cpu | cuda | cuda:N (auto: cuda if available; torchrun: cuda:LOCAL_RANK).",
         ),
-        click.option(
-            "--skip-bad-images",
-            is_flag=True,
-            help="Skip unreadable, corrupt or truncated images of an image folder; one found only when "
-            "read is replaced by the next image of its class (default: stop and name it).",
-        ),
+        skip_bad_images_option,
         click.option(
             "--keep-last",
             type=int,

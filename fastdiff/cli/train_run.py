@@ -83,7 +83,7 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, 
         skip_bad_images=o["skip_bad_images"],
         mapper=functools.partial(ranks.mapped, "scanning --data"),
     )
-    _report_skipped(dataset)
+    report_skipped(dataset)
     notes = []
     if size is not None and not sized:  # guided-diffusion's default size, whatever the images are
         notes.append(
@@ -104,8 +104,9 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, 
     return config, dataset, "\n".join(notes) or None
 
 
-def _report_skipped(dataset) -> None:
-    """Rank 0's line: every rank holds the scan's result (each needs the data)."""
+def report_skipped(dataset) -> None:
+    """Rank 0's line of the images --skip-bad-images skipped: every rank holds the scan's result
+    (each needs the data)."""
     skipped = getattr(dataset, "skipped", ())
     if skipped and distributed.launched_rank() == 0:
         click.echo(f"skipping {len(skipped)} unreadable or corrupt image(s), e.g. {skipped[0]}", err=True)
@@ -206,7 +207,7 @@ def train_classifier(o: dict, val_data, eval_every) -> None:
                 skip_bad_images=o["skip_bad_images"],
                 mapper=functools.partial(ranks.mapped, "scanning --val-data"),
             )
-            _report_skipped(val)
+            report_skipped(val)
             match_classes(val, dataset)
         elif eval_every:
             val = get_mnist("val")
