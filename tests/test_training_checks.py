@@ -247,15 +247,27 @@ def test_resume_refuses_other_training_settings(finished_run, tmp_path, change, 
 
 def test_resume_may_change_the_learning_rate_schedule(finished_run, tmp_path):
     """recipes/README.md's second phase resumes with another --lr and --anneal, and --weight-decay:
-    the optimizer's state brought back the checkpoint's decay, so a new one was recorded unused."""
+    the optimizer's state brought back the checkpoint's decay, so a new one was recorded unused.
+    One line on stderr says what changed (nothing did: a mistyped --lr went unnoticed)."""
     out, args = _copy(finished_run, tmp_path)
     change = ["--lr", "5e-4", "--anneal", "--warmup-steps", "2", "--weight-decay", "0.5"]
     result = CliRunner().invoke(train, [*args, *change])
     assert result.exit_code == 0, result.output
+    line = (
+        "note: the resume changes the checkpoint's LR schedule: --lr 0.0001 -> 0.0005, --warmup-steps "
+        "0 -> 2, --anneal off -> to step 2, --weight-decay 0 -> 0.5\n"
+    )
+    assert line in result.stderr and "LR schedule" not in result.stdout, result.output
     record = json.loads((out / "latest.json").read_text())
     assert record["step"] == 2
     state = torch.load(out / record["state"], weights_only=False)
     assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.5]
+
+
+def test_a_resume_with_the_same_schedule_notes_no_change(finished_run, tmp_path):
+    _, args = _copy(finished_run, tmp_path)
+    result = CliRunner().invoke(train, args)
+    assert result.exit_code == 0 and "LR schedule" not in result.output, result.output
 
 
 def _damage(out, how):

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -77,6 +78,32 @@ RESUME_KEYS = (
     "cfg_dropout",
     "random_flip",
 )
+
+
+# The optimizer's schedule a resume may change (the settings besides RESUME_KEYS'), by option.
+SCHEDULE_OPTIONS = {
+    "lr": "--lr",
+    "warmup_steps": "--warmup-steps",
+    "lr_anneal_steps": "--anneal",
+    "weight_decay": "--weight-decay",
+    "grad_clip": "--grad-clip",
+}
+
+
+def schedule_changes(old: dict, new: dict) -> list[str]:
+    """The schedule settings of the config record ``new`` that differ from the checkpoint's
+    ``old``, as options: a resume takes them silently, so the user is told (a typo in --lr)."""
+
+    def shown(key: str, value) -> str:
+        if key == "lr_anneal_steps":  # --anneal decays to --max-steps, which a resume may move
+            return f"to step {value}" if value else "off"
+        return f"{value:g}"
+
+    return [
+        f"{option} {shown(k, old[k])} -> {shown(k, new[k])}"
+        for k, option in SCHEDULE_OPTIONS.items()
+        if k in old and old[k] != new[k]
+    ]
 
 
 def _scaler_state(state: dict) -> dict:
@@ -526,6 +553,10 @@ class TrainLoop:
             raise CheckpointError(f"cannot resume {self.out}: {record['state']} holds no {missing[0]}")
         self.check_resume(state)
         self._check_fits(model_sd, record["model"])
+        changes = schedule_changes(state["config"], self.config.record())
+        if changes and dist.is_main():
+            changed = ", ".join(changes)
+            print(f"note: the resume changes the checkpoint's LR schedule: {changed}", file=sys.stderr)
         for rate in self.ema.rates:
             name = ckpt.ema_name(rate)
             if name not in emas:
