@@ -281,6 +281,22 @@ def test_the_sampling_commands_share_their_device_options():
         assert len(set(forms.values())) == 1, forms
 
 
+def test_evaluate_and_nearest_share_their_feature_and_folder_options():
+    """nearest's --features and --inception said 'Feature network.' and 'FID Inception weights.',
+    without what auto picks or that FASTDIFF_INCEPTION sets it, which it reads as evaluate does;
+    neither took train's --skip-bad-images for the same folder reader."""
+    group = LazyGroup()
+
+    def described(command, name):
+        (option,) = [p for p in group.get_command(None, command).params if p.name == name]
+        return tuple(option.opts), option.help, option.default, option.envvar, option.is_flag
+
+    for name in ("features", "inception", "skip_bad_images"):
+        train = ("train", "train-classifier") if name == "skip_bad_images" else ()
+        forms = {command: described(command, name) for command in ("evaluate", "nearest", *train)}
+        assert len(set(forms.values())) == 1, forms
+
+
 @pytest.fixture
 def help_examples(tmp_path, monkeypatch):
     """(command name, its parsed options) of each example a command's --help shows; a usage error

@@ -41,6 +41,30 @@ def feature_options(command):
     )
 
 
+def network_options(command):
+    """Which feature network (evaluate and nearest): --features, --inception."""
+    return with_options(
+        command,
+        [
+            click.option(
+                "--features",
+                type=click.Choice(FEATURES),
+                default="auto",
+                show_default=True,
+                help="Feature network (auto: the MNIST CNN for 1-channel 28/32-px images unless "
+                "--inception or FASTDIFF_INCEPTION is given, else Inception).",
+            ),
+            click.option(
+                "--inception",
+                type=UserPath(path_type=Path),
+                envvar="FASTDIFF_INCEPTION",
+                help="FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or "
+                "torch-fidelity's); env FASTDIFF_INCEPTION.",
+            ),
+        ],
+    )
+
+
 def load_images(spec: str, image_shape: tuple[int, int, int], split: str = "train", skip_bad_images=False):
     """``mnist`` (its training or held-out split), an npz or an image folder -> uint8 NHWC array;
     a folder's bad images skipped as training skips them with ``skip_bad_images``."""
@@ -149,21 +173,7 @@ def progress_bars(enabled: bool):
 @click.command("evaluate")
 @click.argument("ref", type=UserText())
 @click.argument("samples", type=UserPath(path_type=Path))
-@click.option(
-    "--features",
-    type=click.Choice(FEATURES),
-    default="auto",
-    show_default=True,
-    help="Feature network (auto: the MNIST CNN for 1-channel 28/32-px images unless --inception "
-    "or FASTDIFF_INCEPTION is given, else Inception).",
-)
-@click.option(
-    "--inception",
-    type=UserPath(path_type=Path),
-    envvar="FASTDIFF_INCEPTION",
-    help="FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or torch-fidelity's); "
-    "env FASTDIFF_INCEPTION.",
-)
+@network_options
 @click.option(
     "--json",
     "json_path",

@@ -19,7 +19,7 @@ import numpy as np
 from fastdiff.cli.paths import UserPath, UserText
 from fastdiff.cli.train import skip_bad_images_option
 
-from .evaluate import FEATURES, choose_network, feature_options, load_images, progress_bars
+from .evaluate import choose_network, feature_options, load_images, network_options, progress_bars
 
 # What the command writes into --out (which may hold other files: it is locked, not emptied).
 WRITES = ["nearest.json", "nearest.npz", "nearest.png", "distances.png"]
@@ -64,12 +64,7 @@ def distance_plot(report, path: Path) -> bool:
     help="Images never trained on (default for --data mnist: its 500 held-out digits).",
 )
 @skip_bad_images_option
-@click.option(
-    "--features", type=click.Choice(FEATURES), default="auto", show_default=True, help="Feature network."
-)
-@click.option(
-    "--inception", type=UserPath(path_type=Path), envvar="FASTDIFF_INCEPTION", help="FID Inception weights."
-)
+@network_options
 @click.option(
     "--k", type=click.IntRange(min=1), default=3, show_default=True, help="Neighbours shown per sample."
 )
