@@ -129,6 +129,22 @@ def test_every_parameter_gets_a_gradient(kw):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_dropout_one_is_the_original_nn_dropout():
+    """dropout 1.0 (the original builds nn.Dropout(p=1.0); fastdiff refused it): in training every
+    res block's branch is dropped, leaving the skip path plus the last conv's bias; eval ignores it."""
+    torch.manual_seed(0)
+    model = randomize(small_unet(dropout=1.0))
+    block = model.input_blocks[1][0]
+    x, emb = torch.randn(2, 32, 16, 16), torch.randn(2, 128)
+    bias = block.out_layers[-1].bias[:, None, None]
+    torch.testing.assert_close(block(x, emb), block.skip_connection(x) + bias)
+    plain = small_unet(dropout=0.0)
+    plain.load_state_dict(model.state_dict())
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([5, 900]), torch.tensor([1, 7])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x, t, y), plain.eval()(x, t, y))
+
+
 def test_unet_structure():
     half = small_unet(model_channels=64, channel_mult=(0.5, 1, 2))
     assert half.input_blocks[0][0].out_channels == 32  # int(0.5 * 64)

@@ -67,8 +67,8 @@ class NetConfig:
             value = getattr(self, name)
             if value != -1 and value < 1:
                 raise ConfigError(f"{name} must be -1 (unset) or at least 1, got {value}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.dropout <= 1:  # nn.Dropout's range, which the original takes
+            raise ConfigError(f"dropout must be in [0, 1], got {self.dropout}")
         if self.dims not in (1, 2, 3):
             raise ConfigError(f"dims must be 1, 2 or 3, got {self.dims}")
         if any(r < 1 for r in self.attention_resolutions):
