@@ -38,6 +38,7 @@ class NetConfig:
     """
 
     kind: ClassVar[str]
+    has_up_path: ClassVar[bool] = True  # the UNet's output_blocks, attending with heads_upsample
     _channel_mult_table: ClassVar[dict[int, tuple]] = UNET_CHANNEL_MULT
 
     image_size: int = 64
@@ -90,8 +91,9 @@ class NetConfig:
                 f" multiple of {GROUPS} (GroupNorm)"
             )
         for level, width in enumerate(widths):
-            if 2**level in self.attention_ds:
-                self._check_heads(width, {self.num_heads, self.heads_upsample}, level)
+            if 2**level in self.attention_ds:  # the down path's heads, and the up path's
+                heads = {self.num_heads, self.heads_upsample} if self.has_up_path else {self.num_heads}
+                self._check_heads(width, heads, level)
         self._check_heads(widths[-1], {self.num_heads}, len(widths) - 1)  # the middle block always attends
 
     def _check_heads(self, width: int, heads: set[int], level: int) -> None:
@@ -169,6 +171,7 @@ class ClassifierConfig(NetConfig):
     ``num_classes`` logits (guided-diffusion's classifier flags, 64-channel heads)."""
 
     kind: ClassVar[str] = "classifier"
+    has_up_path: ClassVar[bool] = False  # the down half only: num_heads_upsample builds nothing
 
     attention_resolutions: tuple[int, ...] = (32, 16, 8)
     num_heads: int = 1
