@@ -9,6 +9,7 @@ arguments (attention as downsample factors, ``out_channels`` given) into one, so
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 from fastdiff.config import ConfigError
 from fastdiff.models import unet as _unet
@@ -129,6 +130,15 @@ class UNetModel(_FitsOrSays, _unet.UNetModel):
         super().__init__(config)
 
 
+# The original's SuperResModel hands its keywords on to UNetModel: what they leave out takes
+# UNetModel's defaults, not the config's (which has scale-shift norm and 4 heads).
+_UNET_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(UNetModel.__init__).parameters.items()
+    if p.default is not inspect.Parameter.empty
+}
+
+
 class SuperResModel(_FitsOrSays, _unet.SuperResModel):
     def __init__(
         self,
@@ -140,8 +150,8 @@ class SuperResModel(_FitsOrSays, _unet.SuperResModel):
         attention_resolutions,
         **kw,
     ):
-        dropout = kw.pop("dropout", 0)
-        channel_mult = kw.pop("channel_mult", (1, 2, 4, 8))
+        kw = {**_UNET_DEFAULTS, **kw}
+        dropout, channel_mult = kw.pop("dropout"), kw.pop("channel_mult")
         config = SuperResConfig(
             **_torso(
                 image_size, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult
