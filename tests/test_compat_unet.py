@@ -134,6 +134,37 @@ HAND_BUILT = {
         "EncoderUNetModel",
         dict(num_head_channels=-1, num_heads=2, num_heads_upsample=3, attention_resolutions=(2,)),
     ),
+    # no res blocks: the down path keeps the input conv's width, attention is on the up path only
+    "unet_depth_zero": (
+        "UNetModel",
+        dict(num_res_blocks=0, attention_resolutions=(1, 2), dropout=1.0, resblock_updown=True),
+    ),
+    # ... so num_heads only splits the middle block's 64 channels, heads_upsample the up path's 96
+    "unet_depth_zero_heads": (
+        "UNetModel",
+        dict(
+            num_res_blocks=0,
+            channel_mult=(2, 3),
+            attention_resolutions=(2,),
+            num_head_channels=-1,
+            num_heads=64,
+            num_heads_upsample=32,
+            use_scale_shift_norm=True,
+        ),
+    ),
+    "superres_depth_zero": ("SuperResModel", dict(num_res_blocks=0, attention_resolutions=(2,))),
+    # ... and a classifier has only the input conv's 64 channels: 1.5 x 32 = 48 builds nothing
+    "classifier_depth_zero": (
+        "EncoderUNetModel",
+        dict(
+            num_res_blocks=0,
+            channel_mult=(2, 1.5),
+            num_head_channels=64,
+            attention_resolutions=(1, 2),
+            pool="attention",
+            resblock_updown=True,
+        ),
+    ),
 }
 
 

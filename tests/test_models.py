@@ -20,6 +20,7 @@ from fastdiff.models import (
     UNetModel,
 )
 from fastdiff.models.nn import normalization, timestep_embedding
+from fastdiff.models.unet import AttentionBlock
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -168,6 +169,35 @@ def test_label_required_iff_class_conditional():
         cond(x, t)
     with pytest.raises(ValueError, match="class-conditional"):
         uncond(x, t, torch.tensor([1]))
+
+
+def test_no_res_blocks_keep_the_input_width_down_and_attend_on_the_way_up():
+    """num_res_blocks 0, as guided-diffusion builds it: downsampling keeps the input conv's width
+    through the middle block (and a classifier's head), attention follows the up path's res
+    blocks only, so its heads split the up path's widths and num_heads only the middle's."""
+    kw = dict(image_size=16, model_channels=32, channel_mult=(2, 3), attention_resolutions=(8,))
+    heads = dict(num_head_channels=-1, num_heads=64, num_heads_upsample=32)
+    with pytest.raises(ConfigError, match="width 96 is not divisible into 64 attention heads"):
+        UNetConfig(**kw, **heads, num_res_blocks=1)  # the down path's attention at 96 channels
+    model = randomize(UNetModel(UNetConfig(**kw, **heads, num_res_blocks=0, num_classes=3)))
+    assert len(model.input_blocks) == 2 and len(model.output_blocks) == 2
+    assert not any(isinstance(m, AttentionBlock) for m in model.input_blocks.modules())
+    assert model.input_blocks[1][0].op.out_channels == 64  # the downsampler keeps 2 x 32
+    assert model.middle_block[0].channels == 64 and model.middle_block[1].num_heads == 64
+    up = model.output_blocks[0]
+    assert (up[0].channels, up[0].out_channels, up[1].channels, up[1].num_heads) == (128, 96, 96, 32)
+    assert model.output_blocks[1][0].channels == 96 + 64 and len(model.output_blocks[1]) == 1
+    assert run_unet(model).shape == (2, 3, 16, 16)
+
+    # a classifier has no up path: a width no level but the first would have is never built
+    clf = dict(kw, channel_mult=(2, 1.5), num_res_blocks=0, num_classes=5)
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        ClassifierConfig(**{**clf, "num_res_blocks": 1})
+    for pool in ("attention", "spatial"):
+        classifier = randomize(EncoderUNetModel(ClassifierConfig(**clf, pool=pool)))
+        assert {m.channels for m in classifier.modules() if isinstance(m, AttentionBlock)} == {64}
+        logits = classifier(torch.randn(2, 3, 16, 16), torch.tensor([1, 500]))
+        assert logits.shape == (2, 5) and torch.isfinite(logits).all()
 
 
 def test_inputs_that_are_no_tensors_or_other_batches_are_one_error():

@@ -150,6 +150,12 @@ def test_channel_mult_by_image_size():
         (lambda: UNetConfig(attention_resolutions=(0,)), "must be positive"),
         (lambda: UNetConfig(dropout=1.5), r"dropout must be in \[0, 1\], got 1.5"),
         (lambda: UNetConfig(dropout=-0.1), r"dropout must be in \[0, 1\], got -0.1"),
+        (lambda: UNetConfig(num_res_blocks=-1), "num_res_blocks must be at least 0, got -1"),
+        # a UNet's up path has every level's width, with or without res blocks
+        (
+            lambda: UNetConfig(num_res_blocks=0, model_channels=32, channel_mult=(1, 1.5)),
+            r"multiple of 32 \(GroupNorm\)",
+        ),
         (lambda: UNetConfig(model_channels="128"), "model_channels '128': expected int"),
         (lambda: UNetConfig(use_fp16=1), "use_fp16 1: expected bool"),
         (lambda: UNetConfig(num_classes=0), "num_classes must be at least 1"),
@@ -225,6 +231,27 @@ def test_flags_round_trip_through_configs():
     assert configs_from_flags("diffusion", {"class_cond": False, "num_classes": 10})[0].num_classes is None
 
 
+def test_no_res_blocks_and_dropout_one_pass_every_flag_path():
+    """guided-diffusion builds networks with no res blocks and with dropout 1.0; fastdiff's configs
+    refused them. Flag strings, checkpoint metadata (flags_of) and compat's builders take them."""
+    unet_flags = "--image_size 16 --num_channels 32 --num_res_blocks 0 --channel_mult 1,2 --dropout 1.0"
+    net, _ = configs_from_flags("diffusion", parse_flags(unet_flags))
+    assert (net.num_res_blocks, net.dropout) == (0, 1.0)
+    clf, _ = configs_from_flags("classifier", parse_flags("--image_size 64 --classifier_depth 0"))
+    sr, _ = configs_from_flags("superres", parse_flags("--large_size 64 --num_res_blocks 0"))
+    for config in (net, clf, sr):
+        assert configs_from_flags(config.kind, flags_of(config))[0] == config
+    from fastdiff.compat import guided_diffusion as gd
+
+    model = gd.create_model(16, 32, 0, channel_mult="1,2", dropout=1.0)
+    assert (model.config.num_res_blocks, model.config.dropout) == (0, 1.0)
+    assert (
+        gd.create_classifier(**{**gd.classifier_defaults(), "classifier_depth": 0}).config.num_res_blocks == 0
+    )
+    flags = {**gd.sr_model_and_diffusion_defaults(), "large_size": 64, "num_res_blocks": 0}
+    assert gd.sr_create_model_and_diffusion(**flags)[0].config.num_res_blocks == 0
+
+
 @pytest.mark.parametrize(
     "kind, flags, message",
     [
@@ -258,6 +285,20 @@ def test_flags_round_trip_through_configs():
             {"image_size": 32, "classifier_width": 32},
             r"width 32 .* raise --classifier_width or --channel_mult's value at 32x32, or leave 32 out"
             r" of --classifier_attention_resolutions$",
+        ),
+        ("diffusion", {"num_res_blocks": -1}, "--num_res_blocks must be at least 0, got -1"),
+        ("classifier", {"classifier_depth": -1}, "--classifier_depth must be at least 0, got -1"),
+        # with no res blocks a classifier's every block has the input conv's width: it must divide
+        (
+            "classifier",
+            {"image_size": 32, "classifier_width": 48, "classifier_depth": 0},
+            r"^the first level's width \(--channel_mult x 48 = 48; with --classifier_depth 0 every"
+            r" block has it\) must be a multiple of 32 \(GroupNorm\)$",
+        ),
+        (
+            "classifier",
+            {"image_size": 32, "classifier_width": 32, "classifier_depth": 0},
+            r"width 32 .* raise --classifier_width or the first --channel_mult$",
         ),
     ],
 )

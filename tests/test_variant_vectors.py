@@ -134,12 +134,83 @@ def random_flags(seed: int) -> tuple[str, dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(10))
 def test_random_flags_match_the_original(seed, monkeypatch):
-    """:func:`random_flags`' draw through run_variant's recipe, computed by guided-diffusion's
-    script_util (imported live) and by the compat layer on the product's path."""
+    """:func:`random_flags`' draw through run_variant's recipe, on the product's path."""
+    _matches_the_original(*random_flags(seed), monkeypatch)
+
+
+def _matches_the_original(kind: str, flags: dict, monkeypatch) -> None:
+    """run_variant's recipe on guided-diffusion's script_util (imported live) and on compat."""
     monkeypatch.syspath_prepend(ORIGINAL)
     original = importlib.import_module("guided_diffusion.script_util")
-    kind, flags = random_flags(seed)
     want = run_variant(original, torch, kind, flags)
     got = run_variant(gd, torch, kind, flags)
     for key, what, g, w in _pairs(got, want):
         assert rel_err(g, w) <= TOLERANCE[key], f"{what} of {kind} {flags}"
+
+
+# Networks with no res blocks, which the original builds (a down path of the input conv's width,
+# attention on the up path only) and fastdiff refused; dropout 1.0, which it also refused, rides
+# along (eval mode: no effect, as in the original).
+DEPTH_ZERO = {
+    "process": (
+        "process",
+        {
+            **gd.model_and_diffusion_defaults(),
+            "image_size": 16,
+            "num_channels": 32,
+            "num_res_blocks": 0,
+            "channel_mult": "1,2",
+            "attention_resolutions": "16,8",
+            "num_heads": 2,
+            "num_heads_upsample": 1,
+            "class_cond": True,
+            "learn_sigma": True,
+            "use_scale_shift_norm": True,
+            "resblock_updown": True,
+            "dropout": 1.0,
+            "diffusion_steps": 25,
+        },
+    ),
+    "superres": (
+        "superres",
+        {
+            **gd.sr_model_and_diffusion_defaults(),
+            "large_size": 64,
+            "small_size": 16,
+            "num_channels": 32,
+            "num_res_blocks": 0,
+            "attention_resolutions": "8",
+            "num_head_channels": 32,
+            "class_cond": True,
+            "learn_sigma": True,
+            "dropout": 1.0,
+            "diffusion_steps": 25,
+        },
+    ),
+    "classifier": (
+        "classifier",
+        {
+            **gd.classifier_defaults(),
+            "image_size": 64,
+            "classifier_width": 64,
+            "classifier_depth": 0,
+            "classifier_attention_resolutions": "32,16,8",
+            "classifier_use_scale_shift_norm": True,
+            "classifier_resblock_updown": True,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEPTH_ZERO))
+def test_depth_zero_runs(name):
+    kind, flags = DEPTH_ZERO[name]
+    for what, value in run_variant(gd, torch, kind, flags).items():
+        values = value.values() if isinstance(value, dict) else [value]
+        assert all(torch.isfinite(v).all() for v in values), what
+
+
+@needs_original
+@pytest.mark.parametrize("name", sorted(DEPTH_ZERO))
+def test_depth_zero_matches_the_original(name, monkeypatch):
+    _matches_the_original(*DEPTH_ZERO[name], monkeypatch)

@@ -61,9 +61,11 @@ class NetConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        for name in ("image_size", "in_channels", "model_channels", "num_res_blocks", "num_heads"):
+        for name in ("image_size", "in_channels", "model_channels", "num_heads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_res_blocks < 0:
+            raise ConfigError(f"num_res_blocks must be at least 0, got {self.num_res_blocks}")
         for name in ("num_head_channels", "num_heads_upsample"):
             value = getattr(self, name)
             if value != -1 and value < 1:
@@ -84,17 +86,29 @@ class NetConfig:
                 f"image_size {self.image_size} must be divisible by {2**halvings} (channel_mult has"
                 f" {halvings + 1} levels; each after the first halves the image)"
             )
-        widths = self.widths
-        if any(w % GROUPS for w in widths):
+        widths, down = self.widths, self.down_widths
+        if self.has_up_path or self.num_res_blocks:
+            if any(w % GROUPS for w in widths):
+                raise ConfigError(
+                    f"every level's width (channel_mult x {self.model_channels} = {widths}) must be a"
+                    f" multiple of {GROUPS} (GroupNorm)"
+                )
+        elif down[0] % GROUPS:
             raise ConfigError(
-                f"every level's width (channel_mult x {self.model_channels} = {widths}) must be a"
-                f" multiple of {GROUPS} (GroupNorm)"
+                f"the first level's width (channel_mult x {self.model_channels} = {down[0]}; with"
+                f" num_res_blocks 0 every block has it) must be a multiple of {GROUPS} (GroupNorm)"
             )
         for level, width in enumerate(widths):
-            if 2**level in self.attention_ds:  # the down path's heads, and the up path's
-                heads = {self.num_heads, self.heads_upsample} if self.has_up_path else {self.num_heads}
-                self._check_heads(width, heads, level)
-        self._check_heads(widths[-1], {self.num_heads}, len(widths) - 1)  # the middle block always attends
+            if 2**level not in self.attention_ds:
+                continue
+            heads: dict[int, set[int]] = {}  # width -> the head counts attending at it
+            if self.num_res_blocks:  # the down path attends after each res block
+                heads.setdefault(down[level], set()).add(self.num_heads)
+            if self.has_up_path:
+                heads.setdefault(width, set()).add(self.heads_upsample)
+            for w, counts in heads.items():
+                self._check_heads(w, counts, level)
+        self._check_heads(down[-1], {self.num_heads}, len(widths) - 1)  # the middle block always attends
 
     def _check_heads(self, width: int, heads: set[int], level: int) -> None:
         """The attention heads of resolution level ``level`` (0: full size), ``width`` channels."""
@@ -117,6 +131,12 @@ class NetConfig:
     def widths(self) -> tuple[int, ...]:
         """Channels at each resolution level."""
         return tuple(int(m * self.model_channels) for m in self.levels)
+
+    @property
+    def down_widths(self) -> tuple[int, ...]:
+        """Channels of the down path at each level (the middle block's: the last): the level's width
+        after its res blocks; with none, the input conv's width throughout (downsampling keeps it)."""
+        return self.widths if self.num_res_blocks else self.widths[:1] * len(self.widths)
 
     @property
     def attention_ds(self) -> tuple[int, ...]:
@@ -192,13 +212,14 @@ class ClassifierConfig(NetConfig):
     def _check_heads(self, width: int, heads: set[int], level: int) -> None:
         """No flag sets a classifier's head width (guided-diffusion's 64): name the ones that set
         the width it must divide, at the level that attends (the last: the middle block and the
-        pool attend there whatever attention_resolutions says)."""
+        pool attend there whatever attention_resolutions says, at the first level's width when
+        there are no res blocks)."""
         try:
             super()._check_heads(width, heads, level)
         except ConfigError as e:
             size = self.image_size // 2**level
             fix = (
-                "raise model_channels or the last channel_mult"
+                f"raise model_channels or the {'last' if self.num_res_blocks else 'first'} channel_mult"
                 if level == len(self.levels) - 1
                 else f"raise model_channels or channel_mult's value at {size}x{size}, or leave {size}"
                 " out of attention_resolutions"
