@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from fastdiff.cli.main import main
 from fastdiff.models.checkpoint import save_weights
+from fastdiff.models.flags import format_flags
 
 UNET_FLAGS = dict(
     image_size=8,
@@ -265,6 +266,23 @@ def test_pt_checkpoint_with_flag_string(models, tmp_path):
         tmp_path / "o",
     )
     assert r.exit_code == 0, r.output
+
+
+def test_networks_with_no_res_blocks_sample(tmp_path):
+    """num_res_blocks / classifier_depth 0 and dropout 1.0, which guided-diffusion builds (fastdiff
+    refused the flags), from .pt state dicts and flag strings."""
+    unet_flags = {**UNET_FLAGS, "num_res_blocks": 0, "dropout": 1.0}
+    clf_flags = {**CLASSIFIER_FLAGS, "classifier_depth": 0, "classifier_width": 64}  # 64-channel heads
+    torch.save(_randomize(build_unet(**unet_flags)).state_dict(), tmp_path / "unet.pt")
+    torch.save(_randomize(build_classifier(**clf_flags)).state_dict(), tmp_path / "clf.pt")
+    r = run(
+        *("--checkpoint", tmp_path / "unet.pt", "--flags", format_flags(unet_flags)),
+        *("--classifier", tmp_path / "clf.pt", "--classifier-flags", format_flags(clf_flags)),
+        *("--classifier-scale", 1, "--steps", 2, "--num-samples", 2, "--classes", "1,2"),
+        *("--out", tmp_path / "o"),
+    )
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "o" / "samples_2x8x8x3.npz")["arr_0"].shape == (2, 8, 8, 3)
 
 
 @pytest.mark.parametrize(
