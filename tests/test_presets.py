@@ -161,6 +161,12 @@ def test_channel_mult_by_image_size():
         (lambda: UNetConfig(num_classes=0), "num_classes must be at least 1"),
         (lambda: ClassifierConfig(pool="max"), "unknown pool 'max'"),
         (lambda: ClassifierConfig(pool="attention", num_head_channels=-1), "needs num_head_channels"),
+        # heads counted by num_heads have no width to name (the message said "-1 channels")
+        (
+            lambda: ClassifierConfig(num_head_channels=-1, num_heads=3, pool="adaptive"),
+            r"^width 256 is not divisible into 3 attention heads: raise model_channels or"
+            r" channel_mult's value at 32x32, or leave 32 out of attention_resolutions$",
+        ),
         (lambda: SuperResConfig(small_size=512), "small_size must be in"),
         (lambda: DiffusionConfig(noise_schedule="quadratic"), "unknown noise_schedule 'quadratic'"),
         (lambda: DiffusionConfig(steps=1), "at least 2"),

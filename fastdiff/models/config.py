@@ -224,7 +224,10 @@ class ClassifierConfig(NetConfig):
                 else f"raise model_channels or channel_mult's value at {size}x{size}, or leave {size}"
                 " out of attention_resolutions"
             )
-            raise ConfigError(
-                f"{e} (the classifier's attention heads are {self.num_head_channels} channels, as"
-                f" guided-diffusion's): {fix}"
-            ) from None
+            width_note = (  # heads counted by num_heads (compat's EncoderUNetModel) have no width
+                f" (the classifier's attention heads are {self.num_head_channels} channels, as"
+                " guided-diffusion's)"
+                if self.num_head_channels != -1
+                else ""
+            )
+            raise ConfigError(f"{e}{width_note}: {fix}") from None
