@@ -132,6 +132,7 @@ def test_usage_errors_are_one_line_exit_2():
         (["sample", "--steps", "abc"], "'abc' is not a valid integer", "fastdiff sample --help"),
         (["export", "onnx", "--dtype", "q"], "Invalid value for '--dtype'", "fastdiff export onnx --help"),
         (["invert"], "Missing argument 'IMAGES...'", "fastdiff invert --help"),
+        (["train", "--threads", "0"], "Invalid value for '--threads'", "fastdiff train --help"),
         (["samplez"], "No such command 'samplez'", "fastdiff --help"),
     ]
     for args, message, hint in cases:
@@ -257,7 +258,7 @@ def test_a_path_too_long_for_the_file_system_is_one_line(tmp_path, monkeypatch):
 def test_the_sampling_commands_share_their_device_options():
     """invert and interpolate had their own --engine, --threads, --dtype and --device, whose help
     gave no defaults (and said fp16 needs CUDA where sample's said what it does): the four
-    commands now take the same options."""
+    commands now take the same options, and the CPU-bound others the same --threads."""
     group = LazyGroup()
 
     def described(command, name):
@@ -276,6 +277,8 @@ def test_the_sampling_commands_share_their_device_options():
         }
         if name in ("threads", "device"):  # theirs were copies too, without the threads' default
             forms.update({command: described(command, name) for command in ("evaluate", "nearest")})
+        if name == "threads":  # training took torch's default of every core
+            forms.update({command: described(command, name) for command in ("train", "train-classifier")})
         if name == "progress":  # invert and interpolate had none; train's bar is of its steps too
             forms.update({command: described(command, name) for command in ("train", "train-classifier")})
         assert len(set(forms.values())) == 1, forms

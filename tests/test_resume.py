@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,9 +16,12 @@ import numpy as np
 import pytest
 import torch
 from builders import kill_when
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from fastdiff.cli.train import train
 from fastdiff.training import DiffusionTrainer
+from tests.test_train_hardening import _args, _npz
 from tests.test_training import tiny_config, tiny_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +81,41 @@ def test_kill9_and_resume_matches_uninterrupted(tmp_path):
             assert torch.equal(a[k], b[k]), k
     steps = [json.loads(r)["step"] for r in (out / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(2, STEPS + 1, 2))  # rows past the checkpoint were dropped, then redone
+
+
+def test_a_resume_at_the_same_threads_is_bit_for_bit_and_at_others_goes_on_with_a_note(tmp_path):
+    """Another thread count splits the steps' float sums otherwise (about 1e-6 apart): a resume at
+    the same --threads repeats the uninterrupted run bit for bit; one at another count is not
+    refused (sampling's resume allows it too), and one line says the run is no longer exact."""
+    npz = _npz(tmp_path)
+    before = torch.get_num_threads()
+
+    def run(out, *extra):
+        args = _args(npz, out, "--save-every", "1", "--ema", "0.9", *extra)
+        result = CliRunner().invoke(train, args)
+        assert result.exit_code == 0, result.output
+        return result.stderr
+
+    try:
+        run(tmp_path / "full", "--max-steps", "2", "--threads", "2")
+        run(tmp_path / "cut", "--max-steps", "1", "--threads", "2")
+        shutil.copytree(tmp_path / "cut", tmp_path / "other")
+        same = run(tmp_path / "cut", "--max-steps", "2", "--threads", "2", "--resume")
+        other = run(tmp_path / "other", "--max-steps", "2", "--threads", "1", "--resume")
+    finally:
+        torch.set_num_threads(before)  # the command set this process's count
+    assert "thread" not in same, same
+    note = (
+        "note: the checkpoint's steps ran with 2 CPU threads, the resume's with 1 CPU thread: float sums "
+        "about 1e-6 apart from an uninterrupted run's (the same --threads continues it bit for bit)\n"
+    )
+    assert note in other, other
+    for name in ("model_0000002.safetensors", "ema_0.9_0000002.safetensors"):
+        a, b = (load_file(tmp_path / run_ / name) for run_ in ("full", "cut"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    for run_, threads in (("full", 2), ("cut", 2), ("other", 1)):
+        state = torch.load(tmp_path / run_ / "state_0000002.pt", weights_only=True)
+        assert state["threads"] == threads, run_
 
 
 class _Killed(Exception):

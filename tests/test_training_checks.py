@@ -61,6 +61,7 @@ CLASSIFIER = (
         (["--ema", "0.999,0.999"], "name a rate twice"),
         (["--num-workers", "100000"], "--num-workers must be at most"),
         (["--num-workers", "-1"], "--num-workers must not be negative"),
+        (["--threads", str(10**20)], "--threads must be between 1 and 4096"),
         (
             ["--flags", TINY.replace("--diffusion_steps 50", "--diffusion_steps 20 --noise_schedule linear")],
             "diffusion_steps 20 ends at alpha_bar 0",
@@ -303,6 +304,28 @@ def test_damaged_checkpoints_are_one_line_on_resume(finished_run, tmp_path, how,
     out, args = _copy(finished_run, tmp_path)
     _damage(out, how)
     _one_line(CliRunner().invoke(train, args), text)
+
+
+@pytest.mark.parametrize(
+    "command, flags, extra, omp",
+    [(train, TINY, ["--threads", "2"], "1"), (train_classifier, CLASSIFIER, [], "2")],
+)
+def test_the_training_commands_run_at_the_threads_chosen_for_them(
+    tmp_path, monkeypatch, command, flags, extra, omp
+):
+    """train and train-classifier took torch's default of every core (up to 12x slower on a busy
+    machine); their steps now run with --threads, else OMP_NUM_THREADS, as every checkpoint records."""
+    monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    out = tmp_path / "run"
+    args = ["--data", _npz(tmp_path), "--flags", flags, "--batch-size", "4", "--max-steps", "1"]
+    before = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(command, [*args, "--out", str(out), *extra])
+    finally:
+        torch.set_num_threads(before)  # the command set this process's count
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "latest.json").read_text())
+    assert torch.load(out / record["state"], weights_only=True)["threads"] == 2
 
 
 def test_close_ema_rates_keep_their_own_files(tmp_path):

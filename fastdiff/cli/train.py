@@ -11,7 +11,7 @@ import click
 
 from fastdiff.choices import PRECISIONS
 from fastdiff.cli.paths import UserPath, UserText
-from fastdiff.cli.sample import progress_option, with_options
+from fastdiff.cli.sample import progress_option, threads_option, with_options
 
 # every command that reads an image folder as training does (train, train-classifier, evaluate, nearest)
 skip_bad_images_option = click.option(
@@ -122,7 +122,8 @@ def common_options(lr: float, ema: str, out: str, out_holds: str):
             is_flag=True,
             help="Continue from the newest checkpoint in --out, exactly with the same options (another "
             "--lr, --warmup-steps, --anneal, --weight-decay or --grad-clip is a new schedule from there; "
-            "other training settings and other data are refused).",
+            "another thread count continues with float sums about 1e-6 apart; other training settings "
+            "and other data are refused).",
         ),
         click.option(
             "--seed",
@@ -137,6 +138,7 @@ def common_options(lr: float, ema: str, out: str, out_holds: str):
             show_default=True,
             help="auto | cpu | cuda | cuda:N (auto: cuda if available; torchrun: cuda:LOCAL_RANK).",
         ),
+        threads_option,
         skip_bad_images_option,
         click.option(
             "--keep-last",
@@ -150,7 +152,8 @@ def common_options(lr: float, ema: str, out: str, out_holds: str):
             type=int,
             default=0,
             show_default=True,
-            help="DataLoader worker processes (useful for image folders).",
+            help="DataLoader worker processes (useful for image folders; one CPU thread each, "
+            "besides --threads).",
         ),
         progress_option,
     ]

@@ -19,7 +19,7 @@ from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.flags import FlagError, configs_from_flags, flags_of, parse_flags
 from fastdiff.models.presets import get_preset
 from fastdiff.runs import ranks
-from fastdiff.runs.device import check_ops_mode, resolve_device, usable_cores
+from fastdiff.runs.device import check_ops_mode, choose_threads, resolve_device, usable_cores
 from fastdiff.runs.folder import exclusive_folder
 from fastdiff.training import (
     ClassifierTrainer,
@@ -113,7 +113,8 @@ def report_skipped(dataset) -> None:
 
 
 def _check_options(o: dict) -> None:
-    """Cheap checks of the options TrainConfig does not hold, before any data is read or model built."""
+    """Cheap checks of the options TrainConfig does not hold, before any data is read or model
+    built; then the CPU threads, set before any torch work (under torchrun, this rank's share)."""
     check_ops_mode()
     resolve_device(o["device"])  # as `fastdiff evaluate` checks it ("" too: no device, not the default)
     if o["image_size"] is not None and o["image_size"] < 1:
@@ -124,6 +125,8 @@ def _check_options(o: dict) -> None:
             f"--num-workers must be at most {most} ({WORKERS_PER_CORE} per CPU this process may use),"
             f" got {o['num_workers']}"
         )
+    # the main process's intra-op threads; each DataLoader worker is a process of one (torch's)
+    choose_threads(o["threads"])
 
 
 @contextmanager

@@ -1,10 +1,10 @@
 """Training-state checkpoints: written atomically, read back with ``weights_only=True``.
 
 A checkpoint at step ``s`` in ``DIR`` is ``model_s.safetensors``, ``ema_<rate>_s.safetensors``
-per EMA rate and ``state_s.pt`` (optimizer, loss scaler, sampler history, RNG states, config;
-plain tensors/dicts only), then ``latest.json`` names them. Every file goes to a temporary
-name and is renamed into place, and ``latest.json`` is renamed last, so a run killed at any
-instant leaves the previous checkpoint intact and never a half-written file under a real name.
+per EMA rate and ``state_s.pt`` (optimizer, loss scaler, sampler history, RNG states, config,
+CPU threads; plain tensors/dicts only), then ``latest.json`` names them. Every file goes to a
+temporary name and is renamed into place, and ``latest.json`` is renamed last, so a run killed at
+any instant leaves the previous checkpoint intact and never a half-written file under a real name.
 """
 
 from __future__ import annotations

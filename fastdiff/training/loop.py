@@ -533,6 +533,7 @@ class TrainLoop:
                 "fingerprint": self.data_fingerprint(),
             },
             "config": cfg.record(),
+            "threads": torch.get_num_threads(),  # the steps' CPU threads: their float sums split by it
             "meter": self.meter.state_dict(),
             **self.extra_state(),
         }
@@ -557,6 +558,7 @@ class TrainLoop:
         if changes and dist.is_main():
             changed = ", ".join(changes)
             print(f"note: the resume changes the checkpoint's LR schedule: {changed}", file=sys.stderr)
+        self._note_other_threads(state.get("threads"))  # older checkpoints: none recorded
         for rate in self.ema.rates:
             name = ckpt.ema_name(rate)
             if name not in emas:
@@ -574,6 +576,23 @@ class TrainLoop:
             self.meter.load_state_dict(state["meter"], self.device)
         ckpt.restore_rng(state["rng"])
         self.step = step
+
+    def _note_other_threads(self, was: int | None) -> None:
+        """Another CPU thread count splits the steps' float sums otherwise (about 1e-6 apart), as in
+        sampling: the resume goes on, but no longer bit for bit as the uninterrupted run, so it says so."""
+        now = torch.get_num_threads()
+        if was is None or was == now or self.device.type != "cpu" or not dist.is_main():
+            return
+
+        def threads(n: int) -> str:
+            return f"{n} CPU thread{'' if n == 1 else 's'}"
+
+        print(
+            f"note: the checkpoint's steps ran with {threads(was)}, the resume's with {threads(now)}: "
+            "float sums about 1e-6 apart from an uninterrupted run's (the same --threads continues "
+            "it bit for bit)",
+            file=sys.stderr,
+        )
 
     def _check_ranks_resume(self, record: dict | None) -> None:
         """Every rank resumes the checkpoint rank 0 resumes, or all stop with one line: a rank whose
