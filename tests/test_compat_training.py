@@ -373,6 +373,74 @@ def test_fp16_networks_are_built_fp32_so_a_resume_is_exact():
     assert model.dtype == torch.float16
 
 
+def _two_steps_with_dropout(model) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Gradients of two seeded training forwards (dropout on), and the next draw after them."""
+    model.train()
+    x, t = torch.linspace(-1, 1, 2 * 3 * 16 * 16).view(2, 3, 16, 16), torch.tensor([3, 20])
+    torch.manual_seed(1)
+    grads = []
+    for _ in range(2):
+        model.zero_grad()
+        model(x, t).square().mean().backward()
+        grads += [p.grad.clone() for p in model.parameters()]
+    return grads, torch.randn(1)
+
+
+CHECKPOINTED = dict(
+    image_size=16,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="8",
+    dropout=0.5,
+    use_scale_shift_norm=False,
+)
+
+
+def test_checkpointed_res_blocks_draw_new_masks_as_the_originals():
+    """use_checkpoint with dropout: the backward pass recomputes each res block with masks drawn
+    then, as the original's CheckpointFunction (torch's checkpointing replayed the forward's
+    masks, so the global stream, and with it every later step's draws, was the original's only
+    without use_checkpoint)."""
+    torch.manual_seed(0)
+    plain, _ = gd.create_model_and_diffusion(**CHECKPOINTED)
+    checkpointed, _ = gd.create_model_and_diffusion(**CHECKPOINTED, use_checkpoint=True)
+    by_hand = unet.UNetModel(16, 3, 32, 3, 1, (2,), dropout=0.5, channel_mult=(1, 2), use_checkpoint=True)
+    for model in (checkpointed, by_hand):
+        model.load_state_dict(plain.state_dict())
+        _, after = _two_steps_with_dropout(model)
+        assert not torch.equal(after, _two_steps_with_dropout(plain)[1])  # the recompute drew too
+    calls = []
+
+    def draws(x):
+        calls.append(torch.rand(1))
+        return x * x
+
+    nn.checkpoint(draws, (torch.ones(1, requires_grad=True),), (), True).backward()
+    assert not torch.equal(calls[0], calls[1])  # the original's checkpoint() recomputes afresh too
+
+
+@needs_original
+def test_checkpointed_training_steps_are_the_originals(monkeypatch):
+    """Two training steps of a network with use_checkpoint and dropout, seeded alike: the
+    original's gradients (from the backward pass's masks) and random stream after them."""
+    import importlib
+
+    monkeypatch.syspath_prepend(ORIGINAL)
+    original = importlib.import_module("guided_diffusion.script_util")
+    flags = {**CHECKPOINTED, "use_checkpoint": True}
+    torch.manual_seed(0)
+    om, _ = original.create_model_and_diffusion(**{**original.model_and_diffusion_defaults(), **flags})
+    with torch.no_grad():
+        for p in om.parameters():  # the zero-initialized output convs would pass no gradient back
+            p.add_(0.02 * torch.randn_like(p))
+    fm, _ = gd.create_model_and_diffusion(**flags)
+    fm.load_state_dict(om.state_dict())
+    (want, want_after), (got, got_after) = _two_steps_with_dropout(om), _two_steps_with_dropout(fm)
+    assert torch.equal(want_after, got_after)
+    assert max((a - b).abs().max().item() for a, b in zip(want, got, strict=True)) < 1e-5
+
+
 @needs_original
 def test_fp16_optimizer_files_go_both_ways_with_the_original(monkeypatch):
     """The original's fp16 MixedPrecisionTrainer has the same masters, in the same order: each

@@ -396,7 +396,7 @@ def test_gradient_checkpointing_same_grads(monkeypatch):
     plain(x, t, y).square().mean().backward()
     assert not calls
     ckpt(x, t, y).square().mean().backward()
-    assert calls and all(kw == {"use_reentrant": False} for kw in calls)
+    assert calls and all(kw == {"use_reentrant": False, "preserve_rng_state": True} for kw in calls)
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6), name
 

@@ -18,7 +18,14 @@ from ..models import flags as gd_flags
 from ..models.presets import build_network
 from .gaussian_diffusion import ENGINE_ENV, loop_engine  # noqa: F401 (gd-run's and the tests' handle)
 from .respace import SpacedDiffusion, space_timesteps  # noqa: F401 (script_util re-exports it)
-from .unet import _COMPAT_CLASS, EncoderUNetModel, SuperResModel, UNetModel, unconverted  # noqa: F401 (as script_util)
+from .unet import (  # noqa: F401 (as script_util)
+    _COMPAT_CLASS,
+    EncoderUNetModel,
+    SuperResModel,
+    UNetModel,
+    recompute_as_the_original,
+    unconverted,
+)
 
 # Read by create_model / sr_create_model at call time, as the original's builders read it:
 # ``script_util.NUM_CLASSES = 10`` before building gives a 10-class model.
@@ -79,7 +86,7 @@ def _network(kind: str, flags: dict):
     net = build_network(unconverted(config))
     net.config = config
     net.__class__ = _COMPAT_CLASS[type(net)]  # same layout: only the constructor differs
-    return net
+    return recompute_as_the_original(net)
 
 
 def diffusion_defaults() -> dict:

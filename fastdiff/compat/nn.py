@@ -1,8 +1,9 @@
 """guided-diffusion's ``nn`` helpers, from fastdiff's own building blocks.
 
 ``normalization`` and ``GroupNorm32`` are fastdiff's GroupNorm (fp32 statistics, fused kernels);
-``checkpoint`` is non-reentrant torch checkpointing (so the original's hand-written autograd
-function, ``CheckpointFunction``, is not provided).
+``checkpoint`` is non-reentrant torch checkpointing that recomputes from the backward pass's
+random state, as the original's hand-written autograd function, ``CheckpointFunction`` (not
+provided), does.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def scale_module(module, scale):
 
 
 def checkpoint(func, inputs, params, flag):
-    """``func(*inputs)``, recomputed in the backward pass instead of stored when ``flag``
-    (``params`` is the original's bookkeeping; torch's checkpointing finds them itself)."""
-    return maybe_checkpoint(func, *inputs, enabled=flag)
+    """``func(*inputs)``, recomputed in the backward pass instead of stored when ``flag``, from
+    the random state of that moment as the original's (``params`` is the original's
+    bookkeeping; torch's checkpointing finds them itself)."""
+    return maybe_checkpoint(func, *inputs, enabled=flag, preserve_rng_state=False)

@@ -70,6 +70,17 @@ def unconverted(config):
     return dataclasses.replace(config, use_fp16=False)
 
 
+def recompute_as_the_original(net):
+    """``net``'s checkpointed res blocks recompute in the backward pass from the random state of
+    that moment, as the original's ``CheckpointFunction`` does: with ``use_checkpoint`` and
+    dropout, the gradient takes new masks and the global stream advances past them, so a seeded
+    training run draws the original's timesteps, noise and masks after its first step."""
+    for block in net.modules():
+        if isinstance(block, ResBlock):
+            block.preserve_rng_state = False
+    return net
+
+
 class _FitsOrSays:
     """The original's scripts load ``--model_path`` / ``--classifier_path`` straight into the
     network their flags built; a checkpoint made for other flags raises fastdiff's
@@ -79,6 +90,7 @@ class _FitsOrSays:
     def __init__(self, config):
         super().__init__(unconverted(config))
         self.config = config
+        recompute_as_the_original(self)
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         if strict:

@@ -59,10 +59,14 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
-def maybe_checkpoint(fn: Callable[..., torch.Tensor], *args: torch.Tensor, enabled: bool) -> torch.Tensor:
-    """Run ``fn`` under non-reentrant gradient checkpointing when enabled and grads are recorded."""
+def maybe_checkpoint(
+    fn: Callable[..., torch.Tensor], *args: torch.Tensor, enabled: bool, preserve_rng_state: bool = True
+) -> torch.Tensor:
+    """Run ``fn`` under non-reentrant gradient checkpointing when enabled and grads are recorded.
+    ``preserve_rng_state=False`` recomputes from the random state of the backward pass (new
+    dropout masks, drawn from the global stream), as guided-diffusion's own checkpointing does."""
     if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state)
     return fn(*args)
 
 

@@ -86,6 +86,10 @@ class ResBlock(TimestepBlock):
     and resample the skip path the same way (no learned resampling).
     """
 
+    # Checkpointing replays the forward's dropout masks; compat's networks draw new ones, as the
+    # original's (``compat.unet.recompute_as_the_original``).
+    preserve_rng_state = True
+
     def __init__(
         self,
         channels: int,
@@ -146,7 +150,9 @@ class ResBlock(TimestepBlock):
             self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return maybe_checkpoint(self._forward, x, emb, enabled=self.use_checkpoint)
+        return maybe_checkpoint(
+            self._forward, x, emb, enabled=self.use_checkpoint, preserve_rng_state=self.preserve_rng_state
+        )
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return adm_resblock_forward(self, x, emb)
