@@ -451,6 +451,55 @@ def test_reference_path_bias_without_weight(monkeypatch):
     assert torch.autograd.gradcheck(lambda x_, b_: ada_group_norm(x_, 2, None, b_), (x, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "shape, affine, ada, act",
+    [
+        ((2, 8, 4, 4), True, True, "silu"),
+        ((2, 8, 3, 5), True, False, "silu"),
+        ((2, 8, 3, 5), False, False, None),
+        ((2, 6, 7), True, True, None),  # [B, C, T] with C innermost: an attention block's view
+    ],
+    ids=["ada", "affine", "plain", "3d"],
+)
+def test_channels_last_inference_path_matches_the_reference(monkeypatch, shape, affine, ada, act, dtype):
+    """A channels-last CPU x that no gradient is recorded for (a channels-last UNet's sampling
+    pass) takes the channels-last path: the reference's values to float rounding, in x's layout.
+    Under autograd, and under FASTDIFF_OPS=reference, the reference runs."""
+    from fastdiff.ops.ada_group_norm import function
+
+    monkeypatch.setenv("FASTDIFF_OPS", "auto")
+    x, w, b, sc, sh = make_inputs(shape, 2, dtype, affine=affine, ada=ada, mean=3.0)
+    x = x.mT.contiguous().mT if x.dim() == 3 else x.to(memory_format=torch.channels_last)
+    taken = []
+    spy = function.ada_group_norm_channels_last
+    monkeypatch.setattr(function, "ada_group_norm_channels_last", lambda *a: taken.append(1) or spy(*a))
+    with torch.no_grad():
+        y = ada_group_norm(x, 2, w, b, sc, sh, activation=act)
+    assert taken and y.dtype == x.dtype and y.stride() == x.stride()
+    want = ada_group_norm_reference(x.double(), 2, *to64((w, b, sc, sh)), activation=act)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol)
+    taken.clear()
+    y = ada_group_norm(x.requires_grad_(), 2, w, b, sc, sh, activation=act)
+    assert not taken and y.grad_fn is not None
+    monkeypatch.setenv("FASTDIFF_OPS", "reference")
+    with torch.no_grad():
+        ada_group_norm(x, 2, w, b, sc, sh, activation=act)
+    assert not taken
+
+
+def test_channels_last_inference_path_under_cpu_autocast():
+    """Under CPU autocast the channels-last path's statistics stay fp32 (autocast ran its
+    matmuls in fp16, where the sums of squares overflowed: NaN from a UNet under fp16 autocast)."""
+    x, w, b, sc, sh = make_inputs((2, 8, 16, 16), 2, torch.float16, channels_last=True)
+    x = x * 30
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        y = ada_group_norm(x, 2, w, b, sc, sh)
+    want = ada_group_norm_reference(x.double(), 2, *to64((w, b, sc, sh)))
+    torch.testing.assert_close(y.double(), want, rtol=1e-2, atol=1e-2)
+
+
 def test_reference_path_channels_last_parameter_grads_only():
     """channels_last x that needs no gradient, weight and bias that do (norms trained on frozen
     features): F.group_norm's own CPU backward segfaults there, so this runs in a child process."""

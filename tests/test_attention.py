@@ -110,6 +110,29 @@ def test_sdpa_path_matches_reference(monkeypatch, shape, order, dtype):
     _check_fwd_bwd(*shape, order, dtype, device="cpu", kernel=False)
 
 
+@pytest.mark.parametrize("order", ["new", "legacy"])
+def test_sdpa_path_takes_a_channels_last_qkv_as_it_is(monkeypatch, order):
+    """A qkv whose channels are innermost (a channels-last UNet's, made by a matmul over [B, T, C])
+    reaches SDPA without the permuting copy, and its output is the contiguous qkv's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setenv("FASTDIFF_OPS", "auto")
+    qkv = torch.randn(2, 9, 3 * 2 * 8).mT  # [B, 3*H*d, T], C innermost
+    ops = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Ops():
+        out = attention(qkv, 2, order)
+    assert not {"clone", "copy_"} & set(ops), ops
+    torch.testing.assert_close(out, attention(qkv.contiguous(), 2, order), rtol=1e-6, atol=1e-6)
+    want = attention_reference(qkv.double(), 2, order)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @needs_kernel
 @pytest.mark.parametrize("shape", [(1, 1, 96, 40), (1, 2, 32, 300)], ids=["d96", "T300"])
 def test_kernel_odd_head_dim_and_long_sequence(shape):

@@ -28,6 +28,7 @@ from .._backend import (
     triton_missing,
     use_triton,
 )
+from .channels_last import ada_group_norm_channels_last, is_channels_last
 from .reference import ada_group_norm_backward_reference, ada_group_norm_reference, group_stats_reference
 
 
@@ -187,6 +188,17 @@ def _backward(ctx, dy, _dmean, _drstd):
 torch.library.register_autograd("fastdiff::ada_group_norm", _backward, setup_context=_setup_context)
 
 
+def _channels_last_inference(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether the CPU's channels-last path takes x: a channels-last CPU tensor that no gradient
+    is recorded for, outside the traced and transformed runs that must see the reference's ops."""
+    if x.device.type != "cpu" or force_reference() or not is_channels_last(x):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
+        return False
+    traced = torch.compiler.is_compiling() or torch.jit.is_tracing() or onnx_exporting()
+    return not (traced or in_func_transform() or forward_ad_active())
+
+
 def _flattenable(x: Tensor) -> bool:
     dims = [(sz, st) for sz, st in zip(x.shape[2:], x.stride()[2:]) if sz != 1]
     return all(dims[i][1] == dims[i + 1][1] * dims[i + 1][0] for i in range(len(dims) - 1))
@@ -261,7 +273,10 @@ def _dispatch(x, num_groups, weight, bias, scale, shift, eps, activation):
         # chain with its own autograd is the fastest exact path, and traces like any torch code.
         if _kernel_allowed(x) and (why := triton_missing(x)):
             notice_fallback("ada_group_norm", why)
-        return ada_group_norm_reference(x, num_groups, weight, bias, scale, shift, float(eps), activation)
+        path = ada_group_norm_reference
+        if _channels_last_inference(x, weight, bias, scale, shift):
+            path = ada_group_norm_channels_last
+        return path(x, num_groups, weight, bias, scale, shift, float(eps), activation)
     if not _flattenable(x):  # a permuted layout the kernels cannot stride through
         x = x.contiguous()
     op = torch.ops.fastdiff.ada_group_norm

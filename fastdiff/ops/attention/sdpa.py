@@ -3,7 +3,8 @@ runs (the CPU, CUDA without triton).
 
 SDPA reaches PyTorch's fused (flash / memory-efficient) kernels only for 4-D ``[B, H, T, d]``
 inputs with d contiguous; 3-D inputs take its unfused math path, slower than ADM's einsum. So the
-packed qkv is permuted into that layout once (one copy for q, k and v together). The fused
+packed qkv is permuted into that layout once (one copy for q, k and v together), or not at all
+where its channels are innermost already (a channels-last qkv). The fused
 kernels' backward has no derivative of its own, so where a gradient may be taken eagerly the
 call goes through :class:`_TwiceDifferentiable`; torch.compile, torch.export, tracing and
 torch.func transforms see plain SDPA.
@@ -25,7 +26,9 @@ def _sdpa(qkv: torch.Tensor, num_heads: int, order: str) -> torch.Tensor:
         parts = qkv.reshape(bs, num_heads, 3, ch, length).permute(2, 0, 1, 4, 3)
     else:  # channels ordered (q/k/v, head, d)
         parts = qkv.reshape(bs, 3, num_heads, ch, length).permute(1, 0, 2, 4, 3)
-    q, k, v = parts.contiguous().unbind(0)
+    if parts.stride(-1) != 1:  # a channels-last qkv (UNetModel's CPU inference) has d contiguous already
+        parts = parts.contiguous()
+    q, k, v = parts.unbind(0)
     out = F.scaled_dot_product_attention(q, k, v)  # [B, H, T, d]
     return out.transpose(-1, -2).reshape(bs, num_heads * ch, length)
 
