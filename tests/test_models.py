@@ -404,6 +404,32 @@ def test_gradient_checkpointing_same_grads(monkeypatch):
 # --- the networks run on fastdiff.ops ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("updown", [True, False], ids=["resblock-updown", "conv-resample"])
+def test_cpu_inference_runs_the_torso_channels_last(monkeypatch, updown):
+    """A CPU pass without autograd (sampling) runs the UNet's torso channels_last, oneDNN's fast
+    layout there, and returns NCHW: the NCHW pass's values to float32 rounding. A hook on an
+    attention projection still runs. Where autograd records, the torso stays NCHW."""
+    from fastdiff.models import unet as unet_module
+
+    torch.manual_seed(0)
+    model = randomize(small_unet(resblock_updown=updown)).eval()
+    layouts, hooked = [], []
+    conv = model.output_blocks[0][0].in_layers[2]
+    conv.register_forward_hook(lambda m, i, o: layouts.append(i[0].is_contiguous()))
+    qkv = next(m for m in model.modules() if isinstance(m, AttentionBlock)).qkv
+    qkv.register_forward_hook(lambda m, i, o: hooked.append(1))
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 7])
+    with torch.no_grad():
+        got = model(x, t, y)
+        with monkeypatch.context() as m:
+            m.setattr(unet_module, "_channels_last_torso", lambda x: False)
+            want = model(x, t, y)
+    assert layouts == [False, True] and got.is_contiguous() and len(hooked) == 2
+    assert rel_err(got, want) <= 1e-5
+    model(x, t, y)
+    assert layouts[-1]
+
+
 def _ops_modes():
     """The ops modes this machine can run: reference and auto always; the Triton kernels on CUDA,
     or in the interpreter when TRITON_INTERPRET=1 (small networks only: it is slow)."""

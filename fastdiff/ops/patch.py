@@ -38,7 +38,9 @@ def outside_autocast(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def _has_hooks(m: nn.Module) -> bool:
+def has_hooks(m: nn.Module) -> bool:
+    """Whether m has hooks of its own: code that reads m's weights instead of calling it (a folded
+    upsampler, a matmul in a conv's place) would skip them, so it calls m instead."""
     hooks = (m._forward_pre_hooks, m._forward_hooks, m._backward_pre_hooks, m._backward_hooks)
     return any(hooks)
 
@@ -48,13 +50,13 @@ def _foldable_conv(conv) -> bool:
     conv, so its hooks would not run (torch.nn.utils.weight_norm's pre-hook among them: the
     weight would be the one the last call computed). Checked on every call: hooks added after
     patching count too."""
-    return fusable(conv) and not _has_hooks(conv)
+    return fusable(conv) and not has_hooks(conv)
 
 
 def _is_nearest_upsample(m: nn.Module) -> bool:
     """guided-diffusion's (or fastdiff's) Upsample without its own conv, on 2-D images (and no
     hooks, which a folded upsampling would skip)."""
-    named = type(m).__name__ == "Upsample" and not _has_hooks(m)
+    named = type(m).__name__ == "Upsample" and not has_hooks(m)
     return named and getattr(m, "use_conv", None) is False and getattr(m, "dims", None) == 2
 
 
@@ -142,7 +144,7 @@ def _bound(forward, module: nn.Module, **kwargs):
 def _swappable(m: nn.Module) -> bool:
     """No hooks and no parametrization: a module swapped out would take its hooks with it, and a
     parametrized weight is computed on access, not a Parameter the new module could share."""
-    return not _has_hooks(m) and not parametrize.is_parametrized(m)
+    return not has_hooks(m) and not parametrize.is_parametrized(m)
 
 
 def _is_foreign_group_norm(m: nn.Module) -> bool:
