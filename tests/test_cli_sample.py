@@ -416,3 +416,42 @@ def test_a_process_with_no_valid_betas_is_one_line(models, tmp_path):
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit)  # a ClickException, not a bug
     assert "at least 20" in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_cpu_sampling_run_imports_neither_dynamo_nor_sympy(tmp_path):
+    """The default `fastdiff sample` on the CPU compiles nothing, so it imports neither torch's
+    dynamo (fastdiff.ops' constant marks imported it, with sympy and FSDP: ~1 s of a job of 8)
+    nor sympy (a grad_outputs tensor in the attention backward imported it: 0.3 s)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from fastdiff.cli.main import main\n"
+        "args = ['sample', '--no-progress', '--num-samples', '2', '--steps', '2']\n"
+        f"args += ['--out', {str(tmp_path)!r}]\n"
+        "result = CliRunner().invoke(main, args)\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_constant_result_marks_functions_as_torch_does():
+    """fastdiff.ops' constant_result sets the mark torch.compiler.assume_constant_result sets, so
+    dynamo still folds those calls into constants where it traces."""
+    from fastdiff.ops._backend import constant_result
+
+    def ours():
+        return True
+
+    def torchs():
+        return True
+
+    assert constant_result(ours) is ours
+    torch.compiler.assume_constant_result(torchs)
+    assert vars(ours) == vars(torchs) != {}

@@ -24,14 +24,13 @@ from torch.autograd import forward_ad
 def _triton_problem() -> str | None:
     """Why triton cannot run the kernels here, or None. Imported, not just looked up, so a present
     but broken triton (a missing shared library, a partial install) falls back like an absent
-    one instead of raising from inside the first op. Importing fastdiff.ops imports torch's
-    dynamo, which imports triton anyway, so this costs nothing."""
+    one instead of raising from inside the first op."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     try:
         import triton.language  # noqa: F401
     except Exception as e:  # whatever a broken install raises, the kernels cannot run
-        # hidden from torch as well: torch's dynamo, imported with this package, takes a triton
+        # hidden from torch as well: torch's dynamo, once imported, takes a triton
         # that imports at all for a whole one and read triton.language from it (an AttributeError
         # from `import fastdiff.ops` on a triton without it, a leftover folder, say)
         for name in [n for n in sys.modules if n == "triton" or n.startswith("triton.")]:
@@ -126,7 +125,15 @@ def force_reference() -> bool:
     return ops_mode() == "reference"
 
 
-@torch.compiler.assume_constant_result
+def constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without its import of torch._dynamo (with sympy
+    and torch.distributed's FSDP, ~1 s: the most of ``fastdiff sample``'s start on the CPU, where
+    nothing compiles). Dynamo reads the same mark when it traces; a test pins it to torch's."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_result
 def in_func_transform() -> bool:
     """Inside ``torch.func.grad`` / ``vmap`` (the compile engine takes the classifier's gradient
     with ``torch.func.grad``, which traces into one graph): a custom op's registered autograd is
@@ -138,7 +145,7 @@ def in_func_transform() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def nested_func_grad() -> bool:
     """Inside two ``torch.func.grad`` (or ``vjp``) levels, a second derivative (a gradient
     penalty written with torch.func): SDPA's fused backward has no derivative of its own, so
@@ -149,7 +156,7 @@ def nested_func_grad() -> bool:
     return len(grads) > 1
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def autocast_available(device_type: str) -> bool:
     """``torch.amp.is_autocast_available``, a constant while torch.compile traces: the dynamo of
     torch 2.11 cannot trace it, and the compile engine's whole-step graph would break there."""
@@ -163,7 +170,7 @@ def forward_ad_active() -> bool:
     return forward_ad._current_level >= 0
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def onnx_exporting() -> bool:
     """Inside ``torch.onnx.export``: ONNX has no translation for a custom op (the export failed on
     "unrecognized namespace fastdiff"), so each op takes its plain PyTorch path there. A constant

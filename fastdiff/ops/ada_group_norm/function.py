@@ -20,6 +20,7 @@ from .._backend import (
     OpInputError,
     check_count,
     check_tensor,
+    constant_result,
     force_reference,
     forward_ad_active,
     in_func_transform,
@@ -46,7 +47,7 @@ def _cuda_kernel():
         return None
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _cuda_extension_ready() -> bool:
     """The CUDA extension is present and loads (a constant while torch.compile traces)."""
     ck = _cuda_kernel()
