@@ -430,6 +430,25 @@ def test_cpu_inference_runs_the_torso_channels_last(monkeypatch, updown):
     assert layouts[-1]
 
 
+def test_a_make_fx_trace_keeps_the_torso_nchw():
+    """fastdiff's ONNX export traces the networks with make_fx under no_grad on the CPU: the
+    channels-last torso leaked into that trace as layout copies and transposed matmuls (the
+    bundled model's graph had 2134 nodes against 2090)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fastdiff.ops._backend import traced
+
+    model = randomize(small_unet()).eval()
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 7])
+    seen = []
+    with torch.no_grad():
+        graph = make_fx(lambda x, t, y: (seen.append(traced()), model(x, t, y))[1])(x, t, y)
+    assert seen == [True] and not traced()
+    formats = [n.kwargs.get("memory_format") for n in graph.graph.nodes if n.op == "call_function"]
+    assert torch.channels_last not in formats
+    assert not any("linear" in str(n.target) for n in graph.graph.nodes)
+
+
 def _ops_modes():
     """The ops modes this machine can run: reference and auto always; the Triton kernels on CUDA,
     or in the interpreter when TRITON_INTERPRET=1 (small networks only: it is slow)."""

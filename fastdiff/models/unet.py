@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.ops import AdaGroupNormSiLU, QKVAttention, QKVAttentionLegacy
+from fastdiff.ops._backend import traced
 from fastdiff.ops.patch import adm_resblock_forward, adm_upsample_forward, has_hooks, outside_autocast
 
 from .config import ClassifierConfig, NetConfig, SuperResConfig, UNetConfig
@@ -447,7 +448,7 @@ def _channels_last_torso(x: torch.Tensor) -> bool:
     channels_last), on other devices, nor in traced or compiled runs, whose graphs keep the
     layout they were written with."""
     inference = not torch.is_grad_enabled() and x.device.type == "cpu" and x.dim() == 4
-    return inference and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    return inference and not traced()
 
 
 class SuperResModel(UNetModel):

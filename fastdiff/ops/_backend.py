@@ -178,6 +178,17 @@ def onnx_exporting() -> bool:
     return "torch.onnx" in sys.modules and torch.onnx.is_in_onnx_export()
 
 
+def traced() -> bool:
+    """Inside a trace that records ops into a graph: torch.compile or torch.export (dynamo),
+    ``torch.jit.trace``, ``torch.onnx.export``, or ``make_fx`` (fastdiff's own ONNX export traces
+    with it): a layout chosen for eager speed there would only add nodes to the graph. make_fx is
+    looked up only where its module is loaded, since importing it imports sympy (0.3 s)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or onnx_exporting():
+        return True
+    proxy = sys.modules.get("torch.fx.experimental.proxy_tensor")
+    return proxy is not None and proxy.get_proxy_mode() is not None
+
+
 def wants_triton(t: torch.Tensor) -> bool:
     """Whether ``FASTDIFF_OPS`` and ``t``'s device ask for the Triton kernel, triton usable or not."""
     mode = ops_mode()

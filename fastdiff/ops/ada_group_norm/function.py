@@ -26,6 +26,7 @@ from .._backend import (
     in_func_transform,
     notice_fallback,
     onnx_exporting,
+    traced,
     triton_missing,
     use_triton,
 )
@@ -196,8 +197,7 @@ def _channels_last_inference(x: Tensor, *params: Tensor | None) -> bool:
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
         return False
-    traced = torch.compiler.is_compiling() or torch.jit.is_tracing() or onnx_exporting()
-    return not (traced or in_func_transform() or forward_ad_active())
+    return not (traced() or in_func_transform() or forward_ad_active())
 
 
 def _flattenable(x: Tensor) -> bool:
