@@ -17,9 +17,9 @@ thread, so by default one variant per (kernel, flags, vector width, dtype, layou
 the one with the most elements per thread and the widest channel tile; ``--all`` compiles them all
 (run it when the GroupNorm kernels or their tiles change). Triton's cache keeps compiled variants, so
 reruns only compile what changed. CI runs it three times: with the venv's triton, with triton 3.6,
-the GPU image's, and with 3.8, torch 2.14's (``PYTHONPATH`` to a ``pip install --target`` of each),
-whose ptxas spilled on tiles that 3.9's did not (3.6's on four, 3.8's on five attention backward
-variants; all retuned).
+the GPU image's, and with 3.8, torch 2.14's, on the attention kernels (``--only attn``; its
+spills were all there) (``PYTHONPATH`` to a ``pip install --target`` of each), whose ptxas spilled
+on tiles that 3.9's did not (3.6's on four, 3.8's on five attention backward variants; all retuned).
 """
 
 from __future__ import annotations
