@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +43,53 @@ def _best(fn, rounds: int) -> float:
     return best
 
 
+def bundled_step(n: int = 16):
+    """The default ``fastdiff sample``'s networks (frozen, eval), its classifier guidance and a
+    guided step's inputs (x, t, y) at batch ``n``."""
+    from fastdiff.diffusion.guidance import ClassifierGuidance
+    from fastdiff.runs.loading import load_diffusion_model
+
+    cpu = torch.device("cpu")
+    loaded = load_diffusion_model(preset=None, flag_string=None, checkpoint=None, device=cpu)
+    unet = loaded.model.eval().requires_grad_(False)
+    clf = loaded.bundled_classifier(cpu).model.eval().requires_grad_(False)
+    size = loaded.image_size
+    x = torch.randn(n, loaded.in_channels, size, size)
+    inputs = (x, torch.full((n,), 500), torch.arange(n) % 10)
+    return unet, clf, ClassifierGuidance(clf, loaded.default_classifier_scale), inputs
+
+
+class ConvLog(TorchDispatchMode):
+    """The convolutions aten runs inside it: ``counts`` by (kind, input shape, weight shape,
+    stride, padding, transposed, channels_last), kind "forward" or "input gradient" (a
+    convolution_backward that computes one; its layout is the output gradient's), and
+    ``tensors``: a copy of the first (input, weight, output gradient or None) of each. Module
+    hooks would change the step they record: fastdiff calls a hooked upsampler's conv as it is,
+    3x3 on the upsampled image, instead of folding it into upsample_conv's transposed conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+        self.tensors: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            inp, weight, _, stride, padding, _, transposed = args[:7]
+            self._add("forward", inp, weight, None, stride, padding, transposed)
+        elif func is torch.ops.aten.convolution_backward.default and args[-1][0]:
+            grad, inp, weight, _, stride, padding, _, transposed = args[:8]
+            self._add("input gradient", inp, weight, grad, stride, padding, transposed)
+        return func(*args, **(kwargs or {}))
+
+    def _add(self, kind, inp, weight, grad, stride, padding, transposed):
+        seen = inp if grad is None else grad
+        nhwc = seen.is_contiguous(memory_format=torch.channels_last) and not seen.is_contiguous()
+        key = (kind, tuple(inp.shape), tuple(weight.shape), tuple(stride), tuple(padding), transposed, nhwc)
+        self.counts[key] += 1
+        if key not in self.tensors:
+            self.tensors[key] = tuple(None if v is None else v.detach().clone() for v in (inp, weight, grad))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -51,36 +99,13 @@ def main() -> None:
     if args.threads < 1 or args.rounds < 1:
         ap.error(f"--threads and --rounds must be at least 1, got {args.threads} and {args.rounds}")
     torch.set_num_threads(args.threads)
-
-    from fastdiff.diffusion.guidance import ClassifierGuidance
-    from fastdiff.runs.loading import load_diffusion_model
-
-    cpu = torch.device("cpu")
-    loaded = load_diffusion_model(preset=None, flag_string=None, checkpoint=None, device=cpu)
-    unet = loaded.model.eval().requires_grad_(False)
-    clf = loaded.bundled_classifier(cpu).model.eval().requires_grad_(False)
-    n, size = 16, loaded.image_size
-    x = torch.randn(n, loaded.in_channels, size, size)
-    t = torch.full((n,), 500)
-    y = torch.arange(n) % 10
-    guidance = ClassifierGuidance(clf, loaded.default_classifier_scale)
+    unet, clf, guidance, (x, t, y) = bundled_step()
+    n = len(x)
 
     def step():
         with torch.no_grad():
             unet(x, t, y=y)
         guidance(x, t, y=y)
-
-    convs: Counter = Counter()
-
-    def record(mod, inputs, out):
-        w = mod.weight
-        convs[(tuple(inputs[0].shape), tuple(w.shape), mod.padding, mod.stride)] += 1
-
-    hooks = [
-        m.register_forward_hook(record)
-        for m in [*unet.modules(), *clf.modules()]
-        if isinstance(m, torch.nn.Conv2d)
-    ]
 
     def counted_step():
         # FlopCounterMode's module tracking cannot follow autograd.grad: the same gradient by backward().
@@ -89,21 +114,21 @@ def main() -> None:
         x_in = x.clone().requires_grad_(True)
         F.log_softmax(clf(x_in, t), dim=-1)[torch.arange(n), y].sum().backward()
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, ConvLog() as log:
         counted_step()
-    for h in hooks:
-        h.remove()
     flops = counter.get_total_flops()
     by_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
 
     # The best rate on the step's own convolutions (the three with the most FLOPs) and a big GEMM.
     def conv_flops(key):
-        (b, c, h, w), (o, _, kh, kw), _, stride = key
+        (b, c, h, w), (o, _, kh, kw), stride = key[1:4]
         return 2 * b * o * c * kh * kw * (h // stride[0]) * (w // stride[1])
 
+    # 2-D convs, not transposed
+    convs = [k for k in log.counts if k[0] == "forward" and len(k[1]) == 4 and not k[5]]
     rates = {}
     for key in sorted(convs, key=conv_flops, reverse=True)[:3]:
-        inp, wshape, padding, stride = key
+        inp, wshape, stride, padding = key[1:5]
         a, w = torch.randn(inp), torch.randn(wshape)
         with torch.no_grad():
             sec = _best(

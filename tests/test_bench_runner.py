@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import conftest, report, run_gpu, settings, timing
 
@@ -114,6 +115,33 @@ def test_cpu_bound_refuses_counts_below_one_before_measuring(tmp_path, option):
     cmd = [sys.executable, str(REPO / "bench" / "cpu_bound.py"), *option, "--out-dir", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "must be at least 1" in r.stderr and not list(tmp_path.iterdir())
+
+
+def test_cpu_bound_counts_the_step_as_fastdiff_runs_it():
+    """Listing the step's convs leaves the step alone: the forward hooks cpu_bound listed them with
+    made fastdiff run its upsamplers unfolded (3x3 convs on the upsampled image), so it counted
+    16.07 GFLOP a step, 0.84 of them the unfolded upsamplers', and timed one of those convs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.cpu_bound import ConvLog, bundled_step
+
+    unet, clf, _, (x, t, y) = bundled_step(1)
+
+    def step():  # as cpu_bound counts it: FlopCounterMode cannot follow autograd.grad
+        with torch.no_grad():
+            unet(x, t, y=y)
+        clf(x.clone().requires_grad_(True), t).logsumexp(-1).sum().backward()
+
+    step()  # the upsamplers fold their weights once
+    with FlopCounterMode(display=False) as alone:
+        step()
+    with FlopCounterMode(display=False) as listed, ConvLog() as log:
+        step()
+    assert listed.get_flop_counts()["Global"] == alone.get_flop_counts()["Global"]
+    upsamplers = [key for key in log.counts if key[0] == "forward" and key[5]]  # transposed
+    assert len(upsamplers) == 2 and all(key[2][2:] == (4, 4) for key in upsamplers)
+    gradients = [key for key in log.counts if key[0] == "input gradient"]
+    assert gradients and all(log.tensors[key][2] is not None for key in gradients)
 
 
 def test_killed_stage_still_counts_its_tests():
