@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bench import conftest, report, run_gpu, settings, timing
 
@@ -110,9 +111,10 @@ def test_compare_original_refuses_bad_options_before_any_run(monkeypatch, tmp_pa
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize("script", ["cpu_bound.py", "cpu_winograd.py"])
 @pytest.mark.parametrize("option", [["--threads", "0"], ["--rounds", "0"]])
-def test_cpu_bound_refuses_counts_below_one_before_measuring(tmp_path, option):
-    cmd = [sys.executable, str(REPO / "bench" / "cpu_bound.py"), *option, "--out-dir", str(tmp_path)]
+def test_cpu_studies_refuse_counts_below_one_before_measuring(tmp_path, script, option):
+    cmd = [sys.executable, str(REPO / "bench" / script), *option, "--out-dir", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "must be at least 1" in r.stderr and not list(tmp_path.iterdir())
 
@@ -142,6 +144,25 @@ def test_cpu_bound_counts_the_step_as_fastdiff_runs_it():
     assert len(upsamplers) == 2 and all(key[2][2:] == (4, 4) for key in upsamplers)
     gradients = [key for key in log.counts if key[0] == "input gradient"]
     assert gradients and all(log.tensors[key][2] is not None for key in gradients)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("kron", [True, False])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_cpu_winograd_computes_the_conv(m, kron, layout):
+    """The study's Winograd is the conv it is timed against, on sizes that are no multiple of its
+    tiles, again on the workspaces the first call kept, in the input's layout."""
+    from bench.cpu_winograd import Winograd
+
+    torch.manual_seed(0)
+    w = torch.randn(5, 3, 3, 3)
+    winograd = Winograd(w, m, kron)
+    for size in [(7, 9), (4, 5)]:
+        x = torch.randn(2, 3, *size).contiguous(memory_format=layout)
+        for _ in range(2):
+            out = winograd(x)
+            torch.testing.assert_close(out, F.conv2d(x, w, padding=1), rtol=1e-5, atol=1e-4)
+            assert (out.stride(1) == 1) == (layout == torch.channels_last)
 
 
 def test_killed_stage_still_counts_its_tests():

@@ -242,6 +242,24 @@ def test_the_cpu_bound_is_its_record():
     assert f"in under {bound['bound_e2e_s']:.1f} s on one thread" in readme
 
 
+def test_the_winograd_study_is_its_record():
+    """The Speed section's Winograd times (bench/cpu_winograd.py's record) as the README rounds them."""
+    import json
+
+    readme = " ".join(read_doc("README.md").split())
+    study = json.loads((REPO / "bench/results/2026-12-07-cpu-winograd.json").read_text())
+    ms = study["step_ms"]
+    ours = ms["fastdiff (oneDNN)"]
+    best = {m: min(ms[f"F({m}x{m}) kron"], ms[f"F({m}x{m}) 2-pass"]) for m in (2, 4)}
+    assert f"3x3 convs at {ours:.1f} ms of CPU as fastdiff runs them" in readme
+    assert f"{best[4]:.1f} ms as F(4x4, 3x3) and {best[2]:.1f} ms as F(2x2, 3x3)" in readme
+    assert f"batched GEMMs alone take {ms['F(4x4) GEMM alone']:.1f} ms" in readme
+    assert f"{ms['NNPACK']:.1f} ms as NNPACK's" in readme
+    assert f"would save {1 - study['step_ms_fastest_per_shape'] / ours:.0%}" in readme
+    error = max(study["max_error"]["F(4x4) kron"], study["max_error"]["F(4x4) 2-pass"])
+    assert f"F(4x4) at up to {error:.1e} relative error" in readme
+
+
 def test_the_docs_name_every_engine_preset_and_compat_module():
     """The lists the docs spell out (engines, preset names, gd-run's modules) are the registries'."""
     from fastdiff.compat.package import MODULES
