@@ -418,10 +418,11 @@ def test_a_process_with_no_valid_betas_is_one_line(models, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_a_cpu_sampling_run_imports_neither_dynamo_nor_sympy(tmp_path):
+def test_a_cpu_sampling_run_imports_no_dynamo_sympy_or_triton(tmp_path):
     """The default `fastdiff sample` on the CPU compiles nothing, so it imports neither torch's
     dynamo (fastdiff.ops' constant marks imported it, with sympy and FSDP: ~1 s of a job of 8)
-    nor sympy (a grad_outputs tensor in the attention backward imported it: 0.3 s)."""
+    nor sympy (a grad_outputs tensor in the attention backward imported it: 0.3 s), and it
+    launches no Triton kernel, so it imports no triton (fastdiff.ops checked it at import: 0.2 s)."""
     import subprocess
     import sys
 
@@ -433,9 +434,9 @@ def test_a_cpu_sampling_run_imports_neither_dynamo_nor_sympy(tmp_path):
         f"args += ['--out', {str(tmp_path)!r}]\n"
         "result = CliRunner().invoke(main, args)\n"
         "assert result.exit_code == 0, result.output\n"
-        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy', 'triton') if m in sys.modules))\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTDIFF_OPS": "auto"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == "[]"

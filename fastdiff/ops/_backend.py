@@ -21,6 +21,14 @@ from torch._C._functorch import TransformType
 from torch.autograd import forward_ad
 
 
+def constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without its import of torch._dynamo (with sympy
+    and torch.distributed's FSDP, ~1 s: the most of ``fastdiff sample``'s start on the CPU, where
+    nothing compiles). Dynamo reads the same mark when it traces; a test pins it to torch's."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _triton_problem() -> str | None:
     """Why triton cannot run the kernels here, or None. Imported, not just looked up, so a present
     but broken triton (a missing shared library, a partial install) falls back like an absent
@@ -40,7 +48,20 @@ def _triton_problem() -> str | None:
     return None
 
 
-_TRITON_PROBLEM = _triton_problem()  # found once: dynamo traces the calls that read it
+def _incomplete_triton() -> bool:
+    """A triton folder without ``triton/language`` (a leftover of an uninstall), found without
+    importing anything: torch's dynamo takes a triton that imports at all for a whole one, so
+    this one is imported (and hidden, failing) when fastdiff.ops is, before any torch.compile."""
+    spec = importlib.util.find_spec("triton")
+    places = (spec.submodule_search_locations or []) if spec is not None else []
+    return spec is not None and not any(os.path.isdir(os.path.join(p, "language")) for p in places)
+
+
+_UNCHECKED = "unchecked"
+# Found once, at the first op that asks for a kernel: importing triton takes 0.2 s of every
+# process start, and the CPU's paths never launch a kernel. A broken triton that raises an
+# ImportError is one torch tells apart by itself.
+_TRITON_PROBLEM: str | None = _triton_problem() if _incomplete_triton() else _UNCHECKED
 
 # The dtypes every op's kernels are built for; fp64 runs them only in the interpreter.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -48,11 +69,16 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def triton_available() -> bool:
     """True when triton imports (not necessarily usable on every device)."""
-    return _TRITON_PROBLEM is None
+    return triton_problem() is None
 
 
+@constant_result
 def triton_problem() -> str | None:
-    """Why triton is unavailable ("triton is not installed", "triton does not import (...)")."""
+    """Why triton is unavailable ("triton is not installed", "triton does not import (...)").
+    A constant while torch.compile traces (dynamo traces the calls that read it)."""
+    global _TRITON_PROBLEM
+    if _TRITON_PROBLEM == _UNCHECKED:
+        _TRITON_PROBLEM = _triton_problem()
     return _TRITON_PROBLEM
 
 
@@ -125,14 +151,6 @@ def force_reference() -> bool:
     return ops_mode() == "reference"
 
 
-def constant_result(fn):
-    """``torch.compiler.assume_constant_result`` without its import of torch._dynamo (with sympy
-    and torch.distributed's FSDP, ~1 s: the most of ``fastdiff sample``'s start on the CPU, where
-    nothing compiles). Dynamo reads the same mark when it traces; a test pins it to torch's."""
-    fn._dynamo_marked_constant = True
-    return fn
-
-
 @constant_result
 def in_func_transform() -> bool:
     """Inside ``torch.func.grad`` / ``vmap`` (the compile engine takes the classifier's gradient
@@ -198,13 +216,14 @@ def wants_triton(t: torch.Tensor) -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether the Triton kernel should handle tensor ``t``."""
-    return triton_available() and wants_triton(t) and not onnx_exporting()
+    """Whether the Triton kernel should handle tensor ``t`` (triton is imported only where a
+    kernel is asked for)."""
+    return wants_triton(t) and triton_available() and not onnx_exporting()
 
 
 def triton_missing(t: torch.Tensor) -> str | None:
     """Why the kernel asked for on ``t`` cannot run (for :func:`notice_fallback`), or None."""
-    return _TRITON_PROBLEM if wants_triton(t) else None
+    return triton_problem() if wants_triton(t) else None
 
 
 @functools.cache
