@@ -11,6 +11,7 @@ measure it once, before any CUDA graph capture; ``fastdiff.Sampler`` does so in 
 from ._tuning import autotuning
 from .ada_group_norm import AdaGroupNormSiLU, GroupNorm, GroupNormSiLU, ada_group_norm
 from .attention import QKVAttention, QKVAttentionLegacy, attention
+from .avg_pool2x import avg_pool2x
 from .patch import patch
 from .upsample_conv import upsample_conv
 
@@ -23,6 +24,7 @@ __all__ = [
     "ada_group_norm",
     "attention",
     "autotuning",
+    "avg_pool2x",
     "patch",
     "upsample_conv",
 ]
