@@ -135,6 +135,11 @@ def test_the_quoted_measurements_are_in_their_records():
     for row in record("bench/results/2026-12-06-cpu-e2e.json")["rows"]:
         quoted = rf"{row['fastdiff_wall_s']:.1f} s against (the original's )?{row['original_wall_s']:.1f} s"
         assert re.search(quoted + rf"[^(]*\({row['speedup_wall']:.2f}x", readme), row
+    loaded = record("bench/results/2026-12-07-cpu-e2e-7a91a62.json")
+    row = loaded["rows"][0]
+    assert row["threads"] == "1" and round(loaded["machine"]["load_1min"]) == 4
+    quoted = f"{row['fastdiff_cpu_s']:.1f} s of CPU time against the original's {row['original_cpu_s']:.1f} s"
+    assert f"{quoted} ({row['speedup_cpu']:.2f}x" in readme
     busy = record("bench/results/2026-12-05-cpu-e2e-busy1.json")["rows"][0]
     assert busy["threads"] == "default"
     assert f"{busy['fastdiff_wall_s']:.1f} s against {busy['original_wall_s']:.1f} s" in readme
