@@ -118,6 +118,30 @@ def test_a_resume_at_the_same_threads_is_bit_for_bit_and_at_others_goes_on_with_
         assert state["threads"] == threads, run_
 
 
+def test_adamw_takes_its_multi_tensor_kernels_bit_for_bit_and_keeps_them_on_older_resumes(tmp_path):
+    """AdamW runs its foreach kernels on the CPU too, where torch's default is its per-parameter
+    loop: the same weights and moments to the bit. A resume keeps them where the checkpoint's
+    optimizer state, saved before (foreach None), would bring the loop back."""
+    ds = tiny_data()
+
+    def trainer(name, max_steps, foreach=True, **kw):
+        config = tiny_config(tmp_path / name, ds, max_steps=max_steps, ema=(0.9,), weight_decay=0.1, **kw)
+        t = DiffusionTrainer(config, ds)
+        assert t.opt.param_groups[0]["foreach"] is True
+        t.opt.param_groups[0]["foreach"] = foreach
+        t.run()
+        return t
+
+    loop = trainer("loop", 3, foreach=False)
+    trainer("resumed", 1, foreach=None)  # an older fastdiff's checkpoint
+    resumed = trainer("resumed", 3, resume=True)
+    assert resumed.opt.param_groups[0]["foreach"] is True
+    assert all(torch.equal(a, b) for a, b in zip(loop.model.parameters(), resumed.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(loop.ema.params[0.9], resumed.ema.params[0.9]))
+    for a, b in zip(loop.opt.state.values(), resumed.opt.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+
+
 class _Killed(Exception):
     pass
 

@@ -62,6 +62,11 @@ from .runlog import Meter, plot_losses, truncate_log
 
 # fp16: this many skipped steps in a row means the scaler cannot rescue the run (scale / 2**25).
 MAX_SKIPPED_STEPS = 25
+# AdamW's multi-tensor kernels: on the CPU torch's default is its per-parameter loop (CUDA's is this
+# already), which computes the same numbers, bit for bit, one Python call per op and parameter
+# (11.5 ms against 7.7 ms a step for a 1.4M-parameter 32x32 ADM at one thread). Set again on a
+# resume, whose optimizer state brings back the setting it was saved with (None before).
+ADAMW_IMPLEMENTATION = {"foreach": True}
 # What a state_*.pt holds besides the trainer's extra_state().
 STATE_KEYS = ("optimizer", "scaler", "rng", "config")
 # Settings a resumed run must share with its checkpoint, besides the flags, the data and the
@@ -264,7 +269,9 @@ class TrainLoop:
         self.ddp = None
         if self.world > 1:
             self.ddp = dist.data_parallel(self.model, self.device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **ADAMW_IMPLEMENTATION
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.ema = EMA(self.model, parse_ema_rates(cfg.ema), warmup=cfg.ema_warmup)
         self.meter = Meter()
@@ -568,8 +575,8 @@ class TrainLoop:
         for rate in self.ema.rates:
             self.ema.load(rate, emas[ckpt.ema_name(rate)])
         self.opt.load_state_dict(state["optimizer"])
-        for group in self.opt.param_groups:  # the state brings back its decay; a resume may change it
-            group["weight_decay"] = self.config.weight_decay
+        for group in self.opt.param_groups:  # the state brings back its decay (a resume may change it)
+            group.update(weight_decay=self.config.weight_decay, **ADAMW_IMPLEMENTATION)  # and older kernels
         self.scaler.load_state_dict(_scaler_state(state["scaler"]))
         self.load_extra_state(state)
         if "meter" in state:  # older checkpoints: the first row after the resume averages fewer steps
