@@ -33,22 +33,10 @@ def _mult(spec: str) -> tuple[int, ...]:
     return tuple(int(m) for m in str(spec).split(","))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--guided-diffusion", required=True, type=Path, help="a checkout of openai/guided-diffusion"
-    )
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--num-samples", type=int, default=16)
-    ap.add_argument("--scale", type=float, default=2.0)
-    ap.add_argument("--steps", default="ddim25")
-    args = ap.parse_args()
-    sys.path.insert(0, str(args.guided_diffusion))
-
-    import numpy as np
-    import torch as th
-    import torch.nn.functional as F
-    from guided_diffusion.script_util import create_gaussian_diffusion
+def bundled_networks():
+    """The bundled diffusion model and classifier as the original's UNetModel and EncoderUNetModel
+    (guided_diffusion on sys.path), with the bundled weights, and their flags (for
+    bench/compare_train.py too)."""
     from guided_diffusion.unet import EncoderUNetModel, UNetModel
     from safetensors.torch import load_file
 
@@ -73,7 +61,6 @@ def main() -> None:
         use_new_attention_order=mf["use_new_attention_order"],
     )
     model.load_state_dict(load_file(str(ASSETS / "diffusion.safetensors")))
-    model.eval()
     classifier = EncoderUNetModel(
         image_size=size,
         in_channels=cf["in_channels"],
@@ -88,6 +75,28 @@ def main() -> None:
         pool=cf["classifier_pool"],
     )
     classifier.load_state_dict(load_file(str(ASSETS / "classifier.safetensors")))
+    return model, classifier, mf, cf
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--guided-diffusion", required=True, type=Path, help="a checkout of openai/guided-diffusion"
+    )
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--num-samples", type=int, default=16)
+    ap.add_argument("--scale", type=float, default=2.0)
+    ap.add_argument("--steps", default="ddim25")
+    args = ap.parse_args()
+    sys.path.insert(0, str(args.guided_diffusion))
+
+    import numpy as np
+    import torch as th
+    import torch.nn.functional as F
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    model, classifier, mf, cf = bundled_networks()
+    model.eval()
     classifier.eval()
     diffusion = create_gaussian_diffusion(
         steps=mf["diffusion_steps"],
@@ -107,7 +116,7 @@ def main() -> None:
         return model(x, t, y if mf["class_cond"] else None)
 
     n = args.num_samples
-    shape = (n, mf["in_channels"], size, size)
+    shape = (n, mf["in_channels"], mf["image_size"], mf["image_size"])
     noise = th.randn(*shape, generator=th.Generator().manual_seed(0))  # fastdiff's batch 0 at seed 0
     y = th.arange(n) % cf["num_classes"]
     out = diffusion.ddim_sample_loop(

@@ -111,6 +111,18 @@ def test_compare_original_refuses_bad_options_before_any_run(monkeypatch, tmp_pa
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize(
+    "option", [["--steps", "0"], ["--warmup", "-1"], ["--batch-size", "x"], ["--jobs", "sample"], []]
+)
+def test_compare_train_refuses_bad_options_and_checkouts_before_any_training(tmp_path, option):
+    """Options, and a folder that is no guided-diffusion checkout ([]: tmp_path), stop at once."""
+    from bench import compare_train
+
+    with pytest.raises(SystemExit) as exit_info:
+        compare_train.main(["--guided-diffusion", str(tmp_path), "--out-dir", str(tmp_path), *option])
+    assert exit_info.value.code == 2 and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("script", ["cpu_bound.py", "cpu_winograd.py"])
 @pytest.mark.parametrize("option", [["--threads", "0"], ["--rounds", "0"]])
 def test_cpu_studies_refuse_counts_below_one_before_measuring(tmp_path, script, option):

@@ -265,6 +265,23 @@ def test_the_winograd_study_is_its_record():
     assert f"F(4x4) at up to {error:.1e} relative error" in readme
 
 
+def test_the_training_comparison_is_its_record():
+    """The Speed section's training steps (bench/compare_train.py's record) as the README gives them."""
+    import json
+
+    readme = " ".join(read_doc("README.md").split())
+    rows = json.loads((REPO / "bench/results/2026-12-07-cpu-train.json").read_text())["rows"]
+    diffusion, classifier = (next(r for r in rows if r["job"].startswith(job)) for job in ("diff", "class"))
+    assert (
+        f"batch {diffusion['batch_size']} in {diffusion['fastdiff_ms']:.1f} ms of CPU a step against "
+        f"{diffusion['original_ms']:.1f} ms for image_train.py's TrainLoop ({diffusion['speedup']:.2f}x)"
+    ) in readme
+    assert (
+        f"in {classifier['fastdiff_ms']:.1f} ms against classifier_train.py's "
+        f"{classifier['original_ms']:.1f} ms ({classifier['speedup']:.2f}x)"
+    ) in readme
+
+
 def test_the_docs_name_every_engine_preset_and_compat_module():
     """The lists the docs spell out (engines, preset names, gd-run's modules) are the registries'."""
     from fastdiff.compat.package import MODULES
