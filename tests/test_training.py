@@ -137,6 +137,29 @@ def test_loss_second_moment_sampler():
     assert t.shape == (5,) and torch.all(w == 1)
 
 
+def test_loss_second_moment_history_takes_a_batch_as_one_loss_after_another():
+    """The batch's losses go into the histories in one pass, to the bit as one at a time in batch
+    order (the oldest of a full history dropped), whatever the repeats of a t within a batch."""
+
+    def one_by_one(s, ts, losses):
+        for t, loss in zip(ts.tolist(), losses.double().tolist()):
+            n = int(s.counts[t])
+            if n == s.history_per_term:
+                s.history[t] = torch.cat([s.history[t, 1:], torch.tensor([loss], dtype=torch.float64)])
+            else:
+                s.history[t, n] = loss
+                s.counts[t] += 1
+
+    gen = torch.Generator().manual_seed(0)
+    batched, single = LossSecondMomentResampler(6, history_per_term=4), LossSecondMomentResampler(6, 4)
+    for size in [0, 1, 3, 7, 2, 30, 1, 5, 64, 9]:
+        ts, losses = torch.randint(0, 6, (size,), generator=gen), torch.rand(size, generator=gen)
+        batched.update_with_losses(ts, losses.float())
+        one_by_one(single, ts, losses.float())
+        assert torch.equal(batched.counts, single.counts) and torch.equal(batched.history, single.history)
+    assert batched.warmed_up()
+
+
 def test_logged_loss_is_the_importance_weighted_one(tmp_path):
     """Once loss-second-moment's history is full, the logged loss is the one optimized (each
     example's loss times its importance weight, as guided-diffusion logs it), while the sampler
