@@ -19,7 +19,14 @@ from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.flags import FlagError, configs_from_flags, flags_of, parse_flags
 from fastdiff.models.presets import get_preset
 from fastdiff.runs import ranks
-from fastdiff.runs.device import check_ops_mode, choose_threads, resolve_device, usable_cores
+from fastdiff.runs.device import (
+    check_ops_mode,
+    choose_threads,
+    emulated_bf16,
+    emulated_bf16_note,
+    resolve_device,
+    usable_cores,
+)
 from fastdiff.runs.folder import exclusive_folder
 from fastdiff.training import (
     ClassifierTrainer,
@@ -75,7 +82,7 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, 
     if o["resume"]:
         check_resume_settings(config, kind)
     size = net.image_size if sized or Path(o["data"]).is_dir() else None
-    ranks.join(resolve_device(o["device"]))  # before the data: the ranks share its scan
+    device = ranks.join(resolve_device(o["device"]))  # before the data: the ranks share its scan
     dataset = load_dataset(
         o["data"],
         size,
@@ -85,6 +92,8 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, 
     )
     report_skipped(dataset)
     notes = []
+    if o["precision"] == "bf16" and emulated_bf16(device):
+        notes.append(emulated_bf16_note("--precision bf16"))
     if size is not None and not sized:  # guided-diffusion's default size, whatever the images are
         notes.append(
             f"note: the images are resized and center-cropped to {size}x{size}, the default; "
