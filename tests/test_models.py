@@ -162,6 +162,23 @@ def test_unet_structure():
     assert small_unet().image_size == 16 and small_unet().num_classes == 10
 
 
+def test_fresh_networks_start_with_zeroed_residual_branches_and_outputs():
+    """As guided-diffusion's zero_module: the last conv of every res block and attention block and
+    the output convs start at zero, so a fresh block is its skip path and a fresh network predicts 0
+    (what training from scratch starts from; the weights every other test loads hide it)."""
+    from fastdiff.models.unet import ResBlock
+
+    model = small_unet()
+    zeroed = [m.out_layers[-1] for m in model.modules() if isinstance(m, ResBlock)]
+    zeroed += [m.proj_out for m in model.modules() if isinstance(m, AttentionBlock)]
+    assert len(zeroed) == 14 and all(not p.any() for m in [*zeroed, model.out[-1]] for p in m.parameters())
+    assert model.input_blocks[0][0].weight.any()
+    with torch.no_grad():
+        assert not run_unet(model).any()
+        classifier = EncoderUNetModel(ClassifierConfig(**SMALL, num_classes=4, pool="adaptive"))
+        assert not classifier(torch.randn(2, 3, 16, 16), torch.tensor([3, 700])).any()
+
+
 def test_label_required_iff_class_conditional():
     cond, uncond = small_unet(), small_unet(num_classes=None)
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([5])
