@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from fastdiff.cli.main import main
 from fastdiff.models.checkpoint import save_weights
 from fastdiff.models.flags import format_flags
+from fastdiff.runs.sampling import batch_generator
 
 UNET_FLAGS = dict(
     image_size=8,
@@ -139,6 +140,19 @@ def test_images_are_a_function_of_seed_and_batch_size(models, tmp_path):
         *base_args(models, tmp_path / "bs2", "--num-samples", 4, "--batch-size", 3, "--seed", 3, "--resume")
     )
     assert r.exit_code != 0 and "differs from the one in" in r.output and "batch_size" in r.output
+
+
+def test_no_two_seeds_share_a_batchs_noise():
+    """A batch's noise is keyed by (seed, batch index) so that runs of nearby seeds share no batch:
+    seed s's batch i + 1 is not seed s + 1's batch i (a key of seed + index would repeat one run's
+    images in the next seed's, a batch along). Runs compared with runs, or with references drawn
+    through batch_generator itself, cannot show it."""
+    drawn = {
+        tuple(torch.randn(4, generator=batch_generator(torch.device("cpu"), seed, index)).tolist())
+        for seed in range(4)
+        for index in range(4)
+    }
+    assert len(drawn) == 16
 
 
 def test_a_resume_on_another_device_type_is_refused(models, tmp_path):
