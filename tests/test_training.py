@@ -225,7 +225,7 @@ def test_mixed_precision_runs(tmp_path, precision):
 
 def test_cfg_dropout_uses_the_null_label(tmp_path):
     ds = tiny_data()
-    cfg = tiny_config(tmp_path, ds, cfg_dropout=0.5)
+    cfg = tiny_config(tmp_path, ds, cfg_dropout=0.25)  # not 0.5: labels dropped with 1 - p look alike
     assert cfg.net.num_classes == ds.num_classes + 1
     trainer = DiffusionTrainer(cfg, ds)
     assert trainer.null_label == 3
@@ -234,7 +234,7 @@ def test_cfg_dropout_uses_the_null_label(tmp_path):
     gen = torch.Generator().manual_seed(0)
     trainer.compute_loss(torch.zeros(64, 1, 8, 8), torch.zeros(64, dtype=torch.long), gen, gen)
     frac = (seen[0] == 3).float().mean()
-    assert 0.3 < frac < 0.7 and set(seen[0].tolist()) == {0, 3}
+    assert 0.1 < frac < 0.4 and set(seen[0].tolist()) == {0, 3}
     with pytest.raises(ValueError):
         fit_unet(UNetConfig(), ds, 0.1)
 
