@@ -238,6 +238,7 @@ def _copy(finished_run, tmp_path):
         (["--schedule-sampler", "loss-second-moment"], "schedule sampler 'uniform' vs 'loss-second-moment'"),
         (["--random-flip"], "random flip False vs True"),
         (["--ema-warmup"], "ema warmup False vs True"),
+        (["--cfg-dropout", "0.1"], "cfg dropout 0.0 vs 0.1"),
         (["--microbatch", "4"], "micro-batch size 2 vs 4"),
     ],
 )
