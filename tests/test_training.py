@@ -636,6 +636,29 @@ def test_micro_batches_leave_the_step_unchanged(tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_random_flip_mirrors_images_left_to_right(tmp_path):
+    """--random-flip mirrors an image's columns, as guided-diffusion's ``arr[:, ::-1]`` of an HWC
+    array, never its rows: each image a step trains on is the data's or its mirror, both drawn."""
+    ds = tiny_data()
+    x = torch.stack([ds[i][0] for i in range(16)])
+    y = torch.tensor([ds[i][1] for i in range(16)])
+    trainer = DiffusionTrainer(tiny_config(tmp_path, ds, batch_size=16, random_flip=True), ds)
+    seen = []
+
+    def losses(xs, ys, gen, dev_gen):
+        seen.append(xs)
+        t = torch.full((len(xs),), 7)
+        per_example = trainer._forward(xs, t, y=ys).square().mean(dim=(1, 2, 3))
+        return per_example.mean(), {"t": t, "weight": torch.ones(len(xs)), "loss": per_example.detach()}
+
+    trainer.compute_loss = losses
+    trainer.run_step(x, y)
+    trained = torch.cat(seen)
+    mirrored = [torch.equal(a, b.flip(-1)) for a, b in zip(trained, x)]
+    assert all(m or torch.equal(a, b) for m, a, b in zip(mirrored, trained, x))
+    assert 0 < sum(mirrored) < 16
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     ds = tiny_data()
     x = torch.stack([ds[i][0] for i in range(4)])
