@@ -13,6 +13,7 @@ from fastdiff.training.data import (
     DataError,
     ImageFolderDataset,
     ShardedSampler,
+    center_crop_arr,
     get_mnist,
     load_dataset,
     load_npz,
@@ -149,6 +150,17 @@ def test_sixteen_bit_png_is_read_as_its_pixels(tmp_path):
         assert x.shape == (channels, 8, 8) and torch.allclose(
             x, torch.full_like(x, 128 / 127.5 - 1), atol=1e-6
         )
+
+
+def test_a_large_image_is_halved_with_box_filters_before_its_bicubic_resize():
+    """ADM's resize averages 2x2 blocks (BOX) while the image is at least twice the size: a
+    64 x 48 image cropped to 12 is two halvings to 16 x 12, each pixel the mean of a 4 x 4 block
+    (within PIL's rounding of two halvings, 2 levels), and its bicubic resize to the same size
+    changes nothing."""
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    got = center_crop_arr(Image.fromarray(pixels), 12)
+    blocks = pixels.reshape(12, 4, 16, 4, 3).mean(axis=(1, 3))[:, 2:14]
+    assert got.shape == (12, 12, 3) and np.abs(got - blocks).max() <= 2
 
 
 def test_flat_folder_labels_from_prefix(tmp_path):
