@@ -192,6 +192,24 @@ def test_load_data_yields_the_originals_batches(images):
     assert image_datasets.random_crop_arr(Image.new("RGB", (48, 40)), 32).shape == (32, 32, 3)
 
 
+def test_random_crops_draw_short_sides_up_to_image_size_over_min_crop_frac(monkeypatch):
+    """As the original's random_crop_arr: the short side is drawn from ceil(size / max_crop_frac)
+    to ceil(size / min_crop_frac), both included (8..10 for size 8)."""
+    import random
+
+    from fastdiff.compat import image_datasets
+
+    sides = []
+    resize = image_datasets.resize_short_side
+    monkeypatch.setattr(
+        image_datasets, "resize_short_side", lambda img, size: sides.append(size) or resize(img, size)
+    )
+    random.seed(0)
+    for _ in range(30):
+        assert image_datasets.random_crop_arr(Image.new("RGB", (12, 10)), 8).shape == (8, 8, 3)
+    assert set(sides) == {8, 9, 10}
+
+
 def test_load_data_bad_input(tmp_path, images):
     for kwargs, message in [
         (dict(data_dir=""), "unspecified data directory"),
