@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastdiff.diffusion import ClassifierGuidance
 from fastdiff.export import ExportError, OnnxExportConfig, check_export, read_export
-from fastdiff.export.graph import DenoiserSignature, decompositions, matmul_attention
+from fastdiff.export.graph import DenoiserSignature, classifier_gradient, decompositions, matmul_attention
 from fastdiff.ops.attention.reference import attention_reference
 
 onnx = pytest.importorskip("onnx")
@@ -66,6 +67,28 @@ def test_pool_backwards_are_upsamples(size):
     x_in = x.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(fn(x_in).square().sum(), x_in)
     torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_adaptive_pool_backward_is_atens():
+    """The decomposition of a global pool's backward (make_fx traces a 1x1 adaptive pool as a mean
+    here, so the trace above does not reach it) is the aten op it stands for."""
+    x, grad = torch.randn(2, 4, 5, 7), torch.randn(2, 4, 1, 1)
+    aten = torch.ops.aten._adaptive_avg_pool2d_backward.default
+    torch.testing.assert_close(decompositions()[aten](grad, x), aten(grad, x))
+
+
+def test_the_exported_classifier_gradient_is_classifier_guidances():
+    """The denoiser's gradient output (the label picked by a one-hot product) is what
+    ClassifierGuidance gives the eager samplers, sign and scale included."""
+    torch.manual_seed(0)
+    weight = torch.randn(2 * 4 * 4, 5)
+
+    def classifier(x, t):
+        return (x.flatten(1) * t[:, None]) @ weight
+
+    x, t, y = torch.randn(3, 2, 4, 4), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4, 0, 2])
+    want = ClassifierGuidance(classifier, 2.5)(x, t, y)
+    torch.testing.assert_close(classifier_gradient(classifier, x, t, y, torch.tensor(2.5)), want)
 
 
 @pytest.mark.parametrize("order", ["new", "legacy"])
