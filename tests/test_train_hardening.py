@@ -135,6 +135,23 @@ def test_bf16_training_on_a_cpu_without_native_bf16_is_noted(tmp_path, monkeypat
     assert ("no native bf16" in result.stderr and "--precision bf16" in result.stderr) is emulated
 
 
+def test_a_step_that_goes_through_restarts_the_fp16_overflow_count(tmp_path):
+    """The run stops at 25 overflows in a row, not 25 in all: a run whose scale overflows now and
+    then (as fp16's does each time it grows back) trains on."""
+    ds = tiny_data()
+    trainer = DiffusionTrainer(tiny_config(tmp_path, ds, ema=(), precision="fp16"), ds)
+
+    def optimize(grad: float) -> bool:
+        trainer.scaler.scale(torch.ones(()))
+        for p in trainer.model.parameters():
+            p.grad = torch.full_like(p, grad)
+        return trainer._optimize(torch.tensor(1.0))
+
+    for _ in range(2):
+        assert not any(optimize(float("inf")) for _ in range(24))
+        assert optimize(0.0)
+
+
 def test_fingerprint_sees_changed_content():
     a, b = tiny_data(), tiny_data()
     b.images[0, 0, 0, 0] ^= 1
