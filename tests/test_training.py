@@ -99,6 +99,20 @@ def test_ema_math():
     assert parse_ema_rates("") == ()
 
 
+def test_a_step_averages_the_weights_it_made(tmp_path):
+    """The EMA takes in the weights after the optimizer step, as guided-diffusion's _update_ema
+    after optimize (before it, every average would lag a step behind the model)."""
+    ds = tiny_data()
+    trainer = DiffusionTrainer(tiny_config(tmp_path, ds, ema=(0.9,), lr=1e-2), ds)  # steps of ~1e-2
+    start = [p.detach().clone() for p in trainer.model.parameters()]
+    assert trainer.run_step(torch.stack([ds[i][0] for i in range(4)]), torch.tensor([0, 1, 2, 0]))
+    moved = 0
+    for p0, p, avg in zip(start, trainer.model.parameters(), trainer.ema.params[0.9]):
+        torch.testing.assert_close(avg, 0.9 * p0 + 0.1 * p.detach())
+        moved += not torch.equal(p0, p)
+    assert moved
+
+
 def test_ema_warmup_forgets_init():
     """With warm-up the first update keeps only 10% of the init and the rate grows to the cap."""
     model = torch.nn.Linear(3, 2)
