@@ -306,6 +306,16 @@ def test_classifier_free_guidance(setup):
     torch.testing.assert_close(out[:, :3], u[:, :3] + 3.0 * (c[:, :3] - u[:, :3]))
     torch.testing.assert_close(out[:, 3:], c[:, 3:])
 
+    # Per-image conditioning (an upsampler's low_res) goes with both halves; anything else as given.
+    def conditioned(x, t, y=None, low_res=None, note=None):
+        assert note == "as given"
+        return model(x + low_res, t, y)
+
+    low = torch.randn(SHAPE)
+    out = ClassifierFreeGuidance(conditioned, 3.0, 5)(x, t, low_res=low, note="as given", **kw)
+    c, u = model(x + low, t, kw["y"]), model(x + low, t, torch.tensor([5, 5]))
+    torch.testing.assert_close(out[:, :3], u[:, :3] + 3.0 * (c[:, :3] - u[:, :3]))
+
 
 def test_unconditional_model_does_not_get_labels(setup):
     diffusion, _, classifier, kw = setup
