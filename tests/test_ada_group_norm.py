@@ -489,6 +489,17 @@ def test_channels_last_inference_path_matches_the_reference(monkeypatch, shape, 
     assert not taken
 
 
+def test_channels_last_inference_path_keeps_eps_where_it_matters():
+    """Groups whose variance (1e-6) is below eps (1e-5), where eps sets the scale: random inputs
+    of variance ~4 could not tell a wrong eps (only a 100-step variant vector, minutes in, did)."""
+    x, w, b, sc, sh = make_inputs((2, 8, 4, 4), 2, torch.float32)
+    x = (x * 5e-4).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = ada_group_norm(x, 2, w, b, sc, sh, activation="silu")
+    want = ada_group_norm_reference(x.double(), 2, *to64((w, b, sc, sh)), activation="silu")
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_channels_last_inference_path_under_cpu_autocast():
     """Under CPU autocast the channels-last path's statistics stay fp32 (autocast ran its
     matmuls in fp16, where the sums of squares overflowed: NaN from a UNet under fp16 autocast)."""
