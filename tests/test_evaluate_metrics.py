@@ -185,12 +185,24 @@ def _load_original():
                 sys.modules.pop(m)
             else:
                 sys.modules[m] = old
+    mod.linalg = types.SimpleNamespace(sqrtm=_sqrtm)
     return mod
+
+
+def _sqrtm(a: np.ndarray, disp: bool = True):
+    """scipy.linalg.sqrtm as the original evaluator calls it: SciPy 1.18 removed ``disp``, whose
+    False returned the root with an error estimate (which the original drops)."""
+    from scipy import linalg
+
+    root = linalg.sqrtm(a)
+    return root if disp else (root, None)
 
 
 def test_against_the_original_evaluator_functions(monkeypatch):
     ev = _load_original()
-    monkeypatch.setattr(np, "bool", bool, raising=False)  # the original predates numpy 1.24
+    # the original's np.bool, gone from numpy 1.24 to 1.26: numpy 2's own np.bool, which numpy 2.2's
+    # assert_allclose calls on arrays (the builtin bool there raised "truth value ... ambiguous")
+    monkeypatch.setattr(np, "bool", np.bool_, raising=False)
 
     class NumpyDistances:
         def pairwise_distances(self, u, v):
