@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -38,6 +36,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.machine import machine_info  # noqa: E402
 
 
 def _timed(cmd: list[str], threads: str) -> tuple[float, float]:
@@ -180,17 +182,7 @@ def main(argv=None) -> None:
                     rows.append(_compare(args, Path(tmp), fastdiff, threads, engine, dtype))
                     print(json.dumps(rows[-1]), flush=True)
 
-    import torch
-
-    info = {
-        "date": dt.date.today().isoformat(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "load_1min": os.getloadavg()[0],
-        "busy_processes": args.busy,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+    info = machine_info(load_1min=os.getloadavg()[0], busy_processes=args.busy)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"{info['date']}-cpu-e2e{'-' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")

@@ -21,10 +21,8 @@ Written to bench/results/<date>-cpu-train{-TAG}.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,6 +38,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.compare_original import _count  # noqa: E402
+from bench.machine import machine_info  # noqa: E402
 from bench.original_sample import bundled_networks  # noqa: E402
 
 
@@ -251,16 +250,8 @@ def main(argv=None) -> None:
             rows.append((_diffusion if job == "diffusion" else _classifier)(args, gd, Path(tmp)))
             print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("_all")}), flush=True)
 
-    info = {
-        "date": dt.date.today().isoformat(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "threads": args.threads,
-        "load_1min_before": load_before,
-        "load_1min_after": os.getloadavg()[0],
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+    load_after = os.getloadavg()[0]
+    info = machine_info(threads=args.threads, load_1min_before=load_before, load_1min_after=load_after)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"{info['date']}-cpu-train{'-' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")

@@ -15,10 +15,8 @@ bench/results/<date>-cpu-bound.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,6 +29,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.machine import machine_info  # noqa: E402
 
 
 def _best(fn, rounds: int) -> float:
@@ -144,14 +146,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", "import torch"], check=True)
     import_s = time.perf_counter() - start
 
-    info = {
-        "date": dt.date.today().isoformat(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "load_1min": os.getloadavg()[0],
-    }
+    info = machine_info(threads=args.threads, load_1min=os.getloadavg()[0])
     result = {
         "machine": info,
         "step_gflop": flops / 1e9,

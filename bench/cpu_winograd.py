@@ -19,11 +19,9 @@ bench/results/<date>-cpu-winograd.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +36,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.cpu_bound import ConvLog, bundled_step  # noqa: E402
+from bench.machine import machine_info  # noqa: E402
 
 # Lavin & Gray's transforms (interpolation points 0, +-1, +-2, infinity): Y = A^T [(G g G^T) * (B^T d B)] A.
 TRANSFORMS = {
@@ -226,14 +225,7 @@ def main() -> None:
     winograd = [n for n in names if n.startswith("F(") and n != GEMM_ALONE]
     # each shape to the fastest of fastdiff's conv and the Winograd variants
     fastest = sum(r["count"] * min(r["ms"][n] for n in [ours, *winograd]) for r in rows)
-    info = {
-        "date": dt.date.today().isoformat(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "load_1min": os.getloadavg()[0],
-    }
+    info = machine_info(threads=args.threads, load_1min=os.getloadavg()[0])
     result = {
         "machine": info,
         "rounds": args.rounds,
