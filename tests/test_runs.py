@@ -446,17 +446,19 @@ def test_both_folder_locks_say_a_held_folder_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("emulated", [True, False])
-def test_bf16_on_a_cpu_without_native_bf16_is_noted_before_the_run(monkeypatch, capsys, emulated):
-    """oneDNN emulates bf16 on an AVX2 CPU, 15-40x slower than fp32: such a run said nothing."""
+def test_bf16_on_a_cpu_without_native_bf16_is_noted_as_work_starts(tmp_path, monkeypatch, capsys, emulated):
+    """oneDNN emulates bf16 on an AVX2 CPU, 15-40x slower than fp32: such a run said nothing. The
+    note comes once every check has passed, so a refused run's error stays its one line."""
     import torch
 
     from fastdiff.runs import device
 
     monkeypatch.setattr(device, "emulated_bf16", lambda dev: emulated)
-    device.check_run_options("cpu", "bf16", 1, None, "ddim", 0.0)
-    err = capsys.readouterr().err
-    assert ("no native bf16" in err and "--dtype bf16" in err) is emulated
-    device.check_run_options("cpu", "fp32", 1, None, "ddim", 0.0)
+    run = {**TINY, "num_samples": 2, "dtype": "bf16"}
+    fastdiff.sample_run(tmp_path / "a", **run)
+    assert capsys.readouterr().err.count("no native bf16") == emulated
+    with pytest.raises(RunError, match="differs"):
+        fastdiff.sample_run(tmp_path / "a", **run, seed=1, resume=True)
     assert "bf16" not in capsys.readouterr().err
     monkeypatch.undo()
     assert not device.emulated_bf16(torch.device("cuda"))

@@ -17,7 +17,7 @@ from fastdiff.diffusion import SamplingError
 from fastdiff.engines import EngineError
 from fastdiff.engines.sampler import Sampler
 from fastdiff.runs import ranks
-from fastdiff.runs.device import check_run_options
+from fastdiff.runs.device import check_run_options, note_emulated_bf16
 from fastdiff.runs.errors import RunError, check_arguments
 from fastdiff.runs.loading import LoadedModel, load_diffusion_model
 from fastdiff.runs.plan import class_ids, respacing_for
@@ -113,6 +113,7 @@ def dealt(
             raise RunError(str(e)) from None
 
     if batches:  # rank 0 exports a cached graph, the others load it
+        note_emulated_bf16(sampler.dtype, sampler.device)
         built_once(sampler, batches[0][1] - batches[0][0])
     world, rank = distributed.world_size(), distributed.rank()
     rounds = [batches[i : i + world] for i in range(0, len(batches), world)]

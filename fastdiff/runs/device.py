@@ -113,11 +113,18 @@ def emulated_bf16(dev: torch.device) -> bool:
 
 
 def emulated_bf16_note(option: str) -> str:
-    """The note a bf16 run on such a CPU prints before it starts (it ran, slowly, without a word)."""
+    """The note a bf16 run on such a CPU prints once its checks have passed, as its work starts
+    (it ran, slowly, without a word)."""
     return (
         f"note: this CPU has no native bf16 (AVX512-BF16 or AMX), so {option} runs emulated, many"
         " times slower than fp32 (15-40x measured on an AVX2 CPU)"
     )
+
+
+def note_emulated_bf16(dtype: torch.dtype, dev: torch.device) -> None:
+    """:func:`emulated_bf16_note` for a sampling run's ``--dtype bf16``, on rank 0."""
+    if dtype == torch.bfloat16 and emulated_bf16(dev) and distributed.is_main():
+        print(emulated_bf16_note("--dtype bf16"), file=sys.stderr)
 
 
 def check_seed(seed: int, option: str) -> None:
@@ -156,8 +163,6 @@ def check_run_options(
     dev = ranks.join(resolve_device(device))
     if dtype == "fp16" and dev.type == "cpu":
         raise RunError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
-    if dtype == "bf16" and emulated_bf16(dev) and distributed.launched_rank() == 0:
-        print(emulated_bf16_note("--dtype bf16"), file=sys.stderr)
     choose_threads(threads)
     engine = engine or default_engine(dev)
     try:

@@ -21,6 +21,7 @@ from fastdiff.engines import CACHED_BUILDS, EngineError
 from fastdiff.engines.sampler import Sampler
 from fastdiff.files import to_uint8
 from fastdiff.runs import ranks
+from fastdiff.runs.device import note_emulated_bf16
 from fastdiff.runs.errors import RunError
 from fastdiff.runs.loading import LoadedModel
 from fastdiff.runs.plan import Plan
@@ -166,6 +167,7 @@ def run_sampling(
     missing = [i for i in range(len(batches)) if i not in done]
     todo = ranks.share(missing)  # any split gives the same files: a batch's noise is its own
     if missing:
+        note_emulated_bf16(sampler.dtype, sampler.device)
         lo, hi = batches[missing[0]]
         built_once(sampler, hi - lo, None if conditioning is None else conditioning(lo, hi))
     steps = sampler.diffusion.num_timesteps
