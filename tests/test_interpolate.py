@@ -234,3 +234,14 @@ def test_interpolate_draws_a_bar_of_its_ddim_steps_that_no_progress_hides(tmp_pa
     assert "interpolating: 100%" in r.stderr and "4/4 [" in r.stderr and "interpolating" not in r.stdout
     r = cli(*args, "--out", tmp_path / "b.png", "--no-progress")
     assert r.exit_code == 0 and "interpolating" not in r.output, r.output
+
+
+def test_interpolate_in_emulated_bf16_says_so_as_its_steps_start(tmp_path, named_model, monkeypatch):
+    """The DDIM runs (interpolate, invert) note an emulated bf16 as sampling runs do, once."""
+    from fastdiff.runs import device
+
+    monkeypatch.setattr(device, "emulated_bf16", lambda dev: True)
+    args = ["interpolate", "--from", 0, "--to", 1, "--frames", 2, "--steps", 2, "--dtype", "bf16"]
+    r = cli(*args, "--checkpoint", named_model, "--class", "cat", "--out", tmp_path / "a.png")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("no native bf16") == 1 and "--dtype bf16" in r.stderr
