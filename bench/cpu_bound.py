@@ -92,8 +92,10 @@ class ConvLog(TorchDispatchMode):
             self.tensors[key] = tuple(None if v is None else v.detach().clone() for v in (inp, weight, grad))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def cpu_args(description: str) -> argparse.Namespace:
+    """--threads, --rounds and --out-dir, checked before any work, with torch's threads set (this
+    script's and cpu_winograd's)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
@@ -101,6 +103,11 @@ def main() -> None:
     if args.threads < 1 or args.rounds < 1:
         ap.error(f"--threads and --rounds must be at least 1, got {args.threads} and {args.rounds}")
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = cpu_args(__doc__.split("\n")[0])
     unet, clf, guidance, (x, t, y) = bundled_step()
     n = len(x)
 

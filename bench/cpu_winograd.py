@@ -18,7 +18,6 @@ bench/results/<date>-cpu-winograd.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -35,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.cpu_bound import ConvLog, bundled_step  # noqa: E402
+from bench.cpu_bound import ConvLog, bundled_step, cpu_args  # noqa: E402
 from bench.machine import machine_info  # noqa: E402
 
 # Lavin & Gray's transforms (interpolation points 0, +-1, +-2, infinity): Y = A^T [(G g G^T) * (B^T d B)] A.
@@ -178,14 +177,7 @@ def candidates(kind: str, inp: torch.Tensor, weight: torch.Tensor, grad: torch.T
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
-    args = ap.parse_args()
-    if args.threads < 1 or args.rounds < 1:
-        ap.error(f"--threads and --rounds must be at least 1, got {args.threads} and {args.rounds}")
-    torch.set_num_threads(args.threads)
+    args = cpu_args(__doc__.split("\n")[0])
     torch.manual_seed(0)
 
     counts, tensors = step_convs(16)
