@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.machine import machine_info  # noqa: E402
+from bench.machine import machine_info, write_record  # noqa: E402
 
 
 def _timed(cmd: list[str], threads: str) -> tuple[float, float]:
@@ -183,9 +183,6 @@ def main(argv=None) -> None:
                     print(json.dumps(rows[-1]), flush=True)
 
     info = machine_info(load_1min=os.getloadavg()[0], busy_processes=args.busy)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"{info['date']}-cpu-e2e{'-' + args.tag if args.tag else ''}"
-    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
     lines = [
         f"# End to end on the CPU: `fastdiff sample` vs guided-diffusion ({info['date']})",
         "",
@@ -211,8 +208,7 @@ def main(argv=None) -> None:
             + ("same" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}")
             + " |"
         )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(stem.with_suffix(".md").read_text(encoding="utf-8"))
+    write_record(args.out_dir, "cpu-e2e", {"machine": info, "rows": rows}, lines, args.tag)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.compare_original import _count  # noqa: E402
-from bench.machine import machine_info  # noqa: E402
+from bench.machine import machine_info, write_record  # noqa: E402
 from bench.original_sample import bundled_networks  # noqa: E402
 
 
@@ -252,9 +252,6 @@ def main(argv=None) -> None:
 
     load_after = os.getloadavg()[0]
     info = machine_info(threads=args.threads, load_1min_before=load_before, load_1min_after=load_after)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"{info['date']}-cpu-train{'-' + args.tag if args.tag else ''}"
-    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
     lines = [
         f"# Training on the CPU: fastdiff's loops vs guided-diffusion's ({info['date']})",
         "",
@@ -273,8 +270,7 @@ def main(argv=None) -> None:
             f"| {r['job']} | {r['batch_size']} | {r['steps']} | {r['fastdiff_ms']:.1f} | "
             f"{r['original_ms']:.1f} | {r['speedup']:.2f} |"
         )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(stem.with_suffix(".md").read_text(encoding="utf-8"))
+    write_record(args.out_dir, "cpu-train", {"machine": info, "rows": rows}, lines, args.tag)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ bench/results/<date>-cpu-bound.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -32,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.machine import machine_info  # noqa: E402
+from bench.machine import machine_info, write_record  # noqa: E402
 
 
 def _best(fn, rounds: int) -> float:
@@ -164,9 +163,6 @@ def main() -> None:
         "import_torch_s": import_s,
         "bound_e2e_s": import_s + 25 * flops / (peak * 1e9),
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"{info['date']}-cpu-bound"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         f"# The bundled model's guided step on this CPU: a FLOP bound ({info['date']})",
         "",
@@ -185,8 +181,7 @@ def main() -> None:
         f"- import torch: {import_s:.2f} s; so guided DDIM-25 end to end takes at least "
         f"{result['bound_e2e_s']:.2f} s on {args.threads} thread(s)",
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_record(args.out_dir, "cpu-bound", result, lines)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ bench/results/<date>-cpu-winograd.{json,md}.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.cpu_bound import ConvLog, bundled_step, cpu_args  # noqa: E402
-from bench.machine import machine_info  # noqa: E402
+from bench.machine import machine_info, write_record  # noqa: E402
 
 # Lavin & Gray's transforms (interpolation points 0, +-1, +-2, infinity): Y = A^T [(G g G^T) * (B^T d B)] A.
 TRANSFORMS = {
@@ -226,9 +225,6 @@ def main() -> None:
         "step_ms_fastest_per_shape": fastest,
         "max_error": {n: max(r["error"][n] for r in rows) for n in rows[0]["error"]},
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"{info['date']}-cpu-winograd"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
 
     def shape(r):
         layout = "NHWC" if r["channels_last"] else "NCHW"
@@ -256,8 +252,7 @@ def main() -> None:
         f"({1 - fastest / totals[ours]:.0%} less); F(4x4)'s batched GEMM alone, with free transforms, "
         f"{totals[GEMM_ALONE]:.1f} ms.",
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_record(args.out_dir, "cpu-winograd", result, lines)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """What every CPU record (compare_original, compare_train, cpu_bound, cpu_winograd) says of the
-machine and day it was made on: a number from another machine or release is another number."""
+machine and day it was made on: a number from another machine or release is another number; and
+where each record is written."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
+from pathlib import Path
 
 
 def machine_info(**fields) -> dict:
@@ -20,3 +23,15 @@ def machine_info(**fields) -> dict:
         "python": platform.python_version(),
         **fields,
     }
+
+
+def write_record(out_dir: Path, name: str, record: dict, lines: list[str], tag: str = "") -> None:
+    """``<date>-<name>[-<tag>]`` .json (``record``, its "machine" machine_info's) and .md (``lines``)
+    in ``out_dir``; the markdown is printed as well. The name is kept whole (a tag "v1.2" was cut
+    to "v1" by Path.with_suffix)."""
+    stem = f"{record['machine']['date']}-{name}" + (f"-{tag}" if tag else "")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
+    text = "\n".join(lines) + "\n"
+    (out_dir / f"{stem}.md").write_text(text, encoding="utf-8")
+    print(text, end="")

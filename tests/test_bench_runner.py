@@ -123,6 +123,20 @@ def test_compare_train_refuses_bad_options_and_checkouts_before_any_training(tmp
     assert exit_info.value.code == 2 and not list(tmp_path.iterdir())
 
 
+def test_a_cpu_record_keeps_a_dotted_tag_in_its_file_names(tmp_path, capsys):
+    """``--tag v1.2`` named the record <date>-cpu-e2e-v1.json/.md: Path.with_suffix took ".2" for
+    a suffix, and a second tag "v1.3" overwrote the first."""
+    from bench.machine import machine_info, write_record
+
+    info = machine_info()
+    write_record(tmp_path, "cpu-e2e", {"machine": info, "rows": []}, ["# title", "row"], "v1.2")
+    stem = f"{info['date']}-cpu-e2e-v1.2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.json", f"{stem}.md"]
+    assert json.loads((tmp_path / f"{stem}.json").read_text()) == {"machine": info, "rows": []}
+    markdown = (tmp_path / f"{stem}.md").read_text(encoding="utf-8")
+    assert markdown == "# title\nrow\n" == capsys.readouterr().out
+
+
 @pytest.mark.parametrize("script", ["cpu_bound.py", "cpu_winograd.py"])
 @pytest.mark.parametrize("option", [["--threads", "0"], ["--rounds", "0"]])
 def test_cpu_studies_refuse_counts_below_one_before_measuring(tmp_path, script, option):
