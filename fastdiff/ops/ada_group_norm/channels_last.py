@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .reference import stat_dtype
+
 
 def is_channels_last(x: Tensor) -> bool:
     """x [N, C, *] holds its channels innermost (channels_last, or the [B, C, T] view of one)
@@ -59,7 +61,7 @@ def ada_group_norm_channels_last(
     not recording. Few ops: at the bundled model's sizes each small op costs about as much as a
     tenth of a pass over x."""
     n, c = x.shape[0], x.shape[1]
-    sd = torch.promote_types(x.dtype, torch.float32)
+    sd = stat_dtype(x)
     xs = x.movedim(1, -1).reshape(n, -1, c).to(sd)  # a view of x unless x is in a lower dtype
     to_mean = _group_mean(c, num_groups, xs.shape[1] * (c // num_groups), sd)
     # CPU autocast would run the matmuls in bf16/fp16, where a sum of squares overflows

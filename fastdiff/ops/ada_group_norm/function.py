@@ -31,7 +31,12 @@ from .._backend import (
     use_triton,
 )
 from .channels_last import ada_group_norm_channels_last, is_channels_last
-from .reference import ada_group_norm_backward_reference, ada_group_norm_reference, group_stats_reference
+from .reference import (
+    ada_group_norm_backward_reference,
+    ada_group_norm_reference,
+    group_stats_reference,
+    stat_dtype,
+)
 
 
 @functools.cache
@@ -90,10 +95,6 @@ def _pick_kernel(x: Tensor, num_groups: int, has_scale: bool = False, activation
     return None
 
 
-def _stat_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 @torch.library.custom_op("fastdiff::ada_group_norm", mutates_args=())
 def ada_group_norm_op(
     x: Tensor,
@@ -116,7 +117,7 @@ def ada_group_norm_op(
 @ada_group_norm_op.register_fake
 def _(x, num_groups, weight, bias, scale, shift, eps, activation):
     stats = (x.shape[0], num_groups)
-    sd = _stat_dtype(x)
+    sd = stat_dtype(x)
     return torch.empty_like(x), x.new_empty(stats, dtype=sd), x.new_empty(stats, dtype=sd)
 
 

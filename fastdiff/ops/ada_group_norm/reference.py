@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from .._backend import in_func_transform
 
 
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+def stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype every path keeps the group statistics in: fp32, fp64 for an fp64 x."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
@@ -46,7 +47,7 @@ def ada_group_norm_reference(
 ) -> torch.Tensor:
     """``act((GN(x) * weight + bias) * (1 + scale) + shift)``, GN in fp32 like GroupNorm32.
     Annotated for TorchScript, which compiles it where the modules are scripted."""
-    sd = _stat_dtype(x)
+    sd = stat_dtype(x)
     if weight is None and bias is not None:
         # F.group_norm's CPU backward fails for a bias without a weight ("tensor does not have a
         # device", torch 2.13); a weight of ones is the same math
@@ -98,7 +99,7 @@ def _like(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def group_stats_reference(x, num_groups, eps=1e-5):
     """(mean, rstd) per (sample, group), [N, G] in fp32 (fp64 for fp64 x): what backward needs."""
     n = x.shape[0]
-    xg = x.to(_stat_dtype(x)).reshape(n, num_groups, -1)
+    xg = x.to(stat_dtype(x)).reshape(n, num_groups, -1)
     var, mean = torch.var_mean(xg, dim=2, correction=0)
     return mean, torch.rsqrt(var + eps)
 
@@ -109,7 +110,7 @@ def ada_group_norm_backward_reference(dy, x, num_groups, weight, bias, scale, sh
     Written out instead of calling autograd because it runs inside the custom op, where autograd
     is off. Returns (dx, dweight, dbias, dscale, dshift), None where the input was None.
     """
-    sd = _stat_dtype(x)
+    sd = stat_dtype(x)
     n, c = x.shape[0], x.shape[1]
     xs = x.to(sd).reshape(n, num_groups, c // num_groups, -1)
     g = dy.to(sd).reshape(xs.shape)

@@ -32,6 +32,7 @@ from fastdiff.ops.attention.reference import (
     attention_reference,
     backward_reference,
     forward_reference,
+    softmax_dtype,
 )
 from fastdiff.ops.attention.sdpa import sdpa_attention
 
@@ -49,10 +50,6 @@ def _kernel_for(qkv: torch.Tensor, num_heads: int) -> bool:
     return qkv.shape[1] // (3 * num_heads) <= _MAX_HEAD_DIM and qkv.shape[2] > 1
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
 @torch.library.custom_op("fastdiff::attention", mutates_args=())
 def _attention(qkv: torch.Tensor, num_heads: int, order: str) -> tuple[torch.Tensor, torch.Tensor]:
     if _kernel_for(qkv, num_heads):
@@ -66,7 +63,7 @@ def _attention(qkv: torch.Tensor, num_heads: int, order: str) -> tuple[torch.Ten
 def _(qkv, num_heads, order):
     bs, width, length = qkv.shape
     out = qkv.new_empty((bs, width // 3, length))
-    return out, qkv.new_empty((bs * num_heads, length), dtype=_lse_dtype(qkv.dtype))
+    return out, qkv.new_empty((bs * num_heads, length), dtype=softmax_dtype(qkv.dtype))
 
 
 @torch.library.custom_op("fastdiff::attention_backward", mutates_args=())

@@ -43,14 +43,15 @@ def _weights(qkv: torch.Tensor, num_heads: int, order: str):
     return weight, v
 
 
-def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the softmax and its logsumexp are computed in: fp32, fp64 for fp64 inputs."""
     return torch.promote_types(dtype, torch.float32)
 
 
 def attention_reference(qkv: torch.Tensor, num_heads: int, order: str = "new") -> torch.Tensor:
     """[B, 3*H*d, T] -> [B, H*d, T], exactly guided-diffusion's QKVAttention(Legacy)."""
     weight, v = _weights(qkv, num_heads, order)
-    weight = torch.softmax(weight.to(_softmax_dtype(weight.dtype)), dim=-1).type(weight.dtype)
+    weight = torch.softmax(weight.to(softmax_dtype(weight.dtype)), dim=-1).type(weight.dtype)
     a = torch.einsum("bts,bcs->bct", weight, v)
     return a.reshape(qkv.shape[0], -1, qkv.shape[2])
 
@@ -59,7 +60,7 @@ def forward_reference(qkv: torch.Tensor, num_heads: int, order: str):
     """(out, lse): the reference output and the logsumexp [B*H, T] of the scaled scores
     (fp32, float64 for float64 inputs)."""
     weight, v = _weights(qkv, num_heads, order)
-    weight = weight.to(_softmax_dtype(weight.dtype))
+    weight = weight.to(softmax_dtype(weight.dtype))
     lse = weight.logsumexp(dim=-1)
     weight = torch.softmax(weight, dim=-1).type(v.dtype)
     out = torch.einsum("bts,bcs->bct", weight, v).reshape(qkv.shape[0], -1, qkv.shape[2])
@@ -69,7 +70,7 @@ def forward_reference(qkv: torch.Tensor, num_heads: int, order: str):
 def backward_reference(dout, qkv, out, lse, num_heads: int, order: str) -> torch.Tensor:
     """dqkv from the saved logsumexp, the same math as the kernel: P = exp(S - lse),
     dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d)."""
-    dtype = _softmax_dtype(qkv.dtype)
+    dtype = softmax_dtype(qkv.dtype)
     q, k, v = (t.to(dtype) for t in split_heads(qkv, num_heads, order))
     ch = q.shape[1]
     bh, length = lse.shape
