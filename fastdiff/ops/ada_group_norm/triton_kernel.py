@@ -113,6 +113,33 @@ def _aligned(cg, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _program(G):
+    """(g, n, k, pid) of this program: the grid is (group, sample, chunk), and pid numbers (n, g)
+    as mean and rstd [N, G] do."""
+    g = tl.program_id(0)
+    n = tl.program_id(1)
+    return g, n, tl.program_id(2), n * G + g
+
+
+@triton.jit
+def _group(ptr, n, g, Cg, s_n, s_c):
+    """The address of [n, g * Cg]: sample n's group g starts there (64-bit offsets)."""
+    return ptr + n.to(tl.int64) * s_n + (g * Cg).to(tl.int64) * s_c
+
+
+@triton.jit
+def _load_tile(ptr, cc, ss, s_c, s_s, mask, ACC: tl.constexpr):
+    """Channels cc x positions ss from ptr (a group's start) in ACC, 0 where masked off."""
+    return tl.load(ptr + cc[:, None] * s_c + ss[None, :] * s_s, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _store_tile(ptr, cc, ss, s_c, s_s, value, mask):
+    """value into channels cc x positions ss from ptr (a group's start), in ptr's dtype."""
+    tl.store(ptr + cc[:, None] * s_c + ss[None, :] * s_s, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _chan_merge(c1, m1, v1, c2, m2, v2):
     """Chan's merge of two (count, mean, M2) moments; an empty side (count 0) leaves the other."""
     tot = c1 + c2
@@ -140,7 +167,7 @@ def _ctile_moments(
     t = tl.zeros((), ACC)
     for s0 in range(s_start, full_end, TS):
         ss = s0 + offs_s
-        xv = tl.load(x_ptr + cc[:, None] * sxc + ss[None, :] * sxs, mask=mc[:, None], other=0.0).to(ACC)
+        xv = _load_tile(x_ptr, cc, ss, sxc, sxs, mc[:, None], ACC)
         t += 1.0
         d = xv - em
         em += d * (1.0 / t)
@@ -152,7 +179,7 @@ def _ctile_moments(
     if full_end < s_end:
         ss = full_end + offs_s
         m = mc[:, None] & (ss < s_end)[None, :]
-        xv = tl.load(x_ptr + cc[:, None] * sxc + ss[None, :] * sxs, mask=m, other=0.0).to(ACC)
+        xv = _load_tile(x_ptr, cc, ss, sxc, sxs, m, ACC)
         nb = (tl.minimum(Cg - c0, TC) * (s_end - full_end)).to(ACC)
         tm = tl.sum(xv) / nb
         d = tl.where(m, xv - tm, 0.0)
@@ -210,11 +237,8 @@ def _stats_kernel(
 ):
     """Split path, pass 1: moments of chunk k of group pid -> part[pid, k, (count, mean, M2)]."""
     Cg = _aligned(Cg, CG_ALIGN)
-    g = tl.program_id(0)
-    n = tl.program_id(1)
-    k = tl.program_id(2)
-    pid = n * G + g
-    base = x_ptr + n.to(tl.int64) * sxn + (g * Cg).to(tl.int64) * sxc
+    g, n, k, pid = _program(G)
+    base = _group(x_ptr, n, g, Cg, sxn, sxc)
     s_start = k * CHUNK_S
     cnt, mean, m2 = _moments(
         base, sxc, sxs, Cg, s_start, tl.minimum(s_start + CHUNK_S, S), ONE_C, ACC, TC, TS
@@ -313,19 +337,16 @@ def _fwd_kernel(
     RESIDENT: the group is this one [TC, TS] tile, read once (statistics and output from registers).
     """
     Cg = _aligned(Cg, CG_ALIGN)
-    g = tl.program_id(0)
-    n = tl.program_id(1)
-    k = tl.program_id(2)
-    pid = n * G + g
+    g, n, k, pid = _program(G)
     chan = (w_ptr, b_ptr, sc_ptr, sh_ptr, sscn, sscc, sshn, sshc)
-    xb = x_ptr + n.to(tl.int64) * sxn + (g * Cg).to(tl.int64) * sxc
-    yb = y_ptr + n.to(tl.int64) * syn + (g * Cg).to(tl.int64) * syc
+    xb = _group(x_ptr, n, g, Cg, sxn, sxc)
+    yb = _group(y_ptr, n, g, Cg, syn, syc)
     offs_c = tl.arange(0, TC)
     offs_s = tl.arange(0, TS)
     if RESIDENT:
         mc = offs_c < Cg
         m = mc[:, None] & (offs_s < S)[None, :]
-        xv = tl.load(xb + offs_c[:, None] * sxc + offs_s[None, :] * sxs, mask=m, other=0.0).to(ACC)
+        xv = _load_tile(xb, offs_c, offs_s, sxc, sxs, m, ACC)
         mean = tl.sum(xv) / (Cg * S).to(ACC)
         d = tl.where(m, xv - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d) / (Cg * S).to(ACC) + eps)
@@ -333,7 +354,7 @@ def _fwd_kernel(
         tl.store(rstd_ptr + pid, rstd)
         w, b, s1, sh = _coefs(chan, n, g * Cg + offs_c, mc, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACC, TC)
         z = _norm_act(xv, mean, rstd, w, b, s1, sh, SILU)
-        tl.store(yb + offs_c[:, None] * syc + offs_s[None, :] * sys, z.to(y_ptr.dtype.element_ty), mask=m)
+        _store_tile(yb, offs_c, offs_s, syc, sys, z, m)
     else:
         if FROM_PARTS:
             kk = tl.arange(0, BLOCK_K)
@@ -360,9 +381,9 @@ def _fwd_kernel(
             for s0 in range(s_start, s_end, TS):
                 ss = s0 + offs_s
                 m = mc[:, None] & (ss < s_end)[None, :]
-                xv = tl.load(xb + cc[:, None] * sxc + ss[None, :] * sxs, mask=m, other=0.0).to(ACC)
+                xv = _load_tile(xb, cc, ss, sxc, sxs, m, ACC)
                 z = _norm_act(xv, mean, rstd, w, b, s1, sh, SILU)
-                tl.store(yb + cc[:, None] * syc + ss[None, :] * sys, z.to(y_ptr.dtype.element_ty), mask=m)
+                _store_tile(yb, cc, ss, syc, sys, z, m)
 
 
 @triton.jit
@@ -406,12 +427,33 @@ def _chan_sums(
     for s0 in range(s_start, s_end, TS):
         ss = s0 + offs_s
         m = mc[:, None] & (ss < s_end)[None, :]
-        xv = tl.load(xb + cc[:, None] * sxc + ss[None, :] * sxs, mask=m, other=0.0).to(ACC)
-        dyv = tl.load(dyb + cc[:, None] * sdc + ss[None, :] * sds, mask=m, other=0.0).to(ACC)
+        xv = _load_tile(xb, cc, ss, sxc, sxs, m, ACC)
+        dyv = _load_tile(dyb, cc, ss, sdc, sds, m, ACC)
         xhat, dz = _dz(xv, dyv, mean, rstd, w, b, s1, sh, SILU)
         dz = tl.where(m, dz, 0.0)
         sa += tl.sum(dz, 1)
         sb += tl.sum(dz * xhat, 1)
+    return sa, sb
+
+
+@triton.jit
+def _store_sums(sums, ch, mc, NC, sa, sb):
+    """A chunk's per-channel sums into its slice of sums[k, 0 | 1, n, c] (sums: &[k, 0, n, 0])."""
+    tl.store(sums + ch, sa, mask=mc)
+    tl.store(sums + NC + ch, sb, mask=mc)
+
+
+@triton.jit
+def _summed_chunks(sums, ch, mc, NC, K, ACC: tl.constexpr, TC: tl.constexpr):
+    """Per channel: (sum dz, sum dz * xhat) added up over the K chunks of sums[k, 0 | 1, n, c]
+    (sums: &[0, 0, n, 0])."""
+    sa = tl.zeros((TC,), ACC)
+    sb = tl.zeros((TC,), ACC)
+    part = sums
+    for _ in range(0, K):
+        sa += tl.load(part + ch, mask=mc, other=0.0)
+        sb += tl.load(part + NC + ch, mask=mc, other=0.0)
+        part += 2 * NC
     return sa, sb
 
 
@@ -453,13 +495,10 @@ def _bwd_sums_kernel(
 ):
     """Split backward, pass 1: per-(n, c) sums over chunk k -> sums[k, 0 | 1, n, c]."""
     Cg = _aligned(Cg, CG_ALIGN)
-    g = tl.program_id(0)
-    n = tl.program_id(1)
-    k = tl.program_id(2)
-    pid = n * G + g
+    g, n, k, pid = _program(G)
     chan = (w_ptr, b_ptr, sc_ptr, sh_ptr, sscn, sscc, sshn, sshc)
-    xb = x_ptr + n.to(tl.int64) * sxn + (g * Cg).to(tl.int64) * sxc
-    dyb = dy_ptr + n.to(tl.int64) * sdn + (g * Cg).to(tl.int64) * sdc
+    xb = _group(x_ptr, n, g, Cg, sxn, sxc)
+    dyb = _group(dy_ptr, n, g, Cg, sdn, sdc)
     mean = tl.load(mean_ptr + pid).to(ACC)
     rstd = tl.load(rstd_ptr + pid).to(ACC)
     s_start = k * CHUNK_S
@@ -474,8 +513,7 @@ def _bwd_sums_kernel(
         sa, sb = _chan_sums(
             xb, dyb, sxc, sxs, sdc, sds, cc, mc, s_start, s_end, mean, rstd, w, b, s1, sh, SILU, ACC, TC, TS
         )
-        tl.store(out + ch, sa, mask=mc)
-        tl.store(out + NC + ch, sb, mask=mc)
+        _store_sums(out, ch, mc, NC, sa, sb)
 
 
 @triton.jit
@@ -529,15 +567,12 @@ def _bwd_dx_kernel(
     RESIDENT: the group is this one [TC, TS] tile, so x and dy are read once.
     """
     Cg = _aligned(Cg, CG_ALIGN)
-    g = tl.program_id(0)
-    n = tl.program_id(1)
-    k = tl.program_id(2)
-    pid = n * G + g
+    g, n, k, pid = _program(G)
     chan = (w_ptr, b_ptr, sc_ptr, sh_ptr, sscn, sscc, sshn, sshc)
     C = G * Cg
-    xb = x_ptr + n.to(tl.int64) * sxn + (g * Cg).to(tl.int64) * sxc
-    dyb = dy_ptr + n.to(tl.int64) * sdn + (g * Cg).to(tl.int64) * sdc
-    dxb = dx_ptr + n.to(tl.int64) * sgn + (g * Cg).to(tl.int64) * sgc
+    xb = _group(x_ptr, n, g, Cg, sxn, sxc)
+    dyb = _group(dy_ptr, n, g, Cg, sdn, sdc)
+    dxb = _group(dx_ptr, n, g, Cg, sgn, sgc)
     mean = tl.load(mean_ptr + pid).to(ACC)
     rstd = tl.load(rstd_ptr + pid).to(ACC)
     sums = sums_ptr + n * C
@@ -547,21 +582,20 @@ def _bwd_dx_kernel(
         mc = offs_c < Cg
         ch = g * Cg + offs_c
         m = mc[:, None] & (offs_s < S)[None, :]
-        xv = tl.load(xb + offs_c[:, None] * sxc + offs_s[None, :] * sxs, mask=m, other=0.0).to(ACC)
-        dyv = tl.load(dyb + offs_c[:, None] * sdc + offs_s[None, :] * sds, mask=m, other=0.0).to(ACC)
+        xv = _load_tile(xb, offs_c, offs_s, sxc, sxs, m, ACC)
+        dyv = _load_tile(dyb, offs_c, offs_s, sdc, sds, m, ACC)
         w, b, s1, sh = _coefs(chan, n, ch, mc, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACC, TC)
         xhat, dz = _dz(xv, dyv, mean, rstd, w, b, s1, sh, SILU)
         dz = tl.where(m, dz, 0.0)
         sa = tl.sum(dz, 1)
         sb = tl.sum(dz * xhat, 1)
         if STORE_SUMS:
-            tl.store(sums + ch, sa, mask=mc)
-            tl.store(sums + NC + ch, sb, mask=mc)
+            _store_sums(sums, ch, mc, NC, sa, sb)
         gam = tl.where(mc, s1 * w, 0.0)
         c1 = tl.sum(gam * sa) / (Cg * S).to(ACC)
         c2 = tl.sum(gam * sb) / (Cg * S).to(ACC)
         dx = rstd * (dz * gam[:, None] - c1 - xhat * c2)
-        tl.store(dxb + offs_c[:, None] * sgc + offs_s[None, :] * sgs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+        _store_tile(dxb, offs_c, offs_s, sgc, sgs, dx, m)
     else:
         c1 = tl.zeros((), ACC)
         c2 = tl.zeros((), ACC)
@@ -575,16 +609,9 @@ def _bwd_dx_kernel(
                     xb, dyb, sxc, sxs, sdc, sds, cc, mc, 0, S, mean, rstd, w, b, s1, sh, SILU, ACC, TC, TS
                 )
                 if STORE_SUMS:
-                    tl.store(sums + ch, sa, mask=mc)
-                    tl.store(sums + NC + ch, sb, mask=mc)
+                    _store_sums(sums, ch, mc, NC, sa, sb)
             else:
-                sa = tl.zeros((TC,), ACC)
-                sb = tl.zeros((TC,), ACC)
-                part = sums
-                for _ in range(0, tl.num_programs(2)):
-                    sa += tl.load(part + ch, mask=mc, other=0.0)
-                    sb += tl.load(part + NC + ch, mask=mc, other=0.0)
-                    part += 2 * NC
+                sa, sb = _summed_chunks(sums, ch, mc, NC, tl.num_programs(2), ACC, TC)
             c1 += tl.sum(tl.where(mc, s1 * w * sa, 0.0))
             c2 += tl.sum(tl.where(mc, s1 * w * sb, 0.0))
         c1 = c1 / (Cg * S).to(ACC)
@@ -599,11 +626,11 @@ def _bwd_dx_kernel(
             for s0 in range(s_start, s_end, TS):
                 ss = s0 + offs_s
                 m = mc[:, None] & (ss < s_end)[None, :]
-                xv = tl.load(xb + cc[:, None] * sxc + ss[None, :] * sxs, mask=m, other=0.0).to(ACC)
-                dyv = tl.load(dyb + cc[:, None] * sdc + ss[None, :] * sds, mask=m, other=0.0).to(ACC)
+                xv = _load_tile(xb, cc, ss, sxc, sxs, m, ACC)
+                dyv = _load_tile(dyb, cc, ss, sdc, sds, m, ACC)
                 xhat, dz = _dz(xv, dyv, mean, rstd, w, b, s1, sh, SILU)
                 dx = rstd * (dz * gam - c1 - xhat * c2)
-                tl.store(dxb + cc[:, None] * sgc + ss[None, :] * sgs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+                _store_tile(dxb, cc, ss, sgc, sgs, dx, m)
 
 
 @triton.jit(do_not_specialize=["N", "K"])
@@ -639,13 +666,7 @@ def _param_grads_kernel(
     dw = tl.zeros((BLOCK_C,), ACC)
     db = tl.zeros((BLOCK_C,), ACC)
     for n in range(0, N):
-        sa = tl.zeros((BLOCK_C,), ACC)
-        sb = tl.zeros((BLOCK_C,), ACC)
-        part = sums_ptr + n * C
-        for _ in range(0, K):
-            sa += tl.load(part + cc, mask=mc, other=0.0)
-            sb += tl.load(part + NC + cc, mask=mc, other=0.0)
-            part += 2 * NC
+        sa, sb = _summed_chunks(sums_ptr + n * C, cc, mc, NC, K, ACC, BLOCK_C)
         s1 = 1.0 + _load_chan(sc_ptr + n * sscn, cc * sscc, mc, HAS_SCALE, 0.0, ACC, BLOCK_C)
         dw += s1 * sb
         db += s1 * sa
