@@ -1,6 +1,7 @@
 """Networks and processes for tests, from guided-diffusion flags (the form the reference cases
-and most tests describe models in) or DiffusionConfig keywords; the CLI run in this process; and
-the ops tests' accuracy and torch.func checks."""
+and most tests describe models in) or DiffusionConfig keywords; the CLI run in this process and
+its one-line errors; the ops tests' accuracy and torch.func checks; a relative error against
+reference outputs; signals and kills at a chosen moment of a run."""
 
 from __future__ import annotations
 
@@ -52,6 +53,16 @@ def cli(*args):
     return CliRunner().invoke(main, [*map(str, args), "--device", "cpu"])
 
 
+def one_line_error(result, *words, status: int = 1):
+    """A CLI result that is a user error: exit ``status`` (2 for click's usage errors), no
+    traceback, and one line "Error: ..." that names each of ``words``."""
+    assert result.exit_code == status, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
+    for w in words:
+        assert w in result.output, (w, result.output)
+
+
 def func_grad_and_autograd(loss, x):
     """(autograd's gradient of ``loss`` at ``x``, [torch.func.grad's eager, and compiled with
     fullgraph]): an op must give the same gradient through torch.func (the compile engine's
@@ -91,6 +102,34 @@ def assert_close_to_reference(out, ref64, ref_lp, factor: float, floor_ulps: flo
     )
     err = (out.double() - ref64).abs().max().item()
     assert err <= tol, f"{what}: max err {err:.3g} > tol {tol:.3g}"
+
+
+def assert_close_in(tolerances: dict, actual, ref64, ref_lp, dtype, what: str = ""):
+    """assert_close_to_reference with the ``(factor, floor_ulps)`` an op's tests give ``dtype``,
+    after checking that the result is in ``dtype``."""
+    assert actual.dtype == dtype, what
+    factor, floor_ulps = tolerances[dtype]
+    assert_close_to_reference(actual, ref64, ref_lp, factor, floor_ulps, what)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest |a - b| over the largest |b| (in float64, so low-precision outputs compare too; a
+    zero ``b`` does not divide by zero)."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def signal_during_step(trainer, step: int, signum: int = signal.SIGINT) -> None:
+    """Send ``signum`` (Ctrl-C's by default) to this process as ``trainer`` starts step ``step``
+    (1-based)."""
+    run_step = trainer.run_step
+
+    def signalled(x, y):
+        if trainer.step + 1 == step:
+            os.kill(os.getpid(), signum)
+        return run_step(x, y)
+
+    trainer.run_step = signalled
 
 
 def kill_when(proc: subprocess.Popen, path: Path, timeout: float = 300) -> None:

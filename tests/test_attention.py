@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from builders import assert_close_to_reference, compiled_call_targets, func_grad_and_autograd
+from builders import assert_close_in, compiled_call_targets, func_grad_and_autograd
 from torch import nn
 
 from fastdiff.ops._backend import triton_available, triton_interpret
@@ -57,12 +57,6 @@ def _poison(monkeypatch):
     monkeypatch.setenv("FASTDIFF_OPS", "triton")  # the kernels, also on the CPU (interpreter)
 
 
-def _assert_close(actual, ref64, ref_lp, dtype, what):
-    assert actual.dtype == dtype
-    factor, floor_ulps = TOL[dtype]
-    assert_close_to_reference(actual, ref64, ref_lp, factor, floor_ulps, what)
-
-
 def _check_fwd_bwd(batch, heads, head_dim, length, order, dtype, device=DEVICE, kernel=True):
     x = torch.randn(batch, 3 * heads * head_dim, length, device=device).to(dtype)
     dout = torch.randn(batch, heads * head_dim, length, device=device).to(dtype)
@@ -75,11 +69,11 @@ def _check_fwd_bwd(batch, heads, head_dim, length, order, dtype, device=DEVICE, 
     out = attention(xs["kernel"], heads, order)
     ref_lp = attention_reference(xs["lp"], heads, order)
     ref64 = attention_reference(xs["64"], heads, order)
-    _assert_close(out, ref64.detach(), ref_lp.detach(), dtype, "out")
+    assert_close_in(TOL, out, ref64.detach(), ref_lp.detach(), dtype, "out")
     out.backward(dout)
     ref_lp.backward(dout)
     ref64.backward(dout.double())
-    _assert_close(xs["kernel"].grad, xs["64"].grad, xs["lp"].grad, dtype, "dqkv")
+    assert_close_in(TOL, xs["kernel"].grad, xs["64"].grad, xs["lp"].grad, dtype, "dqkv")
 
 
 SHAPES = [  # (B, H, d, T)

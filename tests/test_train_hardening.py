@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import signal_during_step
 from click.testing import CliRunner
 from PIL import Image
 
@@ -21,14 +22,7 @@ from fastdiff.training import DiffusionTrainer, TrainingError
 from fastdiff.training import checkpoint as ckpt
 from fastdiff.training.data import ArrayDataset, DataError, ImageFolderDataset, fingerprint, load_npz
 from fastdiff.training.runlog import truncate_log
-from tests.test_training import TINY, tiny_config, tiny_data
-
-
-def _npz(tmp_path, n=16, name="d.npz", **kw):
-    ds = tiny_data(n=n, **kw)
-    path = tmp_path / name
-    np.savez(path, ds.images, ds.labels)
-    return str(path)
+from tests.test_training import TINY, tiny_config, tiny_data, tiny_npz
 
 
 def _args(npz, out, *extra):
@@ -57,7 +51,7 @@ def _one_line(result, text):
 def test_divergence_stops_at_the_step_keeps_the_checkpoint_and_valid_json(tmp_path):
     out = tmp_path / "run"
     args = _args(
-        _npz(tmp_path), out, "--max-steps", "6", "--save-every", "1", "--lr", "1e30", "--grad-clip", "0"
+        tiny_npz(tmp_path), out, "--max-steps", "6", "--save-every", "1", "--lr", "1e30", "--grad-clip", "0"
     )
     result = CliRunner().invoke(train, args)
     _one_line(
@@ -114,11 +108,11 @@ def test_fp16_overflow_is_skipped_then_stops_when_it_persists(tmp_path):
 )
 def test_resume_refuses_other_settings_in_one_line(tmp_path, change, text):
     out = tmp_path / "run"
-    npz = _npz(tmp_path)
+    npz = tiny_npz(tmp_path)
     base = [*_args(npz, out, "--max-steps", "1"), "--ema", "0.99"]
     assert CliRunner().invoke(train, base).exit_code == 0
     if change == ["--data"]:
-        change = ["--data", _npz(tmp_path, n=12, name="other.npz")]
+        change = ["--data", tiny_npz(tmp_path, n=12, name="other.npz")]
     result = CliRunner().invoke(train, [*base, "--max-steps", "2", "--resume", *change])
     _one_line(result, text)
 
@@ -129,7 +123,7 @@ def test_bf16_training_on_a_cpu_without_native_bf16_is_noted(tmp_path, monkeypat
     from fastdiff.cli import train_run
 
     monkeypatch.setattr(train_run, "emulated_bf16", lambda dev: emulated)
-    args = _args(_npz(tmp_path), tmp_path / "run", "--max-steps", "1", "--precision", "bf16")
+    args = _args(tiny_npz(tmp_path), tmp_path / "run", "--max-steps", "1", "--precision", "bf16")
     result = CliRunner().invoke(train, args)
     assert result.exit_code == 0, result.output
     assert ("no native bf16" in result.stderr and "--precision bf16" in result.stderr) is emulated
@@ -234,7 +228,7 @@ def test_fresh_start_drops_a_killed_runs_log(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')
-    assert CliRunner().invoke(train, _args(_npz(tmp_path), out, "--max-steps", "2")).exit_code == 0
+    assert CliRunner().invoke(train, _args(tiny_npz(tmp_path), out, "--max-steps", "2")).exit_code == 0
     rows = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] != 9.0
 
@@ -251,7 +245,7 @@ def test_full_disk_writing_the_log_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "open", open_full, raising=False)
     out = tmp_path / "run"
-    result = CliRunner().invoke(train, _args(_npz(tmp_path), out, "--max-steps", "1"))
+    result = CliRunner().invoke(train, _args(tiny_npz(tmp_path), out, "--max-steps", "1"))
     _one_line(result, f"no space left on device writing {out / 'log.jsonl'}")
 
 
@@ -262,7 +256,7 @@ def test_full_disk_is_one_line(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", str(out / ".state_0000001.pt.abcd1234.pt"))
 
     monkeypatch.setattr(ckpt, "save_torch", full)
-    result = CliRunner().invoke(train, _args(_npz(tmp_path), out, "--max-steps", "1"))
+    result = CliRunner().invoke(train, _args(tiny_npz(tmp_path), out, "--max-steps", "1"))
     _one_line(result, f"no space left on device writing {out / 'state_0000001.pt'}")
 
 
@@ -272,7 +266,7 @@ def test_keep_last_and_stale_temp_files(tmp_path):
     stale = out / ".model_0000001.safetensors.abcd1234.safetensors"
     stale.write_bytes(b"x" * 10)
     result = CliRunner().invoke(
-        train, _args(_npz(tmp_path), out, "--max-steps", "4", "--save-every", "1", "--keep-last", "2")
+        train, _args(tiny_npz(tmp_path), out, "--max-steps", "4", "--save-every", "1", "--keep-last", "2")
     )
     assert result.exit_code == 0, result.output
     assert not stale.exists()
@@ -288,7 +282,7 @@ def test_locked_run_folder_is_refused(tmp_path):
     fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        _one_line(CliRunner().invoke(train, _args(_npz(tmp_path), out, "--max-steps", "1")), "in use")
+        _one_line(CliRunner().invoke(train, _args(tiny_npz(tmp_path), out, "--max-steps", "1")), "in use")
     finally:
         os.close(fd)
 
@@ -299,7 +293,7 @@ def test_only_rank_0_says_done(tmp_path, monkeypatch):
     torn_down = []
     monkeypatch.setattr("fastdiff.training.dist.cleanup", lambda: torn_down.append(True))
     monkeypatch.setattr("fastdiff.training.dist.is_main", lambda: bool(torn_down))
-    result = CliRunner().invoke(train, _args(_npz(tmp_path), tmp_path / "o", "--max-steps", "1"))
+    result = CliRunner().invoke(train, _args(tiny_npz(tmp_path), tmp_path / "o", "--max-steps", "1"))
     assert result.exit_code == 0, result.output
     assert torn_down and "done:" not in result.output, result.output
 
@@ -318,13 +312,14 @@ def test_only_rank_0_says_done(tmp_path, monkeypatch):
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]),
 )
 def test_bad_options_are_one_line(tmp_path, extra, text):
-    _one_line(CliRunner().invoke(train, _args(_npz(tmp_path), tmp_path / "o", *extra)), text)
+    _one_line(CliRunner().invoke(train, _args(tiny_npz(tmp_path), tmp_path / "o", *extra)), text)
 
 
 def test_a_bad_fastdiff_ops_is_one_line_before_the_data_is_read(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTDIFF_OPS", "bogus")  # was the first layer's ValueError traceback, mid-run
     monkeypatch.setattr("fastdiff.cli.train_run.load_dataset", lambda *a, **k: pytest.fail("data read"))
-    _one_line(CliRunner().invoke(train, _args(_npz(tmp_path), tmp_path / "o")), "FASTDIFF_OPS must be one of")
+    result = CliRunner().invoke(train, _args(tiny_npz(tmp_path), tmp_path / "o"))
+    _one_line(result, "FASTDIFF_OPS must be one of")
 
 
 @pytest.mark.parametrize(
@@ -341,7 +336,7 @@ def test_bad_npz_data(tmp_path, labels, text):
 
 
 def test_a_cut_npz_is_one_line(tmp_path):
-    with open(_npz(tmp_path), "rb") as f:
+    with open(tiny_npz(tmp_path), "rb") as f:
         whole = f.read()
     for name, size in (("cut.npz", len(whole) // 2), ("head.npz", 100)):  # zipfile's BadZipFile, EOFError
         (tmp_path / name).write_bytes(whole[:size])
@@ -351,7 +346,7 @@ def test_a_cut_npz_is_one_line(tmp_path):
 
 
 def test_one_class_classifier_data_is_refused(tmp_path):
-    path = _npz(tmp_path, classes=1)
+    path = tiny_npz(tmp_path, classes=1)
     result = CliRunner().invoke(train_classifier, ["--data", path, "--out", str(tmp_path / "c")])
     _one_line(result, "at least 2 classes")
     assert ArrayDataset(np.zeros((2, 8, 8, 1), np.uint8), np.zeros(2, np.int64)).num_classes == 1
@@ -366,13 +361,13 @@ def test_one_class_classifier_data_is_refused(tmp_path):
     ],
 )
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch, extra, text):
-    _one_line(CliRunner().invoke(train, [*_args(_npz(tmp_path), tmp_path / "o"), *extra]), text)
+    _one_line(CliRunner().invoke(train, [*_args(tiny_npz(tmp_path), tmp_path / "o"), *extra]), text)
 
     def broken(*args, **kwargs):
         raise ValueError("an internal bug")
 
     monkeypatch.setattr("fastdiff.cli.train_run.DiffusionTrainer", broken)
-    result = CliRunner().invoke(train, _args(_npz(tmp_path), tmp_path / "o2", "--max-steps", "1"))
+    result = CliRunner().invoke(train, _args(tiny_npz(tmp_path), tmp_path / "o2", "--max-steps", "1"))
     assert isinstance(result.exception, ValueError) and "an internal bug" in str(result.exception)
     assert "Error: an internal bug" not in result.output
 
@@ -385,7 +380,7 @@ def test_a_real_failed_safetensors_write_is_one_line(tmp_path):
     import signal
 
     out = tmp_path / "run"
-    args = _args(_npz(tmp_path), out, "--max-steps", "1")
+    args = _args(tiny_npz(tmp_path), out, "--max-steps", "1")
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, limits[1]))
@@ -398,25 +393,13 @@ def test_a_real_failed_safetensors_write_is_one_line(tmp_path):
     assert not [p.name for p in out.iterdir() if p.name.startswith(".model")]  # no temp file left
 
 
-def _signal_during_step(trainer, step):
-    """SIGINT (Ctrl-C) to this process as the trainer starts step ``step`` (1-based)."""
-    run_step = trainer.run_step
-
-    def signalled(x, y):
-        if trainer.step + 1 == step:
-            os.kill(os.getpid(), signal.SIGINT)
-        return run_step(x, y)
-
-    trainer.run_step = signalled
-
-
 def test_a_failed_save_after_a_signal_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     """The checkpoint a stop writes fails on a full disk: the run's one line (exit 1 in the CLI)
     instead of the signal's exit, and latest.json still names the --save-every checkpoint."""
     ds = tiny_data()
     cfg = tiny_config(tmp_path, ds, max_steps=5, save_every=2)
     trainer = DiffusionTrainer(cfg, ds)
-    _signal_during_step(trainer, 3)
+    signal_during_step(trainer, 3)
     real = ckpt.save_torch
 
     def full(obj, path):
@@ -437,7 +420,7 @@ def test_a_second_signal_during_the_stop_save_leaves_the_previous_checkpoint(tmp
     ds = tiny_data()
     cfg = tiny_config(tmp_path, ds, max_steps=4, save_every=2)
     trainer = DiffusionTrainer(cfg, ds)
-    _signal_during_step(trainer, 3)
+    signal_during_step(trainer, 3)
     real = ckpt.atomic_write
 
     def interrupted(path, write):  # step 3's state file written, then the second Ctrl-C before its rename

@@ -384,9 +384,10 @@ def test_mnist_cnn_reaches_97_percent(tmp_path):
     assert evaluate.accuracy(loaded, val.images, val.labels) == pytest.approx(acc)
 
 
-def _npz(tmp_path):
-    ds = tiny_data()
-    path = tmp_path / "tiny.npz"
+def tiny_npz(tmp_path, n=16, name="tiny.npz", **kw) -> str:
+    """tiny_data(n, **kw) as the npz ``--data`` takes, in tmp_path."""
+    ds = tiny_data(n=n, **kw)
+    path = tmp_path / name
     np.savez(path, ds.images, ds.labels)
     return str(path)
 
@@ -395,7 +396,7 @@ def test_cli_train_end_to_end(tmp_path):
     out = tmp_path / "run"
     args = [
         "--data",
-        _npz(tmp_path),
+        tiny_npz(tmp_path),
         "--flags",
         TINY,
         "--batch-size",
@@ -440,7 +441,7 @@ def test_a_finished_run_names_the_weights_sample_takes(tmp_path):
     from fastdiff.cli.main import main
 
     out = tmp_path / "run"
-    args = ["--data", _npz(tmp_path), "--flags", TINY, "--batch-size", "2", "--max-steps", "1"]
+    args = ["--data", tiny_npz(tmp_path), "--flags", TINY, "--batch-size", "2", "--max-steps", "1"]
     result = CliRunner().invoke(train, [*args, "--ema", "0.99", "--out", str(out)])
     assert result.exit_code == 0, result.output
     weights = f"{out / 'ema_0.99_0000001.safetensors'} (EMA 0.99) or {out / 'model_0000001.safetensors'}"
@@ -579,7 +580,7 @@ def test_a_folder_run_keeps_its_class_names_and_sample_takes_them(tmp_path):
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, extra, message):
-    result = CliRunner().invoke(train, ["--data", _npz(tmp_path), "--out", str(tmp_path / "o"), *extra])
+    result = CliRunner().invoke(train, ["--data", tiny_npz(tmp_path), "--out", str(tmp_path / "o"), *extra])
     assert result.exit_code != 0 and message in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
 
@@ -590,7 +591,7 @@ def test_cli_train_classifier(tmp_path):
         train_classifier,
         [
             "--data",
-            _npz(tmp_path),
+            tiny_npz(tmp_path),
             "--flags",
             "--classifier_width 32 --classifier_depth 1 "
             "--classifier_attention_resolutions 4 --channel_mult 1,2 --diffusion_steps 50",
@@ -599,7 +600,7 @@ def test_cli_train_classifier(tmp_path):
             "--max-steps",
             "1",
             "--val-data",
-            _npz(tmp_path),
+            tiny_npz(tmp_path),
             "--eval-every",
             "1",
             "--out",
@@ -693,7 +694,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
 def test_train_takes_no_progress_as_sample_does(tmp_path):
     """train and train-classifier had no --progress/--no-progress (TrainConfig's progress could
     not be set from the CLI): a CI log got the bar whatever the user asked."""
-    args = ["--data", _npz(tmp_path), "--flags", TINY, "--batch-size", "2", "--max-steps", "1"]
+    args = ["--data", tiny_npz(tmp_path), "--flags", TINY, "--batch-size", "2", "--max-steps", "1"]
     for flag, shown in (("--progress", True), ("--no-progress", False)):
         r = CliRunner().invoke(train, [*args, flag, "--out", str(tmp_path / flag)])
         assert r.exit_code == 0, r.output
@@ -703,7 +704,7 @@ def test_train_takes_no_progress_as_sample_does(tmp_path):
 def test_train_device_auto_as_every_command_spells_it(tmp_path):
     """--device auto, every other command's default, passed train's check and then died in the
     trainer (torch.device('auto'): a RuntimeError traceback)."""
-    args = ["--data", _npz(tmp_path), "--flags", TINY, "--batch-size", "2", "--max-steps", "1"]
+    args = ["--data", tiny_npz(tmp_path), "--flags", TINY, "--batch-size", "2", "--max-steps", "1"]
     r = CliRunner().invoke(train, [*args, "--no-progress", "--device", "auto", "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     assert r.output.strip().splitlines()[-1].startswith("done: step 1")

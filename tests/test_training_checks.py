@@ -26,8 +26,8 @@ from fastdiff.training import (
 )
 from fastdiff.training import checkpoint as ckpt
 from fastdiff.training.data import ArrayDataset, worker_error
-from tests.test_train_hardening import _args, _npz, _one_line
-from tests.test_training import TINY, tiny_config, tiny_data
+from tests.test_train_hardening import _args, _one_line
+from tests.test_training import TINY, tiny_config, tiny_data, tiny_npz
 
 CLASSIFIER = (
     "--classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions 4 "
@@ -98,7 +98,7 @@ def test_out_holding_other_files_is_refused_before_anything_is_written(tmp_path)
     """A fresh run writes log.jsonl, loss.png, samples/ and checkpoints into --out: a folder with
     files of its own (a photo folder, another tool's run) is refused, and nothing in it changes;
     a run killed before its first checkpoint left only files of a run, which a new run takes over."""
-    npz = _npz(tmp_path)
+    npz = tiny_npz(tmp_path)
     for rel in ("notes.txt", "samples/cat.png", ".hidden"):
         out = tmp_path / rel.replace("/", "_") / "out"
         (out / rel).parent.mkdir(parents=True)
@@ -177,7 +177,7 @@ def test_checkpoint_files_without_latest_json_are_never_overwritten(tmp_path):
     stray.write_bytes(b"another run's weights")
     (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     for resume in ([], ["--resume"]):
-        result = CliRunner().invoke(train, [*_args(_npz(tmp_path), out, "--max-steps", "1"), *resume])
+        result = CliRunner().invoke(train, [*_args(tiny_npz(tmp_path), out, "--max-steps", "1"), *resume])
         _one_line(result, "holds checkpoint files (model_0000001.safetensors) but no latest.json")
     assert stray.read_bytes() == b"another run's weights"
     assert (out / "log.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
@@ -217,7 +217,7 @@ def test_resuming_past_max_steps_is_one_line(tmp_path):
 def finished_run(tmp_path_factory):
     """A 1-step run with two EMAs, copied by each test that damages or resumes it."""
     tmp = tmp_path_factory.mktemp("finished")
-    npz = _npz(tmp)
+    npz = tiny_npz(tmp)
     out = tmp / "run"
     base = [*_args(npz, out, "--max-steps", "1"), "--ema", "0.99,0.9", "--microbatch", "2"]
     result = CliRunner().invoke(train, base)
@@ -318,7 +318,7 @@ def test_the_training_commands_run_at_the_threads_chosen_for_them(
     machine); their steps now run with --threads, else OMP_NUM_THREADS, as every checkpoint records."""
     monkeypatch.setenv("OMP_NUM_THREADS", omp)
     out = tmp_path / "run"
-    args = ["--data", _npz(tmp_path), "--flags", flags, "--batch-size", "4", "--max-steps", "1"]
+    args = ["--data", tiny_npz(tmp_path), "--flags", flags, "--batch-size", "4", "--max-steps", "1"]
     before = torch.get_num_threads()
     try:
         result = CliRunner().invoke(command, [*args, "--out", str(out), *extra])

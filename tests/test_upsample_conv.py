@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import assert_close_to_reference
+from builders import assert_close_in
 from torch import nn
 
 from fastdiff.ops.upsample_conv import function as up_function
@@ -50,12 +50,6 @@ def _inputs(shape, dtype, channels_last=False, device=DEVICE, seed=0):
     return x, weight, bias
 
 
-def _assert_close(actual, ref64, ref_lp, dtype, what):
-    assert actual.dtype == dtype
-    factor, floor_ulps = TOL[dtype]
-    assert_close_to_reference(actual, ref64, ref_lp, factor, floor_ulps, what)
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -73,7 +67,7 @@ def test_folded_matches_reference(shape, dtype, channels_last, seed, no_tf32):
     out = up_function._folded(x, weight, bias)
     ref_lp = upsample_conv_reference(x, weight, bias)
     ref64 = upsample_conv_reference(*leaves64)
-    _assert_close(out, ref64, ref_lp, dtype, "forward")
+    assert_close_in(TOL, out, ref64, ref_lp, dtype, "forward")
     cl = torch.channels_last
     assert out.is_contiguous(memory_format=cl) == ref_lp.is_contiguous(memory_format=cl)  # same layout
 
@@ -82,7 +76,7 @@ def test_folded_matches_reference(shape, dtype, channels_last, seed, no_tf32):
     grads_lp = torch.autograd.grad(ref_lp, (x, weight, bias), dy.to(dtype))
     grads64 = torch.autograd.grad(ref64, leaves64, dy.double())
     for name, g, g_lp, g64 in zip(("dx", "dweight", "dbias"), grads, grads_lp, grads64, strict=True):
-        _assert_close(g, g64, g_lp, dtype, name)
+        assert_close_in(TOL, g, g64, g_lp, dtype, name)
 
 
 def test_gradcheck():
@@ -158,7 +152,8 @@ def test_fold_ignores_autocast():
             upsample_conv(x, weight, bias)
         out = upsample_conv(x, weight, bias)
     ref64 = upsample_conv_reference(x.double(), weight.double(), bias.double())
-    _assert_close(out, ref64, upsample_conv_reference(x, weight, bias), torch.float32, "after autocast")
+    ref_lp = upsample_conv_reference(x, weight, bias)
+    assert_close_in(TOL, out, ref64, ref_lp, torch.float32, "after autocast")
 
 
 def test_frozen_weight_written_through_data_is_folded_again():
@@ -372,7 +367,7 @@ def test_cuda_choice_is_measured_ahead_of_time(monkeypatch):
     (choice,) = up_function._CHOICES.values.values()
     assert choice in ("fold", "reference")
     ref64 = upsample_conv_reference(*(t.double() for t in (x, weight, bias)))
-    _assert_close(out, ref64, upsample_conv_reference(x, weight, bias), torch.float16, "forward")
+    assert_close_in(TOL, out, ref64, upsample_conv_reference(x, weight, bias), torch.float16, "forward")
 
 
 @pytest.mark.gpu
@@ -396,7 +391,7 @@ def test_cuda_graph_capture(monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     ref64 = upsample_conv_reference(*(t.double() for t in (x, weight, bias)))
-    _assert_close(out, ref64, upsample_conv_reference(x, weight, bias), torch.float16, "replay")
+    assert_close_in(TOL, out, ref64, upsample_conv_reference(x, weight, bias), torch.float16, "replay")
 
 
 @pytest.mark.parametrize("dims", [1, 3])

@@ -13,6 +13,7 @@ import random
 
 import pytest
 import torch
+from builders import rel_err
 from conftest import VARIANTS_FILE, load_case
 from test_compat_scripts import ORIGINAL, needs_original
 from vectors.variants import VARIANTS, run_variant
@@ -34,10 +35,6 @@ TOLERANCE = {
     "ddpm": 1e-4,
     "ddim": 1e-4,
 }
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 def _pairs(got: dict, want: dict):
