@@ -578,6 +578,7 @@ def test_trt_engine_builds_in_the_samplers_dtype(tmp_path, monkeypatch):
     graph = read_export(_fake_export(tmp_path / "a.onnx", DenoiserSignature(False, False, False)))
     monkeypatch.setattr(onnx_runtime, "step_graph", lambda step, engine: (graph, None, None))
     monkeypatch.setattr(tensorrt_engine, "gpu_key", lambda device=None: "stand-in sm_90")
+    _FakeStreams(monkeypatch, [])
     diffusion = diffusion_from_flags({"image_size": 8, "channel_mult": "1", "timestep_respacing": "ddim4"})
     rule = make_rule(diffusion, "ddim", 0.0, torch.device("cpu"), torch.float32)
     net = torch.nn.Identity()
@@ -895,11 +896,33 @@ def test_an_upsampler_step_without_low_res_is_one_line():
         step_graph(step, "onnx")
 
 
+class _FakeStreams:
+    """Stand-ins for torch.cuda's streams on a machine without CUDA: torch's current stream is the
+    default one (handle 0, as in a plain process); ``Stream()`` makes others (handles 1, 2, ...).
+    Each ``wait_stream`` is recorded in ``calls`` (shared with a _FakeTrt's)."""
+
+    def __init__(self, monkeypatch, calls: list):
+        streams = self
+
+        class Stream:
+            def __init__(self, device=None, handle=None):
+                self.cuda_stream = len(streams.made) + 1 if handle is None else handle
+                if handle is None:
+                    streams.made.append(self)
+
+            def wait_stream(self, other):
+                calls.append(("wait", self.cuda_stream, other.cuda_stream))
+
+        self.made: list = []
+        self.default = Stream(handle=0)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.default)
+
+
 def test_tensorrt_runner_binds_low_res_with_a_stand_in_engine(tmp_path, monkeypatch):
     """TrtDenoiser's TensorRT 10 runtime calls (deserialize, profile, set_input_shape,
     set_tensor_address, execute_async_v3) on the stand-in, which reads the bound input memory."""
     import ctypes
-    from types import SimpleNamespace
 
     from fastdiff.export import tensorrt_engine
     from fastdiff.export.tensorrt_engine import TrtBuildConfig, TrtDenoiser, build_engine, profile_shapes
@@ -920,18 +943,39 @@ def test_tensorrt_runner_binds_low_res_with_a_stand_in_engine(tmp_path, monkeypa
 
     fake = _FakeTrt(profile=profile, output_shape=(1, 8, 8), execute=execute)
     monkeypatch.setattr(tensorrt_engine, "tensorrt", lambda: fake)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=7))
+    _FakeStreams(monkeypatch, fake.calls)
     engine = build_engine(graph, tmp_path / "e.engine", config)
     assert dict(fake.calls)["profile"]["low_res"] == profile["low_res"]
     runner = TrtDenoiser(graph, engine, torch.device("cpu"))
     x, t, low = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0]), torch.rand(2, 1, 4, 4)
     out, grad = runner(x, t, low_res=low)
-    assert ("execute", 7) in fake.calls and fake.shapes["low_res"] == (2, 1, 4, 4)
+    assert ("execute", 1) in fake.calls and fake.shapes["low_res"] == (2, 1, 4, 4)
     assert np.array_equal(seen["low_res"], low.numpy()) and torch.equal(out, x) and grad is None
     with pytest.raises(ExportError, match=r"^low_res of shape \[2, 1, 2, 2\]"):
         runner(x, t, low_res=torch.zeros(2, 1, 2, 2))
     with pytest.raises(ExportError, match="outside the engine profile 1..16"):
         runner(torch.zeros(17, 1, 8, 8), torch.zeros(17), low_res=torch.zeros(17, 1, 4, 4))
+
+
+def test_tensorrt_runs_on_a_stream_of_its_own_after_torchs_and_before_it(tmp_path, monkeypatch):
+    """execute_async_v3 got torch's current stream, the default one in a plain fastdiff process,
+    which TensorRT's API documents as costing extra device synchronisations ("use non-default
+    stream instead"): the runner enqueues on its own stream, after the work that wrote its inputs
+    on torch's stream and before the work that reads its outputs there, every call."""
+    from fastdiff.export import tensorrt_engine
+    from fastdiff.export.tensorrt_engine import TrtBuildConfig, TrtDenoiser, profile_shapes
+
+    graph = read_export(_fake_export(tmp_path / "a.onnx", DenoiserSignature(False, False, False)))
+    fake = _FakeTrt(profile=profile_shapes(graph, TrtBuildConfig()), output_shape=(1, 8, 8))
+    monkeypatch.setattr(tensorrt_engine, "tensorrt", lambda: fake)
+    streams = _FakeStreams(monkeypatch, fake.calls)
+    (tmp_path / "e.engine").write_bytes(b"engine-bytes")
+    runner = TrtDenoiser(graph, tmp_path / "e.engine", torch.device("cpu"))
+    for _ in range(2):
+        fake.calls.clear()
+        runner(torch.zeros(2, 1, 8, 8), torch.tensor([1.0, 2.0]))
+        assert fake.calls == [("wait", 1, 0), ("execute", 1), ("wait", 0, 1)]
+    assert len(streams.made) == 1  # one stream for the runner, not one per call
 
 
 def test_cli_export_refuses_guidance_for_upsamplers_before_loading(tmp_path):

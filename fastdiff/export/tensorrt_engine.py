@@ -3,8 +3,9 @@ import of fastdiff is in this module.
 
 An engine is built once per (graph hash, TensorRT version, GPU) with fp16 or bf16 layers, one
 optimisation profile for a batch range and a timing cache beside it, and cached under that key;
-``TrtDenoiser`` runs it on torch's current CUDA stream with the tensors' device memory as its
-bindings (one ``execute_async_v3`` per step; no CUDA graph around it yet).
+``TrtDenoiser`` runs it on a CUDA stream of its own, ordered after and before torch's current
+one, with the tensors' device memory as its bindings (one ``execute_async_v3`` per step; no CUDA
+graph around it yet).
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ def build_engine(
 
 class TrtDenoiser(ExportedDenoiser):
     """A deserialized engine behind the OrtDenoiser call (the same checked inputs, low_res among
-    them), run on torch's current CUDA stream with the tensors' device memory as its bindings."""
+    them), with the tensors' device memory as its bindings, run on a stream of its own: torch's
+    current stream is the default (null) stream unless a caller chose another, and TensorRT's
+    execute_async_v3 documents that one as costing extra device synchronisations."""
 
     def __init__(self, graph: ExportedGraph, engine_path: Path, device: torch.device):
         trt = tensorrt()
@@ -130,6 +133,7 @@ class TrtDenoiser(ExportedDenoiser):
                 f"fastdiff export trt --onnx {graph.path}"
             )
         self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream(device)
         lo, _, hi = self.engine.get_tensor_profile_shape("x_t", 0)
         self.batch_range = (int(lo[0]), int(hi[0]))
         shapes = [tuple(self.engine.get_tensor_shape(name)) for name in graph.signature.outputs]
@@ -146,8 +150,12 @@ class TrtDenoiser(ExportedDenoiser):
             self.context.set_tensor_address(name, t.data_ptr())
         for name, t in outputs.items():
             self.context.set_tensor_address(name, t.data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+        # the inputs were written on torch's stream, and the outputs are read there
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
+        current.wait_stream(self.stream)
 
 
 def trt_engine(step, device: torch.device):
