@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,25 @@ def test_tensorrt_other_than_10_is_one_line(monkeypatch, version):
         tensorrt()
     installed["version"] = "10.16.0"
     assert tensorrt().__version__ == "10.16.0"
+
+
+def test_tensorrt_that_does_not_load_is_one_line(tmp_path, monkeypatch):
+    """A tensorrt package whose libraries are missing raises as it is imported (its __init__ loads
+    libnvinfer): that was a traceback from every trt command, where a missing package is one line."""
+    from fastdiff.export.tensorrt_engine import tensorrt
+
+    package = tmp_path / "tensorrt"
+    package.mkdir()
+    message = "libnvinfer.so.10: cannot open shared object file:\n No such file or directory"
+    (package / "__init__.py").write_text(f"raise ImportError({message!r})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    with pytest.raises(ExportError) as info:
+        tensorrt()
+    assert str(info.value) == (
+        "TensorRT is installed but does not load (libnvinfer.so.10: cannot open shared object "
+        "file: No such file or directory); reinstall tensorrt 10"
+    )
 
 
 def test_tensorrt_profile_covers_the_batch_inputs(tmp_path):

@@ -27,12 +27,20 @@ PRECISIONS = ("fp16", "bf16", "fp32")
 
 
 def tensorrt():
-    """The tensorrt module, or one ExportError line naming the missing package or a major version
-    other than 10 (TensorRT 11 has no BuilderFlag.FP16/BF16: its networks are strongly typed, so
-    the fp16/bf16 builds here would stop with an AttributeError after the file was parsed)."""
+    """The tensorrt module, or one ExportError line naming the missing package, a package that
+    does not load (its wheel imports its libraries, libnvinfer among them, and raises ImportError
+    or OSError without them) or a major version other than 10 (TensorRT 11 has no
+    BuilderFlag.FP16/BF16: its networks are strongly typed, so the fp16/bf16 builds here would
+    stop with an AttributeError after the file was parsed)."""
     if importlib.util.find_spec("tensorrt") is None:
         raise ExportError("TensorRT not installed: pip install 'fastdiff[trt]' (tensorrt 10, CUDA)")
-    trt = importlib.import_module("tensorrt")
+    try:
+        trt = importlib.import_module("tensorrt")
+    except (ImportError, OSError) as e:
+        reason = " ".join(str(e).split())
+        raise ExportError(
+            f"TensorRT is installed but does not load ({reason}); reinstall tensorrt 10"
+        ) from None
     version = str(getattr(trt, "__version__", "?"))
     if version.split(".")[0] != "10":
         raise ExportError(
