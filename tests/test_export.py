@@ -917,12 +917,27 @@ def test_an_upsampler_step_without_low_res_is_one_line():
 
 
 class _FakeStreams:
-    """Stand-ins for torch.cuda's streams on a machine without CUDA: torch's current stream is the
-    default one (handle 0, as in a plain process); ``Stream()`` makes others (handles 1, 2, ...).
-    Each ``wait_stream`` is recorded in ``calls`` (shared with a _FakeTrt's)."""
+    """Stand-ins for torch.cuda's streams and current device on a machine without CUDA: torch's
+    current stream is the default one (handle 0, as in a plain process); ``Stream()`` makes
+    others (handles 1, 2, ...). Each ``wait_stream`` is recorded in ``calls`` (shared with a
+    _FakeTrt's); ``current_device()`` is the device of the innermost ``torch.cuda.device`` block
+    ("cuda:0" outside any)."""
 
     def __init__(self, monkeypatch, calls: list):
+        import contextlib
+
         streams = self
+        self.devices = ["cuda:0"]
+
+        @contextlib.contextmanager
+        def device(dev):
+            self.devices.append(str(dev))
+            try:
+                yield
+            finally:
+                self.devices.pop()
+
+        monkeypatch.setattr(torch.cuda, "device", device)
 
         class Stream:
             def __init__(self, device=None, handle=None):
@@ -996,6 +1011,49 @@ def test_tensorrt_runs_on_a_stream_of_its_own_after_torchs_and_before_it(tmp_pat
         runner(torch.zeros(2, 1, 8, 8), torch.tensor([1.0, 2.0]))
         assert fake.calls == [("wait", 1, 0), ("execute", 1), ("wait", 0, 1)]
     assert len(streams.made) == 1  # one stream for the runner, not one per call
+
+
+def test_tensorrt_builds_loads_and_runs_on_the_samplers_gpu(tmp_path, monkeypatch):
+    """TensorRT builds for, deserializes on and enqueues on the current CUDA device: a Sampler on
+    cuda:1 (a current device of cuda:0, as a Python caller leaves it) had its engine built and
+    deserialized on cuda:0 and then run with cuda:1's tensors."""
+    from builders import diffusion_from_flags
+
+    from fastdiff.diffusion.samplers import SamplingStep, make_rule
+    from fastdiff.export import onnx_runtime, tensorrt_engine
+    from fastdiff.export.tensorrt_engine import TrtBuildConfig, profile_shapes, trt_engine
+
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
+    graph = read_export(_fake_export(tmp_path / "a.onnx", DenoiserSignature(False, False, False)))
+    monkeypatch.setattr(onnx_runtime, "step_graph", lambda step, engine: (graph, None, None))
+    monkeypatch.setattr(tensorrt_engine, "gpu_key", lambda device=None: "stand-in sm_90")
+    seen = []
+    fake = _FakeTrt(
+        profile=profile_shapes(graph, TrtBuildConfig()),
+        output_shape=(1, 8, 8),
+        execute=lambda addresses, shapes: seen.append(("execute", streams.devices[-1])),
+    )
+    builder, runtime = fake.Builder, fake.Runtime
+
+    class Builder(builder):
+        def build_serialized_network(self, network, config):
+            seen.append(("build", streams.devices[-1]))
+            return super().build_serialized_network(network, config)
+
+    class Runtime(runtime):
+        def deserialize_cuda_engine(self, data):
+            seen.append(("deserialize", streams.devices[-1]))
+            return super().deserialize_cuda_engine(data)
+
+    fake.Builder, fake.Runtime = Builder, Runtime
+    monkeypatch.setattr(tensorrt_engine, "tensorrt", lambda: fake)
+    streams = _FakeStreams(monkeypatch, fake.calls)
+    diffusion = diffusion_from_flags({"image_size": 8, "channel_mult": "1", "timestep_respacing": "ddim4"})
+    rule = make_rule(diffusion, "ddim", 0.0, torch.device("cpu"), torch.float32)
+    step = trt_engine(SamplingStep(diffusion, torch.nn.Identity(), rule), torch.device("cuda:1"))
+    inputs = {"x_t": torch.zeros(2, 1, 8, 8), "timestep": torch.tensor([1.0, 2.0])}
+    step.denoiser._run(inputs, {"model_output": torch.empty(2, 1, 8, 8)})  # host memory: no CUDA here
+    assert seen == [("build", "cuda:1"), ("deserialize", "cuda:1"), ("execute", "cuda:1")]
 
 
 def test_cli_export_refuses_guidance_for_upsamplers_before_loading(tmp_path):

@@ -134,13 +134,14 @@ class TrtDenoiser(ExportedDenoiser):
         trt = tensorrt()
         self.graph, self.device = graph, device
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self.engine is None:
-            raise ExportError(
-                f"{engine_path} was built for another GPU or TensorRT version; rebuild it with "
-                f"fastdiff export trt --onnx {graph.path}"
-            )
-        self.context = self.engine.create_execution_context()
+        with torch.cuda.device(device):  # an engine and its contexts belong to the current device
+            self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+            if self.engine is None:
+                raise ExportError(
+                    f"{engine_path} was built for another GPU or TensorRT version; rebuild it with "
+                    f"fastdiff export trt --onnx {graph.path}"
+                )
+            self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream(device)
         lo, _, hi = self.engine.get_tensor_profile_shape("x_t", 0)
         self.batch_range = (int(lo[0]), int(hi[0]))
@@ -161,16 +162,19 @@ class TrtDenoiser(ExportedDenoiser):
         # the inputs were written on torch's stream, and the outputs are read there
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed")
+        with torch.cuda.device(self.device):
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed")
         current.wait_stream(self.stream)
 
 
 def trt_engine(step, device: torch.device):
     """The engine function behind ``ENGINES['trt']`` (``step`` None: only check it can run). The
-    engine's layer precision is the step's dtype (the Sampler's ``dtype``, ``--dtype``): fp32
-    networks build an fp32 engine, fp16 or bf16 ones an fp16 or bf16 engine, from the same fp32
-    graph (``fastdiff export trt --precision`` offers the same three)."""
+    engine is built, loaded and run on ``device`` whichever GPU is current (a Sampler on cuda:1
+    built and deserialized it on cuda:0, then ran it on cuda:1's tensors). Its layer precision
+    is the step's dtype (the Sampler's ``dtype``, ``--dtype``): fp32 networks build an fp32
+    engine, fp16 or bf16 ones an fp16 or bf16 engine, from the same fp32 graph (``fastdiff
+    export trt --precision`` offers the same three)."""
     trt = tensorrt()
     if torch.device(device).type != "cuda":
         raise ExportError("engine 'trt' runs TensorRT engines on a CUDA device")
@@ -183,7 +187,8 @@ def trt_engine(step, device: torch.device):
     key = engine_key(graph, config, trt.__version__, gpu_key(device))
     path = cache_dir().parent / "trt" / f"{key}.engine"
     if not path.is_file():
-        build_engine(graph, path, config, path.parent / "timing.cache")
+        with torch.cuda.device(device):  # TensorRT builds for the current device, not gpu_key's
+            build_engine(graph, path, config, path.parent / "timing.cache")
     return OnnxStep(step, TrtDenoiser(graph, path, torch.device(device)), classifier_scale, cfg_scale)
 
 
