@@ -654,6 +654,43 @@ def test_cli_trt_checks_out_before_the_build(tmp_path, monkeypatch):
     assert res.output == f"Error: cannot write to --out {out}: Not a directory\n"
 
 
+def test_an_engine_export_trt_built_is_the_one_engine_trt_runs(tmp_path, monkeypatch):
+    """``fastdiff export trt`` places its engine where ``--engine trt`` looks (as ``export onnx``
+    places its graph), when it is the engine that would build: sampling after the export built
+    the same engine again (minutes). An engine with another batch profile is not placed."""
+    from builders import diffusion_from_flags
+    from click.testing import CliRunner
+
+    from fastdiff.cli.main import main
+    from fastdiff.diffusion.samplers import SamplingStep, make_rule
+    from fastdiff.export import onnx_runtime, tensorrt_engine
+    from fastdiff.export.tensorrt_engine import TrtBuildConfig, profile_shapes, trt_engine
+    from fastdiff.models.nn import InDtype
+
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
+    graph = read_export(_fake_export(tmp_path / "a.onnx", DenoiserSignature(False, False, False)))
+    fake = _FakeTrt(profile=profile_shapes(graph, TrtBuildConfig()), output_shape=(1, 8, 8))
+    monkeypatch.setattr(tensorrt_engine, "tensorrt", lambda: fake)
+    monkeypatch.setattr(tensorrt_engine, "gpu_key", lambda device=None: "stand-in sm_90")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _FakeStreams(monkeypatch, fake.calls)
+    args = ["export", "trt", "--onnx", str(graph.path), "--out", str(tmp_path / "out")]
+    res = CliRunner().invoke(main, [*args, "--max-batch", "32"])
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "cache" / "trt").exists()  # not the profile engine 'trt' builds
+    res = CliRunner().invoke(main, args)  # fp16, batches 1..8..64
+    assert res.exit_code == 0, res.output
+    built = [c for c in fake.calls if c[0] == "parse"]
+    monkeypatch.setattr(onnx_runtime, "step_graph", lambda step, engine: (graph, None, None))
+    diffusion = diffusion_from_flags({"image_size": 8, "channel_mult": "1", "timestep_respacing": "ddim4"})
+    rule = make_rule(diffusion, "ddim", 0.0, torch.device("cpu"), torch.float32)
+    model = InDtype(torch.nn.Identity(), torch.float16)  # --dtype fp16
+    trt_engine(SamplingStep(diffusion, model, rule), torch.device("cuda"))
+    assert [c for c in fake.calls if c[0] == "parse"] == built  # loaded, not built again
+    (cached,) = (tmp_path / "cache" / "trt").iterdir()
+    assert cached.read_bytes() == b"engine-bytes"
+
+
 # ------------------------------------------------------------------ the cache and the graph's limits
 
 

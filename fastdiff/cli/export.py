@@ -196,7 +196,14 @@ def export_trt_command(onnx_path, out, precision, min_batch, opt_batch, max_batc
     """A TensorRT engine from an exported ONNX graph (CUDA, TensorRT 10)."""
     from fastdiff.export import ExportError, read_export
     from fastdiff.export.onnx_export import missing_packages
-    from fastdiff.export.tensorrt_engine import TrtBuildConfig, build_engine, engine_key, gpu_key, tensorrt
+    from fastdiff.export.tensorrt_engine import (
+        TrtBuildConfig,
+        build_engine,
+        engine_key,
+        gpu_key,
+        remember_engine,
+        tensorrt,
+    )
     from fastdiff.runs.folder import check_writable
 
     try:  # what the machine lacks first, then the file (reading a large one takes a while)
@@ -222,5 +229,6 @@ def export_trt_command(onnx_path, out, precision, min_batch, opt_batch, max_batc
         except ExportError as e:
             raise _fail(e) from None
         click.echo(f"wrote {path}")
+        remember_engine(path, graph, config, key)  # fastdiff sample --engine trt then finds it
 
     _once("building the engine", build)

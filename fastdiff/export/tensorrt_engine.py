@@ -124,6 +124,30 @@ def build_engine(
     return out
 
 
+def cached_engine_path(key: str) -> Path:
+    """Where engine 'trt' keeps the engine of ``key`` (engine_key), beside the ONNX cache."""
+    from .onnx_runtime import cache_dir
+
+    return cache_dir().parent / "trt" / f"{key}.engine"
+
+
+def remember_engine(path: Path, graph: ExportedGraph, config: TrtBuildConfig, key: str) -> Path | None:
+    """Put an engine ``fastdiff export trt`` built where engine 'trt' looks for it (a hard link,
+    else a copy), so sampling after the export does not build it again: where it is the engine
+    'trt' builds (from the fp32 graph, with the default batch profile; ``--precision`` is
+    ``--dtype``). None where it is not, or where the cache cannot take it."""
+    from .onnx_runtime import _place
+
+    if graph.dtype != "fp32" or config != TrtBuildConfig(precision=config.precision):
+        return None
+    target = cached_engine_path(key)
+    try:
+        _place(path, target)
+    except OSError:  # a read-only or full cache: engine 'trt' builds then
+        return None
+    return target
+
+
 class TrtDenoiser(ExportedDenoiser):
     """A deserialized engine behind the OrtDenoiser call (the same checked inputs, low_res among
     them), with the tensors' device memory as its bindings, run on a stream of its own: torch's
@@ -180,12 +204,12 @@ def trt_engine(step, device: torch.device):
         raise ExportError("engine 'trt' runs TensorRT engines on a CUDA device")
     if step is None:
         return None
-    from .onnx_runtime import OnnxStep, cache_dir, step_dtype, step_graph
+    from .onnx_runtime import OnnxStep, step_dtype, step_graph
 
     graph, classifier_scale, cfg_scale = step_graph(step, "trt")
     config = TrtBuildConfig(precision=step_dtype(step, "trt"))
     key = engine_key(graph, config, trt.__version__, gpu_key(device))
-    path = cache_dir().parent / "trt" / f"{key}.engine"
+    path = cached_engine_path(key)
     if not path.is_file():
         with torch.cuda.device(device):  # TensorRT builds for the current device, not gpu_key's
             build_engine(graph, path, config, path.parent / "timing.cache")
@@ -197,9 +221,11 @@ __all__ = [
     "TrtBuildConfig",
     "TrtDenoiser",
     "build_engine",
+    "cached_engine_path",
     "engine_key",
     "gpu_key",
     "profile_shapes",
+    "remember_engine",
     "tensorrt",
     "trt_engine",
 ]
