@@ -911,6 +911,47 @@ def test_onnxruntime_binds_low_res_and_checks_its_shape(tmp_path):
         base.inputs(x, t, low_res=low)
 
 
+def test_onnxruntime_waits_for_the_bound_inputs_before_it_runs(tmp_path):
+    """onnxruntime's CUDA provider runs on a non-blocking stream of its own, which does not wait
+    for the work on torch's stream that wrote the bound inputs: the binding synchronises its inputs
+    (IOBinding.synchronize_inputs, which onnxruntime documents for memory written on another
+    stream) before every run; without it the session could read a half-written x_t."""
+    pytest.importorskip("onnxruntime")
+    from fastdiff.export.onnx_runtime import OrtDenoiser
+
+    runner = OrtDenoiser(read_export(_upsampler_graph(tmp_path / "sr.onnx")))
+    calls = []
+
+    class Binding:
+        def __init__(self, io):
+            self.io = io
+
+        def __getattr__(self, name):
+            def call(*args):
+                calls.append(name)
+                return getattr(self.io, name)(*args)
+
+            return call
+
+    session = runner.session
+
+    class Session:
+        def io_binding(self):
+            return Binding(session.io_binding())
+
+        def run_with_iobinding(self, binding):
+            calls.append("run")
+            session.run_with_iobinding(binding.io)
+
+    runner.session = Session()
+    x, t, low = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 5.0]), torch.rand(2, 1, 4, 4) * 2 - 1
+    for _ in range(2):
+        calls.clear()
+        out, _ = runner(x, t, low_res=low)
+        assert calls == ["bind_input"] * 3 + ["bind_output", "synchronize_inputs", "run"]
+    torch.testing.assert_close(out, x + F.interpolate(low, (8, 8), mode="bilinear"), rtol=1e-6, atol=1e-6)
+
+
 def test_onnx_step_hands_low_res_to_the_graph():
     """OnnxStep around a stand-in denoiser (the eager upsampler behind the runners' call) steps as
     SamplingStep: low_res comes from the step's model_kwargs, the labels with it."""

@@ -144,6 +144,9 @@ class OrtDenoiser(ExportedDenoiser):
             for name, t in tensors.items():
                 kind = "cuda" if t.is_cuda else "cpu"
                 bind(name, kind, t.device.index or 0, _ELEMENT[t.dtype], list(t.shape), t.data_ptr())
+        # torch wrote the inputs on its stream; the CUDA provider computes on a non-blocking stream
+        # of its own, which would not wait for them (a no-op on the CPU)
+        io.synchronize_inputs()
         self.session.run_with_iobinding(io)
 
 
