@@ -473,6 +473,9 @@ class _FakeTrt:
                 return "Unsupported op Foo"
 
         class Cache:
+            def __init__(self, data):
+                self.data = data
+
             def serialize(self):
                 return b"timing"
 
@@ -488,13 +491,18 @@ class _FakeTrt:
 
             def create_timing_cache(self, data):
                 fake.calls.append(("cache_in", data))
-                return Cache()
+                return Cache(data)
 
             def set_timing_cache(self, cache, ignore_mismatch):
-                pass
+                # TensorRT's header check: a cache another device measured is refused
+                fake.calls.append(("set_cache", (cache.data, ignore_mismatch)))
+                if cache.data == b"another device's" and not ignore_mismatch:
+                    return False
+                self.cache = cache
+                return True
 
             def get_timing_cache(self):
-                return Cache()
+                return self.cache
 
         class Profile:
             def __init__(self):
@@ -570,6 +578,12 @@ def test_tensorrt_build_path_with_a_stand_in_module(tmp_path, monkeypatch):
     build_engine(graph, tmp_path / "e.engine", TrtBuildConfig(max_batch=16), tmp_path / "timing.cache")
     assert ("cache_in", b"timing") in fake.calls  # the second build starts from the saved cache
 
+    (tmp_path / "timing.cache").write_bytes(b"another device's")  # a shared cache folder
+    fake.calls.clear()
+    build_engine(graph, tmp_path / "e.engine", TrtBuildConfig(max_batch=16), tmp_path / "timing.cache")
+    assert [c[1] for c in fake.calls if c[0] == "set_cache"] == [(b"another device's", False), (b"", False)]
+    assert (tmp_path / "timing.cache").read_bytes() == b"timing"  # this device's timings from then on
+
     monkeypatch.setattr(tensorrt_engine, "tensorrt", lambda: _FakeTrt(parse_ok=False))
     with pytest.raises(ExportError, match="TensorRT cannot parse .*Unsupported op Foo"):
         build_engine(graph, tmp_path / "f.engine", TrtBuildConfig())
@@ -612,6 +626,10 @@ def test_trt_engine_builds_in_the_samplers_dtype(tmp_path, monkeypatch):
         flags[dtype] = [c[1] for c in fake.calls if c[0] == "flag"]
     assert flags == {"fp32": [], "fp16": ["fp16"], "bf16": ["bf16"]}
     assert len(list((tmp_path / "cache" / "trt").glob("*.engine"))) == 3
+    # one timing cache per (TensorRT version, GPU): the engines' folder may be shared by machines
+    timing = [p.name for p in (tmp_path / "cache" / "trt").glob("timing*")]
+    assert timing == [tensorrt_engine.timing_cache_name("10.0-fake", "stand-in sm_90")]
+    assert timing[0] != tensorrt_engine.timing_cache_name("10.0-fake", "other sm_80")
     with pytest.raises(ExportError, match="engine 'onnx' runs fp32 or fp16 graphs"):
         onnx_runtime.step_dtype(SamplingStep(diffusion, networks["bf16"], rule), "onnx")
 

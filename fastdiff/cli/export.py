@@ -203,6 +203,7 @@ def export_trt_command(onnx_path, out, precision, min_batch, opt_batch, max_batc
         gpu_key,
         remember_engine,
         tensorrt,
+        timing_cache_name,
     )
     from fastdiff.runs.folder import check_writable
 
@@ -219,13 +220,15 @@ def export_trt_command(onnx_path, out, precision, min_batch, opt_batch, max_batc
         if max_batch > graph.max_batch:
             raise ExportError(f"--max-batch {max_batch} is above the graph's maximum {graph.max_batch}")
         check_writable(out, f"--out {out}")  # before the build (minutes), not after it
-        key = engine_key(graph, config, trt.__version__, gpu_key())
+        gpu = gpu_key()
+        key = engine_key(graph, config, trt.__version__, gpu)
     except ExportError as e:
         raise _fail(e) from None
 
     def build():
         try:
-            path = build_engine(graph, out / f"denoiser-{key}.engine", config, out / "timing.cache")
+            timing = out / timing_cache_name(trt.__version__, gpu)
+            path = build_engine(graph, out / f"denoiser-{key}.engine", config, timing)
         except ExportError as e:
             raise _fail(e) from None
         click.echo(f"wrote {path}")

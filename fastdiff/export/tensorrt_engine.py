@@ -81,6 +81,13 @@ def engine_key(graph: ExportedGraph, config: TrtBuildConfig, trt_version: str, g
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def timing_cache_name(trt_version: str, gpu: str) -> str:
+    """The timing cache file of a (TensorRT version, GPU): TensorRT's timings hold for the device
+    and version that measured them, and it warns that a cache from another device "may lead to
+    functional/performance bugs", so each has its own file beside the engines."""
+    return f"timing-{hashlib.sha256(f'{trt_version}|{gpu}'.encode()).hexdigest()[:16]}.cache"
+
+
 def profile_shapes(graph: ExportedGraph, config: TrtBuildConfig) -> dict[str, tuple[tuple, tuple, tuple]]:
     """(min, opt, max) shape per batch-dynamic input (an upsampler's low_res among them; the
     scalar scales have none)."""
@@ -92,7 +99,8 @@ def build_engine(
     graph: ExportedGraph, out: Path, config: TrtBuildConfig, timing_cache: Path | None = None
 ) -> Path:
     """Parse the ONNX file, build a serialized engine and write it (atomically) to ``out``; the
-    timing cache is read from and written back to ``timing_cache``."""
+    timing cache is read from and written back to ``timing_cache`` (timing_cache_name), started
+    afresh where TensorRT finds it is another device's or version's."""
     trt = tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -113,7 +121,8 @@ def build_engine(
     cfg.add_optimization_profile(profile)
     cached = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
     cache = cfg.create_timing_cache(cached)
-    cfg.set_timing_cache(cache, ignore_mismatch=True)
+    if cache is None or not cfg.set_timing_cache(cache, ignore_mismatch=False):
+        cfg.set_timing_cache(cfg.create_timing_cache(b""), ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, cfg)
     if serialized is None:
         raise ExportError(f"TensorRT could not build an engine from {graph.path} (see its log above)")
@@ -208,11 +217,12 @@ def trt_engine(step, device: torch.device):
 
     graph, classifier_scale, cfg_scale = step_graph(step, "trt")
     config = TrtBuildConfig(precision=step_dtype(step, "trt"))
-    key = engine_key(graph, config, trt.__version__, gpu_key(device))
+    gpu = gpu_key(device)
+    key = engine_key(graph, config, trt.__version__, gpu)
     path = cached_engine_path(key)
     if not path.is_file():
         with torch.cuda.device(device):  # TensorRT builds for the current device, not gpu_key's
-            build_engine(graph, path, config, path.parent / "timing.cache")
+            build_engine(graph, path, config, path.parent / timing_cache_name(trt.__version__, gpu))
     return OnnxStep(step, TrtDenoiser(graph, path, torch.device(device)), classifier_scale, cfg_scale)
 
 
@@ -227,5 +237,6 @@ __all__ = [
     "profile_shapes",
     "remember_engine",
     "tensorrt",
+    "timing_cache_name",
     "trt_engine",
 ]
