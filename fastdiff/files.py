@@ -102,6 +102,23 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         write(tmp)
 
 
+def place_file(source: Path, target: Path, content: bytes | None = None) -> None:
+    """``target`` becomes ``source`` (a hard link, else a copy) or ``content``, atomically: a reader
+    sees the old file or the new one, never half of it (the export caches take files this way)."""
+
+    def write(tmp):
+        if content is not None:
+            Path(tmp).write_bytes(content)
+            return
+        os.remove(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    atomic_write(target, write)
+
+
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display on a server), or None when
     matplotlib (an optional extra) is not installed."""

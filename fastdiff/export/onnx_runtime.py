@@ -11,7 +11,6 @@ later runs reuse it.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from torch import Tensor
 
 from fastdiff.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from fastdiff.diffusion.samplers import SamplingStep
-from fastdiff.files import cache_root, locked_folder, remove_temp_files
+from fastdiff.files import cache_root, locked_folder, place_file, remove_temp_files
 from fastdiff.models.unet import SuperResModel
 
 from .onnx_export import (
@@ -231,26 +230,6 @@ def _serves(path: Path, digest: str, max_batch: int) -> bool:
     return graph.hash == digest and graph.max_batch >= max_batch
 
 
-def _place(source: Path, target: Path, content: bytes | None = None) -> None:
-    """``target`` becomes ``source`` (a hard link, else a copy) or ``content``, atomically: a reader
-    sees the old file or the new one, never half of it."""
-    import shutil
-
-    from fastdiff.files import atomic_write
-
-    def write(tmp):
-        if content is not None:
-            Path(tmp).write_bytes(content)
-            return
-        os.remove(tmp)
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-
-    atomic_write(target, write)
-
-
 def remember(path: Path, digest: str, max_batch: int) -> Path | None:
     """Put an exported file where ``--engine onnx`` looks for these networks (a hard link, else a
     copy), so sampling after ``fastdiff export onnx`` does not export again; None if it cannot, or
@@ -280,17 +259,17 @@ def _cache(path: Path, target: Path) -> None:
     model = onnx.load(str(path), load_external_data=False)
     located = side_files(model)
     if not located:
-        _place(path, target)
+        place_file(path, target)
         return
     if len(located) > 1:
         raise ValueError("several side files")  # not how fastdiff writes its graphs
     data = f"{target.name}.data"
-    _place(path.parent / next(iter(located)), target.parent / data)
+    place_file(path.parent / next(iter(located)), target.parent / data)
     for tensor in stored_tensors(model):
         for entry in tensor.external_data:
             if entry.key == "location":
                 entry.value = data
-    _place(path, target, model.SerializeToString())
+    place_file(path, target, model.SerializeToString())
 
 
 def cached_export(

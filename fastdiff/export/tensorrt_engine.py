@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.files import atomic_write
+from fastdiff.files import atomic_write, place_file
 
 from .onnx_export import ExportedGraph, ExportError
 from .onnx_runtime import ExportedDenoiser
@@ -145,13 +145,11 @@ def remember_engine(path: Path, graph: ExportedGraph, config: TrtBuildConfig, ke
     else a copy), so sampling after the export does not build it again: where it is the engine
     'trt' builds (from the fp32 graph, with the default batch profile; ``--precision`` is
     ``--dtype``). None where it is not, or where the cache cannot take it."""
-    from .onnx_runtime import _place
-
     if graph.dtype != "fp32" or config != TrtBuildConfig(precision=config.precision):
         return None
     target = cached_engine_path(key)
     try:
-        _place(path, target)
+        place_file(path, target)
     except OSError:  # a read-only or full cache: engine 'trt' builds then
         return None
     return target
