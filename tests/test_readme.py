@@ -374,3 +374,16 @@ def test_the_python_apis_docstrings_name_every_argument():
     ):
         named = [p for p in inspect.signature(fn).parameters if p != "self"]
         assert [p for p in named if not re.search(f"``{p}\\b", doc)] == [], fn
+
+
+def test_the_nearest_files_are_the_ones_the_command_writes():
+    """README's `nearest` paragraph names every file the command writes into --out and counts them
+    ("only these four are written" named three: nearest.npz was missing)."""
+    from fastdiff.cli.nearest import WRITES
+
+    readme = " ".join(read_doc("README.md").split())
+    text = re.search(r"is the memorisation check(.*?)only these (\w+) are written", readme)
+    assert text is not None
+    named = set(re.findall(r"`([a-z_]+\.(?:png|json|npz))`", text[1]))
+    words = {3: "three", 4: "four", 5: "five"}
+    assert named == set(WRITES) and text[2] == words[len(WRITES)], (named, text[2])
