@@ -387,3 +387,18 @@ def test_the_nearest_files_are_the_ones_the_command_writes():
     named = set(re.findall(r"`([a-z_]+\.(?:png|json|npz))`", text[1]))
     words = {3: "three", 4: "four", 5: "five"}
     assert named == set(WRITES) and text[2] == words[len(WRITES)], (named, text[2])
+
+
+def test_the_design_names_every_sampler_argument():
+    """DESIGN's `fastdiff.Sampler(...)` lists the constructor's every keyword (clip_denoised,
+    channels_last and image_shape were missing)."""
+    import inspect
+
+    import fastdiff
+
+    design = " ".join(read_doc("docs/DESIGN.md").split())
+    listed = re.search(r"`fastdiff\.Sampler\(model, diffusion, (.*?)\)`", design)[1]
+    keywords = [
+        p.name for p in inspect.signature(fastdiff.Sampler).parameters.values() if p.kind == p.KEYWORD_ONLY
+    ]
+    assert [w.rstrip("=") for w in listed.split(", ")] == keywords
