@@ -402,3 +402,19 @@ def test_the_design_names_every_sampler_argument():
         p.name for p in inspect.signature(fastdiff.Sampler).parameters.values() if p.kind == p.KEYWORD_ONLY
     ]
     assert [w.rstrip("=") for w in listed.split(", ")] == keywords
+
+
+def test_the_design_names_a_training_checkpoints_files():
+    """DESIGN's training checkpoint is checkpoint.py's record: the weights as safetensors, the
+    training state's .pt file and latest.json (it said "safetensors plus latest.json")."""
+    from fastdiff.training.checkpoint import LATEST, step_record
+
+    design = " ".join(read_doc("docs/DESIGN.md").split())
+    record = step_record(7, ["0.9999"])
+    model, ema, state = record["model"], record["ema"]["0.9999"], record["state"]
+    assert model.endswith(".safetensors") and ema.endswith(".safetensors") and state.endswith(".pt")
+    assert (
+        "is the weights as safetensors (`model_` and an `ema_RATE_` file per EMA rate), the training "
+        f"state as `{state.replace('0000007', 'NNNNNNN')}`" in design
+    )
+    assert f"and `{LATEST}`, renamed into place last" in design
