@@ -418,3 +418,18 @@ def test_the_design_names_a_training_checkpoints_files():
         f"state as `{state.replace('0000007', 'NNNNNNN')}`" in design
     )
     assert f"and `{LATEST}`, renamed into place last" in design
+
+
+def test_the_bundled_digits_invert_as_the_readme_says():
+    """The bundled weights keep no class names, so `invert` reads no class from a digit's class
+    folder: the README tells how to give the class (it said the digits "in class folders"
+    regenerate, and `fastdiff invert data/` stopped: "its weights keep no class names")."""
+    from fastdiff.runs import load_diffusion_model
+
+    loaded = load_diffusion_model(preset=None, flag_string=None, checkpoint=None, device="cpu")
+    readme = " ".join(read_doc("README.md").split())
+    assert loaded.class_names is None
+    assert (
+        "The bundled model's own training digits (its weights keep no class names, so a class folder "
+        "gives no class: name them `N_classK.png`, or give a folder's `--classes K`) regenerate" in readme
+    )
