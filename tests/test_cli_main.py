@@ -144,7 +144,7 @@ def test_usage_errors_are_one_line_exit_2():
 def test_a_value_no_option_takes_exits_2_and_what_the_files_refuse_exits_1(tmp_path):
     """fastdiff's own checks of an option's value exit 2 as click's range checks do (train's
     --batch-size 0 and sample's --steps 1 exited 1, sample's --num-samples 0 exited 2); a value the
-    model or the data refuse stays 1."""
+    model or the data refuse stays 1, as do options that conflict (an eta given to DDPM exited 2)."""
     train = ["train", "--data", "mnist", "--out", str(tmp_path / "t")]
     sample = ["sample", "--out", str(tmp_path / "s")]
     cases = [
@@ -155,6 +155,8 @@ def test_a_value_no_option_takes_exits_2_and_what_the_files_refuse_exits_1(tmp_p
         (sample + ["--classifier-scale", "-1"], 2, "--classifier-scale must be >= 0"),
         (sample + ["--device", "foo"], 2, "unknown device 'foo'"),
         (sample + ["--num-samples", "0"], 2, "0 is not in the range x>=1"),
+        (sample + ["--eta", "inf"], 2, "--eta must be a finite number >= 0 and <= 1"),
+        (sample + ["--sampler", "ddpm", "--eta", "0.5"], 1, "sampler ddpm does not use it"),  # a conflict
         (sample + ["--steps", "1001"], 1, "--steps must be between 2 and 1000"),  # the bundled model's
         (sample + ["--classes", "10"], 1, "the model has 10 classes"),
         (["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "t")], 1, "is none of these"),

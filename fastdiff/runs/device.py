@@ -157,9 +157,13 @@ def check_run_options(
     if threads is not None and threads < 1:
         raise RunError(f"--threads must be >= 1, got {threads}", usage=True)
     try:
-        check_eta(sampler, eta)
+        check_eta("ddim", eta)  # the range any eta is held to: outside it no run takes it (exit 2)
     except ValueError as e:
         raise RunError(f"--{e}", usage=True) from None
+    try:
+        check_eta(sampler, eta)
+    except ValueError as e:  # an eta for a sampler that takes none: options that conflict (exit 1)
+        raise RunError(f"--{e}") from None
     dev = ranks.join(resolve_device(device))
     if dtype == "fp16" and dev.type == "cpu":
         raise RunError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
