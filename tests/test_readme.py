@@ -433,3 +433,32 @@ def test_the_bundled_digits_invert_as_the_readme_says():
         "The bundled model's own training digits (its weights keep no class names, so a class folder "
         "gives no class: name them `N_classK.png`, or give a folder's `--classes K`) regenerate" in readme
     )
+
+
+@pytest.mark.slow  # 16 bundled samples, then their inversion at 25 and 10 steps: about a minute
+def test_the_quick_start_samples_invert_at_the_readmes_psnr(tmp_path):
+    """README's invert numbers: the bundled model regenerates the quick start's 16 samples at
+    19-29 dB (mean 24.4), 19-27 dB with --steps 10 (no test made them)."""
+    import json
+    import math
+
+    import fastdiff
+    from fastdiff.runs import invert_images
+    from fastdiff.runs.ddim import DDIMOptions
+
+    readme = " ".join(read_doc("README.md").split())
+    quoted = re.search(
+        r"regenerates the quick start's 16 samples at (\d+)-(\d+) dB PSNR \(mean ([\d.]+); (\d+)-(\d+) dB "
+        r"with `--steps 10`\)",
+        readme,
+    )
+    summary = fastdiff.sample_run(tmp_path / "samples", device="cpu", progress=False)
+    assert summary["images"] == 16
+    images = sorted((tmp_path / "samples" / "images").glob("*.png"))
+    for steps, lo, hi, mean in ((None, *quoted.group(1, 2, 3)), (10, *quoted.group(4, 5), None)):
+        out = tmp_path / f"inv{steps}"
+        invert_images(images, out, DDIMOptions(steps=steps, device="cpu"), progress=False)
+        psnr = json.loads((out / "invert.json").read_text())
+        assert (math.floor(min(psnr["psnr"])), math.ceil(max(psnr["psnr"]))) == (int(lo), int(hi)), steps
+        if mean is not None:
+            assert f"{psnr['mean_psnr']:.1f}" == mean
