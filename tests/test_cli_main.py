@@ -414,3 +414,18 @@ def test_gd_runs_own_entry_point_ends_as_the_group_does(tmp_path):
     r = subprocess.run([*entry, "--bogus", str(script)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr  # unknown options are SCRIPT's
     assert r.stderr.startswith("Error: Invalid value for 'SCRIPT': File '--bogus' does not exist."), r.stderr
+
+
+def test_a_gd_run_scripts_cycles_are_still_collected_at_exit(tmp_path):
+    """The commands leave what is alive at exit to the OS (gc.freeze: the last collections walk
+    torch's objects, 0.2-0.4 s); a script gd-run runs keeps the interpreter's exit, which
+    finalizes its garbage cycles (here one whose __del__ prints, as a file would flush)."""
+    script = tmp_path / "cycle.py"
+    script.write_text(
+        "import gc\ngc.disable()\n"
+        "class Node:\n    def __del__(self):\n        print('finalized', flush=True)\n"
+        "node = Node()\nnode.me = node\ndel node\n"
+    )
+    entry = [sys.executable, "-m", "fastdiff.cli.gd_run", str(script)]
+    r = subprocess.run(entry, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout) == (0, "finalized\n"), r.stderr[-2000:]
