@@ -287,3 +287,26 @@ def test_error_line_is_a_messages_first_line_else_its_type():
     assert error_line(RuntimeError("  cut short\n  at byte 12\n")) == "cut short"
     assert error_line(EOFError()) == "EOFError"
     assert error_line(RuntimeError("   ")) == "RuntimeError"
+
+
+def test_a_model_built_on_meta_takes_the_weights_as_a_built_one_does(tmp_path):
+    """fastdiff's loading builds each network once, on meta, and loads it there (the bundled
+    model's second build with random weights and the copy into it were a tenth of a second of
+    each run): the same weights, dtypes (fp32 into a use_fp16 model) and contiguous layout as
+    a model built on the CPU, from a safetensors file or from a .pt saved channels_last."""
+    from fastdiff.models import build_network, configs_from_flags
+
+    src = random_model()
+    pt = tmp_path / "cl.pt"
+    torch.save(src.to(memory_format=torch.channels_last).state_dict(), pt)
+    save_weights(src, tmp_path / "w.safetensors")
+    for weights in (tmp_path / "w.safetensors", pt):
+        for fp16 in (False, True):
+            config = configs_from_flags("diffusion", {**FLAGS, "use_fp16": fp16})[0]
+            built = load_weights(build_network(config), weights).state_dict()
+            on_meta = load_weights(build_network(config, "meta"), weights).state_dict()
+            assert on_meta.keys() == built.keys()
+            for k, v in built.items():
+                w = on_meta[k]
+                assert (w.device, w.dtype, w.is_contiguous()) == (v.device, v.dtype, True), k
+                assert torch.equal(w, v), k

@@ -216,7 +216,10 @@ def load_weights(
     preset: str | None = None,
 ) -> nn.Module:
     """Load weights strictly into ``model`` (cast to its dtypes, so fp32 weights fit a use_fp16
-    model); ``preset`` names the model's preset for the error message. Returns the model."""
+    model); ``preset`` names the model's preset for the error message. Returns the model.
+    A model built on meta (``build_network(config, "meta")``) takes the loaded tensors themselves
+    (those of a given state dict too; cast or made contiguous where they differ from the model's):
+    no second build with random weights, no copy."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_weights: model must be an nn.Module, got {type(model).__name__}")
     if isinstance(state_dict_or_path, (str, os.PathLike)):
@@ -229,7 +232,12 @@ def load_weights(
             f"or a path, got {type(state_dict_or_path).__name__}"
         )
     check_fits(sd, model, preset)
-    model.load_state_dict(sd, strict=True)
+    targets = model.state_dict(keep_vars=True)
+    if not any(t.is_meta for t in targets.values()):
+        model.load_state_dict(sd, strict=True)
+        return model
+    own = {k: v.to(dtype=targets[k].dtype, memory_format=torch.contiguous_format) for k, v in sd.items()}
+    model.load_state_dict(own, strict=True, assign=True)
     return model
 
 

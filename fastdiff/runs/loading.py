@@ -211,18 +211,18 @@ def _configs_from(
 
 
 def _build(net: NetConfig, checkpoint: Path, preset: str | None, device: torch.device) -> nn.Module:
-    """Check the weights' shapes against a weightless build, then build and load for real."""
-    skeleton = build_network(net, "meta")
+    """Build weightless, check the weights' shapes (a safetensors file's from its header, before
+    reading it), then load: the network takes the loaded tensors."""
+    model = build_network(net, "meta")
     try:
         if checkpoint.suffix == ".safetensors":
-            check_fits(read_header(checkpoint)[0], skeleton, preset)
+            check_fits(read_header(checkpoint)[0], model, preset)
             state = None
         else:
             with warnings.catch_warnings():  # torch's note on an older pickle protocol is not the user's
                 warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
                 state = load_state_dict(checkpoint)
-            check_fits(state, skeleton, preset)
-        model = build_network(net)
+            check_fits(state, model, preset)
         load_weights(model, checkpoint if state is None else state, preset=preset)
     except CheckpointError as e:
         raise _one_line(e) from None
