@@ -18,6 +18,7 @@ import errno
 import gc
 import os
 import signal
+import sys
 import threading
 
 import click
@@ -42,8 +43,11 @@ def _leave_objects_at_exit() -> None:
     collections walk every object torch's import made (~170,000), 0.2-0.4 s of the default
     ``fastdiff sample``'s 10 s (5% of its CPU time on a loaded machine), for nothing, as the
     commands close their files and process groups themselves. Registered by each command but
-    gd-run, whose script may leave a finalizer (an unclosed file in a reference cycle) to it."""
-    gc.freeze()
+    gd-run, whose script may leave a finalizer (an unclosed file in a reference cycle) to it;
+    not where triton was imported (a GPU run), whose nanobind bindings list on stderr each of
+    their objects left uncollected."""
+    if "triton" not in sys.modules:
+        gc.freeze()
 
 
 def _keep_freed_memory() -> None:
