@@ -50,6 +50,9 @@ def interpolate_command(start, end, frames, label, out, batch_size, progress, **
     reconstructions where they were inverted with the frames' class (--class, default --from's
     stored one).
     """
+    from fastdiff.cli.main import import_torch
+
+    import_torch()
     from fastdiff.runs.ddim import DDIMOptions
     from fastdiff.runs.interpolation import interpolate
 

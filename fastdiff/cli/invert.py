@@ -49,6 +49,9 @@ def invert_command(images, out, resume, classes, to_class, batch_size, progress,
     folder of any size is read and written a batch at a time; after a kill, --resume keeps the
     complete batches and makes the rest.
     """
+    from fastdiff.cli.main import import_torch
+
+    import_torch()
     from fastdiff.runs.ddim import DDIMOptions
     from fastdiff.runs.invert import invert_images  # torch: not for --help
 

@@ -239,6 +239,9 @@ def sample_command(out, **options):
     def report(stage: str, summary: dict) -> None:
         echo(summary_line(summary) if stage == "sample" else f"upsampled: {summary_line(summary)}")
 
+    from fastdiff.cli.main import import_torch
+
+    import_torch()
     from fastdiff.runs.sample import sample_run  # torch: not for --help
 
     sample_run(out, report=report, **options)  # the options are sample_run's keywords

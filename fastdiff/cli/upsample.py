@@ -50,6 +50,9 @@ def upsample_command(low_res_path, out, **options):
 
     The second stage of the cascade (ADM-G + ADM-U), as guided-diffusion's super_res_sample.py.
     """
+    from fastdiff.cli.main import import_torch
+
+    import_torch()
     from fastdiff.runs.upsample import upsample_file_run  # torch: not for --help
 
     echo(summary_line(upsample_file_run(low_res_path, out, **options)))  # its keywords are the options
