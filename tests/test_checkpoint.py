@@ -310,3 +310,12 @@ def test_a_model_built_on_meta_takes_the_weights_as_a_built_one_does(tmp_path):
                 w = on_meta[k]
                 assert (w.device, w.dtype, w.is_contiguous()) == (v.device, v.dtype, True), k
                 assert torch.equal(w, v), k
+
+
+def test_a_meta_model_with_non_persistent_buffers_is_refused_not_left_half_empty():
+    """A user's network on meta with a buffer no state dict holds would keep it without data and
+    fail at its first forward, far from the load; load_weights says so at the load instead."""
+    net = torch.nn.Linear(2, 2, device="meta")
+    net.register_buffer("table", torch.empty(3, device="meta"), persistent=False)
+    with pytest.raises(ValueError, match="non-persistent buffers \\(table\\)"):
+        load_weights(net, torch.nn.Linear(2, 2).state_dict())

@@ -238,6 +238,12 @@ def load_weights(
         return model
     own = {k: v.to(dtype=targets[k].dtype, memory_format=torch.contiguous_format) for k, v in sd.items()}
     model.load_state_dict(own, strict=True, assign=True)
+    left = [name for name, t in model.named_buffers() if t.is_meta]
+    if left:  # not in a state dict, so no file can give them: the model would fail at its first use
+        raise ValueError(
+            f"load_weights: a model on meta keeps its non-persistent buffers ({', '.join(left)}) "
+            "without data; build it on a real device"
+        )
     return model
 
 
