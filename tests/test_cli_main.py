@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import signal
 import subprocess
 import sys
 import time
@@ -104,8 +105,6 @@ def test_the_suite_takes_ctrl_c_when_its_runner_ignores_it():
     """A runner started as a script's background job (`cmd &`, nohup) ignores SIGINT, and so did
     the suite and every CLI it started: the Ctrl-C tests failed there (exit 0, or a 60 s wait).
     conftest gives the suite SIGINT's default handling back, which the CLIs then inherit."""
-    import signal
-
     code = (
         "import signal, subprocess, sys\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
@@ -385,8 +384,6 @@ def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
 def test_a_sigterm_the_caller_ignores_stays_ignored(tmp_path):
     """A process started with SIGTERM ignored (a wrapper handling it itself) kept running on it
     in the training loop, but the command group put its own handler in: one SIGTERM ended it."""
-    import signal
-
     script = tmp_path / "show.py"
     script.write_text("import signal\nprint(signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)\n")
     entry = [sys.executable, "-m", "fastdiff.cli.gd_run", str(script)]
@@ -396,14 +393,27 @@ def test_a_sigterm_the_caller_ignores_stays_ignored(tmp_path):
         assert (r.returncode, r.stdout) == (0, f"{ignored}\n"), r.stderr[-2000:]
 
 
+# Prints 'started', then waits 60 s in short sleeps. One sleep(60) lost a signal that landed after
+# Python's last check and before the sleep began (handled when the sleep returned, 60 s on: the
+# test's whole timeout; it failed so once under a load of 8); a short sleep bounds that to 0.1 s.
+WAIT_SCRIPT = "import time\nprint('started', flush=True)\nfor _ in range(600):\n    time.sleep(0.1)\n"
+
+
+def test_the_wait_script_ends_on_a_signal_its_sleep_did_not_see():
+    """A signal flagged while the child's sleep goes on (interrupt_main: as one that lands just
+    before the sleep starts) is handled within one short sleep, not after the whole wait."""
+    flag = "import _thread, threading\nthreading.Timer(0.2, _thread.interrupt_main).start()\n"
+    code = WAIT_SCRIPT.replace("for ", flag + "for ")  # once the wait has begun
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert r.returncode == -signal.SIGINT and "KeyboardInterrupt" in r.stderr, r.stderr
+
+
 def test_gd_runs_own_entry_point_ends_as_the_group_does(tmp_path):
     """`python -m fastdiff.cli.gd_run` (README's torchrun form) ran the command without the group:
     SIGTERM killed it with no clean-up, Ctrl-C was 'Aborted!' and exit 1, a bad option click's
     usage block."""
-    import signal
-
     script = tmp_path / "wait.py"
-    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
+    script.write_text(WAIT_SCRIPT)
     entry = [sys.executable, "-m", "fastdiff.cli.gd_run"]
     for sig, code, line in ((signal.SIGTERM, 143, "terminated\n"), (signal.SIGINT, 130, "interrupted\n")):
         p = subprocess.Popen([*entry, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
