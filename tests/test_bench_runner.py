@@ -210,7 +210,8 @@ def test_killed_stage_still_counts_its_tests():
 def test_run_logged_copies_while_running_and_kills_at_timeout(monkeypatch, tmp_path):
     monkeypatch.setattr(run_gpu, "TICK_S", 0.2)
     ticks = []
-    cmd = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"]
+    # sh, not Python: the 1.5 s must hold the start of what prints "started" on a loaded machine
+    cmd = ["sh", "-c", "echo started; exec sleep 30"]
     rc, text = run_gpu.run_logged(cmd, tmp_path / "log", timeout=1.5, tick=lambda: ticks.append(1))
     assert rc is None and "started" in text and ticks
     rc, _ = run_gpu.run_logged([sys.executable, "-c", "pass"], tmp_path / "log2", timeout=30)
