@@ -11,7 +11,7 @@ import torch
 
 from fastdiff import distributed
 from fastdiff.config import unknown_choice
-from fastdiff.diffusion.samplers import check_eta, get_sampler
+from fastdiff.diffusion.samplers import check_eta, check_eta_range, get_sampler
 from fastdiff.engines import CACHED_BUILDS, EngineError, check_engine, default_engine
 from fastdiff.engines.sampler import DTYPES
 from fastdiff.runs import ranks
@@ -157,7 +157,7 @@ def check_run_options(
     if threads is not None and threads < 1:
         raise RunError(f"--threads must be >= 1, got {threads}", usage=True)
     try:
-        check_eta("ddim", eta)  # the range any eta is held to: outside it no run takes it (exit 2)
+        check_eta_range(eta)  # outside it no run takes it (exit 2)
     except ValueError as e:
         raise RunError(f"--{e}", usage=True) from None
     try:

@@ -63,13 +63,18 @@ def get_sampler(name: str) -> SamplerSpec:
     return SAMPLERS[name]
 
 
-def check_eta(sampler: str, eta: float) -> None:
-    """ValueError unless ``eta`` suits ``sampler``: DDIM's lies in [0, 1] (1 is DDPM's variance;
-    above it sigma outgrows the step's noise budget and the first step is NaN); no other rule
-    takes one."""
+def check_eta_range(eta: float) -> None:
+    """ValueError unless ``eta`` lies in [0, 1], the range any eta is held to (1 is DDPM's
+    variance; above it sigma outgrows the step's noise budget and the first step is NaN)."""
     real = isinstance(eta, numbers.Real) and not isinstance(eta, bool)
     if not (real and math.isfinite(eta) and 0 <= eta <= 1):
         raise ValueError(f"eta must be a finite number >= 0 and <= 1 (1: DDPM's variance), got {eta!r}")
+
+
+def check_eta(sampler: str, eta: float) -> None:
+    """ValueError unless ``eta`` suits ``sampler``: in check_eta_range's range, and 0 for a rule
+    that takes none (only DDIM's does)."""
+    check_eta_range(eta)
     if eta and not get_sampler(sampler).uses_eta:
         raise ValueError(f"eta is a DDIM parameter; sampler {sampler} does not use it")
 
@@ -469,6 +474,7 @@ __all__ = [
     "StepFn",
     "UpdateRule",
     "check_eta",
+    "check_eta_range",
     "check_finite_noise",
     "check_labels",
     "check_shape",
