@@ -158,9 +158,11 @@ def _tf32_unchanged():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_compat_logger():
+def _fresh_compat_logger(monkeypatch, tmp_path_factory):
     """guided-diffusion's logger is process-global and may hold a test's captured stdout: each test
-    starts from an unconfigured one (as a fresh script does)."""
+    starts from an unconfigured one (as a fresh script does). Its default folder is the test's own:
+    unset, a test that logs without configuring left a $TMPDIR/openai-<date-time> behind."""
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path_factory.mktemp("openai_logdir")))
     yield
     logger = sys.modules.get("fastdiff.compat.logger")
     if logger is not None:
