@@ -11,13 +11,28 @@ import platform
 from pathlib import Path
 
 
+def _cpu_name() -> str:
+    """The model name /proc/cpuinfo gives (platform.processor() is empty on Linux), else the
+    architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info(**fields) -> dict:
-    """The date, CPU, cores, torch and Python, then the record's own ``fields`` (threads, load)."""
+    """The date, CPU, cores, torch and Python, then the record's own ``fields`` (threads, load).
+    "cpu" names the model and the vector instructions torch's CPU kernels run on (AVX2 or AVX512),
+    and whether oneDNN has bf16 instructions: 2-core machines of both kinds make these records."""
     import torch
 
+    bf16 = ", bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ""
     return {
         "date": dt.date.today().isoformat(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": f"{_cpu_name()}, {platform.machine()} {torch.backends.cpu.get_cpu_capability()}{bf16}",
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),

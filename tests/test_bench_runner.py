@@ -137,6 +137,19 @@ def test_a_cpu_record_keeps_a_dotted_tag_in_its_file_names(tmp_path, capsys):
     assert markdown == "# title\nrow\n" == capsys.readouterr().out
 
 
+def test_a_cpu_record_names_the_cpu_and_its_vector_instructions(monkeypatch):
+    """Records from AVX2 and AVX512 machines sat side by side saying only "x86_64" (Linux's
+    platform.processor() is empty): the README compares them by machine."""
+    import platform
+
+    from bench import machine
+
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    cpu = machine.machine_info()["cpu"]
+    assert torch.backends.cpu.get_cpu_capability() in cpu and platform.machine() in cpu
+    assert cpu.startswith(machine._cpu_name())
+
+
 @pytest.mark.parametrize("script", ["cpu_bound.py", "cpu_winograd.py"])
 @pytest.mark.parametrize("option", [["--threads", "0"], ["--rounds", "0"]])
 def test_cpu_studies_refuse_counts_below_one_before_measuring(tmp_path, script, option):
