@@ -421,6 +421,34 @@ def test_a_class_folder_without_images_is_refused_where_it_would_shift_the_ids(t
     assert ImageFolderDataset(flat, 8).empty_classes == []
 
 
+def test_a_class_whose_every_image_is_skipped_is_refused_as_an_empty_folder_is(tmp_path):
+    """With --skip-bad-images, a class folder (or flat prefix) whose only images were corrupt
+    vanished: 'ant' made 'cat' class 0 in the weights for good, and training said only how many
+    images it skipped. It is refused in one line, as an empty class folder is; an unconditional
+    run trains on the images it can read."""
+    root = _classes(tmp_path / "data", ["ant", "cat", "dog"])
+    for path in (root / "ant").iterdir():
+        path.write_bytes(path.read_bytes()[:40])  # cut
+    ds = ImageFolderDataset(root, 8, skip_bad_images=True)
+    assert ds.unread_classes == ["ant"] and ds.class_names == ["cat", "dog"]
+    args = ["--data", str(root), "--image-size", "8", "--batch-size", "2", "--max-steps", "1"]
+    args.append("--skip-bad-images")
+    text = "every image of class ant is unreadable or corrupt (--skip-bad-images skipped them)"
+    _one_line(CliRunner().invoke(train, [*args, "--flags", TINY, "--out", str(tmp_path / "d")]), text)
+    r = CliRunner().invoke(train_classifier, [*args, "--flags", CLASSIFIER, "--out", str(tmp_path / "c")])
+    _one_line(r, text)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "c").exists()
+    unconditional = TINY.replace("--class_cond True", "--class_cond False")
+    assert fit_unet(configs_from_flags("diffusion", parse_flags(unconditional))[0], ds).num_classes is None
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("ant_0.png", "bee_0.png", "cat_0.png"):
+        shutil.copy(root / "cat" / "0.png", flat / name)
+    (flat / "bee_0.png").write_bytes(b"\x89PNG")
+    assert ImageFolderDataset(flat, 8, skip_bad_images=True).unread_classes == ["bee"]
+    assert ImageFolderDataset(root / "cat", 8, skip_bad_images=True).unread_classes == []
+
+
 @pytest.mark.parametrize(
     "change, text",
     [

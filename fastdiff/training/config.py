@@ -72,6 +72,13 @@ def _check_class_folders(dataset) -> None:
             f"class folder {dataset.root / empty[0]}{more} holds no images ({', '.join(IMAGE_EXTENSIONS)}):"
             " every class folder is a class; add its images or move it out of the data folder"
         )
+    unread = getattr(dataset, "unread_classes", ())
+    if unread:
+        more = f" (and {len(unread) - 1} more)" if len(unread) > 1 else ""
+        raise DataError(
+            f"every image of class {unread[0]}{more} is unreadable or corrupt (--skip-bad-images skipped"
+            " them): it would be no class, the classes after it taking its id; fix its images or remove them"
+        )
 
 
 def fit_unet(net: UNetConfig, dataset, cfg_dropout: float = 0.0) -> UNetConfig:

@@ -138,10 +138,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         )
         # read in RGB (or L) as guided-diffusion reads them: their transparency is dropped, a note too
         self.transparent = sum(i not in bad and alpha for i, alpha in enumerate(alphas))
-        if bad:  # class names come from all files, so skipping never renumbers the classes
+        # a class whose every image is skipped would be no class, the classes after it taking its
+        # id (as an empty class folder's would): training refuses it, as it refuses such a folder
+        self.unread_classes: list[str] = []
+        if bad:
             good = sorted(set(range(len(files))) - set(bad))
             files = [files[i] for i in good]
-            keys = None if keys is None else [keys[i] for i in good]
+            if keys is not None:
+                kept = [keys[i] for i in good]
+                self.unread_classes = sorted(set(keys) - set(kept))
+                keys = kept
             if not files:
                 raise DataError(f"every image under {root} is corrupt")
         self.root = root
