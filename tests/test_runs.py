@@ -188,6 +188,36 @@ def test_weights_of_another_kind_are_named_so():
         load_classifier(BUNDLED_MODEL, preset=None, flag_string=None, image_size=32, device="cpu")
 
 
+@pytest.mark.parametrize(
+    "flags, theirs",
+    [
+        ("--diffusion_steps 100", "--diffusion_steps 1000"),  # sampled with another process, unseen
+        ("--num_channels 64", "--num_channels 32"),  # a dump of 100 wrong shapes
+        ("--class_cond True --use_new_attention_order True", "--use_new_attention_order False"),
+    ],
+)
+def test_flags_that_contradict_a_checkpoints_own_are_one_line(flags, theirs):
+    """--flags over a safetensors that carries its flags replaced them: another width was a dump of
+    wrong shapes, and another --diffusion_steps, schedule or attention order sampled the weights
+    with a process or network they were not trained with, without a word. Flags that restate
+    them, or say only how the network runs (use_fp16, dropout), still load."""
+    from fastdiff.runs import load_diffusion_model
+    from fastdiff.runs.loading import BUNDLED_CLASSIFIER, BUNDLED_MODEL, load_classifier
+
+    with pytest.raises(RunError) as e:
+        load_diffusion_model(preset=None, flag_string=flags, checkpoint=BUNDLED_MODEL, device="cpu")
+    assert str(e.value).startswith(f"flag --{flags.split('--')[-1].strip()} contradicts the flags ")
+    assert f"{BUNDLED_MODEL} carries ({theirs}): its weights were trained with them" in str(e.value)
+    same = "--image_size 32 --num_channels 32 --noise_schedule cosine --use_fp16 True --dropout 0.1"
+    assert load_diffusion_model(
+        preset=None, flag_string=same, checkpoint=BUNDLED_MODEL, device="cpu"
+    ).net.use_fp16
+    with pytest.raises(RunError, match=r"flag --classifier_depth 2 contradicts .* \(--classifier_depth 1\)"):
+        load_classifier(
+            BUNDLED_CLASSIFIER, preset=None, flag_string="--classifier_depth 2", image_size=32, device="cpu"
+        )
+
+
 def test_invert_and_interpolate_check_their_arguments(tmp_path):
     from fastdiff.runs import DDIMOptions, interpolate, invert_images
 

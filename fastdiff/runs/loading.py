@@ -10,6 +10,7 @@ do not fit the weights cost no memory.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from fastdiff.models.checkpoint import (
     read_metadata,
 )
 from fastdiff.models.config import NetConfig
-from fastdiff.models.flags import SAMPLING_FLAGS, configs_from_flags, flags_of, parse_flags
+from fastdiff.models.flags import SAMPLING_FLAGS, configs_from_flags, flags_of, known_flags, parse_flags
 from fastdiff.models.presets import PRESETS, Preset, build_network, get_preset
 from fastdiff.runs.device import resolve_device
 from fastdiff.runs.errors import RunError, check_arguments
@@ -39,6 +40,9 @@ from fastdiff.runs.plan import class_list
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_MODEL = ASSETS / "mnist" / "diffusion.safetensors"
 BUNDLED_CLASSIFIER = ASSETS / "mnist" / "classifier.safetensors"
+# What weights do not fix: how their network runs, their training loss, DDPM's fixed variance
+_FREE_NET = ("use_fp16", "use_checkpoint", "dropout")
+_FREE_PROCESS = ("use_kl", "rescale_learned_sigmas", "sigma_small")
 
 
 @dataclass
@@ -204,10 +208,35 @@ def _configs_from(
         raise RunError(f"say which {kind} model this is: pass a preset or a guided-diffusion flag string")
     if flag_string is not None:
         try:
-            flags.update(parse_flags(flag_string))
+            given = parse_flags(flag_string)
         except ConfigError as e:
             raise RunError(str(e)) from None
+        if preset is None and "flags" in metadata:
+            _check_agrees(given, flags, kind, checkpoint)
+        flags.update(given)
     return (*configs_of(flags, kind), metadata)
+
+
+def _check_agrees(given: dict, own: dict, kind: str, checkpoint: Path) -> None:
+    """Flags given for a checkpoint that carries its own must describe its network and process:
+    one that did not made a shape dump (another width or size) or sampled with another network
+    or process than the weights were trained with, without a word (another --diffusion_steps,
+    schedule or head count). What the weights do not fix (use_fp16, the loss, ...) may differ."""
+
+    def fixed(configs: tuple[NetConfig, DiffusionConfig]) -> tuple[NetConfig, DiffusionConfig]:
+        net, process = configs
+        free_net = {name: getattr(base[0], name) for name in _FREE_NET}
+        free_process = {name: getattr(base[1], name) for name in _FREE_PROCESS}
+        return dataclasses.replace(net, **free_net), dataclasses.replace(process, **free_process)
+
+    base = configs_of(own, kind)
+    for name, value in given.items():
+        if fixed(configs_of({**own, name: value}, kind)) != base:
+            theirs = own.get(name, known_flags()[name])
+            raise RunError(
+                f"flag --{name} {value} contradicts the flags {checkpoint} carries (--{name} {theirs}):"
+                " its weights were trained with them; leave the flag out"
+            )
 
 
 def _build(net: NetConfig, checkpoint: Path, preset: str | None, device: torch.device) -> nn.Module:
