@@ -24,6 +24,7 @@ from click.testing import CliRunner
 
 from fastdiff.compat import dist_util, gaussian_diffusion, logger, respace
 from fastdiff.compat import guided_diffusion as gd
+from fastdiff.config import ConfigError
 
 SCRIPTS = Path(__file__).parent / "gd_scripts"
 ORIGINAL = os.environ.get("FASTDIFF_GUIDED_DIFFUSION", "")
@@ -132,6 +133,20 @@ def test_builders_take_the_original_signatures():
         gd.create_model_and_diffusion(image_sise=32)
     classifier, diffusion = gd.create_classifier_and_diffusion(**TINY_CLASSIFIER, timestep_respacing="5")
     assert diffusion.num_timesteps == 5 and isinstance(diffusion, gd.SpacedDiffusion)
+
+
+def test_a_size_the_builders_cannot_build_is_the_originals_error_not_advice_to_pass_channel_mult():
+    """super_res_train.py --large_size 32 said 'unsupported image size 32; pass --channel_mult',
+    a flag the classifier's and upsampler's scripts refuse (unrecognized arguments)."""
+    sr = {**gd.sr_model_and_diffusion_defaults(), "large_size": 32, "small_size": 16}
+    with pytest.raises(ConfigError) as e:
+        gd.sr_create_model_and_diffusion(**sr)
+    assert str(e.value).startswith("unsupported large size: 32 (a super-resolution model is built at 64, 256")
+    assert "no --channel_mult" in str(e.value)
+    with pytest.raises(ConfigError, match=r"^unsupported image size: 48 \(a classifier is built at 32, 64"):
+        gd.create_classifier(**{**TINY_CLASSIFIER, "image_size": 48})
+    with pytest.raises(ConfigError, match="pass --channel_mult"):  # image_train.py has the flag
+        gd.create_model_and_diffusion(**{**TINY, "image_size": 48, "channel_mult": ""})
 
 
 def test_num_classes_is_read_when_building(monkeypatch):

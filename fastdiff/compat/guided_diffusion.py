@@ -82,11 +82,28 @@ def _network(kind: str, flags: dict):
     return its ``unet`` classes (``isinstance`` holds), whose ``load_state_dict`` says in one
     error what a checkpoint made for other flags lacks; in fp32 whatever ``use_fp16`` says, as
     the original's (``unconverted``)."""
+    _check_size(kind, flags)
     config = gd_flags.configs_from_flags(kind, flags)[0]
     net = build_network(unconverted(config))
     net.config = config
     net.__class__ = _COMPAT_CLASS[type(net)]  # same layout: only the constructor differs
     return recompute_as_the_original(net)
+
+
+def _check_size(kind: str, flags: dict) -> None:
+    """The classifier's and the upsampler's builders have no channel_mult, as the original's: a
+    size without a table entry is the original's error, not fastdiff's advice to pass
+    --channel_mult, which their scripts refuse as an unrecognized argument."""
+    if kind == "diffusion":
+        return
+    name = "large_size" if kind == "superres" else "image_size"
+    sizes = sorted(gd_flags.CONFIGS[kind]._channel_mult_table)
+    if flags[name] not in sizes:
+        what = "super-resolution model" if kind == "superres" else kind
+        raise ConfigError(
+            f"unsupported {name.replace('_', ' ')}: {flags[name]} (a {what} is built at"
+            f" {', '.join(map(str, sizes))} pixels; the original's script has no --channel_mult)"
+        )
 
 
 def diffusion_defaults() -> dict:
