@@ -260,6 +260,44 @@ def test_full_disk_is_one_line(tmp_path, monkeypatch):
     _one_line(result, f"no space left on device writing {out / 'state_0000001.pt'}")
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_under_torch_save_is_one_line_and_leaves_no_part_of_the_step(tmp_path, monkeypatch):
+    """torch.save on a full disk raised a RuntimeError ('[enforce fail at inline_container.cc:672]
+    . unexpected pos ...'), a traceback; and the step's weights, written before it, stayed without
+    a latest.json, so both a rerun and --resume refused the folder until the user deleted them."""
+    import builtins
+
+    def open_full(path, mode="r", *args, **kwargs):  # the state file's writes go to a full disk
+        if "w" in mode and Path(path).name.startswith(".state_"):
+            return builtins.open("/dev/full", mode, *args, **kwargs)
+        return builtins.open(path, mode, *args, **kwargs)
+
+    with pytest.raises(OSError) as e, monkeypatch.context() as m:
+        m.setattr(ckpt, "open", open_full, raising=False)
+        ckpt.save_torch({"x": torch.zeros(100_000)}, tmp_path / "state_0000001.pt")
+    assert e.value.errno == errno.ENOSPC and Path(e.value.filename).name.startswith(".state_0000001.pt.")
+    out = tmp_path / "run"
+    args = _args(tiny_npz(tmp_path), out, "--max-steps", "2", "--save-every", "1")
+    monkeypatch.setattr(ckpt, "open", open_full, raising=False)
+    _one_line(CliRunner().invoke(train, args), f"no space left on device writing {out / 'state_0000001.pt'}")
+    assert not [p.name for p in out.iterdir() if ckpt.CHECKPOINT_FILE.fullmatch(p.name)]
+    monkeypatch.undo()
+    assert CliRunner().invoke(train, args).exit_code == 0
+    assert [json.loads(row)["step"] for row in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    real = ckpt.save_torch  # a later step's failure keeps the step latest.json names, and only it
+
+    def second_fails(obj, path):
+        if obj["step"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(obj, path)
+
+    monkeypatch.setattr(ckpt, "save_torch", second_fails)
+    rerun = _args(tiny_npz(tmp_path), tmp_path / "again", "--max-steps", "2", "--save-every", "1")
+    assert CliRunner().invoke(train, rerun).exit_code != 0
+    kept = sorted(p.name for p in (tmp_path / "again").glob("*_000000?.*"))
+    assert kept == ["ema_0.9999_0000001.safetensors", "model_0000001.safetensors", "state_0000001.pt"]
+
+
 def test_keep_last_and_stale_temp_files(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

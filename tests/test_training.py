@@ -256,9 +256,8 @@ def test_cfg_dropout_uses_the_null_label(tmp_path):
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {0.9: {"w": torch.zeros(2)}}, {"step": 1})
 
-    def failing_save(obj, path):
-        with open(path, "wb") as f:
-            f.write(b"partial")
+    def failing_save(obj, f):
+        f.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.torch, "save", failing_save)
@@ -266,6 +265,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         ckpt.save_checkpoint(tmp_path, 2, {"w": torch.ones(2)}, {}, {"step": 2})
     names = sorted(p.name for p in tmp_path.iterdir())
     assert not any(n.endswith(".tmp") for n in names) and "state_0000002.pt" not in names
+    assert "model_0000002.safetensors" not in names  # no part of the failed step
     step, model, emas, state = ckpt.load_checkpoint(tmp_path)  # still the complete step-1 checkpoint
     assert (
         step == 1 and torch.equal(model["w"], torch.ones(2)) and torch.equal(emas["0.9"]["w"], torch.zeros(2))

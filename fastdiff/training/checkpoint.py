@@ -37,8 +37,40 @@ _RUN_FILES = (LATEST, LOG, LOSS_PLOT, LOCK)
 COMMANDS = {"diffusion": "fastdiff train", "classifier": "fastdiff train-classifier"}
 
 
+class _KeptWriteError:
+    """A file whose failed write keeps its OSError: torch's zip writer raises a RuntimeError in
+    its place ('[enforce fail at inline_container.cc:672] . unexpected pos 3135744 vs 3135632'
+    for a full disk), a traceback that says nothing of the disk."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_torch(obj, path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: str) -> None:
+        try:
+            with open(tmp, "wb") as f:
+                sink = _KeptWriteError(f)
+                try:
+                    torch.save(obj, sink)
+                except RuntimeError:
+                    if sink.error is None:
+                        raise
+                    raise sink.error from None
+        except OSError as e:  # a file object's error names no file: the one line names it
+            raise OSError(e.errno, e.strerror, tmp) from None
+
+    atomic_write(path, write)
 
 
 def capture_rng() -> dict:
@@ -100,12 +132,33 @@ def save_checkpoint(
     out_dir = Path(out_dir)
     meta = dict(metadata or {}, step=step)
     record = step_record(step, [ema_name(rate) for rate in ema_states])
-    save_weights(model_state, out_dir / record["model"], meta)
-    for rate, ema in ema_states.items():
-        save_weights(ema, out_dir / record["ema"][ema_name(rate)], dict(meta, ema_rate=rate))
-    save_torch(state, out_dir / record["state"])
-    atomic_write(out_dir / LATEST, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    named = _named_step(out_dir)
+    written: list[Path] = []
+    try:
+        written.append(out_dir / record["model"])
+        save_weights(model_state, written[-1], meta)
+        for rate, ema in ema_states.items():
+            written.append(out_dir / record["ema"][ema_name(rate)])
+            save_weights(ema, written[-1], dict(meta, ema_rate=rate))
+        written.append(out_dir / record["state"])
+        save_torch(state, written[-1])
+        atomic_write(out_dir / LATEST, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    except BaseException:
+        # a write that failed (a full disk) leaves no part of its step: a first checkpoint's
+        # parts, named by no latest.json, made the folder refuse both a rerun and --resume
+        if named != step:
+            for path in written:
+                path.unlink(missing_ok=True)
+        raise
     return record
+
+
+def _named_step(out_dir: Path) -> int | None:
+    """The step latest.json names (None: none, or none readable), whose files stay whatever fails."""
+    try:
+        return json.loads((out_dir / LATEST).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def foreign_entries(out_dir) -> list[str]:
