@@ -77,7 +77,7 @@ def _check_class_folders(dataset) -> None:
         more = f" (and {len(unread) - 1} more)" if len(unread) > 1 else ""
         raise DataError(
             f"every image of class {unread[0]}{more} is unreadable or corrupt (--skip-bad-images skipped"
-            " them): it would be no class, the classes after it taking its id; fix its images or remove them"
+            " them): it would be no class, the classes after it taking its id; fix them or take the class out"
         )
 
 
