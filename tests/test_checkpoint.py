@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from builders import build_unet
@@ -65,6 +69,31 @@ def test_round_trip_safetensors_with_metadata(tmp_path):
     assert read_metadata(tmp_path / "plain.safetensors") == {}
     with pytest.raises(ValueError, match=".safetensors"):
         save_weights(src, tmp_path / "model.pt")
+
+
+def test_save_weights_writes_the_same_bytes_in_every_process(tmp_path):
+    """safetensors keeps metadata in a hash map seeded anew per save: the same weights and flags
+    were other bytes each time (another sha256 for run.json). The file stays one that safetensors
+    reads, metadata included, whatever its strings hold."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    weights = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.float16)}
+    meta = {f"key{i}": i for i in range(8)} | {"odd": 'q"\\ \n\x01 é ∑ \u2028 \x7f', "ü": [1.5, None]}
+    save = (
+        "import sys, torch; from fastdiff.models import save_weights; "
+        "w = {'w': torch.arange(6.0).reshape(2, 3), 'b': torch.ones(2, dtype=torch.float16)}; "
+        f"save_weights(w, sys.argv[1], {meta!r})"
+    )
+    subprocess.run([sys.executable, "-c", save, str(tmp_path / "child.safetensors")], check=True)
+    for i in range(3):
+        save_weights(weights, tmp_path / f"{i}.safetensors", metadata=meta)
+    data = (tmp_path / "child.safetensors").read_bytes()
+    assert all((tmp_path / f"{i}.safetensors").read_bytes() == data for i in range(3))
+    assert read_metadata(tmp_path / "0.safetensors") == meta
+    with safe_open(tmp_path / "0.safetensors", "pt") as f:
+        assert f.metadata() == {k: json.dumps(v) for k, v in meta.items()}
+    assert all(torch.equal(v, weights[k]) for k, v in load_file(tmp_path / "0.safetensors").items())
 
 
 def test_save_weights_is_atomic(tmp_path, monkeypatch):

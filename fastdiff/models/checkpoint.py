@@ -280,6 +280,7 @@ def save_weights(
     def write(tmp):
         try:
             save_file(tensors, tmp, metadata=meta)
+            _sort_metadata(tmp)
         except SafetensorError as e:
             # its I/O failures (a full disk) are no OSError, so callers' one-line reports missed them;
             # the errno is "(os error 28)" from safetensors 0.6.1 on, "Os { code: 28, ..." before
@@ -289,6 +290,27 @@ def save_weights(
             raise OSError(int(code[1]), os.strerror(int(code[1])), tmp) from None
 
     atomic_write(path, write)
+
+
+def _sort_metadata(path: str) -> None:
+    """Rewrite the header safetensors wrote with its metadata in key order, in place.
+
+    The library keeps metadata in a hash map seeded anew for every save, so the same weights and
+    flags gave other bytes each time (and another sha256, which run.json compares); the tensors'
+    order and offsets are the library's own and already fixed. The header is written again as
+    the library writes JSON (compact, UTF-8), the same length, so the data does not move.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:
+            raise RuntimeError(f"safetensors header of {path} re-encoded longer ({len(text)} > {n} bytes)")
+        f.seek(8)
+        f.write(text.ljust(n))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
