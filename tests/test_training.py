@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import zipfile
 
 import numpy as np
 import pytest
@@ -271,6 +272,19 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         step == 1 and torch.equal(model["w"], torch.ones(2)) and torch.equal(emas["0.9"]["w"], torch.zeros(2))
     )
     assert state == {"step": 1}
+
+
+def test_a_checkpoint_is_the_same_bytes_in_another_folder(tmp_path):
+    """torch.save names its zip's entries after the file it writes: the temporary name's random
+    part made every state_*.pt other bytes (and so a sha256 no run could match)."""
+    for folder in ("a", "b"):
+        ckpt.save_checkpoint(
+            tmp_path / folder, 1, {"w": torch.ones(2)}, {0.9: {"w": torch.zeros(2)}}, {"step": 1}
+        )
+    for name in ("state_0000001.pt", "model_0000001.safetensors", "ema_0.9_0000001.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    with zipfile.ZipFile(tmp_path / "a" / "state_0000001.pt") as z:
+        assert {n.split("/")[0] for n in z.namelist()} == {"archive"}
 
 
 def test_rng_state_round_trip():

@@ -57,6 +57,10 @@ class _KeptWriteError:
 
 
 def save_torch(obj, path) -> None:
+    """torch.save to a temporary name renamed into place. torch names a zip's folder after the
+    file it is given, so it gets an open file (its folder is then "archive", as in the original's
+    files): the temporary name's random part went into every entry, other bytes each save."""
+
     def write(tmp: str) -> None:
         try:
             with open(tmp, "wb") as f:
