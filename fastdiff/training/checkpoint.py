@@ -77,6 +77,14 @@ def save_torch(obj, path) -> None:
     atomic_write(path, write)
 
 
+def seed_rng(seed: int) -> None:
+    """Seed every RNG a checkpoint captures (:func:`capture_rng`) from the run's seed: Python's
+    and numpy's, left to the OS's entropy, made each run's state files other bytes."""
+    random.seed(seed)
+    np.random.seed([seed % 2**32, seed // 2**32])  # numpy's legacy seed takes 32-bit words
+    torch.manual_seed(seed)
+
+
 def capture_rng() -> dict:
     """Global RNG states as tensors/lists (loadable with ``weights_only=True``)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()

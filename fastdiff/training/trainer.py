@@ -22,7 +22,7 @@ from fastdiff.files import save_grid, to_uint8
 from fastdiff.models.presets import build_network
 
 from . import dist
-from .checkpoint import SAMPLES
+from .checkpoint import SAMPLES, seed_rng
 from .config import TrainConfig
 from .loop import TrainLoop, stream_key
 from .resample import UniformSampler, create_named_schedule_sampler
@@ -36,7 +36,7 @@ class DiffusionTrainer(TrainLoop):
 
     def __init__(self, config: TrainConfig, dataset):
         num_classes = config.net.num_classes
-        torch.manual_seed(config.seed)
+        seed_rng(config.seed)
         super().__init__(config, dataset, build_network(config.net))
         self.diffusion = GaussianDiffusion.from_config(config.process)
         self.schedule_sampler = create_named_schedule_sampler(
@@ -130,7 +130,7 @@ class ClassifierTrainer(TrainLoop):
     kind = "classifier"
 
     def __init__(self, config: TrainConfig, dataset, val_dataset=None):
-        torch.manual_seed(config.seed)
+        seed_rng(config.seed)
         super().__init__(config, dataset, build_network(config.net))
         self.diffusion = GaussianDiffusion.from_config(config.process)
         self.schedule_sampler = UniformSampler(self.diffusion.num_timesteps)
