@@ -469,6 +469,38 @@ def test_cli_train_end_to_end(tmp_path):
     assert again.exit_code != 0 and "--resume" in again.output
 
 
+def test_two_runs_and_a_resumed_one_write_the_same_bytes(tmp_path):
+    """Every file of a training run is the same bytes in another folder, and when resumed (but
+    log.jsonl's speeds): the state recorded its folder's path and whether it was a resume, and a
+    resumed optimizer's state names, read from a file, were pickled as other objects."""
+    data = tiny_npz(tmp_path)
+    common = ["--data", data, "--flags", TINY, "--batch-size", "4", "--save-every", "2", "--log-every", "1"]
+    common += ["--sample-every", "2", "--sample-steps", "2", "--no-progress"]
+    for args in (["--max-steps", "4", "--out", "a"], ["--max-steps", "2", "--out", "b"]):
+        assert (
+            CliRunner().invoke(train, [*common, *args[:2], "--out", str(tmp_path / args[3])]).exit_code == 0
+        )
+    resumed = CliRunner().invoke(
+        train, [*common, "--max-steps", "4", "--resume", "--out", str(tmp_path / "b")]
+    )
+    assert resumed.exit_code == 0, resumed.output
+
+    def files(run):
+        out = {}
+        for p in sorted((tmp_path / run).rglob("*")):
+            if p.is_file() and p.name != ".lock":
+                text = p.read_bytes()
+                if p.name == "log.jsonl":
+                    rows = [json.loads(line) for line in text.splitlines()]
+                    text = [{k: v for k, v in r.items() if k != "samples_per_sec"} for r in rows]
+                out[str(p.relative_to(tmp_path / run))] = text
+        return out
+
+    a, b = files("a"), files("b")
+    assert a.keys() == b.keys() and "state_0000004.pt" in a
+    assert [name for name in a if a[name] != b[name]] == ["state_0000002.pt"]  # it holds --max-steps 2
+
+
 def test_a_finished_run_names_the_weights_sample_takes(tmp_path):
     """The run folder and its latest.json name no network; the done line and sample's refusal of
     them give the weights files, and the first of them samples as given. So does the refusal of a

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -57,16 +59,21 @@ class _KeptWriteError:
 
 
 def save_torch(obj, path) -> None:
-    """torch.save to a temporary name renamed into place. torch names a zip's folder after the
-    file it is given, so it gets an open file (its folder is then "archive", as in the original's
-    files): the temporary name's random part went into every entry, other bytes each save."""
+    """torch.save to a temporary name renamed into place, the same bytes for the same values.
+
+    torch names a zip's folder after the file it is given, so it gets an open file (its folder
+    is then "archive", as in the original's files): the temporary name's random part went into
+    every entry. And pickle writes a string met twice as the same object once, then by
+    reference, so strings are interned first: a resumed run's optimizer state, read from a
+    file, held its own copies of the names and was other bytes than an uninterrupted run's.
+    """
 
     def write(tmp: str) -> None:
         try:
             with open(tmp, "wb") as f:
                 sink = _KeptWriteError(f)
                 try:
-                    torch.save(obj, sink)
+                    torch.save(_interned(obj), sink)
                 except RuntimeError:
                     if sink.error is None:
                         raise
@@ -75,6 +82,19 @@ def save_torch(obj, path) -> None:
             raise OSError(e.errno, e.strerror, tmp) from None
 
     atomic_write(path, write)
+
+
+def _interned(obj):
+    """``obj`` with every string in its dicts, lists and tuples interned (the containers copied;
+    subclasses, which may not rebuild so, are kept as they are)."""
+    kind = type(obj)
+    if kind is str:
+        return sys.intern(obj)
+    if kind in (dict, OrderedDict):
+        return kind((_interned(k), _interned(v)) for k, v in obj.items())
+    if kind in (list, tuple):
+        return kind(_interned(v) for v in obj)
+    return obj
 
 
 def seed_rng(seed: int) -> None:

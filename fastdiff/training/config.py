@@ -205,7 +205,9 @@ class TrainConfig:
 
     def record(self) -> dict[str, Any]:
         """The checkpoint's form: the settings, with the network and process as guided-diffusion
-        flags (as every fastdiff checkpoint has stored them)."""
+        flags (as every fastdiff checkpoint has stored them). Not the invocation's own options:
+        the folder's path (stale once it moves; two folders' runs were other bytes), --resume (a
+        resumed run's checkpoints were not an uninterrupted one's) and the progress bar."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        del values["net"], values["process"]
+        del values["net"], values["process"], values["out"], values["resume"], values["progress"]
         return {"flags": flags_of(self.net, self.process), **values}
