@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -469,6 +472,43 @@ def test_cli_train_end_to_end(tmp_path):
     assert again.exit_code != 0 and "--resume" in again.output
 
 
+def run_files(run) -> dict:
+    """A training run's files by relative name: their bytes, log.jsonl's rows without their speed."""
+    out = {}
+    for p in sorted(run.rglob("*")):
+        if p.is_file() and p.name != ".lock":
+            text = p.read_bytes()
+            if p.name == "log.jsonl":
+                rows = [json.loads(line) for line in text.splitlines()]
+                text = [{k: v for k, v in r.items() if k != "samples_per_sec"} for r in rows]
+            out[str(p.relative_to(run))] = text
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_bytes(tmp_path):
+    """A run in another process (its own hash seed, OS entropy, time zone) and folder is the same
+    bytes: safetensors' metadata order, torch.save's temporary name, the unseeded Python and numpy
+    RNGs in the state and its folder's path each made it differ."""
+    args = ["train", "--data", tiny_npz(tmp_path), "--flags", TINY, "--batch-size", "4", "--max-steps", "2"]
+    args += ["--save-every", "2", "--log-every", "1", "--sample-every", "2", "--sample-steps", "2"]
+    for run, seed, tz in (("a", "1", "UTC"), ("b", "2", "Asia/Kolkata")):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "TZ": tz}
+        cmd = [
+            sys.executable,
+            "-m",
+            "fastdiff.cli.main",
+            *args,
+            "--no-progress",
+            "--out",
+            str(tmp_path / run),
+        ]
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+    a, b = run_files(tmp_path / "a"), run_files(tmp_path / "b")
+    assert a.keys() == b.keys() and "state_0000002.pt" in a and "samples/step_0000002.png" in a
+    assert [name for name in a if a[name] != b[name]] == []
+
+
 def test_two_runs_and_a_resumed_one_write_the_same_bytes(tmp_path):
     """Every file of a training run is the same bytes in another folder, and when resumed (but
     log.jsonl's speeds): the state recorded its folder's path and whether it was a resume, and a
@@ -476,27 +516,12 @@ def test_two_runs_and_a_resumed_one_write_the_same_bytes(tmp_path):
     data = tiny_npz(tmp_path)
     common = ["--data", data, "--flags", TINY, "--batch-size", "4", "--save-every", "2", "--log-every", "1"]
     common += ["--sample-every", "2", "--sample-steps", "2", "--no-progress"]
-    for args in (["--max-steps", "4", "--out", "a"], ["--max-steps", "2", "--out", "b"]):
-        assert (
-            CliRunner().invoke(train, [*common, *args[:2], "--out", str(tmp_path / args[3])]).exit_code == 0
+    for steps, run, more in (("4", "a", []), ("2", "b", []), ("4", "b", ["--resume"])):
+        result = CliRunner().invoke(
+            train, [*common, "--max-steps", steps, *more, "--out", str(tmp_path / run)]
         )
-    resumed = CliRunner().invoke(
-        train, [*common, "--max-steps", "4", "--resume", "--out", str(tmp_path / "b")]
-    )
-    assert resumed.exit_code == 0, resumed.output
-
-    def files(run):
-        out = {}
-        for p in sorted((tmp_path / run).rglob("*")):
-            if p.is_file() and p.name != ".lock":
-                text = p.read_bytes()
-                if p.name == "log.jsonl":
-                    rows = [json.loads(line) for line in text.splitlines()]
-                    text = [{k: v for k, v in r.items() if k != "samples_per_sec"} for r in rows]
-                out[str(p.relative_to(tmp_path / run))] = text
-        return out
-
-    a, b = files("a"), files("b")
+        assert result.exit_code == 0, result.output
+    a, b = run_files(tmp_path / "a"), run_files(tmp_path / "b")
     assert a.keys() == b.keys() and "state_0000004.pt" in a
     assert [name for name in a if a[name] != b[name]] == ["state_0000002.pt"]  # it holds --max-steps 2
 
