@@ -288,6 +288,11 @@ def test_a_checkpoint_is_the_same_bytes_in_another_folder(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     with zipfile.ZipFile(tmp_path / "a" / "state_0000001.pt") as z:
         assert {n.split("/")[0] for n in z.namelist()} == {"archive"}
+    # a state dict keeps the module versions load_state_dict reads (BatchNorm's 2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.BatchNorm2d(1))
+    ckpt.save_torch(net.state_dict(), tmp_path / "sd.pt")
+    loaded = torch.load(tmp_path / "sd.pt", weights_only=True)
+    assert loaded._metadata == net.state_dict()._metadata and loaded._metadata["1"]["version"] == 2
 
 
 @pytest.mark.parametrize("trainer", [DiffusionTrainer, ClassifierTrainer])

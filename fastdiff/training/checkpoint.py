@@ -85,13 +85,17 @@ def save_torch(obj, path) -> None:
 
 
 def _interned(obj):
-    """``obj`` with every string in its dicts, lists and tuples interned (the containers copied;
-    subclasses, which may not rebuild so, are kept as they are)."""
+    """``obj`` with every string in its dicts, lists and tuples interned (the containers copied,
+    with the attributes a state dict carries: its ``_metadata``, the modules' versions that
+    load_state_dict reads; subclasses, which may not rebuild so, are kept as they are)."""
     kind = type(obj)
     if kind is str:
         return sys.intern(obj)
     if kind in (dict, OrderedDict):
-        return kind((_interned(k), _interned(v)) for k, v in obj.items())
+        copy = kind((_interned(k), _interned(v)) for k, v in obj.items())
+        if kind is OrderedDict:
+            vars(copy).update(_interned(vars(obj)))
+        return copy
     if kind in (list, tuple):
         return kind(_interned(v) for v in obj)
     return obj
