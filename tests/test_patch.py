@@ -612,3 +612,22 @@ def test_patch_leaves_hooked_attention():
     assert type(block.attention) is QKVAttention
     torch.testing.assert_close(block(qkv), expected)
     assert len(seen) == 2
+
+
+def test_patch_leaves_modules_with_state_dict_hooks():
+    """A load_state_dict pre-hook on a norm (an old checkpoint's key renamed as it loads) went
+    with the norm patch swapped out: the patched model no longer loaded that checkpoint."""
+
+    def renamed(module, state_dict, prefix, *args):
+        if prefix + "gamma" in state_dict:
+            state_dict[prefix + "weight"] = state_dict.pop(prefix + "gamma")
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(4, 8), nn.SiLU(), nn.GroupNorm(2, 8))
+    net[1].register_load_state_dict_pre_hook(renamed)
+    net[3].register_state_dict_post_hook(lambda *args: None)
+    old = {k.replace("1.weight", "1.gamma"): v for k, v in net.state_dict().items()}
+    with pytest.warns(UserWarning, match="nothing to replace"):
+        patch(net)
+    assert [type(m) for m in net] == [nn.Conv2d, nn.GroupNorm, nn.SiLU, nn.GroupNorm]
+    net.load_state_dict(old)

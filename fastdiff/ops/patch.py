@@ -141,10 +141,18 @@ def _bound(forward, module: nn.Module, **kwargs):
     return functools.partial(forward, module, **kwargs)
 
 
+def _has_state_dict_hooks(m: nn.Module) -> bool:
+    """Hooks on m's state_dict or its loading (``register_load_state_dict_pre_hook``: an old
+    checkpoint's keys renamed as they load): a swapped-in module would save and load without them."""
+    hooks = (m._state_dict_pre_hooks, m._state_dict_hooks)
+    return any(hooks + (m._load_state_dict_pre_hooks, m._load_state_dict_post_hooks))
+
+
 def _swappable(m: nn.Module) -> bool:
-    """No hooks and no parametrization: a module swapped out would take its hooks with it, and a
-    parametrized weight is computed on access, not a Parameter the new module could share."""
-    return not has_hooks(m) and not parametrize.is_parametrized(m)
+    """No hooks and no parametrization: a module swapped out would take its hooks with it (its
+    state_dict's too), and a parametrized weight is computed on access, not a Parameter the new
+    module could share."""
+    return not (has_hooks(m) or _has_state_dict_hooks(m) or parametrize.is_parametrized(m))
 
 
 def _is_foreign_group_norm(m: nn.Module) -> bool:
@@ -286,13 +294,13 @@ def patch(
     ``n_heads``) by fastdiff's, and guided-diffusion's upsamplers (an Upsample with its 3x3 conv, a
     BigGAN up ResBlock's upsampling and first conv) by one ``upsample_conv``; ``group_norm``,
     ``attention`` and ``upsample`` = False each leave their part as it was. A GroupNorm, SiLU or
-    attention module with hooks or a parametrization stays as it is, as does an upsampler whose
-    conv (or BigGAN h_upd) has hooks. Returns ``model``. What it replaced is logged by the
-    ``fastdiff.ops.patch`` logger: a line per layer at DEBUG, the counts at INFO; a model with
-    nothing to replace and none of fastdiff's layers warns (a bare layer, a network of other
-    norms). Code that also calls a
-    fused Sequential's GroupNorm on its own (``self.body[0](x)``) would get the SiLU too: patch
-    such a network with ``group_norm=False``.
+    attention module with hooks (forward, backward or state_dict ones) or a parametrization stays
+    as it is, as does an upsampler whose conv (or BigGAN h_upd) has hooks. Returns ``model``.
+    What it replaced is logged by the ``fastdiff.ops.patch`` logger: a line per layer at DEBUG,
+    the counts at INFO; a model with nothing to replace and none of fastdiff's layers warns (a
+    bare layer, a network of other norms). Code that also calls a fused Sequential's GroupNorm
+    on its own (``self.body[0](x)``) would get the SiLU too: patch such a network with
+    ``group_norm=False``.
 
     Only children are swapped: a bare GroupNorm/attention passed as ``model`` is returned as is.
     """
