@@ -631,3 +631,53 @@ def test_patch_leaves_modules_with_state_dict_hooks():
         patch(net)
     assert [type(m) for m in net] == [nn.Conv2d, nn.GroupNorm, nn.SiLU, nn.GroupNorm]
     net.load_state_dict(old)
+
+
+class _HeadsInBatchAttention(nn.Module):
+    """improved-diffusion's QKVAttention: no n_heads, its heads folded into the batch by the caller."""
+
+    def forward(self, qkv):
+        ch = qkv.shape[1] // 3
+        q, k, v = qkv.split(ch, dim=1)
+        w = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / math.sqrt(ch), dim=-1)
+        return torch.einsum("bts,bcs->bct", w, v)
+
+
+_HeadsInBatchAttention.__name__ = "QKVAttention"
+
+
+def test_patch_reports_what_it_kept_and_why(caplog):
+    """patch() named what it replaced but not the GroupNorms and attention modules it left (hooks,
+    a parametrization, state or a forward of their own, no n_heads): a user saw fewer layers
+    replaced than their model holds and nothing said which or why."""
+
+    class NormPlusInput(nn.GroupNorm):
+        def forward(self, x):
+            return super().forward(x) + x
+
+    hooked, hooked_attn = nn.GroupNorm(2, 4), QKVAttention(2)
+    hooked.register_forward_hook(lambda *a: None)
+    hooked_attn.register_forward_hook(lambda *a: None)
+    param = nn.GroupNorm(2, 4)
+    torch.nn.utils.parametrize.register_parametrization(param, "weight", _Positive())
+    net = nn.Sequential(
+        nn.GroupNorm(2, 4), hooked, param, NormPlusInput(2, 4), _HeadsInBatchAttention(), hooked_attn
+    )
+    with caplog.at_level(logging.DEBUG, logger="fastdiff.ops.patch"):
+        patch(net)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "patch(Sequential): 1: GroupNorm kept (it has hooks)" in lines
+    assert "patch(Sequential): 4: QKVAttention kept (it has no n_heads)" in lines
+    assert lines[-1] == (
+        "patch(Sequential): 1 GroupNorm; kept as they were: 1 GroupNorm (it has hooks), "
+        "1 ParametrizedGroupNorm (it is parametrized), 1 NormPlusInput (its class has a forward of "
+        "its own), 1 QKVAttention (it has no n_heads), 1 QKVAttention (it has hooks)"
+    )
+    caplog.clear()
+    with pytest.warns(UserWarning, match=r"; kept as they were: 1 GroupNorm \(it has hooks\)$"):
+        patch(nn.Sequential(hooked, nn.SiLU()), attention=False)
+    with caplog.at_level(logging.INFO, logger="fastdiff.ops.patch"), pytest.warns(UserWarning):
+        patch(nn.Sequential(hooked_attn, nn.GroupNorm(2, 4)), group_norm=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "patch(Sequential): nothing replaced; kept as they were: 1 QKVAttention (it has hooks)"
+    ]

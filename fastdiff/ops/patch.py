@@ -148,11 +148,17 @@ def _has_state_dict_hooks(m: nn.Module) -> bool:
     return any(hooks + (m._load_state_dict_pre_hooks, m._load_state_dict_post_hooks))
 
 
+def _why_not_swappable(m: nn.Module) -> str | None:
+    """Why m cannot be swapped out, or None: a module swapped out would take its hooks with it
+    (its state_dict's too), and a parametrized weight is computed on access, not a Parameter the
+    new module could share."""
+    if has_hooks(m) or _has_state_dict_hooks(m):
+        return "it has hooks"
+    return "it is parametrized" if parametrize.is_parametrized(m) else None
+
+
 def _swappable(m: nn.Module) -> bool:
-    """No hooks and no parametrization: a module swapped out would take its hooks with it (its
-    state_dict's too), and a parametrized weight is computed on access, not a Parameter the new
-    module could share."""
-    return not (has_hooks(m) or _has_state_dict_hooks(m) or parametrize.is_parametrized(m))
+    return _why_not_swappable(m) is None
 
 
 def _is_foreign_group_norm(m: nn.Module) -> bool:
@@ -161,11 +167,18 @@ def _is_foreign_group_norm(m: nn.Module) -> bool:
     GroupNorm32 (fp32 statistics, what fastdiff's GroupNorm computes), since any other forward
     may compute something more; nor one with state of its own (a buffer, a Parameter or a module
     nn.GroupNorm lacks), which the replacement would drop from the state_dict."""
-    if not isinstance(m, nn.GroupNorm) or isinstance(m, GroupNorm) or not _swappable(m):
-        return False
+    return isinstance(m, nn.GroupNorm) and not isinstance(m, GroupNorm) and _why_group_norm_kept(m) is None
+
+
+def _why_group_norm_kept(m: nn.GroupNorm) -> str | None:
+    """Why :func:`_is_foreign_group_norm` refuses m, an nn.GroupNorm not fastdiff's, or None."""
+    if why := _why_not_swappable(m):
+        return why
     if m._buffers or m._modules or set(m._parameters) - {"weight", "bias"}:
-        return False
-    return type(m).forward is nn.GroupNorm.forward or type(m).__name__ == "GroupNorm32"
+        return "it holds state nn.GroupNorm has not"
+    if type(m).forward is not nn.GroupNorm.forward and type(m).__name__ != "GroupNorm32":
+        return "its class has a forward of its own"
+    return None
 
 
 def _is_silu(m: nn.Module) -> bool:
@@ -178,9 +191,29 @@ def _is_silu(m: nn.Module) -> bool:
 
 def _attention_class(m: nn.Module):
     cls = _ATTENTION.get(type(m).__name__)
-    if cls is None or isinstance(m, cls) or not hasattr(m, "n_heads") or not _swappable(m):
-        return None  # a module swapped out takes its hooks with it
+    if cls is None or isinstance(m, cls) or _why_attention_kept(m):
+        return None
     return cls
+
+
+def _why_attention_kept(m: nn.Module) -> str | None:
+    """Why a module named as an ADM attention class stays, or None. Without ``n_heads`` it is
+    another code's class of that name (improved-diffusion's QKVAttention takes its heads folded
+    into the batch), whose head count is unknown."""
+    if not hasattr(m, "n_heads"):
+        return "it has no n_heads"
+    return _why_not_swappable(m)
+
+
+def _why_kept(m: nn.Module, group_norm: bool, attention: bool) -> str | None:
+    """Why patch leaves m, a module of a kind it replaces (a GroupNorm or ADM attention module
+    not fastdiff's), as it is, for the report; None for any other module."""
+    if group_norm and isinstance(m, nn.GroupNorm) and not isinstance(m, GroupNorm):
+        return _why_group_norm_kept(m)
+    cls = _ATTENTION.get(type(m).__name__)
+    if attention and cls is not None and not isinstance(m, cls):
+        return _why_attention_kept(m)
+    return None
 
 
 def _group_norm(old: nn.GroupNorm, cls: type[GroupNorm]) -> GroupNorm:
@@ -225,10 +258,18 @@ def _is_foreign_up_resblock(m: nn.Module) -> bool:
 
 
 def _patch_children(
-    module: nn.Module, group_norm: bool, attention: bool, upsample: bool, fuse: bool, path: str, done: list
+    module: nn.Module,
+    group_norm: bool,
+    attention: bool,
+    upsample: bool,
+    fuse: bool,
+    path: str,
+    done: list,
+    kept: list,
 ) -> None:
     """Patch ``module`` (at ``path`` in the model) and its children, adding a (path, what,
-    kind) to ``done`` for each replacement."""
+    kind) to ``done`` for each replacement and a (path, kind, why) to ``kept`` for each module
+    of a kind it replaces that it left as it was."""
     here = path or "(model)"
     if group_norm and _is_scale_shift_resblock(module):
         done.append((here, _fuse_resblock(module, upsample), AdaGroupNormSiLU.__name__))
@@ -263,10 +304,12 @@ def _patch_children(
                 what += f" (with the {type(nxt).__name__} after it, now an Identity)"
             done.append((where, what, cls.__name__))
         else:
+            if why := _why_kept(child, group_norm, attention):
+                kept.append((where, type(child).__name__, why))
             # A scale-shift ResBlock not rewritten above (no guided-diffusion _forward) runs
             # out_layers[0] alone and out_layers[1:] after scale/shift: fusing SiLU there is wrong
             sliced = name == "out_layers" and bool(getattr(module, "use_scale_shift_norm", False))
-            _patch_children(child, group_norm, attention, upsample, not sliced, where, done)
+            _patch_children(child, group_norm, attention, upsample, not sliced, where, done, kept)
 
 
 def _holds_fastdiff_layers(model: nn.Module) -> bool:
@@ -296,9 +339,10 @@ def patch(
     ``attention`` and ``upsample`` = False each leave their part as it was. A GroupNorm, SiLU or
     attention module with hooks (forward, backward or state_dict ones) or a parametrization stays
     as it is, as does an upsampler whose conv (or BigGAN h_upd) has hooks. Returns ``model``.
-    What it replaced is logged by the ``fastdiff.ops.patch`` logger: a line per layer at DEBUG,
-    the counts at INFO; a model with nothing to replace and none of fastdiff's layers warns (a
-    bare layer, a network of other norms). Code that also calls a fused Sequential's GroupNorm
+    What it replaced, and which GroupNorms and attention modules it kept and why, is logged by
+    the ``fastdiff.ops.patch`` logger: a line per layer at DEBUG, the counts at INFO; a model with
+    nothing to replace and none of fastdiff's layers warns (a bare layer, a network of other
+    norms), naming what it kept. Code that also calls a fused Sequential's GroupNorm
     on its own (``self.body[0](x)``) would get the SiLU too: patch such a network with
     ``group_norm=False``.
 
@@ -310,16 +354,23 @@ def patch(
         if not isinstance(flag, bool):  # "False" or "no" would switch the part on
             raise OpTypeError(f"patch: {name} must be True or False, got {flag!r}")
     done: list[tuple[str, str, str]] = []
-    _patch_children(model, group_norm, attention, upsample, True, "", done)
+    kept: list[tuple[str, str, str]] = []
+    _patch_children(model, group_norm, attention, upsample, True, "", done, kept)
     name = type(model).__name__
     for where, what, _ in done:
         _log.debug("patch(%s): %s: %s", name, where, what)
+    for where, kind, why in kept:
+        _log.debug("patch(%s): %s: %s kept (%s)", name, where, kind, why)
     counts = collections.Counter(kind for _, _, kind in done)
-    _log.info("patch(%s): %s", name, ", ".join(f"{n} {k}" for k, n in counts.items()) or "nothing replaced")
+    report = ", ".join(f"{n} {k}" for k, n in counts.items()) or "nothing replaced"
+    kept_counts = collections.Counter((kind, why) for _, kind, why in kept)
+    left = ", ".join(f"{n} {kind} ({why})" for (kind, why), n in kept_counts.items())
+    _log.info("patch(%s): %s%s", name, report, f"; kept as they were: {left}" if left else "")
     if not done and not _holds_fastdiff_layers(model):
         warnings.warn(
             f"fastdiff.ops.patch: nothing to replace in {name} (it swaps a model's GroupNorms, ADM "
-            "attention and upsamplers without hooks or parametrizations, never the model itself)",
+            "attention and upsamplers without hooks or parametrizations, never the model itself)"
+            + (f"; kept as they were: {left}" if left else ""),
             stacklevel=2,
         )
     return model
