@@ -841,6 +841,17 @@ def test_module_refuses_what_groupnorm_refuses(cls):
         assert isinstance(e.value, ValueError)
 
 
+@pytest.mark.parametrize("cls", [GroupNorm, GroupNormSiLU, AdaGroupNormSiLU])
+def test_modules_refuse_what_is_no_tensor_in_the_ops_terms(cls):
+    """A list or numpy array given to a module was an AttributeError from its autocast step
+    ("'list' object has no attribute 'device'", inside fastdiff), not the op's one TypeError."""
+    m, x = cls(2, 4), torch.randn(2, 4, 3)
+    args = (torch.zeros(2, 4), torch.zeros(2, 4)) if cls is AdaGroupNormSiLU else ()
+    for bad, kind in ((x.tolist(), "list"), (x.numpy(), "ndarray")):
+        with pytest.raises(TypeError, match=f"^ada_group_norm: x must be a torch.Tensor, got {kind}$"):
+            m(bad, *args)
+
+
 # --- CUDA ------------------------------------------------------------------------------------
 
 needs_gpu = pytest.mark.skipif(

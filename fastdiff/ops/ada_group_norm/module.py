@@ -14,9 +14,12 @@ def autocast_input(x: Tensor, keep_dtype: bool) -> Tensor:
     """x as nn.GroupNorm takes it under autocast: fp32 where autocast runs group_norm in fp32
     (its fp32 list on every device type but the CPU, whose list lacks group_norm), so the layer
     returns fp32 as nn.GroupNorm does there; the fused op alone, like any custom op, has no
-    autocast rule. ``keep_dtype`` (GroupNorm32's rule) leaves x as it is."""
+    autocast rule. ``keep_dtype`` (GroupNorm32's rule) leaves x as it is, and so is what is no
+    tensor, for the op to refuse in its terms."""
+    if keep_dtype or not isinstance(x, Tensor):
+        return x
     device = x.device.type
-    if keep_dtype or device == "cpu" or x.dtype not in (torch.float16, torch.bfloat16):
+    if device == "cpu" or x.dtype not in (torch.float16, torch.bfloat16):
         return x
     return x.float() if autocast_available(device) and torch.is_autocast_enabled(device) else x
 
