@@ -595,6 +595,35 @@ def test_modules_script_and_trace():
         torch.testing.assert_close(out, net(x, emb), rtol=1e-5, atol=1e-5)
 
 
+class _ConvNorms(nn.Module):
+    """The norms after layers with weights, as in a user's network: their inputs and the AdaGN's
+    scale and shift need a gradient while grad mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.emb = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(4, 16)
+        self.gn, self.ada = GroupNormSiLU(4, 8), AdaGroupNormSiLU(2, 8)
+
+    def forward(self, x, emb):
+        scale, shift = self.emb(emb).chunk(2, dim=1)
+        return self.ada(self.gn(self.conv(x)), scale, shift)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_trace_with_its_default_check(monkeypatch, channels_last):
+    """torch.jit.trace checks a trace by tracing again under no_grad: the reference's in-place
+    SiLU and scale and its contiguous copy, each picked by requires_grad, made the two graphs
+    differ (TracingCheckError from torch.jit.trace(net, x) for any network of trainable norms)."""
+    monkeypatch.setenv("FASTDIFF_OPS", "auto")  # the check reruns the net eagerly: no interpreted kernels
+    torch.manual_seed(0)
+    net, x, emb = _ConvNorms(), torch.randn(2, 3, 5, 5), torch.randn(2, 4)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    for mode in (net.train, net.eval):
+        traced = torch.jit.trace(mode(), (x, emb))
+        torch.testing.assert_close(traced(x, emb), net(x, emb))
+
+
 @pytest.mark.parametrize("edit", ["x", "weight", "bias", "scale", "shift"])
 def test_kernel_path_refuses_inputs_edited_in_place_before_backward(tk, edit):
     """The custom op saves its inputs with their versions: an input edited in place between the

@@ -26,13 +26,21 @@ def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _in_place(h: torch.Tensor, other: torch.Tensor) -> bool:
     """Whether ``h op other`` may be written into h's storage: where the result keeps h's dtype
-    (type promotion would make the in-place form round differently) and outside torch.func
-    transforms (under vmap, scale/shift may be batched where x, hence h, is not)."""
+    (type promotion would make the in-place form round differently), outside torch.func
+    transforms (under vmap, scale/shift may be batched where x, hence h, is not) and outside a
+    torch.jit.trace (see :func:`_silu_in_place`)."""
     if torch.promote_types(h.dtype, other.dtype) != h.dtype:
         return False
     if torch.jit.is_scripting():  # TorchScript has no torch.func transforms
         return True
-    return not in_func_transform()
+    return not (in_func_transform() or torch.jit.is_tracing())
+
+
+def _silu_in_place(h: torch.Tensor) -> bool:
+    """Where no gradient is recorded for h, and no torch.jit.trace runs: the trace's sanity check
+    traces again under no_grad, where an in-place form picked by ``requires_grad`` made the two
+    graphs differ (TracingCheckError for any network holding the norms, with trace's defaults)."""
+    return not (h.requires_grad or torch.jit.is_tracing())
 
 
 def ada_group_norm_reference(
@@ -55,11 +63,12 @@ def ada_group_norm_reference(
     xs = x.to(sd)
     if (
         not xs.is_contiguous()
-        and not xs.requires_grad
+        and (not xs.requires_grad or torch.jit.is_tracing())
         and ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
     ):
         # F.group_norm's CPU backward crashes (segfault, torch 2.13) on a channels_last input that
-        # needs no gradient while weight or bias does (frozen features, trained norms)
+        # needs no gradient while weight or bias does (frozen features, trained norms); a traced
+        # graph may meet such an input (and its trace's check, run under no_grad, does)
         xs = xs.contiguous()
     w = None if weight is None else weight.to(sd)
     b = None if bias is None else bias.to(sd)
@@ -84,7 +93,7 @@ def ada_group_norm_reference(
     if activation is not None:
         if activation != "silu":
             raise ValueError("activation must be 'silu' or None, got " + activation)
-        h = F.silu(h, inplace=not h.requires_grad)
+        h = F.silu(h, inplace=_silu_in_place(h))
     return _like(h.to(x.dtype), x)
 
 
