@@ -405,6 +405,47 @@ def test_patch_fuses_guided_diffusion_resblock(kw, upsample_calls):
     assert len(upsample_calls) == (2 if kw.get("up") else 0)
 
 
+class IDDPMResBlock(GDResBlock):
+    """improved-diffusion's ResBlock: guided-diffusion's without BigGAN up/down (no updown,
+    h_upd or x_upd)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        del self.updown, self.h_upd, self.x_upd
+
+    def _forward(self, x, emb):
+        h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)[..., None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = torch.chunk(emb_out, 2, dim=1)
+            return self.skip_connection(x) + self.out_layers[1:](self.out_layers[0](h) * (1 + scale) + shift)
+        return self.skip_connection(x) + self.out_layers(h + emb_out)
+
+
+IDDPMResBlock.__name__ = "ResBlock"
+
+
+@pytest.mark.parametrize("scale_shift", [True, False])
+def test_patch_fuses_improved_diffusion_resblock(scale_shift):
+    """improved-diffusion's scale-shift ResBlock (no updown attributes) kept its out norm, scale,
+    shift and SiLU apart: patch named the block guided-diffusion's only by all seven attributes."""
+    torch.manual_seed(0)
+    block = IDDPMResBlock(32, 16, 64, use_scale_shift_norm=scale_shift)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    patched = patch(copy.deepcopy(block))
+    assert list(patched.state_dict()) == list(block.state_dict())
+    fused = fast_ada.AdaGroupNormSiLU if scale_shift else GroupNormSiLU
+    assert type(patched.out_layers[0]) is fused and isinstance(patched.out_layers[1], nn.Identity)
+    x, emb = torch.randn(2, 32, 8, 8, requires_grad=True), torch.randn(2, 16)
+    ref, out = block(x, emb), patched(x, emb)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    (gx,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
+
+
 def test_patch_fuses_guided_diffusion_upsample(upsample_calls):
     """guided-diffusion's Upsample with a conv runs one upsample_conv; upsample=False leaves it."""
     torch.manual_seed(0)

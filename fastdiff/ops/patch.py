@@ -24,7 +24,7 @@ _ATTENTION = {"QKVAttention": QKVAttention, "QKVAttentionLegacy": QKVAttentionLe
 _log = logging.getLogger(__name__)
 
 
-_RESBLOCK_ATTRS = ("in_layers", "emb_layers", "out_layers", "skip_connection", "updown", "h_upd", "x_upd")
+_RESBLOCK_ATTRS = ("in_layers", "emb_layers", "out_layers", "skip_connection")
 
 
 def outside_autocast(x: torch.Tensor):
@@ -79,8 +79,8 @@ def adm_resblock_forward(
     fused ops: ``in_layers`` / ``out_layers`` hold a GroupNormSiLU (or, with scale-shift, an
     AdaGroupNormSiLU taking scale and shift) with ``nn.Identity`` in the SiLU's slot; an up
     block's upsampling and first conv are one :func:`upsample_conv` unless ``fold_upsample`` is
-    False (``patch(..., upsample=False)``)."""
-    if block.updown:  # BigGAN up/down block: resample between the norm+SiLU and the conv
+    False (``patch(..., upsample=False)``). improved-diffusion's ResBlock has no ``updown``."""
+    if getattr(block, "updown", False):  # BigGAN up/down block: resample between norm+SiLU and conv
         *norm_act, conv = block.in_layers
         h = x
         for layer in norm_act:
@@ -104,13 +104,21 @@ def adm_resblock_forward(
     return block.skip_connection(x) + h
 
 
+def _is_adm_resblock(m: nn.Module) -> bool:
+    """guided-diffusion's ResBlock by name and layout, or improved-diffusion's: its predecessor,
+    the same block without BigGAN up/down (no ``updown``, ``h_upd``, ``x_upd``)."""
+    if type(m).__name__ != "ResBlock" or not callable(getattr(m, "_forward", None)):
+        return False
+    updown = ("h_upd", "x_upd") if getattr(m, "updown", False) else ()
+    return all(hasattr(m, a) for a in _RESBLOCK_ATTRS + updown)
+
+
 def _is_scale_shift_resblock(m: nn.Module) -> bool:
-    """guided-diffusion's ResBlock with use_scale_shift_norm, not yet on the fused AdaGN."""
+    """guided-diffusion's (or improved-diffusion's) ResBlock with use_scale_shift_norm, not yet on
+    the fused AdaGN."""
     return (
-        type(m).__name__ == "ResBlock"
+        _is_adm_resblock(m)
         and bool(getattr(m, "use_scale_shift_norm", False))
-        and callable(getattr(m, "_forward", None))
-        and all(hasattr(m, a) for a in _RESBLOCK_ATTRS)
         and isinstance(m.out_layers, nn.Sequential)
         and len(m.out_layers) >= 2
         and (_is_foreign_group_norm(m.out_layers[0]) or type(m.out_layers[0]) is GroupNorm)
@@ -129,7 +137,7 @@ def _fuse_resblock(block: nn.Module, upsample: bool) -> str:
     block.out_layers[0] = _group_norm(block.out_layers[0], AdaGroupNormSiLU)
     block.out_layers[1] = nn.Identity().train(block.out_layers[1].training)
     block._forward = _bound(adm_resblock_forward, block, fold_upsample=upsample)
-    folds = upsample and block.updown and _is_nearest_upsample(block.h_upd)
+    folds = upsample and getattr(block, "updown", False) and _is_nearest_upsample(block.h_upd)
     folds = folds and _foldable_conv(block.in_layers[-1])
     also = "; h_upd + in_layers' conv -> upsample_conv" if folds else ""
     return f"out_layers.0-1 ({old}, scale-shift, SiLU) -> AdaGroupNormSiLU{also}"
@@ -245,11 +253,9 @@ def _is_foreign_up_resblock(m: nn.Module) -> bool:
     scale-shift block whose out norm was left unfused (``group_norm=False``, hooks) keeps its own
     ``_forward``: :func:`adm_resblock_forward` passes scale and shift to the out norm."""
     return (
-        type(m).__name__ == "ResBlock"
-        and callable(getattr(m, "_forward", None))
+        _is_adm_resblock(m)
         and "_forward" not in vars(m)
-        and all(hasattr(m, a) for a in _RESBLOCK_ATTRS)
-        and bool(m.updown)
+        and bool(getattr(m, "updown", False))
         and (not getattr(m, "use_scale_shift_norm", False) or isinstance(m.out_layers[0], AdaGroupNormSiLU))
         and _is_nearest_upsample(m.h_upd)
         and isinstance(m.in_layers, nn.Sequential)
@@ -328,23 +334,22 @@ def _holds_fastdiff_layers(model: nn.Module) -> bool:
 def patch(
     model: nn.Module, *, group_norm: bool = True, attention: bool = True, upsample: bool = True
 ) -> nn.Module:
-    """Replace, in place, every nn.GroupNorm (guided-diffusion's GroupNorm32 and subclasses
-    without their own forward included) by
-    fastdiff's GroupNorm, a GroupNorm directly followed by SiLU in an nn.Sequential (not a
-    subclass with its own forward) by one fused GroupNormSiLU (nn.Identity where the SiLU was),
-    guided-diffusion's scale-shift ResBlock's norm + scale-shift + SiLU by one AdaGroupNormSiLU,
-    and every ADM attention module (class named QKVAttention / QKVAttentionLegacy with
-    ``n_heads``) by fastdiff's, and guided-diffusion's upsamplers (an Upsample with its 3x3 conv, a
-    BigGAN up ResBlock's upsampling and first conv) by one ``upsample_conv``; ``group_norm``,
-    ``attention`` and ``upsample`` = False each leave their part as it was. A GroupNorm, SiLU or
-    attention module with hooks (forward, backward or state_dict ones) or a parametrization stays
-    as it is, as does an upsampler whose conv (or BigGAN h_upd) has hooks. Returns ``model``.
-    What it replaced, and which GroupNorms and attention modules it kept and why, is logged by
-    the ``fastdiff.ops.patch`` logger: a line per layer at DEBUG, the counts at INFO; a model with
-    nothing to replace and none of fastdiff's layers warns (a bare layer, a network of other
-    norms), naming what it kept. Code that also calls a fused Sequential's GroupNorm
-    on its own (``self.body[0](x)``) would get the SiLU too: patch such a network with
-    ``group_norm=False``.
+    """Replace, in place, every nn.GroupNorm (guided-diffusion's GroupNorm32 and subclasses without
+    their own forward included) by fastdiff's GroupNorm, a GroupNorm directly followed by SiLU in
+    an nn.Sequential (not a subclass with its own forward) by one fused GroupNormSiLU (nn.Identity
+    where the SiLU was), guided-diffusion's (or improved-diffusion's) scale-shift ResBlock's norm +
+    scale-shift + SiLU by one AdaGroupNormSiLU, every ADM attention module (class named
+    QKVAttention / QKVAttentionLegacy with ``n_heads``) by fastdiff's, and guided-diffusion's
+    upsamplers (an Upsample with its 3x3 conv, a BigGAN up ResBlock's upsampling and first conv) by
+    one ``upsample_conv``; ``group_norm``, ``attention`` and ``upsample`` = False each leave their
+    part as it was. A GroupNorm, SiLU or attention module with hooks (forward, backward or
+    state_dict ones) or a parametrization stays as it is, as does an upsampler whose conv (or
+    BigGAN h_upd) has hooks. Returns ``model``. What it replaced, and which GroupNorms and
+    attention modules it kept and why, is logged by the ``fastdiff.ops.patch`` logger: a line per
+    layer at DEBUG, the counts at INFO; a model with nothing to replace and none of fastdiff's
+    layers warns (a bare layer, a network of other norms), naming what it kept. Code that also
+    calls a fused Sequential's GroupNorm on its own (``self.body[0](x)``) would get the SiLU too:
+    patch such a network with ``group_norm=False``.
 
     Only children are swapped: a bare GroupNorm/attention passed as ``model`` is returned as is.
     """
