@@ -452,3 +452,65 @@ def test_a_command_that_imported_triton_ends_without_nanobinds_leak_report():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (r.returncode, r.stderr) == (0, ""), r.stderr[-2000:]
+
+
+@pytest.fixture
+def stand_in_libc(monkeypatch):
+    """The C library as the CLI's malloc tuning sees it: ``confstr`` set by the test, ``mallopt``
+    recording its calls; no MALLOC_ or GLIBC_TUNABLES setting of the caller's."""
+    import ctypes
+    import os
+
+    for k in list(os.environ):
+        if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES":
+            monkeypatch.delenv(k)
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    return calls
+
+
+def _confstr_raising(error):
+    def confstr(name):
+        raise error
+
+    return confstr
+
+
+@pytest.mark.parametrize("platform", ["musl", "an older musl", "macOS", "Windows"])
+def test_a_c_library_other_than_glibc_leaves_malloc_as_it_is(stand_in_libc, monkeypatch, platform):
+    """On musl (Alpine) every command died of confstr's OSError before it began (musl defines
+    _CS_GNU_LIBC_VERSION, so Python lists the name, but its confstr answers EINVAL): only glibc's
+    malloc is tuned, and the others' commands run untouched."""
+    import os
+
+    if platform == "musl":
+        monkeypatch.setattr(os, "confstr", _confstr_raising(OSError(22, "Invalid argument")))
+    elif platform == "an older musl":
+        monkeypatch.setattr(os, "confstr", lambda name: "")
+    elif platform == "macOS":
+        monkeypatch.delitem(os.confstr_names, "CS_GNU_LIBC_VERSION", raising=False)
+        monkeypatch.setattr(os, "confstr", _confstr_raising(ValueError("unrecognized configuration name")))
+    else:
+        monkeypatch.delattr(os, "confstr", raising=False)
+        monkeypatch.delattr(os, "confstr_names", raising=False)
+    r = CliRunner().invoke(main, ["presets"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert stand_in_libc == []
+
+
+def test_glibcs_malloc_keeps_freed_memory_unless_the_user_tuned_it(stand_in_libc, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "confstr", lambda name: "glibc 2.41")
+    assert CliRunner().invoke(main, ["presets"]).exit_code == 0
+    assert stand_in_libc == [(-3, 32 << 20), (-1, 1 << 30)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    stand_in_libc.clear()
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert CliRunner().invoke(main, ["presets"]).exit_code == 0
+    assert stand_in_libc == []

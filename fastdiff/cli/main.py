@@ -59,7 +59,11 @@ def _keep_freed_memory() -> None:
     GLIBC_TUNABLES settings win, and other C libraries keep their ways."""
     if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
         return
-    if "CS_GNU_LIBC_VERSION" not in os.confstr_names or not os.confstr("CS_GNU_LIBC_VERSION"):
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError, OSError):  # no confstr (Windows), no such name (macOS), musl's EINVAL
+        return
+    if not glibc:
         return
     mallopt = ctypes.CDLL(None).mallopt
     mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (setting either ends glibc's own tuning of both)
