@@ -444,3 +444,24 @@ def test_an_older_spelling_of_the_flags_is_the_same_network():
     new = flags_of(*configs_from_flags("diffusion", old))
     assert old != new and same_flags(old, new)
     assert not same_flags({**old, "num_channels": 64}, new) and not same_flags(None, new)
+
+
+def test_a_network_builds_on_meta_without_filling_its_weights(monkeypatch):
+    """A meta tensor has no values: its random fills are skipped. On torch 2.10 each meta
+    ``uniform_`` ran a Python decomposition that imported sympy, 2.5 s of every sampling start
+    (the CLI builds its networks on meta); torch 2.13 hides it, so the fills are counted here."""
+    from fastdiff.models.presets import PRESETS, build_network
+
+    fills = []
+    for name in ("uniform_", "normal_"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            fills.append(self.device.type)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    net = build_network(PRESETS["mnist"].net, "meta")
+    assert fills == [] and all(p.is_meta for p in net.parameters())
+    build_network(PRESETS["mnist"].net, "cpu")
+    assert fills and set(fills) == {"cpu"}  # on a real device the weights are drawn as before
