@@ -489,6 +489,37 @@ def test_channels_last_inference_path_matches_the_reference(monkeypatch, shape, 
     assert not taken
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_cpu_paths_skip_the_kernel_checks(monkeypatch, channels_last):
+    """A CPU tensor no kernel is asked for (FASTDIFF_OPS auto or reference) goes to its PyTorch
+    path without _has_kernel's checks (about as much as the norm itself at batch 1),
+    and [N, C] scale and shift are passed on as they are: the same values, bit for bit, as the
+    path called directly. FASTDIFF_OPS=triton still asks the kernel checks."""
+    from fastdiff.ops.ada_group_norm import function
+    from fastdiff.ops.ada_group_norm.channels_last import ada_group_norm_channels_last
+
+    x, w, b, sc, sh = make_inputs((1, 8, 4, 4), 2, torch.float32, ada=True)
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    asked = []
+    monkeypatch.setattr(function, "_has_kernel", lambda t: asked.append(1) or False)
+    path = ada_group_norm_channels_last if channels_last else ada_group_norm_reference
+    for mode in ("auto", "reference"):
+        monkeypatch.setenv("FASTDIFF_OPS", mode)
+        with torch.no_grad():
+            y = ada_group_norm(x, 2, w, b, sc, sh)
+            want = (ada_group_norm_reference if mode == "reference" else path)(
+                x, 2, w, b, sc, sh, 1e-5, "silu"
+            )
+        assert torch.equal(y, want) and not asked
+    assert function._per_sample(sc, 1, 8) is sc
+    monkeypatch.setenv("FASTDIFF_OPS", "triton")
+    monkeypatch.setattr(sys.modules["fastdiff.ops._backend"], "triton_interpret", lambda: True)
+    monkeypatch.setattr(function, "triton_missing", lambda t: None)
+    with torch.no_grad():
+        ada_group_norm(x, 2, w, b, sc, sh)
+    assert asked
+
+
 def test_channels_last_inference_path_keeps_eps_where_it_matters():
     """Groups whose variance (1e-6) is below eps (1e-5), where eps sets the scale: random inputs
     of variance ~4 could not tell a wrong eps (only a 100-step variant vector, minutes in, did)."""

@@ -29,6 +29,7 @@ from .._backend import (
     traced,
     triton_missing,
     use_triton,
+    wants_triton,
 )
 from .channels_last import ada_group_norm_channels_last, is_channels_last
 from .reference import (
@@ -194,7 +195,7 @@ torch.library.register_autograd("fastdiff::ada_group_norm", _backward, setup_con
 def _channels_last_inference(x: Tensor, *params: Tensor | None) -> bool:
     """Whether the CPU's channels-last path takes x: a channels-last CPU tensor that no gradient
     is recorded for, outside the traced and transformed runs that must see the reference's ops."""
-    if x.device.type != "cpu" or force_reference() or not is_channels_last(x):
+    if x.device.type != "cpu" or not is_channels_last(x) or force_reference():
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
         return False
@@ -207,8 +208,11 @@ def _flattenable(x: Tensor) -> bool:
 
 
 def _per_sample(t: Tensor | None, n: int, c: int) -> Tensor | None:
-    """scale/shift as [N, C]: from [N, C], [N, C, 1, ...] (ADM's emb_out chunks) or [1, C]."""
-    return None if t is None else t.reshape(t.shape[0], c).expand(n, c)
+    """scale/shift as [N, C]: from [N, C] (itself, but in a torch.jit.trace, where n and c are
+    traced values), [N, C, 1, ...] (ADM's emb_out chunks) or [1, C]."""
+    if t is None or (not torch.jit.is_tracing() and t.shape == (n, c)):
+        return t
+    return t.reshape(t.shape[0], c).expand(n, c)
 
 
 def _check_sizes(x: Tensor, num_groups: int, weight, bias, scale, shift) -> None:
@@ -219,12 +223,13 @@ def _check_sizes(x: Tensor, num_groups: int, weight, bias, scale, shift) -> None
     if num_groups <= 0 or c % num_groups:
         raise OpInputError(f"ada_group_norm: {c} channels are not divisible into {num_groups} groups")
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != (c,):
+        if t is not None and t.shape != (c,):
             raise OpInputError(f"ada_group_norm: {name} must be [{c}], got {list(t.shape)}")
     for name, t in (("scale", scale), ("shift", shift)):
         if t is None:
             continue
-        if t.dim() < 2 or t.shape[1] != c or any(s != 1 for s in t.shape[2:]) or t.shape[0] not in (1, n):
+        trailing = t.dim() > 2 and any(s != 1 for s in t.shape[2:])  # ADM's [N, C] has none to test
+        if t.dim() < 2 or t.shape[1] != c or trailing or t.shape[0] not in (1, n):
             raise OpInputError(f"ada_group_norm: {name} must be [N, C] = [{n}, {c}], got {list(t.shape)}")
 
 
@@ -270,10 +275,14 @@ def _dispatch(x, num_groups, weight, bias, scale, shift, eps, activation):
     for t in (weight, bias, scale, shift):
         if t is not None and t.device != x.device:
             raise OpInputError(f"ada_group_norm: all tensors must be on {x.device}, got one on {t.device}")
-    if not _has_kernel(x):
+    # A CPU tensor no kernel is asked for (FASTDIFF_OPS not triton) has none: its path is chosen
+    # without _has_kernel's checks, which cost about as much as the norm itself at batch 1 (the
+    # bundled model's forward calls the op 46 times).
+    cpu_only = x.device.type == "cpu" and not wants_triton(x)
+    if cpu_only or not _has_kernel(x):
         # No kernel here (the CPU, float64, FASTDIFF_OPS=reference): PyTorch's native group_norm
         # chain with its own autograd is the fastest exact path, and traces like any torch code.
-        if _kernel_allowed(x) and (why := triton_missing(x)):
+        if not cpu_only and _kernel_allowed(x) and (why := triton_missing(x)):
             notice_fallback("ada_group_norm", why)
         path = ada_group_norm_reference
         if _channels_last_inference(x, weight, bias, scale, shift):
