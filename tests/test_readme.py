@@ -304,6 +304,21 @@ def test_the_training_comparison_is_its_record():
     ) in readme
 
 
+def test_the_cpu_jobs_are_their_record():
+    """The Speed section's other CPU jobs (bench/cpu_jobs.py's record): every row's ratio of CPU
+    time, once each, as the README rounds it, and the load the record saw."""
+    import json
+
+    readme = " ".join(read_doc("README.md").split())
+    record = json.loads((REPO / "bench/results/2026-12-07-cpu-jobs.json").read_text())
+    text = readme[readme.index("(`python bench/cpu_jobs.py") :]
+    text = text[: text.index("## ")]
+    quoted = [float(r) for r in re.findall(r"(\d\.\d\d)x", text)]
+    assert sorted(quoted) == sorted(round(r["ratio_cpu"], 2) for r in record["rows"])
+    load = record["machine"]
+    assert f"load of {load['load_1min_after']:.0f}-{load['load_1min_before']:.0f}" in text
+
+
 def test_the_docs_name_every_engine_preset_and_compat_module():
     """The lists the docs spell out (engines, preset names, gd-run's modules) are the registries'."""
     from fastdiff.compat.package import MODULES
