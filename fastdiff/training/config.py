@@ -67,18 +67,22 @@ def _check_class_folders(dataset) -> None:
     take the id before its own, in the weights for good; one line before any work instead."""
     empty = getattr(dataset, "empty_classes", ())
     if empty:
-        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
         raise DataError(
-            f"class folder {dataset.root / empty[0]}{more} holds no images ({', '.join(IMAGE_EXTENSIONS)}):"
-            " every class folder is a class; add its images or move it out of the data folder"
+            f"class folder {dataset.root / empty[0]}{_more(empty)} holds no images"
+            f" ({', '.join(IMAGE_EXTENSIONS)}): every class folder is a class; add its images or move it"
+            " out of the data folder"
         )
     unread = getattr(dataset, "unread_classes", ())
     if unread:
-        more = f" (and {len(unread) - 1} more)" if len(unread) > 1 else ""
         raise DataError(
-            f"every image of class {unread[0]}{more} is unreadable or corrupt (--skip-bad-images skipped"
-            " them): it would be no class, the classes after it taking its id; fix them or take the class out"
+            f"every image of class {unread[0]}{_more(unread)} is unreadable or corrupt (--skip-bad-images"
+            " skipped them): it would be no class, the classes after it taking its id; fix them or take"
+            " the class out"
         )
+
+
+def _more(names: list) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
 def fit_unet(net: UNetConfig, dataset, cfg_dropout: float = 0.0) -> UNetConfig:
