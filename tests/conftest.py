@@ -158,6 +158,14 @@ def _tf32_unchanged():
 
 
 @pytest.fixture(autouse=True)
+def _subprocess_tmpdir(monkeypatch, tmp_path_factory):
+    """The processes a test starts keep their temporary files in a folder of the test's own:
+    every torchrun left a $TMPDIR/torchelastic_* log folder (21 a run of the suite), and a killed
+    process its multiprocessing pymp-* folder. This process' tempfile has chosen its folder."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
+
+
+@pytest.fixture(autouse=True)
 def _fresh_compat_logger(monkeypatch, tmp_path_factory):
     """guided-diffusion's logger is process-global and may hold a test's captured stdout: each test
     starts from an unconfigured one (as a fresh script does). Its default folder is the test's own:
