@@ -395,6 +395,36 @@ def test_parallel_engine_matches_eager(workers=2):
         fastdiff.Sampler(unet, _diffusion(), engine="parallel", device="meta")
 
 
+def test_parallel_engine_runs_a_batch_of_one_on_a_one_core_worker():
+    """A batch of one is a single slice: it ran on the caller's thread with torch's intra-op
+    threads, 4x slower a guided step of the bundled model at 2 threads than at 1 (OpenMP's
+    barriers at a batch too small to split). It runs on a worker with one intra-op thread."""
+    import threading
+
+    from fastdiff.engines.parallel import BatchParallelStep
+
+    class Step:
+        def narrow(self, a, m, n):
+            return self
+
+        def __call__(self, x, t, noise, state):
+            seen.append((threading.current_thread().name, torch.get_num_threads()))
+            return x + 1, x, state
+
+    seen, before = [], torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        step = BatchParallelStep(Step(), workers=2)
+        for n in (1, 2):
+            x = torch.zeros(n, 1)
+            out, _, _ = step(x, torch.zeros(n, dtype=torch.long), None, None)
+            assert torch.equal(out, x + 1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) == 3 and all(name.startswith("fastdiff-step") and threads == 1 for name, threads in seen)
+
+
 def test_parallel_engine_keeps_the_callers_autocast(workers=2):
     """autocast is per thread: under a caller's ``torch.autocast("cpu", torch.bfloat16)`` the
     parallel engine's slices computed in fp32 (different samples from eager's, silently)."""
