@@ -106,9 +106,7 @@ def _networks(job: Job):
     torch.manual_seed(0)
     preset = get_preset("upsampler64-256" if job.network == "upsampler" else job.network)
     net = preset.net
-    if (
-        job.network == "upsampler"
-    ):  # the preset's widths at a CPU-sized 16 -> 64 (the original's levels for 64)
+    if job.network == "upsampler":  # the preset's widths at a CPU-sized 16 -> 64 (64's levels)
         net = type(net)(**{**net.__dict__, "image_size": 64, "small_size": 16, "channel_mult": (1, 2, 3, 4)})
     model = build_network(net)
     flags = flags_of(net, preset.process)
