@@ -396,6 +396,18 @@ def test_hidden_folders_are_no_class_and_unlabelled_folders_say_why(tmp_path):
         ImageFolderDataset(flat, 8)
 
 
+def _both_trainers_refuse(tmp_path, root, ds, text, *extra):
+    """train and train-classifier on ``root`` end in the one line ``text`` and write nothing; an
+    unconditional network fits ``ds`` (it makes no class ids)."""
+    args = ["--data", str(root), "--image-size", "8", "--batch-size", "2", "--max-steps", "1", *extra]
+    _one_line(CliRunner().invoke(train, [*args, "--flags", TINY, "--out", str(tmp_path / "d")]), text)
+    r = CliRunner().invoke(train_classifier, [*args, "--flags", CLASSIFIER, "--out", str(tmp_path / "c")])
+    _one_line(r, text)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "c").exists()
+    unconditional = TINY.replace("--class_cond True", "--class_cond False")
+    assert fit_unet(configs_from_flags("diffusion", parse_flags(unconditional))[0], ds).num_classes is None
+
+
 def test_a_class_folder_without_images_is_refused_where_it_would_shift_the_ids(tmp_path):
     """An empty class folder (or one of .bmp files) got no id without a word: the folders after
     it took the ids before theirs, kept in the weights. Training refuses it in one line, before
@@ -407,14 +419,8 @@ def test_a_class_folder_without_images_is_refused_where_it_would_shift_the_ids(t
     (root / "cow").symlink_to(tmp_path / "cow")  # a linked class folder, as the listing reads them
     ds = ImageFolderDataset(root, 8)
     assert ds.class_names == ["ant", "cat", "dog"] and ds.empty_classes == ["bee", "cow"]
-    args = ["--data", str(root), "--image-size", "8", "--batch-size", "2", "--max-steps", "1"]
     text = f"class folder {root / 'bee'} (and 1 more) holds no images (.jpg, .jpeg, .png, .gif, .webp)"
-    _one_line(CliRunner().invoke(train, [*args, "--flags", TINY, "--out", str(tmp_path / "d")]), text)
-    r = CliRunner().invoke(train_classifier, [*args, "--flags", CLASSIFIER, "--out", str(tmp_path / "c")])
-    _one_line(r, text)
-    assert not (tmp_path / "d").exists() and not (tmp_path / "c").exists()
-    unconditional = TINY.replace("--class_cond True", "--class_cond False")
-    assert fit_unet(configs_from_flags("diffusion", parse_flags(unconditional))[0], ds).num_classes is None
+    _both_trainers_refuse(tmp_path, root, ds, text)
     flat = tmp_path / "flat"  # a flat folder's classes are its names' prefixes, not its folders
     (flat / "empty").mkdir(parents=True)
     shutil.copy(root / "cat" / "0.png", flat / "cat_0.png")
@@ -431,15 +437,8 @@ def test_a_class_whose_every_image_is_skipped_is_refused_as_an_empty_folder_is(t
         path.write_bytes(path.read_bytes()[:40])  # cut
     ds = ImageFolderDataset(root, 8, skip_bad_images=True)
     assert ds.unread_classes == ["ant"] and ds.class_names == ["cat", "dog"]
-    args = ["--data", str(root), "--image-size", "8", "--batch-size", "2", "--max-steps", "1"]
-    args.append("--skip-bad-images")
     text = "every image of class ant is unreadable or corrupt (--skip-bad-images skipped them)"
-    _one_line(CliRunner().invoke(train, [*args, "--flags", TINY, "--out", str(tmp_path / "d")]), text)
-    r = CliRunner().invoke(train_classifier, [*args, "--flags", CLASSIFIER, "--out", str(tmp_path / "c")])
-    _one_line(r, text)
-    assert not (tmp_path / "d").exists() and not (tmp_path / "c").exists()
-    unconditional = TINY.replace("--class_cond True", "--class_cond False")
-    assert fit_unet(configs_from_flags("diffusion", parse_flags(unconditional))[0], ds).num_classes is None
+    _both_trainers_refuse(tmp_path, root, ds, text, "--skip-bad-images")
     flat = tmp_path / "flat"
     flat.mkdir()
     for name in ("ant_0.png", "bee_0.png", "cat_0.png"):
