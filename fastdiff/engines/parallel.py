@@ -102,4 +102,4 @@ class BatchParallelStep:
 
         futures = [pool.submit(run, a, m, sub) for a, m, sub in slices]
         parts = [f.result() for f in futures]
-        return _join(parts)
+        return parts[0] if len(parts) == 1 else _join(parts)  # one slice's outputs are whole
