@@ -85,6 +85,36 @@ def test_a_folder_holding_a_run_needs_resume_and_resume_continues_it(tmp_path):
     assert (out / "samples_4x32x32x1.npz").is_file() and not (out / "samples_3x32x32x1.npz").exists()
 
 
+def test_the_bundled_models_run_json_is_the_same_from_any_install(tmp_path, monkeypatch):
+    """run.json named the bundled networks by their absolute paths: two installs recorded one job
+    in other bytes. An older run.json, which has those paths, still resumes (weights by content)."""
+    import json
+    import shutil
+
+    from fastdiff.runs import loading
+
+    run = {**TINY, "classes": None}
+    fastdiff.sample_run(tmp_path / "a", **run)
+    other = tmp_path / "install" / "assets"
+    shutil.copytree(loading.ASSETS, other)
+    monkeypatch.setattr(loading, "ASSETS", other)
+    monkeypatch.setattr(loading, "BUNDLED_MODEL", other / "mnist" / "diffusion.safetensors")
+    monkeypatch.setattr(loading, "BUNDLED_CLASSIFIER", other / "mnist" / "classifier.safetensors")
+    fastdiff.sample_run(tmp_path / "b", **run)
+    record = (tmp_path / "a" / "run.json").read_text()
+    assert record == (tmp_path / "b" / "run.json").read_text()
+    old = json.loads(record)
+    assert [old[k]["checkpoint"] for k in ("model", "classifier")] == [
+        "bundled:mnist/diffusion.safetensors",
+        "bundled:mnist/classifier.safetensors",
+    ]
+    for key, name in (("model", "diffusion"), ("classifier", "classifier")):
+        old[key]["checkpoint"] = str(other / "mnist" / f"{name}.safetensors")
+    (tmp_path / "b" / "run.json").write_text(json.dumps(old))
+    summary = fastdiff.sample_run(tmp_path / "b", **{**run, "num_samples": 4}, resume=True)
+    assert (summary["images"], summary["skipped"]) == (2, 2)
+
+
 def test_a_refused_foreign_folder_keeps_no_lock_file(tmp_path):
     """A folder no fastdiff command held (a project folder; sample_run("") is the cwd) is refused
     before the lock, whose file stayed behind in it; a run folder's lock is taken as before."""

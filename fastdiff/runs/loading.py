@@ -258,6 +258,15 @@ def _build(net: NetConfig, checkpoint: Path, preset: str | None, device: torch.d
     return model.to(device).eval().requires_grad_(False)
 
 
+def recorded_path(checkpoint: Path) -> str:
+    """A checkpoint's path as run.json records it: a bundled network as ``bundled:mnist/...``, so
+    two installs record the same job in the same bytes; any other file by its absolute path."""
+    path = checkpoint.resolve()
+    if path.is_relative_to(ASSETS):
+        return f"bundled:{path.relative_to(ASSETS).as_posix()}"
+    return str(path)
+
+
 def load_network(
     kind: str, checkpoint: Path, *, preset, flag_string, device, defaults=None, check=None
 ) -> LoadedModel:
@@ -268,7 +277,7 @@ def load_network(
     model = _build(net, checkpoint, preset, device)
     # What run.json records of a network: the weights by content, not only by path.
     identity = {
-        "checkpoint": str(checkpoint.resolve()),
+        "checkpoint": recorded_path(checkpoint),
         "sha256": file_sha256(checkpoint),
         "flags": flags_of(net, process),
     }

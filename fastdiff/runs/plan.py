@@ -33,7 +33,7 @@ def check_counts(num_samples: int | None, batch_size: int) -> None:
 @dataclass(frozen=True)
 class Plan:
     """What a run produces; stored as run.json so a resume can refuse a different run. The
-    networks are their identities (LoadedModel.identity: path, sha256, flags)."""
+    networks are their identities (LoadedModel.identity: path, or bundled:NAME, sha256, flags)."""
 
     model: dict
     classifier: dict | None
