@@ -84,6 +84,22 @@ def test_classifier_settings_are_refused_before_the_data_is_read(tmp_path):
     _one_line(run("--val-data", "mnist"), "--val-data is only read for --eval-every N")
 
 
+@pytest.mark.parametrize("command", [train, train_classifier])
+def test_the_size_given_by_image_size_and_in_flags_must_agree(tmp_path, command):
+    """--flags "--image_size 16" --image-size 32 trained at 32 without a word; now a contradiction
+    is refused (exit 2), sizes that agree are taken, and an error names the option typed."""
+    size = ["--flags", "--image_size 16 --channel_mult 1,2", "--image-size"]
+    common = ["--data", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "o"), *size]
+    res = CliRunner().invoke(command, [*common, "32"])
+    _one_line(res, "--image-size 32 contradicts --image_size 16 in --flags; give the size once")
+    assert res.exit_code == 2
+    _one_line(CliRunner().invoke(command, [*common, "16"]), "nope.npz")  # agreed: the data is next
+    common[common.index(size[1])] = "--channel_mult 1,2"
+    res = CliRunner().invoke(command, [*common, "33"])
+    _one_line(res, "--image-size 33 must be divisible by 2 (--channel_mult has 2 levels")
+    assert "--image_size" not in res.output
+
+
 def test_out_inside_the_data_folder_is_refused_before_it_is_read(tmp_path):
     """The run's samples/ would be a class of the next run's data: refused, nothing written."""
     data = _classes(tmp_path / "data", ["cat", "dog"])

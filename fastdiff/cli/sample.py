@@ -103,7 +103,7 @@ def ddim_options(command):
     (device_options) and --progress."""
     options = [
         click.option("--preset", help="Model preset (see `fastdiff presets`); with --checkpoint."),
-        click.option("--flags", "flag_string", help="guided-diffusion model flags, instead of --preset."),
+        click.option("--flags", "flag_string", help="guided-diffusion model flags, over --preset's."),
         click.option("--checkpoint", type=UserPath(path_type=Path), help="Diffusion model weights."),
         click.option("--steps", type=int, default=None, help="DDIM steps (default 25)."),
         click.option("--respacing", default=None, help="guided-diffusion respacing instead of --steps."),
@@ -164,7 +164,8 @@ def run_options(out: Path):
 @click.option(
     "--flags",
     "flag_string",
-    help='guided-diffusion model flags, e.g. "--image_size 64 --class_cond True ...".',
+    help="guided-diffusion model flags, over --preset's (a checkpoint's own must agree), e.g. "
+    '"--image_size 64 --class_cond True ...".',
 )
 @click.option(
     "--checkpoint", type=UserPath(path_type=Path), help="Diffusion model weights (.pt or .safetensors)."

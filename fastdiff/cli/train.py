@@ -41,7 +41,10 @@ def common_options(lr: float, ema: str, out: str, out_holds: str):
             help='guided-diffusion flags over the preset/defaults, e.g. "--num_channels 64".',
         ),
         click.option(
-            "--image-size", type=int, help="Image size (folders are resized and center-cropped to it)."
+            "--image-size",
+            type=int,
+            help="Image size, over the preset's (an --image_size in --flags must agree); folders are "
+            "resized and center-cropped to it.",
         ),
         click.option(
             "--batch-size",

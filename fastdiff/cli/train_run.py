@@ -60,8 +60,9 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, 
     """The run's settings, all checked before any data is read, the dataset they describe, and
     notes for the user (lines) once every check has passed.
 
-    The network is defaults < preset < --flags < --image-size; npz/mnist data keep their own size
-    unless a size was asked for; folders are resized to it.
+    The network is defaults < preset < --flags and --image-size, which must agree where both give
+    the size; npz/mnist data keep their own size unless a size was asked for; folders are resized
+    to it.
     """
     flags: dict = {}
     sized = o["image_size"] is not None
@@ -73,11 +74,19 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, 
         sized = True
     if o["flag_string"]:
         given = parse_flags(o["flag_string"])
+        if o["image_size"] is not None and given.get("image_size", o["image_size"]) != o["image_size"]:
+            raise ConfigError(
+                f"--image-size {o['image_size']} contradicts --image_size {given['image_size']} in "
+                "--flags; give the size once",
+                usage=True,
+            )
         flags.update(given)
         sized = sized or "image_size" in given
+    spelled = {}
     if o["image_size"] is not None:
         flags["image_size"] = o["image_size"]
-    net, process = configs_from_flags(kind, flags)  # checked as `fastdiff sample` checks them
+        spelled["image_size"] = "--image-size"
+    net, process = configs_from_flags(kind, flags, spelled)  # checked as `fastdiff sample` checks them
     config = _config(net, process, o, **extra)
     if o["resume"]:
         check_resume_settings(config, kind)

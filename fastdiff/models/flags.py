@@ -294,9 +294,13 @@ def _tuple(name: str, value: Any, number) -> tuple:
         raise FlagError(f"bad value {value!r} for --{name}: expected numbers like 16,8") from None
 
 
-def configs_from_flags(kind: str, flags: dict[str, Any]) -> tuple[NetConfig, DiffusionConfig]:
+def configs_from_flags(
+    kind: str, flags: dict[str, Any], spelled: Mapping[str, str] | None = None
+) -> tuple[NetConfig, DiffusionConfig]:
     """The network and process configs of a (partial) flag dict; absent flags take the original's
-    defaults. A flag of another network kind, or a sampling flag with a value, is a FlagError."""
+    defaults. A flag of another network kind, or a sampling flag with a value, is a FlagError.
+    ``spelled`` names a flag the user gave as an option instead ({"image_size": "--image-size"}),
+    so an error names what they typed."""
     if not (isinstance(kind, str) and kind in CONFIGS):
         raise ValueError(unknown_choice("network kind", kind, CONFIGS))
     if not isinstance(flags, Mapping):  # a flag string goes through parse_flags first
@@ -340,6 +344,8 @@ def configs_from_flags(kind: str, flags: dict[str, Any]) -> tuple[NetConfig, Dif
     except FlagError:
         raise
     except ConfigError as e:  # name the flags the user wrote, not the config's fields
-        names = {field: flag for flag, field in {**_NET_FLAGS[kind], **_DIFFUSION_FLAGS}.items()}
-        message = re.sub(r"\b[a-z_]+\b", lambda m: f"--{names[m[0]]}" if m[0] in names else m[0], str(e))
+        fields = {**_NET_FLAGS[kind], **_DIFFUSION_FLAGS}
+        names = {field: f"--{flag}" for flag, field in fields.items()}
+        names.update({fields[flag]: option for flag, option in (spelled or {}).items()})
+        message = re.sub(r"\b[a-z_]+\b", lambda m: names.get(m[0], m[0]), str(e))
         raise FlagError(message) from None
