@@ -595,6 +595,8 @@ def test_a_folder_resized_to_the_default_size_says_so(tmp_path):
     assert "note: the images are resized and center-cropped to 64x64, the default; " in r.output
     n = len(tiny_data())  # 8x8 images: blurred up to 64x64, which training did without a word
     assert f"note: {n} of {n} images are smaller than 64x64 and are scaled up to it (blurred)" in r.output
+    # the ids the folders got are no use with an unconditional model (sample --classes refuses them)
+    assert not [line for line in r.output.splitlines() if line.startswith("classes:")], r.output
 
 
 def test_a_folder_of_transparent_images_says_their_transparency_is_dropped(tmp_path):

@@ -245,7 +245,8 @@ def _run(trainer, out: str, note: str | None = None) -> None:
         if note and dist.is_main():
             click.echo(note, err=True)
         names = getattr(trainer.dataset, "class_names", None)
-        if dist.is_main() and names and names != [str(i) for i in range(len(names))]:
+        labelled = trainer.config.net.num_classes is not None  # an unconditional model takes no class
+        if dist.is_main() and labelled and names and names != [str(i) for i in range(len(names))]:
             # the ids the folder order gave; --classes takes the names too (they are in the weights)
             click.echo("classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(names)))
         with locked_out(out):
