@@ -571,6 +571,27 @@ def test_builders_return_the_original_classes_which_say_what_a_checkpoint_lacks(
     model.load_state_dict(sd, strict=False)  # a non-strict load is the caller's to check
 
 
+def test_weights_of_other_classes_say_their_class_count_not_their_shapes():
+    """A model or classifier trained on the user's 3 classes, loaded by a script built for 1000:
+    the error named a shape of label_emb.weight; now the class counts and `fastdiff sample`.
+    Weights that differ in more than that keep the full listing."""
+    from fastdiff.models.checkpoint import CheckpointError
+
+    model, _ = gd.create_model_and_diffusion(**TINY)
+    classifier = gd.create_classifier(**TINY_CLASSIFIER)
+    sd = model.state_dict()
+    three = {**sd, "label_emb.weight": sd["label_emb.weight"][:3]}
+    with pytest.raises(CheckpointError, match=r"^the checkpoint has 3 classes, the script's network 1000 "):
+        model.load_state_dict(three)
+    head = {k: v[:3] for k, v in classifier.state_dict().items() if v.shape[:1] == (1000,)}
+    assert sorted(head) == ["out.2.c_proj.bias", "out.2.c_proj.weight"]
+    with pytest.raises(CheckpointError, match="^the classifier checkpoint has 3 classes.*`fastdiff sample`"):
+        classifier.load_state_dict({**classifier.state_dict(), **head})
+    three.pop("out.2.bias")
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): out.2.bias"):
+        model.load_state_dict(three)
+
+
 def test_gd_run_unreadable_script_is_one_line(tmp_path, monkeypatch):
     from pathlib import Path
 
@@ -805,6 +826,16 @@ def test_the_original_scripts_run_unedited(original, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     with np.load(tmp_path / "a" / "samples_2x64x64x3.npz") as npz:
         assert npz["arr_0"].dtype == np.uint8 and npz["arr_1"].shape == (2,)
+    # a model of the user's own 3 classes (as fastdiff trains one): the script builds 1000
+    sd = model.state_dict()
+    torch.save({**sd, "label_emb.weight": sd["label_emb.weight"][:3]}, tmp_path / "model3.pt")
+    res = gd_run([str(scripts / "image_sample.py"), "--model_path", str(tmp_path / "model3.pt"),
+                  *flag_args(flags), *common], tmp_path / "a3")  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines() == [
+        "Error: the checkpoint has 3 classes, the script's network 1000 (guided-diffusion's scripts "
+        "assume ImageNet's 1000): sample it with `fastdiff sample`, which takes any class count"
+    ], res.stderr
 
     res = gd_run([str(scripts / "classifier_sample.py"), "--model_path", str(tmp_path / "model.pt"),
                   "--classifier_path", str(tmp_path / "classifier.pt"), *flag_args(flags),

@@ -13,8 +13,9 @@ import inspect
 
 from fastdiff.config import ConfigError
 from fastdiff.models import unet as _unet
-from fastdiff.models.checkpoint import check_fits
+from fastdiff.models.checkpoint import CheckpointError, check_fits
 from fastdiff.models.config import ClassifierConfig, SuperResConfig, UNetConfig
+from fastdiff.models.presets import build_network
 from fastdiff.models.unet import (  # noqa: F401 (the original module's other public names)
     AttentionBlock,
     AttentionPool2d,
@@ -94,8 +95,39 @@ class _FitsOrSays:
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         if strict:
+            self._check_class_count(state_dict)
             check_fits(state_dict, self)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _check_class_count(self, state_dict) -> None:
+        """Weights that would fit but for their class count (a fastdiff run on the user's own
+        classes, under an original script built for ImageNet's 1000) are one line saying so:
+        the shape listing named a label table, not the cause."""
+        want = self.config.num_classes
+        if want is None:
+            return
+        want_shapes = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        have_shapes = {k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}
+        counts = {
+            have_shapes[k][0]
+            for k, shape in want_shapes.items()
+            if shape[:1] == (want,)
+            and len(have_shapes.get(k, ())) == len(shape)
+            and have_shapes[k][1:] == shape[1:]
+        } - {want}
+        if len(counts) != 1:
+            return
+        (have,) = counts
+        try:
+            check_fits(state_dict, build_network(dataclasses.replace(self.config, num_classes=have), "meta"))
+        except CheckpointError:  # something else differs too: the full listing says what
+            return
+        what = "classifier checkpoint" if isinstance(self, _unet.EncoderUNetModel) else "checkpoint"
+        imagenet = " (guided-diffusion's scripts assume ImageNet's 1000)" if want == 1000 else ""
+        raise CheckpointError(
+            f"the {what} has {have} classes, the script's network {want}{imagenet}: sample it with "
+            "`fastdiff sample`, which takes any class count"
+        )
 
 
 class UNetModel(_FitsOrSays, _unet.UNetModel):
