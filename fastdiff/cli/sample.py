@@ -176,7 +176,7 @@ def run_options(out: Path):
 @click.option(
     "--classifier-preset", help="Classifier preset (default: the one matching the model's image size)."
 )
-@click.option("--classifier-flags", help="guided-diffusion classifier flags, instead of --classifier-preset.")
+@click.option("--classifier-flags", help="guided-diffusion classifier flags, over --classifier-preset's.")
 @click.option(
     "--classifier-scale",
     type=float,

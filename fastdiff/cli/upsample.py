@@ -17,7 +17,7 @@ from fastdiff.cli.sample import echo, run_options, summary_line
 
 @click.command("upsample")
 @click.option("--preset", help="Upsampler preset (upsampler64-256, upsampler128-512); with --checkpoint.")
-@click.option("--flags", "flag_string", help="guided-diffusion super-resolution flags, instead of --preset.")
+@click.option("--flags", "flag_string", help="guided-diffusion super-resolution flags, over --preset's.")
 @click.option("--checkpoint", type=UserPath(path_type=Path), help="Upsampler weights (.pt or .safetensors).")
 @click.option(
     "--low-res",
