@@ -261,9 +261,9 @@ def _build(net: NetConfig, checkpoint: Path, preset: str | None, device: torch.d
 def recorded_path(checkpoint: Path) -> str:
     """A checkpoint's path as run.json records it: a bundled network as ``bundled:mnist/...``, so
     two installs record the same job in the same bytes; any other file by its absolute path."""
-    path = checkpoint.resolve()
-    if path.is_relative_to(ASSETS):
-        return f"bundled:{path.relative_to(ASSETS).as_posix()}"
+    path, assets = checkpoint.resolve(), ASSETS.resolve()
+    if path.is_relative_to(assets):
+        return f"bundled:{path.relative_to(assets).as_posix()}"
     return str(path)
 
 
