@@ -675,16 +675,73 @@ def test_patch_leaves_modules_with_state_dict_hooks():
 
 
 class _HeadsInBatchAttention(nn.Module):
-    """improved-diffusion's QKVAttention: no n_heads, its heads folded into the batch by the caller."""
+    """improved-diffusion's QKVAttention: no n_heads (nothing of its own), one head over a batch
+    its caller folded the heads into; q and k scaled by d**-1/4 each, the softmax in fp32."""
 
     def forward(self, qkv):
-        ch = qkv.shape[1] // 3
-        q, k, v = qkv.split(ch, dim=1)
-        w = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / math.sqrt(ch), dim=-1)
-        return torch.einsum("bts,bcs->bct", w, v)
+        d = qkv.shape[1] // 3
+        q, k, v = qkv.split(d, dim=1)
+        logits = torch.einsum("nct,ncs->nts", q * d**-0.25, k * d**-0.25)
+        return torch.einsum("nts,ncs->nct", logits.float().softmax(-1).to(logits.dtype), v)
 
 
 _HeadsInBatchAttention.__name__ = "QKVAttention"
+
+
+class _SettingsAttention(_HeadsInBatchAttention):
+    """Another code's QKVAttention: no n_heads, but a setting of its own (here a head count under
+    another name): patch cannot tell what it computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = 2
+
+
+_SettingsAttention.__name__ = "QKVAttention"
+
+
+class IDDPMAttentionBlock(nn.Module):
+    """improved-diffusion's AttentionBlock: qkv reshaped to [B*H, 3*C/H, T] for its QKVAttention."""
+
+    def __init__(self, channels, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = GroupNorm32(4, channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.attention = _HeadsInBatchAttention()
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(x))
+        h = self.attention(qkv.reshape(b * self.num_heads, -1, qkv.shape[2])).reshape(b, c, -1)
+        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+
+
+def test_patch_replaces_improved_diffusion_attention(caplog):
+    """improved-diffusion's QKVAttention (no n_heads: its block folds the heads into the batch) was
+    kept ("it has no n_heads"): it is fastdiff's attention at one head on that batch."""
+    torch.manual_seed(0)
+    block = IDDPMAttentionBlock(32, 4)
+    x = torch.randn(2, 32, 5, 6, requires_grad=True)
+    ref = block(x)
+    (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    patched = copy.deepcopy(block)
+    with caplog.at_level(logging.DEBUG, logger="fastdiff.ops.patch"):
+        patch(patched)
+    attn = patched.attention
+    assert type(attn) is fast_attention.QKVAttentionLegacy and attn.n_heads == 1
+    assert list(patched.state_dict()) == list(block.state_dict())
+    lines = [r.getMessage() for r in caplog.records]
+    replaced = "attention: QKVAttention -> fastdiff's QKVAttentionLegacy, 1 head (heads in the batch)"
+    assert f"patch(IDDPMAttentionBlock): {replaced}" in lines
+    assert lines[-1] == "patch(IDDPMAttentionBlock): 1 GroupNorm, 1 QKVAttentionLegacy"
+    out = patched(x)
+    (gx,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-5)
+    assert [type(m) for m in patch(patched).modules()] == [type(m) for m in patched.modules()]  # idempotent
 
 
 def test_patch_reports_what_it_kept_and_why(caplog):
@@ -702,7 +759,7 @@ def test_patch_reports_what_it_kept_and_why(caplog):
     param = nn.GroupNorm(2, 4)
     torch.nn.utils.parametrize.register_parametrization(param, "weight", _Positive())
     net = nn.Sequential(
-        nn.GroupNorm(2, 4), hooked, param, NormPlusInput(2, 4), _HeadsInBatchAttention(), hooked_attn
+        nn.GroupNorm(2, 4), hooked, param, NormPlusInput(2, 4), _SettingsAttention(), hooked_attn
     )
     with caplog.at_level(logging.DEBUG, logger="fastdiff.ops.patch"):
         patch(net)

@@ -197,18 +197,32 @@ def _is_silu(m: nn.Module) -> bool:
     return type(m).__name__ == "SiLU"
 
 
-def _attention_class(m: nn.Module):
+# what a bare nn.Module holds: a module with nothing more has no settings of its own
+_BARE_MODULE = frozenset(vars(nn.Module()))
+
+
+def _is_heads_in_batch_attention(m: nn.Module) -> bool:
+    """improved-diffusion's QKVAttention: named so, without ``n_heads`` and with nothing of its
+    own (no parameter, buffer, submodule or attribute). Its AttentionBlock folds the heads into
+    the batch first, so it attends with one head over the [B*H, 3*d, T] it is given, q, k and v
+    in turn: guided-diffusion's QKVAttentionLegacy at one head (both orders are one at one head)."""
+    return type(m).__name__ == "QKVAttention" and not hasattr(m, "n_heads") and vars(m).keys() <= _BARE_MODULE
+
+
+def _attention_replacement(m: nn.Module) -> nn.Module | None:
+    """fastdiff's module for m, an ADM attention module (None for any other or one kept)."""
     cls = _ATTENTION.get(type(m).__name__)
     if cls is None or isinstance(m, cls) or _why_attention_kept(m):
         return None
-    return cls
+    new = QKVAttentionLegacy(1) if _is_heads_in_batch_attention(m) else cls(m.n_heads)
+    return new.train(m.training)
 
 
 def _why_attention_kept(m: nn.Module) -> str | None:
-    """Why a module named as an ADM attention class stays, or None. Without ``n_heads`` it is
-    another code's class of that name (improved-diffusion's QKVAttention takes its heads folded
-    into the batch), whose head count is unknown."""
-    if not hasattr(m, "n_heads"):
+    """Why a module named as an ADM attention class stays, or None. Without ``n_heads``, and with
+    settings of its own (not improved-diffusion's), it is another code's class of that name,
+    whose head count is unknown."""
+    if not (hasattr(m, "n_heads") or _is_heads_in_batch_attention(m)):
         return "it has no n_heads"
     return _why_not_swappable(m)
 
@@ -293,10 +307,13 @@ def _patch_children(
     slots = list(module._modules) if fuse else []  # (a ScriptModule's _modules does not iterate)
     for name, child in children:
         where = f"{path}.{name}" if path else name
-        attn = _attention_class(child) if attention else None
+        attn = _attention_replacement(child) if attention else None
         if attn is not None:
-            setattr(module, name, attn(child.n_heads).train(child.training))
-            done.append((where, f"{type(child).__name__} -> fastdiff's", attn.__name__))
+            setattr(module, name, attn)
+            what = f"{type(child).__name__} -> fastdiff's"
+            if not hasattr(child, "n_heads"):
+                what += f" {type(attn).__name__}, 1 head (heads in the batch)"
+            done.append((where, what, type(attn).__name__))
         elif group_norm and _is_foreign_group_norm(child):
             after = slots.index(name) + 1 if fuse else len(slots)
             nxt = module._modules[slots[after]] if after < len(slots) else None
@@ -339,7 +356,8 @@ def patch(
     an nn.Sequential (not a subclass with its own forward) by one fused GroupNormSiLU (nn.Identity
     where the SiLU was), guided-diffusion's (or improved-diffusion's) scale-shift ResBlock's norm +
     scale-shift + SiLU by one AdaGroupNormSiLU, every ADM attention module (class named
-    QKVAttention / QKVAttentionLegacy with ``n_heads``) by fastdiff's, and guided-diffusion's
+    QKVAttention / QKVAttentionLegacy with ``n_heads``, or improved-diffusion's QKVAttention, which
+    has none: one head on a batch its caller folded the heads into) by fastdiff's, and guided-diffusion's
     upsamplers (an Upsample with its 3x3 conv, a BigGAN up ResBlock's upsampling and first conv) by
     one ``upsample_conv``; ``group_norm``, ``attention`` and ``upsample`` = False each leave their
     part as it was. A GroupNorm, SiLU or attention module with hooks (forward, backward or
