@@ -888,6 +888,28 @@ def test_wrong_kinds_of_argument_are_one_type_error():
     torch.testing.assert_close(ada_group_norm(x, torch.tensor(3)), ada_group_norm(x, 3))
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 1, 1), (1, 4, 1), (1, 4)])
+def test_a_group_of_one_value_in_a_batch_of_one_is_refused_on_every_path(tk, monkeypatch, shape):
+    """nn.GroupNorm refuses a batch of one whose groups hold one value each (a ValueError); the
+    kernels returned the bias for it. Every path refuses it now, before any work, and a batch of
+    two (which torch normalizes to the bias) still runs."""
+    x, w, b = torch.randn(shape), torch.randn(4), torch.randn(4)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nn.GroupNorm(4, 4)(x)
+    for mode in ("auto", "reference", "triton"):
+        monkeypatch.setenv("FASTDIFF_OPS", mode)
+        with pytest.raises(
+            ValueError, match=r"^ada_group_norm: expected more than 1 value per group, got x "
+        ):
+            ada_group_norm(x, 4, w, b, activation=None)
+        with pytest.raises(ValueError, match="more than 1 value per group"):
+            GroupNormSiLU(4, 4)(x)
+        two = torch.cat([x, x])
+        # torch's x * rstd - mean * rstd rounds by ~1e-5 at rstd = eps ** -0.5; the kernels give b
+        expected = F.group_norm(two, 4, w, b)
+        torch.testing.assert_close(ada_group_norm(two, 4, w, b, activation=None), expected, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("cls", [GroupNorm, GroupNormSiLU])
 def test_module_refuses_what_groupnorm_refuses(cls):
     """The drop-in raises where nn.GroupNorm raises, with the type it raises (RuntimeError; ours is

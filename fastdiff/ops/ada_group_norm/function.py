@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import warnings
 
 import torch
@@ -222,6 +223,13 @@ def _check_sizes(x: Tensor, num_groups: int, weight, bias, scale, shift) -> None
     n, c = x.shape[0], x.shape[1]
     if num_groups <= 0 or c % num_groups:
         raise OpInputError(f"ada_group_norm: {c} channels are not divisible into {num_groups} groups")
+    if n * (c // num_groups) * math.prod(x.shape[2:]) == 1:
+        # nn.GroupNorm's ValueError for a group of one value in a batch of one (its statistics
+        # are the value itself and 0): the kernels returned the bias where torch refuses
+        shape = list(x.shape)
+        raise OpInputError(
+            f"ada_group_norm: expected more than 1 value per group, got x {shape} in {c} groups"
+        )
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.shape != (c,):
             raise OpInputError(f"ada_group_norm: {name} must be [{c}], got {list(t.shape)}")
