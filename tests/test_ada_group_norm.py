@@ -32,14 +32,17 @@ KERNEL_MODULE = "fastdiff.ops.ada_group_norm.triton_kernel"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
 LOW = (torch.float32, torch.float16, torch.bfloat16)
+# what the kernel tests set for themselves (tk), as this run started
+KERNEL_ENV = {k: os.environ.get(k) for k in ("FASTDIFF_OPS", "FASTDIFF_OPS_POISON", "TRITON_INTERPRET")}
 
 
 @pytest.fixture(scope="module")
-def tk():
-    """triton_kernel with interpreted kernels, TRITON_INTERPRET=1 and output poisoning for this module.
+def _interpreted_kernels():
+    """triton_kernel with interpreted kernels, imported once for the module.
 
-    TRITON_INTERPRET is read when the kernels are decorated (at import), so it is set here only if
-    the kernel module was not imported yet; on a CUDA machine the GPU tests cover the kernels.
+    TRITON_INTERPRET is read when the kernels are decorated (at import), so it is set for the
+    import only if the kernel module was not imported yet; on a CUDA machine the GPU tests cover
+    the kernels.
     """
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
@@ -48,15 +51,31 @@ def tk():
             if HAS_CUDA or KERNEL_MODULE in sys.modules:
                 pytest.skip("CPU kernel tests need TRITON_INTERPRET=1 set before triton_kernel is imported")
             mp.setenv("TRITON_INTERPRET", "1")
-        mp.setenv("FASTDIFF_OPS_POISON", "1")
-        mp.setenv("FASTDIFF_OPS", "triton")  # these tests are about the kernels
         from triton.runtime.interpreter import InterpretedFunction
 
         from fastdiff.ops.ada_group_norm import triton_kernel
 
-        if not isinstance(triton_kernel._fwd_kernel, InterpretedFunction):
-            pytest.skip("triton_kernel was imported without TRITON_INTERPRET=1")
-        yield triton_kernel
+    if not isinstance(triton_kernel._fwd_kernel, InterpretedFunction):
+        pytest.skip("triton_kernel was imported without TRITON_INTERPRET=1")
+    return triton_kernel
+
+
+@pytest.fixture
+def tk(_interpreted_kernels, monkeypatch):
+    """triton_kernel, with the ops sending CPU tensors to its interpreted kernels and poisoning
+    their outputs for this test alone: set for the module, FASTDIFF_OPS=triton held for every
+    later test of the file, which then ran the kernels where it meant the CPU's paths."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FASTDIFF_OPS_POISON", "1")
+    monkeypatch.setenv("FASTDIFF_OPS", "triton")  # these tests are about the kernels
+    return _interpreted_kernels
+
+
+def test_the_kernel_import_shared_by_the_module_leaves_the_environment_alone(_interpreted_kernels):
+    """The module-scoped ``tk`` set FASTDIFF_OPS=triton (and poisoning) until the file ended:
+    every later test without ``tk`` ran the interpreted kernels where it meant the CPU's paths.
+    The module shares only the import; ``tk`` sets the environment per test."""
+    assert {k: os.environ.get(k) for k in KERNEL_ENV} == KERNEL_ENV
 
 
 def make_inputs(
