@@ -161,7 +161,8 @@ def _tf32_unchanged():
 def _subprocess_tmpdir(monkeypatch, tmp_path_factory):
     """The processes a test starts keep their temporary files in a folder of the test's own:
     every torchrun left a $TMPDIR/torchelastic_* log folder (21 a run of the suite), and a killed
-    process its multiprocessing pymp-* folder. This process' tempfile has chosen its folder."""
+    process its multiprocessing pymp-* folder. This process' tempfile has chosen its folder, and a
+    child it forks (a DataLoader worker) inherits that one: a test ends the workers it starts."""
     monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
 
 

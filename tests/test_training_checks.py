@@ -4,6 +4,7 @@ settings, held-out data, run folders that are not a resumable run, and damaged c
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 
 import numpy as np
@@ -382,8 +383,15 @@ def test_an_image_that_does_not_decode_is_one_line_or_stood_in_for(tmp_path):
     _scrambled(root / "a" / "0.png")
     ds = ImageFolderDataset(root, 8)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1)
+    children = set(multiprocessing.active_children())
+    batches = iter(loader)
     with pytest.raises(DataError) as caught:
-        next(iter(loader))
+        next(batches)
+    # The epoch's two other batches, at whose end the iterator stops its worker: left running (the
+    # error's traceback holds the iterator), the worker was killed at the process's exit, leaving
+    # the pymp-* folder it shared its batches through in the temp folder the process started with.
+    assert len(list(batches)) == 2
+    assert set(multiprocessing.active_children()) <= children
     error = worker_error(caught.value)
     assert str(error).startswith(f"cannot read image {root / 'a' / '0.png'}: ")
     assert "\n" not in str(error) and str(error).endswith("remove it or pass --skip-bad-images")
