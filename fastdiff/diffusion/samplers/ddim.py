@@ -23,9 +23,12 @@ class DDIMStep:
         self.needs_noise = self.eta > 0
         # float32 arithmetic on float32 alpha_bars, as the original's step computes them, so its
         # coefficients are the original's to the bit (float64 tables then rounded differ in the
-        # last bit, enough to move a pixel of a seeded run by one level).
+        # last bit, enough to move a pixel of a seeded run by one level). A float64 run computes
+        # them in float64: float32's 1 - alpha_bar near t = 0 was off by 1e-3 relative, which
+        # moved a float64 DDIM sample by up to 3e-3 mid-run against the float64 arithmetic.
+        work = torch.float64 if dtype == torch.float64 else torch.float32
         abar, abar_prev = (
-            torch.from_numpy(np.asarray(a, dtype=np.float64)).float()
+            torch.from_numpy(np.asarray(a, dtype=np.float64)).to(work)
             for a in (diffusion.alphas_cumprod, diffusion.alphas_cumprod_prev)
         )
         sigma = self.eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
