@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from fastdiff.compat import dist_util, gaussian_diffusion, logger, respace
 from fastdiff.compat import guided_diffusion as gd
 from fastdiff.config import ConfigError
+from fastdiff.diffusion.samplers import sample_steps
 
 SCRIPTS = Path(__file__).parent / "gd_scripts"
 ORIGINAL = os.environ.get("FASTDIFF_GUIDED_DIFFUSION", "")
@@ -734,6 +735,66 @@ def test_two_batches_after_one_seed_are_the_originals(original, loop, kwargs):
         # Bit-equal: DDIM's coefficients too are float32 arithmetic as the original's (float64
         # tables rounded once were off in the last bit, a pixel level in a seeded script's npz).
         assert torch.equal(want, got)
+
+
+def _original_in_float64(monkeypatch, model) -> None:
+    """Let the original code compute in float64, which it has no mode for: its ``.float()`` casts
+    (the per-step tables, the guided mean, GroupNorm32, the attention softmax) keep a float64
+    tensor, its UNet no longer casts its input to float32, and its timestep embedding (float32, as
+    fastdiff's) is cast to float64 after, as fastdiff's UNet casts its own."""
+    unet = sys.modules["guided_diffusion.unet"]
+    to_float, embed = torch.Tensor.float, unet.timestep_embedding
+
+    def keep_float64(self, *args, **kwargs):
+        return self if self.dtype == torch.float64 else to_float(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "float", keep_float64)
+    monkeypatch.setattr(unet, "timestep_embedding", lambda *args, **kwargs: embed(*args, **kwargs).double())
+    monkeypatch.setattr(model, "dtype", torch.float64)
+
+
+@needs_original
+@pytest.mark.slow
+@pytest.mark.parametrize("learn_sigma, clip", [(True, True), (True, False), (False, True)])
+def test_trajectories_from_t_T_minus_1_differ_from_the_originals_by_network_rounding_alone(
+    original, monkeypatch, learn_sigma, clip
+):
+    """A respacing that keeps t = T-1 (cosine: alpha_bar 2.4e-9 there) multiplies the network's
+    eps by sqrt(1 / alpha_bar - 1) = 20291 into x0, so the ~3e-6 by which fastdiff's fp32 networks
+    round otherwise than the original's (channels-last convs, fused attention) made 5-step DDPM and
+    DPM-Solver++ samples differ by ~2e-3 (bench/cpu_jobs.py). Rounding alone: in float32 fastdiff's
+    loops running the original's network are the original's loops to the bit, and in float64 every
+    step of fastdiff's own network and loops (DPM-Solver++: the original's network in its loop) is
+    the original's to 1e-9."""
+    flags = dict(
+        timestep_respacing="5", diffusion_steps=1000, noise_schedule="cosine", learn_sigma=learn_sigma
+    )
+    om, od, fm, fd = _pair(original, **flags)
+    y, shape = torch.tensor([3, 7]), (2, 3, 16, 16)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    loops = ("p_sample_loop_progressive", "ddim_sample_loop_progressive")
+    kwargs = dict(clip_denoised=clip, cond_fn=_cond_fn, model_kwargs={"y": y})
+
+    def steps(model, diffusion, loop, noise):
+        torch.manual_seed(5)
+        if loop == "dpm++2m":
+            run = sample_steps(diffusion, model, shape, sampler=loop, noise=noise, **kwargs)
+            return [x.clone() for _, x, _ in run]
+        return [out["sample"] for out in getattr(diffusion, loop)(model, shape, noise=noise, **kwargs)]
+
+    for loop in loops:
+        for want, got in zip(steps(om, od, loop, x_T), steps(om, fd, loop, x_T), strict=True):
+            assert torch.equal(want, got), loop
+    x_T, fm = x_T.double(), fm.double()
+    got = {loop: steps(fm, fd, loop, x_T) for loop in (*loops, "dpm++2m")}
+    with monkeypatch.context() as m:
+        _original_in_float64(m, om.double())
+        want = {loop: steps(om, od, loop, x_T) for loop in loops}
+        want["dpm++2m"] = steps(om, fd, "dpm++2m", x_T)
+    for loop, trajectory in want.items():
+        for i, (w, g) in enumerate(zip(trajectory, got[loop], strict=True)):
+            assert w.dtype == g.dtype == torch.float64
+            assert (w - g).abs().max() < 1e-9, (loop, i)
 
 
 @needs_original
