@@ -3,7 +3,7 @@
 PyTorch's CPU group_norm is fast on NCHW, but on channels_last it is 6-11x slower at most of the
 bundled model's shapes (1.2 ms against 0.11 ms for [16, 64, 16, 16], torch 2.13, one thread),
 and a channels_last torso is what makes oneDNN's convolutions fast there (UNetModel runs its
-inference passes on the CPU in it). Viewed as [N, HW, C], per-channel sums are one
+inference passes on the CPU in it from a batch of 16). Viewed as [N, HW, C], per-channel sums are one
 vectorized pass each; the statistics are two-pass (mean, then the centred squares) as exact as
 the native kernel's, and the affine, scale and shift fold into one multiply-add per element:
 ``(x - mean) * rstd * w * (1 + scale) + (b * (1 + scale) + shift)``, the reference's chain up
