@@ -444,6 +444,17 @@ def test_cpu_inference_runs_the_torso_channels_last(monkeypatch, updown):
     assert layouts[-1]
 
 
+def test_reference_ops_run_the_torso_nchw_at_every_batch(monkeypatch):
+    """FASTDIFF_OPS=reference keeps the original's NCHW torso from a batch of 16 too, so the
+    UNet is guided-diffusion's arithmetic (channels-last convs round otherwise, by ~3e-6)."""
+    from fastdiff.models import unet as unet_module
+
+    monkeypatch.setenv("FASTDIFF_OPS", "reference")
+    x = torch.randn(unet_module.CHANNELS_LAST_MIN_BATCH, 3, 16, 16)
+    with torch.no_grad():
+        assert not unet_module._channels_last_torso(x)
+
+
 @pytest.mark.parametrize("n", [1, 2, 15])
 def test_cpu_inference_of_a_small_batch_runs_the_torso_nchw(n):
     """Below a batch of 16 the torso runs NCHW on the CPU, measured faster there (the bundled

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.ops import AdaGroupNormSiLU, QKVAttention, QKVAttentionLegacy, avg_pool2x
-from fastdiff.ops._backend import traced
+from fastdiff.ops._backend import force_reference, traced
 from fastdiff.ops.patch import adm_resblock_forward, adm_upsample_forward, has_hooks, outside_autocast
 
 from .config import ClassifierConfig, NetConfig, SuperResConfig, UNetConfig
@@ -459,7 +459,8 @@ def _channels_last_torso(x: torch.Tensor) -> bool:
     slow on channels_last), on other devices, nor in traced or compiled runs, whose graphs keep
     the layout they were written with."""
     inference = not torch.is_grad_enabled() and x.device.type == "cpu" and x.dim() == 4
-    return inference and not traced() and x.shape[0] >= CHANNELS_LAST_MIN_BATCH
+    speed = not (traced() or force_reference())  # FASTDIFF_OPS=reference: the original's NCHW
+    return inference and speed and x.shape[0] >= CHANNELS_LAST_MIN_BATCH
 
 
 class SuperResModel(UNetModel):

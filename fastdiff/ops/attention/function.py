@@ -3,10 +3,11 @@ see one opaque node with a fake (meta) implementation and a registered backward.
 
 Dispatch per call: the Triton kernels for fp16/bf16/fp32 wherever ``use_triton`` says so
 (CUDA, or CPU under ``TRITON_INTERPRET=1``: no silent fallback there); otherwise PyTorch's fused
-SDPA kernels (``sdpa.py``, plain autograd, no custom op); ``FASTDIFF_OPS=reference`` and float64
-take the reference (the kernels' softmax statistics are fp32). Inside a ``torch.func`` transform
-no custom op runs (``in_func_transform``); under forward-mode AD the reference does
-(``forward_ad_active``).
+SDPA kernels (``sdpa.py``, plain autograd, no custom op); float64 takes the custom op's reference
+(the kernels' softmax statistics are fp32), and ``FASTDIFF_OPS=reference`` the reference's plain
+ops, whose autograd graph is the original's (the op's closed-form backward rounds otherwise).
+Inside a ``torch.func`` transform no custom op runs (``in_func_transform``); under forward-mode
+AD the reference does (``forward_ad_active``).
 """
 
 from __future__ import annotations
@@ -140,7 +141,9 @@ def _dispatch(qkv, num_heads, order):
     if in_func_transform() or torch.jit.is_tracing():
         plain = force_reference() or nested_func_grad()
         return (attention_reference if plain else sdpa_attention)(qkv, num_heads, order)
-    if _kernel_for(qkv, num_heads) or force_reference() or qkv.dtype == torch.float64:
+    if force_reference():  # the original's own ops, and autograd's graph of them for the gradient
+        return attention_reference(qkv, num_heads, order)
+    if _kernel_for(qkv, num_heads) or qkv.dtype == torch.float64:
         device = qkv.device.type
         if qkv.dtype == torch.float32 and autocast_available(device) and torch.is_autocast_enabled(device):
             # a custom op has no autocast rule: cast as SDPA and the reference's matmuls are cast
