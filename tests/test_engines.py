@@ -395,6 +395,19 @@ def test_parallel_engine_matches_eager(workers=2):
         fastdiff.Sampler(unet, _diffusion(), engine="parallel", device="meta")
 
 
+def test_reference_ops_default_to_the_eager_engine_with_threads(monkeypatch):
+    """FASTDIFF_OPS=reference runs the whole batch in one call on the CPU however many threads
+    torch has: the parallel engine's slices round as a smaller batch does, not as the original."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert default_engine(torch.device("cpu")) == "parallel"
+        monkeypatch.setenv("FASTDIFF_OPS", "reference")
+        assert default_engine(torch.device("cpu")) == "eager"
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_parallel_engine_runs_a_batch_of_one_on_a_one_core_worker():
     """A batch of one is a single slice: it ran on the caller's thread with torch's intra-op
     threads, 4x slower a guided step of the bundled model at 2 threads than at 1 (OpenMP's

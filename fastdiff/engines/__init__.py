@@ -26,6 +26,7 @@ import torch
 from fastdiff.config import unknown_choice
 from fastdiff.diffusion.guidance import ClassifierGuidance
 from fastdiff.diffusion.samplers import StepFn
+from fastdiff.ops._backend import force_reference
 
 from .graph import GraphStep, LoopGraph
 from .padded import PaddedStep
@@ -166,10 +167,11 @@ def default_engine(device: torch.device) -> str:
     (bench/results): ``parallel`` when torch has more than one thread (as fast as intra-op threads
     on an idle machine, without their barrier stalls on a loaded one), else ``eager``
     (torch.compile's cold compile, and the onnx engine's first export, cost more than they save
-    on a short run)."""
+    on a short run). ``FASTDIFF_OPS=reference`` takes ``eager`` on the CPU: the original's
+    arithmetic is that of the whole batch, and a convolution over a slice rounds otherwise."""
     if torch.device(device).type == "cuda":
         return "graph"
-    return "parallel" if torch.get_num_threads() > 1 else "eager"
+    return "parallel" if torch.get_num_threads() > 1 and not force_reference() else "eager"
 
 
 def check_engine(
