@@ -135,6 +135,11 @@ def test_the_quoted_measurements_are_in_their_records():
     # the end-to-end table: each row the record's row its threads and engine name
     own = "each side's default"
     table = {
+        "2026-12-08-cpu-e2e-22a8d86": {
+            ("1", "eager"): "1",
+            ("2", "parallel"): "2 (`parallel` engine)",
+            ("default", "parallel"): own,
+        },
         "2026-12-07-cpu-e2e-07aa35f": {
             ("1", "eager"): "1",
             ("2", "parallel"): "2 (`parallel` engine)",
