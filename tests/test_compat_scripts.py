@@ -593,6 +593,21 @@ def test_weights_of_other_classes_say_their_class_count_not_their_shapes():
         model.load_state_dict(three)
 
 
+def test_an_upsamplers_weights_of_other_classes_name_fastdiff_upsample():
+    """super_res_sample.py's network told the user to sample an upsampler's weights with
+    `fastdiff sample`, which has no low-res input: `fastdiff upsample` samples them."""
+    from fastdiff.models.checkpoint import CheckpointError
+
+    sr, _ = gd.sr_create_model_and_diffusion(
+        large_size=64, small_size=32, num_channels=32, num_res_blocks=1, class_cond=True
+    )
+    sd = sr.state_dict()
+    with pytest.raises(
+        CheckpointError, match=r"^the upsampler checkpoint has 3 classes, .*`fastdiff upsample`"
+    ):
+        sr.load_state_dict({**sd, "label_emb.weight": sd["label_emb.weight"][:3]})
+
+
 def test_gd_run_unreadable_script_is_one_line(tmp_path, monkeypatch):
     from pathlib import Path
 

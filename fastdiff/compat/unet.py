@@ -122,11 +122,15 @@ class _FitsOrSays:
             check_fits(state_dict, build_network(dataclasses.replace(self.config, num_classes=have), "meta"))
         except CheckpointError:  # something else differs too: the full listing says what
             return
-        what = "classifier checkpoint" if isinstance(self, _unet.EncoderUNetModel) else "checkpoint"
+        what, command = "checkpoint", "fastdiff sample"
+        if isinstance(self, _unet.EncoderUNetModel):
+            what = "classifier checkpoint"
+        elif isinstance(self, _unet.SuperResModel):  # an upsampler: `fastdiff sample` has no low-res input
+            what, command = "upsampler checkpoint", "fastdiff upsample"
         imagenet = " (guided-diffusion's scripts assume ImageNet's 1000)" if want == 1000 else ""
         raise CheckpointError(
             f"the {what} has {have} classes, the script's network {want}{imagenet}: sample it with "
-            "`fastdiff sample`, which takes any class count"
+            f"`{command}`, which takes any class count"
         )
 
 
