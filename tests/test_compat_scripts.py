@@ -591,6 +591,11 @@ def test_weights_of_other_classes_say_their_class_count_not_their_shapes():
     three.pop("out.2.bias")
     with pytest.raises(CheckpointError, match=r"missing keys \(1\): out.2.bias"):
         model.load_state_dict(three)
+    # an empty label table: the listing, not the ConfigError of a network built for 0 classes
+    with pytest.raises(
+        CheckpointError, match=r"label_emb.weight: checkpoint \[0,128\] vs model \[1000,128\]"
+    ):
+        model.load_state_dict({**sd, "label_emb.weight": sd["label_emb.weight"][:0]})
 
 
 def test_an_upsamplers_weights_of_other_classes_name_fastdiff_upsample():

@@ -115,7 +115,7 @@ class _FitsOrSays:
             and len(have_shapes.get(k, ())) == len(shape)
             and have_shapes[k][1:] == shape[1:]
         } - {want}
-        if len(counts) != 1:
+        if len(counts) != 1 or 0 in counts:  # an empty label table is no network: the listing says so
             return
         (have,) = counts
         try:
