@@ -473,13 +473,16 @@ def test_cpu_inference_of_a_small_batch_runs_the_torso_nchw(n):
 def test_a_make_fx_trace_keeps_the_torso_nchw():
     """fastdiff's ONNX export traces the networks with make_fx under no_grad on the CPU: the
     channels-last torso leaked into that trace as layout copies and transposed matmuls (the
-    bundled model's graph had 2134 nodes against 2090)."""
+    bundled model's graph had 2134 nodes against 2090). At a batch the torso would run
+    channels_last outside the trace (below it, NCHW proves nothing)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    from fastdiff.models import unet as unet_module
     from fastdiff.ops._backend import traced
 
     model = randomize(small_unet()).eval()
-    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 7])
+    n = unet_module.CHANNELS_LAST_MIN_BATCH
+    x, t, y = torch.randn(n, 3, 16, 16), torch.arange(n) * 60, torch.arange(n) % 10
     seen = []
     with torch.no_grad():
         graph = make_fx(lambda x, t, y: (seen.append(traced()), model(x, t, y))[1])(x, t, y)
