@@ -3,9 +3,10 @@
 Triton kernels run on CUDA tensors. On CPU tensors each op takes PyTorch's fastest exact path;
 ``FASTDIFF_OPS=triton`` together with ``TRITON_INTERPRET=1`` runs the kernels there instead, in
 Triton's interpreter (how CI proves the kernels: slow, so only where asked for), and
-``FASTDIFF_OPS=reference`` turns every fast path off (the models' and engines' too): on the CPU
-in fp32, guided-diffusion's arithmetic to the bit. The decision is per call, so one process
-can mix devices.
+``FASTDIFF_OPS=reference`` turns every fast path off (the models' too, and the CPU's default
+engine is ``eager``; an engine asked for by name still runs): on the CPU in fp32 with the eager
+engine, guided-diffusion's arithmetic to the bit. The decision is per call, so one process can
+mix devices.
 """
 
 from __future__ import annotations
