@@ -101,6 +101,16 @@ def test_the_size_given_by_image_size_and_in_flags_must_agree(tmp_path, command)
     assert "--image_size" not in res.output
 
 
+def test_an_option_spelling_of_a_flag_the_network_kind_lacks_is_ignored():
+    """configs_from_flags' ``spelled`` renames a flag the user gave as an option; for a kind
+    without that flag (an upsampler has large_size, not image_size) it named nothing and raised
+    KeyError instead of the FlagError."""
+    from fastdiff.models.flags import FlagError, configs_from_flags
+
+    with pytest.raises(FlagError, match="unsupported image size 33"):
+        configs_from_flags("superres", {"large_size": 33}, {"image_size": "--image-size"})
+
+
 def test_out_inside_the_data_folder_is_refused_before_it_is_read(tmp_path):
     """The run's samples/ would be a class of the next run's data: refused, nothing written."""
     data = _classes(tmp_path / "data", ["cat", "dog"])

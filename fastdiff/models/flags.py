@@ -346,6 +346,6 @@ def configs_from_flags(
     except ConfigError as e:  # name the flags the user wrote, not the config's fields
         fields = {**_NET_FLAGS[kind], **_DIFFUSION_FLAGS}
         names = {field: f"--{flag}" for flag, field in fields.items()}
-        names.update({fields[flag]: option for flag, option in (spelled or {}).items()})
+        names.update({fields[f]: option for f, option in (spelled or {}).items() if f in fields})
         message = re.sub(r"\b[a-z_]+\b", lambda m: names.get(m[0], m[0]), str(e))
         raise FlagError(message) from None
