@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from fastdiff.config import error_line
+from fastdiff.models.checkpoint import ASSETS
 
 from .inception import FIDInceptionV3
 from .metrics import EvaluationError
 from .mnist_cnn import load_mnist_cnn
 from .npz import ImageBatch, from_array
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_CNN = ASSETS / "mnist" / "cnn.safetensors"
 INCEPTION_FILES = (
     "pt_inception-2015-12-05-6726825d.pth (pytorch-fid: "

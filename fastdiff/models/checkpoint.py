@@ -20,6 +20,7 @@ from torch import nn
 from fastdiff.config import error_line
 
 StateDict = dict[str, torch.Tensor]
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the networks the package ships
 _SHOWN = 5  # keys listed per category in an error message
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 _DTYPE_BYTES = {

@@ -21,6 +21,7 @@ from torch import nn
 from fastdiff.config import ConfigError
 from fastdiff.diffusion import DiffusionConfig, GaussianDiffusion
 from fastdiff.models.checkpoint import (
+    ASSETS,
     CheckpointError,
     check_fits,
     check_torch_file,
@@ -37,7 +38,6 @@ from fastdiff.runs.device import resolve_device
 from fastdiff.runs.errors import RunError, check_arguments
 from fastdiff.runs.plan import class_list
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_MODEL = ASSETS / "mnist" / "diffusion.safetensors"
 BUNDLED_CLASSIFIER = ASSETS / "mnist" / "classifier.safetensors"
 # What weights do not fix: how their network runs, their training loss, DDPM's fixed variance
