@@ -555,6 +555,9 @@ def fake_cuda_graph(monkeypatch):
     monkeypatch.setattr(GraphStep, "_record", record)
     monkeypatch.setitem(engines.ENGINES, "graph", lambda step, device: GraphStep(step))
     monkeypatch.setitem(engines.ENGINES, "graph-loop", lambda step, device: LoopGraph(step))
+    # runs.device binds check_engine at import: patched (so imported) before engines' name is,
+    # or a first import under this fixture would keep the stand-in for the worker's later tests
+    monkeypatch.setattr("fastdiff.runs.device.check_engine", lambda *args: None)
     monkeypatch.setattr("fastdiff.engines.check_engine", lambda *args: None)
     monkeypatch.setattr("fastdiff.engines.sampler.check_engine", lambda *args: None)
     return fake

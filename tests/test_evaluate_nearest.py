@@ -183,7 +183,9 @@ def test_cli_refuses_out_and_network_before_any_distance(tmp_path, monkeypatch):
         raise AssertionError("distances computed before the input was refused")
 
     monkeypatch.setattr("fastdiff.evaluation.nearest.nearest", refuse)
-    monkeypatch.setattr("fastdiff.evaluation.networks.compute_activations", refuse)
+    # patched where the CLI looks it up: runs.features binds it at import, so patching networks'
+    # name made a worker's first import of runs.features keep the refusal for its later tests
+    monkeypatch.setattr("fastdiff.runs.features.compute_activations", refuse)
     rng = np.random.default_rng(0)
     for name, c in (("s", 1), ("train", 1), ("held", 1), ("rgb", 3), ("rgb_train", 3)):
         np.savez(tmp_path / f"{name}.npz", rng.integers(0, 256, (6, 32, 32, c), dtype=np.uint8))
