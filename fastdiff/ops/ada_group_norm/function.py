@@ -223,7 +223,7 @@ def _check_sizes(x: Tensor, num_groups: int, weight, bias, scale, shift) -> None
     n, c = x.shape[0], x.shape[1]
     if num_groups <= 0 or c % num_groups:
         raise OpInputError(f"ada_group_norm: {c} channels are not divisible into {num_groups} groups")
-    if n * (c // num_groups) * math.prod(x.shape[2:]) == 1:
+    if x.numel() == num_groups:  # one value per group and a batch of one
         # nn.GroupNorm's ValueError for a group of one value in a batch of one (its statistics
         # are the value itself and 0): the kernels returned the bias where torch refuses
         shape = list(x.shape)
@@ -236,7 +236,7 @@ def _check_sizes(x: Tensor, num_groups: int, weight, bias, scale, shift) -> None
     for name, t in (("scale", scale), ("shift", shift)):
         if t is None:
             continue
-        trailing = t.dim() > 2 and any(s != 1 for s in t.shape[2:])  # ADM's [N, C] has none to test
+        trailing = math.prod(t.shape[2:]) != 1  # a size other than 1 after C (ADM's [N, C, 1, 1])
         if t.dim() < 2 or t.shape[1] != c or trailing or t.shape[0] not in (1, n):
             raise OpInputError(f"ada_group_norm: {name} must be [N, C] = [{n}, {c}], got {list(t.shape)}")
 
@@ -278,24 +278,28 @@ def _dispatch(x, num_groups, weight, bias, scale, shift, eps, activation):
         raise OpInputError(f"ada_group_norm: activation must be 'silu' or None, got {activation!r}")
     if not torch.jit.is_tracing():
         _check_sizes(x, num_groups, weight, bias, scale, shift)
-    n, c = x.shape[0], x.shape[1]
-    scale, shift = _per_sample(scale, n, c), _per_sample(shift, n, c)
+    device = x.device
     for t in (weight, bias, scale, shift):
-        if t is not None and t.device != x.device:
-            raise OpInputError(f"ada_group_norm: all tensors must be on {x.device}, got one on {t.device}")
+        if t is not None and t.device != device:
+            raise OpInputError(f"ada_group_norm: all tensors must be on {device}, got one on {t.device}")
+    n, c = x.shape[0], x.shape[1]
     # A CPU tensor no kernel is asked for (FASTDIFF_OPS not triton) has none: its path is chosen
     # without _has_kernel's checks, which cost about as much as the norm itself at batch 1 (the
     # bundled model's forward calls the op 46 times).
-    cpu_only = x.device.type == "cpu" and not wants_triton(x)
+    cpu_only = device.type == "cpu" and not wants_triton(x)
     if cpu_only or not _has_kernel(x):
         # No kernel here (the CPU, float64, FASTDIFF_OPS=reference): PyTorch's native group_norm
         # chain with its own autograd is the fastest exact path, and traces like any torch code.
         if not cpu_only and _kernel_allowed(x) and (why := triton_missing(x)):
             notice_fallback("ada_group_norm", why)
+        # The reference takes scale/shift as they come: it broadcasts ADM's [N, C, 1, 1] chunks
+        # as they are, where making them [N, C] and back cost 4 ops a call.
         path = ada_group_norm_reference
         if _channels_last_inference(x, weight, bias, scale, shift):
             path = ada_group_norm_channels_last
+            scale, shift = _per_sample(scale, n, c), _per_sample(shift, n, c)
         return path(x, num_groups, weight, bias, scale, shift, float(eps), activation)
+    scale, shift = _per_sample(scale, n, c), _per_sample(shift, n, c)
     if not _flattenable(x):  # a permuted layout the kernels cannot stride through
         x = x.contiguous()
     op = torch.ops.fastdiff.ada_group_norm

@@ -27,6 +27,7 @@ from fastdiff.ops._backend import (
     notice_fallback,
     triton_missing,
     use_triton,
+    wants_triton,
 )
 from fastdiff.ops.attention.reference import (
     ORDERS,
@@ -143,6 +144,9 @@ def _dispatch(qkv, num_heads, order):
         return (attention_reference if plain else sdpa_attention)(qkv, num_heads, order)
     if force_reference():  # the original's own ops, and autograd's graph of them for the gradient
         return attention_reference(qkv, num_heads, order)
+    if qkv.dtype != torch.float64 and not wants_triton(qkv):
+        # no kernel asked for (the CPU): SDPA, without use_triton's and triton_missing's checks
+        return sdpa_attention(qkv, num_heads, order)
     if _kernel_for(qkv, num_heads) or qkv.dtype == torch.float64:
         device = qkv.device.type
         if qkv.dtype == torch.float32 and autocast_available(device) and torch.is_autocast_enabled(device):
