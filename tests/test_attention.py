@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 
 import pytest
 import torch
@@ -408,6 +409,38 @@ def test_double_backward_float64():
     x = torch.randn(1, 3 * 2 * 2, 3, dtype=torch.float64, requires_grad=True)
     for order in ("new", "legacy"):
         assert torch.autograd.gradgradcheck(lambda t, o=order: attention(t, 2, o), (x,))
+
+
+def test_first_order_records_sdpas_own_backward(monkeypatch):
+    """Inside first_order (classifier guidance's gradient by x, never differentiated again) the
+    CPU's attention records SDPA's own backward, without _TwiceDifferentiable's inner graph and
+    nested autograd.grad; the gradient is the same, bit for bit. Outside it the gradient can
+    still be differentiated again (test_double_backward_float64)."""
+    from fastdiff.diffusion.guidance import ClassifierGuidance
+    from fastdiff.ops.attention.sdpa import first_order
+
+    monkeypatch.setenv("FASTDIFF_OPS", "auto")
+    qkv = torch.randn(2, 3 * 2 * 8, 16, requires_grad=True)
+    dy = torch.randn(2, 2 * 8, 16)
+    for order in ("new", "legacy"):
+        twice = attention(qkv, 2, order)
+        with first_order():
+            plain = attention(qkv, 2, order)
+        assert type(twice.grad_fn).__name__ == "_TwiceDifferentiableBackward"
+        assert "TwiceDifferentiable" not in type(plain.grad_fn).__name__
+        assert torch.equal(twice, plain)
+        assert torch.equal(torch.autograd.grad(twice, qkv, dy)[0], torch.autograd.grad(plain, qkv, dy)[0])
+
+    class Classifier(nn.Module):  # logits through one attention, as the ADM classifier's pool
+        def forward(self, x, t):
+            return attention(x.flatten(2).repeat(1, 3, 1), 1, "new").mean(-1)
+
+    sdpa = sys.modules["fastdiff.ops.attention.sdpa"]
+    calls = []
+    monkeypatch.setattr(sdpa._TwiceDifferentiable, "apply", lambda *a: calls.append(1))
+    x = torch.randn(2, 4, 3, 3)
+    gradient = ClassifierGuidance(Classifier(), 2.0)(x, torch.tensor([5, 6]), y=torch.tensor([0, 3]))
+    assert gradient.shape == x.shape and not calls
 
 
 @needs_kernel
