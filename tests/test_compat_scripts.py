@@ -598,6 +598,27 @@ def test_weights_of_other_classes_say_their_class_count_not_their_shapes():
         model.load_state_dict({**sd, "label_emb.weight": sd["label_emb.weight"][:0]})
 
 
+def test_a_cfg_models_class_count_leaves_out_its_null_label(tmp_path):
+    """fastdiff train --cfg-dropout on 10 classes builds 11 labels (null label 10, in the
+    weights' metadata); the script's error said "11 classes" where fastdiff sample says the model
+    has 10. Without the metadata (a torch.save file) the label table's rows are all it knows."""
+    from fastdiff.models.checkpoint import CheckpointError, save_weights
+
+    model, _ = gd.create_model_and_diffusion(**TINY)
+    sd = model.state_dict()
+    eleven = {**sd, "label_emb.weight": sd["label_emb.weight"][:11]}
+    save_weights(eleven, tmp_path / "cfg.safetensors", {"null_label": 10})
+    with pytest.raises(
+        CheckpointError,
+        match=r"^the checkpoint has 10 classes \(and classifier-free guidance's null label\), "
+        r"the script's network 1000 ",
+    ):
+        model.load_state_dict(dist_util.load_state_dict(tmp_path / "cfg.safetensors", map_location="cpu"))
+    torch.save(eleven, tmp_path / "cfg.pt")
+    with pytest.raises(CheckpointError, match=r"^the checkpoint has 11 classes, "):
+        model.load_state_dict(dist_util.load_state_dict(tmp_path / "cfg.pt", map_location="cpu"))
+
+
 def test_an_upsamplers_weights_of_other_classes_name_fastdiff_upsample():
     """super_res_sample.py's network told the user to sample an upsampler's weights with
     `fastdiff sample`, which has no low-res input: `fastdiff upsample` samples them."""

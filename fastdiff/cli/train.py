@@ -179,8 +179,8 @@ def common_options(lr: float, ema: str, out: str, out_holds: str):
     is_flag=False,
     flag_value=0.1,
     default=0.0,
-    help="Classifier-free guidance training: replace labels by the null class "
-    "(index = the data's class count; the model gets one extra class) with this probability "
+    help="Classifier-free guidance training: replace labels by the null label "
+    "(the data's class count; the model's label table gets one row more) with this probability "
     "(0.1 if given without a value).",
 )
 @click.option("--random-flip", is_flag=True, help="Random horizontal flips (off: wrong for digits).")

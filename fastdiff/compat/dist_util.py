@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import SLOWEST_RANK, local_rank
-from ..models.checkpoint import read_checkpoint
+from ..models.checkpoint import read_checkpoint, read_metadata
 
 # The original's cluster layout constants (it pins rank % GPUS_PER_NODE); kept for code that reads them.
 GPUS_PER_NODE = 8
@@ -50,16 +50,28 @@ def dev() -> torch.device:
     return torch.device("cpu")
 
 
+class Weights(dict):
+    """A ``.safetensors`` file's tensors and the ``null_label`` its fastdiff metadata records
+    (None: none): a classifier-free-guidance model's label table has a row beyond its classes,
+    which the compat networks' class-count message must not count as one."""
+
+    def __init__(self, tensors, null_label=None):
+        super().__init__(tensors)
+        self.null_label = null_label
+
+
 def load_state_dict(path, map_location=None, weights_only=True):
     """``torch.load(path, map_location=...)`` with ``weights_only=True`` (a ``.safetensors`` file
-    is read by safetensors): what the original's checkpoints and optimizer states need, and no
-    pickled code. Read by fastdiff's checkpoint reader, so a missing, cut-short or foreign file is
-    one CheckpointError (gd-run's one line), not torch's traceback."""
+    is read by safetensors, as :class:`Weights`): what the original's checkpoints and optimizer
+    states need, and no pickled code. Read by fastdiff's checkpoint reader, so a missing,
+    cut-short or foreign file is one CheckpointError (gd-run's one line), not torch's traceback."""
     if weights_only is not True:
         raise ValueError("fastdiff loads checkpoints with weights_only=True only")
     state = read_checkpoint(path, map_location=map_location)
-    if str(path).endswith(".safetensors") and map_location is not None:  # read on the CPU
-        state = {k: v.to(map_location) for k, v in state.items()}
+    if str(path).endswith(".safetensors"):  # read on the CPU
+        if map_location is not None:
+            state = {k: v.to(map_location) for k, v in state.items()}
+        state = Weights(state, read_metadata(path).get("null_label"))
     return state
 
 

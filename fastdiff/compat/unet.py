@@ -102,7 +102,8 @@ class _FitsOrSays:
     def _check_class_count(self, state_dict) -> None:
         """Weights that would fit but for their class count (a fastdiff run on the user's own
         classes, under an original script built for ImageNet's 1000) are one line saying so:
-        the shape listing named a label table, not the cause."""
+        the shape listing named a label table, not the cause. The classes are the user's: a
+        classifier-free-guidance model's null label is none (fastdiff sample's count too)."""
         want = self.config.num_classes
         if want is None:
             return
@@ -122,6 +123,9 @@ class _FitsOrSays:
             check_fits(state_dict, build_network(dataclasses.replace(self.config, num_classes=have), "meta"))
         except CheckpointError:  # something else differs too: the full listing says what
             return
+        classes = f"{have} classes"
+        if getattr(state_dict, "null_label", None) == have - 1:  # dist_util.Weights of a CFG model
+            classes = f"{have - 1} classes (and classifier-free guidance's null label)"
         what, command = "checkpoint", "fastdiff sample"
         if isinstance(self, _unet.EncoderUNetModel):
             what = "classifier checkpoint"
@@ -129,7 +133,7 @@ class _FitsOrSays:
             what, command = "upsampler checkpoint", "fastdiff upsample"
         imagenet = " (guided-diffusion's scripts assume ImageNet's 1000)" if want == 1000 else ""
         raise CheckpointError(
-            f"the {what} has {have} classes, the script's network {want}{imagenet}: sample it with "
+            f"the {what} has {classes}, the script's network {want}{imagenet}: sample it with "
             f"`{command}`, which takes any class count"
         )
 

@@ -86,7 +86,7 @@ def _more(names: list) -> str:
 
 
 def fit_unet(net: UNetConfig, dataset, cfg_dropout: float = 0.0) -> UNetConfig:
-    """Fit a diffusion UNet to the data: size, channels, class count (+1 null class for CFG)."""
+    """Fit a diffusion UNet to the data: size, channels, class count (+1 row for CFG's null label)."""
     check_cfg_dropout(cfg_dropout, net.num_classes is not None)
     num_classes = None
     if net.num_classes is not None:

@@ -1,7 +1,7 @@
 """ADM's two trainers on the shared loop: the diffusion model (hybrid loss, classifier-free
 guidance dropout, preview grids) and the noisy-image classifier (with held-out evaluation).
 
-Classifier-free guidance: labels are replaced by the null class with probability
+Classifier-free guidance: labels are replaced by the null label with probability
 ``cfg_dropout``. The null label is the dataset's class count: the model is built with
 ``num_classes = classes + 1`` (so a 10-class CFG model has the flag ``num_classes 11`` and null
 label 10), and the checkpoint metadata records ``null_label``.
