@@ -247,7 +247,7 @@ def test_classifier_without_scale_is_an_error(models, tmp_path):
         (["--classifier-flags", "'"], ["No closing quotation"], 1),
         (["--flags", "--use_ddim False"], ["--use_ddim is a sampling-script flag", "--sampler"], 1),
         (["--flags", "--classifier_scale 1.0"], ["--classifier_scale is a sampling-script flag"], 1),
-        (["--flags", "--image_size 9"], ["--image_size 9 must be divisible by 2"], 1),
+        (["--flags", "--image_size 9"], ["flag --image_size 9 contradicts the flags"], 1),
         (["--classes", "1,,2"], ["--classes must be class ids", "'1,,2'"], 1),
         (["--classes", ""], ["names no class id"], 1),
         (["--seed", 2**63], ["--seed must be >= 0 and < 2**63"], 2),

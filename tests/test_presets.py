@@ -132,7 +132,7 @@ def test_channel_mult_by_image_size():
     }
     assert UNetConfig(image_size=48, channel_mult=(1, 2), attention_resolutions=()).levels == (1, 2)
     assert UNetConfig(channel_mult=(0.5, 1)).widths == (64, 128)
-    with pytest.raises(ConfigError, match="unsupported image size 48; pass channel_mult"):
+    with pytest.raises(ConfigError, match=r"unsupported image size 48 .*: pass channel_mult 1,2,2,2$"):
         UNetConfig(image_size=48, attention_resolutions=())
     with pytest.raises(ConfigError, match="unsupported image size 48"):
         build_unet(image_size=48)
@@ -278,6 +278,9 @@ def test_no_res_blocks_and_dropout_one_pass_every_flag_path():
             "--image_size 36 must be divisible by 8",
         ),
         ("superres", {"large_size": 66, "channel_mult": "1,2,2"}, "--large_size 66 must be divisible by 4"),
+        # each size error ends on a channel_mult that fits: the given one's levels the size can halve
+        ("diffusion", {"image_size": 36, "channel_mult": "0.5,1,2,3"}, r"\): pass --channel_mult 0.5,1,2$"),
+        ("superres", {"large_size": 66}, r"defaults are for 64, 256, 512\): pass --channel_mult 1,2$"),
         ("classifier", {"classifier_width": 40}, r"channel_mult x 40 .* multiple of 32"),
         # no flag sets the classifier's 64-channel heads: the message named none that helps
         (

@@ -226,6 +226,8 @@ def test_weights_of_another_kind_are_named_so():
         ("--diffusion_steps 100", "--diffusion_steps 1000"),  # sampled with another process, unseen
         ("--num_channels 64", "--num_channels 32"),  # a dump of 100 wrong shapes
         ("--class_cond True --use_new_attention_order True", "--use_new_attention_order False"),
+        # no network at all beside the weights' channel_mult: it said to pass another channel_mult
+        ("--image_size 34", "--image_size 32"),
     ],
 )
 def test_flags_that_contradict_a_checkpoints_own_are_one_line(flags, theirs):

@@ -86,7 +86,7 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, 
     if o["image_size"] is not None:
         flags["image_size"] = o["image_size"]
         spelled["image_size"] = "--image-size"
-    net, process = configs_from_flags(kind, flags, spelled)  # checked as `fastdiff sample` checks them
+    net, process = configs_from_flags(kind, flags, spelled, "--flags")  # as `fastdiff sample` checks them
     config = _config(net, process, o, **extra)
     if o["resume"]:
         check_resume_settings(config, kind)

@@ -27,6 +27,14 @@ POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 GROUPS = 32  # ADM's GroupNorm splits every width into 32 groups
 
 
+def _fitting(size: int, levels: tuple[float, ...]) -> str:
+    """The first of ``levels`` that ``size`` can halve between (all a channel_mult fix keeps), as
+    a flag value: a size error's fix is "pass channel_mult VALUE", which ``configs_from_flags``
+    words as the CLI takes it."""
+    halvings = (size & -size).bit_length() - 1  # the factors of 2 in size
+    return ",".join(f"{m:g}" for m in levels[: halvings + 1])
+
+
 @dataclass(frozen=True, kw_only=True)
 class NetConfig:
     """The torso every ADM network shares (guided-diffusion's UNet constructor arguments).
@@ -77,14 +85,19 @@ class NetConfig:
         if any(r < 1 for r in self.attention_resolutions):
             raise ConfigError(f"attention_resolutions {self.attention_resolutions} must be positive")
         if not self.channel_mult and self.image_size not in self._channel_mult_table:
-            raise ConfigError(f"unsupported image size {self.image_size}; pass channel_mult")
+            sizes = ", ".join(map(str, sorted(self._channel_mult_table)))
+            raise ConfigError(
+                f"unsupported image size {self.image_size} without a channel_mult (the defaults are"
+                f" for {sizes}): pass channel_mult {_fitting(self.image_size, (1, 2, 2, 2))}"
+            )
         if any(m <= 0 for m in self.channel_mult):
             raise ConfigError(f"channel_mult {self.channel_mult} must be positive")
         halvings = len(self.levels) - 1  # each level after the first halves the resolution
         if self.image_size % 2**halvings:
             raise ConfigError(
                 f"image_size {self.image_size} must be divisible by {2**halvings} (channel_mult has"
-                f" {halvings + 1} levels; each after the first halves the image)"
+                f" {halvings + 1} levels; each after the first halves the image): pass channel_mult"
+                f" {_fitting(self.image_size, self.levels)}"
             )
         widths, down = self.widths, self.down_widths
         if self.has_up_path or self.num_res_blocks:

@@ -221,7 +221,9 @@ def _check_agrees(given: dict, own: dict, kind: str, checkpoint: Path) -> None:
     """Flags given for a checkpoint that carries its own must describe its network and process:
     one that did not made a shape dump (another width or size) or sampled with another network
     or process than the weights were trained with, without a word (another --diffusion_steps,
-    schedule or head count). What the weights do not fix (use_fp16, the loss, ...) may differ."""
+    schedule or head count). What the weights do not fix (use_fp16, the loss, ...) may differ;
+    a flag that makes no network beside the weights' others contradicts them too (the size
+    error's fix, another channel_mult, would contradict them in turn)."""
 
     def fixed(configs: tuple[NetConfig, DiffusionConfig]) -> tuple[NetConfig, DiffusionConfig]:
         net, process = configs
@@ -231,7 +233,11 @@ def _check_agrees(given: dict, own: dict, kind: str, checkpoint: Path) -> None:
 
     base = configs_of(own, kind)
     for name, value in given.items():
-        if fixed(configs_of({**own, name: value}, kind)) != base:
+        try:
+            agrees = fixed(configs_of({**own, name: value}, kind)) == base
+        except RunError:  # no network with the weights' other flags (--image_size 33): theirs differ
+            agrees = False
+        if not agrees:
             theirs = own.get(name, known_flags()[name])
             raise RunError(
                 f"flag --{name} {value} contradicts the flags {checkpoint} carries (--{name} {theirs}):"
