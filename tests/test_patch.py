@@ -744,6 +744,32 @@ def test_patch_replaces_improved_diffusion_attention(caplog):
     assert [type(m) for m in patch(patched).modules()] == [type(m) for m in patched.modules()]  # idempotent
 
 
+def test_patch_keeps_a_module_compiled_on_its_own_and_says_why(caplog):
+    """improved-diffusion's QKVAttention compiled alone (``m.compile()`` puts the compiled call on
+    it) was kept as "it has no n_heads"; a compiled GroupNorm or guided-diffusion attention was
+    swapped, the compilation and its options dropped. Each stays, as a hooked one does, and the
+    report says to patch first; a model compiled whole has its layers swapped (its compiled call
+    runs them)."""
+    block, whole = IDDPMAttentionBlock(32, 4), IDDPMAttentionBlock(32, 4)
+    block.attention.compile()
+    block.norm.compile(dynamic=False)
+    gd_attn = QKVAttention(2)
+    gd_attn.compile()
+    net = nn.Sequential(block, gd_attn)
+    why = "it is compiled on its own: patch first, then compile"
+    with caplog.at_level(logging.INFO, logger="fastdiff.ops.patch"), pytest.warns(UserWarning, match=why):
+        patch(net)
+    assert type(block.attention) is _HeadsInBatchAttention and type(block.norm) is GroupNorm32
+    assert type(gd_attn) is QKVAttention and net[1] is gd_attn
+    assert caplog.records[-1].getMessage() == (
+        f"patch(Sequential): nothing replaced; kept as they were: 1 GroupNorm32 ({why}), "
+        f"2 QKVAttention ({why})"
+    )
+    whole.compile()
+    patch(whole)
+    assert type(whole.attention) is fast_attention.QKVAttentionLegacy and type(whole.norm) is GroupNorm
+
+
 def test_patch_reports_what_it_kept_and_why(caplog):
     """patch() named what it replaced but not the GroupNorms and attention modules it left (hooks,
     a parametrization, state or a forward of their own, no n_heads): a user saw fewer layers

@@ -156,12 +156,21 @@ def _has_state_dict_hooks(m: nn.Module) -> bool:
     return any(hooks + (m._load_state_dict_pre_hooks, m._load_state_dict_post_hooks))
 
 
+def _is_compiled_alone(m: nn.Module) -> bool:
+    """Whether ``m.compile(...)`` compiled m on its own (torch keeps the compiled call on it);
+    a model compiled whole holds it on the model, which patch never swaps."""
+    return getattr(m, "_compiled_call_impl", None) is not None
+
+
 def _why_not_swappable(m: nn.Module) -> str | None:
     """Why m cannot be swapped out, or None: a module swapped out would take its hooks with it
-    (its state_dict's too), and a parametrized weight is computed on access, not a Parameter the
-    new module could share."""
+    (its state_dict's too), or its compilation, whose options (mode, backend) no public API reads
+    back to compile the new one alike; and a parametrized weight is computed on access, not a
+    Parameter the new module could share."""
     if has_hooks(m) or _has_state_dict_hooks(m):
         return "it has hooks"
+    if _is_compiled_alone(m):
+        return "it is compiled on its own: patch first, then compile"
     return "it is parametrized" if parametrize.is_parametrized(m) else None
 
 
@@ -205,8 +214,10 @@ def _is_heads_in_batch_attention(m: nn.Module) -> bool:
     """improved-diffusion's QKVAttention: named so, without ``n_heads`` and with nothing of its
     own (no parameter, buffer, submodule or attribute). Its AttentionBlock folds the heads into
     the batch first, so it attends with one head over the [B*H, 3*d, T] it is given, q, k and v
-    in turn: guided-diffusion's QKVAttentionLegacy at one head (both orders are one at one head)."""
-    return type(m).__name__ == "QKVAttention" and not hasattr(m, "n_heads") and vars(m).keys() <= _BARE_MODULE
+    in turn: guided-diffusion's QKVAttentionLegacy at one head (both orders are one at one head).
+    ``m.compile()``'s compiled call is no setting: :func:`_why_not_swappable` names it."""
+    own = vars(m).keys() - _BARE_MODULE - {"_compiled_call_impl"}
+    return type(m).__name__ == "QKVAttention" and not hasattr(m, "n_heads") and not own
 
 
 def _attention_replacement(m: nn.Module) -> nn.Module | None:
@@ -361,7 +372,8 @@ def patch(
     upsamplers (an Upsample with its 3x3 conv, a BigGAN up ResBlock's upsampling and first conv) by
     one ``upsample_conv``; ``group_norm``, ``attention`` and ``upsample`` = False each leave their
     part as it was. A GroupNorm, SiLU or attention module with hooks (forward, backward or
-    state_dict ones) or a parametrization stays as it is, as does an upsampler whose conv (or
+    state_dict ones), a parametrization or a compilation of its own (``m.compile()``; a model
+    compiled whole runs the swapped layers) stays as it is, as does an upsampler whose conv (or
     BigGAN h_upd) has hooks. Returns ``model``. What it replaced, and which GroupNorms and
     attention modules it kept and why, is logged by the ``fastdiff.ops.patch`` logger: a line per
     layer at DEBUG, the counts at INFO; a model with nothing to replace and none of fastdiff's
@@ -392,8 +404,8 @@ def patch(
     if not done and not _holds_fastdiff_layers(model):
         warnings.warn(
             f"fastdiff.ops.patch: nothing to replace in {name} (it swaps a model's GroupNorms, ADM "
-            "attention and upsamplers without hooks or parametrizations, never the model itself)"
-            + (f"; kept as they were: {left}" if left else ""),
+            "attention and upsamplers without hooks, parametrizations or compilations of their own,"
+            " never the model itself)" + (f"; kept as they were: {left}" if left else ""),
             stacklevel=2,
         )
     return model
