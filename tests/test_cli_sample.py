@@ -165,7 +165,9 @@ def test_a_resume_on_another_device_type_is_refused(models, tmp_path):
     assert record["device"] == "cpu"
     (out / "run.json").write_text(json.dumps({**record, "device": "cuda"}))
     r = run(*base_args(models, out, "--num-samples", 2, "--batch-size", 1, "--resume"))
-    assert r.exit_code != 0 and r.output.strip().endswith("in: device"), r.output
+    assert r.exit_code != 0 and r.output.strip().endswith("in: device ('cuda' in the run, 'cpu' now)"), (
+        r.output
+    )
     del record["device"]
     (out / "run.json").write_text(json.dumps(record))
     r = run(*base_args(models, out, "--num-samples", 2, "--batch-size", 1, "--resume"))

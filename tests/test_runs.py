@@ -78,8 +78,11 @@ def test_a_folder_holding_a_run_needs_resume_and_resume_continues_it(tmp_path):
     assert fastdiff.sample_run(out, **TINY)["images"] == 3
     with pytest.raises(RunError, match="already holds a sampling run"):
         fastdiff.sample_run(out, **TINY)
-    with pytest.raises(RunError, match="differs from the one in .* in: seed"):
+    with pytest.raises(RunError, match=r"differs from the one in .* in: seed \(0 in the run, 1 now\)$"):
         fastdiff.sample_run(out, **{**TINY, "seed": 1}, resume=True)
+    # the option a user typed (--steps) is no setting's name: the values say what changed
+    with pytest.raises(RunError, match=r" in: respacing \('ddim2' in the run, 'ddim3' now\)$"):
+        fastdiff.sample_run(out, **{**TINY, "steps": 3}, resume=True)
     summary = fastdiff.sample_run(out, **{**TINY, "num_samples": 4}, resume=True)
     assert (summary["images"], summary["skipped"]) == (2, 2)  # the partial last batch is made again
     assert (out / "samples_4x32x32x1.npz").is_file() and not (out / "samples_3x32x32x1.npz").exists()
