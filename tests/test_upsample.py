@@ -421,6 +421,8 @@ def test_sample_upsample_with_runs_the_cascade(files, tmp_path):
     [
         (["--upsample-with", "{sr}"], "the base model's samples: 32x32x1 images; the upsampler takes 8x8x3"),
         (["--upsample-with", "{pt}"], "say which upsampler it is, PRESET:CHECKPOINT"),
+        # a missing file says so first: a preset before it found no file either
+        (["--upsample-with", "{pt}x"], "Error: --upsample-with checkpoint not found: "),
         (["--upsample-steps", "5"], "--upsample-steps needs --upsample-with"),
     ],
 )

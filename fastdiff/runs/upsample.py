@@ -231,6 +231,7 @@ class Cascade:
 def prepare_cascade(spec: str, base: LoadedModel, labels, steps: int | None, device) -> Cascade:
     """The upsampler for ``--upsample-with SPEC``, checked against the base model's samples."""
     preset, path = parse_upsampler_spec(spec)
+    check_file(path, "--upsample-with checkpoint")  # a typo'd path was told to name a preset first
     if preset is None and path.suffix != ".safetensors":
         raise RunError(
             f"--upsample-with {spec}: say which upsampler it is, PRESET:CHECKPOINT (e.g. "
