@@ -275,8 +275,10 @@ def _copy(finished_run, tmp_path):
     ],
 )
 def test_resume_refuses_other_training_settings(finished_run, tmp_path, change, text):
+    """Which of each pair was the run's went unsaid, and so did the fix."""
     _, args = _copy(finished_run, tmp_path)
-    _one_line(CliRunner().invoke(train, [*args, *change]), f"other settings: {text}")
+    res = CliRunner().invoke(train, [*args, *change])
+    _one_line(res, f"other settings (the run's vs this command's): {text}; resume with the run's options")
 
 
 def test_resume_may_change_the_learning_rate_schedule(finished_run, tmp_path):
@@ -501,4 +503,6 @@ def test_a_class_whose_every_image_is_skipped_is_refused_as_an_empty_folder_is(t
 def test_resume_refuses_other_settings_before_the_data_is_read(finished_run, tmp_path, change, text):
     _, args = _copy(finished_run, tmp_path)
     args[args.index("--data") + 1] = str(tmp_path / "nope.npz")  # any other error: it was read first
-    _one_line(CliRunner().invoke(train, [*args, *change]), f"other settings: {text}")
+    _one_line(
+        CliRunner().invoke(train, [*args, *change]), f"other settings (the run's vs this command's): {text}"
+    )

@@ -189,9 +189,16 @@ def check_resume_settings(config: TrainConfig, kind: str) -> None:
     micro = micro_batch(config.batch_size, config.microbatch, world)
     diffs = _settings_diffs(kind, state, config.record(), micro, world, skip=DATA_FLAGS)
     if diffs:
-        raise TrainingError(
-            f"cannot resume {config.out}: it was trained with other settings: {'; '.join(diffs)}"
-        )
+        raise _other_settings(config.out, diffs)
+
+
+def _other_settings(out, diffs: list[str]) -> TrainingError:
+    """The resume's refusal: each pair is the run's value, then this command's (which was which
+    went unsaid), and the fix is the run's own options."""
+    return TrainingError(
+        f"cannot resume {out}: it was trained with other settings (the run's vs this command's): "
+        f"{'; '.join(diffs)}; resume with the run's options"
+    )
 
 
 def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
@@ -640,6 +647,4 @@ class TrainLoop:
                 else "data (same count, other content)"
             )
         if diffs:
-            raise TrainingError(
-                f"cannot resume {self.out}: it was trained with other settings: {'; '.join(diffs)}"
-            )
+            raise _other_settings(self.out, diffs)
