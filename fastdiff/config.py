@@ -26,18 +26,26 @@ class ConfigError(ValueError):
         self.usage = usage
 
 
-def unknown_choice(kind: str, name: Any, choices: typing.Iterable[str]) -> str:
-    """The message refusing ``name`` as a ``kind``: every choice, and the closest when it looks
-    like a typo ("ddmi" -> 'ddim'), so a notebook user need not look the names up."""
+def closest(name: Any, choices: typing.Iterable[str]) -> str | None:
+    """The choice ``name`` looks like a typo of ("ddmi" -> 'ddim'), or None: a prefix ("dpm"),
+    then the same letters swapped, then difflib's nearest."""
     choices = list(choices)
     close = []
-    if isinstance(name, str) and name:  # a prefix ("dpm"), then swapped letters, then difflib's nearest
+    if isinstance(name, str) and name:
         close = (
             [c for c in choices if c.startswith(name.lower())]
             or [c for c in choices if sorted(c) == sorted(name.lower())]
             or difflib.get_close_matches(name, choices, n=1)
         )
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return close[0] if close else None
+
+
+def unknown_choice(kind: str, name: Any, choices: typing.Iterable[str]) -> str:
+    """The message refusing ``name`` as a ``kind``: every choice, and the closest when it looks
+    like a typo, so a notebook user need not look the names up."""
+    choices = list(choices)
+    close = closest(name, choices)
+    hint = f"; did you mean {close!r}?" if close else ""
     return f"unknown {kind} {name!r}; choose one of: {', '.join(choices)}{hint}"
 
 

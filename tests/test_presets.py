@@ -81,6 +81,10 @@ def test_parse_flags_forms_and_types():
     "text, message",
     [
         ("--image_size 64 --no_such_flag 3", "no_such_flag"),
+        # a typo, or an option's spelling, names the flag it looks like (none: nothing to say)
+        ("--num_chanels 32", r"^unknown flag --num_chanels; did you mean --num_channels\?$"),
+        ("--image-size 32", r"^unknown flag --image-size; did you mean --image_size\?$"),
+        ("--bogus 1", r"^unknown flag --bogus$"),
         ("--class_cond maybe", "class_cond"),
         ("--num_channels 1.5", "num_channels"),
         ("--image_size", "no value"),
@@ -269,6 +273,7 @@ def test_no_res_blocks_and_dropout_one_pass_every_flag_path():
         ("diffusion", {"num_channels": "wide"}, "flag --num_channels 'wide': expected a int"),
         ("diffusion", {"attention_resolutions": "a,b"}, "expected numbers like 16,8"),
         ("diffusion", {"nope": 1}, "unknown flag --nope"),
+        ("diffusion", {"class-cond": True}, "unknown flag --class-cond; did you mean --class_cond?"),
         ("diffusion", {"num_channels": -8}, "--num_channels must be at least 1"),
         ("superres", {"large_size": 48}, "unsupported image size 48"),
         ("diffusion", {"image_size": 33, "channel_mult": "1,2"}, "--image_size 33 must be divisible by 2"),

@@ -19,7 +19,7 @@ import shlex
 from collections.abc import Mapping
 from typing import Any
 
-from fastdiff.config import ConfigError, unknown_choice
+from fastdiff.config import ConfigError, closest, unknown_choice
 from fastdiff.diffusion.config import DiffusionConfig
 
 from .config import ClassifierConfig, NetConfig, SuperResConfig, UNetConfig
@@ -207,6 +207,13 @@ TRUE_WORDS = {"true", "t", "yes", "y", "1"}
 FALSE_WORDS = {"false", "f", "no", "n", "0"}
 
 
+def _unknown_flag(name: str, known) -> FlagError:
+    """A flag guided-diffusion has not, with the one it looks like a typo of (--num_chanels, or
+    the option's spelling --image-size): the full list is 40 flags long."""
+    close = closest(name.replace("-", "_"), known)
+    return FlagError(f"unknown flag --{name}" + (f"; did you mean --{close}?" if close else ""))
+
+
 def _sampling_flag(name: str) -> FlagError:
     return FlagError(f"--{name} is a sampling-script flag; fastdiff takes {SAMPLING_FLAGS[name][1]}")
 
@@ -255,7 +262,7 @@ def parse_flags(text: str) -> dict[str, Any]:
             i += 1
             value = tokens[i]
         if name not in known:
-            raise FlagError(f"unknown flag --{name}")
+            raise _unknown_flag(name, known)
         if name in SAMPLING_FLAGS:
             raise _sampling_flag(name)
         out[name] = _convert(name, value, known[name])
@@ -318,7 +325,7 @@ def configs_from_flags(
     class_cond, num_classes = False, NUM_CLASSES
     for name, value in flags.items():
         if name not in known:
-            raise FlagError(f"unknown flag --{name}")
+            raise _unknown_flag(name, known)
         value = _typed(name, value, known[name])
         if name in SAMPLING_FLAGS:
             if value != SAMPLING_FLAGS[name][0]:
