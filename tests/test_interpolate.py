@@ -110,7 +110,7 @@ def test_a_latents_file_name_may_hold_colons(tmp_path):
         (["interpolate", "--from", 0, "--to", 1, "--out", "{tmp}/s.png"], "pass --class K"),
         (
             ["interpolate", "--from", 0, "--to", "nope.npz", "--class", 1, "--out", "{tmp}/s.png"],
-            "neither a seed nor a latents file",
+            "--to 'nope.npz' is neither a seed nor a latents file (nope.npz not found)",  # which option
         ),
         (
             ["interpolate", "--from", 0, "--to", "{bad}", "--class", 1, "--out", "{tmp}/s.png"],

@@ -96,7 +96,7 @@ def _endpoint(spec: str, option: str, loaded: LoadedModel, device) -> tuple[torc
     except ValueError:
         raise RunError(f"'{spec}': expected a seed or LATENTS.npz[:INDEX]") from None
     if not Path(path).is_file():
-        raise RunError(f"'{spec}' is neither a seed nor a latents file")
+        raise RunError(f"{option} '{spec}' is neither a seed nor a latents file ({path} not found)")
     arrays = _read_latents(path)
     if "arr_0" not in arrays:
         raise RunError(f"cannot read latents {path}: it has no arr_0 (fastdiff invert writes one)")
