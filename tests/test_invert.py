@@ -433,7 +433,9 @@ def test_a_killed_invert_resumes_to_an_uninterrupted_runs_files(inverted, uninte
         (out / temp).write_bytes(b"half a file")  # a write the kill cut short
     (out / ".latents.npz.k1ll3d00.npz").write_bytes(b"PK")
     r = cli(*args)
-    line = f"Error: {out} already holds a sampling run; pass --resume or choose another --out\n"
+    line = (
+        f"Error: {out} already holds an inversion (fastdiff invert); pass --resume or choose another --out\n"
+    )
     assert r.exit_code == 1 and r.output == line, r.output
     r = cli(*args, "--resume")
     assert r.exit_code == 0 and "inverted 2 images (1 already there) over 2 DDIM steps" in r.output, r.output
@@ -618,7 +620,10 @@ def test_a_run_whose_out_is_inside_its_image_folder_resumes(inverted, uninterrup
     latents = (data / "inv" / "latents.npz").read_bytes()
     assert latents == (uninterrupted / "latents.npz").read_bytes()
     r = cli("invert", data / "inv" / "reconstructed", "--classes", 3, "--steps", 2, "--out", data / "inv")
-    line = f"Error: {data / 'inv'} already holds a sampling run; pass --resume or choose another --out\n"
+    line = (
+        f"Error: {data / 'inv'} already holds an inversion (fastdiff invert); pass --resume or choose"
+        " another --out\n"
+    )
     assert r.exit_code == 1 and r.output == line, r.output
     for image in data.glob("*.png"):
         image.rename(data / "inv" / image.name)

@@ -148,7 +148,7 @@ def _check_ours(out: Path, resume: bool, command: str) -> None:
             kind = _RUNS.get(made, f"a run of fastdiff {made}")
             raise RunError(f"{out} holds {kind}, not a run this command continues; choose another --out")
         if not resume:
-            raise RunError(f"{out} already holds a sampling run; pass --resume or choose another --out")
+            raise RunError(f"{out} already holds {_RUNS[command]}; pass --resume or choose another --out")
     elif any(p.name != LOCK and not is_temp_file(p) for p in out.iterdir()):
         what = f"holds no sampling run (no {RUN_FILE})"
         raise RunError(f"--out {out} is not empty and {what}; choose a new or empty folder")
