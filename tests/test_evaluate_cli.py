@@ -186,6 +186,12 @@ def test_an_image_folder_is_a_reference_as_its_npz_is(digits, tmp_path):
     for key in ("fid", "sfid", "precision", "recall"):
         assert scores[0][key] == pytest.approx(scores[1][key], rel=1e-6), key  # the order differs
     one_line_error(run(digits, tmp_path / "ref"), "samples", "is a folder, not an npz file")
+    # a sample run's folder names the npz it holds
+    (tmp_path / "ref" / "samples_40x32x32x1.npz").write_bytes(b"")
+    r = run(digits, tmp_path / "ref")
+    assert r.output.rstrip().endswith(
+        f"is a folder, not an npz file: pass {tmp_path}/ref/samples_40x32x32x1.npz"
+    )
 
 
 def test_an_image_folder_is_read_into_uint8_image_by_image(tmp_path):

@@ -216,7 +216,10 @@ def read_npz(path: str | os.PathLike, role: str = "samples") -> ImageBatch:
     path = Path(path)
     source = f"{role} {path}"
     if path.is_dir():
-        raise EvaluationError(f"{source} is a folder, not an npz file")
+        # a run folder of fastdiff sample or upsample: the npz it wrote is what the user meant
+        written = sorted(path.glob("samples_*.npz"))
+        hint = f": pass {written[0]}" if len(written) == 1 else ""
+        raise EvaluationError(f"{source} is a folder, not an npz file{hint}")
     if not path.is_file():
         raise EvaluationError(f"{source} not found")
     try:
