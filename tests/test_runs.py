@@ -132,8 +132,13 @@ def test_a_refused_foreign_folder_keeps_no_lock_file(tmp_path):
 def test_an_upsampling_user_error_is_a_run_error(tmp_path):
     from fastdiff.runs import upsample_file_run
 
-    with pytest.raises(RunError, match="--low-res not found"):
+    with pytest.raises(RunError, match="--low-res .*missing.npz not found"):
         upsample_file_run(tmp_path / "missing.npz", tmp_path / "up", checkpoint=None, device="cpu")
+    # fastdiff sample's --out, given as --low-res: the npz in it is named (it said "not a file")
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "samples_2x8x8x3.npz").write_bytes(b"")
+    with pytest.raises(RunError, match=r"s is a folder, not an npz file: pass .*s/samples_2x8x8x3.npz$"):
+        upsample_file_run(tmp_path / "s", tmp_path / "up", num_samples=2, checkpoint=None, device="cpu")
 
 
 @pytest.mark.parametrize(

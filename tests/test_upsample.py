@@ -251,8 +251,8 @@ def test_cli_upsample_resume_grows_with_its_low_res(files, tmp_path):
     "args, message",
     [
         (("--preset", "mnist", "--low-res", "low.npz"), "is a diffusion model, not a superres model"),
-        (("--low-res", "missing.npz"), "--low-res not found"),
-        (("--low-res", "folder.npz"), "folder.npz is a folder, not a file"),
+        (("--low-res", "missing.npz"), "missing.npz not found"),
+        (("--low-res", "folder.npz"), "folder.npz is a folder, not an npz file"),
         (("--low-res", "big.npz"), "big.npz: 16x16x3 images; the upsampler takes 8x8x3"),
         (("--low-res", "unlabelled.npz"), "class-conditional but --low-res"),
         (("--low-res", "short_labels.npz"), "its arr_1 is not one integer label per image"),

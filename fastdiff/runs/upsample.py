@@ -275,11 +275,12 @@ def upsample_file_run(
     check_counts(num_samples, batch_size)
     low_res_path, out = Path(low_res_path), Path(out)
     checkpoint = None if checkpoint is None else Path(checkpoint)
-    check_file(low_res_path, "--low-res")
-    try:  # the header's count: the batch an exported engine must take is known before any work
-        count = num_samples or len(read_npz(low_res_path, role="--low-res"))
+    try:  # the file (a sample run's folder names its npz), and the header's count: the batch an
+        # exported engine must take is known before any work
+        held = len(read_npz(low_res_path, role="--low-res"))
     except EvaluationError as e:
         raise RunError(str(e)) from None
+    count = num_samples or held
     batch = min(batch_size, count)
     dev, engine = check_run_options(device, dtype, threads, engine, sampler, eta, seed, batch)
     low_res = read_low_res(low_res_path)
