@@ -475,7 +475,8 @@ def test_gd_run_user_errors_are_one_line(tmp_path):
     (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x8f\xff")  # runpy's SyntaxError
     for args, message in [
         (["--engine", "warp", script], "unknown engine 'warp'"),
-        (["--ops", "fastest", script], "FASTDIFF_OPS must be one of"),
+        # told by click (exit 2), --ops named: it said "FASTDIFF_OPS must be one of", a variable
+        (["--ops", "fastest", script], "Invalid value for '--ops': 'fastest' is not one of 'auto', "),
         ([str(tmp_path / "missing.py")], "does not exist"),
         ([str(tmp_path / "images.npz")], "is a zip file without a __main__.py, not a Python script"),
         ([str(tmp_path / "image.png")], "image.png is not a Python script"),

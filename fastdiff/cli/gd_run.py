@@ -25,7 +25,7 @@ from pathlib import Path
 
 import click
 
-from fastdiff.choices import ENGINE_NAMES
+from fastdiff.choices import ENGINE_NAMES, OPS_MODES
 from fastdiff.cli.paths import UserPath
 
 _ENGINE_HELP = (
@@ -77,7 +77,10 @@ def _check_script(path: str) -> None:
 )
 @click.option("--engine", default=None, help=_ENGINE_HELP)
 @click.option(
-    "--ops", default=None, help="Kernels: auto | reference | triton (sets FASTDIFF_OPS for the script)."
+    "--ops",
+    type=click.Choice(OPS_MODES, case_sensitive=False),
+    default=None,
+    help="Kernels (sets FASTDIFF_OPS for the script).",
 )
 @click.argument("script", type=UserPath(exists=True, dir_okay=False))
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)

@@ -22,6 +22,8 @@ import torch
 from torch._C._functorch import TransformType
 from torch.autograd import forward_ad
 
+from fastdiff.choices import OPS_MODES
+
 
 def constant_result(fn):
     """``torch.compiler.assume_constant_result`` without its import of torch._dynamo (with sympy
@@ -136,9 +138,6 @@ def check_count(op: str, name: str, value) -> int:
         except TypeError:
             pass
     raise OpTypeError(f"{op}: {name} must be an int, got {value!r}")
-
-
-OPS_MODES = ("auto", "reference", "triton")
 
 
 def ops_mode() -> str:
