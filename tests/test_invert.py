@@ -141,7 +141,10 @@ def test_an_exact_reconstruction_is_null_psnr_in_invert_json():
         (["invert", "{small}", "--out", "{tmp}/o"], "pass --classes, or name small.png like"),
         (["invert", "{img}", "--classes", 1, "--to-class", 10, "--out", "{tmp}/o"], "--to-class 10 out of"),
         (["invert", "{img}", "--classes", "x", "--out", "{tmp}/o"], "--classes must be class ids"),
-        (["invert", "{img}", "--classes", 1, "--out", "{tmp}"], "is not empty and holds no sampling run"),
+        (
+            ["invert", "{img}", "--classes", 1, "--out", "{tmp}"],
+            "holds no run.json of an inversion (fastdiff invert)",
+        ),
         (["invert", "{img}", "--classes", "1,,2", "--out", "{tmp}/o"], "--classes must be class ids"),
         # named neither the file nor the option
         (["invert", "{k12}", "--out", "{tmp}/o"], "k_class12.png: class 12 out of range"),

@@ -124,9 +124,34 @@ def test_a_refused_foreign_folder_keeps_no_lock_file(tmp_path):
     """A folder no fastdiff command held (a project folder; sample_run("") is the cwd) is refused
     before the lock, whose file stayed behind in it; a run folder's lock is taken as before."""
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(RunError, match="is not empty and holds no sampling run"):
+    with pytest.raises(RunError, match="is not empty and holds no run.json of a sampling run"):
         fastdiff.sample_run(tmp_path, **TINY)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_every_resume_refuses_an_out_that_does_not_exist(tmp_path):
+    """--resume into a folder that does not exist (a typo'd path) is one line (exit 2) naming it;
+    sample, upsample and invert started a new run there silently (train: test_cli_main)."""
+    from fastdiff.runs.folder import locked_run_folder
+
+    for command in ("sample", "invert"):
+        with pytest.raises(RunError, match="--resume: --out .*typo does not exist, so there is no run") as e:
+            with locked_run_folder(tmp_path / "typo", resume=True, command=command):
+                pass
+        assert e.value.usage and not (tmp_path / "typo").exists()
+    (tmp_path / "killed").mkdir()  # a run killed before its first batch: resumes from the start
+    with locked_run_folder(tmp_path / "killed", resume=True):
+        pass
+
+
+def test_a_foreign_folder_is_named_as_the_command_runs_it(tmp_path):
+    """fastdiff invert into a non-empty folder said it held no *sampling* run."""
+    from fastdiff.runs.folder import locked_run_folder
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match=r"holds no run.json of an inversion \(fastdiff invert\); choose"):
+        with locked_run_folder(tmp_path, command="invert"):
+            pass
 
 
 def test_an_upsampling_user_error_is_a_run_error(tmp_path):
@@ -462,6 +487,7 @@ def test_merge_batches_streams_the_final_npz_one_batch_at_a_time(tmp_path):
         (["0", "1", "10", "2"], "3", "'3' is no class name"),  # was id 3, folder 2
         (["0", "1", "2"], "2,0", [2, 0]),  # names that are their ids (mnist): either reading
         (["cat", "dog"], "dog,0", [1, 0]),  # names that are no numbers leave the ids free
+        (["cat", "dog"], "cat,bird,owl", "got 'bird', 'owl' (in 'cat,bird,owl')"),  # quoted the list
         (None, "3,1", [3, 1]),
     ],
 )

@@ -618,6 +618,17 @@ def test_a_folder_of_transparent_images_says_their_transparency_is_dropped(tmp_p
     ) in r.output.splitlines()
 
 
+def test_a_use_fp16_flag_is_said_not_to_set_the_training_precision(tmp_path):
+    """guided-diffusion trains in fp16 with --use_fp16 True; in train's --flags it was dropped
+    without a word (fastdiff's weights stay fp32; --precision is the option)."""
+    args = ["--data", tiny_npz(tmp_path), "--max-steps", "1", "--batch-size", "2", "--ema", ""]
+    r = CliRunner().invoke(train, [*args, "--flags", TINY + " --use_fp16 True", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert "note: --use_fp16 True in --flags does not make fastdiff train in fp16" in r.output
+    r = CliRunner().invoke(train, [*args, "--flags", TINY, "--out", str(tmp_path / "p")])
+    assert r.exit_code == 0 and "note: --use_fp16" not in r.output, r.output
+
+
 def test_a_folder_run_keeps_its_class_names_and_sample_takes_them(tmp_path):
     """The ids come from the folders' order; training says which is which, the weights keep the
     names, ``--classes`` takes them, and a classifier of other classes is refused."""
@@ -645,6 +656,8 @@ def test_a_folder_run_keeps_its_class_names_and_sample_takes_them(tmp_path):
     assert np.load(tmp_path / "s" / "samples_3x8x8x3.npz")["arr_1"].tolist() == [2, 0, 1]
     r = CliRunner().invoke(main, [*argv, "--classes", "owl", "--out", str(tmp_path / "s2")])
     assert r.exit_code != 0 and "the model's class names (cat, dog, eel)" in r.output
+    r = CliRunner().invoke(main, [*argv, "--classes", "cat,bird", "--out", str(tmp_path / "s2")])
+    assert r.exit_code != 0 and "got 'bird' (in 'cat,bird')" in r.output  # the unknown one, named
     clf = ["--classifier", str(tmp_path / "c" / "model_0000001.safetensors"), "--classifier-scale", "1"]
     r = CliRunner().invoke(main, [*argv, *clf, "--out", str(tmp_path / "s3")])
     assert r.exit_code != 0 and "classes (ant, bee, cow) are not the model's (cat, dog, eel)" in r.output
@@ -675,7 +688,7 @@ def test_a_folder_run_keeps_its_class_names_and_sample_takes_them(tmp_path):
     [
         (["--flags", "--bogus_flag 1"], "bogus"),
         (["--ema", "2"], "EMA"),
-        (["--flags", TINY, "--batch-size", "4", "--microbatch", "3"], "divisible"),
+        (["--flags", TINY, "--batch-size", "4", "--microbatch", "3"], "--microbatch 3 does not divide"),
         (["--preset", "classifier64"], "classifier preset"),
     ],
 )

@@ -93,7 +93,7 @@ def common_options(lr: float, ema: str, out: str, out_holds: str):
             type=click.Choice(PRECISIONS),
             default="fp32",
             show_default=True,
-            help="fp32, bf16 autocast, or fp16 autocast with dynamic loss scaling (over fp32 "
+            help="fp32, bf16 autocast, or fp16 autocast with dynamic loss scaling (CUDA only; over fp32 "
             "weights: a use_fp16 flag in --flags or a preset does not set it).",
         ),
         click.option(

@@ -20,6 +20,7 @@ from fastdiff.models.flags import FlagError, configs_from_flags, flags_of, parse
 from fastdiff.models.presets import get_preset
 from fastdiff.runs import ranks
 from fastdiff.runs.device import (
+    check_fp16,
     check_ops_mode,
     choose_threads,
     emulated_bf16,
@@ -27,7 +28,7 @@ from fastdiff.runs.device import (
     resolve_device,
     usable_cores,
 )
-from fastdiff.runs.folder import exclusive_folder
+from fastdiff.runs.folder import check_resume, exclusive_folder
 from fastdiff.training import (
     ClassifierTrainer,
     ConfigError,
@@ -72,8 +73,8 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, 
             raise ConfigError(f"preset {o['preset']!r} is a {p.kind} preset, not a {kind} one")
         flags.update(flags_of(p.net, p.process))
         sized = True
-    if o["flag_string"]:
-        given = parse_flags(o["flag_string"])
+    given = parse_flags(o["flag_string"]) if o["flag_string"] else {}
+    if given:
         if o["image_size"] is not None and given.get("image_size", o["image_size"]) != o["image_size"]:
             raise ConfigError(
                 f"--image-size {o['image_size']} contradicts --image_size {given['image_size']} in "
@@ -82,6 +83,8 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, 
             )
         flags.update(given)
         sized = sized or "image_size" in given
+    # guided-diffusion's fp16 training flag, which fit_unet/fit_classifier turn off (fp32 weights)
+    fp16_flag = next((f for f in ("use_fp16", "classifier_use_fp16") if given.get(f)), None)
     spelled = {}
     if o["image_size"] is not None:
         flags["image_size"] = o["image_size"]
@@ -103,6 +106,11 @@ def _config_and_data(kind: str, o: dict, **extra) -> tuple[TrainConfig, object, 
     notes = []
     if o["precision"] == "bf16" and emulated_bf16(device):
         notes.append(emulated_bf16_note("--precision bf16"))
+    if fp16_flag and o["precision"] != "fp16":
+        notes.append(
+            f"note: --{fp16_flag} True in --flags does not make fastdiff train in fp16 (the weights stay"
+            f" fp32): this run trains in {o['precision']}; --precision fp16 (CUDA) is fp16 autocast"
+        )
     if size is not None and not sized:  # guided-diffusion's default size, whatever the images are
         notes.append(
             f"note: the images are resized and center-cropped to {size}x{size}, the default; "
@@ -134,7 +142,8 @@ def _check_options(o: dict) -> None:
     """Cheap checks of the options TrainConfig does not hold, before any data is read or model
     built; then the CPU threads, set before any torch work (under torchrun, this rank's share)."""
     check_ops_mode()
-    resolve_device(o["device"])  # as `fastdiff evaluate` checks it ("" too: no device, not the default)
+    # as `fastdiff evaluate` checks it ("" too: no device, not the default)
+    check_fp16(o["precision"], resolve_device(o["device"]), "--precision")
     if o["image_size"] is not None and o["image_size"] < 1:
         raise ConfigError(f"--image-size must be at least 1, got {o['image_size']}", usage=True)
     most = WORKERS_PER_CORE * usable_cores()
@@ -167,6 +176,7 @@ def _check_out(o: dict, kind: str) -> None:
         # the run's samples/ (and any image it writes) would be read as a class by the next run
         raise ConfigError(f"--out {o['out']} is inside the --data folder {o['data']}; choose another --out")
     if o["resume"]:
+        check_resume(Path(o["out"]))
         resumable_checkpoint(o["out"], kind, o["max_steps"])
     elif latest_checkpoint(o["out"]) is not None:
         raise ConfigError(

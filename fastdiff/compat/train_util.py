@@ -82,7 +82,9 @@ class TrainLoop:
         self.batch_size = batch_size
         self.microbatch = microbatch if microbatch > 0 else batch_size
         self.lr = lr
-        self.ema_rate = [ema_rate] if isinstance(ema_rate, float) else list(parse_ema_rates(ema_rate))
+        self.ema_rate = (
+            [ema_rate] if isinstance(ema_rate, float) else list(parse_ema_rates(ema_rate, "ema_rate"))
+        )
         self.log_interval = log_interval
         self.save_interval = save_interval
         self.resume_checkpoint = resume_checkpoint

@@ -8,7 +8,8 @@ so small datasets such as MNIST fit the same networks. The sampling scripts' fla
 with the fastdiff option that does the job: in a flag string (what a user typed) whatever their
 value, as fastdiff's defaults are not the scripts' (``--use_ddim False`` is a choice); in a flag
 dict unless at the scripts' default (guided-diffusion's defaults dicts hold
-``timestep_respacing``). Nothing a user gives is silently dropped.
+``timestep_respacing``). The training scripts' flags (--lr, --ema_rate) are refused the same way,
+naming fastdiff train's option. Nothing a user gives is silently dropped.
 """
 
 from __future__ import annotations
@@ -93,6 +94,26 @@ SAMPLING_FLAGS: dict[str, tuple[Any, str]] = {
     "classifier_path": ("", "--classifier"),
     "classifier_scale": (1.0, "--classifier-scale"),
     "base_samples": ("", "--low-res"),
+}
+# The training scripts' own flags (image_train, super_res_train, classifier_train; batch_size is a
+# sampling flag too): no model's, so refused wherever they come, with what fastdiff does instead.
+TRAINING_FLAGS: dict[str, str] = {
+    "data_dir": "fastdiff train takes --data",
+    "val_data_dir": "fastdiff train-classifier takes --val-data",
+    "lr": "fastdiff train takes --lr",
+    "weight_decay": "fastdiff train takes --weight-decay",
+    "lr_anneal_steps": "fastdiff train takes --anneal (to 0 at --max-steps)",
+    "anneal_lr": "fastdiff train-classifier takes --anneal (to 0 at --max-steps)",
+    "iterations": "fastdiff train-classifier takes --max-steps",
+    "microbatch": "fastdiff train takes --microbatch (0: off)",
+    "ema_rate": "fastdiff train takes --ema",
+    "log_interval": "fastdiff train takes --log-every",
+    "save_interval": "fastdiff train takes --save-every",
+    "eval_interval": "fastdiff train-classifier takes --eval-every",
+    "resume_checkpoint": "fastdiff train takes --resume (with the run's --out)",
+    "schedule_sampler": "fastdiff train takes --schedule-sampler",
+    "fp16_scale_growth": "fastdiff train's --precision fp16 grows its loss scale itself",
+    "noised": "fastdiff train-classifier always trains on noised images",
 }
 # guided-diffusion's *_defaults() key lists (compat builds its argparsers from them).
 _MODEL_KEYS = (
@@ -209,7 +230,10 @@ FALSE_WORDS = {"false", "f", "no", "n", "0"}
 
 def _unknown_flag(name: str, known) -> FlagError:
     """A flag guided-diffusion has not, with the one it looks like a typo of (--num_chanels, or
-    the option's spelling --image-size): the full list is 40 flags long."""
+    the option's spelling --image-size): the full list is 40 flags long. A training script's flag
+    names the option that does its job."""
+    if name in TRAINING_FLAGS:
+        return FlagError(f"--{name} is a training-script flag; {TRAINING_FLAGS[name]}")
     close = closest(name.replace("-", "_"), known)
     return FlagError(f"unknown flag --{name}" + (f"; did you mean --{close}?" if close else ""))
 

@@ -112,6 +112,14 @@ def emulated_bf16(dev: torch.device) -> bool:
         return False
 
 
+def check_fp16(dtype: str, device: torch.device, option: str) -> None:
+    """fp16 is a GPU format: on the CPU sampling and training (autocast, a CPU GradScaler) run,
+    but many times slower than fp32 (training: 14x measured, 1.0 vs 14.3 samples/s) for no gain,
+    so sample's --dtype and train's --precision refuse it alike. ``option`` names the one given."""
+    if dtype == "fp16" and device.type == "cpu":
+        raise RunError(f"{option} fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+
+
 def emulated_bf16_note(option: str) -> str:
     """The note a bf16 run on such a CPU prints once its checks have passed, as its work starts
     (it ran, slowly, without a word)."""
@@ -165,8 +173,7 @@ def check_run_options(
     except ValueError as e:  # an eta for a sampler that takes none: options that conflict (exit 1)
         raise RunError(f"--{e}") from None
     dev = ranks.join(resolve_device(device))
-    if dtype == "fp16" and dev.type == "cpu":
-        raise RunError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    check_fp16(dtype, dev, "--dtype")
     choose_threads(threads)
     engine = engine or default_engine(dev)
     try:

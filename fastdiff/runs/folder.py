@@ -150,12 +150,27 @@ def _check_ours(out: Path, resume: bool, command: str) -> None:
         if not resume:
             raise RunError(f"{out} already holds {_RUNS[command]}; pass --resume or choose another --out")
     elif any(p.name != LOCK and not is_temp_file(p) for p in out.iterdir()):
-        what = f"holds no sampling run (no {RUN_FILE})"
+        what = f"holds no {RUN_FILE} of {_RUNS[command]}"  # the command's own: invert's is no sampling run
         raise RunError(f"--out {out} is not empty and {what}; choose a new or empty folder")
+
+
+def check_resume(out: Path) -> None:
+    """``--resume`` with an --out that does not exist: no run was ever there (a typo'd path), so
+    one line rather than a new run started silently elsewhere. A folder a killed run left before
+    its first batch or checkpoint (its lock, a log) still resumes, from the start. Every command's
+    --resume (sample, upsample, invert, train, train-classifier) asks this."""
+    if not out.exists():
+        raise RunError(
+            f"--resume: --out {out} does not exist, so there is no run to continue; check the path,"
+            " or drop --resume to start a new run",
+            usage=True,
+        )
 
 
 @contextmanager
 def _own_run_folder(out: Path, resume: bool, holder: str, command: str) -> Iterator[None]:
+    if resume:
+        check_resume(out)
     created = not out.exists()
     if out.is_dir() and not (out / LOCK).exists():
         # a folder no fastdiff command ever held (a project folder, the cwd): refused before the

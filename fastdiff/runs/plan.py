@@ -144,9 +144,11 @@ def class_ids(
     for s in items:
         if s in index:
             ids.append(index[s])
-        elif _as_int(s) is None:
+        elif _as_int(s) is None:  # named among the known ones ("cat,bird": 'bird'), an empty item aside
             named = f", the model's class names ({class_list(names)})" if names else ""
-            raise RunError(f"{option} must be class ids like 1,207,360{named}{alternatives}, got '{spec}'")
+            unknown = [f"'{s}'" for s in items if s not in index and _as_int(s) is None]
+            got = f"{', '.join(unknown)} (in '{spec}')" if len(items) > 1 and "" not in items else f"'{spec}'"
+            raise RunError(f"{option} must be class ids like 1,207,360{named}{alternatives}, got {got}")
         elif misleading is not None:
             raise RunError(
                 f"{option}: '{s}' is no class name, and the classes are named by numbers that are not "

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from fastdiff import distributed
 from fastdiff.choices import PRECISIONS
 from fastdiff.config import ConfigError, check_types
 from fastdiff.diffusion import SAMPLERS
@@ -18,19 +19,43 @@ from fastdiff.models.flags import flags_of
 from .data import IMAGE_EXTENSIONS, DataError
 
 
-def parse_ema_rates(text) -> tuple[float, ...]:
-    """ "0.9999,0.999" -> (0.9999, 0.999); empty -> no EMA."""
+def parse_ema_rates(text, option: str = "--ema") -> tuple[float, ...]:
+    """ "0.9999,0.999" -> (0.9999, 0.999); empty -> no EMA. ``option`` is the name the caller's
+    user gave the rates (compat's ``ema_rate``), as configs_from_flags's ``spelled``, so an
+    error names what they typed."""
     parts = text if isinstance(text, (tuple, list)) else [r for r in str(text).split(",") if r.strip()]
     try:
         rates = tuple(float(r) for r in parts)
     except ValueError as e:
-        raise ConfigError(f"EMA rates must be numbers like 0.9999,0.999, got {text!r}", usage=True) from e
+        raise ConfigError(
+            f"{option}: EMA rates must be numbers like 0.9999,0.999, got {text!r}", usage=True
+        ) from e
     for r in rates:
         if not 0 < r < 1:
-            raise ConfigError(f"EMA rate {r} is not in (0, 1)", usage=True)
+            raise ConfigError(f"{option}: EMA rate {r} is not in (0, 1); give rates like 0.9999", usage=True)
     if len(set(rates)) < len(rates):
-        raise ConfigError(f"EMA rates {text!r} name a rate twice", usage=True)
+        raise ConfigError(f"{option}: EMA rates {text!r} name a rate twice", usage=True)
     return rates
+
+
+def check_batch(batch_size: int, microbatch: int, world: int) -> None:
+    """The batch must split evenly over the processes and each process' share into micro-batches:
+    checked with the config (torchrun's WORLD_SIZE is known before the process group), so before
+    any data is read."""
+    if batch_size % world:
+        raise ConfigError(
+            f"--batch-size {batch_size} is not divisible by the {world} torchrun processes;"
+            f" pass a multiple of {world}",
+            usage=True,
+        )
+    local = batch_size // world
+    if microbatch and local % min(microbatch, local):
+        per = f" per process ({world} processes)" if world > 1 else ""
+        raise ConfigError(
+            f"--microbatch {microbatch} does not divide the batch of {local}{per}; pass a divisor"
+            f" of {local}, or 0 for none",
+            usage=True,
+        )
 
 
 def check_cfg_dropout(cfg_dropout: float, class_cond: bool) -> None:
@@ -193,6 +218,7 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         parse_ema_rates(self.ema)
+        check_batch(self.batch_size, self.microbatch, distributed.launched_world_size())
         check_cfg_dropout(
             self.cfg_dropout, isinstance(self.net, UNetConfig) and self.net.num_classes is not None
         )

@@ -55,7 +55,7 @@ from fastdiff.progress import progress_bar
 
 from . import checkpoint as ckpt
 from . import dist
-from .config import ConfigError, TrainConfig, parse_ema_rates
+from .config import TrainConfig, parse_ema_rates
 from .data import DataError, ShardedSampler, fingerprint, worker_error
 from .ema import EMA
 from .runlog import Meter, plot_losses, truncate_log
@@ -262,14 +262,8 @@ class TrainLoop:
         cfg = self.config = config
         self.device = dist.setup(cfg.device)
         self.rank, self.world = dist.rank(), dist.world_size()
-        if cfg.batch_size % self.world:
-            raise ConfigError(f"batch size {cfg.batch_size} is not divisible by {self.world} processes")
-        self.local_batch = cfg.batch_size // self.world
+        self.local_batch = cfg.batch_size // self.world  # check_batch: it divides (TrainConfig)
         self.micro = micro_batch(cfg.batch_size, cfg.microbatch, self.world)
-        if self.local_batch % self.micro:
-            raise ConfigError(
-                f"per-process batch {self.local_batch} is not divisible by microbatch {self.micro}"
-            )
         self.dataset = dataset
         self.model = model.to(self.device)
         dist.broadcast_module(self.model)
