@@ -55,7 +55,7 @@ from fastdiff.progress import progress_bar
 
 from . import checkpoint as ckpt
 from . import dist
-from .config import TrainConfig, parse_ema_rates
+from .config import TrainConfig, check_batch, parse_ema_rates
 from .data import DataError, ShardedSampler, fingerprint, worker_error
 from .ema import EMA
 from .runlog import Meter, plot_losses, truncate_log
@@ -262,7 +262,10 @@ class TrainLoop:
         cfg = self.config = config
         self.device = dist.setup(cfg.device)
         self.rank, self.world = dist.rank(), dist.world_size()
-        self.local_batch = cfg.batch_size // self.world  # check_batch: it divides (TrainConfig)
+        # TrainConfig checked it for torchrun's WORLD_SIZE; a process group set up otherwise
+        # (a library user's init_process_group) is known only here
+        check_batch(cfg.batch_size, cfg.microbatch, self.world)
+        self.local_batch = cfg.batch_size // self.world
         self.micro = micro_batch(cfg.batch_size, cfg.microbatch, self.world)
         self.dataset = dataset
         self.model = model.to(self.device)
