@@ -339,6 +339,9 @@ def _two_ranks(monkeypatch, rank: int, events: list, notes=(None, None)) -> None
     """This process as rank ``rank`` of 2: every collective is recorded in ``events``; an
     all-gather hands back ``notes`` (the ranks' notes: an error's line and whether it is a usage
     error, or None), a broadcast this rank's value."""
+    # fastdiff.training.dist binds these names at import, and a run loading a checkpoint imports
+    # it: imported first under these stand-ins, the trainers of the process's later tests kept them
+    import fastdiff.training.dist  # noqa: F401
     from fastdiff import distributed
 
     def gather(obj):
