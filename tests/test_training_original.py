@@ -124,7 +124,10 @@ def original_group(gd, monkeypatch, tmp_path):
     """One-rank process group of the original's setup_dist, and its logger writing to tmp_path;
     both gone after the test (fastdiff's trainers read torchrun's variables)."""
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
-        monkeypatch.delenv(name, raising=False)
+        # set first, so monkeypatch records each and undoes what setup_dist sets (delenv of an
+        # absent one records nothing: the group's variables leaked into the worker's later tests)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "original"))
     monkeypatch.setenv("OPENAI_LOG_FORMAT", "csv")
     monkeypatch.setenv("FASTDIFF_OPS", "reference")  # the original's arithmetic, no fused kernel
