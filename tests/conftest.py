@@ -166,6 +166,17 @@ def _subprocess_tmpdir(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache(tmp_path_factory):
+    """The tests (and what they start) keep fastdiff's cache (ONNX exports, kernel choices) in the
+    session's temp folder, not the user's ~/.cache/fastdiff, where a graph exported by an earlier
+    run, of other code, was this run's cache hit. For the session: a module's fixture that exports
+    into a cache of its own sets FASTDIFF_CACHE for the tests that then find its graph there."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _fresh_compat_logger(monkeypatch, tmp_path_factory):
     """guided-diffusion's logger is process-global and may hold a test's captured stdout: each test

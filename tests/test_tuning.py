@@ -51,6 +51,13 @@ def test_choice_file_lives_in_fastdiffs_cache_folder(monkeypatch, tmp_path):
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["backend_choice.json"]  # no temp left
 
 
+def test_the_tests_cache_is_in_the_sessions_temp_folder(tmp_path_factory):
+    """conftest's: no ONNX graph or kernel choice of an earlier run (of other code) is this one's."""
+    from fastdiff.files import cache_root
+
+    assert cache_root().is_relative_to(tmp_path_factory.getbasetemp())
+
+
 def test_choices_survive_a_bad_file(choice_file, monkeypatch):
     choice_file.write_text("{ not json")
     store = _tuning.Choices("gn")
