@@ -620,6 +620,18 @@ def test_a_cfg_models_class_count_leaves_out_its_null_label(tmp_path):
         model.load_state_dict(dist_util.load_state_dict(tmp_path / "cfg.pt", map_location="cpu"))
 
 
+def test_safetensors_weights_saved_with_torch_save_load_with_weights_only(tmp_path):
+    """A script converting .safetensors weights to a .pt (torch.save of load_state_dict's result)
+    wrote a pickle of dist_util.Weights, a class torch.load(weights_only=True), the only way fastdiff
+    reads a .pt, refuses: the state is pickled as the OrderedDict a state_dict is."""
+    from fastdiff.models.checkpoint import save_weights
+
+    save_weights({"w": torch.ones(2)}, tmp_path / "m.safetensors", {"null_label": 1})
+    torch.save(dist_util.load_state_dict(tmp_path / "m.safetensors"), tmp_path / "m.pt")
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["w"].tolist() == [1.0, 1.0]
+    assert dist_util.load_state_dict(tmp_path / "m.pt")["w"].tolist() == [1.0, 1.0]
+
+
 def test_an_upsamplers_weights_of_other_classes_name_fastdiff_upsample():
     """super_res_sample.py's network told the user to sample an upsampler's weights with
     `fastdiff sample`, which has no low-res input: `fastdiff upsample` samples them."""

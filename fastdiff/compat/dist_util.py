@@ -9,6 +9,7 @@ itself instead of receiving it over MPI.
 
 from __future__ import annotations
 
+import collections
 import os
 
 import torch
@@ -58,6 +59,11 @@ class Weights(dict):
     def __init__(self, tensors, null_label=None):
         super().__init__(tensors)
         self.null_label = null_label
+
+    def __reduce_ex__(self, protocol):
+        """Pickled (torch.save) as the OrderedDict a state_dict is: torch.load(weights_only=True)
+        refuses any other class, and the null label is the .safetensors file's to keep."""
+        return collections.OrderedDict, (), None, None, iter(self.items())
 
 
 def load_state_dict(path, map_location=None, weights_only=True):
