@@ -389,6 +389,22 @@ def test_held_out_batches_are_dealt_over_the_ranks_and_summed_in_order(tmp_path,
     assert 0 < alone["val_acc@1"] < alone["val_acc@5"] < 1 and alone["val_loss"] > 0
 
 
+def test_a_process_group_set_up_without_torchrun_is_not_called_torchrun_processes(tmp_path, monkeypatch):
+    """TrainLoop checks the batch split for a process group TrainConfig could not see (a library
+    user's init_process_group, no WORLD_SIZE): its error said "the 4 torchrun processes"."""
+    from fastdiff.config import ConfigError
+    from fastdiff.training import dist
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ds = tiny_data()
+    cfg = tiny_config(tmp_path, ds, batch_size=6)
+    monkeypatch.setattr(dist, "world_size", lambda: 4)
+    with pytest.raises(
+        ConfigError, match=r"^--batch-size 6 is not divisible by the 4 processes; pass a multiple of 4$"
+    ):
+        DiffusionTrainer(cfg, ds)
+
+
 def test_frechet_distance_matches_scipy():
     scipy_linalg = pytest.importorskip("scipy.linalg")
     gen = torch.Generator().manual_seed(0)

@@ -38,18 +38,24 @@ def parse_ema_rates(text, option: str = "--ema") -> tuple[float, ...]:
     return rates
 
 
+def micro_batch(batch_size: int, microbatch: int, world: int) -> int:
+    """Examples per forward pass: --microbatch where it splits a process' batch, else that batch."""
+    local = batch_size // world
+    return microbatch if 0 < microbatch < local else local
+
+
 def check_batch(batch_size: int, microbatch: int, world: int) -> None:
     """The batch must split evenly over the processes and each process' share into micro-batches:
     checked with the config (torchrun's WORLD_SIZE is known before the process group), so before
-    any data is read."""
+    any data is read, and by TrainLoop for a process group set up without torchrun."""
     if batch_size % world:
         raise ConfigError(
-            f"--batch-size {batch_size} is not divisible by the {world} torchrun processes;"
+            f"--batch-size {batch_size} is not divisible by the {world} processes;"
             f" pass a multiple of {world}",
             usage=True,
         )
     local = batch_size // world
-    if microbatch and local % min(microbatch, local):
+    if local % micro_batch(batch_size, microbatch, world):
         per = f" per process ({world} processes)" if world > 1 else ""
         raise ConfigError(
             f"--microbatch {microbatch} does not divide the batch of {local}{per}; pass a divisor"

@@ -55,7 +55,7 @@ from fastdiff.progress import progress_bar
 
 from . import checkpoint as ckpt
 from . import dist
-from .config import TrainConfig, check_batch, parse_ema_rates
+from .config import TrainConfig, check_batch, micro_batch, parse_ema_rates
 from .data import DataError, ShardedSampler, fingerprint, worker_error
 from .ema import EMA
 from .runlog import Meter, plot_losses, truncate_log
@@ -136,12 +136,6 @@ def _write_error(e: OSError, fallback: Path) -> TrainingError:
     if e.errno == errno.ENOSPC:
         return TrainingError(f"no space left on device writing {path}")
     return TrainingError(f"cannot write {path}: {e.strerror or e}")
-
-
-def micro_batch(batch_size: int, microbatch: int, world: int) -> int:
-    """Examples per forward pass: --microbatch where it splits a process' batch, else that batch."""
-    local = batch_size // world
-    return microbatch if 0 < microbatch < local else local
 
 
 def stream_key(seed: int, step: int, index: int) -> int:
