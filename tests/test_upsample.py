@@ -447,6 +447,20 @@ def test_upsample_with_names_a_preset_or_a_file():
     assert parse_upsampler_spec("~/sr.safetensors") == (None, home / "sr.safetensors")
 
 
+@pytest.mark.parametrize("spec", ["upsampler64-256", "upsampler64-256:"])
+def test_upsample_with_a_preset_without_its_weights_says_so(spec):
+    """A preset named alone (or with nothing after its colon) was looked for as a file: "checkpoint
+    not found: upsampler64-256", or "checkpoint . is a folder" for the empty path after the colon."""
+    from fastdiff.runs import RunError
+
+    with pytest.raises(
+        RunError,
+        match=rf"^--upsample-with {spec}: the preset's weights are missing;"
+        r" pass upsampler64-256:CHECKPOINT$",
+    ):
+        parse_upsampler_spec(spec)
+
+
 def test_cli_upsample_engine_onnx_errors_are_one_line(files, tmp_path, monkeypatch):
     """The onnx engine builds the upsampler's step (no export: the dtype is refused first)."""
     monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))

@@ -188,6 +188,8 @@ def parse_upsampler_spec(spec: str) -> tuple[str | None, Path]:
     ``~`` in CHECKPOINT is the home folder, as in every path option (no shell expands it after
     ``PRESET:``)."""
     name, sep, rest = spec.partition(":")
+    if name in PRESETS and not rest:  # looked for as a file, it was "not found" or the folder "."
+        raise RunError(f"--upsample-with {spec}: the preset's weights are missing; pass {name}:CHECKPOINT")
     if sep and name in PRESETS:
         return name, Path(rest).expanduser()
     return None, Path(spec).expanduser()
