@@ -345,7 +345,10 @@ def test_only_rank_0_says_done(tmp_path, monkeypatch):
         (["--device", ""], "unknown device ''"),  # was torch.device's RuntimeError after loading
         (["--cfg-dropout", "1.5"], "--cfg-dropout must be in [0, 1)"),
         (["--flags", "--num_channels -8"], "--num_channels must be at least 1"),
-        (["--cfg-dropout", "0.1", "--flags", "--class_cond False"], 'model: add --flags "--class_cond True"'),
+        (
+            ["--cfg-dropout", "0.1", "--flags", "--class_cond False"],
+            'model: add "--class_cond True" to --flags',
+        ),
     ]
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]),
 )

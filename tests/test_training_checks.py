@@ -99,11 +99,12 @@ def test_the_size_given_by_image_size_and_in_flags_must_agree(tmp_path, command)
     res = CliRunner().invoke(command, [*common, "33"])
     _one_line(res, "--image-size 33 must be divisible by 2 (--channel_mult has 2 levels")
     assert "--image_size" not in res.output
-    # the fix says where a flag goes, in --flags' own words (it said "pass --channel_mult")
-    assert res.output.rstrip().endswith('image): add --flags "--channel_mult 1"'), res.output
+    # the fix says where a flag goes, in --flags' own words (it said "pass --channel_mult"), and
+    # that it joins the flags given: 'add --flags "..."' read as a second --flags, which replaced them
+    assert res.output.rstrip().endswith('image): add "--channel_mult 1" to --flags'), res.output
     res = CliRunner().invoke(command, ["--data", str(tmp_path / "nope.npz"), "--image-size", "48"])
     _one_line(res, "unsupported image size 48 without a --channel_mult (the defaults are for 32,")
-    assert res.output.rstrip().endswith('add --flags "--channel_mult 1,2,2,2"'), res.output
+    assert res.output.rstrip().endswith('add "--channel_mult 1,2,2,2" to --flags'), res.output
 
 
 def test_an_option_spelling_of_a_flag_the_network_kind_lacks_is_ignored():

@@ -335,7 +335,8 @@ def configs_from_flags(
     defaults. A flag of another network kind, or a sampling flag with a value, is a FlagError.
     ``spelled`` names a flag the user gave as an option instead ({"image_size": "--image-size"}),
     so an error names what they typed; ``flags_option`` names the option the flags go in (train's
-    --flags), so an error's fix "pass --channel_mult 1" says where it goes."""
+    --flags), so an error's fix "pass --channel_mult 1" says where it goes: into the flags given
+    (a second --flags option would replace them)."""
     if not (isinstance(kind, str) and kind in CONFIGS):
         raise ValueError(unknown_choice("network kind", kind, CONFIGS))
     if not isinstance(flags, Mapping):  # a flag string goes through parse_flags first
@@ -384,5 +385,5 @@ def configs_from_flags(
         names.update({fields[f]: option for f, option in (spelled or {}).items() if f in fields})
         message = re.sub(r"\b[a-z_]+\b", lambda m: names.get(m[0], m[0]), str(e))
         if flags_option:
-            message = re.sub(r"\bpass (--[a-z_]+ [0-9.,]+)", rf'add {flags_option} "\1"', message)
+            message = re.sub(r"\bpass (--[a-z_]+ [0-9.,]+)", rf'add "\1" to {flags_option}', message)
         raise FlagError(message) from None

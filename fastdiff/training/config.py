@@ -70,7 +70,7 @@ def check_cfg_dropout(cfg_dropout: float, class_cond: bool) -> None:
         raise ConfigError(f"--cfg-dropout must be in [0, 1), got {cfg_dropout}", usage=True)
     if cfg_dropout > 0 and not class_cond:
         raise ConfigError(
-            '--cfg-dropout needs a class-conditional model: add --flags "--class_cond True" '
+            '--cfg-dropout needs a class-conditional model: add "--class_cond True" to --flags '
             "(unconditional is the default, as in guided-diffusion, even for labelled data)"
         )
 
