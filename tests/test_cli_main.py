@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from fastdiff.cli.main import LazyGroup, main
+from fastdiff.runs.errors import RunError
 
 
 def _help_imports_torch(*args: str) -> tuple[bool, str]:
@@ -193,6 +194,19 @@ def test_train_errors_name_the_option_typed(tmp_path):
         r = CliRunner().invoke(main, args, prog_name="fastdiff")
         assert (r.exit_code, r.output.count("\n")) == (status, 1) and message in r.output, (args, r.output)
     assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()
+
+
+def test_train_resume_leaves_a_missing_out_on_other_ranks_to_the_loop(tmp_path, monkeypatch):
+    """Under torchrun only rank 0 refuses a --resume whose --out does not exist: on another rank
+    it is an --out the ranks do not share, which the trainer's rank check names as such."""
+    from fastdiff.cli.train_run import _check_out
+
+    o = {"data": "mnist", "out": str(tmp_path / "t"), "resume": True, "max_steps": 10}
+    monkeypatch.setenv("RANK", "1")
+    _check_out(o, "diffusion")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RunError, match="does not exist"):
+        _check_out(o, "diffusion")
 
 
 def test_a_bare_group_prints_its_help_as_the_top_level_does():

@@ -176,7 +176,8 @@ def _check_out(o: dict, kind: str) -> None:
         # the run's samples/ (and any image it writes) would be read as a class by the next run
         raise ConfigError(f"--out {o['out']} is inside the --data folder {o['data']}; choose another --out")
     if o["resume"]:
-        check_resume(Path(o["out"]))
+        if distributed.launched_rank() == 0:  # another rank's missing --out: not shared (TrainLoop says so)
+            check_resume(Path(o["out"]))
         resumable_checkpoint(o["out"], kind, o["max_steps"])
     elif latest_checkpoint(o["out"]) is not None:
         raise ConfigError(

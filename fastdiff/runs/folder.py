@@ -162,7 +162,7 @@ def check_resume(out: Path) -> None:
     if not out.exists():
         raise RunError(
             f"--resume: --out {out} does not exist, so there is no run to continue; check the path,"
-            " or drop --resume to start a new run",
+            " create the folder (a job script that always resumes), or drop --resume to start a new run",
             usage=True,
         )
 
