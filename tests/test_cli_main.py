@@ -196,6 +196,19 @@ def test_train_errors_name_the_option_typed(tmp_path):
     assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()
 
 
+def test_train_size_error_of_the_datas_size_is_worded_as_the_flags(tmp_path):
+    """An npz's 8x8 images under a 5-level --channel_mult: the fitted config's error named its
+    fields (image_size, channel_mult) and said "pass channel_mult", no option of train's."""
+    import numpy as np
+
+    np.savez(tmp_path / "d.npz", np.zeros((4, 8, 8, 1), np.uint8), np.arange(4) % 2)
+    args = ["train", "--data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "o")]
+    r = CliRunner().invoke(main, [*args, "--flags", "--channel_mult 1,2,2,2,2"], prog_name="fastdiff")
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("Error: the data's image size 8 must be divisible by 16 (--channel_mult")
+    assert r.output.endswith('add "--channel_mult 1,2,2,2" to --flags\n')
+
+
 def test_train_resume_leaves_a_missing_out_on_other_ranks_to_the_loop(tmp_path, monkeypatch):
     """Under torchrun only rank 0 refuses a --resume whose --out does not exist: on another rank
     it is an --out the ranks do not share, which the trainer's rank check names as such."""

@@ -16,7 +16,7 @@ from fastdiff import distributed
 from fastdiff.cli.errors import user_error
 from fastdiff.files import remove_temp_files
 from fastdiff.models.checkpoint import CheckpointError
-from fastdiff.models.flags import FlagError, configs_from_flags, flags_of, parse_flags
+from fastdiff.models.flags import FlagError, as_flag_error, configs_from_flags, flags_of, parse_flags
 from fastdiff.models.presets import get_preset
 from fastdiff.runs import ranks
 from fastdiff.runs.device import (
@@ -198,6 +198,15 @@ def _config(net, process, o, **extra) -> TrainConfig:
     return TrainConfig(net=net, process=process, **same, **extra)
 
 
+def _fitted(fit, kind: str, net, dataset, *args):
+    """``fit``'s network for the data, its size error worded as the flags are (the data's image
+    size can leave the preset's channel_mult no level to halve)."""
+    try:
+        return fit(net, dataset, *args)
+    except ConfigError as e:
+        raise as_flag_error(e, kind, {"image_size": "the data's image size"}, "--flags") from None
+
+
 def train_diffusion(o: dict, schedule_sampler, cfg_dropout, random_flip, sample_every, sample_steps) -> None:
     """``fastdiff train`` with its options ``o`` and its own five."""
     try:
@@ -212,7 +221,9 @@ def train_diffusion(o: dict, schedule_sampler, cfg_dropout, random_flip, sample_
             sample_every=sample_every,
             sample_steps=sample_steps,
         )
-        config = dataclasses.replace(config, net=fit_unet(config.net, dataset, cfg_dropout))
+        config = dataclasses.replace(
+            config, net=_fitted(fit_unet, "diffusion", config.net, dataset, cfg_dropout)
+        )
         trainer = DiffusionTrainer(config, dataset)
     except USER_ERRORS as e:
         raise user_error(e) from e
@@ -229,7 +240,7 @@ def train_classifier(o: dict, val_data, eval_every) -> None:
             raise ConfigError("--eval-every needs --val-data (only mnist has a built-in held-out split)")
         _check_out(o, "classifier")
         config, dataset, note = _config_and_data("classifier", o, eval_every=eval_every)
-        config = dataclasses.replace(config, net=fit_classifier(config.net, dataset))
+        config = dataclasses.replace(config, net=_fitted(fit_classifier, "classifier", config.net, dataset))
         val = None
         if val_data:
             val = load_dataset(

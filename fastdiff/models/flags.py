@@ -379,11 +379,19 @@ def configs_from_flags(
         return CONFIGS[kind](**net), DiffusionConfig(**process)
     except FlagError:
         raise
-    except ConfigError as e:  # name the flags the user wrote, not the config's fields
-        fields = {**_NET_FLAGS[kind], **_DIFFUSION_FLAGS}
-        names = {field: f"--{flag}" for flag, field in fields.items()}
-        names.update({fields[f]: option for f, option in (spelled or {}).items() if f in fields})
-        message = re.sub(r"\b[a-z_]+\b", lambda m: names.get(m[0], m[0]), str(e))
-        if flags_option:
-            message = re.sub(r"\bpass (--[a-z_]+ [0-9.,]+)", rf'add "\1" to {flags_option}', message)
-        raise FlagError(message) from None
+    except ConfigError as e:
+        raise as_flag_error(e, kind, spelled, flags_option) from None
+
+
+def as_flag_error(
+    e: ConfigError, kind: str, spelled: Mapping[str, str] | None = None, flags_option: str | None = None
+) -> FlagError:
+    """A config's error in the words of the flags the user wrote, not the config's fields (see
+    :func:`configs_from_flags`); also for a config the data fitted (train's image size)."""
+    fields = {**_NET_FLAGS[kind], **_DIFFUSION_FLAGS}
+    names = {field: f"--{flag}" for flag, field in fields.items()}
+    names.update({fields[f]: option for f, option in (spelled or {}).items() if f in fields})
+    message = re.sub(r"\b[a-z_]+\b", lambda m: names.get(m[0], m[0]), str(e))
+    if flags_option:
+        message = re.sub(r"\bpass (--[a-z_]+ [0-9.,]+)", rf'add "\1" to {flags_option}', message)
+    return FlagError(message)
