@@ -40,6 +40,16 @@ def closest(name: Any, choices: typing.Iterable[str]) -> str | None:
     return close[0] if close else None
 
 
+def changed(name: str, was: Any, now: Any) -> str:
+    """A setting a resume refuses, with the run's value and this command's where both are short
+    (a network record is not): a user who typed --steps 3 read only that "respacing" differed,
+    not that the run took 'ddim2'. Every command's resume refusal words its pairs so."""
+    values = repr(was), repr(now)
+    if max(map(len, values)) > 40:
+        return name
+    return f"{name} ({values[0]} in the run, {values[1]} now)"
+
+
 def unknown_choice(kind: str, name: Any, choices: typing.Iterable[str]) -> str:
     """The message refusing ``name`` as a ``kind``: every choice, and the closest when it looks
     like a typo, so a notebook user need not look the names up."""

@@ -104,7 +104,7 @@ def test_run_records_weights_by_content_and_refuses_replaced_weights(models, tmp
     torch.manual_seed(5)
     model = build_unet(**UNET_FLAGS)
     save_weights(model, ckpt, {"flags": UNET_FLAGS})  # same path, other weights
-    one_line_error(run(*args, "--resume"), "model weights (sha256")
+    one_line_error(run(*args, "--resume"), "model weights' sha256 (")
     ckpt.write_bytes((models / "unet.safetensors").read_bytes())
     one_line_error(run(*args, "--resume", "--dtype", "bf16"), "in: dtype")
     one_line_error(run(*args, "--resume", "--engine", "compile"), "in: engine")

@@ -508,7 +508,7 @@ def _files(out) -> list:
         (["--batch-size", 2], "batch_size"),
         (["--classes", "3,3"], "classes"),
         (["--only-first"], "images"),
-        (["--checkpoint"], "model weights (sha256 "),
+        (["--checkpoint"], "model weights' sha256 ('"),
     ],
 )
 def test_a_resume_refuses_another_run(killed, tmp_path, change, message):

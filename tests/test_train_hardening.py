@@ -98,12 +98,12 @@ def test_fp16_overflow_is_skipped_then_stops_when_it_persists(tmp_path):
 @pytest.mark.parametrize(
     "change, text",
     [
-        (["--seed", "1"], "seed 0 vs 1"),
-        (["--batch-size", "2"], "batch size 4 vs 2"),
+        (["--seed", "1"], "seed (0 in the run, 1 now)"),
+        (["--batch-size", "2"], "batch size (4 in the run, 2 now)"),
         (["--precision", "bf16"], "precision"),
         (["--ema", "0.9"], "EMA rates"),
         (["--flags", TINY + " --dropout 0.1"], "flag dropout"),
-        (["--data"], "data (16 items vs 12)"),
+        (["--data"], "data items (16 in the run, 12 now)"),
     ],
 )
 def test_resume_refuses_other_settings_in_one_line(tmp_path, change, text):

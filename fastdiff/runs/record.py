@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fastdiff import distributed
+from fastdiff.config import changed
 from fastdiff.files import atomic_write
 from fastdiff.runs.errors import RunError
 from fastdiff.runs.folder import RUN_FILE, writing
@@ -38,13 +39,6 @@ def read_run(run_file: Path) -> dict:
 _SAME_SAMPLES_AS = {"parallel": "eager", "graph-loop": "graph"}
 
 
-def _values(was, now) -> str:
-    """The run's and this command's values of a setting, where they are short: a user who typed
-    --steps 3 read only that "respacing" differed, not that the run took 'ddim2'."""
-    short = (str, int, float, bool, type(None))
-    return f" ({was!r} in the run, {now!r} now)" if isinstance(was, short) and isinstance(now, short) else ""
-
-
 def differences(old: dict, record: dict) -> list[str]:
     """Names of what differs between two run records; networks are compared by content and flags."""
     diff = []
@@ -58,13 +52,13 @@ def differences(old: dict, record: dict) -> list[str]:
         if a.get("sha256") is None:
             diff.append(f"{key} weights (an older fastdiff made this run and did not record them)")
         elif a["sha256"] != b["sha256"]:
-            diff.append(f"{key} weights (sha256 {a['sha256'][:12]} vs {b['sha256'][:12]})")
+            diff.append(changed(f"{key} weights' sha256", a["sha256"][:12], b["sha256"][:12]))
         if not same_flags(a.get("flags"), b["flags"], "classifier" if key == "classifier" else None):
             diff.append(f"{key} flags")
     skip = {"model", "classifier", "labels", "low_res", "num_samples", "engine"}
     skip |= {"clip_guided_x0", "first_order_final"}
     skip |= {"device"} - old.keys()  # an older fastdiff did not record it
-    diff += [f"{k}{_values(old.get(k), v)}" for k, v in record.items() if k not in skip and old.get(k) != v]
+    diff += [changed(k, old.get(k), v) for k, v in record.items() if k not in skip and old.get(k) != v]
     if old["clip_guided_x0"] != record.get("clip_guided_x0", False):
         diff.append(
             "when x0 is clipped (dpm++2m clips the classifier-guided x0 now, "
@@ -77,7 +71,7 @@ def differences(old: dict, record: dict) -> list[str]:
         )
     engines = [_SAME_SAMPLES_AS.get(e, e) for e in (old.get("engine"), record["engine"])]
     if engines[0] != engines[1]:
-        diff.append(f"engine{_values(old.get('engine'), record['engine'])}")
+        diff.append(changed("engine", old.get("engine"), record["engine"]))
     for key, name in (("labels", "classes"), ("low_res", "low_res")):  # per sample: a run may grow
         a, b = old.get(key), record.get(key)
         if a is None or b is None:

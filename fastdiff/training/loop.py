@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fastdiff.config import changed
 from fastdiff.files import is_temp_file
 from fastdiff.models.checkpoint import CheckpointError, check_fits
 from fastdiff.models.flags import configs_from_flags, flags_of
@@ -155,12 +156,12 @@ def _settings_diffs(kind: str, state: dict, new: dict, micro: int, world: int, s
     # Flags compared as configs, so an older fastdiff's spelling of the same network matches.
     old_flags = flags_of(*configs_from_flags(kind, old["flags"]))
     diffs = [
-        f"flag {k} {old_flags.get(k)!r} vs {new['flags'].get(k)!r}"
+        changed(f"flag {k}", old_flags.get(k), new["flags"].get(k))
         for k in sorted(set(old_flags) | set(new["flags"]))
         if k not in skip and old_flags.get(k) != new["flags"].get(k)
     ]
     diffs += [
-        f"{'EMA rates' if k == 'ema' else k.replace('_', ' ')} {old.get(k)!r} vs {new[k]!r}"
+        changed("EMA rates" if k == "ema" else k.replace("_", " "), old.get(k), new[k])
         for k in RESUME_KEYS
         if old.get(k, new[k]) != new[k]
     ]
@@ -168,7 +169,7 @@ def _settings_diffs(kind: str, state: dict, new: dict, micro: int, world: int, s
         old.get("batch_size", new["batch_size"]), old.get("microbatch", new["microbatch"]), world
     )
     if was != micro:
-        diffs.append(f"micro-batch size {was} vs {micro}")
+        diffs.append(changed("micro-batch size", was, micro))
     return diffs
 
 
@@ -187,10 +188,10 @@ def check_resume_settings(config: TrainConfig, kind: str) -> None:
 
 
 def _other_settings(out, diffs: list[str]) -> TrainingError:
-    """The resume's refusal: each pair is the run's value, then this command's (which was which
-    went unsaid), and the fix is the run's own options."""
+    """The resume's refusal: each setting with the run's value and this command's
+    (:func:`fastdiff.config.changed`), and the fix: the run's own options."""
     return TrainingError(
-        f"cannot resume {out}: it was trained with other settings (the run's vs this command's): "
+        f"cannot resume {out}: it was trained with other settings: "
         f"{'; '.join(diffs)}; resume with the run's options"
     )
 
@@ -633,7 +634,7 @@ class TrainLoop:
         if was is not None and was != self.data_fingerprint():
             now = self.data_fingerprint()
             diffs.append(
-                f"data ({was['count']} items vs {now['count']})"
+                changed("data items", was["count"], now["count"])
                 if was["count"] != now["count"]
                 else "data (same count, other content)"
             )
